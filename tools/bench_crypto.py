@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Micro-benchmark of the per-cell crypto and the ntor handshake; prints a markdown table.
+
+Usage: ``python tools/bench_crypto.py [cells]`` (default 20000 cells per row).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from onionp2p.handshake import NtorClient, NtorV3Client, ntor_server, ntor_v3_server
+from onionp2p.relaycrypto import ClientCrypto, RelayCrypto
+
+
+def _ns_per_call(fn: Callable[[], object], n: int) -> float:
+    fn()  # warm up
+    start = time.perf_counter_ns()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter_ns() - start) / n
+
+
+def main(argv: list[str]) -> int:
+    n = int(argv[1]) if len(argv) > 1 else 20000
+    keys = [os.urandom(72) for _ in range(3)]
+    body = bytes(509)
+    rows: list[tuple[str, float]] = []
+
+    client = ClientCrypto()
+    for k in keys:
+        client.add_hop(k)
+    rows.append(("client originate (3 hops, to hop 2)", _ns_per_call(lambda: client.originate(body, 2), n)))
+
+    relay = RelayCrypto(keys[0])
+    noise = os.urandom(509)
+    rows.append(("relay decrypt_forward (not recognized)", _ns_per_call(lambda: relay.decrypt_forward(noise), n)))
+    edge_client, edge_relay = ClientCrypto(), RelayCrypto(keys[1])
+    edge_client.add_hop(keys[1])
+    fwd_cells = iter([edge_client.originate(body, 0)[0] for _ in range(n + 1)])
+    rows.append(
+        ("relay decrypt_forward (recognized)", _ns_per_call(lambda: edge_relay.decrypt_forward(next(fwd_cells)), n))
+    )
+    rows.append(("relay encrypt_backward", _ns_per_call(lambda: relay.encrypt_backward(noise), n)))
+    rows.append(("relay originate_backward", _ns_per_call(lambda: relay.originate_backward(body), n)))
+
+    # Client inbound from the exit: prepare n cells in advance with a matching chain.
+    relays = [RelayCrypto(k) for k in keys]
+    inbound_client = ClientCrypto()
+    for k in keys:
+        inbound_client.add_hop(k)
+    cells = []
+    for _ in range(n + 1):
+        cell, _ = relays[2].originate_backward(body)
+        cells.append(relays[0].encrypt_backward(relays[1].encrypt_backward(cell)))
+    it = iter(cells)
+    rows.append(
+        ("client decrypt_inbound (3 hops, from hop 2)", _ns_per_call(lambda: inbound_client.decrypt_inbound(next(it)), n))
+    )
+
+    b = X25519PrivateKey.generate()
+    onion_key = b.public_key().public_bytes_raw()
+    rid, ed_id = os.urandom(20), os.urandom(32)
+    hs_n = max(50, n // 100)
+
+    def ntor_once() -> None:
+        c = NtorClient(rid, onion_key)
+        reply, _ = ntor_server(c.onion_skin, rid, {onion_key: b})
+        c.complete(reply)
+
+    def ntor_v3_once() -> None:
+        c = NtorV3Client(ed_id, onion_key, b"\x00")
+        reply, _, _ = ntor_v3_server(c.onion_skin, ed_id, {onion_key: b}, b"\x00")
+        c.complete(reply)
+
+    rows.append(("ntor client+server handshake", _ns_per_call(ntor_once, hs_n)))
+    rows.append(("ntor v3 client+server handshake", _ns_per_call(ntor_v3_once, hs_n)))
+
+    print(f"| operation ({n} cells, {hs_n} handshakes) | ns/op | µs/op |")
+    print("|---|---:|---:|")
+    for name, ns in rows:
+        print(f"| {name} | {ns:,.0f} | {ns / 1000:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
