@@ -1,0 +1,427 @@
+"""TOML configuration for relays, clients and directory authorities.
+
+Theory of operation
+-------------------
+Each node kind reads one flat TOML table (top-level keys, no sections) into a frozen
+dataclass: :class:`RelayConfig`, :class:`ClientConfig` or :class:`AuthorityConfig`. Every
+field has a documented default, so an empty file is a valid configuration.
+
+Validation is strict and happens once, at load time:
+
+* an unknown key raises :class:`~onionp2p.errors.ConfigError` naming the key and the file
+  (typos such as ``exit_polcy`` must not silently fall back to a default);
+* a value of the wrong type or out of range raises ``ConfigError`` naming the key path
+  (``family[2]``) and the source;
+* malformed TOML and unreadable files are reported as ``ConfigError`` too — no
+  ``tomllib``, ``OSError`` or ``ValueError`` escapes.
+
+``bool`` is never accepted where an integer is expected (TOML ``true`` is not ``1``).
+Addresses are ``"host:port"`` strings parsed by :func:`parse_hostport`; port 0 means "let
+the OS pick a free port". A relative ``data_dir`` is resolved against the directory holding
+the configuration file (``~`` is expanded), so a node behaves the same whatever its
+working directory. Exit policies are parsed with :class:`~onionp2p.exitpolicy.ExitPolicy`
+using ``exit_reject_private``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from onionp2p.errors import ConfigError
+from onionp2p.exitpolicy import REJECT_ALL, ExitPolicy
+
+__all__ = [
+    "LOG_LEVELS",
+    "LOG_FORMATS",
+    "RelayConfig",
+    "ClientConfig",
+    "AuthorityConfig",
+    "load_relay_config",
+    "load_client_config",
+    "load_authority_config",
+    "parse_hostport",
+    "format_hostport",
+]
+
+#: Accepted ``log_level`` values.
+LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Accepted ``log_format`` values.
+LOG_FORMATS = ("console", "json")
+
+_NICKNAME = re.compile(r"[A-Za-z0-9]{1,19}")
+_FINGERPRINT = re.compile(r"\$?([0-9A-Fa-f]{40})")
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_PORT_TEXT = re.compile(r"[0-9]{1,5}")
+_MAX_TEXT = 1024
+
+T = TypeVar("T")
+
+
+# -- host:port --------------------------------------------------------------------------
+def _check_host(host: str, original: str) -> str:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+            raise ConfigError(f"scoped IPv6 address not supported in {original!r}")
+        return str(ip)
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253 or not all(_HOST_LABEL.fullmatch(x) for x in name.split(".")):
+        raise ConfigError(f"invalid host {host!r} in address {original!r}")
+    if all(x.isdigit() for x in name.split(".")):
+        raise ConfigError(f"invalid IPv4 address {host!r} in {original!r}")
+    return name
+
+
+def _check_port(text: str, original: str) -> int:
+    if not _PORT_TEXT.fullmatch(text):
+        raise ConfigError(f"invalid port {text!r} in address {original!r}")
+    port = int(text)
+    if port > 65535:
+        raise ConfigError(f"port {port} out of range 0-65535 in {original!r}")
+    return port
+
+
+def parse_hostport(s: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """Parse ``host:port``, ``[v6]:port``, ``:port`` or ``port`` into ``(host, port)``.
+
+    IP literals come back in canonical form (IPv6 without brackets); port 0 is allowed
+    (pick a free port). Raises ConfigError on anything else.
+    """
+    if not isinstance(s, str):
+        raise ConfigError(f"address must be a string, not {type(s).__name__}")
+    text = s.strip()
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or text[close + 1 : close + 2] != ":":
+            raise ConfigError(f"expected '[ipv6]:port', got {s!r}")
+        inner = text[1:close]
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise ConfigError(f"invalid IPv6 address {inner!r} in {s!r}") from None
+        return _check_host(inner, s), _check_port(text[close + 2 :], s)
+    if text.count(":") > 1:
+        raise ConfigError(f"IPv6 addresses must be written as '[addr]:port', got {s!r}")
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        return _check_host(default_host, s), _check_port(text, s)
+    return _check_host(host if host else default_host, s), _check_port(port_text, s)
+
+
+def format_hostport(host: str, port: int) -> str:
+    """Inverse of :func:`parse_hostport`: bracket IPv6 hosts."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- field validators -------------------------------------------------------------------
+class _Ctx:
+    """Where a value came from, for error messages."""
+
+    def __init__(self, source: str, base_dir: Path | None) -> None:
+        self.source = source
+        self.base_dir = base_dir
+
+    def fail(self, key: str, why: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}: {why}")
+
+
+def _type_name(v: object) -> str:
+    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
+            dict: "table"}.get(type(v), type(v).__name__)
+
+
+def _want(ctx: _Ctx, key: str, value: Any, typ: type, what: str) -> Any:
+    if type(value) is not typ:  # exact: rejects bool where int is wanted
+        raise ctx.fail(key, f"expected {what}, got {_type_name(value)} {value!r:.60}")
+    return value
+
+
+def _text(ctx: _Ctx, key: str, value: Any) -> str:
+    _want(ctx, key, value, str, "a string")
+    if len(value) > _MAX_TEXT:
+        raise ctx.fail(key, f"longer than {_MAX_TEXT} characters")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ctx.fail(key, "control characters (including newlines) are not allowed")
+    return value
+
+
+def _int_range(lo: int, hi: int) -> Callable[[_Ctx, str, Any], int]:
+    def check(ctx: _Ctx, key: str, value: Any) -> int:
+        _want(ctx, key, value, int, "an integer")
+        if not lo <= value <= hi:
+            raise ctx.fail(key, f"{value} out of range {lo}-{hi}")
+        return value
+
+    return check
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[_Ctx, str, Any], str]:
+    def check(ctx: _Ctx, key: str, value: Any) -> str:
+        v = _want(ctx, key, value, str, "a string").lower()
+        if v not in options:
+            raise ctx.fail(key, f"{value!r} is not one of {', '.join(options)}")
+        return v
+
+    return check
+
+
+def _bool(ctx: _Ctx, key: str, value: Any) -> bool:
+    return _want(ctx, key, value, bool, "a boolean (true/false)")
+
+
+def _nickname(ctx: _Ctx, key: str, value: Any) -> str:
+    _want(ctx, key, value, str, "a string")
+    if not _NICKNAME.fullmatch(value):
+        raise ctx.fail(key, f"{value[:40]!r} must be 1-19 characters from [A-Za-z0-9]")
+    return value
+
+
+def _address(ctx: _Ctx, key: str, value: Any) -> tuple[str, int]:
+    _want(ctx, key, value, str, "a 'host:port' string")
+    try:
+        return parse_hostport(value)
+    except ConfigError as e:
+        raise ctx.fail(key, str(e)) from None
+
+
+def _path(ctx: _Ctx, key: str, value: Any) -> Path:
+    if isinstance(value, Path):
+        text = str(value)
+    else:
+        text = _text(ctx, key, value)
+    if not text:
+        raise ctx.fail(key, "must not be empty")
+    if "\x00" in text:
+        raise ctx.fail(key, "NUL byte in path")
+    path = Path(text)
+    try:
+        path = path.expanduser()
+    except RuntimeError:
+        raise ctx.fail(key, f"cannot expand '~' in {text!r}") from None
+    if not path.is_absolute() and ctx.base_dir is not None:
+        path = ctx.base_dir / path
+    return path
+
+
+def _text_list(ctx: _Ctx, key: str, value: Any, item: Callable[[_Ctx, str, Any], T]) -> tuple[T, ...]:
+    _want(ctx, key, value, list, "an array")
+    return tuple(item(ctx, f"{key}[{i}]", v) for i, v in enumerate(value))
+
+
+def _fingerprint(ctx: _Ctx, key: str, value: Any) -> str:
+    _want(ctx, key, value, str, "a string")
+    m = _FINGERPRINT.fullmatch(value)
+    if not m:
+        raise ctx.fail(key, f"{value[:60]!r} is not a 40-hex-digit relay fingerprint")
+    return m.group(1).upper()
+
+
+def _nonempty_text(ctx: _Ctx, key: str, value: Any) -> str:
+    if not _text(ctx, key, value).strip():
+        raise ctx.fail(key, "must not be empty")
+    return value
+
+
+def _optional_port(ctx: _Ctx, key: str, value: Any) -> int | None:
+    return None if value is None else _int_range(0, 65535)(ctx, key, value)
+
+
+def _check_keys(ctx: _Ctx, data: Mapping[str, Any], known: set[str]) -> None:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{ctx.source}: configuration must be a table, not {_type_name(data)}")
+    for key in data:
+        if key not in known:
+            hint = f" (known keys: {', '.join(sorted(known))})"
+            raise ConfigError(f"{ctx.source}: unknown key {key!r}{hint}")
+
+
+# Shared logging fields: key -> validator.
+_LOG_FIELDS: dict[str, Callable[[_Ctx, str, Any], Any]] = {
+    "log_level": _choice(LOG_LEVELS),
+    "log_format": _choice(LOG_FORMATS),
+    "safe_logging": _bool,
+}
+
+
+def _build(cls: type[T], data: Mapping[str, Any], ctx: _Ctx,
+           validators: dict[str, Callable[[_Ctx, str, Any], Any]]) -> dict[str, Any]:
+    _check_keys(ctx, data, set(validators))
+    out: dict[str, Any] = {}
+    for key, check in validators.items():
+        if key in data:
+            out[key] = check(ctx, key, data[key])
+    defaults = {f.name: f.default for f in fields(cls)}  # type: ignore[arg-type]
+    if "data_dir" not in out:
+        out["data_dir"] = _path(ctx, "data_dir", defaults["data_dir"])
+    return out
+
+
+# -- the configs ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RelayConfig:
+    """Configuration of an onion router (relay, optionally an exit)."""
+
+    nickname: str = "Unnamed"  #: 1-19 characters [A-Za-z0-9]
+    data_dir: Path = Path("onionp2p-relay")  #: keys and state; relative = next to the file
+    or_address: tuple[str, int] = ("127.0.0.1", 9001)  #: OR listener; port 0 = any free port
+    exit_policy: ExitPolicy = REJECT_ALL  #: default ``reject *:*`` (not an exit)
+    exit_reject_private: bool = True  #: prepend ``reject private:*`` to exit_policy
+    bandwidth_rate: int = 10 * 1_048_576  #: bytes/second, long-term average
+    bandwidth_burst: int | None = None  #: bytes, bucket size; None = same as rate
+    contact: str | None = None  #: operator contact published in the descriptor
+    family: tuple[str, ...] = ()  #: upper-case hex RSA fingerprints of sibling relays
+    log_level: str = "info"  #: debug | info | warning | error
+    log_format: str = "console"  #: console | json
+    safe_logging: bool = True  #: scrub client addresses and destinations from logs
+    control_port: int | None = None  #: control listener on 127.0.0.1; None = disabled
+    max_circuits_per_channel: int = 1000
+    max_streams_per_circuit: int = 500
+    onion_key_lifetime_days: int = 28
+    extend_allow_private: bool = False  #: allow EXTEND2 to private/loopback addresses (testnets)
+
+    @property
+    def effective_bandwidth_burst(self) -> int:
+        """The burst to use: ``bandwidth_burst`` or, if unset, ``bandwidth_rate``."""
+        return self.bandwidth_rate if self.bandwidth_burst is None else self.bandwidth_burst
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = "<dict>",
+                  base_dir: Path | None = None) -> RelayConfig:
+        """Validate a parsed TOML table; relative paths resolve against *base_dir*."""
+        ctx = _Ctx(source, base_dir)
+        validators: dict[str, Callable[[_Ctx, str, Any], Any]] = {
+            "nickname": _nickname,
+            "data_dir": _path,
+            "or_address": _address,
+            "exit_policy": lambda c, k, v: v,  # parsed below, needs exit_reject_private
+            "exit_reject_private": _bool,
+            "bandwidth_rate": _int_range(1, 2**48),
+            "bandwidth_burst": _int_range(1, 2**48),
+            "contact": _text,
+            "family": lambda c, k, v: _text_list(c, k, v, _fingerprint),
+            "control_port": _optional_port,
+            "max_circuits_per_channel": _int_range(1, 2**31 - 1),
+            "max_streams_per_circuit": _int_range(1, 65535),
+            "onion_key_lifetime_days": _int_range(1, 90),
+            "extend_allow_private": _bool,
+            **_LOG_FIELDS,
+        }
+        out = _build(cls, d, ctx, validators)
+        if "exit_policy" in out:
+            out["exit_policy"] = _exit_policy(ctx, out["exit_policy"],
+                                              out.get("exit_reject_private", True))
+        rate = out.get("bandwidth_rate", cls.bandwidth_rate)
+        burst = out.get("bandwidth_burst")
+        if burst is not None and burst < rate:
+            raise ctx.fail("bandwidth_burst", f"{burst} is smaller than bandwidth_rate {rate}")
+        return cls(**out)
+
+
+def _exit_policy(ctx: _Ctx, value: Any, reject_private: bool) -> ExitPolicy:
+    if isinstance(value, list):
+        lines = _text_list(ctx, "exit_policy", value, _text)
+    else:
+        lines = (_want(ctx, "exit_policy", value, str, "a string or an array of strings"),)
+    try:
+        return ExitPolicy.parse(lines, reject_private=reject_private)
+    except ConfigError as e:
+        raise ctx.fail("exit_policy", str(e)) from None
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Configuration of a client (SOCKS proxy into the overlay)."""
+
+    data_dir: Path = Path("onionp2p-client")  #: cached directory info; relative = next to file
+    socks_address: tuple[str, int] = ("127.0.0.1", 9050)  #: SOCKS listener; port 0 = any free
+    control_port: int | None = None  #: control listener on 127.0.0.1; None = disabled
+    authorities: tuple[str, ...] = ()  #: directory authority descriptions (non-empty strings)
+    log_level: str = "info"
+    log_format: str = "console"
+    safe_logging: bool = True
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = "<dict>",
+                  base_dir: Path | None = None) -> ClientConfig:
+        """Validate a parsed TOML table; relative paths resolve against *base_dir*."""
+        ctx = _Ctx(source, base_dir)
+        validators: dict[str, Callable[[_Ctx, str, Any], Any]] = {
+            "data_dir": _path,
+            "socks_address": _address,
+            "control_port": _optional_port,
+            "authorities": lambda c, k, v: _text_list(c, k, v, _nonempty_text),
+            **_LOG_FIELDS,
+        }
+        return cls(**_build(cls, d, ctx, validators))
+
+
+@dataclass(frozen=True)
+class AuthorityConfig:
+    """Configuration of a directory authority."""
+
+    nickname: str = "Unnamed"
+    data_dir: Path = Path("onionp2p-authority")
+    or_address: tuple[str, int] = ("127.0.0.1", 9001)
+    dir_address: tuple[str, int] = ("127.0.0.1", 7000)  #: directory (HTTP) listener
+    log_level: str = "info"
+    log_format: str = "console"
+    safe_logging: bool = True
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = "<dict>",
+                  base_dir: Path | None = None) -> AuthorityConfig:
+        """Validate a parsed TOML table; relative paths resolve against *base_dir*."""
+        ctx = _Ctx(source, base_dir)
+        validators: dict[str, Callable[[_Ctx, str, Any], Any]] = {
+            "nickname": _nickname,
+            "data_dir": _path,
+            "or_address": _address,
+            "dir_address": _address,
+            **_LOG_FIELDS,
+        }
+        return cls(**_build(cls, d, ctx, validators))
+
+
+# -- loading files ----------------------------------------------------------------------
+def _read_toml(path: str | Path) -> tuple[dict[str, Any], Path, str]:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read configuration: {e.strerror or e}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: configuration is not valid UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: invalid TOML: nested too deeply") from None
+    return data, p.resolve().parent, str(p)
+
+
+def load_relay_config(path: str | Path) -> RelayConfig:
+    """Read and validate a relay's TOML configuration file."""
+    data, base, source = _read_toml(path)
+    return RelayConfig.from_dict(data, source=source, base_dir=base)
+
+
+def load_client_config(path: str | Path) -> ClientConfig:
+    """Read and validate a client's TOML configuration file."""
+    data, base, source = _read_toml(path)
+    return ClientConfig.from_dict(data, source=source, base_dir=base)
+
+
+def load_authority_config(path: str | Path) -> AuthorityConfig:
+    """Read and validate a directory authority's TOML configuration file."""
+    data, base, source = _read_toml(path)
+    return AuthorityConfig.from_dict(data, source=source, base_dir=base)

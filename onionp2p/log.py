@@ -1,0 +1,222 @@
+"""Structured logging (structlog) with tor-style "safe logging".
+
+Theory of operation
+-------------------
+Every module logs through :func:`get_logger`, which returns a structlog logger bound to
+a stdlib :class:`logging.Logger` of the same name. Layers bind their identifiers once
+(``log = get_logger(__name__, chan_id=3).bind(circ_id=0x80000001)``) and every event
+carries them as key/value pairs.
+
+The structlog processor chain is *static* — it only adds the level, logger name and an
+ISO-8601 UTC timestamp, then hands the event to stdlib ``logging``. Everything that
+:func:`configure_logging` can change lives in one handler on the root logger: its level,
+its output stream and a :class:`structlog.stdlib.ProcessorFormatter` that scrubs and
+renders (console or JSON). So loggers created or bound before (re)configuration keep
+working, and records from plain stdlib loggers (asyncio, libraries) go through the same
+handler, scrubbing and renderer.
+
+Safe logging (on by default, like tor's ``SafeLogging 1``) replaces with ``"[scrubbed]"``:
+
+* the value of any event key in :data:`SENSITIVE_KEYS`, or ending in one of
+  :data:`SENSITIVE_SUFFIXES` (``peer_addr``, ``target_host`` ...). These are the keys that
+  by convention carry who a client is or where it connects: client/peer IPs, stream
+  destinations, SOCKS credentials, URLs;
+* any value wrapped with :func:`safe`, whatever its key — also when it is formatted into
+  a string (``f"{safe(x)}"``) or passed as a ``%s`` argument to a stdlib logger.
+
+With safe logging off (a debugging aid), the real values are shown. Scrubbing works on
+key/value pairs only: free text in the event message is not inspected, so never put a
+sensitive value into the message itself except through :func:`safe`. Tracebacks are
+rendered without frame locals, but an exception's own message is printed as is.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import IO, Any
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from onionp2p.errors import ConfigError
+
+__all__ = [
+    "SCRUBBED",
+    "SENSITIVE_KEYS",
+    "SENSITIVE_SUFFIXES",
+    "Sensitive",
+    "safe",
+    "is_safe_logging",
+    "scrub_sensitive",
+    "configure_logging",
+    "reset_logging",
+    "get_logger",
+]
+
+#: Replacement text for scrubbed values.
+SCRUBBED = "[scrubbed]"
+
+#: Event keys whose values identify a client or its destination.
+SENSITIVE_KEYS = frozenset({
+    "address", "addr", "ip", "target", "host", "hostname", "port_target", "dest",
+    "destination", "peer", "client", "remote", "socks_user", "socks_username",
+    "socks_password", "username", "password", "url", "query", "resolved", "answer",
+})
+
+#: Key suffixes treated as sensitive too (``peer_addr``, ``exit_target`` ...).
+SENSITIVE_SUFFIXES = ("_addr", "_address", "_ip", "_host", "_hostname", "_dest",
+                      "_destination", "_target", "_peer", "_client", "_remote")
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR, "critical": logging.CRITICAL}
+
+
+class _State:
+    safe_logging = True
+    handler: logging.Handler | None = None
+    structlog_ready = False
+
+
+def is_safe_logging() -> bool:
+    """True iff safe logging is currently on."""
+    return _State.safe_logging
+
+
+class Sensitive:
+    """A value that must be scrubbed from logs while safe logging is on (see :func:`safe`)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def reveal(self) -> object:
+        """The wrapped value, or :data:`SCRUBBED` under safe logging."""
+        return SCRUBBED if _State.safe_logging else self.value
+
+    def __str__(self) -> str:
+        return str(self.reveal())
+
+    def __repr__(self) -> str:
+        return SCRUBBED if _State.safe_logging else repr(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec) if _State.safe_logging else format(self.value, spec)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sensitive) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash(("Sensitive", self.value))
+
+
+def safe(value: object) -> Sensitive:
+    """Mark *value* as sensitive: logged as ``[scrubbed]`` unless safe logging is off."""
+    return value if isinstance(value, Sensitive) else Sensitive(value)
+
+
+def _is_sensitive_key(key: object) -> bool:
+    if not isinstance(key, str):
+        return False
+    k = key.lower()
+    return k in SENSITIVE_KEYS or k.endswith(SENSITIVE_SUFFIXES)
+
+
+def scrub_sensitive(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: apply the safe-logging rules to *event_dict* (in place)."""
+    on = _State.safe_logging
+    for key, value in list(event_dict.items()):
+        if isinstance(value, Sensitive):
+            event_dict[key] = SCRUBBED if on else value.value
+        elif on and value is not None and _is_sensitive_key(key):
+            event_dict[key] = SCRUBBED
+    return event_dict
+
+
+def _shared_processors() -> list[Processor]:
+    return [
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+
+
+def _ensure_structlog(force: bool = False) -> None:
+    if _State.structlog_ready and not force:
+        return
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *_shared_processors(),
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        context_class=dict,
+        cache_logger_on_first_use=False,
+    )
+    _State.structlog_ready = True
+
+
+def _is_tty(stream: IO[str]) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def configure_logging(level: str = "info", fmt: str = "console", *, safe_logging: bool = True,
+                      stream: IO[str] | None = None) -> None:
+    """Route structlog and stdlib logging to *stream* (default stderr).
+
+    *level*: debug | info | warning | error. *fmt*: ``console`` (colours only on a TTY)
+    or ``json`` (one object per line). May be called again to reconfigure.
+    """
+    if not isinstance(level, str) or level.lower() not in _LEVELS:
+        raise ConfigError(f"unknown log level {level!r}")
+    if fmt not in ("console", "json"):
+        raise ConfigError(f"unknown log format {fmt!r}")
+    _ensure_structlog(force=True)
+    out = sys.stderr if stream is None else stream
+    final: list[Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                              scrub_sensitive]
+    if fmt == "json":
+        # format_exc_info renders a plain traceback string: no frame locals, which
+        # could hold client addresses.
+        final += [structlog.processors.format_exc_info,
+                  structlog.processors.JSONRenderer(default=str, sort_keys=False)]
+    else:
+        final.append(structlog.dev.ConsoleRenderer(
+            colors=_is_tty(out), exception_formatter=structlog.dev.plain_traceback,
+            sort_keys=False,
+        ))
+    formatter = structlog.stdlib.ProcessorFormatter(
+        processors=final,
+        foreign_pre_chain=[*_shared_processors(), structlog.stdlib.ExtraAdder()],
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    if _State.handler is not None:
+        root.removeHandler(_State.handler)
+    root.addHandler(handler)
+    root.setLevel(_LEVELS[level.lower()])
+    _State.handler = handler
+    _State.safe_logging = bool(safe_logging)
+    logging.captureWarnings(True)
+
+
+def reset_logging() -> None:
+    """Remove the handler installed by :func:`configure_logging`; safe logging back on."""
+    if _State.handler is not None:
+        logging.getLogger().removeHandler(_State.handler)
+        _State.handler = None
+    _State.safe_logging = True
+
+
+def get_logger(name: str, **context: Any) -> Any:
+    """A structlog logger named *name*, with *context* bound (e.g. ``circ_id=...``)."""
+    _ensure_structlog()
+    return structlog.get_logger(name, **context)

@@ -1,0 +1,349 @@
+"""Tests for onionp2p.config."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from onionp2p.config import (
+    AuthorityConfig,
+    ClientConfig,
+    RelayConfig,
+    format_hostport,
+    load_authority_config,
+    load_client_config,
+    load_relay_config,
+    parse_hostport,
+)
+from onionp2p.errors import ConfigError
+from onionp2p.exitpolicy import REJECT_ALL, ExitPolicy
+
+FP = "0123456789ABCDEF0123456789ABCDEF01234567"
+
+
+def write(tmp_path: Path, text: str, name: str = "node.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+# -- defaults ----------------------------------------------------------------------------
+def test_relay_defaults_from_empty_file(tmp_path: Path) -> None:
+    cfg = load_relay_config(write(tmp_path, ""))
+    assert cfg.nickname == "Unnamed"
+    assert cfg.data_dir == tmp_path.resolve() / "onionp2p-relay"
+    assert cfg.or_address == ("127.0.0.1", 9001)
+    assert cfg.exit_policy == REJECT_ALL
+    assert not cfg.exit_policy.is_exit
+    assert cfg.exit_reject_private is True
+    assert cfg.bandwidth_rate == 10 * 1_048_576
+    assert cfg.bandwidth_burst is None
+    assert cfg.effective_bandwidth_burst == cfg.bandwidth_rate
+    assert cfg.contact is None
+    assert cfg.family == ()
+    assert (cfg.log_level, cfg.log_format, cfg.safe_logging) == ("info", "console", True)
+    assert cfg.control_port is None
+    assert cfg.max_circuits_per_channel == 1000
+    assert cfg.max_streams_per_circuit == 500
+    assert cfg.onion_key_lifetime_days == 28
+
+
+def test_dataclass_defaults_match_from_dict() -> None:
+    assert RelayConfig.from_dict({}) == RelayConfig()
+    assert ClientConfig.from_dict({}) == ClientConfig()
+    assert AuthorityConfig.from_dict({}) == AuthorityConfig()
+
+
+def test_client_and_authority_defaults(tmp_path: Path) -> None:
+    c = load_client_config(write(tmp_path, ""))
+    assert c.socks_address == ("127.0.0.1", 9050)
+    assert c.control_port is None and c.authorities == ()
+    assert c.data_dir == tmp_path.resolve() / "onionp2p-client"
+    a = load_authority_config(write(tmp_path, ""))
+    assert a.dir_address == ("127.0.0.1", 7000)
+    assert a.or_address == ("127.0.0.1", 9001)
+    assert a.nickname == "Unnamed"
+    assert a.data_dir == tmp_path.resolve() / "onionp2p-authority"
+
+
+# -- full files --------------------------------------------------------------------------
+def test_full_relay_file(tmp_path: Path) -> None:
+    text = f"""
+nickname = "MyRelay01"
+data_dir = "state/relay"
+or_address = "[::1]:0"
+exit_policy = ["accept *:80", "accept *:443, reject *:*"]
+exit_reject_private = true
+bandwidth_rate = 2000000
+bandwidth_burst = 4000000
+contact = "ops <ops@example.org>"
+family = ["${FP}", "{FP.lower()}"]
+log_level = "DEBUG"
+log_format = "json"
+safe_logging = false
+control_port = 9051
+max_circuits_per_channel = 10
+max_streams_per_circuit = 20
+onion_key_lifetime_days = 7
+"""
+    cfg = load_relay_config(write(tmp_path, text))
+    assert cfg.nickname == "MyRelay01"
+    assert cfg.data_dir == tmp_path.resolve() / "state" / "relay"
+    assert cfg.or_address == ("::1", 0)
+    assert cfg.exit_policy.summary() == "accept 80,443"
+    assert not cfg.exit_policy.allows("127.0.0.1", 80)
+    assert cfg.bandwidth_burst == 4000000
+    assert cfg.contact == "ops <ops@example.org>"
+    assert cfg.family == (FP, FP)
+    assert (cfg.log_level, cfg.log_format, cfg.safe_logging) == ("debug", "json", False)
+    assert cfg.control_port == 9051
+    assert (cfg.max_circuits_per_channel, cfg.max_streams_per_circuit) == (10, 20)
+    assert cfg.onion_key_lifetime_days == 7
+
+
+def test_exit_policy_string_and_reject_private_off() -> None:
+    cfg = RelayConfig.from_dict({"exit_policy": "accept 127.0.0.1:*", "exit_reject_private": False})
+    assert cfg.exit_policy == ExitPolicy.parse("accept 127.0.0.1:*", reject_private=False)
+    assert cfg.exit_policy.allows("127.0.0.1", 5000)
+    on = RelayConfig.from_dict({"exit_policy": "accept 127.0.0.1:*"})
+    assert not on.exit_policy.allows("127.0.0.1", 5000)
+
+
+def test_client_and_authority_files(tmp_path: Path) -> None:
+    c = load_client_config(write(tmp_path, 'socks_address = ":0"\ncontrol_port = 0\n'
+                                 'authorities = ["auth1 127.0.0.1:7000"]\ndata_dir = "/abs/x"\n'))
+    assert c.socks_address == ("127.0.0.1", 0)
+    assert c.control_port == 0
+    assert c.authorities == ("auth1 127.0.0.1:7000",)
+    assert c.data_dir == Path("/abs/x")
+    a = load_authority_config(write(tmp_path, 'nickname = "auth1"\ndir_address = "7001"\n'
+                                    'or_address = "localhost:9101"\n'))
+    assert a.nickname == "auth1"
+    assert a.dir_address == ("127.0.0.1", 7001)
+    assert a.or_address == ("localhost", 9101)
+
+
+def test_relative_data_dir_resolves_against_file_dir(tmp_path: Path, monkeypatch) -> None:
+    sub = tmp_path / "etc"
+    sub.mkdir()
+    cfg_path = write(sub, 'data_dir = "../var/relay"\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = load_relay_config(Path("etc") / "node.toml")
+    assert cfg.data_dir == sub.resolve() / ".." / "var" / "relay"
+    assert cfg.data_dir.resolve() == (tmp_path / "var" / "relay").resolve()
+    assert cfg_path.exists()
+
+
+def test_home_is_expanded(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = ClientConfig.from_dict({"data_dir": "~/onion"}, base_dir=Path("/elsewhere"))
+    assert cfg.data_dir == tmp_path / "onion"
+
+
+def test_from_dict_without_base_dir_keeps_relative_path() -> None:
+    assert RelayConfig.from_dict({"data_dir": "x"}).data_dir == Path("x")
+
+
+# -- errors ------------------------------------------------------------------------------
+def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
+    path = write(tmp_path, 'exit_polcy = "accept *:*"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_relay_config(path)
+    assert "exit_polcy" in str(exc.value) and str(path) in str(exc.value)
+
+
+def test_sections_are_unknown_keys(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'relay'"):
+        load_relay_config(write(tmp_path, "[relay]\nnickname = 'x'\n"))
+
+
+def test_client_rejects_relay_only_key() -> None:
+    with pytest.raises(ConfigError, match="nickname"):
+        ClientConfig.from_dict({"nickname": "x"})
+    with pytest.raises(ConfigError, match="socks_address"):
+        AuthorityConfig.from_dict({"socks_address": "1"})
+
+
+def test_bad_toml_is_config_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "nickname = \n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_relay_config(path)
+
+
+def test_not_utf8_and_missing_file(tmp_path: Path) -> None:
+    p = tmp_path / "bin.toml"
+    p.write_bytes(b'nickname = "\xff"\n')
+    with pytest.raises(ConfigError, match="UTF-8"):
+        load_client_config(p)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_authority_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_relay_config(tmp_path)  # a directory
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("nickname", "", "1-19"),
+        ("nickname", "a" * 20, "1-19"),
+        ("nickname", "bad-name", "1-19"),
+        ("nickname", "nämé", "1-19"),
+        ("nickname", 5, "expected a string"),
+        ("data_dir", "", "empty"),
+        ("data_dir", 3, "expected a string"),
+        ("data_dir", "a\nb", "control"),
+        ("or_address", "127.0.0.1:65536", "out of range"),
+        ("or_address", "127.0.0.1:x", "invalid port"),
+        ("or_address", "::1:80", "IPv6"),
+        ("or_address", 9001, "host:port"),
+        ("exit_policy", "accept *:0", "accept *:0"),
+        ("exit_policy", ["accept *:80", 3], "exit_policy[1]"),
+        ("exit_policy", 1, "string or an array"),
+        ("exit_reject_private", 1, "boolean"),
+        ("exit_reject_private", "yes", "boolean"),
+        ("bandwidth_rate", 0, "out of range"),
+        ("bandwidth_rate", True, "expected an integer"),
+        ("bandwidth_rate", 1.5, "expected an integer"),
+        ("bandwidth_burst", 10, "smaller than bandwidth_rate"),
+        ("contact", "a\nb", "control"),
+        ("contact", ["x"], "expected a string"),
+        ("family", FP, "array"),
+        ("family", [FP, "nickname"], "family[1]"),
+        ("family", [FP + "0"], "fingerprint"),
+        ("log_level", "verbose", "log_level"),
+        ("log_level", 1, "expected a string"),
+        ("log_format", "xml", "console, json"),
+        ("safe_logging", "false", "boolean"),
+        ("control_port", 70000, "out of range"),
+        ("control_port", -1, "out of range"),
+        ("control_port", "9051", "integer"),
+        ("max_circuits_per_channel", 0, "out of range"),
+        ("max_streams_per_circuit", 65536, "out of range"),
+        ("onion_key_lifetime_days", 0, "out of range"),
+        ("onion_key_lifetime_days", 91, "out of range"),
+    ],
+)
+def test_relay_validation_errors(key: str, value: object, needle: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        RelayConfig.from_dict({key: value}, source="relay.toml")
+    msg = str(exc.value)
+    assert msg.startswith("relay.toml: ") and key in msg and needle in msg
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("socks_address", "[::1]", "[ipv6]:port"),
+        ("socks_address", "host:", "invalid port"),
+        ("authorities", "a", "array"),
+        ("authorities", ["ok", ""], "authorities[1]"),
+        ("authorities", [1], "authorities[0]"),
+        ("control_port", True, "integer"),
+    ],
+)
+def test_client_validation_errors(key: str, value: object, needle: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        ClientConfig.from_dict({key: value}, source="client.toml")
+    assert key in str(exc.value) and needle in str(exc.value)
+
+
+def test_authority_validation_errors() -> None:
+    with pytest.raises(ConfigError, match="dir_address"):
+        AuthorityConfig.from_dict({"dir_address": "a b:1"})
+    with pytest.raises(ConfigError, match="nickname"):
+        AuthorityConfig.from_dict({"nickname": "x" * 40})
+
+
+def test_from_dict_requires_a_table() -> None:
+    with pytest.raises(ConfigError, match="table"):
+        RelayConfig.from_dict(["nickname"])  # type: ignore[arg-type]
+
+
+def test_error_from_file_names_file_and_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "max_streams_per_circuit = 0\n")
+    with pytest.raises(ConfigError) as exc:
+        load_relay_config(path)
+    assert str(path) in str(exc.value) and "max_streams_per_circuit" in str(exc.value)
+
+
+# -- parse_hostport ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:9001", ("127.0.0.1", 9001)),
+        ("[::1]:80", ("::1", 80)),
+        ("[2001:DB8::0:1]:443", ("2001:db8::1", 443)),
+        (":9050", ("127.0.0.1", 9050)),
+        ("9050", ("127.0.0.1", 9050)),
+        ("0", ("127.0.0.1", 0)),
+        ("example.org:80", ("example.org", 80)),
+        ("localhost.:1", ("localhost", 1)),
+        (" 10.0.0.1:5 ", ("10.0.0.1", 5)),
+    ],
+)
+def test_parse_hostport(text: str, expected: tuple[str, int]) -> None:
+    assert parse_hostport(text) == expected
+
+
+def test_parse_hostport_default_host() -> None:
+    assert parse_hostport("80", default_host="0.0.0.0") == ("0.0.0.0", 80)
+    assert parse_hostport(":80", default_host="::") == ("::", 80)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", ":", "host:", "1.2.3.4:65536", "1.2.3.4:-1", "::1", "::1:80", "[::1]", "[::1]80",
+     "[nothex]:1", "[fe80::1%eth0]:1", "a b:1", "-bad:1", "bad_host:1", "1.2.3:80",
+     "999.1.1.1:1", "host:+80", "host:٨٠", "[1.2.3.4]:80", "x" * 300 + ":1"],
+)
+def test_parse_hostport_errors(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_hostport(text)
+
+
+def test_parse_hostport_non_string() -> None:
+    with pytest.raises(ConfigError):
+        parse_hostport(80)  # type: ignore[arg-type]
+
+
+hosts = st.one_of(
+    st.integers(0, 2**32 - 1).map(lambda i: str(ipaddress.IPv4Address(i))),
+    st.integers(0, 2**128 - 1).map(lambda i: str(ipaddress.IPv6Address(i))),
+    st.from_regex(r"[a-z][a-z0-9-]{0,10}[a-z0-9](\.[a-z]{2,6}){0,2}", fullmatch=True),
+)
+
+
+@given(hosts, st.integers(0, 65535))
+def test_hostport_round_trip(host: str, port: int) -> None:
+    assert parse_hostport(format_hostport(host, port)) == (host, port)
+
+
+@given(st.integers(0, 65535))
+def test_bare_port(port: int) -> None:
+    assert parse_hostport(str(port)) == ("127.0.0.1", port)
+    assert parse_hostport(f":{port}") == ("127.0.0.1", port)
+
+
+@given(st.text(max_size=50) | st.text(alphabet="[]:.0123456789abcdef-", max_size=30))
+def test_parse_hostport_fuzz_only_config_error(text: str) -> None:
+    try:
+        host, port = parse_hostport(text)
+    except ConfigError:
+        return
+    assert 0 <= port <= 65535 and host
+
+
+@given(st.dictionaries(st.text(max_size=10), st.one_of(st.none(), st.booleans(), st.integers(),
+                                                        st.text(max_size=10),
+                                                        st.lists(st.text(max_size=5), max_size=3)),
+                       max_size=4))
+def test_from_dict_fuzz_only_config_error(d: dict) -> None:
+    for cls in (RelayConfig, ClientConfig, AuthorityConfig):
+        try:
+            cls.from_dict(d)
+        except ConfigError:
+            pass
