@@ -351,10 +351,9 @@ class Certs:
 
     @classmethod
     def parse(cls, payload: bytes) -> Certs:
-        rec = parse_with(cs.Struct("certs" / _CERTS, "rest" / cs.GreedyBytes), payload, "CERTS")
-        if rec.rest:
-            raise ProtocolError("CERTS payload has trailing bytes")
-        return cls(tuple(CertEntry(c.cert_type, c.body) for c in rec.certs))
+        # Trailing bytes after the last certificate are ignored, as tor-spec requires.
+        rec = parse_with(_CERTS, payload, "CERTS")
+        return cls(tuple(CertEntry(c.cert_type, c.body) for c in rec))
 
     def by_type(self) -> dict[int, bytes]:
         """Map cert type -> body; a type present twice is a protocol error (tor-spec §4.2)."""
