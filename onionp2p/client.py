@@ -1,0 +1,526 @@
+"""Client-side circuits and streams: the asyncio library API (tor-spec §5, §6; specs/streams.md).
+
+Theory of operation
+-------------------
+:class:`OnionClient` keeps one channel per guard relay and builds circuits through a
+given list of relays (:class:`~onionp2p.directory.RelayInfo`): CREATE2 (ntor) to the
+first, then EXTEND2 in RELAY_EARLY cells hop by hop, adding one
+:class:`~onionp2p.relaycrypto.ClientCrypto` layer per EXTENDED2.
+
+A built :class:`ClientCircuit` opens streams with :meth:`ClientCircuit.open_stream`,
+which returns a genuine ``(asyncio.StreamReader, asyncio.StreamWriter)`` pair. Under it
+is a :class:`StreamTransport` (an ``asyncio.Transport``) joined to an
+:class:`~onionp2p.stream.EdgeStream`: ``writer.write`` packages DATA cells as the
+windows allow and ``await writer.drain()`` blocks while they do not; the reader's own
+flow control (``pause_reading``) withholds stream SENDMEs, so a slow reader stops the
+exit after 500 cells instead of filling memory.
+
+Observers registered with :meth:`OnionClient.add_listener` receive
+:class:`CircuitEvent` records (launched, extended, built, failed, closed) with reasons
+and byte counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .log import get_logger
+
+from . import tls
+from .cells import Cell, CellCommand, Create2, Created2, Destroy, DestroyReason
+from .channel import Channel
+from .directory import RelayInfo
+from .errors import LocalProtocolError, OnionError, ProtocolError
+from .flowctl import DeliverWindow, PackageWindow
+from .handshake import HTYPE_NTOR, NtorClient
+from .link import PeerIdentity
+from .relaycell import (
+    Begin, Connected, End, EndReason, Extend2, Extended2, LinkSpec, RelayCommand, Resolve, Resolved,
+    Sendme, Truncated, pack_relay, unpack_relay,
+)
+from .relaycrypto import ClientCrypto
+from .stream import EdgeStream, StreamState
+
+__all__ = ["OnionClient", "ClientCircuit", "CircuitEvent", "CircuitError", "StreamError", "StreamTransport"]
+
+log = get_logger("onionp2p.client")
+_circuit_ids = itertools.count(1)
+MAX_RELAY_EARLY = 8
+
+
+class CircuitError(OnionError):
+    """Building or using a circuit failed; ``reason`` is a DestroyReason name or a text."""
+
+    def __init__(self, message: str, reason: str = "NONE"):
+        super().__init__(message)
+        self.reason = reason
+
+
+class StreamError(OnionError):
+    """A stream was refused or broken; ``reason`` is the RELAY_END reason (an int)."""
+
+    def __init__(self, message: str, reason: int = EndReason.MISC):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class CircuitEvent:
+    """Something happened to a circuit. ``kind``: launched, extended, built, failed, closed."""
+
+    kind: str
+    circuit_id: int
+    path: tuple[str, ...]
+    reason: str | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+class StreamTransport(asyncio.Transport):
+    """The ``asyncio.Transport`` under a client stream's reader/writer pair."""
+
+    def __init__(self, circuit: ClientCircuit, host: str, port: int):
+        super().__init__()
+        self.circuit = circuit
+        self.protocol: asyncio.StreamReaderProtocol | None = None
+        self.edge: EdgeStream | None = None
+        self._host, self._port = host, port
+        self._reading_paused = False
+        self._closing = False
+        self._lost = False
+
+    # EdgeStream hooks
+    def _sink(self, data: bytes) -> None:
+        if self.protocol is not None and not self._lost:
+            self.protocol.data_received(data)
+
+    def _sink_ready(self) -> bool:
+        return not self._reading_paused
+
+    def _pause_source(self) -> None:
+        if self.protocol is not None and not self._lost:
+            self.protocol.pause_writing()
+
+    def _resume_source(self) -> None:
+        if self.protocol is not None and not self._lost:
+            self.protocol.resume_writing()
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        if self.protocol is not None:
+            if exc is None:
+                self.protocol.eof_received()
+            self.protocol.connection_lost(exc)
+
+    # asyncio.Transport API
+    def write(self, data: bytes) -> None:
+        if self._closing or self.edge is None or self.edge.state is StreamState.CLOSED:
+            return
+        self.edge.write(bytes(data))
+
+    def writelines(self, list_of_data) -> None:
+        self.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        # tor has no half-close: END closes both directions. Clients send only MISC.
+        self.close()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self.edge is not None and self.edge.state is not StreamState.CLOSED:
+            self.edge.finish(EndReason.MISC)
+        asyncio.get_running_loop().call_soon(self._connection_lost, None)
+
+    def abort(self) -> None:
+        self._closing = True
+        if self.edge is not None and self.edge.state is not StreamState.CLOSED:
+            self.circuit.send_relay(RelayCommand.END, self.edge.stream_id, End(EndReason.MISC).encode())
+            self.edge.close()
+        self._connection_lost(None)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._lost
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        self._reading_paused = False
+        if self.edge is not None:
+            self.edge.maybe_send_sendme()
+
+    def is_reading(self) -> bool:
+        return not self._reading_paused
+
+    def get_write_buffer_size(self) -> int:
+        return self.edge.buffered if self.edge is not None else 0
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": (self._host, self._port), "circuit": self.circuit,
+                "stream_id": self.edge.stream_id if self.edge else None}.get(name, default)
+
+
+class ClientCircuit:
+    """A circuit this client originates. Build it with :meth:`OnionClient.build_circuit`."""
+
+    def __init__(self, client: OnionClient, chan: Channel, path: Sequence[RelayInfo]):
+        self.client = client
+        self.chan = chan
+        self.path = tuple(path)
+        self.id = next(_circuit_ids)
+        self.circ_id = chan.new_circ_id()
+        self.crypto = ClientCrypto()
+        self.hops: list[RelayInfo] = []
+        self.state = "launched"
+        self.created_at = time.time()
+        self.streams: dict[int, EdgeStream] = {}
+        self.package = PackageWindow.circuit()
+        self.deliver = DeliverWindow.circuit()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.close_reason: str | None = None
+        self.isolation: object = None
+        self._early_left = MAX_RELAY_EARLY
+        self._pending: asyncio.Future | None = None
+        self._resolves: dict[int, asyncio.Future] = {}
+        self._next_sid = 1
+        self.log = log.bind(circ=self.id)
+        chan.circuits[self.circ_id] = self
+
+    # -- building --------------------------------------------------------------------------
+
+    def _event(self, kind: str, reason: str | None = None) -> None:
+        self.client._emit(CircuitEvent(kind, self.id, tuple(h.nickname for h in self.hops), reason,
+                                       self.bytes_sent, self.bytes_received))
+
+    async def _build(self, timeout: float) -> None:
+        self._event("launched")
+        try:
+            async with asyncio.timeout(timeout):
+                first = self.path[0]
+                hs = NtorClient(first.rsa_id, first.ntor_key)
+                self._pending = asyncio.get_running_loop().create_future()
+                self.chan.send_cell(self.circ_id, CellCommand.CREATE2, Create2(HTYPE_NTOR, hs.onion_skin).encode())
+                reply = await self._pending
+                self.crypto.add_hop(hs.complete(Created2.parse(reply).hdata))
+                self.hops.append(first)
+                self._event("extended")
+                for relay in self.path[1:]:
+                    await self._extend(relay)
+        except (OnionError, asyncio.TimeoutError) as exc:
+            reason = "TIMEOUT" if isinstance(exc, asyncio.TimeoutError) else getattr(exc, "reason", "PROTOCOL")
+            self._fail(str(exc) or reason, reason)
+            raise CircuitError(f"circuit build failed: {exc or 'timeout'}", reason) from None
+        self.state = "built"
+        self._event("built")
+
+    async def _extend(self, relay: RelayInfo) -> None:
+        hs = NtorClient(relay.rsa_id, relay.ntor_key)
+        specs = (LinkSpec.ipv4(relay.address, relay.or_port), LinkSpec.legacy_id(relay.rsa_id),
+                 LinkSpec.ed25519_id(relay.ed_id))
+        self._pending = asyncio.get_running_loop().create_future()
+        self.send_relay(RelayCommand.EXTEND2, 0, Extend2(specs, HTYPE_NTOR, hs.onion_skin).encode(), early=True)
+        reply = await self._pending
+        self.crypto.add_hop(hs.complete(Extended2.parse(reply).hdata))
+        self.hops.append(relay)
+        self._event("extended")
+
+    # -- cells ------------------------------------------------------------------------------
+
+    def send_relay(self, cmd: int, stream_id: int, data: bytes = b"", *, early: bool = False,
+                   hop: int | None = None) -> None:
+        """Originate a relay cell to ``hop`` (default: the last hop built)."""
+        if self.state in ("closed", "failed"):
+            return
+        if hop is None:
+            hop = self.crypto.n_hops - 1
+        ct, digest = self.crypto.originate(pack_relay(cmd, stream_id, data), hop)
+        if cmd == RelayCommand.DATA:
+            self.package.on_data_sent(digest)
+            self.bytes_sent += len(data)
+        command = CellCommand.RELAY
+        if early:
+            if self._early_left <= 0:
+                raise LocalProtocolError("no RELAY_EARLY cells left on this circuit")
+            self._early_left -= 1
+            command = CellCommand.RELAY_EARLY
+        self.chan.send_cell(self.circ_id, command, ct)
+
+    def handle_cell(self, chan: Channel, cell: Cell) -> None:
+        cmd = cell.command
+        try:
+            if cmd == CellCommand.RELAY:
+                hop, body, digest = self.crypto.decrypt_inbound(cell.payload)
+                self._relay(hop, body, digest)
+            elif cmd == CellCommand.CREATED2:
+                if self._pending is None or self._pending.done() or self.hops:
+                    raise ProtocolError("unexpected CREATED2")
+                self._pending.set_result(cell.payload)
+            elif cmd == CellCommand.DESTROY:
+                reason = Destroy.parse(cell.payload).reason
+                name = DestroyReason(reason).name if reason in DestroyReason._value2member_map_ else str(reason)
+                self._closed(f"DESTROY from the network ({name})", name, send_destroy=False)
+            elif cmd == CellCommand.RELAY_EARLY:
+                raise ProtocolError("RELAY_EARLY cell toward the client")
+        except ProtocolError as exc:
+            self.log.info("protocol violation; closing circuit", error=str(exc))
+            self._closed(str(exc), "PROTOCOL")
+
+    def _relay(self, hop: int, body: bytes, digest: bytes) -> None:
+        cmd, sid, data = unpack_relay(body)
+        if cmd == RelayCommand.DATA:
+            self.deliver.on_data_received()
+            self.bytes_received += len(data)
+            stream = self.streams.get(sid)
+            if stream is not None:
+                stream.on_data(data)
+            while self.deliver.sendme_due() and self.state not in ("closed", "failed"):
+                self.deliver.on_sendme_sent()
+                self.send_relay(RelayCommand.SENDME, 0, Sendme(1, digest).encode(), hop=hop)
+        elif cmd == RelayCommand.SENDME:
+            if sid == 0:
+                msg = Sendme.parse(data)
+                self.package.on_sendme(msg.digest if msg.version == 1 else None)
+                for stream in list(self.streams.values()):
+                    stream.pump()
+            elif (stream := self.streams.get(sid)) is not None:
+                stream.on_sendme()
+        elif cmd == RelayCommand.CONNECTED:
+            stream = self.streams.get(sid)
+            if stream is not None and stream.state is StreamState.CONNECTING:
+                Connected.parse(data)
+                stream.mark_open()
+                fut = stream.conn.connected  # type: ignore[union-attr]
+                if not fut.done():
+                    fut.set_result(None)
+        elif cmd == RelayCommand.END:
+            stream = self.streams.get(sid)
+            if stream is not None:
+                self._stream_ended(stream, End.parse(data).reason)
+        elif cmd == RelayCommand.RESOLVED:
+            fut = self._resolves.pop(sid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(Resolved.parse(data))
+        elif cmd == RelayCommand.EXTENDED2:
+            if self._pending is None or self._pending.done():
+                raise ProtocolError("unexpected EXTENDED2")
+            self._pending.set_result(data)
+        elif cmd == RelayCommand.TRUNCATED:
+            reason = Truncated.parse(data).reason
+            self._closed("circuit truncated by the network", DestroyReason(reason).name
+                         if reason in DestroyReason._value2member_map_ else str(reason))
+
+    # -- streams ----------------------------------------------------------------------------------
+
+    def _new_stream_id(self) -> int:
+        for _ in range(0xFFFF):
+            sid = self._next_sid
+            self._next_sid = self._next_sid % 0xFFFF + 1
+            if sid not in self.streams and sid not in self._resolves:
+                return sid
+        raise StreamError("no free stream ID", EndReason.RESOURCELIMIT)
+
+    async def open_stream(self, host: str, port: int, *, timeout: float = 60.0, flags: int = 0,
+                          limit: int = 2**16) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open a stream to ``host:port`` resolved at the exit. Raises StreamError on END."""
+        if self.state != "built":
+            raise CircuitError("circuit is not open", self.close_reason or "NONE")
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=limit, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport = StreamTransport(self, host, port)
+        transport.connected = loop.create_future()  # type: ignore[attr-defined]
+        sid = self._new_stream_id()
+        edge = EdgeStream(
+            sid, emit=self.send_relay, circ_can_send=self.package.can_send,
+            sink=transport._sink, sink_ready=transport._sink_ready,
+            pause_source=transport._pause_source, resume_source=transport._resume_source,
+            on_close=lambda: self.streams.pop(sid, None), conn=transport,
+        )
+        transport.edge = edge
+        transport.protocol = protocol
+        self.streams[sid] = edge
+        protocol.connection_made(transport)
+        self.send_relay(RelayCommand.BEGIN, sid, Begin(host, port, flags).encode())
+        try:
+            async with asyncio.timeout(timeout):
+                await transport.connected  # type: ignore[attr-defined]
+        except asyncio.TimeoutError:
+            transport.abort()
+            raise StreamError("stream timed out waiting for CONNECTED", EndReason.TIMEOUT) from None
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        return reader, writer
+
+    def _stream_ended(self, stream: EdgeStream, reason: int, exc: Exception | None = None) -> None:
+        transport: StreamTransport = stream.conn  # type: ignore[assignment]
+        was_open = stream.state is StreamState.OPEN
+        stream.close()
+        fut = transport.connected  # type: ignore[attr-defined]
+        if not fut.done():
+            fut.set_exception(StreamError(f"stream refused: {_reason_name(reason)}", reason))
+            fut.exception()
+        transport._connection_lost(exc if exc is not None else
+                                   (None if was_open else ConnectionResetError(_reason_name(reason))))
+
+    async def resolve(self, hostname: str, *, timeout: float = 30.0) -> Resolved:
+        """RELAY_RESOLVE at the exit; returns the RESOLVED answers."""
+        if self.state != "built":
+            raise CircuitError("circuit is not open", self.close_reason or "NONE")
+        sid = self._new_stream_id()
+        fut = asyncio.get_running_loop().create_future()
+        self._resolves[sid] = fut
+        self.send_relay(RelayCommand.RESOLVE, sid, Resolve(hostname).encode())
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        finally:
+            self._resolves.pop(sid, None)
+
+    # -- closing ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Destroy the circuit (clients send reason NONE) and end its streams."""
+        self._closed("closed by us", "REQUESTED")
+
+    def channel_closed(self, chan: Channel) -> None:
+        self._closed("channel closed", "CHANNEL_CLOSED", send_destroy=False)
+
+    def _fail(self, message: str, reason: str) -> None:
+        self._closed(message, reason, failed=True)
+
+    def _closed(self, message: str, reason: str, *, send_destroy: bool = True, failed: bool = False) -> None:
+        if self.state in ("closed", "failed"):
+            return
+        built = self.state == "built"
+        self.state = "failed" if (failed or not built) else "closed"
+        self.close_reason = reason
+        if send_destroy and not self.chan.closed:
+            self.chan.send_cell(self.circ_id, CellCommand.DESTROY, Destroy(DestroyReason.NONE).encode())
+        self.chan.circuits.pop(self.circ_id, None)
+        self.chan.drop_queue(self.circ_id)
+        if self._pending is not None and not self._pending.done():
+            self._pending.set_exception(CircuitError(message, reason))
+            self._pending.exception()
+        for fut in self._resolves.values():
+            if not fut.done():
+                fut.set_exception(CircuitError(message, reason))
+                fut.exception()
+        for stream in list(self.streams.values()):
+            self._stream_ended(stream, EndReason.DESTROY, ConnectionResetError(f"circuit closed: {message}"))
+        self.streams.clear()
+        self.client._circuit_gone(self)
+        self._event(self.state, reason)
+
+
+def _reason_name(reason: int) -> str:
+    return EndReason(reason).name if reason in EndReason._value2member_map_ else str(reason)
+
+
+class OnionClient:
+    """Builds circuits through given relays and keeps one channel per first hop."""
+
+    def __init__(self, *, max_queue_cells: int = 2500, handshake_timeout: float = 30.0):
+        self.channels: dict[bytes, Channel] = {}
+        self.circuits: dict[int, ClientCircuit] = {}
+        self.max_queue_cells = max_queue_cells
+        self.handshake_timeout = handshake_timeout
+        self._connecting: dict[bytes, asyncio.Task] = {}
+        self._listeners: list[Callable[[CircuitEvent], None]] = []
+
+    def add_listener(self, fn: Callable[[CircuitEvent], None]) -> None:
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[CircuitEvent], None]) -> None:
+        self._listeners.remove(fn)
+
+    def _emit(self, event: CircuitEvent) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(event)
+            except Exception:  # a broken observer must not break circuits
+                log.exception("circuit event listener failed")
+
+    async def channel_to(self, relay: RelayInfo) -> Channel:
+        chan = self.channels.get(relay.rsa_id)
+        if chan is not None and not chan.closed:
+            return chan
+        task = self._connecting.get(relay.rsa_id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._connect(relay))
+            self._connecting[relay.rsa_id] = task
+            task.add_done_callback(lambda _t: self._connecting.pop(relay.rsa_id, None))
+        return await asyncio.shield(task)
+
+    async def _connect(self, relay: RelayInfo) -> Channel:
+        loop = asyncio.get_running_loop()
+        expected = PeerIdentity(ed25519_id=relay.ed_id, rsa_id=relay.rsa_id)
+        _t, chan = await loop.create_connection(
+            lambda: Channel(self, initiator=True, keys=None, expected=expected, peer_address=relay.address,
+                            handshake_timeout=self.handshake_timeout, max_queue_cells=self.max_queue_cells),
+            relay.address, relay.or_port, ssl=tls.client_context(),
+        )
+        try:
+            await chan.ready
+        except OnionError:
+            chan.close()
+            raise
+        self.channels[relay.rsa_id] = chan
+        return chan
+
+    async def build_circuit(self, path: Sequence[RelayInfo], *, timeout: float = 60.0) -> ClientCircuit:
+        """Build a circuit through ``path`` (first hop first). Raises CircuitError."""
+        if not path:
+            raise LocalProtocolError("empty path")
+        try:
+            chan = await asyncio.wait_for(self.channel_to(path[0]), timeout)
+        except (OSError, OnionError, asyncio.TimeoutError) as exc:
+            raise CircuitError(f"cannot connect to first hop: {exc or 'timeout'}", "CONNECTFAILED") from None
+        circ = ClientCircuit(self, chan, path)
+        self.circuits[circ.id] = circ
+        await circ._build(timeout)
+        return circ
+
+    def _circuit_gone(self, circ: ClientCircuit) -> None:
+        self.circuits.pop(circ.id, None)
+
+    async def close(self) -> None:
+        for circ in list(self.circuits.values()):
+            circ.close()
+        for task in list(self._connecting.values()):
+            task.cancel()
+        for chan in list(self.channels.values()):
+            chan.close("client closing")
+        self.channels.clear()
+        await asyncio.sleep(0)
+
+    # ChannelOwner
+    def unknown_cell(self, chan: Channel, cell: Cell) -> None:
+        pass  # cells for circuits we no longer know are dropped
+
+    def channel_open(self, chan: Channel) -> None:
+        pass
+
+    def channel_closed(self, chan: Channel) -> None:
+        for rsa_id, c in list(self.channels.items()):
+            if c is chan:
+                del self.channels[rsa_id]
+
+    def queue_overflow(self, chan: Channel, circ_id: int) -> None:
+        circ = chan.circuits.get(circ_id)
+        if circ is not None:
+            circ._closed("outgoing queue over its bound", "RESOURCELIMIT")
+

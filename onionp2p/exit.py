@@ -1,0 +1,278 @@
+"""Exit streams: BEGIN, RESOLVE and the TCP connections behind them (tor-spec §6.2-6.4).
+
+Theory of operation
+-------------------
+The last hop of a circuit is where streams leave the network. For RELAY_BEGIN the
+exit parses ``host:port``, resolves a hostname with asyncio's resolver (never the
+client), checks every candidate address against its :class:`ExitPolicy`, connects,
+and answers RELAY_CONNECTED (address, TTL) — or RELAY_END with the tor-spec reason:
+EXITPOLICY (with the address), RESOLVEFAILED, CONNECTREFUSED, TIMEOUT, NOROUTE,
+MISC. A relay whose policy rejects everything is not an exit and answers every
+BEGIN with END(EXITPOLICY). BEGIN_DIR is answered NOTDIRECTORY until the directory
+service exists on this relay.
+
+Each open stream is an :class:`~onionp2p.stream.EdgeStream` joined to an
+:class:`ExitConnection` (an asyncio Protocol on the destination socket). The
+destination is read only while both windows allow (``pause_reading``), and stream
+SENDMEs are withheld while the destination's write buffer is above its high-water
+mark, so a slow destination or a slow client never makes the exit buffer without
+bound. RESOLVE answers RESOLVED with IPv4 answers first; failures are F0/F1 answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import socket
+from typing import TYPE_CHECKING, Any
+
+from .log import get_logger
+
+from .exitpolicy import ExitPolicy
+from .relaycell import (
+    Begin, Connected, End, EndReason, RelayCommand, Resolve, Resolved, ResolvedAnswer,
+)
+from .stream import EdgeStream, StreamState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .circuit import OrCircuit
+
+__all__ = ["ExitHandler", "ExitConnection"]
+
+log = get_logger("onionp2p.exit")
+CONNECT_TIMEOUT = 15.0
+RESOLVE_TIMEOUT = 15.0
+DNS_TTL = 300
+MAX_PENDING_OPTIMISTIC = 500 * 498  # optimistic DATA before CONNECTED is bounded by the window
+
+
+class ExitConnection(asyncio.Protocol):
+    """The destination side of one exit stream."""
+
+    def __init__(self) -> None:
+        self.stream: EdgeStream  # set right after construction
+        self.transport: asyncio.Transport | None = None
+        self.write_paused = False
+        self.pending: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        for chunk in self.pending:
+            self.transport.write(chunk)
+        self.pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self.stream.state is not StreamState.CLOSED:
+            self.stream.write(data)
+
+    def eof_received(self) -> bool:
+        self.stream.finish(EndReason.DONE)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.stream.state is not StreamState.CLOSED:
+            self.stream.finish(EndReason.DONE if exc is None else EndReason.CONNRESET)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.stream.maybe_send_sendme()
+
+    # hooks for EdgeStream
+    def sink(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+        else:
+            self.pending.append(data)
+
+    def sink_ready(self) -> bool:
+        return self.transport is not None and not self.write_paused
+
+    def pause_source(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_source(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _end_reason_for(exc: BaseException) -> int:
+    if isinstance(exc, ConnectionRefusedError):
+        return EndReason.CONNECTREFUSED
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return EndReason.TIMEOUT
+    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return EndReason.NOROUTE
+    if isinstance(exc, ConnectionResetError):
+        return EndReason.CONNRESET
+    return EndReason.MISC
+
+
+class ExitHandler:
+    """Stream commands recognized at the last hop of a circuit."""
+
+    def __init__(self, policy: ExitPolicy, *, max_streams_per_circuit: int = 500):
+        self.policy = policy
+        self.max_streams_per_circuit = max_streams_per_circuit
+        self._tasks: set[asyncio.Task] = set()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def handle(self, circ: OrCircuit, cmd: int, sid: int, data: bytes) -> None:
+        if cmd == RelayCommand.END:
+            stream = circ.streams.get(sid)
+            if stream is not None:
+                stream.close()  # on_close forgets it and closes the socket
+            return
+        if sid in circ.streams:
+            circ.send_back(RelayCommand.END, sid, End(EndReason.TORPROTOCOL).encode())
+            return
+        if cmd == RelayCommand.BEGIN_DIR:
+            circ.send_back(RelayCommand.END, sid, End(EndReason.NOTDIRECTORY).encode())
+            return
+        if not self.policy.is_exit:
+            circ.send_back(RelayCommand.END, sid, End(EndReason.EXITPOLICY).encode())
+            return
+        if cmd == RelayCommand.RESOLVE:
+            try:
+                req = Resolve.parse(data)
+            except Exception:
+                circ.send_back(RelayCommand.END, sid, End(EndReason.TORPROTOCOL).encode())
+                return
+            self._spawn(self._resolve(circ, sid, req.hostname))
+            return
+        # BEGIN
+        try:
+            begin = Begin.parse(data)
+        except Exception:
+            circ.send_back(RelayCommand.END, sid, End(EndReason.TORPROTOCOL).encode())
+            return
+        if len(circ.streams) >= self.max_streams_per_circuit:
+            circ.send_back(RelayCommand.END, sid, End(EndReason.RESOURCELIMIT).encode())
+            return
+        conn = ExitConnection()
+
+        def on_close() -> None:
+            if circ.streams.get(sid) is stream:
+                del circ.streams[sid]
+            conn.close()
+
+        stream = EdgeStream(
+            sid, emit=circ.send_back, circ_can_send=circ.can_package,
+            sink=conn.sink, sink_ready=conn.sink_ready,
+            pause_source=conn.pause_source, resume_source=conn.resume_source,
+            on_close=on_close, conn=conn,
+        )
+        conn.stream = stream
+        circ.streams[sid] = stream
+        self._spawn(self._connect(circ, stream, conn, begin))
+
+    async def _addresses(self, host: str, port: int, flags: int) -> list[ipaddress._BaseAddress]:
+        try:
+            return [ipaddress.ip_address(host)]
+        except ValueError:
+            pass
+        loop = asyncio.get_running_loop()
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP), RESOLVE_TIMEOUT)
+        addrs = []
+        for fam, *_rest, sa in infos:
+            ip = ipaddress.ip_address(sa[0].split("%")[0])
+            if ip not in addrs:
+                addrs.append(ip)
+        v4 = [a for a in addrs if a.version == 4]
+        v6 = [a for a in addrs if a.version == 6]
+        if flags & Begin.IPV4_NOT_OK:
+            v4 = []
+        if not flags & (Begin.IPV6_OK | Begin.IPV6_PREFERRED):
+            v6 = []
+        return v6 + v4 if flags & Begin.IPV6_PREFERRED else v4 + v6
+
+    async def _connect(self, circ: OrCircuit, stream: EdgeStream, conn: ExitConnection, begin: Begin) -> None:
+        slog = circ.log.bind(stream_id=stream.stream_id, target=f"{begin.host}:{begin.port}")  # scrubbed by safe logging
+        reason = None
+        end_addr = None
+        try:
+            try:
+                addrs = await self._addresses(begin.host, begin.port, begin.flags)
+            except (OSError, asyncio.TimeoutError, UnicodeError):
+                addrs = []
+            if not addrs:
+                reason = EndReason.RESOLVEFAILED
+            else:
+                allowed = [a for a in addrs if self.policy.allows(a, begin.port)]
+                if not allowed:
+                    reason, end_addr = EndReason.EXITPOLICY, addrs[0]
+                else:
+                    ip = allowed[0]
+                    loop = asyncio.get_running_loop()
+                    await asyncio.wait_for(loop.create_connection(lambda: conn, str(ip), begin.port),
+                                           CONNECT_TIMEOUT)
+                    if stream.state is StreamState.CLOSED or circ.closed:
+                        conn.close()
+                        return
+                    circ.send_back(RelayCommand.CONNECTED, stream.stream_id, Connected(ip, DNS_TTL).encode())
+                    slog.debug("exit stream connected")
+                    stream.mark_open()
+                    return
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except (OSError, asyncio.TimeoutError) as exc:
+            reason = _end_reason_for(exc)
+        slog.info("exit stream refused", reason=EndReason(reason).name)
+        if circ.streams.get(stream.stream_id) is stream:
+            stream.close()
+            circ.send_back(RelayCommand.END, stream.stream_id, End(reason, end_addr, DNS_TTL if end_addr else 0).encode())
+
+    async def _resolve(self, circ: OrCircuit, sid: int, hostname: str) -> None:
+        loop = asyncio.get_running_loop()
+        answers: list[ResolvedAnswer] = []
+        try:
+            if hostname.endswith(".in-addr.arpa") or hostname.endswith(".ip6.arpa"):
+                ip = _arpa_to_ip(hostname)
+                name, _ = await asyncio.wait_for(loop.getnameinfo((str(ip), 0), socket.NI_NAMEREQD),
+                                                 RESOLVE_TIMEOUT)
+                answers.append(ResolvedAnswer(0, name.encode("ascii", "replace")[:255], DNS_TTL))
+            else:
+                addrs = await self._addresses(hostname, 0, Begin.IPV6_OK)
+                addrs.sort(key=lambda a: a.version)
+                answers.extend(ResolvedAnswer(a.version, a.packed, DNS_TTL) for a in addrs[:8])
+        except (OSError, asyncio.TimeoutError, ValueError, UnicodeError):
+            pass
+        if not answers:
+            answers.append(ResolvedAnswer(0xF1, b"", 0))
+        circ.send_back(RelayCommand.RESOLVED, sid, Resolved(tuple(answers)).encode())
+
+    def close_all(self, circ: OrCircuit) -> None:
+        """Close every stream of a circuit that is going away."""
+        for stream in list(circ.streams.values()):
+            stream.close()
+        circ.streams.clear()
+
+    async def aclose(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _arpa_to_ip(name: str) -> ipaddress._BaseAddress:
+    labels = name.lower().rstrip(".").split(".")
+    if labels[-2:] == ["in-addr", "arpa"]:
+        return ipaddress.IPv4Address(".".join(reversed(labels[:-2])))
+    if labels[-2:] == ["ip6", "arpa"]:
+        nibbles = "".join(reversed(labels[:-2]))
+        return ipaddress.IPv6Address(int(nibbles, 16))
+    raise ValueError("not a reverse-lookup name")

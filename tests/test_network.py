@@ -1,0 +1,327 @@
+"""Relays and circuits over real TLS links on 127.0.0.1 (in-process relays, real sockets).
+
+These tests drive the real Relay, Channel, OrCircuit, exit and client code; only the
+process boundary is missing (tests/test_relay_process.py runs relays as processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+
+import pytest
+
+from conftest import blob, http_get, sha256
+from onionp2p import tls
+from onionp2p.cells import CellCommand, Create2, Destroy, DestroyReason, encode_fixed
+from onionp2p.client import CircuitError, OnionClient, StreamError
+from onionp2p.directory import RelayInfo
+from onionp2p.exitpolicy import ExitPolicy
+from onionp2p.relaycell import EndReason, RelayCommand
+from onionp2p.stream import SOURCE_HIGH_WATER
+
+
+async def wait_for(pred, timeout=10.0, what="condition"):
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not pred():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def client():
+    c = OnionClient()
+    yield c
+    await c.close()
+
+
+def path(relays):
+    return [r.info() for r in relays]
+
+
+async def test_three_hop_fetch_matches_sha256(relay_net, http_server, client):
+    events = []
+    client.add_listener(events.append)
+    circ = await client.build_circuit(path(relay_net))
+    assert [h.nickname for h in circ.hops] == ["r0", "r1", "r2"]
+    reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
+    body = await http_get(reader, writer, "/3000000")
+    assert sha256(body) == sha256(blob(3_000_000))
+    kinds = [e.kind for e in events if e.circuit_id == circ.id]
+    assert kinds[:5] == ["launched", "extended", "extended", "extended", "built"]
+    circ.close()
+    await wait_for(lambda: all(not r.circuits for r in relay_net), what="relays to free the circuit")
+    assert events[-1].kind == "closed" and events[-1].bytes_received >= 3_000_000
+
+
+async def test_hundred_streams_over_ten_circuits(relay_net, http_server, client):
+    circuits = await asyncio.gather(*(client.build_circuit(path(relay_net)) for _ in range(10)))
+    # one channel per relay pair: the client has one channel, r0->r1 and r1->r2 one each
+    assert len(client.channels) == 1
+    assert len(relay_net[1].channels) == 2
+
+    async def fetch(i):
+        circ = circuits[i % 10]
+        reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
+        n = 20_000 + 997 * i
+        body = await http_get(reader, writer, f"/{n}")
+        writer.close()
+        return body == blob(n)
+
+    results = await asyncio.gather(*(fetch(i) for i in range(100)))
+    assert all(results)
+
+
+async def test_echo_upload_and_download(relay_net, http_server, client):
+    circ = await client.build_circuit(path(relay_net))
+    reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
+    payload = blob(1_500_000)
+    writer.write(b"GET /echo HTTP/1.0\r\n\r\n")
+
+    async def send():
+        for i in range(0, len(payload), 10_000):
+            writer.write(payload[i : i + 10_000])
+            await writer.drain()
+
+    sender = asyncio.create_task(send())
+    await reader.readuntil(b"\r\n\r\n")
+    got = await reader.readexactly(len(payload))
+    await sender
+    assert got == payload
+
+
+async def test_slow_reader_keeps_memory_bounded(relay_net, http_server, client):
+    circ = await client.build_circuit(path(relay_net))
+    reader, writer = await circ.open_stream("127.0.0.1", http_server.port, limit=65536)
+    writer.write(b"GET /hold HTTP/1.0\r\n\r\n")
+    await writer.drain()
+    # Read nothing. The flow stops once the windows are spent; wait for it to settle.
+    exit_circ = next(iter(relay_net[2].circuits))
+    last = -1
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        now = circ.bytes_received
+        if now == last and now > 0:
+            break
+        last = now
+    assert circ.bytes_received > 0
+    # what the reader buffered before pausing (2 x limit), plus at most one stream window
+    # (500 cells) that crossed the circuit unacknowledged after it paused
+    assert circ.bytes_received <= 2 * 65536 + 500 * 498 + 498
+    stream = next(iter(exit_circ.streams.values()))
+    # the exit paused reading the destination: at most the high-water mark plus one socket
+    # read (asyncio reads up to 256 KiB at a time) is held
+    assert stream.buffered <= SOURCE_HIGH_WATER + 256 * 1024
+    for r in relay_net:
+        for ch in r.channels:
+            assert ch.queued_cells() <= ch.max_queue_cells
+    # the server could not push all 20 MB: it is blocked by back-pressure, not buffered by us
+    assert circ.bytes_received < 2_000_000
+    # now read everything: the flow resumes to the end
+    await reader.readuntil(b"\r\n\r\n")
+    got = await reader.readexactly(20_000_000)
+    assert sha256(got) == sha256(blob(20_000_000))
+
+
+async def test_wrong_expected_identity_is_refused(relay_net, client):
+    real = relay_net[0].info()
+    other = relay_net[1].info()
+    forged = RelayInfo(real.nickname, real.address, real.or_port, other.rsa_id, other.ed_id, real.ntor_key)
+    with pytest.raises(CircuitError):
+        await client.build_circuit([forged])
+    # a forged middle hop: the extending relay refuses the mismatching identity
+    forged_mid = RelayInfo("x", other.address, other.or_port, relay_net[2].keys.rsa_id_digest,
+                           relay_net[2].keys.identity_public, other.ntor_key)
+    with pytest.raises(CircuitError):
+        await client.build_circuit([real, forged_mid], timeout=10)
+    # and the relays keep serving
+    circ = await client.build_circuit(path(relay_net))
+    assert circ.state == "built"
+
+
+async def test_garbage_on_orport_then_relay_keeps_serving(relay_net, http_server, client):
+    r0 = relay_net[0]
+    # plain TCP garbage (not TLS)
+    reader, writer = await asyncio.open_connection("127.0.0.1", r0.port)
+    writer.write(os.urandom(4096))
+    writer.write_eof()
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 10) is not None
+    writer.close()
+    # TLS, VERSIONS, then cells that break the handshake: each closes the link
+    for junk in (
+        bytes.fromhex("00000000 83 0004") + b"AUTH",  # AUTHENTICATE before CERTS
+        bytes.fromhex("00000000 81 f000"),  # a variable-length cell far over the bound
+        bytes.fromhex("80000005 03") + bytes(509),  # a RELAY cell before NETINFO
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", r0.port, ssl=tls.client_context())
+        writer.write(b"\x00\x00\x07\x00\x02\x00\x04" + junk)
+        await writer.drain()
+        await asyncio.wait_for(reader.read(), 10)  # EOF: the relay closed the link
+        writer.close()
+    circ = await client.build_circuit(path(relay_net))
+    r, w = await circ.open_stream("127.0.0.1", http_server.port)
+    assert await http_get(r, w, "/1000") == blob(1000)
+
+
+async def test_bad_create2_gets_destroy_protocol(relay_net, client):
+    chan = await client.channel_to(relay_net[0].info())
+    got = asyncio.get_running_loop().create_future()
+
+    class Probe:
+        def handle_cell(self, ch, cell):
+            if not got.done():
+                got.set_result(cell)
+
+        def channel_closed(self, ch):
+            pass
+
+    cid = chan.new_circ_id()
+    chan.circuits[cid] = Probe()
+    chan.send_cell(cid, CellCommand.CREATE2, Create2(2, os.urandom(84)).encode())
+    cell = await asyncio.wait_for(got, 10)
+    assert cell.command == CellCommand.DESTROY
+    assert Destroy.parse(cell.payload).reason == DestroyReason.PROTOCOL
+    # unknown handshake type
+    cid2 = chan.new_circ_id()
+    got = asyncio.get_running_loop().create_future()
+    chan.circuits[cid2] = Probe()
+    chan.send_cell(cid2, CellCommand.CREATE2, Create2(0x99, b"x" * 10).encode())
+    cell = await asyncio.wait_for(got, 10)
+    assert Destroy.parse(cell.payload).reason == DestroyReason.PROTOCOL
+    # a cell on an unknown circuit is dropped and the channel stays up
+    chan.send_cell(0x80000123, CellCommand.RELAY, os.urandom(509))
+    circ = await client.build_circuit(path(relay_net))
+    assert circ.state == "built" and not chan.closed
+
+
+async def test_stream_violating_its_window_kills_the_circuit(relay_net, http_server, client):
+    circ = await client.build_circuit(path(relay_net))
+    reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
+    writer.write(b"GET /echo HTTP/1.0\r\n\r\n")
+    await writer.drain()
+    sid = next(iter(circ.streams))
+    # bypass our own flow control: 600 DATA cells without waiting for SENDMEs
+    for _ in range(600):
+        circ.send_relay(RelayCommand.DATA, sid, b"x" * 498)
+        circ.package.window = 1000  # keep our side from stopping us
+    await wait_for(lambda: circ.state == "closed", what="circuit to be destroyed")
+    await wait_for(lambda: all(not r.circuits for r in relay_net), what="relays to free the circuit")
+
+
+async def test_exit_policy_and_errors(tmp_path, relay_net, http_server, client):
+    circ = await client.build_circuit(path(relay_net))
+    # 127.0.0.2 is not accepted by the exit policy
+    with pytest.raises(StreamError) as e:
+        await circ.open_stream("127.0.0.2", http_server.port)
+    assert e.value.reason == EndReason.EXITPOLICY
+    # nothing listens there
+    s = __import__("socket").socket()
+    s.bind(("127.0.0.1", 0))
+    dead = s.getsockname()[1]
+    s.close()
+    with pytest.raises(StreamError) as e:
+        await circ.open_stream("127.0.0.1", dead)
+    assert e.value.reason == EndReason.CONNECTREFUSED
+    with pytest.raises(StreamError) as e:
+        await circ.open_stream("bad..name", 80)
+    assert e.value.reason == EndReason.RESOLVEFAILED
+    # hostname resolved at the exit
+    r, w = await circ.open_stream("localhost", http_server.port, flags=0)
+    assert await http_get(r, w, "/777") == blob(777)
+    resolved = await circ.resolve("localhost")
+    assert "127.0.0.1" in [a.value_text() for a in resolved.answers]
+    # the circuit survived all of that
+    assert circ.state == "built"
+
+
+async def test_default_policy_rejects_loopback_and_non_exit_refuses(tmp_path, relay_net, http_server, client):
+    from onionp2p.keys import RelayKeys
+    from onionp2p.relay import Relay
+
+    relays = []
+    for name, policy in (("def", ExitPolicy.parse("accept *:*")), ("nonexit", ExitPolicy.reject_all())):
+        keys = RelayKeys.load_or_create(tmp_path / name)
+        r = Relay(keys, nickname=name, exit_policy=policy, extend_allow_private=True)
+        await r.start()
+        relays.append(r)
+    try:
+        for r in relays:
+            circ = await client.build_circuit([relay_net[0].info(), r.info()])
+            with pytest.raises(StreamError) as e:
+                await circ.open_stream("127.0.0.1", http_server.port)
+            assert e.value.reason == EndReason.EXITPOLICY
+    finally:
+        for r in relays:
+            await r.stop()
+
+
+async def test_truncate_gets_truncated(relay_net, client):
+    circ = await client.build_circuit(path(relay_net))
+    events = []
+    client.add_listener(events.append)
+    circ.send_relay(RelayCommand.TRUNCATE, 0, b"", hop=0)
+    await wait_for(lambda: circ.state == "closed", what="TRUNCATED")
+    assert circ.close_reason == "REQUESTED"
+    await wait_for(lambda: not relay_net[1].circuits and not relay_net[2].circuits, what="downstream freed")
+
+
+async def test_channel_loss_destroys_circuits_on_both_sides(relay_net, http_server, client):
+    circ = await client.build_circuit(path(relay_net))
+    reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
+    writer.write(b"GET /hold HTTP/1.0\r\n\r\n")
+    await reader.readexactly(100_000)
+    # cut the r1 <-> r2 channel abruptly
+    ch = next(iter(relay_net[1].by_identity.values()))
+    for c in list(relay_net[1].channels):
+        if c.peer is not None and c.peer.rsa_id == relay_net[2].keys.rsa_id_digest:
+            c.abort()
+    with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+        async with asyncio.timeout(10):
+            while await reader.read(65536):
+                pass
+    await wait_for(lambda: all(not r.circuits for r in relay_net), what="all relays to free the circuit")
+    assert circ.state == "closed"
+    assert ch is not None
+
+
+async def test_slow_handshake_is_dropped(tmp_path, client):
+    from onionp2p.keys import RelayKeys
+    from onionp2p.relay import Relay
+
+    relay = Relay(RelayKeys.load_or_create(tmp_path / "k"), handshake_timeout=1.0)
+    await relay.start()
+    try:
+        # TCP only, never a TLS ClientHello
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        # TLS, but never a VERSIONS cell
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port, ssl=tls.client_context())
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        circ = await client.build_circuit([relay.info()])
+        assert circ.state == "built"
+    finally:
+        await relay.stop()
+
+
+async def test_onion_key_rotation_keeps_old_key_during_grace(relay_net, client):
+    import time
+
+    from onionp2p.directory import RelayInfo
+
+    r2 = relay_net[2]
+    old = r2.info()
+    assert r2.rotate_keys(time.time() + 29 * 86400)
+    new = RelayInfo.load(r2.data_dir / "relay-info.json")
+    assert new.ntor_key != old.ntor_key and new.rsa_id == old.rsa_id
+    # a client holding the old descriptor still gets through (grace period) ...
+    circ = await client.build_circuit([relay_net[0].info(), relay_net[1].info(), old])
+    assert circ.state == "built"
+    # ... and the new key works too; new TLS connections still verify
+    circ2 = await client.build_circuit([relay_net[1].info(), new])
+    assert circ2.state == "built"
