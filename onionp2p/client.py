@@ -337,6 +337,16 @@ class ClientCircuit:
     async def open_stream(self, host: str, port: int, *, timeout: float = 60.0, flags: int = 0,
                           limit: int = 2**16) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Open a stream to ``host:port`` resolved at the exit. Raises StreamError on END."""
+        return await self._open(RelayCommand.BEGIN, Begin(host, port, flags).encode(), host, port,
+                                timeout, limit)
+
+    async def open_dir_stream(self, *, timeout: float = 60.0, limit: int = 2**16,
+                              ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """BEGIN_DIR: a stream to the last hop's directory server (speaks HTTP/1.0)."""
+        return await self._open(RelayCommand.BEGIN_DIR, b"", "", 0, timeout, limit)
+
+    async def _open(self, command: int, body: bytes, host: str, port: int, timeout: float, limit: int,
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.state != "built":
             raise CircuitError("circuit is not open", self.close_reason or "NONE")
         loop = asyncio.get_running_loop()
@@ -355,7 +365,7 @@ class ClientCircuit:
         transport.protocol = protocol
         self.streams[sid] = edge
         protocol.connection_made(transport)
-        self.send_relay(RelayCommand.BEGIN, sid, Begin(host, port, flags).encode())
+        self.send_relay(command, sid, body)
         try:
             async with asyncio.timeout(timeout):
                 await transport.connected  # type: ignore[attr-defined]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import ProtocolError
 
-__all__ = ["RelayInfo"]
+__all__ = ["RelayInfo", "RouterStatus"]
 
 
 def _b64(b: bytes) -> str:
@@ -90,3 +90,26 @@ class RelayInfo:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as exc:
             raise ProtocolError(f"relay info {path}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class RouterStatus:
+    """One relay as listed in a consensus: how to reach it plus what the authorities say.
+
+    ``flags`` uses tor's flag names (Exit, Fast, Guard, Running, Stable, Valid, ...);
+    ``bandwidth`` is the consensus weight (KB/s, as tor's ``w Bandwidth=``); ``family``
+    holds the upper-case hex fingerprints the relay declares as its family.
+    """
+
+    info: RelayInfo
+    flags: frozenset[str] = frozenset()
+    bandwidth: int = 0
+    family: tuple[str, ...] = ()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.info.fingerprint
+
+    @property
+    def nickname(self) -> str:
+        return self.info.nickname

@@ -8,8 +8,9 @@ client), checks every candidate address against its :class:`ExitPolicy`, connect
 and answers RELAY_CONNECTED (address, TTL) — or RELAY_END with the tor-spec reason:
 EXITPOLICY (with the address), RESOLVEFAILED, CONNECTREFUSED, TIMEOUT, NOROUTE,
 MISC. A relay whose policy rejects everything is not an exit and answers every
-BEGIN with END(EXITPOLICY). BEGIN_DIR is answered NOTDIRECTORY until the directory
-service exists on this relay.
+BEGIN with END(EXITPOLICY). BEGIN_DIR is joined to the relay's own directory
+server on 127.0.0.1 (``dir_port``), with no exit policy applied; a relay without one
+answers NOTDIRECTORY.
 
 Each open stream is an :class:`~onionp2p.stream.EdgeStream` joined to an
 :class:`ExitConnection` (an asyncio Protocol on the destination socket). The
@@ -121,6 +122,8 @@ class ExitHandler:
 
     def __init__(self, policy: ExitPolicy, *, max_streams_per_circuit: int = 500):
         self.policy = policy
+        # Port of this relay's directory server on 127.0.0.1 (BEGIN_DIR target), if it has one.
+        self.dir_port: int | None = None
         self.max_streams_per_circuit = max_streams_per_circuit
         self._tasks: set[asyncio.Task] = set()
 
@@ -139,7 +142,10 @@ class ExitHandler:
             circ.send_back(RelayCommand.END, sid, End(EndReason.TORPROTOCOL).encode())
             return
         if cmd == RelayCommand.BEGIN_DIR:
-            circ.send_back(RelayCommand.END, sid, End(EndReason.NOTDIRECTORY).encode())
+            if self.dir_port is None:
+                circ.send_back(RelayCommand.END, sid, End(EndReason.NOTDIRECTORY).encode())
+            else:
+                self._open(circ, sid, None)
             return
         if not self.policy.is_exit:
             circ.send_back(RelayCommand.END, sid, End(EndReason.EXITPOLICY).encode())
@@ -158,6 +164,10 @@ class ExitHandler:
         except Exception:
             circ.send_back(RelayCommand.END, sid, End(EndReason.TORPROTOCOL).encode())
             return
+        self._open(circ, sid, begin)
+
+    def _open(self, circ: OrCircuit, sid: int, begin: Begin | None) -> None:
+        """Create the stream and start connecting (``begin`` None: BEGIN_DIR)."""
         if len(circ.streams) >= self.max_streams_per_circuit:
             circ.send_back(RelayCommand.END, sid, End(EndReason.RESOURCELIMIT).encode())
             return
@@ -199,7 +209,11 @@ class ExitHandler:
             v6 = []
         return v6 + v4 if flags & Begin.IPV6_PREFERRED else v4 + v6
 
-    async def _connect(self, circ: OrCircuit, stream: EdgeStream, conn: ExitConnection, begin: Begin) -> None:
+    async def _connect(self, circ: OrCircuit, stream: EdgeStream, conn: ExitConnection,
+                       begin: Begin | None) -> None:
+        if begin is None:
+            await self._connect_dir(circ, stream, conn)
+            return
         slog = circ.log.bind(stream_id=stream.stream_id, target=f"{begin.host}:{begin.port}")  # scrubbed by safe logging
         reason = None
         end_addr = None
@@ -235,6 +249,23 @@ class ExitHandler:
         if circ.streams.get(stream.stream_id) is stream:
             stream.close()
             circ.send_back(RelayCommand.END, stream.stream_id, End(reason, end_addr, DNS_TTL if end_addr else 0).encode())
+
+    async def _connect_dir(self, circ: OrCircuit, stream: EdgeStream, conn: ExitConnection) -> None:
+        """BEGIN_DIR: join the stream to this relay's own directory server (no exit policy)."""
+        try:
+            loop = asyncio.get_running_loop()
+            await asyncio.wait_for(loop.create_connection(lambda: conn, "127.0.0.1", self.dir_port),
+                                   CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError, TypeError):
+            if circ.streams.get(stream.stream_id) is stream:
+                stream.close()
+                circ.send_back(RelayCommand.END, stream.stream_id, End(EndReason.NOTDIRECTORY).encode())
+            return
+        if stream.state is StreamState.CLOSED or circ.closed:
+            conn.close()
+            return
+        circ.send_back(RelayCommand.CONNECTED, stream.stream_id, b"")
+        stream.mark_open()
 
     async def _resolve(self, circ: OrCircuit, sid: int, hostname: str) -> None:
         loop = asyncio.get_running_loop()
