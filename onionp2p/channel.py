@@ -49,6 +49,7 @@ class ChannelOwner(Protocol):
     def channel_open(self, chan: Channel) -> None: ...
     def channel_closed(self, chan: Channel) -> None: ...
     def queue_overflow(self, chan: Channel, circ_id: int) -> None: ...
+    def account_read(self, chan: Channel, nbytes: int) -> None: ...
 
 
 class Channel(asyncio.Protocol):
@@ -123,6 +124,7 @@ class Channel(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        self.owner.account_read(self, len(data))
         reader = self._reader
         reader.receive_data(data)
         try:
@@ -160,6 +162,15 @@ class Channel(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         return False  # close the transport
+
+    def pause_reading(self) -> None:
+        """Stop reading from the peer (bandwidth limit); cells already read are handled."""
+        if self._transport is not None and not self.closed:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None and not self.closed and not self._transport.is_closing():
+            self._transport.resume_reading()
 
     def pause_writing(self) -> None:
         self._paused = True

@@ -44,6 +44,7 @@ async def run_relay(cfg: RelayConfig, *, shutdown_timeout: float = 5.0) -> int:
         max_circuits_per_channel=cfg.max_circuits_per_channel,
         max_streams_per_circuit=cfg.max_streams_per_circuit,
         extend_allow_private=cfg.extend_allow_private,
+        bandwidth_rate=cfg.bandwidth_rate, bandwidth_burst=cfg.effective_bandwidth_burst,
     )
     await relay.start()
     loop = asyncio.get_running_loop()

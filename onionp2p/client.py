@@ -534,3 +534,6 @@ class OnionClient:
         if circ is not None:
             circ._closed("outgoing queue over its bound", "RESOURCELIMIT")
 
+    def account_read(self, chan: Channel, nbytes: int) -> None:
+        pass  # clients have no bandwidth limit
+

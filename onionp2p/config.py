@@ -275,7 +275,7 @@ class RelayConfig:
     or_address: tuple[str, int] = ("127.0.0.1", 9001)  #: OR listener; port 0 = any free port
     exit_policy: ExitPolicy = REJECT_ALL  #: default ``reject *:*`` (not an exit)
     exit_reject_private: bool = True  #: prepend ``reject private:*`` to exit_policy
-    bandwidth_rate: int = 10 * 1_048_576  #: bytes/second, long-term average
+    bandwidth_rate: int = 1 << 30  #: bytes/second, long-term average (tor: BandwidthRate 1 GB)
     bandwidth_burst: int | None = None  #: bytes, bucket size; None = same as rate
     contact: str | None = None  #: operator contact published in the descriptor
     family: tuple[str, ...] = ()  #: upper-case hex RSA fingerprints of sibling relays

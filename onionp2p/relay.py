@@ -37,6 +37,7 @@ from .exitpolicy import ExitPolicy
 from .handshake import HTYPE_NTOR, ntor_server
 from .keys import RelayKeys
 from .link import PeerIdentity
+from .ratelimit import TokenBucket
 from .relaycrypto import RelayCrypto
 
 __all__ = ["Relay"]
@@ -61,6 +62,8 @@ class Relay:
         extend_allow_private: bool = False,
         max_queue_cells: int = 2500,
         handshake_timeout: float = 30.0,
+        bandwidth_rate: int | None = None,
+        bandwidth_burst: int | None = None,
     ):
         self.keys = keys
         self.nickname = nickname
@@ -73,10 +76,15 @@ class Relay:
         self.extend_allow_private = extend_allow_private
         self.max_queue_cells = max_queue_cells
         self.handshake_timeout = handshake_timeout
+        # BandwidthRate/BandwidthBurst: one token bucket for every byte read on OR channels.
+        self.read_bucket = (TokenBucket(bandwidth_rate, bandwidth_burst, now=time.monotonic())
+                            if bandwidth_rate else None)
+        self._throttled: set[Channel] = set()
+        self._unthrottle_handle: asyncio.TimerHandle | None = None
         self.channels: set[Channel] = set()
         self.by_identity: dict[bytes, Channel] = {}
         self.circuits: set[OrCircuit] = set()
-        self.stats = {"create_ok": 0, "create_failed": 0, "destroyed": 0}
+        self.stats = {"create_ok": 0, "create_failed": 0, "destroyed": 0, "throttled": 0}
         self._connecting: dict[bytes, asyncio.Task] = {}
         self._server: asyncio.base_events.Server | None = None
         self._rotate_task: asyncio.Task | None = None
@@ -134,6 +142,8 @@ class Relay:
         """Destroy every circuit, close every channel and the listener."""
         if self._rotate_task:
             self._rotate_task.cancel()
+        if self._unthrottle_handle is not None:
+            self._unthrottle_handle.cancel()
         if self._server is not None:
             self._server.close()
         for circ in list(self.circuits):
@@ -164,6 +174,30 @@ class Relay:
         if circ is not None:
             circ.log.warning("circuit queue over its bound; destroying", bound=chan.max_queue_cells)
             circ.destroy(DestroyReason.RESOURCELIMIT)
+
+    def account_read(self, chan: Channel, nbytes: int) -> None:
+        bucket = self.read_bucket
+        if bucket is None:
+            return
+        now = time.monotonic()
+        if bucket.spend(nbytes, now):
+            return
+        chan.pause_reading()
+        self._throttled.add(chan)
+        self.stats["throttled"] += 1
+        if self._unthrottle_handle is None:
+            self._unthrottle_handle = asyncio.get_running_loop().call_later(bucket.delay(now), self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        self._unthrottle_handle = None
+        assert self.read_bucket is not None
+        delay = self.read_bucket.delay(time.monotonic())
+        if delay > 0:
+            self._unthrottle_handle = asyncio.get_running_loop().call_later(delay, self._unthrottle)
+            return
+        throttled, self._throttled = self._throttled, set()
+        for chan in throttled:
+            chan.resume_reading()
 
     def unknown_cell(self, chan: Channel, cell: Cell) -> None:
         cmd = cell.command

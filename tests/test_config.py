@@ -40,7 +40,7 @@ def test_relay_defaults_from_empty_file(tmp_path: Path) -> None:
     assert cfg.exit_policy == REJECT_ALL
     assert not cfg.exit_policy.is_exit
     assert cfg.exit_reject_private is True
-    assert cfg.bandwidth_rate == 10 * 1_048_576
+    assert cfg.bandwidth_rate == 1 << 30
     assert cfg.bandwidth_burst is None
     assert cfg.effective_bandwidth_burst == cfg.bandwidth_rate
     assert cfg.contact is None

@@ -325,3 +325,25 @@ async def test_onion_key_rotation_keeps_old_key_during_grace(relay_net, client):
     # ... and the new key works too; new TLS connections still verify
     circ2 = await client.build_circuit([relay_net[1].info(), new])
     assert circ2.state == "built"
+
+
+async def test_bandwidth_rate_throttles_reads(tmp_path, http_server, client):
+    from onionp2p.keys import RelayKeys
+    from onionp2p.relay import Relay
+
+    slow = Relay(RelayKeys.load_or_create(tmp_path / "slow"), nickname="slow",
+                 exit_policy=ExitPolicy.parse("accept 127.0.0.1:*", reject_private=False),
+                 bandwidth_rate=100_000, bandwidth_burst=100_000)
+    await slow.start()
+    try:
+        circ = await client.build_circuit([slow.info()])
+        r, w = await circ.open_stream("127.0.0.1", http_server.port)
+        w.write(b"GET /echo HTTP/1.0\r\n\r\n")
+        payload = blob(400_000)
+        w.write(payload)
+        await r.readuntil(b"\r\n\r\n")
+        assert await r.readexactly(len(payload)) == payload
+        # the relay had to stop reading its channel to stay within its rate
+        assert slow.stats["throttled"] > 0
+    finally:
+        await slow.stop()
