@@ -114,6 +114,16 @@ async def test_fifty_megabytes_through_three_relay_processes(procs, http_server)
         # the destination saw the exit's connection, not ours: all from loopback anyway, but
         # exactly one connection was made, by the exit
         assert http_server.connections == 1
+        # 100 concurrent streams over 10 circuits through the same processes
+        circuits = await asyncio.gather(*(client.build_circuit(infos) for _ in range(10)))
+
+        async def fetch(i):
+            r, w = await circuits[i % 10].open_stream("127.0.0.1", http_server.port)
+            n = 10_000 + 1009 * i
+            return await http_get(r, w, f"/{n}") == blob(n)
+
+        assert all(await asyncio.gather(*(fetch(i) for i in range(100))))
+        assert (await rs[1].status())["circuits"] == 11
     finally:
         await client.close()
     for r in rs:
