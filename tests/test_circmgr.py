@@ -1,0 +1,338 @@
+"""CircuitManager over five real in-process relays (127.0.0.1, TLS): preemptive circuits,
+isolation, NEWNYM, dirtiness, retries around dead relays and exit policies."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import socket
+
+import pytest
+
+from conftest import blob, http_get
+from onionp2p.circmgr import CircuitLimitError, CircuitManager, end_reason_action
+from onionp2p.client import OnionClient, StreamError
+from onionp2p.directory import RouterStatus
+from onionp2p.exitpolicy import ExitPolicy
+from onionp2p.guards import GuardSet
+from onionp2p.keys import RelayKeys
+from onionp2p.relay import Relay
+from onionp2p.relaycell import EndReason
+
+# g0, g1, m0 carry the Guard flag; e0 exits everywhere, e1 only to ports 1-1023.
+POLICIES = {
+    "g0": "reject *:*",
+    "g1": "reject *:*",
+    "m0": "reject *:*",
+    "e0": "accept *:*",
+    "e1": "accept *:1-1023\nreject *:*",
+}
+
+
+class Net:
+    def __init__(self, relays: dict[str, Relay]):
+        self.relays = relays
+        self.stopped: set[str] = set()
+        self.overrides: dict[str, dict] = {}
+
+    def status(self, name: str) -> RouterStatus:
+        relay = self.relays[name]
+        flags = {"Running", "Valid", "Fast", "Stable"} | ({"Exit"} if name.startswith("e") else {"Guard"})
+        rs = RouterStatus(info=relay.info(), flags=frozenset(flags), bandwidth=100)
+        over = self.overrides.get(name, {})
+        if "exit_policy" in over:
+            rs = dataclasses.replace(rs, info=dataclasses.replace(rs.info, exit_policy=over["exit_policy"]))
+        if "bandwidth" in over:
+            rs = dataclasses.replace(rs, bandwidth=over["bandwidth"])
+        return rs
+
+    def routers(self) -> list[RouterStatus]:
+        # a stale consensus: stopped relays are still listed as Running
+        return [self.status(n) for n in self.relays]
+
+    def fp(self, name: str) -> str:
+        return self.relays[name].info().fingerprint
+
+    def name_of(self, fingerprint: str) -> str:
+        return next(n for n in self.relays if self.fp(n) == fingerprint)
+
+    async def stop(self, name: str) -> None:
+        self.stopped.add(name)
+        await self.relays[name].stop()
+
+
+@pytest.fixture
+async def net(tmp_path):
+    relays = {}
+    for name, policy in POLICIES.items():
+        keys = RelayKeys.load_or_create(tmp_path / name / "keys")
+        relay = Relay(keys, nickname=name, exit_policy=ExitPolicy.parse(policy, reject_private=False),
+                      data_dir=tmp_path / name, extend_allow_private=True)
+        await relay.start()
+        relays[name] = relay
+    n = Net(relays)
+    yield n
+    for name, relay in relays.items():
+        if name not in n.stopped:
+            await relay.stop()
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+async def env(net, tmp_path):
+    """Factory for a CircuitManager on ``net`` (stopped and closed after the test)."""
+    made = []
+
+    async def make(**kw):
+        client = OnionClient()
+        events = []
+        client.add_listener(events.append)
+        guards = GuardSet(tmp_path / f"guards{len(made)}.json", rng=random.Random(11))
+        kw.setdefault("preemptive", 0)
+        mgr = CircuitManager(client, net.routers, guards, enforce_distinct_subnets=False,
+                             rng=random.Random(5), **kw)
+        made.append((mgr, client))
+        return mgr, client, events
+
+    yield make
+    for mgr, client in made:
+        await mgr.stop()
+        await client.close()
+
+
+async def wait_for(pred, timeout=15.0, what="condition"):
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not pred():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def exit_name(net: Net, circ) -> str:
+    return net.name_of(circ.hops[-1].fingerprint)
+
+
+async def fetch(mgr, port, key, n=5000):
+    reader, writer, circ = await mgr.open_stream("127.0.0.1", port, key, timeout=30)
+    body = await http_get(reader, writer, f"/{n}")
+    assert body == blob(n)
+    return circ
+
+
+# -- tests -------------------------------------------------------------------------------------------
+
+
+async def test_preemptive_circuits_ready_before_first_request(env, net, http_server):
+    mgr, client, events = await env(preemptive=3, preemptive_ports=(http_server.port,))
+    await mgr.start()
+    await mgr.ready(15)
+    await wait_for(lambda: sum(c.state == "built" for c in mgr.circuits()) == 3, what="3 preemptive circuits")
+    prebuilt = {c.id for c in mgr.circuits()}
+    assert all(c.purpose == "preemptive" and not c.isolated and not c.dirty for c in mgr.circuits())
+    launched_before = sum(e.kind == "launched" for e in events)
+    assert launched_before == 3
+
+    circ = await fetch(mgr, http_server.port, "first")
+    assert circ.id in prebuilt  # no build on the request path
+    assert exit_name(net, circ) == "e0"
+    # the used circuit is replaced: three clean ones again
+    await wait_for(lambda: sum(not c.isolated and c.state == "built" for c in mgr.circuits()) == 3,
+                   what="preemptive top-up")
+    assert sum(e.kind == "launched" for e in events) == 4
+
+
+async def test_default_preemptive_ports_use_exits_allowing_them(env, net):
+    mgr, _client, _events = await env(preemptive=3)
+    await mgr.start()
+    await mgr.ready(15)
+    await wait_for(lambda: sum(c.state == "built" for c in mgr.circuits()) == 3, what="3 circuits")
+    for info in mgr.circuits():
+        assert info.path[-1].split("~")[1] in ("e0", "e1")
+        assert info.path[0].split("~")[1] in ("g0", "g1", "m0")
+        assert len(set(info.path)) == 3
+
+
+async def test_isolation_keys_never_share_a_circuit(env, net, http_server):
+    mgr, _client, _events = await env(preemptive=2, preemptive_ports=(http_server.port,))
+    await mgr.start()
+    await mgr.ready(15)
+    port = http_server.port
+    a1 = await fetch(mgr, port, ("alice", "pw"))
+    a2 = await fetch(mgr, port, ("alice", "pw"))
+    b1 = await fetch(mgr, port, ("bob", "pw"))
+    n1 = await fetch(mgr, port, None)
+    assert a1.id == a2.id
+    assert len({a1.id, b1.id, n1.id}) == 3
+
+    # concurrently: every key gets its own circuit, each key exactly one
+    keys = ["k1", "k2", "k3"] * 4
+    circs = await asyncio.gather(*(fetch(mgr, port, k, 1000 + i) for i, k in enumerate(keys)))
+    by_key: dict[str, set[int]] = {}
+    for k, c in zip(keys, circs):
+        by_key.setdefault(k, set()).add(c.id)
+    assert all(len(ids) == 1 for ids in by_key.values())
+    all_ids = [next(iter(ids)) for ids in by_key.values()] + [a1.id, b1.id, n1.id]
+    assert len(set(all_ids)) == len(all_ids)
+    info = {c.id: c for c in mgr.circuits()}
+    assert info[a1.id].isolation == ("alice", "pw") and info[a1.id].isolated
+    assert info[n1.id].isolation is None and info[n1.id].isolated
+
+
+async def test_new_identity_uses_new_circuits_and_keeps_open_streams(env, net, http_server):
+    mgr, _client, _events = await env()
+    port = http_server.port
+    reader, writer, old = await mgr.open_stream("127.0.0.1", port, "me")
+    writer.write(b"GET /echo HTTP/1.0\r\n\r\n")
+    await reader.readuntil(b"\r\n\r\n")
+
+    mgr.new_identity()
+    new = await fetch(mgr, port, "me")
+    assert new.id != old.id
+    assert {c.id: c.dirty for c in mgr.circuits()}[old.id] is True
+    # the stream opened before NEWNYM still works
+    writer.write(b"still here")
+    assert await reader.readexactly(10) == b"still here"
+    assert old.state == "built"
+    writer.close()
+    assert (await fetch(mgr, port, "me")).id == new.id
+
+
+async def test_dirty_circuits_take_no_new_streams(env, net, http_server):
+    clock = FakeClock()
+    mgr, _client, _events = await env(clock=clock, dirtiness=600)
+    port = http_server.port
+    first = await fetch(mgr, port, "k")
+    clock.t += 599
+    assert (await fetch(mgr, port, "k")).id == first.id
+    clock.t += 2  # 601 s after the first stream was attached
+    second = await fetch(mgr, port, "k")
+    assert second.id != first.id
+    assert {c.id: c.dirty for c in mgr.circuits()} == {first.id: True, second.id: False}
+    # once its streams are gone (and the attach grace has passed) the dirty circuit is closed
+    clock.t += 60
+    await wait_for(lambda: not first.streams, what="streams to end")
+    assert (await mgr.get_circuit(port, "k")).id == second.id
+    assert first.state == "closed"
+    assert [c.id for c in mgr.circuits()] == [second.id]
+
+
+async def test_stopped_guard_is_marked_down_and_avoided(env, net, http_server):
+    mgr, _client, events = await env()
+    primary = mgr.guards.primary(net.routers())
+    dead = net.name_of(primary[0])
+    await net.stop(dead)
+    circ = await fetch(mgr, http_server.port, "k")
+    assert mgr.guards.is_down(primary[0])
+    assert net.name_of(circ.hops[0].fingerprint) != dead
+    assert circ.hops[0].fingerprint == primary[1]
+    assert all(dead not in "".join(c.path) for c in mgr.circuits())
+
+
+async def test_stopped_middle_is_routed_around(env, net, http_server):
+    # e1 cannot exit to the HTTP port, so it can only be the middle; make it the likeliest one
+    net.overrides["e1"] = {"bandwidth": 10**6}
+    await net.stop("e1")
+    mgr, _client, events = await env()
+    circs = [await fetch(mgr, http_server.port, f"key{i}") for i in range(4)]
+    assert len({c.id for c in circs}) == 4
+    assert any(e.kind == "failed" for e in events)  # the dead middle was tried and failed
+    for c in circs:
+        assert "e1" not in [h.nickname for h in c.hops]
+        assert exit_name(net, c) == "e0"
+
+
+async def test_only_exit_allowing_the_port_is_used(env, net, http_server):
+    net.overrides["e1"] = {"bandwidth": 10**6}  # e1 is preferred wherever it may exit
+    mgr, _client, _events = await env()
+    for i in range(5):
+        assert exit_name(net, await fetch(mgr, http_server.port, f"key{i}")) == "e0"
+    low = await mgr.get_circuit(80, "low")
+    assert exit_name(net, low) == "e1"  # port 80: both may exit, the heavy one wins
+
+
+async def test_exitpolicy_refusal_is_retried_through_another_exit(env, net, http_server):
+    # e1 advertises a summary that is wider than its real policy: its END(EXITPOLICY) sends us to e0
+    net.overrides["e1"] = {"bandwidth": 10**6, "exit_policy": "accept 1-65535"}
+    mgr, _client, _events = await env()
+    circ = await fetch(mgr, http_server.port, "k")
+    assert exit_name(net, circ) == "e0"
+    infos = mgr.circuits()
+    liar = [c for c in infos if c.path[-1].endswith("~e1")]
+    assert len(liar) == 1 and not liar[0].dirty  # still fine for other ports
+    assert (await mgr.get_circuit(443, "k")).id == liar[0].id
+
+
+async def test_exit_refusal_without_alternative_raises_the_stream_error(env, net, http_server):
+    # the only exit that claims the port refuses it; no other exit is left to try
+    net.overrides["e0"] = {"exit_policy": "accept 1-1023"}
+    net.overrides["e1"] = {"exit_policy": "accept 1-65535"}
+    mgr, _client, events = await env()
+    with pytest.raises(StreamError) as info:
+        await mgr.open_stream("127.0.0.1", http_server.port, "k", timeout=30)
+    assert info.value.reason == EndReason.EXITPOLICY
+    assert sum(e.kind == "launched" for e in events) == 1
+
+
+async def test_connection_refused_is_not_retried(env, net):
+    mgr, _client, events = await env()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    with pytest.raises(StreamError) as info:
+        await mgr.open_stream("127.0.0.1", closed_port, "k", timeout=30)
+    assert info.value.reason == EndReason.CONNECTREFUSED
+    assert sum(e.kind == "launched" for e in events) == 1
+
+
+async def test_resolve_through_a_managed_circuit(env, net):
+    mgr, _client, _events = await env()
+    resolved = await mgr.resolve("localhost", "k")
+    assert "127.0.0.1" in [a.value_text() for a in resolved.answers]
+    (info,) = mgr.circuits()
+    assert info.isolation == "k" and info.path[-1].split("~")[1] in ("e0", "e1")
+
+
+async def test_circuits_per_isolation_key_are_bounded(env, net, http_server):
+    mgr, _client, _events = await env(max_circuits_per_isolation=2)
+    writers = []
+    for _ in range(2):
+        reader, writer, _c = await mgr.open_stream("127.0.0.1", http_server.port, "greedy")
+        writer.write(b"GET /echo HTTP/1.0\r\n\r\n")
+        writers.append(writer)
+        mgr.new_identity()
+    with pytest.raises(CircuitLimitError):
+        await mgr.get_circuit(http_server.port, "greedy")
+    assert (await mgr.get_circuit(http_server.port, "other")) is not None
+    for w in writers:
+        w.close()
+
+
+async def test_stop_closes_managed_circuits(env, net, http_server):
+    mgr, client, _events = await env(preemptive=2, preemptive_ports=(80,))
+    await mgr.start()
+    await mgr.ready(15)
+    await wait_for(lambda: sum(c.state == "built" for c in mgr.circuits()) == 2, what="2 circuits")
+    circs = list(client.circuits.values())
+    await mgr.stop()
+    assert mgr.circuits() == [] and all(c.state == "closed" for c in circs)
+
+
+def test_end_reason_actions_follow_tor():
+    assert end_reason_action(EndReason.EXITPOLICY) == "other-exit"
+    assert end_reason_action(EndReason.RESOURCELIMIT) == "retire-exit"
+    assert end_reason_action(EndReason.HIBERNATING) == "retire-exit"
+    for r in (EndReason.RESOLVEFAILED, EndReason.MISC, EndReason.NOROUTE, EndReason.TIMEOUT):
+        assert end_reason_action(r) == "retire"
+    assert end_reason_action(EndReason.TORPROTOCOL) == "close"
+    assert end_reason_action(EndReason.DESTROY) == "close"
+    for r in (EndReason.CONNECTREFUSED, EndReason.DONE, EndReason.CONNRESET, EndReason.INTERNAL, 99):
+        assert end_reason_action(r) == "fail"
