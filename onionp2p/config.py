@@ -348,6 +348,16 @@ class ClientConfig:
     log_level: str = "info"
     log_format: str = "console"
     safe_logging: bool = True
+    preemptive_circuits: int = 3  #: clean circuits kept ready
+    preemptive_ports: tuple[int, ...] = (80, 443)  #: ports the preemptive circuits' exits allow
+    max_circuit_dirtiness: int = 600  #: seconds a circuit takes new streams after its first
+    circuit_build_timeout: int = 60  #: seconds for channel + 3 hops
+    max_build_attempts: int = 3
+    enforce_distinct_subnets: bool = True  #: no two relays of a path in one IPv4 /16
+    stream_timeout: int = 15  #: seconds to wait for CONNECTED before trying another circuit
+    max_stream_attempts: int = 3
+    max_circuits_per_isolation: int = 16
+    num_primary_guards: int = 3
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "<dict>",
@@ -359,6 +369,16 @@ class ClientConfig:
             "socks_address": _address,
             "control_port": _optional_port,
             "authorities": lambda c, k, v: _text_list(c, k, v, _nonempty_text),
+            "preemptive_circuits": _int_range(0, 64),
+            "preemptive_ports": lambda c, k, v: _text_list(c, k, v, _int_range(1, 65535)),
+            "max_circuit_dirtiness": _int_range(1, 7 * 86400),
+            "circuit_build_timeout": _int_range(1, 600),
+            "max_build_attempts": _int_range(1, 20),
+            "enforce_distinct_subnets": _bool,
+            "stream_timeout": _int_range(1, 600),
+            "max_stream_attempts": _int_range(1, 20),
+            "max_circuits_per_isolation": _int_range(1, 1024),
+            "num_primary_guards": _int_range(1, 20),
             **_LOG_FIELDS,
         }
         return cls(**_build(cls, d, ctx, validators))

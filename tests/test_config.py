@@ -347,3 +347,15 @@ def test_from_dict_fuzz_only_config_error(d: dict) -> None:
             cls.from_dict(d)
         except ConfigError:
             pass
+
+
+def test_client_circuit_keys_defaults_and_validation():
+    cfg = ClientConfig.from_dict({})
+    assert cfg.preemptive_circuits == 3 and cfg.preemptive_ports == (80, 443)
+    assert cfg.max_circuit_dirtiness == 600 and cfg.enforce_distinct_subnets is True
+    cfg = ClientConfig.from_dict({"preemptive_ports": [8080], "enforce_distinct_subnets": False})
+    assert cfg.preemptive_ports == (8080,) and cfg.enforce_distinct_subnets is False
+    for key, bad in (("preemptive_ports", [0]), ("max_circuit_dirtiness", 0), ("num_primary_guards", "3"),
+                     ("circuit_build_timeout", 10_000)):
+        with pytest.raises(ConfigError, match=key):
+            ClientConfig.from_dict({key: bad})
