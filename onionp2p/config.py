@@ -231,6 +231,23 @@ def _nonempty_text(ctx: _Ctx, key: str, value: Any) -> str:
     return value
 
 
+def _authority_list(ctx: _Ctx, key: str, value: Any) -> tuple[str, ...]:
+    """``NICKNAME HOST:DIRPORT ED25519_ID_BASE64`` lines (specs/directory.md), no identity twice."""
+    from onionp2p.directory import DirAuthority  # imported late: directory imports this module
+
+    lines = _text_list(ctx, key, value, _nonempty_text)
+    seen: set[bytes] = set()
+    for i, line in enumerate(lines):
+        try:
+            auth = DirAuthority.parse(line)
+        except ConfigError as e:
+            raise ctx.fail(f"{key}[{i}]", str(e)) from None
+        if auth.ed_id in seen:
+            raise ctx.fail(f"{key}[{i}]", f"identity {auth.identity} is listed twice")
+        seen.add(auth.ed_id)
+    return lines
+
+
 def _optional_port(ctx: _Ctx, key: str, value: Any) -> int | None:
     return None if value is None else _int_range(0, 65535)(ctx, key, value)
 
@@ -287,6 +304,7 @@ class RelayConfig:
     max_streams_per_circuit: int = 500
     onion_key_lifetime_days: int = 28
     extend_allow_private: bool = False  #: allow EXTEND2 to private/loopback addresses (testnets)
+    authorities: tuple[str, ...] = ()  #: directory authorities to publish to / fetch from
 
     @property
     def effective_bandwidth_burst(self) -> int:
@@ -313,6 +331,7 @@ class RelayConfig:
             "max_streams_per_circuit": _int_range(1, 65535),
             "onion_key_lifetime_days": _int_range(1, 90),
             "extend_allow_private": _bool,
+            "authorities": _authority_list,
             **_LOG_FIELDS,
         }
         out = _build(cls, d, ctx, validators)
@@ -344,7 +363,7 @@ class ClientConfig:
     data_dir: Path = Path("onionp2p-client")  #: cached directory info; relative = next to file
     socks_address: tuple[str, int] = ("127.0.0.1", 9050)  #: SOCKS listener; port 0 = any free
     control_port: int | None = None  #: control listener on 127.0.0.1; None = disabled
-    authorities: tuple[str, ...] = ()  #: directory authority descriptions (non-empty strings)
+    authorities: tuple[str, ...] = ()  #: ``NICK HOST:DIRPORT ED25519_ID`` of each directory authority
     log_level: str = "info"
     log_format: str = "console"
     safe_logging: bool = True
@@ -368,7 +387,7 @@ class ClientConfig:
             "data_dir": _path,
             "socks_address": _address,
             "control_port": _optional_port,
-            "authorities": lambda c, k, v: _text_list(c, k, v, _nonempty_text),
+            "authorities": _authority_list,
             "preemptive_circuits": _int_range(0, 64),
             "preemptive_ports": lambda c, k, v: _text_list(c, k, v, _int_range(1, 65535)),
             "max_circuit_dirtiness": _int_range(1, 7 * 86400),
@@ -392,6 +411,14 @@ class AuthorityConfig:
     data_dir: Path = Path("onionp2p-authority")
     or_address: tuple[str, int] = ("127.0.0.1", 9001)
     dir_address: tuple[str, int] = ("127.0.0.1", 7000)  #: directory (HTTP) listener
+    run_relay: bool = True  #: also run a (non-exit) relay on or_address, as tor's authorities do
+    extend_allow_private: bool = False  #: let that relay EXTEND2 to private/loopback addresses (testnets)
+    authorities: tuple[str, ...] = ()  #: every authority (this one included): NICK HOST:DIRPORT ED25519_ID
+    voting_interval: int = 3600  #: seconds between consensuses (tests: a few seconds)
+    stable_uptime: int = 86400  #: seconds continuously reachable before Stable
+    guard_uptime: int = 8 * 86400  #: seconds continuously reachable (and Fast, Stable) before Guard
+    assume_guard: bool = False  #: Guard for every running relay (tiny test networks)
+    assume_exit: bool = False  #: Exit for every running relay whose policy accepts anything
     log_level: str = "info"
     log_format: str = "console"
     safe_logging: bool = True
@@ -406,6 +433,14 @@ class AuthorityConfig:
             "data_dir": _path,
             "or_address": _address,
             "dir_address": _address,
+            "run_relay": _bool,
+            "extend_allow_private": _bool,
+            "authorities": _authority_list,
+            "voting_interval": _int_range(2, 86400),
+            "stable_uptime": _int_range(0, 365 * 86400),
+            "guard_uptime": _int_range(0, 365 * 86400),
+            "assume_guard": _bool,
+            "assume_exit": _bool,
             **_LOG_FIELDS,
         }
         return cls(**_build(cls, d, ctx, validators))

@@ -14,6 +14,9 @@ Theory of operation
 * owns the :class:`~onionp2p.exit.ExitHandler` that serves stream commands at the last hop;
 * rotates its onion key on schedule and publishes what clients need in
   ``<data_dir>/relay-info.json`` (:class:`~onionp2p.directory.RelayInfo`);
+* with ``directory`` (a :class:`~onionp2p.dirclient.RelayDirectory`), runs its directory
+  duties: descriptor uploads, consensus cache, BEGIN_DIR server (started/stopped with the
+  relay, told about key rotation);
 * shuts down cleanly: every circuit gets DESTROY, every channel is closed.
 """
 
@@ -64,6 +67,7 @@ class Relay:
         handshake_timeout: float = 30.0,
         bandwidth_rate: int | None = None,
         bandwidth_burst: int | None = None,
+        directory=None,
     ):
         self.keys = keys
         self.nickname = nickname
@@ -89,6 +93,8 @@ class Relay:
         self._server: asyncio.base_events.Server | None = None
         self._rotate_task: asyncio.Task | None = None
         self._log = log.bind(nickname=nickname)
+        # Directory duties (a dirclient.RelayDirectory or None): start(relay), stop(), keys_changed().
+        self.directory = directory
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -107,6 +113,8 @@ class Relay:
         self._rotate_task = loop.create_task(self._rotate_loop())
         self._log.info("relay listening", or_port=self.port, fingerprint=self.keys.fingerprint,
                        exit=self.exit_policy.is_exit)
+        if self.directory is not None:
+            await self.directory.start(self)
 
     def info(self) -> RelayInfo:
         return RelayInfo(
@@ -136,10 +144,14 @@ class Relay:
         if self.keys.onion_key_public != onion:
             self._log.info("onion key rotated")
         self._publish()
+        if self.directory is not None:
+            self.directory.keys_changed()
         return True
 
     async def stop(self) -> None:
         """Destroy every circuit, close every channel and the listener."""
+        if self.directory is not None:
+            await self.directory.stop()
         if self._rotate_task:
             self._rotate_task.cancel()
         if self._unthrottle_handle is not None:

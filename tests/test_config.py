@@ -23,6 +23,11 @@ from onionp2p.errors import ConfigError
 from onionp2p.exitpolicy import REJECT_ALL, ExitPolicy
 
 FP = "0123456789ABCDEF0123456789ABCDEF01234567"
+# Authority lines: NICKNAME HOST:DIRPORT ED25519_ID (unpadded base64 of a valid Ed25519 key)
+ED1 = "Ii7WNIc/Os4gF/D5/F5+KRXpm6+mAiuoHKg8aePXCC0"
+ED2 = "0zqzDE6Pz+VUSEYoKDFTvM3iRhyH3ZHOvf9RbA6yCVw"
+AUTH1 = f"auth1 127.0.0.1:7000 {ED1}"
+AUTH2 = f"auth2 [::1]:7001 {ED2}"
 
 
 def write(tmp_path: Path, text: str, name: str = "node.toml") -> Path:
@@ -115,10 +120,10 @@ def test_exit_policy_string_and_reject_private_off() -> None:
 
 def test_client_and_authority_files(tmp_path: Path) -> None:
     c = load_client_config(write(tmp_path, 'socks_address = ":0"\ncontrol_port = 0\n'
-                                 'authorities = ["auth1 127.0.0.1:7000"]\ndata_dir = "/abs/x"\n'))
+                                 f'authorities = ["{AUTH1}"]\ndata_dir = "/abs/x"\n'))
     assert c.socks_address == ("127.0.0.1", 0)
     assert c.control_port == 0
-    assert c.authorities == ("auth1 127.0.0.1:7000",)
+    assert c.authorities == (AUTH1,)
     assert c.data_dir == Path("/abs/x")
     a = load_authority_config(write(tmp_path, 'nickname = "auth1"\ndir_address = "7001"\n'
                                     'or_address = "localhost:9101"\n'))
@@ -240,8 +245,15 @@ def test_relay_validation_errors(key: str, value: object, needle: str) -> None:
         ("socks_address", "[::1]", "[ipv6]:port"),
         ("socks_address", "host:", "invalid port"),
         ("authorities", "a", "array"),
-        ("authorities", ["ok", ""], "authorities[1]"),
+        ("authorities", [AUTH1, ""], "authorities[1]"),
         ("authorities", [1], "authorities[0]"),
+        ("authorities", ["auth1 127.0.0.1:7000"], "NICKNAME HOST:DIRPORT"),
+        ("authorities", [f"bad-nick 127.0.0.1:7000 {ED1}"], "nickname"),
+        ("authorities", [f"a 127.0.0.1:0 {ED1}"], "DirPort"),
+        ("authorities", [f"a 127.0.0.1:x {ED1}"], "port"),
+        ("authorities", ["a 127.0.0.1:7000 notbase64!"], "base64"),
+        ("authorities", ["a 127.0.0.1:7000 AAAA"], "32 bytes"),
+        ("authorities", [AUTH1, f"other 127.0.0.1:7002 {ED1}"], "twice"),
         ("control_port", True, "integer"),
     ],
 )
@@ -359,3 +371,58 @@ def test_client_circuit_keys_defaults_and_validation():
                      ("circuit_build_timeout", 10_000)):
         with pytest.raises(ConfigError, match=key):
             ClientConfig.from_dict({key: bad})
+
+
+# -- directory keys ----------------------------------------------------------------------
+def test_directory_defaults() -> None:
+    a = AuthorityConfig()
+    assert a.authorities == () and a.voting_interval == 3600 and a.run_relay is True
+    assert (a.stable_uptime, a.guard_uptime) == (86400, 8 * 86400)
+    assert (a.assume_guard, a.assume_exit) == (False, False)
+    assert RelayConfig().authorities == ()
+
+
+def test_directory_keys_from_files(tmp_path: Path) -> None:
+    a = load_authority_config(write(tmp_path, f"""
+nickname = "auth1"
+dir_address = "127.0.0.1:7000"
+run_relay = false
+extend_allow_private = true
+authorities = ["{AUTH1}", "{AUTH2}"]
+voting_interval = 10
+stable_uptime = 0
+guard_uptime = 60
+assume_guard = true
+assume_exit = true
+"""))
+    assert a.authorities == (AUTH1, AUTH2)
+    assert (a.voting_interval, a.stable_uptime, a.guard_uptime) == (10, 0, 60)
+    assert a.assume_guard and a.assume_exit and not a.run_relay and a.extend_allow_private
+    r = load_relay_config(write(tmp_path, f'authorities = ["{AUTH2}"]\n', "relay.toml"))
+    assert r.authorities == (AUTH2,)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("voting_interval", 1, "out of range"),
+        ("voting_interval", 86401, "out of range"),
+        ("voting_interval", "10", "integer"),
+        ("stable_uptime", -1, "out of range"),
+        ("guard_uptime", 1.5, "integer"),
+        ("assume_guard", 1, "boolean"),
+        ("assume_exit", "yes", "boolean"),
+        ("run_relay", 0, "boolean"),
+        ("authorities", [AUTH1, AUTH1], "twice"),
+        ("authorities", ["auth1 127.0.0.1:7000"], "authorities[0]"),
+    ],
+)
+def test_authority_directory_validation_errors(key: str, value: object, needle: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        AuthorityConfig.from_dict({key: value}, source="auth.toml")
+    assert key in str(exc.value) and needle in str(exc.value)
+
+
+def test_relay_authorities_validated() -> None:
+    with pytest.raises(ConfigError, match=r"authorities\[0\]"):
+        RelayConfig.from_dict({"authorities": ["x"]})
