@@ -1,0 +1,497 @@
+"""Tor control protocol: data model, quoting and reply/event formats (control-spec; specs/control.md).
+
+Theory of operation
+-------------------
+This module is pure (no I/O, no clock unless a caller passes none): it turns what a node
+knows into the exact text tor's control port would send, and turns controller text into
+tokens. :mod:`onionp2p.controlproto` (framing, authentication) and
+:mod:`onionp2p.control` (the asyncio server) build on it.
+
+* **Data model.** A node describes itself with frozen records — :class:`CircuitInfo`,
+  :class:`StreamInfo`, :class:`OrConnInfo`, :class:`GuardInfo` — whose fields are exactly
+  what control-spec's CIRC / STREAM / ORCONN lines and ``entry-guards`` need, with
+  control-spec vocabulary (``BUILT``, ``GENERAL``, ``REQUESTED`` ...). Node events are
+  :class:`CircEvent`, :class:`StreamEvent`, :class:`OrConnEvent` and :class:`StatusEvent`.
+* **Formats.** :func:`circuit_line`, :func:`stream_line`, :func:`orconn_line`,
+  :func:`status_line`, :func:`guard_line` and :func:`ns_entry` render one record. Every
+  field that lands in a space-separated line is checked (no spaces, no control
+  characters, fingerprints are 40 hex digits, nicknames 1-19 alphanumerics): a record that
+  would corrupt the stream raises :class:`~onionp2p.errors.LocalProtocolError` (a node
+  bug), which the server turns into ``551`` or drops (events) instead of sending it.
+* **Replies.** :func:`format_reply` builds ``NNN-`` / ``NNN+`` (dot-escaped data block) /
+  ``NNN `` lines; :func:`format_event` builds one ``650`` line. Reply text never contains
+  CR or LF; controller-supplied text echoed in an error goes through :func:`echo` first.
+* **Tokens.** :func:`split_args` splits arguments on spaces, keeping ``"quoted strings"``
+  (with backslash escapes) whole, also inside ``KEY="a b"``; :func:`unquote` decodes one
+  (a backslash followed by any character is that character, as control-spec §2.1 asks);
+  :func:`quote` encodes for output (C escapes, readable by stem).
+
+Errors a controller can cause are :class:`ControlError` carrying the reply code.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import ipaddress
+import json
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from . import __version__
+from .directory import RouterStatus
+from .errors import LocalProtocolError, OnionError
+
+__all__ = [
+    "TOR_COMPAT_VERSION",
+    "version_string",
+    "ControlError",
+    "CircuitInfo",
+    "StreamInfo",
+    "OrConnInfo",
+    "GuardInfo",
+    "CircEvent",
+    "StreamEvent",
+    "OrConnEvent",
+    "StatusEvent",
+    "ControlEvent",
+    "Data",
+    "format_reply",
+    "format_event",
+    "echo",
+    "qecho",
+    "one_line",
+    "words",
+    "quote",
+    "maybe_quote",
+    "unquote",
+    "split_args",
+    "split_keyword",
+    "longname",
+    "iso_time",
+    "circuit_line",
+    "stream_line",
+    "orconn_line",
+    "guard_line",
+    "status_line",
+    "bootstrap_line",
+    "ns_entry",
+]
+
+#: The tor version whose control-spec behaviour we emulate. stem gates features on the
+#: version it reads from GETINFO version / PROTOCOLINFO, so this must be a recent tor.
+TOR_COMPAT_VERSION = "0.4.9.3"
+
+
+def version_string() -> str:
+    """What GETINFO version answers; matches stem's VERSION_PATTERN (no space inside parens)."""
+    return f"{TOR_COMPAT_VERSION} (onionp2p-{__version__})"
+
+
+class ControlError(OnionError):
+    """A control command cannot be carried out; ``code`` is the control-spec status code."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# -- data model ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CircuitInfo:
+    """One origin circuit as a CIRC line / circuit-status entry shows it.
+
+    ``status``: LAUNCHED, BUILT, GUARD_WAIT, EXTENDED, FAILED, CLOSED. ``path``: the hops
+    built so far, ``(FINGERPRINT, nickname or None)``. ``time_created``: unix time.
+    ``reason`` / ``remote_reason``: control-spec circuit reasons (FAILED/CLOSED only).
+    """
+
+    id: int
+    status: str
+    path: tuple[tuple[str, str | None], ...] = ()
+    build_flags: tuple[str, ...] = ()
+    purpose: str = "GENERAL"
+    time_created: float | None = None
+    reason: str | None = None
+    remote_reason: str | None = None
+    socks_username: str | None = None
+    socks_password: str | None = None
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """One client stream. ``status``: NEW, SENTCONNECT, SUCCEEDED, FAILED, CLOSED, DETACHED ...
+    ``circ_id`` 0 means not attached. ``target``: ``host:port``. ``purpose``: USER, DIR_FETCH ..."""
+
+    id: int
+    status: str
+    circ_id: int
+    target: str
+    reason: str | None = None
+    remote_reason: str | None = None
+    source_addr: str | None = None
+    purpose: str | None = None
+    socks_username: str | None = None
+    socks_password: str | None = None
+    client_protocol: str | None = None
+
+
+@dataclass(frozen=True)
+class OrConnInfo:
+    """One OR connection (channel). Named by ``$FINGERPRINT~nickname`` when the peer's
+    identity is known, else by ``address`` (``host:port``). ``status``: NEW, LAUNCHED,
+    CONNECTED, FAILED, CLOSED."""
+
+    id: int
+    status: str
+    fingerprint: str | None = None
+    nickname: str | None = None
+    address: str | None = None
+    ncircs: int | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class GuardInfo:
+    """An entry guard. ``status``: up, never-connected, down, unusable, unlisted."""
+
+    fingerprint: str
+    nickname: str | None = None
+    status: str = "up"
+
+
+@dataclass(frozen=True)
+class CircEvent:
+    """A circuit changed state (sent as ``650 CIRC``)."""
+
+    circuit: CircuitInfo
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """A stream changed state (``650 STREAM``)."""
+
+    stream: StreamInfo
+
+
+@dataclass(frozen=True)
+class OrConnEvent:
+    """An OR connection changed state (``650 ORCONN``)."""
+
+    orconn: OrConnInfo
+
+
+@dataclass(frozen=True)
+class StatusEvent:
+    """``650 STATUS_<kind> <severity> <action> [k=v ...]``; kind GENERAL, CLIENT or SERVER,
+    severity NOTICE, WARN or ERR, action e.g. BOOTSTRAP or CIRCUIT_ESTABLISHED."""
+
+    kind: str
+    severity: str
+    action: str
+    arguments: tuple[tuple[str, str], ...] = ()
+
+
+ControlEvent = CircEvent | StreamEvent | OrConnEvent | StatusEvent
+
+
+# -- quoting and tokens ----------------------------------------------------------------
+
+_TOKEN = re.compile(r"[!#-\[\]-~]+")  # printable ASCII except space, '"' and '\'
+_KEYWORD = re.compile(r"[A-Za-z0-9_]+")
+_FINGERPRINT = re.compile(r"[0-9A-Fa-f]{40}")
+_NICKNAME = re.compile(r"[A-Za-z0-9]{1,19}")
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def quote(s: str) -> str:
+    """A QuotedString for output: backslash, quote and control characters escaped (C style)."""
+    out = []
+    for ch in s:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\{ord(ch):03o}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def maybe_quote(s: str) -> str:
+    """``s`` as is if it is a plain token, else :func:`quote`\\ d."""
+    return s if _TOKEN.fullmatch(s) else quote(s)
+
+
+def echo(s: str, limit: int = 200) -> str:
+    """Controller-supplied text made safe to repeat inside a reply line: printable ASCII
+    kept, backslash and quote escaped, anything else as ``\\xNN``; at most ``limit`` chars."""
+    out = []
+    for ch in s[:limit]:
+        if ch in '\\"':
+            out.append("\\" + ch)
+        elif 0x20 <= ord(ch) < 0x7F:
+            out.append(ch)
+        else:
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+    return "".join(out)
+
+
+def one_line(s: str, limit: int = 1000) -> str:
+    """``s`` cut to ``limit`` characters with every non-printable character replaced by '?'."""
+    return "".join(ch if ch.isprintable() else "?" for ch in s[:limit])
+
+
+def qecho(s: str) -> str:
+    """:func:`echo` inside double quotes, as tor prints names in error replies."""
+    return f'"{echo(s)}"'
+
+
+def words(text: str) -> list[str]:
+    """Space/tab separated words (tor splits plain arguments on these only)."""
+    return [w for w in text.replace("\t", " ").split(" ") if w]
+
+
+def unquote(token: str) -> str:
+    """Decode one ``"..."`` QuotedString (backslash + any character = that character)."""
+    if len(token) < 2 or token[0] != '"' or token[-1] != '"':
+        raise ControlError(512, f"Expected a quoted string, got {qecho(token)}")
+    out = []
+    i, end = 1, len(token) - 1
+    while i < end:
+        ch = token[i]
+        if ch == "\\":
+            if i + 1 >= end:
+                raise ControlError(512, "Bad escape at end of quoted string")
+            out.append(token[i + 1])
+            i += 2
+            continue
+        if ch == '"':
+            raise ControlError(512, "Unescaped quote inside quoted string")
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def split_args(text: str) -> list[str]:
+    """Split an argument string on spaces/tabs; quoted parts (also ``K="a b"``) stay whole."""
+    tokens: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        if text[i] in " \t":
+            i += 1
+            continue
+        start = i
+        while i < n and text[i] not in " \t":
+            if text[i] == '"':
+                i += 1
+                while i < n and text[i] != '"':
+                    i += 2 if text[i] == "\\" else 1
+                if i >= n:
+                    raise ControlError(512, "Unterminated quoted string")
+            i += 1
+        tokens.append(text[start:i])
+    return tokens
+
+
+def split_keyword(token: str) -> tuple[str, str | None]:
+    """``KEY=value`` / ``KEY="quoted"`` / ``KEY`` -> (KEY, value or None)."""
+    key, eq, value = token.partition("=")
+    if not _KEYWORD.fullmatch(key):
+        raise ControlError(513, f"Bad keyword {qecho(key)}")
+    if not eq:
+        return key, None
+    if value.startswith('"'):
+        return key, unquote(value)
+    if '"' in value:
+        raise ControlError(513, f"Stray quote in value of {key}")
+    return key, value
+
+
+# -- replies ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Data:
+    """A data reply line: ``NNN+header`` then ``body`` as dot-escaped CmdData."""
+
+    header: str
+    body: str
+
+
+def _check_line(text: str) -> str:
+    if "\r" in text or "\n" in text:
+        raise LocalProtocolError("reply line contains CR or LF")
+    return text
+
+
+def _dot_escape(body: str) -> str:
+    lines = body.replace("\r\n", "\n").replace("\r", "").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return "".join(("." + ln if ln.startswith(".") else ln) + "\r\n" for ln in lines) + ".\r\n"
+
+
+def format_reply(code: int, lines: Sequence[str | Data]) -> bytes:
+    """One complete reply. All but the last line are ``NNN-`` (or ``NNN+`` data blocks);
+    the last must be text and becomes the ``NNN `` end line."""
+    if not lines or isinstance(lines[-1], Data):
+        raise LocalProtocolError("a reply must end with a text line")
+    out = []
+    for i, line in enumerate(lines):
+        if isinstance(line, Data):
+            out.append(f"{code}+{_check_line(line.header)}\r\n{_dot_escape(line.body)}")
+        else:
+            out.append(f"{code}{' ' if i == len(lines) - 1 else '-'}{_check_line(line)}\r\n")
+    return "".join(out).encode("utf-8", "replace")
+
+
+def format_event(event_type: str, text: str = "") -> bytes:
+    """One single-line asynchronous event: ``650 TYPE text``."""
+    return format_reply(650, [f"{event_type} {text}" if text else event_type])
+
+
+# -- record formats --------------------------------------------------------------------
+
+def _tok(value: object, what: str) -> str:
+    s = str(value)
+    if not _TOKEN.fullmatch(s):
+        raise LocalProtocolError(f"{what} {s!r} is not a control-protocol token")
+    return s
+
+
+def _fp(fingerprint: str) -> str:
+    if not _FINGERPRINT.fullmatch(fingerprint):
+        raise LocalProtocolError(f"bad fingerprint {fingerprint!r}")
+    return fingerprint.upper()
+
+
+def longname(fingerprint: str, nickname: str | None = None) -> str:
+    """``$FINGERPRINT~nickname`` (or ``$FINGERPRINT``), control-spec's LongName."""
+    if nickname is None:
+        return "$" + _fp(fingerprint)
+    if not _NICKNAME.fullmatch(nickname):
+        raise LocalProtocolError(f"bad nickname {nickname!r}")
+    return f"${_fp(fingerprint)}~{nickname}"
+
+
+def iso_time(ts: float) -> str:
+    """ISOTime2Frac in UTC, e.g. ``2025-01-01T00:00:00.000000``."""
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def _kw(parts: list[str], key: str, value: object | None) -> None:
+    if value is not None:
+        parts.append(f"{key}={_tok(value, key)}")
+
+
+def _socks(parts: list[str], username: str | None, password: str | None) -> None:
+    if username is not None:
+        parts.append(f"SOCKS_USERNAME={quote(username)}")
+    if password is not None:
+        parts.append(f"SOCKS_PASSWORD={quote(password)}")
+
+
+def circuit_line(c: CircuitInfo) -> str:
+    """A CIRC event body / circuit-status line (without ``650 CIRC``)."""
+    parts = [_tok(int(c.id), "circuit id"), _tok(c.status, "status")]
+    if c.path:
+        parts.append(",".join(longname(fp, nick) for fp, nick in c.path))
+    if c.build_flags:
+        parts.append("BUILD_FLAGS=" + ",".join(_tok(f, "build flag") for f in c.build_flags))
+    _kw(parts, "PURPOSE", c.purpose)
+    if c.time_created is not None:
+        parts.append("TIME_CREATED=" + iso_time(c.time_created))
+    _kw(parts, "REASON", c.reason)
+    _kw(parts, "REMOTE_REASON", c.remote_reason)
+    _socks(parts, c.socks_username, c.socks_password)
+    return " ".join(parts)
+
+
+def stream_line(s: StreamInfo, *, event: bool = True) -> str:
+    """A STREAM event body, or (``event=False``) a stream-status line (4 fields only)."""
+    target = _tok(s.target, "target")
+    if ":" not in target:
+        raise LocalProtocolError(f"stream target {target!r} is not host:port")
+    parts = [_tok(int(s.id), "stream id"), _tok(s.status, "status"), _tok(int(s.circ_id), "circ id"), target]
+    if event:
+        _kw(parts, "REASON", s.reason)
+        _kw(parts, "REMOTE_REASON", s.remote_reason)
+        _kw(parts, "SOURCE_ADDR", s.source_addr)
+        _kw(parts, "PURPOSE", s.purpose)
+        _socks(parts, s.socks_username, s.socks_password)
+        _kw(parts, "CLIENT_PROTOCOL", s.client_protocol)
+    return " ".join(parts)
+
+
+def orconn_line(o: OrConnInfo, *, event: bool = True) -> str:
+    """An ORCONN event body, or (``event=False``) an orconn-status line."""
+    if o.fingerprint is not None:
+        endpoint = longname(o.fingerprint, o.nickname)
+    elif o.address is not None:
+        endpoint = _tok(o.address, "address")
+    else:
+        raise LocalProtocolError("OR connection has neither fingerprint nor address")
+    parts = [endpoint, _tok(o.status, "status")]
+    if event:
+        _kw(parts, "REASON", o.reason)
+        _kw(parts, "NCIRCS", None if o.ncircs is None else int(o.ncircs))
+        _kw(parts, "ID", int(o.id))
+    return " ".join(parts)
+
+
+def guard_line(g: GuardInfo) -> str:
+    """An entry-guards line: ``$FP~nick status``."""
+    return f"{longname(g.fingerprint, g.nickname)} {_tok(g.status, 'guard status')}"
+
+
+def status_line(e: StatusEvent) -> str:
+    """The body of a STATUS_* event (after the event type)."""
+    parts = [_tok(e.severity, "severity"), _tok(e.action, "action")]
+    for key, value in e.arguments:
+        if not _KEYWORD.fullmatch(key):
+            raise LocalProtocolError(f"bad status argument name {key!r}")
+        parts.append(f"{key}={maybe_quote(str(value))}")
+    return " ".join(parts)
+
+
+def bootstrap_line(progress: int, tag: str, summary: str, severity: str = "NOTICE") -> str:
+    """``status/bootstrap-phase``: ``NOTICE BOOTSTRAP PROGRESS=n TAG=t SUMMARY="..."``."""
+    return (f"{_tok(severity, 'severity')} BOOTSTRAP PROGRESS={int(progress)} "
+            f"TAG={_tok(tag, 'tag')} SUMMARY={quote(summary)}")
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode().rstrip("=")
+
+
+def ns_entry(rs: RouterStatus, published: float) -> str:
+    """One router status entry in dir-spec v3 form (``r``, ``a``, ``s``, ``w``, ``p`` lines).
+
+    onionp2p has no server descriptors yet: the ``r`` line's digest is the SHA-1 of the
+    relay's canonical RelayInfo JSON (it changes when the onion key rotates, as a
+    descriptor digest would), and ``published`` is supplied by the caller.
+    """
+    info = rs.info
+    if not _NICKNAME.fullmatch(info.nickname):
+        raise LocalProtocolError(f"bad nickname {info.nickname!r}")
+    digest = hashlib.sha1(json.dumps(info.to_dict(), sort_keys=True).encode()).digest()
+    try:
+        ip = ipaddress.ip_address(info.address)
+    except ValueError:
+        raise LocalProtocolError(f"relay address {info.address!r} is not an IP address") from None
+    v4 = str(ip) if ip.version == 4 else "0.0.0.0"
+    lines = [f"r {info.nickname} {_b64(info.rsa_id)} {_b64(digest)} "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(published))} {v4} {int(info.or_port)} 0"]
+    if ip.version == 6:
+        lines.append(f"a [{ip}]:{int(info.or_port)}")
+    lines.append(" ".join(["s", *sorted(_tok(f, "flag") for f in rs.flags)]))
+    lines.append(f"w Bandwidth={int(rs.bandwidth)}")
+    policy = _check_line(info.exit_policy)
+    if not re.fullmatch(r"(accept|reject) [0-9,-]+", policy):
+        raise LocalProtocolError(f"bad exit policy summary {policy!r}")
+    lines.append("p " + policy)
+    return "\n".join(lines)
