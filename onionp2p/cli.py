@@ -18,10 +18,13 @@ import asyncio
 import signal
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from . import __version__
-from .config import AuthorityConfig, RelayConfig, load_authority_config, load_relay_config
-from .errors import OnionError
+from .config import (
+    AuthorityConfig, ClientConfig, RelayConfig, load_authority_config, load_client_config, load_relay_config,
+)
+from .errors import ConfigError, OnionError
 from .log import configure_logging, get_logger
 
 __all__ = ["main"]
@@ -163,6 +166,100 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     return asyncio.run(run_relay(cfg))
 
 
+async def run_client(cfg: ClientConfig, *, config_file: str | None = None,
+                     tor_dirauth_file: str | None = None) -> int:
+    """Run a client (SOCKS, optional control port) until SIGINT/SIGTERM or SIGNAL SHUTDOWN."""
+    from .node import ClientNode
+
+    routers = None
+    if tor_dirauth_file is not None:
+        from .tordir import TorDirectory
+
+        tordir = TorDirectory.from_file(tor_dirauth_file)
+        await tordir.bootstrap()
+        routers = tordir.routers
+    node = ClientNode(cfg, routers=routers, config_file=config_file)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, node.shutdown_requested.set)
+    try:
+        await node.start(ready_timeout=cfg.circuit_build_timeout * 2)
+        print(f"SOCKS5 proxy ready at {cfg.socks_address[0]}:{node.socks_port}", flush=True)
+        if node.control_port is not None:
+            print(f"Control port at 127.0.0.1:{node.control_port}", flush=True)
+        await node.shutdown_requested.wait()
+    finally:
+        async with asyncio.timeout(5):
+            await node.stop()
+    return 0
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    cfg = load_client_config(args.config) if args.config else ClientConfig()
+    overrides = {}
+    if args.socks_port is not None:
+        overrides["socks_address"] = (cfg.socks_address[0], args.socks_port)
+    if args.control_port is not None:
+        overrides["control_port"] = args.control_port
+    if args.data_dir is not None:
+        overrides["data_dir"] = Path(args.data_dir)
+    if args.unsafe_logging:
+        overrides["safe_logging"] = False
+    cfg = replace(cfg, **overrides)
+    if not cfg.authorities and not args.tor_dirauth_file:
+        raise ConfigError("no directory: set `authorities` in the config or pass --tor-dirauth-file")
+    configure_logging(cfg.log_level, cfg.log_format, safe_logging=cfg.safe_logging)
+    return asyncio.run(run_client(cfg, config_file=args.config, tor_dirauth_file=args.tor_dirauth_file))
+
+
+def _cmd_testnet(args: argparse.Namespace) -> int:
+    from .testnet import run_testnet
+
+    configure_logging(args.log_level, "console", safe_logging=True)
+    return asyncio.run(run_testnet(
+        n_relays=args.relays, n_exits=args.exits, n_authorities=args.authorities,
+        socks_port=max(args.socks_port, 0), control_port=None if args.control_port == 0 else max(args.control_port, 0),
+        data_dir=Path(args.data_dir) if args.data_dir else None, voting_interval=args.voting_interval,
+        log_level=args.log_level,
+    ))
+
+
+def _port_or_auto(text: str) -> int:
+    """A port number, or 'auto' (any free port, returned as -1)."""
+    if text == "auto":
+        return -1
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {port}")
+    return port
+
+
+def _add_client_parsers(sub) -> None:
+    c = sub.add_parser("client", help="run a client: a SOCKS5 proxy into the network")
+    c.add_argument("--config", "-c", help="client TOML config file")
+    c.add_argument("--socks-port", type=int, help="override socks_address's port")
+    c.add_argument("--control-port", type=int, help="enable the control port on 127.0.0.1:PORT")
+    c.add_argument("--data-dir", help="override data_dir")
+    c.add_argument("--tor-dirauth-file", help="use a Tor network: a file of torrc DirAuthority lines")
+    c.add_argument("--unsafe-logging", action="store_true", help="show destinations in logs (debugging only)")
+    c.set_defaults(func=_cmd_client)
+    t = sub.add_parser("testnet", help="run a private network on loopback plus a client (the demo)")
+    t.add_argument("--relays", type=int, default=5, help="number of relays (default 5)")
+    t.add_argument("--exits", type=int, default=2, help="how many of them are exits (default 2)")
+    t.add_argument("--authorities", type=int, default=1, help="number of directory authorities (default 1)")
+    t.add_argument("--socks-port", type=_port_or_auto, default=9150,
+                   help="client SOCKS5 port (default 9150; 'auto' = any free port)")
+    t.add_argument("--control-port", type=_port_or_auto, default=9151,
+                   help="client control port (default 9151; 'auto' = any free port; 0 = disabled)")
+    t.add_argument("--data-dir", help="keep everything here (default: a temporary directory)")
+    t.add_argument("--voting-interval", type=int, default=5, help="seconds between consensuses (default 5)")
+    t.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    t.set_defaults(func=_cmd_testnet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onionp2p", description="An onion-routed overlay network (tor-spec).")
     p.add_argument("--version", action="version", version=f"onionp2p {__version__}")
@@ -173,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show client addresses and destinations in logs (debugging only)")
     r.set_defaults(func=_cmd_relay)
     _add_authority_parser(sub)
+    _add_client_parsers(sub)
     return p
 
 

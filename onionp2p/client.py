@@ -92,6 +92,11 @@ class StreamTransport(asyncio.Transport):
         self._reading_paused = False
         self._closing = False
         self._lost = False
+        self._close_callbacks: list = []
+
+    def add_close_callback(self, fn) -> None:
+        """Call ``fn(exc)`` once when the stream is gone (exc None for a clean close)."""
+        self._close_callbacks.append(fn)
 
     # EdgeStream hooks
     def _sink(self, data: bytes) -> None:
@@ -117,6 +122,9 @@ class StreamTransport(asyncio.Transport):
             if exc is None:
                 self.protocol.eof_received()
             self.protocol.connection_lost(exc)
+        for fn in self._close_callbacks:
+            fn(exc)
+        self._close_callbacks.clear()
 
     # asyncio.Transport API
     def write(self, data: bytes) -> None:
@@ -450,6 +458,9 @@ class OnionClient:
         self.handshake_timeout = handshake_timeout
         self._connecting: dict[bytes, asyncio.Task] = {}
         self._listeners: list[Callable[[CircuitEvent], None]] = []
+        self._channel_listeners: list[Callable[[str, Channel], None]] = []
+        self.closed_bytes_read = 0
+        self.closed_bytes_written = 0
 
     def add_listener(self, fn: Callable[[CircuitEvent], None]) -> None:
         self._listeners.append(fn)
@@ -493,6 +504,14 @@ class OnionClient:
 
     async def build_circuit(self, path: Sequence[RelayInfo], *, timeout: float = 60.0) -> ClientCircuit:
         """Build a circuit through ``path`` (first hop first). Raises CircuitError."""
+        circ, building = await self.launch_circuit(path, timeout=timeout)
+        await building
+        return circ
+
+    async def launch_circuit(self, path: Sequence[RelayInfo], *, timeout: float = 60.0,
+                             ) -> tuple[ClientCircuit, asyncio.Task]:
+        """Connect to the first hop and start building; return the circuit and the build task
+        (which raises CircuitError if the build fails) without waiting for the build."""
         if not path:
             raise LocalProtocolError("empty path")
         try:
@@ -501,8 +520,8 @@ class OnionClient:
             raise CircuitError(f"cannot connect to first hop: {exc or 'timeout'}", "CONNECTFAILED") from None
         circ = ClientCircuit(self, chan, path)
         self.circuits[circ.id] = circ
-        await circ._build(timeout)
-        return circ
+        task = asyncio.get_running_loop().create_task(circ._build(timeout))
+        return circ, task
 
     def _circuit_gone(self, circ: ClientCircuit) -> None:
         self.circuits.pop(circ.id, None)
@@ -522,12 +541,36 @@ class OnionClient:
         pass  # cells for circuits we no longer know are dropped
 
     def channel_open(self, chan: Channel) -> None:
-        pass
+        self._emit_channel("connected", chan)
 
     def channel_closed(self, chan: Channel) -> None:
+        self.closed_bytes_read += chan.bytes_in
+        self.closed_bytes_written += chan.bytes_out
         for rsa_id, c in list(self.channels.items()):
             if c is chan:
                 del self.channels[rsa_id]
+        self._emit_channel("closed", chan)
+
+    def add_channel_listener(self, fn: Callable[[str, Channel], None]) -> None:
+        """Call ``fn(kind, chan)`` when a channel opens ("connected") or closes ("closed")."""
+        self._channel_listeners.append(fn)
+
+    def remove_channel_listener(self, fn: Callable[[str, Channel], None]) -> None:
+        if fn in self._channel_listeners:
+            self._channel_listeners.remove(fn)
+
+    def _emit_channel(self, kind: str, chan: Channel) -> None:
+        for fn in list(self._channel_listeners):
+            try:
+                fn(kind, chan)
+            except Exception:
+                log.exception("channel listener failed")
+
+    def traffic(self) -> tuple[int, int]:
+        """Bytes (read, written) on all OR channels since start."""
+        live = list(self.channels.values())
+        return (self.closed_bytes_read + sum(c.bytes_in for c in live),
+                self.closed_bytes_written + sum(c.bytes_out for c in live))
 
     def queue_overflow(self, chan: Channel, circ_id: int) -> None:
         circ = chan.circuits.get(circ_id)

@@ -1,0 +1,203 @@
+"""``onionp2p testnet``: a whole private network on loopback from one command.
+
+Theory of operation
+-------------------
+The command writes configs into a data directory (a temporary one by default) and starts
+real processes: ``--authorities`` directory authorities (default 1) and ``--relays``
+relays (default 5; the first ``--exits`` of them, default 2, are exits whose policy
+accepts everything, private and loopback destinations included, so local services are
+reachable). Authorities vote every ``--voting-interval`` seconds and, being a tiny
+network, give every reachable relay the Guard and Stable flags (like tor's
+TestingTorNetwork). The client runs inside this process: it waits until a consensus
+listing every relay is published, bootstraps from it, builds circuits, and only then
+prints ``SOCKS5 proxy ready at 127.0.0.1:PORT`` (and the control port line). SIGINT or
+SIGTERM stops the client and every child process within a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ClientConfig
+from .errors import OnionError
+from .log import get_logger
+
+__all__ = ["Testnet", "run_testnet", "free_port"]
+
+log = get_logger("onionp2p.testnet")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toml(d: dict) -> str:
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())
+
+
+@dataclass
+class Testnet:
+    """The processes of a private network (the client is separate: see :func:`run_testnet`)."""
+
+    base: Path
+    n_relays: int = 5
+    n_exits: int = 2
+    n_authorities: int = 1
+    voting_interval: int = 5
+    log_level: str = "info"
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    authority_lines: list[str] = field(default_factory=list)
+
+    def _spawn(self, kind: str, name: str, cfg: dict) -> subprocess.Popen:
+        d = self.base / name
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (d / f"{kind}.toml").write_text(_toml(cfg))
+        log_file = open(d / "log.txt", "ab")
+        try:
+            p = subprocess.Popen([sys.executable, "-m", "onionp2p", kind, "--config", str(d / f"{kind}.toml")],
+                                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            log_file.close()
+        self.procs.append(p)
+        return p
+
+    def start(self) -> None:
+        from .authority import authority_line, load_or_create_authority_key
+
+        if self.n_exits > self.n_relays or self.n_relays < 3:
+            raise OnionError("a testnet needs at least 3 relays and no more exits than relays")
+        auths = []
+        for i in range(self.n_authorities):
+            d = self.base / f"auth{i}"
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            port = free_port()
+            key = load_or_create_authority_key(d)
+            line = authority_line(f"auth{i}", "127.0.0.1", port, key)
+            auths.append((d, port))
+            self.authority_lines.append(line)
+        for i, (d, port) in enumerate(auths):
+            self._spawn("authority", f"auth{i}", {
+                "nickname": f"auth{i}", "data_dir": str(d), "dir_address": f"127.0.0.1:{port}",
+                "run_relay": False, "authorities": self.authority_lines,
+                "voting_interval": self.voting_interval, "assume_guard": True, "assume_exit": True,
+                "stable_uptime": 0, "guard_uptime": 0, "log_level": self.log_level,
+            })
+        for i in range(self.n_relays):
+            exit_ = i < self.n_exits
+            name = f"exit{i}" if exit_ else f"relay{i}"
+            self._spawn("relay", name, {
+                "nickname": name, "data_dir": str(self.base / name), "or_address": "127.0.0.1:0",
+                "exit_policy": "accept *:*" if exit_ else "reject *:*",
+                "exit_reject_private": not exit_, "extend_allow_private": True,
+                "authorities": self.authority_lines, "log_level": self.log_level,
+            })
+
+    def check_alive(self) -> None:
+        for p in self.procs:
+            if p.poll() is not None:
+                raise OnionError(f"a testnet process exited early (code {p.returncode}); see the logs in {self.base}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        end = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+
+
+async def wait_for_consensus(node, n_relays: int, testnet: Testnet, timeout: float) -> None:
+    """Bootstrap the client's directory until the consensus lists every relay as Running."""
+    from .dirclient import DirectoryUnavailable
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        testnet.check_alive()
+        try:
+            await node.directory.refresh()
+            running = [r for r in node.directory.routers() if "Running" in r.flags]
+            if len(running) >= n_relays:
+                return
+        except DirectoryUnavailable:
+            pass
+        if loop.time() > deadline:
+            raise OnionError(f"no consensus listing {n_relays} relays after {timeout:.0f} s")
+        await asyncio.sleep(1.0)
+
+
+async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int = 1,
+                      socks_port: int = 9150, control_port: int | None = 9151,
+                      data_dir: Path | None = None, voting_interval: int = 5,
+                      timeout: float = 180.0, log_level: str = "info",
+                      stop_event: asyncio.Event | None = None, ready=None) -> int:
+    """Start the network and the client; run until signalled. Returns the exit code."""
+    from .node import ClientNode
+
+    tmp = None
+    if data_dir is None:
+        tmp = tempfile.mkdtemp(prefix="onionp2p-testnet-")
+        data_dir = Path(tmp)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    net = Testnet(data_dir, n_relays=n_relays, n_exits=n_exits, n_authorities=n_authorities,
+                  voting_interval=voting_interval, log_level=log_level)
+    loop = asyncio.get_running_loop()
+    stop = stop_event or asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    node = None
+    try:
+        net.start()
+        print(f"testnet: {n_authorities} authorities, {n_relays} relays ({n_exits} exits) in {data_dir}",
+              flush=True)
+        cfg = ClientConfig(data_dir=data_dir / "client", socks_address=("127.0.0.1", socks_port),
+                           control_port=control_port, authorities=tuple(net.authority_lines),
+                           enforce_distinct_subnets=False, log_level=log_level)
+        node = ClientNode(cfg)
+        waiting = asyncio.ensure_future(wait_for_consensus(node, n_relays, net, timeout))
+        stopper = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({waiting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if stopper in done:
+            waiting.cancel()
+            return 0
+        waiting.result()
+        stopper.cancel()
+        await node.start(ready_timeout=timeout)
+        print(f"SOCKS5 proxy ready at 127.0.0.1:{node.socks_port}", flush=True)
+        if node.control_port is not None:
+            print(f"Control port at 127.0.0.1:{node.control_port} "
+                  f"(cookie: {cfg.data_dir / 'control_auth_cookie'})", flush=True)
+        if ready is not None:
+            ready(node)
+        await stop.wait()
+        return 0
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if node is not None:
+            try:
+                async with asyncio.timeout(5):
+                    await node.stop()
+            except (TimeoutError, OnionError):
+                pass
+        net.stop()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,224 @@
+"""`onionp2p testnet` end to end, through real clients nobody here wrote.
+
+One testnet process (authority + 5 relays as child processes, client in-process) serves
+the whole module; a local HTTP server on 127.0.0.1 is the destination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.server
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def www(tmp_path_factory):
+    root = tmp_path_factory.mktemp("www")
+    (root / "index.html").write_text("<html><body><h1 id='t'>hello through onionp2p</h1></body></html>\n")
+    big = os.urandom(20_000_000)
+    (root / "big.bin").write_bytes(big)
+    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **kw)  # noqa: E731
+    http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield {"port": srv.server_address[1], "sha": hashlib.sha256(big).hexdigest(), "root": root}
+    srv.shutdown()
+
+
+class RunningTestnet:
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        self.out = open(data_dir.parent / f"{data_dir.name}.out", "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "onionp2p", "testnet", "--socks-port", "auto", "--control-port", "auto",
+             "--data-dir", str(data_dir), "--voting-interval", "4"],
+            stdout=self.out, stderr=subprocess.STDOUT)
+        self.socks = self.control = 0
+        end = time.time() + 150
+        while time.time() < end and not (self.socks and self.control):
+            text = Path(self.out.name).read_text()
+            if m := re.search(r"SOCKS5 proxy ready at 127\.0\.0\.1:(\d+)", text):
+                self.socks = int(m.group(1))
+            if m := re.search(r"Control port at 127\.0\.0\.1:(\d+)", text):
+                self.control = int(m.group(1))
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        if not self.socks:
+            self.stop()
+            raise AssertionError("testnet did not become ready:\n" + Path(self.out.name).read_text()[-3000:])
+        self.cookie = data_dir / "client" / "control_auth_cookie"
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-f", str(self.data_dir)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split() if int(p) != self.proc.pid]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        finally:
+            self.out.close()
+
+
+@pytest.fixture(scope="module")
+def testnet(tmp_path_factory):
+    net = RunningTestnet(tmp_path_factory.mktemp("tn") / "net")
+    yield net
+    net.stop()
+
+
+def curl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sS", "--max-time", str(int(timeout)), *args],
+                          capture_output=True, timeout=timeout + 10)
+
+
+def test_curl_socks5_hostname_page_and_20mb(testnet, www):
+    p = curl("--socks5-hostname", f"127.0.0.1:{testnet.socks}", f"http://localhost:{www['port']}/index.html")
+    assert p.returncode == 0, p.stderr
+    assert b"hello through onionp2p" in p.stdout
+    p = curl("--socks5-hostname", f"127.0.0.1:{testnet.socks}", f"http://localhost:{www['port']}/big.bin",
+             timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert hashlib.sha256(p.stdout).hexdigest() == www["sha"]
+
+
+@pytest.mark.parametrize("flag", ["--socks5", "--socks4", "--socks4a"])
+def test_curl_other_socks_versions(testnet, www, flag):
+    p = curl(flag, f"127.0.0.1:{testnet.socks}", f"http://127.0.0.1:{www['port']}/index.html")
+    assert p.returncode == 0, p.stderr
+    assert b"hello through onionp2p" in p.stdout
+
+
+def test_python_socks_with_credentials(testnet, www):
+    from python_socks.async_.asyncio import Proxy
+
+    async def fetch():
+        proxy = Proxy.from_url(f"socks5://alice:secret@127.0.0.1:{testnet.socks}", rdns=True)
+        sock = await proxy.connect(dest_host="localhost", dest_port=www["port"], timeout=60)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET /index.html HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        data = await reader.read(-1)
+        writer.close()
+        return data
+
+    assert b"hello through onionp2p" in asyncio.run(fetch())
+
+
+@pytest.mark.skipif(not shutil.which("proxychains4"), reason="proxychains4 not installed (tools/test installs it)")
+def test_proxychains(testnet, www, tmp_path):
+    conf = tmp_path / "proxychains.conf"
+    conf.write_text(f"strict_chain\nproxy_dns\ntcp_read_time_out 60000\ntcp_connect_time_out 30000\n"
+                    f"[ProxyList]\nsocks5 127.0.0.1 {testnet.socks}\n")
+    p = subprocess.run(["proxychains4", "-q", "-f", str(conf), "curl", "-sS", "--max-time", "60",
+                        f"http://127.0.0.1:{www['port']}/index.html"], capture_output=True, timeout=90)
+    assert p.returncode == 0, p.stderr
+    assert b"hello through onionp2p" in p.stdout
+
+
+def test_tor_resolve_uses_the_socks_extensions(testnet):
+    if not shutil.which("tor-resolve"):
+        pytest.skip("tor-resolve (Debian package tor) not installed")
+    p = subprocess.run(["tor-resolve", "localhost", f"127.0.0.1:{testnet.socks}"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "127.0.0.1"
+    p = subprocess.run(["tor-resolve", "-x", "127.0.0.1", f"127.0.0.1:{testnet.socks}"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "localhost"
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(not _chromium(), reason="chromium not installed (tools/test installs it)")
+def test_headless_chromium_loads_a_page(testnet, www, tmp_path):
+    p = subprocess.run([
+        _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--proxy-server=socks5://127.0.0.1:{testnet.socks}", "--proxy-bypass-list=<-loopback>",
+        "--dump-dom", f"http://127.0.0.1:{www['port']}/index.html",
+    ], capture_output=True, text=True, timeout=120)
+    assert "hello through onionp2p" in p.stdout, p.stderr[-2000:]
+
+
+def test_different_credentials_never_share_a_circuit(testnet, www):
+    from python_socks.async_.asyncio import Proxy
+    from stem.control import Controller
+
+    async def open_stream(user):
+        proxy = Proxy.from_url(f"socks5://{user}:pw@127.0.0.1:{testnet.socks}", rdns=True)
+        sock = await proxy.connect(dest_host="127.0.0.1", dest_port=www["port"], timeout=60)
+        return await asyncio.open_connection(sock=sock)
+
+    async def run():
+        held = [await open_stream(u) for u in ("alice", "bob", "alice", "carol")]
+        with Controller.from_port(port=testnet.control) as ctl:
+            ctl.authenticate()
+            streams = [s for s in ctl.get_streams() if s.status == "SUCCEEDED"]
+            circuits = {c.id: c for c in ctl.get_circuits()}
+        for _r, w in held:
+            w.close()
+        return streams, circuits
+
+    streams, circuits = asyncio.run(run())
+    assert len(streams) >= 4
+    # stream-status lists "id status circ target"; our four streams are the newest, in order
+    newest = sorted(streams, key=lambda s: int(s.id))[-4:]
+    by_user: dict[str, set[str]] = {}
+    for user, s in zip(("alice", "bob", "alice", "carol"), newest):
+        by_user.setdefault(user, set()).add(s.circ_id)
+    # alice's two streams share one circuit; nobody else is on it; all are 3-hop circuits
+    assert len(by_user["alice"]) == 1
+    assert not (by_user["alice"] & by_user["bob"]) and not (by_user["alice"] & by_user["carol"])
+    assert not (by_user["bob"] & by_user["carol"])
+    for ids in by_user.values():
+        for cid in ids:
+            assert len(circuits[cid].path) == 3
+
+
+def test_authority_gone_clients_keep_working(testnet, www):
+    auth = [p for p in testnet.children()
+            if "authority" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+    assert auth, "authority process not found"
+    for pid in auth:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(1)
+    from stem import Signal
+    from stem.control import Controller
+
+    with Controller.from_port(port=testnet.control) as ctl:
+        ctl.authenticate()
+        ctl.signal(Signal.NEWNYM)  # force new circuits: they must still be built from the held consensus
+    for i in range(3):
+        p = curl("-U", f"after{i}:x", "--socks5-hostname", f"127.0.0.1:{testnet.socks}",
+                 f"http://localhost:{www['port']}/index.html")
+        assert p.returncode == 0, p.stderr
+        assert b"hello through onionp2p" in p.stdout
+
+
+def test_sigterm_stops_every_process(testnet):
+    children = testnet.children()
+    assert children  # relays still running
+    assert testnet.stop() == 0
+    time.sleep(0.5)
+    alive = [p for p in children if Path(f"/proc/{p}").exists()
+             and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()]
+    assert not alive
