@@ -50,6 +50,7 @@ class ChannelOwner(Protocol):
     def channel_closed(self, chan: Channel) -> None: ...
     def queue_overflow(self, chan: Channel, circ_id: int) -> None: ...
     def account_read(self, chan: Channel, nbytes: int) -> None: ...
+    def channel_connected(self, chan: Channel) -> bool: ...  # TCP+TLS up; False refuses the link
 
 
 class Channel(asyncio.Protocol):
@@ -105,6 +106,11 @@ class Channel(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if self.peer_address is None and peer:
             self.peer_address = peer[0]
+        if not self.owner.channel_connected(self):
+            self._log.info("connection refused by a limit")
+            self.closed = True
+            transport.abort()
+            return
         self._timeout_handle = self._loop.call_later(self.handshake_timeout, self._handshake_timed_out)
         try:
             sslobj = transport.get_extra_info("ssl_object")

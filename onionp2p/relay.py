@@ -187,6 +187,10 @@ class Relay:
             circ.log.warning("circuit queue over its bound; destroying", bound=chan.max_queue_cells)
             circ.destroy(DestroyReason.RESOURCELIMIT)
 
+    def channel_connected(self, chan: Channel) -> bool:
+        """A TCP+TLS connection is up (before the link handshake); False refuses it."""
+        return True
+
     def account_read(self, chan: Channel, nbytes: int) -> None:
         bucket = self.read_bucket
         if bucket is None:
