@@ -99,7 +99,7 @@ class ClientNode:
         self._emit(("status", progress, tag, summary))
 
     async def start(self, *, ready_timeout: float = 120.0) -> None:
-        from .socks_front import SocksServer
+        from .socks import SocksServer
 
         self._phase(5, "conn", "Connecting to a directory")
         if self.directory is not None:
