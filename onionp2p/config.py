@@ -164,6 +164,19 @@ def _int_range(lo: int, hi: int) -> Callable[[_Ctx, str, Any], int]:
     return check
 
 
+def _number_range(lo: float, hi: float) -> Callable[[_Ctx, str, Any], float]:
+    """An integer or a float (never a boolean) in ``lo..hi``."""
+
+    def check(ctx: _Ctx, key: str, value: Any) -> float:
+        if type(value) not in (int, float):
+            raise ctx.fail(key, f"expected a number, got {_type_name(value)} {value!r:.60}")
+        if not lo <= value <= hi:  # also rejects nan
+            raise ctx.fail(key, f"{value} out of range {lo:g}-{hi:g}")
+        return value
+
+    return check
+
+
 def _choice(options: tuple[str, ...]) -> Callable[[_Ctx, str, Any], str]:
     def check(ctx: _Ctx, key: str, value: Any) -> str:
         v = _want(ctx, key, value, str, "a string").lower()
@@ -300,8 +313,14 @@ class RelayConfig:
     log_format: str = "console"  #: console | json
     safe_logging: bool = True  #: scrub client addresses and destinations from logs
     control_port: int | None = None  #: control listener on 127.0.0.1; None = disabled
-    max_circuits_per_channel: int = 1000
-    max_streams_per_circuit: int = 500
+    max_circuits_per_channel: int = 1000  #: CREATE2 beyond this on one channel: DESTROY(RESOURCELIMIT)
+    max_streams_per_circuit: int = 500  #: BEGIN beyond this on one circuit: END(RESOURCELIMIT)
+    max_queue_cells: int = 2500  #: cells queued for one circuit on one channel; 0 = off
+    max_mem_in_queues: int = 256 * 1024 * 1024  #: bytes in all queues (tor: MaxMemInQueues); 0 = off
+    dos_max_concurrent_connections: int = 100  #: per address (DoSConnectionMaxConcurrentCount); 0 = off
+    dos_circuit_creation_rate: float = 3  #: CREATE2/s per client address (DoSCircuitCreationRate); 0 = off
+    dos_circuit_creation_burst: int = 90  #: (DoSCircuitCreationBurst); 0 = off
+    handshake_timeout: int = 30  #: seconds for TLS + link handshake (cannot be turned off)
     onion_key_lifetime_days: int = 28
     extend_allow_private: bool = False  #: allow EXTEND2 to private/loopback addresses (testnets)
     authorities: tuple[str, ...] = ()  #: directory authorities to publish to / fetch from
@@ -329,6 +348,12 @@ class RelayConfig:
             "control_port": _optional_port,
             "max_circuits_per_channel": _int_range(1, 2**31 - 1),
             "max_streams_per_circuit": _int_range(1, 65535),
+            "max_queue_cells": _int_range(0, 2**31 - 1),
+            "max_mem_in_queues": _int_range(0, 2**48),
+            "dos_max_concurrent_connections": _int_range(0, 2**31 - 1),
+            "dos_circuit_creation_rate": _number_range(0, 1e6),
+            "dos_circuit_creation_burst": _int_range(0, 2**31 - 1),
+            "handshake_timeout": _int_range(1, 600),
             "onion_key_lifetime_days": _int_range(1, 90),
             "extend_allow_private": _bool,
             "authorities": _authority_list,
@@ -342,6 +367,13 @@ class RelayConfig:
         burst = out.get("bandwidth_burst")
         if burst is not None and burst < rate:
             raise ctx.fail("bandwidth_burst", f"{burst} is smaller than bandwidth_rate {rate}")
+        cc_rate = out.get("dos_circuit_creation_rate", cls.dos_circuit_creation_rate)
+        cc_burst = out.get("dos_circuit_creation_burst", cls.dos_circuit_creation_burst)
+        if (cc_rate > 0) != (cc_burst > 0):
+            key = ("dos_circuit_creation_burst" if "dos_circuit_creation_burst" in out
+                   else "dos_circuit_creation_rate")
+            raise ctx.fail(key, "dos_circuit_creation_rate and dos_circuit_creation_burst must both be 0 "
+                                f"(off) or both be positive (rate {cc_rate}, burst {cc_burst})")
         return cls(**out)
 
 

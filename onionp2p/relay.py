@@ -17,7 +17,16 @@ Theory of operation
 * with ``directory`` (a :class:`~onionp2p.dirclient.RelayDirectory`), runs its directory
   duties: descriptor uploads, consensus cache, BEGIN_DIR server (started/stopped with the
   relay, told about key rotation);
-* shuts down cleanly: every circuit gets DESTROY, every channel is closed.
+* enforces the DoS limits of :mod:`onionp2p.dos` (specs/dos.md) through thin hooks:
+  ``channel_connected`` counts incoming connections per address (before the link
+  handshake; a peer that then authenticates as a relay gives its slot back),
+  ``_create2`` charges CREATE2 cells from client channels to their address's token
+  bucket (DESTROY(RESOURCELIMIT) when it is empty), and a memory check (every second,
+  and whenever enough bytes were read that queues could have reached the limit) destroys
+  the circuits holding the most queued memory when the total passes
+  ``max_mem_in_queues``. A heartbeat line summarises refusals at most once a minute;
+* shuts down cleanly: every circuit gets DESTROY, every channel is closed (also those
+  still in their link handshake).
 """
 
 from __future__ import annotations
@@ -34,7 +43,8 @@ from .cells import Cell, CellCommand, Create2, Created2, Destroy, DestroyReason
 from .channel import Channel
 from .circuit import OrCircuit
 from .directory import RelayInfo
-from .errors import HandshakeError, OnionError, ProtocolError
+from .dos import CELL_MEMORY, DosGuard, DosLimits, oom_victims
+from .errors import HandshakeError, ProtocolError
 from .exit import ExitHandler
 from .exitpolicy import ExitPolicy
 from .handshake import HTYPE_NTOR, ntor_server
@@ -46,6 +56,14 @@ from .relaycrypto import RelayCrypto
 __all__ = ["Relay"]
 
 log = get_logger("onionp2p.relay")
+
+#: Seconds between housekeeping sweeps (memory check, bucket pruning).
+SWEEP_INTERVAL = 1.0
+#: Seconds between DoS heartbeat lines (only when something was refused).
+HEARTBEAT_INTERVAL = 60.0
+#: At most one warning per this many seconds when the memory limit acts (debug otherwise).
+OOM_LOG_INTERVAL = 10.0
+_NO_LIMIT = 2**31 - 1
 
 
 class Relay:
@@ -68,6 +86,10 @@ class Relay:
         bandwidth_rate: int | None = None,
         bandwidth_burst: int | None = None,
         directory=None,
+        dos_max_concurrent_connections: int = 100,
+        dos_circuit_creation_rate: float = 3.0,
+        dos_circuit_creation_burst: int = 90,
+        max_mem_in_queues: int = 256 * 1024 * 1024,
     ):
         self.keys = keys
         self.nickname = nickname
@@ -75,10 +97,17 @@ class Relay:
         self.port = port
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.exit_policy = exit_policy or ExitPolicy.reject_all()
-        self.exit = ExitHandler(self.exit_policy, max_streams_per_circuit=max_streams_per_circuit)
-        self.max_circuits_per_channel = max_circuits_per_channel
+        # 0 = no limit: 65535 is the whole stream-ID space, 2**31 - 1 the circuit-ID space
+        self.exit = ExitHandler(self.exit_policy, max_streams_per_circuit=max_streams_per_circuit or 0xFFFF)
+        self.max_circuits_per_channel = max_circuits_per_channel or _NO_LIMIT
         self.extend_allow_private = extend_allow_private
-        self.max_queue_cells = max_queue_cells
+        self.max_queue_cells = max_queue_cells or _NO_LIMIT
+        self.dos = DosGuard(DosLimits(
+            max_concurrent_connections=dos_max_concurrent_connections,
+            circuit_creation_rate=dos_circuit_creation_rate,
+            circuit_creation_burst=dos_circuit_creation_burst,
+            max_mem_in_queues=max_mem_in_queues,
+        ))
         self.handshake_timeout = handshake_timeout
         # BandwidthRate/BandwidthBurst: one token bucket for every byte read on OR channels.
         self.read_bucket = (TokenBucket(bandwidth_rate, bandwidth_burst, now=time.monotonic())
@@ -88,10 +117,23 @@ class Relay:
         self.channels: set[Channel] = set()
         self.by_identity: dict[bytes, Channel] = {}
         self.circuits: set[OrCircuit] = set()
-        self.stats = {"create_ok": 0, "create_failed": 0, "destroyed": 0, "throttled": 0}
+        self.stats = {"create_ok": 0, "create_failed": 0, "destroyed": 0, "throttled": 0,
+                      "conn_refused": 0, "create_refused": 0, "oom_circuits_killed": 0,
+                      "oom_channels_closed": 0}
         self._connecting: dict[bytes, asyncio.Task] = {}
         self._server: asyncio.base_events.Server | None = None
         self._rotate_task: asyncio.Task | None = None
+        # channels between TCP+TLS and the end of the link handshake (closed by stop())
+        self._handshaking: set[Channel] = set()
+        # incoming channels holding a per-address connection slot -> that address
+        self._slots: dict[Channel, str] = {}
+        # bytes that may still be read before queue memory could pass its limit
+        self._read_budget = self.dos.read_budget(0)
+        self._memory_check: asyncio.Handle | None = None
+        self._oom_logged_at = -OOM_LOG_INTERVAL
+        self._housekeeping_task: asyncio.Task | None = None
+        self._reported = {k: 0 for k in ("conn_refused", "create_refused", "oom_circuits_killed",
+                                          "oom_channels_closed")}
         self._log = log.bind(nickname=nickname)
         # Directory duties (a dirclient.RelayDirectory or None): start(relay), stop(), keys_changed().
         self.directory = directory
@@ -111,8 +153,17 @@ class Relay:
         self.port = self._server.sockets[0].getsockname()[1]
         self._publish()
         self._rotate_task = loop.create_task(self._rotate_loop())
+        self._housekeeping_task = loop.create_task(self._housekeeping())
         self._log.info("relay listening", or_port=self.port, fingerprint=self.keys.fingerprint,
                        exit=self.exit_policy.is_exit)
+        lim = self.dos.limits
+        self._log.info("limits", max_concurrent_connections=lim.max_concurrent_connections,
+                       circuit_creation_rate=lim.circuit_creation_rate,
+                       circuit_creation_burst=lim.circuit_creation_burst,
+                       max_mem_in_queues=lim.max_mem_in_queues, max_queue_cells=self.max_queue_cells,
+                       max_circuits_per_channel=self.max_circuits_per_channel,
+                       max_streams_per_circuit=self.exit.max_streams_per_circuit,
+                       handshake_timeout=self.handshake_timeout)
         if self.directory is not None:
             await self.directory.start(self)
 
@@ -152,10 +203,13 @@ class Relay:
         """Destroy every circuit, close every channel and the listener."""
         if self.directory is not None:
             await self.directory.stop()
-        if self._rotate_task:
-            self._rotate_task.cancel()
-        if self._unthrottle_handle is not None:
-            self._unthrottle_handle.cancel()
+        for task in (self._rotate_task, self._housekeeping_task):
+            if task is not None:
+                task.cancel()
+        for handle in (self._unthrottle_handle, self._memory_check):
+            if handle is not None:
+                handle.cancel()
+        self._unthrottle_handle = self._memory_check = None
         if self._server is not None:
             self._server.close()
         for circ in list(self.circuits):
@@ -163,7 +217,7 @@ class Relay:
         for task in list(self._connecting.values()):
             task.cancel()
         await self.exit.aclose()
-        for chan in list(self.channels):
+        for chan in [*self.channels, *self._handshaking]:
             chan.close("relay shutting down")
         if self._server is not None:
             await self._server.wait_closed()
@@ -172,12 +226,22 @@ class Relay:
     # -- ChannelOwner ------------------------------------------------------------------
 
     def channel_open(self, chan: Channel) -> None:
+        self._handshaking.discard(chan)
         self.channels.add(chan)
         if chan.peer is not None and chan.peer.rsa_id:
             self.by_identity.setdefault(chan.peer.rsa_id, chan)
+            # a relay (it authenticated): its address's connection slot is given back
+            addr = self._slots.pop(chan, None)
+            if addr is not None:
+                self.dos.connection_closed(addr)
 
     def channel_closed(self, chan: Channel) -> None:
+        self._handshaking.discard(chan)
+        self._throttled.discard(chan)
         self.channels.discard(chan)
+        addr = self._slots.pop(chan, None)
+        if addr is not None:
+            self.dos.connection_closed(addr)
         if chan.peer is not None and self.by_identity.get(chan.peer.rsa_id) is chan:
             del self.by_identity[chan.peer.rsa_id]
 
@@ -188,10 +252,27 @@ class Relay:
             circ.destroy(DestroyReason.RESOURCELIMIT)
 
     def channel_connected(self, chan: Channel) -> bool:
-        """A TCP+TLS connection is up (before the link handshake); False refuses it."""
+        """A TCP+TLS connection is up (before the link handshake); False refuses it.
+
+        Incoming connections take a slot of their address (DoSConnectionMaxConcurrentCount);
+        connections we open to other relays do not.
+        """
+        if not chan.initiator:
+            addr = chan.peer_address or "?"
+            if not self.dos.connection_opened(addr):
+                self.stats["conn_refused"] += 1
+                self._log.debug("connection refused: too many from one address", peer_addr=addr)
+                return False
+            self._slots[chan] = addr
+        self._handshaking.add(chan)
         return True
 
     def account_read(self, chan: Channel, nbytes: int) -> None:
+        if self._read_budget is not None:
+            self._read_budget -= nbytes
+            if self._read_budget <= 0 and self._memory_check is None:
+                # after this read has been handled: its cells are queued by then
+                self._memory_check = asyncio.get_running_loop().call_soon(self._check_memory_soon)
         bucket = self.read_bucket
         if bucket is None:
             return
@@ -234,6 +315,11 @@ class Relay:
         if len(chan.circuits) >= self.max_circuits_per_channel:
             chan.send_cell(cid, CellCommand.DESTROY, Destroy(DestroyReason.RESOURCELIMIT).encode())
             return
+        if chan.peer is None and not self.dos.allow_create(chan.peer_address or "?", time.monotonic()):
+            # a client (relays authenticate) over DoSCircuitCreationRate/Burst
+            self.stats["create_refused"] += 1
+            chan.send_cell(cid, CellCommand.DESTROY, Destroy(DestroyReason.RESOURCELIMIT).encode())
+            return
         try:
             req = Create2.parse(cell.payload)
             if req.htype != HTYPE_NTOR:
@@ -248,6 +334,93 @@ class Relay:
         self.circuits.add(circ)
         self.stats["create_ok"] += 1
         chan.send_cell(cid, CellCommand.CREATED2, Created2(reply).encode())
+
+    # -- DoS housekeeping ---------------------------------------------------------------
+
+    def queue_memory(self) -> tuple[int, list[tuple[OrCircuit | Channel, int]]]:
+        """Bytes held in queues: the total, and who holds them.
+
+        A circuit holds the cells queued for it on both its channels and what its exit
+        streams have read but not packaged; a channel holds cells queued for circuits
+        that are gone (DESTROY answers to a peer that does not read, for instance).
+        """
+        holders: list[tuple[OrCircuit | Channel, int]] = []
+        attributed: dict[Channel, int] = {}
+        total = 0
+        for circ in self.circuits:
+            cells = circ.prev_chan.queued_cells(circ.prev_id)
+            attributed[circ.prev_chan] = attributed.get(circ.prev_chan, 0) + cells
+            nxt = circ.next_chan
+            if nxt is not None:
+                n = nxt.queued_cells(circ.next_id)
+                attributed[nxt] = attributed.get(nxt, 0) + n
+                cells += n
+            size = cells * CELL_MEMORY
+            for stream in circ.streams.values():
+                size += stream.buffered
+            if size:
+                holders.append((circ, size))
+                total += size
+        for chan in self.channels:
+            orphan = chan.queued_cells() - attributed.get(chan, 0)
+            if orphan > 0:
+                holders.append((chan, orphan * CELL_MEMORY))
+                total += orphan * CELL_MEMORY
+        return total, holders
+
+    def _check_memory_soon(self) -> None:
+        self._memory_check = None
+        self.check_memory()
+
+    def check_memory(self) -> int:
+        """Free the largest queue holders if the total is over ``max_mem_in_queues``.
+
+        Returns the bytes still held afterwards.
+        """
+        total, holders = self.queue_memory()
+        cap = self.dos.limits.max_mem_in_queues
+        victims = oom_victims(holders, cap)
+        if victims:
+            sizes = dict(holders)
+            circuits = channels = 0
+            for victim in victims:
+                total -= sizes[victim]
+                if isinstance(victim, Channel):
+                    channels += 1
+                    victim.close("queue memory limit")
+                elif not victim.closed:
+                    circuits += 1
+                    victim.destroy(DestroyReason.RESOURCELIMIT)
+            self.stats["oom_circuits_killed"] += circuits
+            self.stats["oom_channels_closed"] += channels
+            now = time.monotonic()
+            loud = now - self._oom_logged_at >= OOM_LOG_INTERVAL  # the heartbeat has the totals
+            if loud:
+                self._oom_logged_at = now
+            (self._log.warning if loud else self._log.debug)(
+                "memory in queues over max_mem_in_queues; freed the largest holders",
+                limit=cap, circuits_destroyed=circuits, channels_closed=channels, remaining=total)
+        self._read_budget = self.dos.read_budget(total)
+        return total
+
+    async def _housekeeping(self) -> None:
+        last_heartbeat = time.monotonic()
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = time.monotonic()
+            self.dos.prune(now)
+            if self.dos.limits.max_mem_in_queues:
+                self.check_memory()
+            if now - last_heartbeat >= HEARTBEAT_INTERVAL:
+                last_heartbeat = now
+                self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        """One line per interval with what the DoS limits refused (nothing if nothing was)."""
+        delta = {k: self.stats[k] - v for k, v in self._reported.items()}
+        if any(delta.values()):
+            self._reported = {k: self.stats[k] for k in self._reported}
+            self._log.info("DoS limits active", interval=HEARTBEAT_INTERVAL, **delta)
 
     def circuit_closed(self, circ: OrCircuit, reason: int) -> None:
         if circ in self.circuits:
@@ -279,12 +452,13 @@ class Relay:
         expected = PeerIdentity(ed25519_id=ed_id, rsa_id=rsa_id)
         _transport, chan = await loop.create_connection(
             lambda: Channel(self, initiator=True, keys=self.keys, expected=expected, peer_address=host,
-                            my_addresses=(self.address,), max_queue_cells=self.max_queue_cells),
-            host, port, ssl=tls.client_context(),
+                            my_addresses=(self.address,), max_queue_cells=self.max_queue_cells,
+                            handshake_timeout=self.handshake_timeout),
+            host, port, ssl=tls.client_context(), ssl_handshake_timeout=self.handshake_timeout,
         )
         try:
             await chan.ready
-        except OnionError:
+        except BaseException:  # a failed handshake, or cancelled (relay stopping): no stray link
             chan.close()
             raise
         return chan

@@ -426,3 +426,65 @@ def test_authority_directory_validation_errors(key: str, value: object, needle: 
 def test_relay_authorities_validated() -> None:
     with pytest.raises(ConfigError, match=r"authorities\[0\]"):
         RelayConfig.from_dict({"authorities": ["x"]})
+
+
+# -- DoS limits (specs/dos.md) -----------------------------------------------------------
+def test_relay_dos_defaults_are_tors() -> None:
+    cfg = RelayConfig.from_dict({})
+    assert cfg.dos_max_concurrent_connections == 100  # DoSConnectionMaxConcurrentCount
+    assert (cfg.dos_circuit_creation_rate, cfg.dos_circuit_creation_burst) == (3, 90)  # DoSCircuitCreation*
+    assert cfg.max_mem_in_queues == 256 * 1024 * 1024  # MaxMemInQueues
+    assert cfg.max_queue_cells == 2500  # circ_max_cell_queue_size
+    assert cfg.handshake_timeout == 30
+
+
+def test_relay_dos_keys_from_file(tmp_path: Path) -> None:
+    cfg = load_relay_config(write(tmp_path, """
+dos_max_concurrent_connections = 8
+dos_circuit_creation_rate = 0.5
+dos_circuit_creation_burst = 12
+max_mem_in_queues = 1048576
+max_queue_cells = 300
+handshake_timeout = 5
+"""))
+    assert cfg.dos_max_concurrent_connections == 8
+    assert (cfg.dos_circuit_creation_rate, cfg.dos_circuit_creation_burst) == (0.5, 12)
+    assert (cfg.max_mem_in_queues, cfg.max_queue_cells, cfg.handshake_timeout) == (1048576, 300, 5)
+
+
+def test_relay_dos_limits_can_be_turned_off() -> None:
+    cfg = RelayConfig.from_dict({"dos_max_concurrent_connections": 0, "dos_circuit_creation_rate": 0,
+                                 "dos_circuit_creation_burst": 0, "max_mem_in_queues": 0,
+                                 "max_queue_cells": 0})
+    assert (cfg.dos_max_concurrent_connections, cfg.max_mem_in_queues, cfg.max_queue_cells) == (0, 0, 0)
+    assert (cfg.dos_circuit_creation_rate, cfg.dos_circuit_creation_burst) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "needle"),
+    [
+        ({"dos_max_concurrent_connections": -1}, "dos_max_concurrent_connections", "out of range"),
+        ({"dos_max_concurrent_connections": True}, "dos_max_concurrent_connections", "expected an integer"),
+        ({"dos_max_concurrent_connections": 1.0}, "dos_max_concurrent_connections", "expected an integer"),
+        ({"dos_circuit_creation_rate": -0.5}, "dos_circuit_creation_rate", "out of range"),
+        ({"dos_circuit_creation_rate": float("nan")}, "dos_circuit_creation_rate", "out of range"),
+        ({"dos_circuit_creation_rate": float("inf")}, "dos_circuit_creation_rate", "out of range"),
+        ({"dos_circuit_creation_rate": "3"}, "dos_circuit_creation_rate", "expected a number"),
+        ({"dos_circuit_creation_rate": False}, "dos_circuit_creation_rate", "expected a number"),
+        ({"dos_circuit_creation_burst": 2.5}, "dos_circuit_creation_burst", "expected an integer"),
+        ({"dos_circuit_creation_burst": 0}, "dos_circuit_creation_burst", "both be 0"),
+        ({"dos_circuit_creation_rate": 0}, "dos_circuit_creation_rate", "both be 0"),
+        ({"max_mem_in_queues": -1}, "max_mem_in_queues", "out of range"),
+        ({"max_mem_in_queues": "256M"}, "max_mem_in_queues", "expected an integer"),
+        ({"max_queue_cells": -5}, "max_queue_cells", "out of range"),
+        ({"handshake_timeout": 0}, "handshake_timeout", "out of range"),
+        ({"handshake_timeout": 601}, "handshake_timeout", "out of range"),
+        ({"handshake_timeout": 2.5}, "handshake_timeout", "expected an integer"),
+    ],
+)
+def test_relay_dos_validation_errors(data: dict, key: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        RelayConfig.from_dict(data, source="relay.toml")
+    msg = str(exc.value)
+    assert msg.startswith("relay.toml: ") and key in msg and needle in msg
+
