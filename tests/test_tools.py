@@ -1,0 +1,434 @@
+"""``onionp2p circuits``, ``onionp2p top`` and the circuit graph against a real node.
+
+The node is a real :class:`~onionp2p.node.ClientNode` (circuit manager, SOCKS front end,
+control port with its cookie) whose directory is three in-process relays on real TLS
+listeners; its circuits are real 3-hop ntor circuits and its streams carry real HTTP
+through them. The tools talk to its control port over 127.0.0.1 like any controller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import http_get
+
+from onionp2p.config import ClientConfig
+from onionp2p.control import ControlServer
+from onionp2p.controlfmt import format_event, ns_entry
+from onionp2p.controlproto import hash_password
+from onionp2p.directory import RouterStatus
+from onionp2p.exitpolicy import ExitPolicy
+from onionp2p.inspect import (
+    AuthenticationError, ControlClient, ControlTarget, InspectError, NetworkView, ReplyAssembler,
+    open_view, parse_circuit, parse_ns,
+)
+from onionp2p.node import ClientNode
+from onionp2p.tools import SCRUBBED, render_graph, run_circuits, view_json
+
+REPO = Path(__file__).resolve().parents[1]
+FLAGS = frozenset({"Exit", "Fast", "Guard", "Running", "Stable", "Valid"})
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+@pytest.fixture
+async def exit_relays(tmp_path):
+    """Three in-process relays that are exits (policy summary accepts every port)."""
+    from onionp2p.keys import RelayKeys
+    from onionp2p.relay import Relay
+
+    relays = []
+    for i in range(3):
+        keys = RelayKeys.load_or_create(tmp_path / f"x{i}" / "keys")
+        relay = Relay(keys, nickname=f"node{i}", exit_policy=ExitPolicy.parse("accept *:*", reject_private=False),
+                      data_dir=tmp_path / f"x{i}", extend_allow_private=True)
+        await relay.start()
+        relays.append(relay)
+    yield relays
+    for relay in relays:
+        await relay.stop()
+
+
+@pytest.fixture
+async def client_node(exit_relays, tmp_path):
+    """A running ClientNode with SOCKS and a control port, two preemptive circuits built."""
+    statuses = [RouterStatus(r.info(), FLAGS, bandwidth=1000 + i) for i, r in enumerate(exit_relays)]
+    cfg = ClientConfig(data_dir=tmp_path / "client", socks_address=("127.0.0.1", 0), control_port=0,
+                       enforce_distinct_subnets=False, preemptive_circuits=2, log_level="warning")
+    node = ClientNode(cfg, routers=lambda: statuses)
+    await node.start(ready_timeout=30)
+    await wait_for(lambda: sum(c.state == "built" for c in node.client.circuits.values()) >= 2, what="2 circuits")
+    yield node
+    await node.stop()
+
+
+@pytest.fixture
+def target(client_node) -> ControlTarget:
+    return ControlTarget(port=client_node.control_port)
+
+
+async def wait_for(pred, timeout=20.0, what="condition"):
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not pred():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def socks_connect(socks_port: int, host: str, port: int):
+    """A SOCKS5 CONNECT (no auth) through the node; returns the open (reader, writer)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", socks_port)
+    writer.write(b"\x05\x01\x00")
+    assert await reader.readexactly(2) == b"\x05\x00"
+    name = host.encode()
+    writer.write(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + struct.pack(">H", port))
+    reply = await asyncio.wait_for(reader.readexactly(10), 30)
+    assert reply[1] == 0, reply
+    return reader, writer
+
+
+@pytest.fixture
+async def open_stream(client_node, http_server):
+    """A SUCCEEDED stream to the local HTTP server that stays open during the test."""
+    reader, writer = await socks_connect(client_node.socks_port, "127.0.0.1", http_server.port)
+    await wait_for(lambda: any(s.status == "SUCCEEDED" for s in client_node.streams.values()), what="stream")
+    rec = next(s for s in client_node.streams.values() if s.status == "SUCCEEDED")
+    # steady state: the circuit manager replaces the used circuit with a new clean one
+    await wait_for(lambda: [c.state for c in client_node.client.circuits.values()] == ["built"] * 3,
+                   what="two clean circuits beside the used one")
+    yield rec, reader, writer
+    writer.close()
+    await wait_for(lambda: not client_node.streams, what="stream closed")
+
+
+def built_ids(node) -> set[int]:
+    return {c.id for c in node.client.circuits.values() if c.state == "built"}
+
+
+def strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+
+
+# -- pure parts -----------------------------------------------------------------------------------
+
+def test_reply_assembler_data_blocks_and_events():
+    asm = ReplyAssembler()
+    lines = ["250-version=0.4.9.3", "250+circuit-status=", "1 BUILT $" + "A" * 40 + "~r0", "..dotted", ".",
+             "250 OK", "650 BW 10 20"]
+    replies = [r for r in (asm.feed(x) for x in lines) if r is not None]
+    assert [r.code for r in replies] == [250, 650]
+    assert replies[0].values() == {"version": "0.4.9.3", "circuit-status": "1 BUILT $" + "A" * 40 + "~r0\n.dotted"}
+    with pytest.raises(InspectError):
+        asm.feed("garbage")
+
+
+def test_parse_circuit_line_with_extension_and_quotes():
+    fp = "0123456789ABCDEF0123456789ABCDEF01234567"
+    c = parse_circuit(f"7 BUILT ${fp}~guard,${fp.lower()}=mid BUILD_FLAGS=NEED_CAPACITY PURPOSE=GENERAL "
+                      'TIME_CREATED=2025-01-02T03:04:05.500000 SOCKS_USERNAME="a b" BYTES_READ=10 BYTES_WRITTEN=4')
+    assert (c.id, c.status, c.purpose, c.bytes_read, c.bytes_written) == (7, "BUILT", "GENERAL", 10, 4)
+    assert [(h.fingerprint, h.nickname) for h in c.path] == [(fp, "guard"), (fp, "mid")]
+    assert c.time_created == 1735787045.5
+    assert parse_circuit("3 LAUNCHED PURPOSE=GENERAL").path == ()
+
+
+def test_parse_ns_reads_what_the_control_port_writes(exit_relays_infos):
+    statuses = [RouterStatus(info, FLAGS, bandwidth=55) for info in exit_relays_infos]
+    routers = parse_ns("\n".join(ns_entry(s, 0) for s in statuses))
+    assert [(r.nickname, r.fingerprint, r.address, r.or_port, r.flags, r.bandwidth) for r in routers] == [
+        (s.nickname, s.fingerprint, s.info.address, s.info.or_port, FLAGS, 55) for s in statuses]
+
+
+@pytest.fixture
+def exit_relays_infos(tmp_path):
+    from onionp2p.directory import RelayInfo
+    from onionp2p.keys import RelayKeys
+
+    out = []
+    for i in range(2):
+        keys = RelayKeys.load_or_create(tmp_path / f"k{i}")
+        out.append(RelayInfo(nickname=f"n{i}", address="127.0.0.1", or_port=9000 + i, rsa_id=keys.rsa_id_digest,
+                             ed_id=keys.identity_public, ntor_key=keys.onion_key_public,
+                             exit_policy="accept 1-65535"))
+    return out
+
+
+# -- authentication -------------------------------------------------------------------------------
+
+async def test_cookie_safecookie_and_discovered_cookie(client_node, target):
+    async with await ControlClient.open(port=target.port) as c:
+        assert await c.authenticate() == "SAFECOOKIE"  # cookie file named by PROTOCOLINFO
+        assert (await c.getinfo("version"))["version"].endswith("(onionp2p-0.1.0)")
+    async with await ControlClient.open(port=target.port) as c:
+        cookie = client_node.cfg.data_dir / "control_auth_cookie"
+        assert await c.authenticate(cookie_path=cookie, allow_safecookie=False) == "COOKIE"
+        assert "circuit-status" in await c.getinfo("circuit-status")
+
+
+async def test_wrong_cookie_is_caught_before_answering(client_node, target, tmp_path):
+    fake = tmp_path / "fake_cookie"
+    fake.write_bytes(os.urandom(32))
+    with pytest.raises(AuthenticationError, match="SERVERHASH"):
+        await ControlClient.connect(ControlTarget(port=target.port, cookie_path=str(fake)))
+    short = tmp_path / "short"
+    short.write_bytes(b"x")
+    with pytest.raises(AuthenticationError, match="not a control cookie"):
+        await ControlClient.connect(ControlTarget(port=target.port, cookie_path=str(short)))
+
+
+async def test_password_authentication(client_node):
+    srv = ControlServer(client_node.control_adapter(), hashed_password=hash_password("s3cret \"pw\""))
+    await srv.start()
+    try:
+        client = await ControlClient.connect(ControlTarget(port=srv.port, password='s3cret "pw"'))
+        assert len(parse_ns((await client.getinfo("ns/all"))["ns/all"])) == 3
+        await client.close()
+        with pytest.raises(AuthenticationError, match="refused"):
+            await ControlClient.connect(ControlTarget(port=srv.port, password="wrong"))
+        with pytest.raises(AuthenticationError, match="no usable authentication method"):
+            await ControlClient.connect(ControlTarget(port=srv.port))
+    finally:
+        await srv.stop()
+
+
+async def test_unreachable_port_is_a_typed_error():
+    from onionp2p.testnet import free_port
+
+    with pytest.raises(InspectError, match="cannot connect"):
+        await ControlClient.connect(ControlTarget(port=free_port(), timeout=5))
+
+
+# -- onionp2p circuits ------------------------------------------------------------------------------
+
+async def test_circuits_json_paths_streams_and_scrubbing(client_node, target, open_stream, exit_relays):
+    rec, _reader, _writer = open_stream
+    out = io.StringIO()
+    assert await run_circuits(target, as_json=True, out=out) == 0
+    doc = json.loads(out.getvalue())
+    assert {c["id"] for c in doc["circuits"]} == built_ids(client_node)
+    nicks = {r.keys.fingerprint: r.nickname for r in exit_relays}
+    for c in doc["circuits"]:
+        circ = client_node.client.circuits[c["id"]]
+        assert c["state"] == "BUILT" and c["purpose"] == "GENERAL" and c["age_seconds"] >= 0
+        assert [(h["fingerprint"], h["nickname"]) for h in c["path"]] == [
+            (h.fingerprint, nicks[h.fingerprint]) for h in circ.hops]
+        assert [h["role"] for h in c["path"]] == ["guard", "middle", "exit"]
+        assert c["bytes_sent"] is None and c["bytes_received"] is None  # the node does not report them yet
+    on_circ = [s for c in doc["circuits"] for s in c["streams"]]
+    assert [(s["id"], s["state"], s["circuit"], s["target"]) for s in on_circ] == [
+        (rec.id, "SUCCEEDED", rec.circuit_id, SCRUBBED)]
+    assert rec.target not in out.getvalue()
+    assert {r["nickname"] for r in doc["relays_in_use"]} == {r.nickname for r in exit_relays}
+    assert doc["traffic"]["read"] > 0 and doc["traffic"]["written"] > 0
+
+    out = io.StringIO()
+    await run_circuits(target, as_json=True, out=out, show_targets=True)
+    streams = [s for c in json.loads(out.getvalue())["circuits"] for s in c["streams"]]
+    assert [s["target"] for s in streams] == [rec.target]
+
+
+async def test_circuits_table(client_node, target, open_stream, exit_relays):
+    from rich.console import Console
+
+    rec = open_stream[0]
+    buf = io.StringIO()
+    await run_circuits(target, console=Console(file=buf, width=250, color_system=None))
+    text = buf.getvalue()
+    for cid in built_ids(client_node):
+        assert re.search(rf"│\s+{cid} │ BUILT\s+│ GENERAL", text), text
+    circ = client_node.client.circuits[rec.circuit_id]
+    exit_hop = circ.hops[-1]
+    assert f"{exit_hop.nickname} ${exit_hop.fingerprint[:8]} [exit]" in text
+    assert f"#{rec.id} SUCCEEDED {SCRUBBED}" in text and rec.target not in text
+    assert f"{len(client_node.client.circuits)} circuits, 1 streams" in text
+
+
+async def test_circuits_watch_follows_events(client_node, target):
+    from rich.console import Console
+
+    buf = io.StringIO()
+    stop = asyncio.Event()
+    seen: list[set[int]] = []
+
+    def on_update(view: NetworkView) -> None:
+        seen.append({c.id for c in view.circuits.values() if c.status == "BUILT"})
+
+    task = asyncio.ensure_future(run_circuits(target, watch=True, stop=stop, on_update=on_update,
+                                              console=Console(file=buf, width=200, force_terminal=True)))
+    await wait_for(lambda: seen, what="first draw")
+    before = built_ids(client_node)
+    assert seen[0] == before
+    adapter = client_node.control.node
+    new_id = await adapter.extend_circuit(0, None, "general")
+    await wait_for(lambda: new_id in seen[-1], what="new circuit in the live view")
+    victim = min(before)
+    assert adapter.close_circuit(victim)
+    await wait_for(lambda: victim not in seen[-1], what="closed circuit gone from the live view")
+    stop.set()
+    assert await task == 0
+    text = strip_ansi(buf.getvalue())
+    assert re.search(rf"│\s+{new_id} │ BUILT", text)
+
+
+async def test_circuits_watch_json_lines(client_node, target):
+    out = io.StringIO()
+    stop = asyncio.Event()
+    views: list[dict] = []
+
+    def on_update(view):
+        views.append(view_json(view, 0))
+
+    task = asyncio.ensure_future(run_circuits(target, watch=True, as_json=True, out=out, stop=stop,
+                                              on_update=on_update))
+    await wait_for(lambda: views, what="first line")
+    new_id = await client_node.control.node.extend_circuit(0, None, "general")
+    await wait_for(lambda: any(c["id"] == new_id and c["state"] == "BUILT" for c in views[-1]["circuits"]),
+                   what="new circuit line")
+    stop.set()
+    await task
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) >= 2
+    assert any(c["id"] == new_id and c["state"] == "BUILT" for c in lines[-1]["circuits"])
+
+
+async def test_circ_bw_events_add_up_per_circuit(client_node, target):
+    """tor's CIRC_BW events (deltas), sent through the real control port, sum per circuit."""
+    client, view, since = await open_view(target)
+    cid = min(built_ids(client_node))
+    srv = client_node.control
+    for read, written in ((500, 40), (1000, 60)):
+        srv.emit("CIRC_BW", format_event("CIRC_BW", f"ID={cid} Read={read} Written={written} "
+                                                    "Time=2025-01-01T00:00:00.000000"))
+    try:
+        async for ev in client.events(since=since):
+            view.apply(ev)
+            if view.circuits[cid].bytes_read == 1500:
+                break
+        assert view.circuits[cid].bytes_written == 100
+        row = next(c for c in view_json(view, 0)["circuits"] if c["id"] == cid)
+        assert (row["bytes_received"], row["bytes_sent"]) == (1500, 100)
+    finally:
+        await client.close()
+
+
+async def test_cli_process_json_and_errors(client_node, target, tmp_path):
+    """The real command line in a child process (onionp2p.tools.main = the subcommands)."""
+    async def run(*args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "onionp2p.tools", *args, cwd=REPO,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode, out.decode(), err.decode()
+
+    cookie = str(client_node.cfg.data_dir / "control_auth_cookie")
+    rc, out, err = await run("circuits", "--control", f"127.0.0.1:{target.port}", "--cookie", cookie, "--json")
+    assert rc == 0, err
+    assert {c["id"] for c in json.loads(out)["circuits"]} == built_ids(client_node)
+    rc, out, err = await run("circuits", "--control-port", str(target.port), "--password", "nope")
+    assert rc == 2 and "does not accept a password" in err
+
+
+# -- the picture -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("engine", ["matplotlib", "dot"])
+async def test_graph_svg_and_png_name_the_relays(client_node, target, exit_relays, tmp_path, engine):
+    if engine == "dot" and shutil.which("dot") is None:
+        pytest.skip("Graphviz dot not installed")
+    client, view, _ = await open_view(target, events=())
+    await client.close()
+    svg, png = tmp_path / "net.svg", tmp_path / "net.png"
+    assert render_graph(view, svg, engine=engine) == engine
+    assert render_graph(view, png, engine=engine) == engine
+    text = svg.read_text()
+    for relay in exit_relays:
+        assert relay.nickname in text and relay.keys.fingerprint[:8] in text
+    for cid in built_ids(client_node):
+        assert f"circ{'uit' if engine == 'matplotlib' else ''} {cid}" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
+
+
+async def test_graph_from_cli_and_tools_script(client_node, target, exit_relays, tmp_path):
+    out = tmp_path / "c.svg"
+    assert await run_circuits(target, as_json=True, out=io.StringIO(), graph=str(out),
+                              graph_engine="matplotlib") == 0
+    assert all(r.nickname in out.read_text() for r in exit_relays)
+    png = tmp_path / "script.png"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(REPO / "tools" / "circuit_graph.py"), "--control-port", str(target.port),
+        "-o", str(png), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(InspectError, match="must end in"):
+        render_graph(NetworkView(), tmp_path / "x.gif")
+
+
+# -- onionp2p top -----------------------------------------------------------------------------------
+
+async def test_top_tui_with_pilot(client_node, target, open_stream, exit_relays, http_server):
+    from textual.widgets import DataTable, Sparkline
+
+    from onionp2p.tui import TopApp
+
+    rec, reader, writer = open_stream
+    app = TopApp(target)
+    async with app.run_test(size=(180, 50)) as pilot:
+        circuits = app.query_one("#circuits", DataTable)
+        relays = app.query_one("#relays", DataTable)
+        streams = app.query_one("#streams", DataTable)
+        def rows(table):
+            return [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
+
+        def node_circuits():
+            return {(str(c.id), "BUILT" if c.state == "built" else ("EXTENDED" if c.hops else "LAUNCHED"))
+                    for c in client_node.client.circuits.values()}
+
+        await wait_for(lambda: app.status.startswith("connected") and {tuple(r[:2]) for r in rows(circuits)}
+                       == node_circuits(), what="the node's circuits in the table")
+        assert {row[0] for row in rows(relays)} == {r.nickname for r in exit_relays}
+        assert [str(c) for c in streams.get_row_at(0)[:4]] == [str(rec.id), "SUCCEEDED", str(rec.circuit_id),
+                                                              SCRUBBED]
+        await pilot.pause()
+        assert SCRUBBED in app.export_screenshot()  # rendered, not eaten as markup
+        assert rec.target not in app.export_screenshot()
+        await pilot.press("t")
+        assert str(streams.get_row_at(0)[3]) == rec.target
+        await pilot.pause()
+        assert rec.target in app.export_screenshot()
+
+        new_id = await client_node.control.node.extend_circuit(0, None, "general")
+        await wait_for(lambda: [str(new_id), "BUILT"] in [r[:2] for r in rows(circuits)], what="new circuit row")
+
+        logging.getLogger("onionp2p.test_tools").warning("tui log check %d", 42)
+        await wait_for(lambda: any("tui log check 42" in m.message for m in app.view.log), what="WARN event")
+        assert app.log_lines >= 1
+
+        body = await http_get(reader, writer, "/300000")  # traffic for the BW graph
+        assert len(body) == 300000
+        await wait_for(lambda: sum(r for r, _ in app.view.bandwidth) > 300000, what="BW samples with the download")
+        sparkline = app.query_one("#bw-read", Sparkline)
+        await wait_for(lambda: sum(sparkline.data) > 300000, what="the download in the graph")
+        await pilot.press("q")
+    assert app.return_code == 0
+
+
+async def test_top_reports_unreachable_port():
+    from onionp2p.testnet import free_port
+    from onionp2p.tui import TopApp
+
+    app = TopApp(ControlTarget(port=free_port(), timeout=5))
+    async with app.run_test() as pilot:
+        await wait_for(lambda: app.return_code is not None, what="app exit")
+        await pilot.pause()
+    assert app.return_code == 2
