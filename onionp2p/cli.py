@@ -55,6 +55,11 @@ async def run_relay(cfg: RelayConfig, *, shutdown_timeout: float = 5.0) -> int:
         extend_allow_private=cfg.extend_allow_private,
         bandwidth_rate=cfg.bandwidth_rate, bandwidth_burst=cfg.effective_bandwidth_burst,
         directory=relay_directory(cfg),
+        max_queue_cells=cfg.max_queue_cells, max_mem_in_queues=cfg.max_mem_in_queues,
+        handshake_timeout=cfg.handshake_timeout,
+        dos_max_concurrent_connections=cfg.dos_max_concurrent_connections,
+        dos_circuit_creation_rate=cfg.dos_circuit_creation_rate,
+        dos_circuit_creation_burst=cfg.dos_circuit_creation_burst,
     )
     await relay.start()
     loop = asyncio.get_running_loop()
@@ -173,11 +178,10 @@ async def run_client(cfg: ClientConfig, *, config_file: str | None = None,
 
     routers = None
     if tor_dirauth_file is not None:
-        from .tordir import TorDirectory
+        from .tordir import fetch_tor_directory, read_dirauth_file
 
-        tordir = TorDirectory.from_file(tor_dirauth_file)
-        await tordir.bootstrap()
-        routers = tordir.routers
+        tor_routers = await fetch_tor_directory(read_dirauth_file(tor_dirauth_file))
+        routers = lambda: tor_routers  # noqa: E731 - a fixed view of the Tor network's consensus
     node = ClientNode(cfg, routers=routers, config_file=config_file)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -271,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_relay)
     _add_authority_parser(sub)
     _add_client_parsers(sub)
+    from .tools import add_tool_parsers
+
+    add_tool_parsers(sub)
     return p
 
 
