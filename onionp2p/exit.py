@@ -104,6 +104,11 @@ class ExitConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abort(self) -> None:
+        """Drop the socket now, unflushed: its circuit is gone (tor gives up flushing too)."""
+        if self.transport is not None:
+            self.transport.abort()
+
 
 def _end_reason_for(exc: BaseException) -> int:
     if isinstance(exc, ConnectionRefusedError):
@@ -290,6 +295,7 @@ class ExitHandler:
         """Close every stream of a circuit that is going away."""
         for stream in list(circ.streams.values()):
             stream.close()
+            stream.conn.abort()  # a destination that never reads must not pin the socket
         circ.streams.clear()
 
     async def aclose(self) -> None:

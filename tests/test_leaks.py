@@ -468,8 +468,6 @@ async def test_scenario_returns_to_baseline(net, scenario, limits, rounds):
         await settle(net.relays, base)
 
 
-@pytest.mark.xfail(strict=True, reason="exit.py: ExitConnection.close() uses transport.close(), which waits "
-                   "forever to flush to a destination that never reads; the socket outlives its circuit")
 async def test_exit_frees_sockets_of_destinations_that_never_read(net):
     await net.start(1)
     held: list[asyncio.StreamWriter] = []
