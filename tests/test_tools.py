@@ -405,7 +405,7 @@ async def test_top_tui_with_pilot(client_node, target, open_stream, exit_relays,
         await pilot.press("t")
         assert str(streams.get_row_at(0)[3]) == rec.target
         await pilot.pause()
-        assert rec.target in app.export_screenshot()
+        await wait_for(lambda: rec.target in app.export_screenshot(), what="the target on screen")
 
         new_id = await client_node.control.node.extend_circuit(0, None, "general")
         await wait_for(lambda: [str(new_id), "BUILT"] in [r[:2] for r in rows(circuits)], what="new circuit row")
