@@ -217,6 +217,13 @@ class CellReader:
         self._pos = end
         return Cell(circ_id, command, payload)
 
+    def take_buffered(self) -> bytes:
+        """Remove and return the bytes received but not yet returned as cells."""
+        rest = bytes(self._buf[self._pos:])
+        self._buf = bytearray()
+        self._pos = 0
+        return rest
+
     def cells(self):
         """Yield every complete cell currently buffered (the CircID width must not change)."""
         while (cell := self.next_cell()) is not None:

@@ -17,6 +17,18 @@ A :class:`Channel` is an :class:`asyncio.Protocol` on a TLS transport. It owns
   (RESOURCELIMIT) — so a peer that stops reading cannot make us buffer without bound.
 
 The owner (a relay or a client) implements :class:`ChannelOwner`.
+
+Fast path (specs/performance.md)
+--------------------------------
+Once the link is open, :meth:`Channel.data_received` frames every complete cell of the
+whole socket read in one pass over the received ``bytes`` (no intermediate buffer
+object, no :class:`Cell` per RELAY cell). Consecutive RELAY/RELAY_EARLY cells of one
+circuit form a *run* that is handed over at once to ``circuit.relay_run(chan, data,
+start, count)`` (cells at ``data[start + i*514 :]``), so the circuit keeps its cipher
+and channel lookups out of the per-cell loop; circuits without ``relay_run`` get
+``handle_cell`` per cell, as do all other cells. On the way out,
+:meth:`Channel.send_payloads` queues many fixed cells of one circuit with one header
+pack and one ``join``. The bytes on the wire are exactly those of the per-cell path.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import struct
 import time
 from collections import deque
 from typing import Any, Protocol
@@ -31,7 +44,10 @@ from typing import Any, Protocol
 from .log import get_logger
 
 from . import tls
-from .cells import CELL_LEN, Cell, CellCommand, CellReader, encode_fixed, encode_var, is_var_command
+from .cells import (
+    CELL_LEN, DEFAULT_MAX_VAR_PAYLOAD, PAYLOAD_LEN, Cell, CellCommand, CellReader, encode_fixed, encode_var,
+    is_var_command,
+)
 from .errors import OnionError, ProtocolError
 from .link import LinkHandshake, PeerIdentity
 
@@ -42,6 +58,9 @@ log = get_logger("onionp2p.channel")
 DEFAULT_MAX_QUEUE_CELLS = 2500  # like tor's circ_max_cell_queue_size
 _COALESCE_LIMIT = 256 * 1024
 _ids = itertools.count(1)
+_HDR4 = struct.Struct(">IB")
+_RELAY, _RELAY_EARLY = int(CellCommand.RELAY), int(CellCommand.RELAY_EARLY)
+_IGNORED = frozenset({int(CellCommand.PADDING), int(CellCommand.VPADDING), int(CellCommand.NETINFO)})
 
 
 class ChannelOwner(Protocol):
@@ -90,6 +109,8 @@ class Channel(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._reader = CellReader(circ_id_len=2)
+        self._rest = b""  # after the handshake: bytes of an incomplete cell
+        self._max_var = DEFAULT_MAX_VAR_PAYLOAD
         self._hs: LinkHandshake | None = None
         self._out: list[bytes] = []
         self._out_len = 0
@@ -131,11 +152,13 @@ class Channel(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         self.owner.account_read(self, len(data))
-        reader = self._reader
-        reader.receive_data(data)
         try:
             hs = self._hs
-            if hs is not None and not hs.done:
+            if hs is not None:
+                if hs.done:
+                    return  # the handshake failed earlier; the channel is closing
+                reader = self._reader
+                reader.receive_data(data)
                 while not hs.done:
                     reader.circ_id_len = hs.circ_id_len
                     cell = reader.next_cell()
@@ -146,22 +169,78 @@ class Channel(asyncio.Protocol):
                 if not hs.done:
                     return
                 self._handshake_done()
-            circuits = self.circuits
-            next_cell = reader.next_cell
-            while not self.closed and (cell := next_cell()) is not None:
-                self.cells_in += 1
-                circ = circuits.get(cell.circ_id)
-                if circ is not None:
-                    circ.handle_cell(self, cell)
-                    continue
-                cmd = cell.command
-                if cmd in (CellCommand.PADDING, CellCommand.VPADDING, CellCommand.NETINFO):
-                    continue
-                if cmd == CellCommand.VERSIONS:
-                    raise ProtocolError("VERSIONS cell after the handshake")
-                self.owner.unknown_cell(self, cell)
+                data = reader.take_buffered()
+            self._cells(data)
         except ProtocolError as exc:
             self._fail(exc)
+
+    def _cells(self, data: bytes) -> None:
+        """Handle every complete cell of ``self._rest + data`` (link open, 4-byte CircIDs)."""
+        if self._rest:
+            data = self._rest + data
+            self._rest = b""
+        n = len(data)
+        pos = 0
+        circuits = self.circuits
+        unpack = _HDR4.unpack_from
+        while pos + 5 <= n and not self.closed:
+            circ_id, cmd = unpack(data, pos)
+            if cmd == _RELAY or cmd == _RELAY_EARLY:
+                end = pos + CELL_LEN
+                if end > n:
+                    break
+                # extend the run while the next complete cell is RELAY(_EARLY) on this circuit
+                while end + CELL_LEN <= n:
+                    cid2, cmd2 = unpack(data, end)
+                    if cid2 != circ_id or (cmd2 != _RELAY and cmd2 != _RELAY_EARLY):
+                        break
+                    end += CELL_LEN
+                count = (end - pos) // CELL_LEN
+                self.cells_in += count
+                circ = circuits.get(circ_id)
+                run = getattr(circ, "relay_run", None) if circ is not None else None
+                if run is not None:
+                    run(self, data, pos, count)
+                else:
+                    for p in range(pos, end, CELL_LEN):
+                        if self.closed:
+                            break
+                        cell = Cell(circ_id, data[p + 4], data[p + 5:p + CELL_LEN])
+                        circ = circuits.get(circ_id)
+                        if circ is not None:
+                            circ.handle_cell(self, cell)
+                        else:
+                            self.owner.unknown_cell(self, cell)
+                pos = end
+                continue
+            if cmd == 7 or cmd >= 128:
+                if pos + 7 > n:
+                    break
+                length = (data[pos + 5] << 8) | data[pos + 6]
+                if length > self._max_var:
+                    raise ProtocolError(f"variable-length cell too long ({length} bytes)")
+                end = pos + 7 + length
+                if end > n:
+                    break
+                payload = data[pos + 7:end]
+            else:
+                end = pos + 5 + PAYLOAD_LEN
+                if end > n:
+                    break
+                payload = data[pos + 5:end]
+            pos = end
+            self.cells_in += 1
+            circ = circuits.get(circ_id)
+            if circ is not None:
+                circ.handle_cell(self, Cell(circ_id, cmd, payload))
+                continue
+            if cmd in _IGNORED:
+                continue
+            if cmd == CellCommand.VERSIONS:
+                raise ProtocolError("VERSIONS cell after the handshake")
+            self.owner.unknown_cell(self, Cell(circ_id, cmd, payload))
+        if pos < n:
+            self._rest = data[pos:]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._teardown("connection lost" if exc is None else f"connection lost: {type(exc).__name__}")
@@ -237,6 +316,42 @@ class Channel(asyncio.Protocol):
                 self.owner.queue_overflow(self, circ_id)
             return
         self._write_raw(raw)
+
+    def send_payloads(self, circ_id: int, command: int, payloads: list) -> None:
+        """Queue fixed cells (``command`` < 128, never VERSIONS) of one circuit, one per
+        509-byte payload, in order: the same bytes as ``send_cell`` per payload."""
+        if self.closed or not payloads:
+            return
+        hdr = _HDR4.pack(circ_id, command)
+        k = len(payloads)
+        self.cells_out += k
+        if self._paused or self._queues:
+            q = self._queues.get(circ_id)
+            if q is None:
+                q = self._queues[circ_id] = deque()
+            for p in payloads:
+                q.append(hdr + p)
+            if len(q) > self.max_queue_cells:
+                del self._queues[circ_id]
+                self.owner.queue_overflow(self, circ_id)
+            return
+        if self._transport is None:
+            return
+        out = self._out
+        out.append(hdr)
+        out.append(hdr.join(payloads))
+        self._out_len += k * CELL_LEN
+        if self._out_len >= _COALESCE_LIMIT:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def flush(self) -> None:
+        """Write what this loop turn has queued now instead of at the end of the turn
+        (used for cells that others wait on, like SENDMEs)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush()
 
     def queued_cells(self, circ_id: int | None = None) -> int:
         """Cells waiting in this channel's per-circuit queues (all circuits when None)."""

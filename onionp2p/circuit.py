@@ -24,12 +24,23 @@ then this relay is the circuit's last hop and may run exit streams on it.
 
 The circuit never touches sockets: channels are objects with ``send_cell``; the relay
 that owns the circuit supplies ``open_channel`` (async) and the exit handler.
+
+Fast path: a channel hands over runs of consecutive RELAY/RELAY_EARLY cells with
+:meth:`OrCircuit.relay_run`. Forward, each cell is decrypted with the keystream's
+``update`` straight from the channel's receive buffer; cells that are not ours (the
+Recognized field is non-zero, or the digest check fails) are collected and leave with
+one :meth:`~onionp2p.channel.Channel.send_payloads`; before a recognized cell is handled
+the cells collected so far are sent, so every cell leaves in the order it came.
+Backward, the run gets our layer and goes to the previous hop the same way. An exit
+stream packages many DATA cells per call through :meth:`OrCircuit.send_data_many`.
+The resulting bytes are exactly those of the per-cell path (tests/test_datapath.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import struct
 from typing import TYPE_CHECKING, Any
 
 from .log import get_logger
@@ -38,7 +49,8 @@ from .cells import Cell, CellCommand, Create2, Created2, Destroy, DestroyReason
 from .errors import OnionError, ProtocolError
 from .flowctl import DeliverWindow, PackageWindow
 from .relaycell import (
-    Extend2, Extended2, LinkSpecType, RelayCommand, Sendme, Truncated, pack_relay, unpack_relay,
+    RELAY_DATA_MAX, Extend2, Extended2, LinkSpecType, RelayCommand, Sendme, Truncated, pack_relay,
+    unpack_relay,
 )
 from .relaycrypto import RelayCrypto
 
@@ -49,6 +61,11 @@ __all__ = ["OrCircuit", "MAX_RELAY_EARLY"]
 
 MAX_RELAY_EARLY = 8
 EXTEND_TIMEOUT = 30.0
+_CELL = 514
+_RELAY_HDR = struct.Struct(">BHH4sH")  # relaycell's header: cmd, recognized, stream, digest, length
+_DATA = int(RelayCommand.DATA)
+_RELAY = int(CellCommand.RELAY)
+_RELAY_EARLY = int(CellCommand.RELAY_EARLY)
 log = get_logger("onionp2p.circuit")
 
 
@@ -96,6 +113,81 @@ class OrCircuit:
                 self.destroy(DestroyReason.DESTROYED, notify_next=False)
             elif cmd == CellCommand.RELAY_EARLY:
                 self.destroy(DestroyReason.PROTOCOL)
+
+    def relay_run(self, chan: Channel, data: bytes, start: int, count: int) -> None:
+        """``count`` consecutive RELAY/RELAY_EARLY cells of this circuit from ``chan``, at
+        ``data[start + i*514:]`` (the channel's receive buffer)."""
+        if self.closed:
+            return
+        if chan is self.prev_chan:
+            self._forward_run(memoryview(data), start, count)
+        else:
+            self._backward_run(memoryview(data), start, count)
+
+    def _forward_run(self, mv: memoryview, pos: int, count: int) -> None:
+        crypto = self.crypto
+        upd = crypto.fwd_update
+        out: list = []
+        out_cmd = _RELAY
+        end = pos + count * _CELL
+        while pos < end:
+            cmd = mv[pos + 4]
+            if cmd == _RELAY_EARLY:
+                self.early_in += 1
+                if self.early_in > MAX_RELAY_EARLY:
+                    self._send_next(out_cmd, out)
+                    self.log.info("too many RELAY_EARLY cells")
+                    self.destroy(DestroyReason.PROTOCOL)
+                    return
+            self.cells_forward += 1
+            plain = upd(mv[pos + 5:pos + _CELL])
+            pos += _CELL
+            if not plain[1] and not plain[2]:
+                digest = crypto.recognize_forward(plain)
+                if digest is not None:
+                    if out:
+                        self._send_next(out_cmd, out)
+                        out = []
+                    try:
+                        self._handle_relay(plain, digest, cmd == _RELAY_EARLY)
+                    except ProtocolError as exc:
+                        self.log.info("protocol violation on circuit", error=str(exc))
+                        self.destroy(DestroyReason.PROTOCOL)
+                    if self.closed:
+                        return
+                    continue
+            if self.next_chan is None:
+                self._send_next(out_cmd, out)
+                self.log.info("unrecognized relay cell at the last hop")
+                self.destroy(DestroyReason.PROTOCOL)
+                return
+            if cmd != out_cmd:
+                if out:
+                    self._send_next(out_cmd, out)
+                    out = []
+                out_cmd = cmd
+            out.append(plain)
+        if out:
+            self._send_next(out_cmd, out)
+
+    def _send_next(self, cmd: int, payloads: list) -> None:
+        if payloads and self.next_chan is not None:
+            self.next_chan.send_payloads(self.next_id, cmd, payloads)
+
+    def _backward_run(self, mv: memoryview, pos: int, count: int) -> None:
+        upd = self.crypto.bwd_update
+        out = []
+        end = pos + count * _CELL
+        while pos < end:
+            if mv[pos + 4] == _RELAY_EARLY:
+                break
+            out.append(upd(mv[pos + 5:pos + _CELL]))
+            pos += _CELL
+        self.cells_backward += len(out)
+        if out:
+            self.prev_chan.send_payloads(self.prev_id, _RELAY, out)
+        if pos < end:  # RELAY_EARLY toward the client
+            self.destroy(DestroyReason.PROTOCOL)
 
     def channel_closed(self, chan: Channel) -> None:
         if chan is self.prev_chan:
@@ -174,6 +266,34 @@ class OrCircuit:
             self.package.on_data_sent(digest)
         self.cells_backward += 1
         self.prev_chan.send_cell(self.prev_id, CellCommand.RELAY, ct)
+
+    def send_data_many(self, stream_id: int, chunks: list) -> None:
+        """Originate one DATA cell per chunk (each at most 498 bytes) toward the client:
+        the same cells as ``send_back(DATA, stream_id, chunk)`` per chunk."""
+        if self.closed or not chunks:
+            return
+        full = _RELAY_HDR.pack(_DATA, 0, stream_id, b"\0\0\0\0", RELAY_DATA_MAX)
+        bodies = []
+        for c in chunks:
+            if len(c) == RELAY_DATA_MAX:  # a full cell has no padding: header + data
+                b = bytearray(full)
+                b += c
+            else:
+                b = pack_relay(_DATA, stream_id, c)
+            bodies.append(b)
+        cts, digests = self.crypto.originate_backward_many(bodies, consume=True)
+        on_sent = self.package.on_data_sent
+        for d in digests:
+            on_sent(d)
+        self.cells_backward += len(cts)
+        self.prev_chan.send_payloads(self.prev_id, _RELAY, cts)
+
+    def package_budget(self) -> int:
+        """How many DATA cells an exit stream may package now (see :meth:`can_package`)."""
+        if self.closed:
+            return 0
+        queued = self.prev_chan.queued_cells(self.prev_id)
+        return max(0, min(self.package.window, 64 - queued))
 
     def can_package(self) -> bool:
         """May an exit stream on this circuit send another DATA cell now?"""

@@ -1,0 +1,1150 @@
+#!/usr/bin/env python3
+"""onionp2p vs tor on one machine: throughput, latency, relay capacity, memory (specs/performance.md).
+
+Usage::
+
+    tools/bench [--quick] [--runs N] [--relays 5] [--exits 2] [--out DIR] [--only onionp2p|tor]
+                [--skip NAMES] [--profile] [--tor-option LINE] [--keep] [--uvloop]
+
+One run starts, on 127.0.0.1,
+
+* the local HTTP server every measurement downloads from (a process of its own),
+* ``onionp2p testnet`` (a process: authority, relays and its client with SOCKS and control
+  ports), and
+* the private Tor network of ``tools/tornet.py`` (3 authorities + the same number of
+  relays and exits) plus a tor client with a SocksPort and a ControlPort,
+
+then drives both through their SOCKS ports with the same load generator (this process)
+and their control ports with stem, one network at a time (the other one idles). It prints
+a markdown table (onionp2p, tor, ratio) and writes ``results.json``,
+``throughput_vs_concurrency.png`` and ``latency_cdf.png`` (when matplotlib is installed)
+to ``--out`` (default ``build/bench/``, ignored by git).
+
+Each throughput figure is the median of ``--runs`` runs (3; 1 with ``--quick``, which
+also moves less data). Nothing here is a test: pytest never runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MB = 1_000_000
+CELL_DATA = 498
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def log(*a) -> None:
+    print("[bench]", *a, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# /proc helpers
+
+def proc_cpu(pid: int) -> float:
+    """User+system CPU seconds of a process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def proc_rss(pid: int) -> int:
+    """Resident set size in bytes."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def find_pids(needle: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if needle in cmd:
+            out.append(int(d.name))
+    return out
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+# --------------------------------------------------------------------------------------------
+# The HTTP server (its own process): GET /<n> -> n bytes, GET /inf -> bytes until closed,
+# GET /echo -> echoes; GET /idle -> holds the connection open, sends nothing.
+
+_CHUNK = bytes(range(256)) * 4096  # 1 MiB
+
+
+class _HttpProto(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.t = transport
+        self.buf = b""
+        self.left = 0
+        self.paused = False
+        self.mode = None
+        transport.set_write_buffer_limits(high=4 << 20, low=1 << 20)
+
+    def data_received(self, data):
+        if self.mode == "echo":
+            self.t.write(data)
+            return
+        if self.mode is not None:
+            return
+        self.buf += data
+        if b"\r\n\r\n" not in self.buf:
+            if len(self.buf) > 8192:
+                self.t.close()
+            return
+        head, _, rest = self.buf.partition(b"\r\n\r\n")
+        path = head.split(b" ", 2)[1].decode()
+        if path == "/echo":
+            self.mode = "echo"
+            self.t.write(b"HTTP/1.0 200 OK\r\n\r\n")
+            if rest:
+                self.t.write(rest)
+            return
+        if path == "/idle":
+            self.mode = "idle"
+            return
+        if path == "/inf":
+            self.mode = "inf"
+            self.left = -1
+            self.t.write(b"HTTP/1.0 200 OK\r\n\r\n")
+        else:
+            self.mode = "fixed"
+            self.left = int(path.lstrip("/"))
+            self.t.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % self.left)
+        self._pump()
+
+    def _pump(self):
+        view = memoryview(_CHUNK)
+        while not self.paused and self.left != 0:
+            n = len(_CHUNK) if self.left < 0 else min(self.left, len(_CHUNK))
+            self.t.write(view[:n])
+            if self.left > 0:
+                self.left -= n
+        if self.left == 0 and self.mode == "fixed":
+            self.mode = "done"
+            self.t.close()
+
+    def pause_writing(self):
+        self.paused = True
+
+    def resume_writing(self):
+        self.paused = False
+        if self.mode in ("fixed", "inf"):
+            self._pump()
+
+    def connection_lost(self, exc):
+        self.left = 0
+
+
+def http_server_main(port_file: str) -> None:
+    async def run():
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(_HttpProto, "127.0.0.1", 0, backlog=4096)
+        Path(port_file).write_text(str(srv.sockets[0].getsockname()[1]))
+        await asyncio.Event().wait()
+    asyncio.run(run())
+
+
+class HttpServerProc:
+    def __init__(self, workdir: Path):
+        self.port_file = workdir / "http.port"
+        self.proc = subprocess.Popen([sys.executable, __file__, "_http", str(self.port_file)],
+                                     start_new_session=True)
+        for _ in range(200):
+            if self.port_file.exists() and self.port_file.read_text():
+                break
+            time.sleep(0.05)
+        self.port = int(self.port_file.read_text())
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(5)
+
+
+# --------------------------------------------------------------------------------------------
+# The load generator: a SOCKS5 client (no auth, or username/password for isolation)
+
+class _Counter(asyncio.Protocol):
+    """Counts bytes of an HTTP response; ``done`` resolves when ``want`` body bytes arrived or EOF."""
+
+    def __init__(self, want: int = -1):
+        self.want = want
+        self.header = b""
+        self.in_body = False
+        self.body = 0
+        self.first_byte: float | None = None
+        self.done = asyncio.get_running_loop().create_future()
+        self.echo_wait: asyncio.Future | None = None
+        self.echo_need = 0
+
+    def connection_made(self, transport):
+        self.t = transport
+
+    def data_received(self, data):
+        if self.first_byte is None:
+            self.first_byte = time.perf_counter()
+        if not self.in_body:
+            self.header += data
+            i = self.header.find(b"\r\n\r\n")
+            if i < 0:
+                return
+            self.in_body = True
+            n = len(self.header) - i - 4
+            self.header = self.header[:i]
+        else:
+            n = len(data)
+        self.body += n
+        if self.echo_wait is not None and self.body >= self.echo_need and not self.echo_wait.done():
+            self.echo_wait.set_result(time.perf_counter())
+        if 0 <= self.want <= self.body and not self.done.done():
+            self.done.set_result(time.perf_counter())
+
+    def eof_received(self):
+        if not self.done.done():
+            self.done.set_result(time.perf_counter())
+        return False
+
+    def connection_lost(self, exc):
+        if not self.done.done():
+            self.done.set_result(time.perf_counter())
+        if self.echo_wait is not None and not self.echo_wait.done():
+            self.echo_wait.set_exception(ConnectionError("closed"))
+
+
+async def socks_connect(socks_port: int, host: str, port: int, *, user: str | None = None,
+                        timeout: float = 60.0) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    s = socket.socket()
+    s.setblocking(False)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(s, ("127.0.0.1", socks_port))
+            if user:
+                await loop.sock_sendall(s, b"\x05\x01\x02")
+            else:
+                await loop.sock_sendall(s, b"\x05\x01\x00")
+            rep = await _recv_exact(loop, s, 2)
+            if user:
+                if rep != b"\x05\x02":
+                    raise ConnectionError(f"SOCKS method refused {rep!r}")
+                u = user.encode()
+                await loop.sock_sendall(s, b"\x01" + bytes([len(u)]) + u + b"\x01x")
+                if (await _recv_exact(loop, s, 2))[1] != 0:
+                    raise ConnectionError("SOCKS auth failed")
+            elif rep != b"\x05\x00":
+                raise ConnectionError(f"SOCKS method refused {rep!r}")
+            h = host.encode()
+            await loop.sock_sendall(s, b"\x05\x01\x00\x03" + bytes([len(h)]) + h + struct.pack(">H", port))
+            rep = await _recv_exact(loop, s, 4)
+            if rep[1] != 0:
+                raise ConnectionError(f"SOCKS CONNECT failed: reply {rep[1]}")
+            atyp = rep[3]
+            rest = {1: 4, 4: 16}.get(atyp)
+            if rest is None:
+                rest = (await _recv_exact(loop, s, 1))[0]
+            await _recv_exact(loop, s, rest + 2)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+async def _recv_exact(loop, s, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = await loop.sock_recv(s, n - len(out))
+        if not chunk:
+            raise ConnectionError("SOCKS proxy closed the connection")
+        out += chunk
+    return out
+
+
+async def http_fetch(sock: socket.socket, path: str, want: int) -> _Counter:
+    """Send GET path on a connected socket; return the counting protocol (await .done)."""
+    loop = asyncio.get_running_loop()
+    _t, proto = await loop.create_connection(lambda: _Counter(want), sock=sock)
+    proto.sent = time.perf_counter()
+    _t.write(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+    return proto
+
+
+async def direct_connect(host: str, port: int) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    s = socket.socket()
+    s.setblocking(False)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    await loop.sock_connect(s, (host, port))
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# The two networks
+
+@dataclass
+class Network:
+    name: str
+    socks_port: int = 0
+    control_port: int = 0
+    control_password: str | None = None
+    cookie_path: Path | None = None
+    client_pid: int = 0
+    relay_pids: dict[str, int] = field(default_factory=dict)  # fingerprint -> pid
+    relay_names: dict[str, str] = field(default_factory=dict)  # fingerprint -> nickname
+
+    def controller(self):
+        from stem.control import Controller
+
+        c = Controller.from_port(address="127.0.0.1", port=self.control_port)
+        if self.control_password:
+            c.authenticate(password=self.control_password)
+        else:
+            c.authenticate()
+        return c
+
+
+class OnionNet(Network):
+    def __init__(self, workdir: Path, n_relays: int, n_exits: int):
+        super().__init__("onionp2p")
+        self.dir = workdir / "onionp2p"
+        self.n_relays, self.n_exits = n_relays, n_exits
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 240.0) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.dir.parent / "onionp2p-testnet.log", "wb")
+        env = dict(os.environ)
+        cmd = [sys.executable, "-m", "onionp2p", "testnet", "--relays", str(self.n_relays),
+               "--exits", str(self.n_exits), "--socks-port", "auto", "--control-port", "auto",
+               "--data-dir", str(self.dir), "--voting-interval", "5"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT, env=env,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline().decode()
+            if not line:
+                raise RuntimeError(f"onionp2p testnet exited; see {self.log.name}")
+            m = re.search(r"SOCKS5 proxy ready at 127\.0\.0\.1:(\d+)", line)
+            if m:
+                self.socks_port = int(m.group(1))
+            m = re.search(r"Control port at 127\.0\.0\.1:(\d+)", line)
+            if m:
+                self.control_port = int(m.group(1))
+                break
+        else:
+            raise RuntimeError("onionp2p testnet not ready in time")
+        self.client_pid = self.proc.pid
+        self.cookie_path = self.dir / "client" / "control_auth_cookie"
+        from onionp2p.directory import RelayInfo
+
+        for d in sorted(self.dir.iterdir()):
+            cfg = d / "relay.toml"
+            if not cfg.exists():
+                continue
+            info = RelayInfo.load(d / "relay-info.json")
+            fp = info.rsa_id.hex().upper()
+            pids = find_pids(str(cfg))
+            if pids:
+                self.relay_pids[fp] = pids[0]
+                self.relay_names[fp] = info.nickname
+
+    def relay_info(self, nickname: str):
+        from onionp2p.directory import RelayInfo
+
+        return RelayInfo.load(self.dir / nickname / "relay-info.json")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def _load_tornet():
+    spec = importlib.util.spec_from_file_location("tornet", ROOT / "tools" / "tornet.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["tornet"] = mod
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+class TorNetwork(Network):
+    """tools/tornet.py's network plus a tor client with SocksPort and ControlPort (started here,
+    so tornet.py needs no change)."""
+
+    def __init__(self, workdir: Path, n_relays: int, n_exits: int, tor_options: list[str] = ()):
+        super().__init__("tor")
+        self.tornet = _load_tornet()
+        self.dir = workdir / "tornet"
+        self.net = self.tornet.TorNet(self.dir, extra_authority_options=[],
+                                      extra_relay_options=list(tor_options))
+        self.tor_options = list(tor_options)
+        self.n_relays, self.n_exits = n_relays, n_exits
+        self.client: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 240.0) -> None:
+        self.net.start(n_relays=self.n_relays, n_exits=self.n_exits, timeout=timeout)
+        for node in self.net.nodes:
+            self.relay_pids[node.fingerprint] = node.pid
+            self.relay_names[node.fingerprint] = node.name
+        cdir = self.dir / "client"
+        cdir.mkdir(parents=True, exist_ok=True)
+        self.socks_port, self.control_port = self.tornet._free_ports(2)
+        torrc = [
+            "TestingTorNetwork 1",
+            f"DataDirectory {cdir}",
+            "RunAsDaemon 0",
+            f"SocksPort 127.0.0.1:{self.socks_port}",
+            f"ControlPort 127.0.0.1:{self.control_port}",
+            "CookieAuthentication 1",
+            f"Log notice file {cdir}/notice.log",
+            "SafeLogging 0",
+            "ShutdownWaitLength 0",
+            "ClientUseIPv6 0",
+            # no __OwningControllerProcess: stem would TAKEOWNERSHIP and tor would exit as soon
+            # as the first controller connection closes; stop() ends this process.
+            *self.net.dirauth_lines(),
+            *self.tor_options,
+        ]
+        (cdir / "torrc").write_text("\n".join(torrc) + "\n")
+        out = open(cdir / "stdout.log", "ab")
+        (cdir / "torrc-defaults").write_text("")  # like tornet: no system-wide defaults
+        self.client = subprocess.Popen(["tor", "--defaults-torrc", str(cdir / "torrc-defaults"),
+                                        "-f", str(cdir / "torrc")], stdin=subprocess.DEVNULL,
+                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        out.close()
+        self.client_pid = self.client.pid
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with self.controller() as c:
+                    phase = c.get_info("status/bootstrap-phase")
+                    if "PROGRESS=100" in phase:
+                        break
+            except Exception:
+                pass
+            if self.client.poll() is not None:
+                raise RuntimeError(f"tor client exited; see {cdir}/notice.log")
+            time.sleep(1.0)
+        else:
+            raise RuntimeError("tor client did not bootstrap in time")
+
+    def stop(self) -> None:
+        if self.client is not None and self.client.poll() is None:
+            self.client.terminate()
+            try:
+                self.client.wait(10)
+            except subprocess.TimeoutExpired:
+                self.client.kill()
+        self.net.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements
+
+async def bulk(net_port: int | None, http_port: int, nbytes: int, *, direct: bool = False,
+               on_connected=None) -> dict:
+    """One stream downloads nbytes; returns MB/s (timed from the request to the last byte).
+    ``on_connected`` (async) runs once the stream is open, before the request."""
+    t0 = time.perf_counter()
+    if direct:
+        s = await direct_connect("127.0.0.1", http_port)
+    else:
+        s = await socks_connect(net_port, "127.0.0.1", http_port)
+    t1 = time.perf_counter()
+    extra = await on_connected() if on_connected is not None else None
+    proto = await http_fetch(s, f"/{nbytes}", nbytes)
+    end = await asyncio.wait_for(proto.done, 600)
+    proto.t.close()
+    if proto.body < nbytes:
+        raise RuntimeError(f"short transfer: {proto.body} of {nbytes}")
+    return {"mbps": nbytes / (end - proto.sent) / MB, "connect_s": t1 - t0, "seconds": end - proto.sent,
+            "extra": extra}
+
+
+async def ttfb(socks_port: int, http_port: int, n: int, size: int = 1000) -> list[float]:
+    """n times: open a stream (on the existing circuit), GET a small object; seconds from the
+    SOCKS connect to the first response byte."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        s = await socks_connect(socks_port, "127.0.0.1", http_port)
+        proto = await http_fetch(s, f"/{size}", size)
+        await asyncio.wait_for(proto.done, 60)
+        out.append(proto.first_byte - t0)
+        proto.t.close()
+    return out
+
+
+async def echo_rtt(socks_port: int | None, http_port: int, n: int) -> list[float]:
+    """n round trips of 100 bytes on one open stream (request -> echo)."""
+    if socks_port is None:
+        s = await direct_connect("127.0.0.1", http_port)
+    else:
+        s = await socks_connect(socks_port, "127.0.0.1", http_port)
+    loop = asyncio.get_running_loop()
+    t, proto = await loop.create_connection(lambda: _Counter(-1), sock=s)
+    t.write(b"GET /echo HTTP/1.0\r\n\r\n")
+    out = []
+    msg = b"x" * 100
+    for i in range(n + 2):
+        proto.echo_wait = loop.create_future()
+        proto.echo_need = proto.body + len(msg)
+        t0 = time.perf_counter()
+        t.write(msg)
+        t1 = await asyncio.wait_for(proto.echo_wait, 30)
+        if i >= 2:
+            out.append(t1 - t0)
+    t.close()
+    return out
+
+
+async def aggregate(socks_port: int, http_port: int, streams: int, seconds: float,
+                    warmup: float = 2.0) -> float:
+    """``streams`` concurrent downloads of /inf; MB/s of all bodies during ``seconds`` after warm-up."""
+    protos = []
+
+    async def one():
+        s = await socks_connect(socks_port, "127.0.0.1", http_port, timeout=120)
+        p = await http_fetch(s, "/inf", -1)
+        protos.append(p)
+
+    results = await asyncio.gather(*(one() for _ in range(streams)), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        log(f"  {len(failed)} of {streams} streams failed to open: {failed[0]!r}")
+    await asyncio.sleep(warmup)
+    b0 = sum(p.body for p in protos)
+    t0 = time.perf_counter()
+    await asyncio.sleep(seconds)
+    b1 = sum(p.body for p in protos)
+    t1 = time.perf_counter()
+    for p in protos:
+        p.t.abort()
+    await asyncio.sleep(0.5)
+    return (b1 - b0) / (t1 - t0) / MB
+
+
+def build_times(net: Network, n: int) -> list[float]:
+    """n sequential EXTENDCIRCUIT 0 (the node picks a 3-hop path), seconds until BUILT."""
+    out = []
+    with net.controller() as c:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            try:
+                cid = c.new_circuit(await_build=True, timeout=60)
+            except Exception as exc:
+                log(f"  circuit build failed: {exc}")
+                continue
+            out.append(time.perf_counter() - t0)
+            try:
+                c.close_circuit(cid)
+            except Exception:
+                pass
+    return out
+
+
+def stream_circuit_path(net: Network) -> list[str]:
+    """Fingerprints of the path of the circuit carrying the (only) SUCCEEDED stream."""
+    with net.controller() as c:
+        circ_id = None
+        for st in c.get_streams():
+            if st.status == "SUCCEEDED" and st.circ_id:
+                circ_id = st.circ_id
+        if circ_id is None:
+            return []
+        circ = c.get_circuit(circ_id)
+        return [fp for fp, _nick in circ.path]
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: idle circuits at a relay, open streams at the client and the exit
+
+async def build_idle_circuits(info, n: int, per_channel: int = 900, concurrency: int = 64) -> list:
+    """n one-hop circuits (CREATE2/ntor) at the relay ``info``, from onionp2p's OnionClient (the
+    same driver for both networks); spread over channels so no per-channel cap applies."""
+    from onionp2p.client import OnionClient
+
+    clients = [OnionClient() for _ in range((n + per_channel - 1) // per_channel)]
+    sem = asyncio.Semaphore(concurrency)
+    built = 0
+
+    async def one(cl):
+        nonlocal built
+        async with sem:
+            try:
+                await cl.build_circuit([info], timeout=60)
+                built += 1
+            except Exception:
+                pass
+
+    tasks = []
+    for i in range(n):
+        tasks.append(one(clients[i // per_channel]))
+    await asyncio.gather(*tasks)
+    return [clients, built]
+
+
+async def close_clients(clients) -> None:
+    for cl in clients:
+        await cl.close()
+
+
+def dedicated_onion_relay(workdir: Path) -> tuple[subprocess.Popen, object]:
+    """An onionp2p relay process of its own for the circuit-memory test: no per-channel cap,
+    and every ``dos_*`` limit the config knows set to 0 (= off)."""
+    from onionp2p import config as cfgmod
+    from onionp2p.directory import RelayInfo
+
+    d = workdir / "memrelay"
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = {"nickname": "memrelay", "data_dir": str(d), "or_address": "127.0.0.1:0",
+           "max_circuits_per_channel": 100000, "log_level": "warning"}
+    for f in getattr(cfgmod.RelayConfig, "__dataclass_fields__", {}):
+        if f.startswith("dos_"):
+            cfg[f] = 0
+    (d / "relay.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.items()))
+    logf = open(d / "log.txt", "wb")
+    p = subprocess.Popen([sys.executable, "-m", "onionp2p", "relay", "--config", str(d / "relay.toml")],
+                         stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    for _ in range(300):
+        if (d / "relay-info.json").exists():
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    return p, RelayInfo.load(d / "relay-info.json")
+
+
+async def circuit_memory(pid: int, info, n: int) -> float:
+    rss0 = proc_rss(pid)
+    clients, built = await build_idle_circuits(info, n)
+    await asyncio.sleep(2.0)
+    rss1 = proc_rss(pid)
+    await close_clients(clients)
+    if built < n:
+        log(f"  only {built} of {n} circuits built")
+    return (rss1 - rss0) / max(built, 1)
+
+
+async def stream_memory(net: Network, http_port: int, n: int) -> tuple[float, float]:
+    """n idle open streams; RSS delta per stream at the client and summed over the relays."""
+    rc0 = proc_rss(net.client_pid)
+    rr0 = {fp: proc_rss(pid) for fp, pid in net.relay_pids.items()}
+    socks = []
+    sem = asyncio.Semaphore(32)
+
+    async def one():
+        async with sem:
+            s = await socks_connect(net.socks_port, "127.0.0.1", http_port, timeout=120)
+            await asyncio.get_running_loop().sock_sendall(s, b"GET /idle HTTP/1.0\r\n\r\n")
+            socks.append(s)
+
+    res = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
+    bad = [r for r in res if isinstance(r, BaseException)]
+    if bad:
+        log(f"  {len(bad)} streams failed: {bad[0]!r}")
+    await asyncio.sleep(2.0)
+    rc1 = proc_rss(net.client_pid)
+    rr1 = {fp: proc_rss(pid) for fp, pid in net.relay_pids.items()}
+    for s in socks:
+        s.close()
+    k = max(len(socks), 1)
+    relay_delta = sum(max(0, rr1[fp] - rr0[fp]) for fp in rr0)
+    await asyncio.sleep(1.0)
+    return (rc1 - rc0) / k, relay_delta / k
+
+
+# --------------------------------------------------------------------------------------------
+# Ceilings
+
+def aes_ctr_speed() -> dict:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    enc = Cipher(algorithms.AES(os.urandom(16)), modes.CTR(bytes(16))).encryptor()
+    big = os.urandom(1 << 20)
+    t0 = time.perf_counter()
+    for _ in range(200):
+        enc.update(big)
+    bulk = 200 * len(big) / (time.perf_counter() - t0) / MB
+    cell = os.urandom(509)
+    n = 200_000
+    upd = enc.update
+    t0 = time.perf_counter()
+    for _ in range(n):
+        upd(cell)
+    per_cell = (time.perf_counter() - t0) / n
+    return {"aes_bulk_mbps": bulk, "aes_cell_us": per_cell * 1e6, "aes_cell_mbps": 509 / per_cell / MB}
+
+
+def _self_signed(workdir: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    c, k = workdir / "tls.crt", workdir / "tls.key"
+    c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+    return c, k
+
+
+def tls_server_main(port_file: str, cert: str, key: str) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(_HttpProto, "127.0.0.1", 0, ssl=ctx)
+        Path(port_file).write_text(str(srv.sockets[0].getsockname()[1]))
+        await asyncio.Event().wait()
+    asyncio.run(run())
+
+
+async def tls_loopback_speed(workdir: Path, nbytes: int) -> float:
+    """One asyncio TLS connection over loopback between two processes (one OR-link hop's ceiling)."""
+    cert, key = _self_signed(workdir)
+    pf = workdir / "tls.port"
+    p = subprocess.Popen([sys.executable, __file__, "_tls", str(pf), str(cert), str(key)],
+                         start_new_session=True)
+    try:
+        for _ in range(200):
+            if pf.exists() and pf.read_text():
+                break
+            await asyncio.sleep(0.05)
+        port = int(pf.read_text())
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        loop = asyncio.get_running_loop()
+        t, proto = await loop.create_connection(lambda: _Counter(nbytes), "127.0.0.1", port, ssl=ctx)
+        t0 = time.perf_counter()
+        t.write(f"GET /{nbytes} HTTP/1.0\r\n\r\n".encode())
+        end = await asyncio.wait_for(proto.done, 300)
+        t.close()
+        return nbytes / (end - t0) / MB
+    finally:
+        p.terminate()
+        p.wait(5)
+
+
+# --------------------------------------------------------------------------------------------
+# One network's whole series
+
+def _cpu_snapshot(net: Network) -> dict[str, float]:
+    snap = {fp: proc_cpu(pid) for fp, pid in net.relay_pids.items()}
+    snap["client"] = proc_cpu(net.client_pid)
+    return snap
+
+
+async def measure_network(net: Network, http_port: int, args, workdir: Path) -> dict:
+    r: dict = {}
+    skip = set(args.skip)
+    runs = args.runs
+    # warm-up: a stream on the (pre-built) circuit
+    await bulk(net.socks_port, http_port, 2 * MB)
+
+    # Memory first: later phases leave freed memory in the processes' heaps, which new
+    # streams would reuse without growing the RSS.
+    if "streammem" not in skip:
+        c, e = await stream_memory(net, http_port, args.streams_mem)
+        r["stream_rss_client"], r["stream_rss_relays"] = c, e
+        log(f"  {net.name} per open stream: client {c / 1024:.1f} KiB, relays {e / 1024:.1f} KiB")
+
+    if "bulk" not in skip:
+        vals, relay_rates, client_rates = [], [], []
+        for i in range(runs):
+            async def get_path():
+                try:
+                    return await asyncio.to_thread(stream_circuit_path, net)
+                except Exception as exc:
+                    log(f"  cannot read the stream's path: {exc!r}")
+                    return []
+            before = _cpu_snapshot(net)
+            res = await bulk(net.socks_port, http_port, args.bulk_bytes, on_connected=get_path)
+            after = _cpu_snapshot(net)
+            path = res["extra"] or []
+            vals.append(res["mbps"])
+            cells = args.bulk_bytes / CELL_DATA
+            hops = {}
+            for role, fp in zip(("guard", "middle", "exit"), path):
+                cpu = after.get(fp, 0) - before.get(fp, 0)
+                hops[role] = {"name": net.relay_names.get(fp, fp[:8]), "cpu_s": cpu,
+                              "cells_per_cpu_s": cells / cpu if cpu > 0 else float("nan")}
+            ccpu = after["client"] - before["client"]
+            client_rates.append(cells / ccpu if ccpu > 0 else float("nan"))
+            relay_rates.append(hops)
+            log(f"  {net.name} bulk run {i + 1}: {res['mbps']:.1f} MB/s; cells/CPU-s: " +
+                ", ".join(f"{k} {v['cells_per_cpu_s']:,.0f}" for k, v in hops.items()) +
+                f", client {client_rates[-1]:,.0f}")
+        r["bulk_mbps"] = statistics.median(vals)
+        r["bulk_runs"] = vals
+        mids = [h["middle"]["cells_per_cpu_s"] for h in relay_rates if "middle" in h]
+        r["relay_cells_per_cpu_s"] = statistics.median(mids) if mids else float("nan")
+        for role in ("guard", "exit"):
+            xs = [h[role]["cells_per_cpu_s"] for h in relay_rates if role in h]
+            r[f"{role}_cells_per_cpu_s"] = statistics.median(xs) if xs else float("nan")
+        r["client_cells_per_cpu_s"] = statistics.median(client_rates)
+        r["hops_detail"] = relay_rates
+
+    if "ttfb" not in skip:
+        xs = await ttfb(net.socks_port, http_port, args.samples)
+        r["ttfb"] = xs
+        r["ttfb_p50_ms"], r["ttfb_p99_ms"] = pct(xs, 50) * 1e3, pct(xs, 99) * 1e3
+        ys = await echo_rtt(net.socks_port, http_port, args.samples)
+        r["rtt"] = ys
+        r["rtt_p50_ms"], r["rtt_p99_ms"] = pct(ys, 50) * 1e3, pct(ys, 99) * 1e3
+        log(f"  {net.name} TTFB p50 {r['ttfb_p50_ms']:.2f} ms p99 {r['ttfb_p99_ms']:.2f} ms; "
+            f"echo RTT p50 {r['rtt_p50_ms']:.2f} ms")
+
+    if "build" not in skip:
+        xs = await asyncio.to_thread(build_times, net, args.build_samples)
+        r["build"] = xs
+        r["build_p50_ms"], r["build_p99_ms"] = pct(xs, 50) * 1e3, pct(xs, 99) * 1e3
+        log(f"  {net.name} build p50 {r['build_p50_ms']:.1f} ms p99 {r['build_p99_ms']:.1f} ms "
+            f"({len(xs)} built)")
+
+    if "aggregate" not in skip:
+        agg = {}
+        for n in args.concurrency:
+            vals = []
+            for _ in range(runs):
+                vals.append(await aggregate(net.socks_port, http_port, n, args.agg_seconds))
+            agg[n] = statistics.median(vals)
+            log(f"  {net.name} aggregate {n} streams: {agg[n]:.1f} MB/s")
+        r["aggregate_mbps"] = agg
+
+    return r
+
+
+async def perf_profile(net: Network, http_port: int, nbytes: int, workdir: Path) -> dict:
+    """CPU time by shared object (``perf record -e cpu-clock``) of the client, guard, middle
+    and exit during one single-stream download. Needs ``perf`` (Debian: linux-perf)."""
+    if shutil.which("perf") is None:
+        log("  perf not installed: no profile (apt-get install linux-perf)")
+        return {}
+    procs: list[tuple[str, Path, subprocess.Popen]] = []
+
+    async def start():
+        path = await asyncio.to_thread(stream_circuit_path, net)
+        pids = {"client": net.client_pid}
+        pids.update({role: net.relay_pids[fp] for role, fp in zip(("guard", "middle", "exit"), path)})
+        for role, pid in pids.items():
+            out = workdir / f"perf-{net.name}-{role}.data"
+            procs.append((role, out, subprocess.Popen(
+                ["perf", "record", "-q", "-e", "cpu-clock", "-F", "1000", "-o", str(out), "-p", str(pid),
+                 "--", "sleep", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+
+    await bulk(net.socks_port, http_port, nbytes, on_connected=start)
+    split = {}
+    for role, out, p in procs:
+        await asyncio.to_thread(p.wait)
+        rep = subprocess.run(["perf", "report", "-i", str(out), "--sort", "dso", "--stdio", "-q"],
+                             capture_output=True, text=True).stdout
+        rows = []
+        for line in rep.splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].endswith("%"):
+                rows.append((float(parts[0][:-1]), parts[1]))
+        split[role] = rows[:6]
+        log(f"  {net.name} {role}: " + ", ".join(f"{dso} {p:.0f}%" for p, dso in rows[:6]))
+    return split
+
+
+async def circuit_memory_both(nets: dict, workdir: Path, n: int) -> dict:
+    out = {}
+    if "onionp2p" in nets:
+        p, info = dedicated_onion_relay(workdir)
+        try:
+            out["onionp2p"] = await circuit_memory(p.pid, info, n)
+        finally:
+            p.terminate()
+            p.wait(10)
+    if "tor" in nets:
+        from onionp2p.tordir import fetch_tor_directory
+
+        net: TorNetwork = nets["tor"]
+        statuses = await fetch_tor_directory(net.net.dirauth_lines())
+        relay = next(s for s in statuses if "Authority" not in s.flags and "Exit" not in s.flags)
+        pid = net.relay_pids[relay.fingerprint]
+        out["tor"] = await circuit_memory(pid, relay.info, n)
+    for k, v in out.items():
+        log(f"  {k} RSS per idle circuit: {v / 1024:.2f} KiB")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+def _fmt(v, unit="") -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "—"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}{unit}"
+        if abs(v) >= 100:
+            return f"{v:.0f}{unit}"
+        return f"{v:.2f}{unit}" if abs(v) < 10 else f"{v:.1f}{unit}"
+    return f"{v}{unit}"
+
+
+def report(res: dict, args) -> str:
+    o, t = res.get("onionp2p", {}), res.get("tor", {})
+    rows = []
+
+    def row(label, key, higher_better=True, scale=1.0, getter=None):
+        a = getter(o) if getter else o.get(key)
+        b = getter(t) if getter else t.get(key)
+        a = a * scale if isinstance(a, (int, float)) else None
+        b = b * scale if isinstance(b, (int, float)) else None
+        ratio = a / b if a is not None and b else None
+        rows.append(f"| {label} | {_fmt(a)} | {_fmt(b)} | {_fmt(ratio, 'x') if ratio else '—'} |"
+                    f" {'higher' if higher_better else 'lower'} is better |")
+
+    rows.append("| metric | onionp2p | tor | ratio (onionp2p/tor) | |")
+    rows.append("|---|---:|---:|---:|---|")
+    row(f"single stream, 3 hops, {args.bulk_bytes // MB} MB (MB/s)", "bulk_mbps")
+    row("TTFB, new stream on a built circuit, p50 (ms)", "ttfb_p50_ms", False)
+    row("TTFB p99 (ms)", "ttfb_p99_ms", False)
+    row("echo RTT on an open stream, p50 (ms)", "rtt_p50_ms", False)
+    row("3-hop circuit build (EXTENDCIRCUIT), p50 (ms)", "build_p50_ms", False)
+    row("circuit build p99 (ms)", "build_p99_ms", False)
+    for n in args.concurrency:
+        row(f"aggregate, {n} streams (MB/s)", None, getter=lambda d, n=n: d.get("aggregate_mbps", {}).get(n))
+    row("middle relay: cells forwarded per CPU-second", "relay_cells_per_cpu_s")
+    row("guard relay: cells per CPU-second", "guard_cells_per_cpu_s")
+    row("exit relay: cells per CPU-second", "exit_cells_per_cpu_s")
+    row("client: cells per CPU-second", "client_cells_per_cpu_s")
+    row("RSS per idle circuit at a relay (KiB)", "circ_rss", False, 1 / 1024)
+    row("RSS per open stream, client (KiB)", "stream_rss_client", False, 1 / 1024)
+    row("RSS per open stream, relays (KiB)", "stream_rss_relays", False, 1 / 1024)
+    c = res.get("ceilings", {})
+    lines = ["\n".join(rows), "", "Ceilings of this machine:", "",
+             "| ceiling | value |", "|---|---:|"]
+    for k, label in (("direct_mbps", "direct loopback TCP transfer, no proxy (MB/s)"),
+                     ("tls_mbps", "one asyncio TLS connection over loopback (MB/s)"),
+                     ("aes_bulk_mbps", "AES-128-CTR, 1 MiB buffers (MB/s)"),
+                     ("aes_cell_mbps", "AES-128-CTR, one 509-byte cell per call (MB/s)"),
+                     ("aes_cell_us", "AES-128-CTR per 509-byte call (µs)")):
+        if k in c:
+            lines.append(f"| {label} | {_fmt(c[k])} |")
+    return "\n".join(lines)
+
+
+def plots(res: dict, args, out: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: no plots (pip install matplotlib)")
+        return []
+    made = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, style in (("onionp2p", "o-"), ("tor", "s--")):
+        d = res.get(name, {})
+        agg = d.get("aggregate_mbps", {})
+        pts = sorted(((1, d.get("bulk_mbps")), *((int(k), v) for k, v in agg.items())))
+        pts = [(x, y) for x, y in pts if y is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
+    ax.set_xscale("log", base=2)
+    ticks = [1, *args.concurrency]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("aggregate throughput (MB/s)")
+    ax.set_title("Throughput vs concurrency (3 hops, loopback)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    p = out / "throughput_vs_concurrency.png"
+    fig.savefig(p, dpi=110)
+    made.append(p)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "ttfb", "time to first byte (new stream)"),
+                           (axes[1], "build", "3-hop circuit build")):
+        for name, style in (("onionp2p", "-"), ("tor", "--")):
+            xs = sorted(res.get(name, {}).get(key, []))
+            if xs:
+                ax.plot([x * 1e3 for x in xs], [(i + 1) / len(xs) for i in range(len(xs))], style, label=name)
+        ax.set_xlabel("ms")
+        ax.set_ylabel("CDF")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    p = out / "latency_cdf.png"
+    fig.savefig(p, dpi=110)
+    made.append(p)
+    plt.close(fig)
+    return made
+
+
+# --------------------------------------------------------------------------------------------
+
+async def amain(args) -> int:
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="onionp2p-bench-"))
+    log(f"work directory {workdir}")
+    http = HttpServerProc(workdir)
+    nets: dict[str, Network] = {}
+    res: dict = {"config": {k: v for k, v in vars(args).items()}}
+    try:
+        which = ["onionp2p", "tor"] if args.only is None else [args.only]
+        if "tor" in which and shutil.which("tor") is None:
+            log("tor is not installed: tor columns stay empty (apt-get install tor)")
+            which.remove("tor")
+        # Start both networks (in the same run), then measure one at a time.
+        if "onionp2p" in which:
+            t0 = time.monotonic()
+            onet = OnionNet(workdir, args.relays, args.exits)
+            nets["onionp2p"] = onet
+            onet.start()
+            log(f"onionp2p testnet ready in {time.monotonic() - t0:.0f} s (SOCKS {onet.socks_port})")
+        if "tor" in which:
+            t0 = time.monotonic()
+            tnet = TorNetwork(workdir, args.relays, args.exits, args.tor_option)
+            nets["tor"] = tnet
+            await asyncio.to_thread(tnet.start)
+            log(f"tor network ready in {time.monotonic() - t0:.0f} s (SOCKS {tnet.socks_port})")
+        if "ceilings" not in args.skip:
+            c = aes_ctr_speed()
+            direct = [(await bulk(None, http.port, args.bulk_bytes, direct=True))["mbps"]
+                      for _ in range(args.runs)]
+            c["direct_mbps"] = statistics.median(direct)
+            c["tls_mbps"] = await tls_loopback_speed(workdir, args.bulk_bytes)
+            res["ceilings"] = c
+            log(f"ceilings: {c}")
+        for name, net in nets.items():
+            log(f"measuring {name}")
+            res[name] = await measure_network(net, http.port, args, workdir)
+        if "circmem" not in args.skip:
+            for k, v in (await circuit_memory_both(nets, workdir, args.circuits)).items():
+                res[k]["circ_rss"] = v
+        if args.profile:
+            for name, net in nets.items():
+                log(f"profiling {name} (perf, CPU time by shared object)")
+                res[name]["perf_dso"] = await perf_profile(net, http.port, max(args.bulk_bytes, 100 * MB),
+                                                           workdir)
+    finally:
+        for net in nets.values():
+            try:
+                net.stop()
+            except Exception as exc:
+                log(f"stopping {net.name}: {exc!r}")
+        http.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    table = report(res, args)
+    print(table)
+    (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / "results.md").write_text(table + "\n")
+    for p in plots(res, args, out):
+        log(f"wrote {p}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_http":
+        http_server_main(argv[1])
+        return 0
+    if argv and argv[0] == "_tls":
+        tls_server_main(argv[1], argv[2], argv[3])
+        return 0
+    ap = argparse.ArgumentParser(prog="tools/bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 run, less data, fewer samples")
+    ap.add_argument("--runs", type=int, default=None, help="runs per throughput figure (median)")
+    ap.add_argument("--relays", type=int, default=5)
+    ap.add_argument("--exits", type=int, default=2)
+    ap.add_argument("--only", choices=("onionp2p", "tor"))
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=("bulk", "ttfb", "build", "aggregate", "streammem", "circmem", "ceilings"))
+    ap.add_argument("--out", default=str(ROOT / "build" / "bench"),
+                    help="output directory (default build/bench, ignored by git)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    ap.add_argument("--uvloop", action="store_true", help="run the load generator on uvloop")
+    ap.add_argument("--profile", action="store_true",
+                    help="also record one download with perf: CPU share by shared object per process")
+    ap.add_argument("--tor-option", action="append", default=[], metavar="LINE",
+                    help="a torrc line for the tor relays and client (repeatable), e.g. 'Schedulers Vanilla'")
+    args = ap.parse_args(argv)
+    if args.runs is None:
+        args.runs = 1 if args.quick else 3
+    args.bulk_bytes = 20 * MB if args.quick else 100 * MB
+    args.samples = 50 if args.quick else 100
+    # onionp2p relays refuse a client's CREATE2 beyond a burst of 90 (dos_circuit_creation_*,
+    # like tor's DoSCircuitCreationBurst); 60 builds stay within it after the bucket refilled.
+    args.build_samples = 50 if args.quick else 60
+    args.concurrency = [8, 64, 256]
+    args.agg_seconds = 3.0 if args.quick else 8.0
+    args.circuits = 2000 if args.quick else 10000
+    args.streams_mem = 100 if args.quick else 400
+    if args.uvloop:
+        import uvloop  # optional
+
+        return uvloop.run(amain(args))
+    return asyncio.run(amain(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
