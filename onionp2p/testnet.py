@@ -103,6 +103,10 @@ class Testnet:
                 "exit_policy": "accept *:*" if exit_ else "reject *:*",
                 "exit_reject_private": not exit_, "extend_allow_private": True,
                 "authorities": self.authority_lines, "log_level": self.log_level,
+                # every client of a loopback testnet shares one address: per-address DoS
+                # limits would throttle the whole network (tor's test networks turn them off)
+                "dos_max_concurrent_connections": 0, "dos_circuit_creation_rate": 0,
+                "dos_circuit_creation_burst": 0,
             })
 
     def check_alive(self) -> None:
