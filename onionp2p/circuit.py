@@ -52,6 +52,7 @@ from .relaycell import (
     RELAY_DATA_MAX, Extend2, Extended2, LinkSpecType, RelayCommand, Sendme, Truncated, pack_relay,
     unpack_relay,
 )
+from .stream import handle_sendme
 from .relaycrypto import RelayCrypto
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -231,13 +232,7 @@ class OrCircuit:
                 self.deliver.on_sendme_sent()
                 self.send_back(RelayCommand.SENDME, 0, Sendme(1, digest or b"").encode())
         elif cmd == RelayCommand.SENDME:
-            if sid == 0:
-                msg = Sendme.parse(data)
-                self.package.on_sendme(msg.digest if msg.version == 1 else None)
-                for stream in list(self.streams.values()):
-                    stream.pump()
-            elif (stream := self.streams.get(sid)) is not None:
-                stream.on_sendme()
+            handle_sendme(self.package, self.streams, sid, data)
         elif cmd == RelayCommand.EXTEND2:
             if not early:
                 raise ProtocolError("EXTEND2 not in a RELAY_EARLY cell")

@@ -54,7 +54,7 @@ from .relaycell import (
     Sendme, Truncated, pack_relay, unpack_relay,
 )
 from .relaycrypto import ClientCrypto
-from .stream import EdgeStream, StreamState
+from .stream import EdgeStream, StreamState, handle_sendme
 
 _CELL = 514
 _RELAY_HDR = struct.Struct(">BHH4sH")  # relaycell's relay header: cmd, recognized, stream, digest, length
@@ -438,13 +438,7 @@ class ClientCircuit:
                 self.deliver.on_sendme_sent()
                 self.send_relay(RelayCommand.SENDME, 0, Sendme(1, digest).encode(), hop=hop)
         elif cmd == RelayCommand.SENDME:
-            if sid == 0:
-                msg = Sendme.parse(data)
-                self.package.on_sendme(msg.digest if msg.version == 1 else None)
-                for stream in list(self.streams.values()):
-                    stream.pump()
-            elif (stream := self.streams.get(sid)) is not None:
-                stream.on_sendme()
+            handle_sendme(self.package, self.streams, sid, data)
         elif cmd == RelayCommand.CONNECTED:
             stream = self.streams.get(sid)
             if stream is not None and stream.state is StreamState.CONNECTING:

@@ -36,9 +36,9 @@ from enum import Enum
 
 from .errors import LocalProtocolError
 from .flowctl import DeliverWindow, PackageWindow
-from .relaycell import RELAY_DATA_MAX, RelayCommand
+from .relaycell import RELAY_DATA_MAX, RelayCommand, Sendme
 
-__all__ = ["StreamState", "EdgeStream", "SOURCE_HIGH_WATER", "SOURCE_LOW_WATER"]
+__all__ = ["StreamState", "EdgeStream", "handle_sendme", "SOURCE_HIGH_WATER", "SOURCE_LOW_WATER"]
 
 # Bytes buffered from the source before we pause it, and the level at which we resume.
 SOURCE_HIGH_WATER = 64 * 1024
@@ -204,3 +204,21 @@ class EdgeStream:
         self._source_paused = False
         self._on_close()
 
+
+def handle_sendme(package, streams: dict, stream_id: int, data: bytes) -> None:
+    """A SENDME arrived at an edge (client or exit): the same rule on both sides.
+
+    Stream 0 is the circuit-level, authenticated (v1) SENDME: grow ``package`` (the
+    circuit's :class:`~onionp2p.flowctl.PackageWindow`, which checks the echoed digest) and
+    let every stream send again. Otherwise it is a stream SENDME for ``streams[stream_id]``.
+
+    Raises:
+        ProtocolError: malformed SENDME, unexpected SENDME or digest mismatch.
+    """
+    if stream_id == 0:
+        msg = Sendme.parse(data)
+        package.on_sendme(msg.digest if msg.version == 1 else None)
+        for stream in list(streams.values()):
+            stream.pump()
+    elif (stream := streams.get(stream_id)) is not None:
+        stream.on_sendme()
