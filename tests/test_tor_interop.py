@@ -231,6 +231,47 @@ async def test_cells_we_do_not_implement_are_ignored(tor_network, http_server):
         await client.close()
 
 
+async def test_onionp2p_client_socks_through_tor_relays(tor_network, http_server, tmp_path):
+    """`onionp2p client --tor-dirauth-file`: curl through our SOCKS port over 3 tor relays."""
+    import re
+    import shutil
+
+    if not shutil.which("curl"):
+        pytest.skip("curl not installed")
+    net, _, _ = tor_network
+    dirauth = tmp_path / "dirauth.txt"
+    dirauth.write_text("\n".join(net.dirauth_lines()) + "\n")
+    cfg = tmp_path / "client.toml"
+    cfg.write_text('data_dir = "client"\nsocks_address = "127.0.0.1:0"\nenforce_distinct_subnets = false\n'
+                   "preemptive_circuits = 1\n")
+    out = tmp_path / "client.out"
+    with open(out, "w") as f:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "onionp2p", "client", "--config", str(cfg), "--tor-dirauth-file", str(dirauth),
+            stdout=f, stderr=asyncio.subprocess.STDOUT)
+    try:
+        port = None
+        for _ in range(600):
+            if m := re.search(r"SOCKS5 proxy ready at 127\.0\.0\.1:(\d+)", out.read_text()):
+                port = int(m.group(1))
+                break
+            assert proc.returncode is None, out.read_text()
+            await asyncio.sleep(0.1)
+        assert port, out.read_text()
+        curl = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "--max-time", "60", "--socks5-hostname", f"127.0.0.1:{port}",
+            f"http://127.0.0.1:{http_server.port}/5000000", stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        body, err = await curl.communicate()
+        assert curl.returncode == 0, err
+        assert sha256(body.partition(b"\r\n\r\n")[2] if body.startswith(b"HTTP/") else body) == \
+            sha256(blob(5_000_000))
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
 def _new_warnings(net, marks: dict[str, int]) -> list[str]:
     """[warn]/[err] lines written after ``marks`` that are not on the benign list."""
     bad = []
