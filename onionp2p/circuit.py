@@ -352,16 +352,18 @@ class OrCircuit:
         if self.extending is not None:
             self.extending.cancel()
             self.extending = None
-        if self.next_chan is not None:
-            self.next_chan.send_cell(self.next_id, CellCommand.DESTROY, Destroy(DestroyReason.REQUESTED).encode())
-            self._forget_next()
+        self._forget_next(DestroyReason.REQUESTED)
         self.relay.exit.close_all(self)
         self.send_back(RelayCommand.TRUNCATED, 0, Truncated(DestroyReason.REQUESTED).encode())
 
-    def _forget_next(self) -> None:
+    def _forget_next(self, destroy_reason: int | None = None) -> None:
+        """Detach the next hop; with ``destroy_reason``, tell it DESTROY — after dropping the
+        cells still queued for it, so the DESTROY itself is not dropped with them."""
         if self.next_chan is not None:
             self.next_chan.circuits.pop(self.next_id, None)
             self.next_chan.drop_queue(self.next_id)
+            if destroy_reason is not None:
+                self.next_chan.send_cell(self.next_id, CellCommand.DESTROY, Destroy(destroy_reason).encode())
             self.next_chan = None
             self.next_id = 0
 
@@ -379,10 +381,7 @@ class OrCircuit:
         # A reason we decided on goes back as is; one we were told is hidden as DESTROYED.
         outward = DestroyReason.DESTROYED if reason in (DestroyReason.DESTROYED,
                                                         DestroyReason.CHANNEL_CLOSED) else reason
-        if self.next_chan is not None:
-            if notify_next:
-                self.next_chan.send_cell(self.next_id, CellCommand.DESTROY, Destroy(DestroyReason.DESTROYED).encode())
-            self._forget_next()
+        self._forget_next(DestroyReason.DESTROYED if notify_next else None)
         self.prev_chan.circuits.pop(self.prev_id, None)
         self.prev_chan.drop_queue(self.prev_id)
         if notify_prev:

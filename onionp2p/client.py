@@ -559,10 +559,10 @@ class ClientCircuit:
         built = self.state == "built"
         self.state = "failed" if (failed or not built) else "closed"
         self.close_reason = reason
+        self.chan.circuits.pop(self.circ_id, None)
+        self.chan.drop_queue(self.circ_id)  # first: the DESTROY below must not be dropped with the queue
         if send_destroy and not self.chan.closed:
             self.chan.send_cell(self.circ_id, CellCommand.DESTROY, Destroy(DestroyReason.NONE).encode())
-        self.chan.circuits.pop(self.circ_id, None)
-        self.chan.drop_queue(self.circ_id)
         if self._pending is not None and not self._pending.done():
             self._pending.set_exception(CircuitError(message, reason))
             self._pending.exception()
