@@ -503,18 +503,10 @@ def add_tool_parsers(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the tools without the rest of the CLI: ``python -m onionp2p.tools circuits ...``."""
-    p = argparse.ArgumentParser(prog="onionp2p", description="onionp2p control-port tools")
-    add_tool_parsers(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(argv)
-    try:
-        return args.func(args)
-    except OnionError as exc:
-        print(f"onionp2p: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    """``python -m onionp2p.tools circuits ...``: the same as ``onionp2p circuits ...``."""
+    from .cli import main as cli_main
 
+    return cli_main(argv)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
