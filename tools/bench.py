@@ -965,6 +965,9 @@ def report(res: dict, args) -> str:
     row("circuit build p99 (ms)", "build_p99_ms", False)
     for n in args.concurrency:
         row(f"aggregate, {n} streams (MB/s)", None, getter=lambda d, n=n: d.get("aggregate_mbps", {}).get(n))
+    row("one relay at full load: cells forwarded per second (tools/bench_relay.py)",
+        "relay_full_load_cells_per_s")
+    row("  its CPU utilisation (%)", "relay_full_load_cpu", scale=100.0)
     row("middle relay: cells forwarded per CPU-second", "relay_cells_per_cpu_s")
     row("guard relay: cells per CPU-second", "guard_cells_per_cpu_s")
     row("exit relay: cells per CPU-second", "exit_cells_per_cpu_s")
@@ -1094,6 +1097,15 @@ async def amain(args) -> int:
         http.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+    if "relayload" not in args.skip and "onionp2p" in res:
+        log("one relay process at full load (tools/bench_relay.py)")
+        spec = importlib.util.spec_from_file_location("bench_relay", Path(__file__).with_name("bench_relay.py"))
+        bench_relay = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench_relay)
+        full = await bench_relay.measure(300_000 if args.quick else 1_000_000, 4, args.runs)
+        res["onionp2p"]["relay_full_load"] = full
+        res["onionp2p"]["relay_full_load_cells_per_s"] = full["median"]["cells_per_s"]
+        res["onionp2p"]["relay_full_load_cpu"] = full["median"]["relay_cpu_util"]
     table = report(res, args)
     print(table)
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
@@ -1118,7 +1130,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exits", type=int, default=2)
     ap.add_argument("--only", choices=("onionp2p", "tor"))
     ap.add_argument("--skip", nargs="*", default=[],
-                    choices=("bulk", "ttfb", "build", "aggregate", "streammem", "circmem", "ceilings"))
+                    choices=("bulk", "ttfb", "build", "aggregate", "streammem", "circmem", "ceilings",
+                             "relayload"))
     ap.add_argument("--out", default=str(ROOT / "build" / "bench"),
                     help="output directory (default build/bench, ignored by git)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
