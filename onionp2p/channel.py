@@ -15,6 +15,8 @@ A :class:`Channel` is an :class:`asyncio.Protocol` on a TLS transport. It owns
   wait in per-circuit queues that are flushed round-robin on resume; a circuit whose
   queue passes ``max_queue_cells`` is reported to the owner, who destroys it
   (RESOURCELIMIT) — so a peer that stops reading cannot make us buffer without bound.
+  Nor can it hold the socket: :meth:`Channel.close` aborts the transport if flushing and
+  the TLS close have not finished after ``close_timeout`` (:data:`CLOSE_TIMEOUT`) seconds.
 
 The owner (a relay or a client) implements :class:`ChannelOwner`.
 
@@ -51,11 +53,13 @@ from .cells import (
 from .errors import OnionError, ProtocolError
 from .link import LinkHandshake, PeerIdentity
 
-__all__ = ["Channel", "ChannelOwner", "DEFAULT_MAX_QUEUE_CELLS"]
+__all__ = ["Channel", "ChannelOwner", "CLOSE_TIMEOUT", "DEFAULT_MAX_QUEUE_CELLS"]
 
 log = get_logger("onionp2p.channel")
 
 DEFAULT_MAX_QUEUE_CELLS = 2500  # like tor's circ_max_cell_queue_size
+#: Seconds a closing channel may take to flush (and finish TLS) before its transport is aborted.
+CLOSE_TIMEOUT = 5.0
 _COALESCE_LIMIT = 256 * 1024
 _ids = itertools.count(1)
 _HDR4 = struct.Struct(">IB")
@@ -86,6 +90,7 @@ class Channel(asyncio.Protocol):
         my_addresses: tuple[str, ...] = (),
         handshake_timeout: float = 30.0,
         max_queue_cells: int = DEFAULT_MAX_QUEUE_CELLS,
+        close_timeout: float = CLOSE_TIMEOUT,
     ):
         self.id = next(_ids)
         self.owner = owner
@@ -96,6 +101,9 @@ class Channel(asyncio.Protocol):
         self.my_addresses = my_addresses
         self.handshake_timeout = handshake_timeout
         self.max_queue_cells = max_queue_cells
+        self.close_timeout = close_timeout
+        #: no new circuits on this channel (its peer stopped answering); set by the owner
+        self.bad_for_new_circs = False
         self.circuits: dict[int, Any] = {}
         self.peer: PeerIdentity | None = None
         self.link_version = 0
@@ -118,6 +126,8 @@ class Channel(asyncio.Protocol):
         self._paused = False
         self._queues: dict[int, deque[bytes]] = {}
         self._timeout_handle: asyncio.TimerHandle | None = None
+        self._abort_handle: asyncio.TimerHandle | None = None
+        self._lost = False  # connection_lost was called: the socket is gone
         self._log = log.bind(chan_id=self.id)
 
     # -- asyncio.Protocol --------------------------------------------------------
@@ -243,6 +253,10 @@ class Channel(asyncio.Protocol):
             self._rest = data[pos:]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
+            self._abort_handle = None
         self._teardown("connection lost" if exc is None else f"connection lost: {type(exc).__name__}")
 
     def eof_received(self) -> bool | None:
@@ -400,13 +414,27 @@ class Channel(asyncio.Protocol):
     # -- closing -----------------------------------------------------------------------
 
     def close(self, reason: str = "closed") -> None:
-        """Flush what we have and close the link; circuits are torn down via the owner."""
+        """Flush what we have and close the link; circuits are torn down via the owner.
+
+        The transport gets ``close_timeout`` seconds to flush and finish TLS; a peer that
+        does not read (or never answers our close_notify) must not keep the socket open,
+        so after that the transport is aborted.
+        """
         if self.closed:
             return
         self._flush()
         self._teardown(reason)
         if self._transport is not None:
             self._transport.close()
+            if not self._lost and self._abort_handle is None:
+                self._abort_handle = self._loop.call_later(self.close_timeout, self._abort_unflushed)
+
+    def _abort_unflushed(self) -> None:
+        self._abort_handle = None
+        if not self._lost and self._transport is not None:
+            self._log.info("peer did not take the close in time; aborting the connection",
+                           timeout=self.close_timeout)
+            self._transport.abort()
 
     def abort(self) -> None:
         if self._transport is not None:

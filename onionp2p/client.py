@@ -5,7 +5,10 @@ Theory of operation
 :class:`OnionClient` keeps one channel per guard relay and builds circuits through a
 given list of relays (:class:`~onionp2p.directory.RelayInfo`): CREATE2 (ntor) to the
 first, then EXTEND2 in RELAY_EARLY cells hop by hop, adding one
-:class:`~onionp2p.relaycrypto.ClientCrypto` layer per EXTENDED2.
+:class:`~onionp2p.relaycrypto.ClientCrypto` layer per EXTENDED2. Connecting to a relay
+(TCP and TLS, then the link handshake) is bounded by ``handshake_timeout`` each; a channel
+whose peer went silent can be retired (:meth:`OnionClient.retire_channel`): it takes no
+new circuits and closes once its last circuit is gone.
 
 A built :class:`ClientCircuit` opens streams with :meth:`ClientCircuit.open_stream`,
 which returns a genuine ``(asyncio.StreamReader, asyncio.StreamWriter)`` pair. Under it
@@ -590,6 +593,7 @@ class OnionClient:
         self.max_queue_cells = max_queue_cells
         self.handshake_timeout = handshake_timeout
         self._connecting: dict[bytes, asyncio.Task] = {}
+        self._retired: set[Channel] = set()  # out of ``channels``, open until their circuits end
         self._listeners: list[Callable[[CircuitEvent], None]] = []
         self._channel_listeners: list[Callable[[str, Channel], None]] = []
         self.closed_bytes_read = 0
@@ -620,13 +624,20 @@ class OnionClient:
         return await asyncio.shield(task)
 
     async def _connect(self, relay: RelayInfo) -> Channel:
+        """TCP and TLS within ``handshake_timeout``, then the link handshake within it too
+        (the channel's own timer): a peer that accepts and never answers costs a bounded
+        time, whether or not anybody still waits for this connection."""
         loop = asyncio.get_running_loop()
         expected = PeerIdentity(ed25519_id=relay.ed_id, rsa_id=relay.rsa_id)
-        _t, chan = await loop.create_connection(
-            lambda: Channel(self, initiator=True, keys=None, expected=expected, peer_address=relay.address,
-                            handshake_timeout=self.handshake_timeout, max_queue_cells=self.max_queue_cells),
-            relay.address, relay.or_port, ssl=tls.client_context(),
-        )
+
+        def protocol() -> Channel:
+            return Channel(self, initiator=True, keys=None, expected=expected, peer_address=relay.address,
+                           handshake_timeout=self.handshake_timeout, max_queue_cells=self.max_queue_cells)
+
+        async with asyncio.timeout(self.handshake_timeout):  # TimeoutError is an OSError
+            _t, chan = await loop.create_connection(protocol, relay.address, relay.or_port,
+                                                    ssl=tls.client_context(),
+                                                    ssl_handshake_timeout=self.handshake_timeout)
         try:
             await chan.ready
         except OnionError:
@@ -658,15 +669,34 @@ class OnionClient:
 
     def _circuit_gone(self, circ: ClientCircuit) -> None:
         self.circuits.pop(circ.id, None)
+        chan = circ.chan
+        if getattr(chan, "bad_for_new_circs", False) and not chan.circuits and not chan.closed:
+            chan.close("retired channel has no circuits left")
+
+    def retire_channel(self, chan: Channel) -> None:
+        """No new circuits on ``chan`` (its peer stopped answering, like tor's
+        ``is_bad_for_new_circs``): the next circuit to that relay opens a new channel, and
+        ``chan`` is closed as soon as its last circuit is gone."""
+        chan.bad_for_new_circs = True
+        for rsa_id, c in list(self.channels.items()):
+            if c is chan:
+                del self.channels[rsa_id]
+        if chan.closed:
+            return
+        if chan.circuits:
+            self._retired.add(chan)
+        else:
+            chan.close("retired channel has no circuits")
 
     async def close(self) -> None:
         for circ in list(self.circuits.values()):
             circ.close()
         for task in list(self._connecting.values()):
             task.cancel()
-        for chan in list(self.channels.values()):
+        for chan in [*self.channels.values(), *self._retired]:
             chan.close("client closing")
         self.channels.clear()
+        self._retired.clear()
         await asyncio.sleep(0)
 
     # ChannelOwner
@@ -679,6 +709,7 @@ class OnionClient:
     def channel_closed(self, chan: Channel) -> None:
         self.closed_bytes_read += chan.bytes_in
         self.closed_bytes_written += chan.bytes_out
+        self._retired.discard(chan)
         for rsa_id, c in list(self.channels.items()):
             if c is chan:
                 del self.channels[rsa_id]
@@ -701,7 +732,7 @@ class OnionClient:
 
     def traffic(self) -> tuple[int, int]:
         """Bytes (read, written) on all OR channels since start."""
-        live = list(self.channels.values())
+        live = [*self.channels.values(), *self._retired]
         return (self.closed_bytes_read + sum(c.bytes_in for c in live),
                 self.closed_bytes_written + sum(c.bytes_out for c in live))
 

@@ -17,7 +17,11 @@ Each open stream is an :class:`~onionp2p.stream.EdgeStream` joined to an
 destination is read only while both windows allow (``pause_reading``), and stream
 SENDMEs are withheld while the destination's write buffer is above its high-water
 mark, so a slow destination or a slow client never makes the exit buffer without
-bound. RESOLVE answers RESOLVED with IPv4 answers first; failures are F0/F1 answers.
+bound. A stream that ends (END from the client) closes its socket after flushing what
+the client sent, as long as the destination keeps taking bytes: after ``flush_timeout``
+(15 s) without progress the socket is aborted; a circuit that goes away aborts its
+sockets at once. RESOLVE answers RESOLVED with IPv4 answers first; failures are F0/F1
+answers.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import asyncio
 import errno
 import ipaddress
 import socket
+import struct
 from typing import TYPE_CHECKING, Any
 
 from .log import get_logger
@@ -41,21 +46,36 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["ExitHandler", "ExitConnection"]
 
+try:  # the kernel's unsent bytes of a TCP socket (Linux)
+    import fcntl
+    import termios
+
+    _SIOCOUTQ: int | None = termios.TIOCOUTQ
+except (ImportError, AttributeError):  # pragma: no cover - other platforms
+    _SIOCOUTQ = None
+
 log = get_logger("onionp2p.exit")
 CONNECT_TIMEOUT = 15.0
 RESOLVE_TIMEOUT = 15.0
 DNS_TTL = 300
 MAX_PENDING_OPTIMISTIC = 500 * 498  # optimistic DATA before CONNECTED is bounded by the window
+#: A closed exit stream's socket may keep flushing what the client sent while the
+#: destination takes bytes; after this many seconds without progress it is aborted (tor
+#: gives up on a connection held open for flushing after 15 s without a write).
+FLUSH_TIMEOUT = 15.0
 
 
 class ExitConnection(asyncio.Protocol):
     """The destination side of one exit stream."""
 
-    def __init__(self) -> None:
+    def __init__(self, flush_timeout: float = FLUSH_TIMEOUT) -> None:
         self.stream: EdgeStream  # set right after construction
         self.transport: asyncio.Transport | None = None
         self.write_paused = False
         self.pending: list[bytes] = []
+        self.flush_timeout = flush_timeout
+        self._lost = False
+        self._flush_check: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -72,6 +92,10 @@ class ExitConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self._flush_check is not None:
+            self._flush_check.cancel()
+            self._flush_check = None
         if self.stream.state is not StreamState.CLOSED:
             self.stream.finish(EndReason.DONE if exc is None else EndReason.CONNRESET)
 
@@ -101,11 +125,48 @@ class ExitConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        """Close after flushing what the client sent; a destination that takes none of it
+        for ``flush_timeout`` seconds loses the rest (the socket must not stay open)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.close()
+        if not self._lost and self.transport.get_write_buffer_size():
+            self._schedule_flush_check(self._unflushed())
+
+    def _unflushed(self) -> int:
+        """Bytes not yet taken by the destination: ours, plus the kernel's send queue
+        (Linux SIOCOUTQ), so that progress is seen while the kernel drains."""
+        size = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is not None and _SIOCOUTQ is not None:
+            try:
+                size += struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0"))[0]
+            except (OSError, ValueError):
+                pass
+        return size
+
+    def _schedule_flush_check(self, unflushed: int) -> None:
+        self._flush_check = asyncio.get_running_loop().call_later(self.flush_timeout, self._check_flush,
+                                                                  unflushed)
+
+    def _check_flush(self, before: int) -> None:
+        self._flush_check = None
+        if self._lost or self.transport is None:
+            return
+        if not self.transport.get_write_buffer_size():
+            return  # asyncio closes the socket now; the kernel delivers the rest
+        unflushed = self._unflushed()
+        if unflushed >= before:
+            log.info("destination stopped reading a closed exit stream; aborting", unflushed=unflushed)
+            self.transport.abort()
+        else:
+            self._schedule_flush_check(unflushed)
 
     def abort(self) -> None:
         """Drop the socket now, unflushed: its circuit is gone (tor gives up flushing too)."""
+        if self._flush_check is not None:
+            self._flush_check.cancel()
+            self._flush_check = None
         if self.transport is not None:
             self.transport.abort()
 
@@ -125,8 +186,10 @@ def _end_reason_for(exc: BaseException) -> int:
 class ExitHandler:
     """Stream commands recognized at the last hop of a circuit."""
 
-    def __init__(self, policy: ExitPolicy, *, max_streams_per_circuit: int = 500):
+    def __init__(self, policy: ExitPolicy, *, max_streams_per_circuit: int = 500,
+                 flush_timeout: float = FLUSH_TIMEOUT):
         self.policy = policy
+        self.flush_timeout = flush_timeout
         # Port of this relay's directory server on 127.0.0.1 (BEGIN_DIR target), if it has one.
         self.dir_port: int | None = None
         self.max_streams_per_circuit = max_streams_per_circuit
@@ -176,7 +239,7 @@ class ExitHandler:
         if len(circ.streams) >= self.max_streams_per_circuit:
             circ.send_back(RelayCommand.END, sid, End(EndReason.RESOURCELIMIT).encode())
             return
-        conn = ExitConnection()
+        conn = ExitConnection(self.flush_timeout)
 
         def on_close() -> None:
             if circ.streams.get(sid) is stream:

@@ -1,0 +1,830 @@
+"""Fault tolerance: relays that die and come back, an authority that goes away, half-open
+links, a peer that stops reading — and the limits that are not covered in test_dos.py,
+each hit while somebody else is served.
+
+Everything is real: in-process :class:`~onionp2p.relay.Relay` objects on TLS sockets,
+``onionp2p relay`` processes where killing and restarting a process is the point, a real
+:class:`~onionp2p.authority.Authority`, and :class:`~onionp2p.node.ClientNode` clients
+driven through their SOCKS port by python-socks or curl (and through the control port).
+The faults are real sockets too: a *black hole* accepts TCP connections and never
+answers; a *freezer* forwards TCP to a relay until it is frozen, then forwards nothing
+in either direction and sends neither FIN nor RST (a half-open path).
+
+What the tests check: the fault ends in an error within a bounded time (generous
+bounds: "does not hang", not "is fast"), clients get around it with new circuits, the
+node goes on serving others, and after closing, this process's file descriptors,
+asyncio tasks and protocol objects are back to the baseline (``Net.warm_up`` and
+``settle`` from test_leaks.py, exact counts) — in every test but the authority one, whose
+relays keep retrying the absent authority in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from python_socks import ProxyError
+from python_socks.async_.asyncio import Proxy
+
+from conftest import blob, http_get, sha256
+from test_leaks import Net, channel_from, open_fds, relay_busy, settle, start_relay_process
+from onionp2p.authority import Authority, FlagRules, authority_line, load_or_create_authority_key
+from onionp2p.channel import CLOSE_TIMEOUT
+from onionp2p.client import CircuitError, OnionClient
+from onionp2p.config import ClientConfig
+from onionp2p.dirclient import DirectoryUnavailable, RelayDirectory
+from onionp2p.directory import RelayInfo, RouterStatus, parse_authorities
+from onionp2p.dos import CELL_MEMORY
+from onionp2p.exitpolicy import ExitPolicy
+from onionp2p.keys import RelayKeys
+from onionp2p.node import ClientNode
+from onionp2p.relay import Relay
+from onionp2p.socksproto import Reply
+from onionp2p.stream import SOURCE_HIGH_WATER
+
+GUARD = frozenset({"Fast", "Guard", "Running", "Stable", "Valid"})
+MIDDLE = frozenset({"Fast", "Running", "Stable", "Valid"})
+EXIT = frozenset({"Exit", "Fast", "Running", "Stable", "Valid"})
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+async def wait_for(pred, timeout: float = 15.0, what: str = "condition"):
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not (value := pred()):
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+    return value
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FaultNet(Net):
+    """test_leaks' ``Net`` with relays of different roles: exits accept everything
+    (loopback included), the others are not exits. ``warm_up`` builds one circuit
+    through all relays in order, so the last one added must be an exit."""
+
+    async def add(self, name: str, *, exit: bool = False, **kw) -> Relay:
+        policy = ExitPolicy.parse("accept *:*", reject_private=False) if exit else ExitPolicy.reject_all()
+        relay = Relay(RelayKeys.load_or_create(self.tmp / name), nickname=name, exit_policy=policy,
+                      data_dir=self.tmp / name, extend_allow_private=True, **kw)
+        await relay.start()
+        self.relays.append(relay)
+        return relay
+
+    async def stop(self) -> None:
+        for relay in self.relays:
+            await relay.stop()
+
+
+@pytest.fixture
+async def fnet(tmp_path, http_server):
+    net = FaultNet(tmp_path, http_server.port)
+    yield net
+    await net.stop()
+
+
+def status(info: RelayInfo, flags: frozenset[str], bandwidth: int = 1000) -> RouterStatus:
+    return RouterStatus(info, flags, bandwidth=bandwidth)
+
+
+def client_config(data_dir: Path, **kw) -> ClientConfig:
+    kw.setdefault("preemptive_circuits", 1)
+    return ClientConfig(data_dir=data_dir, socks_address=("127.0.0.1", 0), enforce_distinct_subnets=False,
+                        **kw)
+
+
+def seed_guards(data_dir: Path, *infos: RelayInfo) -> None:
+    """A guard sample in this order (the state file of specs/pathsel.md §2)."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    now = time.time()
+    (data_dir / "guards.json").write_text(json.dumps({"version": 1, "guards": [
+        {"fingerprint": i.fingerprint, "nickname": i.nickname, "added_at": now, "unlisted_since": None}
+        for i in infos]}))
+
+
+async def socks_open(socks_port: int, port: int, host: str = "127.0.0.1", *, timeout: float = 60):
+    """A stream through the SOCKS5 port (python-socks; hostnames resolved at the exit)."""
+    proxy = Proxy.from_url(f"socks5://127.0.0.1:{socks_port}", rdns=True)
+    sock = await proxy.connect(dest_host=host, dest_port=port, timeout=timeout)
+    return await asyncio.open_connection(sock=sock)
+
+
+async def socks_get(socks_port: int, port: int, path: str, host: str = "127.0.0.1", *,
+                    timeout: float = 60) -> bytes:
+    async with asyncio.timeout(timeout):
+        reader, writer = await socks_open(socks_port, port, host, timeout=timeout)
+        try:
+            return await http_get(reader, writer, path)
+        finally:
+            writer.close()
+
+
+def circuit_paths(node: ClientNode) -> list[tuple[str, ...]]:
+    """Record the path of the circuit of every SOCKS stream that succeeds from now on."""
+    paths: list[tuple[str, ...]] = []
+
+    def on_event(event) -> None:
+        if event[0] == "stream" and event[1].status == "SUCCEEDED":
+            circ = node.client.circuits.get(event[1].circuit_id)
+            paths.append(tuple(h.nickname for h in circ.path) if circ is not None else ())
+
+    node.add_listener(on_event)
+    return paths
+
+
+class BlackHole:
+    """Accepts TCP connections and never answers: what it receives is discarded (it
+    reads only to notice when the other side closes)."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.base_events.Server | None = None
+        self.port = 0
+        self.accepted = 0
+        self.open = 0
+
+    async def start(self) -> BlackHole:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self.open += 1
+        try:
+            while await reader.read(65536):
+                pass
+        except ConnectionError:
+            pass
+        finally:
+            self.open -= 1
+            writer.close()
+
+    def relay_info(self, keys_dir: Path, nickname: str) -> RelayInfo:
+        """A plausible directory entry for this address: real keys that nobody proves."""
+        keys = RelayKeys.load_or_create(keys_dir)
+        return RelayInfo(nickname, "127.0.0.1", self.port, keys.rsa_id_digest, keys.identity_public,
+                         keys.onion_key_public)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+class Freezer:
+    """A TCP forwarder in front of a relay. ``freeze()``: from then on nothing is
+    forwarded either way and nothing is read; no FIN, no RST — a path that went silent.
+    ``close()`` resets every connection."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.frozen = False
+        self.port = 0
+        self.server: asyncio.base_events.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> Freezer:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+        ureader, uwriter = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self.writers += [cwriter, uwriter]
+        await asyncio.gather(self._pump(creader, uwriter), self._pump(ureader, cwriter),
+                             return_exceptions=True)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while not self.frozen and (data := await reader.read(65536)):
+            if self.frozen:
+                return  # swallowed
+            writer.write(data)
+            await writer.drain()
+        if not self.frozen:
+            writer.close()
+
+    def freeze(self) -> None:
+        self.frozen = True
+        for w in self.writers:
+            w.transport.pause_reading()
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.transport.abort()
+        self.writers.clear()
+        if self.server is not None:
+            self.server.close()
+
+
+class Controller:
+    """A raw control-port connection (tor's control protocol)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.events: list[str] = []
+
+    @classmethod
+    async def open(cls, port: int, cookie: bytes | None = None) -> Controller:
+        c = cls(*await asyncio.open_connection("127.0.0.1", port))
+        if cookie is not None:
+            assert await c.command(f"AUTHENTICATE {cookie.hex()}") == ["250 OK"]
+        return c
+
+    async def line(self, timeout: float = 30) -> str:
+        raw = await asyncio.wait_for(self.reader.readline(), timeout)
+        if not raw:
+            raise EOFError("control connection closed")
+        return raw.decode().rstrip("\r\n")
+
+    async def command(self, cmd: str) -> list[str]:
+        self.writer.write(cmd.encode() + b"\r\n")
+        lines: list[str] = []
+        while True:
+            line = await self.line()
+            if line.startswith("650"):
+                self.events.append(line)
+                continue
+            lines.append(line)
+            if line[3:4] == " ":
+                return lines
+
+    async def event(self, prefix: str, timeout: float = 30) -> str:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            for i, e in enumerate(self.events):
+                if e.startswith(prefix):
+                    return self.events.pop(i)
+            self.events.append(await self.line(max(end - loop.time(), 0.01)))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def socket_of_transport(transport) -> tuple[int, str]:
+    """The fd of a transport's socket and what /proc says it is (``socket:[inode]``)."""
+    fd = transport.get_extra_info("socket").fileno()
+    return fd, os.readlink(f"/proc/self/fd/{fd}")
+
+
+# -- 1. a relay process killed mid-circuit, then restarted ----------------------------------------
+
+
+async def relay_process_info(proc, d: Path, timeout: float = 30) -> RelayInfo:
+    await wait_for(lambda: (d / "relay-info.json").exists() or proc.poll() is not None, timeout,
+                   "the relay process to start")
+    assert proc.poll() is None, (d / "log.txt").read_text()
+    return RelayInfo.load(d / "relay-info.json")
+
+
+async def test_relay_killed_mid_transfer_is_built_around_and_used_again_after_restart(fnet, http_server):
+    g = await fnet.add("g")
+    m = await fnet.add("m")
+    x = await fnet.add("x", exit=True)
+    base = await fnet.warm_up()
+    d = fnet.tmp / "victim"
+    d.mkdir()
+    config = 'nickname = "victim"\ndata_dir = "."\nextend_allow_private = true\nor_address = "127.0.0.1:{}"\n'
+    (d / "relay.toml").write_text(config.format(0))
+    proc = start_relay_process(d)
+    try:
+        victim = await relay_process_info(proc, d)
+        (d / "relay.toml").write_text(config.format(victim.or_port))  # the restart takes the same port
+        await _kill_and_restart(fnet, http_server, d, proc, victim, g, m, x)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await asyncio.to_thread(proc.wait)
+    await settle(fnet.relays, base)
+
+
+async def _kill_and_restart(fnet, http_server, d, proc, victim, g, m, x) -> None:
+    # the victim is the middle of nearly every path: it outweighs m a million to one
+    routers = [status(g.info(), GUARD), status(m.info(), MIDDLE, 1), status(victim, MIDDLE, 10**6),
+               status(x.info(), EXIT)]
+    node = ClientNode(client_config(fnet.tmp / "client", control_port=0, circuit_build_timeout=10,
+                                    stream_timeout=5), routers=lambda: routers)
+    restarted = None
+    stopped = False
+    try:
+        await node.start(ready_timeout=30)
+        paths = circuit_paths(node)
+        reader, writer = await socks_open(node.socks_port, http_server.port)
+        writer.write(b"GET /hold HTTP/1.0\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert paths == [("g", "victim", "x")]
+        got = 0
+
+        async def download() -> None:
+            nonlocal got
+            with contextlib.suppress(ConnectionError):
+                while chunk := await reader.read(65536):
+                    got += len(chunk)
+
+        task = asyncio.create_task(download())
+        await wait_for(lambda: got >= 1_000_000 or task.done(), 30, "the download to run")
+        proc.send_signal(signal.SIGKILL)
+        async with asyncio.timeout(20):  # the in-flight stream ends, it does not hang
+            await task
+        assert got < 20_000_000, "the download was not cut"
+        writer.close()
+        await asyncio.to_thread(proc.wait)
+
+        # new requests succeed on new circuits, which avoid the dead relay
+        for n in (100_000, 200_000):
+            assert await socks_get(node.socks_port, http_server.port, f"/{n}") == blob(n)
+        assert paths[1:] == [("g", "m", "x")] * 2
+
+        # the relay comes back with its keys on its port ...
+        (d / "relay-info.json").unlink()
+        restarted = start_relay_process(d)
+        again = await relay_process_info(restarted, d)
+        assert again == victim
+        # ... and a circuit through it works again (EXTENDCIRCUIT on the control port)
+        cookie = (fnet.tmp / "client" / "control_auth_cookie").read_bytes()
+        ctl = await Controller.open(node.control_port, cookie)
+        try:
+            assert await ctl.command("SETEVENTS CIRC") == ["250 OK"]
+            fps = ",".join(f"${i.fingerprint}" for i in (g.info(), victim, x.info()))
+            reply = await ctl.command(f"EXTENDCIRCUIT 0 {fps}")
+            assert reply[0].startswith("250 EXTENDED "), reply
+            cid = int(reply[0].split()[2])
+            while (event := await ctl.event(f"650 CIRC {cid} ")).split()[3] in ("LAUNCHED", "EXTENDED"):
+                pass
+            assert event.split()[3] == "BUILT", event
+        finally:
+            ctl.close()
+        circ = node.client.circuits[cid]
+        assert [h.nickname for h in circ.hops] == ["g", "victim", "x"]
+        r, w = await circ.open_stream("127.0.0.1", http_server.port)
+        assert sha256(await http_get(r, w, "/300000")) == sha256(blob(300_000))
+        w.close()
+        await node.stop()
+        stopped = True
+        restarted.send_signal(signal.SIGTERM)  # a clean exit after all this
+        assert await asyncio.to_thread(restarted.wait, 15) == 0
+    finally:
+        if not stopped:
+            await node.stop()
+        if restarted is not None and restarted.poll() is None:
+            restarted.kill()
+            await asyncio.to_thread(restarted.wait)
+
+
+# -- 2. the authority goes away ----------------------------------------------------------------
+
+
+async def curl_get(socks_port: int, url: str, timeout: float = 60) -> tuple[int, bytes, bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--max-time", str(int(timeout)), "--socks5-hostname", f"127.0.0.1:{socks_port}", url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    return proc.returncode, out, err
+
+
+async def test_authority_down_clients_bootstrap_from_cache_and_relays(tmp_path, http_server):
+    key = load_or_create_authority_key(tmp_path / "auth")
+    line = authority_line("auth", "127.0.0.1", free_port(), key)
+    auth = Authority(key, nickname="auth", authorities=parse_authorities([line]), data_dir=tmp_path / "auth",
+                     dir_port=parse_authorities([line])[0].dir_port, voting_interval=4,
+                     rules=FlagRules(stable_uptime=0, assume_guard=True, assume_exit=True))
+    relays: list[Relay] = []
+    nodes: list[ClientNode] = []
+
+    def node(data_dir: Path) -> ClientNode:
+        nodes.append(ClientNode(client_config(data_dir, authorities=(line,))))
+        return nodes[-1]
+
+    try:
+        await auth.start()
+        for i in range(3):
+            policy = (ExitPolicy.parse("accept *:*", reject_private=False) if i == 2
+                      else ExitPolicy.reject_all())
+            relay = Relay(RelayKeys.load_or_create(tmp_path / f"r{i}"), nickname=f"r{i}", exit_policy=policy,
+                          data_dir=tmp_path / f"r{i}", extend_allow_private=True,
+                          directory=RelayDirectory(tmp_path / f"r{i}", [line]))
+            await relay.start()
+            relays.append(relay)
+        await wait_for(lambda: auth.current is not None and len(auth.current.routers) == 3, 40,
+                       "a consensus listing the three relays")
+        # a client bootstraps from the authority and caches the consensus
+        first = node(tmp_path / "client")
+        await first.start(ready_timeout=30)
+        assert await socks_get(first.socks_port, http_server.port, "/5000", "localhost") == blob(5000)
+        held = first.directory.consensus
+        assert (tmp_path / "client" / "cached-consensus").exists()
+        await first.stop()
+        # the relays' directory caches hold it too; then the authority goes away
+        await wait_for(lambda: all(r.directory.consensus is not None
+                                   and r.directory.consensus.valid_after >= held.valid_after for r in relays),
+                       20, "the relays to cache the consensus")
+        await auth.stop()
+
+        # a fresh client with the same data directory: cached consensus, then the relays'
+        # caches over BEGIN_DIR (the authority refuses connections now)
+        second = node(tmp_path / "client")
+        async with asyncio.timeout(60):
+            await second.start(ready_timeout=30)
+        served = sum(r.directory.server.requests for r in relays)
+        doc = await second.directory.refresh()
+        assert doc.valid_after >= held.valid_after
+        assert sum(r.directory.server.requests for r in relays) == served + 1
+        if shutil.which("curl"):
+            rc, body, err = await curl_get(second.socks_port, f"http://localhost:{http_server.port}/100000")
+            assert rc == 0, err
+        else:  # tools/test installs curl; elsewhere python-socks does the same job
+            body = await socks_get(second.socks_port, http_server.port, "/100000", "localhost")
+        assert body == blob(100_000)
+        await second.stop()
+
+        # no cache and no authority: a clear error, soon
+        third = node(tmp_path / "empty")
+        with pytest.raises(DirectoryUnavailable) as exc:
+            async with asyncio.timeout(30):
+                await third.start(ready_timeout=10)
+        assert "authority auth" in str(exc.value) and "cannot connect" in str(exc.value), str(exc.value)
+        assert third.socks is None  # nothing half-started
+    finally:
+        for n in nodes:
+            await n.stop()
+        for relay in relays:
+            await relay.stop()
+        await auth.stop()
+
+
+# -- 3. half-open TCP: black holes and a path that goes silent -------------------------------------
+
+
+async def test_black_hole_guard_and_middle_are_built_around(fnet, http_server):
+    g = await fnet.add("g", handshake_timeout=1.0)  # its TLS handshake toward the black hole: 1 s
+    m = await fnet.add("m")
+    x = await fnet.add("x", exit=True)
+    base = await fnet.warm_up()
+    hole_guard, hole_mid = await BlackHole().start(), await BlackHole().start()
+    try:
+        await _black_holes(fnet, http_server, g, m, x, hole_guard, hole_mid)
+        await wait_for(lambda: hole_guard.open == hole_mid.open == 0, 10, "the black holes to be let go")
+    finally:
+        await hole_guard.stop()
+        await hole_mid.stop()
+    await settle(fnet.relays, base)
+
+
+async def _black_holes(fnet, http_server, g, m, x, hole_guard, hole_mid) -> None:
+    bg = hole_guard.relay_info(fnet.tmp / "bg", "holeguard")
+    bm = hole_mid.relay_info(fnet.tmp / "bm", "holemid")
+    # the black hole is the first guard of the sample, the other one the heaviest middle
+    routers = [status(bg, GUARD, 1), status(g.info(), GUARD, 1), status(bm, MIDDLE, 10**6),
+               status(m.info(), MIDDLE, 1), status(x.info(), EXIT)]
+    seed_guards(fnet.tmp / "client", bg, g.info())
+    node = ClientNode(client_config(fnet.tmp / "client", circuit_build_timeout=2, max_build_attempts=5),
+                      routers=lambda: routers)
+    try:
+        async with asyncio.timeout(40):
+            await node.start(ready_timeout=30)
+        paths = circuit_paths(node)
+        assert await socks_get(node.socks_port, http_server.port, "/50000") == blob(50_000)
+        assert paths == [("g", "m", "x")]
+        # the TLS handshake to the black-hole guard timed out: the guard is marked down
+        assert hole_guard.accepted >= 1 and node.guards.is_down(bg.fingerprint)
+        # g tried to extend to the black-hole middle; its handshake timeout hung up on it
+        assert hole_mid.accepted >= 1
+        await wait_for(lambda: hole_mid.open == 0, 10, "the relay to drop its stalled connection")
+        assert not g._connecting and bm.rsa_id not in g.by_identity
+
+        # the library client bounds TCP + TLS + link handshake by its handshake timeout
+        lib = OnionClient(handshake_timeout=1)
+        try:
+            before = hole_guard.accepted
+            with pytest.raises(CircuitError) as exc:
+                async with asyncio.timeout(20):
+                    await lib.build_circuit([bg, g.info(), x.info()], timeout=60)
+            assert exc.value.reason == "CONNECTFAILED" and hole_guard.accepted == before + 1
+        finally:
+            await lib.close()
+    finally:
+        await node.stop()
+
+
+async def test_silent_guard_link_stream_timeout_then_other_guard(fnet, http_server):
+    g1 = await fnet.add("g1")
+    g2 = await fnet.add("g2")
+    m = await fnet.add("m")
+    x = await fnet.add("x", exit=True)
+    base = await fnet.warm_up()
+    freezer = await Freezer(g1.port).start()
+    try:
+        await _silent_guard(fnet, http_server, g1, g2, m, x, freezer)
+    finally:
+        freezer.close()
+    await settle(fnet.relays, base)
+
+
+async def _silent_guard(fnet, http_server, g1, g2, m, x, freezer) -> None:
+    via = dataclasses.replace(g1.info(), or_port=freezer.port)  # g1 as reached through the freezer
+    routers = [status(via, GUARD), status(g2.info(), GUARD), status(m.info(), MIDDLE), status(x.info(), EXIT)]
+    seed_guards(fnet.tmp / "client", via, g2.info())
+    node = ClientNode(client_config(fnet.tmp / "client", circuit_build_timeout=2, stream_timeout=2,
+                                    max_stream_attempts=1), routers=lambda: routers)
+    try:
+        await node.start(ready_timeout=30)
+        paths = circuit_paths(node)
+        assert await socks_get(node.socks_port, http_server.port, "/20000") == blob(20_000)
+        assert paths[0][0] == "g1"
+        old_chan = node.client.channels[g1.keys.rsa_id_digest]
+        freezer.freeze()
+        # a new stream on the open circuit: no CONNECTED comes; stream_timeout, error reply
+        with pytest.raises(ProxyError) as exc:
+            await socks_get(node.socks_port, http_server.port, "/20000", timeout=20)
+        assert exc.value.error_code == Reply.TTL_EXPIRED
+        # every request is answered within a bounded time; the first-hop build timeouts
+        # on the silent link mark g1 down, and circuits through g2 take over
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 60
+        while True:
+            try:
+                body = await socks_get(node.socks_port, http_server.port, "/30000", timeout=20)
+                break
+            except ProxyError:
+                assert loop.time() < end, "never built around the silent guard"
+                await asyncio.sleep(0.2)
+        assert body == blob(30_000) and paths[-1][0] == "g2"
+        assert node.guards.is_down(g1.keys.fingerprint)
+        assert node.client.channels.get(g1.keys.rsa_id_digest) is not old_chan  # no new circuits on it
+    finally:
+        await node.stop()
+
+
+# -- 4. a peer that stops reading -------------------------------------------------------------------
+
+
+async def test_peer_that_stops_reading_back_pressure_and_close_does_not_wait(fnet, http_server):
+    x = await fnet.add("x", exit=True)
+    base = await fnet.warm_up()
+    await _stops_reading(fnet, http_server, x)
+    await settle(fnet.relays, base)
+
+
+async def _stops_reading(fnet, http_server, x) -> None:
+    destroyed = x.stats["destroyed"]
+    client = OnionClient()
+    try:
+        chan = await channel_from(client, x.info(), rcvbuf=4096)
+        circ = await client.build_circuit([x.info()])
+        writers = [(await circ.open_stream("127.0.0.1", http_server.port))[1] for _ in range(2)]
+        chan.pause_reading()  # from now on this peer reads nothing
+        for w in writers:
+            w.write(b"GET /hold HTTP/1.0\r\n\r\n")
+        (relay_chan,) = x.channels
+        (exit_circ,) = x.circuits
+        streams = lambda: list(exit_circ.streams.values())  # noqa: E731
+        # back-pressure reaches the destinations: the exit stops reading them
+        await wait_for(lambda: len(streams()) == 2 and all(s.conn.transport is not None
+                                                           and not s.conn.transport.is_reading()
+                                                           for s in streams()),
+                       20, "the exit to stop reading its destinations")
+        await asyncio.sleep(1)  # and it stays that way: memory is bounded
+        assert all(not s.conn.transport.is_reading() for s in streams())
+        assert all(s.buffered <= SOURCE_HIGH_WATER + 256 * 1024 for s in streams())
+        held, _ = x.queue_memory()
+        assert held <= 1000 * CELL_MEMORY + 2 * (SOURCE_HIGH_WATER + 256 * 1024)
+        assert relay_chan.queued_cells() <= 1000 and x.stats["destroyed"] == destroyed
+
+        # the relay closes the channel: the peer never reads the close, yet the socket goes
+        fd, what = socket_of_transport(relay_chan._transport)
+        relay_chan.close("test: closing on a peer that does not read")
+        assert not relay_busy(x)
+        await wait_for(lambda: open_fds().get(fd) != what, CLOSE_TIMEOUT + 10,
+                       "the relay to give up the socket of a peer that does not read")
+        # the relay serves another client meanwhile; the silent peer is still connected
+        other = OnionClient()
+        try:
+            c2 = await other.build_circuit([x.info()])
+            r, w = await c2.open_stream("127.0.0.1", http_server.port)
+            assert await http_get(r, w, "/100000") == blob(100_000)
+        finally:
+            await other.close()
+        assert not chan.closed
+    finally:
+        await client.close()
+
+
+class Sink:
+    """A destination that reads nothing until ``start_reading()``, then at most ``chunk``
+    bytes every ``delay`` seconds (so at most ``rate`` bytes/s)."""
+
+    def __init__(self, *, chunk: int = 65536, delay: float = 0.05) -> None:
+        self.chunk, self.delay = chunk, delay
+        self.rate = chunk / delay
+        self.received = 0
+        self.eof = False
+        self.conns: list[socket.socket] = []
+        self._reading = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> Sink:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self._tasks.append(asyncio.create_task(self._accept()))
+        return self
+
+    def start_reading(self) -> None:
+        self._reading.set()
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self.sock)
+            conn.setblocking(False)
+            self.conns.append(conn)
+            self._tasks.append(asyncio.create_task(self._read(conn)))
+
+    async def _read(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        await self._reading.wait()
+        with contextlib.suppress(ConnectionError):
+            while data := await loop.sock_recv(conn, self.chunk):
+                self.received += len(data)
+                await asyncio.sleep(self.delay)
+            self.eof = True
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for c in [*self.conns, self.sock]:
+            c.close()
+
+
+async def test_exit_flushes_closed_streams_while_destinations_read_and_gives_up_on_silent_ones(
+        fnet, http_server):
+    x = await fnet.add("x", exit=True)
+    base = await fnet.warm_up()
+    x.exit.flush_timeout = 0.5  # the real ExitHandler's setting (tor: 15 s)
+    slow, silent = await Sink().start(), await Sink().start()
+    try:
+        await _closing_exit_streams(x, slow, silent)
+    finally:
+        await slow.stop()
+        await silent.stop()
+    await settle(fnet.relays, base)
+
+
+async def _closing_exit_streams(x, slow, silent) -> None:
+    client = OnionClient()
+    try:
+        circ = await client.build_circuit([x.info()])
+        to_slow, to_silent = [(await circ.open_stream("127.0.0.1", sink.port))[1] for sink in (slow, silent)]
+        (exit_circ,) = x.circuits
+        edges = [exit_circ.streams[w.transport.get_extra_info("stream_id")] for w in (to_slow, to_silent)]
+        sockets = [socket_of_transport(e.conn.transport) for e in edges]
+        for w in (to_slow, to_silent):
+            w.write(blob(8_000_000))
+        # neither destination reads yet: the exit buffers until it stops acknowledging
+        await wait_for(lambda: all(e.conn.write_paused for e in edges), 20, "the exit to fill up")
+        for w in (to_slow, to_silent):
+            w.transport.abort()  # END: the exit closes both sockets with data still to flush
+        slow.start_reading()
+        await wait_for(lambda: not exit_circ.streams, 10, "the exit to end both streams")
+        unread = edges[0].bytes_received - slow.received  # at most what was left at the close
+        assert all(e.conn.transport.is_closing() for e in edges)
+        # more than the slow destination can take in two flush timeouts: flushing it needs
+        # several checks that see progress (a fixed deadline would cut it short)
+        assert unread > 2 * slow.rate * x.exit.flush_timeout
+        # the silent destination's socket is given up (it would be held forever otherwise) ...
+        await wait_for(lambda: open_fds().get(sockets[1][0]) != sockets[1][1], 10,
+                       "the exit to abort the socket of a destination that never reads")
+        # ... while the slow one, making progress, gets every byte and then EOF
+        await wait_for(lambda: slow.eof, 60, "the slow destination to receive everything")
+        assert slow.received == edges[0].bytes_received
+        assert open_fds().get(sockets[0][0]) != sockets[0][1]
+        assert circ.state == "built"
+    finally:
+        await client.close()
+
+
+# -- 5. limits outside test_dos.py, hit while others are served --------------------------------------
+
+
+async def raw_socks(port: int, data: bytes):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    return reader, writer
+
+
+async def closed_by_server(reader: asyncio.StreamReader, timeout: float = 15) -> bytes:
+    """What the server sends before it hangs up (fails if it does not hang up in time)."""
+    try:
+        return await asyncio.wait_for(reader.read(), timeout)
+    except ConnectionError:
+        return b""
+
+
+async def test_socks_and_control_limits_hit_while_others_are_served(fnet, http_server):
+    g = await fnet.add("g")
+    m = await fnet.add("m")
+    x = await fnet.add("x", exit=True)
+    base = await fnet.warm_up()
+    routers = [status(g.info(), GUARD), status(m.info(), MIDDLE), status(x.info(), EXIT)]
+    node = ClientNode(client_config(fnet.tmp / "client", control_port=0), routers=lambda: routers)
+    try:
+        await node.start(ready_timeout=30)
+        socks, control = node.socks, node.control
+        socks.handshake_timeout = 3.0
+        socks.max_connections = 3
+        control.auth_timeout = 2.0
+        control.max_connections = 2
+
+        # SOCKS handshake timeout: two clients stall mid-handshake; another is served meanwhile
+        stalled = [await raw_socks(node.socks_port, b"\x05"),  # half a greeting
+                   await raw_socks(node.socks_port, b"\x05\x01\x00")]  # greeting, no request
+        await wait_for(lambda: socks.stats.active == 2, 5, "two stalled SOCKS clients")
+        assert await socks_get(node.socks_port, http_server.port, "/40000") == blob(40_000)
+        # SOCKS connection limit: a third stalled one fills it; the next one is turned away
+        stalled.append(await raw_socks(node.socks_port, b""))
+        await wait_for(lambda: socks.stats.active == 3, 5, "three SOCKS clients")
+        refused_r, refused_w = await raw_socks(node.socks_port, b"\x05\x01\x00")
+        assert await closed_by_server(refused_r, 5) == b""
+        refused_w.close()
+        # the handshake timeout frees the slots
+        for r, w in stalled:
+            assert await closed_by_server(r) in (b"", b"\x05\x00")
+            w.close()
+        assert socks.stats.handshake_failed >= 3
+        assert await socks_get(node.socks_port, http_server.port, "/40000") == blob(40_000)
+
+        # control port: an unauthenticated controller is dropped after auth_timeout, while an
+        # authenticated one keeps working; the connection limit turns a third one away
+        cookie = (fnet.tmp / "client" / "control_auth_cookie").read_bytes()
+        idle = await Controller.open(node.control_port)
+        good = await Controller.open(node.control_port, cookie)
+        await wait_for(lambda: len(control._conns) == 2, 5, "two controllers")
+        extra = await Controller.open(node.control_port)
+        assert await extra.line() == "451 Too many control connections"
+        extra.close()
+        with pytest.raises(EOFError):
+            await idle.line(15)  # closed by the server, unauthenticated
+        idle.close()
+        reply = await good.command("GETINFO version")
+        assert reply[-1] == "250 OK" and reply[0].startswith("250-version=")
+        again = await Controller.open(node.control_port, cookie)  # the freed slot is usable
+        assert (await again.command("GETINFO version"))[-1] == "250 OK"
+        again.close()
+        good.close()
+        assert await socks_get(node.socks_port, http_server.port, "/40000") == blob(40_000)
+    finally:
+        await node.stop()
+    await settle(fnet.relays, base)
+
+
+async def test_bandwidth_limit_hit_while_another_client_is_served(fnet, http_server):
+    x = await fnet.add("x", exit=True, bandwidth_rate=200_000, bandwidth_burst=200_000)
+    base = await fnet.warm_up()
+    await _bandwidth(http_server, x)
+    await settle(fnet.relays, base)
+
+
+async def _bandwidth(http_server, x) -> None:
+    heavy, light = OnionClient(), OnionClient()
+    try:
+        circ = await heavy.build_circuit([x.info()])
+        r, w = await circ.open_stream("127.0.0.1", http_server.port)
+        w.write(b"GET /echo HTTP/1.0\r\n\r\n")
+        upload = blob(1_000_000)
+        w.write(upload)  # seconds of the relay's read budget
+
+        async def echo() -> bytes:
+            await r.readuntil(b"\r\n\r\n")
+            return await r.readexactly(len(upload))
+
+        echoed = asyncio.create_task(echo())
+        await wait_for(lambda: x.stats["throttled"] > 0, 15, "the rate limit to act")
+        # a second client is served while the limit holds the first one back
+        async with asyncio.timeout(30):
+            c2 = await light.build_circuit([x.info()])
+            r2, w2 = await c2.open_stream("127.0.0.1", http_server.port)
+            assert await http_get(r2, w2, "/20000") == blob(20_000)
+        async with asyncio.timeout(60):
+            assert await echoed == upload
+    finally:
+        await heavy.close()
+        await light.close()
