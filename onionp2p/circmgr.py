@@ -26,7 +26,10 @@ Building
   the build timeout) puts its middle and exit on a short "recently failed" list
   (``FAILED_RELAY_MEMORY``, 60 s; an unreachable guard goes there too) that later path
   choices avoid; if avoiding them leaves no path, only the relays that failed as middles
-  or were unreachable are avoided, then none. The build timeout is the fixed
+  or were unreachable are avoided, then none. A build that times out without any
+  answer from the guard (no CREATED2, no DESTROY) blames the guard instead: as in tor,
+  the guard is marked down and its channel takes no new circuits (the link is probably
+  half-open; the channel closes once its circuits are gone). The build timeout is the fixed
   ``build_timeout`` (channel plus all three hops), tor's initial value; tor's adaptive
   Pareto estimate is not implemented.
 
@@ -36,7 +39,10 @@ Preemptive circuits
   each new one targets the port covered by the fewest clean circuits. Failures back off
   exponentially (1 s doubling to 60 s). The same task closes circuits that no longer
   take new streams once their last stream has ended (and none was attached in the last
-  ``ATTACH_GRACE`` seconds) and forgets closed ones.
+  ``ATTACH_GRACE`` seconds) and forgets closed ones. A circuit through a relay that
+  the current consensus no longer lists as Running is retired (its open streams go on;
+  like tor's ``circuit_is_acceptable``), so a relay that disappeared costs new streams
+  at most one ``stream_timeout`` on circuits built before the consensus dropped it.
 
 Streams (:meth:`open_stream`)
   BEGIN is sent on the chosen circuit; if END arrives before CONNECTED, the reaction
@@ -205,6 +211,8 @@ class CircuitManager:
         self._wake = asyncio.Event()
         self._built = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._running_src: object = None
+        self._running_fps: frozenset[str] = frozenset()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -475,13 +483,23 @@ class CircuitManager:
             raise CircuitError(f"cannot connect to guard {guard.nickname}: {exc or 'timeout'}",
                                "CONNECTFAILED") from None
         self.guards.mark_up(guard.fingerprint)
+        circ: ClientCircuit | None = None
         try:
-            circ = await self.client.build_circuit([rs.info for rs in e.path],
-                                                   timeout=max(deadline - loop.time(), 0.001))
+            circ, building = await self.client.launch_circuit([rs.info for rs in e.path],
+                                                              timeout=max(deadline - loop.time(), 0.001))
+            await building
         except CircuitError:
             until = self.clock() + FAILED_RELAY_MEMORY
-            self._failed[e.path[1].fingerprint] = (until, "middle")
-            self._failed.setdefault(e.path[2].fingerprint, (until, "exit"))
+            if circ is not None and not circ.hops and circ.close_reason == "TIMEOUT":
+                # Not even CREATED2 (nor DESTROY) from the guard, over a channel that is
+                # open: the link is likely half-open. As tor does, blame the guard alone,
+                # and open a new channel for the next circuit.
+                self.client.retire_channel(circ.chan)
+                self.guards.mark_down(guard.fingerprint)
+                self._failed[guard.fingerprint] = (until, "unreachable")
+            else:
+                self._failed[e.path[1].fingerprint] = (until, "middle")
+                self._failed.setdefault(e.path[2].fingerprint, (until, "exit"))
             raise
         e.circ = circ
         if e.isolation is not _UNASSIGNED:
@@ -507,12 +525,27 @@ class CircuitManager:
 
     # -- maintenance -----------------------------------------------------------------------------------
 
+    def _running(self) -> frozenset[str]:
+        """Fingerprints listed as Running in the current consensus (cached per routers list)."""
+        routers = self.routers()
+        if routers is not self._running_src:
+            self._running_src = routers
+            self._running_fps = frozenset(r.fingerprint for r in routers if "Running" in r.flags)
+        return self._running_fps
+
     def _reap(self) -> None:
         now = self.clock()
+        running = self._running()
         keep = []
         for e in self._entries:
             if e.gone:
                 continue
+            if (not e.retired and e.circ is not None and running
+                    and any(r.fingerprint not in running for r in e.path)):
+                # tor's circuit_is_acceptable: a relay that left the consensus (or stopped
+                # being Running) is probably gone; its circuits take no new streams
+                log.info("retiring a circuit through a relay no longer running", circ=e.circ.id)
+                self._retire(e)
             c = e.circ
             if (c is not None and not self._fresh(e, now) and not c.streams and e.inflight == 0
                     and (e.last_attach is None or now - e.last_attach >= ATTACH_GRACE)):

@@ -91,6 +91,8 @@ class _ConsensusHolder:
         self.skew = skew
         self.timeout = timeout
         self._consensus: NetworkStatus | None = None
+        self._statuses_of: NetworkStatus | None = None
+        self._statuses: list[RouterStatus] = []
         self._tasks: set[asyncio.Task] = set()
         self._log = log.bind(node=name)
 
@@ -103,9 +105,18 @@ class _ConsensusHolder:
         return doc
 
     def routers(self) -> list[RouterStatus]:
-        """The relays of the current consensus ([] if there is none)."""
+        """The relays of the current consensus ([] if there is none).
+
+        The same list object until the consensus changes (callers must not mutate it), so
+        that per-request users such as the circuit manager can cache what they derive.
+        """
         doc = self.consensus
-        return doc.router_statuses() if doc is not None else []
+        if doc is None:
+            return []
+        if doc is not self._statuses_of:
+            self._statuses = doc.router_statuses()
+            self._statuses_of = doc
+        return self._statuses
 
     @property
     def cache_path(self) -> Path:
@@ -211,10 +222,15 @@ class ClientDirectory(_ConsensusHolder):
 
     def __init__(self, data_dir: Path | str, authorities: Iterable[str | DirAuthority], client, *,
                  now: Callable[[], float] = time.time, skew: float = CLOCK_SKEW, timeout: float = 30.0,
-                 max_relay_tries: int = 3):
+                 max_relay_tries: int = 3,
+                 dir_guards: Callable[[list[RouterStatus]], list[RouterStatus]] | None = None):
         super().__init__(data_dir, authorities, now=now, skew=skew, timeout=timeout, name="client")
         self.client = client
         self.max_relay_tries = max_relay_tries
+        #: the directory guards for a consensus (the client's usable primary guards, as in
+        #: tor's guard-spec): refreshes go to them only, so that no other relay learns the
+        #: client's address. None: any V2Dir relay (relays' own use, tests).
+        self.dir_guards = dir_guards
 
     async def bootstrap(self) -> NetworkStatus:
         """Use the cached consensus if it is still fresh; otherwise fetch one.
@@ -246,8 +262,12 @@ class ClientDirectory(_ConsensusHolder):
         return doc
 
     def _relay_sources(self) -> list[tuple[str, Callable]]:
-        caches = [r for r in self.routers() if "V2Dir" in r.flags]
-        random.shuffle(caches)
+        routers = self.routers()
+        if self.dir_guards is not None:
+            caches = [r for r in self.dir_guards(routers) if "V2Dir" in r.flags]
+        else:
+            caches = [r for r in routers if "V2Dir" in r.flags]
+            random.shuffle(caches)
         return [(f"relay {r.nickname} {r.fingerprint}", lambda r=r: self.fetch_via_relay(r))
                 for r in caches[: self.max_relay_tries]]
 

@@ -35,6 +35,7 @@ class Net:
         self.relays = relays
         self.stopped: set[str] = set()
         self.overrides: dict[str, dict] = {}
+        self.delisted: set[str] = set()
 
     def status(self, name: str) -> RouterStatus:
         relay = self.relays[name]
@@ -48,8 +49,8 @@ class Net:
         return rs
 
     def routers(self) -> list[RouterStatus]:
-        # a stale consensus: stopped relays are still listed as Running
-        return [self.status(n) for n in self.relays]
+        # a stale consensus: stopped relays are still listed as Running, unless delisted
+        return [self.status(n) for n in self.relays if n not in self.delisted]
 
     def fp(self, name: str) -> str:
         return self.relays[name].info().fingerprint
@@ -248,6 +249,25 @@ async def test_stopped_middle_is_routed_around(env, net, http_server):
     for c in circs:
         assert "e1" not in [h.nickname for h in c.hops]
         assert exit_name(net, c) == "e0"
+
+
+async def test_circuit_through_a_relay_gone_from_the_consensus_takes_no_new_streams(env, net, http_server):
+    mgr, _client, _events = await env()
+    port = http_server.port
+    reader, writer, first = await mgr.open_stream("127.0.0.1", port, "k")
+    writer.write(b"GET /echo HTTP/1.0\r\n\r\n")
+    await reader.readuntil(b"\r\n\r\n")
+    assert (await fetch(mgr, port, "k")).id == first.id  # reused while its relays are listed
+    middle = first.hops[1].nickname
+    net.delisted.add(middle)  # the next consensus no longer lists the middle
+    second = await fetch(mgr, port, "k")
+    assert second.id != first.id
+    assert middle not in [h.nickname for h in second.hops]
+    assert {c.id: c.dirty for c in mgr.circuits()}[first.id] is True
+    # the open stream on the retired circuit goes on
+    writer.write(b"still here")
+    assert await reader.readexactly(10) == b"still here"
+    writer.close()
 
 
 async def test_only_exit_allowing_the_port_is_used(env, net, http_server):
