@@ -193,6 +193,10 @@ def _split_hostport(text: str, what: str) -> tuple[str, int]:
             host = str(ipaddress.IPv6Address(host[1:-1]))
         except ValueError:
             raise ProtocolError(f"{what}: bad IPv6 literal") from None
+    elif ":" in host:
+        # An IPv6 literal must be in brackets, and no hostname contains a colon. Accepting
+        # one would give a host that encode() wraps in brackets and no decoder accepts.
+        raise ProtocolError(f"{what}: colon in host (IPv6 literals go in brackets)")
     if not host or len(host) > 255:
         raise ProtocolError(f"{what}: bad host length")
     return host, port
