@@ -1,14 +1,18 @@
 """The ``onionp2p`` command line (README "CLI").
 
-``onionp2p relay --config FILE`` runs a relay until SIGINT/SIGTERM, then destroys its
-circuits, closes its channels and exits 0. SIGUSR1 logs a status line (channels,
-circuits, streams, queued cells), like tor's SIGUSR1 dump. SIGHUP is ignored for now.
-With ``authorities`` configured the relay also does its directory duties
-(:class:`~onionp2p.dirclient.RelayDirectory`).
+``onionp2p relay --config FILE`` runs a relay until SIGINT/SIGTERM (or SIGNAL SHUTDOWN
+on its control port), then destroys its circuits, closes its channels and exits 0.
+SIGUSR1 logs a status line (channels, circuits, streams, queued cells), like tor's
+SIGUSR1 dump; SIGHUP re-reads the config file and applies the keys that can change while
+running (:mod:`onionp2p.relaycontrol`). With ``authorities`` configured the relay also
+does its directory duties (:class:`~onionp2p.dirclient.RelayDirectory`). With
+``metrics_port`` it serves Prometheus metrics, with ``control_port`` tor's control
+protocol (cookie in ``data_dir/control_auth_cookie``).
 
 ``onionp2p authority --config FILE`` runs a directory authority (and, unless
-``run_relay = false``, a non-exit relay beside it) the same way; ``--show-identity``
-only creates the identity key if needed and prints the authority's configuration line.
+``run_relay = false``, a non-exit relay beside it) the same way, with the same optional
+metrics and control ports; ``--show-identity`` only creates the identity key if needed
+and prints the authority's configuration line.
 """
 
 from __future__ import annotations
@@ -30,19 +34,43 @@ from .log import configure_logging, get_logger
 __all__ = ["main"]
 
 
-def _relay_status(relay) -> dict:
-    return {
-        "channels": len(relay.channels),
-        "circuits": len(relay.circuits),
-        "streams": sum(len(c.streams) for c in relay.circuits),
-        "queued_cells": sum(ch.queued_cells() for ch in relay.channels),
-        **relay.stats,
-    }
+async def _start_side_ports(cfg, data_dir: Path, collector, adapter_factory) -> tuple:
+    """The optional metrics and control ports of a relay or authority; (metrics, control, adapter)."""
+    from .control import ControlServer
+    from .metrics import MetricsServer
+
+    metrics = control = adapter = None
+    try:
+        if cfg.metrics_port is not None:
+            metrics = MetricsServer(collector(), port=cfg.metrics_port)
+            await metrics.start()
+            print(f"Metrics port at http://127.0.0.1:{metrics.port}/metrics", flush=True)
+        adapter = adapter_factory(metrics)
+        if cfg.control_port is not None:
+            # tor's CookieAuthFile: in the data directory, mode 0600
+            control = ControlServer(adapter, port=cfg.control_port, cookie_path=data_dir / "control_auth_cookie")
+            await control.start()
+            print(f"Control port at 127.0.0.1:{control.port}", flush=True)
+    except BaseException:
+        await _stop_side_ports(metrics, control, adapter)
+        raise
+    return metrics, control, adapter
 
 
-async def run_relay(cfg: RelayConfig, *, shutdown_timeout: float = 5.0) -> int:
+async def _stop_side_ports(metrics, control, adapter) -> None:
+    if control is not None:
+        await control.stop()
+    if metrics is not None:
+        await metrics.stop()
+    if adapter is not None:
+        adapter.close()
+
+
+async def run_relay(cfg: RelayConfig, *, shutdown_timeout: float = 5.0, config_file: str | None = None) -> int:
     from .keys import RelayKeys
+    from .metrics import RelayCollector
     from .relay import Relay
+    from .relaycontrol import RelayControlAdapter, relay_status
 
     log = get_logger("onionp2p.cli", nickname=cfg.nickname)
     keys = RelayKeys.load_or_create(cfg.data_dir / "keys",
@@ -61,20 +89,29 @@ async def run_relay(cfg: RelayConfig, *, shutdown_timeout: float = 5.0) -> int:
         dos_circuit_creation_rate=cfg.dos_circuit_creation_rate,
         dos_circuit_creation_burst=cfg.dos_circuit_creation_burst,
     )
-    await relay.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    await relay.start()
+    try:
+        metrics, control, adapter = await _start_side_ports(
+            cfg, cfg.data_dir, lambda: RelayCollector(relay),
+            lambda m: RelayControlAdapter(relay, cfg, config_file=config_file, shutdown=stop.set, metrics=m))
+    except BaseException:
+        await asyncio.wait_for(relay.stop(), shutdown_timeout)
+        raise
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("relay status", **_relay_status(relay)))
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored"))
+    loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("relay status", **relay_status(relay)))
+    loop.add_signal_handler(signal.SIGHUP, adapter.sighup)
     print(f"onionp2p relay {cfg.nickname} listening on {cfg.or_address[0]}:{relay.port} "
           f"fingerprint {keys.fingerprint}", flush=True)
     await stop.wait()
-    log.info("shutting down", **_relay_status(relay))
+    log.info("shutting down", **relay_status(relay))
     try:
-        await asyncio.wait_for(relay.stop(), shutdown_timeout)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(shutdown_timeout):
+            await _stop_side_ports(metrics, control, adapter)
+            await relay.stop()
+    except TimeoutError:
         log.warning("shutdown timed out")
     log.info("stopped")
     return 0
@@ -91,13 +128,16 @@ def relay_directory(cfg: RelayConfig):
                           family=cfg.family, contact=cfg.contact)
 
 
-async def run_authority(cfg: AuthorityConfig, *, shutdown_timeout: float = 5.0) -> int:
+async def run_authority(cfg: AuthorityConfig, *, shutdown_timeout: float = 5.0,
+                        config_file: str | None = None) -> int:
     """Run a directory authority (plus its relay unless ``run_relay`` is false) until SIGINT/SIGTERM."""
     from .authority import Authority, FlagRules, authority_line, load_or_create_authority_key
     from .dirclient import RelayDirectory
     from .directory import parse_authorities
     from .keys import RelayKeys
+    from .metrics import AuthorityCollector
     from .relay import Relay
+    from .relaycontrol import AuthorityControlAdapter
 
     log = get_logger("onionp2p.cli", nickname=cfg.nickname)
     key = load_or_create_authority_key(cfg.data_dir)
@@ -120,6 +160,16 @@ async def run_authority(cfg: AuthorityConfig, *, shutdown_timeout: float = 5.0) 
     (cfg.data_dir / "authority.txt").write_text(line + "\n")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    try:
+        side = await _start_side_ports(
+            cfg, cfg.data_dir, lambda: AuthorityCollector(authority, relay),
+            lambda m: AuthorityControlAdapter(authority, cfg, relay=relay, config_file=config_file,
+                                              shutdown=stop.set, metrics=m))
+    except BaseException:
+        if relay is not None:
+            await relay.stop()
+        await authority.stop()
+        raise
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("authority status", **authority.status()))
@@ -130,6 +180,7 @@ async def run_authority(cfg: AuthorityConfig, *, shutdown_timeout: float = 5.0) 
     log.info("shutting down", **authority.status())
     try:
         async with asyncio.timeout(shutdown_timeout):
+            await _stop_side_ports(*side)
             if relay is not None:
                 await relay.stop()
             await authority.stop()
@@ -150,7 +201,7 @@ def _cmd_authority(args: argparse.Namespace) -> int:
     if args.unsafe_logging:
         cfg = replace(cfg, safe_logging=False)
     configure_logging(cfg.log_level, cfg.log_format, safe_logging=cfg.safe_logging)
-    return asyncio.run(run_authority(cfg))
+    return asyncio.run(run_authority(cfg, config_file=args.config))
 
 
 def _add_authority_parser(sub) -> None:
@@ -168,7 +219,7 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     if args.unsafe_logging:
         cfg = replace(cfg, safe_logging=False)
     configure_logging(cfg.log_level, cfg.log_format, safe_logging=cfg.safe_logging)
-    return asyncio.run(run_relay(cfg))
+    return asyncio.run(run_relay(cfg, config_file=args.config))
 
 
 async def run_client(cfg: ClientConfig, *, config_file: str | None = None,
@@ -191,6 +242,8 @@ async def run_client(cfg: ClientConfig, *, config_file: str | None = None,
         print(f"SOCKS5 proxy ready at {cfg.socks_address[0]}:{node.socks_port}", flush=True)
         if node.control_port is not None:
             print(f"Control port at 127.0.0.1:{node.control_port}", flush=True)
+        if node.metrics_port is not None:
+            print(f"Metrics port at http://127.0.0.1:{node.metrics_port}/metrics", flush=True)
         await node.shutdown_requested.wait()
     finally:
         async with asyncio.timeout(5):
@@ -198,18 +251,28 @@ async def run_client(cfg: ClientConfig, *, config_file: str | None = None,
     return 0
 
 
-def _cmd_client(args: argparse.Namespace) -> int:
+def client_config_from_args(args: argparse.Namespace) -> ClientConfig:
+    """The client's config file (or defaults) with the command line's overrides applied."""
     cfg = load_client_config(args.config) if args.config else ClientConfig()
     overrides = {}
     if args.socks_port is not None:
         overrides["socks_address"] = (cfg.socks_address[0], args.socks_port)
     if args.control_port is not None:
         overrides["control_port"] = args.control_port
+    if args.metrics_port is not None:
+        overrides["metrics_port"] = max(args.metrics_port, 0)
     if args.data_dir is not None:
         overrides["data_dir"] = Path(args.data_dir)
     if args.unsafe_logging:
         overrides["safe_logging"] = False
     cfg = replace(cfg, **overrides)
+    if cfg.control_port and cfg.control_port == cfg.metrics_port:
+        raise ConfigError(f"metrics port {cfg.metrics_port} is also the control port")
+    return cfg
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    cfg = client_config_from_args(args)
     if not cfg.authorities and not args.tor_dirauth_file:
         raise ConfigError("no directory: set `authorities` in the config or pass --tor-dirauth-file")
     configure_logging(cfg.log_level, cfg.log_format, safe_logging=cfg.safe_logging)
@@ -224,7 +287,7 @@ def _cmd_testnet(args: argparse.Namespace) -> int:
         n_relays=args.relays, n_exits=args.exits, n_authorities=args.authorities,
         socks_port=max(args.socks_port, 0), control_port=None if args.control_port == 0 else max(args.control_port, 0),
         data_dir=Path(args.data_dir) if args.data_dir else None, voting_interval=args.voting_interval,
-        log_level=args.log_level,
+        log_level=args.log_level, metrics_port=None if args.metrics_port is None else max(args.metrics_port, 0),
     ))
 
 
@@ -246,6 +309,8 @@ def _add_client_parsers(sub) -> None:
     c.add_argument("--config", "-c", help="client TOML config file")
     c.add_argument("--socks-port", type=int, help="override socks_address's port")
     c.add_argument("--control-port", type=int, help="enable the control port on 127.0.0.1:PORT")
+    c.add_argument("--metrics-port", type=_port_or_auto, metavar="PORT",
+                   help="enable Prometheus metrics on 127.0.0.1:PORT/metrics ('auto' = any free port)")
     c.add_argument("--data-dir", help="override data_dir")
     c.add_argument("--tor-dirauth-file", help="use a Tor network: a file of torrc DirAuthority lines")
     c.add_argument("--unsafe-logging", action="store_true", help="show destinations in logs (debugging only)")
@@ -258,6 +323,8 @@ def _add_client_parsers(sub) -> None:
                    help="client SOCKS5 port (default 9150; 'auto' = any free port)")
     t.add_argument("--control-port", type=_port_or_auto, default=9151,
                    help="client control port (default 9151; 'auto' = any free port; 0 = disabled)")
+    t.add_argument("--metrics-port", type=_port_or_auto, metavar="PORT",
+                   help="client Prometheus metrics on 127.0.0.1:PORT/metrics (default off; 'auto' = any free port)")
     t.add_argument("--data-dir", help="keep everything here (default: a temporary directory)")
     t.add_argument("--voting-interval", type=int, default=5, help="seconds between consensuses (default 5)")
     t.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])

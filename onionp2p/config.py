@@ -265,6 +265,13 @@ def _optional_port(ctx: _Ctx, key: str, value: Any) -> int | None:
     return None if value is None else _int_range(0, 65535)(ctx, key, value)
 
 
+def _distinct_ports(ctx: _Ctx, out: Mapping[str, Any]) -> None:
+    """``control_port`` and ``metrics_port`` both listen on 127.0.0.1: the same fixed port twice fails."""
+    control, metrics = out.get("control_port"), out.get("metrics_port")
+    if control and control == metrics:
+        raise ctx.fail("metrics_port", f"{metrics} is also the control_port")
+
+
 def _check_keys(ctx: _Ctx, data: Mapping[str, Any], known: set[str]) -> None:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{ctx.source}: configuration must be a table, not {_type_name(data)}")
@@ -313,6 +320,7 @@ class RelayConfig:
     log_format: str = "console"  #: console | json
     safe_logging: bool = True  #: scrub client addresses and destinations from logs
     control_port: int | None = None  #: control listener on 127.0.0.1; None = disabled
+    metrics_port: int | None = None  #: Prometheus endpoint on 127.0.0.1 (tor's MetricsPort); None = disabled
     max_circuits_per_channel: int = 1000  #: CREATE2 beyond this on one channel: DESTROY(RESOURCELIMIT)
     max_streams_per_circuit: int = 500  #: BEGIN beyond this on one circuit: END(RESOURCELIMIT)
     max_queue_cells: int = 2500  #: cells queued for one circuit on one channel; 0 = off
@@ -346,6 +354,7 @@ class RelayConfig:
             "contact": _text,
             "family": lambda c, k, v: _text_list(c, k, v, _fingerprint),
             "control_port": _optional_port,
+            "metrics_port": _optional_port,
             "max_circuits_per_channel": _int_range(1, 2**31 - 1),
             "max_streams_per_circuit": _int_range(1, 65535),
             "max_queue_cells": _int_range(0, 2**31 - 1),
@@ -360,6 +369,7 @@ class RelayConfig:
             **_LOG_FIELDS,
         }
         out = _build(cls, d, ctx, validators)
+        _distinct_ports(ctx, out)
         if "exit_policy" in out:
             out["exit_policy"] = _exit_policy(ctx, out["exit_policy"],
                                               out.get("exit_reject_private", True))
@@ -395,6 +405,7 @@ class ClientConfig:
     data_dir: Path = Path("onionp2p-client")  #: cached directory info; relative = next to file
     socks_address: tuple[str, int] = ("127.0.0.1", 9050)  #: SOCKS listener; port 0 = any free
     control_port: int | None = None  #: control listener on 127.0.0.1; None = disabled
+    metrics_port: int | None = None  #: Prometheus endpoint on 127.0.0.1 (tor's MetricsPort); None = disabled
     authorities: tuple[str, ...] = ()  #: ``NICK HOST:DIRPORT ED25519_ID`` of each directory authority
     log_level: str = "info"
     log_format: str = "console"
@@ -409,6 +420,8 @@ class ClientConfig:
     max_stream_attempts: int = 3
     max_circuits_per_isolation: int = 16
     num_primary_guards: int = 3
+    socks_handshake_timeout: float = 30.0  #: seconds for a SOCKS client to send its request
+    socks_max_connections: int = 1024  #: SOCKS connections served at once; more are closed
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "<dict>",
@@ -419,6 +432,7 @@ class ClientConfig:
             "data_dir": _path,
             "socks_address": _address,
             "control_port": _optional_port,
+            "metrics_port": _optional_port,
             "authorities": _authority_list,
             "preemptive_circuits": _int_range(0, 64),
             "preemptive_ports": lambda c, k, v: _text_list(c, k, v, _int_range(1, 65535)),
@@ -430,9 +444,13 @@ class ClientConfig:
             "max_stream_attempts": _int_range(1, 20),
             "max_circuits_per_isolation": _int_range(1, 1024),
             "num_primary_guards": _int_range(1, 20),
+            "socks_handshake_timeout": _number_range(0.1, 600),
+            "socks_max_connections": _int_range(1, 65535),
             **_LOG_FIELDS,
         }
-        return cls(**_build(cls, d, ctx, validators))
+        out = _build(cls, d, ctx, validators)
+        _distinct_ports(ctx, out)
+        return cls(**out)
 
 
 @dataclass(frozen=True)
@@ -451,6 +469,8 @@ class AuthorityConfig:
     guard_uptime: int = 8 * 86400  #: seconds continuously reachable (and Fast, Stable) before Guard
     assume_guard: bool = False  #: Guard for every running relay (tiny test networks)
     assume_exit: bool = False  #: Exit for every running relay whose policy accepts anything
+    control_port: int | None = None  #: control listener on 127.0.0.1; None = disabled
+    metrics_port: int | None = None  #: Prometheus endpoint on 127.0.0.1 (tor's MetricsPort); None = disabled
     log_level: str = "info"
     log_format: str = "console"
     safe_logging: bool = True
@@ -473,9 +493,13 @@ class AuthorityConfig:
             "guard_uptime": _int_range(0, 365 * 86400),
             "assume_guard": _bool,
             "assume_exit": _bool,
+            "control_port": _optional_port,
+            "metrics_port": _optional_port,
             **_LOG_FIELDS,
         }
-        return cls(**_build(cls, d, ctx, validators))
+        out = _build(cls, d, ctx, validators)
+        _distinct_ports(ctx, out)
+        return cls(**out)
 
 
 # -- loading files ----------------------------------------------------------------------

@@ -20,7 +20,11 @@ once and written to every authenticated connection that asked for its type with
 SETEVENTS. While a connection's command is executing, events for it are held and written
 right after the reply: an event never lands inside a reply, and events a command causes
 follow its reply (as in tor). The server adds its own events: ``BW`` once a second (from
-``node.traffic()`` deltas, also kept for GETINFO bw-event-cache), ``SIGNAL``,
+``node.traffic()`` deltas, also kept for GETINFO bw-event-cache), ``CIRC_BW`` once a
+second per circuit whose byte totals moved (from the optional
+``node.circuit_bandwidth()``; ``circuit-status`` lines then carry the totals as of that
+tick as ``BYTES_READ=``/``BYTES_WRITTEN=``, so a snapshot plus the CIRC_BW events after it
+add up exactly), ``SIGNAL``,
 ``CONF_CHANGED`` and log events: while some controller wants DEBUG/INFO/NOTICE/WARN/ERR,
 a handler on the root logger turns log records into events (stdlib level ≥40 → ERR,
 ≥30 → WARN, ≥20 → NOTICE, 11..19 → INFO, ≤10 → DEBUG), rendered with the same
@@ -61,9 +65,9 @@ from typing import Protocol, runtime_checkable
 
 from .controlcmd import CommandHandler
 from .controlfmt import (
-    CircEvent, CircuitInfo, ControlEvent, GuardInfo, OrConnEvent, OrConnInfo, StatusEvent, StreamEvent,
-    StreamInfo, circuit_line, format_event, format_reply, orconn_line, status_line, stream_line,
-    version_string,
+    CircEvent, CircuitBandwidth, CircuitInfo, ConfChangedEvent, ControlEvent, GuardInfo, OrConnEvent, OrConnInfo,
+    SignalEvent, StatusEvent, StreamEvent, StreamInfo, circ_bw_line, circuit_line, conf_changed_reply,
+    format_event, format_reply, orconn_line, status_line, stream_line, version_string,
 )
 from .controlproto import (
     COOKIE_LEN, AuthConfig, Close, ControlSession, Dispatch, Send, decode_hashed_password,
@@ -89,6 +93,10 @@ class ControlledNode(Protocol):
     Everything is called on the event loop thread. Synchronous methods must be quick and
     must not block; the async ones may await the network. Values use control-spec
     vocabulary (see :mod:`onionp2p.controlfmt`).
+
+    Optional (not part of the runtime check): ``circuit_bandwidth() ->
+    list[CircuitBandwidth]``, the byte totals of the open origin circuits; a node that has
+    it gets CIRC_BW events and byte counts in ``circuit-status``.
     """
 
     @property
@@ -407,6 +415,8 @@ class ControlServer:
         self._tasks: set[asyncio.Task] = set()
         self._log_bridge: _LogBridge | None = None
         self.bw_history: deque[tuple[int, int]] = deque(maxlen=_BW_HISTORY)
+        #: per-circuit totals as of the last CIRC_BW tick (None: the node does not report them)
+        self.circ_bw: dict[int, CircuitBandwidth] | None = {} if hasattr(node, "circuit_bandwidth") else None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -505,17 +515,22 @@ class ControlServer:
         """The node's listener: never raises, never blocks."""
         try:
             if isinstance(event, CircEvent):
-                etype, fmt = "CIRC", lambda: circuit_line(event.circuit)
+                etype, fmt = "CIRC", lambda: format_event("CIRC", circuit_line(event.circuit))
             elif isinstance(event, StreamEvent):
-                etype, fmt = "STREAM", lambda: stream_line(event.stream)
+                etype, fmt = "STREAM", lambda: format_event("STREAM", stream_line(event.stream))
             elif isinstance(event, OrConnEvent):
-                etype, fmt = "ORCONN", lambda: orconn_line(event.orconn)
+                etype, fmt = "ORCONN", lambda: format_event("ORCONN", orconn_line(event.orconn))
             elif isinstance(event, StatusEvent):
-                etype, fmt = f"STATUS_{event.kind}", lambda: status_line(event)
+                etype = f"STATUS_{event.kind}"
+                fmt = lambda: format_event(etype, status_line(event))  # noqa: E731
+            elif isinstance(event, SignalEvent):
+                etype, fmt = "SIGNAL", lambda: format_event("SIGNAL", event.name)
+            elif isinstance(event, ConfChangedEvent):
+                etype, fmt = "CONF_CHANGED", lambda: conf_changed_reply(event.values)
             else:
                 return
             if self._wanted(etype):  # format only what someone asked for
-                self._fan_out(etype, format_event(etype, fmt()))
+                self._fan_out(etype, fmt())
         except Exception as exc:  # a malformed node event is dropped, not fatal
             log.warning("dropping malformed control event", error=str(exc))
 
@@ -531,6 +546,34 @@ class ControlServer:
             last = now
             self.bw_history.append((read, written))
             self.emit("BW", format_event("BW", f"{read} {written}"))
+            self._circ_bw_tick()
+
+    def _circ_bw_tick(self) -> None:
+        """CIRC_BW for every circuit whose totals moved since the last tick; remember the totals."""
+        if self.circ_bw is None:
+            return
+        try:
+            totals = list(self.node.circuit_bandwidth())  # type: ignore[attr-defined]
+        except Exception as exc:  # a failing node must not stop the ticker
+            log.warning("node.circuit_bandwidth() failed", error=repr(exc))
+            return
+        when = time.time()
+        last, now = self.circ_bw, {}
+        for t in totals:
+            prev = last.get(t.id)
+            now[t.id] = t
+            read = max(0, t.read - (prev.read if prev else 0))
+            written = max(0, t.written - (prev.written if prev else 0))
+            if not (read or written) or not self._wanted("CIRC_BW"):
+                continue
+            dread = dwritten = None
+            if t.delivered_read is not None:
+                dread = max(0, t.delivered_read - ((prev.delivered_read or 0) if prev else 0))
+            if t.delivered_written is not None:
+                dwritten = max(0, t.delivered_written - ((prev.delivered_written or 0) if prev else 0))
+            self._fan_out("CIRC_BW", format_event("CIRC_BW", circ_bw_line(
+                t.id, read, written, when, delivered_read=dread, delivered_written=dwritten)))
+        self.circ_bw = now
 
     def _traffic(self, fallback: tuple[int, int] = (0, 0)) -> tuple[int, int]:
         try:

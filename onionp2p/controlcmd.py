@@ -30,6 +30,7 @@ import re
 import resource
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .controlfmt import (
@@ -120,7 +121,8 @@ class CommandHandler:
             "status/version/current": ("Version status (no recommendations yet).", lambda: "unknown"),
             "network-liveness": ("Network liveness.", lambda: "up"),
             "dormant": ("1 if dormant.", lambda: "0"),
-            "circuit-status": ("Circuits.", lambda: "\n".join(map(circuit_line, self.node.circuits()))),
+            "circuit-status": ("Circuits (BYTES_READ/BYTES_WRITTEN: totals as of the last CIRC_BW tick).",
+                               self._circuit_status),
             "stream-status": ("Client streams.",
                               lambda: "\n".join(stream_line(s, event=False) for s in self.node.streams())),
             "orconn-status": ("OR connections.",
@@ -193,6 +195,14 @@ class CommandHandler:
                                                              "interval-wake", "interval-end"):
             raise ControlError(551, "Accounting is not enabled")
         raise ControlError(552, f"Unrecognized key {qecho(key)}")
+
+    def _circuit_status(self) -> str:
+        circuits = self.node.circuits()
+        bw = self.server.circ_bw
+        if bw is not None:  # the totals the CIRC_BW events so far add up to (0 before the first)
+            circuits = [replace(c, bytes_read=bw[c.id].read if c.id in bw else 0,
+                                bytes_written=bw[c.id].written if c.id in bw else 0) for c in circuits]
+        return "\n".join(map(circuit_line, circuits))
 
     def _circuit_established(self) -> str:
         return "1" if any(c.status == "BUILT" for c in self.node.circuits()) else "0"

@@ -50,6 +50,7 @@ __all__ = [
     "version_string",
     "ControlError",
     "CircuitInfo",
+    "CircuitBandwidth",
     "StreamInfo",
     "OrConnInfo",
     "GuardInfo",
@@ -57,6 +58,8 @@ __all__ = [
     "StreamEvent",
     "OrConnEvent",
     "StatusEvent",
+    "SignalEvent",
+    "ConfChangedEvent",
     "ControlEvent",
     "Data",
     "format_reply",
@@ -73,6 +76,8 @@ __all__ = [
     "longname",
     "iso_time",
     "circuit_line",
+    "circ_bw_line",
+    "conf_changed_reply",
     "stream_line",
     "orconn_line",
     "guard_line",
@@ -109,6 +114,8 @@ class CircuitInfo:
     ``status``: LAUNCHED, BUILT, GUARD_WAIT, EXTENDED, FAILED, CLOSED. ``path``: the hops
     built so far, ``(FINGERPRINT, nickname or None)``. ``time_created``: unix time.
     ``reason`` / ``remote_reason``: control-spec circuit reasons (FAILED/CLOSED only).
+    ``bytes_read`` / ``bytes_written``: an onionp2p extension (``BYTES_READ=``,
+    ``BYTES_WRITTEN=``) that the control server fills in for ``circuit-status`` lines.
     """
 
     id: int
@@ -121,6 +128,21 @@ class CircuitInfo:
     remote_reason: str | None = None
     socks_username: str | None = None
     socks_password: str | None = None
+    bytes_read: int | None = None
+    bytes_written: int | None = None
+
+
+@dataclass(frozen=True)
+class CircuitBandwidth:
+    """Byte totals of one open origin circuit since it was created (the source of CIRC_BW
+    deltas): ``read``/``written`` on the circuit and the part ``delivered`` to or from
+    streams (onionp2p counts RELAY_DATA payload, so both are the same)."""
+
+    id: int
+    read: int
+    written: int
+    delivered_read: int | None = None
+    delivered_written: int | None = None
 
 
 @dataclass(frozen=True)
@@ -197,7 +219,23 @@ class StatusEvent:
     arguments: tuple[tuple[str, str], ...] = ()
 
 
-ControlEvent = CircEvent | StreamEvent | OrConnEvent | StatusEvent
+@dataclass(frozen=True)
+class SignalEvent:
+    """The node acted on a signal that did not come through the control port (SIGHUP ...):
+    ``650 SIGNAL <name>`` (RELOAD, DUMP, ...)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class ConfChangedEvent:
+    """Configuration values changed other than by SETCONF (a reload): ``650-CONF_CHANGED``,
+    one ``650-Key=Value`` (``650-Key`` when unset) per value, ``650 OK``."""
+
+    values: tuple[tuple[str, str | None], ...]
+
+
+ControlEvent = CircEvent | StreamEvent | OrConnEvent | StatusEvent | SignalEvent | ConfChangedEvent
 
 
 # -- quoting and tokens ----------------------------------------------------------------
@@ -408,6 +446,26 @@ def circuit_line(c: CircuitInfo) -> str:
     _kw(parts, "REASON", c.reason)
     _kw(parts, "REMOTE_REASON", c.remote_reason)
     _socks(parts, c.socks_username, c.socks_password)
+    _kw(parts, "BYTES_READ", None if c.bytes_read is None else int(c.bytes_read))
+    _kw(parts, "BYTES_WRITTEN", None if c.bytes_written is None else int(c.bytes_written))
+    return " ".join(parts)
+
+
+def conf_changed_reply(values: Sequence[tuple[str, str | None]]) -> bytes:
+    """The multi-line ``650 CONF_CHANGED`` event for ``(key, value or None)`` pairs."""
+    lines = [f"{_tok(k, 'key')}={v}" if v is not None else _tok(k, "key") for k, v in values]
+    return format_reply(650, ["CONF_CHANGED", *lines, "OK"])
+
+
+def circ_bw_line(circ_id: int, read: int, written: int, when: float, *, delivered_read: int | None = None,
+                 delivered_written: int | None = None) -> str:
+    """A CIRC_BW event body: ``ID=n READ=n WRITTEN=n TIME=t [DELIVERED_READ=n DELIVERED_WRITTEN=n]``
+    (byte counts since the previous CIRC_BW event of that circuit)."""
+    parts = [f"ID={int(circ_id)}", f"READ={int(read)}", f"WRITTEN={int(written)}", f"TIME={iso_time(when)}"]
+    if delivered_read is not None:
+        parts.append(f"DELIVERED_READ={int(delivered_read)}")
+    if delivered_written is not None:
+        parts.append(f"DELIVERED_WRITTEN={int(delivered_written)}")
     return " ".join(parts)
 
 

@@ -24,8 +24,12 @@ it; a malformed event is counted and skipped.
 Per-circuit byte counts come from two places when the node offers them: tor's
 ``CIRC_BW`` events (``Read``/``Written`` deltas, added up per circuit) and an onionp2p
 extension of CIRC lines, ``BYTES_READ=``/``BYTES_WRITTEN=`` (totals; controllers must
-ignore keywords they do not know, so stem and nyx are unaffected). A node that sends
-neither leaves them ``None`` ("unknown", not zero).
+ignore keywords they do not know, so stem and nyx are unaffected). onionp2p's client
+control port sends both, consistently: ``circuit-status`` carries the totals as of the
+node's last CIRC_BW tick, so :meth:`NetworkView.load` plus the CIRC_BW events after the
+snapshot add up exactly (specs/control.md). A node that sends neither (tor's
+``circuit-status`` has no totals) leaves them ``None`` ("unknown", not zero) until CIRC_BW
+events arrive.
 """
 
 from __future__ import annotations

@@ -9,9 +9,11 @@ Three parts, each usable alone:
   :func:`render_metrics` writes families in the Prometheus text exposition format 0.0.4
   (``# HELP``, ``# TYPE``, ``name{label="value"} value``) with label values and help
   escaped as the format requires. Counter names end in ``_total``.
-* **Collectors.** :class:`RelayCollector` and :class:`ClientCollector` are callables
-  returning the metrics of a :class:`~onionp2p.relay.Relay` or a
-  :class:`~onionp2p.node.ClientNode` at the moment of the scrape. They only read the
+* **Collectors.** :class:`RelayCollector`, :class:`ClientCollector` and
+  :class:`AuthorityCollector` are callables returning the metrics of a
+  :class:`~onionp2p.relay.Relay`, a :class:`~onionp2p.node.ClientNode` or a
+  :class:`~onionp2p.authority.Authority` (plus its relay, if it runs one) at the moment of
+  the scrape, each with the standard ``process_*`` families (CPU, memory, descriptors). They only read the
   node's state (channels' cell and byte counters, circuit tables, ``relay.stats``,
   SOCKS statistics) except that the client collector listens to circuit and channel
   events to count what disappears with closed objects (build results, close reasons,
@@ -35,6 +37,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import math
+import os
+import resource
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -52,6 +57,8 @@ __all__ = [
     "ChannelTotals",
     "RelayCollector",
     "ClientCollector",
+    "AuthorityCollector",
+    "process_metrics",
     "MetricsServer",
 ]
 
@@ -169,6 +176,59 @@ def _common(cells_bytes: tuple[int, int, int, int], channels: list, role: str, e
     ]
 
 
+def _boot_time() -> float | None:
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _process_start() -> float:
+    """Unix time this process started (from /proc when there is one, else module import)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rpartition(")")[2].split()[19])  # field 22: starttime
+        boot = _boot_time()
+        if boot is not None:
+            return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    return _IMPORTED
+
+
+_IMPORTED = time.time()
+_PROCESS_START = _process_start()
+
+
+def process_metrics() -> list[Metric]:
+    """The standard ``process_*`` families (as Prometheus client libraries export them)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out = [counter("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.",
+                   usage.ru_utime + usage.ru_stime),
+           gauge("process_start_time_seconds", "Start time of the process since unix epoch in seconds.",
+                 _PROCESS_START)]
+    try:
+        with open("/proc/self/statm") as f:
+            pages = f.read().split()
+        out.append(gauge("process_resident_memory_bytes", "Resident memory size in bytes.",
+                         int(pages[1]) * os.sysconf("SC_PAGE_SIZE")))
+        out.append(gauge("process_virtual_memory_bytes", "Virtual memory size in bytes.",
+                         int(pages[0]) * os.sysconf("SC_PAGE_SIZE")))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        out.append(gauge("process_open_fds", "Number of open file descriptors.", len(os.listdir("/proc/self/fd"))))
+    except OSError:
+        pass
+    out.append(gauge("process_max_fds", "Maximum number of open file descriptors.",
+                     resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+    return out
+
+
 class RelayCollector:
     """Metrics of a :class:`~onionp2p.relay.Relay` (``relay.channels``, ``relay.circuits``,
     ``relay.stats`` and, when present, ``relay.destroy_reasons`` {reason name: count})."""
@@ -209,7 +269,45 @@ class RelayCollector:
         if other:
             metrics.append(counter("onionp2p_relay_events_total", "Other relay statistics (relay.stats).",
                                    other, "event"))
-        return metrics
+        return metrics + process_metrics()
+
+
+class AuthorityCollector:
+    """Metrics of a :class:`~onionp2p.authority.Authority` (descriptors, reachability, the
+    published consensus) and, when it runs one, of its relay (as :class:`RelayCollector`)."""
+
+    def __init__(self, authority, relay=None):
+        self.authority = authority
+        self.relay = RelayCollector(relay) if relay is not None else None
+
+    def __call__(self) -> list[Metric]:
+        a = self.authority
+        labels: Labels = (("role", "authority"), ("version", __version__), ("nickname", a.nickname))
+        if self.relay is not None:
+            fp = self.relay.relay.keys.fingerprint
+            base = [m for m in self.relay() if m.name != "onionp2p_info"]
+            labels += (("fingerprint", fp),)
+        else:
+            base = process_metrics()
+        cur = a.current
+        routers = cur.routers if cur is not None else ()
+        flags = Counter(f for r in routers for f in r.flags)
+        metrics = [
+            gauge("onionp2p_info", "Constant 1; labels say what this process is.", {labels: 1}),
+            gauge("onionp2p_authority_descriptors", "Relay descriptors this authority holds.", len(a.descriptors)),
+            gauge("onionp2p_authority_reachable_relays", "Relays whose ORPort answered the last reachability test.",
+                  sum(1 for r in a.reach.values() if r.ok)),
+            gauge("onionp2p_consensus_relays", "Relays in the published consensus (0: none yet).", len(routers)),
+            gauge("onionp2p_consensus_relays_by_flag", "Relays in the published consensus with each flag.",
+                  {f: flags[f] for f in sorted(flags)} or {"Running": 0}, "flag"),
+            gauge("onionp2p_consensus_signatures", "Authority signatures on the published consensus.",
+                  len(cur.signatures) if cur is not None else 0),
+            gauge("onionp2p_consensus_valid_after_seconds", "valid-after of the published consensus (unix time).",
+                  cur.valid_after if cur is not None else 0),
+            gauge("onionp2p_consensus_valid_until_seconds", "valid-until of the published consensus (unix time).",
+                  cur.valid_until if cur is not None else 0),
+        ]
+        return metrics + base
 
 
 class ClientCollector:
@@ -275,7 +373,7 @@ class ClientCollector:
         socks = getattr(getattr(node, "socks", None), "stats", None)
         if socks is not None:
             metrics += _socks_metrics(socks)
-        return metrics
+        return metrics + process_metrics()
 
 
 def _stat(stats, name: str) -> int | None:

@@ -13,7 +13,9 @@ Theory of operation
    request becomes a stream on a circuit chosen by port and isolation key (SOCKS
    credentials), tracked as a :class:`StreamRecord` so the control port can list and close
    it and emit STREAM events;
-4. optionally serves the control port (:class:`~onionp2p.control.ControlServer`).
+4. optionally serves the control port (:class:`~onionp2p.control.ControlServer`) and the
+   Prometheus metrics port (:class:`~onionp2p.metrics.MetricsServer` with a
+   :class:`~onionp2p.metrics.ClientCollector`, ``metrics_port``).
 
 Bootstrap progress follows tor's phases (starting, requesting/loading status, enough
 directory info, connecting to a relay, done), exposed for ``status/bootstrap-phase``.
@@ -87,6 +89,8 @@ class ClientNode:
         self.bootstrap = (0, "starting", "Starting")
         self.socks = None
         self.control = None
+        self.metrics = None
+        self._collector = None
         self._listeners: list[Callable[[object], None]] = []
         self._tasks: set[asyncio.Task] = set()
         self.shutdown_requested = asyncio.Event()
@@ -106,8 +110,12 @@ class ClientNode:
             await self.directory.bootstrap()
             await self.directory.start()
         self._phase(75, "enough_dirinfo", "Loaded enough directory info to build circuits")
-        self.socks = SocksServer(self, host=self.cfg.socks_address[0], port=self.cfg.socks_address[1])
+        self.socks = SocksServer(self, host=self.cfg.socks_address[0], port=self.cfg.socks_address[1],
+                                 handshake_timeout=self.cfg.socks_handshake_timeout,
+                                 max_connections=self.cfg.socks_max_connections)
         await self.socks.start()
+        if self.cfg.metrics_port is not None:
+            await self._start_metrics()
         if self.cfg.control_port is not None:
             await self._start_control()
         await self.circmgr.start()
@@ -122,6 +130,18 @@ class ClientNode:
                                      cookie_path=self.cfg.data_dir / "control_auth_cookie")
         await self.control.start()
 
+    async def _start_metrics(self) -> None:
+        from .metrics import ClientCollector, MetricsServer
+
+        self._collector = ClientCollector(self)
+        self.metrics = MetricsServer(self._collector, port=self.cfg.metrics_port)
+        try:
+            await self.metrics.start()
+        except BaseException:
+            self._collector.close()
+            self.metrics = self._collector = None
+            raise
+
     def control_adapter(self):
         from .nodecontrol import ClientControlAdapter
 
@@ -135,9 +155,16 @@ class ClientNode:
     def control_port(self) -> int | None:
         return self.control.port if self.control is not None else None
 
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics.port if self.metrics is not None else None
+
     async def stop(self) -> None:
         if self.control is not None:
             await self.control.stop()
+        if self.metrics is not None:
+            await self.metrics.stop()
+            self._collector.close()
         if self.socks is not None:
             await self.socks.stop()
         await self.circmgr.stop()

@@ -4,8 +4,9 @@
 :class:`~onionp2p.node.ClientNode`: it turns the node's circuits, streams and channels
 into control-spec records, the client's :class:`~onionp2p.client.CircuitEvent` and
 channel events and the node's stream/bootstrap events into CIRC, STREAM, ORCONN and
-STATUS_CLIENT events, and carries out SIGNAL, EXTENDCIRCUIT, CLOSECIRCUIT, CLOSESTREAM
-and GETCONF/SETCONF on the node.
+STATUS_CLIENT events, reports each circuit's RELAY_DATA byte totals (the server turns
+them into CIRC_BW events), and carries out SIGNAL, EXTENDCIRCUIT, CLOSECIRCUIT,
+CLOSESTREAM and GETCONF/SETCONF on the node.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from .client import CircuitEvent
 from .controlfmt import (
-    CircEvent, CircuitInfo, ControlError, ControlEvent, GuardInfo, OrConnEvent, OrConnInfo, StatusEvent,
+    CircEvent, CircuitBandwidth, CircuitInfo, ControlError, ControlEvent, GuardInfo, OrConnEvent, OrConnInfo, StatusEvent,
     StreamEvent, StreamInfo,
 )
 from .directory import RouterStatus
@@ -43,6 +44,8 @@ class ClientControlAdapter:
         self._conf = {
             "SocksPort": ("Port", lambda: [str(self.node.socks_port)], None),
             "ControlPort": ("Port", lambda: [str(self.node.control_port or 0)], None),
+            "MetricsPort": ("String", lambda: [f"127.0.0.1:{self.node.metrics_port}"]
+                            if self.node.metrics_port is not None else [], None),
             "DataDirectory": ("Filename", lambda: [str(self.node.cfg.data_dir)], None),
             "MaxCircuitDirtiness": ("Interval", lambda: [str(int(self.node.circmgr.dirtiness))],
                                     (lambda v: _int(v, 1, 7 * 86400), "dirtiness")),
@@ -134,6 +137,11 @@ class ClientControlAdapter:
     def streams(self) -> list[StreamInfo]:
         return [_stream_info(r) for r in self.node.streams.values()]
 
+    def circuit_bandwidth(self) -> list[CircuitBandwidth]:
+        """RELAY_DATA payload bytes (received = read, sent = written) of the open circuits."""
+        return [CircuitBandwidth(c.id, c.bytes_received, c.bytes_sent, c.bytes_received, c.bytes_sent)
+                for c in self.node.client.circuits.values() if c.state in ("launched", "built")]
+
     def _nick(self, rsa_id: bytes) -> str | None:
         fp = rsa_id.hex().upper()
         for r in self.node.routers():
@@ -172,6 +180,8 @@ class ClientControlAdapter:
             return [(self.node.cfg.socks_address[0], self.node.socks_port)]
         if kind == "control" and self.node.control_port:
             return [("127.0.0.1", self.node.control_port)]
+        if kind == "metrics" and self.node.metrics_port is not None:
+            return [("127.0.0.1", self.node.metrics_port)]
         return []
 
     # -- events ---------------------------------------------------------------------------------------

@@ -24,7 +24,13 @@ Theory of operation
   bucket (DESTROY(RESOURCELIMIT) when it is empty), and a memory check (every second,
   and whenever enough bytes were read that queues could have reached the limit) destroys
   the circuits holding the most queued memory when the total passes
-  ``max_mem_in_queues``. A heartbeat line summarises refusals at most once a minute;
+  ``max_mem_in_queues``. Refusals are logged per connection/cell at debug level only; a
+  heartbeat line (info) summarises them at most once a minute;
+* counts for metrics and the control port (specs/metrics.md): ``stats`` (monotonic
+  counters, including the cells and bytes of channels that have closed, so totals over
+  live and closed channels never go down), ``destroy_reasons`` (circuits torn down here,
+  by DESTROY reason name) and channel events for listeners (``add_channel_listener``:
+  ``fn("connected" | "closed" | "failed", chan)``, the control port's ORCONN events);
 * shuts down cleanly: every circuit gets DESTROY, every channel is closed (also those
   still in their link handshake).
 """
@@ -34,6 +40,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from .log import get_logger
@@ -119,7 +127,11 @@ class Relay:
         self.circuits: set[OrCircuit] = set()
         self.stats = {"create_ok": 0, "create_failed": 0, "destroyed": 0, "throttled": 0,
                       "conn_refused": 0, "create_refused": 0, "oom_circuits_killed": 0,
-                      "oom_channels_closed": 0}
+                      "oom_channels_closed": 0, "closed_cells_in": 0, "closed_cells_out": 0,
+                      "closed_bytes_in": 0, "closed_bytes_out": 0}
+        #: circuits torn down here, by DESTROY reason name (DESTROYED: a neighbour sent DESTROY)
+        self.destroy_reasons: Counter[str] = Counter()
+        self._channel_listeners: list[Callable[[str, Channel], None]] = []
         self._connecting: dict[bytes, asyncio.Task] = {}
         self._server: asyncio.base_events.Server | None = None
         self._rotate_task: asyncio.Task | None = None
@@ -132,8 +144,8 @@ class Relay:
         self._memory_check: asyncio.Handle | None = None
         self._oom_logged_at = -OOM_LOG_INTERVAL
         self._housekeeping_task: asyncio.Task | None = None
-        self._reported = {k: 0 for k in ("conn_refused", "create_refused", "oom_circuits_killed",
-                                          "oom_channels_closed")}
+        self._reported = {k: 0 for k in ("conn_refused", "create_refused", "create_failed",
+                                          "oom_circuits_killed", "oom_channels_closed")}
         self._log = log.bind(nickname=nickname)
         # Directory duties (a dirclient.RelayDirectory or None): start(relay), stop(), keys_changed().
         self.directory = directory
@@ -223,11 +235,36 @@ class Relay:
             await self._server.wait_closed()
         await asyncio.sleep(0)
 
+    # -- channel events -----------------------------------------------------------------
+
+    def add_channel_listener(self, fn: Callable[[str, Channel], None]) -> None:
+        """``fn(kind, chan)`` with kind "connected" (link handshake done), "closed" (an open
+        channel went away) or "failed" (closed during its handshake)."""
+        self._channel_listeners.append(fn)
+
+    def remove_channel_listener(self, fn: Callable[[str, Channel], None]) -> None:
+        if fn in self._channel_listeners:
+            self._channel_listeners.remove(fn)
+
+    def _emit_channel(self, kind: str, chan: Channel) -> None:
+        for fn in list(self._channel_listeners):
+            try:
+                fn(kind, chan)
+            except Exception:  # a broken listener must not break the relay
+                self._log.exception("channel listener failed")
+
+    def traffic(self) -> tuple[int, int]:
+        """Bytes (read, written) on OR connections since start, closed ones included."""
+        live = [*self.channels, *self._handshaking]
+        return (self.stats["closed_bytes_in"] + sum(c.bytes_in for c in live),
+                self.stats["closed_bytes_out"] + sum(c.bytes_out for c in live))
+
     # -- ChannelOwner ------------------------------------------------------------------
 
     def channel_open(self, chan: Channel) -> None:
         self._handshaking.discard(chan)
         self.channels.add(chan)
+        self._emit_channel("connected", chan)
         if chan.peer is not None and chan.peer.rsa_id:
             self.by_identity.setdefault(chan.peer.rsa_id, chan)
             # a relay (it authenticated): its address's connection slot is given back
@@ -236,6 +273,14 @@ class Relay:
                 self.dos.connection_closed(addr)
 
     def channel_closed(self, chan: Channel) -> None:
+        was_open = chan in self.channels
+        if was_open or chan in self._handshaking:
+            # its counters leave with it: keep them, so totals never go down (metrics)
+            stats = self.stats
+            stats["closed_cells_in"] += chan.cells_in
+            stats["closed_cells_out"] += chan.cells_out
+            stats["closed_bytes_in"] += chan.bytes_in
+            stats["closed_bytes_out"] += chan.bytes_out
         self._handshaking.discard(chan)
         self._throttled.discard(chan)
         self.channels.discard(chan)
@@ -244,6 +289,7 @@ class Relay:
             self.dos.connection_closed(addr)
         if chan.peer is not None and self.by_identity.get(chan.peer.rsa_id) is chan:
             del self.by_identity[chan.peer.rsa_id]
+        self._emit_channel("closed" if was_open else "failed", chan)
 
     def queue_overflow(self, chan: Channel, circ_id: int) -> None:
         circ = chan.circuits.get(circ_id)
@@ -327,7 +373,7 @@ class Relay:
             reply, km = ntor_server(req.hdata, self.keys.rsa_id_digest, self.keys.onion_keys())
         except ProtocolError as exc:
             self.stats["create_failed"] += 1
-            self._log.info("CREATE2 refused", chan_id=chan.id, error=str(exc))
+            self._log.debug("CREATE2 refused", chan_id=chan.id, error=str(exc))  # heartbeat counts it
             chan.send_cell(cid, CellCommand.DESTROY, Destroy(DestroyReason.PROTOCOL).encode())
             return
         circ = OrCircuit(self, chan, cid, RelayCrypto(km))
@@ -426,6 +472,8 @@ class Relay:
         if circ in self.circuits:
             self.circuits.discard(circ)
             self.stats["destroyed"] += 1
+            self.destroy_reasons[DestroyReason(reason).name if reason in DestroyReason._value2member_map_
+                                 else str(reason)] += 1
 
     def extend_allowed(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         """Like tor's ExtendAllowPrivateAddresses: refuse private targets unless allowed."""

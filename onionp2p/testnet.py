@@ -10,7 +10,8 @@ reachable). Authorities vote every ``--voting-interval`` seconds and, being a ti
 network, give every reachable relay the Guard and Stable flags (like tor's
 TestingTorNetwork). The client runs inside this process: it waits until a consensus
 listing every relay is published, bootstraps from it, builds circuits, and only then
-prints ``SOCKS5 proxy ready at 127.0.0.1:PORT`` (and the control port line). SIGINT or
+prints ``SOCKS5 proxy ready at 127.0.0.1:PORT`` (and the control port line, and with
+``--metrics-port`` the client's Prometheus endpoint). SIGINT or
 SIGTERM stops the client and every child process within a few seconds.
 """
 
@@ -151,7 +152,7 @@ async def wait_for_consensus(node, n_relays: int, testnet: Testnet, timeout: flo
 async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int = 1,
                       socks_port: int = 9150, control_port: int | None = 9151,
                       data_dir: Path | None = None, voting_interval: int = 5,
-                      timeout: float = 180.0, log_level: str = "info",
+                      timeout: float = 180.0, log_level: str = "info", metrics_port: int | None = None,
                       stop_event: asyncio.Event | None = None, ready=None) -> int:
     """Start the network and the client; run until signalled. Returns the exit code."""
     from .node import ClientNode
@@ -173,7 +174,8 @@ async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int
         print(f"testnet: {n_authorities} authorities, {n_relays} relays ({n_exits} exits) in {data_dir}",
               flush=True)
         cfg = ClientConfig(data_dir=data_dir / "client", socks_address=("127.0.0.1", socks_port),
-                           control_port=control_port, authorities=tuple(net.authority_lines),
+                           control_port=control_port, metrics_port=metrics_port,
+                           authorities=tuple(net.authority_lines),
                            enforce_distinct_subnets=False, log_level=log_level)
         node = ClientNode(cfg)
         waiting = asyncio.ensure_future(wait_for_consensus(node, n_relays, net, timeout))
@@ -189,6 +191,8 @@ async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int
         if node.control_port is not None:
             print(f"Control port at 127.0.0.1:{node.control_port} "
                   f"(cookie: {cfg.data_dir / 'control_auth_cookie'})", flush=True)
+        if node.metrics_port is not None:
+            print(f"Metrics port at http://127.0.0.1:{node.metrics_port}/metrics", flush=True)
         if ready is not None:
             ready(node)
         await stop.wait()

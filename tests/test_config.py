@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from test_tools import exit_relays  # noqa: F401 (fixture: three in-process exit relays)
 
 from onionp2p.config import (
     AuthorityConfig,
@@ -488,3 +489,90 @@ def test_relay_dos_validation_errors(data: dict, key: str, needle: str) -> None:
     msg = str(exc.value)
     assert msg.startswith("relay.toml: ") and key in msg and needle in msg
 
+
+
+# -- metrics and control ports, SOCKS limits ---------------------------------------------
+@pytest.mark.parametrize("cls", [RelayConfig, ClientConfig, AuthorityConfig])
+def test_metrics_and_control_ports_in_every_config(cls, tmp_path: Path) -> None:
+    assert cls().metrics_port is None and cls().control_port is None  # both off by default
+    cfg = cls.from_dict({"metrics_port": 9035, "control_port": 9051})
+    assert (cfg.metrics_port, cfg.control_port) == (9035, 9051)
+    assert cls.from_dict({"metrics_port": 0, "control_port": 0}).metrics_port == 0  # two free ports
+    for bad, needle in ((70000, "out of range"), (-1, "out of range"), ("9035", "integer"), (True, "integer")):
+        with pytest.raises(ConfigError, match=needle) as exc:
+            cls.from_dict({"metrics_port": bad}, source="x.toml")
+        assert "metrics_port" in str(exc.value)
+    with pytest.raises(ConfigError, match="metrics_port.*also the control_port"):
+        cls.from_dict({"metrics_port": 9051, "control_port": 9051})
+
+
+def test_socks_limits_defaults_and_validation() -> None:
+    from onionp2p.socks import SocksServer
+
+    cfg = ClientConfig.from_dict({})
+    assert cfg.socks_handshake_timeout == 30 and cfg.socks_max_connections == 1024
+    # the defaults are the SOCKS front end's own
+    server = SocksServer(None)  # type: ignore[arg-type]
+    assert (server.handshake_timeout, server.max_connections) == (cfg.socks_handshake_timeout,
+                                                                  cfg.socks_max_connections)
+    cfg = ClientConfig.from_dict({"socks_handshake_timeout": 2.5, "socks_max_connections": 8})
+    assert (cfg.socks_handshake_timeout, cfg.socks_max_connections) == (2.5, 8)
+    for key, bad, needle in (("socks_handshake_timeout", 0, "out of range"),
+                             ("socks_handshake_timeout", "5", "expected a number"),
+                             ("socks_handshake_timeout", 601, "out of range"),
+                             ("socks_max_connections", 0, "out of range"),
+                             ("socks_max_connections", 1.5, "expected an integer")):
+        with pytest.raises(ConfigError, match=needle) as exc:
+            ClientConfig.from_dict({key: bad})
+        assert key in str(exc.value)
+    with pytest.raises(ConfigError, match="socks_max_connections"):
+        RelayConfig.from_dict({"socks_max_connections": 5})  # a client key
+
+
+async def test_socks_limits_reach_the_socks_server(exit_relays, tmp_path: Path) -> None:  # noqa: F811
+    """A running ClientNode's SOCKS listener enforces the configured handshake timeout and
+    connection limit (real sockets)."""
+    import asyncio
+    import time
+
+    from onionp2p.directory import RouterStatus
+    from onionp2p.node import ClientNode
+
+    flags = frozenset({"Exit", "Fast", "Guard", "Running", "Stable", "Valid"})
+    statuses = [RouterStatus(r.info(), flags, bandwidth=1000) for r in exit_relays]
+    cfg = ClientConfig(data_dir=tmp_path / "c", socks_address=("127.0.0.1", 0), enforce_distinct_subnets=False,
+                       preemptive_circuits=1, log_level="warning",
+                       socks_handshake_timeout=0.5, socks_max_connections=1)
+    node = ClientNode(cfg, routers=lambda: statuses)
+    await node.start(ready_timeout=30)
+    try:
+        # a client that never sends its request is cut off after socks_handshake_timeout
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.socks_port)
+        t0 = time.monotonic()
+        # meanwhile a second connection is over socks_max_connections: closed at once
+        r2, w2 = await asyncio.open_connection("127.0.0.1", node.socks_port)
+        assert await asyncio.wait_for(r2.read(), 5) == b""
+        assert time.monotonic() - t0 < 0.45
+        w2.close()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert 0.4 < time.monotonic() - t0 < 3
+        writer.close()
+        assert node.socks.stats.handshake_failed >= 1
+    finally:
+        await node.stop()
+
+
+def test_cli_client_overrides_metrics_port(tmp_path: Path) -> None:
+    from onionp2p.cli import build_parser, client_config_from_args
+
+    path = write(tmp_path, "metrics_port = 9035\ncontrol_port = 9051\n", "client.toml")
+    args = build_parser().parse_args(["client", "--config", str(path)])
+    assert client_config_from_args(args).metrics_port == 9035
+    args = build_parser().parse_args(["client", "--config", str(path), "--metrics-port", "auto"])
+    assert client_config_from_args(args).metrics_port == 0
+    args = build_parser().parse_args(["client", "--config", str(path), "--metrics-port", "9051"])
+    with pytest.raises(ConfigError, match="also the control port"):
+        client_config_from_args(args)
+    args = build_parser().parse_args(["testnet", "--metrics-port", "auto"])
+    assert args.metrics_port == -1  # run_testnet gets 0: any free port
+    assert build_parser().parse_args(["testnet"]).metrics_port is None

@@ -1,8 +1,9 @@
 """The Prometheus endpoint: real HTTP scrapes parsed by prometheus_client, counting real traffic.
 
-Relays are in-process :class:`~onionp2p.relay.Relay` objects on real TLS listeners; the
-client side is either a bare :class:`~onionp2p.client.OnionClient` or a full
-:class:`~onionp2p.node.ClientNode` reached through its SOCKS port. Scrapes go through
+Relays are in-process :class:`~onionp2p.relay.Relay` objects on real TLS listeners or real
+``onionp2p relay`` processes configured with ``metrics_port``; the client side is either a
+bare :class:`~onionp2p.client.OnionClient` or a full :class:`~onionp2p.node.ClientNode`
+(``metrics_port`` in its config) reached through its SOCKS port. Scrapes go through
 urllib (a real HTTP client) in a worker thread.
 """
 
@@ -15,6 +16,7 @@ import urllib.request
 import pytest
 from conftest import http_get
 from prometheus_client import parser
+from test_relay_control import nodes  # noqa: F401 (fixture)
 from test_tools import client_node, exit_relays, socks_connect, wait_for  # noqa: F401 (fixtures)
 
 from onionp2p.client import OnionClient
@@ -163,6 +165,121 @@ async def test_client_node_counters_follow_socks_traffic(client_node, http_serve
     finally:
         collector.close()
         await srv.stop()
+
+
+async def scrape_url(url: str) -> dict[tuple[str, frozenset], float]:
+    status, headers, body = await fetch(url)
+    assert status == 200 and headers["Content-Type"] == CONTENT_TYPE
+    return parse(body.decode())
+
+
+def total(m: dict, name: str) -> float:
+    return sum(val for (n, _), val in m.items() if n == name)
+
+
+@pytest.mark.slow
+async def test_relay_processes_metrics_port(nodes, http_server):  # noqa: F811 (fixture)
+    """Three `onionp2p relay` processes with ``metrics_port = 0``: cells and bytes grow by the
+    traffic sent, DESTROY reasons are counted, and totals survive closed connections."""
+    procs = [nodes("mguard", metrics_port=0), nodes("mmiddle", metrics_port=0),
+             nodes("mexit", metrics_port=0, exit_policy="accept 127.0.0.1:*")]
+    infos = [p.info() for p in procs]
+    urls = [p.metrics_url for p in procs]
+    before = [await scrape_url(u) for u in urls]
+    n = 300_000
+    client = OnionClient()
+    try:
+        circ = await client.build_circuit(infos, timeout=30)
+        reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
+        assert len(await http_get(reader, writer, f"/{n}")) == n
+        during = [await scrape_url(u) for u in urls]
+        for hop, (info, b, m) in enumerate(zip(infos, before, during)):
+            assert v(m, "onionp2p_info", role="relay", version="0.1.0", nickname=info.nickname,
+                     fingerprint=info.fingerprint) == 1
+            assert v(m, "onionp2p_circuits", state="open") == 1
+            for cells, octets in [("out", "written")] + ([("in", "read")] if hop < 2 else []):
+                assert v(m, "onionp2p_cells_total", direction=cells) - \
+                    v(b, "onionp2p_cells_total", direction=cells) >= n // 498
+                assert v(m, "onionp2p_bytes_total", direction=octets) - \
+                    v(b, "onionp2p_bytes_total", direction=octets) >= n
+            assert m[("process_resident_memory_bytes", frozenset())] > 0
+            assert m[("process_start_time_seconds", frozenset())] > 1.7e9
+
+        circ.close()  # the client's DESTROY: every hop counts reason DESTROYED
+        async def destroyed(m_of, reason, count):
+            async def check():
+                while True:
+                    now = [await scrape_url(u) for u in m_of]
+                    if all(total(m, "onionp2p_circuits_closed_total") >= count and
+                           m.get(("onionp2p_circuits_closed_total", frozenset({("reason", reason)}))) == 1
+                           for m in now):
+                        return now
+                    await asyncio.sleep(0.1)
+            return await asyncio.wait_for(check(), 20)
+
+        after = await destroyed(urls, "DESTROYED", 1)
+        for m in after:
+            assert v(m, "onionp2p_circuits", state="open") == 0
+            assert total(m, "onionp2p_circuits_closed_total") == 1
+
+        # a second circuit, then the middle relay dies: guard and exit lose their channel to it
+        circ2 = await client.build_circuit(infos, timeout=30)
+        reader, writer = await circ2.open_stream("127.0.0.1", http_server.port)
+        assert len(await http_get(reader, writer, "/50000")) == 50000
+        procs[1].proc.kill()
+        procs[1].proc.wait()
+        ends = [urls[0], urls[2]]
+        final = await destroyed(ends, "CHANNEL_CLOSED", 2)
+        for m, a in zip(final, (after[0], after[2])):
+            assert v(m, "onionp2p_circuits_closed_total", reason="DESTROYED") == 1
+            # the channels to the dead middle are gone; their cells and bytes stay counted
+            for name, direction in (("onionp2p_cells_total", "in"), ("onionp2p_cells_total", "out"),
+                                    ("onionp2p_bytes_total", "read"), ("onionp2p_bytes_total", "written")):
+                assert v(m, name, direction=direction) > v(a, name, direction=direction)
+        assert v(final[1], "onionp2p_channels") == 0  # the exit had only the middle
+    finally:
+        await client.close()
+    assert procs[0].stop() == 0 and procs[2].stop() == 0
+
+
+async def test_client_node_metrics_port_from_config(exit_relays, http_server, tmp_path):  # noqa: F811
+    """``metrics_port`` in the client config: the node serves /metrics while it runs, the
+    control port names it (GETINFO net/listeners/metrics), and stop() closes it."""
+    from onionp2p.config import ClientConfig
+    from onionp2p.directory import RouterStatus
+    from onionp2p.inspect import ControlClient, ControlTarget
+    from onionp2p.node import ClientNode
+
+    flags = frozenset({"Exit", "Fast", "Guard", "Running", "Stable", "Valid"})
+    statuses = [RouterStatus(r.info(), flags, bandwidth=1000) for r in exit_relays]
+    cfg = ClientConfig(data_dir=tmp_path / "c", socks_address=("127.0.0.1", 0), control_port=0, metrics_port=0,
+                       enforce_distinct_subnets=False, preemptive_circuits=1, log_level="warning")
+    node = ClientNode(cfg, routers=lambda: statuses)
+    await node.start(ready_timeout=30)
+    url = f"http://127.0.0.1:{node.metrics_port}/metrics"
+    try:
+        control = await ControlClient.connect(ControlTarget(port=node.control_port))
+        try:
+            info = await control.getinfo("net/listeners/metrics")
+            assert info["net/listeners/metrics"] == f'"127.0.0.1:{node.metrics_port}"'
+        finally:
+            await control.close()
+        b = await scrape_url(url)
+        n = 120_000
+        reader, writer = await socks_connect(node.socks_port, "127.0.0.1", http_server.port)
+        assert len(await http_get(reader, writer, f"/{n}")) == n
+        m = await scrape_url(url)
+        assert v(m, "onionp2p_info", role="client", version="0.1.0") == 1
+        assert v(m, "onionp2p_circuit_data_bytes_total", direction="received") - \
+            v(b, "onionp2p_circuit_data_bytes_total", direction="received") >= n
+        assert v(m, "onionp2p_bytes_total", direction="read") - v(b, "onionp2p_bytes_total", direction="read") >= n
+        assert v(m, "onionp2p_socks_requests_total", result="ok") == v(b, "onionp2p_socks_requests_total",
+                                                                        result="ok") + 1
+        assert m[("process_open_fds", frozenset())] > 0
+    finally:
+        await node.stop()
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", node.metrics.port)
 
 
 async def test_http_behaviour_and_text_format():

@@ -224,7 +224,7 @@ async def test_circuits_json_paths_streams_and_scrubbing(client_node, target, op
         assert [(h["fingerprint"], h["nickname"]) for h in c["path"]] == [
             (h.fingerprint, nicks[h.fingerprint]) for h in circ.hops]
         assert [h["role"] for h in c["path"]] == ["guard", "middle", "exit"]
-        assert c["bytes_sent"] is None and c["bytes_received"] is None  # the node does not report them yet
+        assert c["bytes_sent"] == 0 and c["bytes_received"] == 0  # reported, and no stream data sent yet
     on_circ = [s for c in doc["circuits"] for s in c["streams"]]
     assert [(s["id"], s["state"], s["circuit"], s["target"]) for s in on_circ] == [
         (rec.id, "SUCCEEDED", rec.circuit_id, SCRUBBED)]
@@ -320,6 +320,76 @@ async def test_circ_bw_events_add_up_per_circuit(client_node, target):
         assert (row["bytes_received"], row["bytes_sent"]) == (1500, 100)
     finally:
         await client.close()
+
+
+async def test_circuit_bytes_from_real_traffic(client_node, target, open_stream):
+    """The node's CIRC_BW events (stem parses them) and circuit-status byte totals follow a
+    real download; a snapshot plus the CIRC_BW events after it add up to the node's counts."""
+    from stem.control import Controller, EventType
+
+    rec, reader, writer = open_stream
+    cid = rec.circuit_id
+    circ = client_node.client.circuits[cid]
+    n = 400_000
+    stem_events: list = []
+    controller = await asyncio.to_thread(Controller.from_port, port=target.port)
+    await asyncio.to_thread(controller.authenticate)
+    await asyncio.to_thread(controller.add_event_listener, stem_events.append, EventType.CIRC_BW)
+    live, view, since = await open_view(target)  # subscribes to CIRC_BW (WATCH_EVENTS)
+
+    async def pump() -> None:
+        async for ev in live.events(since=since):
+            view.apply(ev)
+
+    pumping = asyncio.ensure_future(pump())
+    try:
+        assert len(await http_get(reader, writer, f"/{n}")) == n
+        request = f"GET /{n} HTTP/1.0\r\nHost: x\r\n\r\n".encode()
+        assert circ.bytes_received >= n and circ.bytes_sent == len(request)
+
+        def totals(doc: dict) -> tuple[int, int]:
+            row = next(c for c in doc["circuits"] if c["id"] == cid)
+            return row["bytes_received"], row["bytes_sent"]
+
+        async def oneshot() -> tuple[int, int]:  # `onionp2p circuits --json` as a user runs it
+            out = io.StringIO()
+            assert await run_circuits(target, as_json=True, out=out) == 0
+            return totals(json.loads(out.getvalue()))
+
+        exact = (circ.bytes_received, circ.bytes_sent)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 15
+        while await oneshot() != exact:  # totals as of the last one-second tick
+            assert loop.time() < end, "circuit-status never reported the download"
+            await asyncio.sleep(0.2)
+        # the live view: snapshot + CIRC_BW deltas, exactly the node's counts
+        await wait_for(lambda: (view.circuits[cid].bytes_read, view.circuits[cid].bytes_written) == exact,
+                       what="the live view adding up CIRC_BW events")
+        assert totals(view_json(view, 0)) == exact
+        # stem reads our CIRC_BW events as tor's; they sum to the download
+        await wait_for(lambda: sum(e.read for e in stem_events if e.id == str(cid)) == exact[0], what="stem events")
+        mine = [e for e in stem_events if e.id == str(cid)]
+        assert sum(e.written for e in mine) == exact[1]
+        assert all(e.delivered_read == e.read and e.time is not None for e in mine)
+        # circuits without traffic send none
+        assert {e.id for e in stem_events} == {str(cid)}
+        # circuit-status lines with the BYTES_ extension still parse as tor's in stem
+        stem_circs = await asyncio.to_thread(controller.get_circuits)
+        assert {int(c.id) for c in stem_circs} == built_ids(client_node)
+        assert next(c for c in stem_circs if c.id == str(cid)).keyword_args["BYTES_READ"] == str(exact[0])
+        # and the rich table shows the byte columns
+        from rich.console import Console
+
+        buf = io.StringIO()
+        await run_circuits(target, console=Console(file=buf, width=250, color_system=None))
+        row = next(line for line in buf.getvalue().splitlines() if re.search(rf"│\s+{cid} │", line))
+        assert f"{exact[0] / 1024:.1f} KiB" in row and f"{exact[1]} B" in row
+    finally:
+        pumping.cancel()
+        await live.close()
+        from test_relay_control import close_controller
+
+        await close_controller(controller)
 
 
 async def test_cli_process_json_and_errors(client_node, target, tmp_path):

@@ -1,0 +1,306 @@
+"""Control ports of real `onionp2p relay` and `onionp2p authority` processes, driven by stem.
+
+Every node here is a child process started from a TOML config with ``control_port = 0``
+(and ``metrics_port = 0``); the ports are read from the lines the process prints. A client
+in this process builds real 3-hop circuits through the relays; stem (a controller written
+for tor) talks to the relays' control ports with cookie authentication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import http_get
+
+from onionp2p.client import OnionClient
+from onionp2p.directory import RelayInfo
+
+pytestmark = pytest.mark.slow
+
+
+class NodeProc:
+    """``python -m onionp2p KIND --config DIR/KIND.toml`` with ``cfg`` as its TOML table."""
+
+    def __init__(self, tmp: Path, name: str, kind: str = "relay", **cfg):
+        self.dir = tmp / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.kind = kind
+        table = {"nickname": name, "data_dir": ".", "log_format": "json", "log_level": "info", **cfg}
+        if kind == "relay":
+            table = {"or_address": "127.0.0.1:0", "exit_reject_private": False, "extend_allow_private": True,
+                     **table}
+        self.config = self.dir / f"{kind}.toml"
+        self.config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items()))
+        self.log = open(self.dir / "log.txt", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "onionp2p", kind, "--config", str(self.config)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def logtext(self) -> str:
+        return (self.dir / "log.txt").read_text()
+
+    def wait_line(self, pattern: str, timeout: float = 60) -> re.Match:
+        end = time.time() + timeout
+        while time.time() < end:
+            if m := re.search(pattern, self.logtext()):
+                return m
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited ({self.proc.returncode}): {self.logtext()[-3000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name}: no line matching {pattern!r}: {self.logtext()[-3000:]}")
+
+    @property
+    def control_port(self) -> int:
+        return int(self.wait_line(r"Control port at 127\.0\.0\.1:(\d+)").group(1))
+
+    @property
+    def metrics_url(self) -> str:
+        return self.wait_line(r"Metrics port at (http://127\.0\.0\.1:\d+/metrics)").group(1)
+
+    def info(self) -> RelayInfo:
+        self.wait_line(r"listening on 127\.0\.0\.1:\d+")
+        return RelayInfo.load(self.dir / "relay-info.json")
+
+    def events(self, name: str) -> list[dict]:
+        out = []
+        for line in self.logtext().splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(ev, dict) and ev.get("event") == name:
+                out.append(ev)
+        return out
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    started: list[NodeProc] = []
+
+    def start(name: str, kind: str = "relay", **cfg) -> NodeProc:
+        p = NodeProc(tmp_path, name, kind, **cfg)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
+        p.log.close()
+
+
+def stem_controller(port: int):
+    from stem.control import Controller
+
+    controller = Controller.from_port(address="127.0.0.1", port=port)
+    controller.authenticate()  # cookie: stem reads COOKIEFILE from PROTOCOLINFO
+    # ask the node every time: stem's cache is updated by events its event thread handles
+    # after a command's reply, so a GETCONF right after SIGNAL RELOAD could be answered stale
+    controller.set_caching(False)
+    return controller
+
+
+async def close_controller(controller) -> None:
+    """stem's close() joins its threads; in a daemon thread with a bound, so a stem hang
+    after a failed assertion cannot hang the test run."""
+    import threading
+
+    t = threading.Thread(target=controller.close, daemon=True)
+    t.start()
+    await asyncio.to_thread(t.join, 10)
+
+
+async def until(fn, what: str, timeout: float = 20.0):
+    """Poll ``fn`` (run in a thread: stem is blocking) until it returns something true."""
+    end = time.monotonic() + timeout
+    while True:
+        value = await asyncio.to_thread(fn)
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def test_relay_control_port_with_stem(nodes, http_server):
+    from stem import ControllerError, Signal
+    from stem.control import EventType
+
+    guard = nodes("guard", control_port=0, metrics_port=0)
+    middle = nodes("middle")
+    exit_ = nodes("exit", exit_policy="accept 127.0.0.1:*")
+    infos = [p.info() for p in (guard, middle, exit_)]
+    cookie = guard.dir / "control_auth_cookie"
+    assert stat.S_IMODE(cookie.stat().st_mode) == 0o600 and len(cookie.read_bytes()) == 32
+    controller = await asyncio.to_thread(stem_controller, guard.control_port)
+    orconn_events: list = []
+    client = OnionClient()
+    try:
+        get = controller.get_info
+        assert await asyncio.to_thread(get, "fingerprint") == infos[0].fingerprint
+        assert await asyncio.to_thread(get, "address") == "127.0.0.1"
+        assert await asyncio.to_thread(get, "net/listeners/or") == f'"127.0.0.1:{infos[0].or_port}"'
+        metrics_port = int(guard.metrics_url.split(":")[2].split("/")[0])
+        assert await asyncio.to_thread(get, "net/listeners/metrics") == f'"127.0.0.1:{metrics_port}"'
+        assert await asyncio.to_thread(get, "net/listeners/control") == f'"127.0.0.1:{guard.control_port}"'
+        assert await asyncio.to_thread(get, "circuit-status") == ""  # a relay has no origin circuits
+        assert await asyncio.to_thread(get, "orconn-status") == ""
+        read0 = int(await asyncio.to_thread(get, "traffic/read"))
+        written0 = int(await asyncio.to_thread(get, "traffic/written"))
+        await asyncio.to_thread(controller.add_event_listener, orconn_events.append, EventType.ORCONN)
+
+        n = 300_000
+        circ = await client.build_circuit(infos, timeout=30)
+        reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
+        assert len(await http_get(reader, writer, f"/{n}")) == n
+
+        status = await asyncio.to_thread(get, "orconn-status")
+        lines = status.splitlines()
+        assert f"${infos[1].fingerprint} CONNECTED" in lines  # to the middle: named by identity
+        (client_line,) = [ln for ln in lines if not ln.startswith("$")]  # the client: address:port
+        assert re.fullmatch(r"127\.0\.0\.1:\d+ CONNECTED", client_line)
+        assert int(await asyncio.to_thread(get, "traffic/read")) - read0 >= n  # the body, as cells from the middle
+        assert int(await asyncio.to_thread(get, "traffic/written")) - written0 >= n  # ... and to the client
+
+        # ORCONN events, parsed by stem: both connections came up
+        await until(lambda: {e.endpoint_fingerprint for e in orconn_events if e.status == "CONNECTED"}
+                    >= {infos[1].fingerprint, None}, "ORCONN CONNECTED events")
+        client_endpoint = client_line.split()[0]
+        assert any(e.endpoint == client_endpoint and e.endpoint_address == "127.0.0.1" for e in orconn_events)
+
+        # configuration: readable under tor's names; bandwidth changes live, the nickname does not
+        assert await asyncio.to_thread(controller.get_conf, "Nickname") == "guard"
+        assert await asyncio.to_thread(controller.get_conf, "ORPort") == f"127.0.0.1:{infos[0].or_port}"
+        await asyncio.to_thread(controller.set_conf, "BandwidthRate", "5000000")
+        assert await asyncio.to_thread(controller.get_conf, "BandwidthRate") == "5000000"
+        assert await asyncio.to_thread(controller.get_conf, "BandwidthBurst") == str(1 << 30)
+        with pytest.raises(ControllerError):
+            await asyncio.to_thread(controller.set_conf, "Nickname", "other")
+        with pytest.raises(ControllerError):  # burst below rate: refused, nothing changed
+            await asyncio.to_thread(controller.set_conf, "BandwidthBurst", "100")
+        assert await asyncio.to_thread(controller.get_conf, "BandwidthRate") == "5000000"
+
+        await asyncio.to_thread(controller.signal, Signal.HEARTBEAT)
+        await until(lambda: guard.events("relay status"), "heartbeat status line")
+        await asyncio.to_thread(controller.signal, Signal.NEWNYM)  # accepted, nothing to renew
+
+        await client.close()  # the client's connection goes: ORCONN CLOSED
+        await until(lambda: any(e.endpoint == client_endpoint and e.status == "CLOSED" for e in orconn_events),
+                    "ORCONN CLOSED for the client")
+
+        await asyncio.to_thread(controller.signal, Signal.SHUTDOWN)
+        rc = await asyncio.to_thread(guard.proc.wait, 15)
+        assert rc == 0
+        assert guard.events("stopped") and "Traceback" not in guard.logtext()
+    finally:
+        await client.close()
+        await close_controller(controller)
+    for p in (middle, exit_):
+        assert p.stop() == 0
+
+
+async def test_relay_reload_applies_live_keys(nodes):
+    relay = nodes("reloader", control_port=0, bandwidth_rate=1_000_000)
+    relay.info()
+    controller = await asyncio.to_thread(stem_controller, relay.control_port)
+    changed: list = []
+    try:
+        from stem.control import EventType
+
+        await asyncio.to_thread(controller.add_event_listener, changed.append, EventType.CONF_CHANGED)
+        assert await asyncio.to_thread(controller.get_conf, "BandwidthRate") == "1000000"
+        text = relay.config.read_text().replace("bandwidth_rate = 1000000", "bandwidth_rate = 2000000")
+        relay.config.write_text(text + "dos_circuit_creation_rate = 7\n")
+        from stem import Signal
+
+        await asyncio.to_thread(controller.signal, Signal.RELOAD)
+        assert await asyncio.to_thread(controller.get_conf, "BandwidthRate") == "2000000"
+        assert await asyncio.to_thread(controller.get_conf, "DoSCircuitCreationRate") == "7"
+        relay.config.write_text(text.replace("2000000", "3000000"))
+        relay.proc.send_signal(signal.SIGHUP)  # the same through the signal
+        await until(lambda: controller.get_conf("BandwidthRate") == "3000000", "SIGHUP reload")
+        # each reload announced what it changed (stem keeps its configuration cache current from these)
+        await until(lambda: len(changed) >= 2, "CONF_CHANGED events")
+        assert [e.changed.get("BandwidthRate") for e in changed] == [["2000000"], ["3000000"]]
+        assert changed[0].changed["DoSCircuitCreationRate"] == ["7"]
+        assert changed[1].changed["DoSCircuitCreationRate"] == ["3"]  # back to the default
+    finally:
+        await close_controller(controller)
+    assert relay.stop() == 0
+
+
+async def test_authority_control_and_metrics_ports(nodes, tmp_path):
+    from prometheus_client import parser
+    from stem import ControllerError, Signal
+
+    from onionp2p.authority import authority_line, load_or_create_authority_key
+    from onionp2p.testnet import free_port
+
+    auth_dir = tmp_path / "auth0"
+    auth_dir.mkdir()
+    dir_port = free_port()
+    line = authority_line("auth0", "127.0.0.1", dir_port, load_or_create_authority_key(auth_dir))
+    auth = nodes("auth0", "authority", dir_address=f"127.0.0.1:{dir_port}", run_relay=False, authorities=[line],
+                 voting_interval=2, assume_guard=True, assume_exit=True, stable_uptime=0, guard_uptime=0,
+                 control_port=0, metrics_port=0)
+    relay = nodes("pub", authorities=[line], control_port=0)
+    info = relay.info()
+    url = auth.metrics_url
+
+    def consensus_relays() -> float:
+        import urllib.request
+
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        values = {s.name: s.value for f in parser.text_string_to_metric_families(text) for s in f.samples}
+        assert values["process_resident_memory_bytes"] > 0 and "process_cpu_seconds_total" in values
+        return values["onionp2p_consensus_relays"] >= 1 and values["onionp2p_consensus_signatures"] == 1
+
+    await until(consensus_relays, "a consensus listing the relay", timeout=60)
+    controller = await asyncio.to_thread(stem_controller, auth.control_port)
+    relay_ctl = await asyncio.to_thread(stem_controller, relay.control_port)
+    try:
+        assert await asyncio.to_thread(controller.get_info, "net/listeners/dir") == f'"127.0.0.1:{dir_port}"'
+        statuses = await asyncio.to_thread(lambda: list(controller.get_network_statuses()))
+        assert [(s.fingerprint, s.nickname) for s in statuses] == [(info.fingerprint, "pub")]
+        assert await asyncio.to_thread(controller.get_conf, "V3AuthVotingInterval") == "2"
+        with pytest.raises(ControllerError):  # run_relay = false: not a relay itself
+            await asyncio.to_thread(controller.get_info, "fingerprint")
+        # the relay caches the consensus: its control port answers ns/* from it
+        entry = await until(lambda: relay_ctl.get_network_status(info.fingerprint, None), "relay's cached consensus")
+        assert entry.nickname == "pub" and "Running" in entry.flags
+        await asyncio.to_thread(controller.signal, Signal.SHUTDOWN)
+        assert await asyncio.to_thread(auth.proc.wait, 15) == 0
+    finally:
+        await close_controller(controller)
+        await close_controller(relay_ctl)
+    assert relay.stop() == 0
+
+
+async def test_busy_metrics_or_control_port_is_a_clear_error(nodes):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for key in ("metrics_port", "control_port"):
+            p = nodes(f"busy{key[0]}", **{key: port})
+            assert await asyncio.to_thread(p.proc.wait, 30) == 2
+            text = p.logtext()
+            assert "cannot listen" in text and str(port) in text and "Traceback" not in text
