@@ -138,7 +138,7 @@ class Channel(asyncio.Protocol):
         if self.peer_address is None and peer:
             self.peer_address = peer[0]
         if not self.owner.channel_connected(self):
-            self._log.info("connection refused by a limit")
+            self._log.debug("connection refused by a limit")  # the owner counts and summarises these
             self.closed = True
             transport.abort()
             return

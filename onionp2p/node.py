@@ -77,6 +77,8 @@ class ClientNode:
             routers = self.directory.routers
         self.routers = routers
         self.guards = GuardSet(cfg.data_dir / "guards.json", n_primary=cfg.num_primary_guards)
+        if self.directory is not None:
+            self.directory.dir_guards = self._directory_guards
         self.circmgr = CircuitManager(
             self.client, routers, self.guards,
             preemptive=cfg.preemptive_circuits, preemptive_ports=cfg.preemptive_ports,
@@ -94,6 +96,13 @@ class ClientNode:
         self._listeners: list[Callable[[object], None]] = []
         self._tasks: set[asyncio.Task] = set()
         self.shutdown_requested = asyncio.Event()
+
+    def _directory_guards(self, routers: Sequence[RouterStatus]) -> list[RouterStatus]:
+        """The relays our directory refreshes may use: the running primary guards that are
+        not marked down (guard-spec's directory guards), so that no other relay sees us."""
+        by_fp = {r.fingerprint: r for r in routers}
+        return [by_fp[fp] for fp in self.guards.primary(routers)
+                if "Running" in by_fp[fp].flags and not self.guards.is_down(fp)]
 
     # -- lifecycle ----------------------------------------------------------------------------------
 

@@ -492,18 +492,25 @@ class Relay:
         if task is None:
             task = asyncio.get_running_loop().create_task(self._connect(host, port, rsa_id, ed_id))
             self._connecting[rsa_id] = task
-            task.add_done_callback(lambda _t: self._connecting.pop(rsa_id, None))
+
+            def done(t: asyncio.Task, rsa_id: bytes = rsa_id) -> None:
+                self._connecting.pop(rsa_id, None)
+                if not t.cancelled():
+                    t.exception()  # retrieved here: every EXTEND2 waiting on it may have given up
+
+            task.add_done_callback(done)
         return await asyncio.shield(task)
 
     async def _connect(self, host: str, port: int, rsa_id: bytes, ed_id: bytes | None) -> Channel:
         loop = asyncio.get_running_loop()
         expected = PeerIdentity(ed25519_id=ed_id, rsa_id=rsa_id)
-        _transport, chan = await loop.create_connection(
-            lambda: Channel(self, initiator=True, keys=self.keys, expected=expected, peer_address=host,
-                            my_addresses=(self.address,), max_queue_cells=self.max_queue_cells,
-                            handshake_timeout=self.handshake_timeout),
-            host, port, ssl=tls.client_context(), ssl_handshake_timeout=self.handshake_timeout,
-        )
+        async with asyncio.timeout(self.handshake_timeout):  # TCP connect + TLS, like the client
+            _transport, chan = await loop.create_connection(
+                lambda: Channel(self, initiator=True, keys=self.keys, expected=expected, peer_address=host,
+                                my_addresses=(self.address,), max_queue_cells=self.max_queue_cells,
+                                handshake_timeout=self.handshake_timeout),
+                host, port, ssl=tls.client_context(), ssl_handshake_timeout=self.handshake_timeout,
+            )
         try:
             await chan.ready
         except BaseException:  # a failed handshake, or cancelled (relay stopping): no stray link

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import itertools
+import time
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -145,6 +146,7 @@ _session_groups = itertools.count(1)
 HANDSHAKE_READ = 4096      # bytes per read while handshaking (the parser bounds what it keeps)
 RELAY_CHUNK = 65536        # bytes per read while relaying
 CLOSE_FLUSH_TIMEOUT = 5.0  # how long an error reply may take to flush before we abort
+REFUSED_LOG_INTERVAL = 60.0  # at most one "too many connections" warning per interval
 
 
 @dataclass
@@ -176,6 +178,8 @@ class SocksServer:
         self.connect_timeout = connect_timeout
         self.prefer_no_auth = prefer_no_auth
         self.max_connections = max_connections
+        self._refused = 0  # refused over max_connections since the last warning
+        self._refused_logged_at = -REFUSED_LOG_INTERVAL
         self.session_group = session_group if session_group is not None else next(_session_groups)
         self.stats = SocksStats()
         self._server: asyncio.base_events.Server | None = None
@@ -218,7 +222,12 @@ class SocksServer:
             if self._stopping:
                 return
             if len(self._tasks) > self.max_connections:
-                log.warning("too many SOCKS connections; refusing one", limit=self.max_connections)
+                self._refused += 1
+                now = time.monotonic()
+                if now - self._refused_logged_at >= REFUSED_LOG_INTERVAL:
+                    log.warning("too many SOCKS connections; refusing new ones", limit=self.max_connections,
+                                refused=self._refused)
+                    self._refused_logged_at, self._refused = now, 0
                 return
             got = await self._handshake(reader, writer, peer)
             if got is not None:

@@ -54,43 +54,29 @@ What is asserted
    ClientHello — or to the authority's DirPort with a plain ``GET
    /tor/status-vote/current/consensus``: that is the client's bootstrap (it has no
    consensus yet, so no relay to ask; specs/directory.md §9) and the only cleartext.
-   Every circuit listed on the control port starts at one of the client's sampled guards;
-   the other relays contacted served the consensus over one-hop BEGIN_DIR circuits (not
-   listed there).
-4. ``test_client_contacts_only_guards`` (xfail, see findings): the client should talk to
-   its guards only, as tor does with directory guards.
+   Every circuit listed on the control port starts at one of the client's sampled guards.
+4. ``test_client_contacts_only_guards``: apart from that bootstrap download, the client
+   talks to its guards only: its directory refreshes use its primary guards as directory
+   guards (guard-spec; ``ClientNode._directory_guards``), so no other relay learns its
+   address.
 
 Findings (measured here: a run takes 30-85 s, of which 5-7 s to a consensus and a ready
 client; the 5 MB fetch takes under 1 s)
 ------------------------------------------------------------------------------------------
-* Directory refreshes go to *random* V2Dir relays (``ClientDirectory._relay_sources``,
-  specs/directory.md §9), not to the client's guards: within a minute the client opens TLS
-  connections to 4-5 of the 6 relays and so shows its address to each, where tor would
-  use its primary guards as directory guards (guard-spec). Hence the xfail in 4. The fix
-  belongs in dirclient.py (choose the sources with the GuardSet). The client's log cannot
-  account for every such connection either: a refresh that returns the consensus already
-  held is accepted without a log line (``_ConsensusHolder.accept``, equal valid-after).
+* Fixed: directory refreshes used to go to *random* V2Dir relays, so within a minute the
+  client had shown its address to 4-5 of the 6 relays; test 4 failed then.
 * A relay that is cut off silently is noticed by nobody on the path: the guard's channel
   to it stays open (no keepalive, no ``TCP_USER_TIMEOUT`` on OR connections), so the
   circuits through it stay BUILT at the client and the stalled stream stays stalled until
-  the application gives up. A *new* stream recovers only through the client's
+  the application gives up. A *new* stream recovers through the client's
   ``stream_timeout`` (15 s by default; tor: 10-15 s): BEGIN on the dead circuit gets no
-  answer, that circuit is retired and the next one is tried, and every other ready
-  circuit through the dead relay costs another ``stream_timeout``, because a timed-out
-  circuit does not make the manager avoid its relays; after ``max_stream_attempts`` (3)
-  the SOCKS request fails. Measured from the cut to the next successful fetch (which
-  includes the 5 s the test watches the stall): 22 s when only the circuit carrying the
-  transfer went through the dead relay, 37 s with two, 67 s when all four ready circuits
-  did (the first SOCKS request failed after three timeouts, curl's retry needed a fourth).
-  The authority drops the dead relay from the next consensus within about 10 s and the
-  client has it a few seconds later, so circuits *built* after that avoid the relay — but
-  circuits already built through it are still handed to new streams. Suggested change
-  (circmgr.py, left to its owner): retire circuits through relays no longer listed as
-  Running in the current consensus when reaping (tor's ``circuit_is_acceptable`` already
-  skips circuits whose exit it no longer knows), so that ``_top_up`` replaces them; or, when
-  a stream times out on a BUILT circuit, retire the other clean circuits through its
-  middle and exit. Either bounds recovery to about one ``stream_timeout``. Relay side
-  (channel.py/relay.py): a keepalive or ``TCP_USER_TIMEOUT`` on OR connections would let the
+  answer, that circuit is retired and the next one is tried; and once the authority has
+  dropped the dead relay from the consensus (about 10 s here) and the client holds that
+  consensus, every circuit through the relay is retired at once (``CircuitManager._reap``,
+  like tor's ``circuit_is_acceptable``). Before that change each ready circuit through the
+  dead relay cost a new stream another ``stream_timeout`` (measured: 22 s from the cut to
+  the next successful fetch with one such circuit, 37 s with two, 67 s with four). Relay
+  side, not built: a keepalive or ``TCP_USER_TIMEOUT`` on OR connections would let the
   guard notice the dead peer and DESTROY the circuits, which the client handles at once.
 """
 
@@ -474,8 +460,6 @@ def test_client_sends_only_tls(net, capture):
         assert net.name_of(path[0]) in guard_names, (circ, [net.name_of(fp) for fp in path], guard_names)
 
 
-@pytest.mark.xfail(reason="directory fetches use random V2Dir relays, not the client's guards "
-                          "(ClientDirectory._relay_sources; tor uses directory guards)", strict=False)
 def test_client_contacts_only_guards(net, capture):
     guards = {net.name_of(g) for g in net.guards()}
     contacted = {RELAY_IPS[f.dst] for f in tcp_flows(capture, CLIENT_IP)
