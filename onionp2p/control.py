@@ -96,7 +96,10 @@ class ControlledNode(Protocol):
 
     Optional (not part of the runtime check): ``circuit_bandwidth() ->
     list[CircuitBandwidth]``, the byte totals of the open origin circuits; a node that has
-    it gets CIRC_BW events and byte counts in ``circuit-status``.
+    it gets CIRC_BW events and byte counts in ``circuit-status``. ``exit_policy() ->
+    ExitPolicy | None``, the relay's exit policy (GETINFO ``exit-policy/full``, ``ipv4``,
+    ``ipv6``); without it, or when it returns None (not a relay), those keys answer tor's
+    ``552 Not running in server mode``.
     """
 
     @property

@@ -17,7 +17,10 @@ texts, e.g. ``Unrecognized key "..."``) behave as with tor:
 GETINFO answers come from a table (``info/names`` lists it) plus a few prefixes
 (``ns/id/``, ``ns/name/``, ``net/listeners/``, ``ip-to-country/``). Values containing a
 newline are sent as ``250+key=`` data blocks, others as ``250-key=value``. If any key is
-unknown the whole reply is the 552 error, as in tor.
+unknown the whole reply is the 552 error, as in tor. Keys that only a relay can answer
+give tor's errors on other nodes: ``fingerprint`` 551 and ``exit-policy/full`` (``ipv4``,
+``ipv6``) 552, both ``Not running in server mode``; the exit policy comes from the node's
+optional ``exit_policy()``.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .controlfmt import (
-    ControlError, Data, bootstrap_line, circuit_line, format_reply, guard_line, ns_entry, orconn_line,
-    one_line, qecho, quote, split_args, split_keyword, stream_line, version_string, words,
+    ControlError, Data, bootstrap_line, circuit_line, clients_seen_line, exit_policy_lines, format_reply,
+    guard_line, ns_entry, one_line, orconn_line, qecho, quote, split_args, split_keyword, stream_line,
+    version_string, words,
 )
 from .controlproto import Command
 from .errors import ConfigError, LocalProtocolError, OnionError
@@ -69,6 +73,9 @@ _UNIMPLEMENTED = frozenset({
 _LISTENER_KINDS = ("or", "dir", "socks", "trans", "natd", "dns", "control", "extor", "httptunnel", "metrics")
 _SERVER_SPEC = re.compile(r"\$?[0-9A-Fa-f]{40}([~=][A-Za-z0-9]{1,19})?|[A-Za-z0-9]{1,19}")
 _DIGITS = re.compile(r"[0-9]{1,16}")
+#: GETINFO exit-policy/default: the rule onionp2p appends to every configured exit policy
+#: (tor appends its default policy instead; see specs/control.md).
+DEFAULT_EXIT_POLICY = "reject *:*"
 #: Configuration keys the control port itself owns (read-only through SETCONF).
 SERVER_CONF = {"ControlPort": "LineList", "CookieAuthentication": "Boolean", "CookieAuthFile": "Filename",
                "HashedControlPassword": "LineList", "__OwningControllerProcess": "String"}
@@ -135,6 +142,14 @@ class CommandHandler:
             "accounting/hibernating": ("Always awake.", lambda: "awake"),
             "ip-to-country/ipv4-available": ("No GeoIP database: 0.", lambda: "0"),
             "ip-to-country/ipv6-available": ("No GeoIP database: 0.", lambda: "0"),
+            "status/clients-seen": ("Client statistics (none kept: no bridge statistics, no GeoIP).",
+                                    clients_seen_line),
+            "exit-policy/default": ("What onionp2p appends to every exit policy: reject *:*.",
+                                    lambda: DEFAULT_EXIT_POLICY),
+            "exit-policy/full": ("This relay's exit policy, one rule per line.",
+                                 lambda: self._exit_policy(None)),
+            "exit-policy/ipv4": ("The exit policy's rules that apply to IPv4.", lambda: self._exit_policy(4)),
+            "exit-policy/ipv6": ("The exit policy's rules that apply to IPv6.", lambda: self._exit_policy(6)),
         }
 
     async def execute(self, cmd: Command) -> bytes:
@@ -270,6 +285,15 @@ class CommandHandler:
         if not self.node.fingerprint:
             raise ControlError(551, "Not running in server mode")
         return self.node.fingerprint
+
+    def _exit_policy(self, family: int | None) -> str:
+        """exit-policy/full (family None), /ipv4, /ipv6: from the node's optional
+        ``exit_policy()``; a node without one (a client) is not a relay: tor's 552."""
+        get = getattr(self.node, "exit_policy", None)
+        policy = get() if get is not None else None
+        if policy is None:
+            raise ControlError(552, "Not running in server mode")
+        return "\n".join(exit_policy_lines(policy.rules, family))
 
     # -- configuration ------------------------------------------------------------------------
 

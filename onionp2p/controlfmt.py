@@ -21,6 +21,9 @@ tokens. :mod:`onionp2p.controlproto` (framing, authentication) and
 * **Replies.** :func:`format_reply` builds ``NNN-`` / ``NNN+`` (dot-escaped data block) /
   ``NNN `` lines; :func:`format_event` builds one ``650`` line. Reply text never contains
   CR or LF; controller-supplied text echoed in an error goes through :func:`echo` first.
+* **Relay facts.** :func:`exit_policy_lines` writes an exit policy the way tor's
+  ``GETINFO exit-policy/*`` does (one ``accept|reject[6] ADDR[/MASK]:PORT`` rule per
+  line); :func:`clients_seen_line` is ``status/clients-seen`` / CLIENTS_SEEN.
 * **Tokens.** :func:`split_args` splits arguments on spaces, keeping ``"quoted strings"``
   (with backslash escapes) whole, also inside ``KEY="a b"``; :func:`unquote` decodes one
   (a backslash followed by any character is that character, as control-spec §2.1 asks);
@@ -84,6 +87,8 @@ __all__ = [
     "status_line",
     "bootstrap_line",
     "ns_entry",
+    "exit_policy_lines",
+    "clients_seen_line",
 ]
 
 #: The tor version whose control-spec behaviour we emulate. stem gates features on the
@@ -553,3 +558,42 @@ def ns_entry(rs: RouterStatus, published: float) -> str:
         raise LocalProtocolError(f"bad exit policy summary {policy!r}")
     lines.append("p " + policy)
     return "\n".join(lines)
+
+
+def exit_policy_lines(rules: Sequence, family: int | None = None) -> list[str]:
+    """An exit policy's rules as tor's ``GETINFO exit-policy/full`` writes them, one per line
+    (tor joins them with newlines; ``policy_write_item`` in descriptor format).
+
+    ``rules`` are :class:`~onionp2p.exitpolicy.PolicyRule` s. As in tor, an IPv6 rule is
+    written with ``accept6``/``reject6`` (``reject6 [fc00::]/7:*``, ``accept6 *:443``); an
+    IPv4 rule or one for every address as ``accept``/``reject``. tor stores no rule for
+    "both families" (it splits ``*`` into ``*4`` and ``*6``), so its IPv4 wildcard reads
+    ``*``; ours keeps the distinction: ``*`` is every address and an IPv4-only wildcard is
+    ``*4``, both in torrc syntax that tor, stem and :meth:`ExitPolicy.parse
+    <onionp2p.exitpolicy.ExitPolicy.parse>` read back to the same policy. ``family`` 4 or
+    6 keeps the rules that can match that family (``exit-policy/ipv4`` / ``ipv6``).
+    """
+    if family not in (None, 4, 6):
+        raise LocalProtocolError(f"family must be None, 4 or 6, not {family!r}")
+    out = []
+    for rule in rules:
+        if family is not None and rule.family not in (None, family):
+            continue
+        action = "accept" if rule.accept else "reject"
+        if rule.family == 6:
+            address = "*" if rule.network is None else rule.address_text()
+            out.append(f"{action}6 {address}:{rule.port_text()}")
+        else:
+            out.append(f"{action} {rule.address_text()}:{rule.port_text()}")
+    return [_check_line(line) for line in out]
+
+
+def clients_seen_line(time_started: float = 0.0, countries: Sequence[tuple[str, int]] = (),
+                      ipv4: int = 0, ipv6: int = 0) -> str:
+    """``status/clients-seen`` (the CLIENTS_SEEN event's body): ``TimeStarted="YYYY-MM-DD
+    HH:MM:SS" CountrySummary=cc=n,... IPVersions=v4=n,v6=n``. tor writes the start of its
+    bridge-statistics interval (0, the epoch, when it keeps none) and empty / zero counts
+    when it has seen no clients."""
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time_started))
+    summary = ",".join(f"{_tok(cc, 'country code')}={int(n)}" for cc, n in countries)
+    return f'TimeStarted="{started}" CountrySummary={summary} IPVersions=v4={int(ipv4)},v6={int(ipv6)}'

@@ -58,8 +58,8 @@ class ClientControlAdapter:
             "HashedControlPassword": ("LineList", lambda: [], None),
             "ControlSocket": ("LineList", lambda: [], None),
             "Nickname": ("String", lambda: ["Unnamed"], None),
-            "ORPort": ("LineList", lambda: ["0"], None),
-            "DirPort": ("LineList", lambda: ["0"], None),
+            "ORPort": ("LineList", lambda: [], None),  # unset on a client, as tor answers ("250 ORPort")
+            "DirPort": ("LineList", lambda: [], None),
             "BridgeRelay": ("Boolean", lambda: ["0"], None),
             "Log": ("LineList", lambda: [f"{self.node.cfg.log_level} stdout"], None),
             "DisableDebuggerAttachment": ("Boolean", lambda: ["1"], None),
@@ -69,6 +69,17 @@ class ClientControlAdapter:
             "RelayBandwidthBurst": ("DataSize", lambda: ["0"], None),
             "MaxAdvertisedBandwidth": ("DataSize", lambda: [str(1 << 30)], None),
             "__OwningControllerProcess": ("String", lambda: [], None),
+            # tor options onionp2p has no setting for: their unset value, as a tor client
+            # reports it ("250 ExitRelay=auto", "250 UseMicrodescriptors=auto"; no onion
+            # services, so the virtual HiddenServiceOptions is empty: "250 HiddenServiceOptions").
+            # stem's get_exit_policy() falls back to ExitRelay, ExitPolicyRejectPrivate,
+            # ExitPolicy and exit-policy/default when exit-policy/full fails (a client): with
+            # these it builds "reject private:*, reject *:*", a policy that exits nowhere.
+            "ExitRelay": ("Boolean+Auto", lambda: ["auto"], None),
+            "ExitPolicy": ("LineList", lambda: [], None),
+            "ExitPolicyRejectPrivate": ("Boolean", lambda: ["1"], None),
+            "UseMicrodescriptors": ("Boolean+Auto", lambda: ["auto"], None),
+            "HiddenServiceOptions": ("Virtual", lambda: [], None),
         }
         node.client.add_listener(self._on_circuit)
         node.client.add_channel_listener(self._on_channel)
@@ -90,6 +101,10 @@ class ClientControlAdapter:
 
     @property
     def address(self) -> str | None:
+        return None
+
+    def exit_policy(self) -> None:
+        """A client is no relay: GETINFO exit-policy/* answers 552 Not running in server mode."""
         return None
 
     # -- configuration ------------------------------------------------------------------------------

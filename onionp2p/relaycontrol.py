@@ -16,10 +16,16 @@ beside it (``onionp2p authority``). Like tor's control port on a relay:
 * ``traffic/*`` and BW events count bytes on every OR connection, closed ones included;
 * ``ns/*`` answers from the relay's cached consensus (the authority's published one);
 * ``fingerprint`` is the relay's RSA identity, ``address`` its ORPort address;
+* ``exit-policy/full`` (``ipv4``, ``ipv6``) is the relay's exit policy as it is enforced,
+  one rule per line as tor writes it; an authority without its relay answers tor's
+  ``552 Not running in server mode``;
 * GETCONF answers the relay's configuration under tor's key names. Keys that can change
   while running: ``BandwidthRate``, ``BandwidthBurst``, ``DoSConnectionMaxConcurrentCount``,
   ``DoSCircuitCreationRate``, ``DoSCircuitCreationBurst``, ``MaxMemInQueues``,
-  ``ExtendAllowPrivateAddresses``; SETCONF of any other key is refused (553);
+  ``ExtendAllowPrivateAddresses``; SETCONF of any other key is refused (553). tor options
+  onionp2p has no setting for answer their unset value as tor does (:data:`UNSET_TOR_CONF`):
+  ``ExitRelay=auto`` (whether a relay exits follows from its exit policy alone, which is
+  tor's ``auto`` rule), ``UseMicrodescriptors=auto``, an empty ``HiddenServiceOptions``;
 * SIGNAL: SHUTDOWN/HALT stop the process cleanly (the ``shutdown`` callback), RELOAD
   re-reads the configuration file and applies the keys above, announcing them in a
   CONF_CHANGED event (SIGHUP does the same through :meth:`sighup`, which also sends the
@@ -42,7 +48,7 @@ from .errors import ConfigError
 from .log import get_logger
 from .ratelimit import TokenBucket
 
-__all__ = ["RelayControlAdapter", "AuthorityControlAdapter", "relay_status"]
+__all__ = ["RelayControlAdapter", "AuthorityControlAdapter", "relay_status", "UNSET_TOR_CONF"]
 
 log = get_logger("onionp2p.relaycontrol")
 
@@ -55,6 +61,16 @@ _LIVE_KEYS = {
     "DoSCircuitCreationRate": "dos_circuit_creation_rate",
     "DoSCircuitCreationBurst": "dos_circuit_creation_burst",
     "MaxMemInQueues": "max_mem_in_queues", "ExtendAllowPrivateAddresses": "extend_allow_private",
+}
+
+#: GETCONF keys of tor that onionp2p has no setting for, answered with tor's unset value:
+#: ExitRelay "auto" (tor: exit iff an exit policy is configured; onionp2p relays exit
+#: exactly as their exit_policy says, default reject *:*), UseMicrodescriptors "auto", and
+#: the virtual HiddenServiceOptions, empty without onion services ("250 HiddenServiceOptions").
+UNSET_TOR_CONF: dict[str, tuple[str, Callable[[], list[str]]]] = {
+    "ExitRelay": ("Boolean+Auto", lambda: ["auto"]),
+    "UseMicrodescriptors": ("Boolean+Auto", lambda: ["auto"]),
+    "HiddenServiceOptions": ("Virtual", lambda: []),
 }
 
 
@@ -146,6 +162,11 @@ class _ServerAdapter:
     @property
     def address(self) -> str | None:
         return self.relay.address if self.relay is not None else None
+
+    def exit_policy(self):
+        """The relay's :class:`~onionp2p.exitpolicy.ExitPolicy` (GETINFO exit-policy/*), None
+        without a relay (an authority with ``run_relay = false``)."""
+        return self.relay.exit_policy if self.relay is not None else None
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -341,7 +362,6 @@ def _relay_conf(adapter: _ServerAdapter, cfg) -> dict[str, tuple[str, Callable[[
         "DataDirectory": ("Filename", lambda: [str(cfg.data_dir)]),
         "Address": ("String", lambda: [relay.address]),
         "ORPort": ("LineList", lambda: [f"{relay.address}:{relay.port}"]),
-        "ExitRelay": ("Boolean", lambda: ["1" if relay.exit_policy.is_exit else "0"]),
         "ExitPolicy": ("LineList", lambda: relay.exit_policy.lines()),
         "ExitPolicyRejectPrivate": ("Boolean", lambda: ["1" if cfg.exit_reject_private else "0"]),
         "ContactInfo": ("String", lambda: [cfg.contact] if cfg.contact else []),
@@ -359,6 +379,7 @@ def _relay_conf(adapter: _ServerAdapter, cfg) -> dict[str, tuple[str, Callable[[
         "SocksPort": ("LineList", lambda: ["0"]),
         "SafeLogging": ("String", lambda: ["1" if cfg.safe_logging else "0"]),
         "Log": ("LineList", lambda: [f"{cfg.log_level} stdout"]),
+        **UNSET_TOR_CONF,
     }
 
 
@@ -446,6 +467,7 @@ class AuthorityControlAdapter(_ServerAdapter):
                             if self.metrics is not None else []),
             "SafeLogging": ("String", lambda: ["1" if cfg.safe_logging else "0"]),
             "Log": ("LineList", lambda: [f"{cfg.log_level} stdout"]),
+            **UNSET_TOR_CONF,
         }
 
     def set_conf(self, pairs: Sequence[tuple[str, str | None]]) -> None:

@@ -26,8 +26,8 @@ from conftest import http_get
 from onionp2p.client import CircuitEvent, ClientCircuit, OnionClient
 from onionp2p.control import ControlServer
 from onionp2p.controlfmt import (
-    CircEvent, CircuitInfo, ControlError, GuardInfo, OrConnInfo, StatusEvent, StreamInfo, split_args,
-    split_keyword, unquote, version_string,
+    CircEvent, CircuitInfo, ControlError, GuardInfo, OrConnInfo, StatusEvent, StreamInfo, clients_seen_line,
+    exit_policy_lines, split_args, split_keyword, unquote, version_string,
 )
 from onionp2p.controlproto import (
     AuthConfig, Close, CommandReader, ControlSession, Dispatch, LineTooLong, Send, decode_hashed_password,
@@ -35,9 +35,28 @@ from onionp2p.controlproto import (
 )
 from onionp2p.directory import RelayInfo, RouterStatus
 from onionp2p.errors import ConfigError
+from onionp2p.exitpolicy import REJECT_ALL, ExitPolicy
 from onionp2p.log import get_logger
 
 pytestmark = pytest.mark.filterwarnings("ignore:setDaemon.. is deprecated:DeprecationWarning")
+
+# What Debian's nyx asks a client's control port, with the exact replies of a real tor
+# 0.4.9 client (status/clients-seen's TimeStarted: tor writes the start of its bridge
+# statistics, 0 = the epoch on a node that keeps none). tests/test_nyx.py checks that nyx
+# meets no other refusals.
+TOR_CLIENT_REPLIES = {
+    "GETCONF exitrelay": ["250 ExitRelay=auto"],
+    "GETCONF HiddenServiceOptions": ["250 HiddenServiceOptions"],
+    "GETCONF usemicrodescriptors": ["250 UseMicrodescriptors=auto"],
+    # stem's get_exit_policy() asks these when exit-policy/full fails (a client)
+    "GETCONF exitpolicyrejectprivate": ["250 ExitPolicyRejectPrivate=1"],
+    "GETCONF exitpolicy": ["250 ExitPolicy"],
+    "GETINFO status/clients-seen": [
+        '250-status/clients-seen=TimeStarted="1970-01-01 00:00:00" CountrySummary= IPVersions=v4=0,v6=0',
+        "250 OK"],
+    "GETINFO exit-policy/full": ["552 Not running in server mode"],
+    "GETINFO fingerprint": ["551 Not running in server mode"],
+}
 
 # `tor --hash-password "onionp2p test password"` (tor 0.4.9.11): a value made by real tor.
 TOR_PASSWORD = "onionp2p test password"
@@ -611,6 +630,86 @@ async def test_getinfo_directory_and_process_keys(stem, controller, node):
     assert await call(ctl.get_accounting_stats, None) is None
 
 
+@pytest.fixture
+async def client_control(tmp_path):
+    """The control port of the real client node (onionp2p.node.ClientNode through
+    ClientControlAdapter, as `onionp2p client` and the testnet client serve it; the node is
+    not started): (server, cookie path)."""
+    from onionp2p.config import ClientConfig
+    from onionp2p.node import ClientNode as RealClientNode
+    from onionp2p.nodecontrol import ClientControlAdapter
+
+    real = RealClientNode(ClientConfig(data_dir=tmp_path / "client"), routers=lambda: [])
+    srv = ControlServer(ClientControlAdapter(real), cookie_path=tmp_path / "client_cookie")
+    await srv.start()
+    yield srv, tmp_path / "client_cookie"
+    await srv.stop()
+
+
+async def test_client_answers_nyx_queries_as_tor(stem, client_control):
+    srv, cookie = client_control
+    raw = await Raw.open(srv.port)
+    await raw.auth_cookie(cookie.read_bytes())
+    for command, expected in TOR_CLIENT_REPLIES.items():
+        assert await raw.command(command) == expected, command
+    assert await raw.command("GETCONF ExitRelay UseMicrodescriptors HiddenServiceOptions") == [
+        "250-ExitRelay=auto", "250-UseMicrodescriptors=auto", "250 HiddenServiceOptions"]
+    for flavour in ("ipv4", "ipv6"):
+        assert await raw.command(f"GETINFO exit-policy/{flavour}") == ["552 Not running in server mode"]
+    assert await raw.command("GETINFO exit-policy/default") == [
+        "250-exit-policy/default=reject *:*", "250 OK"]
+    assert await raw.command("SETCONF ExitRelay=1") == [
+        "553 Unable to set option: ExitRelay cannot be changed while running"]
+    names = await raw.command("GETINFO config/names")
+    assert {"ExitRelay Boolean+Auto", "UseMicrodescriptors Boolean+Auto",
+            "HiddenServiceOptions Virtual"} <= set(names)
+    info_names = await raw.command("GETINFO info/names")
+    assert {"exit-policy/full", "exit-policy/default", "status/clients-seen"} <= {
+        ln.split(" ")[0] for ln in info_names}
+    await raw.close()
+
+    from stem.control import Controller
+
+    def with_stem():
+        with Controller.from_port(port=srv.port) as ctl:
+            ctl.authenticate()
+            return (ctl.get_conf("ExitRelay"), ctl.get_conf("UseMicrodescriptors"),
+                    ctl.get_hidden_service_conf(), ctl.get_info("status/clients-seen"), ctl.get_exit_policy())
+
+    exit_relay, micro, hidden, seen, policy = await call(with_stem)
+    assert (exit_relay, micro, dict(hidden)) == ("auto", "auto", {})
+    assert seen == clients_seen_line()
+    # stem's fallback for a non-relay (as nyx calls it): "reject private:*, reject *:*"
+    assert not policy.is_exiting_allowed() and str(policy).endswith("reject *:*")
+
+
+def test_exit_policy_lines_as_tor_writes_them():
+    import stem.exit_policy
+
+    policy = ExitPolicy.parse(["reject 10.0.0.0/8:*", "accept *4:80", "accept6 [2001:db8::]/32:443",
+                               "accept *6:22", "reject 198.51.100.0/24:*", "accept 192.0.2.7:8000-8080",
+                               "accept *:53", "reject *:*"], reject_private=False)
+    full = ["reject 10.0.0.0/8:*", "accept *4:80", "accept6 [2001:db8::]/32:443", "accept6 *:22",
+            "reject 198.51.100.0/24:*", "accept 192.0.2.7:8000-8080", "accept *:53", "reject *:*"]
+    assert exit_policy_lines(policy.rules) == full
+    assert exit_policy_lines(policy.rules, 4) == [ln for ln in full if "6 " not in ln]
+    assert exit_policy_lines(policy.rules, 6) == [
+        "accept6 [2001:db8::]/32:443", "accept6 *:22", "accept *:53", "reject *:*"]
+    assert ExitPolicy.parse(full, reject_private=False) == policy  # our parser reads it back
+    assert exit_policy_lines(REJECT_ALL.rules) == ["reject *:*"]  # a non-exit relay, as tor says
+    private = exit_policy_lines(ExitPolicy.parse("accept *:*").rules)
+    assert private[:2] == ["reject 0.0.0.0/8:*", "reject 169.254.0.0/16:*"]
+    assert "reject6 [fc00::]/7:*" in private and private[-1] == "accept *:*"
+    # stem (what nyx uses) reads the lines as the policy we enforce
+    theirs = stem.exit_policy.ExitPolicy(*full)
+    for address in ("10.1.2.3", "192.0.2.7", "198.51.100.9", "203.0.113.5", "2001:db8::1", "2001:db9::1"):
+        for port in (22, 53, 80, 443, 8000, 8081):
+            assert theirs.can_exit_to(address, port) == policy.allows(address, port), (address, port)
+    assert clients_seen_line() == 'TimeStarted="1970-01-01 00:00:00" CountrySummary= IPVersions=v4=0,v6=0'
+    assert clients_seen_line(365 * 86400, [("de", 16), ("us", 8)], 24, 8) == (
+        'TimeStarted="1971-01-01 00:00:00" CountrySummary=de=16,us=8 IPVersions=v4=24,v6=8')
+
+
 async def test_status_and_log_events(stem, controller, node):
     import logging
 
@@ -711,6 +810,7 @@ async def test_error_codes_raw_socket(make_server, tmp_path, node):
         "PROTOCOLINFO x": '513 No such version "x"',
         "MAPADDRESS a=b": "511 MAPADDRESS is not implemented by onionp2p",
         "GETINFO bad\rkey": '552 Unrecognized key "bad\\x0dkey"',
+        "GETINFO exit-policy/full": "552 Not running in server mode",  # a node without exit_policy()
     }
     for command, expected in cases.items():
         assert await raw.command(command) == [expected], command

@@ -214,6 +214,69 @@ async def test_relay_control_port_with_stem(nodes, http_server):
         assert p.stop() == 0
 
 
+def raw_reply(controller, command: str) -> list[str]:
+    """The exact reply lines (data blocks included) tor's control port would send."""
+    return controller.msg(command).raw_content().split("\r\n")[:-1]
+
+
+# What a real tor 0.4.9 answers these, as a relay or a client (tests/test_control.py's
+# TOR_CLIENT_REPLIES): onionp2p has no setting for these options (unset: "auto", empty),
+# runs no bridge statistics, so its clients-seen line is tor's empty one.
+TOR_UNSET_REPLIES = {
+    "GETCONF exitrelay": ["250 ExitRelay=auto"],
+    "GETCONF HiddenServiceOptions": ["250 HiddenServiceOptions"],
+    "GETCONF usemicrodescriptors": ["250 UseMicrodescriptors=auto"],
+    "GETINFO status/clients-seen": [
+        '250-status/clients-seen=TimeStarted="1970-01-01 00:00:00" CountrySummary= IPVersions=v4=0,v6=0',
+        "250 OK"],
+    "GETINFO exit-policy/default": ["250-exit-policy/default=reject *:*", "250 OK"],
+}
+PRIVATE_REJECTS = ["reject 0.0.0.0/8:*", "reject 169.254.0.0/16:*", "reject 127.0.0.0/8:*",
+                   "reject 192.168.0.0/16:*", "reject 10.0.0.0/8:*", "reject 172.16.0.0/12:*"]
+PRIVATE6_REJECTS = ["reject6 [::]/8:*", "reject6 [fc00::]/7:*", "reject6 [fe80::]/10:*",
+                    "reject6 [fec0::]/10:*", "reject6 [ff00::]/8:*"]  # [::]/127 is inside [::]/8
+
+
+async def test_relay_exit_policy_and_nyx_queries(nodes):
+    rules = ["accept *4:80", "accept6 [2001:db8::]/32:443", "accept 192.0.2.7:8000-8080", "reject *:*"]
+    exit_ = nodes("policyexit", control_port=0, exit_reject_private=True, exit_policy=rules)
+    plain = nodes("nonexit", control_port=0)  # default exit policy: reject *:*
+    infos = [exit_.info(), plain.info()]
+    exit_ctl = await asyncio.to_thread(stem_controller, exit_.control_port)
+    plain_ctl = await asyncio.to_thread(stem_controller, plain.control_port)
+    try:
+        for ctl in (exit_ctl, plain_ctl):
+            for command, expected in TOR_UNSET_REPLIES.items():
+                assert await asyncio.to_thread(raw_reply, ctl, command) == expected, command
+        # the policy the relay enforces (the private rejects first), one rule per line as tor writes it
+        assert await asyncio.to_thread(raw_reply, exit_ctl, "GETINFO exit-policy/full") == [
+            "250+exit-policy/full=", *PRIVATE_REJECTS, *PRIVATE6_REJECTS, *rules, ".", "250 OK"]
+        assert await asyncio.to_thread(raw_reply, exit_ctl, "GETINFO exit-policy/ipv4") == [
+            "250+exit-policy/ipv4=", *PRIVATE_REJECTS, "accept *4:80", "accept 192.0.2.7:8000-8080",
+            "reject *:*", ".", "250 OK"]
+        assert await asyncio.to_thread(raw_reply, exit_ctl, "GETINFO exit-policy/ipv6") == [
+            "250+exit-policy/ipv6=", *PRIVATE6_REJECTS, "accept6 [2001:db8::]/32:443", "reject *:*",
+            ".", "250 OK"]
+        assert await asyncio.to_thread(raw_reply, plain_ctl, "GETINFO exit-policy/full") == [
+            "250-exit-policy/full=reject *:*", "250 OK"]
+        # stem (nyx's header and connection pages) reads the policy from exit-policy/full
+        policy = await asyncio.to_thread(exit_ctl.get_exit_policy)
+        assert policy.is_exiting_allowed()
+        probes = [("203.0.113.9", 80), ("10.0.0.1", 80), ("203.0.113.9", 443), ("2001:db8::5", 443),
+                  ("2001:db8::5", 80), ("192.0.2.7", 8080), ("192.0.2.8", 8080)]
+        assert [policy.can_exit_to(a, p) for a, p in probes] == [True, False, False, True, False, True, False]
+        assert not (await asyncio.to_thread(plain_ctl.get_exit_policy)).is_exiting_allowed()
+        assert await asyncio.to_thread(raw_reply, exit_ctl, "GETINFO fingerprint") == [
+            f"250-fingerprint={infos[0].fingerprint}", "250 OK"]
+        assert await asyncio.to_thread(raw_reply, exit_ctl, "GETCONF ExitRelay ExitPolicyRejectPrivate") == [
+            "250-ExitRelay=auto", "250 ExitPolicyRejectPrivate=1"]
+    finally:
+        await close_controller(exit_ctl)
+        await close_controller(plain_ctl)
+    for p in (exit_, plain):
+        assert p.stop() == 0
+
+
 async def test_relay_reload_applies_live_keys(nodes):
     relay = nodes("reloader", control_port=0, bandwidth_rate=1_000_000)
     relay.info()
@@ -281,6 +344,10 @@ async def test_authority_control_and_metrics_ports(nodes, tmp_path):
         assert await asyncio.to_thread(controller.get_conf, "V3AuthVotingInterval") == "2"
         with pytest.raises(ControllerError):  # run_relay = false: not a relay itself
             await asyncio.to_thread(controller.get_info, "fingerprint")
+        assert await asyncio.to_thread(raw_reply, controller, "GETINFO exit-policy/full") == [
+            "552 Not running in server mode"]  # tor's answer when it is not a relay
+        for command, expected in TOR_UNSET_REPLIES.items():
+            assert await asyncio.to_thread(raw_reply, controller, command) == expected, command
         # the relay caches the consensus: its control port answers ns/* from it
         entry = await until(lambda: relay_ctl.get_network_status(info.fingerprint, None), "relay's cached consensus")
         assert entry.nickname == "pub" and "Running" in entry.flags
