@@ -44,12 +44,14 @@ class RunningTestnet:
         self.out = open(data_dir.parent / f"{data_dir.name}.out", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "onionp2p", "testnet", "--socks-port", "auto", "--control-port", "auto",
-             "--data-dir", str(data_dir), "--voting-interval", "4"],
+             "--metrics-port", "auto", "--data-dir", str(data_dir), "--voting-interval", "4"],
             stdout=self.out, stderr=subprocess.STDOUT)
-        self.socks = self.control = 0
+        self.socks = self.control = self.metrics = 0
         end = time.time() + 150
-        while time.time() < end and not (self.socks and self.control):
+        while time.time() < end and not (self.socks and self.control and self.metrics):
             text = Path(self.out.name).read_text()
+            if m := re.search(r"Metrics port at http://127\.0\.0\.1:(\d+)/metrics", text):
+                self.metrics = int(m.group(1))
             if m := re.search(r"SOCKS5 proxy ready at 127\.0\.0\.1:(\d+)", text):
                 self.socks = int(m.group(1))
             if m := re.search(r"Control port at 127\.0\.0\.1:(\d+)", text):
@@ -95,6 +97,30 @@ def test_curl_socks5_hostname_page_and_20mb(testnet, www):
              timeout=120)
     assert p.returncode == 0, p.stderr
     assert hashlib.sha256(p.stdout).hexdigest() == www["sha"]
+
+
+def test_metrics_port_counts_the_traffic(testnet, www):
+    """`--metrics-port`: Prometheus text that prometheus_client parses, counting real bytes."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[tuple[str, tuple], float]:
+        p = curl(f"http://127.0.0.1:{testnet.metrics}/metrics")
+        assert p.returncode == 0, p.stderr
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(p.stdout.decode()) for s in fam.samples}
+
+    def data_bytes(samples) -> float:
+        return sum(v for (name, _labels), v in samples.items() if name == "onionp2p_circuit_data_bytes_total")
+
+    before = scrape()
+    p = curl("--socks5-hostname", f"127.0.0.1:{testnet.socks}", f"http://localhost:{www['port']}/big.bin",
+             timeout=120)
+    assert p.returncode == 0, p.stderr
+    after = scrape()
+    assert data_bytes(after) - data_bytes(before) >= 20_000_000
+    assert after[("onionp2p_bootstrap_progress", ())] == 100
+    assert sum(v for (name, labels), v in after.items()
+               if name == "onionp2p_circuit_builds_total" and ("result", "ok") in labels) >= 1
 
 
 @pytest.mark.parametrize("flag", ["--socks5", "--socks4", "--socks4a"])
