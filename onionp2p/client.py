@@ -51,6 +51,7 @@ from .errors import DigestMismatch, LocalProtocolError, OnionError, ProtocolErro
 from .flowctl import DeliverWindow, PackageWindow
 from .handshake import HTYPE_NTOR, NtorClient
 from .link import PeerIdentity
+from .listeners import Listeners
 from .relaycell import (
     RELAY_DATA_MAX, RELAY_HEADER_LEN, Begin, Connected, End, EndReason, Extend2, Extended2, LinkSpec,
     RelayCommand, Resolve, Resolved,
@@ -594,23 +595,19 @@ class OnionClient:
         self.handshake_timeout = handshake_timeout
         self._connecting: dict[bytes, asyncio.Task] = {}
         self._retired: set[Channel] = set()  # out of ``channels``, open until their circuits end
-        self._listeners: list[Callable[[CircuitEvent], None]] = []
-        self._channel_listeners: list[Callable[[str, Channel], None]] = []
+        self._listeners = Listeners("circuit event")
+        self._channel_listeners = Listeners("channel")
         self.closed_bytes_read = 0
         self.closed_bytes_written = 0
 
     def add_listener(self, fn: Callable[[CircuitEvent], None]) -> None:
-        self._listeners.append(fn)
+        self._listeners.add(fn)
 
     def remove_listener(self, fn: Callable[[CircuitEvent], None]) -> None:
         self._listeners.remove(fn)
 
     def _emit(self, event: CircuitEvent) -> None:
-        for fn in list(self._listeners):
-            try:
-                fn(event)
-            except Exception:  # a broken observer must not break circuits
-                log.exception("circuit event listener failed")
+        self._listeners(event)
 
     async def channel_to(self, relay: RelayInfo) -> Channel:
         chan = self.channels.get(relay.rsa_id)
@@ -717,18 +714,13 @@ class OnionClient:
 
     def add_channel_listener(self, fn: Callable[[str, Channel], None]) -> None:
         """Call ``fn(kind, chan)`` when a channel opens ("connected") or closes ("closed")."""
-        self._channel_listeners.append(fn)
+        self._channel_listeners.add(fn)
 
     def remove_channel_listener(self, fn: Callable[[str, Channel], None]) -> None:
-        if fn in self._channel_listeners:
-            self._channel_listeners.remove(fn)
+        self._channel_listeners.remove(fn)
 
     def _emit_channel(self, kind: str, chan: Channel) -> None:
-        for fn in list(self._channel_listeners):
-            try:
-                fn(kind, chan)
-            except Exception:
-                log.exception("channel listener failed")
+        self._channel_listeners(kind, chan)
 
     def traffic(self) -> tuple[int, int]:
         """Bytes (read, written) on all OR channels since start."""

@@ -31,7 +31,7 @@ import errno
 import ipaddress
 import socket
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .log import get_logger
 

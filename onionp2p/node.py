@@ -35,6 +35,7 @@ from .client import CircuitError, OnionClient, StreamError
 from .config import ClientConfig
 from .directory import RouterStatus
 from .guards import GuardSet
+from .listeners import Listeners
 from .log import get_logger
 from .relaycell import EndReason
 
@@ -93,7 +94,7 @@ class ClientNode:
         self.control = None
         self.metrics = None
         self._collector = None
-        self._listeners: list[Callable[[object], None]] = []
+        self._listeners = Listeners("node event")
         self._tasks: set[asyncio.Task] = set()
         self.shutdown_requested = asyncio.Event()
 
@@ -186,18 +187,13 @@ class ClientNode:
     # -- events -------------------------------------------------------------------------------------
 
     def add_listener(self, fn: Callable[[object], None]) -> None:
-        self._listeners.append(fn)
+        self._listeners.add(fn)
 
     def remove_listener(self, fn: Callable[[object], None]) -> None:
-        if fn in self._listeners:
-            self._listeners.remove(fn)
+        self._listeners.remove(fn)
 
     def _emit(self, event: object) -> None:
-        for fn in list(self._listeners):
-            try:
-                fn(event)
-            except Exception:  # a broken listener must not break the node
-                log.exception("node event listener failed")
+        self._listeners(event)
 
     def _stream_status(self, rec: StreamRecord, status: str, reason: str | None = None) -> None:
         rec.status = status

@@ -21,6 +21,7 @@ from .controlfmt import (
 )
 from .directory import RouterStatus
 from .errors import ConfigError, OnionError
+from .listeners import Listeners
 from .log import get_logger
 from .pathsel import choose_path
 
@@ -39,7 +40,7 @@ class ClientControlAdapter:
 
     def __init__(self, node):
         self.node = node
-        self._fns: list[Callable[[ControlEvent], None]] = []
+        self._fns = Listeners("control event")
         self._circ_status: dict[int, str] = {}
         self._conf = {
             "SocksPort": ("Port", lambda: [str(self.node.socks_port)], None),
@@ -202,15 +203,13 @@ class ClientControlAdapter:
     # -- events ---------------------------------------------------------------------------------------
 
     def add_listener(self, fn: Callable[[ControlEvent], None]) -> None:
-        self._fns.append(fn)
+        self._fns.add(fn)
 
     def remove_listener(self, fn: Callable[[ControlEvent], None]) -> None:
-        if fn in self._fns:
-            self._fns.remove(fn)
+        self._fns.remove(fn)
 
     def _send(self, event: ControlEvent) -> None:
-        for fn in list(self._fns):
-            fn(event)
+        self._fns(event)
 
     def _on_circuit(self, ev: CircuitEvent) -> None:
         circ = self.node.client.circuits.get(ev.circuit_id)

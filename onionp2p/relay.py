@@ -58,6 +58,7 @@ from .exitpolicy import ExitPolicy
 from .handshake import HTYPE_NTOR, ntor_server
 from .keys import RelayKeys
 from .link import PeerIdentity
+from .listeners import Listeners
 from .ratelimit import TokenBucket
 from .relaycrypto import RelayCrypto
 
@@ -131,7 +132,7 @@ class Relay:
                       "closed_bytes_in": 0, "closed_bytes_out": 0}
         #: circuits torn down here, by DESTROY reason name (DESTROYED: a neighbour sent DESTROY)
         self.destroy_reasons: Counter[str] = Counter()
-        self._channel_listeners: list[Callable[[str, Channel], None]] = []
+        self._channel_listeners = Listeners("channel")
         self._connecting: dict[bytes, asyncio.Task] = {}
         self._server: asyncio.base_events.Server | None = None
         self._rotate_task: asyncio.Task | None = None
@@ -240,18 +241,13 @@ class Relay:
     def add_channel_listener(self, fn: Callable[[str, Channel], None]) -> None:
         """``fn(kind, chan)`` with kind "connected" (link handshake done), "closed" (an open
         channel went away) or "failed" (closed during its handshake)."""
-        self._channel_listeners.append(fn)
+        self._channel_listeners.add(fn)
 
     def remove_channel_listener(self, fn: Callable[[str, Channel], None]) -> None:
-        if fn in self._channel_listeners:
-            self._channel_listeners.remove(fn)
+        self._channel_listeners.remove(fn)
 
     def _emit_channel(self, kind: str, chan: Channel) -> None:
-        for fn in list(self._channel_listeners):
-            try:
-                fn(kind, chan)
-            except Exception:  # a broken listener must not break the relay
-                self._log.exception("channel listener failed")
+        self._channel_listeners(kind, chan)
 
     def traffic(self) -> tuple[int, int]:
         """Bytes (read, written) on OR connections since start, closed ones included."""

@@ -45,6 +45,7 @@ from .controlfmt import (
 )
 from .directory import RouterStatus
 from .errors import ConfigError
+from .listeners import Listeners
 from .log import get_logger
 from .ratelimit import TokenBucket
 
@@ -133,7 +134,7 @@ class _ServerAdapter:
         self._shutdown = shutdown
         self.metrics = metrics  # a MetricsServer (for net/listeners/metrics), set by the caller
         self._started_at = time.time()
-        self._fns: list[Callable[[ControlEvent], None]] = []
+        self._fns = Listeners("control event")
         self._nicks: tuple[object, dict[str, str]] = (None, {})
         self._endpoints: dict[int, str] = {}  # channel id -> "host:port" of peers without identity
         self._conf: dict[str, tuple[str, Callable[[], list[str]]]] = {}
@@ -294,15 +295,13 @@ class _ServerAdapter:
     # -- events ---------------------------------------------------------------------------------
 
     def add_listener(self, fn: Callable[[ControlEvent], None]) -> None:
-        self._fns.append(fn)
+        self._fns.add(fn)
 
     def remove_listener(self, fn: Callable[[ControlEvent], None]) -> None:
-        if fn in self._fns:
-            self._fns.remove(fn)
+        self._fns.remove(fn)
 
     def _send(self, event: ControlEvent) -> None:
-        for fn in list(self._fns):
-            fn(event)
+        self._fns(event)
 
     def _on_channel(self, kind: str, chan) -> None:
         status, reason = _ORCONN_STATUS.get(kind, ("CLOSED", "DONE"))

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import ssl
 
 import pytest
 
 from conftest import blob, http_get, sha256
 from onionp2p import tls
-from onionp2p.cells import CellCommand, Create2, Destroy, DestroyReason, encode_fixed
+from onionp2p.cells import CellCommand, Create2, Destroy, DestroyReason
 from onionp2p.client import CircuitError, OnionClient, StreamError
 from onionp2p.directory import RelayInfo
 from onionp2p.exitpolicy import ExitPolicy
