@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import socket
 import struct
 import time
 from collections import deque
@@ -60,6 +61,11 @@ log = get_logger("onionp2p.channel")
 DEFAULT_MAX_QUEUE_CELLS = 2500  # like tor's circ_max_cell_queue_size
 #: Seconds a closing channel may take to flush (and finish TLS) before its transport is aborted.
 CLOSE_TIMEOUT = 5.0
+#: Seconds after which an idle link is probed (TCP keepalive) and after which data or
+#: probes left unacknowledged make the kernel drop it (TCP_USER_TIMEOUT, Linux): a peer
+#: cut off the network (a half-open link) is noticed within about twice this, not after
+#: TCP's default ~15 minutes of retransmissions or never. None or 0: kernel defaults.
+DEFAULT_TCP_USER_TIMEOUT = 60.0
 _COALESCE_LIMIT = 256 * 1024
 _ids = itertools.count(1)
 _HDR4 = struct.Struct(">IB")
@@ -91,6 +97,7 @@ class Channel(asyncio.Protocol):
         handshake_timeout: float = 30.0,
         max_queue_cells: int = DEFAULT_MAX_QUEUE_CELLS,
         close_timeout: float = CLOSE_TIMEOUT,
+        tcp_user_timeout: float | None = DEFAULT_TCP_USER_TIMEOUT,
     ):
         self.id = next(_ids)
         self.owner = owner
@@ -102,6 +109,7 @@ class Channel(asyncio.Protocol):
         self.handshake_timeout = handshake_timeout
         self.max_queue_cells = max_queue_cells
         self.close_timeout = close_timeout
+        self.tcp_user_timeout = tcp_user_timeout
         #: no new circuits on this channel (its peer stopped answering); set by the owner
         self.bad_for_new_circs = False
         self.circuits: dict[int, Any] = {}
@@ -142,6 +150,7 @@ class Channel(asyncio.Protocol):
             self.closed = True
             transport.abort()
             return
+        self._set_tcp_liveness(transport)
         self._timeout_handle = self._loop.call_later(self.handshake_timeout, self._handshake_timed_out)
         try:
             sslobj = transport.get_extra_info("ssl_object")
@@ -251,6 +260,26 @@ class Channel(asyncio.Protocol):
             self.owner.unknown_cell(self, Cell(circ_id, cmd, payload))
         if pos < n:
             self._rest = data[pos:]
+
+    def _set_tcp_liveness(self, transport: asyncio.BaseTransport) -> None:
+        """A peer that vanishes without a FIN (cut off, powered off) must not leave a
+        half-open link behind: TCP keepalive probes an idle link after ``tcp_user_timeout``
+        seconds, and TCP_USER_TIMEOUT drops it once sent data or probes have gone
+        unacknowledged that long (Linux; elsewhere only the kernel's defaults apply)."""
+        sock = transport.get_extra_info("socket")
+        timeout = self.tcp_user_timeout
+        if not timeout or sock is None:
+            return
+        opts = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+        for name, value in (("TCP_KEEPIDLE", timeout), ("TCP_KEEPINTVL", max(timeout / 4, 1)),
+                            ("TCP_USER_TIMEOUT", timeout * 1000)):
+            if hasattr(socket, name):
+                opts.append((socket.IPPROTO_TCP, getattr(socket, name), max(int(value), 1)))
+        try:
+            for level, name, value in opts:
+                sock.setsockopt(level, name, value)
+        except OSError as exc:  # not a TCP socket
+            self._log.debug("TCP keepalive/user timeout not set", error=str(exc))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True

@@ -84,7 +84,7 @@ async def run_relay(cfg: RelayConfig, *, shutdown_timeout: float = 5.0, config_f
         bandwidth_rate=cfg.bandwidth_rate, bandwidth_burst=cfg.effective_bandwidth_burst,
         directory=relay_directory(cfg),
         max_queue_cells=cfg.max_queue_cells, max_mem_in_queues=cfg.max_mem_in_queues,
-        handshake_timeout=cfg.handshake_timeout,
+        handshake_timeout=cfg.handshake_timeout, tcp_user_timeout=cfg.tcp_user_timeout,
         dos_max_concurrent_connections=cfg.dos_max_concurrent_connections,
         dos_circuit_creation_rate=cfg.dos_circuit_creation_rate,
         dos_circuit_creation_burst=cfg.dos_circuit_creation_burst,

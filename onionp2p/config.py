@@ -329,6 +329,7 @@ class RelayConfig:
     dos_circuit_creation_rate: float = 3  #: CREATE2/s per client address (DoSCircuitCreationRate); 0 = off
     dos_circuit_creation_burst: int = 90  #: (DoSCircuitCreationBurst); 0 = off
     handshake_timeout: int = 30  #: seconds for TLS + link handshake (cannot be turned off)
+    tcp_user_timeout: int = 60  #: seconds sent data may stay unacknowledged on an OR connection (Linux); 0 = kernel default
     onion_key_lifetime_days: int = 28
     extend_allow_private: bool = False  #: allow EXTEND2 to private/loopback addresses (testnets)
     authorities: tuple[str, ...] = ()  #: directory authorities to publish to / fetch from
@@ -363,6 +364,7 @@ class RelayConfig:
             "dos_circuit_creation_rate": _number_range(0, 1e6),
             "dos_circuit_creation_burst": _int_range(0, 2**31 - 1),
             "handshake_timeout": _int_range(1, 600),
+            "tcp_user_timeout": _int_range(0, 3600),
             "onion_key_lifetime_days": _int_range(1, 90),
             "extend_allow_private": _bool,
             "authorities": _authority_list,

@@ -48,7 +48,7 @@ from .log import get_logger
 
 from . import tls
 from .cells import Cell, CellCommand, Create2, Created2, Destroy, DestroyReason
-from .channel import Channel
+from .channel import DEFAULT_TCP_USER_TIMEOUT, Channel
 from .circuit import OrCircuit
 from .directory import RelayInfo
 from .dos import CELL_MEMORY, DosGuard, DosLimits, oom_victims
@@ -99,6 +99,7 @@ class Relay:
         dos_circuit_creation_rate: float = 3.0,
         dos_circuit_creation_burst: int = 90,
         max_mem_in_queues: int = 256 * 1024 * 1024,
+        tcp_user_timeout: float | None = DEFAULT_TCP_USER_TIMEOUT,
     ):
         self.keys = keys
         self.nickname = nickname
@@ -118,6 +119,7 @@ class Relay:
             max_mem_in_queues=max_mem_in_queues,
         ))
         self.handshake_timeout = handshake_timeout
+        self.tcp_user_timeout = tcp_user_timeout
         # BandwidthRate/BandwidthBurst: one token bucket for every byte read on OR channels.
         self.read_bucket = (TokenBucket(bandwidth_rate, bandwidth_burst, now=time.monotonic())
                             if bandwidth_rate else None)
@@ -159,7 +161,8 @@ class Relay:
         self._tls_generation = self.keys.tls_generation
         self._server = await loop.create_server(
             lambda: Channel(self, initiator=False, keys=self.keys, my_addresses=(self.address,),
-                            max_queue_cells=self.max_queue_cells, handshake_timeout=self.handshake_timeout),
+                            max_queue_cells=self.max_queue_cells, handshake_timeout=self.handshake_timeout,
+                            tcp_user_timeout=self.tcp_user_timeout),
             self.address, self.port, ssl=self._ssl_ctx, reuse_address=True,
             ssl_handshake_timeout=self.handshake_timeout,
         )
@@ -504,7 +507,8 @@ class Relay:
             _transport, chan = await loop.create_connection(
                 lambda: Channel(self, initiator=True, keys=self.keys, expected=expected, peer_address=host,
                                 my_addresses=(self.address,), max_queue_cells=self.max_queue_cells,
-                                handshake_timeout=self.handshake_timeout),
+                                handshake_timeout=self.handshake_timeout,
+                                tcp_user_timeout=self.tcp_user_timeout),
                 host, port, ssl=tls.client_context(), ssl_handshake_timeout=self.handshake_timeout,
             )
         try:

@@ -437,6 +437,7 @@ def test_relay_dos_defaults_are_tors() -> None:
     assert cfg.max_mem_in_queues == 256 * 1024 * 1024  # MaxMemInQueues
     assert cfg.max_queue_cells == 2500  # circ_max_cell_queue_size
     assert cfg.handshake_timeout == 30
+    assert cfg.tcp_user_timeout == 60
 
 
 def test_relay_dos_keys_from_file(tmp_path: Path) -> None:
@@ -447,10 +448,12 @@ dos_circuit_creation_burst = 12
 max_mem_in_queues = 1048576
 max_queue_cells = 300
 handshake_timeout = 5
+tcp_user_timeout = 0
 """))
     assert cfg.dos_max_concurrent_connections == 8
     assert (cfg.dos_circuit_creation_rate, cfg.dos_circuit_creation_burst) == (0.5, 12)
     assert (cfg.max_mem_in_queues, cfg.max_queue_cells, cfg.handshake_timeout) == (1048576, 300, 5)
+    assert cfg.tcp_user_timeout == 0
 
 
 def test_relay_dos_limits_can_be_turned_off() -> None:
@@ -481,6 +484,8 @@ def test_relay_dos_limits_can_be_turned_off() -> None:
         ({"handshake_timeout": 0}, "handshake_timeout", "out of range"),
         ({"handshake_timeout": 601}, "handshake_timeout", "out of range"),
         ({"handshake_timeout": 2.5}, "handshake_timeout", "expected an integer"),
+        ({"tcp_user_timeout": -1}, "tcp_user_timeout", "out of range"),
+        ({"tcp_user_timeout": 3601}, "tcp_user_timeout", "out of range"),
     ],
 )
 def test_relay_dos_validation_errors(data: dict, key: str, needle: str) -> None:

@@ -828,3 +828,29 @@ async def _bandwidth(http_server, x) -> None:
     finally:
         await heavy.close()
         await light.close()
+
+
+async def test_or_connections_probe_and_drop_silent_peers(tmp_path):
+    """Both ends of a link set TCP keepalive and TCP_USER_TIMEOUT (the relay's
+    ``tcp_user_timeout``, the client's default), so that a peer cut off without a FIN is
+    dropped by the kernel (tests/test_netns.py cuts one for real)."""
+    if not hasattr(socket, "TCP_USER_TIMEOUT"):
+        pytest.skip("TCP_USER_TIMEOUT is Linux-only")
+    relay = Relay(RelayKeys.load_or_create(tmp_path / "r"), nickname="r", tcp_user_timeout=7)
+    await relay.start()
+    client = OnionClient()
+    try:
+        circ = await client.build_circuit([relay.info()])
+        (theirs,) = relay.channels
+
+        def opts(chan) -> tuple[int, int, int]:
+            sock = chan._transport.get_extra_info("socket")
+            return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
+
+        assert opts(theirs) == (1, 7, 7000)
+        assert opts(circ.chan) == (1, 60, 60_000)
+    finally:
+        await client.close()
+        await relay.stop()

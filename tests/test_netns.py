@@ -39,8 +39,10 @@ What is asserted
 2. ``test_relay_cut_mid_transfer``: during a paced 40 MB download (1 MB/s), the middle
    relay of the circuit carrying it (found with GETINFO stream-status / circuit-status) is
    cut off by ``ip link set eth0 down`` in its namespace, a silent black hole: the transfer
-   stalls (no byte in 3 s). A new fetch must then succeed, on a circuit that avoids the
-   dead relay (checked on the control port while the fetch runs), within
+   stalls (no byte in 3 s), then ends with an error once the guard's kernel gives up on the
+   link (``tcp_user_timeout``) and the guard destroys the circuit. A new fetch must then
+   succeed, on a circuit that avoids the dead relay (checked on the control port while the
+   fetch runs), within
    ``N * stream_timeout + 15 s`` of the cut, N being the number of the client's circuits
    through the dead relay at the time of the cut (each may cost the next stream one
    ``stream_timeout``, see findings); curl is run again if one SOCKS request fails, like an
@@ -65,19 +67,18 @@ client; the 5 MB fetch takes under 1 s)
 ------------------------------------------------------------------------------------------
 * Fixed: directory refreshes used to go to *random* V2Dir relays, so within a minute the
   client had shown its address to 4-5 of the 6 relays; test 4 failed then.
-* A relay that is cut off silently is noticed by nobody on the path: the guard's channel
-  to it stays open (no keepalive, no ``TCP_USER_TIMEOUT`` on OR connections), so the
-  circuits through it stay BUILT at the client and the stalled stream stays stalled until
-  the application gives up. A *new* stream recovers through the client's
-  ``stream_timeout`` (15 s by default; tor: 10-15 s): BEGIN on the dead circuit gets no
-  answer, that circuit is retired and the next one is tried; and once the authority has
-  dropped the dead relay from the consensus (about 10 s here) and the client holds that
-  consensus, every circuit through the relay is retired at once (``CircuitManager._reap``,
-  like tor's ``circuit_is_acceptable``). Before that change each ready circuit through the
-  dead relay cost a new stream another ``stream_timeout`` (measured: 22 s from the cut to
-  the next successful fetch with one such circuit, 37 s with two, 67 s with four). Relay
-  side, not built: a keepalive or ``TCP_USER_TIMEOUT`` on OR connections would let the
-  guard notice the dead peer and DESTROY the circuits, which the client handles at once.
+* Fixed: a relay cut off silently used to be noticed by nobody on the path (no
+  keepalive on OR connections), so the circuits through it stayed BUILT at the client,
+  the stalled stream stayed stalled until the application gave up, and each ready circuit
+  through the dead relay cost a new stream one ``stream_timeout`` (measured: 22 s from
+  the cut to the next successful fetch with one such circuit, 37 s with two, 67 s with
+  four). Now (a) OR connections use TCP keepalive and TCP_USER_TIMEOUT (relay key
+  ``tcp_user_timeout``, 5 s here, 60 s by default; specs/link.md): the guard's kernel
+  drops the link to the cut middle, the guard DESTROYs the circuits towards the client
+  and the stalled SOCKS stream ends with an error (test 2 asserts it; ~6 s here); and
+  (b) once the consensus no longer lists the relay as Running, every circuit through it
+  is retired (``CircuitManager._reap``, like tor's ``circuit_is_acceptable``). Measured
+  now: the next fetch succeeds ~8 s after the cut.
 """
 
 from __future__ import annotations
@@ -124,6 +125,9 @@ STREAM_TIMEOUT = 15  # the client's default stream_timeout (seconds to wait for 
 # after the cut, each ready circuit through the dead relay may cost one stream_timeout;
 # plus the 5 s the test watches the stall and the 2 s paced fetch itself
 RECOVERY_SLACK = 15
+# relays' tcp_user_timeout (default 60 s): a link whose sent data stays unacknowledged this
+# long is dropped by the kernel, so the guard notices the cut middle and DESTROYs back
+TCP_USER_TIMEOUT = 5
 
 
 def _toml(d: dict) -> str:
@@ -239,7 +243,8 @@ def net(tmp_path_factory):
             (d / "relay.toml").write_text(_toml({
                 "nickname": name, "data_dir": str(d), "or_address": f"{ip}:{OR_PORT}",
                 "exit_policy": [f"accept *:{DEST_PORT}", "reject *:*"] if exit_ else "reject *:*",
-                "exit_reject_private": not exit_, "extend_allow_private": True, "authorities": [line]}))
+                "exit_reject_private": not exit_, "extend_allow_private": True, "authorities": [line],
+                "tcp_user_timeout": TCP_USER_TIMEOUT}))
             procs.append(lab.spawn(name, [*py, "relay", "--config", str(d / "relay.toml")], d / "log.txt"))
         dest_log = tmp / "dest-peers.txt"
         dest_log.touch()
@@ -316,7 +321,12 @@ def test_relay_cut_mid_transfer(net):
     stalled = slow.stat().st_size == size or curl.poll() not in (None, 0)
     assert stalled, "the transfer went on without its middle relay"
     assert slow.stat().st_size < 40_000_000
-    net.lab.stop(curl, signal.SIGKILL)
+    # the guard's kernel gives up on the unacknowledged link to the cut middle, the guard
+    # tears the circuit down towards the client, and the stalled SOCKS stream ends with an
+    # error instead of hanging until the application gives up
+    wait_for(lambda: curl.poll() is not None, TCP_USER_TIMEOUT + 20, "the stalled transfer to end")
+    net.timings["stalled_stream_ended_after_cut"] = time.monotonic() - t_cut
+    assert curl.returncode != 0 and slow.stat().st_size < 40_000_000
 
     # a new fetch works within the bound, through a circuit that avoids the dead relay
     attempts: list[tuple[float, int]] = []
