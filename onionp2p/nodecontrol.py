@@ -35,7 +35,37 @@ _CIRC_STATUS = {"launched": "LAUNCHED", "extended": "EXTENDED", "built": "BUILT"
 _BOOL = {"1": True, "0": False}
 
 
-class ClientControlAdapter:
+class ControlAdapterBase:
+    """What every node's control adapter shares: the table of configuration keys
+    (``self._conf``: tor name -> (tor type, getter, setter or None), matched
+    case-insensitively like tor) and the listeners of control events (``self._fns``)."""
+
+    _conf: dict[str, tuple]
+    _fns: Listeners
+
+    def conf_names(self) -> list[tuple[str, str]]:
+        return [(k, v[0]) for k, v in self._conf.items()]
+
+    def _key(self, key: str) -> str:
+        for k in self._conf:
+            if k.lower() == key.lower():
+                return k
+        raise ConfigError(f'Unrecognized configuration key "{key}"')
+
+    def get_conf(self, key: str) -> list[str]:
+        return self._conf[self._key(key)][1]()
+
+    def add_listener(self, fn: Callable[[ControlEvent], None]) -> None:
+        self._fns.add(fn)
+
+    def remove_listener(self, fn: Callable[[ControlEvent], None]) -> None:
+        self._fns.remove(fn)
+
+    def _send(self, event: ControlEvent) -> None:
+        self._fns(event)
+
+
+class ClientControlAdapter(ControlAdapterBase):
     """ControlledNode for a ClientNode."""
 
     def __init__(self, node):
@@ -109,18 +139,6 @@ class ClientControlAdapter:
         return None
 
     # -- configuration ------------------------------------------------------------------------------
-
-    def conf_names(self) -> list[tuple[str, str]]:
-        return [(k, v[0]) for k, v in self._conf.items()]
-
-    def _key(self, key: str) -> str:
-        for k in self._conf:
-            if k.lower() == key.lower():
-                return k
-        raise ConfigError(f"Unrecognized configuration key \"{key}\"")
-
-    def get_conf(self, key: str) -> list[str]:
-        return self._conf[self._key(key)][1]()
 
     def set_conf(self, pairs: Sequence[tuple[str, str | None]]) -> None:
         plan = []  # parse everything first, then apply: all or nothing
@@ -201,15 +219,6 @@ class ClientControlAdapter:
         return []
 
     # -- events ---------------------------------------------------------------------------------------
-
-    def add_listener(self, fn: Callable[[ControlEvent], None]) -> None:
-        self._fns.add(fn)
-
-    def remove_listener(self, fn: Callable[[ControlEvent], None]) -> None:
-        self._fns.remove(fn)
-
-    def _send(self, event: ControlEvent) -> None:
-        self._fns(event)
 
     def _on_circuit(self, ev: CircuitEvent) -> None:
         circ = self.node.client.circuits.get(ev.circuit_id)

@@ -41,12 +41,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 
 from .controlfmt import (
-    ConfChangedEvent, ControlError, ControlEvent, GuardInfo, OrConnEvent, OrConnInfo, SignalEvent,
+    ConfChangedEvent, ControlError, GuardInfo, OrConnEvent, OrConnInfo, SignalEvent,
 )
 from .directory import RouterStatus
 from .errors import ConfigError
 from .listeners import Listeners
 from .log import get_logger
+from .nodecontrol import ControlAdapterBase
 from .ratelimit import TokenBucket
 
 __all__ = ["RelayControlAdapter", "AuthorityControlAdapter", "relay_status", "UNSET_TOR_CONF"]
@@ -122,7 +123,7 @@ _PARSERS: dict[str, Callable[[str], object]] = {
 }
 
 
-class _ServerAdapter:
+class _ServerAdapter(ControlAdapterBase):
     """What relays and authorities share: the relay part (optional), events, conf plumbing."""
 
     role = "relay"
@@ -170,18 +171,6 @@ class _ServerAdapter:
         return self.relay.exit_policy if self.relay is not None else None
 
     # -- configuration ------------------------------------------------------------------------
-
-    def conf_names(self) -> list[tuple[str, str]]:
-        return [(k, v[0]) for k, v in self._conf.items()]
-
-    def _key(self, key: str) -> str:
-        for k in self._conf:
-            if k.lower() == key.lower():
-                return k
-        raise ConfigError(f'Unrecognized configuration key "{key}"')
-
-    def get_conf(self, key: str) -> list[str]:
-        return self._conf[self._key(key)][1]()
 
     def set_conf(self, pairs: Sequence[tuple[str, str | None]]) -> None:
         changes: dict[str, object] = {}
@@ -293,15 +282,6 @@ class _ServerAdapter:
         return []
 
     # -- events ---------------------------------------------------------------------------------
-
-    def add_listener(self, fn: Callable[[ControlEvent], None]) -> None:
-        self._fns.add(fn)
-
-    def remove_listener(self, fn: Callable[[ControlEvent], None]) -> None:
-        self._fns.remove(fn)
-
-    def _send(self, event: ControlEvent) -> None:
-        self._fns(event)
 
     def _on_channel(self, kind: str, chan) -> None:
         status, reason = _ORCONN_STATUS.get(kind, ("CLOSED", "DONE"))
