@@ -304,7 +304,7 @@ class CircuitManager:
             try:
                 return await circ.resolve(host, timeout=max(min(self.stream_timeout, deadline - loop.time()),
                                                             0.001))
-            except CircuitError as exc:
+            except (CircuitError, StreamError) as exc:  # StreamError: the exit refused it (END)
                 last = exc
             except TimeoutError:
                 last = StreamError("resolve timed out", EndReason.TIMEOUT)

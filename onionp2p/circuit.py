@@ -224,6 +224,8 @@ class OrCircuit:
     def _handle_relay(self, body: bytes, digest: bytes | None, early: bool) -> None:
         cmd, sid, data = unpack_relay(body)
         if cmd == RelayCommand.DATA:
+            if sid == 0:
+                raise ProtocolError("DATA on stream 0")
             self.deliver.on_data_received()
             stream = self.streams.get(sid)
             if stream is not None:

@@ -77,7 +77,7 @@ async def run_relay(cfg: RelayConfig, *, shutdown_timeout: float = 5.0, config_f
                                     onion_key_lifetime=cfg.onion_key_lifetime_days * 86400)
     relay = Relay(
         keys, nickname=cfg.nickname, address=cfg.or_address[0], port=cfg.or_address[1],
-        exit_policy=cfg.exit_policy, data_dir=cfg.data_dir,
+        exit_policy=cfg.exit_policy, exit_reject_private=cfg.exit_reject_private, data_dir=cfg.data_dir,
         max_circuits_per_channel=cfg.max_circuits_per_channel,
         max_streams_per_circuit=cfg.max_streams_per_circuit,
         extend_allow_private=cfg.extend_allow_private,

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -58,13 +59,18 @@ from .relaycell import (
     Sendme, Truncated, pack_relay, unpack_relay,
 )
 from .relaycrypto import ClientCrypto
-from .stream import EdgeStream, StreamState, handle_sendme
+from .stream import EdgeStream, StreamState
 
 _CELL = 514
 _RELAY_HDR = struct.Struct(">BHH4sH")  # relaycell's relay header: cmd, recognized, stream, digest, length
 _RELAY_EARLY = int(CellCommand.RELAY_EARLY)
 _DATA = int(RelayCommand.DATA)
 _SENDME = int(RelayCommand.SENDME)
+_EXTEND2 = int(RelayCommand.EXTEND2)
+#: Relay commands that belong to a stream: never valid on stream 0 (tor-spec §6.1).
+_STREAM_COMMANDS = frozenset(int(c) for c in (
+    RelayCommand.BEGIN, RelayCommand.DATA, RelayCommand.END, RelayCommand.CONNECTED,
+    RelayCommand.RESOLVE, RelayCommand.RESOLVED, RelayCommand.BEGIN_DIR))
 
 __all__ = ["OnionClient", "ClientCircuit", "CircuitEvent", "CircuitError", "StreamError", "StreamTransport"]
 
@@ -250,16 +256,23 @@ class ClientCircuit:
         self.state = "launched"
         self.created_at = time.time()
         self.streams: dict[int, EdgeStream] = {}
-        self.package = PackageWindow.circuit()
-        self.deliver = DeliverWindow.circuit()
+        # Circuit-level windows per hop, like tor's per-cpath-layer windows: a SENDME
+        # credits the window of the hop that sent it, DATA counts against its sender's.
+        self.packages: list[PackageWindow] = []
+        self.delivers: list[DeliverWindow] = []
+        #: relay cells dropped because a hop sent what it may not (wrong hop, stream 0 ...)
+        self.violations = 0
         self.bytes_sent = 0
         self.bytes_received = 0
         self.close_reason: str | None = None
         self.isolation: object = None
         self._early_left = MAX_RELAY_EARLY
         self._pending: asyncio.Future | None = None
-        self._resolves: dict[int, asyncio.Future] = {}
-        self._next_sid = 1
+        self._resolves: dict[int, tuple[int, asyncio.Future]] = {}  # stream ID -> (hop, answer)
+        # streams we closed (END sent, RESOLVE given up) -> their hop, until the far edge's
+        # END/RESOLVED arrives: what it still sends for them is no violation
+        self._half_closed: dict[int, int] = {}
+        self._next_sid = secrets.randbelow(1 << 16)  # tor: crypto_rand_int(1<<16)
         self._sinks: list[StreamTransport] = []  # streams with data pending in this run
         self._urgent = False  # a SENDME was queued on the channel during this run
         self.log = log.bind(circ=self.id)
@@ -271,6 +284,31 @@ class ClientCircuit:
         self.client._emit(CircuitEvent(kind, self.id, tuple(h.nickname for h in self.hops), reason,
                                        self.bytes_sent, self.bytes_received))
 
+    def _add_hop(self, key_material: bytes) -> None:
+        """A hop answered CREATED2/EXTENDED2: its crypto layer and its circuit windows."""
+        self.crypto.add_hop(key_material)
+        self.packages.append(PackageWindow.circuit())
+        self.delivers.append(DeliverWindow.circuit())
+
+    @property
+    def package(self) -> PackageWindow:
+        """The last hop's circuit package window (where streams send their DATA)."""
+        return self.packages[-1]
+
+    @property
+    def deliver(self) -> DeliverWindow:
+        """The last hop's circuit deliver window."""
+        return self.delivers[-1]
+
+    def _violation(self, message: str, hop: int, cmd: int, sid: int) -> None:
+        """A hop sent a cell it may not send: drop it and say so (tor-spec §6; tor drops
+        such cells as "dropped, unknown stream"). The application never sees it."""
+        self.violations += 1
+        # the first one per circuit loudly; a hop that floods them must not flood the log
+        (self.log.warning if self.violations == 1 else self.log.debug)(
+            "protocol violation: relay cell dropped", reason=message, from_hop=hop,
+            relay_cmd=_cmd_name(cmd), stream_id=sid, violations=self.violations)
+
     async def _build(self, timeout: float) -> None:
         self._event("launched")
         try:
@@ -280,7 +318,7 @@ class ClientCircuit:
                 self._pending = asyncio.get_running_loop().create_future()
                 self.chan.send_cell(self.circ_id, CellCommand.CREATE2, Create2(HTYPE_NTOR, hs.onion_skin).encode())
                 reply = await self._pending
-                self.crypto.add_hop(hs.complete(Created2.parse(reply).hdata))
+                self._add_hop(hs.complete(Created2.parse(reply).hdata))
                 self.hops.append(first)
                 self._event("extended")
                 for relay in self.path[1:]:
@@ -297,33 +335,37 @@ class ClientCircuit:
         specs = (LinkSpec.ipv4(relay.address, relay.or_port), LinkSpec.legacy_id(relay.rsa_id),
                  LinkSpec.ed25519_id(relay.ed_id))
         self._pending = asyncio.get_running_loop().create_future()
-        self.send_relay(RelayCommand.EXTEND2, 0, Extend2(specs, HTYPE_NTOR, hs.onion_skin).encode(), early=True)
+        self.send_relay(RelayCommand.EXTEND2, 0, Extend2(specs, HTYPE_NTOR, hs.onion_skin).encode())
         reply = await self._pending
-        self.crypto.add_hop(hs.complete(Extended2.parse(reply).hdata))
+        self._add_hop(hs.complete(Extended2.parse(reply).hdata))
         self.hops.append(relay)
         self._event("extended")
 
     # -- cells ------------------------------------------------------------------------------
 
-    def send_relay(self, cmd: int, stream_id: int, data: bytes = b"", *, early: bool = False,
-                   hop: int | None = None) -> None:
-        """Originate a relay cell to ``hop`` (default: the last hop built)."""
+    def send_relay(self, cmd: int, stream_id: int, data: bytes = b"", *, hop: int | None = None) -> None:
+        """Originate a relay cell to ``hop`` (default: the last hop built).
+
+        RELAY_EARLY as tor sends it (tor-spec §5.6): while the circuit's budget of 8 lasts,
+        EXTEND2 and every cell addressed past the first hop go as RELAY_EARLY, so a relay
+        cannot tell the circuit's length or the client's implementation by counting them.
+        """
         if self.state in ("closed", "failed"):
             return
         if hop is None:
             hop = self.crypto.n_hops - 1
         ct, digest = self.crypto.originate(pack_relay(cmd, stream_id, data), hop)
         if cmd == _DATA:
-            self.package.on_data_sent(digest)
+            self.packages[hop].on_data_sent(digest)
             self.bytes_sent += len(data)
         elif cmd == _SENDME:
             self._urgent = True
         command = CellCommand.RELAY
-        if early:
-            if self._early_left <= 0:
-                raise LocalProtocolError("no RELAY_EARLY cells left on this circuit")
+        if self._early_left > 0 and (hop != 0 or cmd == _EXTEND2):
             self._early_left -= 1
             command = CellCommand.RELAY_EARLY
+        elif cmd == _EXTEND2:
+            raise LocalProtocolError("no RELAY_EARLY cells left on this circuit")
         self.chan.send_cell(self.circ_id, command, ct)
 
     def send_data_many(self, stream_id: int, chunks: list) -> None:
@@ -332,18 +374,23 @@ class ClientCircuit:
             return
         hop = self.crypto.n_hops - 1
         originate = self.crypto.originate
-        on_sent = self.package.on_data_sent
+        on_sent = self.packages[hop].on_data_sent
         cts = []
         for chunk in chunks:
             ct, digest = originate(pack_relay(_DATA, stream_id, chunk), hop)
             on_sent(digest)
             self.bytes_sent += len(chunk)
             cts.append(ct)
+        if self._early_left > 0 and hop != 0:
+            k = min(self._early_left, len(cts))
+            self._early_left -= k
+            self.chan.send_payloads(self.circ_id, CellCommand.RELAY_EARLY, cts[:k])
+            cts = cts[k:]
         self.chan.send_payloads(self.circ_id, CellCommand.RELAY, cts)
 
     def package_budget(self) -> int:
         """How many DATA cells a stream may package now (the circuit's package window)."""
-        return self.package.window if self.state == "built" else 0
+        return self.packages[-1].window if self.state == "built" else 0
 
     def relay_run(self, chan: Channel, data: bytes, start: int, count: int) -> None:
         """``count`` consecutive RELAY/RELAY_EARLY cells of this circuit at
@@ -367,20 +414,22 @@ class ClientCircuit:
             results, error = [], exc
         try:
             unpack = _RELAY_HDR.unpack_from
-            deliver = self.deliver
+            delivers = self.delivers
             streams = self.streams
             for hop, body, digest in results:
                 cmd, _rec, sid, _dig, length = unpack(body)
-                if cmd == _DATA and length <= RELAY_DATA_MAX:
+                if cmd == _DATA and length <= RELAY_DATA_MAX and sid:
                     # _relay's DATA branch, inlined for the common case
+                    deliver = delivers[hop]
                     deliver.on_data_received()
-                    self.bytes_received += length
                     stream = streams.get(sid)
-                    if stream is not None:
+                    if stream is not None and stream.hop == hop:
+                        self.bytes_received += length
                         stream.on_data(body[RELAY_HEADER_LEN:RELAY_HEADER_LEN + length])
-                    while deliver.sendme_due() and self.state not in ("closed", "failed"):
-                        deliver.on_sendme_sent()
-                        self.send_relay(_SENDME, 0, Sendme(1, digest).encode(), hop=hop)
+                    else:
+                        self._no_stream(hop, cmd, sid)
+                    if deliver.sendme_due():
+                        self._sendmes_due(hop, digest)
                 else:
                     self._relay(hop, body, digest)
                 if self.state in ("closed", "failed"):
@@ -431,50 +480,122 @@ class ClientCircuit:
             self._closed(str(exc), "PROTOCOL")
 
     def _relay(self, hop: int, body: bytes, digest: bytes) -> None:
+        """One relay cell that hop ``hop`` originated (its layer recognized it).
+
+        A hop speaks only for itself (tor's ``relay_lookup_conn`` / ``edge_uses_cpath``):
+        stream cells count only from the hop the stream was opened to, EXTENDED2 only from
+        the last hop while we extend, a circuit SENDME credits its sender's window. Cells
+        that break this are dropped and logged (:meth:`_violation`); they never reach a
+        stream or a waiting build.
+        """
         cmd, sid, data = unpack_relay(body)
+        if sid == 0 and cmd in _STREAM_COMMANDS:
+            self._violation("stream command on stream 0", hop, cmd, sid)
+            if cmd == RelayCommand.DATA:
+                self._count_data(hop, digest)
+            return
         if cmd == RelayCommand.DATA:
-            self.deliver.on_data_received()
-            self.bytes_received += len(data)
             stream = self.streams.get(sid)
-            if stream is not None:
+            if stream is not None and stream.hop == hop:
+                self.bytes_received += len(data)
+                self.delivers[hop].on_data_received()
                 stream.on_data(data)
-            while self.deliver.sendme_due() and self.state not in ("closed", "failed"):
-                self.deliver.on_sendme_sent()
-                self.send_relay(RelayCommand.SENDME, 0, Sendme(1, digest).encode(), hop=hop)
+                self._sendmes_due(hop, digest)
+            else:
+                self._no_stream(hop, cmd, sid)
+                self._count_data(hop, digest)
         elif cmd == RelayCommand.SENDME:
-            handle_sendme(self.package, self.streams, sid, data)
+            if sid == 0:
+                msg = Sendme.parse(data)
+                self.packages[hop].on_sendme(msg.digest if msg.version == 1 else None)
+                for stream in list(self.streams.values()):
+                    if stream.hop == hop:
+                        stream.pump()
+            elif (stream := self._stream_of(hop, cmd, sid)) is not None:
+                stream.on_sendme()
         elif cmd == RelayCommand.CONNECTED:
-            stream = self.streams.get(sid)
-            if stream is not None and stream.state is StreamState.CONNECTING:
+            stream = self._stream_of(hop, cmd, sid)
+            if stream is not None:
+                if stream.state is not StreamState.CONNECTING:
+                    self._violation("CONNECTED on an open stream", hop, cmd, sid)
+                    return
                 Connected.parse(data)
                 stream.mark_open()
                 fut = stream.conn.connected  # type: ignore[union-attr]
                 if not fut.done():
                     fut.set_result(None)
         elif cmd == RelayCommand.END:
-            stream = self.streams.get(sid)
+            pending = self._resolves.get(sid)
+            if pending is not None and pending[0] == hop:  # the exit refused our RESOLVE
+                del self._resolves[sid]
+                reason = End.parse(data).reason
+                if not pending[1].done():
+                    pending[1].set_exception(StreamError(f"resolve refused: {_reason_name(reason)}", reason))
+                return
+            stream = self._stream_of(hop, cmd, sid)
             if stream is not None:
                 self._stream_ended(stream, End.parse(data).reason)
         elif cmd == RelayCommand.RESOLVED:
-            fut = self._resolves.pop(sid, None)
-            if fut is not None and not fut.done():
-                fut.set_result(Resolved.parse(data))
+            pending = self._resolves.get(sid)
+            if pending is None or pending[0] != hop:
+                self._no_stream(hop, cmd, sid)
+                return
+            del self._resolves[sid]
+            if not pending[1].done():
+                pending[1].set_result(Resolved.parse(data))
         elif cmd == RelayCommand.EXTENDED2:
-            if self._pending is None or self._pending.done():
-                raise ProtocolError("unexpected EXTENDED2")
+            if self._pending is None or self._pending.done() or not self.hops:
+                if hop == self.crypto.n_hops - 1:
+                    raise ProtocolError("unexpected EXTENDED2")  # tor closes the circuit too
+                self._violation("EXTENDED2 from a hop that is not extending", hop, cmd, sid)
+                return
+            if hop != self.crypto.n_hops - 1:
+                self._violation("EXTENDED2 from a hop that is not the last", hop, cmd, sid)
+                return
             self._pending.set_result(data)
         elif cmd == RelayCommand.TRUNCATED:
             reason = Truncated.parse(data).reason
             self._closed("circuit truncated by the network", DestroyReason(reason).name
                          if reason in DestroyReason._value2member_map_ else str(reason))
+        elif cmd in _STREAM_COMMANDS:  # BEGIN, RESOLVE, BEGIN_DIR: never toward a client
+            self._violation("stream request toward the client", hop, cmd, sid)
+
+    def _stream_of(self, hop: int, cmd: int, sid: int) -> EdgeStream | None:
+        """The stream ``sid`` if it was opened to ``hop``; otherwise None (see _no_stream)."""
+        stream = self.streams.get(sid)
+        if stream is not None and stream.hop == hop:
+            return stream
+        self._no_stream(hop, cmd, sid)
+        return None
+
+    def _no_stream(self, hop: int, cmd: int, sid: int) -> None:
+        """A stream cell that matches no open stream of ``hop``. Cells racing our END on a
+        stream of that hop are dropped quietly (tor's half-closed streams); anything else
+        is a violation: a hop answering for a stream that is not its own."""
+        if self._half_closed.get(sid) == hop:
+            if cmd == RelayCommand.END or cmd == RelayCommand.RESOLVED:
+                del self._half_closed[sid]  # the far edge has closed it too
+            return
+        self._violation(f"{_cmd_name(cmd)} for no stream of this hop", hop, cmd, sid)
+
+    def _count_data(self, hop: int, digest: bytes) -> None:
+        """A dropped DATA cell still counts against its hop's circuit window (tor does too)."""
+        self.delivers[hop].on_data_received()
+        self._sendmes_due(hop, digest)
+
+    def _sendmes_due(self, hop: int, digest: bytes) -> None:
+        deliver = self.delivers[hop]
+        while deliver.sendme_due() and self.state not in ("closed", "failed"):
+            deliver.on_sendme_sent()
+            self.send_relay(RelayCommand.SENDME, 0, Sendme(1, digest).encode(), hop=hop)
 
     # -- streams ----------------------------------------------------------------------------------
 
     def _new_stream_id(self) -> int:
-        for _ in range(0xFFFF):
+        for _ in range(1 << 16):
             sid = self._next_sid
-            self._next_sid = self._next_sid % 0xFFFF + 1
-            if sid not in self.streams and sid not in self._resolves:
+            self._next_sid = (sid + 1) & 0xFFFF
+            if sid and sid not in self.streams and sid not in self._resolves and sid not in self._half_closed:
                 return sid
         raise StreamError("no free stream ID", EndReason.RESOURCELIMIT)
 
@@ -499,12 +620,19 @@ class ClientCircuit:
         transport = StreamTransport(self, host, port)
         transport.connected = loop.create_future()  # type: ignore[attr-defined]
         sid = self._new_stream_id()
+        hop = self.crypto.n_hops - 1  # the only hop that may answer for this stream
+
+        def on_close() -> None:
+            if self.streams.pop(sid, None) is not None:
+                self._half_closed[sid] = hop
+
         edge = EdgeStream(
-            sid, emit=self.send_relay, circ_can_send=self.package.can_send,
+            sid, emit=self.send_relay, circ_can_send=self.packages[-1].can_send,
             sink=transport._sink, sink_ready=transport._sink_ready,
             pause_source=transport._pause_source, resume_source=transport._resume_source,
-            on_close=lambda: self.streams.pop(sid, None), conn=transport,
+            on_close=on_close, conn=transport,
         )
+        edge.hop = hop
         transport.edge = edge
         transport.protocol = protocol
         transport._attach_reader(reader, limit)
@@ -524,6 +652,7 @@ class ClientCircuit:
         transport: StreamTransport = stream.conn  # type: ignore[assignment]
         was_open = stream.state is StreamState.OPEN
         stream.close()
+        self._half_closed.pop(stream.stream_id, None)  # the far edge ended it: nothing more comes
         fut = transport.connected  # type: ignore[attr-defined]
         if not fut.done():
             fut.set_exception(StreamError(f"stream refused: {_reason_name(reason)}", reason))
@@ -537,13 +666,15 @@ class ClientCircuit:
             raise CircuitError("circuit is not open", self.close_reason or "NONE")
         sid = self._new_stream_id()
         fut = asyncio.get_running_loop().create_future()
-        self._resolves[sid] = fut
+        self._resolves[sid] = (self.crypto.n_hops - 1, fut)
         self.send_relay(RelayCommand.RESOLVE, sid, Resolve(hostname).encode())
         try:
             async with asyncio.timeout(timeout):
                 return await fut
         finally:
-            self._resolves.pop(sid, None)
+            pending = self._resolves.pop(sid, None)
+            if pending is not None and self.state == "built":
+                self._half_closed[sid] = pending[0]  # its RESOLVED may still come
 
     # -- closing ------------------------------------------------------------------------------
 
@@ -570,7 +701,7 @@ class ClientCircuit:
         if self._pending is not None and not self._pending.done():
             self._pending.set_exception(CircuitError(message, reason))
             self._pending.exception()
-        for fut in self._resolves.values():
+        for _hop, fut in self._resolves.values():
             if not fut.done():
                 fut.set_exception(CircuitError(message, reason))
                 fut.exception()
@@ -579,6 +710,10 @@ class ClientCircuit:
         self.streams.clear()
         self.client._circuit_gone(self)
         self._event(self.state, reason)
+
+
+def _cmd_name(cmd: int) -> str:
+    return RelayCommand(cmd).name if cmd in RelayCommand._value2member_map_ else str(cmd)
 
 
 def _reason_name(reason: int) -> str:

@@ -424,6 +424,9 @@ class ClientConfig:
     num_primary_guards: int = 3
     socks_handshake_timeout: float = 30.0  #: seconds for a SOCKS client to send its request
     socks_max_connections: int = 1024  #: SOCKS connections served at once; more are closed
+    #: refuse SOCKS connects to private/internal IP literals and "localhost" (tor's
+    #: ClientRejectInternalAddresses); the testnet turns it off (its destinations are local)
+    client_reject_internal_addresses: bool = True
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "<dict>",
@@ -448,6 +451,7 @@ class ClientConfig:
             "num_primary_guards": _int_range(1, 20),
             "socks_handshake_timeout": _number_range(0.1, 600),
             "socks_max_connections": _int_range(1, 65535),
+            "client_reject_internal_addresses": _bool,
             **_LOG_FIELDS,
         }
         out = _build(cls, d, ctx, validators)

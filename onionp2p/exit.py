@@ -31,11 +31,12 @@ import errno
 import ipaddress
 import socket
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .log import get_logger
 
-from .exitpolicy import ExitPolicy
+from .exitpolicy import ExitPolicy, is_private_address
 from .relaycell import (
     Begin, Connected, End, EndReason, RelayCommand, Resolve, Resolved, ResolvedAnswer,
 )
@@ -187,9 +188,14 @@ class ExitHandler:
     """Stream commands recognized at the last hop of a circuit."""
 
     def __init__(self, policy: ExitPolicy, *, max_streams_per_circuit: int = 500,
-                 flush_timeout: float = FLUSH_TIMEOUT):
+                 flush_timeout: float = FLUSH_TIMEOUT, reject_private: bool = True,
+                 known_relay: Callable[[bytes], bool | None] = lambda rsa_id: None):
         self.policy = policy
         self.flush_timeout = flush_timeout
+        #: refuse RESOLVE answers and reverse lookups in private space (ExitPolicyRejectPrivate)
+        self.reject_private = reject_private
+        #: is this RSA identity a relay of the current consensus? None: no consensus known
+        self.known_relay = known_relay
         # Port of this relay's directory server on 127.0.0.1 (BEGIN_DIR target), if it has one.
         self.dir_port: int | None = None
         self.max_streams_per_circuit = max_streams_per_circuit
@@ -218,6 +224,12 @@ class ExitHandler:
         if not self.policy.is_exit:
             circ.send_back(RelayCommand.END, sid, End(EndReason.EXITPOLICY).encode())
             return
+        refusal = self._one_hop_refusal(circ)
+        if refusal is not None:
+            circ.log.info("stream refused: the previous hop is not a relay (RefuseUnknownExits)",
+                          relay_cmd=RelayCommand(cmd).name)
+            circ.send_back(RelayCommand.END, sid, End(refusal).encode())
+            return
         if cmd == RelayCommand.RESOLVE:
             try:
                 req = Resolve.parse(data)
@@ -233,6 +245,18 @@ class ExitHandler:
             circ.send_back(RelayCommand.END, sid, End(EndReason.TORPROTOCOL).encode())
             return
         self._open(circ, sid, begin)
+
+    def _one_hop_refusal(self, circ: OrCircuit) -> int | None:
+        """tor's RefuseUnknownExits: BEGIN and RESOLVE only on circuits whose previous hop
+        is a relay. A client connected straight to us (no authenticated identity) would
+        use us as a one-hop proxy: END(TORPROTOCOL), as tor answers. A relay identity the
+        consensus does not list (when we have one): END(MISC). BEGIN_DIR is not affected."""
+        peer = circ.prev_chan.peer
+        if peer is None or not peer.rsa_id:
+            return EndReason.TORPROTOCOL
+        if self.known_relay(peer.rsa_id) is False:
+            return EndReason.MISC
+        return None
 
     def _open(self, circ: OrCircuit, sid: int, begin: Begin | None) -> None:
         """Create the stream and start connecting (``begin`` None: BEGIN_DIR)."""
@@ -341,11 +365,15 @@ class ExitHandler:
         try:
             if hostname.endswith(".in-addr.arpa") or hostname.endswith(".ip6.arpa"):
                 ip = _arpa_to_ip(hostname)
+                if self.reject_private and is_private_address(ip):
+                    raise ValueError("reverse lookup of a private address")  # tor refuses these
                 name, _ = await asyncio.wait_for(loop.getnameinfo((str(ip), 0), socket.NI_NAMEREQD),
                                                  RESOLVE_TIMEOUT)
                 answers.append(ResolvedAnswer(0, name.encode("ascii", "replace")[:255], DNS_TTL))
             else:
                 addrs = await self._addresses(hostname, 0, Begin.IPV6_OK)
+                if self.reject_private:  # nobody learns our private networks through us
+                    addrs = [a for a in addrs if not is_private_address(a)]
                 addrs.sort(key=lambda a: a.version)
                 answers.extend(ResolvedAnswer(a.version, a.packed, DNS_TTL) for a in addrs[:8])
         except (OSError, asyncio.TimeoutError, ValueError, UnicodeError):

@@ -492,6 +492,17 @@ class ExitPolicy:
             rules.extend(_parse_entry(entry))
         return cls(tuple(rules))
 
+    def rejecting(self, addresses: Iterable[str | IPAddress]) -> ExitPolicy:
+        """This policy with ``reject ADDR:*`` first for each address (tor's
+        ExitPolicyRejectMyAddresses: an exit never connects to its own addresses).
+        Unspecified addresses (0.0.0.0, ::) are skipped."""
+        extra = []
+        for a in addresses:
+            addr = _to_address(a)
+            if not addr.is_unspecified:
+                extra.append(PolicyRule(False, ipaddress.ip_network(addr), addr.version))
+        return ExitPolicy((*extra, *self.rules)) if extra else self
+
     @classmethod
     def reject_all(cls) -> ExitPolicy:
         """The policy ``reject *:*`` (not an exit)."""

@@ -34,6 +34,8 @@ from .circmgr import CircuitManager
 from .client import CircuitError, OnionClient, StreamError
 from .config import ClientConfig
 from .directory import RouterStatus
+from .errors import LocalProtocolError
+from .exitpolicy import is_private_address
 from .guards import GuardSet
 from .listeners import Listeners
 from .log import get_logger
@@ -213,6 +215,13 @@ class ClientNode:
 
     async def open_stream(self, req) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         rec = self._record(req, f"{req.host}:{req.port}", "NEW")
+        if self.cfg.client_reject_internal_addresses and is_internal_target(req.host):
+            # tor's ClientRejectInternalAddresses: an anonymous connection to a private
+            # address is almost surely a mistake, and would ask an exit about its own LAN
+            log.warning("refusing SOCKS request to an internal address "
+                        "(client_reject_internal_addresses)", target=req.host)
+            self._stream_status(rec, "FAILED", "PRIVATE_ADDR")
+            raise StreamError("connections to internal addresses are refused", EndReason.EXITPOLICY)
         try:
             reader, writer, circ = await self.circmgr.open_stream(req.host, req.port, req.isolation_key)
         except StreamError as exc:
@@ -237,7 +246,7 @@ class ClientNode:
         rec = self._record(req, f"{req.host}:0", "NEWRESOLVE", purpose="DNS_REQUEST")
         try:
             resolved = await self.circmgr.resolve(req.host, req.isolation_key)
-        except (CircuitError, asyncio.TimeoutError, TimeoutError):
+        except (CircuitError, StreamError, asyncio.TimeoutError, TimeoutError):
             self._stream_status(rec, "FAILED", "RESOLVEFAILED")
             raise StreamError("resolve failed", EndReason.RESOLVEFAILED) from None
         addrs = [a.value_text() for a in resolved.answers if a.atype in (4, 6) and a.value_text()]
@@ -253,7 +262,7 @@ class ClientNode:
         rec = self._record(req, f"{req.host}:0", "NEWRESOLVE", purpose="DNS_REQUEST")
         try:
             resolved = await self.circmgr.resolve(ip.reverse_pointer, req.isolation_key)
-        except (CircuitError, asyncio.TimeoutError, TimeoutError):
+        except (CircuitError, StreamError, asyncio.TimeoutError, TimeoutError):
             self._stream_status(rec, "FAILED", "RESOLVEFAILED")
             raise StreamError("reverse resolve failed", EndReason.RESOLVEFAILED) from None
         names = [a.value_text() for a in resolved.answers if a.atype == 0 and a.value_text()]
@@ -270,6 +279,18 @@ class ClientNode:
             return False
         rec.writer.transport.abort()
         return True
+
+
+def is_internal_target(host: str) -> bool:
+    """A private/internal IP literal, or "localhost" / "local" / "*.local" (as tor's
+    ``tor_addr_hostname_is_local``)."""
+    name = host.lower().rstrip(".")
+    if name in ("localhost", "local") or name.endswith(".local") or name.endswith(".localhost"):
+        return True
+    try:
+        return is_private_address(host)
+    except LocalProtocolError:
+        return False  # a hostname: resolved at the exit
 
 
 def _end_name(reason: int) -> str:

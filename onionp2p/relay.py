@@ -100,6 +100,7 @@ class Relay:
         dos_circuit_creation_burst: int = 90,
         max_mem_in_queues: int = 256 * 1024 * 1024,
         tcp_user_timeout: float | None = DEFAULT_TCP_USER_TIMEOUT,
+        exit_reject_private: bool = True,
     ):
         self.keys = keys
         self.nickname = nickname
@@ -107,8 +108,12 @@ class Relay:
         self.port = port
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.exit_policy = exit_policy or ExitPolicy.reject_all()
+        if exit_reject_private and self.exit_policy.is_exit:
+            # with reject private:*, tor also rejects the relay's own addresses
+            self.exit_policy = self.exit_policy.rejecting([address])
         # 0 = no limit: 65535 is the whole stream-ID space, 2**31 - 1 the circuit-ID space
-        self.exit = ExitHandler(self.exit_policy, max_streams_per_circuit=max_streams_per_circuit or 0xFFFF)
+        self.exit = ExitHandler(self.exit_policy, max_streams_per_circuit=max_streams_per_circuit or 0xFFFF,
+                                reject_private=exit_reject_private, known_relay=self._known_relay)
         self.max_circuits_per_channel = max_circuits_per_channel or _NO_LIMIT
         self.extend_allow_private = extend_allow_private
         self.max_queue_cells = max_queue_cells or _NO_LIMIT
@@ -375,10 +380,14 @@ class Relay:
             self._log.debug("CREATE2 refused", chan_id=chan.id, error=str(exc))  # heartbeat counts it
             chan.send_cell(cid, CellCommand.DESTROY, Destroy(DestroyReason.PROTOCOL).encode())
             return
-        circ = OrCircuit(self, chan, cid, RelayCrypto(km))
+        circ = self.new_circuit(chan, cid, RelayCrypto(km))
         self.circuits.add(circ)
         self.stats["create_ok"] += 1
         chan.send_cell(cid, CellCommand.CREATED2, Created2(reply).encode())
+
+    def new_circuit(self, chan: Channel, circ_id: int, crypto: RelayCrypto) -> OrCircuit:
+        """The circuit object for an accepted CREATE2 (a subclass may return its own kind)."""
+        return OrCircuit(self, chan, circ_id, crypto)
 
     # -- DoS housekeeping ---------------------------------------------------------------
 
@@ -473,6 +482,14 @@ class Relay:
             self.stats["destroyed"] += 1
             self.destroy_reasons[DestroyReason(reason).name if reason in DestroyReason._value2member_map_
                                  else str(reason)] += 1
+
+    def _known_relay(self, rsa_id: bytes) -> bool | None:
+        """Is ``rsa_id`` a relay of our consensus? None when we hold no consensus."""
+        directory = self.directory
+        routers = directory.routers() if directory is not None and hasattr(directory, "routers") else []
+        if not routers:
+            return None
+        return any(r.info.rsa_id == rsa_id for r in routers)
 
     def extend_allowed(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         """Like tor's ExtendAllowPrivateAddresses: refuse private targets unless allowed."""

@@ -58,7 +58,7 @@ class EdgeStream:
         "stream_id", "state", "package", "deliver", "_emit", "_circ_can_send",
         "_buf", "_source_paused", "_pause_source", "_resume_source", "_sink", "_sink_ready",
         "_send_end_on_drain", "bytes_sent", "bytes_received", "_on_close", "conn",
-        "_emit_data", "_circ_budget",
+        "_emit_data", "_circ_budget", "hop",
     )
 
     def __init__(
@@ -94,6 +94,7 @@ class EdgeStream:
         self.bytes_received = 0
         self._on_close = on_close
         self.conn = conn  # the shell object behind the stream (socket protocol, app transport)
+        self.hop: int | None = None  # client side: the hop the stream was opened to
         if emit_data is None or circ_budget is None:
             owner = getattr(emit, "__self__", None)
             emit_data = getattr(owner, "send_data_many", None)

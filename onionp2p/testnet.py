@@ -176,7 +176,8 @@ async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int
         cfg = ClientConfig(data_dir=data_dir / "client", socks_address=("127.0.0.1", socks_port),
                            control_port=control_port, metrics_port=metrics_port,
                            authorities=tuple(net.authority_lines),
-                           enforce_distinct_subnets=False, log_level=log_level)
+                           enforce_distinct_subnets=False, client_reject_internal_addresses=False,
+                           log_level=log_level)
         node = ClientNode(cfg)
         waiting = asyncio.ensure_future(wait_for_consensus(node, n_relays, net, timeout))
         stopper = asyncio.ensure_future(stop.wait())

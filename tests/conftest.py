@@ -24,6 +24,17 @@ def sha256(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
+async def wait_for(pred, timeout: float = 10.0, what: str = "condition", interval: float = 0.02):
+    """Poll ``pred()`` until it is true (returns its value) or fail after ``timeout`` s."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not (value := pred()):
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(interval)
+    return value
+
+
 class HttpServer:
     """A tiny HTTP/1.0 server on 127.0.0.1: ``GET /<n>`` answers n deterministic bytes;
     ``GET /echo`` echoes the request body until EOF; ``GET /hold`` sends 20 MB as fast as
@@ -99,7 +110,7 @@ async def relay_net(tmp_path):
     relays = []
     for i in range(3):
         keys = RelayKeys.load_or_create(tmp_path / f"r{i}" / "keys")
-        relay = Relay(keys, nickname=f"r{i}", exit_policy=ExitPolicy.parse(LOOPBACK_EXIT, reject_private=False),
+        relay = Relay(keys, exit_reject_private=False, nickname=f"r{i}", exit_policy=ExitPolicy.parse(LOOPBACK_EXIT, reject_private=False),
                       data_dir=tmp_path / f"r{i}", extend_allow_private=True)
         await relay.start()
         relays.append(relay)

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import LOOPBACK_EXIT, blob, http_get, sha256
 from onionp2p.authority import Authority, FlagRules, authority_line, load_or_create_authority_key
-from onionp2p.client import OnionClient
+from onionp2p.client import OnionClient, StreamError
 from onionp2p.dirclient import ClientDirectory, DirectoryUnavailable, RelayDirectory
 from onionp2p.directory import NetworkStatus, ServerDescriptor, parse_authorities, verify_consensus
 from onionp2p.dirserver import DirRequestError, DirServer, HttpResponse, fetch
@@ -28,6 +28,7 @@ from onionp2p.exitpolicy import ExitPolicy
 from onionp2p.keys import RelayKeys
 from onionp2p.log import configure_logging, reset_logging
 from onionp2p.relay import Relay
+from onionp2p.relaycell import EndReason
 
 INTERVAL = 5
 TESTNET = FlagRules(stable_uptime=0, assume_guard=True, assume_exit=True)
@@ -81,7 +82,7 @@ class DirNet:
             self.authorities.append(a)
         for i in range(3):
             policy = ExitPolicy.parse(LOOPBACK_EXIT, reject_private=False) if i == 2 else ExitPolicy.reject_all()
-            relay = Relay(RelayKeys.load_or_create(self.tmp / f"r{i}" / "keys"), nickname=f"r{i}",
+            relay = Relay(RelayKeys.load_or_create(self.tmp / f"r{i}" / "keys"), exit_reject_private=False, nickname=f"r{i}",
                           exit_policy=policy, data_dir=self.tmp / f"r{i}", extend_allow_private=True,
                           directory=RelayDirectory(self.tmp / f"r{i}", self.lines))
             await relay.start()
@@ -169,6 +170,21 @@ async def test_three_authorities_sign_one_consensus_served_over_begindir(dirnet,
     reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
     assert sha256(await http_get(reader, writer, "/200000")) == sha256(blob(200_000))
     circ.close()
+
+    # An exit that holds a consensus opens streams only for circuits from relays it lists
+    # (tor's RefuseUnknownExits): through a relay the authorities never heard of, END(MISC).
+    stray = Relay(RelayKeys.load_or_create(dirnet.tmp / "stray"), nickname="stray", extend_allow_private=True)
+    await stray.start()
+    try:
+        circ = await client.build_circuit([stray.info(), by_nick["r2"].info])
+        with pytest.raises(StreamError) as refused:
+            await circ.open_stream("127.0.0.1", http_server.port)
+        assert refused.value.reason == EndReason.MISC
+        reader, writer = await circ.open_dir_stream()  # BEGIN_DIR is not refused
+        writer.close()
+        circ.close()
+    finally:
+        await stray.stop()
 
     # Key rotation makes the relay publish a new descriptor, and the next consensus has the new key.
     r0 = dirnet.relays[0]

@@ -68,7 +68,7 @@ async def net(tmp_path):
     relays = {}
     for name, policy in POLICIES.items():
         keys = RelayKeys.load_or_create(tmp_path / name / "keys")
-        relay = Relay(keys, nickname=name, exit_policy=ExitPolicy.parse(policy, reject_private=False),
+        relay = Relay(keys, exit_reject_private=False, nickname=name, exit_policy=ExitPolicy.parse(policy, reject_private=False),
                       data_dir=tmp_path / name, extend_allow_private=True)
         await relay.start()
         relays[name] = relay

@@ -545,7 +545,7 @@ async def test_socks_limits_reach_the_socks_server(exit_relays, tmp_path: Path) 
 
     flags = frozenset({"Exit", "Fast", "Guard", "Running", "Stable", "Valid"})
     statuses = [RouterStatus(r.info(), flags, bandwidth=1000) for r in exit_relays]
-    cfg = ClientConfig(data_dir=tmp_path / "c", socks_address=("127.0.0.1", 0), enforce_distinct_subnets=False,
+    cfg = ClientConfig(client_reject_internal_addresses=False, data_dir=tmp_path / "c", socks_address=("127.0.0.1", 0), enforce_distinct_subnets=False,
                        preemptive_circuits=1, log_level="warning",
                        socks_handshake_timeout=0.5, socks_max_connections=1)
     node = ClientNode(cfg, routers=lambda: statuses)

@@ -474,7 +474,7 @@ def _client_circuit(ks: list[bytes]):
     hop = SimpleNamespace(nickname="x")
     circ = ClientCircuit(OnionClient(), chan, [hop, hop, hop])  # type: ignore[arg-type]
     for k in ks:
-        circ.crypto.add_hop(k)
+        circ._add_hop(k)
     circ.state = "built"
     reader = asyncio.StreamReader(limit=2**16)
     proto = asyncio.StreamReaderProtocol(reader)
@@ -484,6 +484,7 @@ def _client_circuit(ks: list[bytes]):
     edge = EdgeStream(1, emit=circ.send_relay, circ_can_send=circ.package.can_send, sink=t._sink,
                       sink_ready=t._sink_ready, pause_source=t._pause_source, resume_source=t._resume_source,
                       conn=t, state=StreamState.OPEN)
+    edge.hop = len(ks) - 1  # opened to the last hop
     t.edge, t.protocol = edge, proto
     t._attach_reader(reader, 2**16)
     circ.streams[1] = edge

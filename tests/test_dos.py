@@ -134,12 +134,22 @@ async def make_relay(tmp_path):
 
     async def make(name: str, **kw) -> Relay:
         kw.setdefault("exit_policy", ExitPolicy.parse(LOOPBACK_EXIT, reject_private=False))
-        relay = Relay(RelayKeys.load_or_create(tmp_path / name), nickname=name,
+        relay = Relay(RelayKeys.load_or_create(tmp_path / name), exit_reject_private=False, nickname=name,
                       extend_allow_private=True, **kw)
         await relay.start()
         relays.append(relay)
         return relay
 
+    tail: list[Relay] = []
+
+    async def other() -> Relay:
+        """A second hop without limits: exits open streams only for circuits that come
+        from a relay, so a relay under test as the first hop needs one after it."""
+        if not tail:
+            tail.append(await make("other"))
+        return tail[0]
+
+    make.other = other  # type: ignore[attr-defined]
     yield make
     for relay in relays:
         await relay.stop()
@@ -218,13 +228,13 @@ async def test_connection_limit_refuses_one_address_and_serves_others(make_relay
     writer.close()
     assert relay.stats["conn_refused"] == 1
     # another address is served meanwhile
-    await fetch_ok(clients(), [relay], http_server.port)
+    await fetch_ok(clients(), [relay, await make_relay.other()], http_server.port)
     # a slot given back is usable again by the limited address
     held[0][1].close()
     await wait_for(lambda: relay.dos.connections(OTHER) == 2, what="the slot to be given back")
     c = clients()
     await connect_from(c, relay)
-    await fetch_ok(c, [relay], http_server.port)
+    await fetch_ok(c, [relay, await make_relay.other()], http_server.port)
     for _r, w in held[1:]:
         w.close()
     await wait_for(lambda: relay.dos.connections(OTHER) == 1, what="slots released on close")
@@ -240,8 +250,8 @@ async def test_relays_give_their_connection_slot_back(make_relay, clients, http_
     await fetch_ok(a, [r0, r1], http_server.port)  # r0 -> r1 takes the second slot, briefly
     assert r1.dos.connections("127.0.0.1") == 1
     b = clients()
-    await fetch_ok(b, [r1], http_server.port)  # so a second client still fits
-    assert len(r1.channels) == 3 and r1.dos.connections("127.0.0.1") == 2
+    await fetch_ok(b, [r1, r0], http_server.port)  # so a second client still fits
+    assert len(r1.channels) == 3 and r1.dos.connections("127.0.0.1") == 2  # a, r0 (both ways), b
     assert r1.stats["conn_refused"] == 0
 
 
@@ -253,16 +263,17 @@ async def test_create2_rate_limit_per_client_address(make_relay, clients, http_s
     lim = await make_relay("lim", dos_circuit_creation_rate=0.001, dos_circuit_creation_burst=5)
     noisy = clients()
     await connect_from(noisy, lim)
-    circs = [await noisy.build_circuit([lim.info()]) for _ in range(5)]
+    tail = (await make_relay.other()).info()
+    circs = [await noisy.build_circuit([lim.info(), tail]) for _ in range(5)]
     with pytest.raises(CircuitError) as e:
-        await noisy.build_circuit([lim.info()])
+        await noisy.build_circuit([lim.info(), tail])
     assert e.value.reason == "RESOURCELIMIT"
     assert lim.stats["create_refused"] == 1
     # the noisy client's existing circuits and channel keep working
     r, w = await circs[0].open_stream("127.0.0.1", http_server.port)
     assert await http_get(r, w, "/3000") == blob(3000)
     # another client address is served
-    await fetch_ok(clients(), [lim], http_server.port)
+    await fetch_ok(clients(), [lim, await make_relay.other()], http_server.port)
     # CREATE2 from an authenticated relay is never charged: more than the burst via the guard
     quiet = clients()
     for _ in range(7):
@@ -278,16 +289,16 @@ async def test_max_circuits_per_channel(make_relay, clients, http_server):
     with pytest.raises(CircuitError) as e:
         await c.build_circuit([relay.info()])
     assert e.value.reason == "RESOURCELIMIT"
-    await fetch_ok(clients(), [relay], http_server.port)  # another channel is served
+    await fetch_ok(clients(), [relay, await make_relay.other()], http_server.port)  # another channel is served
     circs[0].close()
     await wait_for(lambda: len(relay.circuits) == 2, what="the relay to free the circuit")
-    await fetch_ok(c, [relay], http_server.port)  # and the freed slot is usable again
+    await fetch_ok(c, [relay, await make_relay.other()], http_server.port)  # and the freed slot is usable again
 
 
 async def test_max_streams_per_circuit(make_relay, clients, http_server):
     relay = await make_relay("cap", max_streams_per_circuit=2)
     c = clients()
-    circ = await c.build_circuit([relay.info()])
+    circ = await c.build_circuit([(await make_relay.other()).info(), relay.info()])
     streams = [await circ.open_stream("127.0.0.1", http_server.port) for _ in range(2)]
     for _r, w in streams:
         w.write(b"GET /echo HTTP/1.0\r\n\r\n")
@@ -300,9 +311,9 @@ async def test_max_streams_per_circuit(make_relay, clients, http_server):
     w.write(b"ping")
     await r.readuntil(b"\r\n\r\n")
     assert await r.readexactly(4) == b"ping"
-    await fetch_ok(c, [relay], http_server.port)
+    await fetch_ok(c, [await make_relay.other(), relay], http_server.port)
     streams[1][1].close()
-    exit_circ = next(x for x in relay.circuits if x.prev_id == circ.circ_id)
+    exit_circ = next(x for x in relay.circuits if x.streams)
     await wait_for(lambda: len(exit_circ.streams) == 1, what="the exit to free the stream")
     r, w = await circ.open_stream("127.0.0.1", http_server.port)
     assert await http_get(r, w, "/2000") == blob(2000)
@@ -371,7 +382,7 @@ async def test_stalled_handshakes_time_out_and_free_their_slots(make_relay, clie
     w.close()
     assert relay.stats["conn_refused"] == 1
     # ... but other clients are served while those stall
-    await fetch_ok(clients(), [relay], http_server.port)
+    await fetch_ok(clients(), [relay, await make_relay.other()], http_server.port)
     for reader in (tcp_r, part_r, idle_r):
         await assert_closed_by_relay(reader, silent=False)  # part_r got the relay's VERSIONS
     for writer in (tcp_w, part_w, idle_w):
@@ -380,7 +391,7 @@ async def test_stalled_handshakes_time_out_and_free_their_slots(make_relay, clie
     assert not relay._handshaking
     c = clients()
     await connect_from(c, relay)
-    await fetch_ok(c, [relay], http_server.port)
+    await fetch_ok(c, [relay, await make_relay.other()], http_server.port)
 
 
 async def test_stop_closes_channels_still_in_handshake(make_relay):

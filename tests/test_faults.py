@@ -82,7 +82,7 @@ class FaultNet(Net):
 
     async def add(self, name: str, *, exit: bool = False, **kw) -> Relay:
         policy = ExitPolicy.parse("accept *:*", reject_private=False) if exit else ExitPolicy.reject_all()
-        relay = Relay(RelayKeys.load_or_create(self.tmp / name), nickname=name, exit_policy=policy,
+        relay = Relay(RelayKeys.load_or_create(self.tmp / name), exit_reject_private=False, nickname=name, exit_policy=policy,
                       data_dir=self.tmp / name, extend_allow_private=True, **kw)
         await relay.start()
         self.relays.append(relay)
@@ -106,7 +106,7 @@ def status(info: RelayInfo, flags: frozenset[str], bandwidth: int = 1000) -> Rou
 
 def client_config(data_dir: Path, **kw) -> ClientConfig:
     kw.setdefault("preemptive_circuits", 1)
-    return ClientConfig(data_dir=data_dir, socks_address=("127.0.0.1", 0), enforce_distinct_subnets=False,
+    return ClientConfig(client_reject_internal_addresses=False, data_dir=data_dir, socks_address=("127.0.0.1", 0), enforce_distinct_subnets=False,
                         **kw)
 
 
@@ -416,7 +416,7 @@ async def test_authority_down_clients_bootstrap_from_cache_and_relays(tmp_path, 
         for i in range(3):
             policy = (ExitPolicy.parse("accept *:*", reject_private=False) if i == 2
                       else ExitPolicy.reject_all())
-            relay = Relay(RelayKeys.load_or_create(tmp_path / f"r{i}"), nickname=f"r{i}", exit_policy=policy,
+            relay = Relay(RelayKeys.load_or_create(tmp_path / f"r{i}"), exit_reject_private=False, nickname=f"r{i}", exit_policy=policy,
                           data_dir=tmp_path / f"r{i}", extend_allow_private=True,
                           directory=RelayDirectory(tmp_path / f"r{i}", [line]))
             await relay.start()
@@ -575,23 +575,25 @@ async def _silent_guard(fnet, http_server, g1, g2, m, x, freezer) -> None:
 
 
 async def test_peer_that_stops_reading_back_pressure_and_close_does_not_wait(fnet, http_server):
+    g = await fnet.add("g")
     x = await fnet.add("x", exit=True)
     base = await fnet.warm_up()
-    await _stops_reading(fnet, http_server, x)
+    await _stops_reading(fnet, http_server, g, x)
     await settle(fnet.relays, base)
 
 
-async def _stops_reading(fnet, http_server, x) -> None:
-    destroyed = x.stats["destroyed"]
+async def _stops_reading(fnet, http_server, g, x) -> None:
+    """The client stops reading its channel to its guard ``g``; ``x`` is the exit."""
+    destroyed = g.stats["destroyed"] + x.stats["destroyed"]
     client = OnionClient()
     try:
-        chan = await channel_from(client, x.info(), rcvbuf=4096)
-        circ = await client.build_circuit([x.info()])
+        chan = await channel_from(client, g.info(), rcvbuf=4096)
+        circ = await client.build_circuit([g.info(), x.info()])
         writers = [(await circ.open_stream("127.0.0.1", http_server.port))[1] for _ in range(2)]
         chan.pause_reading()  # from now on this peer reads nothing
         for w in writers:
             w.write(b"GET /hold HTTP/1.0\r\n\r\n")
-        (relay_chan,) = x.channels
+        (relay_chan,) = [c for c in g.channels if c.peer is None]  # the guard's link to the client
         (exit_circ,) = x.circuits
         streams = lambda: list(exit_circ.streams.values())  # noqa: E731
         # back-pressure reaches the destinations: the exit stops reading them
@@ -602,20 +604,21 @@ async def _stops_reading(fnet, http_server, x) -> None:
         await asyncio.sleep(1)  # and it stays that way: memory is bounded
         assert all(not s.conn.transport.is_reading() for s in streams())
         assert all(s.buffered <= SOURCE_HIGH_WATER + 256 * 1024 for s in streams())
-        held, _ = x.queue_memory()
+        held = x.queue_memory()[0] + g.queue_memory()[0]
         assert held <= 1000 * CELL_MEMORY + 2 * (SOURCE_HIGH_WATER + 256 * 1024)
-        assert relay_chan.queued_cells() <= 1000 and x.stats["destroyed"] == destroyed
+        assert relay_chan.queued_cells() <= 1000
+        assert g.stats["destroyed"] + x.stats["destroyed"] == destroyed
 
         # the relay closes the channel: the peer never reads the close, yet the socket goes
         fd, what = socket_of_transport(relay_chan._transport)
         relay_chan.close("test: closing on a peer that does not read")
-        assert not relay_busy(x)
+        assert not relay_busy(g)
         await wait_for(lambda: open_fds().get(fd) != what, CLOSE_TIMEOUT + 10,
                        "the relay to give up the socket of a peer that does not read")
         # the relay serves another client meanwhile; the silent peer is still connected
         other = OnionClient()
         try:
-            c2 = await other.build_circuit([x.info()])
+            c2 = await other.build_circuit([g.info(), x.info()])
             r, w = await c2.open_stream("127.0.0.1", http_server.port)
             assert await http_get(r, w, "/100000") == blob(100_000)
         finally:
@@ -677,22 +680,23 @@ class Sink:
 
 async def test_exit_flushes_closed_streams_while_destinations_read_and_gives_up_on_silent_ones(
         fnet, http_server):
+    g = await fnet.add("g")
     x = await fnet.add("x", exit=True)
     base = await fnet.warm_up()
     x.exit.flush_timeout = 0.5  # the real ExitHandler's setting (tor: 15 s)
     slow, silent = await Sink().start(), await Sink().start()
     try:
-        await _closing_exit_streams(x, slow, silent)
+        await _closing_exit_streams(g, x, slow, silent)
     finally:
         await slow.stop()
         await silent.stop()
     await settle(fnet.relays, base)
 
 
-async def _closing_exit_streams(x, slow, silent) -> None:
+async def _closing_exit_streams(g, x, slow, silent) -> None:
     client = OnionClient()
     try:
-        circ = await client.build_circuit([x.info()])
+        circ = await client.build_circuit([g.info(), x.info()])
         to_slow, to_silent = [(await circ.open_stream("127.0.0.1", sink.port))[1] for sink in (slow, silent)]
         (exit_circ,) = x.circuits
         edges = [exit_circ.streams[w.transport.get_extra_info("stream_id")] for w in (to_slow, to_silent)]
@@ -797,16 +801,17 @@ async def test_socks_and_control_limits_hit_while_others_are_served(fnet, http_s
 
 
 async def test_bandwidth_limit_hit_while_another_client_is_served(fnet, http_server):
+    g = await fnet.add("g")
     x = await fnet.add("x", exit=True, bandwidth_rate=200_000, bandwidth_burst=200_000)
     base = await fnet.warm_up()
-    await _bandwidth(http_server, x)
+    await _bandwidth(http_server, g, x)
     await settle(fnet.relays, base)
 
 
-async def _bandwidth(http_server, x) -> None:
+async def _bandwidth(http_server, g, x) -> None:
     heavy, light = OnionClient(), OnionClient()
     try:
-        circ = await heavy.build_circuit([x.info()])
+        circ = await heavy.build_circuit([g.info(), x.info()])
         r, w = await circ.open_stream("127.0.0.1", http_server.port)
         w.write(b"GET /echo HTTP/1.0\r\n\r\n")
         upload = blob(1_000_000)
@@ -820,7 +825,7 @@ async def _bandwidth(http_server, x) -> None:
         await wait_for(lambda: x.stats["throttled"] > 0, 15, "the rate limit to act")
         # a second client is served while the limit holds the first one back
         async with asyncio.timeout(30):
-            c2 = await light.build_circuit([x.info()])
+            c2 = await light.build_circuit([g.info(), x.info()])
             r2, w2 = await c2.open_stream("127.0.0.1", http_server.port)
             assert await http_get(r2, w2, "/20000") == blob(20_000)
         async with asyncio.timeout(60):
@@ -836,7 +841,7 @@ async def test_or_connections_probe_and_drop_silent_peers(tmp_path):
     dropped by the kernel (tests/test_netns.py cuts one for real)."""
     if not hasattr(socket, "TCP_USER_TIMEOUT"):
         pytest.skip("TCP_USER_TIMEOUT is Linux-only")
-    relay = Relay(RelayKeys.load_or_create(tmp_path / "r"), nickname="r", tcp_user_timeout=7)
+    relay = Relay(RelayKeys.load_or_create(tmp_path / "r"), exit_reject_private=False, nickname="r", tcp_user_timeout=7)
     await relay.start()
     client = OnionClient()
     try:

@@ -175,7 +175,7 @@ class Net:
                     **kw) -> None:
         """``n`` relays with limits ``kw``; ``guard``: further limits for the first one."""
         for i in range(n):
-            relay = Relay(RelayKeys.load_or_create(self.tmp / f"r{i}"), nickname=f"r{i}",
+            relay = Relay(RelayKeys.load_or_create(self.tmp / f"r{i}"), exit_reject_private=False, nickname=f"r{i}",
                           exit_policy=ExitPolicy.parse(policy, reject_private=False),
                           data_dir=self.tmp / f"r{i}", extend_allow_private=True,
                           **{**kw, **(guard if i == 0 and guard else {})})
@@ -580,6 +580,7 @@ async def test_relay_process_logs_no_secrets_or_client_data(tmp_path, http_serve
         'log_level = "debug"\nlog_format = "json"\ndos_max_concurrent_connections = 1\n')
     proc = start_relay_process(d, *([] if safe else ["--unsafe-logging"]))
     client = OnionClient()
+    guard = None
     try:
         loop = asyncio.get_running_loop()
         end = loop.time() + 30
@@ -588,9 +589,12 @@ async def test_relay_process_logs_no_secrets_or_client_data(tmp_path, http_serve
             await asyncio.sleep(0.05)
         info = RelayInfo.load(d / "relay-info.json")
         assert listening_addresses(proc.pid) == ["127.0.0.1"]
-        # a client at 127.0.0.2: a stream to a name, a refused one, a lookup, a bad CREATE2
+        # a client at 127.0.0.2: a stream to a name, a refused one, a lookup (through a
+        # guard: exits serve streams only to circuits from relays), a bad CREATE2
+        guard = Relay(RelayKeys.load_or_create(tmp_path / "guard"), nickname="guard", extend_allow_private=True)
+        await guard.start()
         chan = await channel_from(client, info, "127.0.0.2")
-        circ = await client.build_circuit([info])
+        circ = await client.build_circuit([guard.info(), info])
         r, w = await circ.open_stream("localhost", http_server.port)
         assert await http_get(r, w, "/5000") == blob(5000)
         with pytest.raises(StreamError):
@@ -605,6 +609,8 @@ async def test_relay_process_logs_no_secrets_or_client_data(tmp_path, http_serve
         circ.close()
     finally:
         await client.close()
+        if guard is not None:
+            await guard.stop()
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 10) == 0
     text = (d / "log.txt").read_text()
@@ -635,7 +641,7 @@ async def test_client_node_logs_no_cookie_or_socks_credentials(tmp_path, http_se
         await net.start(3, policy="accept *:*")  # the client wants exits for ports 80, 443
         flags = frozenset({"Exit", "Fast", "Guard", "Running", "Stable", "Valid"})
         statuses = [RouterStatus(r.info(), flags, bandwidth=1000) for r in net.relays]
-        cfg = ClientConfig(data_dir=tmp_path / "client", socks_address=("127.0.0.1", 0), control_port=0,
+        cfg = ClientConfig(client_reject_internal_addresses=False, data_dir=tmp_path / "client", socks_address=("127.0.0.1", 0), control_port=0,
                            enforce_distinct_subnets=False, preemptive_circuits=1)
         node = ClientNode(cfg, routers=lambda: statuses)
         await node.start(ready_timeout=30)

@@ -252,7 +252,7 @@ async def test_client_node_metrics_port_from_config(exit_relays, http_server, tm
 
     flags = frozenset({"Exit", "Fast", "Guard", "Running", "Stable", "Valid"})
     statuses = [RouterStatus(r.info(), flags, bandwidth=1000) for r in exit_relays]
-    cfg = ClientConfig(data_dir=tmp_path / "c", socks_address=("127.0.0.1", 0), control_port=0, metrics_port=0,
+    cfg = ClientConfig(client_reject_internal_addresses=False, data_dir=tmp_path / "c", socks_address=("127.0.0.1", 0), control_port=0, metrics_port=0,
                        enforce_distinct_subnets=False, preemptive_circuits=1, log_level="warning")
     node = ClientNode(cfg, routers=lambda: statuses)
     await node.start(ready_timeout=30)

@@ -720,7 +720,7 @@ async def test_optimistic_data_and_echo_both_ways(socks, http_server):
 async def test_ipv6_connect(relay_net, tmp_path):
     """CONNECT to an IPv6 literal through an exit whose policy accepts [::1]."""
     keys = RelayKeys.load_or_create(tmp_path / "v6" / "keys")
-    exit6 = Relay(keys, nickname="v6exit", data_dir=tmp_path / "v6", extend_allow_private=True,
+    exit6 = Relay(keys, exit_reject_private=False, nickname="v6exit", data_dir=tmp_path / "v6", extend_allow_private=True,
                   exit_policy=ExitPolicy.parse(LOOPBACK_EXIT.replace("\n", "\naccept [::1]:*\n"),
                                                reject_private=False))
     await exit6.start()

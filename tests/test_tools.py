@@ -50,7 +50,7 @@ async def exit_relays(tmp_path):
     relays = []
     for i in range(3):
         keys = RelayKeys.load_or_create(tmp_path / f"x{i}" / "keys")
-        relay = Relay(keys, nickname=f"node{i}", exit_policy=ExitPolicy.parse("accept *:*", reject_private=False),
+        relay = Relay(keys, exit_reject_private=False, nickname=f"node{i}", exit_policy=ExitPolicy.parse("accept *:*", reject_private=False),
                       data_dir=tmp_path / f"x{i}", extend_allow_private=True)
         await relay.start()
         relays.append(relay)
@@ -63,7 +63,7 @@ async def exit_relays(tmp_path):
 async def client_node(exit_relays, tmp_path):
     """A running ClientNode with SOCKS and a control port, two preemptive circuits built."""
     statuses = [RouterStatus(r.info(), FLAGS, bandwidth=1000 + i) for i, r in enumerate(exit_relays)]
-    cfg = ClientConfig(data_dir=tmp_path / "client", socks_address=("127.0.0.1", 0), control_port=0,
+    cfg = ClientConfig(client_reject_internal_addresses=False, data_dir=tmp_path / "client", socks_address=("127.0.0.1", 0), control_port=0,
                        enforce_distinct_subnets=False, preemptive_circuits=2, log_level="warning")
     node = ClientNode(cfg, routers=lambda: statuses)
     await node.start(ready_timeout=30)

@@ -242,7 +242,7 @@ async def test_onionp2p_client_socks_through_tor_relays(tor_network, http_server
     dirauth = tmp_path / "dirauth.txt"
     dirauth.write_text("\n".join(net.dirauth_lines()) + "\n")
     cfg = tmp_path / "client.toml"
-    cfg.write_text('data_dir = "client"\nsocks_address = "127.0.0.1:0"\nenforce_distinct_subnets = false\n'
+    cfg.write_text('data_dir = "client"\nsocks_address = "127.0.0.1:0"\nenforce_distinct_subnets = false\nclient_reject_internal_addresses = false\n'
                    "preemptive_circuits = 1\n")
     out = tmp_path / "client.out"
     with open(out, "w") as f:
