@@ -493,15 +493,23 @@ class ExitPolicy:
         return cls(tuple(rules))
 
     def rejecting(self, addresses: Iterable[str | IPAddress]) -> ExitPolicy:
-        """This policy with ``reject ADDR:*`` first for each address (tor's
-        ExitPolicyRejectMyAddresses: an exit never connects to its own addresses).
-        Unspecified addresses (0.0.0.0, ::) are skipped."""
+        """This policy with ``reject ADDR:*`` for each address (tor's
+        ExitPolicyRejectMyAddresses: an exit never connects to its own addresses), placed
+        where tor places them: after a leading ``reject private:*`` block, before the rest.
+        Unspecified addresses (0.0.0.0, ::) are skipped; rules that an earlier rule
+        already covers vanish, as always."""
         extra = []
         for a in addresses:
             addr = _to_address(a)
             if not addr.is_unspecified:
                 extra.append(PolicyRule(False, ipaddress.ip_network(addr), addr.version))
-        return ExitPolicy((*extra, *self.rules)) if extra else self
+        if not extra:
+            return self
+        private = {PolicyRule(False, n, n.version) for n in PRIVATE_NETWORKS}
+        k = 0
+        while k < len(self.rules) and self.rules[k] in private:
+            k += 1
+        return ExitPolicy((*self.rules[:k], *extra, *self.rules[k:]))
 
     @classmethod
     def reject_all(cls) -> ExitPolicy:

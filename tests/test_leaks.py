@@ -469,7 +469,7 @@ async def test_scenario_returns_to_baseline(net, scenario, limits, rounds):
 
 
 async def test_exit_frees_sockets_of_destinations_that_never_read(net):
-    await net.start(1)
+    await net.start(2)
     held: list[asyncio.StreamWriter] = []
 
     async def never_read(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -479,12 +479,12 @@ async def test_exit_frees_sockets_of_destinations_that_never_read(net):
     port = sink.sockets[0].getsockname()[1]
     client = OnionClient()
     try:
-        circ = await client.build_circuit(net.path(0))
+        circ = await client.build_circuit(net.path(0, 1))
         base = len(open_fds())
         streams = [await circ.open_stream("127.0.0.1", port) for _ in range(2)]
         for _r, w in streams:
             w.write(blob(12_000_000))  # more than the socket buffers take
-        exit_circ = next(iter(net.relays[0].circuits))
+        exit_circ = next(iter(net.relays[1].circuits))
         loop = asyncio.get_running_loop()
         end = loop.time() + 20
         while not all(s.conn.write_paused for s in exit_circ.streams.values()) or len(held) < 2:
