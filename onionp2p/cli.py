@@ -4,8 +4,8 @@
 on its control port), then destroys its circuits, closes its channels and exits 0.
 SIGUSR1 logs a status line (channels, circuits, streams, queued cells), like tor's
 SIGUSR1 dump; SIGHUP re-reads the config file and applies the keys that can change while
-running (:mod:`onionp2p.relaycontrol`). With ``authorities`` configured the relay also
-does its directory duties (:class:`~onionp2p.dirclient.RelayDirectory`). With
+running (:mod:`onionp2p.control.relay`). With ``authorities`` configured the relay also
+does its directory duties (:class:`~onionp2p.dir.client.RelayDirectory`). With
 ``metrics_port`` it serves Prometheus metrics, with ``control_port`` tor's control
 protocol (cookie in ``data_dir/control_auth_cookie``).
 
@@ -24,20 +24,25 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from . import __version__
-from .config import (
-    AuthorityConfig, ClientConfig, RelayConfig, load_authority_config, load_client_config, load_relay_config,
+from onionp2p import __version__
+from onionp2p.config import (
+    AuthorityConfig,
+    ClientConfig,
+    RelayConfig,
+    load_authority_config,
+    load_client_config,
+    load_relay_config,
 )
-from .errors import ConfigError, OnionError
-from .log import configure_logging, get_logger
+from onionp2p.errors import ConfigError, OnionError
+from onionp2p.log import configure_logging, get_logger
 
 __all__ = ["main"]
 
 
 async def _start_side_ports(cfg, data_dir: Path, collector, adapter_factory) -> tuple:
     """The optional metrics and control ports of a relay or authority; (metrics, control, adapter)."""
-    from .control import ControlServer
-    from .metrics import MetricsServer
+    from onionp2p.control.server import ControlServer
+    from onionp2p.ops.metrics import MetricsServer
 
     metrics = control = adapter = None
     try:
@@ -67,10 +72,10 @@ async def _stop_side_ports(metrics, control, adapter) -> None:
 
 
 async def run_relay(cfg: RelayConfig, *, shutdown_timeout: float = 5.0, config_file: str | None = None) -> int:
-    from .keys import RelayKeys
-    from .metrics import RelayCollector
-    from .relay import Relay
-    from .relaycontrol import RelayControlAdapter, relay_status
+    from onionp2p.control.relay import RelayControlAdapter, relay_status
+    from onionp2p.ops.metrics import RelayCollector
+    from onionp2p.relay.keys import RelayKeys
+    from onionp2p.relay.relay import Relay
 
     log = get_logger("onionp2p.cli", nickname=cfg.nickname)
     keys = RelayKeys.load_or_create(cfg.data_dir / "keys",
@@ -121,7 +126,7 @@ def relay_directory(cfg: RelayConfig):
     """The relay's directory duties, or None when no authorities are configured."""
     if not cfg.authorities:
         return None
-    from .dirclient import RelayDirectory
+    from onionp2p.dir.client import RelayDirectory
 
     return RelayDirectory(cfg.data_dir, cfg.authorities,
                           bandwidth=(cfg.bandwidth_rate, cfg.effective_bandwidth_burst, 0),
@@ -131,13 +136,13 @@ def relay_directory(cfg: RelayConfig):
 async def run_authority(cfg: AuthorityConfig, *, shutdown_timeout: float = 5.0,
                         config_file: str | None = None) -> int:
     """Run a directory authority (plus its relay unless ``run_relay`` is false) until SIGINT/SIGTERM."""
-    from .authority import Authority, FlagRules, authority_line, load_or_create_authority_key
-    from .dirclient import RelayDirectory
-    from .directory import parse_authorities
-    from .keys import RelayKeys
-    from .metrics import AuthorityCollector
-    from .relay import Relay
-    from .relaycontrol import AuthorityControlAdapter
+    from onionp2p.control.relay import AuthorityControlAdapter
+    from onionp2p.dir.authority import Authority, FlagRules, authority_line, load_or_create_authority_key
+    from onionp2p.dir.client import RelayDirectory
+    from onionp2p.ops.metrics import AuthorityCollector
+    from onionp2p.proto.directory import parse_authorities
+    from onionp2p.relay.keys import RelayKeys
+    from onionp2p.relay.relay import Relay
 
     log = get_logger("onionp2p.cli", nickname=cfg.nickname)
     key = load_or_create_authority_key(cfg.data_dir)
@@ -193,7 +198,7 @@ async def run_authority(cfg: AuthorityConfig, *, shutdown_timeout: float = 5.0,
 def _cmd_authority(args: argparse.Namespace) -> int:
     cfg = load_authority_config(args.config)
     if args.show_identity:
-        from .authority import authority_line, load_or_create_authority_key
+        from onionp2p.dir.authority import authority_line, load_or_create_authority_key
 
         key = load_or_create_authority_key(cfg.data_dir)
         print(authority_line(cfg.nickname, cfg.dir_address[0], cfg.dir_address[1], key))
@@ -225,11 +230,11 @@ def _cmd_relay(args: argparse.Namespace) -> int:
 async def run_client(cfg: ClientConfig, *, config_file: str | None = None,
                      tor_dirauth_file: str | None = None) -> int:
     """Run a client (SOCKS, optional control port) until SIGINT/SIGTERM or SIGNAL SHUTDOWN."""
-    from .node import ClientNode
+    from onionp2p.client.node import ClientNode
 
     routers = None
     if tor_dirauth_file is not None:
-        from .tordir import fetch_tor_directory, read_dirauth_file
+        from onionp2p.dir.tordir import fetch_tor_directory, read_dirauth_file
 
         tor_routers = await fetch_tor_directory(read_dirauth_file(tor_dirauth_file))
         routers = lambda: tor_routers  # noqa: E731 - a fixed view of the Tor network's consensus
@@ -280,7 +285,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
 
 def _cmd_testnet(args: argparse.Namespace) -> int:
-    from .testnet import run_testnet
+    from onionp2p.testnet import run_testnet
 
     configure_logging(args.log_level, "console", safe_logging=True)
     return asyncio.run(run_testnet(
@@ -342,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_relay)
     _add_authority_parser(sub)
     _add_client_parsers(sub)
-    from .tools import add_tool_parsers
+    from onionp2p.ops.circuits import add_tool_parsers
 
     add_tool_parsers(sub)
     return p

@@ -19,13 +19,12 @@ Validation is strict and happens once, at load time:
 Addresses are ``"host:port"`` strings parsed by :func:`parse_hostport`; port 0 means "let
 the OS pick a free port". A relative ``data_dir`` is resolved against the directory holding
 the configuration file (``~`` is expanded), so a node behaves the same whatever its
-working directory. Exit policies are parsed with :class:`~onionp2p.exitpolicy.ExitPolicy`
+working directory. Exit policies are parsed with :class:`~onionp2p.proto.exitpolicy.ExitPolicy`
 using ``exit_reject_private``.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -34,7 +33,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from onionp2p.errors import ConfigError
-from onionp2p.exitpolicy import REJECT_ALL, ExitPolicy
+from onionp2p.proto.address import format_hostport, parse_hostport
+from onionp2p.proto.exitpolicy import REJECT_ALL, ExitPolicy
 
 __all__ = [
     "LOG_LEVELS",
@@ -56,72 +56,12 @@ LOG_FORMATS = ("console", "json")
 
 _NICKNAME = re.compile(r"[A-Za-z0-9]{1,19}")
 _FINGERPRINT = re.compile(r"\$?([0-9A-Fa-f]{40})")
-_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-_PORT_TEXT = re.compile(r"[0-9]{1,5}")
 _MAX_TEXT = 1024
 
 T = TypeVar("T")
 
 
 # -- host:port --------------------------------------------------------------------------
-def _check_host(host: str, original: str) -> str:
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
-        if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
-            raise ConfigError(f"scoped IPv6 address not supported in {original!r}")
-        return str(ip)
-    name = host[:-1] if host.endswith(".") else host
-    if not name or len(name) > 253 or not all(_HOST_LABEL.fullmatch(x) for x in name.split(".")):
-        raise ConfigError(f"invalid host {host!r} in address {original!r}")
-    if all(x.isdigit() for x in name.split(".")):
-        raise ConfigError(f"invalid IPv4 address {host!r} in {original!r}")
-    return name
-
-
-def _check_port(text: str, original: str) -> int:
-    if not _PORT_TEXT.fullmatch(text):
-        raise ConfigError(f"invalid port {text!r} in address {original!r}")
-    port = int(text)
-    if port > 65535:
-        raise ConfigError(f"port {port} out of range 0-65535 in {original!r}")
-    return port
-
-
-def parse_hostport(s: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """Parse ``host:port``, ``[v6]:port``, ``:port`` or ``port`` into ``(host, port)``.
-
-    IP literals come back in canonical form (IPv6 without brackets); port 0 is allowed
-    (pick a free port). Raises ConfigError on anything else.
-    """
-    if not isinstance(s, str):
-        raise ConfigError(f"address must be a string, not {type(s).__name__}")
-    text = s.strip()
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0 or text[close + 1 : close + 2] != ":":
-            raise ConfigError(f"expected '[ipv6]:port', got {s!r}")
-        inner = text[1:close]
-        try:
-            ipaddress.IPv6Address(inner)
-        except ValueError:
-            raise ConfigError(f"invalid IPv6 address {inner!r} in {s!r}") from None
-        return _check_host(inner, s), _check_port(text[close + 2 :], s)
-    if text.count(":") > 1:
-        raise ConfigError(f"IPv6 addresses must be written as '[addr]:port', got {s!r}")
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        return _check_host(default_host, s), _check_port(text, s)
-    return _check_host(host if host else default_host, s), _check_port(port_text, s)
-
-
-def format_hostport(host: str, port: int) -> str:
-    """Inverse of :func:`parse_hostport`: bracket IPv6 hosts."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 # -- field validators -------------------------------------------------------------------
 class _Ctx:
     """Where a value came from, for error messages."""
@@ -246,7 +186,7 @@ def _nonempty_text(ctx: _Ctx, key: str, value: Any) -> str:
 
 def _authority_list(ctx: _Ctx, key: str, value: Any) -> tuple[str, ...]:
     """``NICKNAME HOST:DIRPORT ED25519_ID_BASE64`` lines (specs/directory.md), no identity twice."""
-    from onionp2p.directory import DirAuthority  # imported late: directory imports this module
+    from onionp2p.proto.directory import DirAuthority  # imported late: directory imports this module
 
     lines = _text_list(ctx, key, value, _nonempty_text)
     seen: set[bytes] = set()

@@ -17,6 +17,8 @@ __all__ = [
     "LocalProtocolError",
     "KeyFileError",
     "ConfigError",
+    "CircuitError",
+    "StreamError",
 ]
 
 
@@ -50,3 +52,20 @@ class KeyFileError(OnionError):
 
 class ConfigError(OnionError):
     """A configuration file or option is invalid."""
+
+
+class CircuitError(OnionError):
+    """Building or using a circuit failed; ``reason`` is a DestroyReason name or a text."""
+
+    def __init__(self, message: str, reason: str = "NONE"):
+        super().__init__(message)
+        self.reason = reason
+
+
+class StreamError(OnionError):
+    """A stream was refused or broken; ``reason`` is the RELAY_END reason (an int; the
+    default 1 is MISC)."""
+
+    def __init__(self, message: str, reason: int = 1):
+        super().__init__(message)
+        self.reason = reason

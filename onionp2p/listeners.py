@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .log import get_logger
+from onionp2p.log import get_logger
 
 __all__ = ["Listeners"]
 

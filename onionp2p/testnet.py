@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ClientConfig
-from .errors import OnionError
-from .log import get_logger
+from onionp2p.config import ClientConfig
+from onionp2p.errors import OnionError
+from onionp2p.log import get_logger
 
 __all__ = ["Testnet", "run_testnet", "free_port"]
 
@@ -76,7 +76,7 @@ class Testnet:
         return p
 
     def start(self) -> None:
-        from .authority import authority_line, load_or_create_authority_key
+        from onionp2p.dir.authority import authority_line, load_or_create_authority_key
 
         if self.n_exits > self.n_relays or self.n_relays < 3:
             raise OnionError("a testnet needs at least 3 relays and no more exits than relays")
@@ -131,7 +131,7 @@ class Testnet:
 
 async def wait_for_consensus(node, n_relays: int, testnet: Testnet, timeout: float) -> None:
     """Bootstrap the client's directory until the consensus lists every relay as Running."""
-    from .dirclient import DirectoryUnavailable
+    from onionp2p.dir.client import DirectoryUnavailable
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -155,7 +155,7 @@ async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int
                       timeout: float = 180.0, log_level: str = "info", metrics_port: int | None = None,
                       stop_event: asyncio.Event | None = None, ready=None) -> int:
     """Start the network and the client; run until signalled. Returns the exit code."""
-    from .node import ClientNode
+    from onionp2p.client.node import ClientNode
 
     tmp = None
     if data_dir is None:

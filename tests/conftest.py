@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from onionp2p.exitpolicy import ExitPolicy
+from onionp2p.proto.exitpolicy import ExitPolicy
 
 _BLOBS: dict[int, bytes] = {}
 
@@ -104,8 +104,8 @@ LOOPBACK_EXIT = "accept 127.0.0.1:*\nreject *:*"
 @pytest.fixture
 async def relay_net(tmp_path):
     """Three in-process relays (all exits for 127.0.0.1) on real TLS listeners."""
-    from onionp2p.keys import RelayKeys
-    from onionp2p.relay import Relay
+    from onionp2p.relay.keys import RelayKeys
+    from onionp2p.relay.relay import Relay
 
     relays = []
     for i in range(3):

@@ -23,17 +23,25 @@ import os
 import socket
 
 import pytest
-
 from conftest import blob, http_get, wait_for
-from onionp2p.cells import CellCommand
-from onionp2p.circuit import OrCircuit
-from onionp2p.client import CircuitError, OnionClient, StreamError
-from onionp2p.exitpolicy import ExitPolicy
-from onionp2p.keys import RelayKeys
-from onionp2p.relay import Relay
-from onionp2p.relaycell import (
-    Connected, End, EndReason, Extended2, RelayCommand, Resolved, ResolvedAnswer, Sendme,
+
+from onionp2p.client.client import OnionClient
+from onionp2p.errors import StreamError
+from onionp2p.proto.cells import CellCommand
+from onionp2p.proto.exitpolicy import ExitPolicy
+from onionp2p.proto.relaycell import (
+    Connected,
+    End,
+    EndReason,
+    Extended2,
+    RelayCommand,
+    Resolved,
+    ResolvedAnswer,
+    Sendme,
 )
+from onionp2p.relay.circuit import OrCircuit
+from onionp2p.relay.keys import RelayKeys
+from onionp2p.relay.relay import Relay
 
 _CELL = 514
 FORGED_IP = ipaddress.IPv4Address("6.6.6.6")
@@ -399,10 +407,10 @@ async def test_client_refuses_internal_addresses_unless_configured(tmp_path, net
     from python_socks import ProxyError
     from python_socks.async_.asyncio import Proxy
 
+    from onionp2p.client.node import ClientNode
     from onionp2p.config import ClientConfig
-    from onionp2p.directory import RouterStatus
-    from onionp2p.node import ClientNode
-    from onionp2p.socksproto import Reply
+    from onionp2p.proto.directory import RouterStatus
+    from onionp2p.proto.socks import Reply
 
     flags = frozenset({"Exit", "Fast", "Guard", "Running", "Stable", "Valid"})
     statuses = [RouterStatus(r.info(), flags, bandwidth=1000) for r in net[:3]]

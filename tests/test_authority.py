@@ -17,18 +17,19 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import LOOPBACK_EXIT, blob, http_get, sha256
-from onionp2p.authority import Authority, FlagRules, authority_line, load_or_create_authority_key
-from onionp2p.client import OnionClient, StreamError
-from onionp2p.dirclient import ClientDirectory, DirectoryUnavailable, RelayDirectory
-from onionp2p.directory import NetworkStatus, ServerDescriptor, parse_authorities, verify_consensus
-from onionp2p.dirserver import DirRequestError, DirServer, HttpResponse, fetch
-from onionp2p.exitpolicy import ExitPolicy
-from onionp2p.keys import RelayKeys
+
+from onionp2p.client.client import OnionClient
+from onionp2p.dir.authority import Authority, FlagRules, authority_line, load_or_create_authority_key
+from onionp2p.dir.client import ClientDirectory, DirectoryUnavailable, RelayDirectory
+from onionp2p.dir.server import DirRequestError, DirServer, HttpResponse, fetch
+from onionp2p.errors import StreamError
 from onionp2p.log import configure_logging, reset_logging
-from onionp2p.relay import Relay
-from onionp2p.relaycell import EndReason
+from onionp2p.proto.directory import NetworkStatus, ServerDescriptor, parse_authorities, verify_consensus
+from onionp2p.proto.exitpolicy import ExitPolicy
+from onionp2p.proto.relaycell import EndReason
+from onionp2p.relay.keys import RelayKeys
+from onionp2p.relay.relay import Relay
 
 INTERVAL = 5
 TESTNET = FlagRules(stable_uptime=0, assume_guard=True, assume_exit=True)
@@ -250,8 +251,8 @@ async def test_authorities_going_away_do_not_stop_clients(dirnet, client, http_s
 
 
 def _consensus_for(keys, auths, relay_keys, va, signers):
-    from onionp2p.authority import VotingSchedule, compute_consensus
-    from onionp2p.directory import RouterEntry
+    from onionp2p.dir.authority import VotingSchedule, compute_consensus
+    from onionp2p.proto.directory import RouterEntry
 
     sched = VotingSchedule(INTERVAL)
     desc = ServerDescriptor.create(relay_keys, nickname="solo", address="127.0.0.1", or_port=9001,

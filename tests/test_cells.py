@@ -1,4 +1,4 @@
-"""Channel cell framing and link payload codecs (onionp2p.cells)."""
+"""Channel cell framing and link payload codecs (onionp2p.proto.cells)."""
 
 import ipaddress
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onionp2p import cells as C
 from onionp2p.errors import LocalProtocolError, ProtocolError
+from onionp2p.proto import cells as C
 
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)

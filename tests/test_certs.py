@@ -1,4 +1,4 @@
-"""Tests for onionp2p.certs: Ed25519 certificates, RSA cross-certificates, X.509 helpers."""
+"""Tests for onionp2p.proto.certs: Ed25519 certificates, RSA cross-certificates, X.509 helpers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onionp2p.certs import (
+from onionp2p.errors import CertificateError, LocalProtocolError, ProtocolError
+from onionp2p.proto.certs import (
     EXT_FLAG_AFFECTS_VALIDATION,
     RSA_ED_CROSSCERT_PREFIX,
     CertExtension,
@@ -31,7 +32,6 @@ from onionp2p.certs import (
     verify_rsa_identity_cert,
     x509_sha256,
 )
-from onionp2p.errors import CertificateError, LocalProtocolError, ProtocolError
 
 
 def h(s: str) -> bytes:

@@ -9,16 +9,17 @@ import random
 import socket
 
 import pytest
-
 from conftest import blob, http_get
-from onionp2p.circmgr import CircuitLimitError, CircuitManager, end_reason_action
-from onionp2p.client import OnionClient, StreamError
-from onionp2p.directory import RouterStatus
-from onionp2p.exitpolicy import ExitPolicy
-from onionp2p.guards import GuardSet
-from onionp2p.keys import RelayKeys
-from onionp2p.relay import Relay
-from onionp2p.relaycell import EndReason
+
+from onionp2p.client.circmgr import CircuitLimitError, CircuitManager, end_reason_action
+from onionp2p.client.client import OnionClient
+from onionp2p.client.guards import GuardSet
+from onionp2p.errors import StreamError
+from onionp2p.proto.directory import RouterStatus
+from onionp2p.proto.exitpolicy import ExitPolicy
+from onionp2p.proto.relaycell import EndReason
+from onionp2p.relay.keys import RelayKeys
+from onionp2p.relay.relay import Relay
 
 # g0, g1, m0 carry the Guard flag; e0 exits everywhere, e1 only to ports 1-1023.
 POLICIES = {

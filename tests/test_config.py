@@ -21,7 +21,7 @@ from onionp2p.config import (
     parse_hostport,
 )
 from onionp2p.errors import ConfigError
-from onionp2p.exitpolicy import REJECT_ALL, ExitPolicy
+from onionp2p.proto.exitpolicy import REJECT_ALL, ExitPolicy
 
 FP = "0123456789ABCDEF0123456789ABCDEF01234567"
 # Authority lines: NICKNAME HOST:DIRPORT ED25519_ID (unpadded base64 of a valid Ed25519 key)
@@ -512,7 +512,7 @@ def test_metrics_and_control_ports_in_every_config(cls, tmp_path: Path) -> None:
 
 
 def test_socks_limits_defaults_and_validation() -> None:
-    from onionp2p.socks import SocksServer
+    from onionp2p.client.socksport import SocksServer
 
     cfg = ClientConfig.from_dict({})
     assert cfg.socks_handshake_timeout == 30 and cfg.socks_max_connections == 1024
@@ -540,8 +540,8 @@ async def test_socks_limits_reach_the_socks_server(exit_relays, tmp_path: Path) 
     import asyncio
     import time
 
-    from onionp2p.directory import RouterStatus
-    from onionp2p.node import ClientNode
+    from onionp2p.client.node import ClientNode
+    from onionp2p.proto.directory import RouterStatus
 
     flags = frozenset({"Exit", "Fast", "Guard", "Running", "Stable", "Valid"})
     statuses = [RouterStatus(r.info(), flags, bandwidth=1000) for r in exit_relays]

@@ -1,7 +1,7 @@
 """The control port (tor's control protocol) with real clients: stem and raw sockets on 127.0.0.1.
 
 The node behind the port is :class:`ClientNode`, a real adapter around
-:class:`~onionp2p.client.OnionClient` that builds circuits through the conftest
+:class:`~onionp2p.client.client.OnionClient` that builds circuits through the conftest
 ``relay_net`` relays (real TLS, ntor, relay crypto). stem is synchronous, so its calls run
 in worker threads while the event loop serves the port and the relays.
 """
@@ -19,24 +19,43 @@ import time
 from collections.abc import Callable
 
 import pytest
+from conftest import http_get
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import http_get
-from onionp2p.client import CircuitEvent, ClientCircuit, OnionClient
-from onionp2p.control import ControlServer
-from onionp2p.controlfmt import (
-    CircEvent, CircuitInfo, ControlError, GuardInfo, OrConnInfo, StatusEvent, StreamInfo, clients_seen_line,
-    exit_policy_lines, split_args, split_keyword, unquote, version_string,
+from onionp2p.client.client import CircuitEvent, ClientCircuit, OnionClient
+from onionp2p.control.formats import (
+    CircEvent,
+    CircuitInfo,
+    GuardInfo,
+    OrConnInfo,
+    StatusEvent,
+    StreamInfo,
+    clients_seen_line,
+    exit_policy_lines,
+    version_string,
 )
-from onionp2p.controlproto import (
-    AuthConfig, Close, CommandReader, ControlSession, Dispatch, LineTooLong, Send, decode_hashed_password,
-    hash_password, secret_to_key,
-)
-from onionp2p.directory import RelayInfo, RouterStatus
+from onionp2p.control.server import ControlServer
 from onionp2p.errors import ConfigError
-from onionp2p.exitpolicy import REJECT_ALL, ExitPolicy
 from onionp2p.log import get_logger
+from onionp2p.proto.control import (
+    AuthConfig,
+    Close,
+    CommandReader,
+    ControlError,
+    ControlSession,
+    Dispatch,
+    LineTooLong,
+    Send,
+    decode_hashed_password,
+    hash_password,
+    secret_to_key,
+    split_args,
+    split_keyword,
+    unquote,
+)
+from onionp2p.proto.directory import RelayInfo, RouterStatus
+from onionp2p.proto.exitpolicy import REJECT_ALL, ExitPolicy
 
 pytestmark = pytest.mark.filterwarnings("ignore:setDaemon.. is deprecated:DeprecationWarning")
 
@@ -391,8 +410,8 @@ def test_s2k_against_local_tor_if_installed(tmp_path):
 
 async def test_stem_cookie_auth_version_and_protocolinfo(stem, make_server, tmp_path):
     import stem.connection
-    from stem.control import Controller
     from stem.connection import AuthMethod
+    from stem.control import Controller
 
     srv = await make_server(cookie_path=tmp_path / "control_auth_cookie")
     cookie = tmp_path / "control_auth_cookie"
@@ -440,8 +459,8 @@ async def test_stem_safecookie_and_wrong_cookie(stem, make_server, tmp_path):
 
 async def test_stem_password_auth_with_tor_hash(stem, make_server):
     import stem.connection
-    from stem.control import Controller
     from stem.connection import AuthMethod
+    from stem.control import Controller
 
     srv = await make_server(hashed_password=TOR_HASHED)
 
@@ -632,12 +651,12 @@ async def test_getinfo_directory_and_process_keys(stem, controller, node):
 
 @pytest.fixture
 async def client_control(tmp_path):
-    """The control port of the real client node (onionp2p.node.ClientNode through
+    """The control port of the real client node (onionp2p.client.node.ClientNode through
     ClientControlAdapter, as `onionp2p client` and the testnet client serve it; the node is
     not started): (server, cookie path)."""
+    from onionp2p.client.node import ClientNode as RealClientNode
     from onionp2p.config import ClientConfig
-    from onionp2p.node import ClientNode as RealClientNode
-    from onionp2p.nodecontrol import ClientControlAdapter
+    from onionp2p.control.node import ClientControlAdapter
 
     real = RealClientNode(ClientConfig(data_dir=tmp_path / "client"), routers=lambda: [])
     srv = ControlServer(ClientControlAdapter(real), cookie_path=tmp_path / "client_cookie")
@@ -744,8 +763,8 @@ async def test_status_and_log_events(stem, controller, node):
 async def test_stream_and_orconn_events_parse_in_stem(stem, controller, node):
     from stem.control import EventType
 
-    from onionp2p.control import ControlledNode
-    from onionp2p.controlfmt import OrConnEvent, StreamEvent
+    from onionp2p.control.formats import OrConnEvent, StreamEvent
+    from onionp2p.control.server import ControlledNode
 
     assert isinstance(node, ControlledNode)
     ctl, _srv = controller

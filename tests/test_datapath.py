@@ -18,14 +18,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from onionp2p.cells import CELL_LEN, Cell, CellCommand, CellReader, encode_fixed, encode_var
-from onionp2p.channel import Channel
-from onionp2p.circuit import OrCircuit
-from onionp2p.client import ClientCircuit, OnionClient, StreamTransport
+from onionp2p.client.client import ClientCircuit, OnionClient, StreamTransport
 from onionp2p.errors import DigestMismatch
-from onionp2p.relaycell import RelayCommand, pack_relay
-from onionp2p.relaycrypto import KEY_MATERIAL_LEN, RELAY_BODY_LEN, ClientCrypto, RelayCrypto
-from onionp2p.stream import EdgeStream, StreamState
+from onionp2p.net.channel import Channel
+from onionp2p.proto.cells import CELL_LEN, Cell, CellCommand, CellReader, encode_fixed, encode_var
+from onionp2p.proto.relaycell import RelayCommand, pack_relay
+from onionp2p.proto.relaycrypto import KEY_MATERIAL_LEN, RELAY_BODY_LEN, ClientCrypto, RelayCrypto
+from onionp2p.proto.stream import EdgeStream, StreamState
+from onionp2p.relay.circuit import OrCircuit
 
 N_CELLS = 3000
 
@@ -34,8 +34,7 @@ N_CELLS = 3000
 def fixed_padding(monkeypatch):
     """Relay cells are padded with random bytes; make them predictable so that two paths
     that build the same cells can be compared byte for byte."""
-    from onionp2p import relaycell
-
+    from onionp2p.proto import relaycell
     monkeypatch.setattr(relaycell, "os", SimpleNamespace(urandom=lambda n: random.Random(n).randbytes(n)))
 
 

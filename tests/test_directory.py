@@ -11,19 +11,32 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onionp2p.authority import (
-    DetachedSignatures, FlagRules, Reachability, VotingSchedule, authority_line, compute_consensus,
-    flags_for, load_or_create_authority_key,
+from onionp2p.dir.authority import (
+    DetachedSignatures,
+    FlagRules,
+    Reachability,
+    VotingSchedule,
+    authority_line,
+    compute_consensus,
+    flags_for,
+    load_or_create_authority_key,
 )
-from onionp2p.certs import CertType, Ed25519Cert, expiry_hours
-from onionp2p.directory import (
-    ConsensusError, DirAuthority, NetworkStatus, RouterEntry, ServerDescriptor, format_time,
-    parse_authorities, parse_time, verify_consensus,
-)
-from onionp2p.dirserver import DirServer, HttpResponse, fetch, parse_request_head, DirRequestError
+from onionp2p.dir.server import DirRequestError, DirServer, HttpResponse, fetch, parse_request_head
 from onionp2p.errors import ConfigError, KeyFileError, ProtocolError
-from onionp2p.exitpolicy import ExitPolicy
-from onionp2p.keys import RelayKeys
+from onionp2p.proto.certs import CertType, Ed25519Cert, expiry_hours
+from onionp2p.proto.directory import (
+    ConsensusError,
+    DirAuthority,
+    NetworkStatus,
+    RouterEntry,
+    ServerDescriptor,
+    format_time,
+    parse_authorities,
+    parse_time,
+    verify_consensus,
+)
+from onionp2p.proto.exitpolicy import ExitPolicy
+from onionp2p.relay.keys import RelayKeys
 
 NOW = 1_800_000_000  # a fixed "now" for the pure tests (2027-01-15)
 LOOPBACK = ExitPolicy.parse("accept 127.0.0.1:*", reject_private=False)
@@ -117,7 +130,7 @@ def test_descriptor_signed_by_uncertified_key_rejected(keys_a):
     other = ed25519.Ed25519PrivateKey.generate()
     bogus = Ed25519Cert.create(CertType.IDENTITY_V_SIGNING, keys_a.signing_public, other,
                                expires_hours=expiry_hours(NOW + 86400))
-    from onionp2p.directory import _b64
+    from onionp2p.proto.directory import _b64
     text = d.text.replace(_b64(keys_a.signing_cert.encode()), _b64(bogus.encode()))
     with pytest.raises(ProtocolError, match="signed by a different key|bad signature"):
         ServerDescriptor.parse(text).verify(NOW)

@@ -19,18 +19,18 @@ import sys
 import time
 
 import pytest
-
 from conftest import LOOPBACK_EXIT, blob, http_get
-from onionp2p import tls
-from onionp2p.channel import Channel
-from onionp2p.client import CircuitError, OnionClient, StreamError
-from onionp2p.dos import CELL_MEMORY, CreationBucket, DosGuard, DosLimits, oom_victims
-from onionp2p.errors import ConfigError
-from onionp2p.exitpolicy import ExitPolicy
-from onionp2p.keys import RelayKeys
-from onionp2p.link import PeerIdentity
-from onionp2p.relay import Relay
-from onionp2p.relaycell import EndReason
+
+from onionp2p.client.client import OnionClient
+from onionp2p.errors import CircuitError, ConfigError, StreamError
+from onionp2p.net import tls
+from onionp2p.net.channel import Channel
+from onionp2p.proto.exitpolicy import ExitPolicy
+from onionp2p.proto.link import PeerIdentity
+from onionp2p.proto.relaycell import EndReason
+from onionp2p.relay.dos import CELL_MEMORY, CreationBucket, DosGuard, DosLimits, oom_victims
+from onionp2p.relay.keys import RelayKeys
+from onionp2p.relay.relay import Relay
 
 OTHER = "127.0.0.2"  # "another host": a second loopback address
 
@@ -419,7 +419,7 @@ async def test_relay_process_applies_configured_limits(tmp_path):
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
         await wait_for(lambda: (d / "relay-info.json").exists() or proc.poll() is not None, 30, "start")
-        from onionp2p.directory import RelayInfo
+        from onionp2p.proto.directory import RelayInfo
 
         info = RelayInfo.load(d / "relay-info.json")
         ctx = tls.client_context()

@@ -1,4 +1,4 @@
-"""Tests for onionp2p.exitpolicy."""
+"""Tests for onionp2p.proto.exitpolicy."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from onionp2p.errors import ConfigError, LocalProtocolError, ProtocolError
-from onionp2p.exitpolicy import (
+from onionp2p.proto.exitpolicy import (
     PRIVATE_NETWORKS,
     REJECT_ALL,
     ExitPolicy,

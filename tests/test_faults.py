@@ -2,9 +2,9 @@
 links, a peer that stops reading — and the limits that are not covered in test_dos.py,
 each hit while somebody else is served.
 
-Everything is real: in-process :class:`~onionp2p.relay.Relay` objects on TLS sockets,
+Everything is real: in-process :class:`~onionp2p.relay.relay.Relay` objects on TLS sockets,
 ``onionp2p relay`` processes where killing and restarting a process is the point, a real
-:class:`~onionp2p.authority.Authority`, and :class:`~onionp2p.node.ClientNode` clients
+:class:`~onionp2p.dir.authority.Authority`, and :class:`~onionp2p.client.node.ClientNode` clients
 driven through their SOCKS port by python-socks or curl (and through the control port).
 The faults are real sockets too: a *black hole* accepts TCP connections and never
 answers; a *freezer* forwards TCP to a relay until it is frozen, then forwards nothing
@@ -32,24 +32,25 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import blob, http_get, sha256
 from python_socks import ProxyError
 from python_socks.async_.asyncio import Proxy
-
-from conftest import blob, http_get, sha256
 from test_leaks import Net, channel_from, open_fds, relay_busy, settle, start_relay_process
-from onionp2p.authority import Authority, FlagRules, authority_line, load_or_create_authority_key
-from onionp2p.channel import CLOSE_TIMEOUT
-from onionp2p.client import CircuitError, OnionClient
+
+from onionp2p.client.client import OnionClient
+from onionp2p.client.node import ClientNode
 from onionp2p.config import ClientConfig
-from onionp2p.dirclient import DirectoryUnavailable, RelayDirectory
-from onionp2p.directory import RelayInfo, RouterStatus, parse_authorities
-from onionp2p.dos import CELL_MEMORY
-from onionp2p.exitpolicy import ExitPolicy
-from onionp2p.keys import RelayKeys
-from onionp2p.node import ClientNode
-from onionp2p.relay import Relay
-from onionp2p.socksproto import Reply
-from onionp2p.stream import SOURCE_HIGH_WATER
+from onionp2p.dir.authority import Authority, FlagRules, authority_line, load_or_create_authority_key
+from onionp2p.dir.client import DirectoryUnavailable, RelayDirectory
+from onionp2p.errors import CircuitError
+from onionp2p.net.channel import CLOSE_TIMEOUT
+from onionp2p.proto.directory import RelayInfo, RouterStatus, parse_authorities
+from onionp2p.proto.exitpolicy import ExitPolicy
+from onionp2p.proto.socks import Reply
+from onionp2p.proto.stream import SOURCE_HIGH_WATER
+from onionp2p.relay.dos import CELL_MEMORY
+from onionp2p.relay.keys import RelayKeys
+from onionp2p.relay.relay import Relay
 
 GUARD = frozenset({"Fast", "Guard", "Running", "Stable", "Valid"})
 MIDDLE = frozenset({"Fast", "Running", "Stable", "Valid"})

@@ -1,9 +1,9 @@
-"""SENDME window bookkeeping (onionp2p.flowctl)."""
+"""SENDME window bookkeeping (onionp2p.proto.flowctl)."""
 
 import pytest
 
 from onionp2p.errors import DigestMismatch, ProtocolError
-from onionp2p.flowctl import DeliverWindow, PackageWindow
+from onionp2p.proto.flowctl import DeliverWindow, PackageWindow
 
 
 def digest(i: int) -> bytes:

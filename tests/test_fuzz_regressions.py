@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from onionp2p.errors import ProtocolError
-from onionp2p.relaycell import RELAY_HEADER_LEN, Begin, parse_message, unpack_relay
+from onionp2p.proto.relaycell import RELAY_HEADER_LEN, Begin, parse_message, unpack_relay
 
 FUZZ = Path(__file__).resolve().parent / "fuzz"
 

@@ -1,4 +1,4 @@
-"""Tests for onionp2p.handshake: ntor (published vectors, failures, rotation) and ntor v3."""
+"""Tests for onionp2p.proto.handshake: ntor (published vectors, failures, rotation) and ntor v3."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onionp2p.errors import HandshakeError, LocalProtocolError, ProtocolError
-from onionp2p.handshake import (
+from onionp2p.proto.handshake import (
     HTYPE_NTOR,
     HTYPE_NTOR_V3,
     KEY_MATERIAL_LEN,

@@ -1,4 +1,4 @@
-"""Tests for onionp2p.keys: the relay key store."""
+"""Tests for onionp2p.relay.keys: the relay key store."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.x509 import load_pem_x509_certificate
 
-from onionp2p.certs import (
+from onionp2p.errors import KeyFileError
+from onionp2p.proto.certs import (
     CertType,
     Ed25519Cert,
     KeyType,
@@ -21,8 +22,7 @@ from onionp2p.certs import (
     rsa_identity_digest,
     verify_rsa_identity_cert,
 )
-from onionp2p.errors import KeyFileError
-from onionp2p.keys import (
+from onionp2p.relay.keys import (
     CROSS_CERT_LIFETIME,
     KEY_FILES,
     LINK_CERT_LIFETIME,

@@ -35,23 +35,24 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import LOOPBACK_EXIT, blob, http_get
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from conftest import LOOPBACK_EXIT, blob, http_get
-from onionp2p import tls
-from onionp2p.cells import CellCommand, Create2
-from onionp2p.channel import Channel
-from onionp2p.circuit import OrCircuit
-from onionp2p.client import CircuitError, ClientCircuit, OnionClient, StreamError, StreamTransport
-from onionp2p.directory import RelayInfo
-from onionp2p.exit import ExitConnection
-from onionp2p.exitpolicy import ExitPolicy
-from onionp2p.keys import KEY_FILES, RelayKeys
-from onionp2p.link import PeerIdentity
-from onionp2p.relay import Relay
-from onionp2p.relaycell import EndReason, RelayCommand
-from onionp2p.stream import EdgeStream
+from onionp2p.client.client import ClientCircuit, OnionClient, StreamTransport
+from onionp2p.errors import CircuitError, StreamError
+from onionp2p.net import tls
+from onionp2p.net.channel import Channel
+from onionp2p.proto.cells import CellCommand, Create2
+from onionp2p.proto.directory import RelayInfo
+from onionp2p.proto.exitpolicy import ExitPolicy
+from onionp2p.proto.link import PeerIdentity
+from onionp2p.proto.relaycell import EndReason, RelayCommand
+from onionp2p.proto.stream import EdgeStream
+from onionp2p.relay.circuit import OrCircuit
+from onionp2p.relay.exit import ExitConnection
+from onionp2p.relay.keys import KEY_FILES, RelayKeys
+from onionp2p.relay.relay import Relay
 
 TRACKED = (Channel, OrCircuit, ClientCircuit, EdgeStream, ExitConnection, StreamTransport)
 
@@ -628,10 +629,10 @@ async def test_relay_process_logs_no_secrets_or_client_data(tmp_path, http_serve
 
 @pytest.mark.parametrize("safe", [True, False], ids=["safe_logging", "unsafe_logging"])
 async def test_client_node_logs_no_cookie_or_socks_credentials(tmp_path, http_server, safe):
+    from onionp2p.client.node import ClientNode
     from onionp2p.config import ClientConfig
-    from onionp2p.directory import RouterStatus
     from onionp2p.log import configure_logging, reset_logging
-    from onionp2p.node import ClientNode
+    from onionp2p.proto.directory import RouterStatus
 
     net = Net(tmp_path, http_server.port)
     buf = io.StringIO()

@@ -1,4 +1,4 @@
-"""Tests for the link handshake (onionp2p.link) and TLS helpers (onionp2p.tls); see specs/link.md."""
+"""Tests for the link handshake (onionp2p.proto.link) and TLS helpers (onionp2p.net.tls); see specs/link.md."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onionp2p import tls
-from onionp2p.cells import (
+from onionp2p.errors import CertificateError, HandshakeError, LocalProtocolError, ProtocolError
+from onionp2p.net import tls
+from onionp2p.proto.cells import (
     Authenticate,
     Cell,
     CellCommand,
@@ -24,10 +25,8 @@ from onionp2p.cells import (
     encode_fixed,
     encode_var,
 )
-from onionp2p.certs import Ed25519Cert
-from onionp2p.errors import CertificateError, HandshakeError, LocalProtocolError, ProtocolError
-from onionp2p.keys import RelayKeys
-from onionp2p.link import (
+from onionp2p.proto.certs import Ed25519Cert
+from onionp2p.proto.link import (
     AUTH0003_LABEL,
     AUTH0003_LEN,
     LinkHandshake,
@@ -36,6 +35,7 @@ from onionp2p.link import (
     rsa_key_sha256,
     versions_cell,
 )
+from onionp2p.relay.keys import RelayKeys
 
 NOW = time.time()
 SECRET = bytes(range(32))

@@ -1,8 +1,8 @@
 """The Prometheus endpoint: real HTTP scrapes parsed by prometheus_client, counting real traffic.
 
-Relays are in-process :class:`~onionp2p.relay.Relay` objects on real TLS listeners or real
+Relays are in-process :class:`~onionp2p.relay.relay.Relay` objects on real TLS listeners or real
 ``onionp2p relay`` processes configured with ``metrics_port``; the client side is either a
-bare :class:`~onionp2p.client.OnionClient` or a full :class:`~onionp2p.node.ClientNode`
+bare :class:`~onionp2p.client.client.OnionClient` or a full :class:`~onionp2p.client.node.ClientNode`
 (``metrics_port`` in its config) reached through its SOCKS port. Scrapes go through
 urllib (a real HTTP client) in a worker thread.
 """
@@ -19,10 +19,16 @@ from prometheus_client import parser
 from test_relay_control import nodes  # noqa: F401 (fixture)
 from test_tools import client_node, exit_relays, socks_connect, wait_for  # noqa: F401 (fixtures)
 
-from onionp2p.client import OnionClient
+from onionp2p.client.client import OnionClient
 from onionp2p.errors import ConfigError
-from onionp2p.metrics import (
-    CONTENT_TYPE, ClientCollector, MetricsServer, RelayCollector, counter, gauge, render_metrics,
+from onionp2p.ops.metrics import (
+    CONTENT_TYPE,
+    ClientCollector,
+    MetricsServer,
+    RelayCollector,
+    counter,
+    gauge,
+    render_metrics,
 )
 
 
@@ -245,10 +251,10 @@ async def test_relay_processes_metrics_port(nodes, http_server):  # noqa: F811 (
 async def test_client_node_metrics_port_from_config(exit_relays, http_server, tmp_path):  # noqa: F811
     """``metrics_port`` in the client config: the node serves /metrics while it runs, the
     control port names it (GETINFO net/listeners/metrics), and stop() closes it."""
+    from onionp2p.client.node import ClientNode
     from onionp2p.config import ClientConfig
-    from onionp2p.directory import RouterStatus
-    from onionp2p.inspect import ControlClient, ControlTarget
-    from onionp2p.node import ClientNode
+    from onionp2p.ops.controlclient import ControlClient, ControlTarget
+    from onionp2p.proto.directory import RouterStatus
 
     flags = frozenset({"Exit", "Fast", "Guard", "Running", "Stable", "Valid"})
     statuses = [RouterStatus(r.info(), flags, bandwidth=1000) for r in exit_relays]

@@ -96,9 +96,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from netns_helpers import (
-    ControlShell, Flow, Lab, NamespacesForbidden, content, read_pcap, sh, tcp_flows, wait_for,
+    ControlShell,
+    Flow,
+    Lab,
+    NamespacesForbidden,
+    content,
+    read_pcap,
+    sh,
+    tcp_flows,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -209,7 +216,7 @@ def _consensus_relays(lab: Lab) -> dict[str, tuple[str, set[str]]]:
 def net(tmp_path_factory):
     if not shutil.which("ip") or not shutil.which("curl"):
         pytest.skip("needs iproute2 and curl (tools/test installs them)")
-    from onionp2p.authority import authority_line, load_or_create_authority_key
+    from onionp2p.dir.authority import authority_line, load_or_create_authority_key
 
     tmp = tmp_path_factory.mktemp("netns")
     lab = Lab(prefix=f"ox{os.getpid() % 100000}")

@@ -10,15 +10,16 @@ import asyncio
 import os
 
 import pytest
-
 from conftest import blob, http_get, sha256
-from onionp2p import tls
-from onionp2p.cells import CellCommand, Create2, Destroy, DestroyReason
-from onionp2p.client import CircuitError, OnionClient, StreamError
-from onionp2p.directory import RelayInfo
-from onionp2p.exitpolicy import ExitPolicy
-from onionp2p.relaycell import EndReason, RelayCommand
-from onionp2p.stream import SOURCE_HIGH_WATER
+
+from onionp2p.client.client import OnionClient
+from onionp2p.errors import CircuitError, StreamError
+from onionp2p.net import tls
+from onionp2p.proto.cells import CellCommand, Create2, Destroy, DestroyReason
+from onionp2p.proto.directory import RelayInfo
+from onionp2p.proto.exitpolicy import ExitPolicy
+from onionp2p.proto.relaycell import EndReason, RelayCommand
+from onionp2p.proto.stream import SOURCE_HIGH_WATER
 
 
 async def wait_for(pred, timeout=10.0, what="condition"):
@@ -224,8 +225,8 @@ async def test_exit_policy_and_errors(tmp_path, relay_net, http_server, client):
 
 
 async def test_default_policy_rejects_loopback_and_non_exit_refuses(tmp_path, relay_net, http_server, client):
-    from onionp2p.keys import RelayKeys
-    from onionp2p.relay import Relay
+    from onionp2p.relay.keys import RelayKeys
+    from onionp2p.relay.relay import Relay
 
     relays = []
     for name, policy in (("def", ExitPolicy.parse("accept *:*")), ("nonexit", ExitPolicy.reject_all())):
@@ -274,8 +275,8 @@ async def test_channel_loss_destroys_circuits_on_both_sides(relay_net, http_serv
 
 
 async def test_slow_handshake_is_dropped(tmp_path, client):
-    from onionp2p.keys import RelayKeys
-    from onionp2p.relay import Relay
+    from onionp2p.relay.keys import RelayKeys
+    from onionp2p.relay.relay import Relay
 
     relay = Relay(RelayKeys.load_or_create(tmp_path / "k"), exit_reject_private=False, handshake_timeout=1.0)
     await relay.start()
@@ -297,7 +298,7 @@ async def test_slow_handshake_is_dropped(tmp_path, client):
 async def test_onion_key_rotation_keeps_old_key_during_grace(relay_net, client):
     import time
 
-    from onionp2p.directory import RelayInfo
+    from onionp2p.proto.directory import RelayInfo
 
     r2 = relay_net[2]
     old = r2.info()
@@ -313,8 +314,8 @@ async def test_onion_key_rotation_keeps_old_key_during_grace(relay_net, client):
 
 
 async def test_bandwidth_rate_throttles_reads(tmp_path, relay_net, http_server, client):
-    from onionp2p.keys import RelayKeys
-    from onionp2p.relay import Relay
+    from onionp2p.relay.keys import RelayKeys
+    from onionp2p.relay.relay import Relay
 
     slow = Relay(RelayKeys.load_or_create(tmp_path / "slow"), exit_reject_private=False, nickname="slow",
                  exit_policy=ExitPolicy.parse("accept 127.0.0.1:*", reject_private=False),

@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_testnet import RunningTestnet
 
 pytestmark = [

@@ -11,13 +11,19 @@ from collections import Counter
 
 import pytest
 
-from onionp2p.client import CircuitError
-from onionp2p.directory import RelayInfo, RouterStatus
-from onionp2p.guards import GUARD_LIFETIME, REMOVE_UNLISTED_AFTER, GuardSet, NoGuardError, retry_delay
-from onionp2p.pathsel import (
-    NoPathError, choose_path, compatible, exits_for_port, in_same_family, position_weight, subnet_of,
+from onionp2p.client.guards import GUARD_LIFETIME, REMOVE_UNLISTED_AFTER, GuardSet, NoGuardError, retry_delay
+from onionp2p.client.pathsel import (
+    NoPathError,
+    choose_path,
+    compatible,
+    exits_for_port,
+    in_same_family,
+    position_weight,
+    subnet_of,
     weighted_choice,
 )
+from onionp2p.errors import CircuitError
+from onionp2p.proto.directory import RelayInfo, RouterStatus
 
 BASE = ("Running", "Valid", "Fast", "Stable")
 ACCEPT_ALL = "accept 1-65535"

@@ -1,8 +1,8 @@
-"""Token bucket arithmetic (onionp2p.ratelimit), with an injected clock."""
+"""Token bucket arithmetic (onionp2p.proto.ratelimit), with an injected clock."""
 
 import pytest
 
-from onionp2p.ratelimit import TokenBucket
+from onionp2p.proto.ratelimit import TokenBucket
 
 
 def test_bucket_allows_burst_then_rate():

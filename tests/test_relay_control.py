@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import http_get
 
-from onionp2p.client import OnionClient
-from onionp2p.directory import RelayInfo
+from onionp2p.client.client import OnionClient
+from onionp2p.proto.directory import RelayInfo
 
 pytestmark = pytest.mark.slow
 
@@ -311,7 +311,7 @@ async def test_authority_control_and_metrics_ports(nodes, tmp_path):
     from prometheus_client import parser
     from stem import ControllerError, Signal
 
-    from onionp2p.authority import authority_line, load_or_create_authority_key
+    from onionp2p.dir.authority import authority_line, load_or_create_authority_key
     from onionp2p.testnet import free_port
 
     auth_dir = tmp_path / "auth0"

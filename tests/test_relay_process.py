@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-
 import signal
 import subprocess
 import sys
@@ -12,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import blob, http_get, sha256
-from onionp2p.client import OnionClient
-from onionp2p.directory import RelayInfo
+
+from onionp2p.client.client import OnionClient
+from onionp2p.proto.directory import RelayInfo
 
 pytestmark = pytest.mark.slow
 

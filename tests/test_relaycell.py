@@ -1,4 +1,4 @@
-"""Relay cell bodies and relay message codecs (onionp2p.relaycell)."""
+"""Relay cell bodies and relay message codecs (onionp2p.proto.relaycell)."""
 
 import ipaddress
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onionp2p import relaycell as R
 from onionp2p.errors import LocalProtocolError, ProtocolError
+from onionp2p.proto import relaycell as R
 
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)

@@ -1,4 +1,4 @@
-"""Tests for onionp2p.relaycrypto: tor1 layered crypto between a client and three relays."""
+"""Tests for onionp2p.proto.relaycrypto: tor1 layered crypto between a client and three relays."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onionp2p.errors import DigestMismatch, LocalProtocolError, ProtocolError
-from onionp2p.handshake import NtorClient, ntor_server
-from onionp2p.relaycrypto import (
+from onionp2p.proto.handshake import NtorClient, ntor_server
+from onionp2p.proto.relaycrypto import (
     KEY_MATERIAL_LEN,
     RELAY_BODY_LEN,
     ClientCrypto,

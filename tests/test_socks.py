@@ -17,23 +17,40 @@ import socket
 import struct
 
 import pytest
+from conftest import LOOPBACK_EXIT, blob, http_get, sha256
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import LOOPBACK_EXIT, blob, http_get, sha256
-from onionp2p.client import CircuitError, OnionClient, StreamError
-from onionp2p.errors import LocalProtocolError
-from onionp2p.exitpolicy import ExitPolicy
-from onionp2p.keys import RelayKeys
-from onionp2p.relay import Relay
-from onionp2p.relaycell import Begin, EndReason, Resolved, ResolvedAnswer
-from onionp2p.socks import (
-    HTTP_NOT_SOCKS_ANSWER, MAX_MESSAGE, SOCKS4_GRANTED, SOCKS4_REJECTED, IsolationKey,
-    NotSocksError, ParserState, Reply, RequestReady, SendReply, SocksBackend,
-    SocksError, SocksParser, SocksRequest, SocksServer, addresses_from_resolved,
-    hostname_from_resolved, reply_code_for, reply_code_for_error, reply_for, socks4_reply,
+from onionp2p.client.client import OnionClient
+from onionp2p.client.socksport import (
+    HTTP_NOT_SOCKS_ANSWER,
+    MAX_MESSAGE,
+    SOCKS4_GRANTED,
+    SOCKS4_REJECTED,
+    IsolationKey,
+    NotSocksError,
+    ParserState,
+    Reply,
+    RequestReady,
+    SendReply,
+    SocksBackend,
+    SocksError,
+    SocksParser,
+    SocksRequest,
+    SocksServer,
+    addresses_from_resolved,
+    hostname_from_resolved,
+    reply_code_for,
+    reply_code_for_error,
+    reply_for,
+    socks4_reply,
     socks5_reply,
 )
+from onionp2p.errors import CircuitError, LocalProtocolError, StreamError
+from onionp2p.proto.exitpolicy import ExitPolicy
+from onionp2p.proto.relaycell import Begin, EndReason, Resolved, ResolvedAnswer
+from onionp2p.relay.keys import RelayKeys
+from onionp2p.relay.relay import Relay
 
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 

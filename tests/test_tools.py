@@ -1,6 +1,6 @@
 """``onionp2p circuits``, ``onionp2p top`` and the circuit graph against a real node.
 
-The node is a real :class:`~onionp2p.node.ClientNode` (circuit manager, SOCKS front end,
+The node is a real :class:`~onionp2p.client.node.ClientNode` (circuit manager, SOCKS front end,
 control port with its cookie) whose directory is three in-process relays on real TLS
 listeners; its circuits are real 3-hop ntor circuits and its streams carry real HTTP
 through them. The tools talk to its control port over 127.0.0.1 like any controller.
@@ -22,18 +22,26 @@ from pathlib import Path
 import pytest
 from conftest import http_get
 
+from onionp2p.client.node import ClientNode
 from onionp2p.config import ClientConfig
-from onionp2p.control import ControlServer
-from onionp2p.controlfmt import format_event, ns_entry
-from onionp2p.controlproto import hash_password
-from onionp2p.directory import RouterStatus
-from onionp2p.exitpolicy import ExitPolicy
-from onionp2p.inspect import (
-    AuthenticationError, ControlClient, ControlTarget, InspectError, NetworkView, ReplyAssembler,
-    open_view, parse_circuit, parse_ns,
+from onionp2p.control.formats import ns_entry
+from onionp2p.control.server import ControlServer
+from onionp2p.ops.circuits import render_graph, run_circuits, view_json
+from onionp2p.ops.controlclient import (
+    AuthenticationError,
+    ControlClient,
+    ControlTarget,
+    InspectError,
+    NetworkView,
+    ReplyAssembler,
+    open_view,
+    parse_circuit,
+    parse_ns,
 )
-from onionp2p.node import ClientNode
-from onionp2p.tools import SCRUBBED, render_graph, run_circuits, view_json
+from onionp2p.ops.present import SCRUBBED
+from onionp2p.proto.control import format_event, hash_password
+from onionp2p.proto.directory import RouterStatus
+from onionp2p.proto.exitpolicy import ExitPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = frozenset({"Exit", "Fast", "Guard", "Running", "Stable", "Valid"})
@@ -44,8 +52,8 @@ FLAGS = frozenset({"Exit", "Fast", "Guard", "Running", "Stable", "Valid"})
 @pytest.fixture
 async def exit_relays(tmp_path):
     """Three in-process relays that are exits (policy summary accepts every port)."""
-    from onionp2p.keys import RelayKeys
-    from onionp2p.relay import Relay
+    from onionp2p.relay.keys import RelayKeys
+    from onionp2p.relay.relay import Relay
 
     relays = []
     for i in range(3):
@@ -152,8 +160,8 @@ def test_parse_ns_reads_what_the_control_port_writes(exit_relays_infos):
 
 @pytest.fixture
 def exit_relays_infos(tmp_path):
-    from onionp2p.directory import RelayInfo
-    from onionp2p.keys import RelayKeys
+    from onionp2p.proto.directory import RelayInfo
+    from onionp2p.relay.keys import RelayKeys
 
     out = []
     for i in range(2):
@@ -393,10 +401,10 @@ async def test_circuit_bytes_from_real_traffic(client_node, target, open_stream)
 
 
 async def test_cli_process_json_and_errors(client_node, target, tmp_path):
-    """The real command line in a child process (onionp2p.tools.main = the subcommands)."""
+    """The real command line in a child process (onionp2p.ops.circuits.main = the subcommands)."""
     async def run(*args: str) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "onionp2p.tools", *args, cwd=REPO,
+            sys.executable, "-m", "onionp2p", *args, cwd=REPO,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         return proc.returncode, out.decode(), err.decode()
@@ -449,7 +457,7 @@ async def test_graph_from_cli_and_tools_script(client_node, target, exit_relays,
 async def test_top_tui_with_pilot(client_node, target, open_stream, exit_relays, http_server):
     from textual.widgets import DataTable, Sparkline
 
-    from onionp2p.tui import TopApp
+    from onionp2p.ops.top import TopApp
 
     rec, reader, writer = open_stream
     app = TopApp(target)
@@ -494,8 +502,8 @@ async def test_top_tui_with_pilot(client_node, target, open_stream, exit_relays,
 
 
 async def test_top_reports_unreachable_port():
+    from onionp2p.ops.top import TopApp
     from onionp2p.testnet import free_port
-    from onionp2p.tui import TopApp
 
     app = TopApp(ControlTarget(port=free_port(), timeout=5))
     async with app.run_test() as pilot:

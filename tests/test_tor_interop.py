@@ -17,16 +17,17 @@ from pathlib import Path
 import pytest
 from conftest import blob, http_get, sha256
 
-from onionp2p.client import OnionClient, StreamError
-from onionp2p.dirserver import fetch, http_request
-from onionp2p.relaycell import EndReason, RelayCommand, ResolvedType, unpack_relay
-from onionp2p.tordir import (
+from onionp2p.client.client import OnionClient
+from onionp2p.dir.server import fetch, http_request
+from onionp2p.dir.tordir import (
     fetch_tor_directory,
     parse_consensus,
     parse_dirauth_line,
     parse_key_certificates,
     verify_consensus,
 )
+from onionp2p.errors import StreamError
+from onionp2p.proto.relaycell import EndReason, RelayCommand, ResolvedType, unpack_relay
 
 _spec = importlib.util.spec_from_file_location("tornet", Path(__file__).parents[1] / "tools" / "tornet.py")
 tornet = importlib.util.module_from_spec(_spec)

@@ -1,4 +1,4 @@
-"""Reading tor's directory (onionp2p.tordir): parsing, verification, tampering, fuzzing.
+"""Reading tor's directory (onionp2p.dir.tordir): parsing, verification, tampering, fuzzing.
 
 The documents in tests/data/tor/ were fetched from a private network of tor 0.4.9
 authorities started with tools/tornet.py (3 authorities, 5 relays, 2 exits); NOW lies
@@ -19,10 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onionp2p.directory import ConsensusError
-from onionp2p.dirserver import DirServer, HttpResponse
-from onionp2p.errors import CertificateError, ConfigError, ProtocolError
-from onionp2p.tordir import (
+from onionp2p.dir.server import DirServer, HttpResponse
+from onionp2p.dir.tordir import (
     KeyCertificate,
     TorDirectoryError,
     fetch_tor_directory,
@@ -34,6 +32,8 @@ from onionp2p.tordir import (
     router_statuses,
     verify_consensus,
 )
+from onionp2p.errors import CertificateError, ConfigError, ProtocolError
+from onionp2p.proto.directory import ConsensusError
 
 DATA = Path(__file__).parent / "data" / "tor"
 DIRAUTH = (DATA / "dirauth.txt").read_text().splitlines()

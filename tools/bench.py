@@ -378,7 +378,7 @@ class OnionNet(Network):
             raise RuntimeError("onionp2p testnet not ready in time")
         self.client_pid = self.proc.pid
         self.cookie_path = self.dir / "client" / "control_auth_cookie"
-        from onionp2p.directory import RelayInfo
+        from onionp2p.proto.directory import RelayInfo
 
         for d in sorted(self.dir.iterdir()):
             cfg = d / "relay.toml"
@@ -392,7 +392,7 @@ class OnionNet(Network):
                 self.relay_names[fp] = info.nickname
 
     def relay_info(self, nickname: str):
-        from onionp2p.directory import RelayInfo
+        from onionp2p.proto.directory import RelayInfo
 
         return RelayInfo.load(self.dir / nickname / "relay-info.json")
 
@@ -609,7 +609,7 @@ def stream_circuit_path(net: Network) -> list[str]:
 async def build_idle_circuits(info, n: int, per_channel: int = 900, concurrency: int = 64) -> list:
     """n one-hop circuits (CREATE2/ntor) at the relay ``info``, from onionp2p's OnionClient (the
     same driver for both networks); spread over channels so no per-channel cap applies."""
-    from onionp2p.client import OnionClient
+    from onionp2p.client.client import OnionClient
 
     clients = [OnionClient() for _ in range((n + per_channel - 1) // per_channel)]
     sem = asyncio.Semaphore(concurrency)
@@ -640,7 +640,7 @@ def dedicated_onion_relay(workdir: Path) -> tuple[subprocess.Popen, object]:
     """An onionp2p relay process of its own for the circuit-memory test: no per-channel cap,
     and every ``dos_*`` limit the config knows set to 0 (= off)."""
     from onionp2p import config as cfgmod
-    from onionp2p.directory import RelayInfo
+    from onionp2p.proto.directory import RelayInfo
 
     d = workdir / "memrelay"
     d.mkdir(parents=True, exist_ok=True)
@@ -915,7 +915,7 @@ async def circuit_memory_both(nets: dict, workdir: Path, n: int) -> dict:
             p.terminate()
             p.wait(10)
     if "tor" in nets:
-        from onionp2p.tordir import fetch_tor_directory
+        from onionp2p.dir.tordir import fetch_tor_directory
 
         net: TorNetwork = nets["tor"]
         statuses = await fetch_tor_directory(net.net.dirauth_lines())

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from onionp2p.handshake import NtorClient, NtorV3Client, ntor_server, ntor_v3_server
-from onionp2p.relaycrypto import ClientCrypto, RelayCrypto
+from onionp2p.proto.handshake import NtorClient, NtorV3Client, ntor_server, ntor_v3_server
+from onionp2p.proto.relaycrypto import ClientCrypto, RelayCrypto
 
 
 def _ns_per_call(fn: Callable[[], object], n: int) -> float:

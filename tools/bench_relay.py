@@ -8,12 +8,12 @@ Usage::
 The relay under test, R, is a real ``onionp2p relay`` process (DoS limits off, like a
 testnet relay). This process is both of R's neighbours:
 
-* the **client**: an :class:`~onionp2p.client.OnionClient` that builds ``K`` two-hop
+* the **client**: an :class:`~onionp2p.client.client.OnionClient` that builds ``K`` two-hop
   circuits R → S over one channel, then onion-encrypts ``N`` RELAY cells (command DROP,
   addressed to S: tor-spec's long-range padding, which carries no stream and is outside
   the SENDME windows) *before* the clock starts, so that during the measurement it only
   writes prepared bytes to its TLS socket;
-* the **next hop** S: an in-process :class:`~onionp2p.relay.Relay` that answers R's
+* the **next hop** S: an in-process :class:`~onionp2p.relay.relay.Relay` that answers R's
   EXTEND2 (a real link handshake and ntor), whose channel from R is then handed to a
   protocol that only counts the bytes it receives (TLS decryption is all it pays).
 
@@ -45,12 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from onionp2p.cells import CellCommand  # noqa: E402
-from onionp2p.client import OnionClient  # noqa: E402
-from onionp2p.directory import RelayInfo  # noqa: E402
-from onionp2p.keys import RelayKeys  # noqa: E402
-from onionp2p.relay import Relay  # noqa: E402
-from onionp2p.relaycell import RelayCommand, pack_relay  # noqa: E402
+from onionp2p.client.client import OnionClient  # noqa: E402
+from onionp2p.proto.cells import CellCommand  # noqa: E402
+from onionp2p.proto.directory import RelayInfo  # noqa: E402
+from onionp2p.proto.relaycell import RelayCommand, pack_relay  # noqa: E402
+from onionp2p.relay.keys import RelayKeys  # noqa: E402
+from onionp2p.relay.relay import Relay  # noqa: E402
 
 CELL_LEN = 514
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -9,7 +9,7 @@ Relays are boxes (nickname, short fingerprint, main flags) coloured by the role 
 (guard, middle, exit; idle ones grey); the client is on the left; each circuit is a
 chain of arrows in its own colour labelled with its id. Graphviz ``dot`` is used when
 installed (``apt-get install graphviz``), matplotlib otherwise. The same picture comes
-from ``onionp2p circuits --graph FILE``; the drawing code is onionp2p.tools.render_graph.
+from ``onionp2p circuits --graph FILE``; the drawing code is onionp2p.ops.circuits.render_graph.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onionp2p.errors import OnionError
-from onionp2p.inspect import open_view
-from onionp2p.tools import add_control_arguments, render_graph, target_from_args
+from onionp2p.ops.circuits import add_control_arguments, render_graph, target_from_args
+from onionp2p.ops.controlclient import open_view
 
 
 async def draw(args: argparse.Namespace) -> str:

@@ -31,21 +31,20 @@ import tempfile
 import atheris
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fuzzlib import CELL_TARGETS, NOW, TLS_CERT_DER, check, consume_chunks  # noqa: E402
-
 # Heavy third-party packages are imported first so that only our own code is instrumented.
 import construct  # noqa: E402,F401
 import cryptography.x509  # noqa: E402,F401
 import structlog  # noqa: E402,F401
+from fuzzlib import CELL_TARGETS, NOW, TLS_CERT_DER, check, consume_chunks  # noqa: E402
 
 with atheris.instrument_imports(include=["onionp2p"]):
-    from onionp2p import cells as C
-    from onionp2p import certs as X
-    from onionp2p import relaycell as R
-    from onionp2p.channel import Channel
     from onionp2p.errors import ProtocolError
-    from onionp2p.keys import RelayKeys
-    from onionp2p.link import LinkHandshake, verify_certs
+    from onionp2p.net.channel import Channel
+    from onionp2p.proto import cells as C
+    from onionp2p.proto import certs as X
+    from onionp2p.proto import relaycell as R
+    from onionp2p.proto.link import LinkHandshake, verify_certs
+    from onionp2p.relay.keys import RelayKeys
 
 # -- fixed state shared by every input --------------------------------------------------------
 

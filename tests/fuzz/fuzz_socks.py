@@ -25,19 +25,18 @@ import sys
 import atheris
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fuzzlib import SOCKS_TARGETS, check, consume_chunks  # noqa: E402
-
 import construct  # noqa: E402,F401
 import cryptography.x509  # noqa: E402,F401
 import structlog  # noqa: E402,F401
+from fuzzlib import SOCKS_TARGETS, check, consume_chunks  # noqa: E402
 
 with atheris.instrument_imports(include=["onionp2p"]):
     import ipaddress
 
-    from onionp2p import socks as S
-    from onionp2p import socksproto as P
+    from onionp2p.client import socksport as S
     from onionp2p.errors import ProtocolError
-    from onionp2p.relaycell import Resolved
+    from onionp2p.proto import socks as P
+    from onionp2p.proto.relaycell import Resolved
 
 _HOSTNAME = re.compile(r"(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?\Z")
 _KEY_REPR = re.compile(r"IsolationKey\([0-9a-f]{12}\)\Z")

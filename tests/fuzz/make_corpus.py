@@ -34,14 +34,21 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
 from fuzzlib import (  # noqa: E402
-    CELL_TARGETS, NOW, SOCKS_TARGETS, TLS_CERT_DER, TLS_CERT_SHA256, fdp_input, stream_input,
+    CELL_TARGETS,
+    NOW,
+    SOCKS_TARGETS,
+    TLS_CERT_DER,
+    TLS_CERT_SHA256,
+    fdp_input,
+    stream_input,
 )
-from onionp2p import cells as C  # noqa: E402
-from onionp2p import certs as X  # noqa: E402
-from onionp2p import relaycell as R  # noqa: E402
-from onionp2p.link import AUTH0003_LEN, LinkHandshake, verify_certs  # noqa: E402
-from onionp2p.socks import SocksParser  # noqa: E402
-from onionp2p.socksproto import RequestReady  # noqa: E402
+
+from onionp2p.client.socksport import SocksParser  # noqa: E402
+from onionp2p.proto import cells as C  # noqa: E402
+from onionp2p.proto import certs as X  # noqa: E402
+from onionp2p.proto import relaycell as R  # noqa: E402
+from onionp2p.proto.link import AUTH0003_LEN, LinkHandshake, verify_certs  # noqa: E402
+from onionp2p.proto.socks import RequestReady  # noqa: E402
 
 CELLS_DIR = HERE / "corpus" / "cells"
 SOCKS_DIR = HERE / "corpus" / "socks"
@@ -106,8 +113,9 @@ def _exporter(label: bytes, context: bytes) -> bytes:
 
 def _handshake_completes(stream: bytes, *, initiator: bool) -> bool:
     """Does a client initiator (or a relay responder) finish the handshake on ``stream``?"""
-    from onionp2p.keys import RelayKeys
     import tempfile
+
+    from onionp2p.relay.keys import RelayKeys
 
     if initiator:
         hs = LinkHandshake(initiator=True, keys=None, now=NOW)

@@ -1,0 +1,600 @@
+"""Circuit management: which circuit a stream uses, and keeping circuits ready (specs/pathsel.md).
+
+Theory of operation
+-------------------
+:class:`CircuitManager` sits between streams (SOCKS, the library API) and
+:class:`~onionp2p.client.client.OnionClient`. It owns the circuits it builds and answers
+"give me a circuit for port P with isolation key K".
+
+Choosing a circuit (:meth:`CircuitManager.get_circuit`)
+  A built circuit is reused when (1) it still takes new streams: it is not *dirty* —
+  its first stream was attached no more than ``dirtiness`` seconds ago (tor's
+  MaxCircuitDirtiness, default 10 min) — and it was not retired by :meth:`new_identity`
+  or after a failure; (2) its exit's policy summary allows P; (3) its isolation key
+  equals K, or it has none yet, in which case K is assigned to it for good. Two
+  different keys therefore never share a circuit (tor's IsolateSOCKSAuth: the SOCKS
+  front end passes e.g. ``(username, password)`` as K). Circuits already assigned to K
+  are preferred over clean ones, so clean circuits stay available for other keys. If no
+  circuit fits, a build already under way that fits is joined; otherwise a new one is
+  launched. Failed builds are retried on other paths up to ``max_build_attempts``.
+
+Building
+  The path comes from :func:`~onionp2p.client.pathsel.choose_path` with the guard from the
+  :class:`~onionp2p.client.guards.GuardSet`. The channel to the guard is opened first: if
+  that fails the guard is marked down (the next pick returns the next primary guard);
+  if it succeeds it is marked up. A build that fails after that (DESTROY, TRUNCATED or
+  the build timeout) puts its middle and exit on a short "recently failed" list
+  (``FAILED_RELAY_MEMORY``, 60 s; an unreachable guard goes there too) that later path
+  choices avoid; if avoiding them leaves no path, only the relays that failed as middles
+  or were unreachable are avoided, then none. A build that times out without any
+  answer from the guard (no CREATED2, no DESTROY) blames the guard instead: as in tor,
+  the guard is marked down and its channel takes no new circuits (the link is probably
+  half-open; the channel closes once its circuits are gone). The build timeout is the fixed
+  ``build_timeout`` (channel plus all three hops), tor's initial value; tor's adaptive
+  Pareto estimate is not implemented.
+
+Preemptive circuits
+  After :meth:`start`, a maintenance task keeps ``preemptive`` clean circuits (built or
+  under way, no isolation key, never used) whose exits allow the ``preemptive_ports``:
+  each new one targets the port covered by the fewest clean circuits. Failures back off
+  exponentially (1 s doubling to 60 s). The same task closes circuits that no longer
+  take new streams once their last stream has ended (and none was attached in the last
+  ``ATTACH_GRACE`` seconds) and forgets closed ones. A circuit through a relay that
+  the current consensus no longer lists as Running is retired (its open streams go on;
+  like tor's ``circuit_is_acceptable``), so a relay that disappeared costs new streams
+  at most one ``stream_timeout`` on circuits built before the consensus dropped it.
+
+Streams (:meth:`open_stream`)
+  BEGIN is sent on the chosen circuit; if END arrives before CONNECTED, the reaction
+  follows C tor's ``connection_ap_process_end_not_open`` (see :func:`end_reason_action`):
+  EXITPOLICY: try again through another exit; HIBERNATING, RESOURCELIMIT: retire the
+  circuit and avoid that exit; RESOLVEFAILED, MISC, NOROUTE: retire the circuit and try
+  again; TORPROTOCOL, DESTROY (the exit says the circuit is bad): close the circuit and
+  fail; anything else (CONNECTREFUSED, ...): fail at once. A local connect timeout
+  (``stream_timeout``, like tor's 10-15 s stream cutoff) retires the circuit and tries
+  again; our client reports it as TIMEOUT, which we cannot tell from an exit's END
+  TIMEOUT, so both are treated alike. A circuit that dies while the stream waits is
+  a circuit failure: try again. At most ``max_stream_attempts`` (3, tor's
+  MAX_RESOLVE_FAILURES) attempts within ``timeout``, then the last StreamError is raised
+  (a CircuitError only when no stream error happened).
+
+Bounds
+  At most ``max_circuits_per_isolation`` open or pending circuits carry one isolation
+  key (:class:`CircuitLimitError` beyond it); retired circuits stop counting once their
+  streams end and they are closed. Clean circuits never exceed ``preemptive``
+  (a circuit launched on demand carries its key from the start).
+
+The clock (``clock``, monotonic seconds: dirtiness, failure memory) and the random
+source are injected; asyncio timeouts use the event loop's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+from onionp2p.client.client import ClientCircuit, OnionClient
+from onionp2p.client.guards import GuardSet, NoGuardError
+from onionp2p.client.pathsel import NoPathError, RandomSource, can_exit_to, choose_path
+from onionp2p.errors import CircuitError, OnionError, StreamError
+from onionp2p.log import get_logger
+from onionp2p.proto.directory import RouterStatus
+from onionp2p.proto.relaycell import EndReason, Resolved
+
+__all__ = ["CircuitManager", "CircuitInfo", "CircuitLimitError", "end_reason_action",
+           "FAILED_RELAY_MEMORY", "ATTACH_GRACE"]
+
+log = get_logger("onionp2p.circmgr")
+
+FAILED_RELAY_MEMORY = 60.0
+ATTACH_GRACE = 30.0
+MAINTENANCE_INTERVAL = 5.0
+MAX_BACKOFF = 60.0
+
+
+class CircuitLimitError(CircuitError):
+    """Too many circuits already carry this isolation key."""
+
+    def __init__(self, message: str, reason: str = "RESOURCELIMIT"):
+        super().__init__(message, reason)
+
+
+def end_reason_action(reason: int) -> str:
+    """What to do when END(reason) arrives before CONNECTED on a live circuit.
+
+    ``"other-exit"``: retry avoiding this exit (circuit stays usable); ``"retire-exit"``:
+    retire the circuit and avoid its exit; ``"retire"``: retire the circuit and retry;
+    ``"close"``: close the circuit, do not retry; ``"fail"``: do not retry.
+    """
+    if reason == EndReason.EXITPOLICY:
+        return "other-exit"
+    if reason in (EndReason.HIBERNATING, EndReason.RESOURCELIMIT):
+        return "retire-exit"
+    if reason in (EndReason.RESOLVEFAILED, EndReason.MISC, EndReason.NOROUTE, EndReason.TIMEOUT):
+        return "retire"
+    if reason in (EndReason.TORPROTOCOL, EndReason.DESTROY):
+        return "close"
+    return "fail"
+
+
+_UNASSIGNED = object()  # an entry's isolation before its first stream
+
+
+@dataclass(eq=False)
+class _Entry:
+    path: tuple[RouterStatus, ...]
+    purpose: str
+    generation: int
+    launched_at: float  # wall clock, for display
+    isolation: object = _UNASSIGNED
+    circ: ClientCircuit | None = None
+    task: asyncio.Task | None = None
+    dirty_since: float | None = None  # manager clock: first stream attached
+    last_attach: float | None = None
+    retired: bool = False
+    inflight: int = 0  # open_stream/resolve calls of ours waiting on this circuit
+
+    @property
+    def exit(self) -> RouterStatus:
+        return self.path[-1]
+
+    @property
+    def gone(self) -> bool:
+        return self.circ is not None and self.circ.state in ("closed", "failed")
+
+
+@dataclass(frozen=True)
+class CircuitInfo:
+    """One managed circuit, for the control port. ``path``: ``$FINGERPRINT~nickname``."""
+
+    id: int | None  # ClientCircuit.id; None while the first hop is being connected
+    state: str  # launched, built, closed, failed
+    path: tuple[str, ...]
+    purpose: str  # "preemptive" or "on-demand"
+    isolation: object  # the key; None when unassigned (see isolated)
+    isolated: bool  # True once a key is assigned
+    dirty: bool  # no longer takes new streams
+    created_at: float  # wall clock
+    streams: int = 0
+
+
+@dataclass
+class _Backoff:
+    failures: int = 0
+    until: float = 0.0
+
+
+class CircuitManager:
+    """Chooses, builds, shares and retires client circuits. See the module docstring."""
+
+    def __init__(
+        self,
+        client: OnionClient,
+        routers: Callable[[], Sequence[RouterStatus]],
+        guards: GuardSet,
+        *,
+        preemptive: int = 3,
+        preemptive_ports: Sequence[int] = (80, 443),
+        dirtiness: float = 600.0,
+        build_timeout: float = 60.0,
+        max_build_attempts: int = 3,
+        enforce_distinct_subnets: bool = True,
+        rng: RandomSource | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        stream_timeout: float = 15.0,
+        max_stream_attempts: int = 3,
+        max_circuits_per_isolation: int = 16,
+    ):
+        if max_build_attempts < 1 or max_stream_attempts < 1 or max_circuits_per_isolation < 1:
+            raise ValueError("attempt counts and limits must be at least 1")
+        self.client = client
+        self.routers = routers
+        self.guards = guards
+        self.preemptive = preemptive
+        self.preemptive_ports = tuple(preemptive_ports)
+        self.dirtiness = dirtiness
+        self.build_timeout = build_timeout
+        self.max_build_attempts = max_build_attempts
+        self.enforce_distinct_subnets = enforce_distinct_subnets
+        self.rng: RandomSource = rng if rng is not None else random.SystemRandom()
+        self.clock = clock
+        self.stream_timeout = stream_timeout
+        self.max_stream_attempts = max_stream_attempts
+        self.max_circuits_per_isolation = max_circuits_per_isolation
+        self._entries: list[_Entry] = []
+        self._generation = 0
+        self._failed: dict[str, tuple[float, str]] = {}  # fingerprint -> (until, position)
+        self._backoff = _Backoff()
+        self._wake = asyncio.Event()
+        self._built = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._running_src: object = None
+        self._running_fps: frozenset[str] = frozenset()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start keeping preemptive circuits ready (returns at once; see :meth:`ready`)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._maintain())
+
+    async def stop(self) -> None:
+        """Stop maintenance, abandon builds under way and close every managed circuit."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        pending = [e.task for e in self._entries if e.task is not None and not e.task.done()]
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for e in self._entries:
+            if e.circ is not None:
+                e.circ.close()
+        self._entries.clear()
+
+    async def ready(self, timeout: float) -> None:
+        """Wait until at least one circuit is built and takes new streams."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not any(self._takes_streams(e, self.clock()) for e in self._entries):
+                    self._built.clear()
+                    await self._built.wait()
+        except TimeoutError:
+            raise CircuitError(f"no circuit built within {timeout:g} s", "TIMEOUT") from None
+
+    # -- public API -------------------------------------------------------------------------------
+
+    async def get_circuit(self, port: int | None, isolation: Hashable = None) -> ClientCircuit:
+        """A built circuit for a stream to ``port`` (None: any exit) with key ``isolation``."""
+        return await self._get_circuit(port, isolation, frozenset())
+
+    async def open_stream(self, host: str, port: int, isolation: Hashable = None, *, timeout: float = 60.0,
+                          ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, ClientCircuit]:
+        """Open a stream to ``host:port``, retrying where tor would. Raises StreamError/CircuitError."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        avoid: set[str] = set()
+        last: OnionError | None = None
+        for _ in range(self.max_stream_attempts):
+            circ = await self._circuit_until(deadline, port, isolation, avoid, last)
+            entry = self._entry_of(circ)
+            entry.inflight += 1
+            try:
+                reader, writer = await circ.open_stream(
+                    host, port, timeout=max(min(self.stream_timeout, deadline - loop.time()), 0.001))
+                return reader, writer, circ
+            except CircuitError as exc:  # closed between choosing and BEGIN
+                last = exc
+                self._retire(entry)
+            except StreamError as exc:
+                last = exc
+                if circ.state != "built":
+                    continue  # the circuit died under the stream
+                action = end_reason_action(exc.reason)
+                log.info("stream refused", reason=_end_name(exc.reason), action=action, circ=circ.id)
+                if action == "close":
+                    circ.close()
+                    raise
+                if action == "fail":
+                    raise
+                if action in ("other-exit", "retire-exit"):
+                    avoid.add(entry.exit.fingerprint)
+                if action in ("retire", "retire-exit"):
+                    self._retire(entry)
+            finally:
+                entry.inflight -= 1
+            if loop.time() >= deadline:
+                break
+        assert last is not None
+        raise last
+
+    async def resolve(self, host: str, isolation: Hashable = None, *, timeout: float = 30.0) -> Resolved:
+        """RESOLVE ``host`` at an exit of a circuit for ``isolation`` (any exit)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last: OnionError | None = None
+        for _ in range(self.max_stream_attempts):
+            circ = await self._circuit_until(deadline, None, isolation, set(), last)
+            entry = self._entry_of(circ)
+            entry.inflight += 1
+            try:
+                return await circ.resolve(host, timeout=max(min(self.stream_timeout, deadline - loop.time()),
+                                                            0.001))
+            except (CircuitError, StreamError) as exc:  # StreamError: the exit refused it (END)
+                last = exc
+            except TimeoutError:
+                last = StreamError("resolve timed out", EndReason.TIMEOUT)
+            finally:
+                entry.inflight -= 1
+            self._retire(entry)
+            if loop.time() >= deadline:
+                break
+        assert last is not None
+        raise last
+
+    def new_identity(self) -> None:
+        """NEWNYM: no existing or pending circuit takes new streams; open streams continue."""
+        self._generation += 1
+        self._failed.clear()
+        self._backoff = _Backoff()
+        log.info("new identity: existing circuits retired for new streams")
+        self._wake.set()
+
+    def circuits(self) -> list[CircuitInfo]:
+        """Introspection of every managed circuit (built, or under way)."""
+        now = self.clock()
+        out = []
+        for e in self._entries:
+            c = e.circ
+            out.append(CircuitInfo(
+                id=c.id if c is not None else None,
+                state=c.state if c is not None else "launched",
+                path=tuple(f"${rs.fingerprint}~{rs.nickname}" for rs in e.path),
+                purpose=e.purpose,
+                isolation=None if e.isolation is _UNASSIGNED else e.isolation,
+                isolated=e.isolation is not _UNASSIGNED,
+                dirty=not self._fresh(e, now),
+                created_at=c.created_at if c is not None else e.launched_at,
+                streams=len(c.streams) if c is not None else 0,
+            ))
+        return out
+
+    # -- choosing circuits ---------------------------------------------------------------------------
+
+    def _fresh(self, e: _Entry, now: float) -> bool:
+        if e.retired or e.generation != self._generation or e.gone:
+            return False
+        return e.dirty_since is None or now - e.dirty_since <= self.dirtiness
+
+    def _takes_streams(self, e: _Entry, now: float) -> bool:
+        return e.circ is not None and e.circ.state == "built" and self._fresh(e, now)
+
+    def _fits(self, e: _Entry, port: int | None, key: object, avoid: frozenset[str]) -> bool:
+        return ((e.isolation is _UNASSIGNED or e.isolation == key)
+                and e.exit.fingerprint not in avoid and can_exit_to(e.exit, port))
+
+    def _entry_of(self, circ: ClientCircuit) -> _Entry:
+        for e in self._entries:
+            if e.circ is circ:
+                return e
+        raise CircuitError("circuit is not managed here", "INTERNAL")
+
+    async def _circuit_until(self, deadline: float, port: int | None, key: object, avoid: set[str],
+                             last: OnionError | None) -> ClientCircuit:
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(remaining):
+                return await self._get_circuit(port, key, frozenset(avoid))
+        except TimeoutError:
+            raise (last or CircuitError("timed out waiting for a circuit", "TIMEOUT")) from None
+        except CircuitError:
+            if isinstance(last, StreamError):
+                raise last from None  # no circuit for another try: report the exit's answer
+            raise
+
+    async def _get_circuit(self, port: int | None, key: object, avoid: frozenset[str]) -> ClientCircuit:
+        last: CircuitError | None = None
+        for _ in range(self.max_build_attempts):
+            self._reap()
+            now = self.clock()
+            usable = [e for e in self._entries
+                      if self._takes_streams(e, now) and self._fits(e, port, key, avoid)]
+            if usable:
+                usable.sort(key=lambda e: (e.isolation is _UNASSIGNED, e.dirty_since is None))
+                return self._attach(usable[0], key)
+            pending = [e for e in self._entries if e.circ is None and self._fresh(e, now)
+                       and self._fits(e, port, key, avoid)]
+            if pending:
+                pending.sort(key=lambda e: e.isolation is _UNASSIGNED)
+                entry = pending[0]
+            else:
+                self._check_limit(key)
+                entry = self._launch(port, key, avoid, "on-demand")
+            entry.isolation = key  # claim it now so other keys do not join the build
+            try:
+                await asyncio.shield(entry.task)  # type: ignore[arg-type]
+            except CircuitError as exc:
+                last = exc
+                continue
+            if self._takes_streams(entry, self.clock()):
+                return self._attach(entry, key)
+        raise last or CircuitError("no circuit became available", "NONE")
+
+    def _attach(self, e: _Entry, key: object) -> ClientCircuit:
+        now = self.clock()
+        e.isolation = key
+        if e.dirty_since is None:
+            e.dirty_since = now
+        e.last_attach = now
+        assert e.circ is not None
+        e.circ.isolation = key
+        self._wake.set()  # a clean circuit may have been used up
+        return e.circ
+
+    def _retire(self, e: _Entry) -> None:
+        e.retired = True
+        self._wake.set()
+
+    def _check_limit(self, key: object) -> None:
+        self._reap()
+        n = sum(1 for e in self._entries if e.isolation is not _UNASSIGNED and e.isolation == key)
+        if n >= self.max_circuits_per_isolation:
+            raise CircuitLimitError(f"{n} circuits already carry this isolation key")
+
+    # -- building ------------------------------------------------------------------------------------
+
+    def _recent_failures(self) -> dict[str, str]:
+        now = self.clock()
+        self._failed = {fp: v for fp, v in self._failed.items() if v[0] > now}
+        return {fp: pos for fp, (_until, pos) in self._failed.items()}
+
+    def _choose(self, port: int | None, avoid: frozenset[str]) -> list[RouterStatus]:
+        routers = list(self.routers())
+        failed = self._recent_failures()
+        tiers: list[set[str]] = []
+        dead = {fp for fp, pos in failed.items() if pos in ("middle", "unreachable")}
+        for tier in (set(failed) | avoid, dead | avoid, set(avoid)):
+            if tier not in tiers:
+                tiers.append(tier)
+        error: NoPathError | None = None
+        for exclude in tiers:
+            tried: set[str] = set()
+            while True:
+                try:
+                    guard = self.guards.pick(routers, exclude=tried)
+                except NoGuardError:
+                    if not tried:
+                        raise  # no guard at all
+                    break  # every guard tried with this tier
+                if guard.fingerprint in tried:
+                    break
+                try:
+                    return choose_path(routers, port=port, guard=guard, rng=self.rng, exclude=exclude,
+                                       enforce_distinct_subnets=self.enforce_distinct_subnets)
+                except NoPathError as exc:
+                    error = exc
+                    tried.add(guard.fingerprint)
+        raise error or NoPathError("no path")
+
+    def _launch(self, port: int | None, key: object, avoid: frozenset[str], purpose: str) -> _Entry:
+        path = self._choose(port, avoid)
+        e = _Entry(tuple(path), purpose, self._generation, time.time(), isolation=key)
+        e.task = asyncio.get_running_loop().create_task(self._build(e))
+        e.task.add_done_callback(lambda t: self._build_done(e, t))
+        self._entries.append(e)
+        log.debug("circuit launched", path=[rs.nickname for rs in path], port=port, purpose=purpose)
+        return e
+
+    async def _build(self, e: _Entry) -> ClientCircuit:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.build_timeout
+        guard = e.path[0]
+        try:
+            await asyncio.wait_for(self.client.channel_to(guard.info), self.build_timeout)
+        except (OSError, OnionError, TimeoutError) as exc:
+            self.guards.mark_down(guard.fingerprint)
+            self._failed[guard.fingerprint] = (self.clock() + FAILED_RELAY_MEMORY, "unreachable")
+            raise CircuitError(f"cannot connect to guard {guard.nickname}: {exc or 'timeout'}",
+                               "CONNECTFAILED") from None
+        self.guards.mark_up(guard.fingerprint)
+        circ: ClientCircuit | None = None
+        try:
+            circ, building = await self.client.launch_circuit([rs.info for rs in e.path],
+                                                              timeout=max(deadline - loop.time(), 0.001))
+            await building
+        except CircuitError:
+            until = self.clock() + FAILED_RELAY_MEMORY
+            if circ is not None and not circ.hops and circ.close_reason == "TIMEOUT":
+                # Not even CREATED2 (nor DESTROY) from the guard, over a channel that is
+                # open: the link is likely half-open. As tor does, blame the guard alone,
+                # and open a new channel for the next circuit.
+                self.client.retire_channel(circ.chan)
+                self.guards.mark_down(guard.fingerprint)
+                self._failed[guard.fingerprint] = (until, "unreachable")
+            else:
+                self._failed[e.path[1].fingerprint] = (until, "middle")
+                self._failed.setdefault(e.path[2].fingerprint, (until, "exit"))
+            raise
+        e.circ = circ
+        if e.isolation is not _UNASSIGNED:
+            circ.isolation = e.isolation
+        return circ
+
+    def _build_done(self, e: _Entry, task: asyncio.Task) -> None:
+        exc = None if task.cancelled() else task.exception()  # retrieves it
+        if task.cancelled() or exc is not None:
+            if e in self._entries:
+                self._entries.remove(e)
+            log.info("circuit build failed", path=[rs.nickname for rs in e.path],
+                     error=str(exc or "cancelled"))
+            if e.purpose == "preemptive" and not task.cancelled():
+                self._backoff.failures += 1
+                self._backoff.until = asyncio.get_running_loop().time() + min(
+                    MAX_BACKOFF, 2.0 ** (self._backoff.failures - 1))
+        else:
+            if e.purpose == "preemptive":
+                self._backoff = _Backoff()
+            self._built.set()
+        self._wake.set()
+
+    # -- maintenance -----------------------------------------------------------------------------------
+
+    def _running(self) -> frozenset[str]:
+        """Fingerprints listed as Running in the current consensus (cached per routers list)."""
+        routers = self.routers()
+        if routers is not self._running_src:
+            self._running_src = routers
+            self._running_fps = frozenset(r.fingerprint for r in routers if "Running" in r.flags)
+        return self._running_fps
+
+    def _reap(self) -> None:
+        now = self.clock()
+        running = self._running()
+        keep = []
+        for e in self._entries:
+            if e.gone:
+                continue
+            if (not e.retired and e.circ is not None and running
+                    and any(r.fingerprint not in running for r in e.path)):
+                # tor's circuit_is_acceptable: a relay that left the consensus (or stopped
+                # being Running) is probably gone; its circuits take no new streams
+                log.info("retiring a circuit through a relay no longer running", circ=e.circ.id)
+                self._retire(e)
+            c = e.circ
+            if (c is not None and not self._fresh(e, now) and not c.streams and e.inflight == 0
+                    and (e.last_attach is None or now - e.last_attach >= ATTACH_GRACE)):
+                log.debug("closing a circuit that takes no new streams", circ=c.id)
+                c.close()
+                continue
+            keep.append(e)
+        self._entries = keep
+
+    def _top_up(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.preemptive <= 0 or not self.preemptive_ports or loop.time() < self._backoff.until:
+            return
+        now = self.clock()
+        clean = [e for e in self._entries
+                 if e.isolation is _UNASSIGNED and e.dirty_since is None and self._fresh(e, now)]
+        unsupported: set[int] = set()
+        while len(clean) < self.preemptive:
+            ports = [p for p in self.preemptive_ports if p not in unsupported]
+            if not ports:
+                return
+            port = min(ports, key=lambda p: sum(1 for e in clean if can_exit_to(e.exit, p)))
+            try:
+                clean.append(self._launch(port, _UNASSIGNED, frozenset(), "preemptive"))
+            except NoPathError as exc:
+                log.info("cannot build a preemptive circuit", port=port, error=str(exc))
+                unsupported.add(port)
+                if len(unsupported) == len(self.preemptive_ports):
+                    self._backoff.failures += 1
+                    self._backoff.until = loop.time() + min(MAX_BACKOFF, 2.0 ** (self._backoff.failures - 1))
+
+    async def _maintain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                self._reap()
+                self._top_up()
+            except Exception:  # keep maintaining whatever a single round hit
+                log.exception("circuit maintenance failed")
+            self._wake.clear()
+            wait = MAINTENANCE_INTERVAL
+            if self._backoff.until > loop.time():
+                wait = min(wait, self._backoff.until - loop.time())
+            try:
+                async with asyncio.timeout(max(wait, 0.01)):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+
+def _end_name(reason: int) -> str:
+    return EndReason(reason).name if reason in EndReason._value2member_map_ else str(reason)

@@ -1,0 +1,247 @@
+"""Path selection: which three relays a client circuit goes through (path-spec §2; specs/pathsel.md).
+
+Theory of operation
+-------------------
+Everything here is pure: functions take the current list of
+:class:`~onionp2p.proto.directory.RouterStatus` entries and an injected random number
+generator (anything with ``randrange``, e.g. :class:`random.Random` in tests and
+:class:`random.SystemRandom` in production) and return relays or raise
+:class:`NoPathError`. Nothing here does I/O or reads a clock.
+
+A path is ``[guard, middle, exit]``. As in tor, the exit is chosen first, because it is
+the most constrained position (it must be willing to connect to the requested port),
+then the guard (the caller usually passes the one its :class:`~onionp2p.client.guards.GuardSet`
+picked), then the middle.
+
+Eligibility
+  * every hop: flags ``Running`` and ``Valid``, not in ``exclude``;
+  * exit: not ``BadExit`` and its policy summary (the microdescriptor ``p`` line kept in
+    ``RelayInfo.exit_policy``) accepts the port; with ``port=None`` ("any exit") the
+    summary must accept at least one port. Like C tor's
+    ``choose_good_exit_server_general`` the ``Exit`` flag itself is not required (it
+    only selects the bandwidth-weight class); a malformed summary counts as
+    ``reject 1-65535``;
+  * guard (when none is given): flag ``Guard``.
+
+Pairwise constraints (between every two hops of a path)
+  * not the same relay (fingerprint);
+  * not one family: a declares b, or b declares a, in ``RouterStatus.family``. Tor
+    requires the declaration to be *mutual*; we accept either direction, which can only
+    forbid more paths (see specs/pathsel.md for the trade-off);
+  * with ``enforce_distinct_subnets``: not in the same IPv4 /16 (IPv6 /32). Off for a
+    loopback test network, where every relay lives in 127.0.0.0/16.
+
+Weighting
+  Each candidate is chosen with probability proportional to its consensus bandwidth
+  (``w Bandwidth=``; 0 counts as 1 so unmeasured relays stay reachable). When the
+  consensus ``bandwidth-weights`` are passed (``bw_weights``, e.g. ``{"Wgg": 5914, ...}``)
+  the bandwidth is multiplied by the position weight of the relay's class (g = Guard,
+  e = Exit and not BadExit, d = both, m = neither), exactly as dir-spec §3.8.3; a missing
+  weight counts as 10000, except Wge which is 0 (exit-only relays are not guards).
+
+If the exit drawn first leaves no compatible guard or middle, that exit is dropped and
+another is drawn, so :class:`NoPathError` means no path exists at all (for the given
+guard, port and exclusions).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from functools import lru_cache
+from typing import Protocol
+
+from onionp2p.errors import CircuitError, ProtocolError
+from onionp2p.proto.directory import RouterStatus
+from onionp2p.proto.exitpolicy import ExitPolicy, PortSummary
+
+__all__ = [
+    "NoPathError",
+    "RandomSource",
+    "POSITIONS",
+    "choose_path",
+    "exits_for_port",
+    "is_usable",
+    "can_be_guard",
+    "can_exit_to",
+    "in_same_family",
+    "subnet_of",
+    "compatible",
+    "position_weight",
+    "weighted_choice",
+]
+
+POSITIONS = ("guard", "middle", "exit")
+_WEIGHT_SCALE = 10000
+
+
+class NoPathError(CircuitError):
+    """No relay (or no combination of relays) satisfies the path constraints."""
+
+    def __init__(self, message: str, reason: str = "NOPATH"):
+        super().__init__(message, reason)
+
+
+class RandomSource(Protocol):
+    def randrange(self, stop: int, /) -> int: ...
+
+
+# -- eligibility ---------------------------------------------------------------------------
+
+
+def _fp(s: str) -> str:
+    return s.strip().lstrip("$").upper()
+
+
+@lru_cache(maxsize=1024)
+def _summary(text: str) -> PortSummary | None:
+    try:
+        return ExitPolicy.parse_summary(text)
+    except ProtocolError:
+        return None
+
+
+def is_usable(rs: RouterStatus) -> bool:
+    """Running and Valid: may appear in any position."""
+    return "Running" in rs.flags and "Valid" in rs.flags
+
+
+def can_be_guard(rs: RouterStatus) -> bool:
+    return is_usable(rs) and "Guard" in rs.flags
+
+
+def can_exit_to(rs: RouterStatus, port: int | None) -> bool:
+    """True iff ``rs`` may be the exit for ``port`` (None: for some port)."""
+    if not is_usable(rs) or "BadExit" in rs.flags:
+        return False
+    summary = _summary(rs.info.exit_policy)
+    if summary is None:
+        return False
+    return summary.accepts_anything if port is None else summary.allows_port(port)
+
+
+def exits_for_port(routers: Iterable[RouterStatus], port: int | None) -> list[RouterStatus]:
+    """The relays that may be the exit of a circuit for ``port`` (None: any port)."""
+    return [rs for rs in routers if can_exit_to(rs, port)]
+
+
+# -- pairwise constraints ---------------------------------------------------------------------
+
+
+def in_same_family(a: RouterStatus, b: RouterStatus) -> bool:
+    """A declared family link in either direction (see the module docstring)."""
+    fa, fb = a.fingerprint, b.fingerprint
+    return any(_fp(f) == fb for f in a.family) or any(_fp(f) == fa for f in b.family)
+
+
+def subnet_of(address: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """The /16 (IPv4) or /32 (IPv6) around ``address``; None for a non-literal address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    prefix = 16 if ip.version == 4 else 32
+    return ipaddress.ip_network(f"{ip}/{prefix}", strict=False)
+
+
+def compatible(a: RouterStatus, b: RouterStatus, *, enforce_distinct_subnets: bool) -> bool:
+    """May ``a`` and ``b`` be on one path?"""
+    if a.fingerprint == b.fingerprint or in_same_family(a, b):
+        return False
+    if enforce_distinct_subnets:
+        na, nb = subnet_of(a.info.address), subnet_of(b.info.address)
+        if na is not None and na == nb:
+            return False
+    return True
+
+
+# -- weighting ----------------------------------------------------------------------------------
+
+
+def position_weight(rs: RouterStatus, position: str, bw_weights: Mapping[str, int] | None = None) -> int:
+    """Relative selection weight of ``rs`` for ``position`` (guard, middle or exit)."""
+    if position not in POSITIONS:
+        raise ValueError(f"unknown position {position!r}")
+    bandwidth = max(int(rs.bandwidth), 1)
+    if not bw_weights:
+        return bandwidth
+    guard = "Guard" in rs.flags
+    exit_ = "Exit" in rs.flags and "BadExit" not in rs.flags
+    cls = "d" if guard and exit_ else "g" if guard else "e" if exit_ else "m"
+    key = "W" + position[0] + cls
+    default = 0 if key == "Wge" else _WEIGHT_SCALE
+    return bandwidth * max(int(bw_weights.get(key, default)), 0)
+
+
+def weighted_choice(candidates: Sequence[RouterStatus], position: str, rng: RandomSource,
+                    bw_weights: Mapping[str, int] | None = None) -> RouterStatus:
+    """Pick one candidate with probability proportional to its position weight.
+
+    If every weight is zero the choice is uniform. Integer arithmetic only, so a seeded
+    generator gives the same answer everywhere.
+    """
+    if not candidates:
+        raise NoPathError(f"no candidate for the {position} position")
+    weights = [position_weight(rs, position, bw_weights) for rs in candidates]
+    total = sum(weights)
+    if total <= 0:
+        return candidates[rng.randrange(len(candidates))]
+    point = rng.randrange(total)
+    for rs, w in zip(candidates, weights):
+        if point < w:
+            return rs
+        point -= w
+    return candidates[-1]  # unreachable
+
+
+# -- paths ----------------------------------------------------------------------------------------
+
+
+def choose_path(
+    routers: Iterable[RouterStatus],
+    *,
+    port: int | None,
+    guard: RouterStatus | None,
+    rng: RandomSource,
+    enforce_distinct_subnets: bool,
+    exclude: Collection[str] = frozenset(),
+    bw_weights: Mapping[str, int] | None = None,
+) -> list[RouterStatus]:
+    """Choose ``[guard, middle, exit]`` for a circuit whose streams go to ``port``.
+
+    ``guard`` fixes the first hop (it is used as given; the exit and middle are chosen
+    compatible with it). ``exclude`` holds fingerprints (hex, any case, optional ``$``)
+    never to use in the other positions. Raises :class:`NoPathError`.
+    """
+    excluded = {_fp(f) for f in exclude}
+    seen: set[str] = set()
+    usable: list[RouterStatus] = []
+    for rs in routers:
+        if rs.fingerprint in seen or rs.fingerprint in excluded or not is_usable(rs):
+            continue
+        seen.add(rs.fingerprint)
+        usable.append(rs)
+
+    def ok(rs: RouterStatus, *others: RouterStatus) -> bool:
+        return all(compatible(rs, o, enforce_distinct_subnets=enforce_distinct_subnets) for o in others)
+
+    fixed = (guard,) if guard is not None else ()
+    exits = [rs for rs in usable if can_exit_to(rs, port) and ok(rs, *fixed)]
+    what = "any port" if port is None else f"port {port}"
+    if not exits:
+        raise NoPathError(f"no usable exit allows {what}"
+                          + (f" together with guard {guard.nickname}" if guard is not None else ""))
+    while exits:
+        exit_ = weighted_choice(exits, "exit", rng, bw_weights)
+        first = guard
+        if first is None:
+            guards = [rs for rs in usable if can_be_guard(rs) and ok(rs, exit_)]
+            if guards:
+                first = weighted_choice(guards, "guard", rng, bw_weights)
+        if first is not None:
+            middles = [rs for rs in usable if ok(rs, exit_, first)]
+            if middles:
+                return [first, weighted_choice(middles, "middle", rng, bw_weights), exit_]
+        exits.remove(exit_)
+    raise NoPathError(f"no guard and middle fit any exit for {what} "
+                      f"({'distinct /16s, ' if enforce_distinct_subnets else ''}no shared family)")

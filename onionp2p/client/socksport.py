@@ -1,0 +1,386 @@
+"""SOCKS front end: SOCKS4, SOCKS4a and SOCKS5 with Tor's extensions (specs/socks.md).
+
+Theory of operation
+-------------------
+Applications reach the onion network through a local SOCKS port, as with tor's
+SocksPort. The module has two layers.
+
+*Sans-IO core.* :class:`SocksParser` is a state machine fed with whatever bytes arrive
+(:meth:`SocksParser.receive_data`). It returns events: :class:`SendReply` (bytes the
+server must write back before the client goes on: SOCKS5 method choice, RFC 1929
+status) and finally :class:`RequestReady` with a :class:`SocksRequest` and any bytes the
+client sent after its request (optimistic data). Anything malformed or unsupported
+raises :class:`SocksError` whose ``reply`` holds the exact bytes to send before closing
+(a SOCKS5/SOCKS4 error reply, the "not an HTTP proxy" page for :class:`NotSocksError`,
+or nothing when the first byte names no SOCKS version). Every message has a fixed upper
+size, so the parser never buffers more than :data:`MAX_MESSAGE` bytes; a client that
+stops half-way is the server's business (the handshake timeout). The reply encoders
+(:func:`socks5_reply`, :func:`socks4_reply`, :func:`reply_for`) and the mapping from
+RELAY_END reasons to SOCKS5 codes (:func:`reply_code_for`, tor's
+``stream_end_reason_to_socks5_response``) are pure functions too.
+
+*asyncio shell.* :class:`SocksServer` listens (127.0.0.1 by default), runs the parser
+under ``handshake_timeout`` with bounded reads, and hands each request to a
+:class:`SocksBackend` — the circuit manager in production. CONNECT gets the success
+reply once the backend returns a stream (a ``StreamReader``/``StreamWriter`` pair),
+then two pumps copy bytes each way, awaiting ``drain()`` after every write so a slow
+reader on either side stops the other (down to the stream's SENDME windows). When one
+side reaches EOF the other is flushed and closed: tor streams have no half-close.
+RESOLVE (0xF0) and RESOLVE_PTR (0xF1) are answered in BND.ADDR and the connection is
+closed. Hostnames are never resolved locally: they go to the exit inside BEGIN or
+RESOLVE (no DNS leak); a RESOLVE of an IP literal is answered at once, as tor does.
+
+*Isolation.* :attr:`SocksRequest.isolation_key` follows tor's defaults:
+IsolateSOCKSAuth (SOCKS5 username and password, or the SOCKS4 userid; empty
+credentials are the same as none), IsolateClientAddr (the client's IP, not its port)
+and one session group per listener (separate SOCKS ports never share circuits).
+IsolateClientProtocol is off in tor, so the SOCKS version is not part of the key.
+"""
+
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from onionp2p.errors import OnionError
+from onionp2p.log import get_logger
+from onionp2p.proto.relaycell import Resolved, ResolvedType
+from onionp2p.proto.socks import (  # noqa: F401
+    HTTP_NOT_SOCKS_ANSWER,
+    MAX_FIELD,
+    MAX_MESSAGE,
+    SOCKS4_GRANTED,
+    SOCKS4_REJECTED,
+    IsolationKey,
+    NotSocksError,
+    ParserState,
+    Reply,
+    RequestReady,
+    SendReply,
+    SocksError,
+    SocksParser,
+    SocksRequest,
+    _ip_version,
+    reply_code_for,
+    reply_code_for_error,
+    reply_for,
+    socks4_reply,
+    socks5_reply,
+)
+
+__all__ = [
+    "SocksBackend",
+    "SocksStats",
+    "SocksServer",
+    "addresses_from_resolved",
+    "hostname_from_resolved",
+    "Reply",
+    "SOCKS4_GRANTED",
+    "SOCKS4_REJECTED",
+    "MAX_MESSAGE",
+    "HTTP_NOT_SOCKS_ANSWER",
+    "SocksError",
+    "NotSocksError",
+    "IsolationKey",
+    "SocksRequest",
+    "SendReply",
+    "RequestReady",
+    "ParserState",
+    "SocksParser",
+    "reply_code_for",
+    "reply_code_for_error",
+    "socks5_reply",
+    "socks4_reply",
+    "reply_for",
+]
+
+log = get_logger("onionp2p.socks")
+
+
+# -- backends --------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class SocksBackend(Protocol):
+    """What the SOCKS server needs from the rest of the client (``node.ClientNode``).
+
+    Every method may raise :class:`~onionp2p.client.client.StreamError` (its ``reason`` picks
+    the reply code) or :class:`~onionp2p.client.client.CircuitError`. Use
+    ``req.isolation_key`` to choose the circuit.
+    """
+
+    async def open_stream(self, req: SocksRequest) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """BEGIN ``req.host:req.port`` (hostnames resolved at the exit)."""
+
+    async def resolve(self, req: SocksRequest) -> list[str]:
+        """RESOLVE ``req.host`` at an exit: IP literals, best first; [] if none."""
+
+    async def resolve_ptr(self, req: SocksRequest) -> str:
+        """Reverse lookup of the IP ``req.host`` at an exit: a hostname ("" if none)."""
+
+
+def addresses_from_resolved(resolved: Resolved) -> list[str]:
+    """The IPv4/IPv6 answers of a RESOLVED message as text, in order (errors skipped)."""
+    return [text for a in resolved.answers
+            if a.atype in (ResolvedType.IPV4, ResolvedType.IPV6) and (text := a.value_text())]
+
+
+def hostname_from_resolved(resolved: Resolved) -> str:
+    """The first hostname answer of a RESOLVED message, or "" if there is none."""
+    for a in resolved.answers:
+        if a.atype == ResolvedType.HOSTNAME and a.value:
+            return a.value_text() or ""
+    return ""
+
+
+# -- the server --------------------------------------------------------------------------------------
+
+_session_groups = itertools.count(1)
+HANDSHAKE_READ = 4096      # bytes per read while handshaking (the parser bounds what it keeps)
+RELAY_CHUNK = 65536        # bytes per read while relaying
+CLOSE_FLUSH_TIMEOUT = 5.0  # how long an error reply may take to flush before we abort
+REFUSED_LOG_INTERVAL = 60.0  # at most one "too many connections" warning per interval
+
+
+@dataclass
+class SocksStats:
+    """Counters of one :class:`SocksServer`."""
+
+    connections: int = 0        # accepted since start
+    active: int = 0             # open right now
+    streams_ok: int = 0         # CONNECTs answered with success
+    streams_failed: int = 0     # CONNECTs answered with an error reply
+    resolves_ok: int = 0
+    resolves_failed: int = 0
+    handshake_failed: int = 0   # malformed/unsupported/HTTP, timeout or EOF before a request
+    bytes_up: int = 0           # client -> network
+    bytes_down: int = 0         # network -> client
+
+
+class SocksServer:
+    """A SOCKS4/4a/5 listener that sends every request to ``backend``."""
+
+    def __init__(self, backend: SocksBackend, *, host: str = "127.0.0.1", port: int = 9050,
+                 handshake_timeout: float = 30.0, connect_timeout: float = 120.0,
+                 prefer_no_auth: bool = False, max_connections: int = 1024,
+                 session_group: Hashable = None):
+        self.backend = backend
+        self.host = host
+        self._port = port
+        self.handshake_timeout = handshake_timeout
+        self.connect_timeout = connect_timeout
+        self.prefer_no_auth = prefer_no_auth
+        self.max_connections = max_connections
+        self._refused = 0  # refused over max_connections since the last warning
+        self._refused_logged_at = -REFUSED_LOG_INTERVAL
+        self.session_group = session_group if session_group is not None else next(_session_groups)
+        self.stats = SocksStats()
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._stopping = False
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on (after :meth:`start`; the configured one before)."""
+        return self._port
+
+    async def start(self) -> None:
+        self._stopping = False
+        self._server = await asyncio.start_server(self._handle, self.host, self._port,
+                                                  reuse_address=True, limit=RELAY_CHUNK)
+        self._port = self._server.sockets[0].getsockname()[1]
+        log.info("SOCKS listener open", listen_port=self._port)
+
+    async def stop(self) -> None:
+        """Close the listener and every client connection (their streams get END)."""
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- per connection --------------------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.stats.connections += 1
+        self.stats.active += 1
+        peer = writer.get_extra_info("peername")
+        try:
+            if self._stopping:
+                return
+            if len(self._tasks) > self.max_connections:
+                self._refused += 1
+                now = time.monotonic()
+                if now - self._refused_logged_at >= REFUSED_LOG_INTERVAL:
+                    log.warning("too many SOCKS connections; refusing new ones", limit=self.max_connections,
+                                refused=self._refused)
+                    self._refused_logged_at, self._refused = now, 0
+                return
+            got = await self._handshake(reader, writer, peer)
+            if got is not None:
+                req, extra = got
+                if req.command == "connect":
+                    await self._connect(req, extra, reader, writer)
+                else:
+                    await self._resolve(req, writer)
+        except (ConnectionError, OSError):
+            pass  # the client went away
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            # cancelled by stop(): end normally (asyncio 3.11 logs cancelled handler tasks)
+        finally:
+            self.stats.active -= 1
+            self._tasks.discard(task)
+            if self._stopping:
+                writer.transport.abort()
+            else:
+                writer.close()  # flushes what is queued, then FIN
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         peer: Any) -> tuple[SocksRequest, bytes] | None:
+        parser = SocksParser(client_address=peer, session_group=self.session_group,
+                             prefer_no_auth=self.prefer_no_auth)
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                while True:
+                    data = await reader.read(HANDSHAKE_READ)
+                    if not data:
+                        self.stats.handshake_failed += 1
+                        return None
+                    for event in parser.receive_data(data):
+                        if isinstance(event, RequestReady):
+                            return event.request, event.extra
+                        writer.write(event.data)
+                        await writer.drain()
+        except SocksError as exc:
+            self.stats.handshake_failed += 1
+            log.info("SOCKS request refused", error=str(exc), client=peer)
+            await self._send_final(writer, exc.reply)
+        except TimeoutError:
+            self.stats.handshake_failed += 1
+            log.info("SOCKS handshake timed out", client=peer, state=parser.state.value)
+        return None
+
+    async def _send_final(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        """Write a last reply and give it a bounded time to leave; the caller closes."""
+        if not data:
+            return
+        writer.write(data)
+        try:
+            async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT):
+                await writer.drain()
+        except TimeoutError:
+            writer.transport.abort()
+
+    async def _call(self, coro: Any) -> Any:
+        async with asyncio.timeout(self.connect_timeout):
+            return await coro
+
+    def _failed(self, req: SocksRequest, exc: Exception) -> bytes:
+        """Log a failed backend call; the reply for it."""
+        code = reply_code_for_error(exc)
+        if isinstance(exc, (OnionError, TimeoutError)):
+            log.info("SOCKS request failed", command=req.command, error=repr(exc), reply=int(code),
+                     target=req.host)
+        else:  # a broken backend must still answer the client
+            log.error("SOCKS backend raised", command=req.command, exc_info=exc, target=req.host)
+        return reply_for(req.version, code)
+
+    async def _connect(self, req: SocksRequest, extra: bytes, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
+        if _is_onion(req.host):  # no onion services: never hand .onion names to an exit
+            self.stats.streams_failed += 1
+            await self._send_final(writer, reply_for(req.version, Reply.HOST_UNREACHABLE))
+            return
+        try:
+            sreader, swriter = await self._call(self.backend.open_stream(req))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a SOCKS reply
+            self.stats.streams_failed += 1
+            await self._send_final(writer, self._failed(req, exc))
+            return
+        self.stats.streams_ok += 1
+        try:
+            writer.write(reply_for(req.version, Reply.SUCCEEDED))
+            await writer.drain()
+            if extra:
+                swriter.write(extra)
+                self.stats.bytes_up += len(extra)
+            await self._relay(reader, writer, sreader, swriter)
+        finally:
+            swriter.close()
+
+    async def _resolve(self, req: SocksRequest, writer: asyncio.StreamWriter) -> None:
+        answer: str | None = None
+        try:
+            if req.command == "resolve_ptr":
+                name = await self._call(self.backend.resolve_ptr(req))
+                if name and name.isascii() and len(name) <= MAX_FIELD:
+                    answer = name
+            elif req.host_kind != "domain":  # an IP literal resolves to itself, locally (as in tor)
+                answer = _pick_address([req.host], req.version)
+            elif not _is_onion(req.host):
+                addrs = await self._call(self.backend.resolve(req))
+                answer = _pick_address(addrs, req.version)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a SOCKS reply
+            self.stats.resolves_failed += 1
+            await self._send_final(writer, self._failed(req, exc))
+            return
+        if answer is None:
+            self.stats.resolves_failed += 1
+        else:
+            self.stats.resolves_ok += 1
+        code = Reply.HOST_UNREACHABLE if answer is None else Reply.SUCCEEDED
+        await self._send_final(writer, reply_for(req.version, code, answer))
+
+    async def _relay(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter,
+                     sreader: asyncio.StreamReader, swriter: asyncio.StreamWriter) -> None:
+        """Copy both ways until one side ends, then flush and close both (no half-close)."""
+        up = asyncio.ensure_future(self._pump(creader, swriter, "bytes_up"))
+        down = asyncio.ensure_future(self._pump(sreader, cwriter, "bytes_down"))
+        try:
+            await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (up, down):
+                t.cancel()
+            await asyncio.gather(up, down, return_exceptions=True)
+        swriter.close()
+        try:  # let what is already queued toward the client leave before we close
+            async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT):
+                await cwriter.drain()
+        except TimeoutError:
+            cwriter.transport.abort()
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, counter: str) -> None:
+        try:
+            while data := await src.read(RELAY_CHUNK):
+                dst.write(data)
+                setattr(self.stats, counter, getattr(self.stats, counter) + len(data))
+                await dst.drain()  # back-pressure: wait while the other side is full
+        except (ConnectionError, OSError):
+            pass
+
+
+def _is_onion(host: str) -> bool:
+    return host.rstrip(".").lower().endswith(".onion")
+
+
+def _pick_address(addrs: list[str], version: int) -> str | None:
+    """The answer to return: the first IPv4 address, else (SOCKS5) the first IPv6 one."""
+    for want in (4, 6) if version == 5 else (4,):
+        for a in addrs:
+            if _ip_version(a) == want:
+                return str(ipaddress.ip_address(a))
+    return None

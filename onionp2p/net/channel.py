@@ -1,0 +1,507 @@
+"""Channels: the asyncio shell around one TLS link (tor-spec §2, §4; specs/link.md).
+
+Theory of operation
+-------------------
+A :class:`Channel` is an :class:`asyncio.Protocol` on a TLS transport. It owns
+
+* a :class:`~onionp2p.proto.cells.CellReader` (framing) and, until the link is open, a
+  sans-IO :class:`~onionp2p.proto.link.LinkHandshake` that it feeds cells to;
+* a table ``circuits`` mapping this link's circuit IDs to circuit objects. Each
+  incoming cell for a known circuit goes straight to ``circuit.handle_cell(chan, cell)``;
+  cells for unknown circuits (CREATE2, strays) go to the owner's ``unknown_cell``;
+* the outgoing side. Cells written in one event-loop turn are coalesced into one
+  ``transport.write`` (one TLS record batch instead of one per cell). When the
+  transport asks us to pause (its buffer passed the high-water mark) further cells
+  wait in per-circuit queues that are flushed round-robin on resume; a circuit whose
+  queue passes ``max_queue_cells`` is reported to the owner, who destroys it
+  (RESOURCELIMIT) — so a peer that stops reading cannot make us buffer without bound.
+  Nor can it hold the socket: :meth:`Channel.close` aborts the transport if flushing and
+  the TLS close have not finished after ``close_timeout`` (:data:`CLOSE_TIMEOUT`) seconds.
+
+The owner (a relay or a client) implements :class:`ChannelOwner`.
+
+Fast path (specs/performance.md)
+--------------------------------
+Once the link is open, :meth:`Channel.data_received` frames every complete cell of the
+whole socket read in one pass over the received ``bytes`` (no intermediate buffer
+object, no :class:`Cell` per RELAY cell). Consecutive RELAY/RELAY_EARLY cells of one
+circuit form a *run* that is handed over at once to ``circuit.relay_run(chan, data,
+start, count)`` (cells at ``data[start + i*514 :]``), so the circuit keeps its cipher
+and channel lookups out of the per-cell loop; circuits without ``relay_run`` get
+``handle_cell`` per cell, as do all other cells. On the way out,
+:meth:`Channel.send_payloads` queues many fixed cells of one circuit with one header
+pack and one ``join``. The bytes on the wire are exactly those of the per-cell path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import struct
+import time
+from collections import deque
+from typing import Any, Protocol
+
+from onionp2p.errors import OnionError, ProtocolError
+from onionp2p.log import get_logger
+from onionp2p.net import tls
+from onionp2p.proto.cells import (
+    CELL_LEN,
+    DEFAULT_MAX_VAR_PAYLOAD,
+    PAYLOAD_LEN,
+    Cell,
+    CellCommand,
+    CellReader,
+    encode_fixed,
+    encode_var,
+    is_var_command,
+)
+from onionp2p.proto.link import LinkHandshake, PeerIdentity
+
+__all__ = ["Channel", "ChannelOwner", "CLOSE_TIMEOUT", "DEFAULT_MAX_QUEUE_CELLS"]
+
+log = get_logger("onionp2p.channel")
+
+DEFAULT_MAX_QUEUE_CELLS = 2500  # like tor's circ_max_cell_queue_size
+#: Seconds a closing channel may take to flush (and finish TLS) before its transport is aborted.
+CLOSE_TIMEOUT = 5.0
+#: Seconds after which an idle link is probed (TCP keepalive) and after which data or
+#: probes left unacknowledged make the kernel drop it (TCP_USER_TIMEOUT, Linux): a peer
+#: cut off the network (a half-open link) is noticed within about twice this, not after
+#: TCP's default ~15 minutes of retransmissions or never. None or 0: kernel defaults.
+DEFAULT_TCP_USER_TIMEOUT = 60.0
+_COALESCE_LIMIT = 256 * 1024
+_ids = itertools.count(1)
+_HDR4 = struct.Struct(">IB")
+_RELAY, _RELAY_EARLY = int(CellCommand.RELAY), int(CellCommand.RELAY_EARLY)
+_IGNORED = frozenset({int(CellCommand.PADDING), int(CellCommand.VPADDING), int(CellCommand.NETINFO)})
+
+
+class ChannelOwner(Protocol):
+    def unknown_cell(self, chan: Channel, cell: Cell) -> None: ...
+    def channel_open(self, chan: Channel) -> None: ...
+    def channel_closed(self, chan: Channel) -> None: ...
+    def queue_overflow(self, chan: Channel, circ_id: int) -> None: ...
+    def account_read(self, chan: Channel, nbytes: int) -> None: ...
+    def channel_connected(self, chan: Channel) -> bool: ...  # TCP+TLS up; False refuses the link
+
+
+class Channel(asyncio.Protocol):
+    """One link to a peer. See the module docstring."""
+
+    def __init__(
+        self,
+        owner: ChannelOwner,
+        *,
+        initiator: bool,
+        keys: Any = None,
+        expected: PeerIdentity | None = None,
+        peer_address: str | None = None,
+        my_addresses: tuple[str, ...] = (),
+        handshake_timeout: float = 30.0,
+        max_queue_cells: int = DEFAULT_MAX_QUEUE_CELLS,
+        close_timeout: float = CLOSE_TIMEOUT,
+        tcp_user_timeout: float | None = DEFAULT_TCP_USER_TIMEOUT,
+    ):
+        self.id = next(_ids)
+        self.owner = owner
+        self.initiator = initiator
+        self.keys = keys
+        self.expected = expected
+        self.peer_address = peer_address
+        self.my_addresses = my_addresses
+        self.handshake_timeout = handshake_timeout
+        self.max_queue_cells = max_queue_cells
+        self.close_timeout = close_timeout
+        self.tcp_user_timeout = tcp_user_timeout
+        #: no new circuits on this channel (its peer stopped answering); set by the owner
+        self.bad_for_new_circs = False
+        self.circuits: dict[int, Any] = {}
+        self.peer: PeerIdentity | None = None
+        self.link_version = 0
+        self.opened_at: float | None = None
+        self.closed = False
+        self.cells_in = 0
+        self.cells_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.ready: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._reader = CellReader(circ_id_len=2)
+        self._rest = b""  # after the handshake: bytes of an incomplete cell
+        self._max_var = DEFAULT_MAX_VAR_PAYLOAD
+        self._hs: LinkHandshake | None = None
+        self._out: list[bytes] = []
+        self._out_len = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._paused = False
+        self._queues: dict[int, deque[bytes]] = {}
+        self._timeout_handle: asyncio.TimerHandle | None = None
+        self._abort_handle: asyncio.TimerHandle | None = None
+        self._lost = False  # connection_lost was called: the socket is gone
+        self._log = log.bind(chan_id=self.id)
+
+    # -- asyncio.Protocol --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if self.peer_address is None and peer:
+            self.peer_address = peer[0]
+        if not self.owner.channel_connected(self):
+            self._log.debug("connection refused by a limit")  # the owner counts and summarises these
+            self.closed = True
+            transport.abort()
+            return
+        self._set_tcp_liveness(transport)
+        self._timeout_handle = self._loop.call_later(self.handshake_timeout, self._handshake_timed_out)
+        try:
+            sslobj = transport.get_extra_info("ssl_object")
+            self._hs = LinkHandshake(
+                initiator=self.initiator, keys=self.keys, expected=self.expected,
+                peer_address=self.peer_address, my_addresses=self.my_addresses, now=time.time(),
+            )
+            own_der = self.keys.tls_cert_der if (self.keys is not None and not self.initiator) else None
+            self._hs.tls_established(
+                own_der, tls.peer_cert_der(sslobj),
+                lambda label, ctx: tls.export_keying_material(sslobj, label, ctx, 32),
+            )
+            self._hs.start()
+            self._write_raw(self._hs.data_to_send())
+        except OnionError as exc:
+            self._fail(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.owner.account_read(self, len(data))
+        try:
+            hs = self._hs
+            if hs is not None:
+                if hs.done:
+                    return  # the handshake failed earlier; the channel is closing
+                reader = self._reader
+                reader.receive_data(data)
+                while not hs.done:
+                    reader.circ_id_len = hs.circ_id_len
+                    cell = reader.next_cell()
+                    if cell is None:
+                        break
+                    hs.receive_cell(cell)
+                    self._write_raw(hs.data_to_send())
+                if not hs.done:
+                    return
+                self._handshake_done()
+                data = reader.take_buffered()
+            self._cells(data)
+        except ProtocolError as exc:
+            self._fail(exc)
+
+    def _cells(self, data: bytes) -> None:
+        """Handle every complete cell of ``self._rest + data`` (link open, 4-byte CircIDs)."""
+        if self._rest:
+            data = self._rest + data
+            self._rest = b""
+        n = len(data)
+        pos = 0
+        circuits = self.circuits
+        unpack = _HDR4.unpack_from
+        while pos + 5 <= n and not self.closed:
+            circ_id, cmd = unpack(data, pos)
+            if cmd == _RELAY or cmd == _RELAY_EARLY:
+                end = pos + CELL_LEN
+                if end > n:
+                    break
+                # extend the run while the next complete cell is RELAY(_EARLY) on this circuit
+                while end + CELL_LEN <= n:
+                    cid2, cmd2 = unpack(data, end)
+                    if cid2 != circ_id or (cmd2 != _RELAY and cmd2 != _RELAY_EARLY):
+                        break
+                    end += CELL_LEN
+                count = (end - pos) // CELL_LEN
+                self.cells_in += count
+                circ = circuits.get(circ_id)
+                run = getattr(circ, "relay_run", None) if circ is not None else None
+                if run is not None:
+                    run(self, data, pos, count)
+                else:
+                    for p in range(pos, end, CELL_LEN):
+                        if self.closed:
+                            break
+                        cell = Cell(circ_id, data[p + 4], data[p + 5:p + CELL_LEN])
+                        circ = circuits.get(circ_id)
+                        if circ is not None:
+                            circ.handle_cell(self, cell)
+                        else:
+                            self.owner.unknown_cell(self, cell)
+                pos = end
+                continue
+            if cmd == 7 or cmd >= 128:
+                if pos + 7 > n:
+                    break
+                length = (data[pos + 5] << 8) | data[pos + 6]
+                if length > self._max_var:
+                    raise ProtocolError(f"variable-length cell too long ({length} bytes)")
+                end = pos + 7 + length
+                if end > n:
+                    break
+                payload = data[pos + 7:end]
+            else:
+                end = pos + 5 + PAYLOAD_LEN
+                if end > n:
+                    break
+                payload = data[pos + 5:end]
+            pos = end
+            self.cells_in += 1
+            circ = circuits.get(circ_id)
+            if circ is not None:
+                circ.handle_cell(self, Cell(circ_id, cmd, payload))
+                continue
+            if cmd in _IGNORED:
+                continue
+            if cmd == CellCommand.VERSIONS:
+                raise ProtocolError("VERSIONS cell after the handshake")
+            self.owner.unknown_cell(self, Cell(circ_id, cmd, payload))
+        if pos < n:
+            self._rest = data[pos:]
+
+    def _set_tcp_liveness(self, transport: asyncio.BaseTransport) -> None:
+        """A peer that vanishes without a FIN (cut off, powered off) must not leave a
+        half-open link behind: TCP keepalive probes an idle link after ``tcp_user_timeout``
+        seconds, and TCP_USER_TIMEOUT drops it once sent data or probes have gone
+        unacknowledged that long (Linux; elsewhere only the kernel's defaults apply)."""
+        sock = transport.get_extra_info("socket")
+        timeout = self.tcp_user_timeout
+        if not timeout or sock is None:
+            return
+        opts = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+        for name, value in (("TCP_KEEPIDLE", timeout), ("TCP_KEEPINTVL", max(timeout / 4, 1)),
+                            ("TCP_USER_TIMEOUT", timeout * 1000)):
+            if hasattr(socket, name):
+                opts.append((socket.IPPROTO_TCP, getattr(socket, name), max(int(value), 1)))
+        try:
+            for level, name, value in opts:
+                sock.setsockopt(level, name, value)
+        except OSError as exc:  # not a TCP socket
+            self._log.debug("TCP keepalive/user timeout not set", error=str(exc))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
+            self._abort_handle = None
+        self._teardown("connection lost" if exc is None else f"connection lost: {type(exc).__name__}")
+
+    def eof_received(self) -> bool | None:
+        return False  # close the transport
+
+    def pause_reading(self) -> None:
+        """Stop reading from the peer (bandwidth limit); cells already read are handled."""
+        if self._transport is not None and not self.closed:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None and not self.closed and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._drain_queues()
+
+    # -- handshake ------------------------------------------------------------------
+
+    def _handshake_done(self) -> None:
+        hs = self._hs
+        assert hs is not None
+        self.peer = hs.peer
+        self.link_version = hs.link_version
+        self._reader.circ_id_len = hs.circ_id_len
+        self.opened_at = time.time()
+        self._hs = None
+        if self._timeout_handle:
+            self._timeout_handle.cancel()
+        self._log = self._log.bind(peer_fp=self.peer.fingerprint[:8] if self.peer else "client")
+        self._log.debug("channel open", link_version=self.link_version)
+        if not self.ready.done():
+            self.ready.set_result(self)
+        self.owner.channel_open(self)
+
+    def _handshake_timed_out(self) -> None:
+        if self._hs is not None and not self.closed:
+            self._fail(ProtocolError("link handshake timed out"))
+
+    # -- sending ----------------------------------------------------------------------
+
+    def new_circ_id(self) -> int:
+        """A random unused circuit ID; the initiator sets the high bit (tor-spec §5.1.1)."""
+        hi = 0x80000000 if self.initiator else 0
+        for _ in range(64):
+            cid = (int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF) | hi
+            if cid & 0x7FFFFFFF and cid not in self.circuits:
+                return cid
+        raise OnionError("no free circuit ID on this channel")
+
+    def send_cell(self, circ_id: int, command: int, payload: bytes = b"") -> None:
+        """Queue one cell (fixed or variable by command)."""
+        if self.closed:
+            return
+        if is_var_command(command):
+            raw = encode_var(circ_id, command, payload)
+        else:
+            raw = encode_fixed(circ_id, command, payload)
+        self.cells_out += 1
+        if self._paused or self._queues:
+            q = self._queues.get(circ_id)
+            if q is None:
+                q = self._queues[circ_id] = deque()
+            q.append(raw)
+            if len(q) > self.max_queue_cells:
+                del self._queues[circ_id]
+                self.owner.queue_overflow(self, circ_id)
+            return
+        self._write_raw(raw)
+
+    def send_payloads(self, circ_id: int, command: int, payloads: list) -> None:
+        """Queue fixed cells (``command`` < 128, never VERSIONS) of one circuit, one per
+        509-byte payload, in order: the same bytes as ``send_cell`` per payload."""
+        if self.closed or not payloads:
+            return
+        hdr = _HDR4.pack(circ_id, command)
+        k = len(payloads)
+        self.cells_out += k
+        if self._paused or self._queues:
+            q = self._queues.get(circ_id)
+            if q is None:
+                q = self._queues[circ_id] = deque()
+            for p in payloads:
+                q.append(hdr + p)
+            if len(q) > self.max_queue_cells:
+                del self._queues[circ_id]
+                self.owner.queue_overflow(self, circ_id)
+            return
+        if self._transport is None:
+            return
+        out = self._out
+        out.append(hdr)
+        out.append(hdr.join(payloads))
+        self._out_len += k * CELL_LEN
+        if self._out_len >= _COALESCE_LIMIT:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def flush(self) -> None:
+        """Write what this loop turn has queued now instead of at the end of the turn
+        (used for cells that others wait on, like SENDMEs)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush()
+
+    def queued_cells(self, circ_id: int | None = None) -> int:
+        """Cells waiting in this channel's per-circuit queues (all circuits when None)."""
+        if circ_id is not None:
+            q = self._queues.get(circ_id)
+            return len(q) if q else 0
+        return sum(len(q) for q in self._queues.values())
+
+    def drop_queue(self, circ_id: int) -> None:
+        self._queues.pop(circ_id, None)
+
+    def _write_raw(self, raw: bytes) -> None:
+        if not raw or self._transport is None:
+            return
+        self._out.append(raw)
+        self._out_len += len(raw)
+        if self._out_len >= _COALESCE_LIMIT:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if not self._out or self._transport is None or self.closed:
+            self._out.clear()
+            self._out_len = 0
+            return
+        data = b"".join(self._out)
+        self._out.clear()
+        self._out_len = 0
+        self.bytes_out += len(data)
+        self._transport.write(data)
+
+    def _drain_queues(self) -> None:
+        queues = self._queues
+        while queues and not self._paused and not self.closed:
+            for cid in list(queues):
+                q = queues[cid]
+                for _ in range(min(len(q), 16)):
+                    self._out.append(q.popleft())
+                    self._out_len += CELL_LEN
+                if not q:
+                    del queues[cid]
+            self._flush()
+
+    # -- closing -----------------------------------------------------------------------
+
+    def close(self, reason: str = "closed") -> None:
+        """Flush what we have and close the link; circuits are torn down via the owner.
+
+        The transport gets ``close_timeout`` seconds to flush and finish TLS; a peer that
+        does not read (or never answers our close_notify) must not keep the socket open,
+        so after that the transport is aborted.
+        """
+        if self.closed:
+            return
+        self._flush()
+        self._teardown(reason)
+        if self._transport is not None:
+            self._transport.close()
+            if not self._lost and self._abort_handle is None:
+                self._abort_handle = self._loop.call_later(self.close_timeout, self._abort_unflushed)
+
+    def _abort_unflushed(self) -> None:
+        self._abort_handle = None
+        if not self._lost and self._transport is not None:
+            self._log.info("peer did not take the close in time; aborting the connection",
+                           timeout=self.close_timeout)
+            self._transport.abort()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+        self._teardown("aborted")
+
+    def _fail(self, exc: Exception) -> None:
+        self._log.info("closing channel", error=str(exc), kind=type(exc).__name__)
+        if not self.ready.done():
+            self.ready.set_exception(exc if isinstance(exc, OnionError) else OnionError(str(exc)))
+            self.ready.exception()  # retrieved: nobody may be awaiting it
+        self.close(str(exc))
+
+    def _teardown(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._timeout_handle:
+            self._timeout_handle.cancel()
+        if self._flush_handle:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._queues.clear()
+        if not self.ready.done():
+            self.ready.set_exception(OnionError(f"channel closed during handshake: {reason}"))
+            # nobody may be awaiting; mark the exception retrieved
+            self.ready.exception()
+        circuits = list(self.circuits.values())
+        self.circuits.clear()
+        for circ in circuits:
+            try:
+                circ.channel_closed(self)
+            except Exception:  # pragma: no cover - a bug in one circuit must not leak others
+                self._log.exception("error tearing down circuit")
+        self.owner.channel_closed(self)

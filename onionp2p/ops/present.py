@@ -1,0 +1,57 @@
+"""Pure presentation of a :class:`~onionp2p.ops.controlclient.NetworkView`, shared by
+``onionp2p circuits`` (:mod:`onionp2p.ops.circuits`) and ``onionp2p top``
+(:mod:`onionp2p.ops.top`): one row per circuit, byte and age formats. Stream targets show
+as ``[scrubbed]`` unless asked for."""
+
+from __future__ import annotations
+
+from onionp2p.ops.controlclient import NetworkView, hop_role
+
+__all__ = ["SCRUBBED", "format_age", "format_bytes", "circuit_rows", "stream_dict"]
+
+SCRUBBED = "[scrubbed]"
+
+
+def format_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)  # pragma: no cover
+
+
+def circuit_rows(view: NetworkView, now: float, *, show_targets: bool = False) -> list[dict]:
+    """One JSON-ready dict per circuit (by id), streams nested; see :func:`view_json`."""
+    rows = []
+    for c in sorted(view.circuits.values(), key=lambda c: c.id):
+        path = []
+        for i, hop in enumerate(c.path):
+            router = view.router(hop)
+            path.append({"nickname": hop.nickname or (router.nickname if router else None),
+                         "fingerprint": hop.fingerprint or (router.fingerprint if router else None),
+                         "role": hop_role(c, i)})
+        rows.append({
+            "id": c.id, "state": c.status, "purpose": c.purpose, "build_flags": list(c.build_flags),
+            "path": path, "age_seconds": None if c.age(now) is None else round(c.age(now), 3),  # type: ignore[arg-type]
+            "bytes_sent": c.bytes_written, "bytes_received": c.bytes_read,
+            "streams": [stream_dict(s, show_targets) for s in view.streams_of(c.id)],
+        })
+    return rows
+
+
+def stream_dict(s, show_targets: bool) -> dict:
+    return {"id": s.id, "state": s.status, "circuit": s.circ_id, "purpose": s.purpose,
+            "target": s.target if show_targets else SCRUBBED}

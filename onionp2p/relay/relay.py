@@ -1,0 +1,535 @@
+"""The relay node: listener, channel manager, circuit table (tor-spec §2, §5; specs/overview.md).
+
+Theory of operation
+-------------------
+:class:`Relay` is the asyncio shell of a relay. It
+
+* listens on its ORPort with TLS and runs a responder :class:`~onionp2p.net.channel.Channel`
+  per connection; opens initiator channels to other relays for EXTEND2, keeping **one
+  channel per relay pair** (indexed by the proven RSA identity, for both directions;
+  concurrent opens to the same relay share one attempt);
+* answers CREATE2 (ntor) with CREATED2 and creates an :class:`~onionp2p.relay.circuit.OrCircuit`,
+  refusing unknown handshake types, bad handshakes and circuits beyond the per-channel
+  cap with DESTROY, and ignoring cells for unknown circuits (as tor does);
+* owns the :class:`~onionp2p.relay.exit.ExitHandler` that serves stream commands at the last hop;
+* rotates its onion key on schedule and publishes what clients need in
+  ``<data_dir>/relay-info.json`` (:class:`~onionp2p.proto.directory.RelayInfo`);
+* with ``directory`` (a :class:`~onionp2p.dir.client.RelayDirectory`), runs its directory
+  duties: descriptor uploads, consensus cache, BEGIN_DIR server (started/stopped with the
+  relay, told about key rotation);
+* enforces the DoS limits of :mod:`onionp2p.relay.dos` (specs/dos.md) through thin hooks:
+  ``channel_connected`` counts incoming connections per address (before the link
+  handshake; a peer that then authenticates as a relay gives its slot back),
+  ``_create2`` charges CREATE2 cells from client channels to their address's token
+  bucket (DESTROY(RESOURCELIMIT) when it is empty), and a memory check (every second,
+  and whenever enough bytes were read that queues could have reached the limit) destroys
+  the circuits holding the most queued memory when the total passes
+  ``max_mem_in_queues``. Refusals are logged per connection/cell at debug level only; a
+  heartbeat line (info) summarises them at most once a minute;
+* counts for metrics and the control port (specs/metrics.md): ``stats`` (monotonic
+  counters, including the cells and bytes of channels that have closed, so totals over
+  live and closed channels never go down), ``destroy_reasons`` (circuits torn down here,
+  by DESTROY reason name) and channel events for listeners (``add_channel_listener``:
+  ``fn("connected" | "closed" | "failed", chan)``, the control port's ORCONN events);
+* shuts down cleanly: every circuit gets DESTROY, every channel is closed (also those
+  still in their link handshake).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from onionp2p.errors import HandshakeError, ProtocolError
+from onionp2p.listeners import Listeners
+from onionp2p.log import get_logger
+from onionp2p.net import tls
+from onionp2p.net.channel import DEFAULT_TCP_USER_TIMEOUT, Channel
+from onionp2p.proto.cells import Cell, CellCommand, Create2, Created2, Destroy, DestroyReason
+from onionp2p.proto.directory import RelayInfo
+from onionp2p.proto.exitpolicy import ExitPolicy
+from onionp2p.proto.handshake import HTYPE_NTOR, ntor_server
+from onionp2p.proto.link import PeerIdentity
+from onionp2p.proto.ratelimit import TokenBucket
+from onionp2p.proto.relaycrypto import RelayCrypto
+from onionp2p.relay.circuit import OrCircuit
+from onionp2p.relay.dos import CELL_MEMORY, DosGuard, DosLimits, oom_victims
+from onionp2p.relay.exit import ExitHandler
+from onionp2p.relay.keys import RelayKeys
+
+__all__ = ["Relay"]
+
+log = get_logger("onionp2p.relay")
+
+#: Seconds between housekeeping sweeps (memory check, bucket pruning).
+SWEEP_INTERVAL = 1.0
+#: Seconds between DoS heartbeat lines (only when something was refused).
+HEARTBEAT_INTERVAL = 60.0
+#: At most one warning per this many seconds when the memory limit acts (debug otherwise).
+OOM_LOG_INTERVAL = 10.0
+_NO_LIMIT = 2**31 - 1
+
+
+class Relay:
+    """A running relay. ``await start()``, then ``await stop()``."""
+
+    def __init__(
+        self,
+        keys: RelayKeys,
+        *,
+        nickname: str = "Unnamed",
+        address: str = "127.0.0.1",
+        port: int = 0,
+        exit_policy: ExitPolicy | None = None,
+        data_dir: Path | str | None = None,
+        max_circuits_per_channel: int = 1000,
+        max_streams_per_circuit: int = 500,
+        extend_allow_private: bool = False,
+        max_queue_cells: int = 2500,
+        handshake_timeout: float = 30.0,
+        bandwidth_rate: int | None = None,
+        bandwidth_burst: int | None = None,
+        directory=None,
+        dos_max_concurrent_connections: int = 100,
+        dos_circuit_creation_rate: float = 3.0,
+        dos_circuit_creation_burst: int = 90,
+        max_mem_in_queues: int = 256 * 1024 * 1024,
+        tcp_user_timeout: float | None = DEFAULT_TCP_USER_TIMEOUT,
+        exit_reject_private: bool = True,
+    ):
+        self.keys = keys
+        self.nickname = nickname
+        self.address = address
+        self.port = port
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.exit_policy = exit_policy or ExitPolicy.reject_all()
+        if exit_reject_private and self.exit_policy.is_exit:
+            # with reject private:*, tor also rejects the relay's own addresses
+            self.exit_policy = self.exit_policy.rejecting([address])
+        # 0 = no limit: 65535 is the whole stream-ID space, 2**31 - 1 the circuit-ID space
+        self.exit = ExitHandler(self.exit_policy, max_streams_per_circuit=max_streams_per_circuit or 0xFFFF,
+                                reject_private=exit_reject_private, known_relay=self._known_relay)
+        self.max_circuits_per_channel = max_circuits_per_channel or _NO_LIMIT
+        self.extend_allow_private = extend_allow_private
+        self.max_queue_cells = max_queue_cells or _NO_LIMIT
+        self.dos = DosGuard(DosLimits(
+            max_concurrent_connections=dos_max_concurrent_connections,
+            circuit_creation_rate=dos_circuit_creation_rate,
+            circuit_creation_burst=dos_circuit_creation_burst,
+            max_mem_in_queues=max_mem_in_queues,
+        ))
+        self.handshake_timeout = handshake_timeout
+        self.tcp_user_timeout = tcp_user_timeout
+        # BandwidthRate/BandwidthBurst: one token bucket for every byte read on OR channels.
+        self.read_bucket = (TokenBucket(bandwidth_rate, bandwidth_burst, now=time.monotonic())
+                            if bandwidth_rate else None)
+        self._throttled: set[Channel] = set()
+        self._unthrottle_handle: asyncio.TimerHandle | None = None
+        self.channels: set[Channel] = set()
+        self.by_identity: dict[bytes, Channel] = {}
+        self.circuits: set[OrCircuit] = set()
+        self.stats = {"create_ok": 0, "create_failed": 0, "destroyed": 0, "throttled": 0,
+                      "conn_refused": 0, "create_refused": 0, "oom_circuits_killed": 0,
+                      "oom_channels_closed": 0, "closed_cells_in": 0, "closed_cells_out": 0,
+                      "closed_bytes_in": 0, "closed_bytes_out": 0}
+        #: circuits torn down here, by DESTROY reason name (DESTROYED: a neighbour sent DESTROY)
+        self.destroy_reasons: Counter[str] = Counter()
+        self._channel_listeners = Listeners("channel")
+        self._connecting: dict[bytes, asyncio.Task] = {}
+        self._server: asyncio.base_events.Server | None = None
+        self._rotate_task: asyncio.Task | None = None
+        # channels between TCP+TLS and the end of the link handshake (closed by stop())
+        self._handshaking: set[Channel] = set()
+        # incoming channels holding a per-address connection slot -> that address
+        self._slots: dict[Channel, str] = {}
+        # bytes that may still be read before queue memory could pass its limit
+        self._read_budget = self.dos.read_budget(0)
+        self._memory_check: asyncio.Handle | None = None
+        self._oom_logged_at = -OOM_LOG_INTERVAL
+        self._housekeeping_task: asyncio.Task | None = None
+        self._reported = {k: 0 for k in ("conn_refused", "create_refused", "create_failed",
+                                          "oom_circuits_killed", "oom_channels_closed")}
+        self._log = log.bind(nickname=nickname)
+        # Directory duties (a dirclient.RelayDirectory or None): start(relay), stop(), keys_changed().
+        self.directory = directory
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._ssl_ctx = tls.server_context(self.keys)
+        self._tls_generation = self.keys.tls_generation
+        self._server = await loop.create_server(
+            lambda: Channel(self, initiator=False, keys=self.keys, my_addresses=(self.address,),
+                            max_queue_cells=self.max_queue_cells, handshake_timeout=self.handshake_timeout,
+                            tcp_user_timeout=self.tcp_user_timeout),
+            self.address, self.port, ssl=self._ssl_ctx, reuse_address=True,
+            ssl_handshake_timeout=self.handshake_timeout,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._publish()
+        self._rotate_task = loop.create_task(self._rotate_loop())
+        self._housekeeping_task = loop.create_task(self._housekeeping())
+        self._log.info("relay listening", or_port=self.port, fingerprint=self.keys.fingerprint,
+                       exit=self.exit_policy.is_exit)
+        lim = self.dos.limits
+        self._log.info("limits", max_concurrent_connections=lim.max_concurrent_connections,
+                       circuit_creation_rate=lim.circuit_creation_rate,
+                       circuit_creation_burst=lim.circuit_creation_burst,
+                       max_mem_in_queues=lim.max_mem_in_queues, max_queue_cells=self.max_queue_cells,
+                       max_circuits_per_channel=self.max_circuits_per_channel,
+                       max_streams_per_circuit=self.exit.max_streams_per_circuit,
+                       handshake_timeout=self.handshake_timeout)
+        if self.directory is not None:
+            await self.directory.start(self)
+
+    def info(self) -> RelayInfo:
+        return RelayInfo(
+            nickname=self.nickname, address=self.address, or_port=self.port,
+            rsa_id=self.keys.rsa_id_digest, ed_id=self.keys.identity_public,
+            ntor_key=self.keys.onion_key_public, exit_policy=self.exit_policy.summary(),
+        )
+
+    def _publish(self) -> None:
+        if self.data_dir is not None:
+            self.info().save(self.data_dir / "relay-info.json")
+
+    async def _rotate_loop(self) -> None:
+        while True:
+            await asyncio.sleep(3600)
+            self.rotate_keys(time.time())
+
+    def rotate_keys(self, now: float) -> bool:
+        """Renew whatever keys and certificates are due; republish; reload the TLS cert."""
+        onion = self.keys.onion_key_public
+        if not self.keys.maybe_rotate(now):
+            return False
+        if self.keys.tls_generation != self._tls_generation:
+            # new connections present the new link certificate (old ones keep theirs)
+            self._ssl_ctx.load_cert_chain(self.keys.tls_cert_path, self.keys.tls_key_path)
+            self._tls_generation = self.keys.tls_generation
+        if self.keys.onion_key_public != onion:
+            self._log.info("onion key rotated")
+        self._publish()
+        if self.directory is not None:
+            self.directory.keys_changed()
+        return True
+
+    async def stop(self) -> None:
+        """Destroy every circuit, close every channel and the listener."""
+        if self.directory is not None:
+            await self.directory.stop()
+        for task in (self._rotate_task, self._housekeeping_task):
+            if task is not None:
+                task.cancel()
+        for handle in (self._unthrottle_handle, self._memory_check):
+            if handle is not None:
+                handle.cancel()
+        self._unthrottle_handle = self._memory_check = None
+        if self._server is not None:
+            self._server.close()
+        for circ in list(self.circuits):
+            circ.destroy(DestroyReason.HIBERNATING)
+        for task in list(self._connecting.values()):
+            task.cancel()
+        await self.exit.aclose()
+        for chan in [*self.channels, *self._handshaking]:
+            chan.close("relay shutting down")
+        if self._server is not None:
+            await self._server.wait_closed()
+        await asyncio.sleep(0)
+
+    # -- channel events -----------------------------------------------------------------
+
+    def add_channel_listener(self, fn: Callable[[str, Channel], None]) -> None:
+        """``fn(kind, chan)`` with kind "connected" (link handshake done), "closed" (an open
+        channel went away) or "failed" (closed during its handshake)."""
+        self._channel_listeners.add(fn)
+
+    def remove_channel_listener(self, fn: Callable[[str, Channel], None]) -> None:
+        self._channel_listeners.remove(fn)
+
+    def _emit_channel(self, kind: str, chan: Channel) -> None:
+        self._channel_listeners(kind, chan)
+
+    def traffic(self) -> tuple[int, int]:
+        """Bytes (read, written) on OR connections since start, closed ones included."""
+        live = [*self.channels, *self._handshaking]
+        return (self.stats["closed_bytes_in"] + sum(c.bytes_in for c in live),
+                self.stats["closed_bytes_out"] + sum(c.bytes_out for c in live))
+
+    # -- ChannelOwner ------------------------------------------------------------------
+
+    def channel_open(self, chan: Channel) -> None:
+        self._handshaking.discard(chan)
+        self.channels.add(chan)
+        self._emit_channel("connected", chan)
+        if chan.peer is not None and chan.peer.rsa_id:
+            self.by_identity.setdefault(chan.peer.rsa_id, chan)
+            # a relay (it authenticated): its address's connection slot is given back
+            addr = self._slots.pop(chan, None)
+            if addr is not None:
+                self.dos.connection_closed(addr)
+
+    def channel_closed(self, chan: Channel) -> None:
+        was_open = chan in self.channels
+        if was_open or chan in self._handshaking:
+            # its counters leave with it: keep them, so totals never go down (metrics)
+            stats = self.stats
+            stats["closed_cells_in"] += chan.cells_in
+            stats["closed_cells_out"] += chan.cells_out
+            stats["closed_bytes_in"] += chan.bytes_in
+            stats["closed_bytes_out"] += chan.bytes_out
+        self._handshaking.discard(chan)
+        self._throttled.discard(chan)
+        self.channels.discard(chan)
+        addr = self._slots.pop(chan, None)
+        if addr is not None:
+            self.dos.connection_closed(addr)
+        if chan.peer is not None and self.by_identity.get(chan.peer.rsa_id) is chan:
+            del self.by_identity[chan.peer.rsa_id]
+        self._emit_channel("closed" if was_open else "failed", chan)
+
+    def queue_overflow(self, chan: Channel, circ_id: int) -> None:
+        circ = chan.circuits.get(circ_id)
+        if circ is not None:
+            circ.log.warning("circuit queue over its bound; destroying", bound=chan.max_queue_cells)
+            circ.destroy(DestroyReason.RESOURCELIMIT)
+
+    def channel_connected(self, chan: Channel) -> bool:
+        """A TCP+TLS connection is up (before the link handshake); False refuses it.
+
+        Incoming connections take a slot of their address (DoSConnectionMaxConcurrentCount);
+        connections we open to other relays do not.
+        """
+        if not chan.initiator:
+            addr = chan.peer_address or "?"
+            if not self.dos.connection_opened(addr):
+                self.stats["conn_refused"] += 1
+                self._log.debug("connection refused: too many from one address", peer_addr=addr)
+                return False
+            self._slots[chan] = addr
+        self._handshaking.add(chan)
+        return True
+
+    def account_read(self, chan: Channel, nbytes: int) -> None:
+        if self._read_budget is not None:
+            self._read_budget -= nbytes
+            if self._read_budget <= 0 and self._memory_check is None:
+                # after this read has been handled: its cells are queued by then
+                self._memory_check = asyncio.get_running_loop().call_soon(self._check_memory_soon)
+        bucket = self.read_bucket
+        if bucket is None:
+            return
+        now = time.monotonic()
+        if bucket.spend(nbytes, now):
+            return
+        chan.pause_reading()
+        self._throttled.add(chan)
+        self.stats["throttled"] += 1
+        if self._unthrottle_handle is None:
+            self._unthrottle_handle = asyncio.get_running_loop().call_later(bucket.delay(now), self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        self._unthrottle_handle = None
+        assert self.read_bucket is not None
+        delay = self.read_bucket.delay(time.monotonic())
+        if delay > 0:
+            self._unthrottle_handle = asyncio.get_running_loop().call_later(delay, self._unthrottle)
+            return
+        throttled, self._throttled = self._throttled, set()
+        for chan in throttled:
+            chan.resume_reading()
+
+    def unknown_cell(self, chan: Channel, cell: Cell) -> None:
+        cmd = cell.command
+        if cmd == CellCommand.CREATE2:
+            self._create2(chan, cell)
+        elif cmd in (CellCommand.CREATE, CellCommand.CREATE_FAST):
+            chan.send_cell(cell.circ_id, CellCommand.DESTROY, Destroy(DestroyReason.PROTOCOL).encode())
+        # RELAY, DESTROY, CREATED2 ... on an unknown circuit: dropped, as tor does.
+
+    # -- circuits -----------------------------------------------------------------------
+
+    def _create2(self, chan: Channel, cell: Cell) -> None:
+        cid = cell.circ_id
+        if cid == 0 or (chan.initiator and cid & 0x80000000) or (not chan.initiator and not cid & 0x80000000):
+            # the peer used an ID from our half of the space (tor-spec §5.1.1)
+            chan.send_cell(cid, CellCommand.DESTROY, Destroy(DestroyReason.PROTOCOL).encode())
+            return
+        if len(chan.circuits) >= self.max_circuits_per_channel:
+            chan.send_cell(cid, CellCommand.DESTROY, Destroy(DestroyReason.RESOURCELIMIT).encode())
+            return
+        if chan.peer is None and not self.dos.allow_create(chan.peer_address or "?", time.monotonic()):
+            # a client (relays authenticate) over DoSCircuitCreationRate/Burst
+            self.stats["create_refused"] += 1
+            chan.send_cell(cid, CellCommand.DESTROY, Destroy(DestroyReason.RESOURCELIMIT).encode())
+            return
+        try:
+            req = Create2.parse(cell.payload)
+            if req.htype != HTYPE_NTOR:
+                raise HandshakeError(f"unsupported handshake type {req.htype}")
+            reply, km = ntor_server(req.hdata, self.keys.rsa_id_digest, self.keys.onion_keys())
+        except ProtocolError as exc:
+            self.stats["create_failed"] += 1
+            self._log.debug("CREATE2 refused", chan_id=chan.id, error=str(exc))  # heartbeat counts it
+            chan.send_cell(cid, CellCommand.DESTROY, Destroy(DestroyReason.PROTOCOL).encode())
+            return
+        circ = self.new_circuit(chan, cid, RelayCrypto(km))
+        self.circuits.add(circ)
+        self.stats["create_ok"] += 1
+        chan.send_cell(cid, CellCommand.CREATED2, Created2(reply).encode())
+
+    def new_circuit(self, chan: Channel, circ_id: int, crypto: RelayCrypto) -> OrCircuit:
+        """The circuit object for an accepted CREATE2 (a subclass may return its own kind)."""
+        return OrCircuit(self, chan, circ_id, crypto)
+
+    # -- DoS housekeeping ---------------------------------------------------------------
+
+    def queue_memory(self) -> tuple[int, list[tuple[OrCircuit | Channel, int]]]:
+        """Bytes held in queues: the total, and who holds them.
+
+        A circuit holds the cells queued for it on both its channels and what its exit
+        streams have read but not packaged; a channel holds cells queued for circuits
+        that are gone (DESTROY answers to a peer that does not read, for instance).
+        """
+        holders: list[tuple[OrCircuit | Channel, int]] = []
+        attributed: dict[Channel, int] = {}
+        total = 0
+        for circ in self.circuits:
+            cells = circ.prev_chan.queued_cells(circ.prev_id)
+            attributed[circ.prev_chan] = attributed.get(circ.prev_chan, 0) + cells
+            nxt = circ.next_chan
+            if nxt is not None:
+                n = nxt.queued_cells(circ.next_id)
+                attributed[nxt] = attributed.get(nxt, 0) + n
+                cells += n
+            size = cells * CELL_MEMORY
+            for stream in circ.streams.values():
+                size += stream.buffered
+            if size:
+                holders.append((circ, size))
+                total += size
+        for chan in self.channels:
+            orphan = chan.queued_cells() - attributed.get(chan, 0)
+            if orphan > 0:
+                holders.append((chan, orphan * CELL_MEMORY))
+                total += orphan * CELL_MEMORY
+        return total, holders
+
+    def _check_memory_soon(self) -> None:
+        self._memory_check = None
+        self.check_memory()
+
+    def check_memory(self) -> int:
+        """Free the largest queue holders if the total is over ``max_mem_in_queues``.
+
+        Returns the bytes still held afterwards.
+        """
+        total, holders = self.queue_memory()
+        cap = self.dos.limits.max_mem_in_queues
+        victims = oom_victims(holders, cap)
+        if victims:
+            sizes = dict(holders)
+            circuits = channels = 0
+            for victim in victims:
+                total -= sizes[victim]
+                if isinstance(victim, Channel):
+                    channels += 1
+                    victim.close("queue memory limit")
+                elif not victim.closed:
+                    circuits += 1
+                    victim.destroy(DestroyReason.RESOURCELIMIT)
+            self.stats["oom_circuits_killed"] += circuits
+            self.stats["oom_channels_closed"] += channels
+            now = time.monotonic()
+            loud = now - self._oom_logged_at >= OOM_LOG_INTERVAL  # the heartbeat has the totals
+            if loud:
+                self._oom_logged_at = now
+            (self._log.warning if loud else self._log.debug)(
+                "memory in queues over max_mem_in_queues; freed the largest holders",
+                limit=cap, circuits_destroyed=circuits, channels_closed=channels, remaining=total)
+        self._read_budget = self.dos.read_budget(total)
+        return total
+
+    async def _housekeeping(self) -> None:
+        last_heartbeat = time.monotonic()
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = time.monotonic()
+            self.dos.prune(now)
+            if self.dos.limits.max_mem_in_queues:
+                self.check_memory()
+            if now - last_heartbeat >= HEARTBEAT_INTERVAL:
+                last_heartbeat = now
+                self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        """One line per interval with what the DoS limits refused (nothing if nothing was)."""
+        delta = {k: self.stats[k] - v for k, v in self._reported.items()}
+        if any(delta.values()):
+            self._reported = {k: self.stats[k] for k in self._reported}
+            self._log.info("DoS limits active", interval=HEARTBEAT_INTERVAL, **delta)
+
+    def circuit_closed(self, circ: OrCircuit, reason: int) -> None:
+        if circ in self.circuits:
+            self.circuits.discard(circ)
+            self.stats["destroyed"] += 1
+            self.destroy_reasons[DestroyReason(reason).name if reason in DestroyReason._value2member_map_
+                                 else str(reason)] += 1
+
+    def _known_relay(self, rsa_id: bytes) -> bool | None:
+        """Is ``rsa_id`` a relay of our consensus? None when we hold no consensus."""
+        directory = self.directory
+        routers = directory.routers() if directory is not None and hasattr(directory, "routers") else []
+        if not routers:
+            return None
+        return any(r.info.rsa_id == rsa_id for r in routers)
+
+    def extend_allowed(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Like tor's ExtendAllowPrivateAddresses: refuse private targets unless allowed."""
+        if self.extend_allow_private:
+            return not ip.is_unspecified and not ip.is_multicast
+        return ip.is_global
+
+    async def open_channel(self, host: str, port: int, rsa_id: bytes, ed_id: bytes | None) -> Channel:
+        """Return the open channel to this relay, connecting if there is none."""
+        chan = self.by_identity.get(rsa_id)
+        if chan is not None and not chan.closed:
+            if ed_id is None or chan.peer is None or chan.peer.ed25519_id == ed_id:
+                return chan
+            raise HandshakeError("EXTEND2 names an Ed25519 identity that does not match the relay")
+        task = self._connecting.get(rsa_id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._connect(host, port, rsa_id, ed_id))
+            self._connecting[rsa_id] = task
+
+            def done(t: asyncio.Task, rsa_id: bytes = rsa_id) -> None:
+                self._connecting.pop(rsa_id, None)
+                if not t.cancelled():
+                    t.exception()  # retrieved here: every EXTEND2 waiting on it may have given up
+
+            task.add_done_callback(done)
+        return await asyncio.shield(task)
+
+    async def _connect(self, host: str, port: int, rsa_id: bytes, ed_id: bytes | None) -> Channel:
+        loop = asyncio.get_running_loop()
+        expected = PeerIdentity(ed25519_id=ed_id, rsa_id=rsa_id)
+        async with asyncio.timeout(self.handshake_timeout):  # TCP connect + TLS, like the client
+            _transport, chan = await loop.create_connection(
+                lambda: Channel(self, initiator=True, keys=self.keys, expected=expected, peer_address=host,
+                                my_addresses=(self.address,), max_queue_cells=self.max_queue_cells,
+                                handshake_timeout=self.handshake_timeout,
+                                tcp_user_timeout=self.tcp_user_timeout),
+                host, port, ssl=tls.client_context(), ssl_handshake_timeout=self.handshake_timeout,
+            )
+        try:
+            await chan.ready
+        except BaseException:  # a failed handshake, or cancelled (relay stopping): no stray link
+            chan.close()
+            raise
+        return chan
