@@ -80,20 +80,7 @@ async def run_relay(cfg: RelayConfig, *, shutdown_timeout: float = 5.0, config_f
     log = get_logger("onionp2p.cli", nickname=cfg.nickname)
     keys = RelayKeys.load_or_create(cfg.data_dir / "keys",
                                     onion_key_lifetime=cfg.onion_key_lifetime_days * 86400)
-    relay = Relay(
-        keys, nickname=cfg.nickname, address=cfg.or_address[0], port=cfg.or_address[1],
-        exit_policy=cfg.exit_policy, exit_reject_private=cfg.exit_reject_private, data_dir=cfg.data_dir,
-        max_circuits_per_channel=cfg.max_circuits_per_channel,
-        max_streams_per_circuit=cfg.max_streams_per_circuit,
-        extend_allow_private=cfg.extend_allow_private,
-        bandwidth_rate=cfg.bandwidth_rate, bandwidth_burst=cfg.effective_bandwidth_burst,
-        directory=relay_directory(cfg),
-        max_queue_cells=cfg.max_queue_cells, max_mem_in_queues=cfg.max_mem_in_queues,
-        handshake_timeout=cfg.handshake_timeout, tcp_user_timeout=cfg.tcp_user_timeout,
-        dos_max_concurrent_connections=cfg.dos_max_concurrent_connections,
-        dos_circuit_creation_rate=cfg.dos_circuit_creation_rate,
-        dos_circuit_creation_burst=cfg.dos_circuit_creation_burst,
-    )
+    relay = Relay(keys, cfg, directory=relay_directory(cfg))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     await relay.start()
@@ -137,28 +124,21 @@ async def run_authority(cfg: AuthorityConfig, *, shutdown_timeout: float = 5.0,
                         config_file: str | None = None) -> int:
     """Run a directory authority (plus its relay unless ``run_relay`` is false) until SIGINT/SIGTERM."""
     from onionp2p.control.relay import AuthorityControlAdapter
-    from onionp2p.dir.authority import Authority, FlagRules, authority_line, load_or_create_authority_key
+    from onionp2p.dir.authority import Authority, authority_line, load_or_create_authority_key
     from onionp2p.dir.client import RelayDirectory
     from onionp2p.ops.metrics import AuthorityCollector
-    from onionp2p.proto.directory import parse_authorities
     from onionp2p.relay.keys import RelayKeys
     from onionp2p.relay.relay import Relay
 
     log = get_logger("onionp2p.cli", nickname=cfg.nickname)
     key = load_or_create_authority_key(cfg.data_dir)
-    authorities = parse_authorities(cfg.authorities)
-    rules = FlagRules(stable_uptime=cfg.stable_uptime, guard_uptime=cfg.guard_uptime,
-                      assume_guard=cfg.assume_guard, assume_exit=cfg.assume_exit)
-    authority = Authority(key, nickname=cfg.nickname, authorities=authorities, data_dir=cfg.data_dir,
-                          dir_host=cfg.dir_address[0], dir_port=cfg.dir_address[1],
-                          voting_interval=cfg.voting_interval, rules=rules)
+    authority = Authority(key, cfg)
     await authority.start()
     relay = None
     if cfg.run_relay:
         keys = RelayKeys.load_or_create(cfg.data_dir / "keys")
-        relay = Relay(keys, nickname=cfg.nickname, address=cfg.or_address[0], port=cfg.or_address[1],
-                      data_dir=cfg.data_dir, extend_allow_private=cfg.extend_allow_private,
-                      directory=RelayDirectory(cfg.data_dir / "relay", authorities))
+        relay = Relay(keys, cfg.relay_config(),
+                      directory=RelayDirectory(cfg.data_dir / "relay", authority.authorities))
         (cfg.data_dir / "relay").mkdir(mode=0o700, exist_ok=True)
         await relay.start()
     line = authority_line(cfg.nickname, cfg.dir_address[0], authority.dir_port, key)

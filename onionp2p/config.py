@@ -57,6 +57,7 @@ LOG_FORMATS = ("console", "json")
 _NICKNAME = re.compile(r"[A-Za-z0-9]{1,19}")
 _FINGERPRINT = re.compile(r"\$?([0-9A-Fa-f]{40})")
 _MAX_TEXT = 1024
+_NO_LIMIT = 2**31 - 1  # "0 = off" for counts of cells and circuits
 
 T = TypeVar("T")
 
@@ -279,6 +280,20 @@ class RelayConfig:
         """The burst to use: ``bandwidth_burst`` or, if unset, ``bandwidth_rate``."""
         return self.bandwidth_rate if self.bandwidth_burst is None else self.bandwidth_burst
 
+    @property
+    def queue_cells_bound(self) -> int:
+        """``max_queue_cells`` with 0 (off) as the whole circuit-ID space."""
+        return self.max_queue_cells or _NO_LIMIT
+
+    def dos_limits(self):
+        """The DoS limits of this config (a :class:`~onionp2p.relay.dos.DosLimits`; 0 = off there too)."""
+        from onionp2p.relay.dos import DosLimits
+
+        return DosLimits(max_concurrent_connections=self.dos_max_concurrent_connections,
+                         circuit_creation_rate=self.dos_circuit_creation_rate,
+                         circuit_creation_burst=self.dos_circuit_creation_burst,
+                         max_mem_in_queues=self.max_mem_in_queues)
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "<dict>",
                   base_dir: Path | None = None) -> RelayConfig:
@@ -420,6 +435,12 @@ class AuthorityConfig:
     log_level: str = "info"
     log_format: str = "console"
     safe_logging: bool = True
+
+    def relay_config(self) -> RelayConfig:
+        """The config of the (non-exit) relay an authority runs beside itself (``run_relay``)."""
+        return RelayConfig(nickname=self.nickname, data_dir=self.data_dir, or_address=self.or_address,
+                           extend_allow_private=self.extend_allow_private, authorities=self.authorities,
+                           log_level=self.log_level, log_format=self.log_format, safe_logging=self.safe_logging)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "<dict>",

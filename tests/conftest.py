@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+from pathlib import Path
 
 import pytest
 
@@ -101,6 +102,15 @@ async def http_server():
 LOOPBACK_EXIT = "accept 127.0.0.1:*\nreject *:*"
 
 
+def relay_config(data_dir, **kw):
+    """The config of an in-process relay: ``data_dir``, 127.0.0.1 on any free port, and
+    ``kw`` as :class:`~onionp2p.config.RelayConfig` fields."""
+    from onionp2p.config import RelayConfig
+
+    kw.setdefault("or_address", ("127.0.0.1", 0))
+    return RelayConfig(data_dir=Path(data_dir), **kw)
+
+
 @pytest.fixture
 async def relay_net(tmp_path):
     """Three in-process relays (all exits for 127.0.0.1) on real TLS listeners."""
@@ -110,8 +120,7 @@ async def relay_net(tmp_path):
     relays = []
     for i in range(3):
         keys = RelayKeys.load_or_create(tmp_path / f"r{i}" / "keys")
-        relay = Relay(keys, exit_reject_private=False, nickname=f"r{i}", exit_policy=ExitPolicy.parse(LOOPBACK_EXIT, reject_private=False),
-                      data_dir=tmp_path / f"r{i}", extend_allow_private=True)
+        relay = Relay(keys, relay_config(tmp_path / f"r{i}", exit_reject_private=False, nickname=f"r{i}", exit_policy=ExitPolicy.parse(LOOPBACK_EXIT, reject_private=False), extend_allow_private=True))
         await relay.start()
         relays.append(relay)
     yield relays

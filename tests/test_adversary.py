@@ -23,7 +23,7 @@ import os
 import socket
 
 import pytest
-from conftest import blob, http_get, wait_for
+from conftest import blob, http_get, relay_config, wait_for
 
 from onionp2p.client.client import OnionClient
 from onionp2p.errors import StreamError
@@ -106,9 +106,7 @@ async def net(tmp_path):
     client's path selection sees them as exits), each able to watch and forge."""
     relays = []
     for i in range(4):
-        r = WatchedRelay(RelayKeys.load_or_create(tmp_path / f"r{i}"), nickname=f"r{i}",
-                         exit_policy=ExitPolicy.parse("accept *:*", reject_private=False),
-                         exit_reject_private=False, extend_allow_private=True)
+        r = WatchedRelay(RelayKeys.load_or_create(tmp_path / f"r{i}"), relay_config(tmp_path / f"r{i}", nickname=f"r{i}", exit_policy=ExitPolicy.parse("accept *:*", reject_private=False), exit_reject_private=False, extend_allow_private=True))
         await r.start()
         relays.append(r)
     yield relays
@@ -125,7 +123,7 @@ async def client():
 
 def client_stream_ids(client: OnionClient):
     """The oracle we hand the adversary: every stream ID the client has in use."""
-    return lambda: {sid for c in client.circuits.values() for sid in (*c.streams, *c._resolves)}
+    return lambda: {sid for c in client.circuits.values() for sid in (*c.core.streams, *c.core._resolves)}
 
 
 def violations(caplog, hop: int) -> list[dict]:
@@ -257,9 +255,9 @@ async def test_stream_ids_start_at_a_random_value(net, client, http_server):
     assert len(set(firsts)) >= 6, firsts  # 8 draws from 65535 values
     # IDs are taken in turn from there, skipping 0 and IDs in use
     circ = await client.build_circuit([r.info() for r in net[:2]])
-    circ._next_sid = 0xFFFE
+    circ.core._next_sid = 0xFFFE
     a = await circ.open_stream("127.0.0.1", http_server.port)
-    circ._next_sid = 0xFFFE
+    circ.core._next_sid = 0xFFFE
     b = await circ.open_stream("127.0.0.1", http_server.port)
     assert [w.get_extra_info("stream_id") for _r, w in (a, b)] == [0xFFFE, 0xFFFF]
     c = await circ.open_stream("127.0.0.1", http_server.port)
@@ -300,7 +298,7 @@ async def test_exit_cuts_off_a_client_that_overruns_a_stream_window(net, client)
         # stream window: once the destination's socket is full the exit stops sending
         # stream SENDMEs, and 500 cells later the stream window is overrun.
         for i in range(16000):
-            while circ.state == "built" and circ.package.window == 0:
+            while circ.state == "built" and circ.core.layers[-1].package.window == 0:
                 await asyncio.sleep(0.002)
             if circ.state != "built":
                 break
@@ -329,13 +327,12 @@ async def test_exit_cuts_off_a_stream_sendme_nobody_asked_for(net, client, http_
 async def test_exit_cuts_off_a_sendme_v1_with_the_wrong_digest(net, client, http_server, monkeypatch):
     circ = await client.build_circuit([r.info() for r in net[:3]])
 
-    def wrong_digest(hop, digest):  # this client echoes a digest it never saw
-        deliver = circ.delivers[hop]
-        while deliver.sendme_due():
-            deliver.on_sendme_sent()
-            circ.send_relay(RelayCommand.SENDME, 0, Sendme(1, bytes(20)).encode(), hop=hop)
+    def wrong_digest(layer, digest):  # this client echoes a digest it never saw
+        while layer.deliver.sendme_due():
+            layer.deliver.on_sendme_sent()
+            circ.core._originate(layer, RelayCommand.SENDME, 0, Sendme(1, bytes(20)).encode())
 
-    monkeypatch.setattr(circ, "_sendmes_due", wrong_digest)
+    monkeypatch.setattr(circ.core, "_circuit_sendmes", wrong_digest)
     reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
     writer.write(b"GET /2000000 HTTP/1.0\r\n\r\n")
     with contextlib.suppress(ConnectionError):
@@ -381,8 +378,7 @@ async def test_exit_rejects_its_own_address_and_private_lookups(tmp_path, net, c
     # An exit bound to 127.0.0.2 whose policy accepts everything (as on the testnet) but
     # with exit_reject_private on: its own address is rejected (tor's
     # ExitPolicyRejectMyAddresses), and lookups do not reveal private addresses.
-    x = Relay(RelayKeys.load_or_create(tmp_path / "x"), nickname="x", address="127.0.0.2",
-              exit_policy=ExitPolicy.parse("accept *:*", reject_private=False), exit_reject_private=True)
+    x = Relay(RelayKeys.load_or_create(tmp_path / "x"), relay_config(tmp_path / "x", nickname="x", exit_policy=ExitPolicy.parse("accept *:*", reject_private=False), exit_reject_private=True, or_address=("127.0.0.2", 0)))
     await x.start()
     own = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.2", 0)
     try:

@@ -14,13 +14,15 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import LOOPBACK_EXIT, blob, http_get, sha256
+from conftest import LOOPBACK_EXIT, blob, http_get, relay_config, sha256
 
 from onionp2p.client.client import OnionClient
-from onionp2p.dir.authority import Authority, FlagRules, authority_line, load_or_create_authority_key
+from onionp2p.config import AuthorityConfig
+from onionp2p.dir.authority import Authority, authority_line, load_or_create_authority_key
 from onionp2p.dir.client import ClientDirectory, DirectoryUnavailable, RelayDirectory
 from onionp2p.dir.server import DirRequestError, DirServer, HttpResponse, fetch
 from onionp2p.errors import StreamError
@@ -32,7 +34,7 @@ from onionp2p.relay.keys import RelayKeys
 from onionp2p.relay.relay import Relay
 
 INTERVAL = 5
-TESTNET = FlagRules(stable_uptime=0, assume_guard=True, assume_exit=True)
+TESTNET = {"stable_uptime": 0, "assume_guard": True, "assume_exit": True}  # flags for tiny networks
 
 
 def free_port() -> int:
@@ -75,17 +77,15 @@ class DirNet:
         keys = [load_or_create_authority_key(self.tmp / f"auth{i}") for i in range(3)]
         ports = [free_port() for _ in keys]
         self.lines = [authority_line(f"auth{i}", "127.0.0.1", p, k) for i, (k, p) in enumerate(zip(keys, ports))]
-        auths = parse_authorities(self.lines)
         for i, key in enumerate(keys):
-            a = Authority(key, nickname=f"auth{i}", authorities=auths, data_dir=self.tmp / f"auth{i}",
-                          dir_port=ports[i], voting_interval=INTERVAL, rules=TESTNET)
+            a = Authority(key, AuthorityConfig(nickname=f"auth{i}", authorities=tuple(self.lines),
+                                               data_dir=self.tmp / f"auth{i}", dir_address=("127.0.0.1", ports[i]),
+                                               voting_interval=INTERVAL, **TESTNET))
             await a.start()
             self.authorities.append(a)
         for i in range(3):
             policy = ExitPolicy.parse(LOOPBACK_EXIT, reject_private=False) if i == 2 else ExitPolicy.reject_all()
-            relay = Relay(RelayKeys.load_or_create(self.tmp / f"r{i}" / "keys"), exit_reject_private=False, nickname=f"r{i}",
-                          exit_policy=policy, data_dir=self.tmp / f"r{i}", extend_allow_private=True,
-                          directory=RelayDirectory(self.tmp / f"r{i}", self.lines))
+            relay = Relay(RelayKeys.load_or_create(self.tmp / f"r{i}" / "keys"), relay_config(self.tmp / f"r{i}", exit_reject_private=False, nickname=f"r{i}", exit_policy=policy, extend_allow_private=True), directory=RelayDirectory(self.tmp / f"r{i}", self.lines))
             await relay.start()
             self.relays.append(relay)
         return self
@@ -174,7 +174,7 @@ async def test_three_authorities_sign_one_consensus_served_over_begindir(dirnet,
 
     # An exit that holds a consensus opens streams only for circuits from relays it lists
     # (tor's RefuseUnknownExits): through a relay the authorities never heard of, END(MISC).
-    stray = Relay(RelayKeys.load_or_create(dirnet.tmp / "stray"), nickname="stray", extend_allow_private=True)
+    stray = Relay(RelayKeys.load_or_create(dirnet.tmp / "stray"), relay_config(dirnet.tmp / "stray", nickname="stray", extend_allow_private=True))
     await stray.start()
     try:
         circ = await client.build_circuit([stray.info(), by_nick["r2"].info])
@@ -241,8 +241,7 @@ async def test_authorities_going_away_do_not_stop_clients(dirnet, client, http_s
 
     # An authority restarted from its data directory knows the relays and serves its last consensus.
     old = dirnet.authorities[0]
-    again = Authority(old.key, nickname="auth0", authorities=old.authorities, data_dir=old.data_dir,
-                      dir_port=old.dir_port, voting_interval=INTERVAL, rules=TESTNET)
+    again = Authority(old.key, replace(old.config, dir_address=("127.0.0.1", old.dir_port)))
     dirnet.authorities.append(again)
     await again.start()
     assert set(again.descriptors) == {r.keys.rsa_id_digest for r in dirnet.relays}

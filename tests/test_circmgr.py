@@ -9,7 +9,7 @@ import random
 import socket
 
 import pytest
-from conftest import blob, http_get
+from conftest import blob, http_get, relay_config
 
 from onionp2p.client.circmgr import CircuitLimitError, CircuitManager, end_reason_action
 from onionp2p.client.client import OnionClient
@@ -69,8 +69,7 @@ async def net(tmp_path):
     relays = {}
     for name, policy in POLICIES.items():
         keys = RelayKeys.load_or_create(tmp_path / name / "keys")
-        relay = Relay(keys, exit_reject_private=False, nickname=name, exit_policy=ExitPolicy.parse(policy, reject_private=False),
-                      data_dir=tmp_path / name, extend_allow_private=True)
+        relay = Relay(keys, relay_config(tmp_path / name, exit_reject_private=False, nickname=name, exit_policy=ExitPolicy.parse(policy, reject_private=False), extend_allow_private=True))
         await relay.start()
         relays[name] = relay
     n = Net(relays)
@@ -96,7 +95,7 @@ async def env(net, tmp_path):
     async def make(**kw):
         client = OnionClient()
         events = []
-        client.add_listener(events.append)
+        client.events.add(events.append)
         guards = GuardSet(tmp_path / f"guards{len(made)}.json", rng=random.Random(11))
         kw.setdefault("preemptive", 0)
         mgr = CircuitManager(client, net.routers, guards, enforce_distinct_subnets=False,

@@ -112,7 +112,7 @@ class ClientNode:
         self._launch_lock = asyncio.Lock()
         self._launch_waiter: asyncio.Future | None = None
         self._tasks: set[asyncio.Task] = set()
-        self.client.add_listener(self._on_circuit_event)
+        self.client.events.add(self._on_circuit_event)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -186,8 +186,11 @@ class ClientNode:
     def streams(self):
         out = []
         for circ in self.client.circuits.values():
-            for sid, edge in circ.streams.items():
-                host, port = edge.conn.get_extra_info("peername")
+            for sid in circ.streams:
+                transport = circ.transport(sid)
+                if transport is None:  # closed by the application, still draining
+                    continue
+                host, port = transport.get_extra_info("peername")
                 out.append(StreamInfo(id=circ.id * 100000 + sid, status="SUCCEEDED", circ_id=circ.id,
                                       target=f"{host}:{port}", purpose="USER"))
         return out
@@ -253,10 +256,10 @@ class ClientNode:
 
     def close_stream(self, stream_id, reason):
         circ = self.client.circuits.get(stream_id // 100000)
-        edge = circ.streams.get(stream_id % 100000) if circ else None
-        if edge is None:
+        transport = circ.transport(stream_id % 100000) if circ else None
+        if transport is None:
             return False
-        edge.conn.abort()
+        transport.abort()
         return True
 
 

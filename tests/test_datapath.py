@@ -1,31 +1,30 @@
-"""The fast data path produces exactly the bytes of the per-cell path (specs/performance.md).
+"""The batched data path produces exactly the bytes of the per-cell protocol (specs/performance.md).
 
-Every batched or coalesced operation is checked against the plain one-cell-at-a-time
-code over thousands of cells: batched crypto against per-cell crypto, the channel's
-whole-buffer framing against CellReader, ``send_payloads`` against ``send_cell``
-(coalesced writes against the concatenation of the cells), circuit runs against
-``handle_cell`` per cell, batched stream packaging against one ``emit`` per chunk, and
-the client's run handling against its per-cell handling. No timing is asserted here:
-benchmarks live in tools/bench.
+There is one data path — runs of cells — and every batched or coalesced operation in it
+is checked against the plain one-cell-at-a-time protocol over thousands of cells: batched
+crypto against per-cell crypto, the channel's whole-read framing
+(:meth:`CellReader.frames`) against :meth:`CellReader.next_cell`, ``send_payloads``
+against ``send_cell`` (coalesced writes against the concatenation of the cells), the
+circuit cores fed runs of many cells against the same cores fed one cell at a time, and
+the exit's batched packaging against per-cell ``originate_backward`` of each DATA cell.
+No timing is asserted here: benchmarks live in tools/bench.
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
 import struct
 from types import SimpleNamespace
 
 import pytest
 
-from onionp2p.client.client import ClientCircuit, OnionClient, StreamTransport
 from onionp2p.errors import DigestMismatch
 from onionp2p.net.channel import Channel
-from onionp2p.proto.cells import CELL_LEN, Cell, CellCommand, CellReader, encode_fixed, encode_var
-from onionp2p.proto.relaycell import RelayCommand, pack_relay
+from onionp2p.proto import circuit as core
+from onionp2p.proto.cells import CELL_LEN, CellCommand, CellReader, encode_fixed, encode_var
+from onionp2p.proto.relaycell import Begin, RelayCommand, pack_relay
 from onionp2p.proto.relaycrypto import KEY_MATERIAL_LEN, RELAY_BODY_LEN, ClientCrypto, RelayCrypto
-from onionp2p.proto.stream import EdgeStream, StreamState
-from onionp2p.relay.circuit import OrCircuit
+from onionp2p.proto.stream import StreamState
 
 N_CELLS = 3000
 
@@ -218,10 +217,6 @@ class _RunCircuit:
         pass
 
 
-class _CellCircuit(_RunCircuit):
-    relay_run = None  # type: ignore[assignment]  # the channel must fall back to handle_cell
-
-
 def _mixed_stream(rng: random.Random, n: int) -> tuple[bytes, list[tuple[int, int, bytes]]]:
     cids = [0x80000001, 0x80000002, 0x80000003, 0x12345678]  # last one: no circuit -> owner
     raw, cells = [], []
@@ -242,7 +237,7 @@ def _mixed_stream(rng: random.Random, n: int) -> tuple[bytes, list[tuple[int, in
     return b"".join(raw), cells
 
 
-async def test_channel_whole_buffer_framing_equals_cellreader() -> None:
+async def test_channel_whole_read_framing_equals_cellreader() -> None:
     rng = random.Random(10)
     data, _ = _mixed_stream(rng, N_CELLS)
     reader = CellReader(4)
@@ -253,7 +248,7 @@ async def test_channel_whole_buffer_framing_equals_cellreader() -> None:
     chan, _t = open_channel(owner)
     log: list = []
     chan.circuits[0x80000001] = _RunCircuit(log)
-    chan.circuits[0x80000002] = _CellCircuit(log)
+    chan.circuits[0x80000002] = _RunCircuit(log)
     chan.circuits[0x80000003] = _RunCircuit(log)
     # feed it in random pieces, as socket reads come
     pos = 0
@@ -307,57 +302,36 @@ async def test_send_payloads_overflow_is_reported() -> None:
     assert owner.overflow == [9] and chan.queued_cells(9) == 0
 
 
-# -- relay circuits: runs == per cell ---------------------------------------------------------
+# -- the relay core: runs of many cells == runs of one -------------------------------------------
 
 
-class _RecChan:
-    """A channel stand-in that records every cell sent (both APIs), in order."""
-
-    _ids = iter(range(1000, 10**6))
-
-    def __init__(self) -> None:
-        self.id = next(self._ids)
-        self.circuits: dict = {}
-        self.cells: list[tuple[int, int, bytes]] = []
-        self.closed = False
-        self.peer = None
-
-    def send_cell(self, circ_id, command, payload=b"") -> None:
-        self.cells.append((circ_id, int(command), bytes(payload)))
-
-    def send_payloads(self, circ_id, command, payloads) -> None:
-        for p in payloads:
-            assert len(p) == RELAY_BODY_LEN
-            self.cells.append((circ_id, int(command), bytes(p)))
-
-    def queued_cells(self, circ_id=None) -> int:
-        return 0
-
-    def drop_queue(self, circ_id) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
+def relay_core(k: bytes, *, has_next: bool = True) -> core.RelayCircuit:
+    c = core.RelayCircuit(RelayCrypto(k), own_rsa_id=bytes(20), allow_private=True)
+    c.has_next = has_next
+    return c
 
 
-def _relay_stub():
-    return SimpleNamespace(exit=SimpleNamespace(close_all=lambda c: None, handle=lambda *a: None),
-                           circuit_closed=lambda c, r: None)
-
-
-def _or_circuit(k: bytes) -> tuple[OrCircuit, _RecChan, _RecChan]:
-    prev, nxt = _RecChan(), _RecChan()
-    circ = OrCircuit(_relay_stub(), prev, 0x80000001, RelayCrypto(k))
-    circ.next_chan, circ.next_id = nxt, 77  # type: ignore[assignment]
-    nxt.circuits[77] = circ
-    return circ, prev, nxt
-
-
-def _run_bytes(cid: int, cells: list[tuple[int, bytes]]) -> bytes:
+def run_bytes(cells: list[tuple[int, bytes]], cid: int = 0x80000001) -> bytes:
     return b"".join(encode_fixed(cid, cmd, ct) for cmd, ct in cells)
 
 
-async def test_middle_relay_runs_equal_per_cell_handling() -> None:
+def feed(method, cells: list[tuple[int, bytes]], sizes: random.Random | None) -> list:
+    """Feed ``cells`` to a core method in runs (random sizes) or one at a time (None)."""
+    data = run_bytes(cells)
+    actions, i = [], 0
+    while i < len(cells):
+        n = 1 if sizes is None else sizes.randrange(1, 400)
+        actions += method(data, i * CELL_LEN, min(n, len(cells) - i), 0.0)
+        i += n
+    return actions
+
+
+def sent(actions: list, kind=(core.ToPrev, core.ToNext, core.Send)) -> list[tuple[str, int, bytes]]:
+    """Every cell the actions send, in order: (action, command, payload)."""
+    return [(type(a).__name__, a.command, bytes(p)) for a in actions if isinstance(a, kind) for p in a.payloads]
+
+
+def test_middle_relay_runs_equal_cells_one_by_one() -> None:
     rng = random.Random(12)
     ks = keys(13)
     client = ClientCrypto()
@@ -367,186 +341,190 @@ async def test_middle_relay_runs_equal_per_cell_handling() -> None:
     n_exit = 0
     for i in range(N_CELLS):
         hop = 1 if rng.random() < 0.05 else 2  # a few DROP cells for this relay (hop 1)
-        cmd = RelayCommand.DROP if hop == 1 else RelayCommand.DATA
         n_exit += hop == 2
+        cmd = RelayCommand.DROP if hop == 1 else RelayCommand.DATA
         ct, _ = client.originate(body(rng, cmd, 0 if hop == 1 else 1), hop)
-        early = CellCommand.RELAY_EARLY if i in (3, 4, 9) else CellCommand.RELAY
-        fwd.append((int(early), ct))
-    # hop 0 strips its layer first (per cell), then we compare hop 1's two paths
-    guard = RelayCrypto(ks[0])
+        fwd.append((int(CellCommand.RELAY_EARLY if i in (3, 4, 9) else CellCommand.RELAY), ct))
+    guard = RelayCrypto(ks[0])  # hop 0 strips its layer first, then hop 1 is compared
     at_middle = [(cmd, guard.decrypt_forward(ct)[1]) for cmd, ct in fwd]
-    a, a_prev, a_next = _or_circuit(ks[1])
-    b, b_prev, b_next = _or_circuit(ks[1])
-    data = _run_bytes(a.prev_id, at_middle)
-    for i in range(0, len(at_middle), 500):
-        n = min(500, len(at_middle) - i)
-        a.relay_run(a_prev, data, i * CELL_LEN, n)
-    for cmd, ct in at_middle:
-        b.handle_cell(b_prev, Cell(b.prev_id, cmd, ct))
+    a, b = relay_core(ks[1]), relay_core(ks[1])
+    got_a = feed(a.receive_forward, at_middle, random.Random(1))
+    got_b = feed(b.receive_forward, at_middle, None)
     assert not a.closed and not b.closed
-    assert a_next.cells == b_next.cells
-    assert len(a_next.cells) == n_exit  # every cell not for this hop went on, DROPs stayed
-    assert {cmd for _c, cmd, _p in a_next.cells} == {CellCommand.RELAY, CellCommand.RELAY_EARLY}
-    assert a.crypto.forward_digest == b.crypto.forward_digest
-    assert a.cells_forward == b.cells_forward
+    assert sent(got_a) == sent(got_b)
+    assert len(sent(got_a)) == n_exit  # every cell not for this hop went on, the DROPs stayed
+    assert {cmd for _k, cmd, _p in sent(got_a)} == {CellCommand.RELAY, CellCommand.RELAY_EARLY}
+    assert a.crypto.forward_digest == b.crypto.forward_digest and a.cells_forward == b.cells_forward
     # backward: cells from the next hop get our layer, in order
     back = [(int(CellCommand.RELAY), rng.randbytes(RELAY_BODY_LEN)) for _ in range(N_CELLS)]
-    data = _run_bytes(77, back)
-    for i in range(0, N_CELLS, 333):
-        a.relay_run(a_next, data, i * CELL_LEN, min(333, N_CELLS - i))
-    for cmd, ct in back:
-        b.handle_cell(b_next, Cell(77, cmd, ct))
-    assert a_prev.cells == b_prev.cells and len(a_prev.cells) == N_CELLS
+    got_a = feed(a.receive_backward, back, random.Random(2))
+    got_b = feed(b.receive_backward, back, None)
+    assert sent(got_a) == sent(got_b) and len(sent(got_a)) == N_CELLS
     assert a.cells_backward == b.cells_backward
 
 
-async def test_relay_run_violations_match_per_cell() -> None:
+def test_relay_violations_in_a_run_match_one_by_one() -> None:
     rng = random.Random(14)
     (k,) = keys(15, 1)
-    # ninth RELAY_EARLY: the cells before it are forwarded, then DESTROY(PROTOCOL)
+    # the ninth RELAY_EARLY: the cells before it are forwarded, then DESTROY(PROTOCOL)
     cells = [(int(CellCommand.RELAY_EARLY), rng.randbytes(RELAY_BODY_LEN)) for _ in range(12)]
-    a, a_prev, a_next = _or_circuit(k)
-    b, b_prev, b_next = _or_circuit(k)
-    a.relay_run(a_prev, _run_bytes(a.prev_id, cells), 0, len(cells))
-    for cmd, ct in cells:
-        b.handle_cell(b_prev, Cell(b.prev_id, cmd, ct))
+    a, b = relay_core(k), relay_core(k)
+    got_a, got_b = feed(a.receive_forward, cells, random.Random(3)), feed(b.receive_forward, cells, None)
     assert a.closed and b.closed
-    assert a_next.cells == b_next.cells and a_prev.cells == b_prev.cells
+    assert sent(got_a) == sent(got_b) and len(sent(got_a)) == 8
+    assert [type(x).__name__ for x in got_a if not isinstance(x, core.ToNext)] == ["DetachNext", "Destroyed"]
     # RELAY_EARLY toward the client in the middle of a backward run
     cells = [(int(CellCommand.RELAY), rng.randbytes(RELAY_BODY_LEN)) for _ in range(5)]
     cells.insert(3, (int(CellCommand.RELAY_EARLY), rng.randbytes(RELAY_BODY_LEN)))
-    a, a_prev, a_next = _or_circuit(k)
-    b, b_prev, b_next = _or_circuit(k)
-    a.relay_run(a_next, _run_bytes(77, cells), 0, len(cells))
-    for cmd, ct in cells:
-        b.handle_cell(b_next, Cell(77, cmd, ct))
+    a, b = relay_core(k), relay_core(k)
+    got_a, got_b = feed(a.receive_backward, cells, random.Random(4)), feed(b.receive_backward, cells, None)
     assert a.closed and b.closed
-    assert a_prev.cells == b_prev.cells and a_next.cells == b_next.cells
+    assert sent(got_a) == sent(got_b) and len(sent(got_a)) == 3
 
 
-async def test_exit_batched_packaging_equals_per_cell_emit() -> None:
+def test_exit_batched_packaging_equals_per_cell_originate() -> None:
+    """What an exit packages from a stream's source is, byte for byte, one
+    ``originate_backward(DATA cell)`` per 498-byte chunk, whatever the writes' sizes."""
     rng = random.Random(16)
     (k,) = keys(17, 1)
     payload = rng.randbytes(700_000)
-    results = []
-    for batched in (True, False):
-        sizes = random.Random(99)  # the same writes for both paths
-        circ, prev, _nxt = _or_circuit(k)
-        circ.next_chan = None
-        emit = circ.send_back if batched else (lambda c, s, d, _c=circ: _c.send_back(c, s, d))
-        stream = EdgeStream(5, emit=emit, circ_can_send=circ.can_package, sink=lambda d: None,
-                            state=StreamState.OPEN)
-        assert (stream._emit_data is not None) == batched
-        circ.streams[5] = stream
-        pos = 0
-        while pos < len(payload):  # writes of odd sizes, SENDMEs as a client would send them
+    c = relay_core(k, has_next=False)
+    c.streams[5] = stream = core.Stream(5, c.layer, StreamState.OPEN)
+    ref = RelayCrypto(k)
+    out: list = []
+    pos = 0
+    sizes = random.Random(99)
+    while pos < len(payload) or stream.buf:
+        c.room = 1 << 30  # the shell's channel takes all (it is not blocked)
+        if pos < len(payload):
             n = sizes.randrange(1, 100_000)
-            stream.write(payload[pos:pos + n])
+            out += c.stream_write(5, payload[pos:pos + n])
             pos += n
-            stream.package.window = 500
-            while circ.package.window < 1000 - 100 and circ.package._digests:
-                circ.package.on_sendme(circ.package._digests[0])
+        # the client's SENDMEs, as it would send them: every stream window, every 100 cells
         stream.package.window = 500
-        stream.finish(6)
-        results.append((prev.cells, circ.crypto.backward_digest, stream.bytes_sent))
-    assert len(results[0][0]) == len(results[1][0])
-    assert results[0][2] == results[1][2]
-    assert results[0] == results[1]
-    # and the client reads back exactly the payload
+        while c.layer.package.window <= 1000 - 100 and c.layer.package._digests:
+            c.layer.package.on_sendme(c.layer.package._digests[0])
+        out += c.pump()
+    out += c.stream_eof(5, 6)
+    cells = [p for _k, _cmd, p in sent(out)]
+    # read them back as the client does: exactly the payload, then END(DONE) ...
     client = ClientCrypto()
     client.add_hop(k)
-    data = b""
-    for _cid, _cmd, ct in results[0][0]:
+    messages = []
+    for ct in cells:
         _hop, plain, _d = client.decrypt_inbound(ct)
-        if plain[0] == RelayCommand.DATA:
-            n = struct.unpack_from(">H", plain, 9)[0]
-            data += plain[11:11 + n]
-    assert data == payload
+        n = struct.unpack_from(">H", plain, 9)[0]
+        messages.append((plain[0], bytes(plain[11:11 + n])))
+    assert b"".join(m for cmd, m in messages if cmd == RelayCommand.DATA) == payload
+    assert messages[-1] == (RelayCommand.END, bytes((6,)))
+    assert all(cmd == RelayCommand.DATA for cmd, _m in messages[:-1])
+    # ... and each cell is, byte for byte, the per-cell protocol's cell for its message
+    expected = [ref.originate_backward(pack_relay(cmd, 5, m))[0] for cmd, m in messages]
+    assert cells == expected
+    assert c.crypto.backward_digest == ref.backward_digest
+    assert sum(len(m) == 498 for _c, m in messages) > 0.9 * len(messages)  # mostly full cells
 
 
-# -- the client: runs == per cell ------------------------------------------------------------
+# -- the client core: runs of many cells == runs of one ----------------------------------------------
 
 
-def _client_circuit(ks: list[bytes]):
-    chan = _RecChan()
-    chan.new_circ_id = lambda: 0x80000009  # type: ignore[attr-defined]
+def client_core(ks: list[bytes]) -> tuple[core.ClientCircuit, int]:
+    """A built client core over ``ks`` (no handshakes) with one open stream to the last hop."""
     hop = SimpleNamespace(nickname="x")
-    circ = ClientCircuit(OnionClient(), chan, [hop, hop, hop])  # type: ignore[arg-type]
+    c = core.ClientCircuit([hop] * len(ks))
     for k in ks:
-        circ._add_hop(k)
-    circ.state = "built"
-    reader = asyncio.StreamReader(limit=2**16)
-    proto = asyncio.StreamReaderProtocol(reader)
-    t = StreamTransport(circ, "x", 1)
-    t.connected = asyncio.get_running_loop().create_future()  # type: ignore[attr-defined]
-    t.connected.set_result(None)
-    edge = EdgeStream(1, emit=circ.send_relay, circ_can_send=circ.package.can_send, sink=t._sink,
-                      sink_ready=t._sink_ready, pause_source=t._pause_source, resume_source=t._resume_source,
-                      conn=t, state=StreamState.OPEN)
-    edge.hop = len(ks) - 1  # opened to the last hop
-    t.edge, t.protocol = edge, proto
-    t._attach_reader(reader, 2**16)
-    circ.streams[1] = edge
-    proto.connection_made(t)
-    return circ, chan, reader
+        c.add_layer(k)
+    c._next_sid = 1
+    sid, _ = c.open_stream(int(RelayCommand.BEGIN), b"x:1\0")
+    c.streams[sid].state = StreamState.OPEN
+    return c, sid
 
 
-async def test_client_runs_equal_per_cell_handling() -> None:
+def test_client_runs_equal_cells_one_by_one() -> None:
     rng = random.Random(18)
     ks = keys(19)
-    exit_ = [RelayCrypto(k) for k in ks]
-    a, a_chan, a_reader = _client_circuit(ks)
-    b, b_chan, b_reader = _client_circuit(ks)
+    relays = [RelayCrypto(k) for k in ks]
+    a, sid = client_core(ks)
+    b, _ = client_core(ks)
+    got_a, got_b = [], []
     for _round in range(12):
         # the exit sends what the windows allow, as DATA cells (and a DROP now and then)
         cells = []
         for _ in range(400):
             if rng.random() < 0.02:
-                ct, _ = exit_[2].originate_backward(body(rng, RelayCommand.DROP, 0))
+                ct, _ = relays[2].originate_backward(body(rng, RelayCommand.DROP, 0))
             else:
-                ct, _ = exit_[2].originate_backward(body(rng, RelayCommand.DATA, 1, rng.randrange(1, 499)))
-            cells.append(exit_[0].encrypt_backward(exit_[1].encrypt_backward(ct)))
-        data = _run_bytes(a.circ_id, [(int(CellCommand.RELAY), c) for c in cells])
-        i = 0
-        while i < len(cells):
-            k = rng.randrange(1, 120)
-            a.relay_run(a_chan, data, i * CELL_LEN, min(k, len(cells) - i))
-            i += k
-        for c in cells:
-            b.handle_cell(b_chan, Cell(b.circ_id, CellCommand.RELAY, c))
+                ct, _ = relays[2].originate_backward(body(rng, RelayCommand.DATA, sid, rng.randrange(1, 499)))
+            cells.append((int(CellCommand.RELAY), relays[0].encrypt_backward(relays[1].encrypt_backward(ct))))
+        got_a += feed(lambda d, s, n, now: a.receive_relay(d, s, n, now), cells, random.Random(_round))
+        got_b += feed(lambda d, s, n, now: b.receive_relay(d, s, n, now), cells, None)
         assert a.state == b.state == "built"
-        # the application reads everything, which resumes reading and releases SENDMEs
-        for reader in (a_reader, b_reader):
-            if len(reader._buffer):
-                await reader.readexactly(len(reader._buffer))
-        await asyncio.sleep(0)
-        # the SENDMEs the client sent back, byte for byte and in order
-        assert a_chan.cells == b_chan.cells
-    assert a.bytes_received == b.bytes_received
-    assert a.deliver.window == b.deliver.window
-    assert a.streams[1].deliver.window == b.streams[1].deliver.window
+    # the SENDMEs the client sent back, byte for byte and in order; the same data delivered
+    assert sent(got_a) == sent(got_b) and sent(got_a)
+    data_a = b"".join(x.data for x in got_a if isinstance(x, core.StreamData))
+    data_b = b"".join(x.data for x in got_b if isinstance(x, core.StreamData))
+    assert data_a == data_b and len(data_a) == a.bytes_received == b.bytes_received
+    assert len([x for x in got_a if isinstance(x, core.StreamData)]) < len(
+        [x for x in got_b if isinstance(x, core.StreamData)])  # one delivery per run, not per cell
+    assert [ly.deliver.window for ly in a.layers] == [ly.deliver.window for ly in b.layers]
+    assert a.streams[sid].deliver.window == b.streams[sid].deliver.window
     assert [a.crypto.backward_digest(i) for i in range(3)] == [b.crypto.backward_digest(i) for i in range(3)]
-    assert any(cmd == CellCommand.RELAY for _c, cmd, _p in a_chan.cells)  # SENDMEs were sent
 
 
-async def test_client_run_with_bad_cell_closes_like_per_cell() -> None:
+def test_client_run_with_bad_cell_closes_like_one_by_one() -> None:
     rng = random.Random(20)
     ks = keys(21)
-    exit_ = [RelayCrypto(k) for k in ks]
-    a, a_chan, _a_reader = _client_circuit(ks)
-    b, b_chan, _b_reader = _client_circuit(ks)
+    relays = [RelayCrypto(k) for k in ks]
+    a, sid = client_core(ks)
+    b, _ = client_core(ks)
     cells = []
     for _ in range(30):
-        ct, _ = exit_[2].originate_backward(body(rng, RelayCommand.DATA, 1, 100))
-        cells.append(exit_[0].encrypt_backward(exit_[1].encrypt_backward(ct)))
-    bad = bytearray(cells[20])
+        ct, _ = relays[2].originate_backward(body(rng, RelayCommand.DATA, sid, 100))
+        cells.append((int(CellCommand.RELAY), relays[0].encrypt_backward(relays[1].encrypt_backward(ct))))
+    bad = bytearray(cells[20][1])
     bad[50] ^= 4
-    cells[20] = bytes(bad)
-    a.relay_run(a_chan, _run_bytes(a.circ_id, [(int(CellCommand.RELAY), c) for c in cells]), 0, 30)
-    for c in cells:
-        if b.state != "built":
-            break
-        b.handle_cell(b_chan, Cell(b.circ_id, CellCommand.RELAY, c))
+    cells[20] = (cells[20][0], bytes(bad))
+    got_a = a.receive_relay(run_bytes(cells), 0, 30, 0.0)
+    got_b = []
+    for i in range(30):
+        got_b += b.receive_relay(run_bytes(cells[i:i + 1]), 0, 1, 0.0)
     assert a.state == b.state == "closed" and a.close_reason == b.close_reason == "PROTOCOL"
-    assert a_chan.cells == b_chan.cells
+    assert sent(got_a) == sent(got_b)
     assert a.bytes_received == b.bytes_received == 20 * 100
+    assert [type(x).__name__ for x in got_a][-1] == "Closed"
+
+
+def test_client_sendmes_are_what_the_exit_expects() -> None:
+    """The client core's circuit SENDMEs echo the exit's digests and its stream SENDMEs come
+    every 50 cells: fed back to the exit core, they restore exactly the windows used."""
+    rng = random.Random(22)
+    (k,) = keys(23, 1)
+    c = core.ClientCircuit([SimpleNamespace(nickname="x")])
+    c.add_layer(k)
+    exit_core = relay_core(k, has_next=False)
+    exit_core.room = 1 << 30
+
+    def to_exit(actions) -> list:
+        cells = [(cmd, p) for _k, cmd, p in sent(actions)]
+        return exit_core.receive_forward(run_bytes(cells), 0, len(cells), 0.0)
+
+    def to_client(actions) -> list:
+        cells = [(cmd, p) for _k, cmd, p in sent(actions)]
+        return c.receive_relay(run_bytes(cells), 0, len(cells), 0.0)
+
+    sid, begin = c.open_stream(int(RelayCommand.BEGIN), Begin("example.com", 80).encode())
+    asked = to_exit(begin)
+    assert [type(x) for x in asked] == [core.ExitBegin] and asked[0].begin.host == "example.com"
+    opened = to_client(exit_core.exit_connected(sid, b""))
+    assert [type(x) for x in opened] == [core.StreamConnected] and c.streams[sid].state is StreamState.OPEN
+    data = rng.randbytes(498 * 250)
+    actions = exit_core.stream_write(sid, data)  # 250 cells
+    assert len(sent(actions)) == 250
+    back = to_client(actions)
+    assert len(sent(back)) == 2 + 5  # circuit SENDMEs at 100 and 200 cells, stream SENDMEs every 50
+    assert b"".join(x.data for x in back if isinstance(x, core.StreamData)) == data
+    to_exit(back)
+    assert not exit_core.closed
+    assert exit_core.layer.package.window == 1000 - 250 + 200
+    assert exit_core.streams[sid].package.window == 500 - 250 + 250
+

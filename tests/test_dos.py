@@ -19,7 +19,7 @@ import sys
 import time
 
 import pytest
-from conftest import LOOPBACK_EXIT, blob, http_get
+from conftest import LOOPBACK_EXIT, blob, http_get, relay_config
 
 from onionp2p.client.client import OnionClient
 from onionp2p.errors import CircuitError, ConfigError, StreamError
@@ -134,8 +134,7 @@ async def make_relay(tmp_path):
 
     async def make(name: str, **kw) -> Relay:
         kw.setdefault("exit_policy", ExitPolicy.parse(LOOPBACK_EXIT, reject_private=False))
-        relay = Relay(RelayKeys.load_or_create(tmp_path / name), exit_reject_private=False, nickname=name,
-                      extend_allow_private=True, **kw)
+        relay = Relay(RelayKeys.load_or_create(tmp_path / name), relay_config(tmp_path / name, exit_reject_private=False, nickname=name, extend_allow_private=True, **kw))
         await relay.start()
         relays.append(relay)
         return relay

@@ -32,15 +32,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import blob, http_get, sha256
+from conftest import blob, http_get, relay_config, sha256
 from python_socks import ProxyError
 from python_socks.async_.asyncio import Proxy
 from test_leaks import Net, channel_from, open_fds, relay_busy, settle, start_relay_process
 
 from onionp2p.client.client import OnionClient
 from onionp2p.client.node import ClientNode
-from onionp2p.config import ClientConfig
-from onionp2p.dir.authority import Authority, FlagRules, authority_line, load_or_create_authority_key
+from onionp2p.config import AuthorityConfig, ClientConfig
+from onionp2p.dir.authority import Authority, authority_line, load_or_create_authority_key
 from onionp2p.dir.client import DirectoryUnavailable, RelayDirectory
 from onionp2p.errors import CircuitError
 from onionp2p.net.channel import CLOSE_TIMEOUT
@@ -83,8 +83,7 @@ class FaultNet(Net):
 
     async def add(self, name: str, *, exit: bool = False, **kw) -> Relay:
         policy = ExitPolicy.parse("accept *:*", reject_private=False) if exit else ExitPolicy.reject_all()
-        relay = Relay(RelayKeys.load_or_create(self.tmp / name), exit_reject_private=False, nickname=name, exit_policy=policy,
-                      data_dir=self.tmp / name, extend_allow_private=True, **kw)
+        relay = Relay(RelayKeys.load_or_create(self.tmp / name), relay_config(self.tmp / name, exit_reject_private=False, nickname=name, exit_policy=policy, extend_allow_private=True, **kw))
         await relay.start()
         self.relays.append(relay)
         return relay
@@ -146,7 +145,7 @@ def circuit_paths(node: ClientNode) -> list[tuple[str, ...]]:
             circ = node.client.circuits.get(event[1].circuit_id)
             paths.append(tuple(h.nickname for h in circ.path) if circ is not None else ())
 
-    node.add_listener(on_event)
+    node.events.add(on_event)
     return paths
 
 
@@ -402,9 +401,9 @@ async def curl_get(socks_port: int, url: str, timeout: float = 60) -> tuple[int,
 async def test_authority_down_clients_bootstrap_from_cache_and_relays(tmp_path, http_server):
     key = load_or_create_authority_key(tmp_path / "auth")
     line = authority_line("auth", "127.0.0.1", free_port(), key)
-    auth = Authority(key, nickname="auth", authorities=parse_authorities([line]), data_dir=tmp_path / "auth",
-                     dir_port=parse_authorities([line])[0].dir_port, voting_interval=4,
-                     rules=FlagRules(stable_uptime=0, assume_guard=True, assume_exit=True))
+    auth = Authority(key, AuthorityConfig(nickname="auth", authorities=(line,), data_dir=tmp_path / "auth",
+                                          dir_address=("127.0.0.1", parse_authorities([line])[0].dir_port),
+                                          voting_interval=4, stable_uptime=0, assume_guard=True, assume_exit=True))
     relays: list[Relay] = []
     nodes: list[ClientNode] = []
 
@@ -417,9 +416,7 @@ async def test_authority_down_clients_bootstrap_from_cache_and_relays(tmp_path, 
         for i in range(3):
             policy = (ExitPolicy.parse("accept *:*", reject_private=False) if i == 2
                       else ExitPolicy.reject_all())
-            relay = Relay(RelayKeys.load_or_create(tmp_path / f"r{i}"), exit_reject_private=False, nickname=f"r{i}", exit_policy=policy,
-                          data_dir=tmp_path / f"r{i}", extend_allow_private=True,
-                          directory=RelayDirectory(tmp_path / f"r{i}", [line]))
+            relay = Relay(RelayKeys.load_or_create(tmp_path / f"r{i}"), relay_config(tmp_path / f"r{i}", exit_reject_private=False, nickname=f"r{i}", exit_policy=policy, extend_allow_private=True), directory=RelayDirectory(tmp_path / f"r{i}", [line]))
             await relay.start()
             relays.append(relay)
         await wait_for(lambda: auth.current is not None and len(auth.current.routers) == 3, 40,
@@ -507,7 +504,7 @@ async def _black_holes(fnet, http_server, g, m, x, hole_guard, hole_mid) -> None
         # g tried to extend to the black-hole middle; its handshake timeout hung up on it
         assert hole_mid.accepted >= 1
         await wait_for(lambda: hole_mid.open == 0, 10, "the relay to drop its stalled connection")
-        assert not g._connecting and bm.rsa_id not in g.by_identity
+        assert not g.chanmgr.connecting and bm.rsa_id not in g.by_identity
 
         # the library client bounds TCP + TLS + link handshake by its handshake timeout
         lib = OnionClient(handshake_timeout=1)
@@ -596,15 +593,14 @@ async def _stops_reading(fnet, http_server, g, x) -> None:
             w.write(b"GET /hold HTTP/1.0\r\n\r\n")
         (relay_chan,) = [c for c in g.channels if c.peer is None]  # the guard's link to the client
         (exit_circ,) = x.circuits
-        streams = lambda: list(exit_circ.streams.values())  # noqa: E731
+        conns = lambda: list(exit_circ.conns.values())  # noqa: E731  (the destination sockets)
         # back-pressure reaches the destinations: the exit stops reading them
-        await wait_for(lambda: len(streams()) == 2 and all(s.conn.transport is not None
-                                                           and not s.conn.transport.is_reading()
-                                                           for s in streams()),
+        await wait_for(lambda: len(conns()) == 2 and all(c.transport is not None and not c.transport.is_reading()
+                                                         for c in conns()),
                        20, "the exit to stop reading its destinations")
         await asyncio.sleep(1)  # and it stays that way: memory is bounded
-        assert all(not s.conn.transport.is_reading() for s in streams())
-        assert all(s.buffered <= SOURCE_HIGH_WATER + 256 * 1024 for s in streams())
+        assert all(not c.transport.is_reading() for c in conns())
+        assert all(s.buffered <= SOURCE_HIGH_WATER + 256 * 1024 for s in exit_circ.streams.values())
         held = x.queue_memory()[0] + g.queue_memory()[0]
         assert held <= 1000 * CELL_MEMORY + 2 * (SOURCE_HIGH_WATER + 256 * 1024)
         assert relay_chan.queued_cells() <= 1000
@@ -700,18 +696,20 @@ async def _closing_exit_streams(g, x, slow, silent) -> None:
         circ = await client.build_circuit([g.info(), x.info()])
         to_slow, to_silent = [(await circ.open_stream("127.0.0.1", sink.port))[1] for sink in (slow, silent)]
         (exit_circ,) = x.circuits
-        edges = [exit_circ.streams[w.transport.get_extra_info("stream_id")] for w in (to_slow, to_silent)]
-        sockets = [socket_of_transport(e.conn.transport) for e in edges]
+        sids = [w.transport.get_extra_info("stream_id") for w in (to_slow, to_silent)]
+        edges = [exit_circ.streams[sid] for sid in sids]  # the exit's stream state
+        conns = [exit_circ.conns[sid] for sid in sids]  # and its destination sockets
+        sockets = [socket_of_transport(c.transport) for c in conns]
         for w in (to_slow, to_silent):
             w.write(blob(8_000_000))
         # neither destination reads yet: the exit buffers until it stops acknowledging
-        await wait_for(lambda: all(e.conn.write_paused for e in edges), 20, "the exit to fill up")
+        await wait_for(lambda: all(c.write_paused for c in conns), 20, "the exit to fill up")
         for w in (to_slow, to_silent):
             w.transport.abort()  # END: the exit closes both sockets with data still to flush
         slow.start_reading()
         await wait_for(lambda: not exit_circ.streams, 10, "the exit to end both streams")
         unread = edges[0].bytes_received - slow.received  # at most what was left at the close
-        assert all(e.conn.transport.is_closing() for e in edges)
+        assert all(c.transport.is_closing() for c in conns)
         # more than the slow destination can take in two flush timeouts: flushing it needs
         # several checks that see progress (a fixed deadline would cut it short)
         assert unread > 2 * slow.rate * x.exit.flush_timeout
@@ -842,7 +840,7 @@ async def test_or_connections_probe_and_drop_silent_peers(tmp_path):
     dropped by the kernel (tests/test_netns.py cuts one for real)."""
     if not hasattr(socket, "TCP_USER_TIMEOUT"):
         pytest.skip("TCP_USER_TIMEOUT is Linux-only")
-    relay = Relay(RelayKeys.load_or_create(tmp_path / "r"), exit_reject_private=False, nickname="r", tcp_user_timeout=7)
+    relay = Relay(RelayKeys.load_or_create(tmp_path / "r"), relay_config(tmp_path / "r", exit_reject_private=False, nickname="r", tcp_user_timeout=7))
     await relay.start()
     client = OnionClient()
     try:

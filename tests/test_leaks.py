@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import LOOPBACK_EXIT, blob, http_get
+from conftest import LOOPBACK_EXIT, blob, http_get, relay_config
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -43,18 +43,20 @@ from onionp2p.client.client import ClientCircuit, OnionClient, StreamTransport
 from onionp2p.errors import CircuitError, StreamError
 from onionp2p.net import tls
 from onionp2p.net.channel import Channel
+from onionp2p.proto import circuit as core
 from onionp2p.proto.cells import CellCommand, Create2
 from onionp2p.proto.directory import RelayInfo
 from onionp2p.proto.exitpolicy import ExitPolicy
 from onionp2p.proto.link import PeerIdentity
 from onionp2p.proto.relaycell import EndReason, RelayCommand
-from onionp2p.proto.stream import EdgeStream
+from onionp2p.proto.stream import Stream
 from onionp2p.relay.circuit import OrCircuit
 from onionp2p.relay.exit import ExitConnection
 from onionp2p.relay.keys import KEY_FILES, RelayKeys
 from onionp2p.relay.relay import Relay
 
-TRACKED = (Channel, OrCircuit, ClientCircuit, EdgeStream, ExitConnection, StreamTransport)
+TRACKED = (Channel, OrCircuit, ClientCircuit, core.RelayCircuit, core.ClientCircuit, Stream, ExitConnection,
+           StreamTransport)
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -126,7 +128,7 @@ def relay_busy(r: Relay) -> list[str]:
     """What a relay still holds that an idle relay does not."""
     held = {
         "channels": len(r.channels), "circuits": len(r.circuits), "exit tasks": len(r.exit._tasks),
-        "connecting": len(r._connecting), "handshaking": len(r._handshaking), "slots": len(r._slots),
+        "connecting": r.chanmgr.connecting, "handshaking": len(r._handshaking), "slots": len(r._slots),
         "counted connections": r.dos.connections(), "throttled": len(r._throttled),
         "identities": len(r.by_identity),
     }
@@ -176,10 +178,7 @@ class Net:
                     **kw) -> None:
         """``n`` relays with limits ``kw``; ``guard``: further limits for the first one."""
         for i in range(n):
-            relay = Relay(RelayKeys.load_or_create(self.tmp / f"r{i}"), exit_reject_private=False, nickname=f"r{i}",
-                          exit_policy=ExitPolicy.parse(policy, reject_private=False),
-                          data_dir=self.tmp / f"r{i}", extend_allow_private=True,
-                          **{**kw, **(guard if i == 0 and guard else {})})
+            relay = Relay(RelayKeys.load_or_create(self.tmp / f"r{i}"), relay_config(self.tmp / f"r{i}", exit_reject_private=False, nickname=f"r{i}", exit_policy=ExitPolicy.parse(policy, reject_private=False), extend_allow_private=True, **{**kw, **(guard if i == 0 and guard else {})}))
             await relay.start()
             self.relays.append(relay)
 
@@ -299,14 +298,11 @@ async def refused_and_failed_circuits(net: Net) -> None:
         with pytest.raises(CircuitError):
             await other.build_circuit([nowhere], timeout=5)
         await other.close()
-        # a window violation kills a circuit with a stream at the exit
+        # a protocol violation (DATA on stream 0) kills a circuit with a stream at the exit
         circ = await client.build_circuit(net.path())
         _r, w = await circ.open_stream("127.0.0.1", net.http_port)
         w.write(b"GET /echo HTTP/1.0\r\n\r\n")
-        sid = next(iter(circ.streams))
-        for _ in range(600):
-            circ.send_relay(RelayCommand.DATA, sid, b"x" * 498)
-            circ.package.window = 1000
+        circ.send_relay(RelayCommand.DATA, 0, b"x" * 498)
         loop = asyncio.get_running_loop()
         end = loop.time() + 10
         while circ.state != "closed":
@@ -488,7 +484,7 @@ async def test_exit_frees_sockets_of_destinations_that_never_read(net):
         exit_circ = next(iter(net.relays[1].circuits))
         loop = asyncio.get_running_loop()
         end = loop.time() + 20
-        while not all(s.conn.write_paused for s in exit_circ.streams.values()) or len(held) < 2:
+        while not all(c.write_paused for c in exit_circ.conns.values()) or len(held) < 2:
             assert loop.time() < end, "the exit never had to buffer"
             await asyncio.sleep(0.05)
         circ.close()  # DESTROY: the exit has nobody left to deliver those bytes for
@@ -592,7 +588,7 @@ async def test_relay_process_logs_no_secrets_or_client_data(tmp_path, http_serve
         assert listening_addresses(proc.pid) == ["127.0.0.1"]
         # a client at 127.0.0.2: a stream to a name, a refused one, a lookup (through a
         # guard: exits serve streams only to circuits from relays), a bad CREATE2
-        guard = Relay(RelayKeys.load_or_create(tmp_path / "guard"), nickname="guard", extend_allow_private=True)
+        guard = Relay(RelayKeys.load_or_create(tmp_path / "guard"), relay_config(tmp_path / "guard", nickname="guard", extend_allow_private=True))
         await guard.start()
         chan = await channel_from(client, info, "127.0.0.2")
         circ = await client.build_circuit([guard.info(), info])

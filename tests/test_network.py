@@ -10,7 +10,7 @@ import asyncio
 import os
 
 import pytest
-from conftest import blob, http_get, sha256
+from conftest import blob, http_get, relay_config, sha256
 
 from onionp2p.client.client import OnionClient
 from onionp2p.errors import CircuitError, StreamError
@@ -44,7 +44,7 @@ def path(relays):
 
 async def test_three_hop_fetch_matches_sha256(relay_net, http_server, client):
     events = []
-    client.add_listener(events.append)
+    client.events.add(events.append)
     circ = await client.build_circuit(path(relay_net))
     assert [h.nickname for h in circ.hops] == ["r0", "r1", "r2"]
     reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
@@ -231,7 +231,7 @@ async def test_default_policy_rejects_loopback_and_non_exit_refuses(tmp_path, re
     relays = []
     for name, policy in (("def", ExitPolicy.parse("accept *:*")), ("nonexit", ExitPolicy.reject_all())):
         keys = RelayKeys.load_or_create(tmp_path / name)
-        r = Relay(keys, exit_reject_private=False, nickname=name, exit_policy=policy, extend_allow_private=True)
+        r = Relay(keys, relay_config(tmp_path / name, exit_reject_private=False, nickname=name, exit_policy=policy, extend_allow_private=True))
         await r.start()
         relays.append(r)
     try:
@@ -248,7 +248,7 @@ async def test_default_policy_rejects_loopback_and_non_exit_refuses(tmp_path, re
 async def test_truncate_gets_truncated(relay_net, client):
     circ = await client.build_circuit(path(relay_net))
     events = []
-    client.add_listener(events.append)
+    client.events.add(events.append)
     circ.send_relay(RelayCommand.TRUNCATE, 0, b"", hop=0)
     await wait_for(lambda: circ.state == "closed", what="TRUNCATED")
     assert circ.close_reason == "REQUESTED"
@@ -278,7 +278,7 @@ async def test_slow_handshake_is_dropped(tmp_path, client):
     from onionp2p.relay.keys import RelayKeys
     from onionp2p.relay.relay import Relay
 
-    relay = Relay(RelayKeys.load_or_create(tmp_path / "k"), exit_reject_private=False, handshake_timeout=1.0)
+    relay = Relay(RelayKeys.load_or_create(tmp_path / "k"), relay_config(tmp_path / "k", exit_reject_private=False, handshake_timeout=1.0))
     await relay.start()
     try:
         # TCP only, never a TLS ClientHello
@@ -317,9 +317,7 @@ async def test_bandwidth_rate_throttles_reads(tmp_path, relay_net, http_server, 
     from onionp2p.relay.keys import RelayKeys
     from onionp2p.relay.relay import Relay
 
-    slow = Relay(RelayKeys.load_or_create(tmp_path / "slow"), exit_reject_private=False, nickname="slow",
-                 exit_policy=ExitPolicy.parse("accept 127.0.0.1:*", reject_private=False),
-                 bandwidth_rate=100_000, bandwidth_burst=100_000)
+    slow = Relay(RelayKeys.load_or_create(tmp_path / "slow"), relay_config(tmp_path / "slow", exit_reject_private=False, nickname="slow", exit_policy=ExitPolicy.parse("accept 127.0.0.1:*", reject_private=False), bandwidth_rate=100_000, bandwidth_burst=100_000))
     await slow.start()
     try:
         # two hops: an exit opens streams only for circuits that come from a relay

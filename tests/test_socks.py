@@ -17,12 +17,21 @@ import socket
 import struct
 
 import pytest
-from conftest import LOOPBACK_EXIT, blob, http_get, sha256
+from conftest import LOOPBACK_EXIT, blob, http_get, relay_config, sha256
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from onionp2p.client.client import OnionClient
 from onionp2p.client.socksport import (
+    SocksBackend,
+    SocksServer,
+    addresses_from_resolved,
+    hostname_from_resolved,
+)
+from onionp2p.errors import CircuitError, LocalProtocolError, StreamError
+from onionp2p.proto.exitpolicy import ExitPolicy
+from onionp2p.proto.relaycell import Begin, EndReason, Resolved, ResolvedAnswer
+from onionp2p.proto.socks import (
     HTTP_NOT_SOCKS_ANSWER,
     MAX_MESSAGE,
     SOCKS4_GRANTED,
@@ -33,22 +42,15 @@ from onionp2p.client.socksport import (
     Reply,
     RequestReady,
     SendReply,
-    SocksBackend,
     SocksError,
     SocksParser,
     SocksRequest,
-    SocksServer,
-    addresses_from_resolved,
-    hostname_from_resolved,
     reply_code_for,
     reply_code_for_error,
     reply_for,
     socks4_reply,
     socks5_reply,
 )
-from onionp2p.errors import CircuitError, LocalProtocolError, StreamError
-from onionp2p.proto.exitpolicy import ExitPolicy
-from onionp2p.proto.relaycell import Begin, EndReason, Resolved, ResolvedAnswer
 from onionp2p.relay.keys import RelayKeys
 from onionp2p.relay.relay import Relay
 
@@ -737,9 +739,8 @@ async def test_optimistic_data_and_echo_both_ways(socks, http_server):
 async def test_ipv6_connect(relay_net, tmp_path):
     """CONNECT to an IPv6 literal through an exit whose policy accepts [::1]."""
     keys = RelayKeys.load_or_create(tmp_path / "v6" / "keys")
-    exit6 = Relay(keys, exit_reject_private=False, nickname="v6exit", data_dir=tmp_path / "v6", extend_allow_private=True,
-                  exit_policy=ExitPolicy.parse(LOOPBACK_EXIT.replace("\n", "\naccept [::1]:*\n"),
-                                               reject_private=False))
+    exit6 = Relay(keys, relay_config(tmp_path / "v6", exit_reject_private=False, nickname="v6exit", extend_allow_private=True, exit_policy=ExitPolicy.parse(LOOPBACK_EXIT.replace("\n", "\naccept [::1]:*\n"),
+                                               reject_private=False)))
     await exit6.start()
 
     async def serve(reader, writer):

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import http_get
+from conftest import http_get, relay_config
 
 from onionp2p.client.node import ClientNode
 from onionp2p.config import ClientConfig
@@ -58,8 +58,7 @@ async def exit_relays(tmp_path):
     relays = []
     for i in range(3):
         keys = RelayKeys.load_or_create(tmp_path / f"x{i}" / "keys")
-        relay = Relay(keys, exit_reject_private=False, nickname=f"node{i}", exit_policy=ExitPolicy.parse("accept *:*", reject_private=False),
-                      data_dir=tmp_path / f"x{i}", extend_allow_private=True)
+        relay = Relay(keys, relay_config(tmp_path / f"x{i}", exit_reject_private=False, nickname=f"node{i}", exit_policy=ExitPolicy.parse("accept *:*", reject_private=False), extend_allow_private=True))
         await relay.start()
         relays.append(relay)
     yield relays

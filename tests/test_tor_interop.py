@@ -27,7 +27,7 @@ from onionp2p.dir.tordir import (
     verify_consensus,
 )
 from onionp2p.errors import StreamError
-from onionp2p.proto.relaycell import EndReason, RelayCommand, ResolvedType, unpack_relay
+from onionp2p.proto.relaycell import EndReason, RelayCommand, ResolvedType
 
 _spec = importlib.util.spec_from_file_location("tornet", Path(__file__).parents[1] / "tools" / "tornet.py")
 tornet = importlib.util.module_from_spec(_spec)
@@ -198,12 +198,17 @@ async def test_cells_we_do_not_implement_are_ignored(tor_network, http_server):
     try:
         circ = await client.build_circuit(_path(statuses), timeout=60)
         seen: collections.Counter = collections.Counter()
-        handle = circ._relay
+        core = circ.core
+        on_message, on_data = core._on_message, core._on_data
 
-        def spy(hop, body, digest):  # records what arrives, then lets the client handle it
-            seen[(hop, unpack_relay(body)[0])] += 1
-            return handle(hop, body, digest)
-        circ._relay = spy
+        def spy_message(layer, cmd, sid, data, digest):  # records what arrives, then lets the core handle it
+            seen[(layer.index, cmd)] += 1
+            return on_message(layer, cmd, sid, data, digest)
+
+        def spy_data(layer, sid, body, length, digest):
+            seen[(layer.index, RelayCommand.DATA)] += 1
+            return on_data(layer, sid, body, length, digest)
+        core._on_message, core._on_data = spy_message, spy_data
         # Ask the middle relay (hop 1) for circuit padding machine 0 (relay side of tor's
         # intro-circuit hiding): it answers PADDING_NEGOTIATED and then pads with RELAY_DROP
         # once it forwards traffic to us. Machine 200 does not exist: ERR answer.

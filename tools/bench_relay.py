@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from onionp2p.client.client import OnionClient  # noqa: E402
+from onionp2p.config import RelayConfig  # noqa: E402
 from onionp2p.proto.cells import CellCommand  # noqa: E402
 from onionp2p.proto.directory import RelayInfo  # noqa: E402
 from onionp2p.proto.relaycell import RelayCommand, pack_relay  # noqa: E402
@@ -139,9 +140,10 @@ class _Writer(asyncio.Protocol):
 async def one_run(r_info: RelayInfo, r_pid: int, work: Path, n_cells: int, n_circuits: int,
                   run: int) -> dict:
     keys = RelayKeys.load_or_create(work / f"S{run}")
-    sink_relay = Relay(keys, nickname=f"benchS{run}", extend_allow_private=True,
-                       dos_max_concurrent_connections=0, dos_circuit_creation_rate=0,
-                       dos_circuit_creation_burst=0)
+    sink_relay = Relay(keys, RelayConfig(nickname=f"benchS{run}", data_dir=work / f"S{run}",
+                                         or_address=("127.0.0.1", 0), extend_allow_private=True,
+                                         dos_max_concurrent_connections=0, dos_circuit_creation_rate=0,
+                                         dos_circuit_creation_burst=0))
     await sink_relay.start()
     client = OnionClient()
     try:

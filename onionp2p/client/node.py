@@ -96,7 +96,8 @@ class ClientNode:
         self.control = None
         self.metrics = None
         self._collector = None
-        self._listeners = Listeners("node event")
+        #: node events: ``fn(("status", progress, tag, summary))``, ``fn(("stream", record))``
+        self.events = Listeners("node event")
         self._tasks: set[asyncio.Task] = set()
         self.shutdown_requested = asyncio.Event()
 
@@ -112,7 +113,7 @@ class ClientNode:
     def _phase(self, progress: int, tag: str, summary: str) -> None:
         self.bootstrap = (progress, tag, summary)
         log.info("bootstrap", progress=progress, phase=tag)
-        self._emit(("status", progress, tag, summary))
+        self.events(("status", progress, tag, summary))
 
     async def start(self, *, ready_timeout: float = 120.0) -> None:
         from onionp2p.client.socksport import SocksServer
@@ -188,19 +189,10 @@ class ClientNode:
 
     # -- events -------------------------------------------------------------------------------------
 
-    def add_listener(self, fn: Callable[[object], None]) -> None:
-        self._listeners.add(fn)
-
-    def remove_listener(self, fn: Callable[[object], None]) -> None:
-        self._listeners.remove(fn)
-
-    def _emit(self, event: object) -> None:
-        self._listeners(event)
-
     def _stream_status(self, rec: StreamRecord, status: str, reason: str | None = None) -> None:
         rec.status = status
         rec.reason = reason
-        self._emit(("stream", rec))
+        self.events(("stream", rec))
         if status in ("FAILED", "CLOSED"):
             self.streams.pop(rec.id, None)
 
@@ -210,7 +202,7 @@ class ClientNode:
         user = req.username.decode("utf-8", "replace") if getattr(req, "username", None) else None
         rec = StreamRecord(next(_stream_ids), target, status, purpose=purpose, socks_username=user)
         self.streams[rec.id] = rec
-        self._emit(("stream", rec))
+        self.events(("stream", rec))
         return rec
 
     async def open_stream(self, req) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -243,35 +235,29 @@ class ClientNode:
         return reader, writer
 
     async def resolve(self, req) -> list[str]:
-        rec = self._record(req, f"{req.host}:0", "NEWRESOLVE", purpose="DNS_REQUEST")
-        try:
-            resolved = await self.circmgr.resolve(req.host, req.isolation_key)
-        except (CircuitError, StreamError, asyncio.TimeoutError, TimeoutError):
-            self._stream_status(rec, "FAILED", "RESOLVEFAILED")
-            raise StreamError("resolve failed", EndReason.RESOLVEFAILED) from None
-        addrs = [a.value_text() for a in resolved.answers if a.atype in (4, 6) and a.value_text()]
-        self._stream_status(rec, "SUCCEEDED" if addrs else "FAILED", None if addrs else "RESOLVEFAILED")
-        if rec.id in self.streams:
-            self._stream_status(rec, "CLOSED", "DONE")
-        if not addrs:
-            raise StreamError("resolve failed", EndReason.RESOLVEFAILED)
-        return addrs
+        """SOCKS RESOLVE (tor's F0 extension): the addresses the exit found."""
+        return await self._lookup(req, req.host, (4, 6), "resolve failed")
 
     async def resolve_ptr(self, req) -> str:
-        ip = ipaddress.ip_address(req.host)
+        """SOCKS RESOLVE_PTR (F1): the name the exit found for an address."""
+        name = ipaddress.ip_address(req.host).reverse_pointer
+        return (await self._lookup(req, name, (0,), "reverse resolve failed"))[0]
+
+    async def _lookup(self, req, name: str, atypes: tuple[int, ...], failure: str) -> list[str]:
+        """RESOLVE ``name`` at an exit; the answers of the types ``atypes`` (StreamError if none)."""
         rec = self._record(req, f"{req.host}:0", "NEWRESOLVE", purpose="DNS_REQUEST")
         try:
-            resolved = await self.circmgr.resolve(ip.reverse_pointer, req.isolation_key)
+            resolved = await self.circmgr.resolve(name, req.isolation_key)
         except (CircuitError, StreamError, asyncio.TimeoutError, TimeoutError):
             self._stream_status(rec, "FAILED", "RESOLVEFAILED")
-            raise StreamError("reverse resolve failed", EndReason.RESOLVEFAILED) from None
-        names = [a.value_text() for a in resolved.answers if a.atype == 0 and a.value_text()]
-        self._stream_status(rec, "SUCCEEDED" if names else "FAILED", None if names else "RESOLVEFAILED")
+            raise StreamError(failure, EndReason.RESOLVEFAILED) from None
+        found = [a.value_text() for a in resolved.answers if a.atype in atypes and a.value_text()]
+        self._stream_status(rec, "SUCCEEDED" if found else "FAILED", None if found else "RESOLVEFAILED")
         if rec.id in self.streams:
             self._stream_status(rec, "CLOSED", "DONE")
-        if not names:
-            raise StreamError("reverse resolve failed", EndReason.RESOLVEFAILED)
-        return names[0]
+        if not found:
+            raise StreamError(failure, EndReason.RESOLVEFAILED)
+        return found  # type: ignore[return-value]
 
     def close_stream(self, stream_id: int) -> bool:
         rec = self.streams.get(stream_id)

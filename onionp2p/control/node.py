@@ -121,9 +121,9 @@ class ClientControlAdapter(ControlAdapterBase):
             "UseMicrodescriptors": ("Boolean+Auto", lambda: ["auto"], None),
             "HiddenServiceOptions": ("Virtual", lambda: [], None),
         }
-        node.client.add_listener(self._on_circuit)
-        node.client.add_channel_listener(self._on_channel)
-        node.add_listener(self._on_node)
+        node.client.events.add(self._on_circuit)
+        node.client.channel_events.add(self._on_channel)
+        node.events.add(self._on_node)
 
     # -- plain properties -----------------------------------------------------------------------
 

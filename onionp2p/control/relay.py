@@ -47,7 +47,6 @@ from onionp2p.listeners import Listeners
 from onionp2p.log import get_logger
 from onionp2p.proto.control import ControlError
 from onionp2p.proto.directory import RouterStatus
-from onionp2p.proto.ratelimit import TokenBucket
 
 __all__ = ["RelayControlAdapter", "AuthorityControlAdapter", "relay_status", "UNSET_TOR_CONF"]
 
@@ -139,12 +138,12 @@ class _ServerAdapter(ControlAdapterBase):
         self._endpoints: dict[int, str] = {}  # channel id -> "host:port" of peers without identity
         self._conf: dict[str, tuple[str, Callable[[], list[str]]]] = {}
         if relay is not None:
-            relay.add_channel_listener(self._on_channel)
+            relay.channel_events.add(self._on_channel)
 
     def close(self) -> None:
         """Stop listening to the relay's channel events."""
         if self.relay is not None:
-            self.relay.remove_channel_listener(self._on_channel)
+            self.relay.channel_events.remove(self._on_channel)
 
     # -- plain properties ---------------------------------------------------------------------
 
@@ -189,27 +188,14 @@ class _ServerAdapter(ControlAdapterBase):
     def apply_live(self, changes: dict[str, object]) -> None:
         """Apply {RelayConfig field: value} for the live keys, all or nothing (ConfigError)."""
         relay = self.relay
-        bucket = relay.read_bucket
-        rate = changes.get("bandwidth_rate", int(bucket.rate) if bucket else 1 << 30)
-        burst = changes.get("bandwidth_burst", int(bucket.burst) if bucket else rate)
-        if burst is None:
-            burst = rate
-        if burst < rate:  # type: ignore[operator]
-            raise ConfigError(f"BandwidthBurst {burst} is smaller than BandwidthRate {rate}")
-        limits = relay.dos.limits
-        new_limits = replace(  # DosLimits validates (ConfigError)
-            limits,
-            max_concurrent_connections=changes.get("dos_max_concurrent_connections",
-                                                   limits.max_concurrent_connections),
-            circuit_creation_rate=changes.get("dos_circuit_creation_rate", limits.circuit_creation_rate),
-            circuit_creation_burst=changes.get("dos_circuit_creation_burst", limits.circuit_creation_burst),
-            max_mem_in_queues=changes.get("max_mem_in_queues", limits.max_mem_in_queues))
-        # everything parsed and checked: apply
-        if bucket is None or (rate, burst) != (bucket.rate, bucket.burst):
-            relay.read_bucket = TokenBucket(rate, burst, now=time.monotonic())  # type: ignore[arg-type]
-        relay.dos.limits = new_limits
-        if "extend_allow_private" in changes:
-            relay.extend_allow_private = bool(changes["extend_allow_private"])
+        if "bandwidth_rate" in changes and "bandwidth_burst" not in changes:
+            # a new rate leaves the burst as it is (unset means "the rate" only at start)
+            changes = {**changes, "bandwidth_burst": relay.config.effective_bandwidth_burst}
+        new = replace(relay.config, **changes)  # type: ignore[arg-type]
+        if new.effective_bandwidth_burst < new.bandwidth_rate:
+            raise ConfigError(f"BandwidthBurst {new.effective_bandwidth_burst} is smaller than "
+                              f"BandwidthRate {new.bandwidth_rate}")
+        relay.reconfigure(new)  # DosLimits validates (ConfigError) before anything changes
         log.info("configuration changed", **{k: str(v) for k, v in changes.items()})
 
     # -- state --------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from onionp2p.client.client import OnionClient
+from onionp2p.config import AuthorityConfig
 from onionp2p.dir.client import atomic_write
 from onionp2p.dir.server import DirServer, HttpRequest, HttpResponse, fetch
 from onionp2p.errors import ConfigError, KeyFileError, OnionError, ProtocolError
@@ -63,6 +64,7 @@ from onionp2p.proto.directory import (
     _Lines,
     _unb64,
     format_time,
+    parse_authorities,
     parse_time,
     verify_consensus,
 )
@@ -278,22 +280,23 @@ class DetachedSignatures:
 class Authority:
     """A running directory authority. ``await start()``, then ``await stop()``."""
 
-    def __init__(self, key: ed25519.Ed25519PrivateKey, *, nickname: str,
-                 authorities: Sequence[DirAuthority], data_dir: Path | str, dir_host: str = "127.0.0.1",
-                 dir_port: int = 0, voting_interval: int = 3600, rules: FlagRules = FlagRules(),
+    def __init__(self, key: ed25519.Ed25519PrivateKey, config: AuthorityConfig, *,
                  client: OnionClient | None = None):
         self.key = key
+        self.config = config
         self.identity = _raw(key)
-        self.nickname = nickname
-        self.authorities = tuple(authorities)
+        nickname = self.nickname = config.nickname
+        self.authorities = tuple(parse_authorities(config.authorities))
         if not any(a.ed_id == self.identity for a in self.authorities):
             raise ConfigError(f"authority {nickname}: its identity {_b64(self.identity)} is not in the "
                               "configured authorities")
         self.others = [a for a in self.authorities if a.ed_id != self.identity]
         self.need = len(self.authorities) // 2 + 1
-        self.data_dir = Path(data_dir)
-        self.schedule = VotingSchedule(voting_interval)
-        self.rules = rules
+        self.data_dir = Path(config.data_dir)
+        self.schedule = VotingSchedule(config.voting_interval)
+        self.rules = FlagRules(stable_uptime=config.stable_uptime, guard_uptime=config.guard_uptime,
+                               assume_guard=config.assume_guard, assume_exit=config.assume_exit)
+        dir_host, dir_port = config.dir_address
         self.client = client or OnionClient(handshake_timeout=REACH_TIMEOUT)
         self.server = DirServer(self._handle, dir_host, dir_port, max_body=MAX_UPLOAD,
                                 name=f"authority {nickname}")

@@ -6,15 +6,19 @@ A :class:`Channel` is an :class:`asyncio.Protocol` on a TLS transport. It owns
 
 * a :class:`~onionp2p.proto.cells.CellReader` (framing) and, until the link is open, a
   sans-IO :class:`~onionp2p.proto.link.LinkHandshake` that it feeds cells to;
-* a table ``circuits`` mapping this link's circuit IDs to circuit objects. Each
-  incoming cell for a known circuit goes straight to ``circuit.handle_cell(chan, cell)``;
-  cells for unknown circuits (CREATE2, strays) go to the owner's ``unknown_cell``;
+* a table ``circuits`` mapping this link's circuit IDs to circuit shells. Runs of
+  RELAY/RELAY_EARLY cells for a known circuit go to ``circuit.relay_run(chan, data, start,
+  count)`` — the only way relay cells travel; other cells of a known circuit to
+  ``circuit.handle_cell(chan, cell)``; cells for unknown circuits (CREATE2, strays) to the
+  owner's ``unknown_cell``;
 * the outgoing side. Cells written in one event-loop turn are coalesced into one
   ``transport.write`` (one TLS record batch instead of one per cell). When the
   transport asks us to pause (its buffer passed the high-water mark) further cells
   wait in per-circuit queues that are flushed round-robin on resume; a circuit whose
   queue passes ``max_queue_cells`` is reported to the owner, who destroys it
   (RESOURCELIMIT) — so a peer that stops reading cannot make us buffer without bound.
+  A circuit whose queue has been written out is told (``queue_drained``), so that it can
+  let its streams package again.
   Nor can it hold the socket: :meth:`Channel.close` aborts the transport if flushing and
   the TLS close have not finished after ``close_timeout`` (:data:`CLOSE_TIMEOUT`) seconds.
 
@@ -23,12 +27,11 @@ The owner (a relay or a client) implements :class:`ChannelOwner`.
 Fast path (specs/performance.md)
 --------------------------------
 Once the link is open, :meth:`Channel.data_received` frames every complete cell of the
-whole socket read in one pass over the received ``bytes`` (no intermediate buffer
-object, no :class:`Cell` per RELAY cell). Consecutive RELAY/RELAY_EARLY cells of one
-circuit form a *run* that is handed over at once to ``circuit.relay_run(chan, data,
-start, count)`` (cells at ``data[start + i*514 :]``), so the circuit keeps its cipher
-and channel lookups out of the per-cell loop; circuits without ``relay_run`` get
-``handle_cell`` per cell, as do all other cells. On the way out,
+whole socket read in one pass (:meth:`~onionp2p.proto.cells.CellReader.frames`: no
+:class:`Cell` per RELAY cell). Consecutive RELAY/RELAY_EARLY cells of one circuit form a
+*run* that is handed over at once to ``circuit.relay_run(chan, data, start, count)``
+(cells at ``data[start + i*514 :]``), so the circuit keeps its cipher and channel
+lookups out of the per-cell loop. On the way out,
 :meth:`Channel.send_payloads` queues many fixed cells of one circuit with one header
 pack and one ``join``. The bytes on the wire are exactly those of the per-cell path.
 """
@@ -49,8 +52,6 @@ from onionp2p.log import get_logger
 from onionp2p.net import tls
 from onionp2p.proto.cells import (
     CELL_LEN,
-    DEFAULT_MAX_VAR_PAYLOAD,
-    PAYLOAD_LEN,
     Cell,
     CellCommand,
     CellReader,
@@ -75,7 +76,7 @@ DEFAULT_TCP_USER_TIMEOUT = 60.0
 _COALESCE_LIMIT = 256 * 1024
 _ids = itertools.count(1)
 _HDR4 = struct.Struct(">IB")
-_RELAY, _RELAY_EARLY = int(CellCommand.RELAY), int(CellCommand.RELAY_EARLY)
+_RELAY = int(CellCommand.RELAY)
 _IGNORED = frozenset({int(CellCommand.PADDING), int(CellCommand.VPADDING), int(CellCommand.NETINFO)})
 
 
@@ -131,8 +132,6 @@ class Channel(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._reader = CellReader(circ_id_len=2)
-        self._rest = b""  # after the handshake: bytes of an incomplete cell
-        self._max_var = DEFAULT_MAX_VAR_PAYLOAD
         self._hs: LinkHandshake | None = None
         self._out: list[bytes] = []
         self._out_len = 0
@@ -194,78 +193,36 @@ class Channel(asyncio.Protocol):
                 if not hs.done:
                     return
                 self._handshake_done()
-                data = reader.take_buffered()
+                data = b""
             self._cells(data)
         except ProtocolError as exc:
             self._fail(exc)
 
     def _cells(self, data: bytes) -> None:
-        """Handle every complete cell of ``self._rest + data`` (link open, 4-byte CircIDs)."""
-        if self._rest:
-            data = self._rest + data
-            self._rest = b""
-        n = len(data)
-        pos = 0
+        """Handle every complete cell of what is buffered plus ``data`` (link open)."""
         circuits = self.circuits
-        unpack = _HDR4.unpack_from
-        while pos + 5 <= n and not self.closed:
-            circ_id, cmd = unpack(data, pos)
-            if cmd == _RELAY or cmd == _RELAY_EARLY:
-                end = pos + CELL_LEN
-                if end > n:
-                    break
-                # extend the run while the next complete cell is RELAY(_EARLY) on this circuit
-                while end + CELL_LEN <= n:
-                    cid2, cmd2 = unpack(data, end)
-                    if cid2 != circ_id or (cmd2 != _RELAY and cmd2 != _RELAY_EARLY):
-                        break
-                    end += CELL_LEN
-                count = (end - pos) // CELL_LEN
-                self.cells_in += count
-                circ = circuits.get(circ_id)
-                run = getattr(circ, "relay_run", None) if circ is not None else None
-                if run is not None:
-                    run(self, data, pos, count)
-                else:
-                    for p in range(pos, end, CELL_LEN):
-                        if self.closed:
-                            break
-                        cell = Cell(circ_id, data[p + 4], data[p + 5:p + CELL_LEN])
-                        circ = circuits.get(circ_id)
-                        if circ is not None:
-                            circ.handle_cell(self, cell)
-                        else:
-                            self.owner.unknown_cell(self, cell)
-                pos = end
-                continue
-            if cmd == 7 or cmd >= 128:
-                if pos + 7 > n:
-                    break
-                length = (data[pos + 5] << 8) | data[pos + 6]
-                if length > self._max_var:
-                    raise ProtocolError(f"variable-length cell too long ({length} bytes)")
-                end = pos + 7 + length
-                if end > n:
-                    break
-                payload = data[pos + 7:end]
-            else:
-                end = pos + 5 + PAYLOAD_LEN
-                if end > n:
-                    break
-                payload = data[pos + 5:end]
-            pos = end
-            self.cells_in += 1
+        for buf, circ_id, cmd, start, end in self._reader.frames(data):
+            if self.closed:
+                return
             circ = circuits.get(circ_id)
+            if cmd == _RELAY:
+                count = (end - start) // CELL_LEN
+                self.cells_in += count
+                if circ is not None:
+                    circ.relay_run(self, buf, start, count)
+                else:  # cells for a circuit we do not know: dropped, one at a time
+                    for p in range(start, end, CELL_LEN):
+                        self.owner.unknown_cell(self, Cell(circ_id, buf[p + 4], buf[p + 5:p + CELL_LEN]))
+                continue
+            self.cells_in += 1
             if circ is not None:
-                circ.handle_cell(self, Cell(circ_id, cmd, payload))
+                circ.handle_cell(self, Cell(circ_id, cmd, buf[start:end]))
                 continue
             if cmd in _IGNORED:
                 continue
             if cmd == CellCommand.VERSIONS:
                 raise ProtocolError("VERSIONS cell after the handshake")
-            self.owner.unknown_cell(self, Cell(circ_id, cmd, payload))
-        if pos < n:
-            self._rest = data[pos:]
+            self.owner.unknown_cell(self, Cell(circ_id, cmd, buf[start:end]))
 
     def _set_tcp_liveness(self, transport: asyncio.BaseTransport) -> None:
         """A peer that vanishes without a FIN (cut off, powered off) must not leave a
@@ -305,6 +262,11 @@ class Channel(asyncio.Protocol):
     def resume_reading(self) -> None:
         if self._transport is not None and not self.closed and not self._transport.is_closing():
             self._transport.resume_reading()
+
+    @property
+    def paused(self) -> bool:
+        """The transport asked us to stop writing: cells wait in per-circuit queues."""
+        return self._paused
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -436,6 +398,7 @@ class Channel(asyncio.Protocol):
 
     def _drain_queues(self) -> None:
         queues = self._queues
+        drained = []
         while queues and not self._paused and not self.closed:
             for cid in list(queues):
                 q = queues[cid]
@@ -444,7 +407,12 @@ class Channel(asyncio.Protocol):
                     self._out_len += CELL_LEN
                 if not q:
                     del queues[cid]
+                    drained.append(cid)
             self._flush()
+        for cid in drained:  # their circuits may package again
+            circ = self.circuits.get(cid)
+            if circ is not None and not self.closed:
+                circ.queue_drained(self)
 
     # -- closing -----------------------------------------------------------------------
 

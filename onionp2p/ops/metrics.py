@@ -247,7 +247,7 @@ class RelayCollector:
         else:
             cb = self.totals.update(channels)
         circuits = list(r.circuits)
-        states = Counter("extending" if c.extending is not None else "open" for c in circuits)
+        states = Counter("extending" if c.core.extending else "open" for c in circuits)
         reasons = dict(getattr(r, "destroy_reasons", None) or {})
         unknown = stats.get("destroyed", 0) - sum(reasons.values())
         if unknown > 0:
@@ -321,15 +321,15 @@ class ClientCollector:
         self.builds: Counter[str] = Counter(ok=0, failed=0)
         self.closed: Counter[str] = Counter()
         self.retired_data = [0, 0]  # DATA bytes (sent, received) of circuits that are gone
-        node.client.add_listener(self._on_circuit)
-        node.client.add_channel_listener(self._on_channel)
+        node.client.events.add(self._on_circuit)
+        node.client.channel_events.add(self._on_channel)
 
     def close(self) -> None:
         try:
-            self.node.client.remove_listener(self._on_circuit)
+            self.node.client.events.remove(self._on_circuit)
         except ValueError:
             pass
-        self.node.client.remove_channel_listener(self._on_channel)
+        self.node.client.channel_events.remove(self._on_channel)
 
     def _on_circuit(self, ev) -> None:
         if ev.kind == "built":

@@ -1,399 +1,255 @@
-"""Circuits at a relay: CREATE2, EXTEND2, forwarding, TRUNCATE, DESTROY (tor-spec §5, §6).
+"""A circuit at a relay: the asyncio shell around :class:`onionp2p.proto.circuit.RelayCircuit`.
 
 Theory of operation
 -------------------
-An :class:`OrCircuit` joins a *previous* hop (the channel toward the client and the
-circuit ID on it) to either a *next* hop (another channel and ID) or to nothing —
-then this relay is the circuit's last hop and may run exit streams on it.
+:class:`OrCircuit` joins a *previous* hop (the channel toward the client and the circuit
+ID on it) to a *next* hop (another channel and ID) or to nothing — then this relay is the
+last hop and may run exit streams. All protocol decisions are the core's
+(:mod:`onionp2p.proto.circuit`, specs/circuits.md); this class only carries out the
+actions it returns:
 
-* Cells from the previous hop: RELAY/RELAY_EARLY are decrypted one layer with
-  :class:`~onionp2p.proto.relaycrypto.RelayCrypto`. A cell recognized here is handled here
-  (EXTEND2, TRUNCATE, SENDME, stream commands — the latter through the relay's exit
-  handler); any other cell goes on to the next hop unchanged in command, or, if there is
-  no next hop, kills the circuit (PROTOCOL). More than 8 RELAY_EARLY cells is a
-  violation; EXTEND2 must come in RELAY_EARLY.
-* Cells from the next hop: RELAY gets our backward layer and goes to the previous hop;
-  CREATED2 answers a pending EXTEND2 and becomes EXTENDED2; RELAY_EARLY inward is a
-  violation.
-* DESTROY from either side tears the whole circuit down and sends DESTROY (reason
-  DESTROYED) to the other side; a lost channel does the same with CHANNEL_CLOSED, so no
-  circuit or stream outlives its channel. TRUNCATE destroys the part beyond this hop and
-  answers TRUNCATED.
-* Circuit-level flow control at this edge uses :mod:`onionp2p.proto.flowctl`, with
-  authenticated SENDME v1 in both directions.
+* cells: ``ToPrev`` / ``ToNext`` go to the channels with one ``send_payloads`` each;
+* ``Extend``: the relay's channel manager opens (or reuses) a channel to the named relay,
+  the CREATE2 goes out on a new circuit ID there, and the core hears ``extend_attached``
+  or ``extend_failed``; ``SetTimer`` bounds it (the core's clock is the loop's);
+* exit streams: ``ExitBegin`` / ``ExitResolve`` go to the relay's
+  :class:`~onionp2p.relay.exit.ExitHandler`, which connects or resolves and answers the
+  core; ``StreamData``, ``StreamPause``/``StreamResume`` and ``StreamClosed`` go to the
+  stream's :class:`~onionp2p.relay.exit.ExitConnection`;
+* ``DetachNext`` / ``Destroyed``: forget the circuit on a channel, drop what is queued for
+  it there, then send DESTROY — in that order, so the DESTROY is not dropped with the
+  queue.
 
-The circuit never touches sockets: channels are objects with ``send_cell``; the relay
-that owns the circuit supplies ``open_channel`` (async) and the exit handler.
-
-Fast path: a channel hands over runs of consecutive RELAY/RELAY_EARLY cells with
-:meth:`OrCircuit.relay_run`. Forward, each cell is decrypted with the keystream's
-``update`` straight from the channel's receive buffer; cells that are not ours (the
-Recognized field is non-zero, or the digest check fails) are collected and leave with
-one :meth:`~onionp2p.net.channel.Channel.send_payloads`; before a recognized cell is handled
-the cells collected so far are sent, so every cell leaves in the order it came.
-Backward, the run gets our layer and goes to the previous hop the same way. An exit
-stream packages many DATA cells per call through :meth:`OrCircuit.send_data_many`.
-The resulting bytes are exactly those of the per-cell path (tests/test_datapath.py).
+The core packages exit data only while fewer than ``RELAY_QUEUE_ROOM`` cells wait in the
+previous channel's queue for this circuit (when the channel is blocked); when that queue
+drains the channel tells us (:meth:`queue_drained`) and the streams package again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from onionp2p.errors import OnionError, ProtocolError
+from onionp2p.errors import OnionError
 from onionp2p.log import get_logger
-from onionp2p.proto.cells import Cell, CellCommand, Create2, Created2, Destroy, DestroyReason
-from onionp2p.proto.flowctl import DeliverWindow, PackageWindow
-from onionp2p.proto.relaycell import (
-    RELAY_DATA_MAX,
-    Extend2,
-    Extended2,
-    LinkSpecType,
-    RelayCommand,
-    Sendme,
-    Truncated,
-    pack_relay,
-    unpack_relay,
+from onionp2p.proto.cells import Cell, CellCommand, Destroy, DestroyReason
+from onionp2p.proto.circuit import (
+    RELAY_QUEUE_ROOM,
+    CancelExtend,
+    Destroyed,
+    DetachNext,
+    ExitBegin,
+    ExitResolve,
+    Extend,
+    RelayCircuit,
+    SetTimer,
+    StreamClosed,
+    StreamData,
+    StreamPause,
+    StreamResume,
+    ToNext,
+    ToPrev,
+    from_core,
 )
 from onionp2p.proto.relaycrypto import RelayCrypto
-from onionp2p.proto.stream import handle_sendme
 
 if TYPE_CHECKING:  # pragma: no cover
     from onionp2p.net.channel import Channel
+    from onionp2p.relay.exit import ExitConnection
+    from onionp2p.relay.relay import Relay
 
-__all__ = ["OrCircuit", "MAX_RELAY_EARLY"]
+__all__ = ["OrCircuit"]
 
-MAX_RELAY_EARLY = 8
-EXTEND_TIMEOUT = 30.0
-_CELL = 514
-_RELAY_HDR = struct.Struct(">BHH4sH")  # relaycell's header: cmd, recognized, stream, digest, length
-_DATA = int(RelayCommand.DATA)
-_RELAY = int(CellCommand.RELAY)
-_RELAY_EARLY = int(CellCommand.RELAY_EARLY)
 log = get_logger("onionp2p.circuit")
+_RELAY = int(CellCommand.RELAY)
+_UNLIMITED = 1 << 30
 
 
 class OrCircuit:
     """One circuit as seen by a relay. See the module docstring."""
 
-    def __init__(self, relay: Any, prev_chan: Channel, prev_id: int, crypto: RelayCrypto):
+    def __init__(self, relay: Relay, prev_chan: Channel, prev_id: int, crypto: RelayCrypto):
         self.relay = relay
         self.prev_chan = prev_chan
         self.prev_id = prev_id
-        self.crypto = crypto
+        peer = prev_chan.peer
+        self.core = RelayCircuit(crypto, own_rsa_id=relay.keys.rsa_id_digest,
+                                 prev_rsa_id=peer.rsa_id if peer is not None else None,
+                                 allow_private=relay.config.extend_allow_private,
+                                 max_streams=relay.config.max_streams_per_circuit)
         self.next_chan: Channel | None = None
         self.next_id = 0
-        self.streams: dict[int, Any] = {}
-        self.package = PackageWindow.circuit()
-        self.deliver = DeliverWindow.circuit()
-        self.early_in = 0
-        self.extending: asyncio.Task | None = None
-        self.closed = False
-        self.cells_forward = 0
-        self.cells_backward = 0
+        #: the destination sockets of this circuit's exit streams, by stream ID
+        self.conns: dict[int, ExitConnection] = {}
+        self._extending: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
         self.log = log.bind(chan_id=prev_chan.id, circ_id=prev_id)
         prev_chan.circuits[prev_id] = self
 
-    # -- dispatch from channels ---------------------------------------------------
+    # what the relay, its control port and its metrics read
+    closed = from_core("closed")
+    streams = from_core("streams", "The exit streams' state, by stream ID (proto.stream.Stream)")
+    crypto = from_core("crypto")
+    cells_forward = from_core("cells_forward")
+    cells_backward = from_core("cells_backward")
 
-    def handle_cell(self, chan: Channel, cell: Cell) -> None:
-        if self.closed:
-            return
-        cmd = cell.command
-        if chan is self.prev_chan:
-            if cmd == CellCommand.RELAY or cmd == CellCommand.RELAY_EARLY:
-                self._from_prev(cmd, cell.payload)
-            elif cmd == CellCommand.DESTROY:
-                self.destroy(DestroyReason.DESTROYED, notify_prev=False)
-            # CREATE2 on a used ID and anything else: dropped, as tor does
-        else:
-            if cmd == CellCommand.RELAY:
-                self.cells_backward += 1
-                self.prev_chan.send_cell(self.prev_id, CellCommand.RELAY, self.crypto.encrypt_backward(cell.payload))
-            elif cmd == CellCommand.CREATED2:
-                self._created2(cell.payload)
-            elif cmd == CellCommand.DESTROY:
-                self._forget_next()
-                self.destroy(DestroyReason.DESTROYED, notify_next=False)
-            elif cmd == CellCommand.RELAY_EARLY:
-                self.destroy(DestroyReason.PROTOCOL)
+    # -- from the channels --------------------------------------------------------------------
 
     def relay_run(self, chan: Channel, data: bytes, start: int, count: int) -> None:
-        """``count`` consecutive RELAY/RELAY_EARLY cells of this circuit from ``chan``, at
+        """``count`` consecutive RELAY/RELAY_EARLY cells of this circuit from ``chan`` at
         ``data[start + i*514:]`` (the channel's receive buffer)."""
-        if self.closed:
-            return
+        now = self._loop.time()
         if chan is self.prev_chan:
-            self._forward_run(memoryview(data), start, count)
+            self._run(self.core.receive_forward(data, start, count, now))
         else:
-            self._backward_run(memoryview(data), start, count)
+            self._run(self.core.receive_backward(data, start, count, now))
 
-    def _forward_run(self, mv: memoryview, pos: int, count: int) -> None:
-        crypto = self.crypto
-        upd = crypto.fwd_update
-        out: list = []
-        out_cmd = _RELAY
-        end = pos + count * _CELL
-        while pos < end:
-            cmd = mv[pos + 4]
-            if cmd == _RELAY_EARLY:
-                self.early_in += 1
-                if self.early_in > MAX_RELAY_EARLY:
-                    self._send_next(out_cmd, out)
-                    self.log.info("too many RELAY_EARLY cells")
-                    self.destroy(DestroyReason.PROTOCOL)
-                    return
-            self.cells_forward += 1
-            plain = upd(mv[pos + 5:pos + _CELL])
-            pos += _CELL
-            if not plain[1] and not plain[2]:
-                digest = crypto.recognize_forward(plain)
-                if digest is not None:
-                    if out:
-                        self._send_next(out_cmd, out)
-                        out = []
-                    try:
-                        self._handle_relay(plain, digest, cmd == _RELAY_EARLY)
-                    except ProtocolError as exc:
-                        self.log.info("protocol violation on circuit", error=str(exc))
-                        self.destroy(DestroyReason.PROTOCOL)
-                    if self.closed:
-                        return
-                    continue
-            if self.next_chan is None:
-                self._send_next(out_cmd, out)
-                self.log.info("unrecognized relay cell at the last hop")
-                self.destroy(DestroyReason.PROTOCOL)
-                return
-            if cmd != out_cmd:
-                if out:
-                    self._send_next(out_cmd, out)
-                    out = []
-                out_cmd = cmd
-            out.append(plain)
-        if out:
-            self._send_next(out_cmd, out)
-
-    def _send_next(self, cmd: int, payloads: list) -> None:
-        if payloads and self.next_chan is not None:
-            self.next_chan.send_payloads(self.next_id, cmd, payloads)
-
-    def _backward_run(self, mv: memoryview, pos: int, count: int) -> None:
-        upd = self.crypto.bwd_update
-        out = []
-        end = pos + count * _CELL
-        while pos < end:
-            if mv[pos + 4] == _RELAY_EARLY:
-                break
-            out.append(upd(mv[pos + 5:pos + _CELL]))
-            pos += _CELL
-        self.cells_backward += len(out)
-        if out:
-            self.prev_chan.send_payloads(self.prev_id, _RELAY, out)
-        if pos < end:  # RELAY_EARLY toward the client
-            self.destroy(DestroyReason.PROTOCOL)
+    def handle_cell(self, chan: Channel, cell: Cell) -> None:
+        """Any other cell of this circuit."""
+        now = self._loop.time()
+        if chan is self.prev_chan:
+            self._run(self.core.receive_cell_prev(cell.command, cell.payload, now))
+        else:
+            self._run(self.core.receive_cell_next(cell.command, cell.payload, now))
 
     def channel_closed(self, chan: Channel) -> None:
-        if chan is self.prev_chan:
-            self.destroy(DestroyReason.CHANNEL_CLOSED, notify_prev=False)
-        else:
+        prev = chan is self.prev_chan
+        if not prev:
             self.next_chan = None
-            self.destroy(DestroyReason.CHANNEL_CLOSED, notify_next=False)
+        self._run(self.core.channel_closed(prev))
 
-    # -- forward direction --------------------------------------------------------------
-
-    def _from_prev(self, cmd: int, payload: bytes) -> None:
-        early = cmd == CellCommand.RELAY_EARLY
-        if early:
-            self.early_in += 1
-            if self.early_in > MAX_RELAY_EARLY:
-                self.log.info("too many RELAY_EARLY cells")
-                self.destroy(DestroyReason.PROTOCOL)
-                return
-        self.cells_forward += 1
-        recognized, body, digest = self.crypto.decrypt_forward(payload)
-        if recognized:
-            try:
-                self._handle_relay(body, digest, early)
-            except ProtocolError as exc:
-                self.log.info("protocol violation on circuit", error=str(exc))
-                self.destroy(DestroyReason.PROTOCOL)
-        elif self.next_chan is not None:
-            self.next_chan.send_cell(self.next_id, cmd, body)
-        else:
-            self.log.info("unrecognized relay cell at the last hop")
-            self.destroy(DestroyReason.PROTOCOL)
-
-    def _handle_relay(self, body: bytes, digest: bytes | None, early: bool) -> None:
-        cmd, sid, data = unpack_relay(body)
-        if cmd == RelayCommand.DATA:
-            if sid == 0:
-                raise ProtocolError("DATA on stream 0")
-            self.deliver.on_data_received()
-            stream = self.streams.get(sid)
-            if stream is not None:
-                stream.on_data(data)
-            while not self.closed and self.deliver.sendme_due():
-                self.deliver.on_sendme_sent()
-                self.send_back(RelayCommand.SENDME, 0, Sendme(1, digest or b"").encode())
-        elif cmd == RelayCommand.SENDME:
-            handle_sendme(self.package, self.streams, sid, data)
-        elif cmd == RelayCommand.EXTEND2:
-            if not early:
-                raise ProtocolError("EXTEND2 not in a RELAY_EARLY cell")
-            self._extend(Extend2.parse(data))
-        elif cmd == RelayCommand.TRUNCATE:
-            self._truncate()
-        elif cmd == RelayCommand.DROP:
-            pass
-        elif cmd in (RelayCommand.BEGIN, RelayCommand.BEGIN_DIR, RelayCommand.RESOLVE,
-                     RelayCommand.END):
-            if sid == 0:
-                raise ProtocolError("stream command with stream ID 0")
-            if self.next_chan is not None or self.extending is not None:
-                raise ProtocolError("stream command at a middle hop")
-            self.relay.exit.handle(self, cmd, sid, data)
-        # other commands are dropped (they still counted toward the digest)
-
-    # -- backward direction (we originate) -------------------------------------------------
+    def queue_drained(self, chan: Channel) -> None:
+        """The channel wrote out what it had queued for this circuit."""
+        if chan is self.prev_chan and self.core.streams and not self.core.closed:
+            self._run(self.core.pump())
 
     def send_back(self, cmd: int, stream_id: int, data: bytes = b"") -> None:
-        """Originate a relay cell toward the client from this hop."""
-        if self.closed:
-            return
-        ct, digest = self.crypto.originate_backward(pack_relay(cmd, stream_id, data))
-        if cmd == RelayCommand.DATA:
-            self.package.on_data_sent(digest)
-        self.cells_backward += 1
-        self.prev_chan.send_cell(self.prev_id, CellCommand.RELAY, ct)
+        """Originate one relay message toward the client from this hop (see the core)."""
+        self._run(self.core.send_back(cmd, stream_id, data))
 
-    def send_data_many(self, stream_id: int, chunks: list) -> None:
-        """Originate one DATA cell per chunk (each at most 498 bytes) toward the client:
-        the same cells as ``send_back(DATA, stream_id, chunk)`` per chunk."""
-        if self.closed or not chunks:
-            return
-        full = _RELAY_HDR.pack(_DATA, 0, stream_id, b"\0\0\0\0", RELAY_DATA_MAX)
-        bodies = []
-        for c in chunks:
-            if len(c) == RELAY_DATA_MAX:  # a full cell has no padding: header + data
-                b = bytearray(full)
-                b += c
-            else:
-                b = pack_relay(_DATA, stream_id, c)
-            bodies.append(b)
-        cts, digests = self.crypto.originate_backward_many(bodies, consume=True)
-        on_sent = self.package.on_data_sent
-        for d in digests:
-            on_sent(d)
-        self.cells_backward += len(cts)
-        self.prev_chan.send_payloads(self.prev_id, _RELAY, cts)
+    def destroy(self, reason: int, message: str = "") -> None:
+        """Tear the circuit down from here (shutdown, memory limit, queue overflow)."""
+        self._run(self.core.destroy(reason, message))
 
-    def package_budget(self) -> int:
-        """How many DATA cells an exit stream may package now (see :meth:`can_package`)."""
-        if self.closed:
-            return 0
-        queued = self.prev_chan.queued_cells(self.prev_id)
-        return max(0, min(self.package.window, 64 - queued))
+    # -- from the exit side ---------------------------------------------------------------------
 
-    def can_package(self) -> bool:
-        """May an exit stream on this circuit send another DATA cell now?"""
-        return (not self.closed and self.package.window > 0
-                and self.prev_chan.queued_cells(self.prev_id) < 64)
+    def exit_connected(self, sid: int, connected: bytes) -> None:
+        self._run(self.core.exit_connected(sid, connected))
 
-    # -- EXTEND2 / TRUNCATE ---------------------------------------------------------------
+    def exit_refused(self, sid: int, end: bytes) -> None:
+        self._run(self.core.exit_refused(sid, end))
 
-    def _extend(self, ext: Extend2) -> None:
-        if self.next_chan is not None or self.extending is not None:
-            raise ProtocolError("EXTEND2 on a circuit that already has a next hop")
-        addr = ext.find(LinkSpecType.IPV4) or ext.find(LinkSpecType.IPV6)
-        rsa = ext.find(LinkSpecType.LEGACY_ID)
-        ed = ext.find(LinkSpecType.ED25519_ID)
-        if addr is None or rsa is None:
-            raise ProtocolError("EXTEND2 needs an address and an RSA identity")
-        if rsa.data == bytes(20) or (ed is not None and ed.data == bytes(32)):
-            raise ProtocolError("EXTEND2 with an all-zero identity")
-        host, port = addr.hostport()
-        prev_peer = self.prev_chan.peer
-        if rsa.data == self.relay.keys.rsa_id_digest or (prev_peer is not None and prev_peer.rsa_id == rsa.data):
-            raise ProtocolError("EXTEND2 back to ourselves or to the previous hop")
-        if not self.relay.extend_allowed(ipaddress.ip_address(host)):
-            raise ProtocolError("EXTEND2 to a forbidden address")
-        self.extending = asyncio.get_running_loop().create_task(
-            self._do_extend(host, port, rsa.data, ed.data if ed else None, ext.htype, ext.hdata))
+    def exit_resolved(self, sid: int, answer: bytes) -> None:
+        self._run(self.core.exit_resolved(sid, answer))
 
-    async def _do_extend(self, host: str, port: int, rsa_id: bytes, ed_id: bytes | None,
-                         htype: int, hdata: bytes) -> None:
+    def stream_write(self, sid: int, data: bytes) -> None:
+        if sid in self.core.streams:
+            self._run(self.core.stream_write(sid, data))
+
+    def stream_eof(self, sid: int, reason: int) -> None:
+        self._run(self.core.stream_eof(sid, reason))
+
+    def stream_sink_ready(self, sid: int, ready: bool) -> None:
+        self._run(self.core.stream_sink_ready(sid, ready))
+
+    # -- carrying out the core's actions ----------------------------------------------------------
+
+    def _run(self, actions: list) -> None:
+        for a in actions:
+            t = type(a)
+            if t is ToPrev:
+                self.prev_chan.send_payloads(self.prev_id, a.command, a.payloads)
+            elif t is ToNext:
+                if self.next_chan is not None:
+                    self.next_chan.send_payloads(self.next_id, a.command, a.payloads)
+            elif t is StreamData:
+                conn = self.conns.get(a.stream_id)
+                if conn is not None:
+                    conn.write(a.data)
+            elif t is StreamPause or t is StreamResume:
+                conn = self.conns.get(a.stream_id)
+                if conn is not None:
+                    conn.set_reading(t is StreamResume)
+            elif t is StreamClosed:
+                conn = self.conns.pop(a.stream_id, None)
+                if conn is not None:
+                    conn.abort() if a.abort else conn.close()
+            elif t is ExitBegin:
+                self.relay.exit.begin(self, a.stream_id, a.begin)
+            elif t is ExitResolve:
+                self.relay.exit.resolve(self, a.stream_id, a.hostname)
+            elif t is Extend:
+                self._extending = self._loop.create_task(self._extend(a))
+            elif t is SetTimer:
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer = self._loop.call_at(a.deadline, self._on_timer)
+            elif t is CancelExtend:
+                if self._extending is not None:
+                    self._extending.cancel()
+                    self._extending = None
+            elif t is DetachNext:
+                self._detach_next(a.reason)
+            elif t is Destroyed:
+                self._destroyed(a)
+        core = self.core
+        if core.streams:
+            chan = self.prev_chan
+            core.room = RELAY_QUEUE_ROOM - chan.queued_cells(self.prev_id) if chan.paused else _UNLIMITED
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._run(self.core.on_timer(self._loop.time()))
+
+    async def _extend(self, a: Extend) -> None:
         try:
-            chan = await asyncio.wait_for(self.relay.open_channel(host, port, rsa_id, ed_id), EXTEND_TIMEOUT)
-        except (OnionError, OSError, asyncio.TimeoutError) as exc:
+            chan = await self.relay.chanmgr.get(a.host, a.port, a.rsa_id, a.ed_id)
+        except (OnionError, OSError) as exc:
+            self._extending = None
             self.log.info("extend failed", error=str(exc) or type(exc).__name__)
-            self.extending = None
-            self.destroy(DestroyReason.CONNECTFAILED)
+            self._run(self.core.extend_failed(str(exc) or type(exc).__name__))
             return
-        if self.closed:
+        self._extending = None
+        if self.core.closed:
             return
         if chan.closed:
-            self.extending = None
-            self.destroy(DestroyReason.CONNECTFAILED)
+            self._run(self.core.extend_failed("channel closed"))
             return
         self.next_chan = chan
         self.next_id = chan.new_circ_id()
         chan.circuits[self.next_id] = self
-        chan.send_cell(self.next_id, CellCommand.CREATE2, Create2(htype, hdata).encode())
+        chan.send_cell(self.next_id, CellCommand.CREATE2, a.create2)
+        self._run(self.core.extend_attached())
 
-    def _created2(self, payload: bytes) -> None:
-        if self.extending is None:
-            self.destroy(DestroyReason.PROTOCOL)
+    def _detach_next(self, reason: int | None) -> None:
+        chan = self.next_chan
+        if chan is None:
             return
-        self.extending = None
-        try:
-            created = Created2.parse(payload)
-        except ProtocolError:
-            self.destroy(DestroyReason.PROTOCOL)
-            return
-        self.send_back(RelayCommand.EXTENDED2, 0, Extended2(created.hdata).encode())
+        chan.circuits.pop(self.next_id, None)
+        chan.drop_queue(self.next_id)
+        if reason is not None:
+            chan.send_cell(self.next_id, CellCommand.DESTROY, Destroy(reason).encode())
+        self.next_chan = None
+        self.next_id = 0
 
-    def _truncate(self) -> None:
-        if self.extending is not None:
-            self.extending.cancel()
-            self.extending = None
-        self._forget_next(DestroyReason.REQUESTED)
-        self.relay.exit.close_all(self)
-        self.send_back(RelayCommand.TRUNCATED, 0, Truncated(DestroyReason.REQUESTED).encode())
-
-    def _forget_next(self, destroy_reason: int | None = None) -> None:
-        """Detach the next hop; with ``destroy_reason``, tell it DESTROY — after dropping the
-        cells still queued for it, so the DESTROY itself is not dropped with them."""
-        if self.next_chan is not None:
-            self.next_chan.circuits.pop(self.next_id, None)
-            self.next_chan.drop_queue(self.next_id)
-            if destroy_reason is not None:
-                self.next_chan.send_cell(self.next_id, CellCommand.DESTROY, Destroy(destroy_reason).encode())
-            self.next_chan = None
-            self.next_id = 0
-
-    # -- teardown ---------------------------------------------------------------------------
-
-    def destroy(self, reason: int, *, notify_prev: bool = True, notify_next: bool = True) -> None:
-        """Tear the circuit down: streams closed, both sides told (unless they told us)."""
-        if self.closed:
-            return
-        self.closed = True
-        if self.extending is not None:
-            self.extending.cancel()
-            self.extending = None
-        self.relay.exit.close_all(self)
-        # A reason we decided on goes back as is; one we were told is hidden as DESTROYED.
-        outward = DestroyReason.DESTROYED if reason in (DestroyReason.DESTROYED,
-                                                        DestroyReason.CHANNEL_CLOSED) else reason
-        self._forget_next(DestroyReason.DESTROYED if notify_next else None)
+    def _destroyed(self, a: Destroyed) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for conn in self.conns.values():
+            conn.abort()  # a destination that never reads must not pin the socket
+        self.conns.clear()
         self.prev_chan.circuits.pop(self.prev_id, None)
         self.prev_chan.drop_queue(self.prev_id)
-        if notify_prev:
-            self.prev_chan.send_cell(self.prev_id, CellCommand.DESTROY, Destroy(outward).encode())
-        self.relay.circuit_closed(self, reason)
-        self.log.debug("circuit destroyed", reason=DestroyReason(reason).name if reason in
-                       DestroyReason._value2member_map_ else reason)
+        if a.destroy is not None:
+            self.prev_chan.send_cell(self.prev_id, CellCommand.DESTROY, Destroy(a.destroy).encode())
+        if a.message:
+            self.log.info("circuit destroyed", reason=_reason(a.reason), why=a.message)
+        else:
+            self.log.debug("circuit destroyed", reason=_reason(a.reason))
+        self.relay.circuit_closed(self, a.reason)
+
+
+def _reason(reason: int) -> str:
+    return DestroyReason(reason).name if reason in DestroyReason._value2member_map_ else str(reason)

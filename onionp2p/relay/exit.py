@@ -12,12 +12,16 @@ BEGIN with END(EXITPOLICY). BEGIN_DIR is joined to the relay's own directory
 server on 127.0.0.1 (``dir_port``), with no exit policy applied; a relay without one
 answers NOTDIRECTORY.
 
-Each open stream is an :class:`~onionp2p.proto.stream.EdgeStream` joined to an
-:class:`ExitConnection` (an asyncio Protocol on the destination socket). The
-destination is read only while both windows allow (``pause_reading``), and stream
-SENDMEs are withheld while the destination's write buffer is above its high-water
-mark, so a slow destination or a slow client never makes the exit buffer without
-bound. A stream that ends (END from the client) closes its socket after flushing what
+The stream rules (windows, SENDMEs, packaging, END) are the circuit core's
+(:class:`onionp2p.proto.circuit.RelayCircuit`): it asks for a stream with ``ExitBegin`` or
+``ExitResolve`` and this module answers it (``exit_connected`` / ``exit_refused`` /
+``exit_resolved``). Each open stream's destination socket is an :class:`ExitConnection`
+(an asyncio Protocol) that feeds the core what it reads and writes what the core
+delivers. The destination is read only while both windows allow (the core says pause and
+resume), and stream SENDMEs are withheld while the destination's write buffer is above
+its high-water mark, so a slow destination or a slow client never makes the exit buffer
+without bound. Policy is decided here: whether the relay is an exit at all, its exit
+policy, and tor's RefuseUnknownExits (streams only for circuits that come from a relay). A stream that ends (END from the client) closes its socket after flushing what
 the client sent, as long as the destination keeps taking bytes: after ``flush_timeout``
 (15 s) without progress the socket is aborted; a circuit that goes away aborts its
 sockets at once. RESOLVE answers RESOLVED with IPv4 answers first; failures are F0/F1
@@ -36,17 +40,7 @@ from typing import TYPE_CHECKING
 
 from onionp2p.log import get_logger
 from onionp2p.proto.exitpolicy import ExitPolicy, is_private_address
-from onionp2p.proto.relaycell import (
-    Begin,
-    Connected,
-    End,
-    EndReason,
-    RelayCommand,
-    Resolve,
-    Resolved,
-    ResolvedAnswer,
-)
-from onionp2p.proto.stream import EdgeStream, StreamState
+from onionp2p.proto.relaycell import Begin, Connected, End, EndReason, Resolved, ResolvedAnswer
 
 if TYPE_CHECKING:  # pragma: no cover
     from onionp2p.relay.circuit import OrCircuit
@@ -73,17 +67,20 @@ FLUSH_TIMEOUT = 15.0
 
 
 class ExitConnection(asyncio.Protocol):
-    """The destination side of one exit stream."""
+    """The destination side of exit stream ``sid`` of circuit ``circ``."""
 
-    def __init__(self, flush_timeout: float = FLUSH_TIMEOUT) -> None:
-        self.stream: EdgeStream  # set right after construction
+    def __init__(self, circ: OrCircuit, sid: int, flush_timeout: float = FLUSH_TIMEOUT) -> None:
+        self.circ = circ
+        self.sid = sid
         self.transport: asyncio.Transport | None = None
         self.write_paused = False
-        self.pending: list[bytes] = []
+        self.pending: list[bytes] = []  # DATA that came before the connection (optimistic data)
         self.flush_timeout = flush_timeout
+        self.gone = False  # the stream has left the circuit (closed or aborted)
         self._lost = False
         self._flush_check: asyncio.TimerHandle | None = None
 
+    # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         for chunk in self.pending:
@@ -91,11 +88,12 @@ class ExitConnection(asyncio.Protocol):
         self.pending.clear()
 
     def data_received(self, data: bytes) -> None:
-        if self.stream.state is not StreamState.CLOSED:
-            self.stream.write(data)
+        if not self.gone:
+            self.circ.stream_write(self.sid, data)
 
     def eof_received(self) -> bool:
-        self.stream.finish(EndReason.DONE)
+        if not self.gone:
+            self.circ.stream_eof(self.sid, EndReason.DONE)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -103,37 +101,36 @@ class ExitConnection(asyncio.Protocol):
         if self._flush_check is not None:
             self._flush_check.cancel()
             self._flush_check = None
-        if self.stream.state is not StreamState.CLOSED:
-            self.stream.finish(EndReason.DONE if exc is None else EndReason.CONNRESET)
+        if not self.gone:
+            self.circ.stream_eof(self.sid, EndReason.DONE if exc is None else EndReason.CONNRESET)
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if not self.gone:
+            self.circ.stream_sink_ready(self.sid, False)
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.stream.maybe_send_sendme()
+        if not self.gone:
+            self.circ.stream_sink_ready(self.sid, True)
 
-    # hooks for EdgeStream
-    def sink(self, data: bytes) -> None:
+    # the core's actions
+    def write(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
         else:
             self.pending.append(data)
 
-    def sink_ready(self) -> bool:
-        return self.transport is not None and not self.write_paused
-
-    def pause_source(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_source(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+    def set_reading(self, reading: bool) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        t.resume_reading() if reading else t.pause_reading()
 
     def close(self) -> None:
         """Close after flushing what the client sent; a destination that takes none of it
         for ``flush_timeout`` seconds loses the rest (the socket must not stay open)."""
+        self.gone = True
         if self.transport is None or self.transport.is_closing():
             return
         self.transport.close()
@@ -171,6 +168,7 @@ class ExitConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Drop the socket now, unflushed: its circuit is gone (tor gives up flushing too)."""
+        self.gone = True
         if self._flush_check is not None:
             self._flush_check.cancel()
             self._flush_check = None
@@ -191,10 +189,9 @@ def _end_reason_for(exc: BaseException) -> int:
 
 
 class ExitHandler:
-    """Stream commands recognized at the last hop of a circuit."""
+    """Serves the stream requests that circuits ending here pass on (see the module docstring)."""
 
-    def __init__(self, policy: ExitPolicy, *, max_streams_per_circuit: int = 500,
-                 flush_timeout: float = FLUSH_TIMEOUT, reject_private: bool = True,
+    def __init__(self, policy: ExitPolicy, *, flush_timeout: float = FLUSH_TIMEOUT, reject_private: bool = True,
                  known_relay: Callable[[bytes], bool | None] = lambda rsa_id: None):
         self.policy = policy
         self.flush_timeout = flush_timeout
@@ -204,7 +201,6 @@ class ExitHandler:
         self.known_relay = known_relay
         # Port of this relay's directory server on 127.0.0.1 (BEGIN_DIR target), if it has one.
         self.dir_port: int | None = None
-        self.max_streams_per_circuit = max_streams_per_circuit
         self._tasks: set[asyncio.Task] = set()
 
     def _spawn(self, coro) -> None:
@@ -212,79 +208,43 @@ class ExitHandler:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def handle(self, circ: OrCircuit, cmd: int, sid: int, data: bytes) -> None:
-        if cmd == RelayCommand.END:
-            stream = circ.streams.get(sid)
-            if stream is not None:
-                stream.close()  # on_close forgets it and closes the socket
-            return
-        if sid in circ.streams:
-            circ.send_back(RelayCommand.END, sid, End(EndReason.TORPROTOCOL).encode())
-            return
-        if cmd == RelayCommand.BEGIN_DIR:
+    def begin(self, circ: OrCircuit, sid: int, begin: Begin | None) -> None:
+        """BEGIN (``begin``) or BEGIN_DIR (None): connect, or refuse with END."""
+        if begin is None:
             if self.dir_port is None:
-                circ.send_back(RelayCommand.END, sid, End(EndReason.NOTDIRECTORY).encode())
-            else:
-                self._open(circ, sid, None)
-            return
-        if not self.policy.is_exit:
-            circ.send_back(RelayCommand.END, sid, End(EndReason.EXITPOLICY).encode())
-            return
-        refusal = self._one_hop_refusal(circ)
-        if refusal is not None:
-            circ.log.info("stream refused: the previous hop is not a relay (RefuseUnknownExits)",
-                          relay_cmd=RelayCommand(cmd).name)
-            circ.send_back(RelayCommand.END, sid, End(refusal).encode())
-            return
-        if cmd == RelayCommand.RESOLVE:
-            try:
-                req = Resolve.parse(data)
-            except Exception:
-                circ.send_back(RelayCommand.END, sid, End(EndReason.TORPROTOCOL).encode())
+                circ.exit_refused(sid, End(EndReason.NOTDIRECTORY).encode())
                 return
-            self._spawn(self._resolve(circ, sid, req.hostname))
+        elif (refusal := self._refusal(circ, "BEGIN")) is not None:
+            circ.exit_refused(sid, End(refusal).encode())
             return
-        # BEGIN
-        try:
-            begin = Begin.parse(data)
-        except Exception:
-            circ.send_back(RelayCommand.END, sid, End(EndReason.TORPROTOCOL).encode())
-            return
-        self._open(circ, sid, begin)
+        conn = ExitConnection(circ, sid, self.flush_timeout)
+        circ.conns[sid] = conn
+        self._spawn(self._connect(circ, sid, conn, begin))
 
-    def _one_hop_refusal(self, circ: OrCircuit) -> int | None:
-        """tor's RefuseUnknownExits: BEGIN and RESOLVE only on circuits whose previous hop
-        is a relay. A client connected straight to us (no authenticated identity) would
-        use us as a one-hop proxy: END(TORPROTOCOL), as tor answers. A relay identity the
-        consensus does not list (when we have one): END(MISC). BEGIN_DIR is not affected."""
+    def resolve(self, circ: OrCircuit, sid: int, hostname: str) -> None:
+        refusal = self._refusal(circ, "RESOLVE")
+        if refusal is not None:
+            circ.exit_refused(sid, End(refusal).encode())
+            return
+        self._spawn(self._resolve(circ, sid, hostname))
+
+    def _refusal(self, circ: OrCircuit, what: str) -> int | None:
+        """Why this relay will not serve a BEGIN/RESOLVE on ``circ`` (None: it will).
+
+        Not an exit: EXITPOLICY. tor's RefuseUnknownExits: a client connected straight to
+        us (no authenticated identity) would use us as a one-hop proxy: TORPROTOCOL, as tor
+        answers; a relay identity the consensus does not list (when we hold one): MISC."""
+        if not self.policy.is_exit:
+            return EndReason.EXITPOLICY
         peer = circ.prev_chan.peer
+        refusal = None
         if peer is None or not peer.rsa_id:
-            return EndReason.TORPROTOCOL
-        if self.known_relay(peer.rsa_id) is False:
-            return EndReason.MISC
-        return None
-
-    def _open(self, circ: OrCircuit, sid: int, begin: Begin | None) -> None:
-        """Create the stream and start connecting (``begin`` None: BEGIN_DIR)."""
-        if len(circ.streams) >= self.max_streams_per_circuit:
-            circ.send_back(RelayCommand.END, sid, End(EndReason.RESOURCELIMIT).encode())
-            return
-        conn = ExitConnection(self.flush_timeout)
-
-        def on_close() -> None:
-            if circ.streams.get(sid) is stream:
-                del circ.streams[sid]
-            conn.close()
-
-        stream = EdgeStream(
-            sid, emit=circ.send_back, circ_can_send=circ.can_package,
-            sink=conn.sink, sink_ready=conn.sink_ready,
-            pause_source=conn.pause_source, resume_source=conn.resume_source,
-            on_close=on_close, conn=conn,
-        )
-        conn.stream = stream
-        circ.streams[sid] = stream
-        self._spawn(self._connect(circ, stream, conn, begin))
+            refusal = EndReason.TORPROTOCOL
+        elif self.known_relay(peer.rsa_id) is False:
+            refusal = EndReason.MISC
+        if refusal is not None:
+            circ.log.info("stream refused: the previous hop is not a relay (RefuseUnknownExits)", relay_cmd=what)
+        return refusal
 
     async def _addresses(self, host: str, port: int, flags: int) -> list[ipaddress._BaseAddress]:
         try:
@@ -307,63 +267,49 @@ class ExitHandler:
             v6 = []
         return v6 + v4 if flags & Begin.IPV6_PREFERRED else v4 + v6
 
-    async def _connect(self, circ: OrCircuit, stream: EdgeStream, conn: ExitConnection,
-                       begin: Begin | None) -> None:
+    async def _connect(self, circ: OrCircuit, sid: int, conn: ExitConnection, begin: Begin | None) -> None:
         if begin is None:
-            await self._connect_dir(circ, stream, conn)
-            return
-        slog = circ.log.bind(stream_id=stream.stream_id, target=f"{begin.host}:{begin.port}")  # scrubbed by safe logging
-        reason = None
-        end_addr = None
+            host, port, ips = "127.0.0.1", self.dir_port, None
+        else:
+            host, port = begin.host, begin.port
+        slog = circ.log.bind(stream_id=sid, target=f"{host}:{port}")  # scrubbed by safe logging
+        end = None
         try:
-            try:
-                addrs = await self._addresses(begin.host, begin.port, begin.flags)
-            except (OSError, asyncio.TimeoutError, UnicodeError):
-                addrs = []
-            if not addrs:
-                reason = EndReason.RESOLVEFAILED
+            if begin is None:
+                await asyncio.wait_for(asyncio.get_running_loop().create_connection(lambda: conn, host, port),
+                                       CONNECT_TIMEOUT)
+                connected = b""
             else:
-                allowed = [a for a in addrs if self.policy.allows(a, begin.port)]
-                if not allowed:
-                    reason, end_addr = EndReason.EXITPOLICY, addrs[0]
+                try:
+                    ips = await self._addresses(host, port, begin.flags)
+                except (OSError, asyncio.TimeoutError, UnicodeError):
+                    ips = []
+                if not ips:
+                    end = End(EndReason.RESOLVEFAILED)
                 else:
-                    ip = allowed[0]
-                    loop = asyncio.get_running_loop()
-                    await asyncio.wait_for(loop.create_connection(lambda: conn, str(ip), begin.port),
-                                           CONNECT_TIMEOUT)
-                    if stream.state is StreamState.CLOSED or circ.closed:
-                        conn.close()
-                        return
-                    circ.send_back(RelayCommand.CONNECTED, stream.stream_id, Connected(ip, DNS_TTL).encode())
-                    slog.debug("exit stream connected")
-                    stream.mark_open()
-                    return
+                    allowed = [a for a in ips if self.policy.allows(a, port)]
+                    if not allowed:
+                        end = End(EndReason.EXITPOLICY, ips[0], DNS_TTL)
+                    else:
+                        ip = allowed[0]
+                        await asyncio.wait_for(
+                            asyncio.get_running_loop().create_connection(lambda: conn, str(ip), port), CONNECT_TIMEOUT)
+                        connected = Connected(ip, DNS_TTL).encode()
         except asyncio.CancelledError:
-            conn.close()
+            conn.abort()
             raise
-        except (OSError, asyncio.TimeoutError) as exc:
-            reason = _end_reason_for(exc)
-        slog.info("exit stream refused", reason=EndReason(reason).name)
-        if circ.streams.get(stream.stream_id) is stream:
-            stream.close()
-            circ.send_back(RelayCommand.END, stream.stream_id, End(reason, end_addr, DNS_TTL if end_addr else 0).encode())
-
-    async def _connect_dir(self, circ: OrCircuit, stream: EdgeStream, conn: ExitConnection) -> None:
-        """BEGIN_DIR: join the stream to this relay's own directory server (no exit policy)."""
-        try:
-            loop = asyncio.get_running_loop()
-            await asyncio.wait_for(loop.create_connection(lambda: conn, "127.0.0.1", self.dir_port),
-                                   CONNECT_TIMEOUT)
-        except (OSError, asyncio.TimeoutError, TypeError):
-            if circ.streams.get(stream.stream_id) is stream:
-                stream.close()
-                circ.send_back(RelayCommand.END, stream.stream_id, End(EndReason.NOTDIRECTORY).encode())
+        except (OSError, asyncio.TimeoutError, TypeError) as exc:
+            end = End(EndReason.NOTDIRECTORY) if begin is None else End(_end_reason_for(exc))
+        if end is None:
+            if conn.gone or circ.closed:
+                conn.close()
+                return
+            slog.debug("exit stream connected")
+            circ.exit_connected(sid, connected)
             return
-        if stream.state is StreamState.CLOSED or circ.closed:
-            conn.close()
-            return
-        circ.send_back(RelayCommand.CONNECTED, stream.stream_id, b"")
-        stream.mark_open()
+        slog.info("exit stream refused", reason=EndReason(end.reason).name)
+        if not conn.gone:
+            circ.exit_refused(sid, end.encode())
 
     async def _resolve(self, circ: OrCircuit, sid: int, hostname: str) -> None:
         loop = asyncio.get_running_loop()
@@ -386,14 +332,7 @@ class ExitHandler:
             pass
         if not answers:
             answers.append(ResolvedAnswer(0xF1, b"", 0))
-        circ.send_back(RelayCommand.RESOLVED, sid, Resolved(tuple(answers)).encode())
-
-    def close_all(self, circ: OrCircuit) -> None:
-        """Close every stream of a circuit that is going away."""
-        for stream in list(circ.streams.values()):
-            stream.close()
-            stream.conn.abort()  # a destination that never reads must not pin the socket
-        circ.streams.clear()
+        circ.exit_resolved(sid, Resolved(tuple(answers)).encode())
 
     async def aclose(self) -> None:
         for t in list(self._tasks):

@@ -4,11 +4,14 @@ Theory of operation
 -------------------
 :class:`Relay` is the asyncio shell of a relay. It
 
+* receives its configuration as one :class:`~onionp2p.config.RelayConfig` (``config``;
+  :meth:`Relay.reconfigure` applies the keys that may change while it runs);
 * listens on its ORPort with TLS and runs a responder :class:`~onionp2p.net.channel.Channel`
-  per connection; opens initiator channels to other relays for EXTEND2, keeping **one
-  channel per relay pair** (indexed by the proven RSA identity, for both directions;
-  concurrent opens to the same relay share one attempt);
-* answers CREATE2 (ntor) with CREATED2 and creates an :class:`~onionp2p.relay.circuit.OrCircuit`,
+  per connection; its :class:`~onionp2p.net.chanmgr.ChannelManager` opens initiator
+  channels to other relays for EXTEND2, keeping **one channel per relay pair** (indexed by
+  the proven RSA identity, for both directions; concurrent opens share one attempt);
+* answers CREATE2 (ntor) with CREATED2 and creates an :class:`~onionp2p.relay.circuit.OrCircuit`
+  (the shell of the pure circuit core :class:`~onionp2p.proto.circuit.RelayCircuit`),
   refusing unknown handshake types, bad handshakes and circuits beyond the per-channel
   cap with DESTROY, and ignoring cells for unknown circuits (as tor does);
 * owns the :class:`~onionp2p.relay.exit.ExitHandler` that serves stream commands at the last hop;
@@ -29,7 +32,7 @@ Theory of operation
 * counts for metrics and the control port (specs/metrics.md): ``stats`` (monotonic
   counters, including the cells and bytes of channels that have closed, so totals over
   live and closed channels never go down), ``destroy_reasons`` (circuits torn down here,
-  by DESTROY reason name) and channel events for listeners (``add_channel_listener``:
+  by DESTROY reason name) and channel events for listeners (``channel_events.add(fn)``:
   ``fn("connected" | "closed" | "failed", chan)``, the control port's ORCONN events);
 * shuts down cleanly: every circuit gets DESTROY, every channel is closed (also those
   still in their link handshake).
@@ -38,26 +41,24 @@ Theory of operation
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
+from onionp2p.config import RelayConfig
 from onionp2p.errors import HandshakeError, ProtocolError
 from onionp2p.listeners import Listeners
 from onionp2p.log import get_logger
 from onionp2p.net import tls
-from onionp2p.net.channel import DEFAULT_TCP_USER_TIMEOUT, Channel
+from onionp2p.net.chanmgr import ChannelManager
+from onionp2p.net.channel import Channel
 from onionp2p.proto.cells import Cell, CellCommand, Create2, Created2, Destroy, DestroyReason
 from onionp2p.proto.directory import RelayInfo
-from onionp2p.proto.exitpolicy import ExitPolicy
 from onionp2p.proto.handshake import HTYPE_NTOR, ntor_server
-from onionp2p.proto.link import PeerIdentity
 from onionp2p.proto.ratelimit import TokenBucket
 from onionp2p.proto.relaycrypto import RelayCrypto
 from onionp2p.relay.circuit import OrCircuit
-from onionp2p.relay.dos import CELL_MEMORY, DosGuard, DosLimits, oom_victims
+from onionp2p.relay.dos import CELL_MEMORY, DosGuard, oom_victims
 from onionp2p.relay.exit import ExitHandler
 from onionp2p.relay.keys import RelayKeys
 
@@ -71,66 +72,39 @@ SWEEP_INTERVAL = 1.0
 HEARTBEAT_INTERVAL = 60.0
 #: At most one warning per this many seconds when the memory limit acts (debug otherwise).
 OOM_LOG_INTERVAL = 10.0
-_NO_LIMIT = 2**31 - 1
 
 
 class Relay:
-    """A running relay. ``await start()``, then ``await stop()``."""
+    """A running relay. ``await start()``, then ``await stop()``.
 
-    def __init__(
-        self,
-        keys: RelayKeys,
-        *,
-        nickname: str = "Unnamed",
-        address: str = "127.0.0.1",
-        port: int = 0,
-        exit_policy: ExitPolicy | None = None,
-        data_dir: Path | str | None = None,
-        max_circuits_per_channel: int = 1000,
-        max_streams_per_circuit: int = 500,
-        extend_allow_private: bool = False,
-        max_queue_cells: int = 2500,
-        handshake_timeout: float = 30.0,
-        bandwidth_rate: int | None = None,
-        bandwidth_burst: int | None = None,
-        directory=None,
-        dos_max_concurrent_connections: int = 100,
-        dos_circuit_creation_rate: float = 3.0,
-        dos_circuit_creation_burst: int = 90,
-        max_mem_in_queues: int = 256 * 1024 * 1024,
-        tcp_user_timeout: float | None = DEFAULT_TCP_USER_TIMEOUT,
-        exit_reject_private: bool = True,
-    ):
+    ``config`` is the relay's :class:`~onionp2p.config.RelayConfig` (its ``or_address``
+    port 0 picks a free port, then :attr:`port` is the one bound); ``directory`` (a
+    :class:`~onionp2p.dir.client.RelayDirectory` or None) runs its directory duties.
+    """
+
+    def __init__(self, keys: RelayKeys, config: RelayConfig | None = None, *, directory=None):
+        cfg = config if config is not None else RelayConfig()
         self.keys = keys
-        self.nickname = nickname
-        self.address = address
-        self.port = port
-        self.data_dir = Path(data_dir) if data_dir is not None else None
-        self.exit_policy = exit_policy or ExitPolicy.reject_all()
-        if exit_reject_private and self.exit_policy.is_exit:
+        self.config = cfg
+        self.nickname = cfg.nickname
+        self.address, self.port = cfg.or_address
+        self.data_dir: Path | None = cfg.data_dir
+        self.exit_policy = cfg.exit_policy
+        if cfg.exit_reject_private and self.exit_policy.is_exit:
             # with reject private:*, tor also rejects the relay's own addresses
-            self.exit_policy = self.exit_policy.rejecting([address])
-        # 0 = no limit: 65535 is the whole stream-ID space, 2**31 - 1 the circuit-ID space
-        self.exit = ExitHandler(self.exit_policy, max_streams_per_circuit=max_streams_per_circuit or 0xFFFF,
-                                reject_private=exit_reject_private, known_relay=self._known_relay)
-        self.max_circuits_per_channel = max_circuits_per_channel or _NO_LIMIT
-        self.extend_allow_private = extend_allow_private
-        self.max_queue_cells = max_queue_cells or _NO_LIMIT
-        self.dos = DosGuard(DosLimits(
-            max_concurrent_connections=dos_max_concurrent_connections,
-            circuit_creation_rate=dos_circuit_creation_rate,
-            circuit_creation_burst=dos_circuit_creation_burst,
-            max_mem_in_queues=max_mem_in_queues,
-        ))
-        self.handshake_timeout = handshake_timeout
-        self.tcp_user_timeout = tcp_user_timeout
+            self.exit_policy = self.exit_policy.rejecting([self.address])
+        self.exit = ExitHandler(self.exit_policy, reject_private=cfg.exit_reject_private,
+                                known_relay=self._known_relay)
+        self.dos = DosGuard(cfg.dos_limits())
         # BandwidthRate/BandwidthBurst: one token bucket for every byte read on OR channels.
-        self.read_bucket = (TokenBucket(bandwidth_rate, bandwidth_burst, now=time.monotonic())
-                            if bandwidth_rate else None)
+        self.read_bucket = TokenBucket(cfg.bandwidth_rate, cfg.effective_bandwidth_burst, now=time.monotonic())
         self._throttled: set[Channel] = set()
         self._unthrottle_handle: asyncio.TimerHandle | None = None
         self.channels: set[Channel] = set()
-        self.by_identity: dict[bytes, Channel] = {}
+        self.chanmgr = ChannelManager(self, keys=keys, my_addresses=lambda: (self.address,),
+                                      handshake_timeout=cfg.handshake_timeout,
+                                      max_queue_cells=cfg.queue_cells_bound,
+                                      tcp_user_timeout=cfg.tcp_user_timeout or None)
         self.circuits: set[OrCircuit] = set()
         self.stats = {"create_ok": 0, "create_failed": 0, "destroyed": 0, "throttled": 0,
                       "conn_refused": 0, "create_refused": 0, "oom_circuits_killed": 0,
@@ -138,8 +112,9 @@ class Relay:
                       "closed_bytes_in": 0, "closed_bytes_out": 0}
         #: circuits torn down here, by DESTROY reason name (DESTROYED: a neighbour sent DESTROY)
         self.destroy_reasons: Counter[str] = Counter()
-        self._channel_listeners = Listeners("channel")
-        self._connecting: dict[bytes, asyncio.Task] = {}
+        #: channel events: ``fn(kind, chan)`` with kind "connected" (link handshake done),
+        #: "closed" (an open channel went away) or "failed" (closed during its handshake)
+        self.channel_events = Listeners("channel")
         self._server: asyncio.base_events.Server | None = None
         self._rotate_task: asyncio.Task | None = None
         # channels between TCP+TLS and the end of the link handshake (closed by stop())
@@ -153,22 +128,38 @@ class Relay:
         self._housekeeping_task: asyncio.Task | None = None
         self._reported = {k: 0 for k in ("conn_refused", "create_refused", "create_failed",
                                           "oom_circuits_killed", "oom_channels_closed")}
-        self._log = log.bind(nickname=nickname)
-        # Directory duties (a dirclient.RelayDirectory or None): start(relay), stop(), keys_changed().
+        self._log = log.bind(nickname=self.nickname)
+        # Directory duties (a dir.client.RelayDirectory or None): start(relay), stop(), keys_changed().
         self.directory = directory
+
+    @property
+    def by_identity(self) -> dict[bytes, Channel]:
+        """Open channels by the relay identity their peer proved (both directions)."""
+        return self.chanmgr.by_identity
+
+    def reconfigure(self, config: RelayConfig) -> None:
+        """Apply a new configuration's live keys (bandwidth, DoS limits, extend_allow_private);
+        the others take effect on restart. Raises ConfigError before changing anything."""
+        limits = config.dos_limits()
+        rate, burst = config.bandwidth_rate, config.effective_bandwidth_burst
+        if (rate, burst) != (self.read_bucket.rate, self.read_bucket.burst):
+            self.read_bucket = TokenBucket(rate, burst, now=time.monotonic())
+        self.dos.limits = limits
+        self.config = config
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        cfg = self.config
         self._ssl_ctx = tls.server_context(self.keys)
         self._tls_generation = self.keys.tls_generation
         self._server = await loop.create_server(
             lambda: Channel(self, initiator=False, keys=self.keys, my_addresses=(self.address,),
-                            max_queue_cells=self.max_queue_cells, handshake_timeout=self.handshake_timeout,
-                            tcp_user_timeout=self.tcp_user_timeout),
+                            max_queue_cells=cfg.queue_cells_bound, handshake_timeout=cfg.handshake_timeout,
+                            tcp_user_timeout=cfg.tcp_user_timeout or None),
             self.address, self.port, ssl=self._ssl_ctx, reuse_address=True,
-            ssl_handshake_timeout=self.handshake_timeout,
+            ssl_handshake_timeout=cfg.handshake_timeout,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._publish()
@@ -180,10 +171,10 @@ class Relay:
         self._log.info("limits", max_concurrent_connections=lim.max_concurrent_connections,
                        circuit_creation_rate=lim.circuit_creation_rate,
                        circuit_creation_burst=lim.circuit_creation_burst,
-                       max_mem_in_queues=lim.max_mem_in_queues, max_queue_cells=self.max_queue_cells,
-                       max_circuits_per_channel=self.max_circuits_per_channel,
-                       max_streams_per_circuit=self.exit.max_streams_per_circuit,
-                       handshake_timeout=self.handshake_timeout)
+                       max_mem_in_queues=lim.max_mem_in_queues, max_queue_cells=cfg.max_queue_cells,
+                       max_circuits_per_channel=cfg.max_circuits_per_channel,
+                       max_streams_per_circuit=cfg.max_streams_per_circuit,
+                       handshake_timeout=cfg.handshake_timeout)
         if self.directory is not None:
             await self.directory.start(self)
 
@@ -234,8 +225,7 @@ class Relay:
             self._server.close()
         for circ in list(self.circuits):
             circ.destroy(DestroyReason.HIBERNATING)
-        for task in list(self._connecting.values()):
-            task.cancel()
+        await self.chanmgr.close("relay shutting down")
         await self.exit.aclose()
         for chan in [*self.channels, *self._handshaking]:
             chan.close("relay shutting down")
@@ -244,17 +234,6 @@ class Relay:
         await asyncio.sleep(0)
 
     # -- channel events -----------------------------------------------------------------
-
-    def add_channel_listener(self, fn: Callable[[str, Channel], None]) -> None:
-        """``fn(kind, chan)`` with kind "connected" (link handshake done), "closed" (an open
-        channel went away) or "failed" (closed during its handshake)."""
-        self._channel_listeners.add(fn)
-
-    def remove_channel_listener(self, fn: Callable[[str, Channel], None]) -> None:
-        self._channel_listeners.remove(fn)
-
-    def _emit_channel(self, kind: str, chan: Channel) -> None:
-        self._channel_listeners(kind, chan)
 
     def traffic(self) -> tuple[int, int]:
         """Bytes (read, written) on OR connections since start, closed ones included."""
@@ -267,9 +246,9 @@ class Relay:
     def channel_open(self, chan: Channel) -> None:
         self._handshaking.discard(chan)
         self.channels.add(chan)
-        self._emit_channel("connected", chan)
+        self.channel_events("connected", chan)
         if chan.peer is not None and chan.peer.rsa_id:
-            self.by_identity.setdefault(chan.peer.rsa_id, chan)
+            self.chanmgr.register(chan)
             # a relay (it authenticated): its address's connection slot is given back
             addr = self._slots.pop(chan, None)
             if addr is not None:
@@ -290,15 +269,14 @@ class Relay:
         addr = self._slots.pop(chan, None)
         if addr is not None:
             self.dos.connection_closed(addr)
-        if chan.peer is not None and self.by_identity.get(chan.peer.rsa_id) is chan:
-            del self.by_identity[chan.peer.rsa_id]
-        self._emit_channel("closed" if was_open else "failed", chan)
+        self.chanmgr.forget(chan)
+        self.channel_events("closed" if was_open else "failed", chan)
 
     def queue_overflow(self, chan: Channel, circ_id: int) -> None:
         circ = chan.circuits.get(circ_id)
         if circ is not None:
             circ.log.warning("circuit queue over its bound; destroying", bound=chan.max_queue_cells)
-            circ.destroy(DestroyReason.RESOURCELIMIT)
+            circ.destroy(DestroyReason.RESOURCELIMIT, "queue over its bound")
 
     def channel_connected(self, chan: Channel) -> bool:
         """A TCP+TLS connection is up (before the link handshake); False refuses it.
@@ -323,8 +301,6 @@ class Relay:
                 # after this read has been handled: its cells are queued by then
                 self._memory_check = asyncio.get_running_loop().call_soon(self._check_memory_soon)
         bucket = self.read_bucket
-        if bucket is None:
-            return
         now = time.monotonic()
         if bucket.spend(nbytes, now):
             return
@@ -336,7 +312,6 @@ class Relay:
 
     def _unthrottle(self) -> None:
         self._unthrottle_handle = None
-        assert self.read_bucket is not None
         delay = self.read_bucket.delay(time.monotonic())
         if delay > 0:
             self._unthrottle_handle = asyncio.get_running_loop().call_later(delay, self._unthrottle)
@@ -361,7 +336,7 @@ class Relay:
             # the peer used an ID from our half of the space (tor-spec §5.1.1)
             chan.send_cell(cid, CellCommand.DESTROY, Destroy(DestroyReason.PROTOCOL).encode())
             return
-        if len(chan.circuits) >= self.max_circuits_per_channel:
+        if len(chan.circuits) >= self.config.max_circuits_per_channel:
             chan.send_cell(cid, CellCommand.DESTROY, Destroy(DestroyReason.RESOURCELIMIT).encode())
             return
         if chan.peer is None and not self.dos.allow_create(chan.peer_address or "?", time.monotonic()):
@@ -443,7 +418,7 @@ class Relay:
                     victim.close("queue memory limit")
                 elif not victim.closed:
                     circuits += 1
-                    victim.destroy(DestroyReason.RESOURCELIMIT)
+                    victim.destroy(DestroyReason.RESOURCELIMIT, "queue memory limit")
             self.stats["oom_circuits_killed"] += circuits
             self.stats["oom_channels_closed"] += channels
             now = time.monotonic()
@@ -476,6 +451,9 @@ class Relay:
             self._log.info("DoS limits active", interval=HEARTBEAT_INTERVAL, **delta)
 
     def circuit_closed(self, circ: OrCircuit, reason: int) -> None:
+        for chan in (circ.prev_chan, circ.next_chan):
+            if chan is not None:
+                self.chanmgr.circuit_gone(chan)
         if circ in self.circuits:
             self.circuits.discard(circ)
             self.stats["destroyed"] += 1
@@ -489,47 +467,3 @@ class Relay:
         if not routers:
             return None
         return any(r.info.rsa_id == rsa_id for r in routers)
-
-    def extend_allowed(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        """Like tor's ExtendAllowPrivateAddresses: refuse private targets unless allowed."""
-        if self.extend_allow_private:
-            return not ip.is_unspecified and not ip.is_multicast
-        return ip.is_global
-
-    async def open_channel(self, host: str, port: int, rsa_id: bytes, ed_id: bytes | None) -> Channel:
-        """Return the open channel to this relay, connecting if there is none."""
-        chan = self.by_identity.get(rsa_id)
-        if chan is not None and not chan.closed:
-            if ed_id is None or chan.peer is None or chan.peer.ed25519_id == ed_id:
-                return chan
-            raise HandshakeError("EXTEND2 names an Ed25519 identity that does not match the relay")
-        task = self._connecting.get(rsa_id)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._connect(host, port, rsa_id, ed_id))
-            self._connecting[rsa_id] = task
-
-            def done(t: asyncio.Task, rsa_id: bytes = rsa_id) -> None:
-                self._connecting.pop(rsa_id, None)
-                if not t.cancelled():
-                    t.exception()  # retrieved here: every EXTEND2 waiting on it may have given up
-
-            task.add_done_callback(done)
-        return await asyncio.shield(task)
-
-    async def _connect(self, host: str, port: int, rsa_id: bytes, ed_id: bytes | None) -> Channel:
-        loop = asyncio.get_running_loop()
-        expected = PeerIdentity(ed25519_id=ed_id, rsa_id=rsa_id)
-        async with asyncio.timeout(self.handshake_timeout):  # TCP connect + TLS, like the client
-            _transport, chan = await loop.create_connection(
-                lambda: Channel(self, initiator=True, keys=self.keys, expected=expected, peer_address=host,
-                                my_addresses=(self.address,), max_queue_cells=self.max_queue_cells,
-                                handshake_timeout=self.handshake_timeout,
-                                tcp_user_timeout=self.tcp_user_timeout),
-                host, port, ssl=tls.client_context(), ssl_handshake_timeout=self.handshake_timeout,
-            )
-        try:
-            await chan.ready
-        except BaseException:  # a failed handshake, or cancelled (relay stopping): no stray link
-            chan.close()
-            raise
-        return chan

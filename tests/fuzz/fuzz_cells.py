@@ -104,7 +104,8 @@ def _reparse(parse, encoded: bytes, what: str):
 
 def t_reader(fdp) -> None:
     """CellReader as the link layer drives it: 2-byte CircIDs until a VERSIONS cell, then 4;
-    and the channel's own post-handshake framer (Channel._cells) fed the same 4-byte stream."""
+    and the channel's own post-handshake framer (Channel._cells, CellReader.frames) fed the same
+    4-byte stream."""
     chunks = consume_chunks(fdp)
     reader = C.CellReader(circ_id_len=2)
     fed = bytearray()
@@ -145,11 +146,11 @@ def t_reader(fdp) -> None:
         if error is not None:
             raise error
         return
-    # Differential: Channel._cells (the inlined framer used once the link is open) against
-    # CellReader on the same 4-byte stream, in the same chunks.
+    # Differential: Channel._cells (CellReader.frames, the framer used once the link is
+    # open) against CellReader.next_cell on the same 4-byte stream, in the same chunks.
     stream = bytes(fed[split_at:])
     _OWNER.cells.clear()
-    _CHANNEL._rest = b""
+    _CHANNEL._reader = C.CellReader(circ_id_len=4)
     _CHANNEL.closed = False
     _CHANNEL.circuits.clear()
     chan_error = None
@@ -169,7 +170,7 @@ def t_reader(fdp) -> None:
             expected.append(cell)
     check(_OWNER.cells == expected, "Channel._cells and CellReader disagree on the cells")
     if error is None and chan_error is None:
-        check(len(_CHANNEL._rest) == len(fed) - consumed, "Channel._cells kept the wrong partial cell")
+        check(_CHANNEL._reader.buffered == len(fed) - consumed, "Channel._cells kept the wrong partial cell")
     if error is not None:
         check(chan_error is not None, "CellReader rejected a cell that Channel._cells accepted")
         raise error

@@ -43,12 +43,14 @@ from fuzzlib import (  # noqa: E402
     stream_input,
 )
 
-from onionp2p.client.socksport import SocksParser  # noqa: E402
 from onionp2p.proto import cells as C  # noqa: E402
 from onionp2p.proto import certs as X  # noqa: E402
 from onionp2p.proto import relaycell as R  # noqa: E402
 from onionp2p.proto.link import AUTH0003_LEN, LinkHandshake, verify_certs  # noqa: E402
-from onionp2p.proto.socks import RequestReady  # noqa: E402
+from onionp2p.proto.socks import (
+    RequestReady,  # noqa: E402
+    SocksParser,  # noqa: E402
+)
 
 CELLS_DIR = HERE / "corpus" / "cells"
 SOCKS_DIR = HERE / "corpus" / "socks"
