@@ -285,15 +285,6 @@ class RelayConfig:
         """``max_queue_cells`` with 0 (off) as the whole circuit-ID space."""
         return self.max_queue_cells or _NO_LIMIT
 
-    def dos_limits(self):
-        """The DoS limits of this config (a :class:`~onionp2p.relay.dos.DosLimits`; 0 = off there too)."""
-        from onionp2p.relay.dos import DosLimits
-
-        return DosLimits(max_concurrent_connections=self.dos_max_concurrent_connections,
-                         circuit_creation_rate=self.dos_circuit_creation_rate,
-                         circuit_creation_burst=self.dos_circuit_creation_burst,
-                         max_mem_in_queues=self.max_mem_in_queues)
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "<dict>",
                   base_dir: Path | None = None) -> RelayConfig:

@@ -1,15 +1,41 @@
-"""Shared fixtures: a local HTTP server and in-process relays on real TLS sockets."""
+"""Shared fixtures and helpers of the test files (which import helpers from here, never from
+each other): a local HTTP server, polling, SOCKS, in-process relays on real TLS sockets, a
+client node, ``onionp2p relay`` processes, the leak baseline and a running testnet."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
+import json
+import os
 import random
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from onionp2p.client.client import ClientCircuit, OnionClient, StreamTransport
+from onionp2p.client.node import ClientNode
+from onionp2p.config import ClientConfig
+from onionp2p.errors import StreamError
+from onionp2p.net import tls
+from onionp2p.net.channel import Channel
+from onionp2p.proto import circuit as core
+from onionp2p.proto.directory import RelayInfo, RouterStatus
 from onionp2p.proto.exitpolicy import ExitPolicy
+from onionp2p.proto.link import PeerIdentity
+from onionp2p.proto.stream import Stream
+from onionp2p.relay.circuit import OrCircuit
+from onionp2p.relay.exit import ExitConnection
+from onionp2p.relay.keys import RelayKeys
+from onionp2p.relay.relay import Relay
 
 _BLOBS: dict[int, bytes] = {}
 
@@ -34,6 +60,26 @@ async def wait_for(pred, timeout: float = 10.0, what: str = "condition", interva
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(interval)
     return value
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def socks_connect(socks_port: int, host: str, port: int):
+    """A SOCKS5 CONNECT (no auth, ``host`` sent as a name) through the SOCKS port at
+    127.0.0.1:``socks_port``; returns the open (reader, writer)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", socks_port)
+    writer.write(b"\x05\x01\x00")
+    assert await reader.readexactly(2) == b"\x05\x00"
+    name = host.encode()
+    writer.write(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + struct.pack(">H", port))
+    reply = await asyncio.wait_for(reader.readexactly(10), 30)
+    assert reply[1] == 0, reply
+    return reader, writer
 
 
 class HttpServer:
@@ -114,9 +160,6 @@ def relay_config(data_dir, **kw):
 @pytest.fixture
 async def relay_net(tmp_path):
     """Three in-process relays (all exits for 127.0.0.1) on real TLS listeners."""
-    from onionp2p.relay.keys import RelayKeys
-    from onionp2p.relay.relay import Relay
-
     relays = []
     for i in range(3):
         keys = RelayKeys.load_or_create(tmp_path / f"r{i}" / "keys")
@@ -126,3 +169,315 @@ async def relay_net(tmp_path):
     yield relays
     for relay in relays:
         await relay.stop()
+
+
+# -- a client node on in-process exit relays ---------------------------------------------------
+
+#: the flags ``client_node`` gives every relay of ``exit_relays`` in its directory
+RELAY_FLAGS = frozenset({"Exit", "Fast", "Guard", "Running", "Stable", "Valid"})
+
+
+@pytest.fixture
+async def exit_relays(tmp_path):
+    """Three in-process relays that are exits (policy summary accepts every port)."""
+    relays = []
+    for i in range(3):
+        keys = RelayKeys.load_or_create(tmp_path / f"x{i}" / "keys")
+        relay = Relay(keys, relay_config(tmp_path / f"x{i}", exit_reject_private=False, nickname=f"node{i}", exit_policy=ExitPolicy.parse("accept *:*", reject_private=False), extend_allow_private=True))
+        await relay.start()
+        relays.append(relay)
+    yield relays
+    for relay in relays:
+        await relay.stop()
+
+
+@pytest.fixture
+async def client_node(exit_relays, tmp_path):
+    """A running ClientNode with SOCKS and a control port, two preemptive circuits built."""
+    statuses = [RouterStatus(r.info(), RELAY_FLAGS, bandwidth=1000 + i) for i, r in enumerate(exit_relays)]
+    cfg = ClientConfig(client_reject_internal_addresses=False, data_dir=tmp_path / "client", socks_address=("127.0.0.1", 0), control_port=0,
+                       enforce_distinct_subnets=False, preemptive_circuits=2, log_level="warning")
+    node = ClientNode(cfg, routers=lambda: statuses)
+    await node.start(ready_timeout=30)
+    await wait_for(lambda: sum(c.state == "built" for c in node.client.circuits.values()) >= 2, timeout=20.0, what="2 circuits")
+    yield node
+    await node.stop()
+
+
+# -- ``onionp2p relay`` / ``authority`` processes and stem ----------------------------------------
+
+class NodeProc:
+    """``python -m onionp2p KIND --config DIR/KIND.toml`` with ``cfg`` as its TOML table."""
+
+    def __init__(self, tmp: Path, name: str, kind: str = "relay", **cfg):
+        self.dir = tmp / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.kind = kind
+        table = {"nickname": name, "data_dir": ".", "log_format": "json", "log_level": "info", **cfg}
+        if kind == "relay":
+            table = {"or_address": "127.0.0.1:0", "exit_reject_private": False, "extend_allow_private": True,
+                     **table}
+        self.config = self.dir / f"{kind}.toml"
+        self.config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items()))
+        self.log = open(self.dir / "log.txt", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "onionp2p", kind, "--config", str(self.config)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def logtext(self) -> str:
+        return (self.dir / "log.txt").read_text()
+
+    def wait_line(self, pattern: str, timeout: float = 60) -> re.Match:
+        end = time.time() + timeout
+        while time.time() < end:
+            if m := re.search(pattern, self.logtext()):
+                return m
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited ({self.proc.returncode}): {self.logtext()[-3000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name}: no line matching {pattern!r}: {self.logtext()[-3000:]}")
+
+    @property
+    def control_port(self) -> int:
+        return int(self.wait_line(r"Control port at 127\.0\.0\.1:(\d+)").group(1))
+
+    @property
+    def metrics_url(self) -> str:
+        return self.wait_line(r"Metrics port at (http://127\.0\.0\.1:\d+/metrics)").group(1)
+
+    def info(self) -> RelayInfo:
+        self.wait_line(r"listening on 127\.0\.0\.1:\d+")
+        return RelayInfo.load(self.dir / "relay-info.json")
+
+    def events(self, name: str) -> list[dict]:
+        out = []
+        for line in self.logtext().splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(ev, dict) and ev.get("event") == name:
+                out.append(ev)
+        return out
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    started: list[NodeProc] = []
+
+    def start(name: str, kind: str = "relay", **cfg) -> NodeProc:
+        p = NodeProc(tmp_path, name, kind, **cfg)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
+        p.log.close()
+
+
+async def close_controller(controller) -> None:
+    """stem's close() joins its threads; in a daemon thread with a bound, so a stem hang
+    after a failed assertion cannot hang the test run."""
+    import threading
+
+    t = threading.Thread(target=controller.close, daemon=True)
+    t.start()
+    await asyncio.to_thread(t.join, 10)
+
+
+# -- leaks: measuring what this process holds (test_leaks.py, test_faults.py) --------------------
+
+TRACKED = (Channel, OrCircuit, ClientCircuit, core.RelayCircuit, core.ClientCircuit, Stream, ExitConnection,
+           StreamTransport)
+
+
+def open_fds() -> dict[int, str]:
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the directory's own fd, gone by now
+            pass
+    return out
+
+
+def live_objects() -> dict[str, int]:
+    gc.collect()
+    counts = {cls.__name__: 0 for cls in TRACKED}
+    for obj in gc.get_objects():
+        if isinstance(obj, TRACKED):
+            counts[type(obj).__name__] += 1
+    return counts
+
+
+class Snapshot:
+    def __init__(self) -> None:
+        me = asyncio.current_task()
+        self.tasks = {t for t in asyncio.all_tasks() if t is not me and not t.done()}
+        self.fds = open_fds()
+        self.objects = live_objects()
+
+    def diff(self, base: Snapshot) -> list[str]:
+        problems = []
+        extra_fds = {fd: path for fd, path in self.fds.items() if base.fds.get(fd) != path}
+        if len(self.fds) != len(base.fds):
+            problems.append(f"{len(self.fds)} fds open, baseline {len(base.fds)}; new: {extra_fds}")
+        extra_tasks = self.tasks - base.tasks
+        if len(self.tasks) != len(base.tasks):
+            problems.append(f"{len(self.tasks)} tasks, baseline {len(base.tasks)}; new: "
+                            f"{[t.get_coro() for t in extra_tasks]}")
+        if self.objects != base.objects:
+            problems.append(f"live objects {self.objects}, baseline {base.objects}")
+        return problems
+
+
+async def settle(relays: list[Relay], base: Snapshot, timeout: float = 20.0) -> None:
+    """Close the relays' channels, wait until nothing is left over, else fail with a diff."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        close_channels(relays)
+        await asyncio.sleep(0.05)
+        busy = {r.nickname: relay_busy(r) for r in relays if relay_busy(r)}
+        problems = [] if busy else Snapshot().diff(base)
+        if not busy and not problems:
+            return
+        if loop.time() > end:
+            raise AssertionError(f"not back to the baseline: {busy or problems}")
+
+
+def close_channels(relays: list[Relay]) -> None:
+    """Drop the relays' channels (relay-to-relay ones stay open otherwise)."""
+    for r in relays:
+        for chan in list(r.channels):
+            chan.close("test: back to the baseline")
+
+
+def relay_busy(r: Relay) -> list[str]:
+    """What a relay still holds that an idle relay does not."""
+    held = {
+        "channels": len(r.channels), "circuits": len(r.circuits), "exit tasks": len(r.exit._tasks),
+        "connecting": r.chanmgr.connecting, "handshaking": len(r._handshaking), "slots": len(r._slots),
+        "counted connections": r.dos.connections(), "throttled": len(r._throttled),
+        "identities": len(r.by_identity),
+    }
+    return [f"{k}={v}" for k, v in held.items() if v]
+
+
+def start_relay_process(d: Path, *args: str) -> subprocess.Popen:
+    """``onionp2p relay --config d/relay.toml``, output to ``d/log.txt``."""
+    with open(d / "log.txt", "w") as log:  # the child has its own copy; ours is closed at once
+        return subprocess.Popen([sys.executable, "-m", "onionp2p", "relay", "--config", str(d / "relay.toml"),
+                                 *args], stdout=log, stderr=subprocess.STDOUT)
+
+
+async def channel_from(client: OnionClient, info: RelayInfo, local_ip: str = "127.0.0.1", *,
+                       rcvbuf: int | None = None) -> Channel:
+    """``client``'s channel to a relay from ``local_ip`` (and a small receive buffer)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    try:
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind((local_ip, 0))
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (info.address, info.or_port))
+    except BaseException:
+        sock.close()
+        raise
+    _t, chan = await loop.create_connection(
+        lambda: Channel(client, initiator=True, expected=PeerIdentity(info.ed_id, info.rsa_id)),
+        sock=sock, ssl=tls.client_context(), server_hostname="")
+    await chan.ready
+    client.channels[info.rsa_id] = chan
+    return chan
+
+
+class Net:
+    """In-process relays for the leak tests: ``warm_up`` returns the baseline ``settle`` compares
+    against (test_leaks.py's ``net`` fixture; test_faults.py's ``FaultNet``)."""
+
+    def __init__(self, tmp: Path, http_port: int):
+        self.tmp = tmp
+        self.http_port = http_port
+        self.relays: list[Relay] = []
+
+    async def start(self, n: int = 3, *, guard: dict | None = None, policy: str = LOOPBACK_EXIT,
+                    **kw) -> None:
+        """``n`` relays with limits ``kw``; ``guard``: further limits for the first one."""
+        for i in range(n):
+            relay = Relay(RelayKeys.load_or_create(self.tmp / f"r{i}"), relay_config(self.tmp / f"r{i}", exit_reject_private=False, nickname=f"r{i}", exit_policy=ExitPolicy.parse(policy, reject_private=False), extend_allow_private=True, **{**kw, **(guard if i == 0 and guard else {})}))
+            await relay.start()
+            self.relays.append(relay)
+
+    def path(self, *idx: int) -> list[RelayInfo]:
+        return [self.relays[i].info() for i in (idx or range(len(self.relays)))]
+
+    async def warm_up(self) -> Snapshot:
+        client = OnionClient()
+        circ = await client.build_circuit(self.path())
+        r, w = await circ.open_stream("localhost", self.http_port)  # the exit's resolver
+        assert await http_get(r, w, "/1000") == blob(1000)
+        await circ.resolve("localhost")
+        with pytest.raises(StreamError):
+            await circ.open_stream("no-such-host.invalid", 80)
+        await client.close()
+        del circ, r, w, client
+        close_channels(self.relays)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 20
+        # idle: the relays hold nothing and every protocol object of the warm-up is gone
+        while any(relay_busy(r) for r in self.relays) or any(live_objects().values()):
+            assert loop.time() < end, ({r.nickname: relay_busy(r) for r in self.relays}, live_objects())
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+        return Snapshot()
+
+
+# -- ``onionp2p testnet`` (test_testnet.py, test_nyx.py) -------------------------------------------
+
+class RunningTestnet:
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        self.out = open(data_dir.parent / f"{data_dir.name}.out", "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "onionp2p", "testnet", "--socks-port", "auto", "--control-port", "auto",
+             "--metrics-port", "auto", "--data-dir", str(data_dir), "--voting-interval", "4"],
+            stdout=self.out, stderr=subprocess.STDOUT)
+        self.socks = self.control = self.metrics = 0
+        end = time.time() + 150
+        while time.time() < end and not (self.socks and self.control and self.metrics):
+            text = Path(self.out.name).read_text()
+            if m := re.search(r"Metrics port at http://127\.0\.0\.1:(\d+)/metrics", text):
+                self.metrics = int(m.group(1))
+            if m := re.search(r"SOCKS5 proxy ready at 127\.0\.0\.1:(\d+)", text):
+                self.socks = int(m.group(1))
+            if m := re.search(r"Control port at 127\.0\.0\.1:(\d+)", text):
+                self.control = int(m.group(1))
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        if not self.socks:
+            self.stop()
+            raise AssertionError("testnet did not become ready:\n" + Path(self.out.name).read_text()[-3000:])
+        self.cookie = data_dir / "client" / "control_auth_cookie"
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-f", str(self.data_dir)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split() if int(p) != self.proc.pid]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        finally:
+            self.out.close()

@@ -10,7 +10,6 @@ import asyncio
 import io
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import LOOPBACK_EXIT, blob, http_get, relay_config, sha256
+from conftest import LOOPBACK_EXIT, blob, free_port, http_get, relay_config, sha256, wait_for
 
 from onionp2p.client.client import OnionClient
 from onionp2p.config import AuthorityConfig
@@ -35,22 +34,6 @@ from onionp2p.relay.relay import Relay
 
 INTERVAL = 5
 TESTNET = {"stable_uptime": 0, "assume_guard": True, "assume_exit": True}  # flags for tiny networks
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def eventually(get, timeout: float = 45.0, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = get()
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def refreshed_to(cdir: ClientDirectory, valid_after: int, timeout: float = 30.0) -> NetworkStatus:
@@ -141,7 +124,8 @@ async def test_three_authorities_sign_one_consensus_served_over_begindir(dirnet,
             await fetch("127.0.0.1", a.dir_port, "/tor/", forged.encode())
         assert exc.value.status == 400
 
-    doc = await eventually(dirnet.consensus, what="a consensus with 3 relays signed by 3 authorities")
+    doc = await wait_for(dirnet.consensus, timeout=45, interval=0.1,
+                         what="a consensus with 3 relays signed by 3 authorities")
     fps = {r.keys.fingerprint: r for r in dirnet.relays}
     assert {e.fingerprint for e in doc.routers} == set(fps)  # impostor and dead relay left out
     assert all(a.reach[imp_keys.rsa_id_digest].ok is False for a in dirnet.authorities)
@@ -160,8 +144,8 @@ async def test_three_authorities_sign_one_consensus_served_over_begindir(dirnet,
     assert (dirnet.tmp / "client" / "cached-consensus").read_text() == got.text
     await cdir.start()  # keeps the consensus fresh in the background from now on
     by_nick = {s.nickname: s for s in cdir.routers()}
-    await eventually(lambda: all(r.directory.consensus and r.directory.consensus.valid_after >= doc.valid_after
-                                 for r in dirnet.relays), what="relays to cache it")
+    await wait_for(lambda: all(r.directory.consensus and r.directory.consensus.valid_after >= doc.valid_after
+                               for r in dirnet.relays), timeout=45, interval=0.1, what="relays to cache it")
     via_relay = await cdir.fetch_via_relay(by_nick["r1"])
     assert verify_consensus(via_relay, cdir.authorities, time.time()).valid_after >= doc.valid_after
     assert dirnet.relays[1].directory.server.requests >= 1
@@ -192,34 +176,36 @@ async def test_three_authorities_sign_one_consensus_served_over_begindir(dirnet,
     old_key = r0.keys.onion_key_public
     assert r0.rotate_keys(time.time() + 29 * 86400)
     assert r0.keys.onion_key_public != old_key
-    rotated = await eventually(lambda: next((e for e in (dirnet.consensus() or doc).routers
-                                             if e.rsa_id == r0.keys.rsa_id_digest
-                                             and e.ntor_key == r0.keys.onion_key_public), None),
-                               what="a consensus with the rotated onion key")
+    rotated = await wait_for(lambda: next((e for e in (dirnet.consensus() or doc).routers
+                                           if e.rsa_id == r0.keys.rsa_id_digest
+                                           and e.ntor_key == r0.keys.onion_key_public), None),
+                             timeout=45, interval=0.1, what="a consensus with the rotated onion key")
     before = next(e for e in doc.routers if e.rsa_id == r0.keys.rsa_id_digest)
     assert rotated.published > before.published and rotated.digest != before.digest
-    await eventually(lambda: cdir.consensus.valid_after > got.valid_after, what="the client's background refresh")
+    await wait_for(lambda: cdir.consensus.valid_after > got.valid_after, timeout=45, interval=0.1,
+                   what="the client's background refresh")
     await cdir.stop()
 
 
 async def test_authorities_going_away_do_not_stop_clients(dirnet, client, http_server):
-    first = await eventually(dirnet.consensus, what="the first full consensus")
+    first = await wait_for(dirnet.consensus, timeout=45, interval=0.1, what="the first full consensus")
     cdir = ClientDirectory(dirnet.tmp / "client", dirnet.lines, client)
     await cdir.bootstrap()
 
     # One of three authorities goes away: the other two still make a consensus (2 > 3/2).
     await dirnet.authorities[2].stop()
     two = dirnet.authorities[:2]
-    second = await eventually(lambda: dirnet.consensus(signatures=2, after=first.valid_after, among=two),
-                              what="a consensus signed by the two remaining authorities")
+    second = await wait_for(lambda: dirnet.consensus(signatures=2, after=first.valid_after, among=two),
+                            timeout=45, interval=0.1, what="a consensus signed by the two remaining authorities")
     assert {ed for ed, _ in second.signatures} == {a.identity for a in two}
     got = await refreshed_to(cdir, second.valid_after)
     assert len(got.signatures) == 2
 
     # All authorities go away. A new client with the same cache bootstraps, and fetches
     # from the relays (BEGIN_DIR) — there is nobody else to ask.
-    await eventually(lambda: all(r.directory.consensus and r.directory.consensus.valid_after >= second.valid_after
-                                 for r in dirnet.relays), what="relays to hold the latest consensus")
+    await wait_for(lambda: all(r.directory.consensus and r.directory.consensus.valid_after >= second.valid_after
+                               for r in dirnet.relays),
+                   timeout=45, interval=0.1, what="relays to hold the latest consensus")
     for a in dirnet.authorities[:2]:
         await a.stop()
     fresh_client = OnionClient()

@@ -9,7 +9,7 @@ import random
 import socket
 
 import pytest
-from conftest import blob, http_get, relay_config
+from conftest import blob, http_get, relay_config, wait_for
 
 from onionp2p.client.circmgr import CircuitLimitError, CircuitManager, end_reason_action
 from onionp2p.client.client import OnionClient
@@ -109,15 +109,6 @@ async def env(net, tmp_path):
         await client.close()
 
 
-async def wait_for(pred, timeout=15.0, what="condition"):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 def exit_name(net: Net, circ) -> str:
     return net.name_of(circ.hops[-1].fingerprint)
 
@@ -136,7 +127,8 @@ async def test_preemptive_circuits_ready_before_first_request(env, net, http_ser
     mgr, client, events = await env(preemptive=3, preemptive_ports=(http_server.port,))
     await mgr.start()
     await mgr.ready(15)
-    await wait_for(lambda: sum(c.state == "built" for c in mgr.circuits()) == 3, what="3 preemptive circuits")
+    await wait_for(lambda: sum(c.state == "built" for c in mgr.circuits()) == 3,
+                   timeout=15, what="3 preemptive circuits")
     prebuilt = {c.id for c in mgr.circuits()}
     assert all(c.purpose == "preemptive" and not c.isolated and not c.dirty for c in mgr.circuits())
     launched_before = sum(e.kind == "launched" for e in events)
@@ -147,7 +139,7 @@ async def test_preemptive_circuits_ready_before_first_request(env, net, http_ser
     assert exit_name(net, circ) == "e0"
     # the used circuit is replaced: three clean ones again
     await wait_for(lambda: sum(not c.isolated and c.state == "built" for c in mgr.circuits()) == 3,
-                   what="preemptive top-up")
+                   timeout=15, what="preemptive top-up")
     assert sum(e.kind == "launched" for e in events) == 4
 
 
@@ -155,7 +147,8 @@ async def test_default_preemptive_ports_use_exits_allowing_them(env, net):
     mgr, _client, _events = await env(preemptive=3)
     await mgr.start()
     await mgr.ready(15)
-    await wait_for(lambda: sum(c.state == "built" for c in mgr.circuits()) == 3, what="3 circuits")
+    await wait_for(lambda: sum(c.state == "built" for c in mgr.circuits()) == 3,
+                   timeout=15, what="3 circuits")
     for info in mgr.circuits():
         assert info.path[-1].split("~")[1] in ("e0", "e1")
         assert info.path[0].split("~")[1] in ("g0", "g1", "m0")
@@ -220,7 +213,7 @@ async def test_dirty_circuits_take_no_new_streams(env, net, http_server):
     assert {c.id: c.dirty for c in mgr.circuits()} == {first.id: True, second.id: False}
     # once its streams are gone (and the attach grace has passed) the dirty circuit is closed
     clock.t += 60
-    await wait_for(lambda: not first.streams, what="streams to end")
+    await wait_for(lambda: not first.streams, timeout=15, what="streams to end")
     assert (await mgr.get_circuit(port, "k")).id == second.id
     assert first.state == "closed"
     assert [c.id for c in mgr.circuits()] == [second.id]
@@ -340,7 +333,8 @@ async def test_stop_closes_managed_circuits(env, net, http_server):
     mgr, client, _events = await env(preemptive=2, preemptive_ports=(80,))
     await mgr.start()
     await mgr.ready(15)
-    await wait_for(lambda: sum(c.state == "built" for c in mgr.circuits()) == 2, what="2 circuits")
+    await wait_for(lambda: sum(c.state == "built" for c in mgr.circuits()) == 2,
+                   timeout=15, what="2 circuits")
     circs = list(client.circuits.values())
     await mgr.stop()
     assert mgr.circuits() == [] and all(c.state == "closed" for c in circs)

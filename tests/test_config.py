@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_tools import exit_relays  # noqa: F401 (fixture: three in-process exit relays)
 
 from onionp2p.config import (
     AuthorityConfig,
@@ -534,7 +533,7 @@ def test_socks_limits_defaults_and_validation() -> None:
         RelayConfig.from_dict({"socks_max_connections": 5})  # a client key
 
 
-async def test_socks_limits_reach_the_socks_server(exit_relays, tmp_path: Path) -> None:  # noqa: F811
+async def test_socks_limits_reach_the_socks_server(exit_relays, tmp_path: Path) -> None:
     """A running ClientNode's SOCKS listener enforces the configured handshake timeout and
     connection limit (real sockets)."""
     import asyncio

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import http_get
+from conftest import http_get, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -264,15 +264,6 @@ class ClientNode:
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-async def wait_for(pred, timeout=15.0, what="condition"):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
 
 class Events:
     """Thread-safe collector for stem event callbacks."""
@@ -531,7 +522,7 @@ async def test_circuits_built_and_closed_with_events(controller, node):
 
     await call(ctl.close_circuit, circ_id)
     await wait_for(lambda: any(e.id == circ_id and e.status == CircStatus.CLOSED for e in events.snapshot()),
-                   what="CIRC CLOSED")
+                   timeout=15, what="CIRC CLOSED")
     mine = [e for e in events.snapshot() if e.id == circ_id]
     assert [e.status for e in mine] == ["LAUNCHED", "EXTENDED", "EXTENDED", "EXTENDED", "BUILT", "CLOSED"]
     assert [len(e.path) for e in mine[:5]] == [0, 1, 2, 3, 3]
@@ -579,12 +570,12 @@ async def test_signal_newnym_reaches_node(stem, controller, node):
     await call(ctl.signal, Signal.NEWNYM)
     await call(ctl.signal, "HUP")  # alias of RELOAD
     assert node.signals == ["NEWNYM", "RELOAD"]
-    await wait_for(lambda: len(events.snapshot()) == 2, what="SIGNAL events")
+    await wait_for(lambda: len(events.snapshot()) == 2, timeout=15, what="SIGNAL events")
     assert [e.signal for e in events.snapshot()] == ["NEWNYM", "RELOAD"]
     with pytest.raises(stem.InvalidArguments):
         await call(ctl.signal, "NOSUCHSIGNAL")
     await call(ctl.signal, Signal.SHUTDOWN)  # replied to first, then delivered
-    await wait_for(lambda: node.signals[-1:] == ["SHUTDOWN"], what="SHUTDOWN at the node")
+    await wait_for(lambda: node.signals[-1:] == ["SHUTDOWN"], timeout=15, what="SHUTDOWN at the node")
 
 
 async def test_getconf_setconf_resetconf(stem, controller, node):
@@ -611,7 +602,7 @@ async def test_getconf_setconf_resetconf(stem, controller, node):
         await call(ctl.get_conf, "NoSuchOption")
     await call(ctl.reset_conf, "MaxCircuitDirtiness")
     assert node.conf["MaxCircuitDirtiness"] == ["600"]
-    await wait_for(lambda: len(events.snapshot()) == 3, what="CONF_CHANGED events")
+    await wait_for(lambda: len(events.snapshot()) == 3, timeout=15, what="CONF_CHANGED events")
     assert events.snapshot()[1].changed == {"Nickname": ["ctl1"], "Log": ["info stdout", "warn file x"]}
     text = await call(ctl.get_info, "config-text")
     assert "Nickname ctl1" in text.splitlines()
@@ -750,11 +741,12 @@ async def test_status_and_log_events(stem, controller, node):
         testlog.setLevel(old)
     node.emit(StatusEvent("CLIENT", "NOTICE", "BOOTSTRAP", (("PROGRESS", "100"), ("TAG", "done"),
                                                               ("SUMMARY", "Done here"))))
-    await wait_for(lambda: any(e.type == "STATUS_CLIENT" for e in events.snapshot()), what="status event")
+    await wait_for(lambda: any(e.type == "STATUS_CLIENT" for e in events.snapshot()),
+                   timeout=15, what="status event")
     def warned():
         return any(e.type == "WARN" and e.message == "plain stdlib warning" for e in events.snapshot())
 
-    await wait_for(warned, what="WARN event")
+    await wait_for(warned, timeout=15, what="WARN event")
     got = events.snapshot()
     assert "control log check peer_addr=[scrubbed] n=7" in [e.message for e in got if e.type == "NOTICE"]
     assert "plain stdlib warning" in [e.message for e in got if e.type == "WARN"]
@@ -780,7 +772,7 @@ async def test_stream_and_orconn_events_parse_in_stem(stem, controller, node):
     node.emit(OrConnEvent(OrConnInfo(id=9, status="CLOSED", fingerprint=fp, nickname="r0", ncircs=2,
                                      reason="DONE")))
     node.emit(OrConnEvent(OrConnInfo(id=10, status="LAUNCHED", address="127.0.0.1:9001")))
-    await wait_for(lambda: len(events.snapshot()) == 3, what="STREAM and ORCONN events")
+    await wait_for(lambda: len(events.snapshot()) == 3, timeout=15, what="STREAM and ORCONN events")
     stream, orconn, launched = events.snapshot()
     assert (stream.id, stream.status, stream.circ_id, stream.target_address, stream.target_port) == (
         "7", "CLOSED", "3", "example.com", 443)
@@ -796,7 +788,7 @@ async def test_bw_events_every_second(stem, controller):
     ctl, srv = controller
     events = Events()
     await call(ctl.add_event_listener, events, EventType.BW)
-    await wait_for(lambda: len(events.snapshot()) >= 2, what="two BW events")
+    await wait_for(lambda: len(events.snapshot()) >= 2, timeout=15, what="two BW events")
     assert all(isinstance(e.read, int) and isinstance(e.written, int) for e in events.snapshot())
     cache = await call(ctl.get_info, "bw-event-cache")
     assert re.fullmatch(r"\d+,\d+( \d+,\d+)*", cache)
@@ -909,7 +901,7 @@ async def test_slow_controller_is_disconnected_node_unaffected(make_server, tmp_
         node.emit(StatusEvent("CLIENT", "NOTICE", "FILLER", (("N", str(i)), ("PAD", filler))))
     slow_conn = [c for c in srv._conns if "STATUS_CLIENT" in c.events]
     assert len(slow_conn) == 1 and slow_conn[0]._dead  # cut off; the node's emit loop never waited
-    await wait_for(lambda: len(srv._conns) == 1, what="slow controller to be gone")
+    await wait_for(lambda: len(srv._conns) == 1, timeout=15, what="slow controller to be gone")
     assert await healthy.command("GETINFO version") == [f"250-version={version_string()}", "250 OK"]
     with pytest.raises((ConnectionError, AssertionError)):
         while True:  # whatever was delivered before the cut, then EOF/reset
@@ -920,7 +912,7 @@ async def test_slow_controller_is_disconnected_node_unaffected(make_server, tmp_
 async def test_connection_limit(make_server, tmp_path):
     srv = await make_server(cookie_path=tmp_path / "c", max_connections=2)
     a, b = await Raw.open(srv.port), await Raw.open(srv.port)
-    await wait_for(lambda: len(srv._conns) == 2, what="two connections")
+    await wait_for(lambda: len(srv._conns) == 2, timeout=15, what="two connections")
     c = await Raw.open(srv.port)
     assert await c.reply() == ["451 Too many control connections"]
     assert await c.at_eof()

@@ -19,7 +19,7 @@ import sys
 import time
 
 import pytest
-from conftest import LOOPBACK_EXIT, blob, http_get, relay_config
+from conftest import LOOPBACK_EXIT, blob, http_get, relay_config, wait_for
 
 from onionp2p.client.client import OnionClient
 from onionp2p.errors import CircuitError, ConfigError, StreamError
@@ -119,15 +119,6 @@ def test_read_budget():
 # -- helpers for the network tests ---------------------------------------------------------
 
 
-async def wait_for(pred, timeout=15.0, what="condition"):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 @pytest.fixture
 async def make_relay(tmp_path):
     relays: list[Relay] = []
@@ -221,7 +212,7 @@ async def fetch_ok(client: OnionClient, relays: list[Relay], port: int, n: int =
 async def test_connection_limit_refuses_one_address_and_serves_others(make_relay, clients, http_server):
     relay = await make_relay("lim", dos_max_concurrent_connections=3)
     held = [await raw_tls(relay) for _ in range(3)]
-    await wait_for(lambda: relay.dos.connections(OTHER) == 3, what="three counted connections")
+    await wait_for(lambda: relay.dos.connections(OTHER) == 3, timeout=15, what="three counted connections")
     reader, writer = await raw_tls(relay)
     await assert_closed_by_relay(reader)  # the fourth from that address is hung up on
     writer.close()
@@ -230,13 +221,13 @@ async def test_connection_limit_refuses_one_address_and_serves_others(make_relay
     await fetch_ok(clients(), [relay, await make_relay.other()], http_server.port)
     # a slot given back is usable again by the limited address
     held[0][1].close()
-    await wait_for(lambda: relay.dos.connections(OTHER) == 2, what="the slot to be given back")
+    await wait_for(lambda: relay.dos.connections(OTHER) == 2, timeout=15, what="the slot to be given back")
     c = clients()
     await connect_from(c, relay)
     await fetch_ok(c, [relay, await make_relay.other()], http_server.port)
     for _r, w in held[1:]:
         w.close()
-    await wait_for(lambda: relay.dos.connections(OTHER) == 1, what="slots released on close")
+    await wait_for(lambda: relay.dos.connections(OTHER) == 1, timeout=15, what="slots released on close")
 
 
 async def test_relays_give_their_connection_slot_back(make_relay, clients, http_server):
@@ -290,7 +281,7 @@ async def test_max_circuits_per_channel(make_relay, clients, http_server):
     assert e.value.reason == "RESOURCELIMIT"
     await fetch_ok(clients(), [relay, await make_relay.other()], http_server.port)  # another channel is served
     circs[0].close()
-    await wait_for(lambda: len(relay.circuits) == 2, what="the relay to free the circuit")
+    await wait_for(lambda: len(relay.circuits) == 2, timeout=15, what="the relay to free the circuit")
     await fetch_ok(c, [relay, await make_relay.other()], http_server.port)  # and the freed slot is usable again
 
 
@@ -313,7 +304,7 @@ async def test_max_streams_per_circuit(make_relay, clients, http_server):
     await fetch_ok(c, [await make_relay.other(), relay], http_server.port)
     streams[1][1].close()
     exit_circ = next(x for x in relay.circuits if x.streams)
-    await wait_for(lambda: len(exit_circ.streams) == 1, what="the exit to free the stream")
+    await wait_for(lambda: len(exit_circ.streams) == 1, timeout=15, what="the exit to free the stream")
     r, w = await circ.open_stream("127.0.0.1", http_server.port)
     assert await http_get(r, w, "/2000") == blob(2000)
 
@@ -374,7 +365,7 @@ async def test_stalled_handshakes_time_out_and_free_their_slots(make_relay, clie
     part_w.write(b"\x00\x00\x07\x00\x02\x00\x04" + bytes.fromhex("00000000 81 0100") + b"\x01")
     # TLS and nothing more
     idle_r, idle_w = await raw_tls(relay)
-    await wait_for(lambda: relay.dos.connections(OTHER) == 2, what="two counted connections")
+    await wait_for(lambda: relay.dos.connections(OTHER) == 2, timeout=15, what="two counted connections")
     # a third handshake from that address does not fit ...
     r, w = await raw_tls(relay)
     await assert_closed_by_relay(r)
@@ -386,7 +377,7 @@ async def test_stalled_handshakes_time_out_and_free_their_slots(make_relay, clie
         await assert_closed_by_relay(reader, silent=False)  # part_r got the relay's VERSIONS
     for writer in (tcp_w, part_w, idle_w):
         writer.close()
-    await wait_for(lambda: relay.dos.connections(OTHER) == 0, what="the slots to be given back")
+    await wait_for(lambda: relay.dos.connections(OTHER) == 0, timeout=15, what="the slots to be given back")
     assert not relay._handshaking
     c = clients()
     await connect_from(c, relay)
@@ -396,7 +387,7 @@ async def test_stalled_handshakes_time_out_and_free_their_slots(make_relay, clie
 async def test_stop_closes_channels_still_in_handshake(make_relay):
     relay = await make_relay("stop")  # default 30 s handshake timeout
     reader, writer = await raw_tls(relay)
-    await wait_for(lambda: len(relay._handshaking) == 1, what="the connection to be up")
+    await wait_for(lambda: len(relay._handshaking) == 1, timeout=15, what="the connection to be up")
     await relay.stop()
     await assert_closed_by_relay(reader)  # at once, not after the handshake timeout
     writer.close()

@@ -14,8 +14,8 @@ What the tests check: the fault ends in an error within a bounded time (generous
 bounds: "does not hang", not "is fast"), clients get around it with new circuits, the
 node goes on serving others, and after closing, this process's file descriptors,
 asyncio tasks and protocol objects are back to the baseline (``Net.warm_up`` and
-``settle`` from test_leaks.py, exact counts) — in every test but the authority one, whose
-relays keep retrying the absent authority in the background.
+``settle`` from conftest.py, as in test_leaks.py, exact counts) — in every test but the
+authority one, whose relays keep retrying the absent authority in the background.
 """
 
 from __future__ import annotations
@@ -32,10 +32,22 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import blob, http_get, relay_config, sha256
+from conftest import (
+    Net,
+    blob,
+    channel_from,
+    free_port,
+    http_get,
+    open_fds,
+    relay_busy,
+    relay_config,
+    settle,
+    sha256,
+    start_relay_process,
+    wait_for,
+)
 from python_socks import ProxyError
 from python_socks.async_.asyncio import Proxy
-from test_leaks import Net, channel_from, open_fds, relay_busy, settle, start_relay_process
 
 from onionp2p.client.client import OnionClient
 from onionp2p.client.node import ClientNode
@@ -60,25 +72,9 @@ EXIT = frozenset({"Exit", "Fast", "Running", "Stable", "Valid"})
 # -- helpers -----------------------------------------------------------------------------------
 
 
-async def wait_for(pred, timeout: float = 15.0, what: str = "condition"):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not (value := pred()):
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-    return value
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class FaultNet(Net):
-    """test_leaks' ``Net`` with relays of different roles: exits accept everything
-    (loopback included), the others are not exits. ``warm_up`` builds one circuit
+    """conftest's ``Net`` (test_leaks.py's) with relays of different roles: exits accept
+    everything (loopback included), the others are not exits. ``warm_up`` builds one circuit
     through all relays in order, so the last one added must be an exit."""
 
     async def add(self, name: str, *, exit: bool = False, **kw) -> Relay:
@@ -288,7 +284,7 @@ def socket_of_transport(transport) -> tuple[int, str]:
 
 async def relay_process_info(proc, d: Path, timeout: float = 30) -> RelayInfo:
     await wait_for(lambda: (d / "relay-info.json").exists() or proc.poll() is not None, timeout,
-                   "the relay process to start")
+                   "the relay process to start", interval=0.05)
     assert proc.poll() is None, (d / "log.txt").read_text()
     return RelayInfo.load(d / "relay-info.json")
 
@@ -338,7 +334,7 @@ async def _kill_and_restart(fnet, http_server, d, proc, victim, g, m, x) -> None
                     got += len(chunk)
 
         task = asyncio.create_task(download())
-        await wait_for(lambda: got >= 1_000_000 or task.done(), 30, "the download to run")
+        await wait_for(lambda: got >= 1_000_000 or task.done(), 30, "the download to run", interval=0.05)
         proc.send_signal(signal.SIGKILL)
         async with asyncio.timeout(20):  # the in-flight stream ends, it does not hang
             await task
@@ -420,7 +416,7 @@ async def test_authority_down_clients_bootstrap_from_cache_and_relays(tmp_path, 
             await relay.start()
             relays.append(relay)
         await wait_for(lambda: auth.current is not None and len(auth.current.routers) == 3, 40,
-                       "a consensus listing the three relays")
+                       "a consensus listing the three relays", interval=0.05)
         # a client bootstraps from the authority and caches the consensus
         first = node(tmp_path / "client")
         await first.start(ready_timeout=30)
@@ -431,7 +427,7 @@ async def test_authority_down_clients_bootstrap_from_cache_and_relays(tmp_path, 
         # the relays' directory caches hold it too; then the authority goes away
         await wait_for(lambda: all(r.directory.consensus is not None
                                    and r.directory.consensus.valid_after >= held.valid_after for r in relays),
-                       20, "the relays to cache the consensus")
+                       20, "the relays to cache the consensus", interval=0.05)
         await auth.stop()
 
         # a fresh client with the same data directory: cached consensus, then the relays'
@@ -477,7 +473,8 @@ async def test_black_hole_guard_and_middle_are_built_around(fnet, http_server):
     hole_guard, hole_mid = await BlackHole().start(), await BlackHole().start()
     try:
         await _black_holes(fnet, http_server, g, m, x, hole_guard, hole_mid)
-        await wait_for(lambda: hole_guard.open == hole_mid.open == 0, 10, "the black holes to be let go")
+        await wait_for(lambda: hole_guard.open == hole_mid.open == 0, 10,
+                       "the black holes to be let go", interval=0.05)
     finally:
         await hole_guard.stop()
         await hole_mid.stop()
@@ -503,7 +500,8 @@ async def _black_holes(fnet, http_server, g, m, x, hole_guard, hole_mid) -> None
         assert hole_guard.accepted >= 1 and node.guards.is_down(bg.fingerprint)
         # g tried to extend to the black-hole middle; its handshake timeout hung up on it
         assert hole_mid.accepted >= 1
-        await wait_for(lambda: hole_mid.open == 0, 10, "the relay to drop its stalled connection")
+        await wait_for(lambda: hole_mid.open == 0, 10,
+                       "the relay to drop its stalled connection", interval=0.05)
         assert not g.chanmgr.connecting and bm.rsa_id not in g.by_identity
 
         # the library client bounds TCP + TLS + link handshake by its handshake timeout
@@ -597,7 +595,7 @@ async def _stops_reading(fnet, http_server, g, x) -> None:
         # back-pressure reaches the destinations: the exit stops reading them
         await wait_for(lambda: len(conns()) == 2 and all(c.transport is not None and not c.transport.is_reading()
                                                          for c in conns()),
-                       20, "the exit to stop reading its destinations")
+                       20, "the exit to stop reading its destinations", interval=0.05)
         await asyncio.sleep(1)  # and it stays that way: memory is bounded
         assert all(not c.transport.is_reading() for c in conns())
         assert all(s.buffered <= SOURCE_HIGH_WATER + 256 * 1024 for s in exit_circ.streams.values())
@@ -611,7 +609,7 @@ async def _stops_reading(fnet, http_server, g, x) -> None:
         relay_chan.close("test: closing on a peer that does not read")
         assert relay_busy(g) == ["channels=1", "identities=1"]  # only its link to the exit is left
         await wait_for(lambda: open_fds().get(fd) != what, CLOSE_TIMEOUT + 10,
-                       "the relay to give up the socket of a peer that does not read")
+                       "the relay to give up the socket of a peer that does not read", interval=0.05)
         # the relay serves another client meanwhile; the silent peer is still connected
         other = OnionClient()
         try:
@@ -703,11 +701,11 @@ async def _closing_exit_streams(g, x, slow, silent) -> None:
         for w in (to_slow, to_silent):
             w.write(blob(8_000_000))
         # neither destination reads yet: the exit buffers until it stops acknowledging
-        await wait_for(lambda: all(c.write_paused for c in conns), 20, "the exit to fill up")
+        await wait_for(lambda: all(c.write_paused for c in conns), 20, "the exit to fill up", interval=0.05)
         for w in (to_slow, to_silent):
             w.transport.abort()  # END: the exit closes both sockets with data still to flush
         slow.start_reading()
-        await wait_for(lambda: not exit_circ.streams, 10, "the exit to end both streams")
+        await wait_for(lambda: not exit_circ.streams, 10, "the exit to end both streams", interval=0.05)
         unread = edges[0].bytes_received - slow.received  # at most what was left at the close
         assert all(c.transport.is_closing() for c in conns)
         # more than the slow destination can take in two flush timeouts: flushing it needs
@@ -715,9 +713,9 @@ async def _closing_exit_streams(g, x, slow, silent) -> None:
         assert unread > 2 * slow.rate * x.exit.flush_timeout
         # the silent destination's socket is given up (it would be held forever otherwise) ...
         await wait_for(lambda: open_fds().get(sockets[1][0]) != sockets[1][1], 10,
-                       "the exit to abort the socket of a destination that never reads")
+                       "the exit to abort the socket of a destination that never reads", interval=0.05)
         # ... while the slow one, making progress, gets every byte and then EOF
-        await wait_for(lambda: slow.eof, 60, "the slow destination to receive everything")
+        await wait_for(lambda: slow.eof, 60, "the slow destination to receive everything", interval=0.05)
         assert slow.received == edges[0].bytes_received
         assert open_fds().get(sockets[0][0]) != sockets[0][1]
         assert circ.state == "built"
@@ -760,11 +758,11 @@ async def test_socks_and_control_limits_hit_while_others_are_served(fnet, http_s
         # SOCKS handshake timeout: two clients stall mid-handshake; another is served meanwhile
         stalled = [await raw_socks(node.socks_port, b"\x05"),  # half a greeting
                    await raw_socks(node.socks_port, b"\x05\x01\x00")]  # greeting, no request
-        await wait_for(lambda: socks.stats.active == 2, 5, "two stalled SOCKS clients")
+        await wait_for(lambda: socks.stats.active == 2, 5, "two stalled SOCKS clients", interval=0.05)
         assert await socks_get(node.socks_port, http_server.port, "/40000") == blob(40_000)
         # SOCKS connection limit: a third stalled one fills it; the next one is turned away
         stalled.append(await raw_socks(node.socks_port, b""))
-        await wait_for(lambda: socks.stats.active == 3, 5, "three SOCKS clients")
+        await wait_for(lambda: socks.stats.active == 3, 5, "three SOCKS clients", interval=0.05)
         refused_r, refused_w = await raw_socks(node.socks_port, b"\x05\x01\x00")
         assert await closed_by_server(refused_r, 5) == b""
         refused_w.close()
@@ -780,7 +778,7 @@ async def test_socks_and_control_limits_hit_while_others_are_served(fnet, http_s
         cookie = (fnet.tmp / "client" / "control_auth_cookie").read_bytes()
         idle = await Controller.open(node.control_port)
         good = await Controller.open(node.control_port, cookie)
-        await wait_for(lambda: len(control._conns) == 2, 5, "two controllers")
+        await wait_for(lambda: len(control._conns) == 2, 5, "two controllers", interval=0.05)
         extra = await Controller.open(node.control_port)
         assert await extra.line() == "451 Too many control connections"
         extra.close()
@@ -821,7 +819,7 @@ async def _bandwidth(http_server, g, x) -> None:
             return await r.readexactly(len(upload))
 
         echoed = asyncio.create_task(echo())
-        await wait_for(lambda: x.stats["throttled"] > 0, 15, "the rate limit to act")
+        await wait_for(lambda: x.stats["throttled"] > 0, 15, "the rate limit to act", interval=0.05)
         # a second client is served while the limit holds the first one back
         async with asyncio.timeout(30):
             c2 = await light.build_circuit([g.info(), x.info()])

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import gc
 import io
 import os
 import signal
@@ -35,175 +34,23 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import LOOPBACK_EXIT, blob, http_get, relay_config
+from conftest import Net, blob, channel_from, http_get, open_fds, relay_config, settle, start_relay_process
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from onionp2p.client.client import ClientCircuit, OnionClient, StreamTransport
+from onionp2p.client.client import OnionClient
 from onionp2p.errors import CircuitError, StreamError
 from onionp2p.net import tls
-from onionp2p.net.channel import Channel
-from onionp2p.proto import circuit as core
 from onionp2p.proto.cells import CellCommand, Create2
 from onionp2p.proto.directory import RelayInfo
-from onionp2p.proto.exitpolicy import ExitPolicy
-from onionp2p.proto.link import PeerIdentity
 from onionp2p.proto.relaycell import EndReason, RelayCommand
-from onionp2p.proto.stream import Stream
-from onionp2p.relay.circuit import OrCircuit
-from onionp2p.relay.exit import ExitConnection
 from onionp2p.relay.keys import KEY_FILES, RelayKeys
 from onionp2p.relay.relay import Relay
 
-TRACKED = (Channel, OrCircuit, ClientCircuit, core.RelayCircuit, core.ClientCircuit, Stream, ExitConnection,
-           StreamTransport)
-
-
-# -- measuring ----------------------------------------------------------------------------------
-
-
-def open_fds() -> dict[int, str]:
-    out = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:  # the directory's own fd, gone by now
-            pass
-    return out
-
-
-def live_objects() -> dict[str, int]:
-    gc.collect()
-    counts = {cls.__name__: 0 for cls in TRACKED}
-    for obj in gc.get_objects():
-        if isinstance(obj, TRACKED):
-            counts[type(obj).__name__] += 1
-    return counts
-
-
-class Snapshot:
-    def __init__(self) -> None:
-        me = asyncio.current_task()
-        self.tasks = {t for t in asyncio.all_tasks() if t is not me and not t.done()}
-        self.fds = open_fds()
-        self.objects = live_objects()
-
-    def diff(self, base: Snapshot) -> list[str]:
-        problems = []
-        extra_fds = {fd: path for fd, path in self.fds.items() if base.fds.get(fd) != path}
-        if len(self.fds) != len(base.fds):
-            problems.append(f"{len(self.fds)} fds open, baseline {len(base.fds)}; new: {extra_fds}")
-        extra_tasks = self.tasks - base.tasks
-        if len(self.tasks) != len(base.tasks):
-            problems.append(f"{len(self.tasks)} tasks, baseline {len(base.tasks)}; new: "
-                            f"{[t.get_coro() for t in extra_tasks]}")
-        if self.objects != base.objects:
-            problems.append(f"live objects {self.objects}, baseline {base.objects}")
-        return problems
-
-
-async def settle(relays: list[Relay], base: Snapshot, timeout: float = 20.0) -> None:
-    """Close the relays' channels, wait until nothing is left over, else fail with a diff."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while True:
-        close_channels(relays)
-        await asyncio.sleep(0.05)
-        busy = {r.nickname: relay_busy(r) for r in relays if relay_busy(r)}
-        problems = [] if busy else Snapshot().diff(base)
-        if not busy and not problems:
-            return
-        if loop.time() > end:
-            raise AssertionError(f"not back to the baseline: {busy or problems}")
-
-
-def close_channels(relays: list[Relay]) -> None:
-    """Drop the relays' channels (relay-to-relay ones stay open otherwise)."""
-    for r in relays:
-        for chan in list(r.channels):
-            chan.close("test: back to the baseline")
-
-
-def relay_busy(r: Relay) -> list[str]:
-    """What a relay still holds that an idle relay does not."""
-    held = {
-        "channels": len(r.channels), "circuits": len(r.circuits), "exit tasks": len(r.exit._tasks),
-        "connecting": r.chanmgr.connecting, "handshaking": len(r._handshaking), "slots": len(r._slots),
-        "counted connections": r.dos.connections(), "throttled": len(r._throttled),
-        "identities": len(r.by_identity),
-    }
-    return [f"{k}={v}" for k, v in held.items() if v]
+# measuring (open_fds, Snapshot, settle, relay_busy) and Net: in conftest.py, shared with test_faults.py
 
 
 # -- fixtures -------------------------------------------------------------------------------
-
-
-def start_relay_process(d: Path, *args: str) -> subprocess.Popen:
-    """``onionp2p relay --config d/relay.toml``, output to ``d/log.txt``."""
-    with open(d / "log.txt", "w") as log:  # the child has its own copy; ours is closed at once
-        return subprocess.Popen([sys.executable, "-m", "onionp2p", "relay", "--config", str(d / "relay.toml"),
-                                 *args], stdout=log, stderr=subprocess.STDOUT)
-
-
-async def channel_from(client: OnionClient, info: RelayInfo, local_ip: str = "127.0.0.1", *,
-                       rcvbuf: int | None = None) -> Channel:
-    """``client``'s channel to a relay from ``local_ip`` (and a small receive buffer)."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    try:
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.bind((local_ip, 0))
-        sock.setblocking(False)
-        await loop.sock_connect(sock, (info.address, info.or_port))
-    except BaseException:
-        sock.close()
-        raise
-    _t, chan = await loop.create_connection(
-        lambda: Channel(client, initiator=True, expected=PeerIdentity(info.ed_id, info.rsa_id)),
-        sock=sock, ssl=tls.client_context(), server_hostname="")
-    await chan.ready
-    client.channels[info.rsa_id] = chan
-    return chan
-
-
-
-class Net:
-    def __init__(self, tmp: Path, http_port: int):
-        self.tmp = tmp
-        self.http_port = http_port
-        self.relays: list[Relay] = []
-
-    async def start(self, n: int = 3, *, guard: dict | None = None, policy: str = LOOPBACK_EXIT,
-                    **kw) -> None:
-        """``n`` relays with limits ``kw``; ``guard``: further limits for the first one."""
-        for i in range(n):
-            relay = Relay(RelayKeys.load_or_create(self.tmp / f"r{i}"), relay_config(self.tmp / f"r{i}", exit_reject_private=False, nickname=f"r{i}", exit_policy=ExitPolicy.parse(policy, reject_private=False), extend_allow_private=True, **{**kw, **(guard if i == 0 and guard else {})}))
-            await relay.start()
-            self.relays.append(relay)
-
-    def path(self, *idx: int) -> list[RelayInfo]:
-        return [self.relays[i].info() for i in (idx or range(len(self.relays)))]
-
-    async def warm_up(self) -> Snapshot:
-        client = OnionClient()
-        circ = await client.build_circuit(self.path())
-        r, w = await circ.open_stream("localhost", self.http_port)  # the exit's resolver
-        assert await http_get(r, w, "/1000") == blob(1000)
-        await circ.resolve("localhost")
-        with pytest.raises(StreamError):
-            await circ.open_stream("no-such-host.invalid", 80)
-        await client.close()
-        del circ, r, w, client
-        close_channels(self.relays)
-        loop = asyncio.get_running_loop()
-        end = loop.time() + 20
-        # idle: the relays hold nothing and every protocol object of the warm-up is gone
-        while any(relay_busy(r) for r in self.relays) or any(live_objects().values()):
-            assert loop.time() < end, ({r.nickname: relay_busy(r) for r in self.relays}, live_objects())
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.1)
-        return Snapshot()
 
 
 @pytest.fixture

@@ -14,10 +14,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import http_get
+from conftest import http_get, socks_connect, wait_for
 from prometheus_client import parser
-from test_relay_control import nodes  # noqa: F401 (fixture)
-from test_tools import client_node, exit_relays, socks_connect, wait_for  # noqa: F401 (fixtures)
 
 from onionp2p.client.client import OnionClient
 from onionp2p.errors import ConfigError
@@ -124,7 +122,8 @@ async def test_relay_counters_follow_a_real_circuit(relay_metrics, http_server):
         await client.close()
     # the client's channel to the guard goes; its counts stay in the totals (counters never go down)
     guard = relay_metrics[0][0]
-    await wait_for(lambda: len(guard.channels) == v(after[0], "onionp2p_channels") - 1, what="client channel closed")
+    await wait_for(lambda: len(guard.channels) == v(after[0], "onionp2p_channels") - 1,
+                   timeout=20, what="client channel closed")
     final = [await scrape(srv) for _, srv in relay_metrics]
     assert v(final[0], "onionp2p_channels") == v(after[0], "onionp2p_channels") - 1
     for m, a in zip(final, after):
@@ -144,14 +143,15 @@ async def test_client_node_counters_follow_socks_traffic(client_node, http_serve
         assert v(b, "onionp2p_circuits", state="built") == sum(
             c.state == "built" for c in client_node.client.circuits.values())
         reader, writer = await socks_connect(client_node.socks_port, "127.0.0.1", http_server.port)
-        await wait_for(lambda: any(s.status == "SUCCEEDED" for s in client_node.streams.values()), what="stream")
+        await wait_for(lambda: any(s.status == "SUCCEEDED" for s in client_node.streams.values()),
+                       timeout=20, what="stream")
         m = await scrape(srv)
         assert v(m, "onionp2p_streams", state="SUCCEEDED") == 1
         assert len(await http_get(reader, writer, f"/{n}")) == n
-        await wait_for(lambda: not client_node.streams, what="stream closed")
+        await wait_for(lambda: not client_node.streams, timeout=20, what="stream closed")
         adapter = client_node.control.node
         new_id = await adapter.extend_circuit(0, None, "general")
-        await wait_for(lambda: client_node.client.circuits[new_id].state == "built", what="built")
+        await wait_for(lambda: client_node.client.circuits[new_id].state == "built", timeout=20, what="built")
         assert adapter.close_circuit(new_id)
         m = await scrape(srv)
         assert v(m, "onionp2p_circuit_data_bytes_total", direction="received") - \
@@ -184,7 +184,7 @@ def total(m: dict, name: str) -> float:
 
 
 @pytest.mark.slow
-async def test_relay_processes_metrics_port(nodes, http_server):  # noqa: F811 (fixture)
+async def test_relay_processes_metrics_port(nodes, http_server):
     """Three `onionp2p relay` processes with ``metrics_port = 0``: cells and bytes grow by the
     traffic sent, DESTROY reasons are counted, and totals survive closed connections."""
     procs = [nodes("mguard", metrics_port=0), nodes("mmiddle", metrics_port=0),
@@ -248,7 +248,7 @@ async def test_relay_processes_metrics_port(nodes, http_server):  # noqa: F811 (
     assert procs[0].stop() == 0 and procs[2].stop() == 0
 
 
-async def test_client_node_metrics_port_from_config(exit_relays, http_server, tmp_path):  # noqa: F811
+async def test_client_node_metrics_port_from_config(exit_relays, http_server, tmp_path):
     """``metrics_port`` in the client config: the node serves /metrics while it runs, the
     control port names it (GETINFO net/listeners/metrics), and stop() closes it."""
     from onionp2p.client.node import ClientNode

@@ -83,7 +83,6 @@ client; the 5 MB fetch takes under 1 s)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -96,6 +95,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import sha256
 from netns_helpers import (
     ControlShell,
     Flow,
@@ -139,10 +139,6 @@ TCP_USER_TIMEOUT = 5
 
 def _toml(d: dict) -> str:
     return "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())
-
-
-def sha256(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
 
 
 @dataclass

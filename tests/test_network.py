@@ -10,7 +10,7 @@ import asyncio
 import os
 
 import pytest
-from conftest import blob, http_get, relay_config, sha256
+from conftest import blob, http_get, relay_config, sha256, wait_for
 
 from onionp2p.client.client import OnionClient
 from onionp2p.errors import CircuitError, StreamError
@@ -20,15 +20,6 @@ from onionp2p.proto.directory import RelayInfo
 from onionp2p.proto.exitpolicy import ExitPolicy
 from onionp2p.proto.relaycell import EndReason, RelayCommand
 from onionp2p.proto.stream import SOURCE_HIGH_WATER
-
-
-async def wait_for(pred, timeout=10.0, what="condition"):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

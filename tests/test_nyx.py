@@ -1,6 +1,6 @@
 """nyx (the Debian package) against the testnet client's control port, in tmux (issue #5).
 
-A real ``onionp2p testnet`` (test_testnet.RunningTestnet) runs; traffic goes through its
+A real ``onionp2p testnet`` (conftest.RunningTestnet) runs; traffic goes through its
 SOCKS port; the Debian ``nyx`` command runs in a detached tmux session of fixed size with
 its own HOME, and the test reads the screen with ``tmux capture-pane``:
 
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_testnet import RunningTestnet
+from conftest import RunningTestnet
 
 pytestmark = [
     pytest.mark.slow,

@@ -9,99 +9,17 @@ for tor) talks to the relays' control ports with cookie authentication.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import signal
 import stat
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import http_get
+from conftest import close_controller, http_get
 
 from onionp2p.client.client import OnionClient
-from onionp2p.proto.directory import RelayInfo
 
 pytestmark = pytest.mark.slow
-
-
-class NodeProc:
-    """``python -m onionp2p KIND --config DIR/KIND.toml`` with ``cfg`` as its TOML table."""
-
-    def __init__(self, tmp: Path, name: str, kind: str = "relay", **cfg):
-        self.dir = tmp / name
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.name = name
-        self.kind = kind
-        table = {"nickname": name, "data_dir": ".", "log_format": "json", "log_level": "info", **cfg}
-        if kind == "relay":
-            table = {"or_address": "127.0.0.1:0", "exit_reject_private": False, "extend_allow_private": True,
-                     **table}
-        self.config = self.dir / f"{kind}.toml"
-        self.config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items()))
-        self.log = open(self.dir / "log.txt", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "onionp2p", kind, "--config", str(self.config)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-
-    def logtext(self) -> str:
-        return (self.dir / "log.txt").read_text()
-
-    def wait_line(self, pattern: str, timeout: float = 60) -> re.Match:
-        end = time.time() + timeout
-        while time.time() < end:
-            if m := re.search(pattern, self.logtext()):
-                return m
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited ({self.proc.returncode}): {self.logtext()[-3000:]}")
-            time.sleep(0.05)
-        raise AssertionError(f"{self.name}: no line matching {pattern!r}: {self.logtext()[-3000:]}")
-
-    @property
-    def control_port(self) -> int:
-        return int(self.wait_line(r"Control port at 127\.0\.0\.1:(\d+)").group(1))
-
-    @property
-    def metrics_url(self) -> str:
-        return self.wait_line(r"Metrics port at (http://127\.0\.0\.1:\d+/metrics)").group(1)
-
-    def info(self) -> RelayInfo:
-        self.wait_line(r"listening on 127\.0\.0\.1:\d+")
-        return RelayInfo.load(self.dir / "relay-info.json")
-
-    def events(self, name: str) -> list[dict]:
-        out = []
-        for line in self.logtext().splitlines():
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(ev, dict) and ev.get("event") == name:
-                out.append(ev)
-        return out
-
-    def stop(self, timeout: float = 15) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-
-@pytest.fixture
-def nodes(tmp_path):
-    started: list[NodeProc] = []
-
-    def start(name: str, kind: str = "relay", **cfg) -> NodeProc:
-        p = NodeProc(tmp_path, name, kind, **cfg)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        if p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait()
-        p.log.close()
 
 
 def stem_controller(port: int):
@@ -113,16 +31,6 @@ def stem_controller(port: int):
     # after a command's reply, so a GETCONF right after SIGNAL RELOAD could be answered stale
     controller.set_caching(False)
     return controller
-
-
-async def close_controller(controller) -> None:
-    """stem's close() joins its threads; in a daemon thread with a bound, so a stem hang
-    after a failed assertion cannot hang the test run."""
-    import threading
-
-    t = threading.Thread(target=controller.close, daemon=True)
-    t.start()
-    await asyncio.to_thread(t.join, 10)
 
 
 async def until(fn, what: str, timeout: float = 20.0):

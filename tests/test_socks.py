@@ -17,7 +17,7 @@ import socket
 import struct
 
 import pytest
-from conftest import LOOPBACK_EXIT, blob, http_get, relay_config, sha256
+from conftest import LOOPBACK_EXIT, blob, free_port, http_get, relay_config, sha256
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -526,12 +526,6 @@ async def curl(*args: str) -> tuple[int, bytes, bytes]:
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await proc.communicate()
     return proc.returncode, out, err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- server: local answers and errors (no network needed) -----------------------------------------------

@@ -10,16 +10,15 @@ import asyncio
 import hashlib
 import http.server
 import os
-import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import RunningTestnet
 
 pytestmark = pytest.mark.slow
 
@@ -36,45 +35,6 @@ def www(tmp_path_factory):
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield {"port": srv.server_address[1], "sha": hashlib.sha256(big).hexdigest(), "root": root}
     srv.shutdown()
-
-
-class RunningTestnet:
-    def __init__(self, data_dir: Path):
-        self.data_dir = data_dir
-        self.out = open(data_dir.parent / f"{data_dir.name}.out", "w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "onionp2p", "testnet", "--socks-port", "auto", "--control-port", "auto",
-             "--metrics-port", "auto", "--data-dir", str(data_dir), "--voting-interval", "4"],
-            stdout=self.out, stderr=subprocess.STDOUT)
-        self.socks = self.control = self.metrics = 0
-        end = time.time() + 150
-        while time.time() < end and not (self.socks and self.control and self.metrics):
-            text = Path(self.out.name).read_text()
-            if m := re.search(r"Metrics port at http://127\.0\.0\.1:(\d+)/metrics", text):
-                self.metrics = int(m.group(1))
-            if m := re.search(r"SOCKS5 proxy ready at 127\.0\.0\.1:(\d+)", text):
-                self.socks = int(m.group(1))
-            if m := re.search(r"Control port at 127\.0\.0\.1:(\d+)", text):
-                self.control = int(m.group(1))
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        if not self.socks:
-            self.stop()
-            raise AssertionError("testnet did not become ready:\n" + Path(self.out.name).read_text()[-3000:])
-        self.cookie = data_dir / "client" / "control_auth_cookie"
-
-    def children(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-f", str(self.data_dir)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split() if int(p) != self.proc.pid]
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(20)
-        finally:
-            self.out.close()
 
 
 @pytest.fixture(scope="module")

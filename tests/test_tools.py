@@ -15,15 +15,12 @@ import logging
 import os
 import re
 import shutil
-import struct
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import http_get, relay_config
+from conftest import RELAY_FLAGS, close_controller, http_get, socks_connect, wait_for
 
-from onionp2p.client.node import ClientNode
-from onionp2p.config import ClientConfig
 from onionp2p.control.formats import ns_entry
 from onionp2p.control.server import ControlServer
 from onionp2p.ops.circuits import render_graph, run_circuits, view_json
@@ -41,82 +38,30 @@ from onionp2p.ops.controlclient import (
 from onionp2p.ops.present import SCRUBBED
 from onionp2p.proto.control import format_event, hash_password
 from onionp2p.proto.directory import RouterStatus
-from onionp2p.proto.exitpolicy import ExitPolicy
 
 REPO = Path(__file__).resolve().parents[1]
-FLAGS = frozenset({"Exit", "Fast", "Guard", "Running", "Stable", "Valid"})
 
 
 # -- fixtures -------------------------------------------------------------------------------------
-
-@pytest.fixture
-async def exit_relays(tmp_path):
-    """Three in-process relays that are exits (policy summary accepts every port)."""
-    from onionp2p.relay.keys import RelayKeys
-    from onionp2p.relay.relay import Relay
-
-    relays = []
-    for i in range(3):
-        keys = RelayKeys.load_or_create(tmp_path / f"x{i}" / "keys")
-        relay = Relay(keys, relay_config(tmp_path / f"x{i}", exit_reject_private=False, nickname=f"node{i}", exit_policy=ExitPolicy.parse("accept *:*", reject_private=False), extend_allow_private=True))
-        await relay.start()
-        relays.append(relay)
-    yield relays
-    for relay in relays:
-        await relay.stop()
-
-
-@pytest.fixture
-async def client_node(exit_relays, tmp_path):
-    """A running ClientNode with SOCKS and a control port, two preemptive circuits built."""
-    statuses = [RouterStatus(r.info(), FLAGS, bandwidth=1000 + i) for i, r in enumerate(exit_relays)]
-    cfg = ClientConfig(client_reject_internal_addresses=False, data_dir=tmp_path / "client", socks_address=("127.0.0.1", 0), control_port=0,
-                       enforce_distinct_subnets=False, preemptive_circuits=2, log_level="warning")
-    node = ClientNode(cfg, routers=lambda: statuses)
-    await node.start(ready_timeout=30)
-    await wait_for(lambda: sum(c.state == "built" for c in node.client.circuits.values()) >= 2, what="2 circuits")
-    yield node
-    await node.stop()
-
 
 @pytest.fixture
 def target(client_node) -> ControlTarget:
     return ControlTarget(port=client_node.control_port)
 
 
-async def wait_for(pred, timeout=20.0, what="condition"):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-async def socks_connect(socks_port: int, host: str, port: int):
-    """A SOCKS5 CONNECT (no auth) through the node; returns the open (reader, writer)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", socks_port)
-    writer.write(b"\x05\x01\x00")
-    assert await reader.readexactly(2) == b"\x05\x00"
-    name = host.encode()
-    writer.write(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + struct.pack(">H", port))
-    reply = await asyncio.wait_for(reader.readexactly(10), 30)
-    assert reply[1] == 0, reply
-    return reader, writer
-
-
 @pytest.fixture
 async def open_stream(client_node, http_server):
     """A SUCCEEDED stream to the local HTTP server that stays open during the test."""
     reader, writer = await socks_connect(client_node.socks_port, "127.0.0.1", http_server.port)
-    await wait_for(lambda: any(s.status == "SUCCEEDED" for s in client_node.streams.values()), what="stream")
+    await wait_for(lambda: any(s.status == "SUCCEEDED" for s in client_node.streams.values()),
+                   timeout=20, what="stream")
     rec = next(s for s in client_node.streams.values() if s.status == "SUCCEEDED")
     # steady state: the circuit manager replaces the used circuit with a new clean one
     await wait_for(lambda: [c.state for c in client_node.client.circuits.values()] == ["built"] * 3,
-                   what="two clean circuits beside the used one")
+                   timeout=20, what="two clean circuits beside the used one")
     yield rec, reader, writer
     writer.close()
-    await wait_for(lambda: not client_node.streams, what="stream closed")
+    await wait_for(lambda: not client_node.streams, timeout=20, what="stream closed")
 
 
 def built_ids(node) -> set[int]:
@@ -151,10 +96,10 @@ def test_parse_circuit_line_with_extension_and_quotes():
 
 
 def test_parse_ns_reads_what_the_control_port_writes(exit_relays_infos):
-    statuses = [RouterStatus(info, FLAGS, bandwidth=55) for info in exit_relays_infos]
+    statuses = [RouterStatus(info, RELAY_FLAGS, bandwidth=55) for info in exit_relays_infos]
     routers = parse_ns("\n".join(ns_entry(s, 0) for s in statuses))
     assert [(r.nickname, r.fingerprint, r.address, r.or_port, r.flags, r.bandwidth) for r in routers] == [
-        (s.nickname, s.fingerprint, s.info.address, s.info.or_port, FLAGS, 55) for s in statuses]
+        (s.nickname, s.fingerprint, s.info.address, s.info.or_port, RELAY_FLAGS, 55) for s in statuses]
 
 
 @pytest.fixture
@@ -273,15 +218,15 @@ async def test_circuits_watch_follows_events(client_node, target):
 
     task = asyncio.ensure_future(run_circuits(target, watch=True, stop=stop, on_update=on_update,
                                               console=Console(file=buf, width=200, force_terminal=True)))
-    await wait_for(lambda: seen, what="first draw")
+    await wait_for(lambda: seen, timeout=20, what="first draw")
     before = built_ids(client_node)
     assert seen[0] == before
     adapter = client_node.control.node
     new_id = await adapter.extend_circuit(0, None, "general")
-    await wait_for(lambda: new_id in seen[-1], what="new circuit in the live view")
+    await wait_for(lambda: new_id in seen[-1], timeout=20, what="new circuit in the live view")
     victim = min(before)
     assert adapter.close_circuit(victim)
-    await wait_for(lambda: victim not in seen[-1], what="closed circuit gone from the live view")
+    await wait_for(lambda: victim not in seen[-1], timeout=20, what="closed circuit gone from the live view")
     stop.set()
     assert await task == 0
     text = strip_ansi(buf.getvalue())
@@ -298,10 +243,10 @@ async def test_circuits_watch_json_lines(client_node, target):
 
     task = asyncio.ensure_future(run_circuits(target, watch=True, as_json=True, out=out, stop=stop,
                                               on_update=on_update))
-    await wait_for(lambda: views, what="first line")
+    await wait_for(lambda: views, timeout=20, what="first line")
     new_id = await client_node.control.node.extend_circuit(0, None, "general")
     await wait_for(lambda: any(c["id"] == new_id and c["state"] == "BUILT" for c in views[-1]["circuits"]),
-                   what="new circuit line")
+                   timeout=20, what="new circuit line")
     stop.set()
     await task
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
@@ -371,10 +316,11 @@ async def test_circuit_bytes_from_real_traffic(client_node, target, open_stream)
             await asyncio.sleep(0.2)
         # the live view: snapshot + CIRC_BW deltas, exactly the node's counts
         await wait_for(lambda: (view.circuits[cid].bytes_read, view.circuits[cid].bytes_written) == exact,
-                       what="the live view adding up CIRC_BW events")
+                       timeout=20, what="the live view adding up CIRC_BW events")
         assert totals(view_json(view, 0)) == exact
         # stem reads our CIRC_BW events as tor's; they sum to the download
-        await wait_for(lambda: sum(e.read for e in stem_events if e.id == str(cid)) == exact[0], what="stem events")
+        await wait_for(lambda: sum(e.read for e in stem_events if e.id == str(cid)) == exact[0],
+                       timeout=20, what="stem events")
         mine = [e for e in stem_events if e.id == str(cid)]
         assert sum(e.written for e in mine) == exact[1]
         assert all(e.delivered_read == e.read and e.time is not None for e in mine)
@@ -394,8 +340,6 @@ async def test_circuit_bytes_from_real_traffic(client_node, target, open_stream)
     finally:
         pumping.cancel()
         await live.close()
-        from test_relay_control import close_controller
-
         await close_controller(controller)
 
 
@@ -472,7 +416,7 @@ async def test_top_tui_with_pilot(client_node, target, open_stream, exit_relays,
                     for c in client_node.client.circuits.values()}
 
         await wait_for(lambda: app.status.startswith("connected") and {tuple(r[:2]) for r in rows(circuits)}
-                       == node_circuits(), what="the node's circuits in the table")
+                       == node_circuits(), timeout=20, what="the node's circuits in the table")
         assert {row[0] for row in rows(relays)} == {r.nickname for r in exit_relays}
         assert [str(c) for c in streams.get_row_at(0)[:4]] == [str(rec.id), "SUCCEEDED", str(rec.circuit_id),
                                                               SCRUBBED]
@@ -482,20 +426,23 @@ async def test_top_tui_with_pilot(client_node, target, open_stream, exit_relays,
         await pilot.press("t")
         assert str(streams.get_row_at(0)[3]) == rec.target
         await pilot.pause()
-        await wait_for(lambda: rec.target in app.export_screenshot(), what="the target on screen")
+        await wait_for(lambda: rec.target in app.export_screenshot(), timeout=20, what="the target on screen")
 
         new_id = await client_node.control.node.extend_circuit(0, None, "general")
-        await wait_for(lambda: [str(new_id), "BUILT"] in [r[:2] for r in rows(circuits)], what="new circuit row")
+        await wait_for(lambda: [str(new_id), "BUILT"] in [r[:2] for r in rows(circuits)],
+                       timeout=20, what="new circuit row")
 
         logging.getLogger("onionp2p.test_tools").warning("tui log check %d", 42)
-        await wait_for(lambda: any("tui log check 42" in m.message for m in app.view.log), what="WARN event")
+        await wait_for(lambda: any("tui log check 42" in m.message for m in app.view.log),
+                       timeout=20, what="WARN event")
         assert app.log_lines >= 1
 
         body = await http_get(reader, writer, "/300000")  # traffic for the BW graph
         assert len(body) == 300000
-        await wait_for(lambda: sum(r for r, _ in app.view.bandwidth) > 300000, what="BW samples with the download")
+        await wait_for(lambda: sum(r for r, _ in app.view.bandwidth) > 300000,
+                       timeout=20, what="BW samples with the download")
         sparkline = app.query_one("#bw-read", Sparkline)
-        await wait_for(lambda: sum(sparkline.data) > 300000, what="the download in the graph")
+        await wait_for(lambda: sum(sparkline.data) > 300000, timeout=20, what="the download in the graph")
         await pilot.press("q")
     assert app.return_code == 0
 
@@ -506,6 +453,6 @@ async def test_top_reports_unreachable_port():
 
     app = TopApp(ControlTarget(port=free_port(), timeout=5))
     async with app.run_test() as pilot:
-        await wait_for(lambda: app.return_code is not None, what="app exit")
+        await wait_for(lambda: app.return_code is not None, timeout=20, what="app exit")
         await pilot.pause()
     assert app.return_code == 2

@@ -21,12 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
+from netns_helpers import sh
 
 pytestmark = pytest.mark.slow
-
-
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, check=check, timeout=30)
 
 
 @pytest.fixture

@@ -971,8 +971,7 @@ class RelayCircuit(Edge):
             self._resolving.discard(sid)
             return
         if sid in self.streams or sid in self._resolving:
-            self._originate(self.layer, _END, sid, End(EndReason.TORPROTOCOL).encode())
-            return
+            return  # "Begin cell for known stream. Dropping." (tor)
         if cmd == RelayCommand.RESOLVE:
             try:
                 hostname = Resolve.parse(data).hostname

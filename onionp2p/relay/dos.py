@@ -95,6 +95,14 @@ class DosLimits:
     def creation_limited(self) -> bool:
         return self.circuit_creation_rate > 0
 
+    @classmethod
+    def of(cls, config) -> DosLimits:
+        """The limits a :class:`~onionp2p.config.RelayConfig` sets (0 = off there too)."""
+        return cls(max_concurrent_connections=config.dos_max_concurrent_connections,
+                   circuit_creation_rate=config.dos_circuit_creation_rate,
+                   circuit_creation_burst=config.dos_circuit_creation_burst,
+                   max_mem_in_queues=config.max_mem_in_queues)
+
 
 class CreationBucket:
     """One address's circuit-creation token bucket (never below zero)."""

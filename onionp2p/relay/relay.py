@@ -58,7 +58,7 @@ from onionp2p.proto.handshake import HTYPE_NTOR, ntor_server
 from onionp2p.proto.ratelimit import TokenBucket
 from onionp2p.proto.relaycrypto import RelayCrypto
 from onionp2p.relay.circuit import OrCircuit
-from onionp2p.relay.dos import CELL_MEMORY, DosGuard, oom_victims
+from onionp2p.relay.dos import CELL_MEMORY, DosGuard, DosLimits, oom_victims
 from onionp2p.relay.exit import ExitHandler
 from onionp2p.relay.keys import RelayKeys
 
@@ -95,7 +95,7 @@ class Relay:
             self.exit_policy = self.exit_policy.rejecting([self.address])
         self.exit = ExitHandler(self.exit_policy, reject_private=cfg.exit_reject_private,
                                 known_relay=self._known_relay)
-        self.dos = DosGuard(cfg.dos_limits())
+        self.dos = DosGuard(DosLimits.of(cfg))
         # BandwidthRate/BandwidthBurst: one token bucket for every byte read on OR channels.
         self.read_bucket = TokenBucket(cfg.bandwidth_rate, cfg.effective_bandwidth_burst, now=time.monotonic())
         self._throttled: set[Channel] = set()
@@ -140,7 +140,7 @@ class Relay:
     def reconfigure(self, config: RelayConfig) -> None:
         """Apply a new configuration's live keys (bandwidth, DoS limits, extend_allow_private);
         the others take effect on restart. Raises ConfigError before changing anything."""
-        limits = config.dos_limits()
+        limits = DosLimits.of(config)
         rate, burst = config.bandwidth_rate, config.effective_bandwidth_burst
         if (rate, burst) != (self.read_bucket.rate, self.read_bucket.burst):
             self.read_bucket = TokenBucket(rate, burst, now=time.monotonic())

@@ -1,0 +1,552 @@
+"""The circuit and stream cores on their own: cells in, actions out, no sockets (specs/circuits.md).
+
+Every rule of the circuit protocol is tested here once, at the core that holds it:
+RELAY_EARLY, digests and recognition, EXTEND2 checks, flow-control windows and
+authenticated SENDMEs, which hop may say what, stream IDs, exit stream requests, END and
+DESTROY reasons, source back-pressure, timers. :class:`Wire` joins a client core and relay
+cores with real ntor handshakes and real relay crypto, carrying the cells their actions
+send from one to the next, as channels would.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from types import SimpleNamespace
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from onionp2p.proto import circuit as core
+from onionp2p.proto.cells import CellCommand, Create2, Created2, Destroy, DestroyReason, encode_fixed
+from onionp2p.proto.handshake import ntor_server
+from onionp2p.proto.relaycell import (
+    Begin,
+    Connected,
+    End,
+    EndReason,
+    Extend2,
+    LinkSpec,
+    RelayCommand,
+    Resolved,
+    ResolvedAnswer,
+    Sendme,
+    pack_relay,
+)
+from onionp2p.proto.relaycrypto import KEY_MATERIAL_LEN, RelayCrypto
+from onionp2p.proto.stream import SOURCE_HIGH_WATER, StreamState
+
+RELAY, EARLY = int(CellCommand.RELAY), int(CellCommand.RELAY_EARLY)
+
+
+def kinds(actions: list) -> list[str]:
+    return [type(a).__name__ for a in actions]
+
+
+def only(actions: list, kind) -> list:
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def cells_of(actions: list, kind=(core.Send, core.ToPrev, core.ToNext)) -> list[tuple[int, bytes]]:
+    return [(a.command, bytes(p)) for a in actions if isinstance(a, kind) for p in a.payloads]
+
+
+def run(cells: list[tuple[int, bytes]]) -> bytes:
+    return b"".join(encode_fixed(0x80000001, cmd, p) for cmd, p in cells)
+
+
+def relay_circ(**kw) -> core.RelayCircuit:
+    """A relay circuit core with random keys and a next hop (cells it cannot read go on)."""
+    c = core.RelayCircuit(RelayCrypto(os.urandom(KEY_MATERIAL_LEN)), own_rsa_id=os.urandom(20), **kw)
+    c.has_next = True
+    return c
+
+
+class FakeRelay:
+    """A relay's identity and onion key, enough for ntor (no files, no sockets)."""
+
+    def __init__(self, i: int):
+        self.nickname = f"r{i}"
+        self.rsa_id = os.urandom(20)
+        self.ed_id = os.urandom(32)
+        self.onion = X25519PrivateKey.generate()
+        self.ntor_key = self.onion.public_key().public_bytes_raw()
+        self.address, self.or_port = f"192.0.2.{i + 1}", 9001
+
+    def create(self, create2: bytes, prev_rsa_id: bytes | None = None) -> tuple[core.RelayCircuit, bytes]:
+        """Answer a CREATE2 payload: the new circuit's core and the CREATED2 payload."""
+        req = Create2.parse(create2)
+        reply, km = ntor_server(req.hdata, self.rsa_id, {self.ntor_key: self.onion})
+        circ = core.RelayCircuit(RelayCrypto(km), own_rsa_id=self.rsa_id, prev_rsa_id=prev_rsa_id,
+                                 allow_private=True, max_streams=3)
+        circ.room = 1 << 30
+        return circ, Created2(reply).encode()
+
+
+class Wire:
+    """A client core and the relay cores of its circuit, joined in memory.
+
+    Cells that an action sends are queued and delivered in order once the actions at hand
+    are done, as a network would: ``client(actions)`` carries what the client's actions
+    send, and everything that follows from it, until nothing moves, and returns the
+    client's actions other than sends; relays' actions other than cells and extends are
+    kept in ``relay_actions``.
+    """
+
+    def __init__(self, n: int = 3):
+        self.relays = [FakeRelay(i) for i in range(n)]
+        self.c = core.ClientCircuit(self.relays)
+        self.hops: list[core.RelayCircuit] = []
+        self.relay_actions: list[list] = [[] for _ in range(n)]
+        self.seen: list[list[int]] = [[] for _ in range(n)]  # commands each hop got from its side
+        self._queue: list = []
+
+    def build(self) -> list:
+        return self.client(self.c.start(0.0, 60.0))
+
+    def client(self, actions: list) -> list:
+        out: list = []
+        self._client_actions(actions, out)
+        return self._drain(out)
+
+    def relay(self, i: int, actions: list) -> list:
+        out: list = []
+        self._relay_actions(i, actions)
+        return self._drain(out)
+
+    def _drain(self, out: list) -> list:
+        while self._queue:
+            kind, i, payload = self._queue.pop(0)
+            if kind == "create":
+                hop, reply = self.relays[0].create(payload)
+                self.hops.append(hop)
+                self._client_actions(self.c.receive_cell(int(CellCommand.CREATED2), reply, 0.0), out)
+            elif kind == "forward":
+                self.seen[i] += [cmd for cmd, _p in payload]
+                self._relay_actions(i, self.hops[i].receive_forward(run(payload), 0, len(payload), 0.0))
+            elif i == 0:  # backward, to the client
+                self._client_actions(self.c.receive_relay(run(payload), 0, len(payload), 0.0), out)
+            else:
+                self._relay_actions(i - 1, self.hops[i - 1].receive_backward(run(payload), 0, len(payload), 0.0))
+        return out
+
+    def _client_actions(self, actions: list, out: list) -> None:
+        for a in actions:
+            if isinstance(a, core.Send):
+                if a.command == CellCommand.CREATE2:
+                    self._queue.append(("create", 0, a.payloads[0]))
+                elif a.command in (RELAY, EARLY):
+                    self._queue.append(("forward", 0, [(a.command, p) for p in a.payloads]))
+            else:
+                out.append(a)
+
+    def _relay_actions(self, i: int, actions: list) -> None:
+        for a in actions:
+            if isinstance(a, core.ToNext):
+                self._queue.append(("forward", i + 1, [(a.command, p) for p in a.payloads]))
+            elif isinstance(a, core.ToPrev):
+                self._queue.append(("backward", i, [(a.command, p) for p in a.payloads]))
+            elif isinstance(a, core.Extend) and i + 1 < len(self.relays):
+                nxt, reply = self.relays[i + 1].create(a.create2, self.relays[i].rsa_id)
+                self.hops.append(nxt)
+                self._relay_actions(i, self.hops[i].extend_attached())
+                self._relay_actions(i, self.hops[i].receive_cell_next(int(CellCommand.CREATED2), reply, 0.0))
+            else:
+                self.relay_actions[i].append(a)
+
+    def forward(self, i: int, cells: list) -> list:
+        """Cells arrive at hop ``i`` from the client's side (as if from hop i-1)."""
+        self._queue.append(("forward", i, cells))
+        return self._drain([])
+
+    def backward(self, i: int, cells: list) -> list:
+        """Cells arrive from hop ``i`` toward the client."""
+        self._queue.append(("backward", i, cells))
+        return self._drain([])
+
+    def originate(self, i: int, cmd: int, sid: int, data: bytes = b"") -> list:
+        """Hop ``i`` originates a cell toward the client under its own layer."""
+        return self.relay(i, self.hops[i].send_back(cmd, sid, data))
+
+    def open_stream(self) -> int:
+        """BEGIN to the exit, answered CONNECTED."""
+        sid, actions = self.c.open_stream(int(RelayCommand.BEGIN), Begin("example.com", 80).encode())
+        assert self.client(actions) == []
+        (begin,) = only(self.relay_actions[-1], core.ExitBegin)
+        self.relay_actions[-1].clear()
+        assert begin.stream_id == sid and begin.begin.host == "example.com"
+        got = self.relay(len(self.hops) - 1, self.hops[-1].exit_connected(sid, Connected(None).encode()))
+        assert kinds(got) == ["StreamConnected"]
+        return sid
+
+
+@pytest.fixture
+def wire() -> Wire:
+    w = Wire()
+    got = w.build()
+    assert kinds(got) == ["SetTimer", "HopAdded", "HopAdded", "HopAdded", "Built"]
+    assert w.c.state == "built" and len(w.hops) == 3
+    return w
+
+
+# -- building -------------------------------------------------------------------------------------
+
+
+def test_build_with_extend_and_handshakes(wire):
+    assert [h.has_next for h in wire.hops] == [True, True, False]
+    # the first EXTEND2 was recognized at hop 0, the second passed through it to hop 1
+    assert wire.seen[0][:2] == [EARLY, EARLY] and wire.seen[1][:1] == [EARLY]
+
+
+def test_build_times_out():
+    w = Wire()
+    actions = w.c.start(10.0, 5.0)
+    assert only(actions, core.SetTimer)[0].deadline == 15.0
+    assert w.c.on_timer(14.9) == []
+    (closed,) = w.c.on_timer(15.0)
+    assert isinstance(closed, core.Closed) and closed.reason == "TIMEOUT" and closed.failed and closed.destroy
+
+
+def test_unexpected_created2_and_bad_handshake_close_with_protocol():
+    w = Wire()
+    w.c.start(0.0, 60.0)
+    (closed,) = w.c.receive_cell(int(CellCommand.CREATED2), Created2(os.urandom(64)).encode(), 0.0)
+    assert closed.reason == "PROTOCOL" and closed.failed  # AUTH does not verify
+    w = Wire()
+    w.build()
+    (closed,) = w.c.receive_cell(int(CellCommand.CREATED2), Created2(os.urandom(64)).encode(), 0.0)
+    assert closed.reason == "PROTOCOL" and not closed.failed  # nobody asked for it
+
+
+# -- RELAY_EARLY ---------------------------------------------------------------------------------------
+
+
+def test_client_sends_relay_early_for_the_first_8_cells_past_the_first_hop(wire):
+    sid = wire.open_stream()
+    for _ in range(10):
+        wire.client(wire.c.stream_write(sid, b"x" * 498))
+    # hop k sees RELAY_EARLY for exactly its first 8 - k cells
+    for k, cmds in enumerate(wire.seen):
+        assert cmds[:8 - k] == [EARLY] * (8 - k) and EARLY not in cmds[8 - k:], (k, cmds)
+    # cells to the first hop itself do not use the budget (none is left anyway now)
+    assert cells_of(wire.c.send_relay(int(RelayCommand.DROP), 0, hop=0))[0][0] == RELAY
+
+
+def test_extend2_needs_a_relay_early_cell_left():
+    w = Wire(2)
+    w.build()
+    w.c._early_left = 0
+    with pytest.raises(Exception, match="RELAY_EARLY"):
+        w.c.send_relay(int(RelayCommand.EXTEND2), 0, b"", hop=1)
+
+
+def test_relay_counts_relay_early_and_rejects_the_ninth_and_any_toward_the_client():
+    circ = relay_circ()
+    noise = [(EARLY, os.urandom(509)) for _ in range(9)]
+    got = circ.receive_forward(run(noise), 0, 9, 0.0)
+    assert len(cells_of(got)) == 8 and circ.closed  # eight passed on, the ninth destroys
+    assert only(got, core.Destroyed)[0].destroy == DestroyReason.PROTOCOL
+    circ = relay_circ()
+    got = circ.receive_backward(run([(RELAY, os.urandom(509)), (EARLY, os.urandom(509))]), 0, 2, 0.0)
+    assert len(cells_of(got)) == 1 and circ.closed
+
+
+def test_extend2_must_come_in_relay_early(wire):
+    cell = wire.c.crypto.originate(pack_relay(RelayCommand.EXTEND2, 0, b"\0"), 2)[0]
+    got = wire.forward(0, [(RELAY, cell)])
+    assert wire.hops[2].closed and got == []
+    (destroyed,) = only(wire.relay_actions[2], core.Destroyed)
+    assert destroyed.destroy == DestroyReason.PROTOCOL and "RELAY_EARLY" in destroyed.message
+
+
+# -- recognition and digests -----------------------------------------------------------------------------
+
+
+def test_unrecognized_cell_at_the_last_hop_destroys_the_circuit(wire):
+    wire.forward(2, [(RELAY, os.urandom(509))])
+    assert wire.hops[2].closed
+    assert only(wire.relay_actions[2], core.Destroyed)[0].destroy == DestroyReason.PROTOCOL
+
+
+def test_client_closes_on_a_cell_no_hop_recognizes(wire):
+    got = wire.backward(0, [(RELAY, os.urandom(509))])
+    assert kinds(got) == ["Closed"] and got[0].reason == "PROTOCOL" and got[0].destroy
+
+
+# -- EXTEND2 at a relay ----------------------------------------------------------------------------
+
+
+def extend2(target: FakeRelay, *, rsa: bytes | None = None, ed: bytes | None = None,
+            address: str | None = None) -> bytes:
+    specs = [LinkSpec.legacy_id(target.rsa_id if rsa is None else rsa),
+             LinkSpec.ed25519_id(target.ed_id if ed is None else ed)]
+    if address != "":
+        specs.insert(0, LinkSpec.ipv4(address or target.address, 9001))
+    return Extend2(tuple(specs), 2, os.urandom(84)).encode()
+
+
+@pytest.mark.parametrize("case", ["self", "previous", "zero_rsa", "zero_ed", "private", "no_address"])
+def test_extend2_checks(case):
+    w = Wire(1)  # a 1-hop circuit; its hop is asked to extend to ``target``
+    w.build()
+    hop, target = w.hops[0], FakeRelay(7)
+    hop.prev_rsa_id = os.urandom(20)
+    hop.allow_private = case != "private"
+    body = extend2(target, rsa={"self": w.relays[0].rsa_id, "previous": hop.prev_rsa_id,
+                                "zero_rsa": bytes(20)}.get(case),
+                   ed=bytes(32) if case == "zero_ed" else None,
+                   address={"private": "10.0.0.1", "no_address": ""}.get(case))
+    w.client(w.c.send_relay(int(RelayCommand.EXTEND2), 0, body))
+    assert hop.closed and not only(w.relay_actions[0], core.Extend)
+    assert only(w.relay_actions[0], core.Destroyed)[0].destroy == DestroyReason.PROTOCOL
+
+
+def test_extend_asks_for_a_timer_and_gives_up_with_connectfailed():
+    w = Wire(1)
+    w.build()
+    hop, target = w.hops[0], FakeRelay(7)
+    w.client(w.c.send_relay(int(RelayCommand.EXTEND2), 0, extend2(target)))
+    ext, timer = w.relay_actions[0]
+    assert isinstance(ext, core.Extend) and (ext.host, ext.port, ext.rsa_id) == (target.address, 9001, target.rsa_id)
+    assert isinstance(timer, core.SetTimer) and timer.deadline == core.EXTEND_TIMEOUT
+    assert hop.on_timer(core.EXTEND_TIMEOUT - 1) == []
+    got = hop.on_timer(core.EXTEND_TIMEOUT)
+    assert kinds(got) == ["Destroyed"] and got[0].destroy == DestroyReason.CONNECTFAILED
+    # the channel could not be had
+    w = Wire(1)
+    w.build()
+    w.client(w.c.send_relay(int(RelayCommand.EXTEND2), 0, extend2(target)))
+    assert w.hops[0].extend_failed("refused")[-1].destroy == DestroyReason.CONNECTFAILED
+    # a CREATED2 nobody asked for
+    got = relay_circ().receive_cell_next(int(CellCommand.CREATED2), Created2(b"x").encode(), 0.0)
+    assert only(got, core.Destroyed)[0].destroy == DestroyReason.PROTOCOL
+
+
+def test_truncate_detaches_the_next_hop_and_answers_truncated(wire):
+    got = wire.client(wire.c.send_relay(int(RelayCommand.TRUNCATE), 0, b"", hop=1))
+    assert only(wire.relay_actions[1], core.DetachNext)[0].reason == DestroyReason.REQUESTED
+    assert not wire.hops[1].has_next
+    (closed,) = only(got, core.Closed)  # the client tears down a truncated circuit
+    assert closed.reason == "REQUESTED" and closed.destroy
+
+
+# -- DESTROY reasons --------------------------------------------------------------------------------------
+
+
+def test_destroy_reasons_at_a_relay():
+    # from the client side: told to the next hop as DESTROYED, nothing back
+    got = relay_circ().receive_cell_prev(int(CellCommand.DESTROY), Destroy(DestroyReason.FINISHED).encode(), 0.0)
+    assert kinds(got) == ["DetachNext", "Destroyed"]
+    assert got[0].reason == DestroyReason.DESTROYED and got[1].destroy is None
+    # from the next hop: the client hears DESTROYED (the remote reason is not copied)
+    got = relay_circ().receive_cell_next(int(CellCommand.DESTROY), Destroy(DestroyReason.FINISHED).encode(), 0.0)
+    assert got[0].reason is None and got[-1].destroy == DestroyReason.DESTROYED
+    # a channel that closed: hidden as DESTROYED; a reason decided here goes as is
+    assert relay_circ().channel_closed(prev=False)[-1].destroy == DestroyReason.DESTROYED
+    assert relay_circ().destroy(DestroyReason.RESOURCELIMIT)[-1].destroy == DestroyReason.RESOURCELIMIT
+    assert relay_circ().channel_closed(prev=True)[-1].destroy is None
+
+
+def test_client_destroy_says_none_and_keeps_the_reason(wire):
+    (closed,) = wire.c.destroy()
+    assert closed.destroy and closed.reason == "REQUESTED" and wire.c.state == "closed"
+    w = Wire()
+    w.build()
+    (closed,) = w.c.receive_cell(int(CellCommand.DESTROY), Destroy(DestroyReason.OR_IDENTITY).encode(), 0.0)
+    assert closed.reason == "OR_IDENTITY" and not closed.destroy
+
+
+# -- windows and SENDMEs ------------------------------------------------------------------------------------
+
+
+def test_data_and_sendmes_both_ways(wire):
+    sid = wire.open_stream()
+    data = random.Random(1).randbytes(300_000)
+    got = wire.relay(2, wire.hops[2].stream_write(sid, data))
+    assert b"".join(a.data for a in only(got, core.StreamData)) == data
+    exit_edge = wire.hops[2]
+    # the client acknowledged everything it got: the exit's windows are as if nothing was sent
+    n = -(-len(data) // 498)
+    assert exit_edge.layer.package.window == 1000 - n % 100
+    assert exit_edge.streams[sid].package.window == 500 - n % 50
+    assert wire.c.layers[2].deliver.window == 1000 - n % 100
+    # and the other way
+    wire.client(wire.c.stream_write(sid, data))
+    delivered = b"".join(a.data for a in only(wire.relay_actions[2], core.StreamData))
+    assert delivered == data
+
+
+def test_stream_window_overrun_at_the_exit_destroys(wire):
+    sid = wire.open_stream()
+    wire.hops[2].stream_sink_ready(sid, False)  # the destination stopped taking data
+    for _ in range(501):
+        wire.client(wire.c.send_relay(int(RelayCommand.DATA), sid, b"x"))
+    assert wire.hops[2].closed
+    assert only(wire.relay_actions[2], core.Destroyed)[0].destroy == DestroyReason.PROTOCOL
+
+
+def test_sendme_beyond_the_window_or_with_a_wrong_digest_destroys(wire):
+    sid = wire.open_stream()
+    wire.client(wire.c.send_relay(int(RelayCommand.SENDME), 0, Sendme(1, bytes(20)).encode()))
+    assert wire.hops[2].closed  # nothing outstanding
+    w = Wire()
+    w.build()
+    sid = w.open_stream()
+    w.client(w.c.send_relay(int(RelayCommand.SENDME), sid, b""))
+    assert w.hops[2].closed  # stream window above 500
+    w = Wire()
+    w.build()
+    sid = w.open_stream()
+    w.c._circuit_sendmes = lambda layer, digest: w.c._originate(  # an echo of a digest it never saw
+        layer, int(RelayCommand.SENDME), 0, Sendme(1, os.urandom(20)).encode()) or layer.deliver.on_sendme_sent()
+    w.relay(2, w.hops[2].stream_write(sid, b"y" * 498 * 120))
+    assert w.hops[2].closed
+    w = Wire()
+    w.build()
+    sid = w.open_stream()
+    w.c._circuit_sendmes = lambda layer, digest: w.c._originate(  # version 0: no digest
+        layer, int(RelayCommand.SENDME), 0, b"") or layer.deliver.on_sendme_sent()
+    w.relay(2, w.hops[2].stream_write(sid, b"y" * 498 * 120))
+    assert w.hops[2].closed
+
+
+def test_client_windows_are_per_hop(wire):
+    sid = wire.open_stream()
+    # a SENDME from the middle credits the middle's window, which has nothing outstanding
+    got = wire.originate(1, int(RelayCommand.SENDME), 0, Sendme(1, bytes(20)).encode())
+    assert kinds(got) == ["Closed"] and got[0].reason == "PROTOCOL"
+    w = Wire()
+    w.build()
+    sid = w.open_stream()
+    # DATA from the guard counts against the guard's deliver window, never the stream's
+    for _ in range(100):
+        w.originate(0, int(RelayCommand.DATA), sid, b"z")
+    assert w.c.layers[0].deliver.window == 1000 and w.c.layers[2].deliver.window == 1000
+    assert cells_of(w.relay_actions[0]) == []  # (its circuit SENDME went back to it)
+    assert w.c.streams[sid].deliver.window == 500
+
+
+def test_withheld_stream_sendmes_while_the_sink_is_full(wire):
+    sid = wire.open_stream()
+    wire.client(wire.c.stream_sink_ready(sid, False))
+    got = wire.relay(2, wire.hops[2].stream_write(sid, b"q" * 498 * 600))
+    assert sum(len(a.data) for a in only(got, core.StreamData)) == 498 * 500  # then the exit stops
+    assert wire.hops[2].streams[sid].package.window == 0
+    got = wire.client(wire.c.stream_sink_ready(sid, True))  # the reader caught up
+    assert sum(len(a.data) for a in only(got, core.StreamData)) == 498 * 100
+    # a sink with room counts down within one run
+    w = Wire()
+    w.build()
+    sid = w.open_stream()
+    w.c.streams[sid].sink_room = 498 * 60
+    w.relay(2, w.hops[2].stream_write(sid, b"q" * 498 * 600))
+    assert w.c.streams[sid].sink_ready is False and w.hops[2].streams[sid].package.window == 0
+
+
+def test_source_is_paused_above_the_high_water_mark_and_end_follows_the_last_byte(wire):
+    sid = wire.open_stream()
+    wire.hops[2].stream_sink_ready(sid, False)
+    big = b"s" * (SOURCE_HIGH_WATER + 500 * 498 + 1)
+    got = wire.client(wire.c.stream_write(sid, big))
+    assert kinds(got) == ["StreamPause"]
+    got = wire.client(wire.c.stream_eof(sid, EndReason.MISC))
+    assert got == [] and sid in wire.c.streams  # END waits for the buffered bytes
+    got = wire.client(wire.relay(2, wire.hops[2].stream_sink_ready(sid, True)))
+    assert "StreamResume" in kinds(got) and "StreamClosed" in kinds(got) and sid not in wire.c.streams
+    (closed,) = only(wire.relay_actions[2], core.StreamClosed)
+    assert closed.by_peer and closed.reason == EndReason.MISC
+    delivered = b"".join(a.data for a in only(wire.relay_actions[2], core.StreamData))
+    assert delivered == big
+
+
+# -- who may say what --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hop", [0, 1])
+def test_stream_cells_from_another_hop_are_dropped_and_reported(wire, hop):
+    sid = wire.open_stream()
+    for cmd, body in ((RelayCommand.DATA, b"forged"), (RelayCommand.END, bytes((6,))),
+                      (RelayCommand.CONNECTED, b""), (RelayCommand.RESOLVED, b"")):
+        got = wire.originate(hop, int(cmd), sid, body)
+        assert kinds(got) == ["Violation"] and got[0].hop == hop and got[0].command == cmd
+    assert sid in wire.c.streams and wire.c.streams[sid].bytes_received == 0 and wire.c.violations == 4
+
+
+def test_extended2_only_from_the_last_hop_while_extending():
+    w = Wire()
+    w.build()
+    got = w.originate(0, int(RelayCommand.EXTENDED2), 0, os.urandom(66))
+    assert kinds(got) == ["Violation"] and got[0].reason.startswith("EXTENDED2")
+    got = w.originate(2, int(RelayCommand.EXTENDED2), 0, os.urandom(66))
+    assert kinds(got) == ["Closed"] and got[0].reason == "PROTOCOL"  # the last hop, nothing pending
+
+
+def test_stream_commands_on_stream_zero(wire):
+    got = wire.originate(2, int(RelayCommand.DATA), 0, b"zero")
+    assert kinds(got) == ["Violation"] and got[0].reason == "stream command on stream 0"
+    wire.client(wire.c.send_relay(int(RelayCommand.DATA), 0, b"zero"))
+    assert wire.hops[2].closed  # a relay destroys the circuit
+
+
+def test_half_closed_streams_are_quiet_then_forgotten(wire):
+    sid = wire.open_stream()
+    wire.client(wire.c.stream_abort(sid))
+    assert wire.originate(2, int(RelayCommand.DATA), sid, b"late") == []  # racing our END: no violation
+    assert wire.originate(2, int(RelayCommand.END), sid, bytes((6,))) == []
+    got = wire.originate(2, int(RelayCommand.DATA), sid, b"later")
+    assert kinds(got) == ["Violation"]
+
+
+def test_stream_ids_random_start_skip_zero_and_in_use():
+    starts = {core.ClientCircuit([SimpleNamespace()])._next_sid for _ in range(20)}
+    assert len(starts) > 10
+    w = Wire(1)
+    w.build()
+    w.c._next_sid = 0xFFFF
+    a, _ = w.c.open_stream(int(RelayCommand.BEGIN), Begin("a", 1).encode())
+    w.c._next_sid = 0xFFFF
+    b, _ = w.c.open_stream(int(RelayCommand.BEGIN), Begin("a", 1).encode())
+    assert (a, b) == (0xFFFF, 1)
+
+
+# -- exit stream requests ------------------------------------------------------------------------------------
+
+
+def test_exit_requests_and_refusals(wire):
+    exit_ = wire.hops[2]
+    sid = wire.open_stream()
+    # a BEGIN for a StreamID in use is dropped, as tor drops it; the stream goes on
+    got = wire.client(wire.c.send_relay(int(RelayCommand.BEGIN), sid, Begin("x", 1).encode()))
+    assert got == [] and not only(wire.relay_actions[2], core.ExitBegin)
+    assert exit_.streams[sid].state is StreamState.OPEN and sid in wire.c.streams
+    # a malformed BEGIN: END(TORPROTOCOL)
+    s2, actions = wire.c.open_stream(int(RelayCommand.BEGIN), b"no colon\0")
+    got = wire.client(actions)
+    assert [(a.stream_id, a.reason, a.by_peer) for a in only(got, core.StreamClosed)] == [
+        (s2, EndReason.TORPROTOCOL, True)]
+    assert not only(wire.relay_actions[2], core.ExitBegin)
+    # beyond max_streams (3): END(RESOURCELIMIT)
+    for _ in range(2):
+        wire.open_stream()
+    s4, actions = wire.c.open_stream(int(RelayCommand.BEGIN), Begin("x", 1).encode())
+    got = wire.client(actions)
+    assert [(a.stream_id, a.reason, a.by_peer) for a in only(got, core.StreamClosed)] == [
+        (s4, EndReason.RESOURCELIMIT, True)]
+    # RESOLVE: answered, or refused by the shell (policy) with END
+    rid, actions = wire.c.resolve("example.com")
+    wire.client(actions)
+    (req,) = only(wire.relay_actions[2], core.ExitResolve)
+    answer = Resolved((ResolvedAnswer(4, bytes([192, 0, 2, 1]), 60),)).encode()
+    got = wire.relay(2, exit_.exit_resolved(rid, answer))
+    assert kinds(got) == ["ResolveAnswer"] and got[0].answer.answers[0].value_text() == "192.0.2.1"
+    rid2, actions = wire.c.resolve("example.org")
+    wire.client(actions)
+    got = wire.relay(2, exit_.exit_refused(rid2, End(EndReason.EXITPOLICY).encode()))
+    assert kinds(got) == ["ResolveAnswer"] and got[0].answer is None and got[0].reason == EndReason.EXITPOLICY
+    assert req.hostname == "example.com"
+
+
+def test_stream_request_at_a_middle_hop_destroys(wire):
+    cell = wire.c.crypto.originate(pack_relay(RelayCommand.BEGIN, 7, Begin("x", 1).encode()), 1)[0]
+    wire.forward(0, [(RELAY, cell)])
+    assert wire.hops[1].closed
