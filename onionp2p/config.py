@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from onionp2p.defaults import HANDSHAKE_TIMEOUT, MAX_QUEUE_CELLS, TCP_USER_TIMEOUT
 from onionp2p.errors import ConfigError
 from onionp2p.proto.address import format_hostport, parse_hostport
 from onionp2p.proto.exitpolicy import REJECT_ALL, ExitPolicy
@@ -264,13 +265,13 @@ class RelayConfig:
     metrics_port: int | None = None  #: Prometheus endpoint on 127.0.0.1 (tor's MetricsPort); None = disabled
     max_circuits_per_channel: int = 1000  #: CREATE2 beyond this on one channel: DESTROY(RESOURCELIMIT)
     max_streams_per_circuit: int = 500  #: BEGIN beyond this on one circuit: END(RESOURCELIMIT)
-    max_queue_cells: int = 2500  #: cells queued for one circuit on one channel; 0 = off
+    max_queue_cells: int = MAX_QUEUE_CELLS  #: cells queued for one circuit on one channel; 0 = off
     max_mem_in_queues: int = 256 * 1024 * 1024  #: bytes in all queues (tor: MaxMemInQueues); 0 = off
     dos_max_concurrent_connections: int = 100  #: per address (DoSConnectionMaxConcurrentCount); 0 = off
     dos_circuit_creation_rate: float = 3  #: CREATE2/s per client address (DoSCircuitCreationRate); 0 = off
     dos_circuit_creation_burst: int = 90  #: (DoSCircuitCreationBurst); 0 = off
-    handshake_timeout: int = 30  #: seconds for TLS + link handshake (cannot be turned off)
-    tcp_user_timeout: int = 60  #: seconds sent data may stay unacknowledged on an OR connection (Linux); 0 = kernel default
+    handshake_timeout: int = HANDSHAKE_TIMEOUT  #: seconds for TLS + link handshake (cannot be turned off)
+    tcp_user_timeout: int = TCP_USER_TIMEOUT  #: seconds sent data may stay unacknowledged on an OR connection (Linux); 0 = kernel default
     onion_key_lifetime_days: int = 28
     extend_allow_private: bool = False  #: allow EXTEND2 to private/loopback addresses (testnets)
     authorities: tuple[str, ...] = ()  #: directory authorities to publish to / fetch from
@@ -279,6 +280,11 @@ class RelayConfig:
     def effective_bandwidth_burst(self) -> int:
         """The burst to use: ``bandwidth_burst`` or, if unset, ``bandwidth_rate``."""
         return self.bandwidth_rate if self.bandwidth_burst is None else self.bandwidth_burst
+
+    @property
+    def tcp_liveness(self) -> int | None:
+        """``tcp_user_timeout`` with 0 (kernel defaults) as None."""
+        return self.tcp_user_timeout or None
 
     @property
     def queue_cells_bound(self) -> int:

@@ -528,3 +528,29 @@ def test_client_sendmes_are_what_the_exit_expects() -> None:
     assert exit_core.layer.package.window == 1000 - 250 + 200
     assert exit_core.streams[sid].package.window == 500 - 250 + 250
 
+
+
+# -- the shell: an exit packages again when its blocked link drains ------------------------------------
+
+
+async def test_exit_packages_again_when_its_queue_drains() -> None:
+    """While the link toward the client is blocked, an exit stream packages at most
+    RELAY_QUEUE_ROOM cells into the circuit's queue and stops; when the link drains, the
+    channel tells the circuit and the stream goes on by itself (no SENDME is due)."""
+    from onionp2p.relay.circuit import OrCircuit
+
+    (k,) = keys(24, 1)
+    prev, transport = open_channel()
+    relay = SimpleNamespace(keys=SimpleNamespace(rsa_id_digest=bytes(20)), exit=None,
+                            config=SimpleNamespace(extend_allow_private=False, max_streams_per_circuit=10),
+                            circuit_closed=lambda c, r: None)
+    circ = OrCircuit(relay, prev, 0x80000001, RelayCrypto(k))
+    circ.core.streams[3] = core.Stream(3, circ.core.layer, StreamState.OPEN)
+    circ.conns[3] = SimpleNamespace(set_reading=lambda reading: None)
+    prev.pause_writing()  # the peer stopped reading
+    circ.stream_write(3, random.Random(5).randbytes(498 * 300))
+    assert prev.queued_cells(0x80000001) == core.RELAY_QUEUE_ROOM and transport.written == []
+    prev.resume_writing()  # the link drains: the queue goes out, and then the rest
+    prev.flush()
+    written = b"".join(transport.written)
+    assert len(written) == 300 * CELL_LEN and prev.queued_cells() == 0

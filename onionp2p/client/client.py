@@ -37,6 +37,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from onionp2p.defaults import HANDSHAKE_TIMEOUT, MAX_QUEUE_CELLS
 from onionp2p.errors import CircuitError, LocalProtocolError, OnionError, StreamError
 from onionp2p.listeners import Listeners
 from onionp2p.log import get_logger
@@ -428,10 +429,9 @@ class ClientCircuit:
 class OnionClient:
     """Builds circuits through given relays and keeps one channel per first hop."""
 
-    def __init__(self, *, max_queue_cells: int = 2500, handshake_timeout: float = 30.0):
+    def __init__(self, *, max_queue_cells: int = MAX_QUEUE_CELLS, handshake_timeout: float = HANDSHAKE_TIMEOUT):
         self.circuits: dict[int, ClientCircuit] = {}
-        self.chanmgr = ChannelManager(self, handshake_timeout=handshake_timeout, max_queue_cells=max_queue_cells,
-                                      tcp_user_timeout=60.0)
+        self.chanmgr = ChannelManager(self, handshake_timeout=handshake_timeout, max_queue_cells=max_queue_cells)
         #: circuit events: ``fn(CircuitEvent)`` (launched, extended, built, failed, closed)
         self.events = Listeners("circuit event")
         #: channel events: ``fn(kind, chan)`` with kind "connected" or "closed"

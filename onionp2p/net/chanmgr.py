@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from onionp2p.defaults import HANDSHAKE_TIMEOUT, MAX_QUEUE_CELLS, TCP_USER_TIMEOUT
 from onionp2p.errors import HandshakeError
 from onionp2p.net import tls
 from onionp2p.net.channel import Channel, ChannelOwner
@@ -41,8 +42,8 @@ class ChannelManager:
     """Launch-once, reuse-after-checking, retire-on-failure channels by relay identity."""
 
     def __init__(self, owner: ChannelOwner, *, keys=None, my_addresses: Callable[[], tuple[str, ...]] = tuple,
-                 handshake_timeout: float = 30.0, max_queue_cells: int = 2500,
-                 tcp_user_timeout: float | None = None):
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, max_queue_cells: int = MAX_QUEUE_CELLS,
+                 tcp_user_timeout: float | None = TCP_USER_TIMEOUT):
         self.owner = owner
         self.keys = keys  # a relay's keys (it authenticates); None for a client
         self.my_addresses = my_addresses

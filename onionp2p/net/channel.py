@@ -47,6 +47,7 @@ import time
 from collections import deque
 from typing import Any, Protocol
 
+from onionp2p.defaults import HANDSHAKE_TIMEOUT, MAX_QUEUE_CELLS, TCP_USER_TIMEOUT
 from onionp2p.errors import OnionError, ProtocolError
 from onionp2p.log import get_logger
 from onionp2p.net import tls
@@ -61,18 +62,16 @@ from onionp2p.proto.cells import (
 )
 from onionp2p.proto.link import LinkHandshake, PeerIdentity
 
-__all__ = ["Channel", "ChannelOwner", "CLOSE_TIMEOUT", "DEFAULT_MAX_QUEUE_CELLS"]
+__all__ = ["Channel", "ChannelOwner", "CLOSE_TIMEOUT"]
 
 log = get_logger("onionp2p.channel")
 
-DEFAULT_MAX_QUEUE_CELLS = 2500  # like tor's circ_max_cell_queue_size
 #: Seconds a closing channel may take to flush (and finish TLS) before its transport is aborted.
 CLOSE_TIMEOUT = 5.0
 #: Seconds after which an idle link is probed (TCP keepalive) and after which data or
 #: probes left unacknowledged make the kernel drop it (TCP_USER_TIMEOUT, Linux): a peer
 #: cut off the network (a half-open link) is noticed within about twice this, not after
 #: TCP's default ~15 minutes of retransmissions or never. None or 0: kernel defaults.
-DEFAULT_TCP_USER_TIMEOUT = 60.0
 _COALESCE_LIMIT = 256 * 1024
 _ids = itertools.count(1)
 _HDR4 = struct.Struct(">IB")
@@ -101,10 +100,10 @@ class Channel(asyncio.Protocol):
         expected: PeerIdentity | None = None,
         peer_address: str | None = None,
         my_addresses: tuple[str, ...] = (),
-        handshake_timeout: float = 30.0,
-        max_queue_cells: int = DEFAULT_MAX_QUEUE_CELLS,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_queue_cells: int = MAX_QUEUE_CELLS,
         close_timeout: float = CLOSE_TIMEOUT,
-        tcp_user_timeout: float | None = DEFAULT_TCP_USER_TIMEOUT,
+        tcp_user_timeout: float | None = TCP_USER_TIMEOUT,
     ):
         self.id = next(_ids)
         self.owner = owner

@@ -120,8 +120,9 @@ class OrCircuit:
         self._run(self.core.channel_closed(prev))
 
     def queue_drained(self, chan: Channel) -> None:
-        """The channel wrote out what it had queued for this circuit."""
+        """The channel wrote out what it had queued for this circuit: streams package again."""
         if chan is self.prev_chan and self.core.streams and not self.core.closed:
+            self._update_room()
             self._run(self.core.pump())
 
     def send_back(self, cmd: int, stream_id: int, data: bytes = b"") -> None:
@@ -193,10 +194,15 @@ class OrCircuit:
                 self._detach_next(a.reason)
             elif t is Destroyed:
                 self._destroyed(a)
-        core = self.core
-        if core.streams:
-            chan = self.prev_chan
-            core.room = RELAY_QUEUE_ROOM - chan.queued_cells(self.prev_id) if chan.paused else _UNLIMITED
+        if self.core.streams:
+            self._update_room()
+
+    def _update_room(self) -> None:
+        """Tell the core how many more cells toward the client it may package now: any
+        number while the channel writes; while it is blocked, what is left of
+        RELAY_QUEUE_ROOM after the cells already queued for this circuit."""
+        chan = self.prev_chan
+        self.core.room = RELAY_QUEUE_ROOM - chan.queued_cells(self.prev_id) if chan.paused else _UNLIMITED
 
     def _on_timer(self) -> None:
         self._timer = None

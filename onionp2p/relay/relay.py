@@ -104,7 +104,7 @@ class Relay:
         self.chanmgr = ChannelManager(self, keys=keys, my_addresses=lambda: (self.address,),
                                       handshake_timeout=cfg.handshake_timeout,
                                       max_queue_cells=cfg.queue_cells_bound,
-                                      tcp_user_timeout=cfg.tcp_user_timeout or None)
+                                      tcp_user_timeout=cfg.tcp_liveness)
         self.circuits: set[OrCircuit] = set()
         self.stats = {"create_ok": 0, "create_failed": 0, "destroyed": 0, "throttled": 0,
                       "conn_refused": 0, "create_refused": 0, "oom_circuits_killed": 0,
@@ -157,7 +157,7 @@ class Relay:
         self._server = await loop.create_server(
             lambda: Channel(self, initiator=False, keys=self.keys, my_addresses=(self.address,),
                             max_queue_cells=cfg.queue_cells_bound, handshake_timeout=cfg.handshake_timeout,
-                            tcp_user_timeout=cfg.tcp_user_timeout or None),
+                            tcp_user_timeout=cfg.tcp_liveness),
             self.address, self.port, ssl=self._ssl_ctx, reuse_address=True,
             ssl_handshake_timeout=cfg.handshake_timeout,
         )
