@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import random
 import socket
+import time
 
 import pytest
 from conftest import blob, http_get, relay_config, wait_for
@@ -14,6 +15,7 @@ from conftest import blob, http_get, relay_config, wait_for
 from onionp2p.client.circmgr import CircuitLimitError, CircuitManager, end_reason_action
 from onionp2p.client.client import OnionClient
 from onionp2p.client.guards import GuardSet
+from onionp2p.config import ClientConfig
 from onionp2p.errors import StreamError
 from onionp2p.proto.directory import RouterStatus
 from onionp2p.proto.exitpolicy import ExitPolicy
@@ -98,8 +100,11 @@ async def env(net, tmp_path):
         client.events.add(events.append)
         guards = GuardSet(tmp_path / f"guards{len(made)}.json", rng=random.Random(11))
         kw.setdefault("preemptive", 0)
-        mgr = CircuitManager(client, net.routers, guards, enforce_distinct_subnets=False,
-                             rng=random.Random(5), **kw)
+        names = {"preemptive": "preemptive_circuits", "dirtiness": "max_circuit_dirtiness",
+                 "build_timeout": "circuit_build_timeout"}  # the manager's words -> ClientConfig keys
+        clock = kw.pop("clock", time.monotonic)
+        cfg = ClientConfig(enforce_distinct_subnets=False, **{names.get(k, k): v for k, v in kw.items()})
+        mgr = CircuitManager(client, net.routers, guards, cfg, rng=random.Random(5), clock=clock)
         made.append((mgr, client))
         return mgr, client, events
 

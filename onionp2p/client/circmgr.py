@@ -79,6 +79,7 @@ from dataclasses import dataclass
 from onionp2p.client.client import ClientCircuit, OnionClient
 from onionp2p.client.guards import GuardSet, NoGuardError
 from onionp2p.client.pathsel import NoPathError, RandomSource, can_exit_to, choose_path
+from onionp2p.config import ClientConfig
 from onionp2p.errors import CircuitError, OnionError, StreamError
 from onionp2p.log import get_logger
 from onionp2p.proto.directory import RouterStatus
@@ -170,40 +171,27 @@ class _Backoff:
 class CircuitManager:
     """Chooses, builds, shares and retires client circuits. See the module docstring."""
 
-    def __init__(
-        self,
-        client: OnionClient,
-        routers: Callable[[], Sequence[RouterStatus]],
-        guards: GuardSet,
-        *,
-        preemptive: int = 3,
-        preemptive_ports: Sequence[int] = (80, 443),
-        dirtiness: float = 600.0,
-        build_timeout: float = 60.0,
-        max_build_attempts: int = 3,
-        enforce_distinct_subnets: bool = True,
-        rng: RandomSource | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        stream_timeout: float = 15.0,
-        max_stream_attempts: int = 3,
-        max_circuits_per_isolation: int = 16,
-    ):
-        if max_build_attempts < 1 or max_stream_attempts < 1 or max_circuits_per_isolation < 1:
-            raise ValueError("attempt counts and limits must be at least 1")
+    def __init__(self, client: OnionClient, routers: Callable[[], Sequence[RouterStatus]], guards: GuardSet,
+                 config: ClientConfig | None = None, *, rng: RandomSource | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        cfg = config if config is not None else ClientConfig()
         self.client = client
         self.routers = routers
         self.guards = guards
-        self.preemptive = preemptive
-        self.preemptive_ports = tuple(preemptive_ports)
-        self.dirtiness = dirtiness
-        self.build_timeout = build_timeout
-        self.max_build_attempts = max_build_attempts
-        self.enforce_distinct_subnets = enforce_distinct_subnets
+        self.config = cfg
+        self.preemptive = cfg.preemptive_circuits
+        self.preemptive_ports = tuple(cfg.preemptive_ports)
+        self.dirtiness = float(cfg.max_circuit_dirtiness)
+        self.build_timeout = float(cfg.circuit_build_timeout)
+        self.max_build_attempts = cfg.max_build_attempts
+        self.enforce_distinct_subnets = cfg.enforce_distinct_subnets
+        self.stream_timeout = float(cfg.stream_timeout)
+        self.max_stream_attempts = cfg.max_stream_attempts
+        self.max_circuits_per_isolation = cfg.max_circuits_per_isolation
+        if self.max_build_attempts < 1 or self.max_stream_attempts < 1 or self.max_circuits_per_isolation < 1:
+            raise ValueError("attempt counts and limits must be at least 1")
         self.rng: RandomSource = rng if rng is not None else random.SystemRandom()
         self.clock = clock
-        self.stream_timeout = stream_timeout
-        self.max_stream_attempts = max_stream_attempts
-        self.max_circuits_per_isolation = max_circuits_per_isolation
         self._entries: list[_Entry] = []
         self._generation = 0
         self._failed: dict[str, tuple[float, str]] = {}  # fingerprint -> (until, position)

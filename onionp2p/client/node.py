@@ -82,14 +82,7 @@ class ClientNode:
         self.guards = GuardSet(cfg.data_dir / "guards.json", n_primary=cfg.num_primary_guards)
         if self.directory is not None:
             self.directory.dir_guards = self._directory_guards
-        self.circmgr = CircuitManager(
-            self.client, routers, self.guards,
-            preemptive=cfg.preemptive_circuits, preemptive_ports=cfg.preemptive_ports,
-            dirtiness=cfg.max_circuit_dirtiness, build_timeout=cfg.circuit_build_timeout,
-            max_build_attempts=cfg.max_build_attempts, enforce_distinct_subnets=cfg.enforce_distinct_subnets,
-            stream_timeout=cfg.stream_timeout, max_stream_attempts=cfg.max_stream_attempts,
-            max_circuits_per_isolation=cfg.max_circuits_per_isolation,
-        )
+        self.circmgr = CircuitManager(self.client, routers, self.guards, cfg)
         self.streams: dict[int, StreamRecord] = {}
         self.bootstrap = (0, "starting", "Starting")
         self.socks = None

@@ -75,12 +75,17 @@ from onionp2p.proto.relaycrypto import ClientCrypto, RelayCrypto
 from onionp2p.proto.stream import SOURCE_HIGH_WATER, SOURCE_LOW_WATER, Stream, StreamState
 
 __all__ = [
+    # the cores and what they share
+    "ClientCircuit", "RelayCircuit", "Edge", "Layer", "from_core", "extend_target_allowed",
     "MAX_RELAY_EARLY", "EXTEND_TIMEOUT", "RELAY_QUEUE_ROOM",
-    "Layer", "Edge", "ClientCircuit", "RelayCircuit", "from_core",
+    # actions: cells, timers, reports
     "Send", "ToPrev", "ToNext", "SetTimer", "Violation",
-    "HopAdded", "Built", "Closed", "StreamConnected", "StreamData", "StreamClosed", "StreamPause",
-    "StreamResume", "ResolveAnswer", "Extend", "CancelExtend", "DetachNext", "Destroyed", "ExitBegin",
-    "ExitResolve",
+    # actions at the client
+    "HopAdded", "Built", "Closed", "StreamConnected", "ResolveAnswer",
+    # actions at both edges
+    "StreamData", "StreamClosed", "StreamPause", "StreamResume",
+    # actions at a relay
+    "Extend", "CancelExtend", "DetachNext", "Destroyed", "ExitBegin", "ExitResolve",
 ]
 
 #: RELAY_EARLY cells per circuit (tor's MAX_RELAY_EARLY_CELLS_PER_CIRCUIT).

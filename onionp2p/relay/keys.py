@@ -458,21 +458,31 @@ class RelayKeys:
         return True
 
     def _refresh_signing(self, now: float, loading: bool) -> bool:
+        return self._refresh_ed_key(
+            "signing", "signing_cert", CertType.IDENTITY_V_SIGNING, self.identity, self.identity_public,
+            SIGNING_KEY_LIFETIME, SIGNING_KEY_RENEW, now, loading, include_signer=True, label="signing key")
+
+    def _refresh_ed_key(self, key_name: str, cert_name: str, cert_type: int, issuer, issuer_public: bytes,
+                        lifetime: float, renew: float, now: float, loading: bool, *,
+                        include_signer: bool, label: str) -> bool:
+        """Load (``loading``) an Ed25519 key and the certificate ``issuer`` made for it, and
+        make new ones if they are missing or due (within ``renew`` of expiry)."""
         if loading:
-            self.signing = self._load_key("signing", ed25519.Ed25519PrivateKey, "Ed25519")
-            self.signing_cert = self._load_cert("signing_cert")
-        if self.signing is not None and self._ed_cert_ok(
-                self.signing_cert, self.signing_public, self.identity_public,
-                CertType.IDENTITY_V_SIGNING, now, SIGNING_KEY_RENEW):
+            setattr(self, key_name, self._load_key(key_name, ed25519.Ed25519PrivateKey, "Ed25519"))
+            setattr(self, cert_name, self._load_cert(cert_name))
+        key = getattr(self, key_name)
+        if key is not None and self._ed_cert_ok(getattr(self, cert_name), _raw_public(key), issuer_public,
+                                                cert_type, now, renew):
             return False
-        self.signing = ed25519.Ed25519PrivateKey.generate()
-        self.signing_cert = Ed25519Cert.create(
-            CertType.IDENTITY_V_SIGNING, self.signing_public, self.identity,
-            expires_hours=expiry_hours(now + SIGNING_KEY_LIFETIME), include_signer=True)
-        self._write("signing", _pem_private(self.signing))
-        self._write("signing_cert", self.signing_cert.encode())
+        key = ed25519.Ed25519PrivateKey.generate()
+        cert = Ed25519Cert.create(cert_type, _raw_public(key), issuer, expires_hours=expiry_hours(now + lifetime),
+                                  include_signer=include_signer)
+        setattr(self, key_name, key)
+        setattr(self, cert_name, cert)
+        self._write(key_name, _pem_private(key))
+        self._write(cert_name, cert.encode())
         if not loading:
-            _log.info("renewed signing key", expires=self.signing_cert.expires_at)
+            _log.info(f"renewed {label}", expires=cert.expires_at)
         return True
 
     def _refresh_tls(self, now: float, loading: bool) -> bool:
@@ -517,20 +527,10 @@ class RelayKeys:
         return True
 
     def _refresh_link_auth(self, now: float, loading: bool) -> bool:
-        if loading:
-            self.link_auth_key = self._load_key("link_auth_key", ed25519.Ed25519PrivateKey, "Ed25519")
-            self.link_auth_cert = self._load_cert("link_auth_cert")
-        if self.link_auth_key is not None and self._ed_cert_ok(
-                self.link_auth_cert, self.link_auth_public, self.signing_public,
-                CertType.SIGNING_V_LINK_AUTH, now, LINK_CERT_RENEW):
-            return False
-        self.link_auth_key = ed25519.Ed25519PrivateKey.generate()
-        self.link_auth_cert = Ed25519Cert.create(
-            CertType.SIGNING_V_LINK_AUTH, self.link_auth_public, self.signing,
-            expires_hours=expiry_hours(now + LINK_CERT_LIFETIME), include_signer=False)
-        self._write("link_auth_key", _pem_private(self.link_auth_key))
-        self._write("link_auth_cert", self.link_auth_cert.encode())
-        return True
+        return self._refresh_ed_key(
+            "link_auth_key", "link_auth_cert", CertType.SIGNING_V_LINK_AUTH, self.signing, self.signing_public,
+            LINK_CERT_LIFETIME, LINK_CERT_RENEW, now, loading, include_signer=False,
+            label="link authentication key")
 
     # -- onion keys --------------------------------------------------------------
 
