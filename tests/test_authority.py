@@ -152,6 +152,8 @@ async def test_three_authorities_sign_one_consensus_served_over_begindir(dirnet,
 
     # The consensus is enough to build a circuit and use it.
     circ = await client.build_circuit([by_nick["r0"].info, by_nick["r1"].info, by_nick["r2"].info])
+    # the relays' descriptors say Relay=2-4 ("proto"), the consensus carries it ("pr"): ntor-v3
+    assert [layer.handshake for layer in circ.core.layers] == ["ntor-v3"] * 3
     reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
     assert sha256(await http_get(reader, writer, "/200000")) == sha256(blob(200_000))
     circ.close()

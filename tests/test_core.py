@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from onionp2p.proto import circuit as core
 from onionp2p.proto.cells import CellCommand, Create2, Created2, Destroy, DestroyReason, encode_fixed
-from onionp2p.proto.handshake import ntor_server
+from onionp2p.proto.create import answer_create2
 from onionp2p.proto.relaycell import (
     Begin,
     Connected,
@@ -72,13 +72,15 @@ class FakeRelay:
         self.onion = X25519PrivateKey.generate()
         self.ntor_key = self.onion.public_key().public_bytes_raw()
         self.address, self.or_port = f"192.0.2.{i + 1}", 9001
+        self.protocols = ""  # what it advertises: nothing, so ntor (tests set "Relay=4" for ntor-v3)
 
     def create(self, create2: bytes, prev_rsa_id: bytes | None = None) -> tuple[core.RelayCircuit, bytes]:
         """Answer a CREATE2 payload: the new circuit's core and the CREATED2 payload."""
         req = Create2.parse(create2)
-        reply, km = ntor_server(req.hdata, self.rsa_id, {self.ntor_key: self.onion})
-        circ = core.RelayCircuit(RelayCrypto(km), own_rsa_id=self.rsa_id, prev_rsa_id=prev_rsa_id,
-                                 allow_private=True, max_streams=3)
+        reply, params = answer_create2(req.htype, req.hdata, rsa_id=self.rsa_id, ed_id=self.ed_id,
+                                       onion_keys={self.ntor_key: self.onion})
+        circ = core.RelayCircuit(RelayCrypto(params.key_material), own_rsa_id=self.rsa_id,
+                                 prev_rsa_id=prev_rsa_id, allow_private=True, max_streams=3)
         circ.room = 1 << 30
         return circ, Created2(reply).encode()
 
@@ -550,3 +552,50 @@ def test_stream_request_at_a_middle_hop_destroys(wire):
     cell = wire.c.crypto.originate(pack_relay(RelayCommand.BEGIN, 7, Begin("x", 1).encode()), 1)[0]
     wire.forward(0, [(RELAY, cell)])
     assert wire.hops[1].closed
+
+
+# -- the handshake each hop gets, and its extensions --------------------------------------------------
+
+
+def test_hops_that_list_relay_4_get_ntor_v3_the_others_ntor():
+    w = Wire(3)
+    w.relays[0].protocols = "Link=4-5 Relay=2-4"
+    w.relays[2].protocols = "Relay=1-6"
+    w.relays[1].protocols = "Relay=2-3"  # no ntor-v3 here
+    w.c = core.ClientCircuit(w.relays)
+    sends = only(w.c.start(0.0, 60.0), core.Send)
+    assert Create2.parse(sends[0].payloads[0]).htype == 3
+    w.c = core.ClientCircuit(w.relays)
+    got = w.build()
+    assert kinds(got)[-1] == "Built"
+    assert [layer.handshake for layer in w.c.layers] == ["ntor-v3", "ntor", "ntor-v3"]
+    sid = w.open_stream()
+    got = w.relay(2, w.hops[2].stream_write(sid, b"over two kinds of hop"))
+    assert b"".join(a.data for a in only(got, core.StreamData)) == b"over two kinds of hop"
+
+
+def test_ntor_v3_extensions_unknown_ones_are_ignored_both_ways():
+    from onionp2p.proto import create
+    from onionp2p.proto.handshake import NtorV3Client, encode_extensions, ntor_v3_server, parse_extensions
+
+    relay = FakeRelay(0)
+    # a client message with an extension nobody knows: the relay still answers
+    client = NtorV3Client(relay.ed_id, relay.ntor_key, encode_extensions([(200, b"future"), (1, b"")]))
+    reply, params = create.answer_create2(3, client.onion_skin, rsa_id=relay.rsa_id, ed_id=relay.ed_id,
+                                          onion_keys={relay.ntor_key: relay.onion})
+    server_message, km = client.complete(reply)
+    assert params.handshake == "ntor-v3" and params.key_material == km
+    assert parse_extensions(server_message) == []
+    # a server message with an extension the client does not know: ignored
+    relay.protocols = "Relay=4"
+    hs = create.HopHandshake(relay)
+    reply, _cm, km = ntor_v3_server(hs.onion_skin, relay.ed_id, {relay.ntor_key: relay.onion},
+                                    encode_extensions([(201, b"x" * 10)]))
+    assert hs.complete(reply).key_material == km
+    # an unknown handshake type, a malformed client message: refused
+    with pytest.raises(Exception, match="unsupported handshake type"):
+        create.answer_create2(7, b"", rsa_id=relay.rsa_id, ed_id=relay.ed_id, onion_keys={})
+    bad = NtorV3Client(relay.ed_id, relay.ntor_key, b"\x02\x01")  # says two extensions, has half of one
+    with pytest.raises(Exception, match="client message"):
+        create.answer_create2(3, bad.onion_skin, rsa_id=relay.rsa_id, ed_id=relay.ed_id,
+                              onion_keys={relay.ntor_key: relay.onion})

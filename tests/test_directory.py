@@ -482,3 +482,22 @@ async def test_dirserver_strictness():
             await fetch("127.0.0.1", port, "/a")
     finally:
         await srv.stop()
+
+
+def test_proto_lines_in_descriptors_and_consensus_entries(keys_a):
+    desc = make_desc(keys_a, protocols="FlowCtrl=1 Link=4-5 Relay=2-4")
+    assert "\nproto FlowCtrl=1 Link=4-5 Relay=2-4\n" in desc.text
+    again = ServerDescriptor.parse(desc.text)
+    assert again.protocols == desc.protocols and again.relay_info().supports("Relay", 4)
+    entry = RouterEntry.from_descriptor(desc, ["Running", "Valid"], 100)
+    lines = entry.lines()
+    assert "pr FlowCtrl=1 Link=4-5 Relay=2-4" in lines
+    assert entry.status().info.supports("Link", 5)
+    # not canonical, or malformed: refused (they come from the network)
+    for bad in ("Relay=2-4 Link=4-5", "Relay=4-2", "Relay=2,3,4"):
+        text = desc.text.replace("proto FlowCtrl=1 Link=4-5 Relay=2-4", f"proto {bad}")
+        with pytest.raises(ProtocolError):
+            ServerDescriptor.parse(text)
+    # no proto line at all: an older descriptor, nothing advertised
+    plain = make_desc(keys_a)
+    assert "\nproto " not in plain.text and not plain.relay_info().supports("Relay", 4)

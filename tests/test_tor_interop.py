@@ -96,6 +96,7 @@ async def test_directory_is_verified_and_complete(tor_network):
         assert ("Exit" in st.flags) == node.exit
         assert st.info.exit_policy == ("accept 1-65535" if node.exit else "reject 1-65535")
         assert len(st.info.ed_id) == 32 and len(st.info.ntor_key) == 32
+        assert st.info.supports("Relay", 4) and st.info.supports("Link", 5)  # from the "pr" line
     # every authority signed, and each signature verified
     auth = net.authorities[0]
     certs = parse_key_certificates(await fetch("127.0.0.1", auth.dir_port, "/tor/keys/all"))
@@ -112,6 +113,8 @@ async def test_three_hop_circuits_carry_5mb_through_each_tor_exit(tor_network, h
     try:
         async def one(exit_name):
             circ = await client.build_circuit(_path(statuses, exit_name=exit_name), timeout=60)
+            # tor relays list Relay=4: every hop was added with ntor-v3
+            assert [layer.handshake for layer in circ.core.layers] == ["ntor-v3"] * 3
             reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
             body = await http_get(reader, writer, f"/{MB5}")
             circ.close()

@@ -40,6 +40,7 @@ from onionp2p import __version__
 from onionp2p.dir.server import DirServer, HttpRequest, HttpResponse, fetch, http_request
 from onionp2p.errors import OnionError, ProtocolError
 from onionp2p.log import get_logger
+from onionp2p.proto import protover
 from onionp2p.proto.directory import (
     CLOCK_SKEW,
     MAX_CONSENSUS_SIZE,
@@ -353,7 +354,8 @@ class RelayDirectory(_ConsensusHolder):
         return ServerDescriptor.create(
             relay.keys, nickname=relay.nickname, address=relay.address, or_port=relay.port,
             exit_policy=relay.exit_policy, published=max(int(self.now()), last + 1), bandwidth=self.bandwidth,
-            platform=f"onionp2p {__version__}", family=self.family, contact=self.contact, dir_server=True)
+            platform=f"onionp2p {__version__}", family=self.family, contact=self.contact, dir_server=True,
+            protocols=protover.SUPPORTED)
 
     async def _upload(self, auth: DirAuthority, desc: ServerDescriptor) -> bool:
         try:

@@ -59,6 +59,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from onionp2p.dir.server import fetch
 from onionp2p.errors import CertificateError, ConfigError, OnionError, ProtocolError
+from onionp2p.proto import protover
 from onionp2p.proto.directory import ConsensusError, RelayInfo, RouterStatus, parse_time
 from onionp2p.proto.exitpolicy import ExitPolicy
 
@@ -375,6 +376,7 @@ class ConsensusEntry:
     microdesc_digest: bytes
     flags: frozenset[str]
     bandwidth: int
+    protocols: str = ""  # the "pr" line: subprotocol versions the relay implements
 
 
 @dataclass(frozen=True)
@@ -407,6 +409,9 @@ def _router(items: list[_Item]) -> ConsensusEntry:
     m = _one(items, "m", what)
     s = _one(items, "s", what)
     w = _one(items, "w", what, required=False)
+    pr = _one(items, "pr", what, required=False)
+    protocols = " ".join(pr.args) if pr else ""
+    protover.parse(protocols)  # ProtocolError if malformed
     if not m.args:
         raise ProtocolError(f"{what}: empty 'm' line")
     bandwidth = dict(kv.partition("=")[::2] for kv in w.args).get("Bandwidth", "0") if w else "0"
@@ -414,7 +419,7 @@ def _router(items: list[_Item]) -> ConsensusEntry:
         raise ProtocolError(f"{what}: bad Bandwidth")
     return ConsensusEntry(nick, _unb64(ident, 20, f"{what} identity"), ip, int(orport),
                           _unb64(m.args[0], 32, f"{what} microdesc digest"), frozenset(s.args),
-                          int(bandwidth))
+                          int(bandwidth), protocols)
 
 
 def parse_consensus(raw: bytes) -> MicrodescConsensus:
@@ -559,7 +564,8 @@ def router_statuses(consensus: MicrodescConsensus,
         if md is None or md.ntor_key is None or md.ed_id is None:
             continue
         info = RelayInfo(nickname=e.nickname, address=e.address, or_port=e.or_port, rsa_id=e.rsa_id,
-                         ed_id=md.ed_id, ntor_key=md.ntor_key, exit_policy=md.exit_summary)
+                         ed_id=md.ed_id, ntor_key=md.ntor_key, exit_policy=md.exit_summary,
+                         protocols=e.protocols)
         out.append(RouterStatus(info, e.flags, e.bandwidth, md.family))
     return out
 

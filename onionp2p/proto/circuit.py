@@ -50,8 +50,8 @@ from collections.abc import Sequence
 
 from onionp2p.errors import DigestMismatch, LocalProtocolError, ProtocolError
 from onionp2p.proto.cells import CellCommand, Create2, Created2, Destroy, DestroyReason
+from onionp2p.proto.create import HopHandshake, HopParams
 from onionp2p.proto.flowctl import DeliverWindow, PackageWindow
-from onionp2p.proto.handshake import HTYPE_NTOR, NtorClient
 from onionp2p.proto.relaycell import (
     RELAY_DATA_MAX,
     RELAY_HEADER_LEN,
@@ -292,12 +292,14 @@ class ExitResolve(Action):
 
 class Layer:
     """The circuit windows between this edge and one other: a hop's, at the client (tor's
-    cpath layer); the circuit's own at a relay's exit edge."""
+    cpath layer); the circuit's own at a relay's exit edge. ``handshake`` says how its keys
+    were agreed ("ntor", "ntor-v3")."""
 
-    __slots__ = ("index", "package", "deliver")
+    __slots__ = ("index", "package", "deliver", "handshake")
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, handshake: str = "ntor"):
         self.index = index
+        self.handshake = handshake
         self.package = PackageWindow.circuit()
         self.deliver = DeliverWindow.circuit()
 
@@ -511,7 +513,7 @@ class ClientCircuit(Edge):
         self.violations = 0
         self.deadline: float | None = None
         self._early_left = MAX_RELAY_EARLY
-        self._handshake: NtorClient | None = None  # the hop being added
+        self._handshake: HopHandshake | None = None  # the hop being added
         self._resolves: dict[int, Layer] = {}  # RESOLVE stream ID -> the hop asked
         # streams we closed (END sent, RESOLVE given up) -> their hop: what that hop still
         # sends for them before its own END is no violation (tor's half-closed streams)
@@ -526,9 +528,8 @@ class ClientCircuit(Edge):
 
     def start(self, now: float, timeout: float) -> list:
         """Send CREATE2 to the first hop; the whole build must finish by ``now + timeout``."""
-        first = self.path[0]
-        self._handshake = NtorClient(first.rsa_id, first.ntor_key)
-        self._out.append(Send(int(CellCommand.CREATE2), [Create2(HTYPE_NTOR, self._handshake.onion_skin).encode()]))
+        hs = self._handshake = HopHandshake(self.path[0])
+        self._out.append(Send(int(CellCommand.CREATE2), [Create2(hs.htype, hs.onion_skin).encode()]))
         self.deadline = now + timeout
         self._out.append(SetTimer(self.deadline))
         return self._take()
@@ -538,11 +539,14 @@ class ClientCircuit(Edge):
             self._close("TIMEOUT", "circuit build timed out", destroy=True)
         return self._take()
 
-    def add_layer(self, key_material: bytes) -> None:
+    def add_layer(self, key_material: bytes, params: HopParams | None = None) -> None:
         """A hop's keys are agreed: its crypto layer and its windows. (The build does this;
         tests call it to set up a circuit without handshakes.)"""
         self.crypto.add_hop(key_material)
-        self.layers.append(Layer(len(self.layers)))
+        layer = Layer(len(self.layers))
+        if params is not None:
+            layer.handshake = params.handshake
+        self.layers.append(layer)
         self._out.append(HopAdded(len(self.layers) - 1))
         if len(self.layers) == len(self.path):
             self.state = "built"
@@ -550,17 +554,16 @@ class ClientCircuit(Edge):
 
     def _hop_answered(self, hdata: bytes) -> None:
         assert self._handshake is not None
-        key_material = self._handshake.complete(hdata)  # raises HandshakeError
+        params = self._handshake.complete(hdata)  # raises HandshakeError
         self._handshake = None
-        self.add_layer(key_material)
+        self.add_layer(params.key_material, params)
         if self.state == "built":
             return
         relay = self.path[len(self.layers)]
-        self._handshake = NtorClient(relay.rsa_id, relay.ntor_key)
+        hs = self._handshake = HopHandshake(relay)
         specs = (LinkSpec.ipv4(relay.address, relay.or_port), LinkSpec.legacy_id(relay.rsa_id),
                  LinkSpec.ed25519_id(relay.ed_id))
-        self._originate(self.layers[-1], _EXTEND2, 0,
-                        Extend2(specs, HTYPE_NTOR, self._handshake.onion_skin).encode())
+        self._originate(self.layers[-1], _EXTEND2, 0, Extend2(specs, hs.htype, hs.onion_skin).encode())
 
     # -- cells ------------------------------------------------------------------------------------------
 

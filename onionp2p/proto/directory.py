@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from onionp2p.errors import ConfigError, OnionError, ProtocolError
+from onionp2p.proto import protover
 from onionp2p.proto.address import format_hostport, parse_hostport
 from onionp2p.proto.certs import CertType, Ed25519Cert, RsaCrossCert, rsa_public_der
 from onionp2p.proto.exitpolicy import ExitPolicy
@@ -246,6 +247,16 @@ def _wrap(what: str, exc: Exception) -> ProtocolError:
     return exc if isinstance(exc, ProtocolError) else ProtocolError(f"{what}: {exc}")
 
 
+def _protocols(line: str) -> str:
+    """A proto line from a document, checked and in canonical form (ProtocolError if bad)."""
+    if len(line) > 1024:
+        raise ProtocolError("proto line too long")
+    canonical = protover.format_protocols(protover.parse(line))
+    if canonical != line:
+        raise ProtocolError(f"proto line {line[:60]!r} is not in canonical form")
+    return line
+
+
 # -- relay info ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RelayInfo:
@@ -258,10 +269,15 @@ class RelayInfo:
     ed_id: bytes  # Ed25519 master identity key
     ntor_key: bytes  # current X25519 onion key
     exit_policy: str = "reject 1-65535"  # policy summary (microdescriptor "p" line)
+    protocols: str = ""  # subprotocol versions it implements (proto/pr line; proto/protover.py)
 
     @property
     def fingerprint(self) -> str:
         return self.rsa_id.hex().upper()
+
+    def supports(self, name: str, version: int) -> bool:
+        """Does the relay advertise this subprotocol version (``supports("Relay", 4)``)?"""
+        return protover.supports(self.protocols, name, version)
 
     def to_dict(self) -> dict:
         return {
@@ -272,6 +288,7 @@ class RelayInfo:
             "ed25519_id": _b64(self.ed_id),
             "ntor_onion_key": _b64(self.ntor_key),
             "exit_policy": self.exit_policy,
+            "protocols": self.protocols,
         }
 
     @classmethod
@@ -288,6 +305,7 @@ class RelayInfo:
                 ed_id=_unb64(d["ed25519_id"], 32, "relay info: ed25519_id"),
                 ntor_key=_unb64(d["ntor_onion_key"], 32, "relay info: ntor_onion_key"),
                 exit_policy=str(d.get("exit_policy", "reject 1-65535")),
+                protocols=_protocols(str(d.get("protocols", ""))),
             )
         except (KeyError, ValueError, TypeError, AttributeError):
             raise ProtocolError("relay info: missing or malformed field") from None
@@ -403,6 +421,7 @@ class ServerDescriptor:
     family: tuple[str, ...] = ()
     contact: str | None = None
     dir_server: bool = False  # answers BEGIN_DIR
+    protocols: str = ""  # subprotocol versions (dir-spec "proto")
     signature: bytes = field(default=b"", repr=False)
     text: str = field(default="", repr=False, compare=False)
 
@@ -425,7 +444,7 @@ class ServerDescriptor:
 
     def relay_info(self) -> RelayInfo:
         return RelayInfo(self.nickname, self.address, self.or_port, self.rsa_id, self.ed_id,
-                         self.ntor_key, self.policy_summary)
+                         self.ntor_key, self.policy_summary, self.protocols)
 
     def _body(self) -> str:
         out = [
@@ -439,8 +458,10 @@ class ServerDescriptor:
             f"ntor-onion-key {_b64(self.ntor_key)}",
             "bandwidth {} {} {}".format(*self.bandwidth),
             f"platform {self.platform}",
-            f"published {format_time(self.published)}",
         ]
+        if self.protocols:
+            out.append(f"proto {self.protocols}")
+        out.append(f"published {format_time(self.published)}")
         if self.family:
             out.append("family " + " ".join(self.family))
         if self.contact:
@@ -455,7 +476,7 @@ class ServerDescriptor:
     def create(cls, keys, *, nickname: str, address: str, or_port: int, exit_policy: ExitPolicy,
                published: float, bandwidth: tuple[int, int, int] = (1 << 30, 1 << 30, 0),
                platform: str = "onionp2p", family: Sequence[str] = (), contact: str | None = None,
-               dir_server: bool = False) -> ServerDescriptor:
+               dir_server: bool = False, protocols: str = "") -> ServerDescriptor:
         """Build and sign a descriptor with a relay's :class:`~onionp2p.relay.keys.RelayKeys`."""
         unsigned = cls(
             nickname=nickname, address=address, or_port=or_port,
@@ -464,6 +485,7 @@ class ServerDescriptor:
             ntor_key=keys.onion_key_public, bandwidth=tuple(bandwidth), platform=platform,
             published=int(published), exit_policy=tuple(exit_policy.lines()),
             family=tuple(sorted(set(family))), contact=contact or None, dir_server=dir_server,
+            protocols=protocols,
         )
         body = unsigned._body()
         sig = _sign(keys.signing, _DESC_PERSONAL, hashlib.sha256(body.encode()).digest())
@@ -486,6 +508,7 @@ class ServerDescriptor:
             ntor = _unb64(d.take("ntor-onion-key", 1), 32, "ntor-onion-key")
             bw = tuple(_int(x, 0, 2**48, "bandwidth") for x in d.take("bandwidth", 3).split(" "))
             platform = d.take("platform")
+            protocols = _protocols(d.maybe("proto") or "")
             published = parse_time(d.take("published", 2))
             fam = d.maybe("family")
             family = tuple(fam.split(" ")) if fam is not None else ()
@@ -523,7 +546,7 @@ class ServerDescriptor:
                 raise ProtocolError(f"p line {summary[:60]!r} does not summarize the exit policy")
             desc = cls(_nick(nick), _ipv4(addr), _int(port, 1, 65535, "or-port"), rsa_der, ed, cross,
                        scert, ntor, bw, platform, published, tuple(rules), family, contact,
-                       dir_server, sig, d.text)
+                       dir_server, protocols, sig, d.text)
         except (ValueError, OnionError) as exc:
             raise _wrap(what, exc) from None
         if desc._body() != d.text[: sig_at + len("router-signature ")]:
@@ -573,6 +596,7 @@ class RouterEntry:
     platform: str
     published: int
     digest: str  # SHA-256 hex of the descriptor this entry was made from
+    protocols: str = ""  # subprotocol versions ("pr" line)
 
     @property
     def fingerprint(self) -> str:
@@ -582,11 +606,11 @@ class RouterEntry:
     def from_descriptor(cls, desc: ServerDescriptor, flags: Iterable[str], bandwidth: int) -> RouterEntry:
         return cls(desc.nickname, desc.rsa_id, desc.ed_id, desc.address, desc.or_port, desc.ntor_key,
                    frozenset(flags), bandwidth, desc.policy_summary, desc.family, desc.platform,
-                   desc.published, desc.digest)
+                   desc.published, desc.digest, desc.protocols)
 
     def status(self) -> RouterStatus:
         info = RelayInfo(self.nickname, self.address, self.or_port, self.rsa_id, self.ed_id,
-                         self.ntor_key, self.policy)
+                         self.ntor_key, self.policy, self.protocols)
         return RouterStatus(info, self.flags, self.bandwidth, self.family)
 
     def lines(self) -> list[str]:
@@ -597,7 +621,10 @@ class RouterEntry:
                f"p {self.policy}"]
         if self.family:
             out.append("f " + " ".join(self.family))
-        out += [f"v {self.platform}", f"d {format_time(self.published)} {self.digest}"]
+        out.append(f"v {self.platform}")
+        if self.protocols:
+            out.append(f"pr {self.protocols}")
+        out.append(f"d {format_time(self.published)} {self.digest}")
         return out
 
     @classmethod
@@ -620,12 +647,13 @@ class RouterEntry:
         platform = d.take("v")
         if len(platform) > 128:
             raise d.fail("platform too long")
+        protocols = _protocols(d.maybe("pr") or "")
         dd = d.take("d", 3).split(" ")
         if not _HEX64.fullmatch(dd[2]):
             raise d.fail("bad descriptor digest")
         return cls(_nick(r[0]), _fp(r[1]), _unb64(r[2], 32, "ed25519 id"), _ipv4(r[3]),
                    _int(r[4], 1, 65535, "or-port"), ntor, frozenset(flags), bw, policy, family,
-                   platform, parse_time(f"{dd[0]} {dd[1]}"), dd[2])
+                   platform, parse_time(f"{dd[0]} {dd[1]}"), dd[2], protocols)
 
 
 @dataclass(frozen=True)

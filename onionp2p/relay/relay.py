@@ -46,15 +46,16 @@ from collections import Counter
 from pathlib import Path
 
 from onionp2p.config import RelayConfig
-from onionp2p.errors import HandshakeError, ProtocolError
+from onionp2p.errors import ProtocolError
 from onionp2p.listeners import Listeners
 from onionp2p.log import get_logger
 from onionp2p.net import tls
 from onionp2p.net.chanmgr import ChannelManager
 from onionp2p.net.channel import Channel
+from onionp2p.proto import protover
 from onionp2p.proto.cells import Cell, CellCommand, Create2, Created2, Destroy, DestroyReason
+from onionp2p.proto.create import answer_create2
 from onionp2p.proto.directory import RelayInfo
-from onionp2p.proto.handshake import HTYPE_NTOR, ntor_server
 from onionp2p.proto.ratelimit import TokenBucket
 from onionp2p.proto.relaycrypto import RelayCrypto
 from onionp2p.relay.circuit import OrCircuit
@@ -183,6 +184,7 @@ class Relay:
             nickname=self.nickname, address=self.address, or_port=self.port,
             rsa_id=self.keys.rsa_id_digest, ed_id=self.keys.identity_public,
             ntor_key=self.keys.onion_key_public, exit_policy=self.exit_policy.summary(),
+            protocols=protover.SUPPORTED,
         )
 
     def _publish(self) -> None:
@@ -346,15 +348,14 @@ class Relay:
             return
         try:
             req = Create2.parse(cell.payload)
-            if req.htype != HTYPE_NTOR:
-                raise HandshakeError(f"unsupported handshake type {req.htype}")
-            reply, km = ntor_server(req.hdata, self.keys.rsa_id_digest, self.keys.onion_keys())
+            reply, params = answer_create2(req.htype, req.hdata, rsa_id=self.keys.rsa_id_digest,
+                                           ed_id=self.keys.identity_public, onion_keys=self.keys.onion_keys())
         except ProtocolError as exc:
             self.stats["create_failed"] += 1
             self._log.debug("CREATE2 refused", chan_id=chan.id, error=str(exc))  # heartbeat counts it
             chan.send_cell(cid, CellCommand.DESTROY, Destroy(DestroyReason.PROTOCOL).encode())
             return
-        circ = self.new_circuit(chan, cid, RelayCrypto(km))
+        circ = self.new_circuit(chan, cid, RelayCrypto(params.key_material))
         self.circuits.add(circ)
         self.stats["create_ok"] += 1
         chan.send_cell(cid, CellCommand.CREATED2, Created2(reply).encode())

@@ -1,0 +1,85 @@
+"""Subprotocol versions (tor's "proto" lines; dir-spec "proto", tor-spec §9). Pure.
+
+A relay says which versions of each subprotocol it implements with a line such as
+``Link=4-5 LinkAuth=3 Relay=2-4``: names, ``=``, comma-separated versions and ranges. A
+client asks a relay only for what that relay advertises (for example the ntor-v3 circuit
+handshake only where ``Relay=4`` is listed). :func:`parse` reads such a line strictly
+(bounded sizes: it comes from the network), :func:`format_protocols` writes one
+canonically, and :data:`SUPPORTED` is what onionp2p implements — the line our relays
+advertise.
+
+Versions onionp2p implements, with their meanings (tor-spec §9):
+
+* ``Link=4-5`` — 4-byte circuit IDs (4); link padding cells understood (5).
+* ``LinkAuth=3`` — Ed25519-based link authentication (AUTHENTICATE, RSA-SHA256-TLSSecret).
+* ``Relay=2-4`` — CREATE2/EXTEND2 with ntor (2); IPv6 link specifiers in EXTEND2 (3);
+  the ntor-v3 handshake with extensions (4).
+* ``FlowCtrl=1`` — authenticated SENDMEs (proposal 289).
+"""
+
+from __future__ import annotations
+
+import re
+
+from onionp2p.errors import ProtocolError
+
+__all__ = ["SUPPORTED", "parse", "format_protocols", "supports"]
+
+#: what onionp2p implements: the proto line of its relays
+SUPPORTED = "FlowCtrl=1 Link=4-5 LinkAuth=3 Relay=2-4"
+
+_NAME = re.compile(r"[A-Za-z0-9-]{1,32}")
+_MAX_VERSION = 63  # tor's limit
+_MAX_ENTRIES = 64
+
+
+def parse(line: str) -> dict[str, frozenset[int]]:
+    """``"Link=4-5 Relay=2-4"`` -> ``{"Link": {4, 5}, "Relay": {2, 3, 4}}``.
+
+    Raises:
+        ProtocolError: malformed, a version above 63, a name listed twice, too many entries.
+    """
+    out: dict[str, frozenset[int]] = {}
+    words = line.split(" ") if line else []
+    if len(words) > _MAX_ENTRIES:
+        raise ProtocolError("too many subprotocols")
+    for word in words:
+        name, eq, versions = word.partition("=")
+        if not eq or not _NAME.fullmatch(name) or name in out:
+            raise ProtocolError(f"bad subprotocol entry {word[:40]!r}")
+        found: set[int] = set()
+        for item in versions.split(",") if versions else []:
+            lo_text, dash, hi_text = item.partition("-")
+            if not lo_text.isdigit() or (dash and not hi_text.isdigit()):
+                raise ProtocolError(f"bad subprotocol versions {versions[:40]!r}")
+            lo, hi = int(lo_text), int(hi_text if dash else lo_text)
+            if not 0 <= lo <= hi <= _MAX_VERSION:
+                raise ProtocolError(f"bad subprotocol version range {item[:20]!r}")
+            found.update(range(lo, hi + 1))
+        out[name] = frozenset(found)
+    return out
+
+
+def format_protocols(protocols: dict[str, frozenset[int] | set[int]]) -> str:
+    """The canonical line: names sorted, versions as sorted ranges."""
+    words = []
+    for name in sorted(protocols):
+        versions = sorted(protocols[name])
+        ranges: list[str] = []
+        i = 0
+        while i < len(versions):
+            j = i
+            while j + 1 < len(versions) and versions[j + 1] == versions[j] + 1:
+                j += 1
+            ranges.append(str(versions[i]) if i == j else f"{versions[i]}-{versions[j]}")
+            i = j + 1
+        words.append(f"{name}={','.join(ranges)}")
+    return " ".join(words)
+
+
+def supports(line: str, name: str, version: int) -> bool:
+    """Does this proto line list ``name`` at ``version``? A malformed line supports nothing."""
+    try:
+        return version in parse(line).get(name, frozenset())
+    except ProtocolError:
+        return False
