@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""Micro-benchmark of the per-cell crypto and the ntor handshake; prints a markdown table.
+"""Micro-benchmark of the per-cell crypto and the ntor handshake; prints markdown tables.
 
-Usage: ``python tools/bench_crypto.py [cells]`` (default 20000 cells per row).
+Usage: ``python tools/bench_crypto.py [cells]`` (default 20000 cells per tor1 row; the
+CGO rows use a tenth of that, at least 200, after 100 warm-up cells so that
+long-lived pass-through keys have their POLYVAL tables, as on a busy circuit).
+A second table compares each CGO row with its tor1 counterpart.
 """
 
 from __future__ import annotations
@@ -13,12 +16,16 @@ from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from onionp2p.proto import cgo
 from onionp2p.proto.handshake import NtorClient, NtorV3Client, ntor_server, ntor_v3_server
 from onionp2p.proto.relaycrypto import ClientCrypto, RelayCrypto
 
+CGO_WARMUP = 100
 
-def _ns_per_call(fn: Callable[[], object], n: int) -> float:
-    fn()  # warm up
+
+def _ns_per_call(fn: Callable[[], object], n: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
     start = time.perf_counter_ns()
     for _ in range(n):
         fn()
@@ -80,11 +87,63 @@ def main(argv: list[str]) -> int:
     rows.append(("ntor client+server handshake", _ns_per_call(ntor_once, hs_n)))
     rows.append(("ntor v3 client+server handshake", _ns_per_call(ntor_v3_once, hs_n)))
 
-    print(f"| operation ({n} cells, {hs_n} handshakes) | ns/op | µs/op |")
+    n_cgo = max(200, n // 10)
+    cgo_rows = _cgo_rows(n_cgo)
+    rows += [(f"CGO {name}", ns) for name, ns in cgo_rows]
+
+    print(f"| operation ({n} tor1 cells, {n_cgo} CGO cells, {hs_n} handshakes) | ns/op | µs/op |")
     print("|---|---:|---:|")
     for name, ns in rows:
         print(f"| {name} | {ns:,.0f} | {ns / 1000:.2f} |")
+    print()
+    tor1 = dict(rows)
+    print("| per cell | tor1 µs | CGO µs | CGO / tor1 |")
+    print("|---|---:|---:|---:|")
+    for name, ns in cgo_rows:
+        print(f"| {name} | {tor1[name] / 1000:.2f} | {ns / 1000:.2f} | {ns / tor1[name]:.0f}× |")
     return 0
+
+
+def _cgo_rows(n: int) -> list[tuple[str, float]]:
+    """The tor1 cell rows again, with CGO (``onionp2p.proto.cgo``); same names."""
+    relay_cmd = cgo.CELL_RELAY
+    keys = [os.urandom(cgo.KEY_MATERIAL_LEN) for _ in range(3)]
+    body = bytes(cgo.RELAY_BODY_LEN)
+    rows: list[tuple[str, float]] = []
+    w = CGO_WARMUP
+
+    client = cgo.ClientCrypto()
+    for k in keys:
+        client.add_hop(k)
+    rows.append(("client originate (3 hops, to hop 2)",
+                 _ns_per_call(lambda: client.originate(body, 2, cmd=relay_cmd), n, w)))
+
+    relay = cgo.RelayCrypto(keys[0])
+    noise = os.urandom(cgo.RELAY_BODY_LEN)
+    rows.append(("relay decrypt_forward (not recognized)",
+                 _ns_per_call(lambda: relay.decrypt_forward(noise, cmd=relay_cmd), n, w)))
+    edge_client, edge_relay = cgo.ClientCrypto(), cgo.RelayCrypto(keys[1])
+    edge_client.add_hop(keys[1])
+    fwd_cells = iter([edge_client.originate(body, 0, cmd=relay_cmd)[0] for _ in range(n + w)])
+    rows.append(("relay decrypt_forward (recognized)",
+                 _ns_per_call(lambda: edge_relay.decrypt_forward(next(fwd_cells), cmd=relay_cmd), n, w)))
+    rows.append(("relay encrypt_backward",
+                 _ns_per_call(lambda: relay.encrypt_backward(noise, cmd=relay_cmd), n, w)))
+    rows.append(("relay originate_backward",
+                 _ns_per_call(lambda: relay.originate_backward(body, cmd=relay_cmd), n, w)))
+
+    relays = [cgo.RelayCrypto(k) for k in keys]
+    inbound_client = cgo.ClientCrypto()
+    for k in keys:
+        inbound_client.add_hop(k)
+    cells = []
+    for _ in range(n + w):
+        cell, _ = relays[2].originate_backward(body, cmd=relay_cmd)
+        cells.append(relays[0].encrypt_backward(relays[1].encrypt_backward(cell, cmd=relay_cmd), cmd=relay_cmd))
+    it = iter(cells)
+    rows.append(("client decrypt_inbound (3 hops, from hop 2)",
+                 _ns_per_call(lambda: inbound_client.decrypt_inbound(next(it), cmd=relay_cmd), n, w)))
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,729 @@
+"""Counter Galois Onion (CGO) relay cell crypto, proposal 359 ("Relay=6"), sans-IO.
+
+Theory of operation
+-------------------
+(Proposal 359; C tor ``src/core/crypto/relay_crypto_cgo.c``; ``specs/cgo.md``.)
+
+CGO replaces tor1's AES-CTR layers and running SHA-1 digests with a wide-block
+cipher over the whole 509-byte relay cell body, so that flipping a bit anywhere in
+a cell scrambles it all (no tagging attacks), and with per-cell rekeying (forward
+secrecy for every cell that a hop originates or recognizes). It is built in four
+layers, each one a class here:
+
+* **POLYVAL** (RFC 8452 §3), a GHASH-like universal hash over GF(2^128).
+  :class:`PolyvalKey`; :func:`polyval` for one-off use.
+* **ET**, a tweakable block cipher on one 16-byte block (LRW2 style): with the
+  keys ``KB`` (AES-128) and ``KU`` (POLYVAL) and a tweak
+  ``H[16] | cmd u8 | X_R[493]``, ``mask = POLYVAL(KU, tweak)`` and
+  ``ET(X) = AES_KB(X ^ mask) ^ mask``. :class:`ET`.
+* **PRF**, a tweakable keystream: with the keys ``K`` (AES-128) and ``B``
+  (POLYVAL) and a 16-byte input ``T``, ``IV = POLYVAL(B, T)`` with the low six bits
+  of its last byte cleared, and the output is AES-128-CTR (128-bit big-endian
+  counter) from ``IV`` (position ``t = 0``) or from ``IV + 31`` blocks (``t = 1``).
+  :class:`PRF`.
+* **UIV+**, the wide-block cipher over ``X = X_L[16] | X_R[493]`` with keys
+  ``J`` (ET keys) and ``S`` (PRF keys) and a tweak ``H | cmd``:
+  encryption is ``Y_L = ET_J(H | cmd | X_R, X_L)`` then ``Y_R = X_R ^ PRF_S(Y_L, t=0)``;
+  decryption runs it backwards. ``update(N)`` replaces ``J``, ``S`` and ``N`` by the
+  80 bytes ``PRF_S(N, t=1)``. :class:`UIV`.
+
+UIV+ resists tampering only in its *encryption* direction, so relays always
+encrypt (forward and backward alike) and clients always decrypt.
+
+**Keys.** Every hop shares 160 bytes of handshake output (ntor v3) with the client:
+80 bytes for the forward direction, then 80 for the backward one, each laid out as
+``KB[16] | KU[16] | K[16] | B[16] | N[16]`` (``J = KB|KU``, ``S = K|B``, nonce
+``N``). Each direction also keeps ``T'``, the tag of the last cell it handled,
+which starts at 16 zero bytes and is the ``H`` part of the next cell's tweak.
+:class:`CgoCrypt` is one direction of one hop.
+
+**Cell body.** The 509-byte body of a RELAY / RELAY_EARLY cell is, on every link,
+``T[16] | C[493]``, and the tweak includes the cell command byte (3 or 9), so a
+RELAY cell cannot be turned into a RELAY_EARLY one. After the last layer is
+removed the body reads (relay message format v1)::
+
+    offset  size  field
+         0    16  tag: the hop's nonce N (this is what "recognized" means)
+        16     1  relay command
+        17     2  Len (big-endian)
+        19     2  StreamID, only for BEGIN, BEGIN_DIR, CONNECTED, DATA, END,
+                  RESOLVE, RESOLVED, XOFF, XON
+     19/21   Len  Data (at most 490 bytes without a StreamID, 488 with one)
+                  then 4 zero bytes and random padding
+
+tor1's ``Recognized`` and ``Digest`` fields do not exist in this format. Encoding
+the message is the caller's business; this module only reads and writes the first
+16 bytes.
+
+**Cells.** To *originate*, a sender writes its nonce ``N`` into the tag field and
+processes the cell with its layer (the client then adds the layers of the earlier
+hops). A receiver processes the cell with its layer and compares the resulting tag
+field with its own ``N``; equal means the cell is for it. After every cell it
+originates or recognizes, a direction rekeys with ``update``: forward at both ends
+from ``N``; backward from the tag the originating relay put on the wire (which
+becomes the new input nonce). Unrecognized cells only move ``T'``.
+
+**SENDME tag.** Each originated or recognized cell yields a 16-byte tag that an
+authenticated SENDME (v1) echoes instead of tor1's 20-byte digest: the tag field
+of the cell *as it travels on the link between the target hop and the hop before
+it*, i.e. the value the target relay receives (forward) or sends (backward). C tor
+uses this choice since April 2025 (torspec#328). Every call that recognizes or
+originates a cell returns it, and ``forward_tag`` / ``backward_tag`` give the last
+one per direction, the way ``relaycrypto`` exposes its running digests.
+
+A relay does not recognize a cell that was tampered with anywhere, and the
+tampering also corrupts the next cells, because ``T'`` chains cells together. As with
+tor1, an unrecognized cell at the client or at the last hop means the circuit
+must be closed.
+
+**Performance.** AES runs in ``cryptography`` through ECB contexts that are made
+once per key: one block for ET, and the CTR keystream of the PRF is the ECB
+encryption of counter blocks (the IV changes every cell, and a new CTR context
+costs more than that). POLYVAL is pure Python over ``int``: a key that hashes more
+than a few blocks gets tables of its multiples by every nibble position (512
+entries), and an ET key used for many cells upgrades to byte tables (4096 entries,
+about 0.2 MB) for a faster pass-through path. A key used for a block or two (the
+PRF key right after a rekey) gets no tables at all.
+"""
+
+from __future__ import annotations
+
+from hmac import compare_digest as bytes_eq  # constant time
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from onionp2p.errors import DigestMismatch, LocalProtocolError, ProtocolError
+
+__all__ = [
+    "RELAY_BODY_LEN",
+    "TAG_LEN",
+    "MSG_LEN",
+    "ET_KEY_LEN",
+    "PRF_KEY_LEN",
+    "UIV_KEY_LEN",
+    "DIR_KEY_LEN",
+    "KEY_MATERIAL_LEN",
+    "CELL_RELAY",
+    "CELL_RELAY_EARLY",
+    "PolyvalKey",
+    "polyval",
+    "ET",
+    "PRF",
+    "UIV",
+    "CgoCrypt",
+    "ClientCrypto",
+    "RelayCrypto",
+    "split_key_material",
+]
+
+RELAY_BODY_LEN = 509
+TAG_LEN = 16  # the T field, the nonce, the SENDME tag
+MSG_LEN = RELAY_BODY_LEN - TAG_LEN  # 493: X_R
+BLOCK_LEN = 16
+AES_KEY_LEN = 16  # CGO with AES-128, as C tor negotiates it
+ET_KEY_LEN = AES_KEY_LEN + 16  # KB | KU
+PRF_KEY_LEN = AES_KEY_LEN + 16  # K | B
+UIV_KEY_LEN = ET_KEY_LEN + PRF_KEY_LEN  # J | S = 64
+DIR_KEY_LEN = UIV_KEY_LEN + TAG_LEN  # J | S | N = 80
+KEY_MATERIAL_LEN = 2 * DIR_KEY_LEN  # forward 80 | backward 80 = 160
+CELL_RELAY = 3
+CELL_RELAY_EARLY = 9
+PRF_T1_OFFSET = 31  # blocks: where the t=1 keystream starts
+_PRF_T0_MAX = PRF_T1_OFFSET * BLOCK_LEN  # 496
+_PRF_T1_MAX = (64 - PRF_T1_OFFSET) * BLOCK_LEN  # 528: the counter stays in the last byte
+_ZERO16 = bytes(16)
+_BYTE = [bytes((i,)) for i in range(256)]
+
+# --------------------------------------------------------------------------------------
+# POLYVAL (RFC 8452 §3)
+#
+# A block is read as a little-endian 128-bit integer whose bit i is the coefficient of
+# x^i in GF(2)[x] / (x^128 + x^127 + x^126 + x^121 + 1). POLYVAL(H, X_1..X_s) is
+# S_s where S_0 = 0 and S_j = dot(S_{j-1} ^ X_j, H), dot(a, b) = a * b * x^-128.
+# For a fixed H, w -> dot(w, H) is GF(2)-linear in w: it is the XOR, over the set bits
+# k of w, of H * x^(k-128). The tables below are XORs of those 128 values.
+
+_P = (1 << 128) | (1 << 127) | (1 << 126) | (1 << 121) | 1
+_M64 = (1 << 64) - 1
+_DIV_X = (0, _P >> 1)  # v * x^-1 = (v >> 1) ^ _DIV_X[v & 1]
+_HEX_NIBBLE = bytes.maketrans(b"0123456789abcdef", bytes(range(16)))
+_TABLELESS_BLOCKS = 4  # a key that hashes at most this many blocks in all gets no tables
+_ET_BYTE_TABLES_AFTER = 64 * 32  # blocks (64 cells) before an ET key gets byte tables
+
+
+def _mont_reduce(c: int) -> int:
+    """``c * x^-128 mod P`` for ``c`` of degree < 256 (two 64-bit Montgomery folds).
+
+    ``P`` is 1 modulo x^64, so with ``lo = c mod x^64`` the sum ``c ^ lo * P`` is
+    divisible by x^64, and ``(c ^ lo * P) / x^64 = (c >> 64) ^ lo * (x^57 + x^62 + x^63 + x^64)``.
+    """
+    lo = c & _M64
+    c = (c >> 64) ^ (lo << 57) ^ (lo << 62) ^ (lo << 63) ^ (lo << 64)
+    lo = c & _M64
+    return (c >> 64) ^ (lo << 57) ^ (lo << 62) ^ (lo << 63) ^ (lo << 64)
+
+
+def _dot_tableless(w: int, h: int) -> int:
+    """``dot(w, h)`` without tables: a nibble-wise carry-less product, then reduction."""
+    h2 = h << 1
+    h4 = h << 2
+    h8 = h << 3
+    h3 = h2 ^ h
+    h5 = h4 ^ h
+    h6 = h4 ^ h2
+    h7 = h6 ^ h
+    mult = (0, h, h2, h3, h4, h5, h6, h7, h8, h8 ^ h, h8 ^ h2, h8 ^ h3, h8 ^ h4, h8 ^ h5, h8 ^ h6, h8 ^ h7)
+    c = 0
+    for n in w.to_bytes(16, "big").hex().encode().translate(_HEX_NIBBLE):  # most significant first
+        c = (c << 4) ^ mult[n]
+    return _mont_reduce(c)
+
+
+def _nibble_tables(h: int) -> list[list[int]]:
+    """32 tables of 16: ``dot(n * x^(4q), h)`` for nibble position q and value n.
+
+    They are ordered the way ``bytes.hex()`` yields nibbles (high nibble of byte 0,
+    low nibble of byte 0, high nibble of byte 1, ...) of a little-endian block.
+    """
+    tables: list[list[int]] = [[]] * 32
+    div = _DIV_X
+    v = h
+    for q in range(31, -1, -1):  # v walks down h * x^(k-128), k = 127 .. 0
+        d = v = (v >> 1) ^ div[v & 1]  # k = 4q + 3
+        c = v = (v >> 1) ^ div[v & 1]
+        b = v = (v >> 1) ^ div[v & 1]
+        a = v = (v >> 1) ^ div[v & 1]  # k = 4q
+        ab = a ^ b
+        ac = a ^ c
+        bc = b ^ c
+        abc = ab ^ c
+        # nibble q is the low (q even) or the high (q odd) half of byte q // 2
+        tables[q ^ 1] = [0, a, b, ab, c, ac, bc, abc, d, a ^ d, b ^ d, ab ^ d, c ^ d, ac ^ d, bc ^ d, abc ^ d]
+    return tables
+
+
+def _byte_tables(nibble_tables: list[list[int]]) -> list[list[int]]:
+    """16 tables of 256 (``dot(b * x^(8i), h)``), combined from the nibble tables."""
+    return [[lo ^ hi for hi in nibble_tables[2 * i] for lo in nibble_tables[2 * i + 1]] for i in range(16)]
+
+
+def _horner_tableless(h: int, data: bytes) -> int:
+    s = 0
+    fb = int.from_bytes
+    for i in range(0, len(data), 16):
+        s = _dot_tableless(s ^ fb(data[i:i + 16], "little"), h)
+    return s
+
+
+def _horner_nibbles(tables: list[list[int]], data: bytes) -> int:
+    (A0, A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, A11, A12, A13, A14, A15, A16, A17, A18, A19, A20, A21, A22,
+     A23, A24, A25, A26, A27, A28, A29, A30, A31) = tables
+    s = 0
+    fb = int.from_bytes
+    trans = _HEX_NIBBLE
+    for i in range(0, len(data), 16):
+        (n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12, n13, n14, n15, n16, n17, n18, n19, n20, n21, n22,
+         n23, n24, n25, n26, n27, n28, n29, n30, n31) = (
+            (s ^ fb(data[i:i + 16], "little")).to_bytes(16, "little").hex().encode().translate(trans))
+        s = (A0[n0] ^ A1[n1] ^ A2[n2] ^ A3[n3] ^ A4[n4] ^ A5[n5] ^ A6[n6] ^ A7[n7] ^ A8[n8] ^ A9[n9]
+             ^ A10[n10] ^ A11[n11] ^ A12[n12] ^ A13[n13] ^ A14[n14] ^ A15[n15] ^ A16[n16] ^ A17[n17]
+             ^ A18[n18] ^ A19[n19] ^ A20[n20] ^ A21[n21] ^ A22[n22] ^ A23[n23] ^ A24[n24] ^ A25[n25]
+             ^ A26[n26] ^ A27[n27] ^ A28[n28] ^ A29[n29] ^ A30[n30] ^ A31[n31])
+    return s
+
+
+def _horner_bytes(tables: list[list[int]], data: bytes) -> int:
+    T0, T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13, T14, T15 = tables
+    s = 0
+    fb = int.from_bytes
+    for i in range(0, len(data), 16):
+        b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = (
+            (s ^ fb(data[i:i + 16], "little")).to_bytes(16, "little"))
+        s = (T0[b0] ^ T1[b1] ^ T2[b2] ^ T3[b3] ^ T4[b4] ^ T5[b5] ^ T6[b6] ^ T7[b7] ^ T8[b8] ^ T9[b9]
+             ^ T10[b10] ^ T11[b11] ^ T12[b12] ^ T13[b13] ^ T14[b14] ^ T15[b15])
+    return s
+
+
+class PolyvalKey:
+    """POLYVAL with one key ``H`` (16 bytes), for many messages.
+
+    The method is picked by use: no tables while the key has hashed at most
+    ``_TABLELESS_BLOCKS`` blocks in all, then nibble tables; with ``byte_tables_after``
+    set, byte tables once the key has hashed that many blocks.
+    """
+
+    __slots__ = ("_h", "_nibbles", "_bytes", "_used", "_upgrade_at")
+
+    def __init__(self, key: bytes, *, byte_tables_after: int | None = None) -> None:
+        if len(key) != 16:
+            raise LocalProtocolError("POLYVAL key must be 16 bytes")
+        self._h = int.from_bytes(key, "little")
+        self._nibbles: list[list[int]] | None = None
+        self._bytes: list[list[int]] | None = None
+        self._used = 0
+        self._upgrade_at = byte_tables_after
+
+    def hash_int(self, data: bytes) -> int:
+        """POLYVAL of ``data`` (zero-padded to whole blocks) as a little-endian integer."""
+        if len(data) % 16:
+            data = bytes(data) + _ZERO16[len(data) % 16:]
+        if self._bytes is not None:
+            return _horner_bytes(self._bytes, data)
+        used = self._used + len(data) // 16
+        self._used = used
+        nibbles = self._nibbles
+        if nibbles is None:
+            if used <= _TABLELESS_BLOCKS:
+                return _horner_tableless(self._h, data)
+            nibbles = self._nibbles = _nibble_tables(self._h)
+        elif self._upgrade_at is not None and used >= self._upgrade_at:
+            self._bytes = _byte_tables(nibbles)
+            self._nibbles = None
+            return _horner_bytes(self._bytes, data)
+        return _horner_nibbles(nibbles, data)
+
+    def digest(self, data: bytes) -> bytes:
+        """POLYVAL of ``data`` (zero-padded to whole blocks): 16 bytes."""
+        return self.hash_int(data).to_bytes(16, "little")
+
+
+def polyval(key: bytes, data: bytes) -> bytes:
+    """One-off POLYVAL(``key``, ``data``), ``data`` zero-padded to whole blocks."""
+    return PolyvalKey(key).digest(data)
+
+
+# --------------------------------------------------------------------------------------
+# ET, PRF, UIV+
+
+
+_ECB = modes.ECB()
+
+
+def _aes_ecb(key: bytes, encrypt: bool = True):  # -> the context's update()
+    cipher = Cipher(algorithms.AES(key), _ECB)
+    return (cipher.encryptor() if encrypt else cipher.decryptor()).update
+
+
+def _check_len(data: bytes, n: int, what: str) -> None:
+    if len(data) != n:
+        raise LocalProtocolError(f"{what} must be {n} bytes, got {len(data)}")
+
+
+class ET:
+    """The tweakable block cipher: ``KB[16] | KU[16]``, for encryption or decryption.
+
+    The tweak is ``h[16] | cmd u8 | x_r[493]``; the block is 16 bytes.
+    """
+
+    __slots__ = ("_aes", "_ku", "encrypting")
+
+    def __init__(self, key: bytes, *, encrypt: bool) -> None:
+        _check_len(key, ET_KEY_LEN, "ET key")
+        key = bytes(key)
+        self._aes = _aes_ecb(key[:AES_KEY_LEN], encrypt)
+        self._ku = PolyvalKey(key[AES_KEY_LEN:], byte_tables_after=_ET_BYTE_TABLES_AFTER)
+        self.encrypting = encrypt
+
+    def _apply(self, h: bytes, cmd: int, x_r: bytes, block: bytes) -> bytes:
+        mask = self._ku.hash_int(h + _BYTE[cmd] + x_r)
+        inner = (int.from_bytes(block, "little") ^ mask).to_bytes(16, "little")
+        return (int.from_bytes(self._aes(inner), "little") ^ mask).to_bytes(16, "little")
+
+    def encrypt(self, h: bytes, cmd: int, x_r: bytes, block: bytes) -> bytes:
+        """``AES_KB(block ^ mask) ^ mask`` with ``mask = POLYVAL(KU, h | cmd | x_r)``."""
+        if not self.encrypting:
+            raise LocalProtocolError("this ET was set up for decryption")
+        _check_tweak(h, cmd, x_r, block)
+        return self._apply(h, cmd, x_r, block)
+
+    def decrypt(self, h: bytes, cmd: int, x_r: bytes, block: bytes) -> bytes:
+        """The inverse of :meth:`encrypt` (AES decryption between the same masks)."""
+        if self.encrypting:
+            raise LocalProtocolError("this ET was set up for encryption")
+        _check_tweak(h, cmd, x_r, block)
+        return self._apply(h, cmd, x_r, block)
+
+
+def _check_tweak(h: bytes, cmd: int, x_r: bytes, block: bytes) -> None:
+    _check_len(h, 16, "tweak H")
+    _check_len(x_r, MSG_LEN, "tweak X_R")
+    _check_len(block, 16, "ET block")
+    if not isinstance(cmd, int) or not 0 <= cmd <= 255:
+        raise LocalProtocolError(f"cell command must be 0..255, got {cmd!r}")
+
+
+_T0_TAILS = [bytes(range(c, c + PRF_T1_OFFSET)) for c in (0x00, 0x40, 0x80, 0xC0)]
+
+
+class PRF:
+    """The tweakable keystream: ``K[16] | B[16]``.
+
+    ``IV = POLYVAL(B, input)`` with ``IV[15] &= 0xC0``; the keystream is AES-128-CTR under
+    ``K`` from ``IV`` (``t = 0``) or from ``IV + 31`` (``t = 1``). Clearing six bits keeps
+    the counter inside the IV's last byte for 64 blocks.
+    """
+
+    __slots__ = ("_aes", "_b")
+
+    def __init__(self, key: bytes) -> None:
+        _check_len(key, PRF_KEY_LEN, "PRF key")
+        key = bytes(key)
+        self._aes = _aes_ecb(key[:AES_KEY_LEN])
+        self._b = PolyvalKey(key[AES_KEY_LEN:])
+
+    def _iv(self, tweak: bytes) -> bytes:
+        _check_len(tweak, 16, "PRF input")
+        return (self._b.hash_int(tweak) & ~(0x3F << 120)).to_bytes(16, "little")
+
+    def xor_t0(self, tweak: bytes, data: bytes) -> bytes:
+        """``data`` XOR the ``t = 0`` keystream (at most 496 bytes; CGO uses 493)."""
+        n = len(data)
+        if n > _PRF_T0_MAX:
+            raise LocalProtocolError(f"PRF t=0 output is at most {_PRF_T0_MAX} bytes")
+        iv = self._iv(tweak)
+        counters = bytearray(iv * PRF_T1_OFFSET)
+        counters[15::16] = _T0_TAILS[iv[15] >> 6]
+        stream = int.from_bytes(self._aes(counters), "big") >> (8 * (_PRF_T0_MAX - n))
+        return (int.from_bytes(data, "big") ^ stream).to_bytes(n, "big")
+
+    def stream_t1(self, tweak: bytes, n: int) -> bytes:
+        """The first ``n`` bytes of the ``t = 1`` keystream (at most 528; CGO uses 80)."""
+        if not 0 <= n <= _PRF_T1_MAX:
+            raise LocalProtocolError(f"PRF t=1 output is at most {_PRF_T1_MAX} bytes")
+        iv = self._iv(tweak)
+        blocks = (n + 15) // 16
+        counters = bytearray(iv * blocks)
+        first = iv[15] + PRF_T1_OFFSET
+        counters[15::16] = bytes(range(first, first + blocks))
+        return self._aes(counters)[:n]
+
+
+class UIV:
+    """The UIV+ wide-block cipher over a 509-byte body: keys ``J[32] | S[32]``.
+
+    ``encrypt`` / ``decrypt`` take the tweak ``h[16]`` and the cell command; ``update``
+    rekeys from a 16-byte nonce and returns the next nonce. ``key`` is the current
+    64 bytes of key material (kept for the test vectors, which check it).
+    """
+
+    __slots__ = ("_et", "_prf", "_key", "encrypting")
+
+    def __init__(self, key: bytes, *, encrypt: bool) -> None:
+        _check_len(key, UIV_KEY_LEN, "UIV key")
+        key = bytes(key)
+        self.encrypting = encrypt
+        self._set_key(key)
+
+    def _set_key(self, key: bytes) -> None:
+        self._et = ET(key[:ET_KEY_LEN], encrypt=self.encrypting)
+        self._prf = PRF(key[ET_KEY_LEN:UIV_KEY_LEN])
+        self._key = key[:UIV_KEY_LEN]
+
+    @property
+    def key(self) -> bytes:
+        """The current ``J | S`` (64 bytes)."""
+        return self._key
+
+    def encrypt(self, h: bytes, cmd: int, body: bytes) -> bytes:
+        """``Y_L = ET(h | cmd | X_R, X_L)``, ``Y_R = X_R ^ PRF(Y_L, t=0)``."""
+        if not self.encrypting:
+            raise LocalProtocolError("this UIV was set up for decryption")
+        _check_len(body, RELAY_BODY_LEN, "UIV block")
+        x_r = body[16:]
+        y_l = self._et.encrypt(h, cmd, x_r, body[:16])
+        return y_l + self._prf.xor_t0(y_l, x_r)
+
+    def decrypt(self, h: bytes, cmd: int, body: bytes) -> bytes:
+        """``X_R = Y_R ^ PRF(Y_L, t=0)``, ``X_L = ET^-1(h | cmd | X_R, Y_L)``."""
+        if self.encrypting:
+            raise LocalProtocolError("this UIV was set up for encryption")
+        _check_len(body, RELAY_BODY_LEN, "UIV block")
+        y_l = body[:16]
+        x_r = self._prf.xor_t0(y_l, body[16:])
+        return self._et.decrypt(h, cmd, x_r, y_l) + x_r
+
+    def update(self, nonce: bytes) -> bytes:
+        """Replace ``J | S`` by the first 64 bytes of ``PRF_S(nonce, t=1)``; return the next 16."""
+        fresh = self._prf.stream_t1(nonce, DIR_KEY_LEN)
+        self._set_key(fresh[:UIV_KEY_LEN])
+        return fresh[UIV_KEY_LEN:]
+
+
+# --------------------------------------------------------------------------------------
+# Cell-level operations (one direction of one hop)
+
+
+def _check_cmd(cmd: int) -> None:
+    if not isinstance(cmd, int) or not 0 <= cmd <= 255:
+        raise LocalProtocolError(f"cell command must be 0..255, got {cmd!r}")
+
+
+def _check_body(body: bytes, local: bool) -> bytes:
+    if len(body) != RELAY_BODY_LEN:
+        error = LocalProtocolError if local else ProtocolError
+        raise error(f"relay cell body must be {RELAY_BODY_LEN} bytes, got {len(body)}")
+    return body if type(body) is bytes else bytes(body)
+
+
+class CgoCrypt:
+    """One direction of CGO between the client and one hop: keys, ``N`` and ``T'``.
+
+    ``relay`` selects UIV+ encryption (a relay) or decryption (the client). The six
+    operations are those of C tor's ``cgo_crypt_*``; each takes the cell command and
+    the 509-byte body and returns the new body (plus the SENDME tag where a cell is
+    originated or recognized). ``nonce`` and ``tprime`` are public for tests.
+    """
+
+    __slots__ = ("_uiv", "nonce", "tprime", "relay")
+
+    def __init__(self, key_material: bytes, *, relay: bool, tprime: bytes = _ZERO16) -> None:
+        _check_len(key_material, DIR_KEY_LEN, "CGO key material for one direction")
+        _check_len(tprime, TAG_LEN, "T'")
+        km = bytes(key_material)
+        self._uiv = UIV(km[:UIV_KEY_LEN], encrypt=relay)
+        self.nonce = km[UIV_KEY_LEN:]
+        self.tprime = bytes(tprime)
+        self.relay = relay
+
+    @property
+    def key(self) -> bytes:
+        """The current UIV+ keys ``J | S`` (64 bytes)."""
+        return self._uiv.key
+
+    def _need(self, relay: bool) -> None:
+        if self.relay is not relay:
+            raise LocalProtocolError("CGO operation for the other side (client/relay)")
+
+    # --- relay side (UIV+ encryption) ---
+
+    def relay_forward(self, cmd: int, body: bytes) -> tuple[bytes, bytes | None]:
+        """A cell from the client: ``(body, tag)`` if it is for us, else ``(body, None)``."""
+        self._need(True)
+        out = self._uiv.encrypt(self.tprime, cmd, body)
+        t = out[:16]
+        self.tprime = t
+        if bytes_eq(t, self.nonce):
+            self.nonce = self._uiv.update(self.nonce)
+            return out, bytes(body[:16])
+        return out, None
+
+    def relay_backward(self, cmd: int, body: bytes) -> bytes:
+        """Add our layer to a cell from a later hop, toward the client."""
+        self._need(True)
+        out = self._uiv.encrypt(self.tprime, cmd, body)
+        self.tprime = out[:16]
+        return out
+
+    def relay_originate(self, cmd: int, body: bytes) -> tuple[bytes, bytes]:
+        """Send a cell of our own toward the client: ``(body, tag)``.
+
+        The first 16 bytes of ``body`` are replaced by the nonce.
+        """
+        self._need(True)
+        out = self._uiv.encrypt(self.tprime, cmd, self.nonce + body[16:])
+        t = out[:16]
+        self.tprime = t
+        self.nonce = self._uiv.update(t)
+        return out, t
+
+    # --- client side (UIV+ decryption) ---
+
+    def client_forward(self, cmd: int, body: bytes) -> bytes:
+        """Add this hop's layer to a cell for a later hop."""
+        self._need(False)
+        out = self._uiv.decrypt(self.tprime, cmd, body)
+        self.tprime = bytes(body[:16])
+        return out
+
+    def client_originate(self, cmd: int, body: bytes) -> tuple[bytes, bytes]:
+        """Start a cell for this hop: ``(body, tag)``; the first 16 bytes are replaced."""
+        self._need(False)
+        nonce = self.nonce
+        out = self._uiv.decrypt(self.tprime, cmd, nonce + body[16:])
+        self.tprime = nonce
+        self.nonce = self._uiv.update(nonce)
+        return out, out[:16]
+
+    def client_backward(self, cmd: int, body: bytes) -> tuple[bytes, bytes | None]:
+        """Peel this hop's layer: ``(body, tag)`` if the hop originated it, else ``(body, None)``."""
+        self._need(False)
+        t = bytes(body[:16])
+        out = self._uiv.decrypt(self.tprime, cmd, body)
+        self.tprime = t
+        if bytes_eq(out[:16], self.nonce):
+            self.nonce = self._uiv.update(t)
+            return out, t
+        return out, None
+
+
+def split_key_material(key_material: bytes) -> tuple[bytes, bytes]:
+    """Split 160 bytes of handshake output into ``(forward 80, backward 80)``."""
+    if not isinstance(key_material, (bytes, bytearray, memoryview)) or len(key_material) != KEY_MATERIAL_LEN:
+        raise LocalProtocolError(f"CGO key material must be {KEY_MATERIAL_LEN} bytes")
+    km = bytes(key_material)
+    return km[:DIR_KEY_LEN], km[DIR_KEY_LEN:]
+
+
+class _Hop:
+    __slots__ = ("fwd", "bwd", "fwd_tag", "bwd_tag")
+
+    def __init__(self, key_material: bytes, relay: bool) -> None:
+        fwd, bwd = split_key_material(key_material)
+        self.fwd = CgoCrypt(fwd, relay=relay)
+        self.bwd = CgoCrypt(bwd, relay=relay)
+        self.fwd_tag: bytes | None = None
+        self.bwd_tag: bytes | None = None
+
+
+class ClientCrypto:
+    """The client's CGO crypto for one circuit: one layer per hop, hop 0 = guard.
+
+    Same roles as :class:`onionp2p.proto.relaycrypto.ClientCrypto`; every cell
+    operation also takes the cell command (``CELL_RELAY`` or ``CELL_RELAY_EARLY``),
+    which is part of the tweak.
+    """
+
+    __slots__ = ("_hops",)
+
+    def __init__(self) -> None:
+        self._hops: list[_Hop] = []
+
+    def add_hop(self, key_material: bytes) -> None:
+        """Append a hop from its 160 bytes of key material (forward 80 | backward 80)."""
+        self._hops.append(_Hop(key_material, relay=False))
+
+    def truncate(self, n_hops: int) -> None:
+        """Forget every hop past the first ``n_hops`` (after a TRUNCATED)."""
+        if not 0 <= n_hops <= len(self._hops):
+            raise LocalProtocolError(f"cannot truncate {len(self._hops)} hops to {n_hops}")
+        del self._hops[n_hops:]
+
+    @property
+    def n_hops(self) -> int:
+        """Number of hops with established keys."""
+        return len(self._hops)
+
+    def _hop(self, hop: int) -> _Hop:
+        if not isinstance(hop, int) or not 0 <= hop < len(self._hops):
+            raise LocalProtocolError(f"no hop {hop!r} (circuit has {len(self._hops)})")
+        return self._hops[hop]
+
+    def originate(self, body: bytes, hop: int, *, cmd: int) -> tuple[bytes, bytes]:
+        """Encrypt ``body`` for ``hop``; return ``(cipher, tag16)``.
+
+        Bytes 0..15 of ``body`` are ignored: the hop's nonce goes there.
+        """
+        target = self._hop(hop)
+        body = _check_body(body, local=True)
+        _check_cmd(cmd)
+        data, tag = target.fwd.client_originate(cmd, body)
+        target.fwd_tag = tag
+        hops = self._hops
+        for i in range(hop - 1, -1, -1):
+            data = hops[i].fwd.client_forward(cmd, data)
+        return data, tag
+
+    def decrypt_inbound(self, body: bytes, *, cmd: int) -> tuple[int, bytes, bytes]:
+        """Peel backward layers until a hop recognizes the cell: ``(hop, plaintext, tag16)``.
+
+        The plaintext is the whole 509-byte body (the message starts at offset 16).
+        Raises :class:`DigestMismatch` if no hop recognizes it; the circuit must then be
+        closed (every hop's ``T'`` has moved).
+        """
+        body = _check_body(body, local=False)
+        _check_cmd(cmd)
+        if not self._hops:
+            raise LocalProtocolError("circuit has no hops")
+        data = body
+        for index, h in enumerate(self._hops):
+            data, tag = h.bwd.client_backward(cmd, data)
+            if tag is not None:
+                h.bwd_tag = tag
+                return index, data, tag
+        raise DigestMismatch("inbound relay cell not recognized by any hop")
+
+    def decrypt_inbound_many(self, bodies: list, *, cmd: int) -> list[tuple[int, bytes, bytes]]:
+        """:meth:`decrypt_inbound` over consecutive cells, in order.
+
+        If some cell is recognized by no hop, :class:`DigestMismatch` is raised with
+        ``partial`` = the results of the cells before it.
+        """
+        out: list[tuple[int, bytes, bytes]] = []
+        for body in bodies:
+            try:
+                out.append(self.decrypt_inbound(body, cmd=cmd))
+            except DigestMismatch as exc:
+                exc.partial = out  # type: ignore[attr-defined]
+                raise
+        return out
+
+    def forward_tag(self, hop: int) -> bytes | None:
+        """Tag of the last cell originated toward ``hop`` (None before the first)."""
+        return self._hop(hop).fwd_tag
+
+    def backward_tag(self, hop: int) -> bytes | None:
+        """Tag of the last cell recognized from ``hop`` (None before the first)."""
+        return self._hop(hop).bwd_tag
+
+
+class RelayCrypto:
+    """A relay's CGO crypto for one circuit (its single layer).
+
+    Same roles as :class:`onionp2p.proto.relaycrypto.RelayCrypto`. There is no
+    ``recognize_forward``: with CGO, recognition is the last step of the one UIV+ pass
+    that :meth:`decrypt_forward` makes (a relay *encrypts* with UIV+ in both directions;
+    the method names keep tor1's roles).
+    """
+
+    __slots__ = ("_hop",)
+
+    def __init__(self, key_material: bytes) -> None:
+        self._hop = _Hop(key_material, relay=True)
+
+    def decrypt_forward(self, body: bytes, *, cmd: int) -> tuple[bool, bytes, bytes | None]:
+        """Process a cell from the client: ``(recognized, body, tag16 or None)``.
+
+        An unrecognized body is to be passed to the next hop unchanged.
+        """
+        body = _check_body(body, local=False)
+        _check_cmd(cmd)
+        out, tag = self._hop.fwd.relay_forward(cmd, body)
+        if tag is None:
+            return False, out, None
+        self._hop.fwd_tag = tag
+        return True, out, tag
+
+    def decrypt_forward_many(self, bodies: list, *, cmd: int) -> list[tuple[bool, bytes, bytes | None]]:
+        """:meth:`decrypt_forward` over a batch of cells with the same command, in order."""
+        return [self.decrypt_forward(body, cmd=cmd) for body in bodies]
+
+    def encrypt_backward(self, body: bytes, *, cmd: int) -> bytes:
+        """Add our layer to a cell coming from a later hop."""
+        body = _check_body(body, local=False)
+        _check_cmd(cmd)
+        return self._hop.bwd.relay_backward(cmd, body)
+
+    def encrypt_backward_many(self, bodies: list, *, cmd: int) -> list[bytes]:
+        """:meth:`encrypt_backward` over a batch of cells with the same command, in order."""
+        return [self.encrypt_backward(body, cmd=cmd) for body in bodies]
+
+    def originate_backward(self, body: bytes, *, cmd: int) -> tuple[bytes, bytes]:
+        """Encrypt a cell of our own toward the client: ``(cipher, tag16)``.
+
+        Bytes 0..15 of ``body`` are ignored: our backward nonce goes there.
+        """
+        body = _check_body(body, local=True)
+        _check_cmd(cmd)
+        out, tag = self._hop.bwd.relay_originate(cmd, body)
+        self._hop.bwd_tag = tag
+        return out, tag
+
+    @property
+    def forward_tag(self) -> bytes | None:
+        """Tag of the last forward cell we recognized (None before the first)."""
+        return self._hop.fwd_tag
+
+    @property
+    def backward_tag(self) -> bytes | None:
+        """Tag of the last cell we originated toward the client (None before the first)."""
+        return self._hop.bwd_tag
