@@ -213,12 +213,14 @@ async def run_client(cfg: ClientConfig, *, config_file: str | None = None,
     from onionp2p.client.node import ClientNode
 
     routers = None
+    params = None
     if tor_dirauth_file is not None:
-        from onionp2p.dir.tordir import fetch_tor_directory, read_dirauth_file
+        from onionp2p.dir.tordir import fetch_tor_network, read_dirauth_file
 
-        tor_routers = await fetch_tor_directory(read_dirauth_file(tor_dirauth_file))
-        routers = lambda: tor_routers  # noqa: E731 - a fixed view of the Tor network's consensus
-    node = ClientNode(cfg, routers=routers, config_file=config_file)
+        view = await fetch_tor_network(read_dirauth_file(tor_dirauth_file))
+        routers = lambda: view.routers  # noqa: E731 - a fixed view of the Tor network's consensus
+        params = lambda: view.params  # noqa: E731
+    node = ClientNode(cfg, routers=routers, params=params, config_file=config_file)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, node.shutdown_requested.set)
@@ -273,7 +275,28 @@ def _cmd_testnet(args: argparse.Namespace) -> int:
         socks_port=max(args.socks_port, 0), control_port=None if args.control_port == 0 else max(args.control_port, 0),
         data_dir=Path(args.data_dir) if args.data_dir else None, voting_interval=args.voting_interval,
         log_level=args.log_level, metrics_port=None if args.metrics_port is None else max(args.metrics_port, 0),
+        link_delay=args.link_delay, congestion_control=not args.no_congestion_control,
     ))
+
+
+def _delay_range(text: str) -> tuple[float, float]:
+    """``MS`` or ``MIN-MAX`` (milliseconds, one way) -> (min, max) seconds."""
+    lo, _, hi = text.partition("-")
+    try:
+        a, b = float(lo), float(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a delay: {text!r} (MS or MIN-MAX)") from None
+    if not 0 <= a <= b <= 10_000:
+        raise argparse.ArgumentTypeError(f"delay out of range: {text!r} (0-10000 ms, MIN <= MAX)")
+    return a / 1000, b / 1000
+
+
+def _cmd_wan(args: argparse.Namespace) -> int:
+    from onionp2p.ops.wan import parse_map, run_proxies
+
+    configure_logging("warning", "console", safe_logging=True)
+    mappings = [parse_map(m) for m in args.map]
+    return asyncio.run(run_proxies(mappings))
 
 
 def _port_or_auto(text: str) -> int:
@@ -313,7 +336,16 @@ def _add_client_parsers(sub) -> None:
     t.add_argument("--data-dir", help="keep everything here (default: a temporary directory)")
     t.add_argument("--voting-interval", type=int, default=5, help="seconds between consensuses (default 5)")
     t.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    t.add_argument("--link-delay", type=_delay_range, metavar="MS|MIN-MAX",
+                   help="emulate a wide-area network: every link to a relay gets this one-way delay "
+                        "(each relay a fixed value in MIN-MAX), through `onionp2p wan` proxies")
+    t.add_argument("--no-congestion-control", action="store_true",
+                   help="the client uses fixed SENDME windows (relays still offer congestion control)")
     t.set_defaults(func=_cmd_testnet)
+    w = sub.add_parser("wan", help="latency-adding TCP proxies (a wide-area network emulator)")
+    w.add_argument("--map", action="append", required=True, metavar="LISTEN_PORT:HOST:PORT:DELAY_MS",
+                   help="listen on 127.0.0.1:LISTEN_PORT, forward to HOST:PORT, DELAY_MS each way (repeat)")
+    w.set_defaults(func=_cmd_wan)
 
 
 def build_parser() -> argparse.ArgumentParser:

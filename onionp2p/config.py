@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -252,6 +252,9 @@ class RelayConfig:
     nickname: str = "Unnamed"  #: 1-19 characters [A-Za-z0-9]
     data_dir: Path = Path("onionp2p-relay")  #: keys and state; relative = next to the file
     or_address: tuple[str, int] = ("127.0.0.1", 9001)  #: OR listener; port 0 = any free port
+    #: the ORPort published in the descriptor when it differs from the listener's (something
+    #: forwards it there: a NAT, a proxy; tor's ORPort NoListen/NoAdvertise); None = the same
+    or_advertise_port: int | None = None
     exit_policy: ExitPolicy = REJECT_ALL  #: default ``reject *:*`` (not an exit)
     exit_reject_private: bool = True  #: prepend ``reject private:*`` to exit_policy
     bandwidth_rate: int = 1 << 30  #: bytes/second, long-term average (tor: BandwidthRate 1 GB)
@@ -275,6 +278,9 @@ class RelayConfig:
     onion_key_lifetime_days: int = 28
     extend_allow_private: bool = False  #: allow EXTEND2 to private/loopback addresses (testnets)
     authorities: tuple[str, ...] = ()  #: directory authorities to publish to / fetch from
+    #: answer clients' CC_REQUEST and run congestion control (proposal 324) on our edge of
+    #: their circuits; false: fixed SENDME windows only (FlowCtrl=2 is then not advertised)
+    congestion_control: bool = True
 
     @property
     def effective_bandwidth_burst(self) -> int:
@@ -300,6 +306,7 @@ class RelayConfig:
             "nickname": _nickname,
             "data_dir": _path,
             "or_address": _address,
+            "or_advertise_port": _int_range(1, 65535),
             "exit_policy": lambda c, k, v: v,  # parsed below, needs exit_reject_private
             "exit_reject_private": _bool,
             "bandwidth_rate": _int_range(1, 2**48),
@@ -320,6 +327,7 @@ class RelayConfig:
             "onion_key_lifetime_days": _int_range(1, 90),
             "extend_allow_private": _bool,
             "authorities": _authority_list,
+            "congestion_control": _bool,
             **_LOG_FIELDS,
         }
         out = _build(cls, d, ctx, validators)
@@ -379,6 +387,9 @@ class ClientConfig:
     #: refuse SOCKS connects to private/internal IP literals and "localhost" (tor's
     #: ClientRejectInternalAddresses); the testnet turns it off (its destinations are local)
     client_reject_internal_addresses: bool = True
+    #: ask exits for congestion control (proposal 324: Vegas, XON/XOFF) where they offer
+    #: it; false: fixed SENDME windows on every circuit
+    congestion_control: bool = True
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "<dict>",
@@ -404,6 +415,7 @@ class ClientConfig:
             "socks_handshake_timeout": _number_range(0.1, 600),
             "socks_max_connections": _int_range(1, 65535),
             "client_reject_internal_addresses": _bool,
+            "congestion_control": _bool,
             **_LOG_FIELDS,
         }
         out = _build(cls, d, ctx, validators)
@@ -432,6 +444,10 @@ class AuthorityConfig:
     log_level: str = "info"
     log_format: str = "console"
     safe_logging: bool = True
+    #: network parameters this authority votes for (tor's ConsensusParams), e.g.
+    #: ``{ cc_sendme_inc = 31, cc_vegas_alpha_exit = 186 }``; a parameter is in the consensus
+    #: when more than half of the authorities vote for it (low median of their values)
+    consensus_params: Mapping[str, int] = field(default_factory=dict)
 
     def relay_config(self) -> RelayConfig:
         """The config of the (non-exit) relay an authority runs beside itself (``run_relay``)."""
@@ -459,11 +475,27 @@ class AuthorityConfig:
             "assume_exit": _bool,
             "control_port": _optional_port,
             "metrics_port": _optional_port,
+            "consensus_params": _consensus_params,
             **_LOG_FIELDS,
         }
         out = _build(cls, d, ctx, validators)
         _distinct_ports(ctx, out)
         return cls(**out)
+
+
+_PARAM_KEY = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+
+def _consensus_params(ctx: _Ctx, key: str, value: Any) -> dict[str, int]:
+    table = _want(ctx, key, value, dict, "a table of name = integer")
+    out = {}
+    for name, v in table.items():
+        if not _PARAM_KEY.fullmatch(name):
+            raise ctx.fail(key, f"bad parameter name {name!r} (letters, digits, _)")
+        if isinstance(v, bool) or not isinstance(v, int) or not -2**31 <= v < 2**31:
+            raise ctx.fail(key, f"{name} must be a 32-bit integer, got {v!r}")
+        out[name] = v
+    return out
 
 
 # -- loading files ----------------------------------------------------------------------

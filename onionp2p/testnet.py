@@ -13,6 +13,12 @@ listing every relay is published, bootstraps from it, builds circuits, and only 
 prints ``SOCKS5 proxy ready at 127.0.0.1:PORT`` (and the control port line, and with
 ``--metrics-port`` the client's Prometheus endpoint). SIGINT or
 SIGTERM stops the client and every child process within a few seconds.
+
+``--link-delay MIN-MAX`` (milliseconds, one way) emulates a wide-area network: every
+relay listens on one port and advertises another, where an ``onionp2p wan`` process
+(:mod:`onionp2p.ops.wan`) forwards with that relay's delay (spread evenly over MIN-MAX),
+so every link to a relay — from the client, from other relays, from the authorities —
+carries it. ``--no-congestion-control`` makes the client use fixed SENDME windows.
 """
 
 from __future__ import annotations
@@ -59,8 +65,12 @@ class Testnet:
     n_authorities: int = 1
     voting_interval: int = 5
     log_level: str = "info"
+    #: (min, max) one-way seconds added to every link to a relay (None: plain loopback)
+    link_delay: tuple[float, float] | None = None
     procs: list[subprocess.Popen] = field(default_factory=list)
     authority_lines: list[str] = field(default_factory=list)
+    #: relay name -> the one-way delay of links to it (with ``link_delay``)
+    delays: dict[str, float] = field(default_factory=dict)
 
     def _spawn(self, kind: str, name: str, cfg: dict) -> subprocess.Popen:
         d = self.base / name
@@ -96,11 +106,23 @@ class Testnet:
                 "voting_interval": self.voting_interval, "assume_guard": True, "assume_exit": True,
                 "stable_uptime": 0, "guard_uptime": 0, "log_level": self.log_level,
             })
+        relays = []
         for i in range(self.n_relays):
             exit_ = i < self.n_exits
             name = f"exit{i}" if exit_ else f"relay{i}"
+            listen = advertise = 0
+            if self.link_delay is not None:  # relays listen on one port and advertise a proxy's
+                lo, hi = self.link_delay
+                self.delays[name] = lo + (hi - lo) * i / max(1, self.n_relays - 1)
+                listen, advertise = free_port(), free_port()
+            relays.append((i, exit_, name, listen, advertise))
+        if self.link_delay is not None:
+            self._start_wan([(adv, listen, self.delays[name]) for _i, _e, name, listen, adv in relays])
+        for i, exit_, name, listen, advertise in relays:
+            extra = {"or_advertise_port": advertise} if advertise else {}
             self._spawn("relay", name, {
-                "nickname": name, "data_dir": str(self.base / name), "or_address": "127.0.0.1:0",
+                **extra,
+                "nickname": name, "data_dir": str(self.base / name), "or_address": f"127.0.0.1:{listen}",
                 "exit_policy": "accept *:*" if exit_ else "reject *:*",
                 "exit_reject_private": not exit_, "extend_allow_private": True,
                 "authorities": self.authority_lines, "log_level": self.log_level,
@@ -109,6 +131,23 @@ class Testnet:
                 "dos_max_concurrent_connections": 0, "dos_circuit_creation_rate": 0,
                 "dos_circuit_creation_burst": 0,
             })
+
+    def _start_wan(self, links: list[tuple[int, int, float]]) -> None:
+        """``onionp2p wan`` with one proxy per relay: advertised port -> listener, its delay."""
+        d = self.base / "wan"
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        args = [a for adv, listen, delay in links for a in ("--map", f"{adv}:127.0.0.1:{listen}:{delay * 1000:g}")]
+        out = open(d / "log.txt", "ab")
+        try:
+            p = subprocess.Popen([sys.executable, "-u", "-m", "onionp2p", "wan", *args], stdout=subprocess.PIPE,
+                                 stderr=out, start_new_session=True)
+        finally:
+            out.close()
+        self.procs.append(p)
+        assert p.stdout is not None
+        if p.stdout.readline().strip() != b"wan ready":
+            raise OnionError(f"the WAN emulator did not start; see {d / 'log.txt'}")
+        p.stdout.close()
 
     def check_alive(self) -> None:
         for p in self.procs:
@@ -153,7 +192,8 @@ async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int
                       socks_port: int = 9150, control_port: int | None = 9151,
                       data_dir: Path | None = None, voting_interval: int = 5,
                       timeout: float = 180.0, log_level: str = "info", metrics_port: int | None = None,
-                      stop_event: asyncio.Event | None = None, ready=None) -> int:
+                      stop_event: asyncio.Event | None = None, ready=None,
+                      link_delay: tuple[float, float] | None = None, congestion_control: bool = True) -> int:
     """Start the network and the client; run until signalled. Returns the exit code."""
     from onionp2p.client.node import ClientNode
 
@@ -163,7 +203,7 @@ async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int
         data_dir = Path(tmp)
     data_dir.mkdir(parents=True, exist_ok=True)
     net = Testnet(data_dir, n_relays=n_relays, n_exits=n_exits, n_authorities=n_authorities,
-                  voting_interval=voting_interval, log_level=log_level)
+                  voting_interval=voting_interval, log_level=log_level, link_delay=link_delay)
     loop = asyncio.get_running_loop()
     stop = stop_event or asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -173,11 +213,14 @@ async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int
         net.start()
         print(f"testnet: {n_authorities} authorities, {n_relays} relays ({n_exits} exits) in {data_dir}",
               flush=True)
+        if net.delays:
+            print("testnet: one-way delay of links to each relay (ms): "
+                  + ", ".join(f"{n} {d * 1000:g}" for n, d in net.delays.items()), flush=True)
         cfg = ClientConfig(data_dir=data_dir / "client", socks_address=("127.0.0.1", socks_port),
                            control_port=control_port, metrics_port=metrics_port,
                            authorities=tuple(net.authority_lines),
                            enforce_distinct_subnets=False, client_reject_internal_addresses=False,
-                           log_level=log_level)
+                           log_level=log_level, congestion_control=congestion_control)
         node = ClientNode(cfg)
         waiting = asyncio.ensure_future(wait_for_consensus(node, n_relays, net, timeout))
         stopper = asyncio.ensure_future(stop.wait())

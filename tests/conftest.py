@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -445,12 +446,14 @@ class Net:
 # -- ``onionp2p testnet`` (test_testnet.py, test_nyx.py) -------------------------------------------
 
 class RunningTestnet:
-    def __init__(self, data_dir: Path):
+    """``onionp2p testnet`` as a user runs it (``extra``: more command-line arguments)."""
+
+    def __init__(self, data_dir: Path, extra: Sequence[str] = ()):
         self.data_dir = data_dir
         self.out = open(data_dir.parent / f"{data_dir.name}.out", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "onionp2p", "testnet", "--socks-port", "auto", "--control-port", "auto",
-             "--metrics-port", "auto", "--data-dir", str(data_dir), "--voting-interval", "4"],
+             "--metrics-port", "auto", "--data-dir", str(data_dir), "--voting-interval", "4", *extra],
             stdout=self.out, stderr=subprocess.STDOUT)
         self.socks = self.control = self.metrics = 0
         end = time.time() + 150

@@ -21,6 +21,7 @@ import contextlib
 import ipaddress
 import os
 import socket
+from dataclasses import replace
 
 import pytest
 from conftest import blob, http_get, relay_config, wait_for
@@ -71,8 +72,8 @@ class WatchedRelay(Relay):
         self.plan = None
         self.seen: dict[OrCircuit, list[int]] = {}
 
-    def new_circuit(self, chan, circ_id, crypto):
-        return WatchedCircuit(self, chan, circ_id, crypto)
+    def new_circuit(self, chan, circ_id, crypto, params=None, cc=None):
+        return WatchedCircuit(self, chan, circ_id, crypto, params, cc)
 
 
 class Plan:
@@ -288,7 +289,45 @@ async def cut_off_by_the_exit(exit_: Relay, circ) -> None:
     assert circ.close_reason == "DESTROYED"  # the relays on the way hide the exit's reason
 
 
-async def test_exit_cuts_off_a_client_that_overruns_a_stream_window(net, client):
+async def test_exit_cuts_off_a_client_that_overruns_a_stream_window(net):
+    client = OnionClient(congestion_control=False)  # stream windows exist only without CC
+    try:
+        await _overrun_stream_window(net, client)
+    finally:
+        await client.close()
+
+
+async def test_exit_frees_the_memory_of_a_client_that_ignores_xoff(net, client):
+    """Under congestion control there are no stream windows: a client that ignores the
+    exit's XOFF fills the exit's buffer for the destination, which the relay's memory limit
+    (MaxMemInQueues) counts; the circuit is killed when it passes it, as tor does."""
+    exit_ = net[2]
+    cap = 3_000_000
+    exit_.reconfigure(replace(exit_.config, max_mem_in_queues=cap))
+    async with NonReader() as dest:
+        circ = await client.build_circuit([r.info() for r in net[:3]])
+        assert circ.core.layers[-1].cc is not None
+        _reader, writer = await circ.open_stream("127.0.0.1", dest.port)
+        sid = writer.get_extra_info("stream_id")
+        edge = circ.streams[sid]
+        xoff_seen = False
+        for i in range(40000):
+            while circ.state == "built" and circ.core.layers[-1].package.window == 0:
+                await asyncio.sleep(0.002)
+            if circ.state != "built":
+                break
+            if edge.xoff_received:
+                xoff_seen = True
+            circ.send_relay(RelayCommand.DATA, sid, b"x" * 498)  # XOFF or not
+            if i % 64 == 0:
+                await asyncio.sleep(0)
+        assert xoff_seen  # the exit did say stop
+        await wait_for(lambda: exit_.stats["oom_circuits_killed"] >= 1, 20, "the memory limit to act")
+        await wait_for(lambda: circ.state == "closed", 10, "the DESTROY to reach the client")
+        assert exit_.queue_memory()[0] <= cap
+
+
+async def _overrun_stream_window(net, client):
     async with NonReader() as dest:
         circ = await client.build_circuit([r.info() for r in net[:3]])
         _reader, writer = await circ.open_stream("127.0.0.1", dest.port)

@@ -580,3 +580,17 @@ def test_cli_client_overrides_metrics_port(tmp_path: Path) -> None:
     args = build_parser().parse_args(["testnet", "--metrics-port", "auto"])
     assert args.metrics_port == -1  # run_testnet gets 0: any free port
     assert build_parser().parse_args(["testnet"]).metrics_port is None
+
+
+def test_congestion_control_and_consensus_params_keys() -> None:
+    assert RelayConfig().congestion_control and ClientConfig().congestion_control
+    assert not RelayConfig.from_dict({"congestion_control": False}).congestion_control
+    assert not ClientConfig.from_dict({"congestion_control": False}).congestion_control
+    with pytest.raises(ConfigError, match="congestion_control"):
+        ClientConfig.from_dict({"congestion_control": "yes"})
+    a = AuthorityConfig.from_dict({"consensus_params": {"cc_sendme_inc": 31, "cc_alg": 2}})
+    assert a.consensus_params == {"cc_sendme_inc": 31, "cc_alg": 2}
+    for bad, needle in (({"cc-x": 1}, "bad parameter name"), ({"a": 2**31}, "32-bit"),
+                        ({"a": True}, "32-bit"), ({"a": "1"}, "32-bit"), ([1], "table")):
+        with pytest.raises(ConfigError, match=needle):
+            AuthorityConfig.from_dict({"consensus_params": bad})

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from onionp2p.proto import circuit as core
 from onionp2p.proto.cells import CellCommand, Create2, Created2, Destroy, DestroyReason, encode_fixed
+from onionp2p.proto.congestion import CCParams
 from onionp2p.proto.create import answer_create2
 from onionp2p.proto.relaycell import (
     Begin,
@@ -65,8 +66,9 @@ def relay_circ(**kw) -> core.RelayCircuit:
 class FakeRelay:
     """A relay's identity and onion key, enough for ntor (no files, no sockets)."""
 
-    def __init__(self, i: int):
+    def __init__(self, i: int, cc: CCParams | None = None):
         self.nickname = f"r{i}"
+        self.cc = cc  # the relay runs congestion control with these parameters
         self.rsa_id = os.urandom(20)
         self.ed_id = os.urandom(32)
         self.onion = X25519PrivateKey.generate()
@@ -78,9 +80,10 @@ class FakeRelay:
         """Answer a CREATE2 payload: the new circuit's core and the CREATED2 payload."""
         req = Create2.parse(create2)
         reply, params = answer_create2(req.htype, req.hdata, rsa_id=self.rsa_id, ed_id=self.ed_id,
-                                       onion_keys={self.ntor_key: self.onion})
+                                       onion_keys={self.ntor_key: self.onion}, cc=self.cc)
         circ = core.RelayCircuit(RelayCrypto(params.key_material), own_rsa_id=self.rsa_id,
-                                 prev_rsa_id=prev_rsa_id, allow_private=True, max_streams=3)
+                                 prev_rsa_id=prev_rsa_id, allow_private=True, max_streams=3,
+                                 params=params, cc=self.cc)
         circ.room = 1 << 30
         return circ, Created2(reply).encode()
 
@@ -95,9 +98,12 @@ class Wire:
     kept in ``relay_actions``.
     """
 
-    def __init__(self, n: int = 3):
-        self.relays = [FakeRelay(i) for i in range(n)]
-        self.c = core.ClientCircuit(self.relays)
+    def __init__(self, n: int = 3, *, cc: CCParams | None = None, protocols: str = ""):
+        self.relays = [FakeRelay(i, cc) for i in range(n)]
+        for r in self.relays:
+            r.protocols = protocols
+        self.c = core.ClientCircuit(self.relays, cc=cc)
+        self.now = 0.0  # the time every core is told
         self.hops: list[core.RelayCircuit] = []
         self.relay_actions: list[list] = [[] for _ in range(n)]
         self.seen: list[list[int]] = [[] for _ in range(n)]  # commands each hop got from its side
@@ -122,14 +128,15 @@ class Wire:
             if kind == "create":
                 hop, reply = self.relays[0].create(payload)
                 self.hops.append(hop)
-                self._client_actions(self.c.receive_cell(int(CellCommand.CREATED2), reply, 0.0), out)
+                self._client_actions(self.c.receive_cell(int(CellCommand.CREATED2), reply, self.now), out)
             elif kind == "forward":
                 self.seen[i] += [cmd for cmd, _p in payload]
-                self._relay_actions(i, self.hops[i].receive_forward(run(payload), 0, len(payload), 0.0))
+                self._relay_actions(i, self.hops[i].receive_forward(run(payload), 0, len(payload), self.now))
             elif i == 0:  # backward, to the client
-                self._client_actions(self.c.receive_relay(run(payload), 0, len(payload), 0.0), out)
+                self._client_actions(self.c.receive_relay(run(payload), 0, len(payload), self.now), out)
             else:
-                self._relay_actions(i - 1, self.hops[i - 1].receive_backward(run(payload), 0, len(payload), 0.0))
+                self._relay_actions(i - 1, self.hops[i - 1].receive_backward(run(payload), 0, len(payload),
+                                                                             self.now))
         return out
 
     def _client_actions(self, actions: list, out: list) -> None:
@@ -599,3 +606,212 @@ def test_ntor_v3_extensions_unknown_ones_are_ignored_both_ways():
     with pytest.raises(Exception, match="client message"):
         create.answer_create2(3, bad.onion_skin, rsa_id=relay.rsa_id, ed_id=relay.ed_id,
                               onion_keys={relay.ntor_key: relay.onion})
+
+
+# -- congestion control (proposal 324) ------------------------------------------------------------------
+
+CC_PROTOCOLS = "FlowCtrl=1-2 Relay=2-4"
+
+
+def cc_wire(**kw) -> Wire:
+    w = Wire(cc=CCParams(**kw), protocols=CC_PROTOCOLS)
+    assert kinds(w.build())[-1] == "Built"
+    return w
+
+
+def test_cc_is_negotiated_with_the_last_hop_only_and_only_where_offered():
+    from onionp2p.proto.congestion import Vegas
+
+    w = cc_wire()
+    assert [layer.cc is not None for layer in w.c.layers] == [False, False, True]
+    assert [h.layer.cc is not None for h in w.hops] == [False, False, True]
+    assert isinstance(w.c.layers[2].package, Vegas) and w.c.layers[2].deliver.increment == 31
+    assert w.hops[2].layer.cc.inc == 31 and w.c.layers[2].cc.inc == 31
+    # a relay without FlowCtrl=2 is not asked; a client or relay without CC does not use it
+    for client_cc, relay_cc, protocols in ((CCParams(), CCParams(), "FlowCtrl=1 Relay=2-4"),
+                                           (None, CCParams(), CC_PROTOCOLS),
+                                           (CCParams(cc_alg=0), CCParams(), CC_PROTOCOLS),
+                                           (CCParams(), None, CC_PROTOCOLS)):
+        w = Wire(protocols=protocols)
+        w.c = core.ClientCircuit(w.relays, cc=client_cc)
+        for r in w.relays:
+            r.cc = relay_cc
+        assert kinds(w.build())[-1] == "Built"
+        assert all(layer.cc is None for layer in w.c.layers) and all(h.layer.cc is None for h in w.hops)
+        assert w.c.layers[2].deliver.increment == 100
+    # a one-hop circuit (directory fetches) does not ask either
+    w = Wire(1, cc=CCParams(), protocols=CC_PROTOCOLS)
+    assert kinds(w.build())[-1] == "Built" and w.c.layers[0].cc is None
+
+
+def test_cc_response_checks_at_the_client():
+    from onionp2p.errors import HandshakeError
+    from onionp2p.proto import create
+    from onionp2p.proto.handshake import encode_extensions, ntor_v3_server
+
+    relay = FakeRelay(0)
+    relay.protocols = CC_PROTOCOLS
+
+    def answer(hs, extensions):
+        reply, _cm, _km = ntor_v3_server(hs.onion_skin, relay.ed_id, {relay.ntor_key: relay.onion},
+                                         encode_extensions(extensions))
+        return hs.complete(reply)
+
+    # a CC_RESPONSE nobody asked for fails the handshake (tor 0.4.9.12)
+    with pytest.raises(HandshakeError, match="without a CC_REQUEST"):
+        answer(create.HopHandshake(relay), [(create.EXT_CC_RESPONSE, b"\x1f")])
+    # the increment must be within one of ours
+    for inc, ok in ((31, True), (30, True), (32, True), (29, False), (33, False), (0, False)):
+        hs = create.HopHandshake(relay, CCParams())
+        if ok:
+            assert answer(hs, [(create.EXT_CC_RESPONSE, bytes((inc,)))]).sendme_inc == inc
+        else:
+            with pytest.raises(HandshakeError, match="SENDME increment"):
+                answer(hs, [(create.EXT_CC_RESPONSE, bytes((inc,)))])
+    # asked, not answered: fixed windows
+    assert answer(create.HopHandshake(relay, CCParams()), []).sendme_inc is None
+    # at the relay: answered with the consensus's increment only when asked and running CC
+    hs = create.HopHandshake(relay, CCParams())
+    _reply, params = create.answer_create2(3, hs.onion_skin, rsa_id=relay.rsa_id, ed_id=relay.ed_id,
+                                           onion_keys={relay.ntor_key: relay.onion}, cc=CCParams(cc_sendme_inc=30))
+    assert params.sendme_inc == 30
+    hs = create.HopHandshake(relay)
+    _reply, params = create.answer_create2(3, hs.onion_skin, rsa_id=relay.rsa_id, ed_id=relay.ed_id,
+                                           onion_keys={relay.ntor_key: relay.onion}, cc=CCParams())
+    assert params.sendme_inc is None
+
+
+def test_cc_circuit_sendmes_every_31_cells_measure_rtt_and_grow_cwnd():
+    w = cc_wire()
+    sid = w.open_stream()
+    exit_edge, vegas = w.hops[2], w.hops[2].layer.cc
+    assert exit_edge.layer.package.window == 124  # cc_cwnd_init, not 1000
+    # the exit sends what its window allows; the client's SENDMEs come back 50 ms later
+    w.now = 1.0
+    acts = exit_edge.stream_write(sid, b"d" * 498 * 2000, now=1.0)
+    sent = sum(len(a.payloads) for a in only(acts, core.ToPrev))
+    assert sent == 124 and vegas.inflight == 124
+    w.now = 1.05
+    got = w.relay(2, acts)
+    # SENDMEs for 4 x 31 cells came back (one per 31 cells, not 100), each an RTT sample
+    assert vegas.sendmes >= 4 and vegas.samples >= 4 and vegas.rtt_min == 50_000
+    assert w.c.layers[2].deliver.window > 1000 - 31
+    # slow start: every SENDME while the window was full grew it
+    assert vegas.cwnd > 124 and vegas.in_slow_start
+    # the stream has no window of its own: everything arrives
+    w.now = 2.0
+    while exit_edge.streams[sid].buf:
+        got += w.relay(2, exit_edge.pump(now=w.now))
+        w.now += 0.05
+    assert sum(len(a.data) for a in only(got, core.StreamData)) == 498 * 2000
+    assert exit_edge.streams[sid].package.window > 10**8 and w.c.streams[sid].deliver.window > 10**8
+
+
+def test_cc_client_side_uses_vegas_for_uploads():
+    w = cc_wire()
+    sid = w.open_stream()
+    vegas = w.c.layers[2].cc
+    got = w.client(w.c.stream_write(sid, b"u" * 498 * 300, now=0.0))
+    assert vegas.sent == 300 and vegas.sendmes == 300 // 31
+    delivered = b"".join(a.data for a in only(w.relay_actions[2], core.StreamData))
+    assert delivered == b"u" * 498 * 300 and "StreamClosed" not in kinds(got)
+
+
+def test_cc_sendme_digest_and_count_checks():
+    w = cc_wire()
+    sid = w.open_stream()
+    # a SENDME with nothing outstanding, or with a digest of a cell never sent: closed
+    w.client(w.c.send_relay(int(RelayCommand.SENDME), 0, Sendme(1, bytes(20)).encode()))
+    assert w.hops[2].closed
+    w = cc_wire()
+    sid = w.open_stream()
+    w.c._circuit_sendmes = lambda layer, digest: w.c._originate(
+        layer, int(RelayCommand.SENDME), 0, Sendme(1, os.urandom(20)).encode()) or layer.deliver.on_sendme_sent()
+    w.relay(2, w.hops[2].stream_write(sid, b"y" * 498 * 40))
+    assert w.hops[2].closed
+
+
+def test_cc_stream_sendme_is_a_protocol_violation_both_ways():
+    w = cc_wire()
+    sid = w.open_stream()
+    w.client(w.c.send_relay(int(RelayCommand.SENDME), sid, b""))
+    assert w.hops[2].closed  # tor: "Congestion control got stream sendme"
+    w = cc_wire()
+    sid = w.open_stream()
+    got = w.originate(2, int(RelayCommand.SENDME), sid, b"")
+    assert kinds(got) == ["Closed"] and got[0].reason == "PROTOCOL"
+
+
+def test_xoff_and_xon_replace_stream_windows():
+    from onionp2p.proto.relaycell import Xon
+
+    w = cc_wire()
+    sid = w.open_stream()
+    exit_edge = w.hops[2]
+    # the client's reader is full: XOFF goes to the exit, which stops packaging that stream
+    got = w.client(w.c.stream_sink_ready(sid, False, now=0.0))
+    assert got == [] and w.seen[2][-1] in (RELAY, EARLY) and w.c.streams[sid].xoff_sent
+    assert exit_edge.streams[sid].xoff_received and exit_edge.streams[sid].package.window == 0
+    got = w.relay(2, exit_edge.stream_write(sid, b"x" * 498 * 10, now=0.0))
+    assert only(got, core.StreamData) == [] and len(exit_edge.streams[sid].buf) == 498 * 10
+    # a second "not ready" sends nothing more
+    w.client(w.c.stream_sink_ready(sid, False))
+    assert exit_edge.streams[sid].xoff_received
+    # the reader drained: XON, and the exit sends what it held
+    got = w.client(w.c.stream_sink_ready(sid, True, now=0.1))
+    assert b"".join(a.data for a in only(got, core.StreamData)) == b"x" * 498 * 10
+    assert not exit_edge.streams[sid].xoff_received and not w.c.streams[sid].xoff_sent
+    # XON carries an advisory rate (kilobytes/s), recorded
+    w.originate(2, int(RelayCommand.XON), sid, Xon(1234).encode())
+    assert w.c.streams[sid].xon_rate == 1234
+    # the other way: the exit's destination is slow, the client stops
+    w.relay(2, exit_edge.stream_sink_ready(sid, False, now=0.2))
+    assert w.c.streams[sid].xoff_received
+    w.client(w.c.stream_write(sid, b"z" * 5000))
+    assert w.c.streams[sid].buffered == 5000
+    w.relay(2, exit_edge.stream_sink_ready(sid, True, now=0.3))
+    assert w.c.streams[sid].buffered == 0
+    assert b"".join(a.data for a in only(w.relay_actions[2], core.StreamData)).endswith(b"z" * 5000)
+
+
+def test_xon_xoff_from_the_wrong_hop_or_without_cc_are_dropped_and_reported():
+    from onionp2p.proto.relaycell import Xoff, Xon
+
+    w = cc_wire()
+    sid = w.open_stream()
+    got = w.originate(1, int(RelayCommand.XOFF), sid, Xoff().encode())  # the middle speaks for the exit
+    assert kinds(got) == ["Violation"] and not w.c.streams[sid].xoff_received
+    w.originate(2, int(RelayCommand.XOFF), sid, Xoff().encode())
+    got = w.originate(2, int(RelayCommand.XOFF), sid, Xoff().encode())  # twice
+    assert kinds(got) == ["Violation"] and "already" in got[0].reason
+    got = w.originate(2, int(RelayCommand.XON), sid, b"\x07\0\0\0\0")  # unknown version
+    assert kinds(got) == ["Violation"] and w.c.streams[sid].xoff_received
+    # fixed windows: XON/XOFF mean nothing
+    w = Wire()
+    w.build()
+    sid = w.open_stream()
+    got = w.originate(2, int(RelayCommand.XOFF), sid, Xoff().encode())
+    assert kinds(got) == ["Violation"] and "without congestion control" in got[0].reason
+    assert w.c.streams[sid].package.window == 500
+    got = w.originate(2, int(RelayCommand.XON), sid, Xon(0).encode())
+    assert kinds(got) == ["Violation"]
+
+
+def test_cc_window_respects_the_channel_room_and_blocked_is_a_signal():
+    w = cc_wire()
+    sid = w.open_stream()
+    exit_edge = w.hops[2]
+    exit_edge.room = 10
+    acts = exit_edge.stream_write(sid, b"r" * 498 * 100, now=0.0)
+    assert sum(len(a.payloads) for a in only(acts, core.ToPrev)) == 10
+    exit_edge.blocked = True
+    w.now = 0.05
+    w.relay(2, acts)
+    assert exit_edge.layer.cc.sendmes == 0  # no SENDME yet (10 cells < 31)
+    exit_edge.room = 100
+    w.relay(2, exit_edge.pump(now=0.06))
+    assert exit_edge.layer.cc.sendmes >= 1 and exit_edge.layer.cc.blocked  # the shell's signal reached Vegas
+    # the client side: the room bounds what goes out too
+    w.c.room = 5
+    got = w.c.stream_write(sid, b"s" * 498 * 50, now=0.1)
+    assert sum(len(a.payloads) for a in only(got, core.Send)) == 5

@@ -501,3 +501,35 @@ def test_proto_lines_in_descriptors_and_consensus_entries(keys_a):
     # no proto line at all: an older descriptor, nothing advertised
     plain = make_desc(keys_a)
     assert "\nproto " not in plain.text and not plain.relay_info().supports("Relay", 4)
+
+
+def test_network_parameters_majority_and_low_median(descs):
+    keys, auths = auth_set(3)
+
+    def pvote(i, params):
+        v = NetworkStatus("vote", *SCHED.times(VA), ((auths[i].nickname, auths[i].ed_id),),
+                          (entry(descs[0]),), params=params)
+        return v.with_signatures([(auths[i].ed_id, v.sign(keys[i]))])
+
+    votes = [pvote(0, (("cc_sendme_inc", 31), ("cc_alg", 2))),
+             pvote(1, (("cc_sendme_inc", 29), ("only_one", 5))),
+             pvote(2, (("cc_sendme_inc", 33), ("cc_alg", 2), ("circwindow", -3)))]
+    cons = compute_consensus(votes, SCHED, VA)
+    # in the consensus: what more than half of the votes set, at the low median
+    assert dict(cons.params) == {"cc_sendme_inc": 31, "cc_alg": 2}
+    assert "params cc_alg=2 cc_sendme_inc=31\n" in cons.text  # sorted by name
+    assert NetworkStatus.parse(cons.text) == cons
+    assert NetworkStatus.parse(votes[2].text).params == (("cc_alg", 2), ("cc_sendme_inc", 33), ("circwindow", -3))
+    # no params line without parameters
+    assert "params" not in compute_consensus([vote(keys[0], auths[0], [])], SCHED, VA).text
+
+
+@pytest.mark.parametrize("line", ["params b=1 a=2", "params a=1 a=2", "params a=01", "params a",
+                                  "params a=99999999999", "params a-b=1", "params a=1  b=2"])
+def test_network_parameters_must_be_canonical(line, descs):
+    keys, auths = auth_set(1)
+    head, rest = vote(keys[0], auths[0], []).text.split("\nknown-flags ", 1)
+    flags, tail = rest.split("\n", 1)
+    assert NetworkStatus.parse(f"{head}\nknown-flags {flags}\nparams a=-1 b=2\n{tail}").params == (("a", -1), ("b", 2))
+    with pytest.raises(ProtocolError, match="params|whitespace"):
+        NetworkStatus.parse(f"{head}\nknown-flags {flags}\n{line}\n{tail}")

@@ -149,8 +149,8 @@ async def make_relay(tmp_path):
 async def clients():
     made: list[OnionClient] = []
 
-    def make() -> OnionClient:
-        c = OnionClient()
+    def make(**kw) -> OnionClient:
+        c = OnionClient(**kw)
         made.append(c)
         return c
 
@@ -323,7 +323,9 @@ async def test_slow_reader_queues_are_bounded(make_relay, clients, http_server, 
          {"max_mem_in_queues": 0, "max_queue_cells": 300}
     guard = await make_relay("g", **kw)
     exit_ = await make_relay("x")
-    slow = clients()
+    # fixed windows, as an attacker would choose: under congestion control the exit would
+    # stop at its initial window (124 cells) when no SENDME comes back
+    slow = clients(congestion_control=False)
     chan = await connect_from(slow, guard, rcvbuf=4096)
     circs = [await slow.build_circuit([guard.info(), exit_.info()]) for _ in range(16)]
     writers = []

@@ -168,6 +168,13 @@ async def test_client_node_counters_follow_socks_traffic(client_node, http_serve
             assert v(m, "onionp2p_socks_bytes_total", direction="down") >= n
         assert v(m, "onionp2p_streams", state="SUCCEEDED") == 0
         assert v(m, "onionp2p_bootstrap_progress") == 100
+        # every built circuit runs Vegas with its exit; after the download the windows and
+        # RTTs are measured
+        built = [c for c in client_node.client.circuits.values() if c.state == "built"]
+        assert v(m, "onionp2p_circuit_congestion_control", alg="vegas") == len(built)
+        assert v(m, "onionp2p_circuit_congestion_control", alg="fixed") == 0
+        assert v(m, "onionp2p_congestion_window_cells", stat="max") >= 124
+        assert v(m, "onionp2p_circuit_rtt_seconds", stat="min") >= 0
     finally:
         collector.close()
         await srv.stop()

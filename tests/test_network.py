@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+from dataclasses import replace
 
 import pytest
 from conftest import blob, http_get, relay_config, sha256, wait_for
@@ -84,8 +86,17 @@ async def test_echo_upload_and_download(relay_net, http_server, client):
     assert got == payload
 
 
-async def test_slow_reader_keeps_memory_bounded(relay_net, http_server, client):
+async def test_slow_reader_keeps_memory_bounded(relay_net, http_server):
+    client = OnionClient(congestion_control=False)  # fixed windows: a stream window bounds it
+    try:
+        await _slow_reader_fixed_windows(relay_net, http_server, client)
+    finally:
+        await client.close()
+
+
+async def _slow_reader_fixed_windows(relay_net, http_server, client):
     circ = await client.build_circuit(path(relay_net))
+    assert all(layer.cc is None for layer in circ.core.layers)
     reader, writer = await circ.open_stream("127.0.0.1", http_server.port, limit=65536)
     writer.write(b"GET /hold HTTP/1.0\r\n\r\n")
     await writer.drain()
@@ -323,3 +334,100 @@ async def test_bandwidth_rate_throttles_reads(tmp_path, relay_net, http_server, 
         assert slow.stats["throttled"] > 0
     finally:
         await slow.stop()
+
+
+async def test_congestion_control_end_to_end(relay_net, http_server, client):
+    """Vegas on the exit's layer at both edges, SENDMEs every 31 cells with RTT samples,
+    and XON/XOFF instead of stream windows: a reader that stops reading stops the exit."""
+    circ = await client.build_circuit(path(relay_net))
+    assert [layer.cc is not None for layer in circ.core.layers] == [False, False, True]
+    exit_circ = next(iter(relay_net[2].circuits))
+    assert exit_circ.core.layer.cc is not None and exit_circ.core.layer.cc.inc == 31
+    assert all(c.core.layer.cc is None for r in relay_net[:2] for c in r.circuits)  # (negotiated, unused)
+    # download and upload
+    reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
+    body = await http_get(reader, writer, "/5000000")
+    assert sha256(body) == sha256(blob(5_000_000))
+    down = exit_circ.core.layer.cc  # every 31st cell's SENDME reaches the exit
+    await wait_for(lambda: down.sendmes == down.sent // 31, what="the last SENDMEs")
+    assert down.sent >= 5_000_000 // 498 and down.samples > 0 and down.rtt_min > 0
+    reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
+    payload = blob(1_000_000)
+    writer.write(b"GET /echo HTTP/1.0\r\n\r\n" + payload)
+    await reader.readuntil(b"\r\n\r\n")
+    assert await reader.readexactly(len(payload)) == payload
+    up = circ.core.layers[2].cc
+    await wait_for(lambda: up.sendmes == up.sent // 31, what="the last SENDMEs")
+    assert up.sent >= 1_000_000 // 498 and up.samples > 0
+    writer.close()
+    # a reader that reads nothing: XOFF stops the exit; reading again: XON, and all arrives
+    reader, writer = await circ.open_stream("127.0.0.1", http_server.port, limit=65536)
+    writer.write(b"GET /hold HTTP/1.0\r\n\r\n")
+    sid = writer.get_extra_info("stream_id")
+    await wait_for(lambda: circ.core.streams[sid].xoff_sent, what="XOFF from the client")
+    await wait_for(lambda: exit_circ.core.streams[sid].xoff_received, what="XOFF at the exit")
+    settled = -1
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if exit_circ.core.streams[sid].bytes_sent == settled:
+            break
+        settled = exit_circ.core.streams[sid].bytes_sent
+    assert exit_circ.core.streams[sid].bytes_sent == settled  # the exit stopped sending
+    assert settled < 20_000_000 and exit_circ.core.streams[sid].buffered > 0
+    # what crossed: what the reader holds (2 x limit), and what was in flight when the XOFF
+    # arrived, which the exit's congestion window bounds (never above cc_ss_max in slow start)
+    received = circ.core.streams[sid].bytes_received
+    assert received <= 2 * 65536 + 5000 * 498
+    await reader.readuntil(b"\r\n\r\n")
+    got = await reader.readexactly(20_000_000)
+    assert sha256(got) == sha256(blob(20_000_000))  # (the exit got XON: it sent the rest)
+
+
+async def test_without_congestion_control_at_either_end_windows_are_fixed(tmp_path, relay_net, http_server):
+    client = OnionClient(congestion_control=False)
+    try:
+        circ = await client.build_circuit(path(relay_net))
+        assert all(layer.cc is None for layer in circ.core.layers)
+    finally:
+        await client.close()
+    # the relay side: congestion_control = false
+    exit_relay = relay_net[2]
+    exit_relay.config = replace(exit_relay.config, congestion_control=False)
+    assert "FlowCtrl=1 " in exit_relay.info().protocols + " "
+    client = OnionClient()
+    try:
+        circ = await client.build_circuit(path(relay_net))  # it no longer lists FlowCtrl=2
+        assert all(layer.cc is None for layer in circ.core.layers)
+        infos = path(relay_net)
+        infos[2] = replace(infos[2], protocols="FlowCtrl=1-2 Link=4-5 LinkAuth=3 Relay=2-4")  # an old view
+        circ = await client.build_circuit(infos)  # asked, but the relay does not answer CC_RESPONSE
+        assert all(layer.cc is None for layer in circ.core.layers)
+        reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
+        assert sha256(await http_get(reader, writer, "/300000")) == sha256(blob(300_000))
+    finally:
+        await client.close()
+
+
+async def test_exit_says_xoff_only_past_tors_limit(relay_net, client):
+    """A destination that reads nothing: the exit's XOFF comes once it holds more than
+    cc_xoff_exit (500) cells' worth of bytes for it — not earlier, which tor clients count
+    as a suspicious XOFF — and the client then stops sending."""
+    from onionp2p.proto.congestion import CCParams
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    try:
+        circ = await client.build_circuit(path(relay_net))
+        _reader, writer = await circ.open_stream("127.0.0.1", sock.getsockname()[1])
+        sid = writer.get_extra_info("stream_id")
+        exit_circ = next(iter(relay_net[2].circuits))
+        writer.write(b"u" * 20_000_000)  # more than the kernel's socket buffers take
+        await wait_for(lambda: circ.core.streams[sid].xoff_received, 30, what="XOFF from the exit")
+        assert exit_circ.conns[sid].unsent() > CCParams().xoff_bytes(exit_side=True)
+        sent = circ.core.streams[sid].bytes_sent
+        await asyncio.sleep(0.5)
+        assert circ.core.streams[sid].bytes_sent == sent < 20_000_000  # stopped
+    finally:
+        sock.close()

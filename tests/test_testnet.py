@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import http.server
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -198,6 +201,49 @@ def test_authority_gone_clients_keep_working(testnet, www):
                  f"http://localhost:{www['port']}/index.html")
         assert p.returncode == 0, p.stderr
         assert b"hello through onionp2p" in p.stdout
+
+
+def circuits_json(net) -> dict:
+    """``onionp2p circuits --json`` against the testnet's client, as a user runs it."""
+    p = subprocess.run([sys.executable, "-m", "onionp2p", "circuits", "--json", "--control-port", str(net.control),
+                        "--cookie", str(net.cookie)], capture_output=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def test_every_circuit_uses_ntor_v3_and_vegas(testnet, www):
+    p = curl("--socks5-hostname", f"127.0.0.1:{testnet.socks}", f"http://localhost:{www['port']}/index.html")
+    assert p.returncode == 0, p.stderr
+    built = [c for c in circuits_json(testnet)["circuits"] if c["state"] == "BUILT"]
+    assert built
+    for c in built:
+        assert [h["handshake"] for h in c["path"]] == ["ntor-v3"] * 3
+        assert [h["relay_crypto"] for h in c["path"]] == ["tor1"] * 3  # CGO: not negotiated yet
+        assert c["congestion_control"] == "vegas" and c["cc"]["cwnd"] >= 124
+
+
+def test_link_delay_and_fixed_windows(tmp_path, www):
+    """``--link-delay``: every relay behind an ``onionp2p wan`` proxy; a page still loads,
+    every circuit hop costs the delay; ``--no-congestion-control``: fixed windows."""
+    net = RunningTestnet(tmp_path / "wan", ["--relays", "3", "--exits", "1", "--link-delay", "40",
+                                            "--no-congestion-control"])
+    try:
+        out = Path(net.out.name).read_text()
+        assert "one-way delay of links to each relay (ms): exit0 40, relay1 40, relay2 40" in out
+        for name in ("exit0", "relay1", "relay2"):  # each listens on one port, advertises another
+            listen = int(re.search(r'or_address = "127.0.0.1:(\d+)"', (net.data_dir / name / "relay.toml")
+                                   .read_text()).group(1))
+            advertised = json.loads((net.data_dir / name / "relay-info.json").read_text())["or_port"]
+            assert listen != advertised
+        t0 = time.monotonic()
+        p = curl("--socks5-hostname", f"127.0.0.1:{net.socks}", f"http://localhost:{www['port']}/index.html")
+        assert p.returncode == 0 and b"hello through onionp2p" in p.stdout, p.stderr
+        # BEGIN/CONNECTED and the request/answer cross the three delayed links: >= 2 x 2 x 120 ms
+        assert time.monotonic() - t0 >= 0.45
+        built = [c for c in circuits_json(net)["circuits"] if c["state"] == "BUILT"]
+        assert built and all(c["congestion_control"] == "fixed" and c["cc"] is None for c in built)
+    finally:
+        assert net.stop() == 0
 
 
 def test_sigterm_stops_every_process(testnet):

@@ -177,6 +177,11 @@ async def test_circuits_json_paths_streams_and_scrubbing(client_node, target, op
             (h.fingerprint, nicks[h.fingerprint]) for h in circ.hops]
         assert [h["role"] for h in c["path"]] == ["guard", "middle", "exit"]
         assert c["bytes_sent"] == 0 and c["bytes_received"] == 0  # reported, and no stream data sent yet
+        # how each hop was added and is protected, and the circuit's congestion control
+        assert [(h["handshake"], h["relay_crypto"]) for h in c["path"]] == [("ntor-v3", "tor1")] * 3
+        assert c["congestion_control"] == "vegas"
+        # no DATA yet: the initial window, in slow start, no RTT sample
+        assert c["cc"] == {"slow_start": True, "cwnd": 124, "rtt_ms": 0, "min_rtt_ms": 0}
     on_circ = [s for c in doc["circuits"] for s in c["streams"]]
     assert [(s["id"], s["state"], s["circuit"], s["target"]) for s in on_circ] == [
         (rec.id, "SUCCEEDED", rec.circuit_id, SCRUBBED)]
@@ -324,6 +329,17 @@ async def test_circuit_bytes_from_real_traffic(client_node, target, open_stream)
         mine = [e for e in stem_events if e.id == str(cid)]
         assert sum(e.written for e in mine) == exact[1]
         assert all(e.delivered_read == e.read and e.time is not None for e in mine)
+        # with tor's congestion-control fields (Vegas runs with the exit): the last event
+        # carries the window and RTTs of the exit's layer, and the live view keeps them
+        vegas = circ.core.layers[-1].cc
+        last = mine[-1].keyword_args
+        # (the client's window is the one for what it sends: a download leaves it as it was)
+        assert {"SS", "CWND", "RTT", "MIN_RTT"} <= set(last)
+        assert (int(last["CWND"]), last["SS"]) == (vegas.cwnd, str(int(vegas.in_slow_start)))
+        assert int(last["RTT"]) == vegas.rtt_ewma // 1000 and int(last["MIN_RTT"]) == vegas.rtt_min // 1000
+        await wait_for(lambda: view.circuits[cid].cwnd is not None, timeout=10, what="CC state in the view")
+        row = next(c for c in view_json(view, 0)["circuits"] if c["id"] == cid)
+        assert row["congestion_control"] == "vegas" and row["cc"]["cwnd"] == view.circuits[cid].cwnd
         # circuits without traffic send none
         assert {e.id for e in stem_events} == {str(cid)}
         # circuit-status lines with the BYTES_ extension still parse as tor's in stem
@@ -336,7 +352,7 @@ async def test_circuit_bytes_from_real_traffic(client_node, target, open_stream)
         buf = io.StringIO()
         await run_circuits(target, console=Console(file=buf, width=250, color_system=None))
         row = next(line for line in buf.getvalue().splitlines() if re.search(rf"│\s+{cid} │", line))
-        assert f"{exact[0] / 1024:.1f} KiB" in row and f"{exact[1]} B" in row
+        assert f"{exact[0] / 1024:.1f} KiB" in row and f"{exact[1]} B" in row and "vegas" in row
     finally:
         pumping.cancel()
         await live.close()

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import blob, http_get, sha256
+from conftest import blob, http_get, sha256, wait_for
 
 from onionp2p.client.client import OnionClient
 from onionp2p.dir.server import fetch, http_request
@@ -113,10 +114,23 @@ async def test_three_hop_circuits_carry_5mb_through_each_tor_exit(tor_network, h
     try:
         async def one(exit_name):
             circ = await client.build_circuit(_path(statuses, exit_name=exit_name), timeout=60)
-            # tor relays list Relay=4: every hop was added with ntor-v3
+            # tor relays list Relay=4: every hop was added with ntor-v3; tor exits list
+            # FlowCtrl=2 and answered our CC_REQUEST: Vegas with the exit, fixed before it
             assert [layer.handshake for layer in circ.core.layers] == ["ntor-v3"] * 3
+            assert [layer.cc is not None for layer in circ.core.layers] == [False, False, True]
+            vegas = circ.core.layers[2].cc
+            assert vegas.inc == 31  # tor's cc_sendme_inc
             reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
             body = await http_get(reader, writer, f"/{MB5}")
+            # upload under our Vegas: tor's SENDMEs (every 31 cells, digests checked) come back
+            reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
+            payload = blob(1_000_000)
+            writer.write(b"GET /echo HTTP/1.0\r\n\r\n" + payload)
+            await reader.readuntil(b"\r\n\r\n")
+            assert await reader.readexactly(len(payload)) == payload
+            await wait_for(lambda: vegas.sendmes == vegas.sent // 31, what="tor's last SENDMEs")
+            assert vegas.sent >= len(payload) // 498 and vegas.samples > 0 and vegas.rtt_min > 0
+            assert circ.core.layers[2].deliver.increment == 31  # and ours went every 31 cells to tor
             circ.close()
             return body
         exits = sorted(n for n, s in statuses.items() if "Exit" in s.flags)
@@ -252,7 +266,7 @@ async def test_onionp2p_client_socks_through_tor_relays(tor_network, http_server
     dirauth.write_text("\n".join(net.dirauth_lines()) + "\n")
     cfg = tmp_path / "client.toml"
     cfg.write_text('data_dir = "client"\nsocks_address = "127.0.0.1:0"\nenforce_distinct_subnets = false\nclient_reject_internal_addresses = false\n'
-                   "preemptive_circuits = 1\n")
+                   "preemptive_circuits = 1\ncontrol_port = 0\n")
     out = tmp_path / "client.out"
     with open(out, "w") as f:
         proc = await asyncio.create_subprocess_exec(
@@ -275,6 +289,18 @@ async def test_onionp2p_client_socks_through_tor_relays(tor_network, http_server
         assert curl.returncode == 0, err
         assert sha256(body.partition(b"\r\n\r\n")[2] if body.startswith(b"HTTP/") else body) == \
             sha256(blob(5_000_000))
+        # `onionp2p circuits --json` on that client: ntor-v3 on every hop, Vegas with the exit
+        control = int(re.search(r"Control port at 127\.0\.0\.1:(\d+)", out.read_text()).group(1))
+        tool = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "onionp2p", "circuits", "--json", "--control-port", str(control),
+            "--cookie", str(tmp_path / "client" / "control_auth_cookie"), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        doc_text, err = await tool.communicate()
+        assert tool.returncode == 0, err
+        built = [c for c in json.loads(doc_text)["circuits"] if c["state"] == "BUILT"]
+        assert built and all(c["congestion_control"] == "vegas" for c in built)
+        assert all(h["handshake"] == "ntor-v3" and h["relay_crypto"] == "tor1" for c in built for h in c["path"])
+        assert any(c["cc"]["rtt_ms"] is not None and c["cc"]["cwnd"] >= 124 for c in built)
     finally:
         if proc.returncode is None:
             proc.terminate()

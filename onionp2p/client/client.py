@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from onionp2p.defaults import HANDSHAKE_TIMEOUT, MAX_QUEUE_CELLS
@@ -45,6 +45,7 @@ from onionp2p.net.chanmgr import ChannelManager
 from onionp2p.net.channel import Channel
 from onionp2p.proto import circuit as core
 from onionp2p.proto.cells import Cell, CellCommand, Destroy, DestroyReason
+from onionp2p.proto.congestion import CCParams
 from onionp2p.proto.directory import RelayInfo
 from onionp2p.proto.relaycell import Begin, EndReason, RelayCommand, Resolved
 
@@ -184,7 +185,7 @@ class ClientCircuit:
         self.client = client
         self.chan = chan
         self.path = tuple(path)
-        self.core = core.ClientCircuit(self.path)
+        self.core = core.ClientCircuit(self.path, cc=client.cc_params())
         self.id = next(_circuit_ids)
         self.circ_id = chan.new_circ_id()
         self.hops: list[RelayInfo] = []
@@ -235,7 +236,20 @@ class ClientCircuit:
         self._run(self.core.channel_closed())
 
     def queue_drained(self, chan: Channel) -> None:
-        pass  # the client's streams package by their windows alone
+        """The channel wrote out what it had queued for this circuit: streams package again."""
+        if self.core.streams and not self.core.closed:
+            self._update_room()
+            self._run(self.core.pump(self._loop.time()))
+
+    def _update_room(self) -> None:
+        """Tell the core how many more cells it may package now: any number while the
+        channel writes; while it is blocked, what is left of RELAY_QUEUE_ROOM after the cells
+        already queued for this circuit (so a congestion window larger than the channel's
+        queue bound never overflows it)."""
+        chan = self.chan
+        c = self.core
+        c.blocked = chan.paused
+        c.room = core.RELAY_QUEUE_ROOM - chan.queued_cells(self.circ_id) if chan.paused else core.UNLIMITED_ROOM
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -262,7 +276,8 @@ class ClientCircuit:
                     if not transport._reading_paused and not transport._lost:
                         # the reader took it without pausing: tell the core how much more it
                         # takes (it counted this run's bytes against the room it had)
-                        self._run(self.core.stream_sink_ready(a.stream_id, True, transport._sink_room()))
+                        self._run(self.core.stream_sink_ready(a.stream_id, True, transport._sink_room(),
+                                                              self._loop.time()))
             elif t is core.StreamPause or t is core.StreamResume:
                 transport = self._transports.get(a.stream_id)
                 if transport is not None and transport.protocol is not None and not transport._lost:
@@ -307,6 +322,8 @@ class ClientCircuit:
                 self._timer = self._loop.call_at(a.deadline, self._on_timer)
             elif t is core.Closed:
                 self._closed(a)
+        if self.core.streams:
+            self._update_room()
 
     def _stream_gone(self, transport: StreamTransport, reason: int, was_open: bool,
                      exc: Exception | None = None) -> None:
@@ -349,10 +366,10 @@ class ClientCircuit:
 
     def _stream_write(self, sid: int, data: bytes) -> None:
         if sid in self.core.streams:
-            self._run(self.core.stream_write(sid, data))
+            self._run(self.core.stream_write(sid, data, self._loop.time()))
 
     def _stream_eof(self, sid: int) -> None:
-        self._run(self.core.stream_eof(sid, EndReason.MISC))
+        self._run(self.core.stream_eof(sid, EndReason.MISC, self._loop.time()))
         self._transports.pop(sid, None)
 
     def _stream_abort(self, sid: int) -> None:
@@ -360,7 +377,7 @@ class ClientCircuit:
         self._run(self.core.stream_abort(sid))
 
     def _sink_ready(self, sid: int, ready: bool, room: int | None) -> None:
-        self._run(self.core.stream_sink_ready(sid, ready, room))
+        self._run(self.core.stream_sink_ready(sid, ready, room, self._loop.time()))
 
     def send_relay(self, cmd: int, stream_id: int, data: bytes = b"", *, hop: int | None = None) -> None:
         """Originate one relay message as it is (TRUNCATE, DROP ...; tests use it to misbehave)."""
@@ -429,8 +446,15 @@ class ClientCircuit:
 class OnionClient:
     """Builds circuits through given relays and keeps one channel per first hop."""
 
-    def __init__(self, *, max_queue_cells: int = MAX_QUEUE_CELLS, handshake_timeout: float = HANDSHAKE_TIMEOUT):
+    def __init__(self, *, max_queue_cells: int = MAX_QUEUE_CELLS, handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 congestion_control: bool = True):
         self.circuits: dict[int, ClientCircuit] = {}
+        #: ask exits for congestion control (proposal 324) where they offer it
+        self.congestion_control = congestion_control
+        #: the current consensus's network parameters (``cc_*`` ...); the node sets it
+        self.consensus_params: Callable[[], Mapping[str, int]] = dict
+        self._cc_source: object = None
+        self._cc = CCParams()
         self.chanmgr = ChannelManager(self, handshake_timeout=handshake_timeout, max_queue_cells=max_queue_cells)
         #: circuit events: ``fn(CircuitEvent)`` (launched, extended, built, failed, closed)
         self.events = Listeners("circuit event")
@@ -439,6 +463,15 @@ class OnionClient:
         self._open: set[Channel] = set()
         self.closed_bytes_read = 0
         self.closed_bytes_written = 0
+
+    def cc_params(self) -> CCParams | None:
+        """Congestion-control parameters for a circuit built now (None: fixed windows)."""
+        if not self.congestion_control:
+            return None
+        params = self.consensus_params()
+        if params != self._cc_source:
+            self._cc_source, self._cc = params, CCParams.from_consensus(params)
+        return self._cc
 
     @property
     def channels(self) -> dict[bytes, Channel]:

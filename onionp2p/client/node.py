@@ -27,7 +27,7 @@ import asyncio
 import ipaddress
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from onionp2p.client.circmgr import CircuitManager
@@ -66,18 +66,21 @@ class ClientNode:
     """A running client. ``await start()`` (bootstraps), then use ``socks_port``; ``await stop()``."""
 
     def __init__(self, cfg: ClientConfig, *, routers: Callable[[], Sequence[RouterStatus]] | None = None,
-                 config_file: str | None = None):
+                 params: Callable[[], Mapping[str, int]] | None = None, config_file: str | None = None):
         self.cfg = cfg
         self.config_file = config_file
         self.started_at = time.time()
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.client = OnionClient()
+        self.client = OnionClient(congestion_control=cfg.congestion_control)
         self.directory = None
         if routers is None:
             from onionp2p.dir.client import ClientDirectory
 
             self.directory = ClientDirectory(cfg.data_dir, cfg.authorities, self.client)
             routers = self.directory.routers
+            params = self.directory.params
+        if params is not None:
+            self.client.consensus_params = params
         self.routers = routers
         self.guards = GuardSet(cfg.data_dir / "guards.json", n_primary=cfg.num_primary_guards)
         if self.directory is not None:

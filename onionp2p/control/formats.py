@@ -54,6 +54,7 @@ __all__ = [
     "version_string",
     "CircuitInfo",
     "CircuitBandwidth",
+    "CCState",
     "StreamInfo",
     "OrConnInfo",
     "GuardInfo",
@@ -100,6 +101,11 @@ class CircuitInfo:
     ``reason`` / ``remote_reason``: control-spec circuit reasons (FAILED/CLOSED only).
     ``bytes_read`` / ``bytes_written``: an onionp2p extension (``BYTES_READ=``,
     ``BYTES_WRITTEN=``) that the control server fills in for ``circuit-status`` lines.
+    ``hop_handshakes`` / ``hop_relay_crypto`` / ``congestion_control`` / ``cc``: onionp2p
+    extensions too (``HOP_HANDSHAKES=ntor-v3,...``, ``HOP_RELAY_CRYPTO=tor1,...``,
+    ``CONGESTION_CONTROL=vegas|fixed``, and where Vegas runs tor's CIRC_BW fields
+    ``SS= CWND= RTT= MIN_RTT=``, RTTs in milliseconds); controllers ignore keywords they
+    do not know.
     """
 
     id: int
@@ -114,6 +120,28 @@ class CircuitInfo:
     socks_password: str | None = None
     bytes_read: int | None = None
     bytes_written: int | None = None
+    hop_handshakes: tuple[str, ...] = ()
+    hop_relay_crypto: tuple[str, ...] = ()
+    congestion_control: str | None = None
+    cc: CCState | None = None
+
+
+@dataclass(frozen=True)
+class CCState:
+    """A circuit's congestion control as tor's CIRC_BW reports it: in slow start, the
+    window (cells), the smoothed and the minimum RTT (milliseconds)."""
+
+    slow_start: bool
+    cwnd: int
+    rtt_ms: int
+    min_rtt_ms: int
+
+    @classmethod
+    def of(cls, vegas) -> CCState:
+        return cls(vegas.in_slow_start, vegas.cwnd, vegas.rtt_ewma // 1000, vegas.rtt_min // 1000)
+
+    def keywords(self) -> str:
+        return f"SS={int(self.slow_start)} CWND={int(self.cwnd)} RTT={int(self.rtt_ms)} MIN_RTT={int(self.min_rtt_ms)}"
 
 
 @dataclass(frozen=True)
@@ -127,6 +155,7 @@ class CircuitBandwidth:
     written: int
     delivered_read: int | None = None
     delivered_written: int | None = None
+    cc: CCState | None = None
 
 
 @dataclass(frozen=True)
@@ -282,6 +311,13 @@ def circuit_line(c: CircuitInfo) -> str:
     _socks(parts, c.socks_username, c.socks_password)
     _kw(parts, "BYTES_READ", None if c.bytes_read is None else int(c.bytes_read))
     _kw(parts, "BYTES_WRITTEN", None if c.bytes_written is None else int(c.bytes_written))
+    if c.hop_handshakes:
+        parts.append("HOP_HANDSHAKES=" + ",".join(_tok(h, "handshake") for h in c.hop_handshakes))
+    if c.hop_relay_crypto:
+        parts.append("HOP_RELAY_CRYPTO=" + ",".join(_tok(h, "relay crypto") for h in c.hop_relay_crypto))
+    _kw(parts, "CONGESTION_CONTROL", c.congestion_control)
+    if c.cc is not None:
+        parts.append(c.cc.keywords())
     return " ".join(parts)
 
 
@@ -292,14 +328,17 @@ def conf_changed_reply(values: Sequence[tuple[str, str | None]]) -> bytes:
 
 
 def circ_bw_line(circ_id: int, read: int, written: int, when: float, *, delivered_read: int | None = None,
-                 delivered_written: int | None = None) -> str:
-    """A CIRC_BW event body: ``ID=n READ=n WRITTEN=n TIME=t [DELIVERED_READ=n DELIVERED_WRITTEN=n]``
-    (byte counts since the previous CIRC_BW event of that circuit)."""
+                 delivered_written: int | None = None, cc: CCState | None = None) -> str:
+    """A CIRC_BW event body: ``ID=n READ=n WRITTEN=n TIME=t [DELIVERED_READ=n DELIVERED_WRITTEN=n]
+    [SS=n CWND=n RTT=n MIN_RTT=n]`` (byte counts since the previous CIRC_BW event of that
+    circuit; the congestion-control fields as tor 0.4.7+ gives them)."""
     parts = [f"ID={int(circ_id)}", f"READ={int(read)}", f"WRITTEN={int(written)}", f"TIME={iso_time(when)}"]
     if delivered_read is not None:
         parts.append(f"DELIVERED_READ={int(delivered_read)}")
     if delivered_written is not None:
         parts.append(f"DELIVERED_WRITTEN={int(delivered_written)}")
+    if cc is not None:
+        parts.append(cc.keywords())
     return " ".join(parts)
 
 

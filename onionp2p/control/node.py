@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from onionp2p.client.client import CircuitEvent
 from onionp2p.client.pathsel import choose_path
 from onionp2p.control.formats import (
+    CCState,
     CircEvent,
     CircuitBandwidth,
     CircuitInfo,
@@ -168,9 +169,15 @@ class ClientControlAdapter(ControlAdapterBase):
     def _circuit_info(self, circ, status: str | None = None, reason: str | None = None) -> CircuitInfo:
         if status is None:
             status = {"built": "BUILT", "launched": "EXTENDED" if circ.hops else "LAUNCHED"}.get(circ.state, "CLOSED")
+        layers = circ.core.layers
+        last = layers[-1] if layers and len(layers) == len(circ.path) else None
         return CircuitInfo(
             id=circ.id, status=status, path=tuple((h.fingerprint, h.nickname) for h in circ.hops),
             build_flags=("NEED_CAPACITY",), purpose="GENERAL", time_created=circ.created_at, reason=reason,
+            hop_handshakes=tuple(layer.handshake for layer in layers),
+            hop_relay_crypto=tuple(layer.relay_crypto for layer in layers),
+            congestion_control=None if last is None else ("vegas" if last.cc is not None else "fixed"),
+            cc=None if last is None or last.cc is None else CCState.of(last.cc),
         )
 
     def circuits(self) -> list[CircuitInfo]:
@@ -182,8 +189,14 @@ class ClientControlAdapter(ControlAdapterBase):
 
     def circuit_bandwidth(self) -> list[CircuitBandwidth]:
         """RELAY_DATA payload bytes (received = read, sent = written) of the open circuits."""
-        return [CircuitBandwidth(c.id, c.bytes_received, c.bytes_sent, c.bytes_received, c.bytes_sent)
-                for c in self.node.client.circuits.values() if c.state in ("launched", "built")]
+        out = []
+        for c in self.node.client.circuits.values():
+            if c.state in ("launched", "built"):
+                layers = c.core.layers
+                vegas = layers[-1].cc if layers else None
+                out.append(CircuitBandwidth(c.id, c.bytes_received, c.bytes_sent, c.bytes_received, c.bytes_sent,
+                                            None if vegas is None else CCState.of(vegas)))
+        return out
 
     def _nick(self, rsa_id: bytes) -> str | None:
         fp = rsa_id.hex().upper()

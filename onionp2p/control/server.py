@@ -599,7 +599,7 @@ class ControlServer:
             if t.delivered_written is not None:
                 dwritten = max(0, t.delivered_written - ((prev.delivered_written or 0) if prev else 0))
             self._fan_out("CIRC_BW", format_event("CIRC_BW", circ_bw_line(
-                t.id, read, written, when, delivered_read=dread, delivered_written=dwritten)))
+                t.id, read, written, when, delivered_read=dread, delivered_written=dwritten, cc=t.cc)))
         self.circ_bw = now
 
     def _traffic(self, fallback: tuple[int, int] = (0, 0)) -> tuple[int, int]:

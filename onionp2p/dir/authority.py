@@ -221,7 +221,8 @@ def compute_consensus(votes: Sequence[NetworkStatus], schedule: VotingSchedule, 
     A relay (RSA + Ed25519 identity) is listed if more than half of the votes list it; its
     fields come from the newest descriptor the votes saw (ties: larger digest), a flag is
     set if more than half of the votes listing the relay set it, and the weight is the
-    low median of their bandwidths.
+    low median of their bandwidths. A network parameter (``params``) is in the consensus
+    if more than half of the votes set it, with the low median of their values.
     """
     listed: dict[tuple[bytes, bytes], list[RouterEntry]] = {}
     for vote in votes:
@@ -236,7 +237,13 @@ def compute_consensus(votes: Sequence[NetworkStatus], schedule: VotingSchedule, 
         bws = sorted(e.bandwidth for e in entries)
         routers.append(replace(best, flags=frozenset(flags), bandwidth=bws[(len(bws) - 1) // 2]))
     voters = tuple(v.voters[0] for v in votes)
-    return NetworkStatus("consensus", *schedule.times(va), voters, tuple(routers))
+    # a network parameter is set if more than half of the votes set it: the low median
+    values: dict[str, list[int]] = {}
+    for vote in votes:
+        for key, value in vote.params:
+            values.setdefault(key, []).append(value)
+    params = tuple((k, sorted(vs)[(len(vs) - 1) // 2]) for k, vs in values.items() if 2 * len(vs) > len(votes))
+    return NetworkStatus("consensus", *schedule.times(va), voters, tuple(routers), params=params)
 
 
 @dataclass(frozen=True)
@@ -482,7 +489,8 @@ class Authority:
             flags = flags_for(desc, self.reach.get(desc.rsa_id), now, self.rules)
             if flags is not None:
                 entries.append(RouterEntry.from_descriptor(desc, flags, advertised_kb(desc)))
-        vote = NetworkStatus("vote", *self.schedule.times(va), ((self.nickname, self.identity),), tuple(entries))
+        vote = NetworkStatus("vote", *self.schedule.times(va), ((self.nickname, self.identity),), tuple(entries),
+                             params=tuple(self.config.consensus_params.items()))
         return vote.with_signatures([(self.identity, vote.sign(self.key))])
 
     def _period_ok(self, va: int, now: float) -> bool:

@@ -40,7 +40,6 @@ from onionp2p import __version__
 from onionp2p.dir.server import DirServer, HttpRequest, HttpResponse, fetch, http_request
 from onionp2p.errors import OnionError, ProtocolError
 from onionp2p.log import get_logger
-from onionp2p.proto import protover
 from onionp2p.proto.directory import (
     CLOCK_SKEW,
     MAX_CONSENSUS_SIZE,
@@ -112,6 +111,11 @@ class _ConsensusHolder:
         if doc is not None and doc.valid_until < self.now() - self.skew:
             return None
         return doc
+
+    def params(self) -> dict[str, int]:
+        """The current consensus's network parameters ({} if there is none)."""
+        doc = self.consensus
+        return dict(doc.params) if doc is not None else {}
 
     def routers(self) -> list[RouterStatus]:
         """The relays of the current consensus ([] if there is none).
@@ -352,10 +356,10 @@ class RelayDirectory(_ConsensusHolder):
         relay = self.relay
         last = self.descriptor.published if self.descriptor is not None else 0
         return ServerDescriptor.create(
-            relay.keys, nickname=relay.nickname, address=relay.address, or_port=relay.port,
+            relay.keys, nickname=relay.nickname, address=relay.address, or_port=relay.advertised_port,
             exit_policy=relay.exit_policy, published=max(int(self.now()), last + 1), bandwidth=self.bandwidth,
             platform=f"onionp2p {__version__}", family=self.family, contact=self.contact, dir_server=True,
-            protocols=protover.SUPPORTED)
+            protocols=relay.protocols)
 
     async def _upload(self, auth: DirAuthority, desc: ServerDescriptor) -> bool:
         try:

@@ -65,6 +65,8 @@ from onionp2p.proto.exitpolicy import ExitPolicy
 
 __all__ = [
     "CLOCK_SKEW",
+    "TorNetworkView",
+    "fetch_tor_network",
     "ConsensusEntry",
     "KeyCertificate",
     "MicrodescConsensus",
@@ -571,8 +573,17 @@ def router_statuses(consensus: MicrodescConsensus,
 
 
 # -- fetching ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TorNetworkView:
+    """What a client takes from a tor network's directory: its relays and its consensus's
+    network parameters (``params``: congestion control's ``cc_*`` ...)."""
+
+    routers: list[RouterStatus]
+    params: dict[str, int]
+
+
 async def _from_authority(auth: TorDirAuthority, authorities: Sequence[TorDirAuthority], now: float,
-                          timeout: float) -> list[RouterStatus]:
+                          timeout: float) -> TorNetworkView:
     host, port = auth.address, auth.dir_port
     certs = parse_key_certificates(await fetch(host, port, KEYS_PATH, max_size=MAX_CERTS, timeout=timeout))
     consensus = parse_consensus(await fetch(host, port, CONSENSUS_PATH, max_size=MAX_CONSENSUS,
@@ -592,12 +603,13 @@ async def _from_authority(auth: TorDirAuthority, authorities: Sequence[TorDirAut
     for b in batches:
         if isinstance(b, BaseException):
             raise b
-    return router_statuses(consensus, [md for b in batches for md in b])
+    return TorNetworkView(router_statuses(consensus, [md for b in batches for md in b]), dict(consensus.params))
 
 
-async def fetch_tor_directory(dirauth_lines: list[str], *, now: float | None = None,
-                              timeout: float = 30) -> list[RouterStatus]:
-    """Fetch, verify and join a tor network's directory from its authorities' DirPorts.
+async def fetch_tor_network(dirauth_lines: list[str], *, now: float | None = None,
+                            timeout: float = 30) -> TorNetworkView:
+    """Fetch, verify and join a tor network's directory from its authorities' DirPorts:
+    its relays and network parameters.
 
     Authorities are tried in random order until one yields a consensus that verifies
     against *all* configured authorities' certificates (more than half must have signed).
@@ -614,3 +626,9 @@ async def fetch_tor_directory(dirauth_lines: list[str], *, now: float | None = N
         except (OnionError, TimeoutError) as exc:
             causes.append(f"{auth.nickname or auth.address}:{auth.dir_port}: {type(exc).__name__}: {exc}")
     raise TorDirectoryError("no directory authority gave a verified consensus", causes)
+
+
+async def fetch_tor_directory(dirauth_lines: list[str], *, now: float | None = None,
+                              timeout: float = 30) -> list[RouterStatus]:
+    """The relays of a tor network (:func:`fetch_tor_network` without the parameters)."""
+    return (await fetch_tor_network(dirauth_lines, now=now, timeout=timeout)).routers

@@ -52,7 +52,7 @@ from onionp2p.ops.controlclient import (
     open_view,
     parse_address,
 )
-from onionp2p.ops.present import circuit_rows, format_age, format_bytes, stream_dict
+from onionp2p.ops.present import circuit_rows, format_age, format_bytes, format_cc, stream_dict
 
 __all__ = [
     "MissingDependencyError",
@@ -161,17 +161,17 @@ def circuits_table(view: NetworkView, now: float, *, show_targets: bool = False,
                   expand=False)
     for name, kw in (("ID", {"justify": "right"}), ("State", {}), ("Purpose", {}), ("Path", {}),
                      ("Age", {"justify": "right"}), ("Sent", {"justify": "right"}),
-                     ("Recv", {"justify": "right"}), ("Streams", {})):
+                     ("Recv", {"justify": "right"}), ("CC", {}), ("Streams", {})):
         table.add_column(name, **kw)
     for row in circuit_rows(view, now, show_targets=show_targets):
         streams = "\n".join(f"#{s['id']} {s['state']} {s['target']}" for s in row["streams"]) or "-"
         style = {"BUILT": "green", "FAILED": "red"}.get(row["state"], "yellow")
         table.add_row(str(row["id"]), Text(row["state"], style=style), Text(row["purpose"] or "-"), _path_text(row),
                       format_age(row["age_seconds"]), format_bytes(row["bytes_sent"]),
-                      format_bytes(row["bytes_received"]), Text(streams))  # Text: no markup in names
+                      format_bytes(row["bytes_received"]), format_cc(row), Text(streams))  # Text: no markup
     loose = view_json(view, now, show_targets=show_targets)["unattached_streams"]
     for s in loose:
-        table.add_row("-", "-", "-", "(not on a listed circuit)", "-", "-", "-",
+        table.add_row("-", "-", "-", "(not on a listed circuit)", "-", "-", "-", "-",
                       Text(f"#{s['id']} {s['state']} circ {s['circuit']} {s['target']}"))
     return table
 

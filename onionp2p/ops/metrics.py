@@ -55,6 +55,7 @@ __all__ = [
     "gauge",
     "render_metrics",
     "ChannelTotals",
+    "congestion_metrics",
     "RelayCollector",
     "ClientCollector",
     "AuthorityCollector",
@@ -176,6 +177,24 @@ def _common(cells_bytes: tuple[int, int, int, int], channels: list, role: str, e
     ]
 
 
+def congestion_metrics(layers: Iterable) -> list[Metric]:
+    """Congestion control of the given circuit layers (the client's exit hops, a relay's
+    exit edges): how many run Vegas or fixed windows, and over the Vegas ones the window
+    (cells) and smoothed RTT (seconds), mean and extremes."""
+    layers = list(layers)
+    vegas = [layer.cc for layer in layers if layer.cc is not None]
+    rtts = [v.rtt_ewma / 1e6 for v in vegas if v.rtt_ewma]
+    cwnds = [v.cwnd for v in vegas]
+    return [
+        gauge("onionp2p_circuit_congestion_control", "Circuits by flow control: vegas (proposal 324) or fixed.",
+              {"vegas": len(vegas), "fixed": len(layers) - len(vegas)}, "alg"),
+        gauge("onionp2p_congestion_window_cells", "Congestion windows of the Vegas circuits (cells).",
+              {"mean": sum(cwnds) / len(cwnds) if cwnds else 0, "max": max(cwnds, default=0)}, "stat"),
+        gauge("onionp2p_circuit_rtt_seconds", "Smoothed round-trip times of the Vegas circuits.",
+              {"mean": sum(rtts) / len(rtts) if rtts else 0, "min": min(rtts, default=0)}, "stat"),
+    ]
+
+
 def _boot_time() -> float | None:
     try:
         with open("/proc/stat") as f:
@@ -258,6 +277,7 @@ class RelayCollector:
             gauge("onionp2p_circuits", "Circuits through this relay by state.",
                   {"open": states["open"], "extending": states["extending"]}, "state"),
             gauge("onionp2p_streams", "Exit streams open at this relay.", sum(len(c.streams) for c in circuits)),
+            *congestion_metrics(c.core.layer for c in circuits if c.core.streams or c.core.layer.cc is not None),
             counter("onionp2p_create_handshakes_total", "CREATE2 (ntor) handshakes answered: ok or failed.",
                     {"ok": stats.get("create_ok", 0), "failed": stats.get("create_failed", 0)}, "result"),
             counter("onionp2p_circuits_closed_total", "Circuits torn down, by DESTROY reason.",
@@ -369,6 +389,7 @@ class ClientCollector:
                     {"sent": self.retired_data[0] + sum(c.bytes_sent for c in circuits),
                      "received": self.retired_data[1] + sum(c.bytes_received for c in circuits)}, "direction"),
             gauge("onionp2p_bootstrap_progress", "Bootstrap progress in percent.", progress),
+            *congestion_metrics(c.core.layers[-1] for c in circuits if c.state == "built" and c.core.layers),
         ]
         socks = getattr(getattr(node, "socks", None), "stats", None)
         if socks is not None:

@@ -201,6 +201,15 @@ class Circuit:
     remote_reason: str | None = None
     bytes_read: int | None = None
     bytes_written: int | None = None
+    #: onionp2p's extensions: per hop, the circuit handshake and relay crypto; the circuit's
+    #: congestion control ("vegas" | "fixed") and, under Vegas, tor's CIRC_BW fields
+    hop_handshakes: tuple[str, ...] = ()
+    hop_relay_crypto: tuple[str, ...] = ()
+    congestion_control: str | None = None
+    slow_start: bool | None = None
+    cwnd: int | None = None
+    rtt_ms: int | None = None
+    min_rtt_ms: int | None = None
 
     def age(self, now: float) -> float | None:
         return None if self.time_created is None else max(0.0, now - self.time_created)
@@ -311,7 +320,19 @@ def parse_circuit(body: str) -> Circuit:
         time_created=_iso(kw.get("TIME_CREATED")), reason=kw.get("REASON"),
         remote_reason=kw.get("REMOTE_REASON"), bytes_read=_int(kw.get("BYTES_READ"), "byte count"),
         bytes_written=_int(kw.get("BYTES_WRITTEN"), "byte count"),
+        hop_handshakes=tuple(h for h in kw.get("HOP_HANDSHAKES", "").split(",") if h),
+        hop_relay_crypto=tuple(h for h in kw.get("HOP_RELAY_CRYPTO", "").split(",") if h),
+        congestion_control=kw.get("CONGESTION_CONTROL"), **_cc_fields(kw),
     )
+
+
+def _cc_fields(kw: dict[str, str]) -> dict:
+    """tor's congestion-control keywords (CIRC_BW, and our circuit-status lines), if given."""
+    if "CWND" not in kw:
+        return {}
+    ss = _int(kw.get("SS"), "SS")
+    return {"slow_start": None if ss is None else bool(ss), "cwnd": _int(kw.get("CWND"), "CWND"),
+            "rtt_ms": _int(kw.get("RTT"), "RTT"), "min_rtt_ms": _int(kw.get("MIN_RTT"), "MIN_RTT")}
 
 
 def parse_stream(body: str) -> Stream:
@@ -443,6 +464,9 @@ class NetworkView:
             if c.status not in _CLOSED:
                 if old is not None and c.bytes_read is None:  # keep CIRC_BW counts
                     c = replace(c, bytes_read=old.bytes_read, bytes_written=old.bytes_written)
+                if old is not None and c.cwnd is None:  # ... and congestion-control state
+                    c = replace(c, slow_start=old.slow_start, cwnd=old.cwnd, rtt_ms=old.rtt_ms,
+                                min_rtt_ms=old.min_rtt_ms)
                 self.circuits[c.id] = c
         elif t == "CIRC_BW":
             kw = parse_keywords(split_line(ev.body))
@@ -451,7 +475,8 @@ class NetworkView:
             if c is not None:
                 self.circuits[c.id] = replace(
                     c, bytes_read=(c.bytes_read or 0) + (_int(kw.get("READ"), "byte count") or 0),
-                    bytes_written=(c.bytes_written or 0) + (_int(kw.get("WRITTEN"), "byte count") or 0))
+                    bytes_written=(c.bytes_written or 0) + (_int(kw.get("WRITTEN"), "byte count") or 0),
+                    **_cc_fields(kw))
         elif t == "STREAM":
             s = parse_stream(ev.body)
             self.streams.pop(s.id, None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from onionp2p.ops.controlclient import NetworkView, hop_role
 
-__all__ = ["SCRUBBED", "format_age", "format_bytes", "circuit_rows", "stream_dict"]
+__all__ = ["SCRUBBED", "format_age", "format_bytes", "format_cc", "circuit_rows", "stream_dict"]
 
 SCRUBBED = "[scrubbed]"
 
@@ -42,14 +42,31 @@ def circuit_rows(view: NetworkView, now: float, *, show_targets: bool = False) -
             router = view.router(hop)
             path.append({"nickname": hop.nickname or (router.nickname if router else None),
                          "fingerprint": hop.fingerprint or (router.fingerprint if router else None),
-                         "role": hop_role(c, i)})
+                         "role": hop_role(c, i),
+                         "handshake": c.hop_handshakes[i] if i < len(c.hop_handshakes) else None,
+                         "relay_crypto": c.hop_relay_crypto[i] if i < len(c.hop_relay_crypto) else None})
         rows.append({
             "id": c.id, "state": c.status, "purpose": c.purpose, "build_flags": list(c.build_flags),
             "path": path, "age_seconds": None if c.age(now) is None else round(c.age(now), 3),  # type: ignore[arg-type]
             "bytes_sent": c.bytes_written, "bytes_received": c.bytes_read,
+            "congestion_control": c.congestion_control,
+            "cc": None if c.cwnd is None else {"slow_start": c.slow_start, "cwnd": c.cwnd, "rtt_ms": c.rtt_ms,
+                                               "min_rtt_ms": c.min_rtt_ms},
             "streams": [stream_dict(s, show_targets) for s in view.streams_of(c.id)],
         })
     return rows
+
+
+def format_cc(row: dict) -> str:
+    """``vegas 466c 12ms`` (window in cells, smoothed RTT), ``fixed``, or ``-``."""
+    cc = row.get("congestion_control")
+    if cc is None:
+        return "-"
+    state = row.get("cc")
+    if cc != "vegas" or not state:
+        return cc
+    rtt = state.get("rtt_ms")
+    return f"vegas {state['cwnd']}c" + (f" {rtt}ms" if rtt else "") + (" ss" if state.get("slow_start") else "")
 
 
 def stream_dict(s, show_targets: bool) -> dict:

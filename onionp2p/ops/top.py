@@ -43,7 +43,7 @@ from onionp2p.ops.controlclient import (
     NetworkView,
     open_view,
 )
-from onionp2p.ops.present import SCRUBBED, circuit_rows, format_age, format_bytes
+from onionp2p.ops.present import SCRUBBED, circuit_rows, format_age, format_bytes, format_cc
 
 __all__ = ["TopApp", "run_top"]
 
@@ -94,7 +94,8 @@ class TopApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#circuits", DataTable).add_columns("ID", "State", "Path", "Age", "Sent", "Recv", "Streams")
+        self.query_one("#circuits", DataTable).add_columns("ID", "State", "Path", "Age", "Sent", "Recv", "CC",
+                                                                   "Streams")
         self.query_one("#relays", DataTable).add_columns("Relay", "Roles", "Circuits", "Flags", "Fingerprint",
                                                          "Address")
         self.query_one("#streams", DataTable).add_columns("ID", "State", "Circuit", "Target", "Purpose")
@@ -172,7 +173,7 @@ class TopApp(App):
                               for h in row["path"]) or "-"
             circuits.add_row(str(row["id"]), Text(row["state"]), Text(path), format_age(row["age_seconds"]),
                              format_bytes(row["bytes_sent"]), format_bytes(row["bytes_received"]),
-                             str(len(row["streams"])), key=str(row["id"]))
+                             format_cc(row), str(len(row["streams"])), key=str(row["id"]))
         relays = self.query_one("#relays", DataTable)
         relays.clear()
         for hop, router, roles, circs in view.relays_in_use():

@@ -31,8 +31,12 @@ Two cores share one :class:`Edge`:
 :class:`Edge` holds the stream rules of both edges, once: a DATA cell counts against its
 layer's and its stream's deliver windows, goes to the stream's sink and may make a stream
 or circuit SENDME due; a SENDME credits a package window and lets streams package more;
-bytes from a stream's source are cut into DATA cells while both windows (and, at a relay,
-the room left in the channel queue) allow. Violations raise
+bytes from a stream's source are cut into DATA cells while both windows (and the room
+left in the channel queue) allow. A layer with congestion control (proposal 324,
+:mod:`onionp2p.proto.congestion`, negotiated in the hop's ntor-v3 handshake) has a Vegas
+window instead of the fixed one and SENDMEs every ``sendme_inc`` cells, which give RTT
+samples (hence ``now`` in every call); its streams have no windows but XON/XOFF, sent
+when the local sink stops and starts taking data. Violations raise
 :class:`~onionp2p.errors.ProtocolError` inside, which close the circuit with PROTOCOL.
 
 Actions are small slotted objects (:class:`Send`, :class:`ToPrev`, :class:`ToNext`,
@@ -50,8 +54,9 @@ from collections.abc import Sequence
 
 from onionp2p.errors import DigestMismatch, LocalProtocolError, ProtocolError
 from onionp2p.proto.cells import CellCommand, Create2, Created2, Destroy, DestroyReason
-from onionp2p.proto.create import HopHandshake, HopParams
-from onionp2p.proto.flowctl import DeliverWindow, PackageWindow
+from onionp2p.proto.congestion import CCParams, Vegas
+from onionp2p.proto.create import HopHandshake, HopParams, wants_cc
+from onionp2p.proto.flowctl import CIRCWINDOW_START, DeliverWindow, PackageWindow
 from onionp2p.proto.relaycell import (
     RELAY_DATA_MAX,
     RELAY_HEADER_LEN,
@@ -69,10 +74,12 @@ from onionp2p.proto.relaycell import (
     Resolved,
     Sendme,
     Truncated,
+    Xoff,
+    Xon,
     pack_relay,
 )
 from onionp2p.proto.relaycrypto import ClientCrypto, RelayCrypto
-from onionp2p.proto.stream import SOURCE_HIGH_WATER, SOURCE_LOW_WATER, Stream, StreamState
+from onionp2p.proto.stream import NO_WINDOW, SOURCE_HIGH_WATER, SOURCE_LOW_WATER, Stream, StreamState
 
 __all__ = [
     # the cores and what they share
@@ -104,6 +111,10 @@ _DATA = int(RelayCommand.DATA)
 _SENDME = int(RelayCommand.SENDME)
 _END = int(RelayCommand.END)
 _EXTEND2 = int(RelayCommand.EXTEND2)
+_XOFF = int(RelayCommand.XOFF)
+_XON = int(RelayCommand.XON)
+#: "as many cells as you like": the room of an edge whose channel is writing
+UNLIMITED_ROOM = 1 << 30
 _FULL_DATA = _HDR.pack(_DATA, 0, 0, b"\0\0\0\0", RELAY_DATA_MAX)[:3]  # command + recognized
 
 
@@ -293,15 +304,26 @@ class ExitResolve(Action):
 class Layer:
     """The circuit windows between this edge and one other: a hop's, at the client (tor's
     cpath layer); the circuit's own at a relay's exit edge. ``handshake`` says how its keys
-    were agreed ("ntor", "ntor-v3")."""
+    were agreed ("ntor", "ntor-v3"), ``relay_crypto`` how its cells are protected ("tor1").
+    With congestion control negotiated (:meth:`enable_cc`)
+    ``cc`` is the Vegas state that replaces the fixed package window (``package`` is then
+    the same object), and SENDMEs go every ``sendme_inc`` cells instead of 100."""
 
-    __slots__ = ("index", "package", "deliver", "handshake")
+    __slots__ = ("index", "package", "deliver", "handshake", "relay_crypto", "cc")
 
     def __init__(self, index: int, handshake: str = "ntor"):
         self.index = index
         self.handshake = handshake
-        self.package = PackageWindow.circuit()
+        self.relay_crypto = "tor1"
+        self.package: PackageWindow | Vegas = PackageWindow.circuit()
         self.deliver = DeliverWindow.circuit()
+        self.cc: Vegas | None = None
+
+    def enable_cc(self, params: CCParams, sendme_inc: int) -> None:
+        """Congestion control was negotiated for this layer (before any cell was sent)."""
+        self.cc = Vegas(params, sendme_inc)
+        self.package = self.cc
+        self.deliver = DeliverWindow(CIRCWINDOW_START, sendme_inc)
 
 
 def from_core(name: str, doc: str | None = None) -> property:
@@ -328,6 +350,13 @@ class Edge:
         self.bytes_received = 0
         self._out: list = []
         self._deliveries: dict[int, list] = {}  # stream -> data received in this run, not yet given
+        #: the time of the latest call that brought one (congestion control measures RTTs by it)
+        self.now = 0.0
+        #: cells the shell takes toward the other edge right now (its channel's room); streams
+        #: package at most that many. The shell keeps it current and calls :meth:`pump` when
+        #: it grows; ``blocked``: the channel is not writing (a congestion signal)
+        self.room = UNLIMITED_ROOM
+        self.blocked = False
 
     def _take(self) -> list:
         out, self._out = self._out, []
@@ -377,7 +406,9 @@ class Edge:
     def _on_sendme(self, layer: Layer, sid: int, data: bytes) -> None:
         if sid == 0:  # circuit level, authenticated (v1): echoes a digest of ours
             msg = Sendme.parse(data)
-            layer.package.on_sendme(msg.digest if msg.version == 1 else None)
+            if layer.cc is not None:
+                layer.cc.blocked = self.blocked
+            layer.package.on_sendme(msg.digest if msg.version == 1 else None, self.now)
             for stream in list(self.streams.values()):
                 if stream.layer is layer and stream.buf:
                     self._pump(stream)
@@ -386,8 +417,36 @@ class Edge:
         if stream is None or stream.layer is not layer:
             self._no_stream(layer, _SENDME, sid)
             return
+        if stream.xon:  # tor: "Congestion control got stream sendme"
+            raise ProtocolError("stream SENDME on a stream under congestion control")
         stream.package.on_sendme()
         self._pump(stream)
+
+    def _on_flow(self, layer: Layer, cmd: int, sid: int, data: bytes) -> None:
+        """XOFF or XON from ``layer``'s edge for stream ``sid`` (proposal 324)."""
+        stream = self.streams.get(sid)
+        if stream is None or stream.layer is not layer:
+            self._no_stream(layer, cmd, sid)
+            return
+        if not stream.xon:
+            self._misbehaved("XON/XOFF on a stream without congestion control", layer, cmd, sid)
+            return
+        if cmd == _XOFF:
+            if stream.xoff_received:
+                self._misbehaved("XOFF on a stream already told to stop", layer, cmd, sid)
+                return
+            stream.xoff_received = True
+            stream.package.window = 0
+            return
+        try:
+            stream.xon_rate = Xon.parse(data).kbps_ewma
+        except ProtocolError:
+            self._misbehaved("malformed XON", layer, cmd, sid)
+            return
+        if stream.xoff_received:
+            stream.xoff_received = False
+            stream.package.window = NO_WINDOW
+            self._pump(stream)
 
     def _flush_deliveries(self, only: int | None = None) -> None:
         """Hand over the data gathered for streams in this run (one action per stream)."""
@@ -405,9 +464,12 @@ class Edge:
 
     # -- outbound: packaging -------------------------------------------------------------------------
 
-    def stream_write(self, sid: int, data: bytes) -> list:
+    def stream_write(self, sid: int, data: bytes, now: float | None = None) -> list:
         """Bytes from the stream's source: package what the windows allow, buffer the rest
-        (asking to pause the source above the high-water mark)."""
+        (asking to pause the source above the high-water mark). ``now``, here and below:
+        the time (the latest one given when None)."""
+        if now is not None:
+            self.now = now
         stream = self.streams.get(sid)
         if stream is None or stream.end_reason is not None:
             raise LocalProtocolError("write on a closed stream")
@@ -418,23 +480,45 @@ class Edge:
             self._out.append(StreamPause(sid))
         return self._take()
 
-    def stream_eof(self, sid: int, reason: int) -> list:
+    def stream_eof(self, sid: int, reason: int, now: float | None = None) -> list:
         """The stream's source ended: END(reason) goes once every buffered byte is sent."""
+        if now is not None:
+            self.now = now
         stream = self.streams.get(sid)
         if stream is not None and stream.end_reason is None:
             stream.end_reason = reason
             self._pump(stream)
         return self._take()
 
-    def stream_sink_ready(self, sid: int, ready: bool, room: int | None = None) -> list:
+    def stream_sink_ready(self, sid: int, ready: bool, room: int | None = None,
+                          now: float | None = None) -> list:
         """The stream's sink takes data again (``ready``) or not; ``room``: bytes it takes
-        before it will stop (stream SENDMEs are withheld past that)."""
+        before it will stop (stream SENDMEs are withheld past that). Under congestion
+        control the sink stopping sends XOFF, and taking data again XON."""
+        if now is not None:
+            self.now = now
         stream = self.streams.get(sid)
         if stream is not None:
             stream.sink_ready = ready
             stream.sink_room = room
-            if ready:
+            if stream.xon:
+                if not self.closed and ready == stream.xoff_sent:
+                    stream.xoff_sent = not ready
+                    if ready:  # advisory rate 0: none (we do not measure the drain rate)
+                        self._originate(stream.layer, _XON, sid, Xon(0).encode())
+                    else:
+                        self._originate(stream.layer, _XOFF, sid, Xoff().encode())
+            elif ready:
                 self._stream_sendmes(stream)
+        return self._take()
+
+    def pump(self, now: float | None = None) -> list:
+        """The channel toward the other edge drained (``room`` grew): streams package again."""
+        if now is not None:
+            self.now = now
+        for stream in list(self.streams.values()):
+            if stream.buf and self.room > 0 and not self.closed:
+                self._pump(stream)
         return self._take()
 
     def _pump(self, stream: Stream) -> None:
@@ -489,6 +573,9 @@ class Edge:
     def _no_stream(self, layer: Layer, cmd: int, sid: int) -> None:  # pragma: no cover
         raise NotImplementedError
 
+    def _misbehaved(self, reason: str, layer: Layer, cmd: int, sid: int) -> None:  # pragma: no cover
+        raise NotImplementedError
+
 
 # -- the client side ----------------------------------------------------------------------------------
 
@@ -501,11 +588,13 @@ class ClientCircuit(Edge):
     → ``closed`` (or ``failed`` if it never got built).
     """
 
-    def __init__(self, path: Sequence) -> None:
+    def __init__(self, path: Sequence, cc: CCParams | None = None) -> None:
         super().__init__()
         if not path:
             raise LocalProtocolError("empty path")
         self.path = tuple(path)
+        #: congestion control parameters (None or cc_alg 0: fixed windows everywhere)
+        self.cc = cc
         self.crypto = ClientCrypto()
         self.layers: list[Layer] = []
         self.state = "building"
@@ -528,7 +617,7 @@ class ClientCircuit(Edge):
 
     def start(self, now: float, timeout: float) -> list:
         """Send CREATE2 to the first hop; the whole build must finish by ``now + timeout``."""
-        hs = self._handshake = HopHandshake(self.path[0])
+        hs = self._handshake = self._hop_handshake(0)
         self._out.append(Send(int(CellCommand.CREATE2), [Create2(hs.htype, hs.onion_skin).encode()]))
         self.deadline = now + timeout
         self._out.append(SetTimer(self.deadline))
@@ -539,6 +628,10 @@ class ClientCircuit(Edge):
             self._close("TIMEOUT", "circuit build timed out", destroy=True)
         return self._take()
 
+    def _hop_handshake(self, index: int) -> HopHandshake:
+        relay = self.path[index]
+        return HopHandshake(relay, self.cc if wants_cc(relay, index, len(self.path), self.cc) else None)
+
     def add_layer(self, key_material: bytes, params: HopParams | None = None) -> None:
         """A hop's keys are agreed: its crypto layer and its windows. (The build does this;
         tests call it to set up a circuit without handshakes.)"""
@@ -546,6 +639,8 @@ class ClientCircuit(Edge):
         layer = Layer(len(self.layers))
         if params is not None:
             layer.handshake = params.handshake
+            if params.sendme_inc is not None:
+                layer.enable_cc(self.cc if self.cc is not None else CCParams(), params.sendme_inc)
         self.layers.append(layer)
         self._out.append(HopAdded(len(self.layers) - 1))
         if len(self.layers) == len(self.path):
@@ -560,7 +655,7 @@ class ClientCircuit(Edge):
         if self.state == "built":
             return
         relay = self.path[len(self.layers)]
-        hs = self._handshake = HopHandshake(relay)
+        hs = self._handshake = self._hop_handshake(len(self.layers))
         specs = (LinkSpec.ipv4(relay.address, relay.or_port), LinkSpec.legacy_id(relay.rsa_id),
                  LinkSpec.ed25519_id(relay.ed_id))
         self._originate(self.layers[-1], _EXTEND2, 0, Extend2(specs, hs.htype, hs.onion_skin).encode())
@@ -588,6 +683,7 @@ class ClientCircuit(Edge):
         """``count`` RELAY/RELAY_EARLY cells of this circuit at ``data[start + i*514:]``."""
         if self.state in ("closed", "failed"):
             return []
+        self.now = now
         mv = memoryview(data)
         bodies = []
         early = False
@@ -640,6 +736,8 @@ class ClientCircuit(Edge):
             return
         if cmd == _SENDME:
             self._on_sendme(layer, sid, data)
+        elif cmd == _XOFF or cmd == _XON:
+            self._on_flow(layer, cmd, sid, data)
         elif cmd == RelayCommand.CONNECTED:
             stream = self._stream_of(layer, cmd, sid)
             if stream is not None:
@@ -704,9 +802,12 @@ class ClientCircuit(Edge):
         self.violations += 1
         self._out.append(Violation(reason, layer.index, cmd, sid, self.violations))
 
+    _misbehaved = _violation
+
     # -- originating --------------------------------------------------------------------------------
 
     def _send(self, command: int, payloads: list, flush: bool = False) -> None:
+        self.room -= len(payloads)
         out = self._out
         if out and type(out[-1]) is Send and out[-1].command == command:
             out[-1].payloads.extend(payloads)
@@ -718,7 +819,7 @@ class ClientCircuit(Edge):
         hop = layer.index
         ct, digest = self.crypto.originate(pack_relay(cmd, sid, data), hop)
         if cmd == _DATA:
-            layer.package.on_data_sent(digest)
+            layer.package.on_data_sent(digest, self.now)
             self.bytes_sent += len(data)
         # RELAY_EARLY as tor sends it (tor-spec §5.6): while the budget of 8 lasts, every
         # EXTEND2 and every cell past the first hop, so nobody can count the hops after them
@@ -734,10 +835,11 @@ class ClientCircuit(Edge):
         hop = layer.index
         originate = self.crypto.originate
         on_sent = layer.package.on_data_sent
+        now = self.now
         cts = []
         for chunk in chunks:
             ct, digest = originate(pack_relay(_DATA, sid, chunk), hop)
-            on_sent(digest)
+            on_sent(digest, now)
             cts.append(ct)
         if self._early_left > 0 and hop != 0:
             k = min(self._early_left, len(cts))
@@ -748,7 +850,7 @@ class ClientCircuit(Edge):
             self._send(_RELAY, cts)
 
     def _budget(self, layer: Layer) -> int:
-        return layer.package.window
+        return min(layer.package.window, self.room)
 
     def send_relay(self, cmd: int, sid: int, data: bytes = b"", *, hop: int | None = None) -> list:
         """Originate one relay message to ``hop`` (default: the last), as it is: the
@@ -862,10 +964,15 @@ class RelayCircuit(Edge):
     """
 
     def __init__(self, crypto: RelayCrypto, *, own_rsa_id: bytes, prev_rsa_id: bytes | None = None,
-                 allow_private: bool = False, max_streams: int = 500):
+                 allow_private: bool = False, max_streams: int = 500, params: HopParams | None = None,
+                 cc: CCParams | None = None):
         super().__init__()
         self.crypto = crypto
         self.layer = Layer(0)  # our edge's windows, used when we are the last hop
+        if params is not None:
+            self.layer.handshake = params.handshake
+            if params.sendme_inc is not None:  # congestion control negotiated (with ``cc``)
+                self.layer.enable_cc(cc if cc is not None else CCParams(), params.sendme_inc)
         self.own_rsa_id = own_rsa_id
         self.prev_rsa_id = prev_rsa_id
         self.allow_private = allow_private
@@ -891,6 +998,7 @@ class RelayCircuit(Edge):
         """
         if self.closed:
             return []
+        self.now = now
         mv = memoryview(data)
         crypto = self.crypto
         upd = crypto.fwd_update
@@ -952,6 +1060,9 @@ class RelayCircuit(Edge):
         data = bytes(body[RELAY_HEADER_LEN:RELAY_HEADER_LEN + length])
         if cmd == _SENDME:
             self._on_sendme(self.layer, sid, data)
+        elif cmd == _XOFF or cmd == _XON:
+            if sid and not self.has_next:
+                self._on_flow(self.layer, cmd, sid, data)
         elif cmd == _EXTEND2:
             if not early:
                 raise ProtocolError("EXTEND2 not in a RELAY_EARLY cell")
@@ -968,6 +1079,9 @@ class RelayCircuit(Edge):
 
     def _no_stream(self, layer: Layer, cmd: int, sid: int) -> None:
         """DATA or SENDME for a stream we do not have (ended, or never was): dropped, as tor does."""
+
+    def _misbehaved(self, reason: str, layer: Layer, cmd: int, sid: int) -> None:
+        """A flow-control cell that breaks the rules (a second XOFF ...): dropped, as tor does."""
 
     # -- exit streams ---------------------------------------------------------------------------------
 
@@ -1004,8 +1118,10 @@ class RelayCircuit(Edge):
         self.streams[sid] = stream
         self._out.append(ExitBegin(sid, begin))
 
-    def exit_connected(self, sid: int, connected: bytes) -> list:
+    def exit_connected(self, sid: int, connected: bytes, now: float | None = None) -> list:
         """The destination is connected: CONNECTED (``connected``: an encoded Connected)."""
+        if now is not None:
+            self.now = now
         stream = self.streams.get(sid)
         if stream is not None and stream.state is StreamState.CONNECTING and not self.closed:
             self._originate(self.layer, int(RelayCommand.CONNECTED), sid, connected)
@@ -1042,13 +1158,6 @@ class RelayCircuit(Edge):
             self._originate(self.layer, cmd, sid, data)
         return self._take()
 
-    def pump(self) -> list:
-        """The queue toward the client drained (``room`` grew): streams package again."""
-        for stream in list(self.streams.values()):
-            if stream.buf and self.room > 0:
-                self._pump(stream)
-        return self._take()
-
     def _budget(self, layer: Layer) -> int:
         return min(layer.package.window, self.room)
 
@@ -1066,7 +1175,7 @@ class RelayCircuit(Edge):
     def _originate(self, layer: Layer, cmd: int, sid: int, data: bytes) -> None:
         ct, digest = self.crypto.originate_backward(pack_relay(cmd, sid, data))
         if cmd == _DATA:
-            layer.package.on_data_sent(digest)
+            layer.package.on_data_sent(digest, self.now)
             self.bytes_sent += len(data)
         self._to_prev([ct])
 
@@ -1082,8 +1191,9 @@ class RelayCircuit(Edge):
             bodies.append(b)
         cts, digests = self.crypto.originate_backward_many(bodies, consume=True)
         on_sent = layer.package.on_data_sent
+        now = self.now
         for d in digests:
-            on_sent(d)
+            on_sent(d, now)
         self._to_prev(cts)
 
     # -- backward: from the next hop ------------------------------------------------------------------

@@ -8,6 +8,13 @@ tor defines are CC_REQUEST (1, empty), CC_RESPONSE (2, ``sendme_inc u8``) and
 SUBPROTO_REQUEST (3, ``{protocol u8, version u8}`` pairs). A relay answers every
 extension it knows and ignores the others, as the spec says.
 
+Congestion control (proposal 324) is negotiated here: a client asks with CC_REQUEST
+(only of a hop that lists ``FlowCtrl=2``, and only where it will use it: see
+:func:`wants_cc`); a relay running congestion control answers with CC_RESPONSE carrying
+the SENDME increment it will use (the consensus's ``cc_sendme_inc``), and the hop then
+runs Vegas both ways. The client refuses (the handshake fails) a CC_RESPONSE it did not
+ask for, as tor 0.4.9.12 does, and an increment more than one away from its own.
+
 :class:`HopHandshake` is the client side of one hop (the onion skin to send in CREATE2
 or EXTEND2, then the reply), :func:`answer_create2` the relay side of a CREATE2; both give
 a :class:`HopParams`: the 72 bytes of tor1 key material and what was negotiated.
@@ -20,6 +27,7 @@ from typing import Any
 
 from onionp2p.errors import HandshakeError, ProtocolError
 from onionp2p.proto import protover
+from onionp2p.proto.congestion import CCParams
 from onionp2p.proto.handshake import (
     HTYPE_NTOR,
     HTYPE_NTOR_V3,
@@ -31,7 +39,7 @@ from onionp2p.proto.handshake import (
     parse_extensions,
 )
 
-__all__ = ["HopParams", "HopHandshake", "answer_create2", "EXT_CC_REQUEST", "EXT_CC_RESPONSE",
+__all__ = ["HopParams", "HopHandshake", "answer_create2", "wants_cc", "EXT_CC_REQUEST", "EXT_CC_RESPONSE",
            "EXT_SUBPROTO_REQUEST"]
 
 EXT_CC_REQUEST = 1
@@ -43,24 +51,40 @@ HANDSHAKE_NAMES = {HTYPE_NTOR: "ntor", HTYPE_NTOR_V3: "ntor-v3"}
 
 @dataclass(frozen=True)
 class HopParams:
-    """What one hop's handshake agreed: tor1 key material and the handshake's name."""
+    """What one hop's handshake agreed: tor1 key material, the handshake's name, and the
+    SENDME increment when congestion control was negotiated (None: fixed windows)."""
 
     key_material: bytes
     handshake: str  # "ntor" | "ntor-v3"
+    sendme_inc: int | None = None
+
+
+def wants_cc(relay: Any, index: int, path_len: int, cc: CCParams | None) -> bool:
+    """Should the client ask hop ``index`` of a ``path_len``-hop circuit for congestion
+    control? As tor: only the last hop of a circuit that carries streams (two hops or
+    more), only if it lists ``FlowCtrl=2`` (and so ntor-v3), and only if we run it."""
+    return (cc is not None and cc.enabled and path_len >= 2 and index == path_len - 1
+            and protover.supports(getattr(relay, "protocols", ""), "FlowCtrl", 2)
+            and protover.supports(getattr(relay, "protocols", ""), "Relay", 4))
 
 
 class HopHandshake:
     """The client side of adding ``relay`` (anything with ``rsa_id``, ``ed_id``, ``ntor_key``
-    and a ``protocols`` line) to a circuit."""
+    and a ``protocols`` line) to a circuit; ``cc``: ask for congestion control with these
+    parameters (see :func:`wants_cc`), None: do not."""
 
-    __slots__ = ("htype", "_hs")
+    __slots__ = ("htype", "_hs", "cc")
 
-    def __init__(self, relay: Any) -> None:
+    def __init__(self, relay: Any, cc: CCParams | None = None) -> None:
         if protover.supports(getattr(relay, "protocols", ""), "Relay", 4):
             self.htype = HTYPE_NTOR_V3
-            self._hs: NtorClient | NtorV3Client = NtorV3Client(relay.ed_id, relay.ntor_key, encode_extensions([]))
+            self.cc = cc if cc is not None and cc.enabled else None
+            request = [(EXT_CC_REQUEST, b"")] if self.cc is not None else []
+            self._hs: NtorClient | NtorV3Client = NtorV3Client(relay.ed_id, relay.ntor_key,
+                                                              encode_extensions(request))
         else:
             self.htype = HTYPE_NTOR
+            self.cc = None
             self._hs = NtorClient(relay.rsa_id, relay.ntor_key)
 
     @property
@@ -73,15 +97,25 @@ class HopHandshake:
             return HopParams(self._hs.complete(hdata), "ntor")  # type: ignore[arg-type]
         server_message, key_material = self._hs.complete(hdata)  # type: ignore[misc]
         try:
-            parse_extensions(server_message)  # none asked for: whatever came is ignored
+            extensions = parse_extensions(server_message)
         except ProtocolError as exc:
             raise HandshakeError(f"ntor-v3 server message: {exc}") from None
-        return HopParams(key_material, "ntor-v3")
+        sendme_inc = None
+        for ext_type, body in extensions:  # types we do not know are ignored
+            if ext_type == EXT_CC_RESPONSE and sendme_inc is None:
+                if self.cc is None:
+                    raise HandshakeError("CC_RESPONSE without a CC_REQUEST")
+                if len(body) < 1 or abs(body[0] - self.cc.cc_sendme_inc) > 1 or body[0] == 0:
+                    raise HandshakeError(f"CC_RESPONSE with an unacceptable SENDME increment "
+                                         f"({body[0] if body else 'none'}; ours is {self.cc.cc_sendme_inc})")
+                sendme_inc = body[0]
+        return HopParams(key_material, "ntor-v3", sendme_inc)
 
 
 def answer_create2(htype: int, hdata: bytes, *, rsa_id: bytes, ed_id: bytes,
-                   onion_keys) -> tuple[bytes, HopParams]:
-    """The relay side of CREATE2: ``(CREATED2 HDATA, HopParams)``.
+                   onion_keys, cc: CCParams | None = None) -> tuple[bytes, HopParams]:
+    """The relay side of CREATE2: ``(CREATED2 HDATA, HopParams)``. ``cc``: we run
+    congestion control with these parameters (a CC_REQUEST is answered), None: we do not.
 
     Raises:
         HandshakeError: an unknown handshake type, or the handshake fails.
@@ -90,13 +124,19 @@ def answer_create2(htype: int, hdata: bytes, *, rsa_id: bytes, ed_id: bytes,
         reply, key_material = ntor_server(hdata, rsa_id, onion_keys)
         return reply, HopParams(key_material, "ntor")
     if htype == HTYPE_NTOR_V3:
+        agreed: list[int] = []
+
         def server_message(client_message: bytes) -> bytes:
             try:
-                parse_extensions(client_message)  # extensions we do not know are ignored
+                extensions = parse_extensions(client_message)  # types we do not know are ignored
             except ProtocolError as exc:
                 raise HandshakeError(f"ntor-v3 client message: {exc}") from None
-            return encode_extensions([])
+            answer = []
+            if cc is not None and cc.enabled and any(t == EXT_CC_REQUEST for t, _ in extensions):
+                agreed.append(cc.cc_sendme_inc)
+                answer.append((EXT_CC_RESPONSE, bytes((cc.cc_sendme_inc,))))
+            return encode_extensions(answer)
 
         reply, _cm, key_material = ntor_v3_server(hdata, ed_id, onion_keys, server_message)
-        return reply, HopParams(key_material, "ntor-v3")
+        return reply, HopParams(key_material, "ntor-v3", agreed[0] if agreed else None)
     raise HandshakeError(f"unsupported handshake type {htype}")

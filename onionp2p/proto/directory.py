@@ -48,7 +48,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from onionp2p.errors import ConfigError, OnionError, ProtocolError
+from onionp2p.errors import ConfigError, LocalProtocolError, OnionError, ProtocolError
 from onionp2p.proto import protover
 from onionp2p.proto.address import format_hostport, parse_hostport
 from onionp2p.proto.certs import CertType, Ed25519Cert, RsaCrossCert, rsa_public_der
@@ -115,6 +115,8 @@ _NICK = re.compile(r"[A-Za-z0-9]{1,19}")
 _KEYWORD = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _PRINTABLE = re.compile(r"[\x20-\x7e]+")
 _FLAG = re.compile(r"[A-Z][A-Za-z0-9]{0,31}")
+_PARAM_KEY = re.compile(r"[A-Za-z0-9_]{1,64}")
+_PARAM_VALUE = re.compile(r"-?(0|[1-9][0-9]{0,9})")
 _TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
 
 
@@ -668,8 +670,14 @@ class NetworkStatus:
     routers: tuple[RouterEntry, ...]
     known_flags: tuple[str, ...] = KNOWN_FLAGS
     signatures: tuple[tuple[bytes, bytes], ...] = ()  # (ed25519 id, signature), sorted
+    #: network parameters (``params`` line, as tor's): congestion control's ``cc_*`` ...
+    params: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "params", tuple(sorted(dict(self.params).items())))
+        for key, value in self.params:
+            if not _PARAM_KEY.fullmatch(key) or not -2**31 <= value < 2**31:
+                raise LocalProtocolError(f"bad network parameter {key}={value}")
         object.__setattr__(self, "routers", tuple(sorted(self.routers, key=lambda e: e.rsa_id)))
         object.__setattr__(self, "voters", tuple(sorted(self.voters, key=lambda v: v[1])))
         object.__setattr__(self, "signatures", tuple(sorted(dict(self.signatures).items())))
@@ -682,6 +690,8 @@ class NetworkStatus:
                f"fresh-until {format_time(self.fresh_until)}",
                f"valid-until {format_time(self.valid_until)}",
                "known-flags " + " ".join(self.known_flags)]
+        if self.params:
+            out.append("params " + " ".join(f"{k}={v}" for k, v in self.params))
         kw = "voter" if self.status == "vote" else "authority"
         out += [f"{kw} {nick} {_b64(ed)}" for nick, ed in self.voters]
         for entry in self.routers:
@@ -744,6 +754,18 @@ class NetworkStatus:
             known = d.take("known-flags").split(" ")
             if known != sorted(set(known)) or not all(_FLAG.fullmatch(f) for f in known):
                 raise d.fail("known-flags must be sorted, unique flag names")
+            params = []
+            line = d.maybe("params")
+            if line is not None:
+                for item in line.split(" "):
+                    key, eq, value = item.partition("=")
+                    if not eq or not _PARAM_KEY.fullmatch(key) or not _PARAM_VALUE.fullmatch(value):
+                        raise d.fail(f"bad params entry {item[:40]!r}")
+                    if not -2**31 <= int(value) < 2**31:
+                        raise d.fail(f"params entry {key} out of range")
+                    params.append((key, int(value)))
+                if [k for k, _ in params] != sorted({k for k, _ in params}):
+                    raise d.fail("params must be sorted by key and unique")
             kw = "voter" if status == "vote" else "authority"
             voters = []
             while d.peek() == kw:
@@ -770,7 +792,8 @@ class NetworkStatus:
             d.end()
             if [s[0] for s in sigs] != sorted({s[0] for s in sigs}):
                 raise ProtocolError("signatures must be sorted by signer and unique")
-            doc = cls(status, va, fu, vu, tuple(voters), tuple(routers), tuple(known), tuple(sigs))
+            doc = cls(status, va, fu, vu, tuple(voters), tuple(routers), tuple(known), tuple(sigs),
+                      tuple(params))
         except (ValueError, OnionError) as exc:
             raise _wrap(what, exc) from None
         if doc.body != d.text[:body_end]:

@@ -72,8 +72,9 @@ class PackageWindow:
         """True if the DATA cell about to be sent is one whose digest must be remembered."""
         return self.authenticated and self.window != self.start and (self.window - 1) % self.increment == 0
 
-    def on_data_sent(self, digest: bytes | None = None) -> None:
-        """Account one DATA cell sent; ``digest`` is its running digest (needed when authenticated)."""
+    def on_data_sent(self, digest: bytes | None = None, now: float = 0.0) -> None:
+        """Account one DATA cell sent; ``digest`` is its running digest (needed when
+        authenticated). ``now`` is for congestion control's interface (unused here)."""
         if self.window <= 0:
             raise ProtocolError("package window exhausted")  # caller bug; never network input
         if self.needs_digest():
@@ -82,8 +83,8 @@ class PackageWindow:
             self._digests.append(bytes(digest))
         self.window -= 1
 
-    def on_sendme(self, digest: bytes | None = None) -> None:
-        """Account a SENDME received from the peer.
+    def on_sendme(self, digest: bytes | None = None, now: float = 0.0) -> None:
+        """Account a SENDME received from the peer (``now``: unused here).
 
         Raises:
             ProtocolError: the SENDME would overflow the window (nothing was outstanding).

@@ -14,7 +14,10 @@ Versions onionp2p implements, with their meanings (tor-spec §9):
 * ``LinkAuth=3`` — Ed25519-based link authentication (AUTHENTICATE, RSA-SHA256-TLSSecret).
 * ``Relay=2-4`` — CREATE2/EXTEND2 with ntor (2); IPv6 link specifiers in EXTEND2 (3);
   the ntor-v3 handshake with extensions (4).
-* ``FlowCtrl=1`` — authenticated SENDMEs (proposal 289).
+* ``FlowCtrl=1-2`` — authenticated SENDMEs (proposal 289) (1); congestion control
+  (proposal 324: RTT-based Vegas, XON/XOFF stream flow control), negotiated with ntor-v3 (2).
+  A relay configured without congestion control advertises ``FlowCtrl=1`` only
+  (:func:`advertised`).
 """
 
 from __future__ import annotations
@@ -23,10 +26,17 @@ import re
 
 from onionp2p.errors import ProtocolError
 
-__all__ = ["SUPPORTED", "parse", "format_protocols", "supports"]
+__all__ = ["SUPPORTED", "parse", "format_protocols", "supports", "advertised"]
 
 #: what onionp2p implements: the proto line of its relays
-SUPPORTED = "FlowCtrl=1 Link=4-5 LinkAuth=3 Relay=2-4"
+SUPPORTED = "FlowCtrl=1-2 Link=4-5 LinkAuth=3 Relay=2-4"
+#: ... of a relay configured without congestion control
+WITHOUT_CC = "FlowCtrl=1 Link=4-5 LinkAuth=3 Relay=2-4"
+
+
+def advertised(congestion_control: bool) -> str:
+    """The proto line of a relay that does (or does not) run congestion control."""
+    return SUPPORTED if congestion_control else WITHOUT_CC
 
 _NAME = re.compile(r"[A-Za-z0-9-]{1,32}")
 _MAX_VERSION = 63  # tor's limit

@@ -48,6 +48,8 @@ __all__ = [
     "End",
     "Connected",
     "Sendme",
+    "Xoff",
+    "Xon",
     "Extend2",
     "Extended2",
     "Truncate",
@@ -360,6 +362,42 @@ class Sendme:
         return cls(rec.version, rec.data)
 
 
+_XON = cs.Struct("version" / cs.Const(0, cs.Int8ub), "kbps_ewma" / cs.Int32ub)
+
+
+@dataclass(frozen=True)
+class Xoff:
+    """RELAY_XOFF (proposal 324): ``VERSION u8`` (0). Stop sending on this stream."""
+
+    command: ClassVar[int] = RelayCommand.XOFF
+
+    def encode(self) -> bytes:
+        return b"\x00"
+
+    @classmethod
+    def parse(cls, data: bytes) -> Xoff:
+        if not data or data[0] != 0:
+            raise ProtocolError("XOFF: unknown version")
+        return cls()
+
+
+@dataclass(frozen=True)
+class Xon:
+    """RELAY_XON (proposal 324): ``VERSION u8 | KBPS_EWMA u32``: send again; the receiver
+    drains about ``kbps_ewma`` kilobytes (1000 bytes, not bits) per second, 0 = no rate."""
+
+    kbps_ewma: int = 0
+    command: ClassVar[int] = RelayCommand.XON
+
+    def encode(self) -> bytes:
+        return _build(_XON, {"kbps_ewma": self.kbps_ewma}, "XON")
+
+    @classmethod
+    def parse(cls, data: bytes) -> Xon:
+        rec = parse_with(_XON, bytes(data[:5]), "XON")
+        return cls(rec.kbps_ewma)
+
+
 class LinkSpecType(IntEnum):
     """Link specifier types used in EXTEND2 (tor-spec §5.1.2)."""
 
@@ -582,12 +620,12 @@ class Resolved:
 
 RelayMessage = Union[
     Begin, BeginDir, Data, End, Connected, Sendme, Extend2, Extended2, Truncate, Truncated, Drop,
-    Resolve, Resolved,
+    Resolve, Resolved, Xoff, Xon,
 ]
 
 _PARSERS = {cls.command: cls.parse for cls in (
     Begin, BeginDir, Data, End, Connected, Sendme, Extend2, Extended2, Truncate, Truncated, Drop,
-    Resolve, Resolved,
+    Resolve, Resolved, Xoff, Xon,
 )}
 
 

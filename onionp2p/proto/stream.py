@@ -21,6 +21,13 @@ may speak for it) or the relay's own edge of the circuit (at an exit). It holds
   :data:`SOURCE_LOW_WATER` to resume it, so nothing is buffered without bound;
 * ``end_reason``: the source reached EOF; END(reason) goes once ``buf`` is packaged.
 
+On a layer with congestion control (proposal 324) a stream has no windows at all
+(:attr:`xon`): the circuit's congestion window paces it, and the receiving edge sends
+XOFF when its sink stops taking data and XON when the sink has drained. A stream
+receiving XOFF stops packaging until XON. Its two windows are then set to
+:data:`NO_WINDOW`, so the rules above never run out of them and never make a stream
+SENDME due.
+
 Nothing here does I/O: the object is data plus the two tiny predicates below.
 """
 
@@ -30,12 +37,15 @@ from enum import Enum
 
 from onionp2p.proto.flowctl import DeliverWindow, PackageWindow
 
-__all__ = ["StreamState", "Stream", "SOURCE_HIGH_WATER", "SOURCE_LOW_WATER"]
+__all__ = ["StreamState", "Stream", "SOURCE_HIGH_WATER", "SOURCE_LOW_WATER", "NO_WINDOW"]
 
 #: Bytes buffered from the source before the core asks to pause it, and the level at which
 #: it asks to resume.
 SOURCE_HIGH_WATER = 64 * 1024
 SOURCE_LOW_WATER = 16 * 1024
+#: The "window" of a stream under XON/XOFF flow control: more cells than a stream will
+#: ever carry (2**30 cells: half a terabyte), so windows never limit it.
+NO_WINDOW = 1 << 30
 
 
 class StreamState(Enum):
@@ -48,14 +58,24 @@ class Stream:
     """One stream's state at one edge. See the module docstring."""
 
     __slots__ = ("id", "layer", "state", "package", "deliver", "buf", "source_paused", "sink_ready",
-                 "sink_room", "end_reason", "bytes_sent", "bytes_received")
+                 "sink_room", "end_reason", "bytes_sent", "bytes_received", "xon", "xoff_sent",
+                 "xoff_received", "xon_rate")
 
     def __init__(self, stream_id: int, layer, state: StreamState = StreamState.CONNECTING):
         self.id = stream_id
         self.layer = layer  # the circuit core's Layer this stream belongs to
         self.state = state
-        self.package = PackageWindow.stream()
-        self.deliver = DeliverWindow.stream()
+        #: flow control by XON/XOFF (the layer runs congestion control) instead of windows
+        self.xon = getattr(layer, "cc", None) is not None
+        if self.xon:
+            self.package = PackageWindow(NO_WINDOW, NO_WINDOW)
+            self.deliver = DeliverWindow(NO_WINDOW, NO_WINDOW)
+        else:
+            self.package = PackageWindow.stream()
+            self.deliver = DeliverWindow.stream()
+        self.xoff_sent = False  # we told the other edge to stop
+        self.xoff_received = False  # the other edge told us to stop
+        self.xon_rate = 0  # the other edge's advisory drain rate (kB/s; 0: none given)
         self.buf = bytearray()
         self.source_paused = False
         #: the local sink takes data (application reading, destination socket writable):

@@ -35,6 +35,7 @@ from onionp2p.log import get_logger
 from onionp2p.proto.cells import Cell, CellCommand, Destroy, DestroyReason
 from onionp2p.proto.circuit import (
     RELAY_QUEUE_ROOM,
+    UNLIMITED_ROOM,
     CancelExtend,
     Destroyed,
     DetachNext,
@@ -55,6 +56,8 @@ from onionp2p.proto.relaycrypto import RelayCrypto
 
 if TYPE_CHECKING:  # pragma: no cover
     from onionp2p.net.channel import Channel
+    from onionp2p.proto.congestion import CCParams
+    from onionp2p.proto.create import HopParams
     from onionp2p.relay.exit import ExitConnection
     from onionp2p.relay.relay import Relay
 
@@ -62,13 +65,13 @@ __all__ = ["OrCircuit"]
 
 log = get_logger("onionp2p.circuit")
 _RELAY = int(CellCommand.RELAY)
-_UNLIMITED = 1 << 30
 
 
 class OrCircuit:
     """One circuit as seen by a relay. See the module docstring."""
 
-    def __init__(self, relay: Relay, prev_chan: Channel, prev_id: int, crypto: RelayCrypto):
+    def __init__(self, relay: Relay, prev_chan: Channel, prev_id: int, crypto: RelayCrypto,
+                 params: HopParams | None = None, cc: CCParams | None = None):
         self.relay = relay
         self.prev_chan = prev_chan
         self.prev_id = prev_id
@@ -76,7 +79,7 @@ class OrCircuit:
         self.core = RelayCircuit(crypto, own_rsa_id=relay.keys.rsa_id_digest,
                                  prev_rsa_id=peer.rsa_id if peer is not None else None,
                                  allow_private=relay.config.extend_allow_private,
-                                 max_streams=relay.config.max_streams_per_circuit)
+                                 max_streams=relay.config.max_streams_per_circuit, params=params, cc=cc)
         self.next_chan: Channel | None = None
         self.next_id = 0
         #: the destination sockets of this circuit's exit streams, by stream ID
@@ -123,7 +126,7 @@ class OrCircuit:
         """The channel wrote out what it had queued for this circuit: streams package again."""
         if chan is self.prev_chan and self.core.streams and not self.core.closed:
             self._update_room()
-            self._run(self.core.pump())
+            self._run(self.core.pump(self._loop.time()))
 
     def send_back(self, cmd: int, stream_id: int, data: bytes = b"") -> None:
         """Originate one relay message toward the client from this hop (see the core)."""
@@ -136,7 +139,10 @@ class OrCircuit:
     # -- from the exit side ---------------------------------------------------------------------
 
     def exit_connected(self, sid: int, connected: bytes) -> None:
-        self._run(self.core.exit_connected(sid, connected))
+        self._run(self.core.exit_connected(sid, connected, self._loop.time()))
+        conn = self.conns.get(sid)
+        if conn is not None and conn.write_paused:  # the core takes the sink as ready: it is not
+            self._run(self.core.stream_sink_ready(sid, False, now=self._loop.time()))
 
     def exit_refused(self, sid: int, end: bytes) -> None:
         self._run(self.core.exit_refused(sid, end))
@@ -146,13 +152,13 @@ class OrCircuit:
 
     def stream_write(self, sid: int, data: bytes) -> None:
         if sid in self.core.streams:
-            self._run(self.core.stream_write(sid, data))
+            self._run(self.core.stream_write(sid, data, self._loop.time()))
 
     def stream_eof(self, sid: int, reason: int) -> None:
-        self._run(self.core.stream_eof(sid, reason))
+        self._run(self.core.stream_eof(sid, reason, self._loop.time()))
 
     def stream_sink_ready(self, sid: int, ready: bool) -> None:
-        self._run(self.core.stream_sink_ready(sid, ready))
+        self._run(self.core.stream_sink_ready(sid, ready, now=self._loop.time()))
 
     # -- carrying out the core's actions ----------------------------------------------------------
 
@@ -202,7 +208,9 @@ class OrCircuit:
         number while the channel writes; while it is blocked, what is left of
         RELAY_QUEUE_ROOM after the cells already queued for this circuit."""
         chan = self.prev_chan
-        self.core.room = RELAY_QUEUE_ROOM - chan.queued_cells(self.prev_id) if chan.paused else _UNLIMITED
+        core = self.core
+        core.blocked = chan.paused
+        core.room = RELAY_QUEUE_ROOM - chan.queued_cells(self.prev_id) if chan.paused else UNLIMITED_ROOM
 
     def _on_timer(self) -> None:
         self._timer = None

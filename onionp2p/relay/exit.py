@@ -59,7 +59,10 @@ log = get_logger("onionp2p.exit")
 CONNECT_TIMEOUT = 15.0
 RESOLVE_TIMEOUT = 15.0
 DNS_TTL = 300
-MAX_PENDING_OPTIMISTIC = 500 * 498  # optimistic DATA before CONNECTED is bounded by the window
+#: DATA that came before the destination connected, held before the client is told to
+#: stop: the stream window bounds it on fixed-window circuits (500 cells); under congestion
+#: control the exit's XOFF limit does (tor's cc_xoff_exit, 500 cells)
+MAX_PENDING_BYTES = 500 * 498
 #: A closed exit stream's socket may keep flushing what the client sent while the
 #: destination takes bytes; after this many seconds without progress it is aborted (tor
 #: gives up on a connection held open for flushing after 15 s without a write).
@@ -77,15 +80,27 @@ class ExitConnection(asyncio.Protocol):
         self.pending: list[bytes] = []  # DATA that came before the connection (optimistic data)
         self.flush_timeout = flush_timeout
         self.gone = False  # the stream has left the circuit (closed or aborted)
+        self._pending_bytes = 0
+        self._held = False  # we told the core our sink is full while connecting
         self._lost = False
         self._flush_check: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        stream = self.circ.streams.get(self.sid)
+        cc = self.circ.core.layer.cc
+        if stream is not None and stream.xon and cc is not None:
+            # under congestion control the sink says stop (XOFF) above tor's limit and go
+            # (XON) once it is empty again, as tor's exits do
+            self.transport.set_write_buffer_limits(high=cc.p.xoff_bytes(exit_side=True), low=0)
         for chunk in self.pending:
             self.transport.write(chunk)
         self.pending.clear()
+        self._pending_bytes = 0
+        if self._held and not self.write_paused and not self.gone:
+            self._held = False
+            self.circ.stream_sink_ready(self.sid, True)
 
     def data_received(self, data: bytes) -> None:
         if not self.gone:
@@ -120,6 +135,15 @@ class ExitConnection(asyncio.Protocol):
             self.transport.write(data)
         else:
             self.pending.append(data)
+            self._pending_bytes += len(data)
+            if self._pending_bytes > MAX_PENDING_BYTES and not self._held and not self.gone:
+                self._held = True
+                self.circ.stream_sink_ready(self.sid, False)
+
+    def unsent(self) -> int:
+        """Bytes held for the destination: not yet connected, or not yet written."""
+        t = self.transport
+        return self._pending_bytes + (t.get_write_buffer_size() if t is not None and not self._lost else 0)
 
     def set_reading(self, reading: bool) -> None:
         t = self.transport

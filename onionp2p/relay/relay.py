@@ -54,7 +54,8 @@ from onionp2p.net.chanmgr import ChannelManager
 from onionp2p.net.channel import Channel
 from onionp2p.proto import protover
 from onionp2p.proto.cells import Cell, CellCommand, Create2, Created2, Destroy, DestroyReason
-from onionp2p.proto.create import answer_create2
+from onionp2p.proto.congestion import CCParams
+from onionp2p.proto.create import HopParams, answer_create2
 from onionp2p.proto.directory import RelayInfo
 from onionp2p.proto.ratelimit import TokenBucket
 from onionp2p.proto.relaycrypto import RelayCrypto
@@ -132,6 +133,29 @@ class Relay:
         self._log = log.bind(nickname=self.nickname)
         # Directory duties (a dir.client.RelayDirectory or None): start(relay), stop(), keys_changed().
         self.directory = directory
+        self._cc_source: object = None
+        self._cc = CCParams()
+
+    @property
+    def advertised_port(self) -> int:
+        """The ORPort others connect to (descriptor): ``or_advertise_port`` or the listener's."""
+        return self.config.or_advertise_port or self.port
+
+    @property
+    def protocols(self) -> str:
+        """The subprotocol versions we advertise (descriptor ``proto``)."""
+        return protover.advertised(self.config.congestion_control)
+
+    def cc_params(self) -> CCParams | None:
+        """Congestion-control parameters for circuits created now: our consensus's ``cc_*``
+        values with tor's defaults (None: we run fixed windows only)."""
+        if not self.config.congestion_control:
+            return None
+        directory = self.directory
+        params = directory.params() if directory is not None and hasattr(directory, "params") else {}
+        if params != self._cc_source:
+            self._cc_source, self._cc = params, CCParams.from_consensus(params)
+        return self._cc
 
     @property
     def by_identity(self) -> dict[bytes, Channel]:
@@ -181,10 +205,10 @@ class Relay:
 
     def info(self) -> RelayInfo:
         return RelayInfo(
-            nickname=self.nickname, address=self.address, or_port=self.port,
+            nickname=self.nickname, address=self.address, or_port=self.advertised_port,
             rsa_id=self.keys.rsa_id_digest, ed_id=self.keys.identity_public,
             ntor_key=self.keys.onion_key_public, exit_policy=self.exit_policy.summary(),
-            protocols=protover.SUPPORTED,
+            protocols=self.protocols,
         )
 
     def _publish(self) -> None:
@@ -348,30 +372,36 @@ class Relay:
             return
         try:
             req = Create2.parse(cell.payload)
+            cc = self.cc_params()
             reply, params = answer_create2(req.htype, req.hdata, rsa_id=self.keys.rsa_id_digest,
-                                           ed_id=self.keys.identity_public, onion_keys=self.keys.onion_keys())
+                                           ed_id=self.keys.identity_public, onion_keys=self.keys.onion_keys(),
+                                           cc=cc)
         except ProtocolError as exc:
             self.stats["create_failed"] += 1
             self._log.debug("CREATE2 refused", chan_id=chan.id, error=str(exc))  # heartbeat counts it
             chan.send_cell(cid, CellCommand.DESTROY, Destroy(DestroyReason.PROTOCOL).encode())
             return
-        circ = self.new_circuit(chan, cid, RelayCrypto(params.key_material))
+        circ = self.new_circuit(chan, cid, RelayCrypto(params.key_material), params, cc)
         self.circuits.add(circ)
         self.stats["create_ok"] += 1
         chan.send_cell(cid, CellCommand.CREATED2, Created2(reply).encode())
 
-    def new_circuit(self, chan: Channel, circ_id: int, crypto: RelayCrypto) -> OrCircuit:
-        """The circuit object for an accepted CREATE2 (a subclass may return its own kind)."""
-        return OrCircuit(self, chan, circ_id, crypto)
+    def new_circuit(self, chan: Channel, circ_id: int, crypto: RelayCrypto, params: HopParams | None = None,
+                    cc: CCParams | None = None) -> OrCircuit:
+        """The circuit object for an accepted CREATE2 (a subclass may return its own kind);
+        ``params``: what the handshake agreed, ``cc``: our congestion-control parameters."""
+        return OrCircuit(self, chan, circ_id, crypto, params, cc)
 
     # -- DoS housekeeping ---------------------------------------------------------------
 
     def queue_memory(self) -> tuple[int, list[tuple[OrCircuit | Channel, int]]]:
         """Bytes held in queues: the total, and who holds them.
 
-        A circuit holds the cells queued for it on both its channels and what its exit
-        streams have read but not packaged; a channel holds cells queued for circuits
-        that are gone (DESTROY answers to a peer that does not read, for instance).
+        A circuit holds the cells queued for it on both its channels, what its exit
+        streams have read but not packaged, and what they hold for their destinations
+        (under congestion control a client that ignores XOFF fills that: tor leaves it to
+        the same memory limit); a channel holds cells queued for circuits that are gone
+        (DESTROY answers to a peer that does not read, for instance).
         """
         holders: list[tuple[OrCircuit | Channel, int]] = []
         attributed: dict[Channel, int] = {}
@@ -387,6 +417,8 @@ class Relay:
             size = cells * CELL_MEMORY
             for stream in circ.streams.values():
                 size += stream.buffered
+            for conn in circ.conns.values():
+                size += conn.unsent()
             if size:
                 holders.append((circ, size))
                 total += size
