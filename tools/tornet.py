@@ -9,7 +9,11 @@ Theory of operation
    with all probe sockets held open at once, so no two nodes get the same port);
    every node also gets a DirPort (authorities serve the directory there; relays, as
    directory caches, serve the consensus they currently use, which is how we see that
-   they are up to date).
+   they are up to date). With ``split_or_ports`` each relay also gets a listening port:
+   it advertises ``or_port`` (``ORPort … NoListen``) and listens on ``listen_port``
+   (``ORPort … NoAdvertise``), and ``before_launch`` runs before any tor starts, so that
+   something else — a latency-adding ``onionp2p wan`` proxy, tools/bench_latency.py —
+   can listen on the advertised ports and carry every link to the relays.
 2. **Authority keys.** For each of the three directory authorities, ``tor-gencert``
    creates an RSA-3072 authority identity key, an RSA-2048 signing key and the key
    certificate binding them (``keys/authority_certificate``, whose ``fingerprint`` line is
@@ -78,6 +82,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -115,6 +120,9 @@ class TorNode:
     or_port: int
     dir_port: int = 0
     exit: bool = False
+    #: with ``TorNet.split_or_ports``: the port tor listens on (``or_port`` is then only
+    #: advertised: ``ORPort ... NoListen`` / ``ORPort ... NoAdvertise``), for a proxy between
+    listen_port: int = 0
     fingerprint: str = ""  # relay RSA identity, 40 upper-case hex digits
     v3ident: str = ""  # authorities: fingerprint of the authority identity key
     pid: int = 0
@@ -168,6 +176,12 @@ class TorNet:
     owned: bool = True  # nodes exit when this Python process dies
     extra_relay_options: list[str] = field(default_factory=list)
     extra_authority_options: list[str] = field(default_factory=list)
+    #: relays listen on ``listen_port`` and advertise ``or_port``, so that something in
+    #: between (a latency-adding proxy: ``onionp2p wan``) carries every link to them
+    split_or_ports: bool = False
+    #: called with this TorNet once the ports are chosen, before any tor starts (to start
+    #: what listens on the advertised ports)
+    before_launch: Callable[[TorNet], None] | None = None
     nodes: list[TorNode] = field(default_factory=list)
     _created_dir: bool = False
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -197,6 +211,8 @@ class TorNet:
             self._plan(root, n_relays, n_exits)
             self._make_keys()
             self._write_torrcs()
+            if self.before_launch is not None:
+                self.before_launch(self)
             self._launch()
             self._save_state()
             self._wait_ready(deadline)
@@ -243,7 +259,7 @@ class TorNet:
     # -- building ------------------------------------------------------------------------
 
     def _plan(self, root: Path, n_relays: int, n_exits: int) -> None:
-        ports = _free_ports(2 * self.n_authorities + 2 * n_relays)
+        ports = _free_ports(2 * self.n_authorities + (3 if self.split_or_ports else 2) * n_relays)
         self.nodes = []
         for i in range(self.n_authorities):
             self.nodes.append(TorNode(f"auth{i}", "authority", str(root / f"auth{i}"),
@@ -252,7 +268,8 @@ class TorNet:
             is_exit = i < n_exits
             name = f"exit{i}" if is_exit else f"relay{i}"
             self.nodes.append(TorNode(name, "relay", str(root / name), or_port=ports.pop(),
-                                      dir_port=ports.pop(), exit=is_exit))
+                                      dir_port=ports.pop(), exit=is_exit,
+                                      listen_port=ports.pop() if self.split_or_ports else 0))
         for node in self.nodes:
             Path(node.directory, "keys").mkdir(parents=True, exist_ok=True)
             os.chmod(node.directory, 0o700)
@@ -310,7 +327,8 @@ class TorNet:
             f"Nickname {node.name}",
             f"ContactInfo {node.name}@tornet.invalid",
             "Address 127.0.0.1",
-            f"ORPort 127.0.0.1:{node.or_port}",
+            *([f"ORPort 127.0.0.1:{node.or_port} NoListen", f"ORPort 127.0.0.1:{node.listen_port} NoAdvertise"]
+              if node.listen_port else [f"ORPort 127.0.0.1:{node.or_port}"]),
             "SocksPort 0",
             "AssumeReachable 1",
             "ConnLimit 60",
