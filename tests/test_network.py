@@ -18,6 +18,7 @@ from onionp2p.client.client import OnionClient
 from onionp2p.errors import CircuitError, StreamError
 from onionp2p.net import tls
 from onionp2p.proto.cells import CellCommand, Create2, Destroy, DestroyReason
+from onionp2p.proto.congestion import CCParams
 from onionp2p.proto.directory import RelayInfo
 from onionp2p.proto.exitpolicy import ExitPolicy
 from onionp2p.proto.relaycell import EndReason, RelayCommand
@@ -362,6 +363,9 @@ async def test_congestion_control_end_to_end(relay_net, http_server, client):
     writer.close()
     # a reader that reads nothing: XOFF stops the exit; reading again: XON, and all arrives
     reader, writer = await circ.open_stream("127.0.0.1", http_server.port, limit=65536)
+    # the reader holds tor's cc_xoff_client (500 cells) before it says XOFF, not 2 x limit
+    xoff_at = CCParams().xoff_bytes(exit_side=False)
+    assert writer.transport._sink_room() == xoff_at == 500 * 498
     writer.write(b"GET /hold HTTP/1.0\r\n\r\n")
     sid = writer.get_extra_info("stream_id")
     await wait_for(lambda: circ.core.streams[sid].xoff_sent, what="XOFF from the client")
@@ -374,10 +378,10 @@ async def test_congestion_control_end_to_end(relay_net, http_server, client):
         settled = exit_circ.core.streams[sid].bytes_sent
     assert exit_circ.core.streams[sid].bytes_sent == settled  # the exit stopped sending
     assert settled < 20_000_000 and exit_circ.core.streams[sid].buffered > 0
-    # what crossed: what the reader holds (2 x limit), and what was in flight when the XOFF
+    # what crossed: what the reader holds (500 cells), and what was in flight when the XOFF
     # arrived, which the exit's congestion window bounds (never above cc_ss_max in slow start)
     received = circ.core.streams[sid].bytes_received
-    assert received <= 2 * 65536 + 5000 * 498
+    assert xoff_at < received <= xoff_at + 5000 * 498
     await reader.readuntil(b"\r\n\r\n")
     got = await reader.readexactly(20_000_000)
     assert sha256(got) == sha256(blob(20_000_000))  # (the exit got XON: it sent the rest)
@@ -403,6 +407,7 @@ async def test_without_congestion_control_at_either_end_windows_are_fixed(tmp_pa
         circ = await client.build_circuit(infos)  # asked, but the relay does not answer CC_RESPONSE
         assert all(layer.cc is None for layer in circ.core.layers)
         reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
+        assert writer.transport._sink_room() == 2 * 65536  # (stream windows: the reader's own limit)
         assert sha256(await http_get(reader, writer, "/300000")) == sha256(blob(300_000))
     finally:
         await client.close()

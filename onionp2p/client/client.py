@@ -399,9 +399,15 @@ class ClientCircuit:
         if self.state != "built":
             raise CircuitError("circuit is not open", self.close_reason or "NONE")
         loop = self._loop
+        sid, actions = self.core.open_stream(int(command), body)
+        cc = self.core.streams[sid].layer.cc
+        if cc is not None:
+            # The reader pausing sends XOFF, which stops the exit until our XON has crossed
+            # the circuit: let it hold tor's cc_xoff_client (500 cells) before it pauses
+            # (a StreamReader pauses above 2 x limit and resumes at limit).
+            limit = max(limit, cc.p.xoff_bytes(exit_side=False) // 2)
         reader = asyncio.StreamReader(limit=limit, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-        sid, actions = self.core.open_stream(int(command), body)
         transport = StreamTransport(self, sid, host, port)
         transport.protocol = protocol
         transport._attach_reader(reader, limit)
