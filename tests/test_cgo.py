@@ -1,8 +1,11 @@
 """Tests for onionp2p.proto.cgo: Counter Galois Onion relay crypto (proposal 359).
 
 * every vector of tor's ``src/test/cgo_vectors.inc`` (``tests/data/cgo.json``), byte for byte, layer by layer;
-* RFC 8452 POLYVAL vectors, through each of the three POLYVAL code paths, and a
-  bit-by-bit reference of RFC 8452 §3 written here for random cross-checks;
+* RFC 8452 POLYVAL vectors, through each pure-Python POLYVAL code path and each native
+  (pycryptodome GHASH) backend, and a bit-by-bit reference of RFC 8452 §3 written here for
+  random cross-checks; the native adapter's import self-test refuses broken bindings;
+* the native and the pure-Python POLYVAL give the same cells, tags and key states over
+  hundreds of random cells with key updates;
 * a client and three relays wired together: originate/recognize both ways, SENDME
   tags, tampering, and keys from a real ntor v3 handshake.
 """
@@ -13,6 +16,8 @@ import json
 import os
 import random
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -282,17 +287,36 @@ RFC8452_POLYVAL = [
 ]
 
 
+#: pycryptodome's GHASH libraries as the module binds them (CLMUL/PMULL first, then portable)
+NATIVE_BACKENDS, _NO_BACKEND_REASON = cgo._ghash_backends()
+
+
 def all_paths(key: bytes, data: bytes) -> dict[str, bytes]:
-    """POLYVAL through every code path of the module."""
+    """POLYVAL through every code path of the module: pure Python and each native backend."""
     h = int.from_bytes(key, "little")
-    data = data + bytes(-len(data) % 16)
+    padded = data + bytes(-len(data) % 16)
     nibbles = cgo._nibble_tables(h)
-    return {
+    paths = {
         "polyval": polyval(key, data),
-        "tableless": cgo._horner_tableless(h, data).to_bytes(16, "little"),
-        "nibbles": cgo._horner_nibbles(nibbles, data).to_bytes(16, "little"),
-        "bytes": cgo._horner_bytes(cgo._byte_tables(nibbles), data).to_bytes(16, "little"),
+        "pure": cgo.PurePolyvalKey(key).digest(data),
+        "tableless": cgo._horner_tableless(h, padded).to_bytes(16, "little"),
+        "nibbles": cgo._horner_nibbles(nibbles, padded).to_bytes(16, "little"),
+        "bytes": cgo._horner_bytes(cgo._byte_tables(nibbles), padded).to_bytes(16, "little"),
     }
+    for backend in NATIVE_BACKENDS:
+        paths[backend.name] = cgo.NativePolyvalKey(key, backend=backend).digest(data)
+    return paths
+
+
+def test_native_polyval_is_in_use() -> None:
+    """pycryptodome is a dependency: CGO must not silently run the 30x slower fallback."""
+    assert NATIVE_BACKENDS, _NO_BACKEND_REASON
+    names = [b.name for b in NATIVE_BACKENDS]
+    assert "pycryptodome_ghash_portable" in names  # always built; CLMUL/PMULL depends on the CPU
+    assert cgo.POLYVAL_BACKEND == names[0], cgo._backend_note
+    assert cgo.PolyvalKey is cgo.NativePolyvalKey
+    for backend in NATIVE_BACKENDS:
+        assert cgo._self_test(backend) is None, backend.name
 
 
 @pytest.mark.parametrize("key,data,expect", RFC8452_POLYVAL, ids=[f"rfc8452-{i}" for i in range(len(RFC8452_POLYVAL))])
@@ -319,7 +343,7 @@ def test_polyval_key_switches_methods_without_changing_results() -> None:
     """Tableless, then nibble tables, then byte tables: one key, the same answers."""
     rng = random.Random(5)
     key = rng.randbytes(16)
-    pk = PolyvalKey(key, byte_tables_after=200)
+    pk = cgo.PurePolyvalKey(key, byte_tables_after=200)
     seen = []
     for i in range(40):
         data = rng.randbytes(16 if i < 2 else rng.choice([16, 33, 510]))
@@ -327,12 +351,13 @@ def test_polyval_key_switches_methods_without_changing_results() -> None:
         seen.append((pk._nibbles is not None, pk._bytes is not None))
     assert seen[:2] == [(False, False)] * 2  # a block or two: no tables yet
     assert (True, False) in seen and seen[-1] == (False, True)
-    plain = PolyvalKey(key)  # no upgrade asked for: never byte tables
+    plain = cgo.PurePolyvalKey(key)  # no upgrade asked for: never byte tables
     for _ in range(20):
         plain.digest(rng.randbytes(512))
     assert plain._bytes is None and plain._nibbles is not None
-    with pytest.raises(LocalProtocolError):
-        PolyvalKey(bytes(15))
+    for cls in (PolyvalKey, cgo.PurePolyvalKey, cgo.NativePolyvalKey):
+        with pytest.raises(LocalProtocolError):
+            cls(bytes(15))
 
 
 def test_a_broken_reduction_breaks_the_vectors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -341,6 +366,161 @@ def test_a_broken_reduction_breaks_the_vectors(monkeypatch: pytest.MonkeyPatch) 
     assert all_paths(H(key), H(data))["nibbles"].hex() == expect
     monkeypatch.setattr(cgo, "_DIV_X", (0, (_P ^ (1 << 121)) >> 1))
     assert all_paths(H(key), H(data))["nibbles"].hex() != expect
+
+
+def _imps() -> list:
+    """pycryptodome's raw GHASH function tables, in the order of NATIVE_BACKENDS."""
+    from Crypto.Cipher import _mode_gcm
+
+    return [getattr(_mode_gcm, "_" + b.name.removeprefix("pycryptodome_")) for b in NATIVE_BACKENDS]
+
+
+@pytest.mark.parametrize("which", ["fastest", "portable"])
+def test_native_polyval_matches_the_reference_on_random_inputs(which: str) -> None:
+    """Each native backend against the pure-Python POLYVAL (and, for some, the bit-by-bit one).
+
+    Keys are reused across messages, as CGO's pass-through layers do, so a stale output
+    buffer or a key expansion that some call corrupts would show.
+    """
+    assert NATIVE_BACKENDS, _NO_BACKEND_REASON
+    backend = NATIVE_BACKENDS[0] if which == "fastest" else NATIVE_BACKENDS[-1]
+    rng = random.Random(f"{359}-{which}")
+    edge = [bytes(16), b"\xff" * 16, (1).to_bytes(16, "little"), (1 << 127).to_bytes(16, "little")]
+    checked = 0
+    for round_ in range(60):
+        key = edge[round_] if round_ < len(edge) else rng.randbytes(16)
+        native, pure = cgo.NativePolyvalKey(key, backend=backend), cgo.PurePolyvalKey(key)
+        for _ in range(5):
+            n = rng.choice([0, 1, 15, 16, 17, 32, 493, 509, 510, 512, 528, rng.randrange(700)])
+            data = rng.randbytes(n)
+            want = pure.digest(data)
+            assert native.digest(data) == want, (backend.name, key.hex(), n)
+            assert native.hash_int(bytearray(data)) == int.from_bytes(want, "little")
+            assert native.digest(memoryview(data)) == want
+            checked += 1
+            if checked % 50 == 0:
+                assert want == ref_polyval(key, data)
+    assert checked == 300
+
+
+def _backend_with(backend: cgo.GhashBackend, **changes) -> cgo.GhashBackend:
+    return backend._replace(name=backend.name + "-broken", **changes)
+
+
+def test_the_self_test_refuses_a_broken_binding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A binding that computes anything but POLYVAL is never used: the module falls back."""
+    assert NATIVE_BACKENDS, _NO_BACKEND_REASON
+    good = NATIVE_BACKENDS[-1]
+    imp = _imps()[-1]
+    # plain GHASH: no byte reversal of the blocks, the key or the result
+    no_reversal = _backend_with(good, expand_rev=imp.ghash_expand, ghash_rev=imp.ghash)
+    assert "RFC 8452" in cgo._self_test(no_reversal)
+    # right blocks, wrong key transform (H used as the GHASH key without mulX / reversal)
+    assert "RFC 8452" in cgo._self_test(_backend_with(good, expand_rev=imp.ghash_expand))
+    # an output that is not the live C buffer (a copy made once): right only by accident
+    assert cgo._self_test(_backend_with(good, view=lambda buf: bytes(16))) is not None
+
+    def changed_api(*args: object) -> int:
+        raise TypeError("ghash_rev() takes 6 arguments")
+
+    assert "binding error" in cgo._self_test(_backend_with(good, ghash_rev=changed_api))
+    # the selection skips broken backends and explains itself when none is left
+    monkeypatch.setattr(cgo, "_ghash_backends", lambda: ([no_reversal, good], ""))
+    assert cgo._pick_backend() == (good, good.name)
+    monkeypatch.setattr(cgo, "_ghash_backends", lambda: ([no_reversal], ""))
+    backend, why = cgo._pick_backend()
+    assert backend is None and "-broken: RFC 8452 vector" in why
+
+
+FALLBACK_SCRIPT = """
+import json, warnings
+from Crypto.Cipher import _mode_gcm as g
+for name in ("_ghash_clmul", "_ghash_portable"):  # plain GHASH in place of the POLYVAL form
+    imp = getattr(g, name)
+    if imp is not None:
+        setattr(g, name, imp._replace(ghash_expand_rev=imp.ghash_expand, ghash_rev=imp.ghash))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from onionp2p.proto import cgo
+v = json.loads(open({vectors!r}).read())["uiv_testvecs"][0]
+uiv = cgo.UIV(bytes.fromhex(v["keys_J_S"]), encrypt=v["encrypt"])
+tweak = bytes.fromhex(v["tweak_H"])
+run = uiv.encrypt if v["encrypt"] else uiv.decrypt
+out = run(tweak[:16], tweak[16], bytes.fromhex(v["x_l"]) + bytes.fromhex(v["x_r"]))
+print(json.dumps({{"backend": cgo.POLYVAL_BACKEND, "key_class": cgo.PolyvalKey.__name__,
+                  "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
+                  "ok": out.hex() == v["y"]["y_l"] + v["y"]["y_r"]}}))
+"""
+
+
+def test_a_broken_binding_at_import_falls_back_to_pure_python_with_a_warning() -> None:
+    """In a fresh interpreter whose pycryptodome computes plain GHASH: slow, right and loud."""
+    proc = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT.format(vectors=str(VECTOR_FILE))],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["backend"] == "python" and result["key_class"] == "PurePolyvalKey"
+    assert len(result["warnings"]) == 1 and "native POLYVAL unavailable" in result["warnings"][0]
+    assert "RFC 8452 vector" in result["warnings"][0]
+    assert result["ok"]
+
+
+def _cgo_transcript(seed: int, cells: int) -> list[bytes]:
+    """Everything observable from a client and three relays over random traffic.
+
+    Forward and backward cells to and from random hops, RELAY and RELAY_EARLY, and a
+    CgoCrypt pair that only passes random cells on; every output body, tag and hop index,
+    and every key state (J | S, N, T') after each cell.
+    """
+    rng = random.Random(seed)
+    keys = [rng.randbytes(KEY_MATERIAL_LEN) for _ in range(3)]
+    client = ClientCrypto()
+    for k in keys:
+        client.add_hop(k)
+    relays = [RelayCrypto(k) for k in keys]
+    passer = CgoCrypt(rng.randbytes(DIR_KEY_LEN), relay=True)
+    peeler = CgoCrypt(rng.randbytes(DIR_KEY_LEN), relay=False)
+    out: list[bytes] = []
+    for _ in range(cells):
+        cmd = rng.choice([CELL_RELAY, CELL_RELAY_EARLY])
+        hop = rng.randrange(3)
+        body = rng.randbytes(RELAY_BODY_LEN)
+        if rng.random() < 0.5:
+            cell, tag = client.originate(body, hop, cmd=cmd)
+            out += [cell, tag]
+            for i in range(hop + 1):
+                recognized, cell, got = relays[i].decrypt_forward(cell, cmd=cmd)
+                assert recognized is (i == hop)
+                out.append(cell)
+            assert got == tag and cell[16:] == body[16:]
+        else:
+            cell, tag = relays[hop].originate_backward(body, cmd=cmd)
+            out += [cell, tag]
+            for i in range(hop - 1, -1, -1):
+                cell = relays[i].encrypt_backward(cell, cmd=cmd)
+                out.append(cell)
+            index, plain, got = client.decrypt_inbound(cell, cmd=cmd)
+            assert (index, got, plain[16:]) == (hop, tag, body[16:])
+            out.append(plain)
+        noise = rng.randbytes(RELAY_BODY_LEN)
+        out += [passer.relay_backward(cmd, noise), peeler.client_forward(cmd, noise)]
+        for c in [passer, peeler] + [side for r in relays for side in (r._hop.fwd, r._hop.bwd)]:
+            out += [c.key, c.nonce, c.tprime]
+    return out
+
+
+def test_native_and_pure_polyval_give_the_same_cells(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full cell operations, key updates included, are byte-identical with either POLYVAL."""
+    assert cgo.PolyvalKey is cgo.NativePolyvalKey, cgo._backend_note
+    fast = _cgo_transcript(seed=1234, cells=300)
+    monkeypatch.setattr(cgo, "PolyvalKey", cgo.PurePolyvalKey)
+    probe = ClientCrypto()
+    probe.add_hop(bytes(KEY_MATERIAL_LEN))
+    assert isinstance(probe._hops[0].fwd._uiv._et._ku.__self__, cgo.PurePolyvalKey)  # the reference runs
+    reference = _cgo_transcript(seed=1234, cells=300)
+    assert len(fast) == len(reference) > 300 * 20
+    for i, (a, b) in enumerate(zip(fast, reference)):
+        assert a == b, i
 
 
 # --- the layers on their own -----------------------------------------------------------------

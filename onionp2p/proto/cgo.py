@@ -76,19 +76,26 @@ tampering also corrupts the next cells, because ``T'`` chains cells together. As
 tor1, an unrecognized cell at the client or at the last hop means the circuit
 must be closed.
 
-**Performance.** AES runs in ``cryptography`` through ECB contexts that are made
-once per key: one block for ET, and the CTR keystream of the PRF is the ECB
-encryption of counter blocks (the IV changes every cell, and a new CTR context
-costs more than that). POLYVAL is pure Python over ``int``: a key that hashes more
-than a few blocks gets tables of its multiples by every nibble position (512
-entries), and an ET key used for many cells upgrades to byte tables (4096 entries,
-about 0.2 MB) for a faster pass-through path. A key used for a block or two (the
-PRF key right after a rekey) gets no tables at all.
+**Performance.** POLYVAL runs in C: pycryptodome's GHASH (carry-less multiply
+instructions where the CPU has them, else its portable C code), through a small adapter
+(:class:`NativePolyvalKey`) that checks itself at import against RFC 8452 and the
+pure-Python reference (:class:`PurePolyvalKey`), and falls back to the latter with a
+warning if the binding misbehaves (:data:`POLYVAL_BACKEND` says which one runs). AES
+runs in ``cryptography`` through ECB contexts that are made once per key: one block for
+ET, and the CTR keystream of the PRF is the ECB encryption of counter blocks (the IV
+changes every cell, and a new CTR context costs more than that). A pass-through layer
+is thus two POLYVAL calls and two AES calls; a hop that originates or recognizes a
+cell also sets up two AES keys and two POLYVAL keys for the next one. The cell methods
+check their arguments once and call unchecked internals (``UIV._enc`` and the like).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+from hashlib import shake_128
 from hmac import compare_digest as bytes_eq  # constant time
+from typing import Any, NamedTuple
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -105,7 +112,10 @@ __all__ = [
     "KEY_MATERIAL_LEN",
     "CELL_RELAY",
     "CELL_RELAY_EARLY",
+    "POLYVAL_BACKEND",
     "PolyvalKey",
+    "PurePolyvalKey",
+    "NativePolyvalKey",
     "polyval",
     "ET",
     "PRF",
@@ -244,10 +254,12 @@ def _horner_bytes(tables: list[list[int]], data: bytes) -> int:
     return s
 
 
-class PolyvalKey:
-    """POLYVAL with one key ``H`` (16 bytes), for many messages.
+class PurePolyvalKey:
+    """POLYVAL with one key ``H`` (16 bytes), for many messages, in pure Python.
 
-    The method is picked by use: no tables while the key has hashed at most
+    The reference implementation: the tests cross-check the native backend against it,
+    and :data:`PolyvalKey` is this class when the native backend is unavailable. The
+    method is picked by use: no tables while the key has hashed at most
     ``_TABLELESS_BLOCKS`` blocks in all, then nibble tables; with ``byte_tables_after``
     set, byte tables once the key has hashed that many blocks.
     """
@@ -287,6 +299,185 @@ class PolyvalKey:
         return self.hash_int(data).to_bytes(16, "little")
 
 
+# --------------------------------------------------------------------------------------
+# Native POLYVAL: an adapter to pycryptodome's C GHASH.
+#
+# NOTE: this binds pycryptodome's *internal* raw GHASH API (the ``_ghash_clmul`` /
+# ``_ghash_portable`` function tables of ``Crypto.Cipher._mode_gcm`` and the buffer helpers of
+# ``Crypto.Util._raw_api``), not a public interface. It is pinned in pyproject.toml to the
+# range it was tested with (pycryptodome 4.5.x). pycryptodome 4.5 added AES-GCM-SIV, and with
+# it ``ghash_expand_rev`` / ``ghash_rev``: GHASH over byte-reversed blocks with the POLYVAL key,
+# i.e. RFC 8452 Appendix A's
+#     POLYVAL(H, X_1..X_n) = ByteReverse(GHASH(mulX_GHASH(ByteReverse(H)), ByteReverse(X_1), ..))
+# with both ByteReverse steps and mulX done in C (its own GCM-SIV uses exactly this, and checks
+# it against RFC 8452 in its self-tests). The result buffer holds the GHASH value, so the
+# POLYVAL integer is that buffer read big-endian (no reversal in Python either).
+#
+# At import the binding must pass a self-test (RFC 8452 vectors, then long and odd-length
+# inputs against the pure-Python reference). If pycryptodome is missing, has another API, or
+# fails the self-test, PolyvalKey is the pure-Python class and a RuntimeWarning says why:
+# slow but right, never fast and wrong. POLYVAL_BACKEND names the backend in use.
+
+#: a few RFC 8452 POLYVAL vectors (Appendix A, Appendix C): key, input, result
+_SELF_TEST_VECTORS = (
+    ("25629347589242761d31f826ba4b757b", "4f4f95668c83dfb6401762bb2d01a262d1a24ddd2721d006bbe45f20d3c9f362",
+     "f7a3b47b846119fae5b7866cf5e5b77e"),
+    ("d9b360279694941ac5dbc6987ada7377",
+     "01000000000000000000000000000000" "02000000000000000000000000000000" "00000000000000000001000000000000",
+     "ce6edc9a50b36d9a98986bbf6a261c3b"),
+    ("d9b360279694941ac5dbc6987ada7377",
+     "01000000000000000000000000000000" "02000000000000000000000000000000" "03000000000000000000000000000000"
+     "04000000000000000000000000000000" "05000000000000000000000000000000" "08000000000000000002000000000000",
+     "ffcd05d5770f34ad9267f0a59994b15a"),
+    ("3e28de1120b2981a0155795ca2812af6",
+     "46bb91c3c50000000000000000000000" "7a806c00000000000000000000000000" "28000000000000001800000000000000",
+     "43d9a745511dcfa21b96dd606f1d5720"),
+)
+
+
+class GhashBackend(NamedTuple):
+    """The C functions of one pycryptodome GHASH library and the buffer helpers to call them."""
+
+    name: str
+    expand_rev: Callable[..., int]  # (h[16], void **exp_key) -> error code
+    ghash_rev: Callable[..., int]  # (y_out[16], data, len, y_in[16], exp_key) -> error code
+    destroy: Callable[..., int]  # (exp_key) -> error code
+    void_pointer: Callable[[], Any]  # a new ``void *`` for expand_rev to fill in
+    out_buffer: Callable[[int], Any]  # a new C buffer of that many bytes
+    view: Callable[[Any], Any]  # a live, zero-copy bytes-like view of such a buffer
+    size_t: Callable[[int], Any]  # an int as the C size_t argument
+
+
+class NativePolyvalKey:
+    """POLYVAL with one key through pycryptodome's C GHASH (CLMUL/PMULL or portable).
+
+    Same interface as :class:`PurePolyvalKey` (``byte_tables_after`` is accepted and
+    ignored: the C code has its own key expansion). Each key owns its expanded key (freed
+    with the object) and a 16-byte output buffer, read through a live view without a copy;
+    so a key is not for concurrent use from several threads, like a ``cryptography``
+    cipher context.
+    """
+
+    __slots__ = ("_exp", "_out", "_view", "_ghash", "_size_t", "_destroy")
+
+    def __init__(self, key: bytes, *, byte_tables_after: int | None = None,
+                 backend: GhashBackend | None = None) -> None:
+        if len(key) != 16:
+            raise LocalProtocolError("POLYVAL key must be 16 bytes")
+        b = backend or _GHASH
+        if b is None:
+            raise LocalProtocolError(f"no native POLYVAL backend ({_backend_note})")
+        vp = b.void_pointer()
+        err = b.expand_rev(key if type(key) is bytes else bytes(key), vp.address_of())
+        if err:
+            raise LocalProtocolError(f"POLYVAL key expansion failed in {b.name} (error {err})")
+        self._exp = vp.get()
+        self._destroy = b.destroy
+        self._out = b.out_buffer(16)
+        self._view = b.view(self._out)
+        self._ghash = b.ghash_rev
+        self._size_t = b.size_t
+
+    def __del__(self) -> None:
+        destroy = getattr(self, "_destroy", None)  # absent if __init__ failed before the expansion
+        if destroy is not None:
+            self._destroy = None
+            destroy(self._exp)
+
+    def hash_int(self, data: bytes) -> int:
+        """POLYVAL of ``data`` (zero-padded to whole blocks) as a little-endian integer."""
+        n = len(data)
+        if n % 16:
+            data = b"".join((data, _ZERO16[n % 16:]))
+            n = len(data)
+        elif type(data) is not bytes:
+            data = bytes(data)
+        err = self._ghash(self._out, data, self._size_t(n), _ZERO16, self._exp)
+        if err:
+            raise LocalProtocolError(f"POLYVAL failed (error {err})")
+        return int.from_bytes(self._view, "big")  # the GHASH value is the byte-reversed POLYVAL
+
+    def digest(self, data: bytes) -> bytes:
+        """POLYVAL of ``data`` (zero-padded to whole blocks): 16 bytes."""
+        return self.hash_int(data).to_bytes(16, "little")
+
+
+def _ghash_backends() -> tuple[list[GhashBackend], str]:
+    """pycryptodome's GHASH libraries with the reversed-block API, fastest first; or why none."""
+    try:
+        from Crypto.Cipher import _mode_gcm as gcm  # noqa: PLC0415 (optional, internal API)
+        from Crypto.Util import _raw_api as raw  # noqa: PLC0415
+    except Exception as exc:  # pragma: no cover - exercised only without pycryptodome
+        return [], f"pycryptodome not importable: {exc!r}"
+    if getattr(raw, "backend", None) == "cffi":
+        # pycryptodome's c_size_t is the identity with cffi; ffi.buffer is a live view
+        view, size_t = raw.ffi.buffer, int
+    else:  # ctypes: the buffer is a ctypes array, which has the buffer protocol itself
+        view, size_t = memoryview, raw.c_size_t
+    found: list[GhashBackend] = []
+    problems: list[str] = []
+    for attr in ("_ghash_clmul", "_ghash_portable"):
+        imp = getattr(gcm, attr, None)
+        if imp is None:
+            problems.append(f"{attr} missing")
+            continue
+        try:
+            found.append(GhashBackend(
+                name=f"pycryptodome{attr}", expand_rev=imp.ghash_expand_rev, ghash_rev=imp.ghash_rev,
+                destroy=imp.ghash_destroy, void_pointer=raw.VoidPointer, out_buffer=raw.create_string_buffer,
+                view=view, size_t=size_t))
+        except AttributeError as exc:
+            problems.append(f"{attr}: {exc}")
+    return found, "; ".join(problems) or "no GHASH library"
+
+
+def _self_test(backend: GhashBackend) -> str | None:
+    """Why ``backend`` must not be used (None: it computes POLYVAL right).
+
+    RFC 8452 vectors, then inputs of 1, 31 (an odd length, padded), 32 and 33 blocks
+    against :class:`PurePolyvalKey`, with one key object reused as CGO does.
+    """
+    try:
+        for key, data, expect in _SELF_TEST_VECTORS:
+            got = NativePolyvalKey(bytes.fromhex(key), backend=backend).digest(bytes.fromhex(data))
+            if got.hex() != expect:
+                return f"RFC 8452 vector: got {got.hex()}, want {expect}"
+        stream = shake_128(b"onionp2p cgo POLYVAL self-test").digest(16 + 528 * 4)
+        key = stream[:16]
+        native, pure = NativePolyvalKey(key, backend=backend), PurePolyvalKey(key)
+        for i, n in enumerate((16, 510, 512, 528)):
+            data = stream[16 + 528 * i:16 + 528 * i + n]
+            if native.digest(data) != pure.digest(data):
+                return f"differs from the reference on {n} bytes"
+    except Exception as exc:  # a changed internal API: wrong arity, types, missing symbols
+        return f"binding error: {exc!r}"
+    return None
+
+
+def _pick_backend() -> tuple[GhashBackend | None, str]:
+    backends, reason = _ghash_backends()
+    reasons = [reason] if not backends else []
+    for backend in backends:
+        failure = _self_test(backend)
+        if failure is None:
+            return backend, backend.name
+        reasons.append(f"{backend.name}: {failure}")
+    return None, "; ".join(reasons)
+
+
+_GHASH, _backend_note = _pick_backend()
+#: which POLYVAL runs: ``pycryptodome_ghash_clmul``, ``pycryptodome_ghash_portable`` or ``python``
+POLYVAL_BACKEND: str = _GHASH.name if _GHASH is not None else "python"
+#: the class used for every POLYVAL key (native when the self-test passed)
+PolyvalKey: type[NativePolyvalKey] | type[PurePolyvalKey]
+if _GHASH is not None:
+    PolyvalKey = NativePolyvalKey
+else:
+    PolyvalKey = PurePolyvalKey
+    warnings.warn(f"onionp2p CGO: native POLYVAL unavailable ({_backend_note}); using pure Python "
+                  "(correct, about 30 times slower)", RuntimeWarning, stacklevel=2)
+
+
 def polyval(key: bytes, data: bytes) -> bytes:
     """One-off POLYVAL(``key``, ``data``), ``data`` zero-padded to whole blocks."""
     return PolyvalKey(key).digest(data)
@@ -297,9 +488,12 @@ def polyval(key: bytes, data: bytes) -> bytes:
 
 
 _ECB = modes.ECB()
+_PAD2 = bytes(2)  # the ET tweak is 510 bytes: POLYVAL pads it to 512
+_IV_MASK = ~(0x3F << 120)  # clears the low six bits of the IV's last byte (little-endian int)
 
 
 def _aes_ecb(key: bytes, encrypt: bool = True):  # -> the context's update()
+    """One ``cryptography`` ECB context per key; its ``update`` is called once per use."""
     cipher = Cipher(algorithms.AES(key), _ECB)
     return (cipher.encryptor() if encrypt else cipher.decryptor()).update
 
@@ -307,6 +501,11 @@ def _aes_ecb(key: bytes, encrypt: bool = True):  # -> the context's update()
 def _check_len(data: bytes, n: int, what: str) -> None:
     if len(data) != n:
         raise LocalProtocolError(f"{what} must be {n} bytes, got {len(data)}")
+
+
+def _tweak(h: bytes, cmd: int, x_r: bytes) -> bytes:
+    """The ET tweak ``h | cmd | x_r``, already zero-padded to 512 bytes (one copy)."""
+    return b"".join((h, _BYTE[cmd], x_r, _PAD2))
 
 
 class ET:
@@ -321,11 +520,12 @@ class ET:
         _check_len(key, ET_KEY_LEN, "ET key")
         key = bytes(key)
         self._aes = _aes_ecb(key[:AES_KEY_LEN], encrypt)
-        self._ku = PolyvalKey(key[AES_KEY_LEN:], byte_tables_after=_ET_BYTE_TABLES_AFTER)
+        self._ku = PolyvalKey(key[AES_KEY_LEN:], byte_tables_after=_ET_BYTE_TABLES_AFTER).hash_int
         self.encrypting = encrypt
 
-    def _apply(self, h: bytes, cmd: int, x_r: bytes, block: bytes) -> bytes:
-        mask = self._ku.hash_int(h + _BYTE[cmd] + x_r)
+    def _apply(self, tweak: bytes, block: bytes) -> bytes:
+        """``AES(block ^ mask) ^ mask`` for a padded tweak from :func:`_tweak`; no checks (hot path)."""
+        mask = self._ku(tweak)
         inner = (int.from_bytes(block, "little") ^ mask).to_bytes(16, "little")
         return (int.from_bytes(self._aes(inner), "little") ^ mask).to_bytes(16, "little")
 
@@ -334,25 +534,27 @@ class ET:
         if not self.encrypting:
             raise LocalProtocolError("this ET was set up for decryption")
         _check_tweak(h, cmd, x_r, block)
-        return self._apply(h, cmd, x_r, block)
+        return self._apply(_tweak(h, cmd, x_r), block)
 
     def decrypt(self, h: bytes, cmd: int, x_r: bytes, block: bytes) -> bytes:
         """The inverse of :meth:`encrypt` (AES decryption between the same masks)."""
         if self.encrypting:
             raise LocalProtocolError("this ET was set up for encryption")
         _check_tweak(h, cmd, x_r, block)
-        return self._apply(h, cmd, x_r, block)
+        return self._apply(_tweak(h, cmd, x_r), block)
 
 
 def _check_tweak(h: bytes, cmd: int, x_r: bytes, block: bytes) -> None:
     _check_len(h, 16, "tweak H")
     _check_len(x_r, MSG_LEN, "tweak X_R")
     _check_len(block, 16, "ET block")
-    if not isinstance(cmd, int) or not 0 <= cmd <= 255:
-        raise LocalProtocolError(f"cell command must be 0..255, got {cmd!r}")
+    _check_cmd(cmd)
 
 
 _T0_TAILS = [bytes(range(c, c + PRF_T1_OFFSET)) for c in (0x00, 0x40, 0x80, 0xC0)]
+_T1_UPDATE_BLOCKS = DIR_KEY_LEN // BLOCK_LEN  # 5: what UIV+ update takes
+_T1_UPDATE_TAILS = [bytes(range(c + PRF_T1_OFFSET, c + PRF_T1_OFFSET + _T1_UPDATE_BLOCKS))
+                    for c in (0x00, 0x40, 0x80, 0xC0)]
 
 
 class PRF:
@@ -360,7 +562,9 @@ class PRF:
 
     ``IV = POLYVAL(B, input)`` with ``IV[15] &= 0xC0``; the keystream is AES-128-CTR under
     ``K`` from ``IV`` (``t = 0``) or from ``IV + 31`` (``t = 1``). Clearing six bits keeps
-    the counter inside the IV's last byte for 64 blocks.
+    the counter inside the IV's last byte for 64 blocks, so the counter blocks are the IV
+    with only its last byte changed; they go through one ECB context per key (a new CTR
+    context for every IV would cost more than the whole keystream).
     """
 
     __slots__ = ("_aes", "_b")
@@ -369,25 +573,37 @@ class PRF:
         _check_len(key, PRF_KEY_LEN, "PRF key")
         key = bytes(key)
         self._aes = _aes_ecb(key[:AES_KEY_LEN])
-        self._b = PolyvalKey(key[AES_KEY_LEN:])
+        self._b = PolyvalKey(key[AES_KEY_LEN:]).hash_int
 
     def _iv(self, tweak: bytes) -> bytes:
-        _check_len(tweak, 16, "PRF input")
-        return (self._b.hash_int(tweak) & ~(0x3F << 120)).to_bytes(16, "little")
+        return (self._b(tweak) & _IV_MASK).to_bytes(16, "little")
 
-    def xor_t0(self, tweak: bytes, data: bytes) -> bytes:
-        """``data`` XOR the ``t = 0`` keystream (at most 496 bytes; CGO uses 493)."""
-        n = len(data)
-        if n > _PRF_T0_MAX:
-            raise LocalProtocolError(f"PRF t=0 output is at most {_PRF_T0_MAX} bytes")
+    def _xor_t0(self, tweak: bytes, data: bytes) -> bytes:
+        """:meth:`xor_t0` without checks (hot path)."""
         iv = self._iv(tweak)
         counters = bytearray(iv * PRF_T1_OFFSET)
         counters[15::16] = _T0_TAILS[iv[15] >> 6]
+        n = len(data)
         stream = int.from_bytes(self._aes(counters), "big") >> (8 * (_PRF_T0_MAX - n))
         return (int.from_bytes(data, "big") ^ stream).to_bytes(n, "big")
 
+    def xor_t0(self, tweak: bytes, data: bytes) -> bytes:
+        """``data`` XOR the ``t = 0`` keystream (at most 496 bytes; CGO uses 493)."""
+        _check_len(tweak, 16, "PRF input")
+        if len(data) > _PRF_T0_MAX:
+            raise LocalProtocolError(f"PRF t=0 output is at most {_PRF_T0_MAX} bytes")
+        return self._xor_t0(tweak, data)
+
+    def _update_stream(self, tweak: bytes) -> bytes:
+        """The 80 bytes of ``t = 1`` keystream that UIV+ update takes, without checks."""
+        iv = self._iv(tweak)
+        counters = bytearray(iv * _T1_UPDATE_BLOCKS)
+        counters[15::16] = _T1_UPDATE_TAILS[iv[15] >> 6]
+        return self._aes(counters)
+
     def stream_t1(self, tweak: bytes, n: int) -> bytes:
         """The first ``n`` bytes of the ``t = 1`` keystream (at most 528; CGO uses 80)."""
+        _check_len(tweak, 16, "PRF input")
         if not 0 <= n <= _PRF_T1_MAX:
             raise LocalProtocolError(f"PRF t=1 output is at most {_PRF_T1_MAX} bytes")
         iv = self._iv(tweak)
@@ -403,7 +619,9 @@ class UIV:
 
     ``encrypt`` / ``decrypt`` take the tweak ``h[16]`` and the cell command; ``update``
     rekeys from a 16-byte nonce and returns the next nonce. ``key`` is the current
-    64 bytes of key material (kept for the test vectors, which check it).
+    64 bytes of key material (kept for the test vectors, which check it). The ``_enc`` /
+    ``_dec`` / ``_update`` forms skip the argument checks, for :class:`CgoCrypt`, which
+    checks each cell once.
     """
 
     __slots__ = ("_et", "_prf", "_key", "encrypting")
@@ -424,29 +642,43 @@ class UIV:
         """The current ``J | S`` (64 bytes)."""
         return self._key
 
+    def _enc(self, h: bytes, cmd: int, body: bytes) -> bytes:
+        x_r = body[16:]
+        y_l = self._et._apply(_tweak(h, cmd, x_r), body[:16])
+        return y_l + self._prf._xor_t0(y_l, x_r)
+
+    def _dec(self, h: bytes, cmd: int, body: bytes) -> bytes:
+        y_l = body[:16]
+        x_r = self._prf._xor_t0(y_l, body[16:])
+        return self._et._apply(_tweak(h, cmd, x_r), y_l) + x_r
+
+    def _update(self, nonce: bytes) -> bytes:
+        fresh = self._prf._update_stream(nonce)
+        self._set_key(fresh[:UIV_KEY_LEN])
+        return fresh[UIV_KEY_LEN:]
+
     def encrypt(self, h: bytes, cmd: int, body: bytes) -> bytes:
         """``Y_L = ET(h | cmd | X_R, X_L)``, ``Y_R = X_R ^ PRF(Y_L, t=0)``."""
         if not self.encrypting:
             raise LocalProtocolError("this UIV was set up for decryption")
+        _check_len(h, 16, "tweak H")
+        _check_cmd(cmd)
         _check_len(body, RELAY_BODY_LEN, "UIV block")
-        x_r = body[16:]
-        y_l = self._et.encrypt(h, cmd, x_r, body[:16])
-        return y_l + self._prf.xor_t0(y_l, x_r)
+        return self._enc(h, cmd, body)
 
     def decrypt(self, h: bytes, cmd: int, body: bytes) -> bytes:
         """``X_R = Y_R ^ PRF(Y_L, t=0)``, ``X_L = ET^-1(h | cmd | X_R, Y_L)``."""
         if self.encrypting:
             raise LocalProtocolError("this UIV was set up for encryption")
+        _check_len(h, 16, "tweak H")
+        _check_cmd(cmd)
         _check_len(body, RELAY_BODY_LEN, "UIV block")
-        y_l = body[:16]
-        x_r = self._prf.xor_t0(y_l, body[16:])
-        return self._et.decrypt(h, cmd, x_r, y_l) + x_r
+        return self._dec(h, cmd, body)
 
     def update(self, nonce: bytes) -> bytes:
         """Replace ``J | S`` by the first 64 bytes of ``PRF_S(nonce, t=1)``; return the next 16."""
-        fresh = self._prf.stream_t1(nonce, DIR_KEY_LEN)
-        self._set_key(fresh[:UIV_KEY_LEN])
-        return fresh[UIV_KEY_LEN:]
+        _check_len(nonce, 16, "nonce")
+        return self._update(nonce)
 
 
 # --------------------------------------------------------------------------------------
@@ -456,6 +688,15 @@ class UIV:
 def _check_cmd(cmd: int) -> None:
     if not isinstance(cmd, int) or not 0 <= cmd <= 255:
         raise LocalProtocolError(f"cell command must be 0..255, got {cmd!r}")
+
+
+def _check_cell(cmd: int, body: bytes) -> bytes:
+    """Check one cell given to :class:`CgoCrypt` (a local error: the wrappers check network input)."""
+    if type(cmd) is not int or not 0 <= cmd <= 255:
+        _check_cmd(cmd)  # bool and int subclasses: the full check and its message
+    if len(body) != RELAY_BODY_LEN:
+        raise LocalProtocolError(f"relay cell body must be {RELAY_BODY_LEN} bytes, got {len(body)}")
+    return body if type(body) is bytes else bytes(body)
 
 
 def _check_body(body: bytes, local: bool) -> bytes:
@@ -499,18 +740,20 @@ class CgoCrypt:
     def relay_forward(self, cmd: int, body: bytes) -> tuple[bytes, bytes | None]:
         """A cell from the client: ``(body, tag)`` if it is for us, else ``(body, None)``."""
         self._need(True)
-        out = self._uiv.encrypt(self.tprime, cmd, body)
+        body = _check_cell(cmd, body)
+        uiv = self._uiv
+        out = uiv._enc(self.tprime, cmd, body)
         t = out[:16]
         self.tprime = t
         if bytes_eq(t, self.nonce):
-            self.nonce = self._uiv.update(self.nonce)
-            return out, bytes(body[:16])
+            self.nonce = uiv._update(self.nonce)
+            return out, body[:16]
         return out, None
 
     def relay_backward(self, cmd: int, body: bytes) -> bytes:
         """Add our layer to a cell from a later hop, toward the client."""
         self._need(True)
-        out = self._uiv.encrypt(self.tprime, cmd, body)
+        out = self._uiv._enc(self.tprime, cmd, _check_cell(cmd, body))
         self.tprime = out[:16]
         return out
 
@@ -520,10 +763,12 @@ class CgoCrypt:
         The first 16 bytes of ``body`` are replaced by the nonce.
         """
         self._need(True)
-        out = self._uiv.encrypt(self.tprime, cmd, self.nonce + body[16:])
+        body = _check_cell(cmd, body)
+        uiv = self._uiv
+        out = uiv._enc(self.tprime, cmd, self.nonce + body[16:])
         t = out[:16]
         self.tprime = t
-        self.nonce = self._uiv.update(t)
+        self.nonce = uiv._update(t)
         return out, t
 
     # --- client side (UIV+ decryption) ---
@@ -531,27 +776,32 @@ class CgoCrypt:
     def client_forward(self, cmd: int, body: bytes) -> bytes:
         """Add this hop's layer to a cell for a later hop."""
         self._need(False)
-        out = self._uiv.decrypt(self.tprime, cmd, body)
-        self.tprime = bytes(body[:16])
+        body = _check_cell(cmd, body)
+        out = self._uiv._dec(self.tprime, cmd, body)
+        self.tprime = body[:16]
         return out
 
     def client_originate(self, cmd: int, body: bytes) -> tuple[bytes, bytes]:
         """Start a cell for this hop: ``(body, tag)``; the first 16 bytes are replaced."""
         self._need(False)
+        body = _check_cell(cmd, body)
         nonce = self.nonce
-        out = self._uiv.decrypt(self.tprime, cmd, nonce + body[16:])
+        uiv = self._uiv
+        out = uiv._dec(self.tprime, cmd, nonce + body[16:])
         self.tprime = nonce
-        self.nonce = self._uiv.update(nonce)
+        self.nonce = uiv._update(nonce)
         return out, out[:16]
 
     def client_backward(self, cmd: int, body: bytes) -> tuple[bytes, bytes | None]:
         """Peel this hop's layer: ``(body, tag)`` if the hop originated it, else ``(body, None)``."""
         self._need(False)
-        t = bytes(body[:16])
-        out = self._uiv.decrypt(self.tprime, cmd, body)
+        body = _check_cell(cmd, body)
+        t = body[:16]
+        uiv = self._uiv
+        out = uiv._dec(self.tprime, cmd, body)
         self.tprime = t
         if bytes_eq(out[:16], self.nonce):
-            self.nonce = self._uiv.update(t)
+            self.nonce = uiv._update(t)
             return out, t
         return out, None
 
