@@ -275,7 +275,7 @@ def _cmd_testnet(args: argparse.Namespace) -> int:
         socks_port=max(args.socks_port, 0), control_port=None if args.control_port == 0 else max(args.control_port, 0),
         data_dir=Path(args.data_dir) if args.data_dir else None, voting_interval=args.voting_interval,
         log_level=args.log_level, metrics_port=None if args.metrics_port is None else max(args.metrics_port, 0),
-        link_delay=args.link_delay, congestion_control=not args.no_congestion_control,
+        link_delay=args.link_delay, congestion_control=not args.no_congestion_control, cgo=not args.no_cgo,
     ))
 
 
@@ -341,6 +341,8 @@ def _add_client_parsers(sub) -> None:
                         "(each relay a fixed value in MIN-MAX), through `onionp2p wan` proxies")
     t.add_argument("--no-congestion-control", action="store_true",
                    help="the client uses fixed SENDME windows (relays still offer congestion control)")
+    t.add_argument("--no-cgo", action="store_true",
+                   help="the client uses tor1 relay crypto (relays still offer CGO)")
     t.set_defaults(func=_cmd_testnet)
     w = sub.add_parser("wan", help="latency-adding TCP proxies (a wide-area network emulator)")
     w.add_argument("--map", action="append", required=True, metavar="LISTEN_PORT:HOST:PORT:DELAY_MS",

@@ -281,6 +281,8 @@ class RelayConfig:
     #: answer clients' CC_REQUEST and run congestion control (proposal 324) on our edge of
     #: their circuits; false: fixed SENDME windows only (FlowCtrl=2 is then not advertised)
     congestion_control: bool = True
+    #: accept CGO relay crypto (proposal 359; advertised as Relay=5-6, needs congestion_control)
+    cgo: bool = True
 
     @property
     def effective_bandwidth_burst(self) -> int:
@@ -328,6 +330,7 @@ class RelayConfig:
             "extend_allow_private": _bool,
             "authorities": _authority_list,
             "congestion_control": _bool,
+            "cgo": _bool,
             **_LOG_FIELDS,
         }
         out = _build(cls, d, ctx, validators)
@@ -390,6 +393,8 @@ class ClientConfig:
     #: ask exits for congestion control (proposal 324: Vegas, XON/XOFF) where they offer
     #: it; false: fixed SENDME windows on every circuit
     congestion_control: bool = True
+    #: ask every hop that offers it for CGO relay crypto (proposal 359; needs congestion_control)
+    cgo: bool = True
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "<dict>",
@@ -416,6 +421,7 @@ class ClientConfig:
             "socks_max_connections": _int_range(1, 65535),
             "client_reject_internal_addresses": _bool,
             "congestion_control": _bool,
+            "cgo": _bool,
             **_LOG_FIELDS,
         }
         out = _build(cls, d, ctx, validators)

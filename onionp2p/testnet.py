@@ -193,7 +193,8 @@ async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int
                       data_dir: Path | None = None, voting_interval: int = 5,
                       timeout: float = 180.0, log_level: str = "info", metrics_port: int | None = None,
                       stop_event: asyncio.Event | None = None, ready=None,
-                      link_delay: tuple[float, float] | None = None, congestion_control: bool = True) -> int:
+                      link_delay: tuple[float, float] | None = None, congestion_control: bool = True,
+                      cgo: bool = True) -> int:
     """Start the network and the client; run until signalled. Returns the exit code."""
     from onionp2p.client.node import ClientNode
 
@@ -220,7 +221,7 @@ async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int
                            control_port=control_port, metrics_port=metrics_port,
                            authorities=tuple(net.authority_lines),
                            enforce_distinct_subnets=False, client_reject_internal_addresses=False,
-                           log_level=log_level, congestion_control=congestion_control)
+                           log_level=log_level, congestion_control=congestion_control, cgo=cgo)
         node = ClientNode(cfg)
         waiting = asyncio.ensure_future(wait_for_consensus(node, n_relays, net, timeout))
         stopper = asyncio.ensure_future(stop.wait())

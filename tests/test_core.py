@@ -34,6 +34,7 @@ from onionp2p.proto.relaycell import (
     Sendme,
     pack_relay,
 )
+from onionp2p.proto.hopcrypto import CgoRelayCrypto
 from onionp2p.proto.relaycrypto import KEY_MATERIAL_LEN, RelayCrypto
 from onionp2p.proto.stream import SOURCE_HIGH_WATER, StreamState
 
@@ -66,9 +67,10 @@ def relay_circ(**kw) -> core.RelayCircuit:
 class FakeRelay:
     """A relay's identity and onion key, enough for ntor (no files, no sockets)."""
 
-    def __init__(self, i: int, cc: CCParams | None = None):
+    def __init__(self, i: int, cc: CCParams | None = None, cgo: bool = False):
         self.nickname = f"r{i}"
         self.cc = cc  # the relay runs congestion control with these parameters
+        self.cgo = cgo  # ... and accepts CGO
         self.rsa_id = os.urandom(20)
         self.ed_id = os.urandom(32)
         self.onion = X25519PrivateKey.generate()
@@ -80,8 +82,10 @@ class FakeRelay:
         """Answer a CREATE2 payload: the new circuit's core and the CREATED2 payload."""
         req = Create2.parse(create2)
         reply, params = answer_create2(req.htype, req.hdata, rsa_id=self.rsa_id, ed_id=self.ed_id,
-                                       onion_keys={self.ntor_key: self.onion}, cc=self.cc)
-        circ = core.RelayCircuit(RelayCrypto(params.key_material), own_rsa_id=self.rsa_id,
+                                       onion_keys={self.ntor_key: self.onion}, cc=self.cc, cgo=self.cgo)
+        crypto = (CgoRelayCrypto(params.key_material) if params.relay_crypto == "cgo"
+                  else RelayCrypto(params.key_material))
+        circ = core.RelayCircuit(crypto, own_rsa_id=self.rsa_id,
                                  prev_rsa_id=prev_rsa_id, allow_private=True, max_streams=3,
                                  params=params, cc=self.cc)
         circ.room = 1 << 30
@@ -98,11 +102,11 @@ class Wire:
     kept in ``relay_actions``.
     """
 
-    def __init__(self, n: int = 3, *, cc: CCParams | None = None, protocols: str = ""):
-        self.relays = [FakeRelay(i, cc) for i in range(n)]
+    def __init__(self, n: int = 3, *, cc: CCParams | None = None, protocols: str = "", cgo: bool = False):
+        self.relays = [FakeRelay(i, cc, cgo) for i in range(n)]
         for r in self.relays:
             r.protocols = protocols
-        self.c = core.ClientCircuit(self.relays, cc=cc)
+        self.c = core.ClientCircuit(self.relays, cc=cc, cgo=cgo)
         self.now = 0.0  # the time every core is told
         self.hops: list[core.RelayCircuit] = []
         self.relay_actions: list[list] = [[] for _ in range(n)]
@@ -815,3 +819,147 @@ def test_cc_window_respects_the_channel_room_and_blocked_is_a_signal():
     w.c.room = 5
     got = w.c.stream_write(sid, b"s" * 498 * 50, now=0.1)
     assert sum(len(a.payloads) for a in only(got, core.Send)) == 5
+
+
+# -- CGO relay crypto (proposal 359) and relay message format v1 ------------------------------------------
+
+CGO_PROTOCOLS = "FlowCtrl=1-2 Relay=2-6"
+
+
+def cgo_wire(n: int = 3, **kw) -> Wire:
+    w = Wire(n, cc=CCParams(**kw), protocols=CGO_PROTOCOLS, cgo=True)
+    assert kinds(w.build())[-1] == "Built"
+    return w
+
+
+def test_cgo_on_every_hop_carries_streams_both_ways_with_16_byte_sendme_tags():
+    w = cgo_wire()
+    # every hop: CGO, message format v1, and the congestion control CGO needs
+    assert [layer.relay_crypto for layer in w.c.layers] == ["cgo"] * 3 and all(l.v1 for l in w.c.layers)
+    assert [h.layer.relay_crypto for h in w.hops] == ["cgo"] * 3
+    assert all(layer.cc is not None for layer in w.c.layers) and all(h.layer.cc is not None for h in w.hops)
+    sid = w.open_stream()
+    exit_edge, vegas = w.hops[2], w.hops[2].layer.cc
+    # down: 488 bytes a DATA cell (v1 has a 21-byte header); SENDMEs echo CGO's 16-byte tags
+    data = os.urandom(488 * 100 + 7)
+    acts = exit_edge.stream_write(sid, data, now=0.0)
+    assert sum(len(a.payloads) for a in only(acts, core.ToPrev)) == 101
+    w.now = 0.05
+    got = w.relay(2, acts)
+    assert b"".join(a.data for a in only(got, core.StreamData)) == data
+    assert vegas.sendmes == 101 // 31 and vegas.samples == 3 and vegas.rtt_min == 50_000
+    # up: the client's packaging follows the hop's format too
+    payload = os.urandom(488 * 70)
+    w.client(w.c.stream_write(sid, payload, now=0.1))
+    assert b"".join(a.data for a in only(w.relay_actions[2], core.StreamData)) == payload
+    assert w.c.layers[2].cc.sent == 70 and w.c.layers[2].cc.sendmes == 2
+    # END in format v1 closes the stream at the other edge
+    got = w.originate(2, int(RelayCommand.END), sid, End(EndReason.DONE).encode())
+    assert kinds(got) == ["StreamData", "StreamClosed"] or kinds(got) == ["StreamClosed"]
+
+
+def test_cgo_sendme_with_a_wrong_tag_closes_the_circuit():
+    w = cgo_wire()
+    sid = w.open_stream()
+    w.c._circuit_sendmes = lambda layer, digest: w.c._originate(
+        layer, int(RelayCommand.SENDME), 0, Sendme(1, os.urandom(16)).encode()) or layer.deliver.on_sendme_sent()
+    w.relay(2, w.hops[2].stream_write(sid, b"y" * 488 * 40, now=0.0))
+    assert w.hops[2].closed
+
+
+def test_cgo_where_offered_tor1_elsewhere_on_one_circuit():
+    w = Wire(cc=CCParams(), protocols=CGO_PROTOCOLS, cgo=True)
+    w.relays[0].protocols = CC_PROTOCOLS  # an older guard: no Relay=5-6
+    assert kinds(w.build())[-1] == "Built"
+    assert [layer.relay_crypto for layer in w.c.layers] == ["tor1", "cgo", "cgo"]
+    assert [h.layer.relay_crypto for h in w.hops] == ["tor1", "cgo", "cgo"]
+    # the guard runs no congestion control of its own (it is not the last hop), the others do
+    assert [layer.cc is not None for layer in w.c.layers] == [False, True, True]
+    sid = w.open_stream()
+    data = os.urandom(488 * 50)
+    got = w.relay(2, w.hops[2].stream_write(sid, data, now=0.0))
+    assert b"".join(a.data for a in only(got, core.StreamData)) == data
+    w.client(w.c.stream_write(sid, b"q" * 10000, now=0.1))
+    assert b"".join(a.data for a in only(w.relay_actions[2], core.StreamData)) == b"q" * 10000
+    # RELAY_EARLY as always: the middle saw its 7, the exit 6, on cells whose tweak holds the command
+    assert w.seen[1][:8] == [EARLY] * 7 + [RELAY] and w.seen[2][:7] == [EARLY] * 6 + [RELAY]
+
+
+def test_cgo_is_asked_only_where_offered_and_wanted():
+    cases = (("FlowCtrl=1-2 Relay=2-5", True, CCParams()),  # no Relay=6
+             ("FlowCtrl=1 Relay=2-6", True, CCParams()),  # no congestion control at the relay
+             (CGO_PROTOCOLS, False, CCParams()),  # we do not want it
+             (CGO_PROTOCOLS, True, None))  # we run no congestion control
+    for protocols, cgo, cc in cases:
+        w = Wire(cc=cc, protocols=protocols, cgo=cgo)
+        assert kinds(w.build())[-1] == "Built"
+        assert all(layer.relay_crypto == "tor1" and not layer.v1 for layer in w.c.layers), protocols
+    # one-hop circuits (directory fetches) keep tor1
+    w = cgo_wire(1)
+    assert w.c.layers[0].relay_crypto == "tor1"
+
+
+def test_cgo_tampering_kills_the_circuit_both_ways():
+    # a guard that flips a bit of a cell for the exit: the exit recognizes nothing: DESTROY
+    w = cgo_wire()
+    sid = w.open_stream()
+    sent = only(w.c.stream_write(sid, b"t" * 100, now=0.0), core.Send)
+    (cell,) = sent[0].payloads
+    bad = bytearray(cell)
+    bad[100] ^= 1
+    w.forward(0, [(sent[0].command, bytes(bad))])
+    assert w.hops[2].closed
+    # backward: the client recognizes nothing either: closed with PROTOCOL
+    w = cgo_wire()
+    sid = w.open_stream()
+    acts = w.hops[2].stream_write(sid, b"u" * 100, now=0.0)
+    (cell,) = only(acts, core.ToPrev)[0].payloads
+    bad = bytearray(cell)
+    bad[300] ^= 0x80
+    got = w.backward(2, [(RELAY, bytes(bad))])
+    assert kinds(got) == ["Closed"] and got[0].reason == "PROTOCOL"
+
+
+def test_cgo_negotiation_checks():
+    from onionp2p.errors import HandshakeError
+    from onionp2p.proto import create
+    from onionp2p.proto.handshake import NtorV3Client, encode_extensions, ntor_v3_server
+
+    relay = FakeRelay(0)
+    relay.protocols = CGO_PROTOCOLS
+    keys = {relay.ntor_key: relay.onion}
+
+    def ask(extensions, *, cc=CCParams(), cgo=True):
+        hs = NtorV3Client(relay.ed_id, relay.ntor_key, encode_extensions(extensions))
+        return create.answer_create2(3, hs.onion_skin, rsa_id=relay.rsa_id, ed_id=relay.ed_id, onion_keys=keys,
+                                     cc=cc, cgo=cgo)
+
+    cc_req = (create.EXT_CC_REQUEST, b"")
+    # accepted: CC_REQUEST + SUBPROTO_REQUEST {Relay, 6}; 160 bytes of key material
+    _reply, params = ask([cc_req, (create.EXT_SUBPROTO_REQUEST, b"\x02\x06")])
+    assert params.relay_crypto == "cgo" and len(params.key_material) == 160 and params.sendme_inc == 31
+    # an empty request changes nothing
+    assert ask([cc_req, (create.EXT_SUBPROTO_REQUEST, b"")])[1].relay_crypto == "tor1"
+    # refused as tor refuses: unsorted or duplicate entries, anything but Relay=6, an odd length,
+    # CGO without congestion control, CGO at a relay that does not run it
+    for body, match in ((b"\x02\x06\x02\x06", "sorted"), (b"\x02\x06\x02\x05", "sorted"),
+                        (b"\x02\x05", "unsupported"), (b"\x0b\x02", "unsupported"), (b"\x02", "odd")):
+        with pytest.raises(HandshakeError, match=match):
+            ask([cc_req, (create.EXT_SUBPROTO_REQUEST, body)])
+    with pytest.raises(HandshakeError, match="without congestion control"):
+        ask([(create.EXT_SUBPROTO_REQUEST, b"\x02\x06")])
+    with pytest.raises(HandshakeError, match="without congestion control"):
+        ask([cc_req, (create.EXT_SUBPROTO_REQUEST, b"\x02\x06")], cc=None)
+    with pytest.raises(HandshakeError, match="do not run"):
+        ask([cc_req, (create.EXT_SUBPROTO_REQUEST, b"\x02\x06")], cgo=False)
+    # the client: asked for CGO, a reply without CC_RESPONSE fails the handshake
+    hs = create.HopHandshake(relay, CCParams(), cgo=True)
+    reply, _cm, _km = ntor_v3_server(hs.onion_skin, relay.ed_id, keys, encode_extensions([]), length=160)
+    with pytest.raises(HandshakeError, match="CGO without congestion control"):
+        hs.complete(reply)
+    # both ends derive the same 160 bytes
+    hs = create.HopHandshake(relay, CCParams(), cgo=True)
+    reply, params = create.answer_create2(3, hs.onion_skin, rsa_id=relay.rsa_id, ed_id=relay.ed_id,
+                                          onion_keys=keys, cc=CCParams(), cgo=True)
+    mine = hs.complete(reply)
+    assert mine.relay_crypto == "cgo" and mine.key_material == params.key_material

@@ -149,7 +149,7 @@ async def refused_and_failed_circuits(net: Net) -> None:
         circ = await client.build_circuit(net.path())
         _r, w = await circ.open_stream("127.0.0.1", net.http_port)
         w.write(b"GET /echo HTTP/1.0\r\n\r\n")
-        circ.send_relay(RelayCommand.DATA, 0, b"x" * 498)
+        circ.send_relay(RelayCommand.DATA, 0, b"x" * circ.core.layers[-1].data_max)
         loop = asyncio.get_running_loop()
         end = loop.time() + 10
         while circ.state != "closed":

@@ -341,10 +341,13 @@ async def test_congestion_control_end_to_end(relay_net, http_server, client):
     """Vegas on the exit's layer at both edges, SENDMEs every 31 cells with RTT samples,
     and XON/XOFF instead of stream windows: a reader that stops reading stops the exit."""
     circ = await client.build_circuit(path(relay_net))
-    assert [layer.cc is not None for layer in circ.core.layers] == [False, False, True]
+    # CGO on every hop (our relays list Relay=2-6), and with it congestion control on every
+    # hop; only the exit's carries streams
+    assert [layer.relay_crypto for layer in circ.core.layers] == ["cgo"] * 3
+    assert [layer.cc is not None for layer in circ.core.layers] == [True, True, True]
     exit_circ = next(iter(relay_net[2].circuits))
     assert exit_circ.core.layer.cc is not None and exit_circ.core.layer.cc.inc == 31
-    assert all(c.core.layer.cc is None for r in relay_net[:2] for c in r.circuits)  # (negotiated, unused)
+    assert all(c.core.layer.relay_crypto == "cgo" for r in relay_net for c in r.circuits)
     # download and upload
     reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
     body = await http_get(reader, writer, "/5000000")
@@ -400,12 +403,14 @@ async def test_without_congestion_control_at_either_end_windows_are_fixed(tmp_pa
     assert "FlowCtrl=1 " in exit_relay.info().protocols + " "
     client = OnionClient()
     try:
-        circ = await client.build_circuit(path(relay_net))  # it no longer lists FlowCtrl=2
-        assert all(layer.cc is None for layer in circ.core.layers)
+        circ = await client.build_circuit(path(relay_net))  # it no longer lists FlowCtrl=2 (nor CGO)
+        # fixed windows with the exit, tor1 there; the middles still took CGO (and CC with it)
+        assert circ.core.layers[2].cc is None and circ.core.layers[2].deliver.increment == 100
+        assert [layer.relay_crypto for layer in circ.core.layers] == ["cgo", "cgo", "tor1"]
         infos = path(relay_net)
         infos[2] = replace(infos[2], protocols="FlowCtrl=1-2 Link=4-5 LinkAuth=3 Relay=2-4")  # an old view
         circ = await client.build_circuit(infos)  # asked, but the relay does not answer CC_RESPONSE
-        assert all(layer.cc is None for layer in circ.core.layers)
+        assert circ.core.layers[2].cc is None and circ.core.layers[2].relay_crypto == "tor1"
         reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
         assert writer.transport._sink_room() == 2 * 65536  # (stream windows: the reader's own limit)
         assert sha256(await http_get(reader, writer, "/300000")) == sha256(blob(300_000))

@@ -168,3 +168,50 @@ def test_resolved_truncated_rejected():
 
 def test_unknown_command_is_none():
     assert R.parse_message(99, b"whatever") is None
+
+
+# -- relay message format v1 (with CGO) ---------------------------------------------------------------
+
+def test_v1_message_format():
+    from onionp2p.proto.relaycell import V1_DATA_MAX, pack_relay_v1, parse_v1_header, unpack_relay_v1
+
+    assert V1_DATA_MAX == 488
+    # stream commands carry a stream ID (tag 16 | cmd | len u16 | sid u16 | data), others not
+    body = pack_relay_v1(R.RelayCommand.DATA, 0x1234, b"abc")
+    assert len(body) == 509 and body[:16] == bytes(16)
+    assert bytes(body[16:24]) == b"\x02\x00\x03\x12\x34abc" and bytes(body[24:28]) == bytes(4)
+    assert unpack_relay_v1(bytes(body)) == (2, 0x1234, b"abc")
+    body = pack_relay_v1(R.RelayCommand.SENDME, 0, b"\x01\x00\x10" + bytes(16))
+    assert bytes(body[16:22]) == b"\x05\x00\x13\x01\x00\x10"
+    assert unpack_relay_v1(bytes(body)) == (5, 0, b"\x01\x00\x10" + bytes(16))
+    assert parse_v1_header(pack_relay_v1(R.RelayCommand.EXTEND2, 0, b"x" * 490))[2:] == (19, 490)
+    assert unpack_relay_v1(bytes(pack_relay_v1(R.RelayCommand.DATA, 9, b"d" * 488)))[2] == b"d" * 488
+    # what cannot be encoded
+    for cmd, sid, data in ((R.RelayCommand.SENDME, 5, b""),
+                           (R.RelayCommand.DATA, 1, b"d" * 489), (R.RelayCommand.EXTEND2, 0, b"x" * 491)):
+        with pytest.raises(LocalProtocolError):
+            pack_relay_v1(cmd, sid, data)
+    # what is refused from the network: unknown commands, lengths past the end
+    bad = bytearray(pack_relay_v1(R.RelayCommand.DATA, 1, b""))
+    bad[16] = 200
+    with pytest.raises(ProtocolError, match="unknown relay command"):
+        unpack_relay_v1(bytes(bad))
+    bad = bytearray(pack_relay_v1(R.RelayCommand.DATA, 1, b""))
+    bad[17:19] = (489).to_bytes(2, "big")
+    with pytest.raises(ProtocolError, match="exceeds 488"):
+        unpack_relay_v1(bytes(bad))
+    bad = bytearray(pack_relay_v1(R.RelayCommand.DROP, 0, b""))
+    bad[17:19] = (491).to_bytes(2, "big")
+    with pytest.raises(ProtocolError, match="exceeds 490"):
+        unpack_relay_v1(bytes(bad))
+    # tor's other known commands (onion services, padding negotiation) parse
+    ok = bytearray(pack_relay_v1(R.RelayCommand.DROP, 0, b""))
+    ok[16] = 41
+    assert unpack_relay_v1(bytes(ok))[0] == 41
+
+
+def test_sendme_v1_takes_tor1_digests_and_cgo_tags():
+    assert R.Sendme.parse(R.Sendme(1, bytes(16)).encode()).digest == bytes(16)
+    assert R.Sendme.parse(R.Sendme(1, bytes(20)).encode()).digest == bytes(20)
+    with pytest.raises(ProtocolError):
+        R.Sendme.parse(R.Sendme(1, bytes(17)).encode())

@@ -211,14 +211,14 @@ def circuits_json(net) -> dict:
     return json.loads(p.stdout)
 
 
-def test_every_circuit_uses_ntor_v3_and_vegas(testnet, www):
+def test_every_circuit_uses_ntor_v3_vegas_and_cgo(testnet, www):
     p = curl("--socks5-hostname", f"127.0.0.1:{testnet.socks}", f"http://localhost:{www['port']}/index.html")
     assert p.returncode == 0, p.stderr
     built = [c for c in circuits_json(testnet)["circuits"] if c["state"] == "BUILT"]
     assert built
     for c in built:
         assert [h["handshake"] for h in c["path"]] == ["ntor-v3"] * 3
-        assert [h["relay_crypto"] for h in c["path"]] == ["tor1"] * 3  # CGO: not negotiated yet
+        assert [h["relay_crypto"] for h in c["path"]] == ["cgo"] * 3
         assert c["congestion_control"] == "vegas" and c["cc"]["cwnd"] >= 124
 
 
@@ -242,6 +242,8 @@ def test_link_delay_and_fixed_windows(tmp_path, www):
         assert time.monotonic() - t0 >= 0.45
         built = [c for c in circuits_json(net)["circuits"] if c["state"] == "BUILT"]
         assert built and all(c["congestion_control"] == "fixed" and c["cc"] is None for c in built)
+        # CGO needs congestion control on the hop: without it every hop keeps tor1
+        assert all(h["relay_crypto"] == "tor1" for c in built for h in c["path"])
     finally:
         assert net.stop() == 0
 

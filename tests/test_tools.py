@@ -178,7 +178,7 @@ async def test_circuits_json_paths_streams_and_scrubbing(client_node, target, op
         assert [h["role"] for h in c["path"]] == ["guard", "middle", "exit"]
         assert c["bytes_sent"] == 0 and c["bytes_received"] == 0  # reported, and no stream data sent yet
         # how each hop was added and is protected, and the circuit's congestion control
-        assert [(h["handshake"], h["relay_crypto"]) for h in c["path"]] == [("ntor-v3", "tor1")] * 3
+        assert [(h["handshake"], h["relay_crypto"]) for h in c["path"]] == [("ntor-v3", "cgo")] * 3
         assert c["congestion_control"] == "vegas"
         # no DATA yet: the initial window, in slow start, no RTT sample
         assert c["cc"] == {"slow_start": True, "cwnd": 124, "rtt_ms": 0, "min_rtt_ms": 0}

@@ -346,10 +346,11 @@ class Network:
 
 
 class OnionNet(Network):
-    def __init__(self, workdir: Path, n_relays: int, n_exits: int):
+    def __init__(self, workdir: Path, n_relays: int, n_exits: int, cgo: bool = True):
         super().__init__("onionp2p")
         self.dir = workdir / "onionp2p"
         self.n_relays, self.n_exits = n_relays, n_exits
+        self.cgo = cgo  # False: the client keeps tor1 relay crypto (testnet --no-cgo)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 240.0) -> None:
@@ -358,7 +359,7 @@ class OnionNet(Network):
         env = dict(os.environ)
         cmd = [sys.executable, "-m", "onionp2p", "testnet", "--relays", str(self.n_relays),
                "--exits", str(self.n_exits), "--socks-port", "auto", "--control-port", "auto",
-               "--data-dir", str(self.dir), "--voting-interval", "5"]
+               "--data-dir", str(self.dir), "--voting-interval", "5"] + ([] if self.cgo else ["--no-cgo"])
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT, env=env,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -1059,7 +1060,7 @@ async def amain(args) -> int:
         # Start both networks (in the same run), then measure one at a time.
         if "onionp2p" in which:
             t0 = time.monotonic()
-            onet = OnionNet(workdir, args.relays, args.exits)
+            onet = OnionNet(workdir, args.relays, args.exits, cgo=not args.no_cgo)
             nets["onionp2p"] = onet
             onet.start()
             log(f"onionp2p testnet ready in {time.monotonic() - t0:.0f} s (SOCKS {onet.socks_port})")
@@ -1138,6 +1139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--uvloop", action="store_true", help="run the load generator on uvloop")
     ap.add_argument("--profile", action="store_true",
                     help="also record one download with perf: CPU share by shared object per process")
+    ap.add_argument("--no-cgo", action="store_true",
+                    help="onionp2p's client uses tor1 relay crypto on every hop (default: CGO where offered)")
     ap.add_argument("--tor-option", action="append", default=[], metavar="LINE",
                     help="a torrc line for the tor relays and client (repeatable), e.g. 'Schedulers Vanilla'")
     args = ap.parse_args(argv)

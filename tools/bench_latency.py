@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """One stream over 3 hops on an emulated wide-area network: onionp2p with fixed windows,
-onionp2p with congestion control (Vegas), and tor, side by side (specs/performance.md).
+onionp2p with congestion control (Vegas) with tor1 and with CGO relay crypto, and tor, side
+by side (specs/performance.md).
 
 Usage::
 
@@ -19,9 +20,10 @@ delays + MIN).
 Networks (one at a time; the other is stopped):
 
 * ``onionp2p testnet --link-delay`` (1 authority, ``--relays`` relays) with its own client
-  (congestion control on: Vegas with the exit) and a second ``onionp2p client`` process on
-  the same network with ``congestion_control = false`` (fixed windows: 1000 cells per
-  circuit, 500 per stream);
+  (the defaults: Vegas with the exit, CGO on every hop) and two more ``onionp2p client``
+  processes on the same network, one with ``congestion_control = false`` (fixed windows:
+  1000 cells per circuit, 500 per stream; tor1, as CGO needs congestion control), one
+  with ``cgo = false`` (Vegas, tor1);
 * tools/tornet.py's tor network (3 authorities, the same relays) with ``split_or_ports``
   behind the same proxies, and a tor client (``ConfluxEnabled 0``: one circuit per stream,
   like ours; congestion control is tor's default, Vegas, negotiated with the exits; the
@@ -112,15 +114,16 @@ def _wait_line(proc: subprocess.Popen, pattern: str, timeout: float, what: str) 
 
 
 class OnionNets:
-    """``onionp2p testnet --link-delay`` (its client runs Vegas) and a fixed-window client."""
+    """``onionp2p testnet --link-delay`` (its client runs Vegas and CGO, the defaults), a
+    client with fixed windows (and so tor1) and a client with Vegas and tor1."""
 
     def __init__(self, workdir: Path, lo: float, hi: float, n_relays: int, n_exits: int):
         self.dir = workdir / "onionp2p"
         self.lo, self.hi, self.n_relays, self.n_exits = lo, hi, n_relays, n_exits
         self.procs: list[subprocess.Popen] = []
 
-    def start(self) -> tuple[int, int]:
-        """Start both; return (SOCKS port of the Vegas client, of the fixed-window client)."""
+    def start(self) -> dict[str, int]:
+        """Start them all; return each mode's SOCKS port."""
         logf = open(workdir_log(self.dir, "testnet.log"), "ab")
         tn = subprocess.Popen([sys.executable, "-u", "-m", "onionp2p", "testnet", "--relays", str(self.n_relays),
                                "--exits", str(self.n_exits), "--socks-port", "auto", "--control-port", "0",
@@ -128,22 +131,26 @@ class OnionNets:
                                "--link-delay", f"{self.lo * 1000:g}-{self.hi * 1000:g}"],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=logf, start_new_session=True)
         self.procs.append(tn)
-        vegas = int(_wait_line(tn, r"SOCKS5 proxy ready at 127\.0\.0\.1:(\d+)", 300, "onionp2p testnet").group(1))
+        ports = {"onionp2p, Vegas, CGO (the defaults)":
+                 int(_wait_line(tn, r"SOCKS5 proxy ready at 127\.0\.0\.1:(\d+)", 300, "onionp2p testnet").group(1))}
         authorities = tomllib.loads((self.dir / "auth0" / "authority.toml").read_text())["authorities"]
-        cdir = self.dir / "client-fixed"
-        cdir.mkdir(parents=True, exist_ok=True)
-        cfg = cdir / "client.toml"
-        cfg.write_text("".join(f"{k} = {v}\n" for k, v in {
-            "data_dir": f'"{cdir / "data"}"', "socks_address": '"127.0.0.1:0"', "congestion_control": "false",
-            "enforce_distinct_subnets": "false", "client_reject_internal_addresses": "false",
-            "log_level": '"warning"', "authorities": "[" + ", ".join(f'"{a}"' for a in authorities) + "]",
-        }.items()))
-        cl = subprocess.Popen([sys.executable, "-u", "-m", "onionp2p", "client", "--config", str(cfg)], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=logf, start_new_session=True)
-        self.procs.append(cl)
-        fixed = int(_wait_line(cl, r"SOCKS5 proxy ready at 127\.0\.0\.1:(\d+)", 300, "onionp2p client").group(1))
+        for name, key, mode in (("fixed", "congestion_control", "onionp2p, fixed windows, tor1"),
+                                ("tor1", "cgo", "onionp2p, Vegas, tor1")):
+            cdir = self.dir / f"client-{name}"
+            cdir.mkdir(parents=True, exist_ok=True)
+            cfg = cdir / "client.toml"
+            cfg.write_text("".join(f"{k} = {v}\n" for k, v in {
+                "data_dir": f'"{cdir / "data"}"', "socks_address": '"127.0.0.1:0"', key: "false",
+                "enforce_distinct_subnets": "false", "client_reject_internal_addresses": "false",
+                "log_level": '"warning"', "authorities": "[" + ", ".join(f'"{a}"' for a in authorities) + "]",
+            }.items()))
+            cl = subprocess.Popen([sys.executable, "-u", "-m", "onionp2p", "client", "--config", str(cfg)],
+                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=logf, start_new_session=True)
+            self.procs.append(cl)
+            ports[mode] = int(_wait_line(cl, r"SOCKS5 proxy ready at 127\.0\.0\.1:(\d+)", 300,
+                                         "onionp2p client").group(1))
         logf.close()
-        return vegas, fixed
+        return ports
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -218,12 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "onionp2p"):
             nets = OnionNets(workdir, lo, hi, args.relays, args.exits)
             try:
-                vegas, fixed = nets.start()
-                log("onionp2p ready: SOCKS", vegas, "(Vegas),", fixed, "(fixed windows)")
-                results["onionp2p, fixed windows"] = asyncio.run(downloads(fixed, web_adv, args.mb * MB, args.runs))
-                log("fixed", results["onionp2p, fixed windows"])
-                results["onionp2p, Vegas"] = asyncio.run(downloads(vegas, web_adv, args.mb * MB, args.runs))
-                log("vegas", results["onionp2p, Vegas"])
+                ports = nets.start()
+                log("onionp2p ready: SOCKS", ports)
+                for mode in ("onionp2p, fixed windows, tor1", "onionp2p, Vegas, tor1",
+                             "onionp2p, Vegas, CGO (the defaults)"):
+                    results[mode] = asyncio.run(downloads(ports[mode], web_adv, args.mb * MB, args.runs))
+                    log(mode, results[mode])
             finally:
                 nets.stop()
         if args.only in (None, "tor"):

@@ -3,7 +3,7 @@
 
 Usage::
 
-    .venv/bin/python tools/bench_relay.py [--cells N] [--circuits K] [--runs R] [--json FILE]
+    .venv/bin/python tools/bench_relay.py [--cells N] [--circuits K] [--runs R] [--cgo] [--json FILE]
 
 The relay under test, R, is a real ``onionp2p relay`` process (DoS limits off, like a
 testnet relay). This process is both of R's neighbours:
@@ -18,7 +18,8 @@ testnet relay). This process is both of R's neighbours:
   protocol that only counts the bytes it receives (TLS decryption is all it pays).
 
 So R does everything a middle relay does per cell — TLS decryption, framing, circuit
-lookup, one AES-CTR layer, the Recognized check, queueing, TLS encryption — while its
+lookup, one AES-CTR layer, the Recognized check, queueing, TLS encryption (with
+``--cgo`` the circuits negotiate CGO, and R's layer is one UIV+ pass per cell) — while its
 neighbours cost less per cell than it does, and it runs at (close to) a full core. The
 figure is cells forwarded per wall-clock second, with R's CPU utilisation and cells per
 CPU-second beside it; every cell sent must reach S (the script checks the byte count).
@@ -49,7 +50,7 @@ from onionp2p.client.client import OnionClient  # noqa: E402
 from onionp2p.config import RelayConfig  # noqa: E402
 from onionp2p.proto.cells import CellCommand  # noqa: E402
 from onionp2p.proto.directory import RelayInfo  # noqa: E402
-from onionp2p.proto.relaycell import RelayCommand, pack_relay  # noqa: E402
+from onionp2p.proto.relaycell import RelayCommand  # noqa: E402
 from onionp2p.relay.keys import RelayKeys  # noqa: E402
 from onionp2p.relay.relay import Relay  # noqa: E402
 
@@ -138,17 +139,19 @@ class _Writer(asyncio.Protocol):
 
 
 async def one_run(r_info: RelayInfo, r_pid: int, work: Path, n_cells: int, n_circuits: int,
-                  run: int) -> dict:
+                  run: int, cgo: bool = False) -> dict:
     keys = RelayKeys.load_or_create(work / f"S{run}")
     sink_relay = Relay(keys, RelayConfig(nickname=f"benchS{run}", data_dir=work / f"S{run}",
                                          or_address=("127.0.0.1", 0), extend_allow_private=True,
                                          dos_max_concurrent_connections=0, dos_circuit_creation_rate=0,
                                          dos_circuit_creation_burst=0))
     await sink_relay.start()
-    client = OnionClient()
+    client = OnionClient(cgo=cgo)
     try:
         path = [r_info, sink_relay.info()]
         circuits = [await client.build_circuit(path) for _ in range(n_circuits)]
+        want = "cgo" if cgo else "tor1"
+        assert all(layer.relay_crypto == want for c in circuits for layer in c.core.layers), want
         chan = circuits[0].chan
         assert all(c.chan is chan for c in circuits), "circuits should share the channel to R"
         assert len(sink_relay.channels) == 1, "S should have one channel, from R"
@@ -156,7 +159,7 @@ async def one_run(r_info: RelayInfo, r_pid: int, work: Path, n_cells: int, n_cir
 
         log(f"run {run + 1}: encrypting {n_cells:,} cells on {n_circuits} circuit(s)")
         relay_cmd = int(CellCommand.RELAY)
-        drop = bytes(pack_relay(RelayCommand.DROP, 0, b""))
+        drop = bytes(circuits[0].core.layers[1].pack(RelayCommand.DROP, 0, b""))
         per_circ = [n_cells // n_circuits + (1 if i < n_cells % n_circuits else 0) for i in range(n_circuits)]
         streams = []
         for circ, count in zip(circuits, per_circ):
@@ -234,14 +237,14 @@ async def one_run(r_info: RelayInfo, r_pid: int, work: Path, n_cells: int, n_cir
         await sink_relay.stop()
 
 
-async def measure(n_cells: int, n_circuits: int, runs: int) -> dict:
+async def measure(n_cells: int, n_circuits: int, runs: int, cgo: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="onionp2p-bench-relay-") as tmp:
         work = Path(tmp)
         proc, info = start_relay(work)
         try:
             results = []
             for run in range(runs):
-                results.append(await one_run(info, proc.pid, work, n_cells, n_circuits, run))
+                results.append(await one_run(info, proc.pid, work, n_cells, n_circuits, run, cgo))
                 await asyncio.sleep(0.5)  # let R notice the aborted channels
             if proc.poll() is not None:
                 raise SystemExit(f"relay R died: {(work / 'R' / 'log.txt').read_text()}")
@@ -253,7 +256,8 @@ async def measure(n_cells: int, n_circuits: int, runs: int) -> dict:
                 proc.kill()
     med = {k: statistics.median(r[k] for r in results)
            for k in ("cells_per_s", "relay_cpu_util", "cells_per_cpu_s", "driver_cpu_util")}
-    return {"runs": results, "median": med, "cells": n_cells, "circuits": n_circuits}
+    return {"runs": results, "median": med, "cells": n_cells, "circuits": n_circuits,
+            "relay_crypto": "cgo" if cgo else "tor1"}
 
 
 def table(res_by_k: dict[int, dict]) -> str:
@@ -272,9 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--circuits", type=int, nargs="+", default=[1, 16],
                     help="circuit counts to measure (default: 1 16)")
     ap.add_argument("--runs", type=int, default=3, help="runs per circuit count (median; default 3)")
+    ap.add_argument("--cgo", action="store_true",
+                    help="the circuits use CGO relay crypto (default: tor1, the figure of earlier runs)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
-    out = {k: asyncio.run(measure(args.cells, k, args.runs)) for k in args.circuits}
+    log(f"relay crypto: {'CGO' if args.cgo else 'tor1'}")
+    out = {k: asyncio.run(measure(args.cells, k, args.runs, args.cgo)) for k in args.circuits}
     print(table(out))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -185,7 +185,7 @@ class ClientCircuit:
         self.client = client
         self.chan = chan
         self.path = tuple(path)
-        self.core = core.ClientCircuit(self.path, cc=client.cc_params())
+        self.core = core.ClientCircuit(self.path, cc=client.cc_params(), cgo=client.cgo)
         self.id = next(_circuit_ids)
         self.circ_id = chan.new_circ_id()
         self.hops: list[RelayInfo] = []
@@ -453,10 +453,12 @@ class OnionClient:
     """Builds circuits through given relays and keeps one channel per first hop."""
 
     def __init__(self, *, max_queue_cells: int = MAX_QUEUE_CELLS, handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 congestion_control: bool = True):
+                 congestion_control: bool = True, cgo: bool = True):
         self.circuits: dict[int, ClientCircuit] = {}
         #: ask exits for congestion control (proposal 324) where they offer it
         self.congestion_control = congestion_control
+        #: ask every hop that offers it for CGO relay crypto (proposal 359)
+        self.cgo = cgo
         #: the current consensus's network parameters (``cc_*`` ...); the node sets it
         self.consensus_params: Callable[[], Mapping[str, int]] = dict
         self._cc_source: object = None

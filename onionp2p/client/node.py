@@ -71,7 +71,7 @@ class ClientNode:
         self.config_file = config_file
         self.started_at = time.time()
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.client = OnionClient(congestion_control=cfg.congestion_control)
+        self.client = OnionClient(congestion_control=cfg.congestion_control, cgo=cfg.cgo)
         self.directory = None
         if routers is None:
             from onionp2p.dir.client import ClientDirectory

@@ -55,12 +55,14 @@ from collections.abc import Sequence
 from onionp2p.errors import DigestMismatch, LocalProtocolError, ProtocolError
 from onionp2p.proto.cells import CellCommand, Create2, Created2, Destroy, DestroyReason
 from onionp2p.proto.congestion import CCParams, Vegas
-from onionp2p.proto.create import HopHandshake, HopParams, wants_cc
+from onionp2p.proto.create import HopHandshake, HopParams, wants_cc, wants_cgo
 from onionp2p.proto.flowctl import CIRCWINDOW_START, DeliverWindow, PackageWindow
 from onionp2p.proto.relaycell import (
     RELAY_DATA_MAX,
     RELAY_HEADER_LEN,
     STREAM_COMMANDS,
+    V1_DATA_MAX,
+    V1_DATA_OFFSET,
     Begin,
     Connected,
     End,
@@ -77,7 +79,10 @@ from onionp2p.proto.relaycell import (
     Xoff,
     Xon,
     pack_relay,
+    pack_relay_v1,
+    parse_v1_header,
 )
+from onionp2p.proto.hopcrypto import CgoRelayCrypto, MixedClientCrypto
 from onionp2p.proto.relaycrypto import ClientCrypto, RelayCrypto
 from onionp2p.proto.stream import NO_WINDOW, SOURCE_HIGH_WATER, SOURCE_LOW_WATER, Stream, StreamState
 
@@ -309,7 +314,8 @@ class Layer:
     ``cc`` is the Vegas state that replaces the fixed package window (``package`` is then
     the same object), and SENDMEs go every ``sendme_inc`` cells instead of 100."""
 
-    __slots__ = ("index", "package", "deliver", "handshake", "relay_crypto", "cc")
+    __slots__ = ("index", "package", "deliver", "handshake", "relay_crypto", "cc", "v1", "data_max",
+                 "data_off")
 
     def __init__(self, index: int, handshake: str = "ntor"):
         self.index = index
@@ -318,6 +324,21 @@ class Layer:
         self.package: PackageWindow | Vegas = PackageWindow.circuit()
         self.deliver = DeliverWindow.circuit()
         self.cc: Vegas | None = None
+        #: relay message format v1 (with CGO): DATA carries 488 bytes at offset 21, not 498 at 11
+        self.v1 = False
+        self.data_max = RELAY_DATA_MAX
+        self.data_off = RELAY_HEADER_LEN
+
+    def set_relay_crypto(self, name: str) -> None:
+        """The hop's relay crypto ("tor1" | "cgo"; CGO brings message format v1)."""
+        self.relay_crypto = name
+        self.v1 = name == "cgo"
+        self.data_max = V1_DATA_MAX if self.v1 else RELAY_DATA_MAX
+        self.data_off = V1_DATA_OFFSET if self.v1 else RELAY_HEADER_LEN
+
+    def pack(self, cmd: int, sid: int, data: bytes = b"") -> bytearray:
+        """A relay cell body in this hop's message format."""
+        return pack_relay_v1(cmd, sid, data) if self.v1 else pack_relay(cmd, sid, data)
 
     def enable_cc(self, params: CCParams, sendme_inc: int) -> None:
         """Congestion control was negotiated for this layer (before any cell was sent)."""
@@ -376,7 +397,8 @@ class Edge:
             self.bytes_received += length
             if length:
                 pending = self._deliveries.get(sid)
-                data = bytes(body[RELAY_HEADER_LEN:RELAY_HEADER_LEN + length])
+                off = layer.data_off
+                data = bytes(body[off:off + length])
                 if pending is None:
                     self._deliveries[sid] = [data]
                 else:
@@ -528,15 +550,16 @@ class Edge:
         buf = stream.buf
         package = stream.package
         layer = stream.layer
+        dmax = layer.data_max
         while buf and package.window > 0:
             budget = self._budget(layer)
             if budget <= 0:
                 break
-            k = min(package.window, budget, (len(buf) + RELAY_DATA_MAX - 1) // RELAY_DATA_MAX)
-            take = min(len(buf), k * RELAY_DATA_MAX)
+            k = min(package.window, budget, (len(buf) + dmax - 1) // dmax)
+            take = min(len(buf), k * dmax)
             blob = bytes(buf[:take])
             del buf[:take]
-            chunks = [blob[i:i + RELAY_DATA_MAX] for i in range(0, take, RELAY_DATA_MAX)]
+            chunks = [blob[i:i + dmax] for i in range(0, take, dmax)]
             package.window -= len(chunks)
             stream.bytes_sent += take
             self.bytes_sent += take
@@ -588,14 +611,16 @@ class ClientCircuit(Edge):
     → ``closed`` (or ``failed`` if it never got built).
     """
 
-    def __init__(self, path: Sequence, cc: CCParams | None = None) -> None:
+    def __init__(self, path: Sequence, cc: CCParams | None = None, *, cgo: bool = False) -> None:
         super().__init__()
         if not path:
             raise LocalProtocolError("empty path")
         self.path = tuple(path)
         #: congestion control parameters (None or cc_alg 0: fixed windows everywhere)
         self.cc = cc
-        self.crypto = ClientCrypto()
+        #: ask the hops that offer it for CGO relay crypto (it needs ``cc``)
+        self.cgo = cgo
+        self.crypto: ClientCrypto | MixedClientCrypto = ClientCrypto()
         self.layers: list[Layer] = []
         self.state = "building"
         self.close_reason: str | None = None
@@ -630,13 +655,24 @@ class ClientCircuit(Edge):
 
     def _hop_handshake(self, index: int) -> HopHandshake:
         relay = self.path[index]
-        return HopHandshake(relay, self.cc if wants_cc(relay, index, len(self.path), self.cc) else None)
+        # CGO on every hop that offers it (tor 0.4.9.12), of circuits that carry streams;
+        # such a hop needs congestion control too, wherever it is on the circuit
+        cgo = self.cgo and len(self.path) >= 2 and wants_cgo(relay, self.cc, True)
+        cc = self.cc if cgo or wants_cc(relay, index, len(self.path), self.cc) else None
+        return HopHandshake(relay, cc, cgo=cgo)
 
     def add_layer(self, key_material: bytes, params: HopParams | None = None) -> None:
         """A hop's keys are agreed: its crypto layer and its windows. (The build does this;
         tests call it to set up a circuit without handshakes.)"""
-        self.crypto.add_hop(key_material)
+        kind = params.relay_crypto if params is not None else "tor1"
+        if kind != "tor1" and type(self.crypto) is ClientCrypto:
+            self.crypto = MixedClientCrypto(self.crypto)  # (the tor1 hops so far carry over)
+        if type(self.crypto) is ClientCrypto:
+            self.crypto.add_hop(key_material)
+        else:
+            self.crypto.add_hop(key_material, kind)
         layer = Layer(len(self.layers))
+        layer.set_relay_crypto(kind)
         if params is not None:
             layer.handshake = params.handshake
             if params.sendme_inc is not None:
@@ -703,15 +739,18 @@ class ClientCircuit(Edge):
             unpack = _HDR.unpack_from
             layers = self.layers
             for hop, body, digest in results:
-                cmd, _rec, sid, _dig, length = unpack(body)
-                if length > RELAY_DATA_MAX:
-                    raise ProtocolError(f"relay cell length {length} exceeds {RELAY_DATA_MAX}")
                 layer = layers[hop]
+                if layer.v1:
+                    cmd, sid, off, length = parse_v1_header(body)
+                else:
+                    cmd, _rec, sid, _dig, length = unpack(body)
+                    off = RELAY_HEADER_LEN
+                    if length > RELAY_DATA_MAX:
+                        raise ProtocolError(f"relay cell length {length} exceeds {RELAY_DATA_MAX}")
                 if cmd == _DATA and sid:
                     self._on_data(layer, sid, body, length, digest)
                 else:
-                    self._on_message(layer, cmd, sid, bytes(body[RELAY_HEADER_LEN:RELAY_HEADER_LEN + length]),
-                                     digest)
+                    self._on_message(layer, cmd, sid, bytes(body[off:off + length]), digest)
                 if self.closed:
                     break
             if error is None and early and not self.closed:
@@ -817,35 +856,38 @@ class ClientCircuit(Edge):
 
     def _originate(self, layer: Layer, cmd: int, sid: int, data: bytes) -> None:
         hop = layer.index
-        ct, digest = self.crypto.originate(pack_relay(cmd, sid, data), hop)
-        if cmd == _DATA:
-            layer.package.on_data_sent(digest, self.now)
-            self.bytes_sent += len(data)
         # RELAY_EARLY as tor sends it (tor-spec §5.6): while the budget of 8 lasts, every
-        # EXTEND2 and every cell past the first hop, so nobody can count the hops after them
+        # EXTEND2 and every cell past the first hop, so nobody can count the hops after them.
+        # (Decided first: CGO's layers encrypt the cell command into the cell.)
         if self._early_left > 0 and (hop != 0 or cmd == _EXTEND2):
             self._early_left -= 1
-            self._send(_RELAY_EARLY, [ct], cmd == _SENDME)
+            command = _RELAY_EARLY
         elif cmd == _EXTEND2:
             raise LocalProtocolError("no RELAY_EARLY cells left on this circuit")
         else:
-            self._send(_RELAY, [ct], cmd == _SENDME)
+            command = _RELAY
+        ct, digest = self.crypto.originate(layer.pack(cmd, sid, data), hop, command)
+        if cmd == _DATA:
+            layer.package.on_data_sent(digest, self.now)
+            self.bytes_sent += len(data)
+        self._send(command, [ct], cmd == _SENDME)
 
     def _originate_data(self, layer: Layer, sid: int, chunks: list) -> None:
         hop = layer.index
         originate = self.crypto.originate
         on_sent = layer.package.on_data_sent
+        pack = pack_relay_v1 if layer.v1 else pack_relay
         now = self.now
+        early = min(self._early_left, len(chunks)) if hop != 0 else 0
+        self._early_left -= early
         cts = []
-        for chunk in chunks:
-            ct, digest = originate(pack_relay(_DATA, sid, chunk), hop)
+        for i, chunk in enumerate(chunks):
+            ct, digest = originate(pack(_DATA, sid, chunk), hop, _RELAY_EARLY if i < early else _RELAY)
             on_sent(digest, now)
             cts.append(ct)
-        if self._early_left > 0 and hop != 0:
-            k = min(self._early_left, len(cts))
-            self._early_left -= k
-            self._send(_RELAY_EARLY, cts[:k])
-            cts = cts[k:]
+        if early:
+            self._send(_RELAY_EARLY, cts[:early])
+            cts = cts[early:]
         if cts:
             self._send(_RELAY, cts)
 
@@ -963,12 +1005,13 @@ class RelayCircuit(Edge):
     the shell keeps it current and calls :meth:`pump` when it grows.
     """
 
-    def __init__(self, crypto: RelayCrypto, *, own_rsa_id: bytes, prev_rsa_id: bytes | None = None,
-                 allow_private: bool = False, max_streams: int = 500, params: HopParams | None = None,
-                 cc: CCParams | None = None):
+    def __init__(self, crypto: RelayCrypto | CgoRelayCrypto, *, own_rsa_id: bytes,
+                 prev_rsa_id: bytes | None = None, allow_private: bool = False, max_streams: int = 500,
+                 params: HopParams | None = None, cc: CCParams | None = None):
         super().__init__()
         self.crypto = crypto
         self.layer = Layer(0)  # our edge's windows, used when we are the last hop
+        self.layer.set_relay_crypto(crypto.kind)
         if params is not None:
             self.layer.handshake = params.handshake
             if params.sendme_inc is not None:  # congestion control negotiated (with ``cc``)
@@ -1001,6 +1044,8 @@ class RelayCircuit(Edge):
         self.now = now
         mv = memoryview(data)
         crypto = self.crypto
+        if self.layer.v1:
+            return self._receive_forward_cgo(mv, start, count, now)
         upd = crypto.fwd_update
         out: list = []
         out_cmd = _RELAY
@@ -1044,20 +1089,68 @@ class RelayCircuit(Edge):
         self._flush_deliveries()
         return self._take()
 
+    def _receive_forward_cgo(self, mv: memoryview, start: int, count: int, now: float) -> list:
+        """:meth:`receive_forward` for a CGO layer: one UIV+ pass per cell both strips our
+        layer and says whether the cell is ours (its command is part of the tweak)."""
+        decrypt = self.crypto.decrypt_forward
+        out: list = []
+        out_cmd = _RELAY
+        pos = start
+        end = start + count * _CELL
+        try:
+            while pos < end:
+                cmd = mv[pos + 4]
+                if cmd == _RELAY_EARLY:
+                    self.early_in += 1
+                    if self.early_in > MAX_RELAY_EARLY:
+                        self._to_next(out_cmd, out)
+                        raise ProtocolError("too many RELAY_EARLY cells")
+                self.cells_forward += 1
+                recognized, body, tag = decrypt(mv[pos + 5:pos + _CELL], cmd)
+                pos += _CELL
+                if recognized:
+                    if out:
+                        self._to_next(out_cmd, out)
+                        out = []
+                    self._on_recognized(body, tag, cmd == _RELAY_EARLY, now)
+                    if self.closed:
+                        return self._take()
+                    continue
+                if not self.has_next:
+                    self._to_next(out_cmd, out)
+                    raise ProtocolError("unrecognized relay cell at the last hop")
+                if cmd != out_cmd:
+                    if out:
+                        self._to_next(out_cmd, out)
+                        out = []
+                    out_cmd = cmd
+                out.append(body)
+            self._to_next(out_cmd, out)
+        except ProtocolError as exc:
+            self._flush_deliveries()
+            self._destroy(DestroyReason.PROTOCOL, message=f"protocol violation: {exc}")
+            return self._take()
+        self._flush_deliveries()
+        return self._take()
+
     def _to_next(self, command: int, payloads: list) -> None:
         if payloads and self.has_next:
             self._out.append(ToNext(command, payloads))
 
     def _on_recognized(self, body, digest: bytes, early: bool, now: float) -> None:
-        cmd, _rec, sid, _dig, length = _HDR.unpack_from(body)
-        if length > RELAY_DATA_MAX:
-            raise ProtocolError(f"relay cell length {length} exceeds {RELAY_DATA_MAX}")
+        if self.layer.v1:
+            cmd, sid, off, length = parse_v1_header(body)
+        else:
+            cmd, _rec, sid, _dig, length = _HDR.unpack_from(body)
+            off = RELAY_HEADER_LEN
+            if length > RELAY_DATA_MAX:
+                raise ProtocolError(f"relay cell length {length} exceeds {RELAY_DATA_MAX}")
         if cmd == _DATA:
             if sid == 0:
                 raise ProtocolError("DATA on stream 0")
             self._on_data(self.layer, sid, body, length, digest)
             return
-        data = bytes(body[RELAY_HEADER_LEN:RELAY_HEADER_LEN + length])
+        data = bytes(body[off:off + length])
         if cmd == _SENDME:
             self._on_sendme(self.layer, sid, data)
         elif cmd == _XOFF or cmd == _XON:
@@ -1173,22 +1266,25 @@ class RelayCircuit(Edge):
         self.room -= len(payloads)
 
     def _originate(self, layer: Layer, cmd: int, sid: int, data: bytes) -> None:
-        ct, digest = self.crypto.originate_backward(pack_relay(cmd, sid, data))
+        ct, digest = self.crypto.originate_backward(layer.pack(cmd, sid, data))
         if cmd == _DATA:
             layer.package.on_data_sent(digest, self.now)
             self.bytes_sent += len(data)
         self._to_prev([ct])
 
     def _originate_data(self, layer: Layer, sid: int, chunks: list) -> None:
-        full = _HDR.pack(_DATA, 0, sid, b"\0\0\0\0", RELAY_DATA_MAX)
-        bodies = []
-        for c in chunks:
-            if len(c) == RELAY_DATA_MAX:  # a full cell has no padding: header + data
-                b = bytearray(full)
-                b += c
-            else:
-                b = pack_relay(_DATA, sid, c)
-            bodies.append(b)
+        if layer.v1:
+            bodies = [pack_relay_v1(_DATA, sid, c) for c in chunks]
+        else:
+            full = _HDR.pack(_DATA, 0, sid, b"\0\0\0\0", RELAY_DATA_MAX)
+            bodies = []
+            for c in chunks:
+                if len(c) == RELAY_DATA_MAX:  # a full cell has no padding: header + data
+                    b = bytearray(full)
+                    b += c
+                else:
+                    b = pack_relay(_DATA, sid, c)
+                bodies.append(b)
         cts, digests = self.crypto.originate_backward_many(bodies, consume=True)
         on_sent = layer.package.on_data_sent
         now = self.now

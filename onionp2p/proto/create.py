@@ -15,9 +15,20 @@ the SENDME increment it will use (the consensus's ``cc_sendme_inc``), and the ho
 runs Vegas both ways. The client refuses (the handshake fails) a CC_RESPONSE it did not
 ask for, as tor 0.4.9.12 does, and an increment more than one away from its own.
 
+Counter Galois Onion relay crypto (proposal 359) is negotiated here too, with
+SUBPROTO_REQUEST ``{Relay, 6}`` (prop 346), of every hop that lists ``FlowCtrl=2``,
+``Relay=5`` and ``Relay=6`` (see :func:`wants_cgo`). There is no answer: a relay that
+accepts uses CGO and relay message format v1 on the hop, one that does not fails the
+handshake. CGO needs congestion control on the same hop (format v1 has no stream
+SENDMEs), so the client then sends CC_REQUEST to that hop as well, whatever its place on
+the circuit, and both sides refuse CGO without it. A relay refuses a SUBPROTO_REQUEST
+that is not sorted and free of duplicates, or that names anything but ``{Relay, 6}``, as
+tor does.
+
 :class:`HopHandshake` is the client side of one hop (the onion skin to send in CREATE2
 or EXTEND2, then the reply), :func:`answer_create2` the relay side of a CREATE2; both give
-a :class:`HopParams`: the 72 bytes of tor1 key material and what was negotiated.
+a :class:`HopParams`: the key material (72 bytes for tor1, 160 for CGO) and what was
+negotiated.
 """
 
 from __future__ import annotations
@@ -25,8 +36,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from onionp2p.errors import HandshakeError, ProtocolError
+from onionp2p.errors import HandshakeError, LocalProtocolError, ProtocolError
 from onionp2p.proto import protover
+from onionp2p.proto.cgo import KEY_MATERIAL_LEN as CGO_KEY_MATERIAL_LEN
 from onionp2p.proto.congestion import CCParams
 from onionp2p.proto.handshake import (
     HTYPE_NTOR,
@@ -38,25 +50,30 @@ from onionp2p.proto.handshake import (
     ntor_v3_server,
     parse_extensions,
 )
+from onionp2p.proto.relaycrypto import KEY_MATERIAL_LEN as TOR1_KEY_MATERIAL_LEN
 
-__all__ = ["HopParams", "HopHandshake", "answer_create2", "wants_cc", "EXT_CC_REQUEST", "EXT_CC_RESPONSE",
-           "EXT_SUBPROTO_REQUEST"]
+__all__ = ["HopParams", "HopHandshake", "answer_create2", "wants_cc", "wants_cgo", "EXT_CC_REQUEST",
+           "EXT_CC_RESPONSE", "EXT_SUBPROTO_REQUEST", "SUBPROTO_CGO"]
 
 EXT_CC_REQUEST = 1
 EXT_CC_RESPONSE = 2
 EXT_SUBPROTO_REQUEST = 3
+#: the SUBPROTO_REQUEST entry asking for CGO: protocol Relay (tor's PRT_RELAY = 2), version 6
+SUBPROTO_CGO = b"\x02\x06"
 
 HANDSHAKE_NAMES = {HTYPE_NTOR: "ntor", HTYPE_NTOR_V3: "ntor-v3"}
 
 
 @dataclass(frozen=True)
 class HopParams:
-    """What one hop's handshake agreed: tor1 key material, the handshake's name, and the
-    SENDME increment when congestion control was negotiated (None: fixed windows)."""
+    """What one hop's handshake agreed: key material for ``relay_crypto`` ("tor1": 72
+    bytes, "cgo": 160 bytes, message format v1), the handshake's name, and the SENDME
+    increment when congestion control was negotiated (None: fixed windows)."""
 
     key_material: bytes
     handshake: str  # "ntor" | "ntor-v3"
     sendme_inc: int | None = None
+    relay_crypto: str = "tor1"  # "tor1" | "cgo"
 
 
 def wants_cc(relay: Any, index: int, path_len: int, cc: CCParams | None) -> bool:
@@ -68,23 +85,41 @@ def wants_cc(relay: Any, index: int, path_len: int, cc: CCParams | None) -> bool
             and protover.supports(getattr(relay, "protocols", ""), "Relay", 4))
 
 
+def wants_cgo(relay: Any, cc: CCParams | None, cgo: bool) -> bool:
+    """Should the client ask ``relay`` for CGO? Every hop that lists ``FlowCtrl=2``,
+    ``Relay=5`` and ``Relay=6``, when we run both CGO (``cgo``) and congestion control."""
+    line = getattr(relay, "protocols", "")
+    return (cgo and cc is not None and cc.enabled and protover.supports(line, "FlowCtrl", 2)
+            and protover.supports(line, "Relay", 4) and protover.supports(line, "Relay", 5)
+            and protover.supports(line, "Relay", 6))
+
+
 class HopHandshake:
     """The client side of adding ``relay`` (anything with ``rsa_id``, ``ed_id``, ``ntor_key``
     and a ``protocols`` line) to a circuit; ``cc``: ask for congestion control with these
-    parameters (see :func:`wants_cc`), None: do not."""
+    parameters (see :func:`wants_cc`), None: do not; ``cgo``: ask for CGO (see
+    :func:`wants_cgo`; it needs ``cc``, and asks for congestion control too)."""
 
-    __slots__ = ("htype", "_hs", "cc")
+    __slots__ = ("htype", "_hs", "cc", "cgo")
 
-    def __init__(self, relay: Any, cc: CCParams | None = None) -> None:
+    def __init__(self, relay: Any, cc: CCParams | None = None, *, cgo: bool = False) -> None:
         if protover.supports(getattr(relay, "protocols", ""), "Relay", 4):
             self.htype = HTYPE_NTOR_V3
             self.cc = cc if cc is not None and cc.enabled else None
+            if cgo and self.cc is None:
+                raise LocalProtocolError("CGO needs congestion control on the hop")
+            self.cgo = cgo
             request = [(EXT_CC_REQUEST, b"")] if self.cc is not None else []
+            if cgo:
+                request.append((EXT_SUBPROTO_REQUEST, SUBPROTO_CGO))
             self._hs: NtorClient | NtorV3Client = NtorV3Client(relay.ed_id, relay.ntor_key,
                                                               encode_extensions(request))
         else:
+            if cgo:
+                raise LocalProtocolError("CGO needs the ntor-v3 handshake")
             self.htype = HTYPE_NTOR
             self.cc = None
+            self.cgo = False
             self._hs = NtorClient(relay.rsa_id, relay.ntor_key)
 
     @property
@@ -95,7 +130,8 @@ class HopHandshake:
         """Check the relay's reply (CREATED2/EXTENDED2 HDATA). Raises HandshakeError."""
         if self.htype == HTYPE_NTOR:
             return HopParams(self._hs.complete(hdata), "ntor")  # type: ignore[arg-type]
-        server_message, key_material = self._hs.complete(hdata)  # type: ignore[misc]
+        length = CGO_KEY_MATERIAL_LEN if self.cgo else TOR1_KEY_MATERIAL_LEN
+        server_message, key_material = self._hs.complete(hdata, length=length)  # type: ignore[call-arg]
         try:
             extensions = parse_extensions(server_message)
         except ProtocolError as exc:
@@ -109,13 +145,30 @@ class HopHandshake:
                     raise HandshakeError(f"CC_RESPONSE with an unacceptable SENDME increment "
                                          f"({body[0] if body else 'none'}; ours is {self.cc.cc_sendme_inc})")
                 sendme_inc = body[0]
-        return HopParams(key_material, "ntor-v3", sendme_inc)
+        if self.cgo and sendme_inc is None:  # tor's relays refuse this; no relay may do it
+            raise HandshakeError("CGO without congestion control (no CC_RESPONSE)")
+        return HopParams(key_material, "ntor-v3", sendme_inc, "cgo" if self.cgo else "tor1")
+
+
+def _subproto_wants_cgo(body: bytes) -> bool:
+    """Read a SUBPROTO_REQUEST: ``{protocol u8, version u8}`` pairs, sorted, no duplicates.
+    Only ``{Relay, 6}`` (CGO) may be asked for (tor refuses anything else it lists)."""
+    if len(body) % 2:
+        raise HandshakeError("SUBPROTO_REQUEST of an odd length")
+    pairs = [bytes(body[i:i + 2]) for i in range(0, len(body), 2)]
+    if any(a >= b for a, b in zip(pairs, pairs[1:])):
+        raise HandshakeError("SUBPROTO_REQUEST not sorted or with duplicates")
+    for pair in pairs:
+        if pair != SUBPROTO_CGO:
+            raise HandshakeError(f"SUBPROTO_REQUEST for unsupported {pair[0]}={pair[1]}")
+    return bool(pairs)
 
 
 def answer_create2(htype: int, hdata: bytes, *, rsa_id: bytes, ed_id: bytes,
-                   onion_keys, cc: CCParams | None = None) -> tuple[bytes, HopParams]:
+                   onion_keys, cc: CCParams | None = None, cgo: bool = False) -> tuple[bytes, HopParams]:
     """The relay side of CREATE2: ``(CREATED2 HDATA, HopParams)``. ``cc``: we run
-    congestion control with these parameters (a CC_REQUEST is answered), None: we do not.
+    congestion control with these parameters (a CC_REQUEST is answered), None: we do not;
+    ``cgo``: we accept a SUBPROTO_REQUEST for CGO (it needs the CC_REQUEST too).
 
     Raises:
         HandshakeError: an unknown handshake type, or the handshake fails.
@@ -125,6 +178,7 @@ def answer_create2(htype: int, hdata: bytes, *, rsa_id: bytes, ed_id: bytes,
         return reply, HopParams(key_material, "ntor")
     if htype == HTYPE_NTOR_V3:
         agreed: list[int] = []
+        use_cgo: list[bool] = []
 
         def server_message(client_message: bytes) -> bytes:
             try:
@@ -135,8 +189,19 @@ def answer_create2(htype: int, hdata: bytes, *, rsa_id: bytes, ed_id: bytes,
             if cc is not None and cc.enabled and any(t == EXT_CC_REQUEST for t, _ in extensions):
                 agreed.append(cc.cc_sendme_inc)
                 answer.append((EXT_CC_RESPONSE, bytes((cc.cc_sendme_inc,))))
+            sub = next((body for t, body in extensions if t == EXT_SUBPROTO_REQUEST), None)
+            if sub is not None and _subproto_wants_cgo(sub):
+                if not cgo:
+                    raise HandshakeError("SUBPROTO_REQUEST for CGO, which we do not run")
+                if not agreed:  # format v1 cannot carry stream SENDMEs (tor refuses too)
+                    raise HandshakeError("CGO asked for without congestion control")
+                use_cgo.append(True)
             return encode_extensions(answer)
 
-        reply, _cm, key_material = ntor_v3_server(hdata, ed_id, onion_keys, server_message)
-        return reply, HopParams(key_material, "ntor-v3", agreed[0] if agreed else None)
+        # the KDF is a stream (SHAKE-256): the first 72 bytes of CGO's 160 are tor1's 72
+        reply, _cm, keys = ntor_v3_server(hdata, ed_id, onion_keys, server_message,
+                                          length=CGO_KEY_MATERIAL_LEN)
+        if use_cgo:
+            return reply, HopParams(keys, "ntor-v3", agreed[0], "cgo")
+        return reply, HopParams(keys[:TOR1_KEY_MATERIAL_LEN], "ntor-v3", agreed[0] if agreed else None)
     raise HandshakeError(f"unsupported handshake type {htype}")

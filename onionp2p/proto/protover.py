@@ -14,10 +14,13 @@ Versions onionp2p implements, with their meanings (tor-spec §9):
 * ``LinkAuth=3`` — Ed25519-based link authentication (AUTHENTICATE, RSA-SHA256-TLSSecret).
 * ``Relay=2-4`` — CREATE2/EXTEND2 with ntor (2); IPv6 link specifiers in EXTEND2 (3);
   the ntor-v3 handshake with extensions (4).
+* ``Relay=5-6`` — the ntor-v3 SUBPROTO_REQUEST extension with relay message format v1
+  (5); Counter Galois Onion relay crypto (proposal 359) (6). Both need congestion control
+  on the hop, so a relay lists them only together with ``FlowCtrl=2``.
 * ``FlowCtrl=1-2`` — authenticated SENDMEs (proposal 289) (1); congestion control
   (proposal 324: RTT-based Vegas, XON/XOFF stream flow control), negotiated with ntor-v3 (2).
-  A relay configured without congestion control advertises ``FlowCtrl=1`` only
-  (:func:`advertised`).
+  A relay configured without congestion control advertises ``FlowCtrl=1`` only, one
+  without CGO ``Relay=2-4`` (:func:`advertised`).
 """
 
 from __future__ import annotations
@@ -29,14 +32,18 @@ from onionp2p.errors import ProtocolError
 __all__ = ["SUPPORTED", "parse", "format_protocols", "supports", "advertised"]
 
 #: what onionp2p implements: the proto line of its relays
-SUPPORTED = "FlowCtrl=1-2 Link=4-5 LinkAuth=3 Relay=2-4"
-#: ... of a relay configured without congestion control
+SUPPORTED = "FlowCtrl=1-2 Link=4-5 LinkAuth=3 Relay=2-6"
+#: ... of a relay configured without CGO
+WITHOUT_CGO = "FlowCtrl=1-2 Link=4-5 LinkAuth=3 Relay=2-4"
+#: ... of a relay configured without congestion control (and so without CGO)
 WITHOUT_CC = "FlowCtrl=1 Link=4-5 LinkAuth=3 Relay=2-4"
 
 
-def advertised(congestion_control: bool) -> str:
-    """The proto line of a relay that does (or does not) run congestion control."""
-    return SUPPORTED if congestion_control else WITHOUT_CC
+def advertised(congestion_control: bool, cgo: bool = True) -> str:
+    """The proto line of a relay that does (or does not) run congestion control and CGO."""
+    if not congestion_control:
+        return WITHOUT_CC
+    return SUPPORTED if cgo else WITHOUT_CGO
 
 _NAME = re.compile(r"[A-Za-z0-9-]{1,32}")
 _MAX_VERSION = 63  # tor's limit

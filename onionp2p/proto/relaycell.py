@@ -40,6 +40,12 @@ __all__ = [
     "STREAM_COMMANDS",
     "pack_relay",
     "unpack_relay",
+    "V1_TAG_LEN",
+    "V1_DATA_MAX",
+    "V1_DATA_OFFSET",
+    "pack_relay_v1",
+    "unpack_relay_v1",
+    "parse_v1_header",
     "LinkSpecType",
     "LinkSpec",
     "Begin",
@@ -152,6 +158,83 @@ def unpack_relay(body: bytes) -> tuple[int, int, bytes]:
     if length > RELAY_DATA_MAX:
         raise ProtocolError(f"relay cell length {length} exceeds {RELAY_DATA_MAX}")
     return command, stream_id, bytes(body[RELAY_HEADER_LEN : RELAY_HEADER_LEN + length])
+
+
+# ---------------------------------------------------------------------------
+# Relay message format v1 ("Relay=5"; used with CGO relay crypto, proposal 359)
+#
+#   Tag[16] | Command u8 | Length u16 | StreamID u16 (stream commands only) | Data | padding
+#
+# The 16 tag bytes belong to the crypto layer (the nonce going out, the authenticator
+# coming in); there is no Recognized field and no digest. Only the commands of
+# STREAM_COMMANDS carry a StreamID, so DATA holds 488 bytes, a circuit message 490. An
+# unknown command is a protocol violation (the message cannot be delimited without it).
+
+V1_TAG_LEN = 16
+V1_DATA_OFFSET = V1_TAG_LEN + 5  # with a StreamID
+V1_DATA_MAX = PAYLOAD_LEN - V1_DATA_OFFSET  # 488
+_V1_CIRC_OFFSET = V1_TAG_LEN + 3
+#: commands tor knows (relay_msg.c refuses any other in a v1 message): ours, onion
+#: services' 32-40 and padding negotiation's 41-42
+_V1_KNOWN = frozenset(int(c) for c in RelayCommand) | frozenset(range(32, 43))
+_V1_HDR = struct.Struct(">BHH")
+_V1_HDR_NO_SID = struct.Struct(">BH")
+_V1_ZERO_TAG = bytes(V1_TAG_LEN)
+
+
+def pack_relay_v1(command: int, stream_id: int, data: bytes = b"") -> bytearray:
+    """A 509-byte v1 relay cell body (tag bytes zero, for the crypto to fill).
+
+    Padding, as in v0: four zero bytes, then random bytes. Raises LocalProtocolError for a
+    StreamID on a command that has no such field, or too much data. (A stream command on
+    stream 0 is written as asked, as in v0: receivers refuse it.)
+    """
+    n = len(data)
+    if command in STREAM_COMMANDS:
+        body = bytearray(_V1_ZERO_TAG)
+        body += _V1_HDR.pack(command, n, stream_id)
+    else:
+        if stream_id:
+            raise LocalProtocolError(f"relay command {command} takes no stream ID in format v1")
+        body = bytearray(_V1_ZERO_TAG)
+        body += _V1_HDR_NO_SID.pack(command, n)
+    room = PAYLOAD_LEN - len(body) - n
+    if room < 0:
+        raise LocalProtocolError(f"relay data too long for format v1: {n} bytes")
+    body += data
+    if room > 4:
+        body += _PAD_ZERO
+        body += os.urandom(room - 4)
+    else:
+        body += bytes(room)
+    return body
+
+
+def parse_v1_header(body) -> tuple[int, int, int, int]:
+    """``(command, stream_id, data offset, length)`` of a recognized v1 body.
+
+    Raises ProtocolError for an unknown command or a length past the body's end."""
+    command = body[V1_TAG_LEN]
+    if command not in _V1_KNOWN:
+        raise ProtocolError(f"unknown relay command {command} in a v1 relay message")
+    length = (body[V1_TAG_LEN + 1] << 8) | body[V1_TAG_LEN + 2]
+    if command in STREAM_COMMANDS:
+        sid = (body[V1_TAG_LEN + 3] << 8) | body[V1_TAG_LEN + 4]
+        offset = V1_DATA_OFFSET
+    else:
+        sid = 0
+        offset = _V1_CIRC_OFFSET
+    if length > PAYLOAD_LEN - offset:
+        raise ProtocolError(f"v1 relay message length {length} exceeds {PAYLOAD_LEN - offset}")
+    return command, sid, offset, length
+
+
+def unpack_relay_v1(body: bytes) -> tuple[int, int, bytes]:
+    """Split a recognized v1 body into (command, stream_id, data). Raises ProtocolError."""
+    if len(body) != PAYLOAD_LEN:
+        raise ProtocolError(f"relay cell body must be {PAYLOAD_LEN} bytes, got {len(body)}")
+    command, sid, offset, length = parse_v1_header(body)
+    return command, sid, bytes(body[offset:offset + length])
 
 
 # ---------------------------------------------------------------------------
@@ -341,7 +424,8 @@ _SENDME = cs.Struct("version" / cs.Int8ub, "data" / cs.Prefixed(cs.Int16ub, cs.G
 
 @dataclass(frozen=True)
 class Sendme:
-    """RELAY_SENDME: empty (version 0) or ``VERSION u8 | LEN u16 | DATA`` (v1: 20-byte digest)."""
+    """RELAY_SENDME: empty (version 0) or ``VERSION u8 | LEN u16 | DATA`` (v1: the 20-byte
+    running digest of tor1, or the 16-byte tag of CGO, of the cell it acknowledges)."""
 
     version: int = 0
     digest: bytes = b""
@@ -357,8 +441,8 @@ class Sendme:
         if not data:
             return cls()
         rec = parse_with(_SENDME, bytes(data), "SENDME")
-        if rec.version == 1 and len(rec.data) != 20:
-            raise ProtocolError("SENDME v1 digest must be 20 bytes")
+        if rec.version == 1 and len(rec.data) not in (16, 20):  # CGO tag or tor1 digest
+            raise ProtocolError("SENDME v1 digest must be 20 bytes (tor1) or 16 (CGO)")
         return cls(rec.version, rec.data)
 
 

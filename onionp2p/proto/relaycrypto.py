@@ -48,6 +48,7 @@ __all__ = [
     "DIGEST_LEN",
     "ClientCrypto",
     "RelayCrypto",
+    "Tor1Hop",
     "split_key_material",
 ]
 
@@ -115,8 +116,9 @@ def _recognize(digest, plain: bytes):
     return None
 
 
-class _Hop:
-    """Crypto state shared by one hop with the client."""
+class Tor1Hop:
+    """Crypto state shared by one hop with the client (also one layer of a circuit whose
+    other hops use other relay crypto: see :mod:`onionp2p.proto.hopcrypto`)."""
 
     __slots__ = ("fwd_digest", "bwd_digest", "fwd_cipher", "bwd_cipher")
 
@@ -126,6 +128,24 @@ class _Hop:
         self.bwd_digest = _sha1(db)
         self.fwd_cipher = _ctr(kf)
         self.bwd_cipher = _ctr(kb)
+
+    def originate(self, body: bytes) -> tuple[bytes, bytes]:
+        """Client: stamp ``body`` for this hop and add its layer: ``(cipher, digest20)``."""
+        buf, full = _stamp(self.fwd_digest, body)
+        return self.fwd_cipher.update(buf), full
+
+    def peel(self, data: bytes) -> tuple[bytes, bytes | None]:
+        """Client: remove this hop's backward layer: ``(plain, digest20 if it is this hop's
+        cell, else None)``."""
+        data = self.bwd_cipher.update(data)
+        found = _recognize(self.bwd_digest, data)
+        if found is None:
+            return data, None
+        self.bwd_digest = found[0]
+        return data, found[1]
+
+
+_Hop = Tor1Hop
 
 
 class ClientCrypto:
@@ -139,6 +159,11 @@ class ClientCrypto:
     def add_hop(self, key_material: bytes) -> None:
         """Append a hop from its 72 bytes of key material ``Df|Db|Kf|Kb``."""
         self._hops.append(_Hop(key_material))
+
+    def hop_states(self) -> list[Tor1Hop]:
+        """The hops' states, hop 0 first (to carry them into a circuit that mixes relay
+        crypto; this object must not be used after that)."""
+        return list(self._hops)
 
     def truncate(self, n_hops: int) -> None:
         """Forget every hop past the first ``n_hops`` (after a TRUNCATED)."""
@@ -156,10 +181,11 @@ class ClientCrypto:
             raise LocalProtocolError(f"no hop {hop!r} (circuit has {len(self._hops)})")
         return self._hops[hop]
 
-    def originate(self, body: bytes, hop: int) -> tuple[bytes, bytes]:
+    def originate(self, body: bytes, hop: int, cmd: int | None = None) -> tuple[bytes, bytes]:
         """Stamp ``body`` for ``hop`` and onion-encrypt it; return ``(cipher, digest20)``.
 
-        Recognized and Digest are zeroed here whatever the caller put in them.
+        Recognized and Digest are zeroed here whatever the caller put in them. ``cmd`` (the
+        cell command) plays no part in tor1; it is taken as CGO's crypto takes it.
         """
         hops = self._hops
         buf, full = _stamp(self._hop(hop).fwd_digest, body)
@@ -258,6 +284,7 @@ class RelayCrypto:
     """
 
     __slots__ = ("_hop", "fwd_update", "bwd_update")
+    kind = "tor1"
 
     def __init__(self, key_material: bytes) -> None:
         self._hop = _Hop(key_material)

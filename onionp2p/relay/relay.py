@@ -58,6 +58,7 @@ from onionp2p.proto.congestion import CCParams
 from onionp2p.proto.create import HopParams, answer_create2
 from onionp2p.proto.directory import RelayInfo
 from onionp2p.proto.ratelimit import TokenBucket
+from onionp2p.proto.hopcrypto import CgoRelayCrypto
 from onionp2p.proto.relaycrypto import RelayCrypto
 from onionp2p.relay.circuit import OrCircuit
 from onionp2p.relay.dos import CELL_MEMORY, DosGuard, DosLimits, oom_victims
@@ -144,7 +145,7 @@ class Relay:
     @property
     def protocols(self) -> str:
         """The subprotocol versions we advertise (descriptor ``proto``)."""
-        return protover.advertised(self.config.congestion_control)
+        return protover.advertised(self.config.congestion_control, self.config.cgo)
 
     def cc_params(self) -> CCParams | None:
         """Congestion-control parameters for circuits created now: our consensus's ``cc_*``
@@ -375,18 +376,20 @@ class Relay:
             cc = self.cc_params()
             reply, params = answer_create2(req.htype, req.hdata, rsa_id=self.keys.rsa_id_digest,
                                            ed_id=self.keys.identity_public, onion_keys=self.keys.onion_keys(),
-                                           cc=cc)
+                                           cc=cc, cgo=self.config.cgo and cc is not None)
         except ProtocolError as exc:
             self.stats["create_failed"] += 1
             self._log.debug("CREATE2 refused", chan_id=chan.id, error=str(exc))  # heartbeat counts it
             chan.send_cell(cid, CellCommand.DESTROY, Destroy(DestroyReason.PROTOCOL).encode())
             return
-        circ = self.new_circuit(chan, cid, RelayCrypto(params.key_material), params, cc)
+        crypto = CgoRelayCrypto(params.key_material) if params.relay_crypto == "cgo" else RelayCrypto(
+            params.key_material)
+        circ = self.new_circuit(chan, cid, crypto, params, cc)
         self.circuits.add(circ)
         self.stats["create_ok"] += 1
         chan.send_cell(cid, CellCommand.CREATED2, Created2(reply).encode())
 
-    def new_circuit(self, chan: Channel, circ_id: int, crypto: RelayCrypto, params: HopParams | None = None,
+    def new_circuit(self, chan: Channel, circ_id: int, crypto: RelayCrypto | CgoRelayCrypto, params: HopParams | None = None,
                     cc: CCParams | None = None) -> OrCircuit:
         """The circuit object for an accepted CREATE2 (a subclass may return its own kind);
         ``params``: what the handshake agreed, ``cc``: our congestion-control parameters."""
