@@ -309,7 +309,7 @@ def all_paths(key: bytes, data: bytes) -> dict[str, bytes]:
 
 
 def test_native_polyval_is_in_use() -> None:
-    """pycryptodome is a dependency: CGO must not silently run the 30x slower fallback."""
+    """pycryptodome is a dependency: CGO must not quietly run the much slower fallback."""
     assert NATIVE_BACKENDS, _NO_BACKEND_REASON
     names = [b.name for b in NATIVE_BACKENDS]
     assert "pycryptodome_ghash_portable" in names  # always built; CLMUL/PMULL depends on the CPU
@@ -403,8 +403,11 @@ def test_native_polyval_matches_the_reference_on_random_inputs(which: str) -> No
     assert checked == 300
 
 
-def _backend_with(backend: cgo.GhashBackend, **changes) -> cgo.GhashBackend:
-    return backend._replace(name=backend.name + "-broken", **changes)
+def _backend_with(imp, **changes) -> cgo.GhashBackend:
+    """A backend bound to ``imp`` (a pycryptodome GHASH function table) with some functions swapped."""
+    from Crypto.Util import _raw_api
+
+    return cgo._make_backend("pycryptodome-broken", imp._replace(**changes), _raw_api)
 
 
 def test_the_self_test_refuses_a_broken_binding(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -413,17 +416,18 @@ def test_the_self_test_refuses_a_broken_binding(monkeypatch: pytest.MonkeyPatch)
     good = NATIVE_BACKENDS[-1]
     imp = _imps()[-1]
     # plain GHASH: no byte reversal of the blocks, the key or the result
-    no_reversal = _backend_with(good, expand_rev=imp.ghash_expand, ghash_rev=imp.ghash)
+    no_reversal = _backend_with(imp, ghash_expand_rev=imp.ghash_expand, ghash_rev=imp.ghash)
     assert "RFC 8452" in cgo._self_test(no_reversal)
     # right blocks, wrong key transform (H used as the GHASH key without mulX / reversal)
-    assert "RFC 8452" in cgo._self_test(_backend_with(good, expand_rev=imp.ghash_expand))
+    assert "RFC 8452" in cgo._self_test(_backend_with(imp, ghash_expand_rev=imp.ghash_expand))
+    assert cgo._self_test(_backend_with(imp)) is None  # the same binding, unbroken
     # an output that is not the live C buffer (a copy made once): right only by accident
-    assert cgo._self_test(_backend_with(good, view=lambda buf: bytes(16))) is not None
+    assert cgo._self_test(good._replace(view=lambda buf: bytes(16))) is not None
 
     def changed_api(*args: object) -> int:
         raise TypeError("ghash_rev() takes 6 arguments")
 
-    assert "binding error" in cgo._self_test(_backend_with(good, ghash_rev=changed_api))
+    assert "binding error" in cgo._self_test(_backend_with(imp, ghash_rev=changed_api))
     # the selection skips broken backends and explains itself when none is left
     monkeypatch.setattr(cgo, "_ghash_backends", lambda: ([no_reversal, good], ""))
     assert cgo._pick_backend() == (good, good.name)
@@ -432,37 +436,57 @@ def test_the_self_test_refuses_a_broken_binding(monkeypatch: pytest.MonkeyPatch)
     assert backend is None and "-broken: RFC 8452 vector" in why
 
 
-FALLBACK_SCRIPT = """
-import json, warnings
-from Crypto.Cipher import _mode_gcm as g
-for name in ("_ghash_clmul", "_ghash_portable"):  # plain GHASH in place of the POLYVAL form
-    imp = getattr(g, name)
-    if imp is not None:
-        setattr(g, name, imp._replace(ghash_expand_rev=imp.ghash_expand, ghash_rev=imp.ghash))
+FRESH_INTERPRETER = """
+import json, os, sys, warnings
+{preamble}
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     from onionp2p.proto import cgo
+from Crypto.Util import _raw_api
 v = json.loads(open({vectors!r}).read())["uiv_testvecs"][0]
 uiv = cgo.UIV(bytes.fromhex(v["keys_J_S"]), encrypt=v["encrypt"])
 tweak = bytes.fromhex(v["tweak_H"])
 run = uiv.encrypt if v["encrypt"] else uiv.decrypt
 out = run(tweak[:16], tweak[16], bytes.fromhex(v["x_l"]) + bytes.fromhex(v["x_r"]))
+key = os.urandom(16)
+fast, slow = cgo.PolyvalKey(key), cgo.PurePolyvalKey(key)
+same = all(fast.digest(d) == slow.digest(d) for d in (os.urandom(n) for n in (16, 100, 510, 512) * 5))
 print(json.dumps({{"backend": cgo.POLYVAL_BACKEND, "key_class": cgo.PolyvalKey.__name__,
+                  "raw_api": _raw_api.backend, "same": same,
                   "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
-                  "ok": out.hex() == v["y"]["y_l"] + v["y"]["y_r"]}}))
+                  "vector": out.hex() == v["y"]["y_l"] + v["y"]["y_r"]}}))
 """
 
 
-def test_a_broken_binding_at_import_falls_back_to_pure_python_with_a_warning() -> None:
-    """In a fresh interpreter whose pycryptodome computes plain GHASH: slow, right and loud."""
-    proc = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT.format(vectors=str(VECTOR_FILE))],
-                          capture_output=True, text=True, timeout=120, check=False)
+def _fresh_interpreter(preamble: str) -> dict:
+    """Import cgo in a new interpreter after ``preamble``; what it chose, warned and computed."""
+    code = FRESH_INTERPRETER.format(preamble=preamble, vectors=str(VECTOR_FILE))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+def test_a_broken_binding_at_import_falls_back_to_pure_python_with_a_warning() -> None:
+    """A pycryptodome that computes plain GHASH in place of the POLYVAL form: slow, right and loud."""
+    result = _fresh_interpreter(
+        "from Crypto.Cipher import _mode_gcm as g\n"
+        "for name in ('_ghash_clmul', '_ghash_portable'):\n"
+        "    imp = getattr(g, name)\n"
+        "    if imp is not None:\n"
+        "        setattr(g, name, imp._replace(ghash_expand_rev=imp.ghash_expand, ghash_rev=imp.ghash))\n")
     assert result["backend"] == "python" and result["key_class"] == "PurePolyvalKey"
     assert len(result["warnings"]) == 1 and "native POLYVAL unavailable" in result["warnings"][0]
     assert "RFC 8452 vector" in result["warnings"][0]
-    assert result["ok"]
+    assert result["vector"] and result["same"]
+
+
+def test_native_polyval_through_pycryptodome_ctypes_backend() -> None:
+    """Without cffi, pycryptodome binds its C code with ctypes: the adapter works there too."""
+    result = _fresh_interpreter("sys.modules['cffi'] = None  # pycryptodome falls back to ctypes")
+    assert result["raw_api"] == "ctypes"
+    assert result["backend"].startswith("pycryptodome_ghash_") and result["key_class"] == "NativePolyvalKey"
+    assert result["warnings"] == []
+    assert result["vector"] and result["same"]
 
 
 def _cgo_transcript(seed: int, cells: int) -> list[bytes]:

@@ -336,14 +336,13 @@ _SELF_TEST_VECTORS = (
 
 
 class GhashBackend(NamedTuple):
-    """The C functions of one pycryptodome GHASH library and the buffer helpers to call them."""
+    """One pycryptodome GHASH library, bound for :class:`NativePolyvalKey` (see :func:`_make_backend`)."""
 
     name: str
-    expand_rev: Callable[..., int]  # (h[16], void **exp_key) -> error code
+    expand: Callable[[bytes], Any]  # POLYVAL key -> expanded key (a C pointer); raises on error
     ghash_rev: Callable[..., int]  # (y_out[16], data, len, y_in[16], exp_key) -> error code
-    destroy: Callable[..., int]  # (exp_key) -> error code
-    void_pointer: Callable[[], Any]  # a new ``void *`` for expand_rev to fill in
-    out_buffer: Callable[[int], Any]  # a new C buffer of that many bytes
+    destroy: Callable[[Any], int]  # frees an expanded key
+    out_buffer: Callable[[], Any]  # a new 16-byte C buffer
     view: Callable[[Any], Any]  # a live, zero-copy bytes-like view of such a buffer
     size_t: Callable[[int], Any]  # an int as the C size_t argument
 
@@ -367,14 +366,10 @@ class NativePolyvalKey:
         b = backend or _GHASH
         if b is None:
             raise LocalProtocolError(f"no native POLYVAL backend ({_backend_note})")
-        vp = b.void_pointer()
-        err = b.expand_rev(key if type(key) is bytes else bytes(key), vp.address_of())
-        if err:
-            raise LocalProtocolError(f"POLYVAL key expansion failed in {b.name} (error {err})")
-        self._exp = vp.get()
+        self._exp = b.expand(key if type(key) is bytes else bytes(key))
         self._destroy = b.destroy
-        self._out = b.out_buffer(16)
-        self._view = b.view(self._out)
+        self._out = out = b.out_buffer()
+        self._view = b.view(out)
         self._ghash = b.ghash_rev
         self._size_t = b.size_t
 
@@ -402,6 +397,49 @@ class NativePolyvalKey:
         return self.hash_int(data).to_bytes(16, "little")
 
 
+def _make_backend(name: str, imp: Any, raw: Any) -> GhashBackend:
+    """Bind one of ``Crypto.Cipher._mode_gcm``'s GHASH function tables (``imp``).
+
+    ``raw`` is ``Crypto.Util._raw_api``. With its cffi backend (the usual one: ``cryptography``
+    needs cffi too) the C types are parsed once here; otherwise pycryptodome's own helpers.
+    """
+    expand_rev = imp.ghash_expand_rev
+
+    def failed(err: int) -> LocalProtocolError:
+        return LocalProtocolError(f"POLYVAL key expansion failed in {name} (error {err})")
+
+    if getattr(raw, "backend", None) == "cffi":
+        ffi = raw.ffi
+        new, void_pp, u8_16 = ffi.new, ffi.typeof("void *[1]"), ffi.typeof("uint8_t[16]")
+
+        def expand(key: bytes) -> Any:
+            pp = new(void_pp)
+            err = expand_rev(key, pp)
+            if err:
+                raise failed(err)
+            return pp[0]
+
+        def out_buffer() -> Any:
+            return new(u8_16)
+
+        view, size_t = ffi.buffer, int  # pycryptodome's c_size_t is the identity with cffi
+    else:  # ctypes: pycryptodome's helpers; its buffers are ctypes arrays (buffer protocol)
+
+        def expand(key: bytes) -> Any:
+            vp = raw.VoidPointer()
+            err = expand_rev(key, vp.address_of())
+            if err:
+                raise failed(err)
+            return vp.get()
+
+        def out_buffer() -> Any:
+            return raw.create_string_buffer(16)
+
+        view, size_t = memoryview, raw.c_size_t
+    return GhashBackend(name=name, expand=expand, ghash_rev=imp.ghash_rev, destroy=imp.ghash_destroy,
+                        out_buffer=out_buffer, view=view, size_t=size_t)
+
+
 def _ghash_backends() -> tuple[list[GhashBackend], str]:
     """pycryptodome's GHASH libraries with the reversed-block API, fastest first; or why none."""
     try:
@@ -409,11 +447,6 @@ def _ghash_backends() -> tuple[list[GhashBackend], str]:
         from Crypto.Util import _raw_api as raw  # noqa: PLC0415
     except Exception as exc:  # pragma: no cover - exercised only without pycryptodome
         return [], f"pycryptodome not importable: {exc!r}"
-    if getattr(raw, "backend", None) == "cffi":
-        # pycryptodome's c_size_t is the identity with cffi; ffi.buffer is a live view
-        view, size_t = raw.ffi.buffer, int
-    else:  # ctypes: the buffer is a ctypes array, which has the buffer protocol itself
-        view, size_t = memoryview, raw.c_size_t
     found: list[GhashBackend] = []
     problems: list[str] = []
     for attr in ("_ghash_clmul", "_ghash_portable"):
@@ -422,12 +455,9 @@ def _ghash_backends() -> tuple[list[GhashBackend], str]:
             problems.append(f"{attr} missing")
             continue
         try:
-            found.append(GhashBackend(
-                name=f"pycryptodome{attr}", expand_rev=imp.ghash_expand_rev, ghash_rev=imp.ghash_rev,
-                destroy=imp.ghash_destroy, void_pointer=raw.VoidPointer, out_buffer=raw.create_string_buffer,
-                view=view, size_t=size_t))
-        except AttributeError as exc:
-            problems.append(f"{attr}: {exc}")
+            found.append(_make_backend(f"pycryptodome{attr}", imp, raw))
+        except Exception as exc:  # an older or newer API: missing functions, unknown C types
+            problems.append(f"{attr}: {exc!r}")
     return found, "; ".join(problems) or "no GHASH library"
 
 
@@ -475,7 +505,7 @@ if _GHASH is not None:
 else:
     PolyvalKey = PurePolyvalKey
     warnings.warn(f"onionp2p CGO: native POLYVAL unavailable ({_backend_note}); using pure Python "
-                  "(correct, about 30 times slower)", RuntimeWarning, stacklevel=2)
+                  "(correct, several times slower per cell)", RuntimeWarning, stacklevel=2)
 
 
 def polyval(key: bytes, data: bytes) -> bytes:
