@@ -461,7 +461,8 @@ print(json.dumps({{"backend": cgo.POLYVAL_BACKEND, "key_class": cgo.PolyvalKey._
 def _fresh_interpreter(preamble: str) -> dict:
     """Import cgo in a new interpreter after ``preamble``; what it chose, warned and computed."""
     code = FRESH_INTERPRETER.format(preamble=preamble, vectors=str(VECTOR_FILE))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
