@@ -278,7 +278,9 @@ class ClientControlAdapter(ControlAdapterBase):
             read, written = self.traffic()
             log.info("heartbeat", circuits=len(self.node.client.circuits), streams=len(self.node.streams),
                      bytes_read=read, bytes_written=written)
-        # RELOAD, DUMP, DEBUG, CLEARDNSCACHE (we keep no DNS cache), ACTIVE, DORMANT: accepted
+        elif name == "RELOAD":
+            self.node.reload()
+        # DUMP, DEBUG, CLEARDNSCACHE (we keep no DNS cache), ACTIVE, DORMANT: accepted
 
     async def extend_circuit(self, circ_id: int, path: list[str] | None, purpose: str) -> int:
         if circ_id != 0:

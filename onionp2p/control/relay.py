@@ -27,7 +27,8 @@ beside it (``onionp2p authority``). Like tor's control port on a relay:
   ``ExitRelay=auto`` (whether a relay exits follows from its exit policy alone, which is
   tor's ``auto`` rule), ``UseMicrodescriptors=auto``, an empty ``HiddenServiceOptions``;
 * SIGNAL: SHUTDOWN/HALT stop the process cleanly (the ``shutdown`` callback), RELOAD
-  re-reads the configuration file and applies the keys above, announcing them in a
+  re-reads the configuration file and applies the keys above and the logging keys
+  (``log_level``, ``log_format``, ``log_file``), announcing the keys above in a
   CONF_CHANGED event (SIGHUP does the same through :meth:`sighup`, which also sends the
   ``SIGNAL RELOAD`` event tor sends, so controllers drop cached values), HEARTBEAT/DUMP log
   a status line, NEWNYM and the rest are accepted and do nothing;
@@ -44,7 +45,7 @@ from onionp2p.control.formats import ConfChangedEvent, GuardInfo, OrConnEvent, O
 from onionp2p.control.node import ControlAdapterBase
 from onionp2p.errors import ConfigError
 from onionp2p.listeners import Listeners
-from onionp2p.log import get_logger
+from onionp2p.log import LIVE_LOG_KEYS, apply_log_config, get_logger
 from onionp2p.proto.control import ControlError
 from onionp2p.proto.directory import RouterStatus
 
@@ -386,8 +387,9 @@ class RelayControlAdapter(_ServerAdapter):
             changes["bandwidth_burst"] = new.effective_bandwidth_burst
             changes.setdefault("bandwidth_rate", new.bandwidth_rate)
         restart = sorted(f.name for f in fields(new) if f.name not in _LIVE_KEYS.values()
-                         and getattr(new, f.name) != getattr(self.cfg, f.name))
+                         and f.name not in LIVE_LOG_KEYS and getattr(new, f.name) != getattr(self.cfg, f.name))
         try:
+            apply_log_config(self.cfg, new)  # first: it fails (a log file it cannot open) before changing anything
             if changes:
                 self.apply_live(changes)
         except ConfigError as exc:
