@@ -240,14 +240,10 @@ class _Reported(Exception):
     """A validator already reported its problems with :meth:`_Ctx.report`."""
 
 
-def _check_keys(ctx: _Ctx, data: Mapping[str, Any], known: set[str]) -> None:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{ctx.source}: configuration must be a table, not {_type_name(data)}")
-    for key in data:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
-            hint = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(sorted(known))}"
-            ctx.report(key, f"unknown key ({hint})")
+def _unknown_key(ctx: _Ctx, key: str, known: set[str]) -> None:
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+    hint = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(sorted(known))}"
+    ctx.report(key, f"unknown key ({hint})")
 
 
 # Shared logging fields: key -> validator.
@@ -262,17 +258,22 @@ _LOG_FIELDS: dict[str, Callable[[_Ctx, str, Any], Any]] = {
 def _build(cls: type[T], data: Mapping[str, Any], ctx: _Ctx,
            validators: dict[str, Callable[[_Ctx, str, Any], Any]]) -> dict[str, Any]:
     """The valid keys of ``data``, checked by ``validators``; the problems are recorded in
-    ``ctx`` (the caller runs its checks between keys, then :meth:`_Ctx.check`)."""
-    _check_keys(ctx, data, set(validators))
+    ``ctx`` in the order of the file (the caller runs its checks between keys, then
+    :meth:`_Ctx.check`)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{ctx.source}: configuration must be a table, not {_type_name(data)}")
     out: dict[str, Any] = {}
-    for key, check in validators.items():
-        if key in data:
-            try:
-                out[key] = check(ctx, key, data[key])
-            except ConfigError as e:
-                ctx.problems.append(str(e))
-            except _Reported:
-                pass
+    for key, value in data.items():
+        check = validators.get(key)
+        if check is None:
+            _unknown_key(ctx, key, set(validators))
+            continue
+        try:
+            out[key] = check(ctx, key, value)
+        except ConfigError as e:
+            ctx.problems.append(str(e))
+        except _Reported:
+            pass
     defaults = {f.name: f.default for f in fields(cls)}  # type: ignore[arg-type]
     if "data_dir" not in out:
         out["data_dir"] = _path(ctx, "data_dir", defaults["data_dir"])
