@@ -106,10 +106,8 @@ async def run_relay(cfg: RelayConfig, *, shutdown_timeout: float = 5.0, config_f
         await _stop_side_ports(metrics, control, adapter)
         await asyncio.wait_for(relay.stop(), shutdown_timeout)
         raise
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, _reopening(lambda: log.info("relay status", **relay_status(relay))))
-    loop.add_signal_handler(signal.SIGHUP, _reopening(adapter.sighup))
+    _add_signal_handlers(loop, stop=stop.set, reload=adapter.sighup,
+                         status=lambda: log.info("relay status", **relay_status(relay)))
     print(f"onionp2p relay {cfg.nickname} listening on {cfg.or_address[0]}:{relay.port} "
           f"fingerprint {keys.fingerprint}", flush=True)
     await stop.wait()
@@ -124,10 +122,22 @@ async def run_relay(cfg: RelayConfig, *, shutdown_timeout: float = 5.0, config_f
     return 0
 
 
-def _reopening(then):
-    """A SIGHUP/SIGUSR1 handler: reopen the log file (logrotate moved it), then ``then()``."""
+def _add_signal_handlers(loop: asyncio.AbstractEventLoop, *, stop: Callable[[], object],
+                         reload: Callable[[], object], status: Callable[[], object]) -> None:
+    """SIGINT/SIGTERM: ``stop``; SIGHUP: ``reload``; SIGUSR1: ``status`` (the last two reopen
+    the log file first, as tor's do)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGHUP, _reopening(signal.SIGHUP, reload))
+    loop.add_signal_handler(signal.SIGUSR1, _reopening(signal.SIGUSR1, status))
+
+
+def _reopening(sig: signal.Signals, then: Callable[[], object]) -> Callable[[], None]:
+    """A SIGHUP/SIGUSR1 handler: reopen the log file (logrotate moved it), say so in the
+    new file (as tor notes "Received reload signal"), then ``then()``."""
     def handler() -> None:
-        reopen_log_file()
+        reopened = reopen_log_file()
+        get_logger("onionp2p.cli").info(f"received {sig.name}", log_file_reopened=reopened)
         then()
     return handler
 
@@ -180,11 +190,9 @@ async def run_authority(cfg: AuthorityConfig, *, shutdown_timeout: float = 5.0,
         raise
     line = authority_line(cfg.nickname, cfg.dir_address[0], authority.dir_port, key)
     (cfg.data_dir / "authority.txt").write_text(line + "\n")
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, _reopening(lambda: log.info("authority status", **authority.status())))
-    loop.add_signal_handler(signal.SIGHUP, _reopening(lambda: log.info("SIGHUP: log file reopened; "
-                                                                       "other keys change on restart")))
+    _add_signal_handlers(
+        loop, stop=stop.set, status=lambda: log.info("authority status", **authority.status()),
+        reload=lambda: log.info("an authority applies no configuration change before a restart"))
     print(f"onionp2p authority {cfg.nickname} directory on {cfg.dir_address[0]}:{authority.dir_port} "
           f"line: {line}", flush=True)
     await stop.wait()
@@ -273,7 +281,8 @@ def _unwritable(path: Path, *, directory: bool) -> str | None:
     if path.exists():
         if directory != path.is_dir():
             return "not a directory" if directory else "is a directory"
-        return None if os.access(path, os.W_OK | (os.X_OK if directory else 0)) else "not writable by this user"
+        ok = os.access(path, os.W_OK | (os.X_OK if directory else 0))
+        return None if ok else "not writable by this user"
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         return f"cannot be created: {parent} is not a writable directory"
@@ -320,11 +329,9 @@ async def run_client(cfg: ClientConfig, *, config_file: str | None = None,
         params = lambda: view.params if view is not None else {}  # noqa: E731
     node = ClientNode(cfg, routers=routers, params=params, config_file=config_file, load_config=load_config)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, node.shutdown_requested.set)
-    loop.add_signal_handler(signal.SIGHUP, _reopening(node.reload))
-    loop.add_signal_handler(signal.SIGUSR1, _reopening(lambda: get_logger("onionp2p.cli").info(
-        "client status", circuits=len(node.client.circuits), streams=len(node.streams))))
+    _add_signal_handlers(loop, stop=node.shutdown_requested.set, reload=node.reload,
+                         status=lambda: get_logger("onionp2p.cli").info(
+                             "client status", circuits=len(node.client.circuits), streams=len(node.streams)))
     try:
         await node.listen()
         if tor_dirauth_file is not None:

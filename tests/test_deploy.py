@@ -1,0 +1,179 @@
+"""Deploying a node as an operator would (issue 17, sections 2 and 6), with real processes:
+``log_file`` reopened on SIGHUP/SIGUSR1 (logrotate), directory failures at warning,
+``--verify-config`` / ``--dump-config``, the client's SIGHUP reload, the sample configs and
+the systemd unit in docs/examples, and the package as ``pip`` builds it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from onionp2p.config import load_authority_config, load_client_config, load_relay_config
+from onionp2p.dir.authority import AUTHORITY_KEY_FILE
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "docs" / "examples"
+#: a valid authority identity (nobody holds its key: the address is what matters here)
+ED1 = "Ii7WNIc/Os4gF/D5/F5+KRXpm6+mAiuoHKg8aePXCC0"
+
+
+def onionp2p(*args: str, timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "onionp2p", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def toml(path: Path, **table) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items()))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def events(path: Path, name: str | None = None) -> list[dict]:
+    """The JSON log events of a file (``name``: only those)."""
+    out = []
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(ev, dict) and (name is None or ev.get("event") == name):
+            out.append(ev)
+    return out
+
+
+def until(pred, what: str, timeout: float = 30.0, proc: subprocess.Popen | None = None):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if value := pred():
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) waiting for {what}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stop(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+# -- log_file, logrotate, directory failures at warning -------------------------------------------------
+
+def test_relay_log_file_reopens_on_sighup_and_sigusr1_and_warns_of_directory_failures(tmp_path):
+    dead = free_port()  # an authority nobody answers for: uploads and fetches fail
+    cfg = toml(tmp_path / "relay.toml", nickname="logger", data_dir=".", or_address="127.0.0.1:0",
+               log_file="relay.log", log_format="json", log_level="info",
+               authorities=[f"auth0 127.0.0.1:{dead} {ED1}"])
+    log = tmp_path / "relay.log"
+    proc = subprocess.Popen([sys.executable, "-m", "onionp2p", "relay", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        until(lambda: events(log, "relay listening"), "the relay's first lines in log_file", proc=proc)
+        # an operator must see these: tor warns when it cannot publish or fetch
+        upload = until(lambda: events(log, "descriptor upload failed"), "upload failure", proc=proc)
+        fetch = until(lambda: events(log, "consensus refresh failed"), "fetch failure", proc=proc)
+        assert upload[0]["level"] == "warning" and fetch[0]["level"] == "warning"
+
+        for n, sig, line in ((1, signal.SIGHUP, "received SIGHUP"), (2, signal.SIGUSR1, "relay status")):
+            rotated = tmp_path / f"relay.log.{n}"
+            log.rename(rotated)  # what logrotate does, then it signals the process
+            before = rotated.read_text()
+            proc.send_signal(sig)
+            until(lambda: events(log, line), f"{line!r} in a new relay.log after {sig.name}", proc=proc)
+            time.sleep(0.5)
+            assert rotated.read_text() == before  # nothing more went to the renamed file
+            assert os.stat(log).st_mode & 0o077 == 0  # created 0600 like the old one
+        assert events(log, "relay status")
+    finally:
+        assert stop(proc) == 0
+    assert proc.stderr.read() == ""  # with log_file, nothing goes to stderr
+
+
+# -- --verify-config / --dump-config ---------------------------------------------------------------
+
+def test_verify_config_checks_without_starting_anything(tmp_path):
+    cfg = toml(tmp_path / "relay.toml", data_dir="state", log_file="logs/relay.log", or_address="127.0.0.1:1")
+    out = onionp2p("relay", "--config", str(cfg), "--verify-config")
+    assert (out.returncode, out.stdout, out.stderr) == (0, "Configuration was valid\n", "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["relay.toml"]  # nothing created
+    # keys made by a real start, then damaged
+    toml(tmp_path / "relay.toml", data_dir="state", or_address="127.0.0.1:0", log_level="warning")
+    proc = subprocess.Popen([sys.executable, "-m", "onionp2p", "relay", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert "listening on" in proc.stdout.readline()
+    assert stop(proc) == 0
+    assert onionp2p("relay", "--config", str(cfg), "--verify-config").returncode == 0
+    key = tmp_path / "state" / "keys" / "secret_onion_key_ntor.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n")
+    out = onionp2p("relay", "--config", str(cfg), "--verify-config")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith(f"onionp2p: error: key file {key} is corrupt") and len(out.stderr.splitlines()) == 1
+    key.unlink()
+    (tmp_path / "state" / "keys" / "secret_id_key.pem").chmod(0o644)
+    (tmp_path / "ro").mkdir(mode=0o500)
+    toml(cfg, data_dir="state", log_file="ro/sub/relay.log", bogus_key=1)
+    out = onionp2p("relay", "--config", str(cfg), "--verify-config")
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1
+    assert out.stderr.startswith(f"onionp2p: error: {cfg}: bogus_key: unknown key (known keys: ")
+    toml(cfg, data_dir="state", log_file="ro/sub/relay.log")
+    out = onionp2p("relay", "--config", str(cfg), "--verify-config")
+    lines = out.stderr.splitlines()
+    if os.geteuid() == 0:  # root writes anywhere: only the key's permissions are wrong
+        assert len(lines) == 1
+    else:
+        assert lines[0] == f"onionp2p: error: log_file: {tmp_path}/ro/sub/relay.log: cannot be created: " \
+                           f"{tmp_path}/ro is not a writable directory"
+    assert out.returncode == 2 and "secret_id_key.pem is readable or writable by group/others" in lines[-1]
+
+
+def test_verify_config_of_client_and_authority(tmp_path):
+    client = toml(tmp_path / "c" / "client.toml", data_dir=".", authorities=[f"auth0 127.0.0.1:7000 {ED1}"])
+    assert onionp2p("client", "--config", str(client), "--verify-config").returncode == 0
+    auth = toml(tmp_path / "a" / "authority.toml", data_dir=".", nickname="auth0", dir_address="127.0.0.1:7000")
+    line = onionp2p("authority", "--config", str(auth), "--show-identity").stdout.strip()
+    toml(auth, data_dir=".", nickname="auth0", dir_address="127.0.0.1:7000", authorities=[line])
+    out = onionp2p("authority", "--config", str(auth), "--verify-config")
+    assert (out.returncode, out.stdout) == (0, "Configuration was valid\n"), out.stderr
+    keyfile = tmp_path / "a" / "keys" / AUTHORITY_KEY_FILE
+    keyfile.chmod(0o640)
+    out = onionp2p("authority", "--config", str(auth), "--verify-config")
+    assert out.returncode == 2 and f"secret key file {keyfile} is readable by group/others" in out.stderr
+
+
+def test_dump_config_prints_the_effective_config(tmp_path):
+    cfg = toml(tmp_path / "relay.toml", nickname="dumped", exit_policy="accept *:443", data_dir="d")
+    out = onionp2p("relay", "--config", str(cfg), "--dump-config")
+    assert out.returncode == 0, out.stderr
+    dumped = tomllib.loads(out.stdout)
+    assert dumped["nickname"] == "dumped" and dumped["data_dir"] == str(tmp_path / "d")
+    assert dumped["bandwidth_rate"] == 1 << 30 and dumped["or_address"] == "127.0.0.1:9001"  # defaults filled in
+    (tmp_path / "dump.toml").write_text(out.stdout)
+    assert load_relay_config(tmp_path / "dump.toml") == load_relay_config(cfg)
+    assert not (tmp_path / "d").exists()
+    out = onionp2p("client", "--config", str(toml(tmp_path / "c.toml", stream_timeout=9)), "--socks-port", "9999",
+                   "--dump-config")
+    assert 'socks_address = "127.0.0.1:9999"' in out.stdout and "stream_timeout = 9" in out.stdout
