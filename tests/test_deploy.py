@@ -81,6 +81,29 @@ def stop(proc: subprocess.Popen) -> int:
         return proc.wait()
 
 
+@pytest.fixture
+def http_server_thread():
+    """A local web server (the destination of streams through the network); yields its port."""
+    import http.server
+    import threading
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            body = b"hello through onionp2p\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_address[1]
+    srv.shutdown()
+
+
 # -- log_file, logrotate, directory failures at warning -------------------------------------------------
 
 def test_relay_log_file_reopens_on_sighup_and_sigusr1_and_warns_of_directory_failures(tmp_path):
@@ -177,3 +200,77 @@ def test_dump_config_prints_the_effective_config(tmp_path):
     out = onionp2p("client", "--config", str(toml(tmp_path / "c.toml", stream_timeout=9)), "--socks-port", "9999",
                    "--dump-config")
     assert 'socks_address = "127.0.0.1:9999"' in out.stdout and "stream_timeout = 9" in out.stdout
+
+
+# -- the client's SIGHUP ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_client_survives_sighup_and_reloads_what_tor_reloads(nodes, tmp_path, http_server_thread):
+    import urllib.request
+
+    from stem.control import Controller
+
+    dir_port = free_port()
+    auth_dir = tmp_path / "auth0"
+    line = onionp2p("authority", "--config", str(toml(auth_dir / "show.toml", data_dir=".", nickname="auth0",
+                                                            dir_address=f"127.0.0.1:{dir_port}")),
+                    "--show-identity").stdout.strip()
+    nodes("auth0", "authority", dir_address=f"127.0.0.1:{dir_port}", run_relay=False, authorities=[line],
+          voting_interval=2, assume_guard=True, assume_exit=True, stable_uptime=0, guard_uptime=0)
+    for i in range(3):
+        nodes(f"r{i}", authorities=[line], exit_policy="accept *:*", dos_max_concurrent_connections=0,
+              dos_circuit_creation_rate=0, dos_circuit_creation_burst=0)
+
+    def listed() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{dir_port}/tor/status-vote/current/consensus",
+                                        timeout=5) as resp:
+                return resp.read().decode().count("\nr ") >= 3
+        except OSError:
+            return False
+
+    until(listed, "a consensus listing the 3 relays", timeout=90)
+    control = free_port()
+    base = {"data_dir": ".", "socks_address": "127.0.0.1:0", "control_port": control, "authorities": [line],
+            "enforce_distinct_subnets": False, "client_reject_internal_addresses": False,
+            "log_format": "json", "log_file": "client.log", "log_level": "info"}
+    cfg = toml(tmp_path / "client" / "client.toml", **base)
+    log = tmp_path / "client" / "client.log"
+    proc = subprocess.Popen([sys.executable, "-m", "onionp2p", "client", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        socks = int(until(lambda: re.search(r"SOCKS5 proxy ready at 127\.0\.0\.1:(\d+)", proc.stdout.readline()),
+                          "the client ready", timeout=90, proc=proc).group(1))
+        controller = Controller.from_port(address="127.0.0.1", port=control)
+        controller.authenticate()
+        controller.set_caching(False)
+        try:
+            assert controller.get_conf("MaxCircuitDirtiness") == "600"
+            # tor reloads these on SIGHUP; the SOCKS address needs a restart (kept, and said so)
+            toml(cfg, **{**base, "max_circuit_dirtiness": 1234, "log_level": "debug", "stream_timeout": 7,
+                         "socks_address": "127.0.0.1:1", "log_file": "client2.log"})
+            proc.send_signal(signal.SIGHUP)
+            log2 = tmp_path / "client" / "client2.log"
+            reloaded = until(lambda: events(log2, "configuration reloaded"), "the reload", proc=proc)
+            assert reloaded[0]["changed"] == "log_file,log_level,max_circuit_dirtiness,stream_timeout"
+            restart = events(log2, "reload: these keys only change on restart")
+            assert restart[0]["keys"] == "socks_address" and restart[0]["level"] == "warning"
+            assert events(log, "received SIGHUP")  # said in the old file, before switching
+            assert controller.get_conf("MaxCircuitDirtiness") == "1234"
+            assert controller.get_conf("SocksPort") == str(socks)
+            # still a working proxy, now logging at debug level
+            out = subprocess.run(["curl", "-sS", "--max-time", "60", "--socks5-hostname", f"127.0.0.1:{socks}",
+                                  f"http://127.0.0.1:{http_server_thread}/"], capture_output=True, timeout=90)
+            assert out.returncode == 0 and b"hello" in out.stdout, out.stderr
+            until(lambda: [e for e in events(log2) if e["level"] == "debug"], "debug lines after the reload")
+            # a broken file changes nothing, and the client lives on
+            cfg.write_text("max_circuit_dirtiness = 'soon'\n")
+            controller.signal("RELOAD")
+            failed = until(lambda: events(log2, "reload failed; keeping the running configuration"), "bad reload")
+            assert "max_circuit_dirtiness" in failed[0]["error"]
+            assert controller.get_conf("MaxCircuitDirtiness") == "1234"
+        finally:
+            controller.close()
+        assert proc.poll() is None
+    finally:
+        assert stop(proc) == 0
