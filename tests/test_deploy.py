@@ -154,7 +154,8 @@ def test_verify_config_checks_without_starting_anything(tmp_path):
     key.write_text("-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n")
     out = onionp2p("relay", "--config", str(cfg), "--verify-config")
     assert out.returncode == 2 and out.stdout == ""
-    assert out.stderr.startswith(f"onionp2p: error: key file {key} is corrupt") and len(out.stderr.splitlines()) == 1
+    assert out.stderr.startswith(f"onionp2p: error: key file {key} is corrupt")
+    assert len(out.stderr.splitlines()) == 1
     key.unlink()
     (tmp_path / "state" / "keys" / "secret_id_key.pem").chmod(0o644)
     (tmp_path / "ro").mkdir(mode=0o500)
@@ -176,7 +177,8 @@ def test_verify_config_checks_without_starting_anything(tmp_path):
 def test_verify_config_of_client_and_authority(tmp_path):
     client = toml(tmp_path / "c" / "client.toml", data_dir=".", authorities=[f"auth0 127.0.0.1:7000 {ED1}"])
     assert onionp2p("client", "--config", str(client), "--verify-config").returncode == 0
-    auth = toml(tmp_path / "a" / "authority.toml", data_dir=".", nickname="auth0", dir_address="127.0.0.1:7000")
+    auth = toml(tmp_path / "a" / "authority.toml", data_dir=".", nickname="auth0",
+                dir_address="127.0.0.1:7000")
     line = onionp2p("authority", "--config", str(auth), "--show-identity").stdout.strip()
     toml(auth, data_dir=".", nickname="auth0", dir_address="127.0.0.1:7000", authorities=[line])
     out = onionp2p("authority", "--config", str(auth), "--verify-config")
@@ -193,12 +195,13 @@ def test_dump_config_prints_the_effective_config(tmp_path):
     assert out.returncode == 0, out.stderr
     dumped = tomllib.loads(out.stdout)
     assert dumped["nickname"] == "dumped" and dumped["data_dir"] == str(tmp_path / "d")
-    assert dumped["bandwidth_rate"] == 1 << 30 and dumped["or_address"] == "127.0.0.1:9001"  # defaults filled in
+    # defaults filled in
+    assert dumped["bandwidth_rate"] == 1 << 30 and dumped["or_address"] == "127.0.0.1:9001"
     (tmp_path / "dump.toml").write_text(out.stdout)
     assert load_relay_config(tmp_path / "dump.toml") == load_relay_config(cfg)
     assert not (tmp_path / "d").exists()
-    out = onionp2p("client", "--config", str(toml(tmp_path / "c.toml", stream_timeout=9)), "--socks-port", "9999",
-                   "--dump-config")
+    client = toml(tmp_path / "c.toml", stream_timeout=9)
+    out = onionp2p("client", "--config", str(client), "--socks-port", "9999", "--dump-config")
     assert 'socks_address = "127.0.0.1:9999"' in out.stdout and "stream_timeout = 9" in out.stdout
 
 
@@ -239,8 +242,9 @@ def test_client_survives_sighup_and_reloads_what_tor_reloads(nodes, tmp_path, ht
     proc = subprocess.Popen([sys.executable, "-m", "onionp2p", "client", "--config", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        socks = int(until(lambda: re.search(r"SOCKS5 proxy ready at 127\.0\.0\.1:(\d+)", proc.stdout.readline()),
-                          "the client ready", timeout=90, proc=proc).group(1))
+        ready = re.compile(r"SOCKS5 proxy ready at 127\.0\.0\.1:(\d+)")
+        socks = int(until(lambda: ready.search(proc.stdout.readline()), "the client ready", timeout=90,
+                          proc=proc).group(1))
         controller = Controller.from_port(address="127.0.0.1", port=control)
         controller.authenticate()
         controller.set_caching(False)
@@ -259,14 +263,16 @@ def test_client_survives_sighup_and_reloads_what_tor_reloads(nodes, tmp_path, ht
             assert controller.get_conf("MaxCircuitDirtiness") == "1234"
             assert controller.get_conf("SocksPort") == str(socks)
             # still a working proxy, now logging at debug level
-            out = subprocess.run(["curl", "-sS", "--max-time", "60", "--socks5-hostname", f"127.0.0.1:{socks}",
-                                  f"http://127.0.0.1:{http_server_thread}/"], capture_output=True, timeout=90)
+            out = subprocess.run(["curl", "-sS", "--max-time", "60", "--socks5-hostname",
+                                  f"127.0.0.1:{socks}", f"http://127.0.0.1:{http_server_thread}/"],
+                                 capture_output=True, timeout=90)
             assert out.returncode == 0 and b"hello" in out.stdout, out.stderr
             until(lambda: [e for e in events(log2) if e["level"] == "debug"], "debug lines after the reload")
             # a broken file changes nothing, and the client lives on
             cfg.write_text("max_circuit_dirtiness = 'soon'\n")
             controller.signal("RELOAD")
-            failed = until(lambda: events(log2, "reload failed; keeping the running configuration"), "bad reload")
+            failed = until(lambda: events(log2, "reload failed; keeping the running configuration"),
+                           "the bad file refused")
             assert "max_circuit_dirtiness" in failed[0]["error"]
             assert controller.get_conf("MaxCircuitDirtiness") == "1234"
         finally:
@@ -274,3 +280,114 @@ def test_client_survives_sighup_and_reloads_what_tor_reloads(nodes, tmp_path, ht
         assert proc.poll() is None
     finally:
         assert stop(proc) == 0
+
+
+# -- sample configs and the systemd unit (docs/examples) ---------------------------------------------
+
+def need_tool(name: str, package: str) -> str:
+    """The path of a system tool; a test without it fails under CI=true, else is skipped."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not installed (Debian package {package}; tools/test installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.mark.parametrize(("name", "load"), [
+    ("relay", load_relay_config), ("exit", load_relay_config), ("client", load_client_config),
+    ("authority", load_authority_config)])
+def test_sample_configs_load(name, load):
+    cfg = load(EXAMPLES / f"{name}.toml")
+    if name == "exit":
+        assert cfg.exit_policy.is_exit and cfg.exit_policy.allows("93.184.216.34", 443)
+        assert not cfg.exit_policy.allows("93.184.216.34", 25) and not cfg.exit_policy.allows("10.0.0.1", 443)
+    elif name == "relay":
+        assert not cfg.exit_policy.is_exit and cfg.data_dir == Path("/var/lib/onionp2p")
+    kind = {"exit": "relay"}.get(name, name)
+    out = onionp2p(kind, "--config", str(EXAMPLES / f"{name}.toml"), "--dump-config")
+    assert out.returncode == 0 and out.stderr == ""
+
+
+def systemd_unit() -> dict[str, list[tuple[str, str]]]:
+    """The example unit's sections as (key, value) lists."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for line in (EXAMPLES / "onionp2p-relay.service").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), [])
+        else:
+            key, _, value = line.partition("=")
+            current.append((key, value))
+    return sections
+
+
+def test_systemd_unit_verifies_and_has_tors_hardening(tmp_path):
+    analyze = need_tool("systemd-analyze", "systemd")
+    service = dict(systemd_unit()["Service"])
+    hardening = {"NoNewPrivileges": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes", "ProtectHome": "yes",
+                 "ProtectSystem": "full", "CapabilityBoundingSet": "CAP_NET_BIND_SERVICE",
+                 "AmbientCapabilities": "CAP_NET_BIND_SERVICE", "KillSignal": "SIGINT",
+                 "ExecReload": "/bin/kill -HUP $MAINPID", "RestartPreventExitStatus": "2"}
+    assert {k: service.get(k) for k in hardening} == hardening
+    assert int(service["LimitNOFILE"]) >= 32768  # tor's Debian unit: 65536
+    # the unit as installed here: the binary of this install instead of /opt/onionp2p's
+    binary = str(Path(sys.executable).with_name("onionp2p"))
+    text = (EXAMPLES / "onionp2p-relay.service").read_text().replace("/opt/onionp2p/bin/onionp2p", binary)
+    unit = tmp_path / "onionp2p-relay.service"
+    unit.write_text(text)
+    out = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
+    # its command lines are ones onionp2p accepts (with the sample config in place of /etc's)
+    for key in ("ExecStartPre", "ExecStart"):
+        argv = service[key].split()
+        assert argv[:4] == ["/opt/onionp2p/bin/onionp2p", "relay", "--config", "/etc/onionp2p/relay.toml"]
+        out = onionp2p(*argv[1:3], str(EXAMPLES / "relay.toml"), *argv[4:], "--dump-config")
+        assert out.returncode == 0, out.stderr
+
+
+# -- packaging -----------------------------------------------------------------------------------------
+
+def test_wheel_of_a_clean_copy_has_license_version_and_no_deprecation(tmp_path):
+    import zipfile
+
+    from onionp2p import __version__ as version
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "onionp2p", src / "onionp2p", ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "-w",
+                          str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = (out.stdout + out.stderr).splitlines()
+    assert any("adding license file 'LICENSE'" in line for line in log)  # the verbose build output is here
+    # setuptools' deprecation wall about `project.license` (or anything else deprecated)
+    lower = [line.lower() for line in log]
+    assert [line for line in lower if "deprecat" in line or "warning" in line and "licen" in line] == []
+    wheel = next((tmp_path / "dist").glob("onionp2p-*.whl"))
+    assert wheel.name == f"onionp2p-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as z:
+        meta = z.read(f"onionp2p-{version}.dist-info/METADATA").decode()
+        license_text = z.read(f"onionp2p-{version}.dist-info/licenses/LICENSE").decode()
+    assert license_text == (ROOT / "LICENSE").read_text()
+    assert "Copyright (c) the onionp2p developers" in license_text
+    headers = [tuple(line.split(": ", 1)) for line in meta.split("\n\n", 1)[0].splitlines()]
+    assert ("Version", version) in headers and ("License-Expression", "MIT") in headers
+    assert ("License-File", "LICENSE") in headers
+    assert any(k == "Project-URL" and v.startswith("Source, https://") for k, v in headers)
+    assert ("Classifier", "Topic :: Internet :: Proxy Servers") in headers
+    # installed, the package's metadata and its __version__ agree (one source)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([venv / "bin" / "pip", "install", "-q", "--no-deps", str(wheel)], check=True, timeout=300)
+    got = subprocess.run([venv / "bin" / "python", "-c",
+                          "import importlib.metadata as m; print(m.version('onionp2p'))"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert got == version
+    assert onionp2p("--version").stdout.strip() == f"onionp2p {version}"

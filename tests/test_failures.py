@@ -48,7 +48,8 @@ def free_port() -> int:
 
 def authority_line(tmp: Path, dir_port: int) -> str:
     """The line of the authority in ``tmp/auth`` (its key created by --show-identity)."""
-    cfg = toml(tmp / "auth" / "show.toml", data_dir=".", nickname="auth0", dir_address=f"127.0.0.1:{dir_port}")
+    cfg = toml(tmp / "auth" / "show.toml", data_dir=".", nickname="auth0",
+               dir_address=f"127.0.0.1:{dir_port}")
     out = run("authority", "--config", str(cfg), "--show-identity")
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
@@ -85,14 +86,16 @@ def test_busy_port_is_one_line_and_exit_2(tmp_path, command, kind, key):
                       "authorities": [authority_line(tmp_path, dead)]}
         else:
             dir_port = port if key == "dir_address" else free_port()
+            line = authority_line(tmp_path, dir_port)
             table |= {"nickname": "auth0", "or_address": "127.0.0.1:0", "dir_address": f"127.0.0.1:{dir_port}",
-                      "authorities": [authority_line(tmp_path, dir_port)], key: value}
+                      "authorities": [line], key: value}
         cfg = toml(tmp_path / "auth" / f"{command}.toml", **table)
         started = time.monotonic()
         out = run(command, "--config", str(cfg))
         elapsed = time.monotonic() - started
     assert out.returncode == 2, out.stderr
-    assert out.stderr.splitlines() == [f"onionp2p: cannot listen on {kind} 127.0.0.1:{port}: {BUSY}"], out.stderr
+    expected = f"onionp2p: cannot listen on {kind} 127.0.0.1:{port}: {BUSY}"
+    assert out.stderr.splitlines() == [expected], out.stderr
     assert elapsed < 20  # nothing slow (bootstrap, key generation retries) before it
 
 
@@ -100,8 +103,8 @@ def test_testnet_busy_socks_port_fails_before_any_process_starts(tmp_path):
     env = dict(os.environ, TMPDIR=str(tmp_path))
     with held_port() as busy:
         port = busy.getsockname()[1]
-        out = run("testnet", "--socks-port", str(port), "--control-port", "0", "--relays", "3", "--exits", "1",
-                  env=env)
+        out = run("testnet", "--socks-port", str(port), "--control-port", "0", "--relays", "3",
+                  "--exits", "1", env=env)
     assert out.returncode == 2
     assert out.stderr.splitlines() == [f"onionp2p: cannot listen on SOCKS port 127.0.0.1:{port}: {BUSY}"]
     assert list(tmp_path.iterdir()) == []  # nothing ran: nothing to keep
