@@ -190,9 +190,8 @@ async def run_authority(cfg: AuthorityConfig, *, shutdown_timeout: float = 5.0,
         raise
     line = authority_line(cfg.nickname, cfg.dir_address[0], authority.dir_port, key)
     (cfg.data_dir / "authority.txt").write_text(line + "\n")
-    _add_signal_handlers(
-        loop, stop=stop.set, status=lambda: log.info("authority status", **authority.status()),
-        reload=lambda: log.info("an authority applies no configuration change before a restart"))
+    _add_signal_handlers(loop, stop=stop.set, reload=side[2].sighup,
+                         status=lambda: log.info("authority status", **authority.status()))
     print(f"onionp2p authority {cfg.nickname} directory on {cfg.dir_address[0]}:{authority.dir_port} "
           f"line: {line}", flush=True)
     await stop.wait()

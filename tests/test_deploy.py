@@ -136,6 +136,40 @@ def test_relay_log_file_reopens_on_sighup_and_sigusr1_and_warns_of_directory_fai
     assert proc.stderr.read() == ""  # with log_file, nothing goes to stderr
 
 
+def test_authority_sighup_reopens_and_applies_the_log_keys(tmp_path):
+    from stem.control import Controller
+
+    dir_port, control = free_port(), free_port()
+    show = toml(tmp_path / "show.toml", data_dir=".", nickname="auth0", dir_address=f"127.0.0.1:{dir_port}")
+    line = onionp2p("authority", "--config", str(show), "--show-identity").stdout.strip()
+    base = {"data_dir": ".", "nickname": "auth0", "dir_address": f"127.0.0.1:{dir_port}", "run_relay": False,
+            "authorities": [line], "control_port": control, "log_format": "json", "log_file": "auth.log"}
+    cfg = toml(tmp_path / "authority.toml", **base)
+    proc = subprocess.Popen([sys.executable, "-m", "onionp2p", "authority", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        until(lambda: events(tmp_path / "auth.log", "authority listening"), "the authority", proc=proc)
+        until(lambda: "Control port at" in proc.stdout.readline(), "the control port", proc=proc)
+        controller = Controller.from_port(address="127.0.0.1", port=control)
+        controller.authenticate()
+        controller.set_caching(False)
+        try:
+            assert controller.get_conf("Log") == f"info file {tmp_path / 'auth.log'}"
+            toml(cfg, **{**base, "log_file": "auth2.log", "log_level": "warning", "voting_interval": 60})
+            proc.send_signal(signal.SIGHUP)
+            restart = until(lambda: events(tmp_path / "auth2.log", "reload: these keys only change on restart"),
+                            "the reload", proc=proc)
+            assert restart[0]["keys"] == "voting_interval"
+            assert events(tmp_path / "auth.log", "received SIGHUP")
+            assert controller.get_conf("Log") == f"warning file {tmp_path / 'auth2.log'}"
+            assert controller.get_conf("V3AuthVotingInterval") != "60"
+        finally:
+            controller.close()
+    finally:
+        assert stop(proc) == 0
+    assert proc.stderr.read() == ""
+
+
 # -- --verify-config / --dump-config ---------------------------------------------------------------
 
 def test_verify_config_checks_without_starting_anything(tmp_path):

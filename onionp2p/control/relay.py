@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 
 from onionp2p.control.formats import ConfChangedEvent, GuardInfo, OrConnEvent, OrConnInfo, SignalEvent
-from onionp2p.control.node import ControlAdapterBase
+from onionp2p.control.node import ControlAdapterBase, log_conf
 from onionp2p.errors import ConfigError
 from onionp2p.listeners import Listeners
 from onionp2p.log import LIVE_LOG_KEYS, apply_log_config, get_logger
@@ -343,7 +343,7 @@ def _relay_conf(adapter: _ServerAdapter, cfg) -> dict[str, tuple[str, Callable[[
                         if adapter.metrics is not None else []),
         "SocksPort": ("LineList", lambda: ["0"]),
         "SafeLogging": ("String", lambda: ["1" if cfg.safe_logging else "0"]),
-        "Log": ("LineList", lambda: [f"{cfg.log_level} stdout"]),
+        "Log": ("LineList", lambda: log_conf(cfg)),
         **UNSET_TOR_CONF,
     }
 
@@ -432,9 +432,31 @@ class AuthorityControlAdapter(_ServerAdapter):
             "MetricsPort": ("String", lambda: [f"{self.metrics.host}:{self.metrics.port}"]
                             if self.metrics is not None else []),
             "SafeLogging": ("String", lambda: ["1" if cfg.safe_logging else "0"]),
-            "Log": ("LineList", lambda: [f"{cfg.log_level} stdout"]),
+            "Log": ("LineList", lambda: log_conf(self.cfg)),
             **UNSET_TOR_CONF,
         }
+
+    def reload(self) -> list[str]:
+        """SIGHUP / SIGNAL RELOAD: re-read the configuration file and apply the logging keys
+        (``log_level``, ``log_format``, ``log_file``); other changed keys are logged as needing
+        a restart. A bad file is logged and changes nothing. Returns the keys applied."""
+        if self._config_file is None:
+            log.info("reload: no configuration file")
+            return []
+        from onionp2p.config import load_authority_config
+
+        try:
+            new = load_authority_config(self._config_file)
+            changed = apply_log_config(self.cfg, new)
+        except ConfigError as exc:
+            log.warning("reload failed; keeping the running configuration", error=str(exc))
+            return []
+        restart = sorted(f.name for f in fields(new) if f.name not in LIVE_LOG_KEYS
+                         and getattr(new, f.name) != getattr(self.cfg, f.name))
+        self.cfg = replace(self.cfg, **{k: getattr(new, k) for k in LIVE_LOG_KEYS})
+        if restart:
+            log.warning("reload: these keys only change on restart", keys=",".join(restart))
+        return changed
 
     def set_conf(self, pairs: Sequence[tuple[str, str | None]]) -> None:
         for key, _value in pairs:
