@@ -148,3 +148,12 @@ def test_testnet_with_a_relay_that_cannot_start_keeps_its_logs(tmp_path):
     assert f"testnet: kept {kept[0]}" in out.stderr
     for other in ("auth0", "exit0", "relay1"):  # the others' logs are kept too
         assert (kept[0] / other / "log.txt").exists()
+
+
+def test_log_file_that_cannot_be_opened_is_one_line_and_exit_2(tmp_path):
+    cfg = toml(tmp_path / "relay.toml", data_dir=".", or_address="127.0.0.1:0", log_file="missing/relay.log")
+    out = run("relay", "--config", str(cfg))
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"onionp2p: error: log_file: cannot open {tmp_path}/missing/relay.log: No such file or directory"]
+    assert not (tmp_path / "keys").exists()  # nothing started
