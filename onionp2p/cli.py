@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -275,8 +276,6 @@ def verify_config(cfg: RelayConfig | ClientConfig | AuthorityConfig) -> None:
 
 def _unwritable(path: Path, *, directory: bool) -> str | None:
     """Why ``path`` (a directory, or a file to append to) could not be created or written; None if it can."""
-    import os
-
     if path.exists():
         if directory != path.is_dir():
             return "not a directory" if directory else "is a directory"
