@@ -157,3 +157,32 @@ def test_log_file_that_cannot_be_opened_is_one_line_and_exit_2(tmp_path):
     assert out.stderr.splitlines() == [
         f"onionp2p: error: log_file: cannot open {tmp_path}/missing/relay.log: No such file or directory"]
     assert not (tmp_path / "keys").exists()  # nothing started
+
+
+async def test_socks_requests_during_the_bootstrap_wait_for_it(exit_relays, http_server, tmp_path):
+    """The SOCKS port is open before the directory is there (tor's behaviour): a request
+    that arrives then waits for enough directory info instead of failing."""
+    import asyncio
+
+    from conftest import RELAY_FLAGS, http_get, socks_connect
+
+    from onionp2p.client.node import ClientNode
+    from onionp2p.config import ClientConfig
+    from onionp2p.proto.directory import RouterStatus
+
+    statuses: list[RouterStatus] = []  # no directory info yet
+    cfg = ClientConfig(client_reject_internal_addresses=False, data_dir=tmp_path / "client",
+                       socks_address=("127.0.0.1", 0), enforce_distinct_subnets=False, preemptive_circuits=1)
+    node = ClientNode(cfg, routers=lambda: statuses)
+    try:
+        await node.listen()
+        request = asyncio.ensure_future(socks_connect(node.socks_port, "127.0.0.1", http_server.port))
+        await asyncio.sleep(1.0)
+        assert not request.done()  # waiting, not refused for want of relays
+        statuses.extend(RouterStatus(r.info(), RELAY_FLAGS, bandwidth=1000) for r in exit_relays)
+        await node.start(ready_timeout=30)
+        reader, writer = await asyncio.wait_for(request, 30)
+        assert len(await http_get(reader, writer, "/1000")) == 1000
+        writer.close()
+    finally:
+        await node.stop()
