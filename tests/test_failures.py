@@ -186,3 +186,28 @@ async def test_socks_requests_during_the_bootstrap_wait_for_it(exit_relays, http
         writer.close()
     finally:
         await node.stop()
+
+
+@pytest.mark.slow
+def test_testnet_reports_a_process_that_dies_after_it_is_ready(tmp_path):
+    import signal as sig
+
+    from conftest import RunningTestnet
+
+    net = RunningTestnet(tmp_path / "net", ["--relays", "3", "--exits", "1"])
+    try:
+        found = subprocess.run(["pgrep", "-f", str(tmp_path / "net" / "relay2" / "relay.toml")],
+                               capture_output=True, text=True).stdout.split()
+        assert len(found) == 1, found
+        os.kill(int(found[0]), sig.SIGKILL)
+        log = tmp_path / "net" / "relay2" / "log.txt"
+        expected = f"testnet: warning: testnet process relay2 exited early with status -9; the end of {log}:"
+        end = time.monotonic() + 20
+        while expected not in Path(net.out.name).read_text():
+            assert time.monotonic() < end, Path(net.out.name).read_text()[-2000:]
+            time.sleep(0.2)
+        time.sleep(3)  # reported once, not at every check
+        assert Path(net.out.name).read_text().count(expected) == 1
+        assert net.proc.poll() is None  # the rest of the testnet runs on
+    finally:
+        assert net.stop() == 0
