@@ -13,14 +13,27 @@ protocol (cookie in ``data_dir/control_auth_cookie``).
 ``run_relay = false``, a non-exit relay beside it) the same way, with the same optional
 metrics and control ports; ``--show-identity`` only creates the identity key if needed
 and prints the authority's configuration line.
+
+Start-up order: every listener (OR, directory, SOCKS, metrics, control port) binds before
+anything slow (directory bootstrap, descriptor upload). One that cannot bind ends the
+process with one line, ``onionp2p: cannot listen on KIND HOST:PORT: REASON``, and exit
+status 2 (:class:`~onionp2p.errors.ListenError`); a bad configuration prints one
+``onionp2p: error: FILE: KEY: REASON`` line per problem, also with status 2.
+
+``--verify-config`` loads and checks the configuration (key files, data directory, log
+file included) and exits 0 ("Configuration was valid") or 2 without starting anything;
+``--dump-config`` prints the effective configuration as TOML. SIGHUP and SIGUSR1 reopen
+``log_file`` (logrotate) before their other work.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,12 +42,13 @@ from onionp2p.config import (
     AuthorityConfig,
     ClientConfig,
     RelayConfig,
+    dump_config,
     load_authority_config,
     load_client_config,
     load_relay_config,
 )
-from onionp2p.errors import ConfigError, OnionError
-from onionp2p.log import configure_logging, get_logger
+from onionp2p.errors import ConfigError, ListenError, OnionError
+from onionp2p.log import configure_logging, get_logger, reopen_log_file
 
 __all__ = ["main"]
 
@@ -83,18 +97,18 @@ async def run_relay(cfg: RelayConfig, *, shutdown_timeout: float = 5.0, config_f
     relay = Relay(keys, cfg, directory=relay_directory(cfg))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    await relay.start()
+    # the side ports first: the relay's start also begins publishing to the authorities
+    metrics, control, adapter = await _start_side_ports(
+        cfg, cfg.data_dir, lambda: RelayCollector(relay),
+        lambda m: RelayControlAdapter(relay, cfg, config_file=config_file, shutdown=stop.set, metrics=m))
     try:
-        metrics, control, adapter = await _start_side_ports(
-            cfg, cfg.data_dir, lambda: RelayCollector(relay),
-            lambda m: RelayControlAdapter(relay, cfg, config_file=config_file, shutdown=stop.set, metrics=m))
+        await relay.start()
     except BaseException:
+        await _stop_side_ports(metrics, control, adapter)
         await asyncio.wait_for(relay.stop(), shutdown_timeout)
         raise
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("relay status", **relay_status(relay)))
-    loop.add_signal_handler(signal.SIGHUP, adapter.sighup)
+    _add_signal_handlers(loop, stop=stop.set, reload=adapter.sighup,
+                         status=lambda: log.info("relay status", **relay_status(relay)))
     print(f"onionp2p relay {cfg.nickname} listening on {cfg.or_address[0]}:{relay.port} "
           f"fingerprint {keys.fingerprint}", flush=True)
     await stop.wait()
@@ -107,6 +121,26 @@ async def run_relay(cfg: RelayConfig, *, shutdown_timeout: float = 5.0, config_f
         log.warning("shutdown timed out")
     log.info("stopped")
     return 0
+
+
+def _add_signal_handlers(loop: asyncio.AbstractEventLoop, *, stop: Callable[[], object],
+                         reload: Callable[[], object], status: Callable[[], object]) -> None:
+    """SIGINT/SIGTERM: ``stop``; SIGHUP: ``reload``; SIGUSR1: ``status`` (the last two reopen
+    the log file first, as tor's do)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGHUP, _reopening(signal.SIGHUP, reload))
+    loop.add_signal_handler(signal.SIGUSR1, _reopening(signal.SIGUSR1, status))
+
+
+def _reopening(sig: signal.Signals, then: Callable[[], object]) -> Callable[[], None]:
+    """A SIGHUP/SIGUSR1 handler: reopen the log file (logrotate moved it), say so in the
+    new file (as tor notes "Received reload signal"), then ``then()``."""
+    def handler() -> None:
+        reopened = reopen_log_file()
+        get_logger("onionp2p.cli").info(f"received {sig.name}", log_file_reopened=reopened)
+        then()
+    return handler
 
 
 def relay_directory(cfg: RelayConfig):
@@ -133,32 +167,32 @@ async def run_authority(cfg: AuthorityConfig, *, shutdown_timeout: float = 5.0,
     log = get_logger("onionp2p.cli", nickname=cfg.nickname)
     key = load_or_create_authority_key(cfg.data_dir)
     authority = Authority(key, cfg)
-    await authority.start()
     relay = None
     if cfg.run_relay:
         keys = RelayKeys.load_or_create(cfg.data_dir / "keys")
         relay = Relay(keys, cfg.relay_config(),
                       directory=RelayDirectory(cfg.data_dir / "relay", authority.authorities))
         (cfg.data_dir / "relay").mkdir(mode=0o700, exist_ok=True)
-        await relay.start()
-    line = authority_line(cfg.nickname, cfg.dir_address[0], authority.dir_port, key)
-    (cfg.data_dir / "authority.txt").write_text(line + "\n")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    side = await _start_side_ports(
+        cfg, cfg.data_dir, lambda: AuthorityCollector(authority, relay),
+        lambda m: AuthorityControlAdapter(authority, cfg, relay=relay, config_file=config_file,
+                                          shutdown=stop.set, metrics=m))
     try:
-        side = await _start_side_ports(
-            cfg, cfg.data_dir, lambda: AuthorityCollector(authority, relay),
-            lambda m: AuthorityControlAdapter(authority, cfg, relay=relay, config_file=config_file,
-                                              shutdown=stop.set, metrics=m))
+        await authority.start()
+        if relay is not None:
+            await relay.start()
     except BaseException:
+        await _stop_side_ports(*side)
         if relay is not None:
             await relay.stop()
         await authority.stop()
         raise
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("authority status", **authority.status()))
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored"))
+    line = authority_line(cfg.nickname, cfg.dir_address[0], authority.dir_port, key)
+    (cfg.data_dir / "authority.txt").write_text(line + "\n")
+    _add_signal_handlers(loop, stop=stop.set, reload=side[2].sighup,
+                         status=lambda: log.info("authority status", **authority.status()))
     print(f"onionp2p authority {cfg.nickname} directory on {cfg.dir_address[0]}:{authority.dir_port} "
           f"line: {line}", flush=True)
     await stop.wait()
@@ -177,6 +211,8 @@ async def run_authority(cfg: AuthorityConfig, *, shutdown_timeout: float = 5.0,
 
 def _cmd_authority(args: argparse.Namespace) -> int:
     cfg = load_authority_config(args.config)
+    if (done := _verify_or_dump(args, cfg)) is not None:
+        return done
     if args.show_identity:
         from onionp2p.dir.authority import authority_line, load_or_create_authority_key
 
@@ -185,8 +221,70 @@ def _cmd_authority(args: argparse.Namespace) -> int:
         return 0
     if args.unsafe_logging:
         cfg = replace(cfg, safe_logging=False)
-    configure_logging(cfg.log_level, cfg.log_format, safe_logging=cfg.safe_logging)
+    _configure_logging(cfg)
     return asyncio.run(run_authority(cfg, config_file=args.config))
+
+
+def _configure_logging(cfg: RelayConfig | ClientConfig | AuthorityConfig) -> None:
+    configure_logging(cfg.log_level, cfg.log_format, safe_logging=cfg.safe_logging, log_file=cfg.log_file)
+
+
+def _add_config_checks(p: argparse.ArgumentParser) -> None:
+    """``--verify-config`` and ``--dump-config`` (tor's names)."""
+    p.add_argument("--verify-config", action="store_true",
+                   help="check the configuration (and key files, data directory, log file) and exit 0, or 2")
+    p.add_argument("--dump-config", action="store_true",
+                   help="print the effective configuration (defaults filled in) as TOML and exit")
+
+
+def _verify_or_dump(args: argparse.Namespace, cfg) -> int | None:
+    """Answer ``--dump-config`` / ``--verify-config`` (the exit status), or None to go on."""
+    if getattr(args, "dump_config", False):
+        sys.stdout.write(dump_config(cfg))
+        return 0
+    if getattr(args, "verify_config", False):
+        verify_config(cfg)
+        print("Configuration was valid")
+        return 0
+    return None
+
+
+def verify_config(cfg: RelayConfig | ClientConfig | AuthorityConfig) -> None:
+    """What a start would need from the file system, checked without creating or changing
+    anything: the data directory can be created/written, the key files that exist are
+    readable, private and intact, the log file can be opened. ConfigError lists every problem."""
+    from onionp2p.dir.authority import load_authority_key
+    from onionp2p.relay.keys import RelayKeys
+
+    problems = []
+    for what, path in (("data_dir", cfg.data_dir), ("log_file", cfg.log_file)):
+        if path is not None and (why := _unwritable(path, directory=what == "data_dir")):
+            problems.append(f"{what}: {path}: {why}")
+    checks = []
+    if isinstance(cfg, AuthorityConfig):
+        checks.append(lambda: load_authority_key(cfg.data_dir))
+    if isinstance(cfg, RelayConfig) or (isinstance(cfg, AuthorityConfig) and cfg.run_relay):
+        checks.append(lambda: RelayKeys.check_files(cfg.data_dir / "keys"))
+    for check in checks:
+        try:
+            check()
+        except OnionError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(problems), problems=problems)
+
+
+def _unwritable(path: Path, *, directory: bool) -> str | None:
+    """Why ``path`` (a directory, or a file to append to) could not be created or written; None if it can."""
+    if path.exists():
+        if directory != path.is_dir():
+            return "not a directory" if directory else "is a directory"
+        ok = os.access(path, os.W_OK | (os.X_OK if directory else 0))
+        return None if ok else "not writable by this user"
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: {parent} is not a writable directory"
+    return None
 
 
 def _add_authority_parser(sub) -> None:
@@ -196,6 +294,7 @@ def _add_authority_parser(sub) -> None:
                    help="create the identity key if needed, print this authority's line and exit")
     a.add_argument("--unsafe-logging", action="store_true",
                    help="show client addresses in logs (debugging only)")
+    _add_config_checks(a)
     a.set_defaults(func=_cmd_authority)
 
 
@@ -203,28 +302,38 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     cfg = load_relay_config(args.config)
     if args.unsafe_logging:
         cfg = replace(cfg, safe_logging=False)
-    configure_logging(cfg.log_level, cfg.log_format, safe_logging=cfg.safe_logging)
+    if (done := _verify_or_dump(args, cfg)) is not None:
+        return done
+    _configure_logging(cfg)
     return asyncio.run(run_relay(cfg, config_file=args.config))
 
 
 async def run_client(cfg: ClientConfig, *, config_file: str | None = None,
-                     tor_dirauth_file: str | None = None) -> int:
-    """Run a client (SOCKS, optional control port) until SIGINT/SIGTERM or SIGNAL SHUTDOWN."""
+                     tor_dirauth_file: str | None = None,
+                     load_config: Callable[[], ClientConfig] | None = None) -> int:
+    """Run a client (SOCKS, optional control port) until SIGINT/SIGTERM or SIGNAL SHUTDOWN.
+    SIGHUP reloads (``load_config`` reads the configuration again), SIGUSR1 logs a status line;
+    both reopen the log file first."""
     from onionp2p.client.node import ClientNode
 
     routers = None
     params = None
+    view = None
     if tor_dirauth_file is not None:
         from onionp2p.dir.tordir import fetch_tor_network, read_dirauth_file
 
-        view = await fetch_tor_network(read_dirauth_file(tor_dirauth_file))
-        routers = lambda: view.routers  # noqa: E731 - a fixed view of the Tor network's consensus
-        params = lambda: view.params  # noqa: E731
-    node = ClientNode(cfg, routers=routers, params=params, config_file=config_file)
+        authorities = read_dirauth_file(tor_dirauth_file)
+        routers = lambda: view.routers if view is not None else []  # noqa: E731 - the Tor network's consensus
+        params = lambda: view.params if view is not None else {}  # noqa: E731
+    node = ClientNode(cfg, routers=routers, params=params, config_file=config_file, load_config=load_config)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, node.shutdown_requested.set)
+    _add_signal_handlers(loop, stop=node.shutdown_requested.set, reload=node.reload,
+                         status=lambda: get_logger("onionp2p.cli").info(
+                             "client status", circuits=len(node.client.circuits), streams=len(node.streams)))
     try:
+        await node.listen()
+        if tor_dirauth_file is not None:
+            view = await fetch_tor_network(authorities)
         await node.start(ready_timeout=cfg.circuit_build_timeout * 2)
         print(f"SOCKS5 proxy ready at {cfg.socks_address[0]}:{node.socks_port}", flush=True)
         if node.control_port is not None:
@@ -260,10 +369,13 @@ def client_config_from_args(args: argparse.Namespace) -> ClientConfig:
 
 def _cmd_client(args: argparse.Namespace) -> int:
     cfg = client_config_from_args(args)
+    if (done := _verify_or_dump(args, cfg)) is not None:
+        return done
     if not cfg.authorities and not args.tor_dirauth_file:
         raise ConfigError("no directory: set `authorities` in the config or pass --tor-dirauth-file")
-    configure_logging(cfg.log_level, cfg.log_format, safe_logging=cfg.safe_logging)
-    return asyncio.run(run_client(cfg, config_file=args.config, tor_dirauth_file=args.tor_dirauth_file))
+    _configure_logging(cfg)
+    return asyncio.run(run_client(cfg, config_file=args.config, tor_dirauth_file=args.tor_dirauth_file,
+                                  load_config=(lambda: client_config_from_args(args)) if args.config else None))
 
 
 def _cmd_testnet(args: argparse.Namespace) -> int:
@@ -276,6 +388,7 @@ def _cmd_testnet(args: argparse.Namespace) -> int:
         data_dir=Path(args.data_dir) if args.data_dir else None, voting_interval=args.voting_interval,
         log_level=args.log_level, metrics_port=None if args.metrics_port is None else max(args.metrics_port, 0),
         link_delay=args.link_delay, congestion_control=not args.no_congestion_control, cgo=not args.no_cgo,
+        base_port=args.base_port,
     ))
 
 
@@ -322,6 +435,7 @@ def _add_client_parsers(sub) -> None:
     c.add_argument("--data-dir", help="override data_dir")
     c.add_argument("--tor-dirauth-file", help="use a Tor network: a file of torrc DirAuthority lines")
     c.add_argument("--unsafe-logging", action="store_true", help="show destinations in logs (debugging only)")
+    _add_config_checks(c)
     c.set_defaults(func=_cmd_client)
     t = sub.add_parser("testnet", help="run a private network on loopback plus a client (the demo)")
     t.add_argument("--relays", type=int, default=5, help="number of relays (default 5)")
@@ -339,6 +453,9 @@ def _add_client_parsers(sub) -> None:
     t.add_argument("--link-delay", type=_delay_range, metavar="MS|MIN-MAX",
                    help="emulate a wide-area network: every link to a relay gets this one-way delay "
                         "(each relay a fixed value in MIN-MAX), through `onionp2p wan` proxies")
+    t.add_argument("--base-port", type=int, metavar="PORT",
+                   help="fixed ports: authorities' directory ports from PORT on, then the relays' OR ports "
+                        "(default: any free ports)")
     t.add_argument("--no-congestion-control", action="store_true",
                    help="the client uses fixed SENDME windows (relays still offer congestion control)")
     t.add_argument("--no-cgo", action="store_true",
@@ -358,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", "-c", required=True, help="relay TOML config file")
     r.add_argument("--unsafe-logging", action="store_true",
                    help="show client addresses and destinations in logs (debugging only)")
+    _add_config_checks(r)
     r.set_defaults(func=_cmd_relay)
     _add_authority_parser(sub)
     _add_client_parsers(sub)
@@ -371,6 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except ListenError as exc:
+        print(f"onionp2p: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"onionp2p: error: {line}", file=sys.stderr)
+        return 2
     except OnionError as exc:
         print(f"onionp2p: error: {exc}", file=sys.stderr)
         return 2

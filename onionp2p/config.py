@@ -6,12 +6,15 @@ Each node kind reads one flat TOML table (top-level keys, no sections) into a fr
 dataclass: :class:`RelayConfig`, :class:`ClientConfig` or :class:`AuthorityConfig`. Every
 field has a documented default, so an empty file is a valid configuration.
 
-Validation is strict and happens once, at load time:
+Validation is strict and happens once, at load time. Every problem of a file is reported
+at once, in one :class:`~onionp2p.errors.ConfigError` whose ``problems`` are one line each
+(``FILE: KEY: REASON``), so a user fixes a file in one round:
 
-* an unknown key raises :class:`~onionp2p.errors.ConfigError` naming the key and the file
-  (typos such as ``exit_polcy`` must not silently fall back to a default);
-* a value of the wrong type or out of range raises ``ConfigError`` naming the key path
-  (``family[2]``) and the source;
+* an unknown key is an error naming the key and the file (typos such as ``exit_polcy``
+  must not silently fall back to a default), with "did you mean ``exit_policy``?" when a
+  known key is close (:mod:`difflib`);
+* a value of the wrong type or out of range is an error naming the key path
+  (``family[2]``) and the source; checks between keys run on the keys that were valid;
 * malformed TOML and unreadable files are reported as ``ConfigError`` too — no
   ``tomllib``, ``OSError`` or ``ValueError`` escapes.
 
@@ -25,10 +28,11 @@ using ``exit_reject_private``.
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,6 +50,7 @@ __all__ = [
     "load_relay_config",
     "load_client_config",
     "load_authority_config",
+    "dump_config",
     "parse_hostport",
     "format_hostport",
 ]
@@ -66,14 +71,25 @@ T = TypeVar("T")
 # -- host:port --------------------------------------------------------------------------
 # -- field validators -------------------------------------------------------------------
 class _Ctx:
-    """Where a value came from, for error messages."""
+    """Where a value came from, for error messages; collects the problems of one file."""
 
     def __init__(self, source: str, base_dir: Path | None) -> None:
         self.source = source
         self.base_dir = base_dir
+        self.problems: list[str] = []
 
     def fail(self, key: str, why: str) -> ConfigError:
+        """The error a validator raises for ``key`` (recorded by :func:`_build`)."""
         return ConfigError(f"{self.source}: {key}: {why}")
+
+    def report(self, key: str, why: str) -> None:
+        """Record a problem and go on checking the rest of the file."""
+        self.problems.append(str(self.fail(key, why)))
+
+    def check(self) -> None:
+        """Raise one ConfigError listing every recorded problem, if any."""
+        if self.problems:
+            raise ConfigError("\n".join(self.problems), problems=self.problems)
 
 
 def _type_name(v: object) -> str:
@@ -192,14 +208,20 @@ def _authority_list(ctx: _Ctx, key: str, value: Any) -> tuple[str, ...]:
 
     lines = _text_list(ctx, key, value, _nonempty_text)
     seen: set[bytes] = set()
+    bad = 0
     for i, line in enumerate(lines):
         try:
             auth = DirAuthority.parse(line)
         except ConfigError as e:
-            raise ctx.fail(f"{key}[{i}]", str(e)) from None
+            ctx.report(f"{key}[{i}]", str(e))
+            bad += 1
+            continue
         if auth.ed_id in seen:
-            raise ctx.fail(f"{key}[{i}]", f"identity {auth.identity} is listed twice")
+            ctx.report(f"{key}[{i}]", f"identity {auth.identity} is listed twice")
+            bad += 1
         seen.add(auth.ed_id)
+    if bad:  # each bad line is reported above; the key is not used
+        raise _Reported()
     return lines
 
 
@@ -211,33 +233,47 @@ def _distinct_ports(ctx: _Ctx, out: Mapping[str, Any]) -> None:
     """``control_port`` and ``metrics_port`` both listen on 127.0.0.1: the same fixed port twice fails."""
     control, metrics = out.get("control_port"), out.get("metrics_port")
     if control and control == metrics:
-        raise ctx.fail("metrics_port", f"{metrics} is also the control_port")
+        ctx.report("metrics_port", f"{metrics} is also the control_port")
 
 
-def _check_keys(ctx: _Ctx, data: Mapping[str, Any], known: set[str]) -> None:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{ctx.source}: configuration must be a table, not {_type_name(data)}")
-    for key in data:
-        if key not in known:
-            hint = f" (known keys: {', '.join(sorted(known))})"
-            raise ConfigError(f"{ctx.source}: unknown key {key!r}{hint}")
+class _Reported(Exception):
+    """A validator already reported its problems with :meth:`_Ctx.report`."""
+
+
+def _unknown_key(ctx: _Ctx, key: str, known: set[str]) -> None:
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+    hint = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(sorted(known))}"
+    ctx.report(key, f"unknown key ({hint})")
 
 
 # Shared logging fields: key -> validator.
 _LOG_FIELDS: dict[str, Callable[[_Ctx, str, Any], Any]] = {
     "log_level": _choice(LOG_LEVELS),
     "log_format": _choice(LOG_FORMATS),
+    "log_file": _path,
     "safe_logging": _bool,
 }
 
 
 def _build(cls: type[T], data: Mapping[str, Any], ctx: _Ctx,
            validators: dict[str, Callable[[_Ctx, str, Any], Any]]) -> dict[str, Any]:
-    _check_keys(ctx, data, set(validators))
+    """The valid keys of ``data``, checked by ``validators``; the problems are recorded in
+    ``ctx`` in the order of the file (the caller runs its checks between keys, then
+    :meth:`_Ctx.check`)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{ctx.source}: configuration must be a table, not {_type_name(data)}")
     out: dict[str, Any] = {}
-    for key, check in validators.items():
-        if key in data:
-            out[key] = check(ctx, key, data[key])
+    for key, value in data.items():
+        check = validators.get(key)
+        if check is None:
+            _unknown_key(ctx, key, set(validators))
+            continue
+        try:
+            out[key] = check(ctx, key, value)
+        except ConfigError as e:
+            ctx.problems.append(str(e))
+        except _Reported:
+            pass
     defaults = {f.name: f.default for f in fields(cls)}  # type: ignore[arg-type]
     if "data_dir" not in out:
         out["data_dir"] = _path(ctx, "data_dir", defaults["data_dir"])
@@ -263,6 +299,7 @@ class RelayConfig:
     family: tuple[str, ...] = ()  #: upper-case hex RSA fingerprints of sibling relays
     log_level: str = "info"  #: debug | info | warning | error
     log_format: str = "console"  #: console | json
+    log_file: Path | None = None  #: append logs here instead of stderr (reopened on SIGHUP/SIGUSR1)
     safe_logging: bool = True  #: scrub client addresses and destinations from logs
     control_port: int | None = None  #: control listener on 127.0.0.1; None = disabled
     metrics_port: int | None = None  #: Prometheus endpoint on 127.0.0.1 (tor's MetricsPort); None = disabled
@@ -336,19 +373,23 @@ class RelayConfig:
         out = _build(cls, d, ctx, validators)
         _distinct_ports(ctx, out)
         if "exit_policy" in out:
-            out["exit_policy"] = _exit_policy(ctx, out["exit_policy"],
-                                              out.get("exit_reject_private", True))
+            try:
+                out["exit_policy"] = _exit_policy(ctx, out["exit_policy"],
+                                                  out.get("exit_reject_private", True))
+            except ConfigError as e:
+                ctx.problems.append(str(e))
         rate = out.get("bandwidth_rate", cls.bandwidth_rate)
         burst = out.get("bandwidth_burst")
         if burst is not None and burst < rate:
-            raise ctx.fail("bandwidth_burst", f"{burst} is smaller than bandwidth_rate {rate}")
+            ctx.report("bandwidth_burst", f"{burst} is smaller than bandwidth_rate {rate}")
         cc_rate = out.get("dos_circuit_creation_rate", cls.dos_circuit_creation_rate)
         cc_burst = out.get("dos_circuit_creation_burst", cls.dos_circuit_creation_burst)
         if (cc_rate > 0) != (cc_burst > 0):
             key = ("dos_circuit_creation_burst" if "dos_circuit_creation_burst" in out
                    else "dos_circuit_creation_rate")
-            raise ctx.fail(key, "dos_circuit_creation_rate and dos_circuit_creation_burst must both be 0 "
-                                f"(off) or both be positive (rate {cc_rate}, burst {cc_burst})")
+            ctx.report(key, "dos_circuit_creation_rate and dos_circuit_creation_burst must both be 0 "
+                            f"(off) or both be positive (rate {cc_rate}, burst {cc_burst})")
+        ctx.check()
         return cls(**out)
 
 
@@ -374,6 +415,7 @@ class ClientConfig:
     authorities: tuple[str, ...] = ()  #: ``NICK HOST:DIRPORT ED25519_ID`` of each directory authority
     log_level: str = "info"
     log_format: str = "console"
+    log_file: Path | None = None  #: append logs here instead of stderr (reopened on SIGHUP/SIGUSR1)
     safe_logging: bool = True
     preemptive_circuits: int = 3  #: clean circuits kept ready
     preemptive_ports: tuple[int, ...] = (80, 443)  #: ports the preemptive circuits' exits allow
@@ -426,6 +468,7 @@ class ClientConfig:
         }
         out = _build(cls, d, ctx, validators)
         _distinct_ports(ctx, out)
+        ctx.check()
         return cls(**out)
 
 
@@ -449,6 +492,7 @@ class AuthorityConfig:
     metrics_port: int | None = None  #: Prometheus endpoint on 127.0.0.1 (tor's MetricsPort); None = disabled
     log_level: str = "info"
     log_format: str = "console"
+    log_file: Path | None = None  #: append logs here instead of stderr (reopened on SIGHUP/SIGUSR1)
     safe_logging: bool = True
     #: network parameters this authority votes for (tor's ConsensusParams), e.g.
     #: ``{ cc_sendme_inc = 31, cc_vegas_alpha_exit = 186 }``; a parameter is in the consensus
@@ -486,6 +530,7 @@ class AuthorityConfig:
         }
         out = _build(cls, d, ctx, validators)
         _distinct_ports(ctx, out)
+        ctx.check()
         return cls(**out)
 
 
@@ -538,3 +583,40 @@ def load_authority_config(path: str | Path) -> AuthorityConfig:
     """Read and validate a directory authority's TOML configuration file."""
     data, base, source = _read_toml(path)
     return AuthorityConfig.from_dict(data, source=source, base_dir=base)
+
+
+# -- dumping ------------------------------------------------------------------------------
+def _toml_value(value: Any) -> str:
+    """One TOML value (strings through JSON, whose escapes TOML's basic strings share)."""
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, Path):
+        return json.dumps(str(value))
+    if isinstance(value, ExitPolicy):
+        return _toml_value(value.lines())
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def dump_config(cfg: RelayConfig | ClientConfig | AuthorityConfig) -> str:
+    """The effective configuration as TOML (``--dump-config``): every key with the value in
+    force, defaults filled in, paths absolute; loading it gives the same configuration.
+    Unset optional keys (TOML has no null) are listed as comments."""
+    assert is_dataclass(cfg)
+    out = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None:
+            out.append(f"# {f.name} is unset\n")
+        elif f.name.endswith("_address"):
+            out.append(f"{f.name} = {_toml_value(format_hostport(*value))}\n")
+        else:
+            out.append(f"{f.name} = {_toml_value(value)}\n")
+    return "".join(out)

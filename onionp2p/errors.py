@@ -8,6 +8,9 @@ boundary. :class:`LocalProtocolError` means *we* (the caller) misused an API.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
 __all__ = [
     "OnionError",
     "ProtocolError",
@@ -17,6 +20,7 @@ __all__ = [
     "LocalProtocolError",
     "KeyFileError",
     "ConfigError",
+    "ListenError",
     "CircuitError",
     "StreamError",
 ]
@@ -51,7 +55,42 @@ class KeyFileError(OnionError):
 
 
 class ConfigError(OnionError):
-    """A configuration file or option is invalid."""
+    """A configuration file or option is invalid. ``problems``: one line per problem (a
+    file with several bad keys reports them all at once); the message joins them."""
+
+    def __init__(self, message: str, *, problems: Sequence[str] = ()):
+        super().__init__(message)
+        self.problems: tuple[str, ...] = tuple(problems) or (message,)
+
+
+class ListenError(OnionError):
+    """A listener (OR, SOCKS, control, metrics, directory port ...) could not bind.
+
+    Raised at start-up, before anything slow happens, so that ``onionp2p`` prints one line
+    naming the port and the reason and exits 2 (as tor does when an ORPort is taken):
+    ``cannot listen on SOCKS port 127.0.0.1:9050: address already in use``.
+    """
+
+    def __init__(self, kind: str, host: str, port: int, reason: str):
+        super().__init__(f"cannot listen on {kind} {_hostport(host, port)}: {reason}")
+        self.kind = kind
+        self.host = host
+        self.port = port
+        self.reason = reason
+
+    @classmethod
+    def from_os_error(cls, kind: str, host: str, port: int, exc: OSError) -> ListenError:
+        """``exc`` from bind/listen as one line: the reason in lower case, without the errno or
+        asyncio's "error while attempting to bind on address ..." wrapping."""
+        if exc.errno and exc.errno > 0:  # getaddrinfo's errors have negative EAI codes
+            text = os.strerror(exc.errno)
+        else:
+            text = exc.strerror or str(exc) or type(exc).__name__
+        return cls(kind, host, port, text[:1].lower() + text[1:])
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class CircuitError(OnionError):

@@ -28,12 +28,21 @@ With safe logging off (a debugging aid), the real values are shown. Scrubbing wo
 key/value pairs only: free text in the event message is not inspected, so never put a
 sensitive value into the message itself except through :func:`safe`. Tracebacks are
 rendered without frame locals, but an exception's own message is printed as is.
+
+Log file
+--------
+With ``log_file`` (tor's ``Log notice file FILE``) events go to that file, appended, instead
+of stderr. :func:`reopen_log_file` closes it and opens the same path again: after logrotate
+renamed it, new lines land in a new file. ``onionp2p`` calls it on SIGHUP and SIGUSR1, the
+signals logrotate's ``postrotate`` sends to tor.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import IO, Any
 
 import structlog
@@ -50,6 +59,9 @@ __all__ = [
     "is_safe_logging",
     "scrub_sensitive",
     "configure_logging",
+    "reopen_log_file",
+    "LIVE_LOG_KEYS",
+    "apply_log_config",
     "reset_logging",
     "get_logger",
 ]
@@ -76,6 +88,40 @@ class _State:
     safe_logging = True
     handler: logging.Handler | None = None
     structlog_ready = False
+
+
+class _LogFileHandler(logging.StreamHandler):
+    """Appends to a file (created mode 0600: logs name relays and ports) that
+    :meth:`reopen` opens again at the same path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(self._open())
+
+    def _open(self) -> IO[str]:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"log_file: cannot open {self.path}: {exc.strerror or exc}") from None
+        return os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+
+    def reopen(self) -> None:
+        """Close the file and open the path again (a new file after logrotate moved it)."""
+        new = self._open()
+        self.acquire()
+        try:
+            old, self.stream = self.stream, new
+        finally:
+            self.release()
+        old.close()
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            self.stream.close()
+        finally:
+            self.release()
+        super().close()
 
 
 def is_safe_logging() -> bool:
@@ -168,18 +214,22 @@ def _is_tty(stream: IO[str]) -> bool:
 
 
 def configure_logging(level: str = "info", fmt: str = "console", *, safe_logging: bool = True,
-                      stream: IO[str] | None = None) -> None:
-    """Route structlog and stdlib logging to *stream* (default stderr).
+                      stream: IO[str] | None = None, log_file: str | Path | None = None) -> None:
+    """Route structlog and stdlib logging to *log_file* (appended), else *stream* (default stderr).
 
     *level*: debug | info | warning | error. *fmt*: ``console`` (colours only on a TTY)
-    or ``json`` (one object per line). May be called again to reconfigure.
+    or ``json`` (one object per line). May be called again to reconfigure. A log file that
+    cannot be opened raises ConfigError and leaves the previous configuration in place.
     """
     if not isinstance(level, str) or level.lower() not in _LEVELS:
         raise ConfigError(f"unknown log level {level!r}")
     if fmt not in ("console", "json"):
         raise ConfigError(f"unknown log format {fmt!r}")
+    file_handler = _LogFileHandler(Path(log_file)) if log_file is not None else None
     _ensure_structlog(force=True)
     out = sys.stderr if stream is None else stream
+    if file_handler is not None:
+        out = file_handler.stream
     final: list[Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                               scrub_sensitive]
     if fmt == "json":
@@ -196,11 +246,13 @@ def configure_logging(level: str = "info", fmt: str = "console", *, safe_logging
         processors=final,
         foreign_pre_chain=[*_shared_processors(), structlog.stdlib.ExtraAdder()],
     )
-    handler = logging.StreamHandler(out)
+    handler = file_handler if file_handler is not None else logging.StreamHandler(out)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     if _State.handler is not None:
         root.removeHandler(_State.handler)
+        if isinstance(_State.handler, _LogFileHandler):
+            _State.handler.close()
     root.addHandler(handler)
     root.setLevel(_LEVELS[level.lower()])
     _State.handler = handler
@@ -208,10 +260,44 @@ def configure_logging(level: str = "info", fmt: str = "console", *, safe_logging
     logging.captureWarnings(True)
 
 
+def reopen_log_file() -> bool:
+    """Open the log file again at its path (SIGHUP/SIGUSR1, for logrotate). False when
+    logging goes to a stream, or when the file cannot be opened (then logged, and the old
+    file is kept)."""
+    handler = _State.handler
+    if not isinstance(handler, _LogFileHandler):
+        return False
+    try:
+        handler.reopen()
+    except ConfigError as exc:
+        get_logger("onionp2p.log").warning("cannot reopen the log file; still writing to the old one",
+                                           error=str(exc))
+        return False
+    return True
+
+
+#: the logging keys of every node config that a reload (SIGHUP) applies at once
+LIVE_LOG_KEYS = ("log_level", "log_format", "log_file")
+
+
+def apply_log_config(old: Any, new: Any) -> list[str]:
+    """Reconfigure logging where the configs ``old`` and ``new`` (RelayConfig, ClientConfig,
+    AuthorityConfig) differ in :data:`LIVE_LOG_KEYS`; returns the keys that changed. Safe
+    logging stays as it is (``--unsafe-logging`` on the command line must survive a reload).
+    Raises ConfigError (logging unchanged) when the new log file cannot be opened."""
+    changed = [k for k in LIVE_LOG_KEYS if getattr(old, k) != getattr(new, k)]
+    if changed:
+        configure_logging(new.log_level, new.log_format, safe_logging=_State.safe_logging,
+                          log_file=new.log_file)
+    return changed
+
+
 def reset_logging() -> None:
     """Remove the handler installed by :func:`configure_logging`; safe logging back on."""
     if _State.handler is not None:
         logging.getLogger().removeHandler(_State.handler)
+        if isinstance(_State.handler, _LogFileHandler):
+            _State.handler.close()
         _State.handler = None
     _State.safe_logging = True
 

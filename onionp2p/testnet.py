@@ -19,12 +19,19 @@ relay listens on one port and advertises another, where an ``onionp2p wan`` proc
 (:mod:`onionp2p.ops.wan`) forwards with that relay's delay (spread evenly over MIN-MAX),
 so every link to a relay — from the client, from other relays, from the authorities —
 carries it. ``--no-congestion-control`` makes the client use fixed SENDME windows.
+
+``--base-port N`` gives every node a fixed port, like chutney's base ports: the
+authorities' directory ports are N, N+1 ..., then the relays' OR ports (a firewall, or a
+second machine, can then be set up once). The client's listeners bind before any process
+starts. When a process exits early, the command names it, prints the end of its log
+(``NAME/log.txt``) and keeps the data directory, even a temporary one, for the post-mortem.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import socket
@@ -39,7 +46,7 @@ from onionp2p.config import ClientConfig
 from onionp2p.errors import OnionError
 from onionp2p.log import get_logger
 
-__all__ = ["Testnet", "run_testnet", "free_port"]
+__all__ = ["Testnet", "TestnetError", "run_testnet", "free_port"]
 
 log = get_logger("onionp2p.testnet")
 
@@ -49,6 +56,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class TestnetError(OnionError):
+    """A testnet process failed; the message names it and quotes the end of its log."""
+
+
+def _log_tail(path: Path, lines: int = 15, max_bytes: int = 16384) -> list[str]:
+    """The last ``lines`` lines of a log file (read from its last ``max_bytes``)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - max_bytes))
+            text = f.read().decode("utf-8", "replace")
+    except OSError as exc:
+        return [f"(cannot read {path}: {exc.strerror or exc})"]
+    return text.splitlines()[-lines:]
 
 
 def _toml(d: dict) -> str:
@@ -67,7 +89,11 @@ class Testnet:
     log_level: str = "info"
     #: (min, max) one-way seconds added to every link to a relay (None: plain loopback)
     link_delay: tuple[float, float] | None = None
+    #: fixed ports from here on (authorities' directory ports, then relays' OR ports); None: any free
+    base_port: int | None = None
     procs: list[subprocess.Popen] = field(default_factory=list)
+    #: the name of each process (its directory under ``base``), by pid
+    names: dict[int, str] = field(default_factory=dict)
     authority_lines: list[str] = field(default_factory=list)
     #: relay name -> the one-way delay of links to it (with ``link_delay``)
     delays: dict[str, float] = field(default_factory=dict)
@@ -83,23 +109,39 @@ class Testnet:
         finally:
             log_file.close()
         self.procs.append(p)
+        self.names[p.pid] = name
         return p
 
-    def start(self) -> None:
+    def _port(self, index: int) -> int:
+        """The fixed port number ``index`` (with ``base_port``), else 0 (any free port)."""
+        return 0 if self.base_port is None else self.base_port + index
+
+    def prepare(self) -> None:
+        """Create the authorities' identities and lines (what the client's config needs);
+        :meth:`spawn` then starts the processes. :meth:`start` does both."""
         from onionp2p.dir.authority import authority_line, load_or_create_authority_key
 
         if self.n_exits > self.n_relays or self.n_relays < 3:
             raise OnionError("a testnet needs at least 3 relays and no more exits than relays")
-        auths = []
+        if self.base_port is not None and not 1 <= self.base_port <= 65535 - self.n_authorities - self.n_relays:
+            raise OnionError(f"base port {self.base_port}: the testnet's ports must fit below 65536")
+        self._auths = []
         for i in range(self.n_authorities):
             d = self.base / f"auth{i}"
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-            port = free_port()
+            port = self._port(i) or free_port()
             key = load_or_create_authority_key(d)
             line = authority_line(f"auth{i}", "127.0.0.1", port, key)
-            auths.append((d, port))
+            self._auths.append((d, port))
             self.authority_lines.append(line)
-        for i, (d, port) in enumerate(auths):
+
+    def start(self) -> None:
+        self.prepare()
+        self.spawn()
+
+    def spawn(self) -> None:
+        """Start the authorities, relays (and WAN proxies) of a testnet set up by :meth:`prepare`."""
+        for i, (d, port) in enumerate(self._auths):
             self._spawn("authority", f"auth{i}", {
                 "nickname": f"auth{i}", "data_dir": str(d), "dir_address": f"127.0.0.1:{port}",
                 "run_relay": False, "authorities": self.authority_lines,
@@ -110,11 +152,11 @@ class Testnet:
         for i in range(self.n_relays):
             exit_ = i < self.n_exits
             name = f"exit{i}" if exit_ else f"relay{i}"
-            listen = advertise = 0
+            listen, advertise = self._port(self.n_authorities + i), 0
             if self.link_delay is not None:  # relays listen on one port and advertise a proxy's
                 lo, hi = self.link_delay
                 self.delays[name] = lo + (hi - lo) * i / max(1, self.n_relays - 1)
-                listen, advertise = free_port(), free_port()
+                listen, advertise = listen or free_port(), free_port()
             relays.append((i, exit_, name, listen, advertise))
         if self.link_delay is not None:
             self._start_wan([(adv, listen, self.delays[name]) for _i, _e, name, listen, adv in relays])
@@ -144,15 +186,38 @@ class Testnet:
         finally:
             out.close()
         self.procs.append(p)
+        self.names[p.pid] = "wan"
         assert p.stdout is not None
         if p.stdout.readline().strip() != b"wan ready":
             raise OnionError(f"the WAN emulator did not start; see {d / 'log.txt'}")
         p.stdout.close()
 
-    def check_alive(self) -> None:
+    def exited(self) -> list[str]:
+        """For each process that has exited: its name, status and the end of its log."""
+        out = []
         for p in self.procs:
             if p.poll() is not None:
-                raise OnionError(f"a testnet process exited early (code {p.returncode}); see the logs in {self.base}")
+                name = self.names.get(p.pid, "?")
+                log_path = self.base / name / "log.txt"
+                tail = "".join(f"\n  | {line}" for line in _log_tail(log_path))
+                out.append(f"testnet process {name} exited early with status {p.returncode}; "
+                           f"the end of {log_path}:{tail}")
+        return out
+
+    def check_alive(self) -> None:
+        """TestnetError naming the first process that exited, with the end of its log."""
+        if failures := self.exited():
+            raise TestnetError(failures[0])
+
+    async def watch(self, interval: float = 2.0) -> None:
+        """While the testnet runs: report each process that exits (once) on stderr."""
+        reported: set[str] = set()
+        while True:
+            await asyncio.sleep(interval)
+            for failure in self.exited():
+                if failure not in reported:
+                    reported.add(failure)
+                    print(f"testnet: warning: {failure}", file=sys.stderr, flush=True)
 
     def stop(self, timeout: float = 10.0) -> None:
         for p in self.procs:
@@ -194,8 +259,9 @@ async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int
                       timeout: float = 180.0, log_level: str = "info", metrics_port: int | None = None,
                       stop_event: asyncio.Event | None = None, ready=None,
                       link_delay: tuple[float, float] | None = None, congestion_control: bool = True,
-                      cgo: bool = True) -> int:
-    """Start the network and the client; run until signalled. Returns the exit code."""
+                      cgo: bool = True, base_port: int | None = None) -> int:
+    """Start the network and the client; run until signalled. Returns the exit code. On a
+    failure the data directory (even a temporary one) is kept, and the message says where."""
     from onionp2p.client.node import ClientNode
 
     tmp = None
@@ -204,30 +270,35 @@ async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int
         data_dir = Path(tmp)
     data_dir.mkdir(parents=True, exist_ok=True)
     net = Testnet(data_dir, n_relays=n_relays, n_exits=n_exits, n_authorities=n_authorities,
-                  voting_interval=voting_interval, log_level=log_level, link_delay=link_delay)
+                  voting_interval=voting_interval, log_level=log_level, link_delay=link_delay,
+                  base_port=base_port)
     loop = asyncio.get_running_loop()
     stop = stop_event or asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     node = None
+    failed = True
     try:
-        net.start()
-        print(f"testnet: {n_authorities} authorities, {n_relays} relays ({n_exits} exits) in {data_dir}",
-              flush=True)
-        if net.delays:
-            print("testnet: one-way delay of links to each relay (ms): "
-                  + ", ".join(f"{n} {d * 1000:g}" for n, d in net.delays.items()), flush=True)
+        net.prepare()
         cfg = ClientConfig(data_dir=data_dir / "client", socks_address=("127.0.0.1", socks_port),
                            control_port=control_port, metrics_port=metrics_port,
                            authorities=tuple(net.authority_lines),
                            enforce_distinct_subnets=False, client_reject_internal_addresses=False,
                            log_level=log_level, congestion_control=congestion_control, cgo=cgo)
         node = ClientNode(cfg)
+        await node.listen()  # a port in use fails here, before any process starts
+        net.spawn()
+        print(f"testnet: {n_authorities} authorities, {n_relays} relays ({n_exits} exits) in {data_dir}",
+              flush=True)
+        if net.delays:
+            print("testnet: one-way delay of links to each relay (ms): "
+                  + ", ".join(f"{n} {d * 1000:g}" for n, d in net.delays.items()), flush=True)
         waiting = asyncio.ensure_future(wait_for_consensus(node, n_relays, net, timeout))
         stopper = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait({waiting, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if stopper in done:
             waiting.cancel()
+            failed = False
             return 0
         waiting.result()
         stopper.cancel()
@@ -240,7 +311,10 @@ async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int
             print(f"Metrics port at http://127.0.0.1:{node.metrics_port}/metrics", flush=True)
         if ready is not None:
             ready(node)
+        watcher = asyncio.ensure_future(net.watch())
         await stop.wait()
+        watcher.cancel()
+        failed = False
         return 0
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -251,6 +325,9 @@ async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int
                     await node.stop()
             except (TimeoutError, OnionError):
                 pass
+        spawned = bool(net.names)  # a failure before any process started leaves no logs to keep
         net.stop()
-        if tmp is not None:
+        if tmp is not None and (not failed or not spawned):
             shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp is not None:
+            print(f"testnet: kept {tmp} (every process's log.txt is there)", file=sys.stderr, flush=True)

@@ -162,7 +162,7 @@ def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
 
 
 def test_sections_are_unknown_keys(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="'relay'"):
+    with pytest.raises(ConfigError, match="relay: unknown key"):
         load_relay_config(write(tmp_path, "[relay]\nnickname = 'x'\n"))
 
 
@@ -594,3 +594,97 @@ def test_congestion_control_and_consensus_params_keys() -> None:
                         ({"a": True}, "32-bit"), ({"a": "1"}, "32-bit"), ([1], "table")):
         with pytest.raises(ConfigError, match=needle):
             AuthorityConfig.from_dict({"consensus_params": bad})
+
+
+# -- every problem at once, suggestions (issue 17, section 5) -------------------------------
+def test_every_problem_of_a_file_is_reported_at_once(tmp_path: Path) -> None:
+    path = write(tmp_path, 'or_adress = "127.0.0.1:9001"\nnickname = "bad!"\nbandwidth_rate = -1\n'
+                           'authorities = ["foo bar baz"]\nexit_policy = "allow *:*"\n'
+                           'bandwidth_burst = 5\n')
+    with pytest.raises(ConfigError) as exc:
+        load_relay_config(path)
+    problems = exc.value.problems
+    assert [p.split(": ")[1] for p in problems] == [
+        "or_adress", "nickname", "bandwidth_rate", "authorities[0]", "exit_policy", "bandwidth_burst"]
+    assert all(p.startswith(f"{path}: ") for p in problems)
+    assert "did you mean `or_address`?" in problems[0]
+    assert str(exc.value) == "\n".join(problems)
+
+
+def test_a_key_far_from_every_known_key_gets_the_list(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        ClientConfig.from_dict({"zzzz": 1}, source="c.toml")
+    assert exc.value.problems == (exc.value.problems[0],)
+    assert "did you mean" not in str(exc.value) and "known keys: authorities, circuit_build_timeout" in str(exc.value)
+
+
+@pytest.mark.parametrize(("typo", "meant"), [("exit_polcy", "exit_policy"), ("socks_adress", None),
+                                              ("log_levle", "log_level"), ("metric_port", "metrics_port")])
+def test_did_you_mean(typo: str, meant: str | None) -> None:
+    with pytest.raises(ConfigError) as exc:
+        RelayConfig.from_dict({typo: 1}, source="r.toml")
+    if meant is None:  # a client key: nothing close among a relay's keys
+        assert "did you mean" not in str(exc.value)
+    else:
+        assert f"r.toml: {typo}: unknown key (did you mean `{meant}`?)" == str(exc.value)
+
+
+@pytest.mark.parametrize(("line", "needle"), [
+    ("foo bar baz", "second field 'bar' is not HOST:DIRPORT"),
+    ("foo", "expected 3 fields"),
+    ("foo 127.0.0.1:7000 baz", "ED25519_ID 'baz'"),
+    ("foo 127.0.0.1:x " + ED1, "HOST:DIRPORT '127.0.0.1:x'"),
+])
+def test_authority_lines_say_what_they_must_look_like(line: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        ClientConfig.from_dict({"authorities": [AUTH1, line]}, source="c.toml")
+    text = str(exc.value)
+    assert text.startswith("c.toml: authorities[1]: ") and needle in text, text
+    if needle != "HOST:DIRPORT '127.0.0.1:x'":
+        assert '"NICKNAME HOST:DIRPORT ED25519_ID"' in text
+    assert "invalid port 'bar'" not in text
+
+
+def test_bad_authority_lines_are_each_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        ClientConfig.from_dict({"authorities": ["a b c", AUTH1, "d e f", AUTH1]}, source="c.toml")
+    assert [p.split(": ")[1] for p in exc.value.problems] == ["authorities[0]", "authorities[2]", "authorities[3]"]
+    assert "listed twice" in exc.value.problems[2]
+
+
+def test_log_file_is_a_path_next_to_the_config(tmp_path: Path) -> None:
+    for load in (load_relay_config, load_client_config, load_authority_config):
+        cfg = load(write(tmp_path, 'log_file = "logs/node.log"\n'))
+        assert cfg.log_file == tmp_path / "logs" / "node.log"
+    assert RelayConfig().log_file is None
+
+
+@pytest.mark.parametrize("cls", [RelayConfig, ClientConfig, AuthorityConfig])
+def test_dump_config_loads_back_to_the_same_config(tmp_path: Path, cls) -> None:
+    import tomllib
+
+    from onionp2p.config import dump_config
+
+    extra = {RelayConfig: {"exit_policy": ["accept *:443", "reject *:*"], "family": [FP], "contact": 'a "b" c'},
+             ClientConfig: {"preemptive_ports": [22], "log_file": "x.log"},
+             AuthorityConfig: {"consensus_params": {"cc_sendme_inc": 31}, "authorities": [AUTH1, AUTH2]}}[cls]
+    cfg = cls.from_dict(extra, base_dir=tmp_path)
+    text = dump_config(cfg)
+    assert cls.from_dict(tomllib.loads(text), base_dir=Path("/elsewhere")) == cfg
+    assert f'data_dir = "{cfg.data_dir}"' in text and "# control_port is unset" in text
+
+
+def test_cli_prints_every_problem_and_exits_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = write(tmp_path, 'or_adress = "127.0.0.1:9001"\nauthorities = ["foo bar baz"]\nmax_queue_cells = true\n')
+    out = subprocess.run([sys.executable, "-m", "onionp2p", "relay", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    lines = out.stderr.splitlines()
+    assert len(lines) == 3 and all(line.startswith(f"onionp2p: error: {path}: ") for line in lines), lines
+    assert lines[0].endswith("or_adress: unknown key (did you mean `or_address`?)")
+    assert "authorities[0]: " in lines[1] and "is not HOST:DIRPORT" in lines[1]
+    assert "max_queue_cells: expected an integer, got boolean True" in lines[2]
+    assert not (tmp_path / "onionp2p-relay").exists()  # nothing started

@@ -18,7 +18,7 @@ from conftest import http_get, socks_connect, wait_for
 from prometheus_client import parser
 
 from onionp2p.client.client import OnionClient
-from onionp2p.errors import ConfigError
+from onionp2p.errors import ConfigError, ListenError
 from onionp2p.ops.metrics import (
     CONTENT_TYPE,
     ClientCollector,
@@ -343,6 +343,7 @@ async def test_metrics_port_stays_on_loopback():
     srv = MetricsServer(list, host="127.0.0.1")
     await srv.start()
     other = MetricsServer(list, port=srv.port)
-    with pytest.raises(ConfigError, match="cannot listen"):
+    busy = f"cannot listen on metrics port 127.0.0.1:{srv.port}: address already in use"
+    with pytest.raises(ListenError, match=busy):
         await other.start()
     await srv.stop()

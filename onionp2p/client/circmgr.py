@@ -178,18 +178,6 @@ class CircuitManager:
         self.client = client
         self.routers = routers
         self.guards = guards
-        self.config = cfg
-        self.preemptive = cfg.preemptive_circuits
-        self.preemptive_ports = tuple(cfg.preemptive_ports)
-        self.dirtiness = float(cfg.max_circuit_dirtiness)
-        self.build_timeout = float(cfg.circuit_build_timeout)
-        self.max_build_attempts = cfg.max_build_attempts
-        self.enforce_distinct_subnets = cfg.enforce_distinct_subnets
-        self.stream_timeout = float(cfg.stream_timeout)
-        self.max_stream_attempts = cfg.max_stream_attempts
-        self.max_circuits_per_isolation = cfg.max_circuits_per_isolation
-        if self.max_build_attempts < 1 or self.max_stream_attempts < 1 or self.max_circuits_per_isolation < 1:
-            raise ValueError("attempt counts and limits must be at least 1")
         self.rng: RandomSource = rng if rng is not None else random.SystemRandom()
         self.clock = clock
         self._entries: list[_Entry] = []
@@ -201,6 +189,24 @@ class CircuitManager:
         self._task: asyncio.Task | None = None
         self._running_src: object = None
         self._running_fps: frozenset[str] = frozenset()
+        self.configure(cfg)
+
+    def configure(self, cfg: ClientConfig) -> None:
+        """Take the circuit settings of ``cfg`` (at creation, and on a reload: they apply to
+        the circuits chosen and built from now on)."""
+        if cfg.max_build_attempts < 1 or cfg.max_stream_attempts < 1 or cfg.max_circuits_per_isolation < 1:
+            raise ValueError("attempt counts and limits must be at least 1")
+        self.config = cfg
+        self.preemptive = cfg.preemptive_circuits
+        self.preemptive_ports = tuple(cfg.preemptive_ports)
+        self.dirtiness = float(cfg.max_circuit_dirtiness)
+        self.build_timeout = float(cfg.circuit_build_timeout)
+        self.max_build_attempts = cfg.max_build_attempts
+        self.enforce_distinct_subnets = cfg.enforce_distinct_subnets
+        self.stream_timeout = float(cfg.stream_timeout)
+        self.max_stream_attempts = cfg.max_stream_attempts
+        self.max_circuits_per_isolation = cfg.max_circuits_per_isolation
+        self._wake.set()  # the preemptive circuits may have changed
 
     # -- lifecycle ------------------------------------------------------------------------------
 

@@ -19,6 +19,16 @@ Theory of operation
 
 Bootstrap progress follows tor's phases (starting, requesting/loading status, enough
 directory info, connecting to a relay, done), exposed for ``status/bootstrap-phase``.
+
+Every listener (SOCKS, metrics, control) binds first (:meth:`ClientNode.listen`), before the
+directory bootstrap, so a port in use fails at once (a
+:class:`~onionp2p.errors.ListenError`) instead of after a minute of bootstrapping. SOCKS
+requests that arrive before the node has enough directory info wait for it (up to
+``circuit_build_timeout``), as tor's do.
+
+:meth:`ClientNode.reload` (SIGHUP, control port ``SIGNAL RELOAD``) re-reads the
+configuration and applies :data:`RELOADABLE_KEYS` at once; other changed keys are logged
+as needing a restart.
 """
 
 from __future__ import annotations
@@ -28,20 +38,28 @@ import ipaddress
 import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 from onionp2p.client.circmgr import CircuitManager
 from onionp2p.client.client import OnionClient
 from onionp2p.client.guards import GuardSet
 from onionp2p.config import ClientConfig
-from onionp2p.errors import CircuitError, LocalProtocolError, StreamError
+from onionp2p.errors import CircuitError, ConfigError, LocalProtocolError, StreamError
 from onionp2p.listeners import Listeners
-from onionp2p.log import get_logger
+from onionp2p.log import LIVE_LOG_KEYS, apply_log_config, get_logger
 from onionp2p.proto.directory import RouterStatus
 from onionp2p.proto.exitpolicy import is_private_address
 from onionp2p.proto.relaycell import EndReason
 
-__all__ = ["ClientNode", "StreamRecord"]
+__all__ = ["ClientNode", "StreamRecord", "RELOADABLE_KEYS"]
+
+#: ClientConfig keys a reload applies to the running client (README "Configuration")
+RELOADABLE_KEYS = (
+    *LIVE_LOG_KEYS, "preemptive_circuits", "preemptive_ports", "max_circuit_dirtiness",
+    "circuit_build_timeout", "max_build_attempts", "enforce_distinct_subnets", "stream_timeout",
+    "max_stream_attempts", "max_circuits_per_isolation", "socks_handshake_timeout", "socks_max_connections",
+    "client_reject_internal_addresses",
+)
 
 log = get_logger("onionp2p.node")
 _stream_ids = itertools.count(1)
@@ -66,9 +84,12 @@ class ClientNode:
     """A running client. ``await start()`` (bootstraps), then use ``socks_port``; ``await stop()``."""
 
     def __init__(self, cfg: ClientConfig, *, routers: Callable[[], Sequence[RouterStatus]] | None = None,
-                 params: Callable[[], Mapping[str, int]] | None = None, config_file: str | None = None):
+                 params: Callable[[], Mapping[str, int]] | None = None, config_file: str | None = None,
+                 load_config: Callable[[], ClientConfig] | None = None):
         self.cfg = cfg
         self.config_file = config_file
+        #: reads the configuration again for :meth:`reload` (the file plus command-line overrides)
+        self.load_config = load_config
         self.started_at = time.time()
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.client = OnionClient(congestion_control=cfg.congestion_control, cgo=cfg.cgo)
@@ -96,6 +117,7 @@ class ClientNode:
         self.events = Listeners("node event")
         self._tasks: set[asyncio.Task] = set()
         self.shutdown_requested = asyncio.Event()
+        self._dirinfo = asyncio.Event()  # set once there is enough directory info for circuits
 
     def _directory_guards(self, routers: Sequence[RouterStatus]) -> list[RouterStatus]:
         """The relays our directory refreshes may use: the running primary guards that are
@@ -111,22 +133,36 @@ class ClientNode:
         log.info("bootstrap", progress=progress, phase=tag)
         self.events(("status", progress, tag, summary))
 
-    async def start(self, *, ready_timeout: float = 120.0) -> None:
+    async def listen(self) -> None:
+        """Open every listener (SOCKS, metrics, control); ListenError, with none left open, when
+        one cannot bind. :meth:`start` calls it unless it was called before."""
         from onionp2p.client.socksport import SocksServer
 
+        if self.socks is not None:
+            return
+        socks = SocksServer(self, host=self.cfg.socks_address[0], port=self.cfg.socks_address[1],
+                            handshake_timeout=self.cfg.socks_handshake_timeout,
+                            max_connections=self.cfg.socks_max_connections)
+        await socks.start()
+        self.socks = socks
+        try:
+            if self.cfg.metrics_port is not None:
+                await self._start_metrics()
+            if self.cfg.control_port is not None:
+                await self._start_control()
+        except BaseException:
+            await self._close_listeners()
+            self.socks = self.metrics = self.control = self._collector = None
+            raise
+
+    async def start(self, *, ready_timeout: float = 120.0) -> None:
+        await self.listen()
         self._phase(5, "conn", "Connecting to a directory")
         if self.directory is not None:
             await self.directory.bootstrap()
             await self.directory.start()
         self._phase(75, "enough_dirinfo", "Loaded enough directory info to build circuits")
-        self.socks = SocksServer(self, host=self.cfg.socks_address[0], port=self.cfg.socks_address[1],
-                                 handshake_timeout=self.cfg.socks_handshake_timeout,
-                                 max_connections=self.cfg.socks_max_connections)
-        await self.socks.start()
-        if self.cfg.metrics_port is not None:
-            await self._start_metrics()
-        if self.cfg.control_port is not None:
-            await self._start_control()
+        self._dirinfo.set()
         await self.circmgr.start()
         self._phase(90, "ap_handshake_done", "Building circuits")
         await self.circmgr.ready(ready_timeout)
@@ -135,9 +171,10 @@ class ClientNode:
     async def _start_control(self) -> None:
         from onionp2p.control.server import ControlServer
 
-        self.control = ControlServer(self.control_adapter(), port=self.cfg.control_port,
-                                     cookie_path=self.cfg.data_dir / "control_auth_cookie")
-        await self.control.start()
+        control = ControlServer(self.control_adapter(), port=self.cfg.control_port,
+                                cookie_path=self.cfg.data_dir / "control_auth_cookie")
+        await control.start()
+        self.control = control
 
     async def _start_metrics(self) -> None:
         from onionp2p.ops.metrics import ClientCollector, MetricsServer
@@ -168,7 +205,44 @@ class ClientNode:
     def metrics_port(self) -> int | None:
         return self.metrics.port if self.metrics is not None else None
 
-    async def stop(self) -> None:
+    def reload(self) -> list[str]:
+        """SIGHUP / SIGNAL RELOAD: read the configuration again and apply the
+        :data:`RELOADABLE_KEYS` that changed (returned); the others keep their running value
+        and are logged as needing a restart. A bad file is logged and changes nothing."""
+        if self.load_config is None:
+            log.info("reload: no configuration file")
+            return []
+        try:
+            new = self.load_config()
+            logging_changed = apply_log_config(self.cfg, new)
+        except ConfigError as exc:
+            log.warning("reload failed; keeping the running configuration", error=str(exc))
+            return []
+        old = self.cfg
+        restart = sorted(f.name for f in fields(new) if f.name not in RELOADABLE_KEYS
+                         and getattr(new, f.name) != getattr(old, f.name))
+        self.cfg = replace(new, **{k: getattr(old, k) for k in restart})
+        self.circmgr.configure(self.cfg)
+        if self.socks is not None:
+            self.socks.handshake_timeout = self.cfg.socks_handshake_timeout
+            self.socks.max_connections = self.cfg.socks_max_connections
+        changed = sorted({*logging_changed, *(k for k in RELOADABLE_KEYS if getattr(new, k) != getattr(old, k))})
+        log.info("configuration reloaded", changed=",".join(changed) or "nothing")
+        if restart:
+            log.warning("reload: these keys only change on restart", keys=",".join(restart))
+        return changed
+
+    async def _wait_dirinfo(self) -> None:
+        """Wait until there is enough directory info to build circuits (SOCKS requests can
+        come in while the node bootstraps); StreamError after ``circuit_build_timeout``."""
+        if self._dirinfo.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._dirinfo.wait(), self.cfg.circuit_build_timeout)
+        except TimeoutError:
+            raise StreamError("still bootstrapping: not enough directory info yet", EndReason.TIMEOUT) from None
+
+    async def _close_listeners(self) -> None:
         if self.control is not None:
             await self.control.stop()
         if self.metrics is not None:
@@ -176,6 +250,9 @@ class ClientNode:
             self._collector.close()
         if self.socks is not None:
             await self.socks.stop()
+
+    async def stop(self) -> None:
+        await self._close_listeners()
         await self.circmgr.stop()
         if self.directory is not None:
             await self.directory.stop()
@@ -211,6 +288,7 @@ class ClientNode:
             self._stream_status(rec, "FAILED", "PRIVATE_ADDR")
             raise StreamError("connections to internal addresses are refused", EndReason.EXITPOLICY)
         try:
+            await self._wait_dirinfo()
             reader, writer, circ = await self.circmgr.open_stream(req.host, req.port, req.isolation_key)
         except StreamError as exc:
             self._stream_status(rec, "FAILED", _end_name(exc.reason))
@@ -243,6 +321,7 @@ class ClientNode:
         """RESOLVE ``name`` at an exit; the answers of the types ``atypes`` (StreamError if none)."""
         rec = self._record(req, f"{req.host}:0", "NEWRESOLVE", purpose="DNS_REQUEST")
         try:
+            await self._wait_dirinfo()
             resolved = await self.circmgr.resolve(name, req.isolation_key)
         except (CircuitError, StreamError, asyncio.TimeoutError, TimeoutError):
             self._stream_status(rec, "FAILED", "RESOLVEFAILED")

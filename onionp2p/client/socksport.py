@@ -48,7 +48,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from onionp2p.errors import OnionError
+from onionp2p.errors import ListenError, OnionError
 from onionp2p.log import get_logger
 from onionp2p.proto.relaycell import Resolved, ResolvedType
 from onionp2p.proto.socks import (  # noqa: F401
@@ -174,8 +174,11 @@ class SocksServer:
 
     async def start(self) -> None:
         self._stopping = False
-        self._server = await asyncio.start_server(self._handle, self.host, self._port,
-                                                  reuse_address=True, limit=RELAY_CHUNK)
+        try:
+            self._server = await asyncio.start_server(self._handle, self.host, self._port,
+                                                      reuse_address=True, limit=RELAY_CHUNK)
+        except OSError as exc:
+            raise ListenError.from_os_error("SOCKS port", self.host, self._port, exc) from None
         self._port = self._server.sockets[0].getsockname()[1]
         log.info("SOCKS listener open", listen_port=self._port)
 

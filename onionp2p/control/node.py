@@ -35,7 +35,7 @@ from onionp2p.log import get_logger
 from onionp2p.proto.control import ControlError
 from onionp2p.proto.directory import RouterStatus
 
-__all__ = ["ClientControlAdapter"]
+__all__ = ["ClientControlAdapter", "log_conf"]
 
 log = get_logger("onionp2p.nodecontrol")
 
@@ -75,6 +75,12 @@ class ControlAdapterBase:
         self._fns(event)
 
 
+def log_conf(cfg) -> list[str]:
+    """GETCONF Log of a node's config: tor's ``LEVEL file PATH``, or ``LEVEL stdout`` without
+    a log file."""
+    return [f"{cfg.log_level} file {cfg.log_file}" if cfg.log_file is not None else f"{cfg.log_level} stdout"]
+
+
 class ClientControlAdapter(ControlAdapterBase):
     """ControlledNode for a ClientNode."""
 
@@ -102,7 +108,7 @@ class ClientControlAdapter(ControlAdapterBase):
             "ORPort": ("LineList", lambda: [], None),  # unset on a client, as tor answers ("250 ORPort")
             "DirPort": ("LineList", lambda: [], None),
             "BridgeRelay": ("Boolean", lambda: ["0"], None),
-            "Log": ("LineList", lambda: [f"{self.node.cfg.log_level} stdout"], None),
+            "Log": ("LineList", lambda: log_conf(self.node.cfg), None),
             "DisableDebuggerAttachment": ("Boolean", lambda: ["1"], None),
             "BandwidthRate": ("DataSize", lambda: [str(1 << 30)], None),
             "BandwidthBurst": ("DataSize", lambda: [str(1 << 30)], None),
@@ -278,7 +284,9 @@ class ClientControlAdapter(ControlAdapterBase):
             read, written = self.traffic()
             log.info("heartbeat", circuits=len(self.node.client.circuits), streams=len(self.node.streams),
                      bytes_read=read, bytes_written=written)
-        # RELOAD, DUMP, DEBUG, CLEARDNSCACHE (we keep no DNS cache), ACTIVE, DORMANT: accepted
+        elif name == "RELOAD":
+            self.node.reload()
+        # DUMP, DEBUG, CLEARDNSCACHE (we keep no DNS cache), ACTIVE, DORMANT: accepted
 
     async def extend_circuit(self, circ_id: int, path: list[str] | None, purpose: str) -> int:
         if circ_id != 0:

@@ -27,7 +27,8 @@ beside it (``onionp2p authority``). Like tor's control port on a relay:
   ``ExitRelay=auto`` (whether a relay exits follows from its exit policy alone, which is
   tor's ``auto`` rule), ``UseMicrodescriptors=auto``, an empty ``HiddenServiceOptions``;
 * SIGNAL: SHUTDOWN/HALT stop the process cleanly (the ``shutdown`` callback), RELOAD
-  re-reads the configuration file and applies the keys above, announcing them in a
+  re-reads the configuration file and applies the keys above and the logging keys
+  (``log_level``, ``log_format``, ``log_file``), announcing the keys above in a
   CONF_CHANGED event (SIGHUP does the same through :meth:`sighup`, which also sends the
   ``SIGNAL RELOAD`` event tor sends, so controllers drop cached values), HEARTBEAT/DUMP log
   a status line, NEWNYM and the rest are accepted and do nothing;
@@ -41,10 +42,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 
 from onionp2p.control.formats import ConfChangedEvent, GuardInfo, OrConnEvent, OrConnInfo, SignalEvent
-from onionp2p.control.node import ControlAdapterBase
+from onionp2p.control.node import ControlAdapterBase, log_conf
 from onionp2p.errors import ConfigError
 from onionp2p.listeners import Listeners
-from onionp2p.log import get_logger
+from onionp2p.log import LIVE_LOG_KEYS, apply_log_config, get_logger
 from onionp2p.proto.control import ControlError
 from onionp2p.proto.directory import RouterStatus
 
@@ -342,7 +343,7 @@ def _relay_conf(adapter: _ServerAdapter, cfg) -> dict[str, tuple[str, Callable[[
                         if adapter.metrics is not None else []),
         "SocksPort": ("LineList", lambda: ["0"]),
         "SafeLogging": ("String", lambda: ["1" if cfg.safe_logging else "0"]),
-        "Log": ("LineList", lambda: [f"{cfg.log_level} stdout"]),
+        "Log": ("LineList", lambda: log_conf(cfg)),
         **UNSET_TOR_CONF,
     }
 
@@ -386,8 +387,9 @@ class RelayControlAdapter(_ServerAdapter):
             changes["bandwidth_burst"] = new.effective_bandwidth_burst
             changes.setdefault("bandwidth_rate", new.bandwidth_rate)
         restart = sorted(f.name for f in fields(new) if f.name not in _LIVE_KEYS.values()
-                         and getattr(new, f.name) != getattr(self.cfg, f.name))
+                         and f.name not in LIVE_LOG_KEYS and getattr(new, f.name) != getattr(self.cfg, f.name))
         try:
+            apply_log_config(self.cfg, new)  # first: it fails (a log file it cannot open) before changing anything
             if changes:
                 self.apply_live(changes)
         except ConfigError as exc:
@@ -430,9 +432,31 @@ class AuthorityControlAdapter(_ServerAdapter):
             "MetricsPort": ("String", lambda: [f"{self.metrics.host}:{self.metrics.port}"]
                             if self.metrics is not None else []),
             "SafeLogging": ("String", lambda: ["1" if cfg.safe_logging else "0"]),
-            "Log": ("LineList", lambda: [f"{cfg.log_level} stdout"]),
+            "Log": ("LineList", lambda: log_conf(self.cfg)),
             **UNSET_TOR_CONF,
         }
+
+    def reload(self) -> list[str]:
+        """SIGHUP / SIGNAL RELOAD: re-read the configuration file and apply the logging keys
+        (``log_level``, ``log_format``, ``log_file``); other changed keys are logged as needing
+        a restart. A bad file is logged and changes nothing. Returns the keys applied."""
+        if self._config_file is None:
+            log.info("reload: no configuration file")
+            return []
+        from onionp2p.config import load_authority_config
+
+        try:
+            new = load_authority_config(self._config_file)
+            changed = apply_log_config(self.cfg, new)
+        except ConfigError as exc:
+            log.warning("reload failed; keeping the running configuration", error=str(exc))
+            return []
+        restart = sorted(f.name for f in fields(new) if f.name not in LIVE_LOG_KEYS
+                         and getattr(new, f.name) != getattr(self.cfg, f.name))
+        self.cfg = replace(self.cfg, **{k: getattr(new, k) for k in LIVE_LOG_KEYS})
+        if restart:
+            log.warning("reload: these keys only change on restart", keys=",".join(restart))
+        return changed
 
     def set_conf(self, pairs: Sequence[tuple[str, str | None]]) -> None:
         for key, _value in pairs:

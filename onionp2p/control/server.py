@@ -85,7 +85,7 @@ from onionp2p.control.formats import (
     stream_line,
     version_string,
 )
-from onionp2p.errors import ConfigError
+from onionp2p.errors import ConfigError, ListenError
 from onionp2p.log import SCRUBBED, get_logger, scrub_sensitive
 from onionp2p.proto.control import (
     COOKIE_LEN,
@@ -474,7 +474,7 @@ class ControlServer:
             self._server = await loop.create_server(lambda: _Connection(self), self.host, self.port)
         except OSError as exc:
             self._remove_tmpdir()
-            raise ConfigError(f"control port cannot listen on {self.host}:{self.port}: {exc}") from None
+            raise ListenError.from_os_error("control port", self.host, self.port, exc) from None
         self.port = self._server.sockets[0].getsockname()[1]
         self.node.add_listener(self._on_node_event)
         self._log_bridge = _LogBridge(self, loop)

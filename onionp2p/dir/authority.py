@@ -81,6 +81,7 @@ __all__ = [
     "compute_consensus",
     "flags_for",
     "load_or_create_authority_key",
+    "load_authority_key",
 ]
 
 log = get_logger("onionp2p.authority")
@@ -102,12 +103,8 @@ def load_or_create_authority_key(data_dir: Path | str) -> ed25519.Ed25519Private
         keys.mkdir(mode=0o700, parents=True, exist_ok=True)
         if stat.S_IMODE(keys.stat().st_mode) & 0o077:
             os.chmod(keys, 0o700)
-        if path.exists():
-            if stat.S_IMODE(path.stat().st_mode) & 0o077:
-                raise KeyFileError(f"secret key file {path} is readable by group/others; chmod 600 {path}")
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            if not isinstance(key, ed25519.Ed25519PrivateKey):
-                raise KeyFileError(f"{path} does not hold an Ed25519 key")
+        key = load_authority_key(data_dir)
+        if key is not None:
             return key
         key = ed25519.Ed25519PrivateKey.generate()
         atomic_write(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -116,8 +113,25 @@ def load_or_create_authority_key(data_dir: Path | str) -> ed25519.Ed25519Private
         return key
     except OSError as exc:
         raise KeyFileError(f"authority key {path}: {exc.strerror or exc}") from None
+
+
+def load_authority_key(data_dir: Path | str) -> ed25519.Ed25519PrivateKey | None:
+    """The authority's identity key if its file exists (None if not); creates nothing
+    (``--verify-config`` uses it too). KeyFileError if unreadable, corrupt or open to others."""
+    path = Path(data_dir) / "keys" / AUTHORITY_KEY_FILE
+    try:
+        if not path.exists():
+            return None
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            raise KeyFileError(f"secret key file {path} is readable by group/others; chmod 600 {path}")
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as exc:
+        raise KeyFileError(f"authority key {path}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise KeyFileError(f"authority key {path} is corrupt: {exc}") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise KeyFileError(f"{path} does not hold an Ed25519 key")
+    return key
 
 
 def _raw(key: ed25519.Ed25519PrivateKey) -> bytes:

@@ -219,7 +219,9 @@ class _ConsensusHolder:
             try:
                 await refresh()
             except (OnionError, OSError) as exc:
-                self._log.info("consensus refresh failed", error=str(exc))
+                # every source failed (one failing while another answers is only info, above):
+                # an operator must see it, as tor warns when it cannot fetch a consensus
+                self._log.warning("consensus refresh failed", error=str(exc))
             after = self.consensus
             if after is None or after is before and self.now() >= after.fresh_until:
                 await asyncio.sleep(backoff)
@@ -315,7 +317,8 @@ class RelayDirectory(_ConsensusHolder):
         self.contact = contact
         self.publish_interval = publish_interval
         self.relay = None
-        self.server = DirServer(self._handle, "127.0.0.1", 0, max_body=0, name="relay dir cache")
+        self.server = DirServer(self._handle, "127.0.0.1", 0, max_body=0, name="relay dir cache",
+                               kind="directory cache port")
         self.descriptor: ServerDescriptor | None = None
         self.uploaded: dict[bytes, str] = {}  # authority identity -> digest of the last accepted upload
         self._dirty: asyncio.Event | None = None
@@ -366,7 +369,8 @@ class RelayDirectory(_ConsensusHolder):
             await fetch(auth.host, auth.dir_port, "/tor/", desc.text.encode(), max_size=4096,
                         timeout=self.timeout)
         except OnionError as exc:
-            self._log.info("descriptor upload failed", authority=auth.nickname, error=str(exc))
+            # at warning, as tor's: a relay whose descriptor is not uploaded is not in the consensus
+            self._log.warning("descriptor upload failed", authority=auth.nickname, error=str(exc))
             return False
         self.uploaded[auth.ed_id] = desc.digest
         return True

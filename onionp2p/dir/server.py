@@ -28,7 +28,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from onionp2p.errors import OnionError, ProtocolError
+from onionp2p.errors import ListenError, OnionError, ProtocolError
 from onionp2p.log import get_logger
 
 __all__ = [
@@ -157,8 +157,9 @@ class DirServer:
 
     def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0, *,
                  max_body: int = 64 * 1024, timeout: float = 10.0, max_connections: int = 64,
-                 name: str = "dirserver"):
+                 name: str = "dirserver", kind: str = "directory port"):
         self.handler = handler
+        self.kind = kind  #: what a failure to listen calls this listener
         self.host = host
         self.port = port
         self.max_body = max_body
@@ -171,8 +172,11 @@ class DirServer:
         self._log = log.bind(server=name)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port,
-                                                  limit=MAX_HEAD + 1, reuse_address=True)
+        try:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port,
+                                                      limit=MAX_HEAD + 1, reuse_address=True)
+        except OSError as exc:
+            raise ListenError.from_os_error(self.kind, self.host, self.port, exc) from None
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

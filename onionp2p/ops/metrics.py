@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from onionp2p import __version__
-from onionp2p.errors import ConfigError
+from onionp2p.errors import ConfigError, ListenError
 from onionp2p.log import get_logger
 
 __all__ = [
@@ -457,7 +457,7 @@ class MetricsServer:
         try:
             self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=_MAX_HEAD)
         except OSError as exc:
-            raise ConfigError(f"metrics port cannot listen on {self.host}:{self.port}: {exc}") from None
+            raise ListenError.from_os_error("metrics port", self.host, self.port, exc) from None
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("metrics port listening", metrics_port=self.port)
 

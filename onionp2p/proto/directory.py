@@ -55,6 +55,7 @@ from onionp2p.proto.certs import CertType, Ed25519Cert, RsaCrossCert, rsa_public
 from onionp2p.proto.exitpolicy import ExitPolicy
 
 __all__ = [
+    "AUTHORITY_LINE_FORMAT",
     "CLOCK_SKEW",
     "KNOWN_FLAGS",
     "MAX_CONSENSUS_SIZE",
@@ -350,6 +351,10 @@ class RouterStatus:
 
 
 # -- authorities ---------------------------------------------------------------------------
+#: how a configured authority line looks, for error messages
+AUTHORITY_LINE_FORMAT = ('"NICKNAME HOST:DIRPORT ED25519_ID" as `onionp2p authority --show-identity` prints it, '
+                         'e.g. "auth0 127.0.0.1:7000 Ii7WNIc/Os4gF/D5/F5+KRXpm6+mAiuoHKg8aePXCC0"')
+
 @dataclass(frozen=True)
 class DirAuthority:
     """A configured directory authority: ``NICKNAME HOST:DIRPORT ED25519_ID_BASE64``."""
@@ -361,23 +366,33 @@ class DirAuthority:
 
     @classmethod
     def parse(cls, line: str) -> DirAuthority:
-        """Parse one configuration line; raises ConfigError."""
+        """Parse one configuration line; raises ConfigError naming the field that is wrong and
+        what the line must look like (the line ``onionp2p authority --show-identity`` prints)."""
         if not isinstance(line, str):
             raise ConfigError("authority line must be a string")
         parts = line.split()
         if len(parts) != 3:
-            raise ConfigError(f"authority {line[:80]!r}: expected 'NICKNAME HOST:DIRPORT ED25519_ID_BASE64'")
+            raise ConfigError(f"authority {line[:80]!r}: expected 3 fields, {AUTHORITY_LINE_FORMAT}, "
+                              f"got {len(parts)}")
         nick, hostport, ident = parts
         if not _NICK.fullmatch(nick):
-            raise ConfigError(f"authority {line[:80]!r}: bad nickname {nick[:30]!r}")
-        host, port = parse_hostport(hostport)
+            raise ConfigError(f"authority {line[:80]!r}: nickname {nick[:30]!r} must be 1-19 characters "
+                              f"from [A-Za-z0-9] ({AUTHORITY_LINE_FORMAT})")
+        if ":" not in hostport:
+            raise ConfigError(f"authority {line[:80]!r}: second field {hostport[:60]!r} is not HOST:DIRPORT "
+                              f"({AUTHORITY_LINE_FORMAT})")
+        try:
+            host, port = parse_hostport(hostport)
+        except ConfigError as exc:
+            raise ConfigError(f"authority {line[:80]!r}: HOST:DIRPORT {hostport[:60]!r}: {exc}") from None
         if port == 0:
             raise ConfigError(f"authority {line[:80]!r}: DirPort must not be 0")
         try:
             ed = _unb64(ident, 32, "Ed25519 identity")
             ed25519.Ed25519PublicKey.from_public_bytes(ed)
         except (ProtocolError, ValueError) as exc:
-            raise ConfigError(f"authority {line[:80]!r}: {exc}") from None
+            raise ConfigError(f"authority {line[:80]!r}: ED25519_ID {ident[:60]!r}: {exc} "
+                              f"({AUTHORITY_LINE_FORMAT})") from None
         return cls(nick, host, port, ed)
 
     @property

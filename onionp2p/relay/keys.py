@@ -278,6 +278,26 @@ class RelayKeys:
         self._refresh(now, loading=True)
         return self
 
+    @classmethod
+    def check_files(cls, data_dir: Path | str) -> None:
+        """Check the key files that exist in ``data_dir`` (the key directory) without creating
+        or changing anything (``--verify-config``): readable regular files, secrets not open
+        to group/others, private keys that parse as the right kind. KeyFileError if not."""
+        keys_dir = Path(data_dir)
+        if not keys_dir.exists():
+            return
+        if not keys_dir.is_dir():
+            raise KeyFileError(f"{keys_dir} is not a directory")
+        kinds = {"identity": (ed25519.Ed25519PrivateKey, "Ed25519"), "signing": (ed25519.Ed25519PrivateKey, "Ed25519"),
+                 "link_auth_key": (ed25519.Ed25519PrivateKey, "Ed25519"), "rsa_identity": (rsa.RSAPrivateKey, "RSA"),
+                 "tls_key": (rsa.RSAPrivateKey, "RSA"), "onion_key": (x25519.X25519PrivateKey, "X25519"),
+                 "onion_key_old": (x25519.X25519PrivateKey, "X25519")}
+        for name, (filename, secret) in KEY_FILES.items():
+            path = keys_dir / filename
+            data = _read_file(path, secret)
+            if data is not None and name in kinds:
+                _load_private(path, data, *kinds[name])
+
     # -- derived values ------------------------------------------------------
 
     @property

@@ -46,7 +46,7 @@ from collections import Counter
 from pathlib import Path
 
 from onionp2p.config import RelayConfig
-from onionp2p.errors import ProtocolError
+from onionp2p.errors import ListenError, ProtocolError
 from onionp2p.listeners import Listeners
 from onionp2p.log import get_logger
 from onionp2p.net import tls
@@ -180,13 +180,16 @@ class Relay:
         cfg = self.config
         self._ssl_ctx = tls.server_context(self.keys)
         self._tls_generation = self.keys.tls_generation
-        self._server = await loop.create_server(
-            lambda: Channel(self, initiator=False, keys=self.keys, my_addresses=(self.address,),
-                            max_queue_cells=cfg.queue_cells_bound, handshake_timeout=cfg.handshake_timeout,
-                            tcp_user_timeout=cfg.tcp_liveness),
-            self.address, self.port, ssl=self._ssl_ctx, reuse_address=True,
-            ssl_handshake_timeout=cfg.handshake_timeout,
-        )
+        try:
+            self._server = await loop.create_server(
+                lambda: Channel(self, initiator=False, keys=self.keys, my_addresses=(self.address,),
+                                max_queue_cells=cfg.queue_cells_bound, handshake_timeout=cfg.handshake_timeout,
+                                tcp_user_timeout=cfg.tcp_liveness),
+                self.address, self.port, ssl=self._ssl_ctx, reuse_address=True,
+                ssl_handshake_timeout=cfg.handshake_timeout,
+            )
+        except OSError as exc:
+            raise ListenError.from_os_error("OR port", self.address, self.port, exc) from None
         self.port = self._server.sockets[0].getsockname()[1]
         self._publish()
         self._rotate_task = loop.create_task(self._rotate_loop())
