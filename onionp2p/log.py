@@ -52,6 +52,8 @@ __all__ = [
     "configure_logging",
     "reset_logging",
     "get_logger",
+    "NOTICE",
+    "notice",
 ]
 
 #: Replacement text for scrubbed values.
@@ -68,7 +70,12 @@ SENSITIVE_KEYS = frozenset({
 SENSITIVE_SUFFIXES = ("_addr", "_address", "_ip", "_host", "_hostname", "_dest",
                       "_destination", "_target", "_peer", "_client", "_remote")
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+#: tor's "notice" level, between info and warning: what an operator should see when all is well
+#: (bootstrap progress, reachability); shown at log_level "notice" and below
+NOTICE = 25
+logging.addLevelName(NOTICE, "NOTICE")
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "notice": NOTICE, "warning": logging.WARNING,
            "error": logging.ERROR, "critical": logging.CRITICAL}
 
 
@@ -171,7 +178,7 @@ def configure_logging(level: str = "info", fmt: str = "console", *, safe_logging
                       stream: IO[str] | None = None) -> None:
     """Route structlog and stdlib logging to *stream* (default stderr).
 
-    *level*: debug | info | warning | error. *fmt*: ``console`` (colours only on a TTY)
+    *level*: debug | info | notice | warning | error. *fmt*: ``console`` (colours only on a TTY)
     or ``json`` (one object per line). May be called again to reconfigure.
     """
     if not isinstance(level, str) or level.lower() not in _LEVELS:
@@ -214,6 +221,15 @@ def reset_logging() -> None:
         logging.getLogger().removeHandler(_State.handler)
         _State.handler = None
     _State.safe_logging = True
+
+
+def notice(name: str, event: str, **fields: Any) -> None:
+    """Log *event* at :data:`NOTICE` on logger *name*, with *fields* as key/value pairs.
+
+    structlog's bound loggers only know the standard levels, so notices go through the stdlib
+    logger of the same name: the one handler renders, filters and scrubs them like any event.
+    """
+    logging.getLogger(name).log(NOTICE, event, extra=fields)
 
 
 def get_logger(name: str, **context: Any) -> Any:

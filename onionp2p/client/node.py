@@ -17,8 +17,11 @@ Theory of operation
    Prometheus metrics port (:class:`~onionp2p.ops.metrics.MetricsServer` with a
    :class:`~onionp2p.ops.metrics.ClientCollector`, ``metrics_port``).
 
-Bootstrap progress follows tor's phases (starting, requesting/loading status, enough
-directory info, connecting to a relay, done), exposed for ``status/bootstrap-phase``.
+Bootstrap progress follows tor's phases and percentages (:mod:`onionp2p.bootstrap`): starting,
+the consensus download (requesting_status, loading_status, or conn ... onehop_create first
+when it comes from a relay), enough_dirinfo, then the first circuit (ap_conn ...
+circuit_create) and done; each is logged at notice level (``Bootstrapped 75%
+(enough_dirinfo): ...``), passed on as a node event and read by ``status/bootstrap-phase``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from onionp2p.bootstrap import Bootstrap
 from onionp2p.client.circmgr import CircuitManager
 from onionp2p.client.client import OnionClient
 from onionp2p.client.guards import GuardSet
@@ -87,7 +91,12 @@ class ClientNode:
             self.directory.dir_guards = self._directory_guards
         self.circmgr = CircuitManager(self.client, routers, self.guards, cfg)
         self.streams: dict[int, StreamRecord] = {}
-        self.bootstrap = (0, "starting", "Starting")
+        #: tor's bootstrap phases; ``bootstrap`` is its (percent, tag, summary)
+        self.bootstrap_progress = Bootstrap("onionp2p.node")
+        self.bootstrap_progress.report("starting")
+        self.bootstrap_progress.follow(self.client)
+        if self.directory is not None:
+            self.directory.bootstrap_progress = self.bootstrap_progress
         self.socks = None
         self.control = None
         self.metrics = None
@@ -96,6 +105,12 @@ class ClientNode:
         self.events = Listeners("node event")
         self._tasks: set[asyncio.Task] = set()
         self.shutdown_requested = asyncio.Event()
+        self.bootstrap_progress.events.add(lambda *status: self.events(("status", *status)))
+
+    @property
+    def bootstrap(self) -> tuple[int, str, str]:
+        """(percent, tag, summary) of the bootstrap phase reached."""
+        return self.bootstrap_progress.status
 
     def _directory_guards(self, routers: Sequence[RouterStatus]) -> list[RouterStatus]:
         """The relays our directory refreshes may use: the running primary guards that are
@@ -106,31 +121,26 @@ class ClientNode:
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
-    def _phase(self, progress: int, tag: str, summary: str) -> None:
-        self.bootstrap = (progress, tag, summary)
-        log.info("bootstrap", progress=progress, phase=tag)
-        self.events(("status", progress, tag, summary))
-
     async def start(self, *, ready_timeout: float = 120.0) -> None:
         from onionp2p.client.socksport import SocksServer
 
-        self._phase(5, "conn", "Connecting to a directory")
+        boot = self.bootstrap_progress
+        if self.cfg.control_port is not None:
+            # first, as tor: a controller follows the bootstrap (STATUS_CLIENT BOOTSTRAP events)
+            await self._start_control()
         if self.directory is not None:
             await self.directory.bootstrap()
             await self.directory.start()
-        self._phase(75, "enough_dirinfo", "Loaded enough directory info to build circuits")
+        boot.report("enough_dirinfo")  # a cached consensus, or a given Tor network's view
         self.socks = SocksServer(self, host=self.cfg.socks_address[0], port=self.cfg.socks_address[1],
                                  handshake_timeout=self.cfg.socks_handshake_timeout,
                                  max_connections=self.cfg.socks_max_connections)
         await self.socks.start()
         if self.cfg.metrics_port is not None:
             await self._start_metrics()
-        if self.cfg.control_port is not None:
-            await self._start_control()
         await self.circmgr.start()
-        self._phase(90, "ap_handshake_done", "Building circuits")
         await self.circmgr.ready(ready_timeout)
-        self._phase(100, "done", "Done")
+        boot.report("done")  # already, unless the first circuit was built by someone else
 
     async def _start_control(self) -> None:
         from onionp2p.control.server import ControlServer
