@@ -26,6 +26,7 @@ from pathlib import Path
 
 from onionp2p import __version__
 from onionp2p.config import (
+    LOG_LEVELS,
     AuthorityConfig,
     ClientConfig,
     RelayConfig,
@@ -335,7 +336,7 @@ def _add_client_parsers(sub) -> None:
                    help="client Prometheus metrics on 127.0.0.1:PORT/metrics (default off; 'auto' = any free port)")
     t.add_argument("--data-dir", help="keep everything here (default: a temporary directory)")
     t.add_argument("--voting-interval", type=int, default=5, help="seconds between consensuses (default 5)")
-    t.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    t.add_argument("--log-level", default="warning", choices=list(LOG_LEVELS))
     t.add_argument("--link-delay", type=_delay_range, metavar="MS|MIN-MAX",
                    help="emulate a wide-area network: every link to a relay gets this one-way delay "
                         "(each relay a fixed value in MIN-MAX), through `onionp2p wan` proxies")

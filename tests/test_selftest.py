@@ -137,6 +137,11 @@ async def test_unreachable_relay_warns_and_does_not_publish(nodes, tmp_path):
         failed = next(s for s in statuses if s.action == "REACHABILITY_FAILED")
         assert failed.runlevel == "WARN" and failed.arguments == {"ORADDRESS": where}
         assert warning and "Excellent" not in lost.logtext()
+        # tor's view of it: published on one port, listening on another
+        listen = lost.wait_line(r"listening on 127\.0\.0\.1:(\d+)").group(1)
+        assert await asyncio.to_thread(controller.get_conf, "ORPort", multiple=True) == [
+            f"{where} NoListen", f"127.0.0.1:{listen} NoAdvertise"]
+        assert await asyncio.to_thread(controller.get_conf, "AssumeReachable") == "0"
         assert "descriptor published" not in lost.logtext()  # it waits for a reachable ORPort
         # the same situation with assume_reachable: published at once, no warning
         assumed.wait_line("descriptor published", timeout=10)

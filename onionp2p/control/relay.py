@@ -326,6 +326,13 @@ class _ServerAdapter(ControlAdapterBase):
         return False
 
 
+def _or_port_lines(relay) -> list[str]:
+    """tor's ORPort lines: one, or (published elsewhere than we listen) ``NoListen`` + ``NoAdvertise``."""
+    listener = f"{relay.bind_address}:{relay.port}"
+    published = relay.or_address_text
+    return [listener] if published == listener else [f"{published} NoListen", f"{listener} NoAdvertise"]
+
+
 def _relay_conf(adapter: _ServerAdapter, cfg) -> dict[str, tuple[str, Callable[[], list[str]]]]:
     """GETCONF keys of a relay (tor's names), read live where the value can change."""
     relay = adapter.relay
@@ -339,7 +346,8 @@ def _relay_conf(adapter: _ServerAdapter, cfg) -> dict[str, tuple[str, Callable[[
         "Nickname": ("String", lambda: [relay.nickname]),
         "DataDirectory": ("Filename", lambda: [str(cfg.data_dir)]),
         "Address": ("String", lambda: [relay.address]),
-        "ORPort": ("LineList", lambda: [f"{relay.bind_address}:{relay.port}"]),
+        "ORPort": ("LineList", lambda: _or_port_lines(relay)),
+        "AssumeReachable": ("Boolean", lambda: ["1" if cfg.assume_reachable else "0"]),
         "ExitPolicy": ("LineList", lambda: relay.exit_policy.lines()),
         "ExitPolicyRejectPrivate": ("Boolean", lambda: ["1" if cfg.exit_reject_private else "0"]),
         "ContactInfo": ("String", lambda: [cfg.contact] if cfg.contact else []),
