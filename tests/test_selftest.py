@@ -19,6 +19,7 @@ on the control ports, and ``onionp2p wan`` to slow a directory down:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import socket
@@ -258,3 +259,73 @@ async def test_bootstrap_progress_of_a_relay_and_a_client_with_stem(nodes, tmp_p
     finally:
         wan.kill()
         wan.wait()
+
+
+# -- in-process: the rules behind the lines above -------------------------------------------------
+
+
+async def test_create2_through_published_address_proves_reachability(tmp_path):
+    """tor's onionskin_answer rule: a CREATE2 on a connection we did not open, whose peer says
+    it connected to our published address; from a private address only with
+    extend_allow_private; a connection to another of our addresses proves nothing."""
+    from conftest import relay_config
+
+    from onionp2p.client.client import OnionClient
+    from onionp2p.relay.keys import RelayKeys
+    from onionp2p.relay.relay import Relay
+
+    succeeded: list[tuple] = []
+    for allow, bind, published, expect in (
+        (True, "127.0.0.1", None, True),  # published = the listener's address, loopback allowed
+        (False, "127.0.0.1", None, False),  # a loopback neighbour proves nothing (tor's channel_is_local)
+        (True, "0.0.0.0", "127.0.0.2", False),  # we were reached at 127.0.0.1, but publish 127.0.0.2
+        (True, "0.0.0.0", "127.0.0.1", True),  # a wildcard listener reached at the published address
+    ):
+        d = tmp_path / f"r{len(succeeded)}-{allow}-{published}"
+        relay = Relay(RelayKeys.load_or_create(d / "keys"),
+                      relay_config(d, or_address=(bind, 0), address=published, extend_allow_private=allow))
+        relay.reachability.add(lambda *a: succeeded.append(a))
+        await relay.start()
+        client = OnionClient()
+        try:
+            info = relay.info()
+            # connect to 127.0.0.1 whatever is published: the NETINFO then names 127.0.0.1
+            circ = await client.build_circuit([dataclasses.replace(info, address="127.0.0.1")])
+            circ.close()
+            assert relay.orport_reachable is expect, (allow, bind, published)
+            assert relay.bootstrap_progress.status == (100, "done", "Done")  # no directory: nothing to load
+        finally:
+            await client.close()
+            await relay.stop()
+    assert [a[0] for a in succeeded] == ["REACHABILITY_SUCCEEDED"] * 2
+    assert succeeded[-1] == ("REACHABILITY_SUCCEEDED", "NOTICE", f"127.0.0.1:{relay.port}")
+
+
+def test_bootstrap_phases_only_move_forward(caplog):
+    """tor's table and rules: the same step means conn before enough_dirinfo and ap_conn
+    after it; a phase at or below the current one is ignored; a built one-hop directory
+    tunnel is not "done", a built multi-hop circuit is."""
+    from onionp2p.bootstrap import Bootstrap
+    from onionp2p.client.client import CircuitEvent
+
+    assert [PHASES[t][0] for t in ORDER] == sorted(PHASES[t][0] for t in ORDER)  # tor's order
+    boot = Bootstrap("onionp2p.test")
+    seen: list[tuple[int, str, str]] = []
+    boot.events.add(lambda *s: seen.append(s))
+    assert boot.status == (0, "starting", "Starting")
+    boot.report("starting")
+    boot.or_progress("connecting")
+    boot._circuit_event(CircuitEvent("launched", 1, ()))
+    boot._circuit_event(CircuitEvent("built", 1, ("dirguard",)))  # one-hop tunnel: not done
+    assert not boot.report("conn")  # already past it
+    boot.report("enough_dirinfo")
+    boot._circuit_event(CircuitEvent("built", 3, ("dirguard",)))  # a directory refresh's tunnel
+    assert not boot.done
+    boot.or_progress("connecting")
+    boot._channel_event("connected", None)
+    boot._circuit_event(CircuitEvent("launched", 2, ()))
+    boot._circuit_event(CircuitEvent("built", 2, ("g", "m", "x")))
+    assert [t for _p, t, _s in seen] == ["starting", "conn", "onehop_create", "enough_dirinfo", "ap_conn",
+                                         "ap_handshake_done", "circuit_create", "done"]
+    assert boot.done and boot.status == (100, "done", "Done")
+    assert format_line(*seen[1]) == "Bootstrapped 5% (conn): Connecting to a relay"

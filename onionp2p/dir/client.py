@@ -343,6 +343,8 @@ class RelayDirectory(_ConsensusHolder):
         self._dirty.set()
         self._consensus_tried = asyncio.Event()
         self._reachable = asyncio.Event()
+        if relay.orport_reachable:  # a CREATE2 came through our address before we were started
+            self._reachable.set()
         relay.reachability.add(self._on_reachability)
         self.bootstrap_progress = relay.bootstrap_progress
         if self.load_cache() is not None:
