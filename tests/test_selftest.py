@@ -271,6 +271,7 @@ async def test_create2_through_published_address_proves_reachability(tmp_path):
     from conftest import relay_config
 
     from onionp2p.client.client import OnionClient
+    from onionp2p.ops.metrics import RelayCollector
     from onionp2p.relay.keys import RelayKeys
     from onionp2p.relay.relay import Relay
 
@@ -293,6 +294,9 @@ async def test_create2_through_published_address_proves_reachability(tmp_path):
             circ = await client.build_circuit([dataclasses.replace(info, address="127.0.0.1")])
             circ.close()
             assert relay.orport_reachable is expect, (allow, bind, published)
+            gauges = {m.name: m.samples[0][1] for m in RelayCollector(relay)()}
+            assert gauges["onionp2p_orport_reachable"] == int(expect)
+            assert gauges["onionp2p_bootstrap_progress"] == 100
             assert relay.bootstrap_progress.status == (100, "done", "Done")  # no directory: nothing to load
         finally:
             await client.close()
