@@ -96,8 +96,10 @@ async def run_relay(cfg: RelayConfig, *, shutdown_timeout: float = 5.0, config_f
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("relay status", **relay_status(relay)))
     loop.add_signal_handler(signal.SIGHUP, adapter.sighup)
-    print(f"onionp2p relay {cfg.nickname} listening on {cfg.or_address[0]}:{relay.port} "
-          f"fingerprint {keys.fingerprint}", flush=True)
+    listener = f"{cfg.or_address[0]}:{relay.port}"
+    published = "" if relay.or_address_text == listener else f" published as {relay.or_address_text}"
+    print(f"onionp2p relay {cfg.nickname} listening on {listener}{published} fingerprint {keys.fingerprint}",
+          flush=True)
     await stop.wait()
     log.info("shutting down", **relay_status(relay))
     try:

@@ -142,6 +142,7 @@ def test_relay_behind_nat_publishes_its_address(tmp_path):
         # three relays, one exit: every circuit's guard and middle are "middle" and "natted"
         assert set(listed) == set(relays) and "Exit" not in listed["natted"][2] | listed["middle"][2]
         natted_log = (tmp_path / "natted" / "log.txt").read_text()
+        assert f"listening on 0.0.0.0:{OR_PORT} published as {GW_IP}:{OR_PORT} fingerprint" in natted_log
         assert (f"Self-testing indicates your ORPort {GW_IP}:{OR_PORT} is reachable from the outside. "
                 "Excellent.") in natted_log
 
