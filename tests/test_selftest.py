@@ -131,6 +131,8 @@ async def test_unreachable_relay_warns_and_does_not_publish(nodes, tmp_path):
     controller.add_event_listener(statuses.append, EventType.STATUS_SERVER)
     try:
         where = f"127.0.0.1:{nowhere}"
+        lost.wait_line(re.escape(f"Now checking whether IPv4 ORPort {where} is reachable... (this may take up "
+                                 "to 4 seconds -- look for log messages indicating success)"), timeout=30)
         warning = lost.wait_line(re.escape(NOT_CONFIRMED.format(where)), timeout=30)
         ev = next(e for e in log_events(lost) if e.get("event", "").startswith("Your server has not"))
         assert ev["level"] == "warning"

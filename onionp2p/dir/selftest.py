@@ -92,9 +92,10 @@ class ReachabilityTest:
             except TimeoutError:
                 pass
             where = relay.or_address_text
+            t = relay.config.reachability_timeout
+            up_to = f"{t // 60} minutes" if t >= 60 else f"{t} seconds"
             notice("onionp2p.selftest", f"Now checking whether IPv4 ORPort {where} is reachable... (this may "
-                   f"take up to {relay.config.reachability_timeout // 60} minutes -- look for log messages "
-                   "indicating success)", nickname=relay.nickname)
+                   f"take up to {up_to} -- look for log messages indicating success)", nickname=relay.nickname)
             relay.reachability("CHECKING_REACHABILITY", "NOTICE", where)
             launched_at, one_hop = -self.interval, False
             while not relay.orport_reachable:
@@ -118,9 +119,10 @@ class ReachabilityTest:
             while tests and not relay.bootstrap_progress.done and loop.time() < end:
                 await asyncio.sleep(0.05)
         finally:
-            for task in tests:
+            pending = list(tests)
+            for task in pending:
                 task.cancel()
-            await asyncio.gather(*tests, return_exceptions=True)
+            await asyncio.gather(*pending, return_exceptions=True)
             await client.close()
 
     async def _test_circuit(self, client: OnionClient, path: Sequence) -> None:
