@@ -51,6 +51,13 @@ masquerade; }}
 """
 
 
+def _unavailable(why: str) -> None:
+    """Skip, except under CI=true, where a missing tool or privilege is a failure."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
 def _toml(d: dict) -> str:
     return "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())
 
@@ -91,7 +98,7 @@ def _consensus(lab: Lab) -> dict[str, tuple[str, int, set[str]]]:
 
 def test_relay_behind_nat_publishes_its_address(tmp_path):
     if not shutil.which("ip") or not shutil.which("curl") or not shutil.which("nft"):
-        pytest.skip("needs iproute2, curl and nftables (tools/test installs them)")
+        _unavailable("needs iproute2, curl and nftables (tools/test installs them)")
     from onionp2p.dir.authority import authority_line, load_or_create_authority_key
 
     lab = Lab(prefix=f"oa{os.getpid() % 100000}")
@@ -100,7 +107,7 @@ def test_relay_behind_nat_publishes_its_address(tmp_path):
         try:
             lab.start_bridge()
         except NamespacesForbidden as exc:
-            pytest.skip(f"the kernel forbids network namespaces here (ip netns add: {exc})")
+            _unavailable(f"the kernel forbids network namespaces here (ip netns add: {exc})")
         for name, ip in (("client", CLIENT_IP), ("shared", SHARED_IP), ("dest", DEST_IP)):
             lab.add_host(name, ip)
         _nat_gateway(lab)
