@@ -39,6 +39,7 @@ from pathlib import Path
 
 from onionp2p import __version__
 from onionp2p.config import (
+    LOG_LEVELS,
     AuthorityConfig,
     ClientConfig,
     RelayConfig,
@@ -109,8 +110,10 @@ async def run_relay(cfg: RelayConfig, *, shutdown_timeout: float = 5.0, config_f
         raise
     _add_signal_handlers(loop, stop=stop.set, reload=adapter.sighup,
                          status=lambda: log.info("relay status", **relay_status(relay)))
-    print(f"onionp2p relay {cfg.nickname} listening on {cfg.or_address[0]}:{relay.port} "
-          f"fingerprint {keys.fingerprint}", flush=True)
+    listener = f"{cfg.or_address[0]}:{relay.port}"
+    published = "" if relay.or_address_text == listener else f" published as {relay.or_address_text}"
+    print(f"onionp2p relay {cfg.nickname} listening on {listener}{published} fingerprint {keys.fingerprint}",
+          flush=True)
     await stop.wait()
     log.info("shutting down", **relay_status(relay))
     try:
@@ -449,7 +452,7 @@ def _add_client_parsers(sub) -> None:
                    help="client Prometheus metrics on 127.0.0.1:PORT/metrics (default off; 'auto' = any free port)")
     t.add_argument("--data-dir", help="keep everything here (default: a temporary directory)")
     t.add_argument("--voting-interval", type=int, default=5, help="seconds between consensuses (default 5)")
-    t.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    t.add_argument("--log-level", default="warning", choices=list(LOG_LEVELS))
     t.add_argument("--link-delay", type=_delay_range, metavar="MS|MIN-MAX",
                    help="emulate a wide-area network: every link to a relay gets this one-way delay "
                         "(each relay a fixed value in MIN-MAX), through `onionp2p wan` proxies")

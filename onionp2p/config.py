@@ -29,6 +29,7 @@ using ``exit_reject_private``.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -55,8 +56,8 @@ __all__ = [
     "format_hostport",
 ]
 
-#: Accepted ``log_level`` values.
-LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Accepted ``log_level`` values (``notice``: tor's default level, between info and warning).
+LOG_LEVELS = ("debug", "info", "notice", "warning", "error")
 #: Accepted ``log_format`` values.
 LOG_FORMATS = ("console", "json")
 
@@ -225,6 +226,26 @@ def _authority_list(ctx: _Ctx, key: str, value: Any) -> tuple[str, ...]:
     return lines
 
 
+_WILDCARD_WITHOUT_ADDRESS = ("listens on every interface ({host}); set `address` to the IPv4 address "
+                             "clients and relays reach this relay at (it goes into the descriptor)")
+
+
+def _is_wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::")
+
+
+def _public_ipv4(ctx: _Ctx, key: str, value: Any) -> str:
+    """An IPv4 literal others can connect to (no wildcard, multicast or broadcast address)."""
+    _want(ctx, key, value, str, "an IPv4 address string")
+    try:
+        ip = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ctx.fail(key, f"{value[:60]!r} is not an IPv4 address (hostnames are not resolved)") from None
+    if ip.is_unspecified or ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
+        raise ctx.fail(key, f"{value} is not an address others can connect to")
+    return str(ip)
+
+
 def _optional_port(ctx: _Ctx, key: str, value: Any) -> int | None:
     return None if value is None else _int_range(0, 65535)(ctx, key, value)
 
@@ -291,6 +312,16 @@ class RelayConfig:
     #: the ORPort published in the descriptor when it differs from the listener's (something
     #: forwards it there: a NAT, a proxy; tor's ORPort NoListen/NoAdvertise); None = the same
     or_advertise_port: int | None = None
+    #: the IPv4 address published in the descriptor (tor's Address): where clients and
+    #: relays reach us when that is not the listener's address (0.0.0.0, NAT, a container);
+    #: None = the or_address host, which must then be a specific address
+    address: str | None = None
+    #: publish the descriptor without waiting for the ORPort reachability self-test
+    #: (tor's AssumeReachable; authorities' relays and one-relay test networks)
+    assume_reachable: bool = False
+    #: seconds after start before an unconfirmed ORPort is warned about, and between
+    #: such warnings (tor's TIMEOUT_UNTIL_UNREACHABILITY_COMPLAINT, 20 minutes)
+    reachability_timeout: int = 1200
     exit_policy: ExitPolicy = REJECT_ALL  #: default ``reject *:*`` (not an exit)
     exit_reject_private: bool = True  #: prepend ``reject private:*`` to exit_policy
     bandwidth_rate: int = 1 << 30  #: bytes/second, long-term average (tor: BandwidthRate 1 GB)
@@ -322,6 +353,16 @@ class RelayConfig:
     cgo: bool = True
 
     @property
+    def advertised_address(self) -> str:
+        """The address of our descriptor: ``address``, else the listener's (never a wildcard)."""
+        if self.address is not None:
+            return self.address
+        host = self.or_address[0]
+        if _is_wildcard(host):
+            raise ConfigError(_WILDCARD_WITHOUT_ADDRESS.format(host=host))
+        return host
+
+    @property
     def effective_bandwidth_burst(self) -> int:
         """The burst to use: ``bandwidth_burst`` or, if unset, ``bandwidth_rate``."""
         return self.bandwidth_rate if self.bandwidth_burst is None else self.bandwidth_burst
@@ -346,6 +387,9 @@ class RelayConfig:
             "data_dir": _path,
             "or_address": _address,
             "or_advertise_port": _int_range(1, 65535),
+            "address": _public_ipv4,
+            "assume_reachable": _bool,
+            "reachability_timeout": _int_range(1, 7 * 86400),
             "exit_policy": lambda c, k, v: v,  # parsed below, needs exit_reject_private
             "exit_reject_private": _bool,
             "bandwidth_rate": _int_range(1, 2**48),
@@ -372,6 +416,9 @@ class RelayConfig:
         }
         out = _build(cls, d, ctx, validators)
         _distinct_ports(ctx, out)
+        bind = out.get("or_address", cls.or_address)[0]
+        if "address" not in out and _is_wildcard(bind):
+            raise ctx.fail("or_address", _WILDCARD_WITHOUT_ADDRESS.format(host=bind))
         if "exit_policy" in out:
             try:
                 out["exit_policy"] = _exit_policy(ctx, out["exit_policy"],
@@ -501,8 +548,10 @@ class AuthorityConfig:
 
     def relay_config(self) -> RelayConfig:
         """The config of the (non-exit) relay an authority runs beside itself (``run_relay``)."""
+        # tor's authorities publish without waiting for the reachability self-test
         return RelayConfig(nickname=self.nickname, data_dir=self.data_dir, or_address=self.or_address,
-                           extend_allow_private=self.extend_allow_private, authorities=self.authorities,
+                           assume_reachable=True, extend_allow_private=self.extend_allow_private,
+                           authorities=self.authorities,
                            log_level=self.log_level, log_format=self.log_format, safe_logging=self.safe_logging)
 
     @classmethod

@@ -64,6 +64,8 @@ __all__ = [
     "apply_log_config",
     "reset_logging",
     "get_logger",
+    "NOTICE",
+    "notice",
 ]
 
 #: Replacement text for scrubbed values.
@@ -80,7 +82,12 @@ SENSITIVE_KEYS = frozenset({
 SENSITIVE_SUFFIXES = ("_addr", "_address", "_ip", "_host", "_hostname", "_dest",
                       "_destination", "_target", "_peer", "_client", "_remote")
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+#: tor's "notice" level, between info and warning: what an operator should see when all is well
+#: (bootstrap progress, reachability); shown at log_level "notice" and below
+NOTICE = 25
+logging.addLevelName(NOTICE, "NOTICE")
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "notice": NOTICE, "warning": logging.WARNING,
            "error": logging.ERROR, "critical": logging.CRITICAL}
 
 
@@ -217,7 +224,7 @@ def configure_logging(level: str = "info", fmt: str = "console", *, safe_logging
                       stream: IO[str] | None = None, log_file: str | Path | None = None) -> None:
     """Route structlog and stdlib logging to *log_file* (appended), else *stream* (default stderr).
 
-    *level*: debug | info | warning | error. *fmt*: ``console`` (colours only on a TTY)
+    *level*: debug | info | notice | warning | error. *fmt*: ``console`` (colours only on a TTY)
     or ``json`` (one object per line). May be called again to reconfigure. A log file that
     cannot be opened raises ConfigError and leaves the previous configuration in place.
     """
@@ -300,6 +307,15 @@ def reset_logging() -> None:
             _State.handler.close()
         _State.handler = None
     _State.safe_logging = True
+
+
+def notice(name: str, event: str, **fields: Any) -> None:
+    """Log *event* at :data:`NOTICE` on logger *name*, with *fields* as key/value pairs.
+
+    structlog's bound loggers only know the standard levels, so notices go through the stdlib
+    logger of the same name: the one handler renders, filters and scrubs them like any event.
+    """
+    logging.getLogger(name).log(NOTICE, event, extra=fields)
 
 
 def get_logger(name: str, **context: Any) -> Any:

@@ -208,14 +208,17 @@ async def client_node(exit_relays, tmp_path):
 # -- ``onionp2p relay`` / ``authority`` processes and stem ----------------------------------------
 
 class NodeProc:
-    """``python -m onionp2p KIND --config DIR/KIND.toml`` with ``cfg`` as its TOML table."""
+    """``python -m onionp2p KIND --config DIR/KIND.toml`` with ``cfg`` as its TOML table
+    (KIND: relay, authority or client)."""
 
     def __init__(self, tmp: Path, name: str, kind: str = "relay", **cfg):
         self.dir = tmp / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.kind = kind
-        table = {"nickname": name, "data_dir": ".", "log_format": "json", "log_level": "info", **cfg}
+        table = {"data_dir": ".", "log_format": "json", "log_level": "info", **cfg}
+        if kind != "client":  # clients have no nickname
+            table = {"nickname": name, **table}
         if kind == "relay":
             table = {"or_address": "127.0.0.1:0", "exit_reject_private": False, "extend_allow_private": True,
                      **table}

@@ -230,6 +230,12 @@ def test_not_utf8_and_missing_file(tmp_path: Path) -> None:
         ("max_streams_per_circuit", 65536, "out of range"),
         ("onion_key_lifetime_days", 0, "out of range"),
         ("onion_key_lifetime_days", 91, "out of range"),
+        ("address", "relay.example.org", "not an IPv4 address"),
+        ("address", "0.0.0.0", "connect to"),
+        ("address", "2001:db8::1", "not an IPv4 address"),
+        ("address", 3, "IPv4 address string"),
+        ("assume_reachable", "yes", "boolean"),
+        ("reachability_timeout", 0, "out of range"),
     ],
 )
 def test_relay_validation_errors(key: str, value: object, needle: str) -> None:
@@ -688,3 +694,22 @@ def test_cli_prints_every_problem_and_exits_2(tmp_path: Path) -> None:
     assert "authorities[0]: " in lines[1] and "is not HOST:DIRPORT" in lines[1]
     assert "max_queue_cells: expected an integer, got boolean True" in lines[2]
     assert not (tmp_path / "onionp2p-relay").exists()  # nothing started
+
+
+def test_relay_address_is_what_is_published() -> None:
+    """``address`` (tor's Address) is published; or_address is only where we listen; a
+    wildcard listener needs ``address`` (one clear error naming or_address otherwise)."""
+    cfg = RelayConfig.from_dict({"or_address": "0.0.0.0:9001", "address": "203.0.113.7"})
+    assert cfg.or_address == ("0.0.0.0", 9001) and cfg.advertised_address == "203.0.113.7"
+    assert RelayConfig.from_dict({"or_address": "10.1.2.3:9001"}).advertised_address == "10.1.2.3"
+    assert not cfg.assume_reachable and cfg.reachability_timeout == 1200  # tor's 20 minutes
+    for bind in ("0.0.0.0:9001", "[::]:9001"):
+        with pytest.raises(ConfigError) as exc:
+            RelayConfig.from_dict({"or_address": bind}, source="relay.toml")
+        assert str(exc.value).startswith("relay.toml: or_address: listens on every interface")
+        assert "set `address`" in str(exc.value)
+    # built in code (not from a file): the relay refuses to publish a wildcard all the same
+    with pytest.raises(ConfigError):
+        RelayConfig(or_address=("0.0.0.0", 9001)).advertised_address  # noqa: B018
+    # an authority's relay publishes without waiting for the self-test, as tor's authorities
+    assert AuthorityConfig().relay_config().assume_reachable

@@ -33,16 +33,19 @@ CLOCK = {("time", "time"), ("time", "monotonic"), ("time", "perf_counter"), ("ti
 ALLOWED: dict[str, set[str] | None] = {
     "proto": {"errors"},
     "net": {"proto", "errors", "log", "listeners", "defaults"},
-    "relay": {"net", "proto", "errors", "log", "listeners", "config", "defaults"},
-    "client": {"net", "proto", "errors", "log", "listeners", "config", "defaults"},
-    "dir": {"client", "net", "proto", "errors", "log", "listeners", "config", "defaults", "__version__"},
-    "control": {"client", "dir", "net", "proto", "errors", "log", "listeners", "config", "defaults", "__version__"},
+    "relay": {"net", "proto", "errors", "log", "listeners", "config", "defaults", "bootstrap"},
+    "client": {"net", "proto", "errors", "log", "listeners", "config", "defaults", "bootstrap"},
+    "dir": {"client", "net", "proto", "errors", "log", "listeners", "config", "defaults", "__version__",
+            "bootstrap"},
+    "control": {"client", "dir", "net", "proto", "errors", "log", "listeners", "config", "defaults", "__version__",
+                "bootstrap"},
     "ops": {"proto", "errors", "log", "listeners", "__version__"},
     "config": {"proto", "errors", "defaults"},
     "defaults": set(),
     "errors": set(),
     "log": {"errors"},
     "listeners": {"log"},
+    "bootstrap": {"log", "listeners"},
 }
 #: modules that compose the layers (they may import any of them)
 ROOTS = {"onionp2p.cli", "onionp2p.testnet", "onionp2p.__main__", "onionp2p.client.node"}

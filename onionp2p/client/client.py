@@ -468,6 +468,10 @@ class OnionClient:
         self.events = Listeners("circuit event")
         #: channel events: ``fn(kind, chan)`` with kind "connected" or "closed"
         self.channel_events = Listeners("channel")
+        #: connection progress for bootstrap reporting: ``fn(step)`` with "connecting" (a new
+        #: channel to a first hop is being opened) and "connected", "handshaking" (its TCP and
+        #: TLS are up, the link handshake starts); the link handshake's end is channel_events'
+        self.progress = Listeners("connection progress")
         self._open: set[Channel] = set()
         self.closed_bytes_read = 0
         self.closed_bytes_written = 0
@@ -488,6 +492,8 @@ class OnionClient:
 
     async def channel_to(self, relay: RelayInfo) -> Channel:
         """The channel to ``relay`` (opened once, reused while it takes circuits)."""
+        if self.progress and relay.rsa_id not in self.channels:
+            self.progress("connecting")
         return await self.chanmgr.get(relay.address, relay.or_port, relay.rsa_id, relay.ed_id)
 
     async def build_circuit(self, path: Sequence[RelayInfo], *, timeout: float = 60.0) -> ClientCircuit:
@@ -559,4 +565,7 @@ class OnionClient:
         pass  # clients have no bandwidth limit
 
     def channel_connected(self, chan: Channel) -> bool:
+        if self.progress:
+            self.progress("connected")
+            self.progress("handshaking")
         return True

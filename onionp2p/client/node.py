@@ -17,14 +17,17 @@ Theory of operation
    Prometheus metrics port (:class:`~onionp2p.ops.metrics.MetricsServer` with a
    :class:`~onionp2p.ops.metrics.ClientCollector`, ``metrics_port``).
 
-Bootstrap progress follows tor's phases (starting, requesting/loading status, enough
-directory info, connecting to a relay, done), exposed for ``status/bootstrap-phase``.
+Bootstrap progress follows tor's phases and percentages (:mod:`onionp2p.bootstrap`): starting,
+the consensus download (requesting_status, loading_status, or conn ... onehop_create first
+when it comes from a relay), enough_dirinfo, then the first circuit (ap_conn ...
+circuit_create) and done; each is logged at notice level (``Bootstrapped 75%
+(enough_dirinfo): ...``), passed on as a node event and read by ``status/bootstrap-phase``.
 
 Every listener (SOCKS, metrics, control) binds first (:meth:`ClientNode.listen`), before the
 directory bootstrap, so a port in use fails at once (a
-:class:`~onionp2p.errors.ListenError`) instead of after a minute of bootstrapping. SOCKS
-requests that arrive before the node has enough directory info wait for it (up to
-``circuit_build_timeout``), as tor's do.
+:class:`~onionp2p.errors.ListenError`) instead of after a minute of bootstrapping, and a
+controller can follow the bootstrap from its start. SOCKS requests that arrive before the
+node has enough directory info wait for it (up to ``circuit_build_timeout``), as tor's do.
 
 :meth:`ClientNode.reload` (SIGHUP, control port ``SIGNAL RELOAD``) re-reads the
 configuration and applies :data:`RELOADABLE_KEYS` at once; other changed keys are logged
@@ -40,6 +43,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
+from onionp2p.bootstrap import Bootstrap
 from onionp2p.client.circmgr import CircuitManager
 from onionp2p.client.client import OnionClient
 from onionp2p.client.guards import GuardSet
@@ -108,7 +112,12 @@ class ClientNode:
             self.directory.dir_guards = self._directory_guards
         self.circmgr = CircuitManager(self.client, routers, self.guards, cfg)
         self.streams: dict[int, StreamRecord] = {}
-        self.bootstrap = (0, "starting", "Starting")
+        #: tor's bootstrap phases; ``bootstrap`` is its (percent, tag, summary)
+        self.bootstrap_progress = Bootstrap("onionp2p.node")
+        self.bootstrap_progress.report("starting")
+        self.bootstrap_progress.follow(self.client)
+        if self.directory is not None:
+            self.directory.bootstrap_progress = self.bootstrap_progress
         self.socks = None
         self.control = None
         self.metrics = None
@@ -118,6 +127,12 @@ class ClientNode:
         self._tasks: set[asyncio.Task] = set()
         self.shutdown_requested = asyncio.Event()
         self._dirinfo = asyncio.Event()  # set once there is enough directory info for circuits
+        self.bootstrap_progress.events.add(lambda *status: self.events(("status", *status)))
+
+    @property
+    def bootstrap(self) -> tuple[int, str, str]:
+        """(percent, tag, summary) of the bootstrap phase reached."""
+        return self.bootstrap_progress.status
 
     def _directory_guards(self, routers: Sequence[RouterStatus]) -> list[RouterStatus]:
         """The relays our directory refreshes may use: the running primary guards that are
@@ -128,45 +143,40 @@ class ClientNode:
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
-    def _phase(self, progress: int, tag: str, summary: str) -> None:
-        self.bootstrap = (progress, tag, summary)
-        log.info("bootstrap", progress=progress, phase=tag)
-        self.events(("status", progress, tag, summary))
-
     async def listen(self) -> None:
-        """Open every listener (SOCKS, metrics, control); ListenError, with none left open, when
-        one cannot bind. :meth:`start` calls it unless it was called before."""
+        """Open every listener (control first, as tor: a controller follows the bootstrap with
+        STATUS_CLIENT BOOTSTRAP events; then SOCKS, metrics); ListenError, with none left
+        open, when one cannot bind. :meth:`start` calls it unless it was called before."""
         from onionp2p.client.socksport import SocksServer
 
         if self.socks is not None:
             return
-        socks = SocksServer(self, host=self.cfg.socks_address[0], port=self.cfg.socks_address[1],
-                            handshake_timeout=self.cfg.socks_handshake_timeout,
-                            max_connections=self.cfg.socks_max_connections)
-        await socks.start()
-        self.socks = socks
         try:
-            if self.cfg.metrics_port is not None:
-                await self._start_metrics()
             if self.cfg.control_port is not None:
                 await self._start_control()
+            socks = SocksServer(self, host=self.cfg.socks_address[0], port=self.cfg.socks_address[1],
+                                handshake_timeout=self.cfg.socks_handshake_timeout,
+                                max_connections=self.cfg.socks_max_connections)
+            await socks.start()
+            self.socks = socks
+            if self.cfg.metrics_port is not None:
+                await self._start_metrics()
         except BaseException:
             await self._close_listeners()
             self.socks = self.metrics = self.control = self._collector = None
             raise
 
     async def start(self, *, ready_timeout: float = 120.0) -> None:
+        boot = self.bootstrap_progress
         await self.listen()
-        self._phase(5, "conn", "Connecting to a directory")
         if self.directory is not None:
             await self.directory.bootstrap()
             await self.directory.start()
-        self._phase(75, "enough_dirinfo", "Loaded enough directory info to build circuits")
+        boot.report("enough_dirinfo")  # a cached consensus, or a given Tor network's view
         self._dirinfo.set()
         await self.circmgr.start()
-        self._phase(90, "ap_handshake_done", "Building circuits")
         await self.circmgr.ready(ready_timeout)
-        self._phase(100, "done", "Done")
+        boot.report("done")  # already, unless the first circuit was built by someone else
 
     async def _start_control(self) -> None:
         from onionp2p.control.server import ControlServer

@@ -74,6 +74,11 @@ class ControlAdapterBase:
     def _send(self, event: ControlEvent) -> None:
         self._fns(event)
 
+    def _on_bootstrap(self, progress: int, tag: str, summary: str) -> None:
+        """A bootstrap phase reached: ``STATUS_CLIENT NOTICE BOOTSTRAP`` (tor sends a relay's too)."""
+        self._send(StatusEvent("CLIENT", "NOTICE", "BOOTSTRAP",
+                               (("PROGRESS", str(progress)), ("TAG", tag), ("SUMMARY", summary))))
+
 
 def log_conf(cfg) -> list[str]:
     """GETCONF Log of a node's config: tor's ``LEVEL file PATH``, or ``LEVEL stdout`` without
@@ -268,9 +273,7 @@ class ClientControlAdapter(ControlAdapterBase):
         if event[0] == "stream":
             self._send(StreamEvent(_stream_info(event[1])))
         elif event[0] == "status":
-            _, progress, tag, summary = event
-            self._send(StatusEvent("CLIENT", "NOTICE", "BOOTSTRAP",
-                                   (("PROGRESS", str(progress)), ("TAG", tag), ("SUMMARY", summary))))
+            self._on_bootstrap(*event[1:])
 
     # -- actions --------------------------------------------------------------------------------------
 

@@ -41,7 +41,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 
-from onionp2p.control.formats import ConfChangedEvent, GuardInfo, OrConnEvent, OrConnInfo, SignalEvent
+from onionp2p.control.formats import (
+    ConfChangedEvent,
+    GuardInfo,
+    OrConnEvent,
+    OrConnInfo,
+    SignalEvent,
+    StatusEvent,
+)
 from onionp2p.control.node import ControlAdapterBase, log_conf
 from onionp2p.errors import ConfigError
 from onionp2p.listeners import Listeners
@@ -140,11 +147,15 @@ class _ServerAdapter(ControlAdapterBase):
         self._conf: dict[str, tuple[str, Callable[[], list[str]]]] = {}
         if relay is not None:
             relay.channel_events.add(self._on_channel)
+            relay.bootstrap_progress.events.add(self._on_bootstrap)
+            relay.reachability.add(self._on_reachability)
 
     def close(self) -> None:
-        """Stop listening to the relay's channel events."""
+        """Stop listening to the relay's channel, bootstrap and reachability events."""
         if self.relay is not None:
             self.relay.channel_events.remove(self._on_channel)
+            self.relay.bootstrap_progress.events.remove(self._on_bootstrap)
+            self.relay.reachability.remove(self._on_reachability)
 
     # -- plain properties ---------------------------------------------------------------------
 
@@ -251,7 +262,7 @@ class _ServerAdapter(ControlAdapterBase):
         return self.relay.traffic() if self.relay is not None else (0, 0)
 
     def bootstrap_status(self) -> tuple[int, str, str]:
-        return (100, "done", "Done")
+        return self.relay.bootstrap_progress.status if self.relay is not None else (100, "done", "Done")
 
     def network_status(self) -> list[RouterStatus]:
         directory = getattr(self.relay, "directory", None)
@@ -262,7 +273,7 @@ class _ServerAdapter(ControlAdapterBase):
 
     def listeners(self, kind: str) -> list[tuple[str, int]]:
         if kind == "or" and self.relay is not None:
-            return [(self.relay.address, self.relay.port)]
+            return [(self.relay.bind_address, self.relay.port)]
         if kind == "metrics" and self.metrics is not None:
             return [(self.metrics.host, self.metrics.port)]
         return []
@@ -276,6 +287,9 @@ class _ServerAdapter(ControlAdapterBase):
             self._endpoints.pop(chan.id, None)
         if info is not None:  # None: it died before we learnt its peer; nothing to name it by
             self._send(OrConnEvent(info))
+
+    def _on_reachability(self, action: str, severity: str, where: str) -> None:
+        self._send(StatusEvent("SERVER", severity, action, (("ORADDRESS", where),)))
 
     # -- actions --------------------------------------------------------------------------------
 
@@ -313,6 +327,13 @@ class _ServerAdapter(ControlAdapterBase):
         return False
 
 
+def _or_port_lines(relay) -> list[str]:
+    """tor's ORPort lines: one, or (published elsewhere than we listen) ``NoListen`` + ``NoAdvertise``."""
+    listener = f"{relay.bind_address}:{relay.port}"
+    published = relay.or_address_text
+    return [listener] if published == listener else [f"{published} NoListen", f"{listener} NoAdvertise"]
+
+
 def _relay_conf(adapter: _ServerAdapter, cfg) -> dict[str, tuple[str, Callable[[], list[str]]]]:
     """GETCONF keys of a relay (tor's names), read live where the value can change."""
     relay = adapter.relay
@@ -326,7 +347,8 @@ def _relay_conf(adapter: _ServerAdapter, cfg) -> dict[str, tuple[str, Callable[[
         "Nickname": ("String", lambda: [relay.nickname]),
         "DataDirectory": ("Filename", lambda: [str(cfg.data_dir)]),
         "Address": ("String", lambda: [relay.address]),
-        "ORPort": ("LineList", lambda: [f"{relay.address}:{relay.port}"]),
+        "ORPort": ("LineList", lambda: _or_port_lines(relay)),
+        "AssumeReachable": ("Boolean", lambda: ["1" if cfg.assume_reachable else "0"]),
         "ExitPolicy": ("LineList", lambda: relay.exit_policy.lines()),
         "ExitPolicyRejectPrivate": ("Boolean", lambda: ["1" if cfg.exit_reject_private else "0"]),
         "ContactInfo": ("String", lambda: [cfg.contact] if cfg.contact else []),
@@ -425,7 +447,8 @@ class AuthorityControlAdapter(_ServerAdapter):
             "V3AuthoritativeDirectory": ("Boolean", lambda: ["1"]),
             "V3AuthVotingInterval": ("Interval", lambda: [str(authority.schedule.interval)]),
             "DirPort": ("LineList", lambda: [f"{cfg.dir_address[0]}:{authority.dir_port}"]),
-            "ORPort": ("LineList", lambda: [f"{relay.address}:{relay.port}"] if relay is not None else ["0"]),
+            "ORPort": ("LineList",
+                       lambda: [f"{relay.bind_address}:{relay.port}"] if relay is not None else ["0"]),
             "DirAuthority": ("LineList", lambda: list(cfg.authorities)),
             "ExtendAllowPrivateAddresses": ("Boolean", lambda: ["1" if relay is not None and
                                                                 relay.extend_allow_private else "0"]),

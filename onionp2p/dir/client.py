@@ -19,9 +19,11 @@ search (an older one only means that source is behind). So clients that hold a v
 consensus keep working while authorities are away. :meth:`~ClientDirectory.start` runs a refresh loop: a fetch at a random point of the
 first half of the interval after fresh-until, retries with backoff.
 
-:class:`RelayDirectory` is what a relay with configured authorities does: upload its
-signed descriptor to every authority at start, every ``publish_interval``, and after key
-rotation (uploads that fail are retried with backoff); fetch the consensus from the
+:class:`RelayDirectory` is what a relay with configured authorities does: test that its
+ORPort is reachable (:class:`~onionp2p.dir.selftest.ReachabilityTest`); upload its signed
+descriptor to every authority once that test succeeded (at once with ``assume_reachable``,
+as tor's AssumeReachable), then every ``publish_interval``, and after key rotation (uploads
+that fail are retried with backoff); fetch the consensus from the
 authorities soon after each fresh-until; and serve the cached consensus (and its own
 descriptor) on a 127.0.0.1 HTTP server that the relay's BEGIN_DIR streams reach.
 """
@@ -37,6 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from onionp2p import __version__
+from onionp2p.dir.selftest import ReachabilityTest
 from onionp2p.dir.server import DirServer, HttpRequest, HttpResponse, fetch, http_request
 from onionp2p.errors import OnionError, ProtocolError
 from onionp2p.log import get_logger
@@ -103,6 +106,12 @@ class _ConsensusHolder:
         self._statuses: list[RouterStatus] = []
         self._tasks: set[asyncio.Task] = set()
         self._log = log.bind(node=name)
+        #: the node's bootstrap progress (onionp2p.bootstrap.Bootstrap), told about downloads
+        self.bootstrap_progress = None
+
+    def _progress(self, tag: str) -> None:
+        if self.bootstrap_progress is not None:
+            self.bootstrap_progress.report(tag)
 
     @property
     def consensus(self) -> NetworkStatus | None:
@@ -171,9 +180,12 @@ class _ConsensusHolder:
     def _authority_sources(self) -> list[tuple[str, Callable]]:
         auths = list(self.authorities)
         random.shuffle(auths)
-        return [(f"authority {a.nickname}", lambda a=a: fetch(a.host, a.dir_port, CONSENSUS_PATH,
-                                                              max_size=MAX_CONSENSUS_SIZE, timeout=self.timeout))
-                for a in auths]
+        return [(f"authority {a.nickname}", lambda a=a: self._fetch_authority(a)) for a in auths]
+
+    async def _fetch_authority(self, auth: DirAuthority) -> bytes:
+        self._progress("requesting_status")
+        return await fetch(auth.host, auth.dir_port, CONSENSUS_PATH, max_size=MAX_CONSENSUS_SIZE,
+                           timeout=self.timeout)
 
     async def _fetch_from(self, sources: Sequence[tuple[str, Callable]]) -> NetworkStatus:
         errors = []
@@ -184,9 +196,11 @@ class _ConsensusHolder:
                 self._log.info("consensus fetch failed", source=source, error=str(exc))
                 errors.append(f"{source}: {exc}")
                 continue
+            self._progress("loading_status")
             held = self._consensus
             doc = self.accept(data, source)
             if doc is not None and (held is None or doc.valid_after >= held.valid_after):
+                self._progress("enough_dirinfo")
                 return doc
             errors.append(f"{source}: {'rejected' if doc is None else 'older than ours'}")
         raise DirectoryUnavailable("no consensus could be fetched and verified ("
@@ -291,6 +305,8 @@ class ClientDirectory(_ConsensusHolder):
         circ = await self.client.build_circuit([relay.info], timeout=self.timeout)
         try:
             reader, writer = await circ.open_dir_stream(timeout=self.timeout)
+            if path == CONSENSUS_PATH:
+                self._progress("requesting_status")
             return await http_request(reader, writer, "GET", path, max_size=MAX_CONSENSUS_SIZE,
                                       timeout=self.timeout)
         finally:
@@ -328,17 +344,31 @@ class RelayDirectory(_ConsensusHolder):
         self._log = self._log.bind(nickname=relay.nickname)
         self._dirty = asyncio.Event()
         self._dirty.set()
-        self.load_cache()
+        self._consensus_tried = asyncio.Event()
+        self._reachable = asyncio.Event()
+        if relay.orport_reachable:  # a CREATE2 came through our address before we were started
+            self._reachable.set()
+        relay.reachability.add(self._on_reachability)
+        self.bootstrap_progress = relay.bootstrap_progress
+        if self.load_cache() is not None:
+            self._progress("enough_dirinfo")
         await self.server.start()
         relay.exit.dir_port = self.server.port
+        self.selftest = ReachabilityTest(relay, self.routers, self._consensus_tried)
         self._spawn(self._publish_loop())
         self._spawn(self._refresh_loop(self.refresh, (0.0, 0.1)))
+        self._spawn(self.selftest.run())
 
     async def stop(self) -> None:
         await self._cancel_tasks()
         if self.relay is not None:
             self.relay.exit.dir_port = None
+            self.relay.reachability.remove(self._on_reachability)
         await self.server.stop()
+
+    def _on_reachability(self, action: str, _severity: str, _where: str) -> None:
+        if action == "REACHABILITY_SUCCEEDED":
+            self._reachable.set()
 
     def keys_changed(self) -> None:
         """Republish soon (the relay rotated its onion key or certificates)."""
@@ -346,7 +376,10 @@ class RelayDirectory(_ConsensusHolder):
             self._dirty.set()
 
     async def refresh(self) -> NetworkStatus | None:
-        return await self._fetch_from(self._authority_sources())
+        try:
+            return await self._fetch_from(self._authority_sources())
+        finally:
+            self._consensus_tried.set()  # the self-test may start, with or without other relays
 
     async def _handle(self, req: HttpRequest) -> HttpResponse:
         if req.method == "GET" and req.path == CONSENSUS_PATH and self.consensus is not None:
@@ -377,6 +410,9 @@ class RelayDirectory(_ConsensusHolder):
 
     async def _publish_loop(self) -> None:
         assert self._dirty is not None
+        if not self.relay.config.assume_reachable:
+            # as tor: no descriptor before the self-test found our ORPort reachable
+            await self._reachable.wait()
         backoff = 1.0
         next_periodic = 0.0
         while True:

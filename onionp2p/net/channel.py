@@ -56,6 +56,7 @@ from onionp2p.proto.cells import (
     Cell,
     CellCommand,
     CellReader,
+    NetInfo,
     encode_fixed,
     encode_var,
     is_var_command,
@@ -120,6 +121,8 @@ class Channel(asyncio.Protocol):
         self.bad_for_new_circs = False
         self.circuits: dict[int, Any] = {}
         self.peer: PeerIdentity | None = None
+        #: the peer's NETINFO (its view of our address: the relay's reachability self-test)
+        self.peer_netinfo: NetInfo | None = None
         self.link_version = 0
         self.opened_at: float | None = None
         self.closed = False
@@ -280,6 +283,7 @@ class Channel(asyncio.Protocol):
         hs = self._hs
         assert hs is not None
         self.peer = hs.peer
+        self.peer_netinfo = hs.peer_netinfo
         self.link_version = hs.link_version
         self._reader.circ_id_len = hs.circ_id_len
         self.opened_at = time.time()

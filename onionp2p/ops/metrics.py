@@ -285,6 +285,13 @@ class RelayCollector:
             counter("onionp2p_read_throttled_total", "Times reading paused for BandwidthRate.",
                     stats.get("throttled", 0)),
         ]
+        boot = getattr(r, "bootstrap_progress", None)
+        if boot is not None:  # a Relay (test doubles may have neither)
+            metrics += [
+                gauge("onionp2p_bootstrap_progress", "Bootstrap progress in percent.", boot.status[0]),
+                gauge("onionp2p_orport_reachable", "1 once the self-test found the published ORPort reachable.",
+                      int(bool(getattr(r, "orport_reachable", False)))),
+            ]
         other = {k: v for k, v in stats.items() if k not in _KNOWN_STATS and isinstance(v, (int, float))}
         if other:
             metrics.append(counter("onionp2p_relay_events_total", "Other relay statistics (relay.stats).",

@@ -34,6 +34,18 @@ Theory of operation
   live and closed channels never go down), ``destroy_reasons`` (circuits torn down here,
   by DESTROY reason name) and channel events for listeners (``channel_events.add(fn)``:
   ``fn("connected" | "closed" | "failed", chan)``, the control port's ORCONN events);
+* publishes ``address`` (tor's Address; :attr:`Relay.address`) and ``or_advertise_port``
+  when they are set, and listens on ``or_address`` (:attr:`Relay.bind_address`, which may be
+  0.0.0.0 when ``address`` is set);
+* notices, as tor does (``onionskin_answer``), that its ORPort is reachable: a CREATE2 on a
+  connection it did not open, from a peer whose NETINFO says it connected to our published
+  address (from a private address only with ``extend_allow_private``), sets
+  :attr:`Relay.orport_reachable`, logs tor's "Self-testing indicates your ORPort ... is
+  reachable from the outside. Excellent." at notice level and tells
+  :attr:`Relay.reachability` listeners; the circuits that test it are launched by its
+  directory duties (:mod:`onionp2p.dir.selftest`);
+* keeps its bootstrap progress (:attr:`Relay.bootstrap_progress`, tor's phases; without
+  directory duties there is nothing to load and it is done once listening);
 * shuts down cleanly: every circuit gets DESTROY, every channel is closed (also those
   still in their link handshake).
 """
@@ -45,10 +57,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from onionp2p.bootstrap import Bootstrap
 from onionp2p.config import RelayConfig
-from onionp2p.errors import ListenError, ProtocolError
+from onionp2p.errors import ListenError, LocalProtocolError, ProtocolError
 from onionp2p.listeners import Listeners
-from onionp2p.log import get_logger
+from onionp2p.log import get_logger, notice
 from onionp2p.net import tls
 from onionp2p.net.chanmgr import ChannelManager
 from onionp2p.net.channel import Channel
@@ -57,6 +70,7 @@ from onionp2p.proto.cells import Cell, CellCommand, Create2, Created2, Destroy, 
 from onionp2p.proto.congestion import CCParams
 from onionp2p.proto.create import HopParams, answer_create2
 from onionp2p.proto.directory import RelayInfo
+from onionp2p.proto.exitpolicy import is_private_address
 from onionp2p.proto.ratelimit import TokenBucket
 from onionp2p.proto.hopcrypto import CgoRelayCrypto
 from onionp2p.proto.relaycrypto import RelayCrypto
@@ -90,12 +104,15 @@ class Relay:
         self.keys = keys
         self.config = cfg
         self.nickname = cfg.nickname
-        self.address, self.port = cfg.or_address
+        #: the listener's address (may be a wildcard) and port (the one bound, after start)
+        self.bind_address, self.port = cfg.or_address
+        #: the address we publish and tell peers in NETINFO (``address`` or the listener's)
+        self.address = cfg.advertised_address
         self.data_dir: Path | None = cfg.data_dir
         self.exit_policy = cfg.exit_policy
         if cfg.exit_reject_private and self.exit_policy.is_exit:
             # with reject private:*, tor also rejects the relay's own addresses
-            self.exit_policy = self.exit_policy.rejecting([self.address])
+            self.exit_policy = self.exit_policy.rejecting(sorted({self.address, self.bind_address}))
         self.exit = ExitHandler(self.exit_policy, reject_private=cfg.exit_reject_private,
                                 known_relay=self._known_relay)
         self.dos = DosGuard(DosLimits.of(cfg))
@@ -136,6 +153,13 @@ class Relay:
         self.directory = directory
         self._cc_source: object = None
         self._cc = CCParams()
+        #: tor's bootstrap phases (``status/bootstrap-phase``, STATUS_CLIENT BOOTSTRAP events)
+        self.bootstrap_progress = Bootstrap("onionp2p.relay", nickname=self.nickname)
+        #: a CREATE2 reached us through our published address (see the module docstring)
+        self.orport_reachable = False
+        #: reachability news: ``fn(action, severity, "ADDR:PORT")`` with tor's STATUS_SERVER
+        #: actions CHECKING_REACHABILITY, REACHABILITY_SUCCEEDED, REACHABILITY_FAILED
+        self.reachability = Listeners("reachability")
 
     @property
     def advertised_port(self) -> int:
@@ -185,12 +209,13 @@ class Relay:
                 lambda: Channel(self, initiator=False, keys=self.keys, my_addresses=(self.address,),
                                 max_queue_cells=cfg.queue_cells_bound, handshake_timeout=cfg.handshake_timeout,
                                 tcp_user_timeout=cfg.tcp_liveness),
-                self.address, self.port, ssl=self._ssl_ctx, reuse_address=True,
+                self.bind_address, self.port, ssl=self._ssl_ctx, reuse_address=True,
                 ssl_handshake_timeout=cfg.handshake_timeout,
             )
         except OSError as exc:
-            raise ListenError.from_os_error("OR port", self.address, self.port, exc) from None
+            raise ListenError.from_os_error("OR port", self.bind_address, self.port, exc) from None
         self.port = self._server.sockets[0].getsockname()[1]
+        self.bootstrap_progress.report("starting")
         self._publish()
         self._rotate_task = loop.create_task(self._rotate_loop())
         self._housekeeping_task = loop.create_task(self._housekeeping())
@@ -206,6 +231,33 @@ class Relay:
                        handshake_timeout=cfg.handshake_timeout)
         if self.directory is not None:
             await self.directory.start(self)
+        else:
+            self.bootstrap_progress.report("done")  # no directory to load, no descriptor to test
+
+    @property
+    def or_address_text(self) -> str:
+        """Our published ORPort, ``ADDR:PORT`` (tor's wording in reachability messages)."""
+        return f"{self.address}:{self.advertised_port}"
+
+    def _maybe_reachable(self, chan: Channel) -> None:
+        """A CREATE2 was answered on ``chan``: proof that our ORPort is reachable if someone
+        else connected to it at our published address (tor's onionskin_answer)."""
+        if self.orport_reachable or chan.initiator or chan.peer_netinfo is None:
+            return
+        seen_as = chan.peer_netinfo.other_address
+        if seen_as is None or str(seen_as) != self.address:
+            return
+        try:
+            private = is_private_address(chan.peer_address or "")
+        except LocalProtocolError:
+            private = True
+        if private and not self.config.extend_allow_private:
+            return  # as tor's channel_is_local: a neighbour on our LAN proves nothing
+        self.orport_reachable = True
+        publishing = " Publishing server descriptor." if self.directory is not None else ""
+        notice("onionp2p.relay", f"Self-testing indicates your ORPort {self.or_address_text} is reachable "
+                                 f"from the outside. Excellent.{publishing}", nickname=self.nickname)
+        self.reachability("REACHABILITY_SUCCEEDED", "NOTICE", self.or_address_text)
 
     def info(self) -> RelayInfo:
         return RelayInfo(
@@ -391,6 +443,7 @@ class Relay:
         self.circuits.add(circ)
         self.stats["create_ok"] += 1
         chan.send_cell(cid, CellCommand.CREATED2, Created2(reply).encode())
+        self._maybe_reachable(chan)
 
     def new_circuit(self, chan: Channel, circ_id: int, crypto: RelayCrypto | CgoRelayCrypto, params: HopParams | None = None,
                     cc: CCParams | None = None) -> OrCircuit:
