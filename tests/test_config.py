@@ -621,7 +621,7 @@ def test_a_key_far_from_every_known_key_gets_the_list(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         ClientConfig.from_dict({"zzzz": 1}, source="c.toml")
     assert exc.value.problems == (exc.value.problems[0],)
-    assert "did you mean" not in str(exc.value) and "known keys: authorities, circuit_build_timeout" in str(exc.value)
+    assert "did you mean" not in str(exc.value) and "known keys: authorities, cgo, circuit_build_timeout" in str(exc.value)
 
 
 @pytest.mark.parametrize(("typo", "meant"), [("exit_polcy", "exit_policy"), ("socks_adress", None),
