@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -61,6 +62,18 @@ async def wait_for(pred, timeout: float = 10.0, what: str = "condition", interva
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(interval)
     return value
+
+
+def require_tool(name: str, package: str) -> str:
+    """The path of system tool ``name``; the test is skipped without it, except under
+    CI=true, where a missing tool fails the test (tools/test installs ``package``)."""
+    path = shutil.which(name)
+    if path is None:
+        why = f"{name} not installed (Debian package {package}; tools/test installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    return path
 
 
 def free_port() -> int:
