@@ -468,7 +468,7 @@ class RunningTestnet:
             [sys.executable, "-m", "onionp2p", "testnet", "--socks-port", "auto", "--control-port", "auto",
              "--metrics-port", "auto", "--data-dir", str(data_dir), "--voting-interval", "4", *extra],
             stdout=self.out, stderr=subprocess.STDOUT)
-        self.socks = self.control = self.metrics = 0
+        self.socks = self.control = self.metrics = self.http_tunnel = self.dns = 0
         end = time.time() + 150
         while time.time() < end and not (self.socks and self.control and self.metrics):
             text = Path(self.out.name).read_text()
@@ -478,6 +478,10 @@ class RunningTestnet:
                 self.socks = int(m.group(1))
             if m := re.search(r"Control port at 127\.0\.0\.1:(\d+)", text):
                 self.control = int(m.group(1))
+            if m := re.search(r"HTTP CONNECT tunnel at 127\.0\.0\.1:(\d+)", text):
+                self.http_tunnel = int(m.group(1))
+            if m := re.search(r"DNS port at 127\.0\.0\.1:(\d+)", text):
+                self.dns = int(m.group(1))
             if self.proc.poll() is not None:
                 break
             time.sleep(0.2)

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
-import shutil
+import re
+import signal
 import ssl
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -231,3 +235,271 @@ def test_resolved_to_dns_answers_as_tor():
         (Rcode.NOERROR, [Answer(QType.PTR, b"localhost", 600)])
     # a hostname we could not write as a DNS name is left out
     assert answer_for(ptr, Resolved((ResolvedAnswer(0, b"bad name", 600),))) == (Rcode.NOERROR, [])
+
+
+# -- end to end: onionp2p testnet with both ports ------------------------------------------------
+
+
+def self_signed(d: Path) -> tuple[Path, Path]:
+    """A certificate for localhost / 127.0.0.1 and its key (PEM files in ``d``)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    import ipaddress
+
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    return d / "cert.pem", d / "key.pem"
+
+
+@pytest.fixture(scope="module")
+def tls_site(tmp_path_factory):
+    """An HTTPS server on 127.0.0.1 (self-signed certificate for localhost)."""
+    import http.server
+
+    root = tmp_path_factory.mktemp("tls")
+    cert, key = self_signed(root)
+    token = os.urandom(8).hex()
+    (root / "index.html").write_text(f"<p>over TLS through the tunnel {token}</p>\n")
+    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **kw)  # noqa: E731
+    http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield {"port": srv.server_address[1], "cafile": str(cert), "token": token}
+    srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    net = RunningTestnet(tmp_path_factory.mktemp("ports") / "net",
+                         ["--relays", "4", "--exits", "2", "--http-tunnel-port", "auto", "--dns-port", "auto"])
+    assert net.http_tunnel and net.dns, Path(net.out.name).read_text()[-2000:]
+    yield net
+    net.stop()
+
+
+def curl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    require_tool("curl", "curl")
+    return subprocess.run(["curl", "-sS", "--max-time", str(int(timeout)), *args], capture_output=True,
+                          timeout=timeout + 10, text=True)
+
+
+@pytest.mark.slow
+def test_curl_https_through_the_http_tunnel(net, tls_site):
+    p = curl("--proxy", f"http://127.0.0.1:{net.http_tunnel}", "--cacert", tls_site["cafile"],
+             f"https://localhost:{tls_site['port']}/index.html")
+    assert p.returncode == 0, p.stderr
+    assert f"over TLS through the tunnel {tls_site['token']}" in p.stdout
+    from stem.control import Controller
+
+    with Controller.from_port(port=net.control) as ctl:
+        ctl.authenticate()  # the cookie named in PROTOCOLINFO
+        assert ctl.get_listeners("HTTPTUNNEL") == [("127.0.0.1", net.http_tunnel)]
+        assert ctl.get_listeners("DNS") == [("127.0.0.1", net.dns)]
+
+
+@pytest.mark.slow
+def test_proxy_credentials_isolate_http_tunnel_streams(net, tls_site):
+    """Proxy-Authorization is the isolation key, as SOCKS credentials: alice's two tunnels
+    share a circuit, bob's and the anonymous one each get another."""
+    from stem.control import Controller, EventType
+
+    events = []
+    with Controller.from_port(port=net.control) as ctl:
+        ctl.authenticate()
+        ctl.add_event_listener(lambda e: events.append(e), EventType.STREAM)
+        order = []
+        for user in ("alice", "bob", "alice", None):
+            auth = ("--proxy-user", f"{user}:pw") if user else ()
+            p = curl("--proxy", f"http://127.0.0.1:{net.http_tunnel}", *auth, "--cacert", tls_site["cafile"],
+                     f"https://localhost:{tls_site['port']}/index.html")
+            assert p.returncode == 0, p.stderr
+            order.append(user)
+        circuits = {c.id: c for c in ctl.get_circuits()}
+    ok = [e for e in events if e.status == "SUCCEEDED" and e.keyword_args.get("CLIENT_PROTOCOL") == "HTTPCONNECT"]
+    assert len(ok) == 4, [(e.status, e.keyword_args) for e in events]
+    by_user: dict[str | None, set[str]] = {}
+    for user, e in zip(order, ok):
+        assert e.keyword_args.get("SOCKS_USERNAME") == user  # the Basic user name
+        by_user.setdefault(user, set()).add(e.circ_id)
+    assert len(by_user["alice"]) == 1
+    assert len({next(iter(v)) for v in by_user.values()}) == 3 and all(len(v) == 1 for v in by_user.values())
+    for ids in by_user.values():
+        assert all(len(circuits[c].path) == 3 for c in ids if c in circuits)
+
+
+@pytest.mark.slow
+def test_http_tunnel_error_statuses(net, tls_site):
+    proxy = f"http://127.0.0.1:{net.http_tunnel}"
+    # a plain-HTTP URL makes curl send GET http://... to the proxy: 405 and an explanation
+    p = curl("--proxy", proxy, "-w", "%{http_code}", f"http://localhost:{tls_site['port']}/")
+    assert p.stdout.endswith("405") and "not an HTTP proxy" in p.stdout, (p.stdout, p.stderr)
+    # the exit cannot connect (nothing listens there): the tunnel fails with 502
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    p = curl("-v", "--proxy", proxy, f"https://localhost:{closed}/")
+    assert p.returncode != 0 and "502" in p.stderr, p.stderr[-1500:]
+
+    async def raw(request: bytes) -> bytes:
+        r, w = await asyncio.open_connection("127.0.0.1", net.http_tunnel)
+        w.write(request)
+        data = await asyncio.wait_for(r.read(), 30)
+        w.close()
+        return data
+
+    assert asyncio.run(raw(b"CONNECT nonsense HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+    assert asyncio.run(raw(b"CONNECT a.b:1 HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n")).startswith(b"HTTP/1.1 431 ")
+    # .onion names never reach an exit
+    assert asyncio.run(raw(b"CONNECT abc.onion:443 HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 502 ")
+
+
+def dig(net, *args: str) -> str:
+    path = require_tool("dig", "bind9-dnsutils")
+    p = subprocess.run([path, "@127.0.0.1", "-p", str(net.dns), "+time=40", "+tries=1", *args],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
+def answers(out: str) -> list[list[str]]:
+    """The ANSWER SECTION's records, split into fields."""
+    sect = out.split(";; ANSWER SECTION:\n")
+    return [ln.split() for ln in sect[1].split("\n\n")[0].splitlines()] if len(sect) > 1 else []
+
+
+@pytest.mark.slow
+def test_dig_a_aaaa_ptr_and_nxdomain(net):
+    import socket
+
+    local = socket.getaddrinfo("localhost", 0, proto=socket.IPPROTO_TCP)  # the exit's resolver is ours
+    v4 = sorted({a[4][0] for a in local if a[0] == socket.AF_INET})
+    v6 = sorted({a[4][0] for a in local if a[0] == socket.AF_INET6})
+    out = dig(net, "localhost", "A")
+    assert "status: NOERROR" in out, out
+    recs = answers(out)
+    assert sorted(r[4] for r in recs) == v4 and all(r[2:4] == ["IN", "A"] for r in recs)
+    assert all(60 <= int(r[1]) <= 3600 for r in recs)  # TTL from the RESOLVED cell, clamped
+    out = dig(net, "localhost", "AAAA")
+    assert "status: NOERROR" in out, out
+    assert sorted(r[4] for r in answers(out)) == v6  # NODATA when the exit has no IPv6 answer
+    name = socket.getnameinfo(("127.0.0.1", 0), socket.NI_NAMEREQD)[0]
+    out = dig(net, "-x", "127.0.0.1")
+    assert "status: NOERROR" in out, out
+    assert [r[3:] for r in answers(out)] == [["PTR", name.rstrip(".") + "."]]
+    out = dig(net, f"no-such-host-{os.urandom(4).hex()}.invalid", "A")
+    assert "status: NXDOMAIN" in out, out
+    assert "status: NOTIMP" in dig(net, "localhost", "MX")
+    # DNS streams show on the control port as tor's: purpose DNS_REQUEST, protocol DNS
+    from stem.control import Controller, EventType
+
+    events = []
+    with Controller.from_port(port=net.control) as ctl:
+        ctl.authenticate()
+        ctl.add_event_listener(lambda e: events.append(e), EventType.STREAM)
+        dig(net, "localhost", "A")
+    assert any(e.keyword_args.get("CLIENT_PROTOCOL") == "DNS" and e.purpose == "DNS_REQUEST"
+               and e.status == "SUCCEEDED" for e in events), [(e.status, e.keyword_args) for e in events]
+
+
+@pytest.mark.slow
+def test_dns_port_survives_garbage(net):
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        for junk in (b"", b"\x00", os.urandom(11), os.urandom(300), b"\x00" * 12 + b"\x3f" * 40):
+            s.sendto(junk, ("127.0.0.1", net.dns))
+        # a name whose compression pointer points at itself
+        s.sendto(b"\xbe\xef\x01\x00\x00\x01" + b"\x00" * 6 + b"\xc0\x0c\x00\x01\x00\x01", ("127.0.0.1", net.dns))
+        while (reply := s.recvfrom(512)[0])[:2] != b"\xbe\xef":
+            pass  # answers to random bytes that happened to look like a query
+        assert reply[3] & 0x0F == 1 and reply[2] & 0x80  # a FORMERR response with the query's ID
+    out = dig(net, "localhost", "A")  # still serving
+    assert "status: NOERROR" in out
+
+
+# -- the client's control port: on by default, found from the data directory ---------------------
+
+
+def start_client(d: Path, authorities: list[str]) -> tuple[subprocess.Popen, Path]:
+    """``onionp2p client`` with a config that says nothing about its control port."""
+    d.mkdir(parents=True)
+    (d / "client.toml").write_text(
+        "socks_address = \"127.0.0.1:0\"\nenforce_distinct_subnets = false\n"
+        f"authorities = {authorities!r}\n".replace("'", '"'))
+    out = d / "out.txt"
+    proc = subprocess.Popen([sys.executable, "-m", "onionp2p", "client", "--config", str(d / "client.toml")],
+                            stdout=out.open("w"), stderr=subprocess.STDOUT, cwd=d)
+    return proc, out
+
+
+def wait_line(proc: subprocess.Popen, out: Path, pattern: str, timeout: float = 120) -> re.Match:
+    end = time.time() + timeout
+    while time.time() < end:
+        if m := re.search(pattern, out.read_text()):
+            return m
+        assert proc.poll() is None, out.read_text()[-3000:]
+        time.sleep(0.3)
+    raise AssertionError(f"no {pattern!r} in:\n" + out.read_text()[-3000:])
+
+
+def onionp2p(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "onionp2p", *args], capture_output=True, text=True,
+                          timeout=60, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_control_port_on_by_default_and_found_from_the_data_dir(net, tmp_path):
+    """Two clients with default configs: each gets a control port (9151 or, when taken, any
+    free one), cookie auth for stem; ``circuits`` finds each from its data directory."""
+    from stem.control import Controller
+
+    line = (net.data_dir / "auth0" / "authority.txt").read_text().strip()
+    procs = []
+    try:
+        ports = []
+        for name in ("a", "b"):
+            proc, out = start_client(tmp_path / name, [line])
+            procs.append(proc)
+            ports.append(int(wait_line(proc, out, r"Control port at 127\.0\.0\.1:(\d+)").group(1)))
+        assert len(set(ports)) == 2  # the default never collides
+        for name, port in zip(("a", "b"), ports):
+            data_dir = tmp_path / name / "onionp2p-client"  # data_dir's default, next to the config
+            assert (data_dir / "control_port").read_text() == f"PORT=127.0.0.1:{port}\n"
+            with Controller.from_port(port=port) as ctl:  # cookie authentication, as tor's
+                assert ctl.get_protocolinfo().cookie_path == str(data_dir / "control_auth_cookie")
+                ctl.authenticate()
+                assert set(ctl.get_listeners("CONTROL")) == {("127.0.0.1", port)}
+            # circuits --data-dir DIR, and with no options from the directory holding ./onionp2p-client
+            for p in (onionp2p("circuits", "--json", "--data-dir", str(data_dir)),
+                      onionp2p("circuits", "--json", cwd=tmp_path / name)):
+                assert p.returncode == 0, p.stderr
+                assert json.loads(p.stdout)["version"]
+        p = onionp2p("circuits", "--json", "--data-dir", str(net.data_dir))  # a testnet's directory
+        assert p.returncode == 0, p.stderr
+        p = onionp2p("circuits", "--json", "--data-dir", str(tmp_path))
+        assert p.returncode == 2 and "no control_port file" in p.stderr
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(20)
+    assert not (tmp_path / "a" / "onionp2p-client" / "control_port").exists()  # removed on exit

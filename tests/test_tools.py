@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -472,3 +473,14 @@ async def test_top_reports_unreachable_port():
         await wait_for(lambda: app.return_code is not None, timeout=20, what="app exit")
         await pilot.pause()
     assert app.return_code == 2
+
+
+@pytest.mark.parametrize("command,package", [("top", "textual"), ("circuits", "rich")])
+def test_missing_package_names_the_tools_extra(command, package):
+    """Without an optional package a tool says which one and how to get all of them."""
+    code = (f"import sys; sys.modules[{package!r}] = None\n"  # import fails as if not installed
+            f"from onionp2p.cli import main; sys.exit(main([{command!r}, '--control-port', '9']))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert f"needs the Python package '{package}'" in p.stderr
+    assert "pip install 'onionp2p[tools]'" in p.stderr

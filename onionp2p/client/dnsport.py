@@ -167,7 +167,7 @@ class DnsPortServer(asyncio.DatagramProtocol):
 
     async def _answer(self, query: DnsQuery, question: Question, addr: Any) -> None:
         req = SocksRequest(0, "resolve_ptr" if question.qtype == QType.PTR else "resolve", question.name, 0,
-                           client_address=addr, session_group=self.session_group)
+                           client_address=addr, session_group=self.session_group, protocol="DNS")
         local = _local_answer(question)
         if local is not None:
             rcode, answers = local

@@ -59,6 +59,7 @@ class StreamRecord:
     circuit_id: int = 0
     purpose: str = "USER"
     socks_username: str | None = None
+    client_protocol: str = "SOCKS5"  # SOCKS4, SOCKS5, HTTPCONNECT or DNS (the front end)
     reason: str | None = None
     created_at: float = field(default_factory=time.time)
     writer: asyncio.StreamWriter | None = None
@@ -239,7 +240,8 @@ class ClientNode:
 
     def _record(self, req, target: str, status: str, purpose: str = "USER") -> StreamRecord:
         user = req.username.decode("utf-8", "replace") if getattr(req, "username", None) else None
-        rec = StreamRecord(next(_stream_ids), target, status, purpose=purpose, socks_username=user)
+        rec = StreamRecord(next(_stream_ids), target, status, purpose=purpose, socks_username=user,
+                           client_protocol=getattr(req, "client_protocol", "SOCKS5"))
         self.streams[rec.id] = rec
         self.events(("stream", rec))
         return rec

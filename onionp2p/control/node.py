@@ -333,7 +333,8 @@ _CIRC_REASONS = {"NONE", "TORPROTOCOL", "INTERNAL", "REQUESTED", "HIBERNATING", 
 def _stream_info(rec) -> StreamInfo:
     return StreamInfo(id=rec.id, status=rec.status, circ_id=rec.circuit_id, target=rec.target,
                       reason=rec.reason if rec.status in ("FAILED", "CLOSED") else None,
-                      purpose=rec.purpose, socks_username=rec.socks_username, client_protocol="SOCKS5")
+                      purpose=rec.purpose, socks_username=rec.socks_username,
+                      client_protocol=getattr(rec, "client_protocol", "SOCKS5"))
 
 
 def _int(v: str, lo: int, hi: int) -> int:

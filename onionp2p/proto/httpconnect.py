@@ -196,4 +196,5 @@ class HttpConnectParser:
                     raise _bad("more than one Proxy-Authorization header")
                 username, password = _credentials(value)
         return SocksRequest(0, "connect", host, port, username=username, password=password,
-                            client_address=self.client_address, session_group=self.session_group)
+                            client_address=self.client_address, session_group=self.session_group,
+                            protocol="HTTPCONNECT")
