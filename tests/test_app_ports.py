@@ -503,3 +503,27 @@ def test_control_port_on_by_default_and_found_from_the_data_dir(net, tmp_path):
             proc.send_signal(signal.SIGTERM)
             proc.wait(20)
     assert not (tmp_path / "a" / "onionp2p-client" / "control_port").exists()  # removed on exit
+
+
+async def test_http_tunnel_handshake_timeout_and_eof():
+    """A client that never finishes its CONNECT request gets 408 after the handshake
+    timeout; one that hangs up half-way is just closed (the backend is never asked)."""
+    from onionp2p.client.httptunnel import HttpTunnelServer
+
+    srv = HttpTunnelServer(backend=None, port=0, handshake_timeout=0.5)
+    await srv.start()
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+        w.write(b"CONNECT example.com:443 HTTP/1.1\r\nHost: exa")
+        t0 = asyncio.get_running_loop().time()
+        data = await asyncio.wait_for(r.read(), 10)
+        assert data.startswith(b"HTTP/1.1 408 ") and asyncio.get_running_loop().time() - t0 >= 0.4
+        w.close()
+        r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+        w.write(b"CONNECT exa")
+        w.write_eof()
+        assert await asyncio.wait_for(r.read(), 10) == b""
+        w.close()
+        assert srv.stats.handshake_failed == 2 and srv.stats.streams_ok == srv.stats.streams_failed == 0
+    finally:
+        await srv.stop()
