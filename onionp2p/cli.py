@@ -53,8 +53,8 @@ async def _start_side_ports(cfg, data_dir: Path, collector, adapter_factory) -> 
         adapter = adapter_factory(metrics)
         if cfg.control_port is not None:
             # tor's CookieAuthFile: in the data directory, mode 0600
-            control = ControlServer(adapter, port=cfg.control_port, cookie_path=data_dir / "control_auth_cookie",
-                                    port_file=data_dir / "control_port")
+            control = ControlServer(adapter, port=cfg.control_port,
+                                    cookie_path=data_dir / "control_auth_cookie", port_file=data_dir / "control_port")
             await control.start()
             print(f"Control port at 127.0.0.1:{control.port}", flush=True)
     except BaseException:

@@ -390,8 +390,9 @@ class ClientConfig:
     #: is written to ``data_dir/control_port`` (tor's ControlPortWriteToFile format).
     control_port: int | str | None = CONTROL_PORT_DEFAULT
     metrics_port: int | None = None  #: Prometheus endpoint on 127.0.0.1 (tor's MetricsPort); None = disabled
-    http_tunnel_port: int | None = None  #: HTTP CONNECT listener on 127.0.0.1 (tor's HTTPTunnelPort); 0 = any free
-    dns_port: int | None = None  #: UDP DNS resolver on 127.0.0.1 (tor's DNSPort); 0 = any free
+    #: HTTP CONNECT listener on 127.0.0.1 (tor's HTTPTunnelPort); 0 = any free port; None = off
+    http_tunnel_port: int | None = None
+    dns_port: int | None = None  #: UDP DNS resolver on 127.0.0.1 (tor's DNSPort); 0 = any free port
     authorities: tuple[str, ...] = ()  #: ``NICK HOST:DIRPORT ED25519_ID`` of each directory authority
     log_level: str = "info"
     log_format: str = "console"

@@ -151,7 +151,8 @@ def test_connect_parser_never_fails_otherwise(data, chunk):
 def dns_query(name: str, qtype: int, qid: int = 0x1234, flags: int = 0x0100, extra: bytes = b"") -> bytes:
     qname = b"".join(bytes((len(lab),)) + lab.encode() for lab in name.split(".") if lab) + b"\0"
     return (qid.to_bytes(2, "big") + flags.to_bytes(2, "big") + b"\x00\x01\x00\x00\x00\x00"
-            + (b"\x00\x01" if extra else b"\x00\x00") + qname + qtype.to_bytes(2, "big") + b"\x00\x01" + extra)
+            + (b"\x00\x01" if extra else b"\x00\x00") + qname + qtype.to_bytes(2, "big") + b"\x00\x01"
+            + extra)
 
 
 OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x0c\x00\x0a\x00\x08" + os.urandom(8)  # dig's EDNS + cookie
@@ -159,15 +160,17 @@ OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x0c\x00\x0a\x00\x08" + os.urand
 
 def test_dns_query_and_answer_bytes():
     q = parse_query(dns_query("Example.COM", QType.A, extra=OPT))
-    assert (q.id, q.opcode, q.first_supported().name, q.first_supported().qtype) == (0x1234, 0, "Example.COM", 1)
-    out = build_response(q, Rcode.NOERROR, q.questions[0],
-                         [Answer(QType.A, bytes([93, 184, 216, 34]), 5), Answer(QType.A, b"\x01\x02\x03\x04", 99999)])
+    first = q.first_supported()
+    assert (q.id, q.opcode, first.name, first.qtype) == (0x1234, 0, "Example.COM", 1)
+    out = build_response(q, Rcode.NOERROR, q.questions[0], [Answer(QType.A, bytes([93, 184, 216, 34]), 5),
+                                                            Answer(QType.A, b"\x01\x02\x03\x04", 99999)])
     assert out[:2] == b"\x12\x34"
     assert int.from_bytes(out[2:4], "big") == 0x8180  # QR, RD copied, RA, NOERROR
     assert out[4:12] == b"\x00\x01\x00\x02\x00\x00\x00\x00"
     body = out[12 + len(q.questions[0].wire):]
     # name pointer to offset 12, A, IN, TTL clamped to 60 .. 3600, 4 bytes
-    assert body[:16] == b"\xc0\x0c\x00\x01\x00\x01" + (60).to_bytes(4, "big") + b"\x00\x04" + bytes([93, 184, 216, 34])
+    assert body[:16] == (b"\xc0\x0c\x00\x01\x00\x01" + (60).to_bytes(4, "big") + b"\x00\x04"
+                         + bytes([93, 184, 216, 34]))
     assert body[16 + 6:16 + 10] == (3600).to_bytes(4, "big")
     ptr = parse_query(dns_query("1.0.0.127.in-addr.arpa", QType.PTR))
     out = build_response(ptr, Rcode.NOERROR, ptr.questions[0], [Answer(QType.PTR, b"localhost", 300)])
@@ -223,9 +226,11 @@ def q_of(name: str, qtype: int):
 
 
 def test_resolved_to_dns_answers_as_tor():
-    both = Resolved((ResolvedAnswer(4, b"\x7f\x00\x00\x01", 300), ResolvedAnswer(6, b"\x00" * 15 + b"\x01", 30)))
-    assert answer_for(q_of("x.y", QType.A), both) == (Rcode.NOERROR, [Answer(QType.A, b"\x7f\x00\x00\x01", 300)])
-    assert answer_for(q_of("x.y", QType.AAAA), both) == (Rcode.NOERROR, [Answer(QType.AAAA, b"\x00" * 15 + b"\x01", 30)])
+    v6 = b"\x00" * 15 + b"\x01"
+    both = Resolved((ResolvedAnswer(4, b"\x7f\x00\x00\x01", 300), ResolvedAnswer(6, v6, 30)))
+    lo = b"\x7f\x00\x00\x01"
+    assert answer_for(q_of("x.y", QType.A), both) == (Rcode.NOERROR, [Answer(QType.A, lo, 300)])
+    assert answer_for(q_of("x.y", QType.AAAA), both) == (Rcode.NOERROR, [Answer(QType.AAAA, v6, 30)])
     v4 = Resolved((ResolvedAnswer(4, b"\x7f\x00\x00\x01", 300),))
     assert answer_for(q_of("x.y", QType.AAAA), v4) == (Rcode.NOERROR, [])        # NODATA
     assert answer_for(q_of("x.y", QType.A), Resolved((ResolvedAnswer(0xF1, b"", 0),))) == (Rcode.NXDOMAIN, [])
@@ -257,13 +262,14 @@ def self_signed(d: Path) -> tuple[Path, Path]:
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
             .sign(key, hashes.SHA256()))
     (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption()))
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    (d / "key.pem").write_bytes(pem)
     return d / "cert.pem", d / "key.pem"
 
 
@@ -276,7 +282,9 @@ def tls_site(tmp_path_factory):
     cert, key = self_signed(root)
     token = os.urandom(8).hex()
     (root / "index.html").write_text(f"<p>over TLS through the tunnel {token}</p>\n")
-    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **kw)  # noqa: E731
+    def handler(*a, **kw):
+        return http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **kw)
+
     http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -290,7 +298,8 @@ def tls_site(tmp_path_factory):
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
     net = RunningTestnet(tmp_path_factory.mktemp("ports") / "net",
-                         ["--relays", "4", "--exits", "2", "--http-tunnel-port", "auto", "--dns-port", "auto"])
+                         ["--relays", "4", "--exits", "2",
+                          "--http-tunnel-port", "auto", "--dns-port", "auto"])
     assert net.http_tunnel and net.dns, Path(net.out.name).read_text()[-2000:]
     yield net
     net.stop()
@@ -334,7 +343,8 @@ def test_proxy_credentials_isolate_http_tunnel_streams(net, tls_site):
             assert p.returncode == 0, p.stderr
             order.append(user)
         circuits = {c.id: c for c in ctl.get_circuits()}
-    ok = [e for e in events if e.status == "SUCCEEDED" and e.keyword_args.get("CLIENT_PROTOCOL") == "HTTPCONNECT"]
+    ok = [e for e in events
+          if e.status == "SUCCEEDED" and e.keyword_args.get("CLIENT_PROTOCOL") == "HTTPCONNECT"]
     assert len(ok) == 4, [(e.status, e.keyword_args) for e in events]
     by_user: dict[str | None, set[str]] = {}
     for user, e in zip(order, ok):
@@ -367,7 +377,8 @@ def test_http_tunnel_error_statuses(net, tls_site):
         return data
 
     assert asyncio.run(raw(b"CONNECT nonsense HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
-    assert asyncio.run(raw(b"CONNECT a.b:1 HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n")).startswith(b"HTTP/1.1 431 ")
+    huge = b"CONNECT a.b:1 HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n"
+    assert asyncio.run(raw(huge)).startswith(b"HTTP/1.1 431 ")
     # .onion names never reach an exit
     assert asyncio.run(raw(b"CONNECT abc.onion:443 HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 502 ")
 
@@ -429,7 +440,8 @@ def test_dns_port_survives_garbage(net):
         for junk in (b"", b"\x00", os.urandom(11), os.urandom(300), b"\x00" * 12 + b"\x3f" * 40):
             s.sendto(junk, ("127.0.0.1", net.dns))
         # a name whose compression pointer points at itself
-        s.sendto(b"\xbe\xef\x01\x00\x00\x01" + b"\x00" * 6 + b"\xc0\x0c\x00\x01\x00\x01", ("127.0.0.1", net.dns))
+        loop_query = b"\xbe\xef\x01\x00\x00\x01" + b"\x00" * 6 + b"\xc0\x0c\x00\x01\x00\x01"
+        s.sendto(loop_query, ("127.0.0.1", net.dns))
         while (reply := s.recvfrom(512)[0])[:2] != b"\xbe\xef":
             pass  # answers to random bytes that happened to look like a query
         assert reply[3] & 0x0F == 1 and reply[2] & 0x80  # a FORMERR response with the query's ID

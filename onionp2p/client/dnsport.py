@@ -78,15 +78,16 @@ def answer_for(question: Question, resolved: Resolved) -> tuple[int, list[Answer
             continue
         if want == ResolvedType.HOSTNAME:
             name = a.value.rstrip(b".")
-            if not name or not name.isascii() or not all(0 < len(lab) < 64 and 0x20 < min(lab) and max(lab) < 0x7F
-                                                         for lab in name.split(b".")):
+            if not name or not all(0 < len(lab) < 64 and 0x20 < min(lab) and max(lab) < 0x7F
+                                   for lab in name.split(b".")):
                 continue  # not a name we can write (or an empty one)
             answers.append(Answer(QType.PTR, name, a.ttl))
         elif len(a.value) == size[want]:
             answers.append(Answer(question.qtype, a.value, a.ttl))
     if answers:
         return Rcode.NOERROR, answers
-    if any(a.atype in (ResolvedType.IPV4, ResolvedType.IPV6, ResolvedType.HOSTNAME) for a in resolved.answers):
+    found = (ResolvedType.IPV4, ResolvedType.IPV6, ResolvedType.HOSTNAME)
+    if any(a.atype in found for a in resolved.answers):
         return Rcode.NOERROR, []  # the name exists, without records of this type (NODATA)
     if any(a.atype == ResolvedType.ERROR_TRANSIENT for a in resolved.answers):
         return Rcode.SERVFAIL, []
@@ -114,7 +115,8 @@ class DnsPortServer(asyncio.DatagramProtocol):
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(self.host, self._port))
+        self._transport, _ = await loop.create_datagram_endpoint(lambda: self,
+                                                                 local_addr=(self.host, self._port))
         self._port = self._transport.get_extra_info("sockname")[1]
         log.info("DNS listener open", listen_port=self._port)
 

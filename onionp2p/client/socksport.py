@@ -213,8 +213,8 @@ class AppProxyServer:
                 self._refused += 1
                 now = time.monotonic()
                 if now - self._refused_logged_at >= REFUSED_LOG_INTERVAL:
-                    log.warning(f"too many {self.kind} connections; refusing new ones", limit=self.max_connections,
-                                refused=self._refused)
+                    log.warning(f"too many {self.kind} connections; refusing new ones",
+                                limit=self.max_connections, refused=self._refused)
                     self._refused_logged_at, self._refused = now, 0
                 return
             await self._serve(reader, writer, peer)

@@ -101,7 +101,8 @@ def add_control_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--data-dir", metavar="DIR",
                        help=f"the node's data directory (or a testnet's): its {PORT_FILE} file names the "
                             f"control port, its control_auth_cookie authenticates. Without any of these: "
-                            f"./{DEFAULT_DATA_DIR} if a node runs from there, else port {DEFAULT_CONTROL_PORT}")
+                            f"./{DEFAULT_DATA_DIR} if a node runs from there, "
+                            f"else port {DEFAULT_CONTROL_PORT}")
     auth = p.add_mutually_exclusive_group()
     auth.add_argument("--cookie", metavar="FILE",
                       help="control_auth_cookie file (default: the one the node names in PROTOCOLINFO)")

@@ -66,8 +66,9 @@ _NOT_A_PROXY = (
 def http_response(status: int, text: str = "", headers: tuple[tuple[str, str], ...] = ()) -> bytes:
     """A complete HTTP/1.1 response that ends the connection (``Connection: close``)."""
     body = (text or f"{status} {_REASONS.get(status, '')}\n").encode("ascii", "replace")
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", "Content-Type: text/plain; charset=us-ascii",
-             f"Content-Length: {len(body)}", "Connection: close", *(f"{k}: {v}" for k, v in headers)]
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
+             "Content-Type: text/plain; charset=us-ascii", f"Content-Length: {len(body)}", "Connection: close",
+             *(f"{k}: {v}" for k, v in headers)]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + body
 
 
@@ -79,8 +80,8 @@ def response_for_reply(code: int) -> bytes:
         return http_response(504, "The stream through the onion network timed out.\n")
     if code == Reply.NOT_ALLOWED:
         return http_response(403, "The exit (or this client's policy) does not allow this destination.\n")
-    return http_response(502, f"The stream through the onion network failed ({Reply(code).name}).\n"
-                         if code in Reply._value2member_map_ else "The stream through the onion network failed.\n")
+    why = f" ({Reply(code).name})" if code in Reply._value2member_map_ else ""
+    return http_response(502, f"The stream through the onion network failed{why}.\n")
 
 
 class HttpConnectError(ProtocolError):
