@@ -254,6 +254,9 @@ def client_config_from_args(args: argparse.Namespace) -> ClientConfig:
         overrides["control_port"] = None if args.control_port == "off" else max(args.control_port, 0)
     if args.metrics_port is not None:
         overrides["metrics_port"] = max(args.metrics_port, 0)
+    for key in ("http_tunnel_port", "dns_port"):
+        if getattr(args, key) is not None:
+            overrides[key] = max(getattr(args, key), 0)
     if args.data_dir is not None:
         overrides["data_dir"] = Path(args.data_dir)
     if args.unsafe_logging:
@@ -334,6 +337,10 @@ def _add_client_parsers(sub) -> None:
                         "written to DATA_DIR/control_port)")
     c.add_argument("--metrics-port", type=_port_or_auto, metavar="PORT",
                    help="enable Prometheus metrics on 127.0.0.1:PORT/metrics ('auto' = any free port)")
+    c.add_argument("--http-tunnel-port", type=_port_or_auto, metavar="PORT",
+                   help="HTTP CONNECT proxy on 127.0.0.1:PORT (tor's HTTPTunnelPort; 'auto' = any free port)")
+    c.add_argument("--dns-port", type=_port_or_auto, metavar="PORT",
+                   help="DNS resolver (UDP) on 127.0.0.1:PORT through the network (tor's DNSPort; 'auto' = any)")
     c.add_argument("--data-dir", help="override data_dir")
     c.add_argument("--tor-dirauth-file", help="use a Tor network: a file of torrc DirAuthority lines")
     c.add_argument("--unsafe-logging", action="store_true", help="show destinations in logs (debugging only)")

@@ -528,3 +528,6 @@ def test_client_control_port_flag():
     assert cfg("--control-port", "off").control_port is None
     assert cfg("--control-port", "auto").control_port == 0
     assert cfg("--control-port", "9051").control_port == 9051
+    c = cfg("--http-tunnel-port", "8118", "--dns-port", "auto")
+    assert (c.http_tunnel_port, c.dns_port) == (8118, 0)
+    assert (cfg().http_tunnel_port, cfg().dns_port) == (None, None)
