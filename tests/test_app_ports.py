@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -539,3 +540,17 @@ async def test_http_tunnel_handshake_timeout_and_eof():
         assert srv.stats.handshake_failed == 2 and srv.stats.streams_ok == srv.stats.streams_failed == 0
     finally:
         await srv.stop()
+
+
+@pytest.mark.slow
+def test_headless_chromium_https_through_the_http_tunnel(net, tls_site, tmp_path):
+    """A browser's HTTPS proxy setting: chromium sends CONNECT and loads the page over TLS."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or require_tool("chromium", "chromium")
+    p = subprocess.run([
+        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--ignore-certificate-errors", f"--user-data-dir={tmp_path / 'profile'}",
+        f"--proxy-server=http://127.0.0.1:{net.http_tunnel}", "--proxy-bypass-list=<-loopback>",
+        "--dump-dom", f"https://localhost:{tls_site['port']}/index.html",
+    ], capture_output=True, text=True, timeout=120)
+    assert f"over TLS through the tunnel {tls_site['token']}" in p.stdout, p.stderr[-2000:]
