@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import itertools
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from onionp2p.client.socksport import _session_groups
 from onionp2p.errors import OnionError
 from onionp2p.log import get_logger
 from onionp2p.proto.dnsmsg import (
@@ -48,7 +48,6 @@ from onionp2p.proto.socks import SocksRequest
 __all__ = ["DnsBackend", "DnsStats", "DnsPortServer", "answer_for"]
 
 log = get_logger("onionp2p.dnsport")
-_session_groups = itertools.count(1_000_000)  # apart from the SOCKS ports' groups
 MAX_DATAGRAM = 65535
 LOCAL_TTL = 60
 
