@@ -68,7 +68,8 @@ async def _start_side_ports(cfg, data_dir: Path, collector, adapter_factory) -> 
         adapter = adapter_factory(metrics)
         if cfg.control_port is not None:
             # tor's CookieAuthFile: in the data directory, mode 0600
-            control = ControlServer(adapter, port=cfg.control_port, cookie_path=data_dir / "control_auth_cookie")
+            control = ControlServer(adapter, port=cfg.control_port,
+                                    cookie_path=data_dir / "control_auth_cookie", port_file=data_dir / "control_port")
             await control.start()
             print(f"Control port at 127.0.0.1:{control.port}", flush=True)
     except BaseException:
@@ -339,8 +340,13 @@ async def run_client(cfg: ClientConfig, *, config_file: str | None = None,
             view = await fetch_tor_network(authorities)
         await node.start(ready_timeout=cfg.circuit_build_timeout * 2)
         print(f"SOCKS5 proxy ready at {cfg.socks_address[0]}:{node.socks_port}", flush=True)
+        if node.http_tunnel_port is not None:
+            print(f"HTTP CONNECT tunnel at 127.0.0.1:{node.http_tunnel_port}", flush=True)
+        if node.dns_port is not None:
+            print(f"DNS port at 127.0.0.1:{node.dns_port} (UDP)", flush=True)
         if node.control_port is not None:
-            print(f"Control port at 127.0.0.1:{node.control_port}", flush=True)
+            print(f"Control port at 127.0.0.1:{node.control_port} "
+                  f"(cookie: {cfg.data_dir / 'control_auth_cookie'})", flush=True)
         if node.metrics_port is not None:
             print(f"Metrics port at http://127.0.0.1:{node.metrics_port}/metrics", flush=True)
         await node.shutdown_requested.wait()
@@ -357,9 +363,12 @@ def client_config_from_args(args: argparse.Namespace) -> ClientConfig:
     if args.socks_port is not None:
         overrides["socks_address"] = (cfg.socks_address[0], args.socks_port)
     if args.control_port is not None:
-        overrides["control_port"] = args.control_port
+        overrides["control_port"] = None if args.control_port == "off" else max(args.control_port, 0)
     if args.metrics_port is not None:
         overrides["metrics_port"] = max(args.metrics_port, 0)
+    for key in ("http_tunnel_port", "dns_port"):
+        if getattr(args, key) is not None:
+            overrides[key] = max(getattr(args, key), 0)
     if args.data_dir is not None:
         overrides["data_dir"] = Path(args.data_dir)
     if args.unsafe_logging:
@@ -392,6 +401,8 @@ def _cmd_testnet(args: argparse.Namespace) -> int:
         log_level=args.log_level, metrics_port=None if args.metrics_port is None else max(args.metrics_port, 0),
         link_delay=args.link_delay, congestion_control=not args.no_congestion_control, cgo=not args.no_cgo,
         base_port=args.base_port,
+        http_tunnel_port=None if args.http_tunnel_port is None else max(args.http_tunnel_port, 0),
+        dns_port=None if args.dns_port is None else max(args.dns_port, 0),
     ))
 
 
@@ -428,13 +439,24 @@ def _port_or_auto(text: str) -> int:
     return port
 
 
+def _port_auto_or_off(text: str) -> int | str:
+    """A port, 'auto' (-1) or 'off'."""
+    return "off" if text == "off" else _port_or_auto(text)
+
+
 def _add_client_parsers(sub) -> None:
     c = sub.add_parser("client", help="run a client: a SOCKS5 proxy into the network")
     c.add_argument("--config", "-c", help="client TOML config file")
     c.add_argument("--socks-port", type=int, help="override socks_address's port")
-    c.add_argument("--control-port", type=int, help="enable the control port on 127.0.0.1:PORT")
+    c.add_argument("--control-port", type=_port_auto_or_off, metavar="PORT|auto|off",
+                   help="control port on 127.0.0.1 (default 9151, or any free port when 9151 is taken; "
+                        "written to DATA_DIR/control_port)")
     c.add_argument("--metrics-port", type=_port_or_auto, metavar="PORT",
                    help="enable Prometheus metrics on 127.0.0.1:PORT/metrics ('auto' = any free port)")
+    c.add_argument("--http-tunnel-port", type=_port_or_auto, metavar="PORT",
+                   help="HTTP CONNECT proxy on 127.0.0.1:PORT (tor's HTTPTunnelPort; 'auto' = any free port)")
+    c.add_argument("--dns-port", type=_port_or_auto, metavar="PORT",
+                   help="DNS resolver (UDP) on 127.0.0.1:PORT through the network (tor's DNSPort; 'auto' = any)")
     c.add_argument("--data-dir", help="override data_dir")
     c.add_argument("--tor-dirauth-file", help="use a Tor network: a file of torrc DirAuthority lines")
     c.add_argument("--unsafe-logging", action="store_true", help="show destinations in logs (debugging only)")
@@ -450,6 +472,12 @@ def _add_client_parsers(sub) -> None:
                    help="client control port (default 9151; 'auto' = any free port; 0 = disabled)")
     t.add_argument("--metrics-port", type=_port_or_auto, metavar="PORT",
                    help="client Prometheus metrics on 127.0.0.1:PORT/metrics (default off; 'auto' = any free port)")
+    t.add_argument("--http-tunnel-port", type=_port_or_auto, metavar="PORT",
+                   help="client HTTP CONNECT proxy on 127.0.0.1:PORT (tor's HTTPTunnelPort; default off; "
+                        "'auto' = any free port)")
+    t.add_argument("--dns-port", type=_port_or_auto, metavar="PORT",
+                   help="client DNS resolver (UDP) on 127.0.0.1:PORT, answered through the network "
+                        "(tor's DNSPort; default off; 'auto' = any free port)")
     t.add_argument("--data-dir", help="keep everything here (default: a temporary directory)")
     t.add_argument("--voting-interval", type=int, default=5, help="seconds between consensuses (default 5)")
     t.add_argument("--log-level", default="warning", choices=list(LOG_LEVELS))

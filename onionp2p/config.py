@@ -48,6 +48,7 @@ __all__ = [
     "RelayConfig",
     "ClientConfig",
     "AuthorityConfig",
+    "CONTROL_PORT_DEFAULT",
     "load_relay_config",
     "load_client_config",
     "load_authority_config",
@@ -248,6 +249,23 @@ def _public_ipv4(ctx: _Ctx, key: str, value: Any) -> str:
 
 def _optional_port(ctx: _Ctx, key: str, value: Any) -> int | None:
     return None if value is None else _int_range(0, 65535)(ctx, key, value)
+
+
+#: the client's control port when none is configured: 9151 (Tor Browser's), or any free
+#: port when 9151 is taken (so that many clients on one machine never collide)
+CONTROL_PORT_DEFAULT = "9151-or-auto"
+CONTROL_PORT_PREFERRED = 9151
+
+
+def _client_control_port(ctx: _Ctx, key: str, value: Any) -> int | None:
+    """A client's control_port: a port, "auto" (any free port, = 0) or false (off)."""
+    if value is False:
+        return None
+    if value == "auto":
+        return 0
+    if isinstance(value, str):
+        raise ctx.fail(key, f"expected a port, \"auto\" or false, got {value!r:.60}")
+    return _int_range(0, 65535)(ctx, key, value)
 
 
 def _distinct_ports(ctx: _Ctx, out: Mapping[str, Any]) -> None:
@@ -457,8 +475,15 @@ class ClientConfig:
 
     data_dir: Path = Path("onionp2p-client")  #: cached directory info; relative = next to file
     socks_address: tuple[str, int] = ("127.0.0.1", 9050)  #: SOCKS listener; port 0 = any free
-    control_port: int | None = None  #: control listener on 127.0.0.1; None = disabled
+    #: control listener on 127.0.0.1 with cookie auth, on by default (as Tor Browser's tor):
+    #: CONTROL_PORT_DEFAULT = 9151, or any free port when 9151 is taken; a port (0 = any
+    #: free port, also "auto" in TOML); None (``false`` in TOML) = disabled. The port in use
+    #: is written to ``data_dir/control_port`` (tor's ControlPortWriteToFile format).
+    control_port: int | str | None = CONTROL_PORT_DEFAULT
     metrics_port: int | None = None  #: Prometheus endpoint on 127.0.0.1 (tor's MetricsPort); None = disabled
+    #: HTTP CONNECT listener on 127.0.0.1 (tor's HTTPTunnelPort); 0 = any free port; None = off
+    http_tunnel_port: int | None = None
+    dns_port: int | None = None  #: UDP DNS resolver on 127.0.0.1 (tor's DNSPort); 0 = any free port
     authorities: tuple[str, ...] = ()  #: ``NICK HOST:DIRPORT ED25519_ID`` of each directory authority
     log_level: str = "info"
     log_format: str = "console"
@@ -493,8 +518,10 @@ class ClientConfig:
         validators: dict[str, Callable[[_Ctx, str, Any], Any]] = {
             "data_dir": _path,
             "socks_address": _address,
-            "control_port": _optional_port,
+            "control_port": _client_control_port,
             "metrics_port": _optional_port,
+            "http_tunnel_port": _optional_port,
+            "dns_port": _optional_port,
             "authorities": _authority_list,
             "preemptive_circuits": _int_range(0, 64),
             "preemptive_ports": lambda c, k, v: _text_list(c, k, v, _int_range(1, 65535)),

@@ -11,7 +11,8 @@ network, give every reachable relay the Guard and Stable flags (like tor's
 TestingTorNetwork). The client runs inside this process: it waits until a consensus
 listing every relay is published, bootstraps from it, builds circuits, and only then
 prints ``SOCKS5 proxy ready at 127.0.0.1:PORT`` (and the control port line, and with
-``--metrics-port`` the client's Prometheus endpoint). SIGINT or
+``--metrics-port`` the client's Prometheus endpoint, with ``--http-tunnel-port`` its HTTP
+CONNECT port, with ``--dns-port`` its DNS port). SIGINT or
 SIGTERM stops the client and every child process within a few seconds.
 
 ``--link-delay MIN-MAX`` (milliseconds, one way) emulates a wide-area network: every
@@ -259,7 +260,8 @@ async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int
                       timeout: float = 180.0, log_level: str = "info", metrics_port: int | None = None,
                       stop_event: asyncio.Event | None = None, ready=None,
                       link_delay: tuple[float, float] | None = None, congestion_control: bool = True,
-                      cgo: bool = True, base_port: int | None = None) -> int:
+                      cgo: bool = True, base_port: int | None = None,
+                      http_tunnel_port: int | None = None, dns_port: int | None = None) -> int:
     """Start the network and the client; run until signalled. Returns the exit code. On a
     failure the data directory (even a temporary one) is kept, and the message says where."""
     from onionp2p.client.node import ClientNode
@@ -282,6 +284,7 @@ async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int
         net.prepare()
         cfg = ClientConfig(data_dir=data_dir / "client", socks_address=("127.0.0.1", socks_port),
                            control_port=control_port, metrics_port=metrics_port,
+                           http_tunnel_port=http_tunnel_port, dns_port=dns_port,
                            authorities=tuple(net.authority_lines),
                            enforce_distinct_subnets=False, client_reject_internal_addresses=False,
                            log_level=log_level, congestion_control=congestion_control, cgo=cgo)
@@ -304,6 +307,10 @@ async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int
         stopper.cancel()
         await node.start(ready_timeout=timeout)
         print(f"SOCKS5 proxy ready at 127.0.0.1:{node.socks_port}", flush=True)
+        if node.http_tunnel_port is not None:
+            print(f"HTTP CONNECT tunnel at 127.0.0.1:{node.http_tunnel_port}", flush=True)
+        if node.dns_port is not None:
+            print(f"DNS port at 127.0.0.1:{node.dns_port} (UDP)", flush=True)
         if node.control_port is not None:
             print(f"Control port at 127.0.0.1:{node.control_port} "
                   f"(cookie: {cfg.data_dir / 'control_auth_cookie'})", flush=True)

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -61,6 +62,18 @@ async def wait_for(pred, timeout: float = 10.0, what: str = "condition", interva
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(interval)
     return value
+
+
+def require_tool(name: str, package: str) -> str:
+    """The path of system tool ``name``; the test is skipped without it, except under
+    CI=true, where a missing tool fails the test (tools/test installs ``package``)."""
+    path = shutil.which(name)
+    if path is None:
+        why = f"{name} not installed (Debian package {package}; tools/test installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    return path
 
 
 def free_port() -> int:
@@ -458,7 +471,7 @@ class RunningTestnet:
             [sys.executable, "-m", "onionp2p", "testnet", "--socks-port", "auto", "--control-port", "auto",
              "--metrics-port", "auto", "--data-dir", str(data_dir), "--voting-interval", "4", *extra],
             stdout=self.out, stderr=subprocess.STDOUT)
-        self.socks = self.control = self.metrics = 0
+        self.socks = self.control = self.metrics = self.http_tunnel = self.dns = 0
         end = time.time() + 150
         while time.time() < end and not (self.socks and self.control and self.metrics):
             text = Path(self.out.name).read_text()
@@ -468,6 +481,10 @@ class RunningTestnet:
                 self.socks = int(m.group(1))
             if m := re.search(r"Control port at 127\.0\.0\.1:(\d+)", text):
                 self.control = int(m.group(1))
+            if m := re.search(r"HTTP CONNECT tunnel at 127\.0\.0\.1:(\d+)", text):
+                self.http_tunnel = int(m.group(1))
+            if m := re.search(r"DNS port at 127\.0\.0\.1:(\d+)", text):
+                self.dns = int(m.group(1))
             if self.proc.poll() is not None:
                 break
             time.sleep(0.2)

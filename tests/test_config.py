@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from onionp2p.config import (
+    CONTROL_PORT_DEFAULT,
     AuthorityConfig,
     ClientConfig,
     RelayConfig,
@@ -66,7 +67,8 @@ def test_dataclass_defaults_match_from_dict() -> None:
 def test_client_and_authority_defaults(tmp_path: Path) -> None:
     c = load_client_config(write(tmp_path, ""))
     assert c.socks_address == ("127.0.0.1", 9050)
-    assert c.control_port is None and c.authorities == ()
+    assert c.control_port == CONTROL_PORT_DEFAULT and c.authorities == ()  # on: 9151, or any free port
+    assert c.http_tunnel_port is None and c.dns_port is None
     assert c.data_dir == tmp_path.resolve() / "onionp2p-client"
     a = load_authority_config(write(tmp_path, ""))
     assert a.dir_address == ("127.0.0.1", 7000)
@@ -504,7 +506,8 @@ def test_relay_dos_validation_errors(data: dict, key: str, needle: str) -> None:
 # -- metrics and control ports, SOCKS limits ---------------------------------------------
 @pytest.mark.parametrize("cls", [RelayConfig, ClientConfig, AuthorityConfig])
 def test_metrics_and_control_ports_in_every_config(cls, tmp_path: Path) -> None:
-    assert cls().metrics_port is None and cls().control_port is None  # both off by default
+    assert cls().metrics_port is None  # off by default; the control port only on relays and authorities
+    assert cls().control_port == (CONTROL_PORT_DEFAULT if cls is ClientConfig else None)
     cfg = cls.from_dict({"metrics_port": 9035, "control_port": 9051})
     assert (cfg.metrics_port, cfg.control_port) == (9035, 9051)
     assert cls.from_dict({"metrics_port": 0, "control_port": 0}).metrics_port == 0  # two free ports
@@ -713,3 +716,20 @@ def test_relay_address_is_what_is_published() -> None:
         RelayConfig(or_address=("0.0.0.0", 9001)).advertised_address  # noqa: B018
     # an authority's relay publishes without waiting for the self-test, as tor's authorities
     assert AuthorityConfig().relay_config().assume_reachable
+
+
+def test_client_control_port_forms_and_app_ports() -> None:
+    """control_port: a port, "auto" (any free port), false (off); default on. The HTTP
+    tunnel and DNS ports are ports (0 = any free) and off by default."""
+    assert ClientConfig.from_dict({"control_port": "auto"}).control_port == 0
+    assert ClientConfig.from_dict({"control_port": False}).control_port is None
+    assert ClientConfig.from_dict({"control_port": 9051}).control_port == 9051
+    for bad, needle in (("9051", "auto"), (True, "integer"), (70000, "out of range")):
+        with pytest.raises(ConfigError, match=needle):
+            ClientConfig.from_dict({"control_port": bad}, source="x.toml")
+    cfg = ClientConfig.from_dict({"http_tunnel_port": 8118, "dns_port": 0})
+    assert (cfg.http_tunnel_port, cfg.dns_port) == (8118, 0)
+    for key in ("http_tunnel_port", "dns_port"):
+        for bad in (70000, -1, "53", True):
+            with pytest.raises(ConfigError, match=key):
+                ClientConfig.from_dict({key: bad}, source="x.toml")

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -472,3 +473,61 @@ async def test_top_reports_unreachable_port():
         await wait_for(lambda: app.return_code is not None, timeout=20, what="app exit")
         await pilot.pause()
     assert app.return_code == 2
+
+
+@pytest.mark.parametrize("command,package", [("top", "textual"), ("circuits", "rich")])
+def test_missing_package_names_the_tools_extra(command, package):
+    """Without an optional package a tool says which one and how to get all of them."""
+    code = (f"import sys; sys.modules[{package!r}] = None\n"  # import fails as if not installed
+            f"from onionp2p.cli import main; sys.exit(main([{command!r}, '--control-port', '9']))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert f"needs the Python package '{package}'" in p.stderr
+    assert "pip install 'onionp2p[tools]'" in p.stderr
+
+
+def test_tools_find_the_node_from_its_data_dir(tmp_path, monkeypatch):
+    """--data-dir DIR (a node's, or a testnet's DIR/client) reads DIR/control_port and the
+    cookie beside it; without options ./onionp2p-client is tried, then 127.0.0.1:9151."""
+    import argparse
+
+    from onionp2p.errors import OnionError
+    from onionp2p.ops.circuits import add_control_arguments, target_from_args
+
+    p = argparse.ArgumentParser()
+    add_control_arguments(p)
+    node = tmp_path / "net" / "client"
+    node.mkdir(parents=True)
+    (node / "control_port").write_text("PORT=127.0.0.1:40123\n")
+    (node / "control_auth_cookie").write_bytes(os.urandom(32))
+    for d in (node, node.parent):
+        t = target_from_args(p.parse_args(["--data-dir", str(d)]))
+        assert (t.host, t.port, t.cookie_path) == ("127.0.0.1", 40123, str(node / "control_auth_cookie"))
+    assert target_from_args(p.parse_args(["--data-dir", str(node), "--password", "x"])).cookie_path is None
+    with pytest.raises(OnionError, match="no control_port file"):
+        target_from_args(p.parse_args(["--data-dir", str(tmp_path)]))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "control_port").write_text("UNIX_PORT=/x\n")
+    with pytest.raises(OnionError, match="names no control port"):
+        target_from_args(p.parse_args(["--data-dir", str(tmp_path / "bad")]))
+    monkeypatch.chdir(tmp_path)
+    assert target_from_args(p.parse_args([])).port == 9151  # nothing here: the default
+    (tmp_path / "onionp2p-client").mkdir()
+    (tmp_path / "onionp2p-client" / "control_port").write_text("PORT=127.0.0.1:40999\n")
+    assert target_from_args(p.parse_args([])).port == 40999  # a client's default data_dir here
+    assert target_from_args(p.parse_args(["--control-port", "9051"])).port == 9051
+
+
+def test_client_control_port_flag():
+    from onionp2p.cli import build_parser, client_config_from_args
+
+    def cfg(*argv):
+        return client_config_from_args(build_parser().parse_args(["client", *argv]))
+
+    assert cfg().control_port == "9151-or-auto"
+    assert cfg("--control-port", "off").control_port is None
+    assert cfg("--control-port", "auto").control_port == 0
+    assert cfg("--control-port", "9051").control_port == 9051
+    c = cfg("--http-tunnel-port", "8118", "--dns-port", "auto")
+    assert (c.http_tunnel_port, c.dns_port) == (8118, 0)
+    assert (cfg().http_tunnel_port, cfg().dns_port) == (None, None)

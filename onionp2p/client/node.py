@@ -9,10 +9,12 @@ Theory of operation
    Tor network's directory (:mod:`onionp2p.dir.tordir`);
 2. chooses guards (:class:`~onionp2p.client.guards.GuardSet`, persisted in the data dir) and keeps
    circuits ready (:class:`~onionp2p.client.circmgr.CircuitManager`);
-3. serves SOCKS (:class:`~onionp2p.client.socksport.SocksServer`), for which it is the backend: each
-   request becomes a stream on a circuit chosen by port and isolation key (SOCKS
-   credentials), tracked as a :class:`StreamRecord` so the control port can list and close
-   it and emit STREAM events;
+3. serves SOCKS (:class:`~onionp2p.client.socksport.SocksServer`) and, when configured, the
+   HTTP CONNECT port (:class:`~onionp2p.client.httptunnel.HttpTunnelServer`) and the DNS port
+   (:class:`~onionp2p.client.dnsport.DnsPortServer`), for which it is the one backend: each
+   request becomes a stream (or RESOLVE) on a circuit chosen by port and isolation key
+   (credentials, client address, listener), tracked as a :class:`StreamRecord` so the
+   control port can list and close it and emit STREAM events;
 4. optionally serves the control port (:class:`~onionp2p.control.server.ControlServer`) and the
    Prometheus metrics port (:class:`~onionp2p.ops.metrics.MetricsServer` with a
    :class:`~onionp2p.ops.metrics.ClientCollector`, ``metrics_port``).
@@ -47,13 +49,13 @@ from onionp2p.bootstrap import Bootstrap
 from onionp2p.client.circmgr import CircuitManager
 from onionp2p.client.client import OnionClient
 from onionp2p.client.guards import GuardSet
-from onionp2p.config import ClientConfig
-from onionp2p.errors import CircuitError, ConfigError, LocalProtocolError, StreamError
+from onionp2p.config import CONTROL_PORT_DEFAULT, CONTROL_PORT_PREFERRED, ClientConfig
+from onionp2p.errors import CircuitError, ConfigError, ListenError, LocalProtocolError, StreamError
 from onionp2p.listeners import Listeners
 from onionp2p.log import LIVE_LOG_KEYS, apply_log_config, get_logger
 from onionp2p.proto.directory import RouterStatus
 from onionp2p.proto.exitpolicy import is_private_address
-from onionp2p.proto.relaycell import EndReason
+from onionp2p.proto.relaycell import EndReason, Resolved
 
 __all__ = ["ClientNode", "StreamRecord", "RELOADABLE_KEYS"]
 
@@ -79,6 +81,7 @@ class StreamRecord:
     circuit_id: int = 0
     purpose: str = "USER"
     socks_username: str | None = None
+    client_protocol: str = "SOCKS5"  # SOCKS4, SOCKS5, HTTPCONNECT or DNS (the front end)
     reason: str | None = None
     created_at: float = field(default_factory=time.time)
     writer: asyncio.StreamWriter | None = None
@@ -119,6 +122,8 @@ class ClientNode:
         if self.directory is not None:
             self.directory.bootstrap_progress = self.bootstrap_progress
         self.socks = None
+        self.http_tunnel = None  # HttpTunnelServer with cfg.http_tunnel_port
+        self.dns = None          # DnsPortServer with cfg.dns_port
         self.control = None
         self.metrics = None
         self._collector = None
@@ -159,11 +164,13 @@ class ClientNode:
                                 max_connections=self.cfg.socks_max_connections)
             await socks.start()
             self.socks = socks
+            await self._start_app_ports()
             if self.cfg.metrics_port is not None:
                 await self._start_metrics()
         except BaseException:
             await self._close_listeners()
             self.socks = self.metrics = self.control = self._collector = None
+            self.http_tunnel = self.dns = None
             raise
 
     async def start(self, *, ready_timeout: float = 120.0) -> None:
@@ -178,13 +185,39 @@ class ClientNode:
         await self.circmgr.ready(ready_timeout)
         boot.report("done")  # already, unless the first circuit was built by someone else
 
+    async def _start_app_ports(self) -> None:
+        """The optional HTTP CONNECT and DNS ports (tor's HTTPTunnelPort and DNSPort)."""
+        if self.cfg.http_tunnel_port is not None:
+            from onionp2p.client.httptunnel import HttpTunnelServer
+
+            self.http_tunnel = HttpTunnelServer(self, port=self.cfg.http_tunnel_port,
+                                                handshake_timeout=self.cfg.socks_handshake_timeout,
+                                                max_connections=self.cfg.socks_max_connections)
+            await self.http_tunnel.start()
+        if self.cfg.dns_port is not None:
+            from onionp2p.client.dnsport import DnsPortServer
+
+            self.dns = DnsPortServer(self, port=self.cfg.dns_port)
+            await self.dns.start()
+
     async def _start_control(self) -> None:
         from onionp2p.control.server import ControlServer
 
-        control = ControlServer(self.control_adapter(), port=self.cfg.control_port,
-                                cookie_path=self.cfg.data_dir / "control_auth_cookie")
-        await control.start()
-        self.control = control
+        port = self.cfg.control_port
+        preferred = port == CONTROL_PORT_DEFAULT
+        adapter = self.control_adapter()
+        for attempt in ((CONTROL_PORT_PREFERRED, 0) if preferred else (port,)):
+            self.control = ControlServer(adapter, port=attempt,
+                                         cookie_path=self.cfg.data_dir / "control_auth_cookie",
+                                         port_file=self.cfg.data_dir / "control_port")
+            try:
+                await self.control.start()
+                break
+            except ListenError:
+                self.control = None
+                if attempt == 0 or not preferred:
+                    raise
+                log.info("control port 9151 is taken; using any free port (see data_dir/control_port)")
 
     async def _start_metrics(self) -> None:
         from onionp2p.ops.metrics import ClientCollector, MetricsServer
@@ -206,6 +239,14 @@ class ClientNode:
     @property
     def socks_port(self) -> int:
         return self.socks.port if self.socks is not None else 0
+
+    @property
+    def http_tunnel_port(self) -> int | None:
+        return self.http_tunnel.port if self.http_tunnel is not None else None
+
+    @property
+    def dns_port(self) -> int | None:
+        return self.dns.port if self.dns is not None else None
 
     @property
     def control_port(self) -> int | None:
@@ -260,6 +301,9 @@ class ClientNode:
             self._collector.close()
         if self.socks is not None:
             await self.socks.stop()
+        for port in (self.http_tunnel, self.dns):
+            if port is not None:
+                await port.stop()
 
     async def stop(self) -> None:
         await self._close_listeners()
@@ -283,7 +327,8 @@ class ClientNode:
 
     def _record(self, req, target: str, status: str, purpose: str = "USER") -> StreamRecord:
         user = req.username.decode("utf-8", "replace") if getattr(req, "username", None) else None
-        rec = StreamRecord(next(_stream_ids), target, status, purpose=purpose, socks_username=user)
+        rec = StreamRecord(next(_stream_ids), target, status, purpose=purpose, socks_username=user,
+                           client_protocol=getattr(req, "client_protocol", "SOCKS5"))
         self.streams[rec.id] = rec
         self.events(("stream", rec))
         return rec
@@ -329,6 +374,18 @@ class ClientNode:
 
     async def _lookup(self, req, name: str, atypes: tuple[int, ...], failure: str) -> list[str]:
         """RESOLVE ``name`` at an exit; the answers of the types ``atypes`` (StreamError if none)."""
+        resolved = await self.resolve_raw(req, name, atypes, failure)
+        found = [a.value_text() for a in resolved.answers if a.atype in atypes and a.value_text()]
+        if not found:
+            raise StreamError(failure, EndReason.RESOLVEFAILED)
+        return found  # type: ignore[return-value]
+
+    async def resolve_raw(self, req, name: str, atypes: tuple[int, ...] = (0, 4, 6),
+                          failure: str = "resolve failed") -> Resolved:
+        """RELAY_RESOLVE ``name`` at an exit on a circuit for ``req.isolation_key``: the
+        RESOLVED message as the exit sent it (the DNS port needs its errors and TTLs). The
+        stream record (STREAM events, purpose DNS_REQUEST) succeeds when an answer of a type
+        in ``atypes`` came back. StreamError(RESOLVEFAILED) when no circuit or exit answered."""
         rec = self._record(req, f"{req.host}:0", "NEWRESOLVE", purpose="DNS_REQUEST")
         try:
             await self._wait_dirinfo()
@@ -336,13 +393,11 @@ class ClientNode:
         except (CircuitError, StreamError, asyncio.TimeoutError, TimeoutError):
             self._stream_status(rec, "FAILED", "RESOLVEFAILED")
             raise StreamError(failure, EndReason.RESOLVEFAILED) from None
-        found = [a.value_text() for a in resolved.answers if a.atype in atypes and a.value_text()]
+        found = any(a.atype in atypes and a.value_text() for a in resolved.answers)
         self._stream_status(rec, "SUCCEEDED" if found else "FAILED", None if found else "RESOLVEFAILED")
         if rec.id in self.streams:
             self._stream_status(rec, "CLOSED", "DONE")
-        if not found:
-            raise StreamError(failure, EndReason.RESOLVEFAILED)
-        return found  # type: ignore[return-value]
+        return resolved
 
     def close_stream(self, stream_id: int) -> bool:
         rec = self.streams.get(stream_id)

@@ -19,9 +19,12 @@ stops half-way is the server's business (the handshake timeout). The reply encod
 RELAY_END reasons to SOCKS5 codes (:func:`reply_code_for`, tor's
 ``stream_end_reason_to_socks5_response``) are pure functions too.
 
-*asyncio shell.* :class:`SocksServer` listens (127.0.0.1 by default), runs the parser
-under ``handshake_timeout`` with bounded reads, and hands each request to a
-:class:`SocksBackend` — the circuit manager in production. CONNECT gets the success
+*asyncio shell.* :class:`AppProxyServer` is what every application front end shares
+(this SOCKS port and the HTTP CONNECT port of :mod:`onionp2p.client.httptunnel`): the
+listener, the connection bound, the one path that opens a stream (:meth:`AppProxyServer.open_stream`)
+and the splice (:meth:`AppProxyServer.tunnel`). :class:`SocksServer` listens (127.0.0.1 by
+default), runs the parser under ``handshake_timeout`` with bounded reads, and hands each
+request to a :class:`SocksBackend` — the client node in production. CONNECT gets the success
 reply once the backend returns a stream (a ``StreamReader``/``StreamWriter`` pair),
 then two pumps copy bytes each way, awaiting ``drain()`` after every write so a slow
 reader on either side stops the other (down to the stream's SENDME windows). When one
@@ -44,13 +47,13 @@ import asyncio
 import ipaddress
 import itertools
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from onionp2p.errors import ListenError, OnionError
+from onionp2p.errors import ListenError, OnionError, StreamError
 from onionp2p.log import get_logger
-from onionp2p.proto.relaycell import Resolved, ResolvedType
+from onionp2p.proto.relaycell import EndReason, Resolved, ResolvedType
 from onionp2p.proto.socks import (  # noqa: F401
     HTTP_NOT_SOCKS_ANSWER,
     MAX_FIELD,
@@ -75,6 +78,7 @@ from onionp2p.proto.socks import (  # noqa: F401
 )
 
 __all__ = [
+    "AppProxyServer",
     "SocksBackend",
     "SocksStats",
     "SocksServer",
@@ -145,19 +149,22 @@ class SocksStats:
     bytes_down: int = 0         # network -> client
 
 
-class SocksServer:
-    """A SOCKS4/4a/5 listener that sends every request to ``backend``."""
+class AppProxyServer:
+    """What every application front end shares (SOCKS here, HTTP CONNECT in
+    :mod:`onionp2p.client.httptunnel`): the listener, the connection bound, the one path that
+    opens a stream through the network (:meth:`open_stream`) and the splice that copies bytes
+    both ways (:meth:`tunnel`). A subclass implements :meth:`_serve` (its handshake)."""
 
-    def __init__(self, backend: SocksBackend, *, host: str = "127.0.0.1", port: int = 9050,
+    kind = "application"  # for log lines
+
+    def __init__(self, backend: SocksBackend, *, host: str = "127.0.0.1", port: int = 0,
                  handshake_timeout: float = 30.0, connect_timeout: float = 120.0,
-                 prefer_no_auth: bool = False, max_connections: int = 1024,
-                 session_group: Hashable = None):
+                 max_connections: int = 1024, session_group: Hashable = None):
         self.backend = backend
         self.host = host
         self._port = port
         self.handshake_timeout = handshake_timeout
         self.connect_timeout = connect_timeout
-        self.prefer_no_auth = prefer_no_auth
         self.max_connections = max_connections
         self._refused = 0  # refused over max_connections since the last warning
         self._refused_logged_at = -REFUSED_LOG_INTERVAL
@@ -178,9 +185,9 @@ class SocksServer:
             self._server = await asyncio.start_server(self._handle, self.host, self._port,
                                                       reuse_address=True, limit=RELAY_CHUNK)
         except OSError as exc:
-            raise ListenError.from_os_error("SOCKS port", self.host, self._port, exc) from None
+            raise ListenError.from_os_error(f"{self.kind} port", self.host, self._port, exc) from None
         self._port = self._server.sockets[0].getsockname()[1]
-        log.info("SOCKS listener open", listen_port=self._port)
+        log.info(f"{self.kind} listener open", listen_port=self._port)
 
     async def stop(self) -> None:
         """Close the listener and every client connection (their streams get END)."""
@@ -209,17 +216,11 @@ class SocksServer:
                 self._refused += 1
                 now = time.monotonic()
                 if now - self._refused_logged_at >= REFUSED_LOG_INTERVAL:
-                    log.warning("too many SOCKS connections; refusing new ones", limit=self.max_connections,
-                                refused=self._refused)
+                    log.warning(f"too many {self.kind} connections; refusing new ones",
+                                limit=self.max_connections, refused=self._refused)
                     self._refused_logged_at, self._refused = now, 0
                 return
-            got = await self._handshake(reader, writer, peer)
-            if got is not None:
-                req, extra = got
-                if req.command == "connect":
-                    await self._connect(req, extra, reader, writer)
-                else:
-                    await self._resolve(req, writer)
+            await self._serve(reader, writer, peer)
         except (ConnectionError, OSError):
             pass  # the client went away
         except asyncio.CancelledError:
@@ -234,30 +235,9 @@ class SocksServer:
             else:
                 writer.close()  # flushes what is queued, then FIN
 
-    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                         peer: Any) -> tuple[SocksRequest, bytes] | None:
-        parser = SocksParser(client_address=peer, session_group=self.session_group,
-                             prefer_no_auth=self.prefer_no_auth)
-        try:
-            async with asyncio.timeout(self.handshake_timeout):
-                while True:
-                    data = await reader.read(HANDSHAKE_READ)
-                    if not data:
-                        self.stats.handshake_failed += 1
-                        return None
-                    for event in parser.receive_data(data):
-                        if isinstance(event, RequestReady):
-                            return event.request, event.extra
-                        writer.write(event.data)
-                        await writer.drain()
-        except SocksError as exc:
-            self.stats.handshake_failed += 1
-            log.info("SOCKS request refused", error=str(exc), client=peer)
-            await self._send_final(writer, exc.reply)
-        except TimeoutError:
-            self.stats.handshake_failed += 1
-            log.info("SOCKS handshake timed out", client=peer, state=parser.state.value)
-        return None
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Any) -> None:
+        """One client connection: handshake, then :meth:`tunnel` (the caller closes ``writer``)."""
+        raise NotImplementedError
 
     async def _send_final(self, writer: asyncio.StreamWriter, data: bytes) -> None:
         """Write a last reply and give it a bounded time to leave; the caller closes."""
@@ -274,31 +254,41 @@ class SocksServer:
         async with asyncio.timeout(self.connect_timeout):
             return await coro
 
-    def _failed(self, req: SocksRequest, exc: Exception) -> bytes:
-        """Log a failed backend call; the reply for it."""
+    def _failed(self, req: SocksRequest, exc: Exception) -> int:
+        """Log a failed backend call; the SOCKS5 reply code for it (front ends translate it)."""
         code = reply_code_for_error(exc)
         if isinstance(exc, (OnionError, TimeoutError)):
-            log.info("SOCKS request failed", command=req.command, error=repr(exc), reply=int(code),
+            log.info(f"{self.kind} request failed", command=req.command, error=repr(exc), reply=int(code),
                      target=req.host)
         else:  # a broken backend must still answer the client
-            log.error("SOCKS backend raised", command=req.command, exc_info=exc, target=req.host)
-        return reply_for(req.version, code)
+            log.error(f"{self.kind} backend raised", command=req.command, exc_info=exc, target=req.host)
+        return code
 
-    async def _connect(self, req: SocksRequest, extra: bytes, reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter) -> None:
+    async def open_stream(self, req: SocksRequest) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The stream for a CONNECT, through the network: the one path every front end uses.
+
+        Raises:
+            StreamError, CircuitError, TimeoutError: the stream could not be opened
+                (:meth:`_failed` maps any exception to a reply code)."""
         if _is_onion(req.host):  # no onion services: never hand .onion names to an exit
-            self.stats.streams_failed += 1
-            await self._send_final(writer, reply_for(req.version, Reply.HOST_UNREACHABLE))
-            return
+            raise StreamError("no onion services: .onion names are refused", EndReason.RESOLVEFAILED)
+        return await self._call(self.backend.open_stream(req))
+
+    async def tunnel(self, req: SocksRequest, extra: bytes, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter, *, success: bytes,
+                     failure: Callable[[int], bytes]) -> None:
+        """Open ``req``'s stream; answer ``success`` then splice both ways, or ``failure(code)``
+        (``code`` a SOCKS5 reply code, see :func:`reply_code_for_error`) and return.
+        ``extra``: bytes the client sent after its request, forwarded first."""
         try:
-            sreader, swriter = await self._call(self.backend.open_stream(req))
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a SOCKS reply
+            sreader, swriter = await self.open_stream(req)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
             self.stats.streams_failed += 1
-            await self._send_final(writer, self._failed(req, exc))
+            await self._send_final(writer, failure(self._failed(req, exc)))
             return
         self.stats.streams_ok += 1
         try:
-            writer.write(reply_for(req.version, Reply.SUCCEEDED))
+            writer.write(success)
             await writer.drain()
             if extra:
                 swriter.write(extra)
@@ -306,29 +296,6 @@ class SocksServer:
             await self._relay(reader, writer, sreader, swriter)
         finally:
             swriter.close()
-
-    async def _resolve(self, req: SocksRequest, writer: asyncio.StreamWriter) -> None:
-        answer: str | None = None
-        try:
-            if req.command == "resolve_ptr":
-                name = await self._call(self.backend.resolve_ptr(req))
-                if name and name.isascii() and len(name) <= MAX_FIELD:
-                    answer = name
-            elif req.host_kind != "domain":  # an IP literal resolves to itself, locally (as in tor)
-                answer = _pick_address([req.host], req.version)
-            elif not _is_onion(req.host):
-                addrs = await self._call(self.backend.resolve(req))
-                answer = _pick_address(addrs, req.version)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a SOCKS reply
-            self.stats.resolves_failed += 1
-            await self._send_final(writer, self._failed(req, exc))
-            return
-        if answer is None:
-            self.stats.resolves_failed += 1
-        else:
-            self.stats.resolves_ok += 1
-        code = Reply.HOST_UNREACHABLE if answer is None else Reply.SUCCEEDED
-        await self._send_final(writer, reply_for(req.version, code, answer))
 
     async def _relay(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter,
                      sreader: asyncio.StreamReader, swriter: asyncio.StreamWriter) -> None:
@@ -356,6 +323,79 @@ class SocksServer:
                 await dst.drain()  # back-pressure: wait while the other side is full
         except (ConnectionError, OSError):
             pass
+
+
+class SocksServer(AppProxyServer):
+    """A SOCKS4/4a/5 listener that sends every request to ``backend``."""
+
+    kind = "SOCKS"
+
+    def __init__(self, backend: SocksBackend, *, host: str = "127.0.0.1", port: int = 9050,
+                 handshake_timeout: float = 30.0, connect_timeout: float = 120.0,
+                 prefer_no_auth: bool = False, max_connections: int = 1024,
+                 session_group: Hashable = None):
+        super().__init__(backend, host=host, port=port, handshake_timeout=handshake_timeout,
+                         connect_timeout=connect_timeout, max_connections=max_connections,
+                         session_group=session_group)
+        self.prefer_no_auth = prefer_no_auth
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Any) -> None:
+        got = await self._handshake(reader, writer, peer)
+        if got is not None:
+            req, extra = got
+            if req.command == "connect":
+                await self.tunnel(req, extra, reader, writer, success=reply_for(req.version, Reply.SUCCEEDED),
+                                  failure=lambda code: reply_for(req.version, code))
+            else:
+                await self._resolve(req, writer)
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         peer: Any) -> tuple[SocksRequest, bytes] | None:
+        parser = SocksParser(client_address=peer, session_group=self.session_group,
+                             prefer_no_auth=self.prefer_no_auth)
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                while True:
+                    data = await reader.read(HANDSHAKE_READ)
+                    if not data:
+                        self.stats.handshake_failed += 1
+                        return None
+                    for event in parser.receive_data(data):
+                        if isinstance(event, RequestReady):
+                            return event.request, event.extra
+                        writer.write(event.data)
+                        await writer.drain()
+        except SocksError as exc:
+            self.stats.handshake_failed += 1
+            log.info("SOCKS request refused", error=str(exc), client=peer)
+            await self._send_final(writer, exc.reply)
+        except TimeoutError:
+            self.stats.handshake_failed += 1
+            log.info("SOCKS handshake timed out", client=peer, state=parser.state.value)
+        return None
+
+    async def _resolve(self, req: SocksRequest, writer: asyncio.StreamWriter) -> None:
+        answer: str | None = None
+        try:
+            if req.command == "resolve_ptr":
+                name = await self._call(self.backend.resolve_ptr(req))
+                if name and name.isascii() and len(name) <= MAX_FIELD:
+                    answer = name
+            elif req.host_kind != "domain":  # an IP literal resolves to itself, locally (as in tor)
+                answer = _pick_address([req.host], req.version)
+            elif not _is_onion(req.host):
+                addrs = await self._call(self.backend.resolve(req))
+                answer = _pick_address(addrs, req.version)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a SOCKS reply
+            self.stats.resolves_failed += 1
+            await self._send_final(writer, reply_for(req.version, self._failed(req, exc)))
+            return
+        if answer is None:
+            self.stats.resolves_failed += 1
+        else:
+            self.stats.resolves_ok += 1
+        code = Reply.HOST_UNREACHABLE if answer is None else Reply.SUCCEEDED
+        await self._send_final(writer, reply_for(req.version, code, answer))
 
 
 def _is_onion(host: str) -> bool:

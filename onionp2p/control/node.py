@@ -96,6 +96,8 @@ class ClientControlAdapter(ControlAdapterBase):
         self._conf = {
             "SocksPort": ("Port", lambda: [str(self.node.socks_port)], None),
             "ControlPort": ("Port", lambda: [str(self.node.control_port or 0)], None),
+            "HTTPTunnelPort": ("Port", lambda: [str(self.node.http_tunnel_port or 0)], None),
+            "DNSPort": ("Port", lambda: [str(self.node.dns_port or 0)], None),
             "MetricsPort": ("String", lambda: [f"127.0.0.1:{self.node.metrics_port}"]
                             if self.node.metrics_port is not None else [], None),
             "DataDirectory": ("Filename", lambda: [str(self.node.cfg.data_dir)], None),
@@ -245,6 +247,10 @@ class ClientControlAdapter(ControlAdapterBase):
     def listeners(self, kind: str) -> list[tuple[str, int]]:
         if kind == "socks" and self.node.socks is not None:
             return [(self.node.cfg.socks_address[0], self.node.socks_port)]
+        if kind == "httptunnel" and self.node.http_tunnel_port is not None:
+            return [("127.0.0.1", self.node.http_tunnel_port)]
+        if kind == "dns" and self.node.dns_port is not None:
+            return [("127.0.0.1", self.node.dns_port)]
         if kind == "control" and self.node.control_port:
             return [("127.0.0.1", self.node.control_port)]
         if kind == "metrics" and self.node.metrics_port is not None:
@@ -338,7 +344,8 @@ _CIRC_REASONS = {"NONE", "TORPROTOCOL", "INTERNAL", "REQUESTED", "HIBERNATING", 
 def _stream_info(rec) -> StreamInfo:
     return StreamInfo(id=rec.id, status=rec.status, circ_id=rec.circuit_id, target=rec.target,
                       reason=rec.reason if rec.status in ("FAILED", "CLOSED") else None,
-                      purpose=rec.purpose, socks_username=rec.socks_username, client_protocol="SOCKS5")
+                      purpose=rec.purpose, socks_username=rec.socks_username,
+                      client_protocol=getattr(rec, "client_protocol", "SOCKS5"))
 
 
 def _int(v: str, lo: int, hi: int) -> int:

@@ -418,8 +418,12 @@ class ControlServer:
         max_line: int = 64 * 1024,
         max_body: int = 1024 * 1024,
         auth_timeout: float = 60.0,
+        port_file: Path | str | None = None,
     ):
         self.node = node
+        #: tor's ControlPortWriteToFile: ``PORT=127.0.0.1:N`` written here once listening
+        #: (removed on stop), so tools find a node from its data directory
+        self.port_file = Path(port_file) if port_file is not None else None
         self.host = host
         self.port = port
         if isinstance(hashed_password, str):
@@ -480,6 +484,8 @@ class ControlServer:
         self._log_bridge = _LogBridge(self, loop)
         logging.getLogger().addHandler(self._log_bridge)
         self._bw_task = loop.create_task(self._bw_loop())
+        if self.port_file is not None:
+            self._write_port_file()
         log.info("control port listening", control_port=self.port,
                  methods=",".join(self._auth.methods()))
 
@@ -505,6 +511,19 @@ class ControlServer:
                 conn.transport.abort()
         await asyncio.sleep(0)
         self._remove_tmpdir()
+        if self.port_file is not None:
+            self.port_file.unlink(missing_ok=True)
+
+    def _write_port_file(self) -> None:
+        """``PORT=HOST:N`` (tor's ControlPortWriteToFile format), replaced atomically."""
+        assert self.port_file is not None
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        tmp = self.port_file.with_name(self.port_file.name + ".tmp")
+        try:
+            tmp.write_text(f"PORT={host}:{self.port}\n")
+            os.replace(tmp, self.port_file)
+        except OSError as exc:
+            log.warning("cannot write the control port file", path=str(self.port_file), error=str(exc))
 
     def _remove_tmpdir(self) -> None:
         if self._tmpdir is not None:

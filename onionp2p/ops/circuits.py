@@ -76,22 +76,33 @@ class MissingDependencyError(OnionError):
 
 
 def require(module: str, package: str, purpose: str):
-    """Import ``module`` or raise MissingDependencyError telling what to pip install."""
+    """Import ``module`` or raise MissingDependencyError telling what to pip install: the
+    ``[tools]`` extra, which holds every optional package of the operator tools."""
     try:
         return importlib.import_module(module)
     except ImportError:
         raise MissingDependencyError(f"{purpose} needs the Python package {package!r}: "
-                                     f"pip install {package}") from None
+                                     f"pip install 'onionp2p[tools]' (or pip install {package})") from None
 
 
 # -- arguments ---------------------------------------------------------------------------------
 
+#: the file a node writes with its control port (tor's ControlPortWriteToFile format)
+PORT_FILE = "control_port"
+#: where ``onionp2p client`` keeps its data when no data_dir is configured
+DEFAULT_DATA_DIR = "onionp2p-client"
+
+
 def add_control_arguments(p: argparse.ArgumentParser) -> None:
-    """--control-port / --control, --cookie / --password."""
+    """--control-port / --control / --data-dir, --cookie / --password."""
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--control-port", type=int, metavar="N",
-                       help=f"control port on 127.0.0.1 (default {DEFAULT_CONTROL_PORT})")
+    where.add_argument("--control-port", type=int, metavar="N", help="control port on 127.0.0.1")
     where.add_argument("--control", metavar="HOST:PORT", help="control port address")
+    where.add_argument("--data-dir", metavar="DIR",
+                       help=f"the node's data directory (or a testnet's): its {PORT_FILE} file names the "
+                            f"control port, its control_auth_cookie authenticates. Without any of these: "
+                            f"./{DEFAULT_DATA_DIR} if a node runs from there, "
+                            f"else port {DEFAULT_CONTROL_PORT}")
     auth = p.add_mutually_exclusive_group()
     auth.add_argument("--cookie", metavar="FILE",
                       help="control_auth_cookie file (default: the one the node names in PROTOCOLINFO)")
@@ -99,13 +110,50 @@ def add_control_arguments(p: argparse.ArgumentParser) -> None:
                       help="control password (also $ONIONP2P_CONTROL_PASSWORD, which ps cannot see)")
 
 
+def read_port_file(path: Path) -> tuple[str, int]:
+    """(host, port) from a ``PORT=HOST:N`` file (tor's ControlPortWriteToFile)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        raise InspectError(f"cannot read {path}: {exc.strerror or exc}") from None
+    for line in text.splitlines():
+        if line.startswith("PORT="):
+            return parse_address(line[5:].strip())
+    raise InspectError(f"{path} names no control port (expected a line PORT=HOST:N)")
+
+
+def node_data_dir(text: str | None) -> Path | None:
+    """The data directory to read the control port from: ``--data-dir`` (a node's, or a
+    testnet's whose client is in ``client/``), else ``./onionp2p-client`` when a node there
+    wrote its port file; None: fall back to the default port."""
+    if text is None:
+        found = Path(DEFAULT_DATA_DIR)
+        return found if (found / PORT_FILE).is_file() else None
+    d = Path(text).expanduser()
+    if not (d / PORT_FILE).is_file() and (d / "client" / PORT_FILE).is_file():
+        d = d / "client"  # `onionp2p testnet --data-dir DIR`
+    if not (d / PORT_FILE).is_file():
+        raise InspectError(f"no {PORT_FILE} file in {d}: is a node running with this data directory "
+                           f"and a control port?")
+    return d
+
+
 def target_from_args(args: argparse.Namespace) -> ControlTarget:
+    """Where to connect: --control, --control-port, the data directory's port file (and
+    cookie), else 127.0.0.1:9151."""
+    cookie = args.cookie
     if getattr(args, "control", None):
         host, port = parse_address(args.control)
+    elif args.control_port:
+        host, port = "127.0.0.1", args.control_port
+    elif (d := node_data_dir(getattr(args, "data_dir", None))) is not None:
+        host, port = read_port_file(d / PORT_FILE)
+        if cookie is None and args.password is None and (d / "control_auth_cookie").is_file():
+            cookie = str(d / "control_auth_cookie")
     else:
-        host, port = "127.0.0.1", args.control_port or DEFAULT_CONTROL_PORT
+        host, port = "127.0.0.1", DEFAULT_CONTROL_PORT
     password = args.password if args.password is not None else os.environ.get("ONIONP2P_CONTROL_PASSWORD")
-    return ControlTarget(host, port, cookie_path=args.cookie, password=password)
+    return ControlTarget(host, port, cookie_path=cookie, password=password)
 
 
 # -- pure presentation -------------------------------------------------------------------------

@@ -137,6 +137,13 @@ class SocksRequest:
     password: bytes | None = field(default=None, repr=False)
     client_address: Any = None
     session_group: Hashable = None
+    #: the front end for version 0 requests (tor's CLIENT_PROTOCOL: HTTPCONNECT, DNS)
+    protocol: str = ""
+
+    @property
+    def client_protocol(self) -> str:
+        """tor's CLIENT_PROTOCOL of STREAM events: SOCKS4, SOCKS5, HTTPCONNECT or DNS."""
+        return self.protocol or f"SOCKS{self.version}"
 
     @property
     def host_kind(self) -> str:

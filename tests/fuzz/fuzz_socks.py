@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""atheris harness: the sans-IO SOCKS parser and the SOCKS answers built from RELAY_RESOLVED.
+"""atheris harness: the application front ends' decoders — the sans-IO SOCKS parser and the
+SOCKS answers built from RELAY_RESOLVED, the HTTP CONNECT request reader, the DNS port's
+query parser and its answers built from RELAY_RESOLVED.
 
 Run (libFuzzer flags pass through)::
 
@@ -34,7 +36,10 @@ with atheris.instrument_imports(include=["onionp2p"]):
     import ipaddress
 
     from onionp2p.client import socksport as S
+    from onionp2p.client.dnsport import answer_for
     from onionp2p.errors import ProtocolError
+    from onionp2p.proto import dnsmsg as D
+    from onionp2p.proto import httpconnect as H
     from onionp2p.proto import socks as P
     from onionp2p.proto.relaycell import Resolved
 
@@ -144,7 +149,91 @@ def t_resolved(fdp) -> None:
         _check_reply(5, P.reply_for(5, P.Reply.SUCCEEDED, name))
 
 
-TARGETS = {"parser": t_parser, "resolved": t_resolved}
+def _run_http(chunks: list[bytes]) -> tuple:
+    """Feed ``chunks`` like HttpTunnelServer does: (request fields, data after it, error status)."""
+    parser = H.HttpConnectParser(client_address=("127.0.0.1", 4242), session_group=7)
+    for i, chunk in enumerate(chunks):
+        try:
+            ready = parser.receive_data(chunk)
+        except H.HttpConnectError as exc:
+            r = exc.response
+            check(r.startswith(b"HTTP/1.1 ") and b"\r\nConnection: close\r\n" in r, "error response layout")
+            return None, b"", int(r[9:12])
+        if ready is not None:
+            req = ready.request
+            return ((req.version, req.command, req.host, req.port, req.username, req.password, req.protocol),
+                    ready.extra + b"".join(chunks[i + 1:]), None)
+        check(parser.buffered <= H.MAX_HEADER_BYTES, f"CONNECT parser keeps {parser.buffered} bytes")
+    return None, b"", None
+
+
+def t_http_connect(fdp) -> None:
+    chunks = consume_chunks(fdp)
+    chunked = _run_http(chunks)
+    whole = _run_http([b"".join(chunks)] if chunks else [])
+    check(chunked == whole, f"outcome depends on how the input was split:\n{chunked!r}\n{whole!r}")
+    fields, _extra, status = chunked
+    if fields is not None:
+        version, command, host, port, _user, _pw, protocol = fields
+        check((version, command, protocol) == (0, "connect", "HTTPCONNECT"), "request kind")
+        check(0 < port < 65536, "port out of range")
+        req = P.SocksRequest(0, "connect", host, port, client_address=("127.0.0.1", 1))
+        try:
+            ip = ipaddress.ip_address(host)
+            check(str(ip) == host, "IP literal not normalised")
+        except ValueError:
+            check(host.isascii() and len(host) <= 255 and _HOSTNAME.match(host) is not None,
+                  f"malformed hostname accepted: {host!r}")
+        hash(req.isolation_key)
+        for code in P.Reply:
+            if code != P.Reply.SUCCEEDED:
+                check(H.response_for_reply(code)[9:10] in (b"4", b"5"), "failure answered with success")
+    if status is not None:
+        raise ProtocolError("rejected")
+
+
+def _check_dns_answer(out: bytes, qid: int) -> None:
+    check(len(out) >= 12 and out[:2] == qid.to_bytes(2, "big") and out[2] & 0x80, "DNS answer header")
+
+
+def t_dns_query(fdp) -> None:
+    data = fdp.ConsumeBytes(fdp.remaining_bytes())
+    try:
+        q = D.parse_query(data)
+    except D.DnsFormatError as exc:
+        if exc.query_id is not None:
+            _check_dns_answer(D.build_response(exc.query_id, D.Rcode.FORMERR, query_flags=exc.flags),
+                              exc.query_id)
+        raise
+    check(len(q.questions) <= D.MAX_QUESTIONS, "too many questions accepted")
+    for rcode in D.Rcode:
+        _check_dns_answer(D.build_response(q, rcode), q.id)
+    question = q.first_supported()
+    if question is not None:
+        check(len(question.name) <= 255 and question.name.isascii(), "question name")
+        answers = {D.QType.A: [D.Answer(1, b"\x7f\x00\x00\x01", 0)], D.QType.AAAA: [D.Answer(28, b"\x00" * 16, 1)],
+                   D.QType.PTR: [D.Answer(12, b"a" * 63 + b"." + b"b" * 63, 2**32 - 1)]}[question.qtype]
+        out = D.build_response(q, D.Rcode.NOERROR, question, answers)
+        _check_dns_answer(out, q.id)
+
+
+def t_dns_resolved(fdp) -> None:
+    """An exit's RELAY_RESOLVED turned into the DNS port's answer (DnsPortServer._answer)."""
+    resolved = Resolved.parse(fdp.ConsumeBytes(fdp.remaining_bytes()))
+    for qtype, name in ((1, "example.com"), (28, "example.com"), (12, "1.0.0.127.in-addr.arpa")):
+        labels = b"".join(bytes((len(x),)) + x.encode() for x in name.split("."))
+        q = D.parse_query(b"\x00\x07\x01\x00\x00\x01" + b"\x00" * 6 + labels + b"\x00"
+                          + qtype.to_bytes(2, "big") + b"\x00\x01")
+        rcode, answers = answer_for(q.questions[0], resolved)
+        check(rcode in (D.Rcode.NOERROR, D.Rcode.NXDOMAIN, D.Rcode.SERVFAIL), "rcode")
+        check(all(a.qtype == qtype for a in answers), "answer of another type")
+        out = D.build_response(q, rcode, q.questions[0], answers)
+        _check_dns_answer(out, 7)
+        check(len(out) <= D.MAX_UDP_ANSWER, "DNS answer over 512 bytes")
+
+
+TARGETS = {"parser": t_parser, "resolved": t_resolved, "http_connect": t_http_connect,
+           "dns_query": t_dns_query, "dns_resolved": t_dns_resolved}
 assert tuple(TARGETS) == SOCKS_TARGETS, "fuzzlib.SOCKS_TARGETS and TARGETS disagree"
 _ORDER = [TARGETS[name] for name in SOCKS_TARGETS]
 

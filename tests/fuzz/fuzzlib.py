@@ -60,6 +60,9 @@ CELL_TARGETS = (
 SOCKS_TARGETS = (
     "parser",    # SocksParser fed a chunked byte stream (SOCKS4/4a/5, RFC 1929, F0/F1)
     "resolved",  # RELAY_RESOLVED from an exit -> the SOCKS RESOLVE / RESOLVE_PTR replies
+    "http_connect",  # HttpConnectParser fed a chunked byte stream (the HTTP CONNECT port)
+    "dns_query",     # a UDP datagram at the DNS port: parse_query, then every answer we could build
+    "dns_resolved",  # RELAY_RESOLVED from an exit -> the DNS port's answer to A, AAAA, PTR
 )
 
 

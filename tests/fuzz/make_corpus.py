@@ -18,6 +18,7 @@ only exercises error paths cannot be committed by mistake.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
 import os
@@ -46,6 +47,8 @@ from fuzzlib import (  # noqa: E402
 from onionp2p.proto import cells as C  # noqa: E402
 from onionp2p.proto import certs as X  # noqa: E402
 from onionp2p.proto import relaycell as R  # noqa: E402
+from onionp2p.proto.dnsmsg import parse_query  # noqa: E402
+from onionp2p.proto.httpconnect import HttpConnectParser  # noqa: E402
 from onionp2p.proto.link import AUTH0003_LEN, LinkHandshake, verify_certs  # noqa: E402
 from onionp2p.proto.socks import (
     RequestReady,  # noqa: E402
@@ -323,6 +326,36 @@ def socks_seeds() -> dict[str, bytes]:
     }
     for name, msg in resolved.items():
         seeds[f"resolved-{name}"] = fdp_input(msg.encode(), [t["resolved"]])
+        seeds[f"dns_resolved-{name}"] = fdp_input(msg.encode(), [t["dns_resolved"]])
+
+    basic = b"Proxy-Authorization: Basic " + base64.b64encode(b"alice:secret") + b"\r\n"
+    http = {
+        "connect-name": (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", True),
+        "connect-ipv6-auth": (b"CONNECT [::1]:8443 HTTP/1.1\r\n" + basic + b"\r\n\x16\x03\x01", True),
+        "connect-lf": (b"CONNECT 127.0.0.1:80 HTTP/1.0\n\n", True),
+        "get": (b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n", False),
+        "no-port": (b"CONNECT example.com HTTP/1.1\r\n\r\n", False),
+    }
+    for name, (data, ok) in http.items():
+        try:
+            done = HttpConnectParser().receive_data(data) is not None
+        except Exception:  # noqa: BLE001 - only the outcome matters here
+            done = False
+        assert done == ok, f"HTTP CONNECT seed {name}: expected {'success' if ok else 'rejection'}"
+        seeds[f"http_connect-{name}"] = stream_input([t["http_connect"]], data, [1, 7, 256])
+
+    def dns(name: str, qtype: int, extra: bytes = b"") -> bytes:
+        qname = b"".join(bytes((len(x),)) + x.encode() for x in name.split(".") if x) + b"\0"
+        return (b"\x12\x34\x01\x20\x00\x01\x00\x00\x00\x00" + (b"\x00\x01" if extra else b"\x00\x00")
+                + qname + struct.pack(">HH", qtype, 1) + extra)
+
+    opt = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x0c\x00\x0a\x00\x08" + b"\x01" * 8  # EDNS + cookie
+    for name, data in {"a": dns("example.com", 1, opt), "aaaa": dns("localhost", 28),
+                       "ptr": dns("1.0.0.127.in-addr.arpa", 12), "mx": dns("example.com", 15),
+                       "pointer": b"\x12\x34\x01\x00\x00\x02" + b"\x00" * 6 + b"\x01a\x00\x00\x01\x00\x01"
+                       + b"\xc0\x0c\x00\x1c\x00\x01"}.items():
+        parse_query(data)  # every seed must parse
+        seeds[f"dns_query-{name}"] = fdp_input(data, [t["dns_query"]])
     return seeds
 
 
