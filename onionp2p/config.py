@@ -257,12 +257,15 @@ CONTROL_PORT_DEFAULT = "9151-or-auto"
 CONTROL_PORT_PREFERRED = 9151
 
 
-def _client_control_port(ctx: _Ctx, key: str, value: Any) -> int | None:
-    """A client's control_port: a port, "auto" (any free port, = 0) or false (off)."""
+def _client_control_port(ctx: _Ctx, key: str, value: Any) -> int | str | None:
+    """A client's control_port: a port, "auto" (any free port, = 0), false (off), or the
+    default written out ("9151-or-auto", as ``--dump-config`` prints it)."""
     if value is False:
         return None
     if value == "auto":
         return 0
+    if value == CONTROL_PORT_DEFAULT:
+        return CONTROL_PORT_DEFAULT
     if isinstance(value, str):
         raise ctx.fail(key, f"expected a port, \"auto\" or false, got {value!r:.60}")
     return _int_range(0, 65535)(ctx, key, value)
@@ -689,7 +692,9 @@ def dump_config(cfg: RelayConfig | ClientConfig | AuthorityConfig) -> str:
     out = []
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        if value is None:
+        if value is None and isinstance(cfg, ClientConfig) and f.name == "control_port":
+            out.append("control_port = false\n")  # off (unset would mean the default: on)
+        elif value is None:
             out.append(f"# {f.name} is unset\n")
         elif f.name.endswith("_address"):
             out.append(f"{f.name} = {_toml_value(format_hostport(*value))}\n")

@@ -680,7 +680,14 @@ def test_dump_config_loads_back_to_the_same_config(tmp_path: Path, cls) -> None:
     cfg = cls.from_dict(extra, base_dir=tmp_path)
     text = dump_config(cfg)
     assert cls.from_dict(tomllib.loads(text), base_dir=Path("/elsewhere")) == cfg
-    assert f'data_dir = "{cfg.data_dir}"' in text and "# control_port is unset" in text
+    assert f'data_dir = "{cfg.data_dir}"' in text
+    if cls is ClientConfig:  # on by default (9151 or any free port); off is written as false
+        assert 'control_port = "9151-or-auto"' in text
+        off = cls.from_dict({"control_port": False}, base_dir=tmp_path)
+        assert "control_port = false" in dump_config(off)
+        assert cls.from_dict(tomllib.loads(dump_config(off)), base_dir=tmp_path) == off
+    else:
+        assert "# control_port is unset" in text
 
 
 def test_cli_prints_every_problem_and_exits_2(tmp_path: Path) -> None:
