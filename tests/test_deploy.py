@@ -108,8 +108,9 @@ def http_server_thread():
 
 def test_relay_log_file_reopens_on_sighup_and_sigusr1_and_warns_of_directory_failures(tmp_path):
     dead = free_port()  # an authority nobody answers for: uploads and fetches fail
+    # (assume_reachable: it publishes at once, without its reachability self-test)
     cfg = toml(tmp_path / "relay.toml", nickname="logger", data_dir=".", or_address="127.0.0.1:0",
-               log_file="relay.log", log_format="json", log_level="info",
+               log_file="relay.log", log_format="json", log_level="info", assume_reachable=True,
                authorities=[f"auth0 127.0.0.1:{dead} {ED1}"])
     log = tmp_path / "relay.log"
     proc = subprocess.Popen([sys.executable, "-m", "onionp2p", "relay", "--config", str(cfg)],

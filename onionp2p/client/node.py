@@ -177,7 +177,13 @@ class ClientNode:
         boot = self.bootstrap_progress
         await self.listen()
         if self.directory is not None:
-            await self.directory.bootstrap()
+            try:
+                await self.directory.bootstrap()
+            except BaseException:  # no directory at all: close the listeners, nothing half-started
+                await self._close_listeners()
+                self.socks = self.metrics = self.control = self._collector = None
+                self.http_tunnel = self.dns = None
+                raise
             await self.directory.start()
         boot.report("enough_dirinfo")  # a cached consensus, or a given Tor network's view
         self._dirinfo.set()
