@@ -963,3 +963,44 @@ def test_cgo_negotiation_checks():
                                           onion_keys=keys, cc=CCParams(), cgo=True)
     mine = hs.complete(reply)
     assert mine.relay_crypto == "cgo" and mine.key_material == params.key_material
+
+
+def test_xon_advisory_rate_paces_the_stream_until_an_xon_lifts_it():
+    """An XON's rate (kilobytes of 1000 bytes per second) paces the stream's packaging with a
+    token bucket of one second, as tor's edge read bucket; the core asks for a timer to go on."""
+    from onionp2p.proto.relaycell import Xon
+
+    w = cc_wire()
+    sid = w.open_stream()
+    # the exit's destination drains 10 kB/s: it says so in an XON (no XOFF before it)
+    w.originate(2, int(RelayCommand.XON), sid, Xon(10).encode())
+    stream = w.c.streams[sid]
+    assert stream.xon_rate == 10
+
+    def sent() -> int:
+        return sum(len(a.data) for a in only(w.relay_actions[2], core.StreamData))
+
+    got = w.client(w.c.stream_write(sid, b"p" * 50_000, now=0.0))
+    assert sent() == 10_000 - 10_000 % 498  # one second's worth, in whole cells
+    (timer,) = only(got, core.SetTimer)
+    assert 0.0 < timer.deadline <= 0.05  # when the next cell's tokens are there
+    w.client(w.c.on_timer(0.5))
+    assert 14_500 <= sent() <= 15_000  # half a second later: 5 kB more
+    w.client(w.c.on_timer(2.0))
+    assert 24_400 <= sent() <= 25_000  # 1.5 s later, but the bucket holds one second at most
+    # a new XON without a rate: no limit
+    w.originate(2, int(RelayCommand.XON), sid, Xon(0).encode())
+    assert sent() == 50_000 and stream.buffered == 0
+    # at the exit too: the client's XON paces what the exit sends
+    w.client(w.c.send_relay(int(RelayCommand.XON), sid, Xon(2).encode(), hop=2))
+    exit_edge = w.hops[2]
+    assert exit_edge.streams[sid].xon_rate == 2
+    got = w.relay(2, exit_edge.stream_write(sid, b"q" * 5000, now=3.0))
+    delivered = sum(len(a.data) for a in only(got, core.StreamData))
+    assert delivered == 1992 and exit_edge.streams[sid].buffered == 5000 - 1992
+    assert only(w.relay_actions[2], core.SetTimer)
+    got = w.relay(2, exit_edge.on_timer(5.0))
+    assert sum(len(a.data) for a in only(got, core.StreamData)) == 1992  # (one second's worth again)
+    got = w.relay(2, exit_edge.on_timer(7.0))
+    assert sum(len(a.data) for a in only(got, core.StreamData)) == 5000 - 2 * 1992
+    assert exit_edge.streams[sid].buffered == 0

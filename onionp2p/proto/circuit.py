@@ -378,6 +378,8 @@ class Edge:
         #: it grows; ``blocked``: the channel is not writing (a congestion signal)
         self.room = UNLIMITED_ROOM
         self.blocked = False
+        #: when a stream paced by an XON's advisory rate may package again (SetTimer asked)
+        self._wake_at: float | None = None
 
     def _take(self) -> list:
         out, self._out = self._out, []
@@ -461,14 +463,19 @@ class Edge:
             stream.package.window = 0
             return
         try:
-            stream.xon_rate = Xon.parse(data).kbps_ewma
+            rate = Xon.parse(data).kbps_ewma
         except ProtocolError:
             self._misbehaved("malformed XON", layer, cmd, sid)
             return
+        # the advisory rate paces this stream's packaging, as tor's XON sets the edge's
+        # token bucket (kilobytes of 1000 bytes per second; 0: no limit); burst: one second
+        if rate and not stream.xon_rate:
+            stream.tokens, stream.tokens_at = float(max(rate * 1000, RELAY_DATA_MAX)), self.now
+        stream.xon_rate = rate
         if stream.xoff_received:
             stream.xoff_received = False
             stream.package.window = NO_WINDOW
-            self._pump(stream)
+        self._pump(stream)
 
     def _flush_deliveries(self, only: int | None = None) -> None:
         """Hand over the data gathered for streams in this run (one action per stream)."""
@@ -556,7 +563,16 @@ class Edge:
             if budget <= 0:
                 break
             k = min(package.window, budget, (len(buf) + dmax - 1) // dmax)
+            if stream.xon_rate:  # paced by the other edge's advisory rate
+                allowed = self._rate_allowance(stream)
+                first = min(len(buf), dmax)
+                if allowed < first:
+                    self._wake(self.now + (first - allowed) / (stream.xon_rate * 1000))
+                    break
+                k = min(k, max(1, int(allowed // dmax)))
             take = min(len(buf), k * dmax)
+            if stream.xon_rate:
+                stream.tokens -= take
             blob = bytes(buf[:take])
             del buf[:take]
             chunks = [blob[i:i + dmax] for i in range(0, take, dmax)]
@@ -572,6 +588,46 @@ class Edge:
         if not buf and stream.end_reason is not None:
             self._originate(layer, _END, stream.id, bytes((stream.end_reason,)))
             self._forget_stream(stream, stream.end_reason, by_peer=False)
+
+    def _rate_allowance(self, stream: Stream) -> float:
+        """Bytes the stream's token bucket allows now (refilled at its XON rate up to one
+        second's worth)."""
+        rate = stream.xon_rate * 1000
+        stream.tokens = min(float(max(rate, RELAY_DATA_MAX)),
+                            stream.tokens + max(0.0, self.now - stream.tokens_at) * rate)
+        stream.tokens_at = self.now
+        return stream.tokens
+
+    def _wake(self, deadline: float) -> None:
+        """A paced stream may package again at ``deadline``: ask for a timer."""
+        if self._wake_at is None or deadline < self._wake_at:
+            self._wake_at = deadline
+            self._arm()
+
+    def _deadline(self) -> float | None:
+        """The core's own timer deadline besides pacing (a build or an extend)."""
+        return None
+
+    def _arm(self) -> None:
+        """(Re)arm the shell's one timer at the earliest deadline this core has."""
+        pending = [d for d in (self._deadline(), self._wake_at) if d is not None]
+        if pending and not self.closed:
+            self._out.append(SetTimer(min(pending)))
+
+    def _on_wake(self, now: float) -> None:
+        """Timer: paced streams whose time has come package again (asking for the next
+        wake-up if they must wait again); the timer is re-armed for what is still due."""
+        if self._wake_at is None:
+            return
+        if now < self._wake_at:
+            self._arm()  # (woken for another deadline: the wake-up is still due)
+            return
+        self._wake_at = None
+        for stream in list(self.streams.values()):
+            if stream.xon_rate and stream.buf and not self.closed:
+                self._pump(stream)
+        if self._wake_at is None and self._deadline() is not None:
+            self._arm()
 
     def _forget_stream(self, stream: Stream, reason: int, *, by_peer: bool, abort: bool = False) -> None:
         was_open = stream.state is StreamState.OPEN
@@ -649,9 +705,15 @@ class ClientCircuit(Edge):
         return self._take()
 
     def on_timer(self, now: float) -> list:
+        self.now = max(self.now, now)
         if self.state == "building" and self.deadline is not None and now >= self.deadline:
             self._close("TIMEOUT", "circuit build timed out", destroy=True)
+        elif not self.closed:
+            self._on_wake(now)
         return self._take()
+
+    def _deadline(self) -> float | None:
+        return self.deadline if self.state == "building" else None
 
     def _hop_handshake(self, index: int) -> HopHandshake:
         relay = self.path[index]
@@ -1366,7 +1428,7 @@ class RelayCircuit(Edge):
         self.extend_deadline = now + EXTEND_TIMEOUT
         self._out.append(Extend(host, port, rsa.data, ed.data if ed else None,
                                 Create2(ext.htype, ext.hdata).encode()))
-        self._out.append(SetTimer(self.extend_deadline))
+        self._arm()  # (a paced stream's wake-up may be due earlier)
 
     def extend_attached(self) -> list:
         """The CREATE2 went out on the next hop's channel: cells may now go there."""
@@ -1381,10 +1443,16 @@ class RelayCircuit(Edge):
         return self._take()
 
     def on_timer(self, now: float) -> list:
+        self.now = max(self.now, now)
         if self.extending and self.extend_deadline is not None and now >= self.extend_deadline:
             self.extending = False
             self._destroy(DestroyReason.CONNECTFAILED, message="extend timed out")
+        elif not self.closed:
+            self._on_wake(now)
         return self._take()
+
+    def _deadline(self) -> float | None:
+        return self.extend_deadline if self.extending else None
 
     def _truncate(self) -> None:
         if self.extending:

@@ -59,7 +59,7 @@ class Stream:
 
     __slots__ = ("id", "layer", "state", "package", "deliver", "buf", "source_paused", "sink_ready",
                  "sink_room", "end_reason", "bytes_sent", "bytes_received", "xon", "xoff_sent",
-                 "xoff_received", "xon_rate")
+                 "xoff_received", "xon_rate", "tokens", "tokens_at")
 
     def __init__(self, stream_id: int, layer, state: StreamState = StreamState.CONNECTING):
         self.id = stream_id
@@ -76,6 +76,10 @@ class Stream:
         self.xoff_sent = False  # we told the other edge to stop
         self.xoff_received = False  # the other edge told us to stop
         self.xon_rate = 0  # the other edge's advisory drain rate (kB/s; 0: none given)
+        #: with an advisory rate, the token bucket that paces packaging (bytes, and when
+        #: it was last refilled)
+        self.tokens = 0.0
+        self.tokens_at = 0.0
         self.buf = bytearray()
         self.source_paused = False
         #: the local sink takes data (application reading, destination socket writable):
