@@ -545,3 +545,30 @@ def test_retry_schedule():
     assert retry_delay(400 * 3600, primary=True) == 9 * 3600
     assert retry_delay(0, primary=False) == 3600
     assert retry_delay(400 * 3600, primary=False) == 36 * 3600
+
+
+async def test_client_node_chooses_paths_and_guards_with_the_consensus_weights(tmp_path):
+    """The wiring: a ClientNode hands its consensus's weights to the guard set and, through it,
+    to the circuit manager's path choice (here Wgd=0 and Wed=0: a Guard+Exit relay is never a
+    guard nor an exit, though it has most of the bandwidth)."""
+    from onionp2p.client.node import ClientNode
+    from onionp2p.config import ClientConfig
+
+    routers = [router("g1", "Guard"), router("g2", "Guard"), router("m1"), router("m2"),
+               router("e1", "Exit", policy=ACCEPT_ALL), router("e2", "Exit", policy=ACCEPT_ALL),
+               router("both", "Guard", "Exit", policy=ACCEPT_ALL, bw=10**7)]
+    w = dict(TOR_2B1, Wgd=0, Wed=0)
+    node = ClientNode(ClientConfig(data_dir=tmp_path / "c", enforce_distinct_subnets=False),
+                      routers=lambda: routers, bw_weights=lambda: w)
+    assert node.guards.bw_weights() == w
+    paths = [node.circmgr._choose(443, frozenset()) for _ in range(300)]
+    assert {p[0].nickname for p in paths} <= {"g1", "g2"}
+    assert {p[2].nickname for p in paths} == {"e1", "e2"}
+    assert "both" in {p[1].nickname for p in paths}  # as a middle (Wmd) it is used
+    # without weights the heavy relay is (all but surely: 1 - 2e-5) the first guard sampled
+    plain = ClientNode(ClientConfig(data_dir=tmp_path / "p", enforce_distinct_subnets=False),
+                       routers=lambda: routers)
+    assert {plain.circmgr._choose(443, frozenset())[0].nickname for _ in range(20)} == {"both"}
+    # with its own directory, the node's weights are the consensus's
+    own = ClientNode(ClientConfig(data_dir=tmp_path / "d"))
+    assert own.guards.bw_weights == own.directory.bw_weights and own.guards.bw_weights() == {}
