@@ -590,3 +590,29 @@ def test_bandwidth_weights_must_be_canonical(line, descs):
     v = vote(keys[0], auths[0], [entry(descs[0])]).text
     with pytest.raises(ProtocolError, match="vote"):
         NetworkStatus.parse(v.replace("directory-footer\n", "directory-footer\nbandwidth-weights Wbd=1\n"))
+
+
+def test_client_directory_gives_the_weights_and_tries_caches_weighted(descs, tmp_path):
+    """A verified consensus's weights reach ClientDirectory.bw_weights(); without directory
+    guards, the caches tried first are drawn with the dir weights (Wb*: here the Guard+Exit
+    cache, with most of the bandwidth, gets Wbd=0 and the others Wbm=Wbg=10000)."""
+    from collections import Counter
+
+    from onionp2p.dir.client import ClientDirectory
+
+    keys, auths = auth_set(1)
+    mixes = [(("Guard", "Running", "V2Dir", "Valid"), 100), (("Running", "V2Dir", "Valid"), 100),
+             (("Exit", "Guard", "Running", "V2Dir", "Valid"), 10_000), (("Running", "Valid"), 100)]
+    cons = compute_consensus([vote(keys[0], auths[0], [entry(d, f, b) for d, (f, b) in zip(descs, mixes)])],
+                             SCHED, VA)
+    assert cons.bw_weights  # computed by the authority
+    w = dict(cons.bw_weights, Wbd=0, Wbg=10000, Wbm=10000)
+    cons = replace(cons, bw_weights=tuple(w.items()))
+    cons = cons.with_signatures([(auths[0].ed_id, cons.sign(keys[0]))])
+    cd = ClientDirectory(tmp_path, [a.line() for a in auths], None, now=lambda: VA + 10, max_relay_tries=2)
+    assert cd.bw_weights() == {}
+    assert cd.accept(cons.text.encode(), "test") is not None
+    assert cd.bw_weights() == w
+    firsts = Counter(cd._relay_sources()[0][0].split()[1] for _ in range(400))
+    assert set(firsts) == {"r0", "r1"}  # never the heavy Guard+Exit cache r2 first, never r3 (no V2Dir)
+    assert all(len(cd._relay_sources()) == 2 for _ in range(20))
