@@ -14,7 +14,9 @@ takes ``now``.
   medium-term signing key, and the signing key signs the document.
 * :class:`NetworkStatus` is both a *vote* (one authority's view, one signature) and a
   *consensus* (computed from votes; signed by several authorities). Every authority
-  signs the same SHA-256 digest of the body, so signatures can travel detached.
+  signs the same SHA-256 digest of the body, so signatures can travel detached. A
+  consensus's body ends, as tor's, with the ``bandwidth-weights`` the authorities
+  computed (:mod:`onionp2p.proto.bwweights`), which clients apply per path position.
 * :class:`DirAuthority` is one configured authority (``NICK HOST:DIRPORT ED25519_ID``),
   and :func:`verify_consensus` is the client check: strict parse, signatures from more
   than half of the configured authorities, and a validity interval around ``now``.
