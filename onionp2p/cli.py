@@ -322,6 +322,7 @@ async def run_client(cfg: ClientConfig, *, config_file: str | None = None,
 
     routers = None
     params = None
+    bw_weights = None
     view = None
     if tor_dirauth_file is not None:
         from onionp2p.dir.tordir import fetch_tor_network, read_dirauth_file
@@ -329,7 +330,9 @@ async def run_client(cfg: ClientConfig, *, config_file: str | None = None,
         authorities = read_dirauth_file(tor_dirauth_file)
         routers = lambda: view.routers if view is not None else []  # noqa: E731 - the Tor network's consensus
         params = lambda: view.params if view is not None else {}  # noqa: E731
-    node = ClientNode(cfg, routers=routers, params=params, config_file=config_file, load_config=load_config)
+        bw_weights = lambda: view.bw_weights if view is not None else {}  # noqa: E731
+    node = ClientNode(cfg, routers=routers, params=params, config_file=config_file, load_config=load_config,
+                      bw_weights=bw_weights)
     loop = asyncio.get_running_loop()
     _add_signal_handlers(loop, stop=node.shutdown_requested.set, reload=node.reload,
                          status=lambda: get_logger("onionp2p.cli").info(

@@ -8,6 +8,7 @@ import asyncio
 import gc
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -51,6 +52,52 @@ def blob(n: int) -> bytes:
 
 def sha256(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
+
+
+def chi2_sf(x: float, dof: int) -> float:
+    """P(X >= x) for a chi-square variable with ``dof`` degrees of freedom: the regularized
+    upper incomplete gamma Q(dof/2, x/2) (series below a+1, Lentz's continued fraction above)."""
+    a, x = dof / 2, x / 2
+    if x <= 0:
+        return 1.0
+    front = math.exp(-x + a * math.log(x) - math.lgamma(a))
+    if x < a + 1:
+        term = total = 1 / a
+        n = a
+        for _ in range(10_000):
+            n += 1
+            term *= x / n
+            total += term
+            if abs(term) < abs(total) * 1e-15:
+                break
+        return max(0.0, 1 - total * front)
+    tiny = 1e-300
+    b = x + 1 - a
+    c, d = 1 / tiny, 1 / b
+    h = d
+    for i in range(1, 10_000):
+        an = -i * (i - a)
+        b += 2
+        d = an * d + b
+        d = 1 / (d if abs(d) > tiny else tiny)
+        c = b + an / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return front * h
+
+
+def chi_square(observed: dict, expected: dict) -> tuple[float, float]:
+    """Pearson's chi-square of ``observed`` counts against ``expected`` counts (same keys;
+    a key missing from ``observed`` counts 0): (statistic, p-value). A count where nothing
+    was expected makes the p-value 0."""
+    assert set(observed) <= set(expected), set(observed) - set(expected)
+    if any(observed.get(k, 0) and expected[k] <= 0 for k in expected):
+        return math.inf, 0.0
+    cells = [(observed.get(k, 0), e) for k, e in expected.items() if e > 0]
+    stat = sum((o - e) ** 2 / e for o, e in cells)
+    return stat, chi2_sf(stat, len(cells) - 1)
 
 
 async def wait_for(pred, timeout: float = 10.0, what: str = "condition", interval: float = 0.02):

@@ -23,6 +23,7 @@ from onionp2p.dir.authority import (
 )
 from onionp2p.dir.server import DirRequestError, DirServer, HttpResponse, fetch, parse_request_head
 from onionp2p.errors import ConfigError, KeyFileError, ProtocolError
+from onionp2p.proto.bwweights import BandwidthTotals, compute_bw_weights
 from onionp2p.proto.certs import CertType, Ed25519Cert, expiry_hours
 from onionp2p.proto.directory import (
     ConsensusError,
@@ -533,3 +534,85 @@ def test_network_parameters_must_be_canonical(line, descs):
     assert NetworkStatus.parse(f"{head}\nknown-flags {flags}\nparams a=-1 b=2\n{tail}").params == (("a", -1), ("b", 2))
     with pytest.raises(ProtocolError, match="params|whitespace"):
         NetworkStatus.parse(f"{head}\nknown-flags {flags}\n{line}\n{tail}")
+
+
+# -- bandwidth-weights ------------------------------------------------------------------------------
+def test_consensus_carries_signed_bandwidth_weights(descs):
+    """The authorities compute tor's v10 weights from the consensus's own bandwidths and flags;
+    the line follows directory-footer (as in tor) and the signatures cover it."""
+    keys, auths = auth_set(3)
+    mixes = [(("Guard", "Running", "Valid"), 4000), (("Exit", "Running", "Valid"), 900),
+             (("Exit", "Guard", "Running", "Valid"), 2000), (("Running", "Valid"), 3000)]
+    votes = [vote(k, a, [entry(d, flags, bw) for d, (flags, bw) in zip(descs, mixes)])
+             for k, a in zip(keys, auths)]
+    cons = compute_consensus(votes, SCHED, VA)
+    # by hand: G=4001 M=3001 E=901 D=2001 T=9904: exits scarce and S+D < T/3 (case 3a, E scarce):
+    # all of D and E to exits, Wmg = 10000*(G-M)/(2G) = 1249 of the guards to middles
+    assert compute_bw_weights(BandwidthTotals(4001, 3001, 901, 2001, 9904)) == dict(cons.bw_weights)
+    w = dict(cons.bw_weights)
+    assert ((w["Wee"], w["Wed"], w["Wgd"], w["Wmd"], w["Wme"], w["Wmg"], w["Wgg"])
+            == (10000, 10000, 0, 0, 0, 1249, 8751))
+    assert "bandwidth-weights" not in votes[0].text
+    signed = cons.with_signatures([(a.ed_id, cons.sign(k)) for k, a in zip(keys, auths)])
+    text = signed.text
+    assert text.index("directory-footer\nbandwidth-weights Wbd=") < text.index("directory-signature")
+    doc = verify_consensus(signed.text, auths, VA + 10)
+    assert doc == signed and dict(doc.bw_weights) == w
+    # changing one weight voids every signature
+    forged = signed.text.replace(f" Wgg={w['Wgg']} ", f" Wgg={w['Wgg'] - 1} ")
+    assert forged != signed.text
+    with pytest.raises(ConsensusError, match="valid signatures from 0"):
+        verify_consensus(forged, auths, VA + 10)
+
+
+def test_no_bandwidth_weights_when_tor_would_write_none(descs):
+    keys, auths = auth_set(1)
+    # tor's case 2b3 totals (G=30 M=80 E=30 D=30 with the initial 1s): no consistent weights
+    mixes = [(("Guard", "Running", "Valid"), 29), (("Exit", "Running", "Valid"), 29),
+             (("Exit", "Guard", "Running", "Valid"), 29), (("Running", "Valid"), 79)]
+    cons = compute_consensus([vote(keys[0], auths[0], [entry(d, f, b) for d, (f, b) in zip(descs, mixes)])],
+                             SCHED, VA)
+    assert cons.bw_weights == () and "bandwidth-weights" not in cons.text
+    assert NetworkStatus.parse(cons.text) == cons
+
+
+@pytest.mark.parametrize("line", ["Wgg=1 Wbd=2", "Wbd=1 Wbd=2", "Wbd=01", "Wbd=+1", "Wbd=-1", "Wxy=1", "Wbd",
+                                  "Wbd=1  Wgg=2", "Wbd=99999999999"])
+def test_bandwidth_weights_must_be_canonical(line, descs):
+    keys, auths = auth_set(1)
+    cons = compute_consensus([vote(keys[0], auths[0], [entry(descs[0])])], SCHED, VA)
+    head = cons.text.split("directory-footer\n")[0] + "directory-footer\n"
+    good = NetworkStatus.parse(head + "bandwidth-weights Wbd=1 Wgg=2\n")
+    assert good.bw_weights == (("Wbd", 1), ("Wgg", 2))
+    with pytest.raises(ProtocolError):
+        NetworkStatus.parse(f"{head}bandwidth-weights {line}\n")
+    # a vote never has the line
+    v = vote(keys[0], auths[0], [entry(descs[0])]).text
+    with pytest.raises(ProtocolError, match="vote"):
+        NetworkStatus.parse(v.replace("directory-footer\n", "directory-footer\nbandwidth-weights Wbd=1\n"))
+
+
+def test_client_directory_gives_the_weights_and_tries_caches_weighted(descs, tmp_path):
+    """A verified consensus's weights reach ClientDirectory.bw_weights(); without directory
+    guards, the caches tried first are drawn with the dir weights (Wb*: here the Guard+Exit
+    cache, with most of the bandwidth, gets Wbd=0 and the others Wbm=Wbg=10000)."""
+    from collections import Counter
+
+    from onionp2p.dir.client import ClientDirectory
+
+    keys, auths = auth_set(1)
+    mixes = [(("Guard", "Running", "V2Dir", "Valid"), 100), (("Running", "V2Dir", "Valid"), 100),
+             (("Exit", "Guard", "Running", "V2Dir", "Valid"), 10_000), (("Running", "Valid"), 100)]
+    cons = compute_consensus([vote(keys[0], auths[0], [entry(d, f, b) for d, (f, b) in zip(descs, mixes)])],
+                             SCHED, VA)
+    assert cons.bw_weights  # computed by the authority
+    w = dict(cons.bw_weights, Wbd=0, Wbg=10000, Wbm=10000)
+    cons = replace(cons, bw_weights=tuple(w.items()))
+    cons = cons.with_signatures([(auths[0].ed_id, cons.sign(keys[0]))])
+    cd = ClientDirectory(tmp_path, [a.line() for a in auths], None, now=lambda: VA + 10, max_relay_tries=2)
+    assert cd.bw_weights() == {}
+    assert cd.accept(cons.text.encode(), "test") is not None
+    assert cd.bw_weights() == w
+    firsts = Counter(cd._relay_sources()[0][0].split()[1] for _ in range(400))
+    assert set(firsts) == {"r0", "r1"}  # never the heavy Guard+Exit cache r2 first, never r3 (no V2Dir)
+    assert all(len(cd._relay_sources()) == 2 for _ in range(20))

@@ -10,25 +10,34 @@ import stat
 from collections import Counter
 
 import pytest
+from conftest import chi_square
 
 from onionp2p.client.guards import GUARD_LIFETIME, REMOVE_UNLISTED_AFTER, GuardSet, NoGuardError, retry_delay
 from onionp2p.client.pathsel import (
+    POSITIONS,
     NoPathError,
     choose_path,
+    class_weights,
     compatible,
     exits_for_port,
     in_same_family,
     position_weight,
     subnet_of,
     weighted_choice,
+    weighted_order,
 )
 from onionp2p.errors import CircuitError
+from onionp2p.proto.bwweights import WEIGHT_SCALE, bandwidth_totals, compute_bw_weights, weight_class
 from onionp2p.proto.directory import RelayInfo, RouterStatus
 
 BASE = ("Running", "Valid", "Fast", "Stable")
 ACCEPT_ALL = "accept 1-65535"
 REJECT_ALL = "reject 1-65535"
 _counter = iter(range(1, 10_000))
+#: tor's weights of 04 Sep 2013 (case 2b1; src/test/test_dir.c)
+TOR_2B1 = dict(Wbd=317, Wbe=5938, Wbg=0, Wbm=10000, Wdb=10000, Web=10000, Wed=9366, Wee=4061, Weg=9366,
+               Wem=4061, Wgb=10000, Wgd=317, Wgg=10000, Wgm=10000, Wmb=10000, Wmd=317, Wme=5938, Wmg=0,
+               Wmm=10000)
 
 
 def fp_of(name: str) -> str:
@@ -155,12 +164,15 @@ def test_bandwidth_weighting_distribution_is_proportional():
         assert abs(counts[name] / 20_000 - share) < 0.02, counts
 
 
-def test_zero_bandwidth_counts_as_one():
-    exits = [router("zero", "Exit", policy=ACCEPT_ALL, bw=0), router("one", "Exit", policy=ACCEPT_ALL, bw=1)]
-    assert position_weight(exits[0], "exit") == 1
+def test_zero_bandwidth_weighs_nothing_unless_all_do():
+    # tor: a relay with bandwidth 0 has weight 0; if every candidate weighs 0 the choice is uniform
+    zero, one = (router(n, "Exit", policy=ACCEPT_ALL, bw=b) for n, b in (("zero", 0), ("one", 1)))
+    assert position_weight(zero, "exit") == 0
     rng = random.Random(7)
-    counts = Counter(weighted_choice(exits, "exit", rng).nickname for _ in range(2000))
-    assert counts["zero"] > 800 and counts["one"] > 800
+    assert {weighted_choice([zero, one], "exit", rng).nickname for _ in range(500)} == {"one"}
+    zeros = [router(f"z{i}", "Exit", policy=ACCEPT_ALL, bw=0) for i in range(3)]
+    counts = Counter(weighted_choice(zeros, "exit", rng).nickname for _ in range(3000))
+    assert set(counts) == {"z0", "z1", "z2"} and min(counts.values()) > 800
 
 
 def test_consensus_bandwidth_weights_apply_per_position_and_class():
@@ -168,19 +180,175 @@ def test_consensus_bandwidth_weights_apply_per_position_and_class():
     e = router("e", "Exit", policy=ACCEPT_ALL, bw=10)
     g = router("g", "Guard", bw=10)
     m = router("m", bw=10)
-    w = {"Wed": 10000, "Wee": 0, "Wgg": 4000, "Wmm": 10000}
-    assert position_weight(d, "exit", w) == 100_000
-    assert position_weight(e, "exit", w) == 0
-    assert position_weight(g, "guard", w) == 40_000
-    assert position_weight(e, "guard", w) == 0  # Wge is never defined
-    assert position_weight(m, "middle", w) == 100_000
-    assert position_weight(g, "middle", w) == 100_000  # missing Wmg counts as 10000
-    rng = random.Random(3)
-    assert {weighted_choice([d, e], "exit", rng, w).nickname for _ in range(200)} == {"d"}
-    # all-zero weights fall back to a uniform choice
-    assert {weighted_choice([e], "exit", rng, w).nickname for _ in range(5)} == {"e"}
+    bad = router("bad", "Guard", "Exit", "BadExit", policy=ACCEPT_ALL, bw=10)  # a BadExit is no exit: "g"
+    cache = router("cache", "V2Dir", bw=10)
+    w = dict(TOR_2B1, Wmb=5000)
+    s = WEIGHT_SCALE
+    assert position_weight(d, "exit", w) == 10 * 9366 * s
+    assert position_weight(e, "exit", w) == 10 * 4061 * s
+    assert position_weight(g, "exit", w) == 10 * 9366 * s  # Weg: a Guard without Exit flag, odd policy
+    assert position_weight(m, "exit", w) == 10 * 4061 * s  # Wem
+    assert position_weight(g, "guard", w) == 10 * 10000 * s
+    assert position_weight(e, "guard", w) == 0  # exit-only relays are never weighted as guards
+    assert position_weight(d, "guard", w) == 10 * 317 * s
+    assert position_weight(bad, "guard", w) == position_weight(g, "guard", w)
+    assert position_weight(m, "middle", w) == 10 * 10000 * s
+    assert position_weight(e, "middle", w) == 10 * 5938 * s
+    assert position_weight(cache, "middle", w) == 10 * 10000 * 5000  # V2Dir: times Wmb
+    assert position_weight(cache, "dir", w) == 10 * 10000 * s  # Wbm, no V2Dir multiplier
+    assert position_weight(d, "dir", w) == 10 * 317 * s  # Wbd
     with pytest.raises(ValueError):
         position_weight(m, "entry")
+    # a missing or negative weight: plain bandwidth for every class, as tor ("naive selection")
+    for broken in ({k: v for k, v in w.items() if k != "Wem"}, dict(w, Wee=-1), {}, None):
+        assert class_weights("exit", broken) == {c: (s, s) for c in "gmed"}
+        assert position_weight(e, "exit", broken) == position_weight(d, "exit", broken) == 10 * s * s
+    assert position_weight(e, "guard", None) == 10 * s * s  # tor's naive rule has We = 1 too
+    # a weight above the scale counts as the scale
+    assert class_weights("exit", dict(w, Wee=99999))["e"] == (s, s)
+    rng = random.Random(3)
+    assert {weighted_choice([d, e, g], "guard", rng, w).nickname for _ in range(300)} == {"d", "g"}
+
+
+# -- bandwidth weights, statistically (issue #18: "positions chosen in 100k simulated path selections") --
+#: the bandwidth-weights keys per position and class, written out independently of pathsel
+_KEYS = {"guard": dict(g="Wgg", m="Wgm", e=None, d="Wgd"), "middle": dict(g="Wmg", m="Wmm", e="Wme", d="Wmd"),
+         "exit": dict(g="Weg", m="Wem", e="Wee", d="Wed"), "dir": dict(g="Wbg", m="Wbm", e="Wbe", d="Wbd")}
+_DIR_MULT = dict(g="Wgb", m="Wmb", e="Web", d="Wdb")
+#: every flag mix, with and without V2Dir and BadExit
+_MIXES = [("Guard",), ("Exit",), ("Guard", "Exit"), (), ("Guard", "Exit", "BadExit"), ("Exit", "BadExit"),
+          ("Guard", "V2Dir"), ("V2Dir",), ("Exit", "V2Dir"), ("Guard", "Exit", "V2Dir")]
+
+
+def weighted_network() -> list[RouterStatus]:
+    """30 relays in every flag mix with bandwidths over three orders of magnitude, a few
+    without the Exit flag but with an open policy (exit classes g and m), one with bandwidth 0.
+    Its v10 weights (case 1) differ from plain bandwidth in every position."""
+    rng = random.Random(2026)
+    scarcity = dict(g=2, e=4, m=1, d=2)  # bandwidth factor per class
+    out = []
+    for i in range(30):
+        flags = _MIXES[i % len(_MIXES)]
+        policy = ACCEPT_ALL if "Exit" in flags or i % 7 == 3 else REJECT_ALL
+        bw = rng.choice([5, 20, 80, 300, 1000, 4000]) * scarcity[weight_class(flags)]
+        out.append(router(f"w{i}", *flags, bw=0 if i == 11 else bw, policy=policy))
+    return out
+
+
+def expected_weight(rs: RouterStatus, position: str, w: dict[str, int] | None) -> float:
+    """What tor's compute_weighted_bandwidths gives ``rs`` (w None: plain bandwidth)."""
+    if w is None:
+        return float(rs.bandwidth)
+    exit_ = "Exit" in rs.flags and "BadExit" not in rs.flags
+    classes = {(True, True): "d", (True, False): "g", (False, True): "e", (False, False): "m"}
+    cls = classes["Guard" in rs.flags, exit_]
+    key = _KEYS[position][cls]
+    weight = 0.0 if key is None else w[key] / 10000
+    if "V2Dir" in rs.flags and position != "dir":
+        weight *= w[_DIR_MULT[cls]] / 10000
+    return rs.bandwidth * weight
+
+
+def candidates_for(position: str, routers: list[RouterStatus]) -> list[RouterStatus]:
+    return {"guard": [r for r in routers if "Guard" in r.flags], "middle": list(routers),
+            "exit": exits_for_port(routers, 443), "dir": [r for r in routers if "V2Dir" in r.flags]}[position]
+
+
+def expected_counts(cands: list[RouterStatus], position: str, w, n: float) -> dict[str, float]:
+    weights = {r.nickname: expected_weight(r, position, w) for r in cands}
+    total = sum(weights.values())
+    return {k: n * v / total for k, v in weights.items()}
+
+
+#: v10 weights of the synthetic network, and tor's 2b1 case with V2Dir multipliers other than 1
+COMPUTED = compute_bw_weights(bandwidth_totals((r.flags, r.bandwidth) for r in weighted_network()))
+DIR_MULTIPLIED = dict(TOR_2B1, Wgb=7000, Wmb=5000, Web=8000, Wdb=2500)
+
+
+@pytest.mark.parametrize("weights", [COMPUTED, DIR_MULTIPLIED], ids=["v10-computed", "v2dir-multipliers"])
+@pytest.mark.parametrize("position", ["guard", "middle", "exit", "dir"])
+def test_100k_position_choices_follow_the_weights(position, weights):
+    routers = weighted_network()
+    cands = candidates_for(position, routers)
+    n = 100_000
+    rng = random.Random(f"{position}-{sorted(weights.items())}")
+    counts = Counter(weighted_choice(cands, position, rng, weights).nickname for _ in range(n))
+    stat, p = chi_square(counts, expected_counts(cands, position, weights, n))
+    assert p > 1e-3, (position, stat, p, counts)
+    # the same draws are far from what ignoring the weights would give: the test has power
+    _, p_plain = chi_square(counts, expected_counts(cands, position, None, n))
+    assert p_plain < 1e-12, (position, p_plain)
+    assert counts["w11"] == 0  # bandwidth 0
+
+
+def test_computed_weights_are_not_plain_bandwidth():
+    assert COMPUTED is not None and set(COMPUTED) == set(TOR_2B1)
+    assert any(COMPUTED[k] != WEIGHT_SCALE for k in ("Wgg", "Wgd", "Wmg", "Wme", "Wmd", "Wee", "Wed"))
+
+
+def test_full_paths_follow_the_weights_in_every_position():
+    """5k choose_path calls: the exit (drawn first) against its weights; the guard and the
+    middle against their weights among the relays still possible given the earlier hops."""
+    routers = weighted_network()
+    w = COMPUTED
+    n = 5_000
+    rng = random.Random(18)
+    weight = {pos: {r.nickname: expected_weight(r, pos, w) for r in candidates_for(pos, routers)}
+              for pos in POSITIONS}
+    total = {pos: sum(v.values()) for pos, v in weight.items()}
+    observed: dict[str, Counter] = {p: Counter() for p in POSITIONS}
+    expected: dict[str, Counter] = {p: Counter() for p in POSITIONS}
+    expected["exit"].update({k: n * v / total["exit"] for k, v in weight["exit"].items()})
+    for _ in range(n):
+        g, m, e = choose_path(routers, port=443, guard=None, rng=rng, enforce_distinct_subnets=True,
+                              bw_weights=w)
+        for pos, rs in zip(POSITIONS, (g, m, e)):
+            observed[pos][rs.nickname] += 1
+        # the guard is drawn among the guards but the exit, the middle among all but both
+        left = total["guard"] - weight["guard"].get(e.nickname, 0)
+        for k, v in weight["guard"].items():
+            expected["guard"][k] += v / left if k != e.nickname else 0
+        left = total["middle"] - weight["middle"][e.nickname] - weight["middle"][g.nickname]
+        for k, v in weight["middle"].items():
+            expected["middle"][k] += v / left if k not in (e.nickname, g.nickname) else 0
+    for pos in POSITIONS:
+        _, p = chi_square(observed[pos], {r.nickname: expected[pos][r.nickname] for r in routers})
+        assert p > 1e-3, (pos, observed[pos])
+
+
+def test_guard_sampling_follows_the_guard_weights(tmp_path):
+    """The guard set samples like tor (WEIGHT_FOR_GUARD): with Wgd=0 (as tor computes for our
+    private tor network) a Guard+Exit relay is never sampled; without weights it is."""
+    routers = weighted_network()
+    w = dict(COMPUTED, Wgd=0, Wgg=6000)
+    n = 1500
+    firsts: Counter = Counter()
+    plain: Counter = Counter()
+    for seed in range(n):
+        for weights, out in ((w, firsts), (None, plain)):
+            gs = GuardSet(tmp_path / f"{seed}-{weights is None}.json", n_primary=1, max_sample=1,
+                          rng=random.Random(seed), now=Clock(),
+                          bw_weights=lambda weights=weights: weights or {})
+            out[gs.pick(routers).nickname] += 1
+    guards = candidates_for("guard", routers)
+    _, p = chi_square(firsts, expected_counts(guards, "guard", w, n))
+    assert p > 1e-3, firsts
+    assert not any("Exit" in r.flags and "BadExit" not in r.flags for r in guards if firsts[r.nickname])
+    assert any("Exit" in r.flags and "BadExit" not in r.flags for r in guards if plain[r.nickname])
+
+
+def test_directory_caches_are_tried_in_weighted_order():
+    routers = weighted_network()
+    caches = candidates_for("dir", routers)
+    w = DIR_MULTIPLIED
+    rng = random.Random(5)
+    n = 20_000
+    firsts = Counter(weighted_order(caches, "dir", rng, w, limit=3)[0].nickname for _ in range(n))
+    _, p = chi_square(firsts, expected_counts(caches, "dir", w, n))
+    assert p > 1e-3, firsts
+    order = weighted_order(caches, "dir", rng, w)
+    assert sorted(r.nickname for r in order) == sorted(r.nickname for r in caches)  # each once
+    assert len(weighted_order(caches, "dir", rng, w, limit=2)) == 2
 
 
 def test_given_guard_is_first_and_exit_avoids_its_family():
@@ -377,3 +545,30 @@ def test_retry_schedule():
     assert retry_delay(400 * 3600, primary=True) == 9 * 3600
     assert retry_delay(0, primary=False) == 3600
     assert retry_delay(400 * 3600, primary=False) == 36 * 3600
+
+
+async def test_client_node_chooses_paths_and_guards_with_the_consensus_weights(tmp_path):
+    """The wiring: a ClientNode hands its consensus's weights to the guard set and, through it,
+    to the circuit manager's path choice (here Wgd=0 and Wed=0: a Guard+Exit relay is never a
+    guard nor an exit, though it has most of the bandwidth)."""
+    from onionp2p.client.node import ClientNode
+    from onionp2p.config import ClientConfig
+
+    routers = [router("g1", "Guard"), router("g2", "Guard"), router("m1"), router("m2"),
+               router("e1", "Exit", policy=ACCEPT_ALL), router("e2", "Exit", policy=ACCEPT_ALL),
+               router("both", "Guard", "Exit", policy=ACCEPT_ALL, bw=10**7)]
+    w = dict(TOR_2B1, Wgd=0, Wed=0)
+    node = ClientNode(ClientConfig(data_dir=tmp_path / "c", enforce_distinct_subnets=False),
+                      routers=lambda: routers, bw_weights=lambda: w)
+    assert node.guards.bw_weights() == w
+    paths = [node.circmgr._choose(443, frozenset()) for _ in range(300)]
+    assert {p[0].nickname for p in paths} <= {"g1", "g2"}
+    assert {p[2].nickname for p in paths} == {"e1", "e2"}
+    assert "both" in {p[1].nickname for p in paths}  # as a middle (Wmd) it is used
+    # without weights the heavy relay is (all but surely: 1 - 2e-5) the first guard sampled
+    plain = ClientNode(ClientConfig(data_dir=tmp_path / "p", enforce_distinct_subnets=False),
+                       routers=lambda: routers)
+    assert {plain.circmgr._choose(443, frozenset())[0].nickname for _ in range(20)} == {"both"}
+    # with its own directory, the node's weights are the consensus's
+    own = ClientNode(ClientConfig(data_dir=tmp_path / "d"))
+    assert own.guards.bw_weights == own.directory.bw_weights and own.guards.bw_weights() == {}

@@ -12,22 +12,27 @@ import asyncio
 import collections
 import importlib.util
 import json
+import random
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import blob, http_get, sha256, wait_for
+from conftest import blob, chi_square, http_get, sha256, wait_for
 
 from onionp2p.client.client import OnionClient
+from onionp2p.client.guards import GuardSet
+from onionp2p.client.pathsel import can_be_guard, exits_for_port, weighted_choice
 from onionp2p.dir.server import fetch, http_request
 from onionp2p.dir.tordir import (
     fetch_tor_directory,
+    fetch_tor_network,
     parse_consensus,
     parse_dirauth_line,
     parse_key_certificates,
     verify_consensus,
 )
 from onionp2p.errors import StreamError
+from onionp2p.proto.bwweights import WEIGHT_KEYS, bandwidth_totals, compute_bw_weights
 from onionp2p.proto.relaycell import EndReason, RelayCommand, ResolvedType
 
 _spec = importlib.util.spec_from_file_location("tornet", Path(__file__).parents[1] / "tools" / "tornet.py")
@@ -106,6 +111,11 @@ async def test_directory_is_verified_and_complete(tor_network):
     authorities = [parse_dirauth_line(ln) for ln in net.dirauth_lines()]
     signed = verify_consensus(consensus, authorities, certs, now=consensus.valid_after + 1)
     assert signed == {a.v3ident for a in authorities}
+    # the bandwidth-weights line parses, and our authorities' algorithm gives the same weights
+    # from the same bandwidths and flags
+    assert set(consensus.bw_weights) == set(WEIGHT_KEYS)
+    assert compute_bw_weights(bandwidth_totals((e.flags, e.bandwidth) for e in consensus.entries)) \
+        == consensus.bw_weights
 
 
 async def test_three_hop_circuits_carry_5mb_through_each_tor_exit(tor_network, http_server):
@@ -328,6 +338,57 @@ def _new_warnings(net, marks: dict[str, int]) -> list[str]:
                 bad.append(f"{name}: {line}")
             prev_benign = False
     return bad
+
+
+async def test_position_choices_follow_the_tor_consensus_weights(tor_network, tmp_path):
+    """On the network's own consensus, fetched and verified as the client does: 10k simulated
+    choices per position follow tor's bandwidth weights (chi-square), and so does the guard
+    set's sampling. Runs late: fresh tor relays publish bandwidth 0 until they have measured
+    their own traffic, so it waits (up to 4 minutes) for a consensus with bandwidths."""
+    net = tor_network[0]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 240
+    while True:
+        view = await fetch_tor_network(net.dirauth_lines())
+        if all(r.bandwidth > 0 for r in view.routers) or loop.time() > deadline:
+            break
+        await asyncio.sleep(5)
+    assert any(r.bandwidth > 0 for r in view.routers), "tor relays never published a bandwidth"
+    assert set(view.bw_weights) == set(WEIGHT_KEYS)
+    w = view.bw_weights
+    keys = {"guard": {"g": "Wgg", "m": "Wgm", "e": None, "d": "Wgd"},
+            "middle": {"g": "Wmg", "m": "Wmm", "e": "Wme", "d": "Wmd"},
+            "exit": {"g": "Weg", "m": "Wem", "e": "Wee", "d": "Wed"}}
+
+    def expected(cands, position, weights, n):
+        """tor's compute_weighted_bandwidths, written out (weights None: plain bandwidth)."""
+        def one(rs):
+            exit_ = "Exit" in rs.flags and "BadExit" not in rs.flags
+            guard = "Guard" in rs.flags
+            key = keys[position]["d" if guard and exit_ else "g" if guard else "e" if exit_ else "m"]
+            return rs.bandwidth * ((0 if key is None else weights[key]) if weights else 1)
+        total = sum(one(r) for r in cands)
+        return {r.nickname: n * one(r) / total for r in cands}
+
+    n = 10_000
+    candidates = {"guard": [r for r in view.routers if can_be_guard(r)], "middle": list(view.routers),
+                  "exit": exits_for_port(view.routers, 80)}
+    for position, cands in candidates.items():
+        rng = random.Random(position)
+        counts = collections.Counter(weighted_choice(cands, position, rng, w).nickname for _ in range(n))
+        want, plain = expected(cands, position, w, n), expected(cands, position, None, n)
+        _, p = chi_square(counts, want)
+        assert p > 1e-3, (position, counts, w)
+        if sum(abs(want[k] - plain[k]) for k in want) > 0.1 * n:  # the weights matter here: the test sees it
+            assert chi_square(counts, plain)[1] < 1e-6, (position, counts)
+    # guard sampling: the first guard sampled by 1000 fresh clients
+    firsts = collections.Counter(
+        GuardSet(tmp_path / f"g{seed}.json", n_primary=1, max_sample=1, rng=random.Random(seed),
+                 bw_weights=lambda: w).pick(view.routers).nickname for seed in range(1000))
+    _, p = chi_square(firsts, expected(candidates["guard"], "guard", w, 1000))
+    assert p > 1e-3, (firsts, w)
+    if w["Wgd"] == 0:  # tor's weights for this network keep Guard+Exit relays for the exit position
+        assert not any("Exit" in r.flags for r in view.routers if firsts[r.nickname])
 
 
 def test_tor_logs_show_no_protocol_warnings(tor_network):

@@ -159,6 +159,23 @@ def test_consensus_parses_like_tor_wrote_it():
     assert c.digests["sha256"] == hashlib.sha256(CONSENSUS[:SIGNED_END]).digest()
 
 
+def test_bandwidth_weights_line_is_parsed():
+    """The footer's bandwidth-weights as tor 0.4.9 wrote them for the private tor network."""
+    c = parse_consensus(CONSENSUS)
+    assert c.bw_weights == {
+        "Wbd": 0, "Wbe": 0, "Wbg": 4996, "Wbm": 10000, "Wdb": 10000, "Web": 10000, "Wed": 10000, "Wee": 10000,
+        "Weg": 10000, "Wem": 10000, "Wgb": 10000, "Wgd": 0, "Wgg": 5004, "Wgm": 5004, "Wmb": 10000, "Wmd": 0,
+        "Wme": 0, "Wmg": 4996, "Wmm": 10000}
+    # without the line: no weights (plain bandwidth); a malformed entry rejects the document, as in tor
+    line = re.search(rb"\nbandwidth-weights [^\n]*", CONSENSUS).group(0)
+    assert parse_consensus(CONSENSUS.replace(line, b"")).bw_weights == {}
+    for bad in (b" Wxx=zz", b" Wgg", b" Wgg=99999999999", b" Wgg=1.5"):
+        with pytest.raises(ProtocolError, match="bandwidth-weights"):
+            parse_consensus(CONSENSUS.replace(line, line + bad))
+    # the weights are inside the signed part
+    assert SIGNED_END > CONSENSUS.index(b"\nbandwidth-weights ")
+
+
 def test_consensus_verifies_with_every_authority():
     assert verify() == {a.v3ident for a in AUTHS}
 
@@ -357,6 +374,7 @@ def test_truncated_documents_only_protocol_errors(which, data):
 _lines = st.lists(st.sampled_from([
     "r a b c d", "m x", "s Exit", "w Bandwidth=x", "directory-footer", "directory-signature a b",
     "-----BEGIN SIGNATURE-----", "-----END SIGNATURE-----", "valid-after 2026-01-01 00:00:00",
+    "bandwidth-weights Wgg=x", "bandwidth-weights Wgg=1 Wee",
     "onion-key", "ntor-onion-key AAAA", "id ed25519 AAAA", "p accept 1-2", "family $AB",
     "dir-key-certificate-version 3", "dir-key-certification", "fingerprint 00", "", "AAAA",
 ]), max_size=30)

@@ -20,7 +20,8 @@ Choosing a circuit (:meth:`CircuitManager.get_circuit`)
 
 Building
   The path comes from :func:`~onionp2p.client.pathsel.choose_path` with the guard from the
-  :class:`~onionp2p.client.guards.GuardSet`. The channel to the guard is opened first: if
+  :class:`~onionp2p.client.guards.GuardSet`, weighted by the consensus ``bandwidth-weights``
+  the guard set samples with (``GuardSet.bw_weights``). The channel to the guard is opened first: if
   that fails the guard is marked down (the next pick returns the next primary guard);
   if it succeeds it is marked up. A build that fails after that (DESTROY, TRUNCATED or
   the build timeout) puts its middle and exit on a short "recently failed" list
@@ -450,7 +451,8 @@ class CircuitManager:
                     break
                 try:
                     return choose_path(routers, port=port, guard=guard, rng=self.rng, exclude=exclude,
-                                       enforce_distinct_subnets=self.enforce_distinct_subnets)
+                                       enforce_distinct_subnets=self.enforce_distinct_subnets,
+                                       bw_weights=self.guards.bw_weights())  # the consensus's weights
                 except NoPathError as exc:
                     error = exc
                     tried.add(guard.fingerprint)

@@ -17,8 +17,10 @@ nickname, ``added_at``, ``unlisted_since``), persisted as JSON in ``state_file``
   guard; if none is usable it tries the other listed sampled guards, and only then
   samples one more (bandwidth-weighted, never beyond ``max_sample``).
 * Refill: whenever fewer than ``n_primary`` sampled guards are listed, new ones are
-  sampled from the consensus (flags ``Guard``, ``Running``, ``Valid``; weighted by
-  bandwidth with :func:`~onionp2p.client.pathsel.weighted_choice`).
+  sampled from the consensus (flags ``Guard``, ``Running``, ``Valid``; weighted as tor
+  samples guards: bandwidth times the consensus guard-position weights ``Wgg``/``Wgd``,
+  with :func:`~onionp2p.client.pathsel.weighted_choice`; ``bw_weights`` gives the current
+  consensus's ``bandwidth-weights``).
 * Expiry: a guard leaves the sample ``lifetime`` (120 days) after ``added_at``, which is
   set to a random moment in the ``lifetime/10`` before the guard was really added (as
   guard-spec does, so the sample dates do not reveal when the client started); and
@@ -39,7 +41,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -109,7 +111,7 @@ class GuardSet:
 
     def __init__(self, state_file: Path | str, *, n_primary: int = 3, rng: RandomSource | None = None,
                  now: Callable[[], float] = time.time, lifetime: float = GUARD_LIFETIME,
-                 max_sample: int = MAX_SAMPLE):
+                 max_sample: int = MAX_SAMPLE, bw_weights: Callable[[], Mapping[str, int]] | None = None):
         if n_primary < 1 or max_sample < n_primary:
             raise ValueError("need 1 <= n_primary <= max_sample")
         self.state_file = Path(state_file)
@@ -118,6 +120,8 @@ class GuardSet:
         self.now = now
         self.lifetime = lifetime
         self.max_sample = max_sample
+        #: the current consensus's ``bandwidth-weights`` (none: plain bandwidth)
+        self.bw_weights: Callable[[], Mapping[str, int]] = bw_weights or dict
         self._sample: list[GuardEntry] = []
         self._down: dict[str, _Down] = {}
         self._primary: set[str] = set()
@@ -223,7 +227,7 @@ class GuardSet:
         candidates = [rs for rs in routers if can_be_guard(rs) and rs.fingerprint not in have]
         if not candidates:
             return None
-        rs = weighted_choice(candidates, "guard", self.rng)
+        rs = weighted_choice(candidates, "guard", self.rng, self.bw_weights())
         backdate = self.rng.randrange(int(self.lifetime / 10) + 1)
         self._sample.append(GuardEntry(rs.fingerprint, rs.nickname, now - backdate))
         log.info("sampled a new guard", guard=rs.nickname, sample_size=len(self._sample))

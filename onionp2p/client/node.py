@@ -92,7 +92,8 @@ class ClientNode:
 
     def __init__(self, cfg: ClientConfig, *, routers: Callable[[], Sequence[RouterStatus]] | None = None,
                  params: Callable[[], Mapping[str, int]] | None = None, config_file: str | None = None,
-                 load_config: Callable[[], ClientConfig] | None = None):
+                 load_config: Callable[[], ClientConfig] | None = None,
+                 bw_weights: Callable[[], Mapping[str, int]] | None = None):
         self.cfg = cfg
         self.config_file = config_file
         #: reads the configuration again for :meth:`reload` (the file plus command-line overrides)
@@ -107,10 +108,13 @@ class ClientNode:
             self.directory = ClientDirectory(cfg.data_dir, cfg.authorities, self.client)
             routers = self.directory.routers
             params = self.directory.params
+            bw_weights = self.directory.bw_weights
         if params is not None:
             self.client.consensus_params = params
         self.routers = routers
-        self.guards = GuardSet(cfg.data_dir / "guards.json", n_primary=cfg.num_primary_guards)
+        # the consensus bandwidth-weights: the guard set samples with them, paths are chosen with them
+        self.guards = GuardSet(cfg.data_dir / "guards.json", n_primary=cfg.num_primary_guards,
+                               bw_weights=bw_weights)
         if self.directory is not None:
             self.directory.dir_guards = self._directory_guards
         self.circmgr = CircuitManager(self.client, routers, self.guards, cfg)

@@ -31,13 +31,19 @@ Pairwise constraints (between every two hops of a path)
   * with ``enforce_distinct_subnets``: not in the same IPv4 /16 (IPv6 /32). Off for a
     loopback test network, where every relay lives in 127.0.0.0/16.
 
-Weighting
+Weighting (path-spec §2.2, tor's ``compute_weighted_bandwidths``)
   Each candidate is chosen with probability proportional to its consensus bandwidth
-  (``w Bandwidth=``; 0 counts as 1 so unmeasured relays stay reachable). When the
-  consensus ``bandwidth-weights`` are passed (``bw_weights``, e.g. ``{"Wgg": 5914, ...}``)
-  the bandwidth is multiplied by the position weight of the relay's class (g = Guard,
-  e = Exit and not BadExit, d = both, m = neither), exactly as dir-spec §3.8.3; a missing
-  weight counts as 10000, except Wge which is 0 (exit-only relays are not guards).
+  (``w``; KB/s) times the consensus ``bandwidth-weights`` entry for the position and the
+  relay's class (:func:`~onionp2p.proto.bwweights.weight_class`: g = Guard, e = Exit and
+  not BadExit, d = both, m = neither): ``Wgg Wgm Wgd`` for a guard (an exit-only relay
+  gets 0), ``Wmg Wmm Wme Wmd`` for a middle, ``Weg Wem Wee Wed`` for an exit, ``Wbg Wbm
+  Wbe Wbd`` for a directory cache. Outside the directory position a relay with
+  ``V2Dir`` is further multiplied by ``Wgb Wmb Web Wdb`` (1 in every v10 consensus). As
+  in tor, if any weight the position needs is missing or negative (no line, or an old
+  consensus) every weight is 1, i.e. plain bandwidth; a weight above the scale counts as
+  the scale. A relay with bandwidth 0 has weight 0; if every candidate weighs 0 the
+  choice is uniform. Arithmetic is integral, so a seeded generator gives the same path
+  everywhere.
 
 If the exit drawn first leaves no compatible guard or middle, that exit is dropped and
 another is drawn, so :class:`NoPathError` means no path exists at all (for the given
@@ -52,6 +58,7 @@ from functools import lru_cache
 from typing import Protocol
 
 from onionp2p.errors import CircuitError, ProtocolError
+from onionp2p.proto.bwweights import WEIGHT_SCALE, weight_class
 from onionp2p.proto.directory import RouterStatus
 from onionp2p.proto.exitpolicy import ExitPolicy, PortSummary
 
@@ -59,6 +66,8 @@ __all__ = [
     "NoPathError",
     "RandomSource",
     "POSITIONS",
+    "WEIGHT_RULES",
+    "class_weights",
     "choose_path",
     "exits_for_port",
     "is_usable",
@@ -69,10 +78,21 @@ __all__ = [
     "compatible",
     "position_weight",
     "weighted_choice",
+    "weighted_order",
 ]
 
 POSITIONS = ("guard", "middle", "exit")
-_WEIGHT_SCALE = 10000
+#: what a relay can be weighted for: the three path positions and a directory fetch
+WEIGHT_RULES = (*POSITIONS, "dir")
+#: the ``bandwidth-weights`` keys of each rule for classes g, m, e, d (None: always 0)
+_RULE_KEYS: dict[str, tuple[str | None, str, str, str]] = {
+    "guard": ("Wgg", "Wgm", None, "Wgd"),
+    "middle": ("Wmg", "Wmm", "Wme", "Wmd"),
+    "exit": ("Weg", "Wem", "Wee", "Wed"),
+    "dir": ("Wbg", "Wbm", "Wbe", "Wbd"),
+}
+#: the multipliers for relays that are directory caches (V2Dir), per class
+_DIR_KEYS = {"g": "Wgb", "m": "Wmb", "e": "Web", "d": "Wdb"}
 
 
 class NoPathError(CircuitError):
@@ -134,6 +154,7 @@ def in_same_family(a: RouterStatus, b: RouterStatus) -> bool:
     return any(_fp(f) == fb for f in a.family) or any(_fp(f) == fa for f in b.family)
 
 
+@lru_cache(maxsize=8192)
 def subnet_of(address: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
     """The /16 (IPv4) or /32 (IPv6) around ``address``; None for a non-literal address."""
     try:
@@ -158,31 +179,51 @@ def compatible(a: RouterStatus, b: RouterStatus, *, enforce_distinct_subnets: bo
 # -- weighting ----------------------------------------------------------------------------------
 
 
-def position_weight(rs: RouterStatus, position: str, bw_weights: Mapping[str, int] | None = None) -> int:
-    """Relative selection weight of ``rs`` for ``position`` (guard, middle or exit)."""
-    if position not in POSITIONS:
+def class_weights(position: str, bw_weights: Mapping[str, int] | None = None) -> dict[str, tuple[int, int]]:
+    """Per class (g, m, e, d): the position weight and the V2Dir multiplier, both out of
+    :data:`~onionp2p.proto.bwweights.WEIGHT_SCALE` (tor's ``compute_weighted_bandwidths``)."""
+    if position not in WEIGHT_RULES:
         raise ValueError(f"unknown position {position!r}")
-    bandwidth = max(int(rs.bandwidth), 1)
+    scale = WEIGHT_SCALE
+    naive = {c: (scale, scale) for c in "gmed"}
     if not bw_weights:
-        return bandwidth
-    guard = "Guard" in rs.flags
-    exit_ = "Exit" in rs.flags and "BadExit" not in rs.flags
-    cls = "d" if guard and exit_ else "g" if guard else "e" if exit_ else "m"
-    key = "W" + position[0] + cls
-    default = 0 if key == "Wge" else _WEIGHT_SCALE
-    return bandwidth * max(int(bw_weights.get(key, default)), 0)
+        return naive
+
+    def get(key: str | None) -> int:
+        if key is None:
+            return 0
+        value = int(bw_weights.get(key, -1))
+        return -1 if value < 0 else min(value, scale)
+
+    weights = {c: get(k) for c, k in zip("gmed", _RULE_KEYS[position])}
+    multipliers = {c: scale if position == "dir" else get(_DIR_KEYS[c]) for c in "gmed"}
+    if min(weights.values()) < 0 or min(multipliers.values()) < 0:
+        return naive  # tor: "Got negative bandwidth weights. Defaulting to naive selection"
+    return {c: (weights[c], multipliers[c]) for c in "gmed"}
+
+
+def position_weight(rs: RouterStatus, position: str, bw_weights: Mapping[str, int] | None = None, *,
+                    classes: Mapping[str, tuple[int, int]] | None = None) -> int:
+    """Relative selection weight of ``rs`` for ``position`` (guard, middle, exit or dir).
+
+    ``classes`` is :func:`class_weights` for the same position and weights, when the caller
+    weighs many relays at once.
+    """
+    weight, multiplier = (classes or class_weights(position, bw_weights))[weight_class(rs.flags)]
+    return max(int(rs.bandwidth), 0) * weight * (multiplier if "V2Dir" in rs.flags else WEIGHT_SCALE)
 
 
 def weighted_choice(candidates: Sequence[RouterStatus], position: str, rng: RandomSource,
                     bw_weights: Mapping[str, int] | None = None) -> RouterStatus:
     """Pick one candidate with probability proportional to its position weight.
 
-    If every weight is zero the choice is uniform. Integer arithmetic only, so a seeded
-    generator gives the same answer everywhere.
+    If every weight is zero the choice is uniform (tor's ``choose_array_element_by_weight``).
+    Integer arithmetic only, so a seeded generator gives the same answer everywhere.
     """
     if not candidates:
         raise NoPathError(f"no candidate for the {position} position")
-    weights = [position_weight(rs, position, bw_weights) for rs in candidates]
+    classes = class_weights(position, bw_weights)
+    weights = [position_weight(rs, position, classes=classes) for rs in candidates]
     total = sum(weights)
     if total <= 0:
         return candidates[rng.randrange(len(candidates))]
@@ -192,6 +233,20 @@ def weighted_choice(candidates: Sequence[RouterStatus], position: str, rng: Rand
             return rs
         point -= w
     return candidates[-1]  # unreachable
+
+
+def weighted_order(candidates: Sequence[RouterStatus], position: str, rng: RandomSource,
+                   bw_weights: Mapping[str, int] | None = None,
+                   limit: int | None = None) -> list[RouterStatus]:
+    """Up to ``limit`` candidates, each drawn by :func:`weighted_choice` from those not drawn
+    yet: the order in which to try them (e.g. directory caches)."""
+    left = list(candidates)
+    out: list[RouterStatus] = []
+    while left and (limit is None or len(out) < limit):
+        pick = weighted_choice(left, position, rng, bw_weights)
+        left.remove(pick)
+        out.append(pick)
+    return out
 
 
 # -- paths ----------------------------------------------------------------------------------------

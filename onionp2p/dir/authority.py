@@ -51,6 +51,7 @@ from onionp2p.dir.client import atomic_write
 from onionp2p.dir.server import DirServer, HttpRequest, HttpResponse, fetch
 from onionp2p.errors import ConfigError, KeyFileError, OnionError, ProtocolError
 from onionp2p.log import get_logger
+from onionp2p.proto.bwweights import bandwidth_totals, compute_bw_weights
 from onionp2p.proto.directory import (
     CLOCK_SKEW,
     KNOWN_FLAGS,
@@ -236,7 +237,10 @@ def compute_consensus(votes: Sequence[NetworkStatus], schedule: VotingSchedule, 
     fields come from the newest descriptor the votes saw (ties: larger digest), a flag is
     set if more than half of the votes listing the relay set it, and the weight is the
     low median of their bandwidths. A network parameter (``params``) is in the consensus
-    if more than half of the votes set it, with the low median of their values.
+    if more than half of the votes set it, with the low median of their values. The
+    ``bandwidth-weights`` are computed from the listed relays' consensus bandwidths and
+    flags as a tor authority does (dir-spec §3.8.3, consensus method 10); none when tor
+    would write none.
     """
     listed: dict[tuple[bytes, bytes], list[RouterEntry]] = {}
     for vote in votes:
@@ -257,7 +261,9 @@ def compute_consensus(votes: Sequence[NetworkStatus], schedule: VotingSchedule, 
         for key, value in vote.params:
             values.setdefault(key, []).append(value)
     params = tuple((k, sorted(vs)[(len(vs) - 1) // 2]) for k, vs in values.items() if 2 * len(vs) > len(votes))
-    return NetworkStatus("consensus", *schedule.times(va), voters, tuple(routers), params=params)
+    weights = compute_bw_weights(bandwidth_totals((e.flags, e.bandwidth) for e in routers))
+    return NetworkStatus("consensus", *schedule.times(va), voters, tuple(routers), params=params,
+                         bw_weights=tuple((weights or {}).items()))
 
 
 @dataclass(frozen=True)

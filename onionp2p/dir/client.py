@@ -12,8 +12,10 @@ consensus) is ignored.
 
 :class:`ClientDirectory` bootstraps from its cache when that is still valid. Otherwise,
 and on every :meth:`~ClientDirectory.refresh`, it asks directory caches first — relays
-of the consensus it holds that have the V2Dir flag, over a one-hop circuit and a
-BEGIN_DIR stream — and the authorities' DirPorts (HTTP) after them, or first when it has
+of the consensus it holds that have the V2Dir flag (the client's directory guards, or,
+without guards, drawn as tor does for the directory position: bandwidth times the
+consensus ``Wb*`` weights), over a one-hop circuit and a BEGIN_DIR stream — and the
+authorities' DirPorts (HTTP) after them, or first when it has
 no consensus. The first verified document at least as new as the one held ends the
 search (an older one only means that source is behind). So clients that hold a valid
 consensus keep working while authorities are away. :meth:`~ClientDirectory.start` runs a refresh loop: a fetch at a random point of the
@@ -39,6 +41,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from onionp2p import __version__
+from onionp2p.client.pathsel import weighted_order
 from onionp2p.dir.selftest import ReachabilityTest
 from onionp2p.dir.server import DirServer, HttpRequest, HttpResponse, fetch, http_request
 from onionp2p.errors import OnionError, ProtocolError
@@ -64,6 +67,7 @@ __all__ = [
     "atomic_write",
 ]
 
+_RNG = random.SystemRandom()
 log = get_logger("onionp2p.dirclient")
 
 CONSENSUS_PATH = "/tor/status-vote/current/consensus"
@@ -125,6 +129,11 @@ class _ConsensusHolder:
         """The current consensus's network parameters ({} if there is none)."""
         doc = self.consensus
         return dict(doc.params) if doc is not None else {}
+
+    def bw_weights(self) -> dict[str, int]:
+        """The current consensus's ``bandwidth-weights`` ({} if there is none, or no line)."""
+        doc = self.consensus
+        return dict(doc.bw_weights) if doc is not None else {}
 
     def routers(self) -> list[RouterStatus]:
         """The relays of the current consensus ([] if there is none).
@@ -295,8 +304,9 @@ class ClientDirectory(_ConsensusHolder):
         if self.dir_guards is not None:
             caches = [r for r in self.dir_guards(routers) if "V2Dir" in r.flags]
         else:
-            caches = [r for r in routers if "V2Dir" in r.flags]
-            random.shuffle(caches)
+            # tor's router_pick_directory_server: weighted for the directory position (Wb*)
+            caches = weighted_order([r for r in routers if "V2Dir" in r.flags], "dir", _RNG,
+                                    self.bw_weights(), limit=self.max_relay_tries)
         return [(f"relay {r.nickname} {r.fingerprint}", lambda r=r: self.fetch_via_relay(r))
                 for r in caches[: self.max_relay_tries]]
 

@@ -23,7 +23,10 @@ tor directory authorities publish, so an onionp2p client can use tor relays:
 4. **Microdescriptors** (``/tor/micro/d/<d1>-<d2>...``, :func:`parse_microdescriptors`)
    are unsigned; each is bound to the consensus by the base64 SHA-256 of its exact text
    on the router's ``m`` line. Ones that match no ``m`` line are dropped.
-5. :func:`router_statuses` joins them into :class:`~onionp2p.proto.directory.RouterStatus`:
+5. The footer's ``bandwidth-weights`` line (``Wgg=5914 ...``, dir-spec §3.8.3) becomes
+   ``MicrodescConsensus.bw_weights``; as in tor, an argument without ``=`` or with a value
+   that is not a 32-bit integer rejects the document, and unknown keys are kept.
+6. :func:`router_statuses` joins them into :class:`~onionp2p.proto.directory.RouterStatus`:
    ``s`` flags, ``w Bandwidth=``, ``r`` identity/address/ORPort, and the microdescriptor's
    ntor key, ``id ed25519``, ``$HEX`` family members and ``p`` summary (default
    ``reject 1-65535``). Relays without an ntor key or Ed25519 identity are skipped.
@@ -50,7 +53,7 @@ import random
 import re
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -60,6 +63,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from onionp2p.dir.server import fetch
 from onionp2p.errors import CertificateError, ConfigError, OnionError, ProtocolError
 from onionp2p.proto import protover
+from onionp2p.proto.bwweights import parse_bw_weights
 from onionp2p.proto.directory import ConsensusError, RelayInfo, RouterStatus, parse_time
 from onionp2p.proto.exitpolicy import ExitPolicy
 
@@ -392,6 +396,8 @@ class MicrodescConsensus:
     entries: tuple[ConsensusEntry, ...]
     signatures: tuple[Signature, ...]
     digests: dict[str, bytes]  # "sha1"/"sha256" -> digest of the signed part
+    #: the footer's ``bandwidth-weights`` (dir-spec §3.8.3): {} when the line is absent
+    bw_weights: dict[str, int] = field(default_factory=dict)
 
 
 def _router(items: list[_Item]) -> ConsensusEntry:
@@ -453,6 +459,8 @@ def parse_consensus(raw: bytes) -> MicrodescConsensus:
             raise ProtocolError(f"{what}: bad params entry {kv[:40]!r}")
         params[key] = int(value)
     known = _one(head, "known-flags", what, required=False)
+    weights = _one(items[footer:first_sig], "bandwidth-weights", what, required=False)
+    bw_weights = parse_bw_weights(weights.args) if weights else {}
     starts = [i for i in range(first_r, footer) if items[i].keyword == "r"] + [footer]
     entries = [_router(items[a:b]) for a, b in itertools.pairwise(starts)]
     sigs = []
@@ -468,7 +476,7 @@ def parse_consensus(raw: bytes) -> MicrodescConsensus:
     return MicrodescConsensus(
         consensus_method=int(method[0]), valid_after=va, fresh_until=fu, valid_until=vu,
         known_flags=tuple(known.args) if known else (), params=params, entries=tuple(entries),
-        signatures=tuple(sigs),
+        signatures=tuple(sigs), bw_weights=bw_weights,
         digests={"sha1": hashlib.sha1(signed).digest(), "sha256": hashlib.sha256(signed).digest()},
     )
 
@@ -575,11 +583,13 @@ def router_statuses(consensus: MicrodescConsensus,
 # -- fetching ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TorNetworkView:
-    """What a client takes from a tor network's directory: its relays and its consensus's
-    network parameters (``params``: congestion control's ``cc_*`` ...)."""
+    """What a client takes from a tor network's directory: its relays, its consensus's
+    network parameters (``params``: congestion control's ``cc_*`` ...) and its
+    ``bandwidth-weights`` (for path selection; {} when the consensus has none)."""
 
     routers: list[RouterStatus]
     params: dict[str, int]
+    bw_weights: dict[str, int] = field(default_factory=dict)
 
 
 async def _from_authority(auth: TorDirAuthority, authorities: Sequence[TorDirAuthority], now: float,
@@ -603,7 +613,8 @@ async def _from_authority(auth: TorDirAuthority, authorities: Sequence[TorDirAut
     for b in batches:
         if isinstance(b, BaseException):
             raise b
-    return TorNetworkView(router_statuses(consensus, [md for b in batches for md in b]), dict(consensus.params))
+    return TorNetworkView(router_statuses(consensus, [md for b in batches for md in b]),
+                          dict(consensus.params), dict(consensus.bw_weights))
 
 
 async def fetch_tor_network(dirauth_lines: list[str], *, now: float | None = None,

@@ -14,7 +14,9 @@ takes ``now``.
   medium-term signing key, and the signing key signs the document.
 * :class:`NetworkStatus` is both a *vote* (one authority's view, one signature) and a
   *consensus* (computed from votes; signed by several authorities). Every authority
-  signs the same SHA-256 digest of the body, so signatures can travel detached.
+  signs the same SHA-256 digest of the body, so signatures can travel detached. A
+  consensus's body ends, as tor's, with the ``bandwidth-weights`` the authorities
+  computed (:mod:`onionp2p.proto.bwweights`), which clients apply per path position.
 * :class:`DirAuthority` is one configured authority (``NICK HOST:DIRPORT ED25519_ID``),
   and :func:`verify_consensus` is the client check: strict parse, signatures from more
   than half of the configured authorities, and a validity interval around ``now``.
@@ -51,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from onionp2p.errors import ConfigError, LocalProtocolError, OnionError, ProtocolError
 from onionp2p.proto import protover
 from onionp2p.proto.address import format_hostport, parse_hostport
+from onionp2p.proto.bwweights import format_bw_weights, parse_bw_weights
 from onionp2p.proto.certs import CertType, Ed25519Cert, RsaCrossCert, rsa_public_der
 from onionp2p.proto.exitpolicy import ExitPolicy
 
@@ -117,6 +120,7 @@ _KEYWORD = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _PRINTABLE = re.compile(r"[\x20-\x7e]+")
 _FLAG = re.compile(r"[A-Z][A-Za-z0-9]{0,31}")
 _PARAM_KEY = re.compile(r"[A-Za-z0-9_]{1,64}")
+_WEIGHT_KEY = re.compile(r"W[bdegm][bdegm]")
 _PARAM_VALUE = re.compile(r"-?(0|[1-9][0-9]{0,9})")
 _TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
 
@@ -687,19 +691,29 @@ class NetworkStatus:
     signatures: tuple[tuple[bytes, bytes], ...] = ()  # (ed25519 id, signature), sorted
     #: network parameters (``params`` line, as tor's): congestion control's ``cc_*`` ...
     params: tuple[tuple[str, int], ...] = ()
+    #: a consensus's ``bandwidth-weights`` (dir-spec §3.8.3, computed by the authorities with
+    #: :func:`onionp2p.proto.bwweights.compute_bw_weights`); empty: none (plain bandwidth)
+    bw_weights: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", tuple(sorted(dict(self.params).items())))
         for key, value in self.params:
             if not _PARAM_KEY.fullmatch(key) or not -2**31 <= value < 2**31:
                 raise LocalProtocolError(f"bad network parameter {key}={value}")
+        object.__setattr__(self, "bw_weights", tuple(sorted(dict(self.bw_weights).items())))
+        for key, value in self.bw_weights:
+            if not _WEIGHT_KEY.fullmatch(key) or not 0 <= value < 2**31:
+                raise LocalProtocolError(f"bad bandwidth weight {key}={value}")
+        if self.bw_weights and self.status != "consensus":
+            raise LocalProtocolError("only a consensus has bandwidth-weights")
         object.__setattr__(self, "routers", tuple(sorted(self.routers, key=lambda e: e.rsa_id)))
         object.__setattr__(self, "voters", tuple(sorted(self.voters, key=lambda v: v[1])))
         object.__setattr__(self, "signatures", tuple(sorted(dict(self.signatures).items())))
 
     @cached_property
     def body(self) -> str:
-        """Everything the signatures cover (through ``directory-footer``)."""
+        """Everything the signatures cover (through ``directory-footer`` and, as in tor, the
+        ``bandwidth-weights`` line after it)."""
         out = ["onionp2p-network-status 1", f"status {self.status}",
                f"valid-after {format_time(self.valid_after)}",
                f"fresh-until {format_time(self.fresh_until)}",
@@ -712,6 +726,8 @@ class NetworkStatus:
         for entry in self.routers:
             out += entry.lines()
         out.append("directory-footer")
+        if self.bw_weights:
+            out.append("bandwidth-weights " + format_bw_weights(dict(self.bw_weights)))
         return "\n".join(out) + "\n"
 
     @cached_property
@@ -797,6 +813,15 @@ class NetworkStatus:
             if [e.rsa_id for e in routers] != sorted({e.rsa_id for e in routers}):
                 raise d.fail("routers must be sorted by fingerprint and unique")
             d.take("directory-footer", 0)
+            bw_weights: list[tuple[str, int]] = []
+            line = d.maybe("bandwidth-weights")
+            if line is not None:
+                if status != "consensus":
+                    raise d.fail("a vote has no bandwidth-weights")
+                bw_weights = list(parse_bw_weights(line.split(" ")).items())
+                if [k for k, _ in bw_weights] != sorted({k for k, _ in bw_weights}) or not all(
+                        _WEIGHT_KEY.fullmatch(k) and v >= 0 for k, v in bw_weights):
+                    raise d.fail("bandwidth-weights must be sorted, unique Wxy=N entries with N >= 0")
             body_end = d.offset()
             sigs = []
             while d.peek() == "directory-signature":
@@ -808,7 +833,7 @@ class NetworkStatus:
             if [s[0] for s in sigs] != sorted({s[0] for s in sigs}):
                 raise ProtocolError("signatures must be sorted by signer and unique")
             doc = cls(status, va, fu, vu, tuple(voters), tuple(routers), tuple(known), tuple(sigs),
-                      tuple(params))
+                      tuple(params), tuple(bw_weights))
         except (ValueError, OnionError) as exc:
             raise _wrap(what, exc) from None
         if doc.body != d.text[:body_end]:
