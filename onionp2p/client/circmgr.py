@@ -659,6 +659,7 @@ class CircuitManager:
         elif ev.kind in ("closed", "failed"):
             del self._building[ev.circuit_id]
             self.path_bias.closed(ev.circuit_id, remote=ev.reason not in _LOCAL_CLOSE)
+            self._wake.set()  # a preemptive circuit may be gone: replace it now
 
     def _build_done(self, e: _Entry, task: asyncio.Task) -> None:
         exc = None if task.cancelled() else task.exception()  # retrieves it
