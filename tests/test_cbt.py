@@ -212,6 +212,33 @@ def test_corrupt_state_is_refused(state):
     assert cbt.total_build_times == 0
 
 
+# -- the circuit manager's timeout: learned, fixed, or disabled by the consensus ------------------------
+
+async def test_manager_timeout_learned_fixed_or_disabled(tmp_path):
+    from onionp2p.client.circmgr import CircuitManager
+    from onionp2p.client.client import OnionClient
+    from onionp2p.client.guards import GuardSet
+
+    params: dict[str, int] = {}
+    client = OnionClient()
+    client.consensus_params = lambda: params
+    mgr = CircuitManager(client, lambda: [], GuardSet(tmp_path / "guards.json"),
+                         ClientConfig(circuit_build_timeout=7))
+    assert mgr.learning() and mgr.current_build_timeout == 7  # the initial timeout, until learned
+    mgr.build_timeout = 30  # SETCONF CircuitBuildTimeout
+    assert mgr.current_build_timeout == 30
+    for t in pareto_times(random.Random(1), 600, 3.0, 100):
+        mgr.cbt.circuit_built(t)
+    assert mgr.cbt.have_computed_timeout
+    assert mgr.current_build_timeout == mgr.cbt.timeout_ms / 1000 < 30
+    params = {"cbtdisabled": 1}  # a new consensus turns learning off: the configured value
+    assert not mgr.learning() and mgr.current_build_timeout == 30
+    params = {}
+    mgr.configure(ClientConfig(circuit_build_timeout=9, learn_circuit_build_timeout=False))
+    assert not mgr.learning() and mgr.current_build_timeout == 9
+    await client.close()
+
+
 # -- a real client learns --------------------------------------------------------------------------------
 
 async def test_client_learns_timeout_and_reports_it(exit_relays, tmp_path):
@@ -255,6 +282,8 @@ async def test_client_learns_timeout_and_reports_it(exit_relays, tmp_path):
         assert mgr.cbt.have_computed_timeout
         assert 1.5 <= mgr.current_build_timeout < 60
         assert mgr.current_build_timeout == mgr.cbt.timeout_ms / 1000
+        # the estimator hears when bytes last came from the network (its liveness input)
+        assert 0 < mgr.cbt.network_last_live <= node.client.last_read and mgr.cbt.network_check_live()
 
         def last_event():
             with lock:
