@@ -177,6 +177,46 @@ def test_params_from_consensus_and_persisted_record(tmp_path):
     assert again is not None and again.use_attempts == 4 and again.collapsed_circuits == 3 and again.disabled
 
 
+def test_saved_counts_checked_against_dropguards():
+    for drop, want in ((0, False), (1, True)):
+        h = Harness(pb_dropguards=drop, pb_mincircs=9)
+        h.pb = GuardPathBias(circ_attempts=10, circ_successes=10, successful_circuits_closed=2,
+                             collapsed_circuits=8)
+        h.bias.check_loaded(G, h.pb)
+        assert h.pb.disabled is want
+    h = Harness(pb_dropguards=1, pb_mincircs=9, pb_minuse=9)
+    h.pb = GuardPathBias(circ_attempts=10, successful_circuits_closed=4, use_attempts=10, use_successes=5)
+    h.bias.check_loaded(G, h.pb)  # close rate 40 % is fine, use rate 50 % < 60 %
+    assert h.pb.disabled
+    h = Harness(pb_dropguards=1)  # below pb_mincircs (150) attempts nothing is judged
+    h.pb = GuardPathBias(circ_attempts=10, collapsed_circuits=10)
+    h.bias.check_loaded(G, h.pb)
+    assert not h.pb.disabled
+
+
+async def test_manager_checks_saved_counts_on_new_params(tmp_path):
+    from onionp2p.client.circmgr import CircuitManager
+    from onionp2p.client.client import OnionClient
+
+    state = tmp_path / "guards.json"
+    state.write_text(json.dumps({"version": 1, "guards": [
+        {"fingerprint": G, "nickname": "g", "added_at": time.time(),
+         "path_bias": {"circ_attempts": 40, "circ_successes": 40, "successful_circuits_closed": 3,
+                       "collapsed_circuits": 37}}]}))
+    params: dict[str, int] = {}
+    client = OnionClient()
+    client.consensus_params = lambda: params
+    mgr = CircuitManager(client, lambda: [], GuardSet(state), ClientConfig())
+    mgr.learning()  # reads the parameters
+    assert not mgr.guards.path_bias(G).disabled  # reported only: pb_dropguards is 0
+    params = {"pb_dropguards": 1, "pb_mincircs": 20}
+    mgr.learning()
+    assert mgr.guards.path_bias(G).disabled
+    mgr.guards.save_if_dirty()
+    assert json.loads(state.read_text())["guards"][0]["path_bias"]["disabled"] is True
+    await client.close()
+
+
 # -- a guard that kills the circuits built through it ----------------------------------------------
 
 class CollapsingCircuit(OrCircuit):

@@ -274,6 +274,12 @@ class CircuitManager:
             self._params_src = params
             self.cbt.set_params(CBTParams.from_consensus(params))
             self.path_bias.params = PBParams.from_consensus(params)
+            for g in self.guards.sampled:  # tor checks the saved counts against pb_dropguards
+                pb = self.guards.path_bias(g.fingerprint)
+                if pb is not None and not pb.disabled:
+                    self.path_bias.check_loaded(g.fingerprint, pb)
+                    if pb.disabled:
+                        self.guards.mark_dirty()
 
     def _save_build_times(self) -> None:
         if self.save_build_times is not None:

@@ -388,14 +388,16 @@ class PathBias:
     def check_loaded(self, guard: str, pb: GuardPathBias) -> None:
         """A guard's counts were loaded from the state (tor's
         ``pathbias_check_{close,use}_success_count``): with ``pb_dropguards``, counts
-        already below the extreme rates disable it."""
+        already below the extreme rates disable it. Unlike tor, only past ``pb_mincircs``
+        (``pb_minuse``) attempts, as at run time: a client stopped with a build under way
+        must not lose a guard that had one attempt and no success yet."""
         p = self.params
         if not p.pb_dropguards or pb.disabled:
             return
-        if pb.circ_attempts > 1e-9 and self.close_success_count(guard, pb) / pb.circ_attempts \
+        if pb.circ_attempts > p.pb_mincircs and self.close_success_count(guard, pb) / pb.circ_attempts \
                 < p.pb_extremepct / 100:
             pb.disabled = True
-        elif pb.use_attempts > 1e-9 and self.use_success_count(guard, pb) / pb.use_attempts \
+        elif pb.use_attempts > p.pb_minuse and self.use_success_count(guard, pb) / pb.use_attempts \
                 < p.pb_extremeusepct / 100:
             pb.disabled = True
         if pb.disabled:
