@@ -296,6 +296,11 @@ async def test_client_learns_timeout_and_reports_it(exit_relays, tmp_path):
         assert ev.set_type == "COMPUTED" and ev.total_times >= 3 and ev.timeout >= 1500
         assert ev.quantile == pytest.approx(0.8) and ev.xm == mgr.cbt.xm and ev.alpha > 0
         assert ev.close_timeout == int(mgr.cbt.close_ms)
+        # tor's LearnCircuitBuildTimeout: off, the configured CircuitBuildTimeout applies
+        assert await asyncio.to_thread(ctl.get_conf, "LearnCircuitBuildTimeout") == "1"
+        await asyncio.to_thread(ctl.set_conf, "LearnCircuitBuildTimeout", "0")
+        assert mgr.current_build_timeout == 60
+        assert await asyncio.to_thread(ctl.get_conf, "CircuitBuildTimeout") == "60"
         total = mgr.cbt.total_build_times
     finally:
         await close_controller(ctl)

@@ -106,6 +106,8 @@ class ClientControlAdapter(ControlAdapterBase):
                                     (lambda v: _int(v, 1, 7 * 86400), "dirtiness")),
             "CircuitBuildTimeout": ("Interval", lambda: [str(int(self.node.circmgr.build_timeout))],
                                     (lambda v: _int(v, 1, 600), "build_timeout")),
+            "LearnCircuitBuildTimeout": ("Boolean", lambda: [str(int(self.node.circmgr.learn_build_timeout))],
+                                         (_bool, "learn_build_timeout")),
             "EnforceDistinctSubnets": ("Boolean", lambda: [str(int(self.node.circmgr.enforce_distinct_subnets))],
                                        (_bool, "enforce_distinct_subnets")),
             "SafeLogging": ("String", lambda: ["1" if self.node.cfg.safe_logging else "0"], None),
