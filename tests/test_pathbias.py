@@ -249,7 +249,9 @@ class CollapsingRelay(Relay):
         return CollapsingCircuit(self, chan, circ_id, crypto, params, cc)
 
 
-async def test_guard_destroying_built_circuits_is_dropped(tmp_path, caplog):
+@pytest.mark.parametrize("drop", [0, 1])
+async def test_guard_destroying_built_circuits_is_flagged_and_dropped(drop, tmp_path, caplog):
+    """pb_dropguards=0: the guard is reported and kept (tor's default); 1: it is dropped."""
     relays = []
     for i, cls in enumerate((CollapsingRelay, Relay, Relay)):
         relay = cls(RelayKeys.load_or_create(tmp_path / f"r{i}" / "keys"),
@@ -270,7 +272,7 @@ async def test_guard_destroying_built_circuits_is_dropped(tmp_path, caplog):
         (data / "guards.json").write_text(json.dumps({"version": 1, "guards": [
             {"fingerprint": bad_fp, "nickname": "r0", "added_at": now},
             {"fingerprint": good_fp, "nickname": "r1", "added_at": now}]}))
-        params = {"pb_mincircs": 5, "pb_dropguards": 1}
+        params = {"pb_mincircs": 5, "pb_dropguards": drop}
         cfg = ClientConfig(client_reject_internal_addresses=False, data_dir=data, socks_address=("127.0.0.1", 0),
                            control_port=None, enforce_distinct_subnets=False, preemptive_circuits=2,
                            num_primary_guards=1, log_level="warning")
@@ -280,6 +282,13 @@ async def test_guard_destroying_built_circuits_is_dropped(tmp_path, caplog):
             await node.listen()
             await node.start(ready_timeout=30)
             pb = node.guards.path_bias(bad_fp)
+            if not drop:
+                await wait_for(lambda: pb.extreme, timeout=60, what="the bad guard reported")
+                assert "Guard r0 ($" + bad_fp + ") is failing an extremely large amount of circuits. This " \
+                       "could indicate a route manipulation attack, extreme network overload, or a bug." \
+                       in caplog.text
+                assert not pb.disabled and node.guards.primary(statuses) == [bad_fp]
+                return
             await wait_for(lambda: pb.disabled, timeout=60, what="the bad guard disabled for path bias")
         assert bad.destroyed >= 4 and pb.collapsed_circuits >= 4
         assert "Guard r0 ($" + bad_fp + ") is failing an extremely large amount of circuits. To avoid " \
