@@ -222,7 +222,7 @@ async def test_manager_timeout_learned_fixed_or_disabled(tmp_path):
     params: dict[str, int] = {}
     client = OnionClient()
     client.consensus_params = lambda: params
-    mgr = CircuitManager(client, lambda: [], GuardSet(tmp_path / "guards.json"),
+    mgr = CircuitManager(client, list, GuardSet(tmp_path / "guards.json"),
                          ClientConfig(circuit_build_timeout=7))
     assert mgr.learning() and mgr.current_build_timeout == 7  # the initial timeout, until learned
     mgr.build_timeout = 30  # SETCONF CircuitBuildTimeout

@@ -206,7 +206,7 @@ async def test_manager_checks_saved_counts_on_new_params(tmp_path):
     params: dict[str, int] = {}
     client = OnionClient()
     client.consensus_params = lambda: params
-    mgr = CircuitManager(client, lambda: [], GuardSet(state), ClientConfig())
+    mgr = CircuitManager(client, list, GuardSet(state), ClientConfig())
     mgr.learning()  # reads the parameters
     assert not mgr.guards.path_bias(G).disabled  # reported only: pb_dropguards is 0
     params = {"pb_dropguards": 1, "pb_mincircs": 20}

@@ -48,8 +48,15 @@ from typing import Any
 from onionp2p.client.pathsel import RandomSource
 from onionp2p.log import get_logger, notice
 
-__all__ = ["CBTParams", "CircuitBuildTimes", "CBT_NCIRCUITS_TO_OBSERVE", "CBT_BIN_WIDTH",
-           "CBT_BUILD_ABANDONED", "CBT_RANGES", "STATE_VERSION"]
+__all__ = [
+    "CBT_BIN_WIDTH",
+    "CBT_BUILD_ABANDONED",
+    "CBT_NCIRCUITS_TO_OBSERVE",
+    "CBT_RANGES",
+    "STATE_VERSION",
+    "CBTParams",
+    "CircuitBuildTimes",
+]
 
 log = get_logger("onionp2p.cbt")
 

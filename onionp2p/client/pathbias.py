@@ -45,7 +45,7 @@ from typing import Any
 
 from onionp2p.log import get_logger, notice
 
-__all__ = ["PBParams", "PathBias", "GuardPathBias", "PathState", "PB_RANGES"]
+__all__ = ["PB_RANGES", "GuardPathBias", "PBParams", "PathBias", "PathState"]
 
 log = get_logger("onionp2p.pathbias")
 
