@@ -15,7 +15,7 @@ import random
 import threading
 
 import pytest
-from conftest import RELAY_FLAGS, close_controller, wait_for
+from conftest import RELAY_FLAGS, close_controller, relay_config, wait_for
 
 from onionp2p.client.cbt import (
     CBT_BIN_WIDTH,
@@ -26,6 +26,10 @@ from onionp2p.client.cbt import (
 from onionp2p.client.node import ClientNode
 from onionp2p.config import ClientConfig
 from onionp2p.proto.directory import RouterStatus
+from onionp2p.proto.exitpolicy import ExitPolicy
+from onionp2p.relay.circuit import OrCircuit
+from onionp2p.relay.keys import RelayKeys
+from onionp2p.relay.relay import Relay
 
 
 def pareto_times(rng: random.Random, xm: float, alpha: float, n: int) -> list[int]:
@@ -310,3 +314,76 @@ async def test_client_learns_timeout_and_reports_it(exit_relays, tmp_path):
     again = ClientNode(cfg, routers=lambda: statuses, params=lambda: params)
     assert again.circmgr.cbt.total_build_times == total
     assert again.circmgr.cbt.have_computed_timeout
+
+
+class SlowThirdHopCircuit(OrCircuit):
+    """A real relay circuit that, at the first hop and while ``relay.delay`` is set, holds
+    back the first relay cell it passes toward the client: the middle's EXTENDED2 for the
+    third hop (the guard answers the second hop's EXTEND2 itself)."""
+
+    def relay_run(self, chan, data, start, count):
+        delay = self.relay.delay
+        if delay and chan is not self.prev_chan and self.prev_chan.peer is None:
+            self._back = getattr(self, "_back", 0) + 1
+            if self._back == 1:
+                held = bytes(data[start:start + count * 514])
+                asyncio.get_running_loop().call_later(
+                    delay, lambda: self.closed or OrCircuit.relay_run(self, chan, held, 0, count))
+                return
+        super().relay_run(chan, data, start, count)
+
+
+class SlowRelay(Relay):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.delay = 0.0
+
+    def new_circuit(self, chan, circ_id, crypto, params=None, cc=None):
+        return SlowThirdHopCircuit(self, chan, circ_id, crypto, params, cc)
+
+
+async def test_learned_timeout_applies_and_slow_circuits_are_measured(tmp_path):
+    """After learning (cbtmincircs=3) the timeout is cbtmintimeout (0.5 s) instead of the
+    initial 60 s: a third hop held back 1.2 s makes builds time out, and those circuits go
+    on building for measurement (close_ms >= cbtinitialtimeout = 5 s): their full time is
+    recorded, they count as timeouts, and no stream is given them."""
+    relays = []
+    for i in range(3):
+        r = SlowRelay(RelayKeys.load_or_create(tmp_path / f"s{i}" / "keys"),
+                      relay_config(tmp_path / f"s{i}", nickname=f"s{i}", exit_reject_private=False,
+                                   extend_allow_private=True,
+                                   exit_policy=ExitPolicy.parse("accept *:*", reject_private=False)))
+        await r.start()
+        relays.append(r)
+    statuses = [RouterStatus(r.info(), RELAY_FLAGS, bandwidth=1000) for r in relays]
+    params = {"cbtmincircs": 3, "cbtmintimeout": 500, "cbtinitialtimeout": 5000}
+    cfg = ClientConfig(client_reject_internal_addresses=False, data_dir=tmp_path / "client",
+                       socks_address=("127.0.0.1", 0), control_port=None, enforce_distinct_subnets=False,
+                       preemptive_circuits=2, log_level="warning")
+    node = ClientNode(cfg, routers=lambda: statuses, params=lambda: params)
+    try:
+        await node.start(ready_timeout=30)
+        mgr, cbt = node.circmgr, node.circmgr.cbt
+        for _ in range(20):
+            if cbt.have_computed_timeout:
+                break
+            mgr.new_identity()
+            await asyncio.sleep(0.3)
+        assert cbt.have_computed_timeout and mgr.current_build_timeout == 0.5 and cbt.close_ms >= 5000
+        built: set[int] = set()
+        node.client.events.add(lambda ev: ev.kind == "built" and built.add(ev.circuit_id))
+        for r in relays:
+            r.delay = 1.2
+        mgr.new_identity()
+        await wait_for(lambda: any(1150 <= t < 5000 for t in cbt.times), timeout=20,
+                       what="a measured slow build")
+        assert cbt.num_circ_timeouts >= 1 and cbt.network_check_live()
+        # a measured circuit is closed once built, never managed: no stream is ever given it
+        measured = set(built)
+        assert measured and not measured & {i.id for i in mgr.circuits()}
+        await wait_for(lambda: not measured & set(node.client.circuits), timeout=10,
+                       what="measured circuits closed")
+    finally:
+        await node.stop()
+        for r in relays:
+            await r.stop()
