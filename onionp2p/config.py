@@ -495,7 +495,12 @@ class ClientConfig:
     preemptive_circuits: int = 3  #: clean circuits kept ready
     preemptive_ports: tuple[int, ...] = (80, 443)  #: ports the preemptive circuits' exits allow
     max_circuit_dirtiness: int = 600  #: seconds a circuit takes new streams after its first
-    circuit_build_timeout: int = 60  #: seconds for channel + 3 hops
+    #: seconds for channel + 3 hops (tor's CircuitBuildTimeout): the fixed timeout, or with
+    #: learn_circuit_build_timeout the initial one until enough build times are known
+    circuit_build_timeout: int = 60
+    #: learn the build timeout from observed build times (tor's LearnCircuitBuildTimeout,
+    #: proposal 151); the consensus parameter cbtdisabled=1 turns it off too
+    learn_circuit_build_timeout: bool = True
     max_build_attempts: int = 3
     enforce_distinct_subnets: bool = True  #: no two relays of a path in one IPv4 /16
     stream_timeout: int = 15  #: seconds to wait for CONNECTED before trying another circuit
@@ -530,6 +535,7 @@ class ClientConfig:
             "preemptive_ports": lambda c, k, v: _text_list(c, k, v, _int_range(1, 65535)),
             "max_circuit_dirtiness": _int_range(1, 7 * 86400),
             "circuit_build_timeout": _int_range(1, 600),
+            "learn_circuit_build_timeout": _bool,
             "max_build_attempts": _int_range(1, 20),
             "enforce_distinct_subnets": _bool,
             "stream_timeout": _int_range(1, 600),

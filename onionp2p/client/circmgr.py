@@ -30,9 +30,29 @@ Building
   or were unreachable are avoided, then none. A build that times out without any
   answer from the guard (no CREATED2, no DESTROY) blames the guard instead: as in tor,
   the guard is marked down and its channel takes no new circuits (the link is probably
-  half-open; the channel closes once its circuits are gone). The build timeout is the fixed
-  ``build_timeout`` (channel plus all three hops), tor's initial value; tor's adaptive
-  Pareto estimate is not implemented.
+  half-open; the channel closes once its circuits are gone).
+
+Build timeout (proposal 151; :mod:`onionp2p.client.cbt`)
+  With ``learn_circuit_build_timeout`` (tor's LearnCircuitBuildTimeout, on by default; the
+  consensus's ``cbtdisabled=1`` turns it off) the timeout for channel plus three hops is
+  learned: ``circuit_build_timeout`` (tor's CircuitBuildTimeout) is only the initial value,
+  used until ``cbtmincircs`` build times are known. Every build that completes records its
+  time. A circuit that passes the timeout with its first hop done is given up for use but
+  goes on building until ``close_ms`` to measure it (tor's measurement circuits): if it
+  completes its time is recorded, else it is recorded as abandoned. Timeouts are not
+  counted while no bytes arrive from the network (:attr:`OnionClient.last_read`), and
+  too many recent timeouts reset the estimate. The history is saved through
+  :attr:`CircuitManager.save_build_times` (the node keeps it in the data dir) every 10
+  builds and on stop; every new timeout is told to :attr:`CircuitManager.buildtimeout_events`
+  (tor's BUILDTIMEOUT_SET). Without learning the timeout is ``circuit_build_timeout``.
+
+Path bias (:mod:`onionp2p.client.pathbias`)
+  The manager feeds :class:`~onionp2p.client.pathbias.PathBias` its circuits' events: the
+  first hop done (an attempt through the guard), built, a stream attached (use attempt), a
+  stream answered by the exit (use success), a build timeout, and how the circuit ended
+  (closed by us, or by the network). A guard disabled for path bias makes the circuit
+  through it close at once; the guard set stops picking it. The counts live in the guard
+  state and are saved by the maintenance task when they changed.
 
 Preemptive circuits
   After :meth:`start`, a maintenance task keeps ``preemptive`` clean circuits (built or
@@ -77,11 +97,14 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
-from onionp2p.client.client import ClientCircuit, OnionClient
+from onionp2p.client.cbt import CBT_SAVE_STATE_EVERY, CBTParams, CircuitBuildTimes
+from onionp2p.client.client import CircuitEvent, ClientCircuit, OnionClient
 from onionp2p.client.guards import GuardSet, NoGuardError
+from onionp2p.client.pathbias import PathBias, PBParams
 from onionp2p.client.pathsel import NoPathError, RandomSource, can_exit_to, choose_path
 from onionp2p.config import ClientConfig
 from onionp2p.errors import CircuitError, OnionError, StreamError
+from onionp2p.listeners import Listeners
 from onionp2p.log import get_logger
 from onionp2p.proto.directory import RouterStatus
 from onionp2p.proto.relaycell import EndReason, Resolved
@@ -95,6 +118,8 @@ FAILED_RELAY_MEMORY = 60.0
 ATTACH_GRACE = 30.0
 MAINTENANCE_INTERVAL = 5.0
 MAX_BACKOFF = 60.0
+#: close reasons of circuits we closed ourselves (anything else: the network closed it)
+_LOCAL_CLOSE = frozenset({"REQUESTED", "TIMEOUT", "RESOURCELIMIT", None})
 
 
 class CircuitLimitError(CircuitError):
@@ -174,7 +199,7 @@ class CircuitManager:
 
     def __init__(self, client: OnionClient, routers: Callable[[], Sequence[RouterStatus]], guards: GuardSet,
                  config: ClientConfig | None = None, *, rng: RandomSource | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, cbt: CircuitBuildTimes | None = None):
         cfg = config if config is not None else ClientConfig()
         self.client = client
         self.routers = routers
@@ -190,6 +215,18 @@ class CircuitManager:
         self._task: asyncio.Task | None = None
         self._running_src: object = None
         self._running_fps: frozenset[str] = frozenset()
+        #: the learned build timeout (proposal 151)
+        self.cbt = cbt if cbt is not None else CircuitBuildTimes(rng=self.rng)
+        #: path bias accounting over the guards' records
+        self.path_bias = PathBias(guards.path_bias, changed=lambda fp: guards.mark_dirty(),
+                                  describe=guards.describe, close_cutoff=lambda: self.cbt.close_ms / 1000)
+        #: BUILDTIMEOUT_SET: ``fn(kind, args)`` (kind COMPUTED or RESET; args tor's key=value text)
+        self.buildtimeout_events = Listeners("build timeout")
+        #: writes the build-time history: ``fn(state_dict)`` (None: not persisted)
+        self.save_build_times: Callable[[dict], None] | None = None
+        self._params_src: object = None
+        self._building: dict[int, _Entry] = {}  # ClientCircuit.id -> entry, until the circuit is gone
+        client.events.add(self._circuit_event)
         self.configure(cfg)
 
     def configure(self, cfg: ClientConfig) -> None:
@@ -201,6 +238,7 @@ class CircuitManager:
         self.preemptive = cfg.preemptive_circuits
         self.preemptive_ports = tuple(cfg.preemptive_ports)
         self.dirtiness = float(cfg.max_circuit_dirtiness)
+        self.learn_build_timeout = cfg.learn_circuit_build_timeout
         self.build_timeout = float(cfg.circuit_build_timeout)
         self.max_build_attempts = cfg.max_build_attempts
         self.enforce_distinct_subnets = cfg.enforce_distinct_subnets
@@ -208,6 +246,48 @@ class CircuitManager:
         self.max_stream_attempts = cfg.max_stream_attempts
         self.max_circuits_per_isolation = cfg.max_circuits_per_isolation
         self._wake.set()  # the preemptive circuits may have changed
+
+    @property
+    def build_timeout(self) -> float:
+        """The configured CircuitBuildTimeout (seconds): the fixed timeout without learning,
+        the initial one with it. See :attr:`current_build_timeout`."""
+        return self._build_timeout
+
+    @build_timeout.setter
+    def build_timeout(self, value: float) -> None:
+        self._build_timeout = float(value)
+        self.cbt.configure_initial(self._build_timeout * 1000)
+
+    def learning(self) -> bool:
+        """Is the build timeout learned (configured on, not disabled by the consensus)?"""
+        self._update_params()
+        return self.learn_build_timeout and not self.cbt.params.cbtdisabled
+
+    @property
+    def current_build_timeout(self) -> float:
+        """Seconds a circuit (channel plus three hops) may take now."""
+        return self.cbt.timeout_ms / 1000 if self.learning() else self._build_timeout
+
+    def _update_params(self) -> None:
+        """Take the ``cbt*`` and ``pb_*`` parameters of a new consensus."""
+        params = self.client.consensus_params()
+        if params != self._params_src:
+            self._params_src = params
+            self.cbt.set_params(CBTParams.from_consensus(params))
+            self.path_bias.params = PBParams.from_consensus(params)
+            for g in self.guards.sampled:  # tor checks the saved counts against pb_dropguards
+                pb = self.guards.path_bias(g.fingerprint)
+                if pb is not None and not pb.disabled:
+                    self.path_bias.check_loaded(g.fingerprint, pb)
+                    if pb.disabled:
+                        self.guards.mark_dirty()
+
+    def _save_build_times(self) -> None:
+        if self.save_build_times is not None:
+            try:
+                self.save_build_times(self.cbt.to_state())
+            except OSError as exc:
+                log.warning("cannot save the circuit build times", error=str(exc))
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -230,6 +310,9 @@ class CircuitManager:
             if e.circ is not None:
                 e.circ.close()
         self._entries.clear()
+        if self.cbt.unsaved:
+            self._save_build_times()
+        self.guards.save_if_dirty()
 
     async def ready(self, timeout: float) -> None:
         """Wait until at least one circuit is built and takes new streams."""
@@ -261,6 +344,7 @@ class CircuitManager:
             try:
                 reader, writer = await circ.open_stream(
                     host, port, timeout=max(min(self.stream_timeout, deadline - loop.time()), 0.001))
+                self.path_bias.use_success(circ.id)
                 return reader, writer, circ
             except CircuitError as exc:  # closed between choosing and BEGIN
                 last = exc
@@ -269,6 +353,12 @@ class CircuitManager:
                 last = exc
                 if circ.state != "built":
                     continue  # the circuit died under the stream
+                # path bias: an END with a real reason shows the exit was reached, untagged
+                # (tor's connection_ap_process_end_not_open); TIMEOUT may be our own
+                if exc.reason == EndReason.TORPROTOCOL:
+                    self.path_bias.use_failed(circ.id)
+                elif exc.reason not in (EndReason.INTERNAL, EndReason.TIMEOUT):
+                    self.path_bias.use_success(circ.id)
                 action = end_reason_action(exc.reason)
                 log.info("stream refused", reason=_end_name(exc.reason), action=action, circ=circ.id)
                 if action == "close":
@@ -297,8 +387,10 @@ class CircuitManager:
             entry = self._entry_of(circ)
             entry.inflight += 1
             try:
-                return await circ.resolve(host, timeout=max(min(self.stream_timeout, deadline - loop.time()),
-                                                            0.001))
+                answer = await circ.resolve(host, timeout=max(min(self.stream_timeout, deadline - loop.time()),
+                                                              0.001))
+                self.path_bias.use_success(circ.id)
+                return answer
             except (CircuitError, StreamError) as exc:  # StreamError: the exit refused it (END)
                 last = exc
             except TimeoutError:
@@ -409,6 +501,7 @@ class CircuitManager:
         e.last_attach = now
         assert e.circ is not None
         e.circ.isolation = key
+        self.path_bias.use_attempt(e.circ.id)
         self._wake.set()  # a clean circuit may have been used up
         return e.circ
 
@@ -469,10 +562,15 @@ class CircuitManager:
 
     async def _build(self, e: _Entry) -> ClientCircuit:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.build_timeout
+        learning = self.learning()
+        timeout = self.current_build_timeout
+        # a circuit past the timeout goes on building until close_ms, for measurement only
+        close = max(self.cbt.close_ms / 1000, timeout) if learning else timeout
+        start = time.monotonic()
+        deadline = loop.time() + timeout
         guard = e.path[0]
         try:
-            await asyncio.wait_for(self.client.channel_to(guard.info), self.build_timeout)
+            await asyncio.wait_for(self.client.channel_to(guard.info), timeout)
         except (OSError, OnionError, TimeoutError) as exc:
             self.guards.mark_down(guard.fingerprint)
             self._failed[guard.fingerprint] = (self.clock() + FAILED_RELAY_MEMORY, "unreachable")
@@ -481,12 +579,17 @@ class CircuitManager:
         self.guards.mark_up(guard.fingerprint)
         circ: ClientCircuit | None = None
         try:
-            circ, building = await self.client.launch_circuit([rs.info for rs in e.path],
-                                                              timeout=max(deadline - loop.time(), 0.001))
-            await building
+            circ, building = await self.client.launch_circuit(
+                [rs.info for rs in e.path], timeout=max(start + close - time.monotonic(), 0.001))
+            self._building[circ.id] = e
+            try:
+                await asyncio.wait_for(asyncio.shield(building), max(deadline - loop.time(), 0.001))
+            except TimeoutError:
+                self._timed_out(circ, building, start, learning)
+                raise CircuitError(f"circuit build timed out after {timeout:g} s", "TIMEOUT") from None
         except CircuitError:
             until = self.clock() + FAILED_RELAY_MEMORY
-            if circ is not None and not circ.hops and circ.close_reason == "TIMEOUT":
+            if circ is not None and not circ.hops and circ.close_reason in ("TIMEOUT", "REQUESTED"):
                 # Not even CREATED2 (nor DESTROY) from the guard, over a channel that is
                 # open: the link is likely half-open. As tor does, blame the guard alone,
                 # and open a new channel for the next circuit.
@@ -497,10 +600,74 @@ class CircuitManager:
                 self._failed[e.path[1].fingerprint] = (until, "middle")
                 self._failed.setdefault(e.path[2].fingerprint, (until, "exit"))
             raise
+        if learning:
+            self._note_live()
+            self._cbt_event(self.cbt.circuit_built((time.monotonic() - start) * 1000))
         e.circ = circ
         if e.isolation is not _UNASSIGNED:
             circ.isolation = e.isolation
         return circ
+
+    # -- build timeout and path bias bookkeeping -----------------------------------------------------
+
+    def _note_live(self) -> None:
+        """Tell the estimator when bytes last arrived from the network."""
+        if self.client.last_read > self.cbt.network_last_live:
+            self.cbt.network_is_live(self.client.last_read)
+
+    def _cbt_event(self, kind: str | None) -> None:
+        if kind is not None:
+            self.buildtimeout_events(kind, self.cbt.event_args(kind))
+        if self.cbt.unsaved >= CBT_SAVE_STATE_EVERY:
+            self._save_build_times()
+
+    def _timed_out(self, circ: ClientCircuit, building: asyncio.Task, start: float, learning: bool) -> None:
+        """``circ`` passed the build timeout (tor's circuit_build_times_mark_circ_as_measurement_only
+        and circuit_expire_building)."""
+        did_onehop = bool(circ.hops)
+        self.path_bias.timeout(circ.id)
+        if learning:
+            self._note_live()
+            self._cbt_event(self.cbt.count_timeout(did_onehop))
+        if learning and did_onehop:
+            # no stream will use it; let it go on building until close_ms to measure it
+            log.info("circuit build timed out; measuring it", circ=circ.id)
+            self._building.pop(circ.id, None)
+            self.path_bias.closed(circ.id, remote=False)  # tor stops counting measurement circuits
+            building.add_done_callback(lambda t: self._measured(circ, t, start))
+        else:
+            building.add_done_callback(lambda t: t.cancelled() or t.exception())
+            circ.close()
+
+    def _measured(self, circ: ClientCircuit, task: asyncio.Task, start: float) -> None:
+        """A measurement circuit completed, or reached close_ms unbuilt."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        self._note_live()
+        if exc is None:
+            self._cbt_event(self.cbt.circuit_built((time.monotonic() - start) * 1000, measurement=True))
+            circ.close()
+        elif isinstance(exc, CircuitError) and exc.reason == "TIMEOUT":
+            if self.cbt.count_close(bool(circ.hops), start):
+                self._cbt_event(None)
+
+    def _circuit_event(self, ev: CircuitEvent) -> None:
+        """Path bias: the client's events about circuits this manager builds."""
+        e = self._building.get(ev.circuit_id)
+        if e is None:
+            return
+        if ev.kind == "extended" and len(ev.path) == 1:
+            if not self.path_bias.build_attempt(ev.circuit_id, e.path[0].fingerprint):
+                circ = self.client.circuits.get(ev.circuit_id)
+                if circ is not None:  # the guard is disabled for path bias
+                    asyncio.get_running_loop().call_soon(circ.close)
+        elif ev.kind == "built":
+            self.path_bias.build_success(ev.circuit_id)
+        elif ev.kind in ("closed", "failed"):
+            del self._building[ev.circuit_id]
+            self.path_bias.closed(ev.circuit_id, remote=ev.reason not in _LOCAL_CLOSE)
+            self._wake.set()  # a preemptive circuit may be gone: replace it now
 
     def _build_done(self, e: _Entry, task: asyncio.Task) -> None:
         exc = None if task.cancelled() else task.exception()  # retrieves it
@@ -579,6 +746,7 @@ class CircuitManager:
             try:
                 self._reap()
                 self._top_up()
+                self.guards.save_if_dirty()  # path-bias counts
             except Exception:  # keep maintaining whatever a single round hit
                 log.exception("circuit maintenance failed")
             self._wake.clear()

@@ -475,6 +475,8 @@ class OnionClient:
         self._open: set[Channel] = set()
         self.closed_bytes_read = 0
         self.closed_bytes_written = 0
+        #: monotonic time bytes last arrived on any OR channel (0: never)
+        self.last_read = 0.0
 
     def cc_params(self) -> CCParams | None:
         """Congestion-control parameters for a circuit built now (None: fixed windows)."""
@@ -562,7 +564,9 @@ class OnionClient:
             circ._fail("outgoing queue over its bound", "RESOURCELIMIT")
 
     def account_read(self, chan: Channel, nbytes: int) -> None:
-        pass  # clients have no bandwidth limit
+        # clients have no bandwidth limit; only note that the network is live (the circuit
+        # build timeout does not count timeouts while nothing arrives, circuit_build_times_network_is_live)
+        self.last_read = time.monotonic()
 
     def channel_connected(self, chan: Channel) -> bool:
         if self.progress:

@@ -25,6 +25,11 @@ nickname, ``added_at``, ``unlisted_since``), persisted as JSON in ``state_file``
   set to a random moment in the ``lifetime/10`` before the guard was really added (as
   guard-spec does, so the sample dates do not reveal when the client started); and
   when it has been unlisted for 20 days.
+* Path bias (:mod:`onionp2p.client.pathbias`): each sampled guard carries its
+  :class:`~onionp2p.client.pathbias.GuardPathBias` counts, persisted with it. A guard
+  *disabled for path bias* (``pb_dropguards``) counts as not listed: it is never picked
+  and is no primary guard (tor's ``entry_guard_passes_filter``), so the sample is refilled
+  around it; it stays in the sample (and disabled) until it expires.
 * Reachability is not persisted (as in tor): :meth:`mark_down` makes a guard unusable
   until a retry time taken from guard-spec's legacy schedules (primary: every 10 min for
   6 h, then 90 min for 90 h, 4 h for 3 days, then 9 h; others: 1 h, 4 h, 18 h, 36 h);
@@ -42,9 +47,10 @@ import os
 import random
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from onionp2p.client.pathbias import GuardPathBias
 from onionp2p.client.pathsel import NoPathError, RandomSource, can_be_guard, weighted_choice
 from onionp2p.log import get_logger
 from onionp2p.proto.directory import RouterStatus
@@ -89,6 +95,8 @@ class GuardEntry:
     nickname: str
     added_at: float
     unlisted_since: float | None = None
+    #: path-bias counts (``path_bias`` in the state file)
+    pb: GuardPathBias = field(default_factory=GuardPathBias)
 
     @classmethod
     def from_dict(cls, d: dict) -> GuardEntry:
@@ -97,7 +105,14 @@ class GuardEntry:
             raise ValueError("bad fingerprint")
         unlisted = d.get("unlisted_since")
         return cls(fp, str(d.get("nickname", "")), float(d["added_at"]),
-                   None if unlisted is None else float(unlisted))
+                   None if unlisted is None else float(unlisted), GuardPathBias.from_dict(d.get("path_bias", {})))
+
+    def to_dict(self) -> dict:
+        return {"fingerprint": self.fingerprint, "nickname": self.nickname, "added_at": self.added_at,
+                "unlisted_since": self.unlisted_since, "path_bias": self.pb.to_dict()}
+
+    def copy(self) -> GuardEntry:
+        return GuardEntry.from_dict(self.to_dict())
 
 
 @dataclass
@@ -125,6 +140,7 @@ class GuardSet:
         self._sample: list[GuardEntry] = []
         self._down: dict[str, _Down] = {}
         self._primary: set[str] = set()
+        self._dirty = False
         self._load()
 
     # -- persistence --------------------------------------------------------------------------
@@ -154,7 +170,7 @@ class GuardSet:
         """Write the sample: 0600 temporary file, fsync, atomic rename."""
         self.state_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-        body = json.dumps({"version": STATE_VERSION, "guards": [asdict(e) for e in self._sample]}, indent=1)
+        body = json.dumps({"version": STATE_VERSION, "guards": [e.to_dict() for e in self._sample]}, indent=1)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.fchmod(fd, 0o600)
@@ -163,13 +179,36 @@ class GuardSet:
         finally:
             os.close(fd)
         os.replace(tmp, self.state_file)
+        self._dirty = False
+
+    def mark_dirty(self) -> None:
+        """Something persisted changed (path-bias counts): :meth:`save_if_dirty` writes it."""
+        self._dirty = True
+
+    def save_if_dirty(self) -> None:
+        if self._dirty:
+            self.save()
 
     # -- introspection ------------------------------------------------------------------------
 
     @property
     def sampled(self) -> list[GuardEntry]:
         """The sample in order (copies)."""
-        return [GuardEntry(**asdict(e)) for e in self._sample]
+        return [e.copy() for e in self._sample]
+
+    def path_bias(self, fingerprint: str) -> GuardPathBias | None:
+        """The path-bias record of a sampled guard (None for any other relay)."""
+        fp = fingerprint.upper()
+        for e in self._sample:
+            if e.fingerprint == fp:
+                return e.pb
+        return None
+
+    def describe(self, fingerprint: str) -> str:
+        """``nickname ($FINGERPRINT)`` of a sampled guard, as tor's ``entry_guard_describe``."""
+        fp = fingerprint.upper()
+        nick = next((e.nickname for e in self._sample if e.fingerprint == fp), "")
+        return f"{nick} (${fp})" if nick else f"${fp}"
 
     def primary(self, routers: Iterable[RouterStatus]) -> list[str]:
         """Fingerprints of the current primary guards (updates the sample first)."""
@@ -209,7 +248,9 @@ class GuardSet:
                     e.nickname = rs.nickname
                 kept.append(e)
         self._sample = kept
-        listed = {e.fingerprint: by_fp[e.fingerprint] for e in kept if e.unlisted_since is None}
+        # a guard disabled for path bias does not pass the filter: never primary, never picked
+        listed = {e.fingerprint: by_fp[e.fingerprint] for e in kept
+                  if e.unlisted_since is None and not e.pb.disabled}
         while len(listed) < self.n_primary and len(self._sample) < self.max_sample:
             new = self._sample_one(by_fp.values(), now)
             if new is None:

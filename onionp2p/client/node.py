@@ -41,11 +41,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import itertools
+import json
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 from onionp2p.bootstrap import Bootstrap
+from onionp2p.client.cbt import CBTParams, CircuitBuildTimes
 from onionp2p.client.circmgr import CircuitManager
 from onionp2p.client.client import OnionClient
 from onionp2p.client.guards import GuardSet
@@ -62,7 +65,7 @@ __all__ = ["ClientNode", "StreamRecord", "RELOADABLE_KEYS"]
 #: ClientConfig keys a reload applies to the running client (README "Configuration")
 RELOADABLE_KEYS = (
     *LIVE_LOG_KEYS, "preemptive_circuits", "preemptive_ports", "max_circuit_dirtiness",
-    "circuit_build_timeout", "max_build_attempts", "enforce_distinct_subnets", "stream_timeout",
+    "circuit_build_timeout", "learn_circuit_build_timeout", "max_build_attempts", "enforce_distinct_subnets", "stream_timeout",
     "max_stream_attempts", "max_circuits_per_isolation", "socks_handshake_timeout", "socks_max_connections",
     "client_reject_internal_addresses",
 )
@@ -117,7 +120,10 @@ class ClientNode:
                                bw_weights=bw_weights)
         if self.directory is not None:
             self.directory.dir_guards = self._directory_guards
-        self.circmgr = CircuitManager(self.client, routers, self.guards, cfg)
+        #: the circuit build-time history (tor's state file BuildtimeHistogram), in our JSON
+        self.build_times_file = cfg.data_dir / "build_times.json"
+        self.circmgr = CircuitManager(self.client, routers, self.guards, cfg, cbt=self._load_build_times())
+        self.circmgr.save_build_times = self._save_build_times
         self.streams: dict[int, StreamRecord] = {}
         #: tor's bootstrap phases; ``bootstrap`` is its (percent, tag, summary)
         self.bootstrap_progress = Bootstrap("onionp2p.node")
@@ -137,6 +143,28 @@ class ClientNode:
         self.shutdown_requested = asyncio.Event()
         self._dirinfo = asyncio.Event()  # set once there is enough directory info for circuits
         self.bootstrap_progress.events.add(lambda *status: self.events(("status", *status)))
+
+    def _load_build_times(self) -> CircuitBuildTimes:
+        """The saved build-time history (an unreadable file is moved aside, as guards.json)."""
+        cbt = CircuitBuildTimes(CBTParams.from_consensus(self.client.consensus_params()),
+                                initial_timeout_ms=self.cfg.circuit_build_timeout * 1000)
+        try:
+            text = self.build_times_file.read_text()
+        except FileNotFoundError:
+            return cbt
+        try:
+            cbt.load_state(json.loads(text))
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            bad = self.build_times_file.with_name(self.build_times_file.name + ".bad")
+            log.warning("circuit build times unreadable; learning them again", error=str(exc), moved_to=str(bad))
+            os.replace(self.build_times_file, bad)
+            cbt.reset()
+        return cbt
+
+    def _save_build_times(self, state: dict) -> None:
+        from onionp2p.dir.client import atomic_write
+
+        atomic_write(self.build_times_file, json.dumps(state).encode() + b"\n")
 
     @property
     def bootstrap(self) -> tuple[int, str, str]:

@@ -63,6 +63,7 @@ __all__ = [
     "OrConnEvent",
     "StatusEvent",
     "SignalEvent",
+    "BuildTimeoutSetEvent",
     "ConfChangedEvent",
     "ControlEvent",
     "longname",
@@ -248,7 +249,17 @@ class ConfChangedEvent:
     values: tuple[tuple[str, str | None], ...]
 
 
-ControlEvent = CircEvent | StreamEvent | OrConnEvent | StatusEvent | SignalEvent | ConfChangedEvent
+@dataclass(frozen=True)
+class BuildTimeoutSetEvent:
+    """The circuit build timeout changed: ``650 BUILDTIMEOUT_SET <kind> TOTAL_TIMES=...``
+    (kind COMPUTED or RESET; ``args`` as tor's cbt_control_event_buildtimeout_set writes them)."""
+
+    kind: str
+    args: str
+
+
+ControlEvent = (CircEvent | StreamEvent | OrConnEvent | StatusEvent | SignalEvent | ConfChangedEvent
+                | BuildTimeoutSetEvent)
 
 
 _FINGERPRINT = re.compile(r"[0-9A-Fa-f]{40}")

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from onionp2p.client.client import CircuitEvent
 from onionp2p.client.pathsel import choose_path
 from onionp2p.control.formats import (
+    BuildTimeoutSetEvent,
     CCState,
     CircEvent,
     CircuitBandwidth,
@@ -105,6 +106,8 @@ class ClientControlAdapter(ControlAdapterBase):
                                     (lambda v: _int(v, 1, 7 * 86400), "dirtiness")),
             "CircuitBuildTimeout": ("Interval", lambda: [str(int(self.node.circmgr.build_timeout))],
                                     (lambda v: _int(v, 1, 600), "build_timeout")),
+            "LearnCircuitBuildTimeout": ("Boolean", lambda: [str(int(self.node.circmgr.learn_build_timeout))],
+                                         (_bool, "learn_build_timeout")),
             "EnforceDistinctSubnets": ("Boolean", lambda: [str(int(self.node.circmgr.enforce_distinct_subnets))],
                                        (_bool, "enforce_distinct_subnets")),
             "SafeLogging": ("String", lambda: ["1" if self.node.cfg.safe_logging else "0"], None),
@@ -138,6 +141,7 @@ class ClientControlAdapter(ControlAdapterBase):
         node.client.events.add(self._on_circuit)
         node.client.channel_events.add(self._on_channel)
         node.events.add(self._on_node)
+        node.circmgr.buildtimeout_events.add(lambda kind, args: self._send(BuildTimeoutSetEvent(kind, args)))
 
     # -- plain properties -----------------------------------------------------------------------
 
@@ -309,7 +313,7 @@ class ClientControlAdapter(ControlAdapterBase):
                                  enforce_distinct_subnets=self.node.circmgr.enforce_distinct_subnets)
         try:
             circ, _task = await self.node.client.launch_circuit([r.info for r in chosen],
-                                                                timeout=self.node.circmgr.build_timeout)
+                                                                timeout=self.node.circmgr.current_build_timeout)
         except OnionError as exc:
             raise ControlError(551, f"Couldn't start circuit: {exc}") from None
         _task.add_done_callback(lambda t: t.cancelled() or t.exception())

@@ -65,6 +65,7 @@ from typing import Protocol, runtime_checkable
 
 from onionp2p.control.commands import CommandHandler
 from onionp2p.control.formats import (
+    BuildTimeoutSetEvent,
     CircEvent,
     CircuitBandwidth,
     CircuitInfo,
@@ -573,6 +574,9 @@ class ControlServer:
                 etype, fmt = "SIGNAL", lambda: format_event("SIGNAL", event.name)
             elif isinstance(event, ConfChangedEvent):
                 etype, fmt = "CONF_CHANGED", lambda: conf_changed_reply(event.values)
+            elif isinstance(event, BuildTimeoutSetEvent):
+                etype = "BUILDTIMEOUT_SET"
+                fmt = lambda: format_event(etype, f"{event.kind} {event.args}")  # noqa: E731
             else:
                 return
             if self._wanted(etype):  # format only what someone asked for
