@@ -490,14 +490,15 @@ class TorNetwork(Network):
 # Measurements
 
 async def bulk(net_port: int | None, http_port: int, nbytes: int, *, direct: bool = False,
-               on_connected=None) -> dict:
+               on_connected=None, user: str | None = None) -> dict:
     """One stream downloads nbytes; returns MB/s (timed from the request to the last byte).
-    ``on_connected`` (async) runs once the stream is open, before the request."""
+    ``on_connected`` (async) runs once the stream is open, before the request; ``user``: a
+    SOCKS username (a circuit of its own, on both networks)."""
     t0 = time.perf_counter()
     if direct:
         s = await direct_connect("127.0.0.1", http_port)
     else:
-        s = await socks_connect(net_port, "127.0.0.1", http_port)
+        s = await socks_connect(net_port, "127.0.0.1", http_port, user=user)
     t1 = time.perf_counter()
     extra = await on_connected() if on_connected is not None else None
     proto = await http_fetch(s, f"/{nbytes}", nbytes)

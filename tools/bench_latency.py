@@ -29,9 +29,10 @@ Networks (one at a time; the other is stopped):
   like ours; congestion control is tor's default, Vegas, negotiated with the exits; the
   authorities are excluded from paths, as onionp2p's are not relays).
 
-Each figure is the median of ``--runs`` downloads of ``--mb`` MB through the SOCKS port
-(after one warm-up download). The emulator alone is measured first (its round-trip time
-and throughput ceiling). Prints a markdown table; nothing here is a test.
+Each figure is the median of ``--runs`` downloads of ``--mb`` MB through the SOCKS port,
+each on a new circuit (a SOCKS username per run) after a 1 MB warm-up on it, so that a row
+samples several paths. The emulator alone is measured first (its round-trip time and
+throughput ceiling). Prints a markdown table; nothing here is a test.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import os
 import re
 import statistics
 import subprocess
@@ -194,10 +196,15 @@ class DelayedTorNetwork(bench.TorNetwork):
 
 
 async def downloads(socks_port: int, web_port: int, nbytes: int, runs: int) -> list[float]:
-    await bench.bulk(socks_port, web_port, 1 * MB)  # warm-up: circuit, slow start of this client
+    """``runs`` downloads, each on a circuit of its own (a SOCKS username per run: both
+    onionp2p and tor isolate by it), so that the median samples several paths — the relays'
+    delays differ, and one circuit's RTT would decide a whole row. Each circuit is built and
+    its stream warmed up (1 MB: the build, then slow start) before its timed download."""
     out = []
-    for _ in range(runs):
-        r = await bench.bulk(socks_port, web_port, nbytes)
+    for i in range(runs):
+        user = f"run{i}-{os.getpid()}"
+        await bench.bulk(socks_port, web_port, 1 * MB, user=user)
+        r = await bench.bulk(socks_port, web_port, nbytes, user=user)
         out.append(r["mbps"])
     return out
 
@@ -206,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tools/bench_latency.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--delay", default="20-40", help="one-way delay per link, ms: MIN-MAX (default 20-40)")
     ap.add_argument("--mb", type=int, default=20, help="MB per download (default 20)")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5, help="downloads (each on its own circuit) per row")
     ap.add_argument("--relays", type=int, default=5)
     ap.add_argument("--exits", type=int, default=2)
     ap.add_argument("--only", choices=("onionp2p", "tor"))
