@@ -72,18 +72,6 @@ class MixedClientCrypto:
         else:
             raise LocalProtocolError(f"unknown relay crypto {relay_crypto!r}")
 
-    @property
-    def n_hops(self) -> int:
-        return len(self._hops)
-
-    def kind(self, hop: int) -> str:
-        return "cgo" if type(self._hops[hop]) is CgoHop else "tor1"
-
-    def truncate(self, n_hops: int) -> None:
-        if not 0 <= n_hops <= len(self._hops):
-            raise LocalProtocolError(f"cannot truncate {len(self._hops)} hops to {n_hops}")
-        del self._hops[n_hops:]
-
     def originate(self, body: bytes, hop: int, cmd: int = _RELAY) -> tuple[bytes, bytes]:
         """Encrypt ``body`` (already in ``hop``'s message format) for ``hop``, sent as cell
         command ``cmd``: ``(cipher, digest or tag)``."""
