@@ -33,9 +33,10 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 from onionp2p import __version__
 from onionp2p.config import (
@@ -49,7 +50,9 @@ from onionp2p.config import (
     load_relay_config,
 )
 from onionp2p.errors import ConfigError, ListenError, OnionError
-from onionp2p.log import configure_logging, get_logger, reopen_log_file
+from onionp2p.log import configure_logging, get_logger, notice, reopen_log_file
+
+T = TypeVar("T")
 
 __all__ = ["main"]
 
@@ -340,8 +343,8 @@ async def run_client(cfg: ClientConfig, *, config_file: str | None = None,
     try:
         await node.listen()
         if tor_dirauth_file is not None:
-            view = await fetch_tor_network(authorities)
-        await node.start(ready_timeout=cfg.circuit_build_timeout * 2)
+            view = await _unless_stopped(fetch_tor_network(authorities), node.shutdown_requested)
+        await _unless_stopped(node.start(ready_timeout=cfg.circuit_build_timeout * 2), node.shutdown_requested)
         print(f"SOCKS5 proxy ready at {cfg.socks_address[0]}:{node.socks_port}", flush=True)
         if node.http_tunnel_port is not None:
             print(f"HTTP CONNECT tunnel at 127.0.0.1:{node.http_tunnel_port}", flush=True)
@@ -353,10 +356,34 @@ async def run_client(cfg: ClientConfig, *, config_file: str | None = None,
         if node.metrics_port is not None:
             print(f"Metrics port at http://127.0.0.1:{node.metrics_port}/metrics", flush=True)
         await node.shutdown_requested.wait()
+    except _Stopped:
+        notice("onionp2p.cli", "shutting down before bootstrap finished")
     finally:
         async with asyncio.timeout(5):
             await node.stop()
     return 0
+
+
+class _Stopped(Exception):
+    """SIGINT/SIGTERM (or SIGNAL SHUTDOWN) arrived while the client was still starting."""
+
+
+async def _unless_stopped(aw: Awaitable[T], stop: asyncio.Event) -> T:
+    """``aw``'s result, unless ``stop`` is set first: then ``aw`` is cancelled and _Stopped raised.
+
+    Bootstrapping can take minutes (a directory that does not answer, no usable exit), and tor
+    exits at once on SIGTERM whatever it is doing; so does the client."""
+    work = asyncio.ensure_future(aw)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    await asyncio.gather(work, return_exceptions=True)
+    raise _Stopped
 
 
 def client_config_from_args(args: argparse.Namespace) -> ClientConfig:

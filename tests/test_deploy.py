@@ -241,6 +241,44 @@ def test_dump_config_prints_the_effective_config(tmp_path):
     assert 'socks_address = "127.0.0.1:9999"' in out.stdout and "stream_timeout = 9" in out.stdout
 
 
+# -- SIGTERM while bootstrapping ------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_client_stops_at_once_on_sigterm_while_still_bootstrapping(tmp_path, sig):
+    """A client whose directory never answers is still bootstrapping (for up to twice the
+    circuit build timeout); SIGTERM/SIGINT must stop it at once, cleanly, as tor does, not
+    after the bootstrap gives up."""
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead.listen()  # accepts TCP, never answers: the directory fetch hangs
+    try:
+        port = dead.getsockname()[1]
+        cfg = toml(tmp_path / "client" / "client.toml", data_dir=".", socks_address="127.0.0.1:0",
+                   control_port=0, circuit_build_timeout=60, log_format="json", log_file="client.log",
+                   log_level="info",
+                   authorities=[f"auth0 127.0.0.1:{port} OHcFSwiPYSKeXUFavVV4bxZIFXcbvbHDpdYbP1bWT/8"])
+        log = tmp_path / "client" / "client.log"
+        proc = subprocess.Popen([sys.executable, "-m", "onionp2p", "client", "--config", str(cfg)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            until(lambda: events(log, "SOCKS listener open"), "the SOCKS listener", proc=proc)
+            time.sleep(1.0)
+            assert proc.poll() is None
+            t0 = time.monotonic()
+            proc.send_signal(sig)
+            code = proc.wait(15)
+            took = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert code == 0, proc.stderr.read()
+        assert took < 10, f"took {took:.1f} s to stop"  # bootstrap would have waited 120 s
+        assert events(log, "shutting down before bootstrap finished")
+    finally:
+        dead.close()
+
+
 # -- the client's SIGHUP ------------------------------------------------------------------------
 
 @pytest.mark.slow
