@@ -263,6 +263,41 @@ async def test_channel_whole_read_framing_equals_cellreader() -> None:
     assert chan.cells_in == len(expected)
 
 
+class _SendmeCircuit:
+    """Answers every run of cells with one cell it wants flushed at once (a SENDME)."""
+
+    def __init__(self, cid: int) -> None:
+        self.cid = cid
+
+    def relay_run(self, chan, data, start, count) -> None:
+        chan.send_payloads(self.cid, CellCommand.RELAY, [bytes([self.cid & 0xFF]) * 509])
+        chan.flush()
+
+    def handle_cell(self, chan, cell) -> None:
+        pass
+
+    def channel_closed(self, chan) -> None:
+        pass
+
+
+async def test_flushes_asked_for_during_one_read_are_one_write() -> None:
+    """SENDMEs of many circuits answered from one socket read leave in one write, right
+    after the read's last cell (not one TLS record per SENDME, and not a loop turn later)."""
+    chan, t = open_channel()
+    cids = [0x80000001 + i for i in range(8)]
+    for cid in cids:
+        chan.circuits[cid] = _SendmeCircuit(cid)
+    read = b"".join(encode_fixed(cid, CellCommand.RELAY, bytes(509)) for cid in cids for _ in range(2))
+    chan.data_received(read)
+    assert len(t.written) == 1  # written before data_received returned
+    assert t.written[0] == b"".join(encode_fixed(cid, CellCommand.RELAY, bytes([cid & 0xFF]) * 509)
+                                    for cid in cids)
+    chan.flush()  # outside a read: at once, as before
+    chan.send_payloads(cids[0], CellCommand.RELAY, [bytes(509)])
+    chan.flush()
+    assert len(t.written) == 2
+
+
 async def test_send_payloads_writes_the_concatenation_of_send_cell() -> None:
     rng = random.Random(11)
     a, ta = open_channel()

@@ -138,6 +138,8 @@ class Channel(asyncio.Protocol):
         self._out: list[bytes] = []
         self._out_len = 0
         self._flush_handle: asyncio.Handle | None = None
+        self._in_batch = False  # handling the cells of one socket read (see _cells)
+        self._flush_due = False  # flush() was asked for during that batch
         self._paused = False
         self._queues: dict[int, deque[bytes]] = {}
         self._timeout_handle: asyncio.TimerHandle | None = None
@@ -201,7 +203,21 @@ class Channel(asyncio.Protocol):
             self._fail(exc)
 
     def _cells(self, data: bytes) -> None:
-        """Handle every complete cell of what is buffered plus ``data`` (link open)."""
+        """Handle every complete cell of what is buffered plus ``data`` (link open).
+
+        A :meth:`flush` asked for while these cells are handled (the SENDMEs that busy
+        circuits send back) happens once, after the last of them: one TLS record and one
+        write for the whole socket read instead of one per SENDME."""
+        self._in_batch = True
+        try:
+            self._cells_batch(data)
+        finally:
+            self._in_batch = False
+            if self._flush_due:
+                self._flush_due = False
+                self.flush()
+
+    def _cells_batch(self, data: bytes) -> None:
         circuits = self.circuits
         for buf, circ_id, cmd, start, end in self._reader.frames(data):
             if self.closed:
@@ -362,7 +378,11 @@ class Channel(asyncio.Protocol):
 
     def flush(self) -> None:
         """Write what this loop turn has queued now instead of at the end of the turn
-        (used for cells that others wait on, like SENDMEs)."""
+        (used for cells that others wait on, like SENDMEs); while a socket read's cells are
+        being handled, once they all are."""
+        if self._in_batch:
+            self._flush_due = True
+            return
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         self._flush()
