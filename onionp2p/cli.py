@@ -145,7 +145,10 @@ def _reopening(sig: signal.Signals, then: Callable[[], object]) -> Callable[[], 
     new file (as tor notes "Received reload signal"), then ``then()``."""
     def handler() -> None:
         reopened = reopen_log_file()
-        get_logger("onionp2p.cli").info(f"received {sig.name}", log_file_reopened=reopened)
+        if sig == signal.SIGHUP:  # tor says its "Received reload signal (hup)" at notice
+            notice("onionp2p.cli", f"received {sig.name}", log_file_reopened=reopened)
+        else:
+            get_logger("onionp2p.cli").info(f"received {sig.name}", log_file_reopened=reopened)
         then()
     return handler
 

@@ -220,6 +220,13 @@ class Testnet:
                     reported.add(failure)
                     print(f"testnet: warning: {failure}", file=sys.stderr, flush=True)
 
+    def hangup(self) -> None:
+        """SIGHUP: passed on to every relay and authority process, which reload their config
+        and reopen their log files as tor does; the testnet itself keeps running."""
+        for p in self.procs:
+            if p.poll() is None and self.names.get(p.pid) != "wan":
+                p.send_signal(signal.SIGHUP)
+
     def stop(self, timeout: float = 10.0) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -278,6 +285,7 @@ async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int
     stop = stop_event or asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, net.hangup)
     node = None
     failed = True
     try:
@@ -324,7 +332,7 @@ async def run_testnet(*, n_relays: int = 5, n_exits: int = 2, n_authorities: int
         failed = False
         return 0
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if node is not None:
             try:

@@ -42,7 +42,8 @@ def www(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def testnet(tmp_path_factory):
-    net = RunningTestnet(tmp_path_factory.mktemp("tn") / "net")
+    # notice: the level of tor's own start-up and "received reload signal" lines
+    net = RunningTestnet(tmp_path_factory.mktemp("tn") / "net", extra=("--log-level", "notice"))
     yield net
     net.stop()
 
@@ -246,6 +247,27 @@ def test_link_delay_and_fixed_windows(tmp_path, www):
         assert all(h["relay_crypto"] == "tor1" for c in built for h in c["path"])
     finally:
         assert net.stop() == 0
+
+
+def test_sighup_reaches_the_relays_and_the_testnet_keeps_running(testnet, www):
+    """SIGHUP to `onionp2p testnet` (a terminal closing, `kill -HUP`) is passed on to its relays
+    and authorities (tor's reload: config and log files); nothing exits."""
+    children = testnet.children()
+    logs = sorted(testnet.data_dir.glob("*/log.txt"))
+    assert logs
+    before = {p: p.read_text(errors="replace").count("received SIGHUP") for p in logs}
+    testnet.proc.send_signal(signal.SIGHUP)
+    end = time.time() + 20
+    while time.time() < end:
+        after = {p: p.read_text(errors="replace").count("received SIGHUP") for p in logs}
+        if all(after[p] > before[p] for p in logs):
+            break
+        time.sleep(0.2)
+    assert all(after[p] > before[p] for p in logs), {str(p): after[p] for p in logs}
+    assert testnet.proc.poll() is None
+    assert all(Path(f"/proc/{p}").exists() for p in children)
+    done = curl("--socks5-hostname", f"127.0.0.1:{testnet.socks}", f"http://localhost:{www['port']}/index.html")
+    assert done.returncode == 0 and b"hello through onionp2p" in done.stdout, done.stderr
 
 
 def test_sigterm_stops_every_process(testnet):
