@@ -1,0 +1,176 @@
+"""Channel padding: the PADDING_NEGOTIATE codec (tor's bytes) and the sans-IO state machine
+(onionp2p.proto.padding; padding-spec §2)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from conftest import chi_square
+
+from onionp2p.errors import ProtocolError
+from onionp2p.proto.cells import PaddingNegotiate
+from onionp2p.proto.padding import (
+    ChannelPadding,
+    PaddingParams,
+    Usage,
+    client_padding,
+    inactive_timeout_ms,
+    relay_padding,
+)
+
+# -- codec -------------------------------------------------------------------------------
+
+
+def test_padding_negotiate_bytes_are_tors():
+    # version 0, command START (2), ito_low_ms 1500 = 0x05dc, ito_high_ms 9500 = 0x251c
+    assert PaddingNegotiate(2, 1500, 9500).encode() == bytes.fromhex("0002 05dc 251c")
+    assert PaddingNegotiate(1, 0, 0).encode() == bytes.fromhex("0001 0000 0000")
+    # parsed from a whole (zero-padded) fixed-cell payload, as it arrives
+    msg = PaddingNegotiate.parse(bytes.fromhex("0002 00c8 01f4") + bytes(503))
+    assert (msg.cmd, msg.ito_low_ms, msg.ito_high_ms) == (PaddingNegotiate.START, 200, 500)
+
+
+@pytest.mark.parametrize("raw", [
+    bytes.fromhex("0102 05dc 251c"),  # version 1
+    bytes.fromhex("0003 05dc 251c"),  # command 3
+    bytes.fromhex("0000 05dc 251c"),  # command 0
+    bytes.fromhex("0002 05dc 25"),  # truncated
+    b"",
+])
+def test_bad_padding_negotiate_does_not_parse(raw):
+    with pytest.raises(ProtocolError):
+        PaddingNegotiate.parse(raw)
+
+
+# -- consensus parameters ----------------------------------------------------------------------
+
+
+def test_params_defaults_and_clamps_as_tor():
+    assert PaddingParams.from_consensus({}) == PaddingParams()
+    p = PaddingParams.from_consensus({"nf_ito_low": 70000, "nf_ito_high": 5, "nf_conntimeout_clients": 1,
+                                      "nf_pad_relays": 7, "nf_pad_before_usage": 0})
+    assert (p.nf_ito_low, p.nf_ito_high) == (60000, 60000)  # max 60 s; high never below low
+    assert p.nf_conntimeout_clients == 60 and p.nf_pad_relays == 1 and p.nf_pad_before_usage == 0
+    assert PaddingParams.from_consensus({"nf_ito_low": 0, "nf_ito_high": 0}).disabled
+
+
+# -- the timeout draw --------------------------------------------------------------------------
+
+
+def test_timeouts_stay_within_bounds():
+    rng = random.Random(1)
+    p = PaddingParams()
+    draws = [inactive_timeout_ms(p, 0, 0, rng) for _ in range(20000)]
+    assert min(draws) >= 1500 and max(draws) < 9500
+    # negotiated values raise the range but never lower it below the consensus
+    draws = [inactive_timeout_ms(p, 9000, 14000, rng) for _ in range(2000)]
+    assert min(draws) >= 9000 and max(draws) < 14000
+    assert all(1500 <= inactive_timeout_ms(p, 100, 200, rng) < 9500 for _ in range(2000))
+    assert inactive_timeout_ms(PaddingParams(nf_ito_low=3000, nf_ito_high=3000), 0, 0, rng) == 3000
+    assert inactive_timeout_ms(PaddingParams(nf_ito_low=0, nf_ito_high=0), 0, 0, rng) == 0
+
+
+def test_timeout_is_the_max_of_two_uniform_draws():
+    """Binned draws against P(max(X1, X2) in bin) for X uniform on [0, 100): chi-square."""
+    rng = random.Random(20261207)
+    p = PaddingParams(nf_ito_low=1000, nf_ito_high=1100)
+    n, span, width = 40000, 100, 10
+    observed: dict[int, int] = {}
+    for _ in range(n):
+        b = (inactive_timeout_ms(p, 0, 0, rng) - 1000) // width
+        observed[b] = observed.get(b, 0) + 1
+    expected = {b: n * (((b + 1) * width) ** 2 - (b * width) ** 2) / span ** 2 for b in range(span // width)}
+    _, pvalue = chi_square(observed, expected)
+    assert pvalue > 0.001, (observed, expected)
+
+
+# -- the state machine -------------------------------------------------------------------------
+
+
+def _used(state: ChannelPadding) -> ChannelPadding:
+    state.use(Usage.FULL_CIRCS)
+    return state
+
+
+def test_idle_channel_is_padded_within_the_bounds():
+    p = PaddingParams(nf_ito_low=1500, nf_ito_high=9500)
+    state = _used(ChannelPadding(p, is_client_channel=True, enabled=True, rng=random.Random(3), now=100.0))
+    d = state.poll(100.0)
+    assert not d.send and 101.5 <= d.next_at < 109.5
+    assert not state.poll(d.next_at - 0.001).send  # not early
+    d2 = state.poll(d.next_at)
+    assert d2.send and d.next_at + 1.5 <= d2.next_at < d.next_at + 9.5  # and the next one is drawn
+
+
+def test_no_padding_while_traffic_flows():
+    p = PaddingParams(nf_ito_low=1500, nf_ito_high=9500)
+    state = _used(ChannelPadding(p, is_client_channel=True, enabled=True, rng=random.Random(4), now=0.0))
+    deadline = state.poll(0.0).next_at
+    t, sent = 0.0, 0
+    while t < 120.0:  # a cell every second for two minutes; the timer fires at each deadline
+        t += 1.0
+        state.activity(t)
+        if deadline is not None and deadline <= t:
+            d = state.poll(t)
+            sent += d.send
+            deadline = d.next_at
+    assert sent == 0
+    # queued writes count as traffic too
+    assert not state.poll(t + 60.0, busy=True).send
+    assert state.poll(t + 70.0).send  # idle again long enough: padded
+
+
+def test_stop_stops_and_start_restarts_with_clamped_timeouts():
+    p = PaddingParams(nf_ito_low=1500, nf_ito_high=9500)
+    state = _used(relay_padding(p, peer_is_client=True, link_version=5, rng=random.Random(5), now=0.0))
+    assert state.poll(0.0).next_at is not None
+    state.negotiate(PaddingNegotiate(PaddingNegotiate.STOP, 0, 0))
+    assert state.poll(1000.0) == state.poll(2000.0) and not state.poll(3000.0).send
+    assert state.poll(3000.0).next_at is None  # no timer at all
+    # START with timeouts below the consensus: clamped up (low >= nf_ito_low, high >= low)
+    state.negotiate(PaddingNegotiate(PaddingNegotiate.START, 100, 50))
+    assert (state.low_ms, state.high_ms) == (1500, 1500)
+    state.activity(3000.0)
+    d = state.poll(3000.0)
+    assert 3001.5 <= d.next_at < 3009.5  # still the consensus range: negotiation cannot go below it
+    assert state.poll(d.next_at).send
+    # a client asking for less padding than the consensus gets it
+    state.negotiate(PaddingNegotiate(PaddingNegotiate.START, 12000, 13000))
+    state.activity(4000.0)
+    assert 4012.0 <= state.poll(4000.0).next_at < 4013.0
+
+
+def test_who_pads():
+    p = PaddingParams()
+    # unused channels are not padded; with nf_pad_before_usage=0 only after user traffic
+    state = ChannelPadding(p, is_client_channel=True, enabled=True, now=0.0)
+    assert not state.wants_padding()
+    state.use(Usage.FULL_CIRCS)
+    assert state.wants_padding()
+    lazy = ChannelPadding(PaddingParams(nf_pad_before_usage=0), is_client_channel=True, enabled=True)
+    lazy.use(Usage.FULL_CIRCS)
+    assert not lazy.wants_padding()
+    lazy.use(Usage.USER_TRAFFIC)
+    assert lazy.wants_padding()
+    # relay-to-relay channels only with nf_pad_relays
+    assert not _used(relay_padding(p, peer_is_client=False, link_version=5)).wants_padding()
+    assert _used(relay_padding(PaddingParams(nf_pad_relays=1), peer_is_client=False, link_version=5)).wants_padding()
+    # link protocol 4: not on by default
+    assert not _used(relay_padding(p, peer_is_client=True, link_version=4)).wants_padding()
+
+
+def test_client_negotiation_follows_the_options():
+    p = PaddingParams(nf_ito_low=200, nf_ito_high=500)
+    state, msg = client_padding(p, peer_supports=True)
+    assert msg == PaddingNegotiate(PaddingNegotiate.START, 200, 500) and state.enabled
+    state, msg = client_padding(p, peer_supports=False)
+    assert msg is None and not _used(state).wants_padding()
+    state, msg = client_padding(p, peer_supports=False, connection_padding="1")
+    assert msg is None and _used(state).wants_padding()  # forced
+    state, msg = client_padding(p, peer_supports=True, connection_padding="0")
+    assert msg.cmd == PaddingNegotiate.STOP and not _used(state).wants_padding()
+    state, msg = client_padding(p, peer_supports=True, reduced=True, rng=random.Random(6))
+    assert msg.cmd == PaddingNegotiate.STOP and _used(state).wants_padding()
+    draws = [inactive_timeout_ms(p, state.low_ms, state.high_ms, state.rng) for _ in range(500)]
+    assert min(draws) >= 9000 and max(draws) < 14000  # the reduced range
