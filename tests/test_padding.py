@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
-from conftest import chi_square
+from conftest import blob, chi_square, http_get, wait_for
 
 from onionp2p.errors import ProtocolError
 from onionp2p.proto.cells import PaddingNegotiate
@@ -174,3 +175,105 @@ def test_client_negotiation_follows_the_options():
     assert msg.cmd == PaddingNegotiate.STOP and _used(state).wants_padding()
     draws = [inactive_timeout_ms(p, state.low_ms, state.high_ms, state.rng) for _ in range(500)]
     assert min(draws) >= 9000 and max(draws) < 14000  # the reduced range
+
+
+# -- onionp2p client <-> onionp2p relays over real TLS -----------------------------------------
+
+#: short timeouts: a link idle for 0.2-0.5 s is padded (tor's defaults are 1.5-9.5 s)
+FAST = {"nf_ito_low": 200, "nf_ito_high": 500}
+
+
+class ConsensusParams:
+    """The ``params()`` of a relay's directory (what RelayDirectory serves from its consensus),
+    for relays started without authorities."""
+
+    def __init__(self, params: dict[str, int]):
+        self._params = params
+
+    def params(self) -> dict[str, int]:
+        return dict(self._params)
+
+    async def stop(self) -> None:
+        pass
+
+
+def _from_client(relay):
+    """The relay's channel from the (unauthenticated) client."""
+    return next(c for c in relay.channels if c.peer is None or not c.peer.rsa_id)
+
+
+async def test_client_and_relay_pad_an_idle_link(relay_net, http_server):
+    from onionp2p.client.client import OnionClient
+    from onionp2p.ops.metrics import RelayCollector
+
+    for r in relay_net:
+        r.directory = ConsensusParams(FAST)
+    client = OnionClient()
+    client.consensus_params = lambda: dict(FAST)
+    try:
+        assert relay_net[0].info().supports("Padding", 2)
+        # three hops: the guard counts its client's channel as used for multi-hop circuits when
+        # a RELAY_EARLY cell passes through it to a next hop (here: the second EXTEND2)
+        circ = await client.build_circuit([r.info() for r in relay_net])
+        # user traffic: every hop now counts its previous channel as used (relay-to-relay too)
+        reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
+        assert await http_get(reader, writer, "/20000") == blob(20000)
+        chan = client.channels[relay_net[0].info().rsa_id]
+        at_relay = _from_client(relay_net[0])
+        # the relay got START with the consensus timeouts and honours it
+        await wait_for(lambda: at_relay.padding_negotiations_in == 1, what="PADDING_NEGOTIATE at the relay")
+        pad = at_relay.padding
+        assert (pad.enabled, pad.low_ms, pad.high_ms) == (True, 200, 500)
+        # both ends pad the idle link: a cell at least every 0.5 s, never more often than every 0.2 s
+        await wait_for(lambda: chan.padding_in >= 1 and at_relay.padding_in >= 1, timeout=10,
+                       what="padding in both directions")
+        start = chan.padding_in + chan.padding_out
+        await asyncio.sleep(3.0)
+        seen = chan.padding_in + chan.padding_out - start
+        assert 5 <= seen <= 16, seen
+        assert at_relay.padding_in == chan.padding_out  # every PADDING cell arrived
+        # relay-to-relay: not padded (nf_pad_relays=0)
+        assert all(c.padding_out == 0 for c in relay_net[0].channels if c is not at_relay)
+        assert all(c.padding_in == c.padding_out == 0 for r in relay_net[1:] for c in r.channels)
+        # operators see it in the metrics
+        metric = {m.name: m for m in RelayCollector(relay_net[0])()}["onionp2p_padding_cells_total"]
+        assert {dict(lbl)["direction"]: v for lbl, v in metric.samples}["received"] >= at_relay.padding_in > 0
+
+        # a malformed PADDING_NEGOTIATE is ignored (logged), the channel stays up
+        chan.send_cell(0, 12, bytes.fromhex("0102 00c8 01f4"))  # version 1
+        chan.send_cell(0, 12, bytes.fromhex("0007 00c8 01f4"))  # command 7
+        await asyncio.sleep(0.3)
+        assert not at_relay.closed and at_relay.padding_negotiations_in == 1 and at_relay.padding.enabled
+
+        # STOP: the relay stops padding the link (we keep padding it ourselves)
+        chan.send_cell(0, 12, PaddingNegotiate(PaddingNegotiate.STOP, 0, 0).encode())
+        await wait_for(lambda: not at_relay.padding.enabled, what="STOP at the relay")
+        sent = at_relay.padding_out
+        await asyncio.sleep(1.5)
+        assert at_relay.padding_out == sent and chan.padding_out > 0
+        # and a relay cannot make a client stop: the client ignores PADDING_NEGOTIATE
+        at_relay.send_cell(0, 12, PaddingNegotiate(PaddingNegotiate.STOP, 0, 0).encode())
+        out = chan.padding_out
+        await asyncio.sleep(1.5)
+        assert chan.padding.enabled and chan.padding_out > out
+    finally:
+        await client.close()
+
+
+async def test_client_without_padding_asks_the_relay_to_stop(relay_net):
+    from onionp2p.client.client import OnionClient
+
+    for r in relay_net:
+        r.directory = ConsensusParams(FAST)
+    client = OnionClient(connection_padding="0")
+    client.consensus_params = lambda: dict(FAST)
+    try:
+        await client.build_circuit([r.info() for r in relay_net])
+        chan = client.channels[relay_net[0].info().rsa_id]
+        at_relay = _from_client(relay_net[0])
+        await wait_for(lambda: at_relay.padding_negotiations_in == 1, what="PADDING_NEGOTIATE at the relay")
+        assert not at_relay.padding.enabled
+        await asyncio.sleep(1.5)
+        assert chan.padding_in == chan.padding_out == at_relay.padding_in == 0
+    finally:
+        await client.close()
