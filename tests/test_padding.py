@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 
 import pytest
@@ -202,7 +203,7 @@ def _from_client(relay):
     return next(c for c in relay.channels if c.peer is None or not c.peer.rsa_id)
 
 
-async def test_client_and_relay_pad_an_idle_link(relay_net, http_server):
+async def test_client_and_relay_pad_an_idle_link(relay_net, http_server, caplog):
     from onionp2p.client.client import OnionClient
     from onionp2p.ops.metrics import RelayCollector
 
@@ -240,10 +241,12 @@ async def test_client_and_relay_pad_an_idle_link(relay_net, http_server):
         assert {dict(lbl)["direction"]: v for lbl, v in metric.samples}["received"] >= at_relay.padding_in > 0
 
         # a malformed PADDING_NEGOTIATE is ignored (logged), the channel stays up
-        chan.send_cell(0, 12, bytes.fromhex("0102 00c8 01f4"))  # version 1
-        chan.send_cell(0, 12, bytes.fromhex("0007 00c8 01f4"))  # command 7
-        await asyncio.sleep(0.3)
+        with caplog.at_level(logging.INFO, logger="onionp2p.channel"):
+            chan.send_cell(0, 12, bytes.fromhex("0102 00c8 01f4"))  # version 1
+            chan.send_cell(0, 12, bytes.fromhex("0007 00c8 01f4"))  # command 7
+            await asyncio.sleep(0.3)
         assert not at_relay.closed and at_relay.padding_negotiations_in == 1 and at_relay.padding.enabled
+        assert caplog.text.count("malformed PADDING_NEGOTIATE ignored") == 2
 
         # STOP: the relay stops padding the link (we keep padding it ourselves)
         chan.send_cell(0, 12, PaddingNegotiate(PaddingNegotiate.STOP, 0, 0).encode())
@@ -277,3 +280,26 @@ async def test_client_without_padding_asks_the_relay_to_stop(relay_net):
         assert chan.padding_in == chan.padding_out == at_relay.padding_in == 0
     finally:
         await client.close()
+
+
+async def test_client_metrics_count_padding_of_open_and_closed_channels(client_node):
+    """onionp2p_padding_cells_total of a client node: live channels plus the closed ones."""
+    from onionp2p.ops.metrics import ClientCollector
+
+    def sent() -> float:
+        metric = {m.name: m for m in collector()}["onionp2p_padding_cells_total"]
+        return {dict(lbl)["direction"]: v for lbl, v in metric.samples}["sent"]
+
+    collector = ClientCollector(client_node)
+    try:
+        chans = list(client_node.client.channels.values())
+        # the preemptive circuits make the guard channel worth padding: 1.5-9.5 s idle
+        await wait_for(lambda: sum(c.padding_out for c in chans) >= 1, timeout=30, what="client padding")
+        before = sum(c.padding_out for c in chans)
+        assert sent() >= before > 0
+        for c in chans:
+            c.close("test")
+        await wait_for(lambda: all(c.closed for c in chans), what="channels closed")
+        assert sent() >= sum(c.padding_out for c in chans) >= before  # closed channels still count
+    finally:
+        collector.close()

@@ -150,6 +150,7 @@ class Channel(asyncio.Protocol):
         self.padding_out = 0
         self.padding_negotiations_in = 0
         self._accept_negotiate = False
+        self._negotiate_logs = 0  # PADDING_NEGOTIATE lines logged on this channel (a few, not one per cell)
         self._padding_params: Callable[[], PaddingParams] | None = None
         self._pad_handle: asyncio.TimerHandle | None = None
         self.ready: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
@@ -490,22 +491,25 @@ class Channel(asyncio.Protocol):
             self._pad_handle = self._loop.call_at(d.next_at + _TIMER_SLACK, self._padding_tick)
 
     def _padding_negotiate(self, payload: bytes) -> None:
-        """The peer's PADDING_NEGOTIATE: never fatal; ignored (logged) unless we honour it."""
+        """The peer's PADDING_NEGOTIATE: never fatal; ignored (logged) unless we honour it.
+        Only the first few per channel are logged at info (a peer could send thousands)."""
         st = self.padding
+        self._negotiate_logs += 1
+        note = self._log.info if self._negotiate_logs <= 3 else self._log.debug
         if not self._accept_negotiate or st is None:
-            self._log.info("PADDING_NEGOTIATE ignored: only a relay honours it, from its clients")
+            note("PADDING_NEGOTIATE ignored: only a relay honours it, from its clients")
             return
         if self.link_version < MIN_LINK_VERSION:
-            self._log.info("PADDING_NEGOTIATE ignored on an old link", link_version=self.link_version)
+            note("PADDING_NEGOTIATE ignored on an old link", link_version=self.link_version)
             return
         try:
             msg = PaddingNegotiate.parse(payload)
         except ProtocolError as exc:
-            self._log.info("malformed PADDING_NEGOTIATE ignored", error=str(exc))
+            note("malformed PADDING_NEGOTIATE ignored", error=str(exc))
             return
         self.padding_negotiations_in += 1
         st.negotiate(msg)
-        self._log.info("padding negotiated", padding=st.enabled, low_ms=st.low_ms, high_ms=st.high_ms)
+        note("padding negotiated", padding=st.enabled, low_ms=st.low_ms, high_ms=st.high_ms)
         if self._pad_handle is not None:
             self._pad_handle.cancel()
         self._padding_tick()
