@@ -8,7 +8,7 @@ import logging
 import random
 
 import pytest
-from conftest import blob, chi_square, http_get, wait_for
+from conftest import blob, chi_square, free_port, http_get, relay_config, wait_for
 
 from onionp2p.errors import ProtocolError
 from onionp2p.proto.cells import PaddingNegotiate
@@ -303,3 +303,55 @@ async def test_client_metrics_count_padding_of_open_and_closed_channels(client_n
         assert sent() >= sum(c.padding_out for c in chans) >= before  # closed channels still count
     finally:
         collector.close()
+
+
+async def test_padding_parameters_come_from_our_authority_s_consensus(tmp_path):
+    """An onionp2p authority votes nf_ito_low=200 nf_ito_high=500 (its consensus_params);
+    relays and the client read them from the consensus they fetched: the guard is asked
+    for 200/500 and both ends pad at that rate."""
+    from onionp2p.client.client import OnionClient
+    from onionp2p.config import AuthorityConfig
+    from onionp2p.dir.authority import Authority, authority_line, load_or_create_authority_key
+    from onionp2p.dir.client import ClientDirectory, RelayDirectory
+    from onionp2p.proto.exitpolicy import ExitPolicy
+    from onionp2p.relay.keys import RelayKeys
+    from onionp2p.relay.relay import Relay
+
+    key = load_or_create_authority_key(tmp_path / "auth")
+    port = free_port()
+    lines = [authority_line("auth", "127.0.0.1", port, key)]
+    auth = Authority(key, AuthorityConfig(
+        nickname="auth", authorities=tuple(lines), data_dir=tmp_path / "auth", dir_address=("127.0.0.1", port),
+        voting_interval=5, stable_uptime=0, assume_guard=True, assume_exit=True,
+        consensus_params={"nf_ito_low": 200, "nf_ito_high": 500}))
+    await auth.start()
+    relays: list[Relay] = []
+    client = OnionClient()
+    try:
+        for i in range(3):
+            relay = Relay(RelayKeys.load_or_create(tmp_path / f"r{i}" / "keys"),
+                          relay_config(tmp_path / f"r{i}", nickname=f"r{i}", exit_policy=ExitPolicy.reject_all(),
+                                       extend_allow_private=True),
+                          directory=RelayDirectory(tmp_path / f"r{i}", lines))
+            await relay.start()
+            relays.append(relay)
+        await wait_for(lambda: all(r.padding_params().nf_ito_low == 200 for r in relays), timeout=60,
+                       interval=0.2, what="relays to fetch a consensus with the padding parameters")
+        cdir = ClientDirectory(tmp_path / "client", lines, client)
+        doc = await cdir.bootstrap()
+        client.consensus_params = lambda: dict(doc.params)
+        assert client.padding_params() == PaddingParams.from_consensus({"nf_ito_low": 200, "nf_ito_high": 500})
+        by_nick = {s.nickname: s.info for s in cdir.routers()}
+        await client.build_circuit([by_nick[f"r{i}"] for i in range(3)])
+        chan = client.channels[by_nick["r0"].rsa_id]
+        at_relay = _from_client(relays[0])
+        await wait_for(lambda: at_relay.padding_negotiations_in == 1, what="PADDING_NEGOTIATE at the guard")
+        assert (at_relay.padding.low_ms, at_relay.padding.high_ms) == (200, 500)
+        start = chan.padding_in + chan.padding_out
+        await asyncio.sleep(2.0)
+        assert 3 <= chan.padding_in + chan.padding_out - start <= 11
+    finally:
+        await client.close()
+        for r in relays:
+            await r.stop()
+        await auth.stop()
