@@ -157,7 +157,8 @@ def test_who_pads():
     assert lazy.wants_padding()
     # relay-to-relay channels only with nf_pad_relays
     assert not _used(relay_padding(p, peer_is_client=False, link_version=5)).wants_padding()
-    assert _used(relay_padding(PaddingParams(nf_pad_relays=1), peer_is_client=False, link_version=5)).wants_padding()
+    pad_relays = PaddingParams(nf_pad_relays=1)
+    assert _used(relay_padding(pad_relays, peer_is_client=False, link_version=5)).wants_padding()
     # link protocol 4: not on by default
     assert not _used(relay_padding(p, peer_is_client=True, link_version=4)).wants_padding()
 
@@ -321,7 +322,8 @@ async def test_padding_parameters_come_from_our_authority_s_consensus(tmp_path):
     port = free_port()
     lines = [authority_line("auth", "127.0.0.1", port, key)]
     auth = Authority(key, AuthorityConfig(
-        nickname="auth", authorities=tuple(lines), data_dir=tmp_path / "auth", dir_address=("127.0.0.1", port),
+        nickname="auth", authorities=tuple(lines), data_dir=tmp_path / "auth",
+        dir_address=("127.0.0.1", port),
         voting_interval=5, stable_uptime=0, assume_guard=True, assume_exit=True,
         consensus_params={"nf_ito_low": 200, "nf_ito_high": 500}))
     await auth.start()
@@ -330,8 +332,8 @@ async def test_padding_parameters_come_from_our_authority_s_consensus(tmp_path):
     try:
         for i in range(3):
             relay = Relay(RelayKeys.load_or_create(tmp_path / f"r{i}" / "keys"),
-                          relay_config(tmp_path / f"r{i}", nickname=f"r{i}", exit_policy=ExitPolicy.reject_all(),
-                                       extend_allow_private=True),
+                          relay_config(tmp_path / f"r{i}", nickname=f"r{i}",
+                                       exit_policy=ExitPolicy.reject_all(), extend_allow_private=True),
                           directory=RelayDirectory(tmp_path / f"r{i}", lines))
             await relay.start()
             relays.append(relay)
@@ -340,7 +342,8 @@ async def test_padding_parameters_come_from_our_authority_s_consensus(tmp_path):
         cdir = ClientDirectory(tmp_path / "client", lines, client)
         doc = await cdir.bootstrap()
         client.consensus_params = lambda: dict(doc.params)
-        assert client.padding_params() == PaddingParams.from_consensus({"nf_ito_low": 200, "nf_ito_high": 500})
+        assert client.padding_params() == PaddingParams.from_consensus(
+            {"nf_ito_low": 200, "nf_ito_high": 500})
         by_nick = {s.nickname: s.info for s in cdir.routers()}
         await client.build_circuit([by_nick[f"r{i}"] for i in range(3)])
         chan = client.channels[by_nick["r0"].rsa_id]

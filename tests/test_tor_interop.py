@@ -377,7 +377,8 @@ async def test_tor_guard_sees_padding_negotiate_and_channel_padding_from_us(tor_
                     return m.groups(), fd
             return None
 
-        (enabled, lo, hi, chan_id), fd = await wait_for(negotiated, timeout=20, what="tor to log the negotiation")
+        (enabled, lo, hi, chan_id), fd = await wait_for(negotiated, timeout=20,
+                                                        what="tor to log the negotiation")
         assert (enabled, lo, hi) == ("1", "200", "500")
         # the circuit is built and idle: whatever arrives on that connection now is link padding
         await asyncio.sleep(1.0)

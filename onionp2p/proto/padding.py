@@ -1,4 +1,4 @@
-"""Channel (link) padding: tor's netflow padding, as a pure state machine (padding-spec §2; specs/padding.md).
+"""Channel (link) padding: tor's netflow padding as a pure state machine (padding-spec §2, specs/padding.md).
 
 Theory of operation
 -------------------
