@@ -337,10 +337,13 @@ async def test_padding_parameters_come_from_our_authority_s_consensus(tmp_path):
                           directory=RelayDirectory(tmp_path / f"r{i}", lines))
             await relay.start()
             relays.append(relay)
+        await wait_for(lambda: auth.current is not None and len(auth.current.routers) == 3, timeout=60,
+                       interval=0.2, what="a consensus listing the three relays")
         await wait_for(lambda: all(r.padding_params().nf_ito_low == 200 for r in relays), timeout=60,
                        interval=0.2, what="relays to fetch a consensus with the padding parameters")
         cdir = ClientDirectory(tmp_path / "client", lines, client)
         doc = await cdir.bootstrap()
+        assert len(doc.routers) == 3
         client.consensus_params = lambda: dict(doc.params)
         assert client.padding_params() == PaddingParams.from_consensus(
             {"nf_ito_low": 200, "nf_ito_high": 500})
