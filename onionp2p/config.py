@@ -517,6 +517,13 @@ class ClientConfig:
     congestion_control: bool = True
     #: ask every hop that offers it for CGO relay crypto (proposal 359; needs congestion_control)
     cgo: bool = True
+    #: channel padding (tor's ConnectionPadding): "auto" pads links to guards that support it
+    #: (Padding=2) and asks them to pad back; "0" asks them to stop and pads nothing; "1" pads
+    #: even where the guard does not support it
+    connection_padding: str = "auto"
+    #: pad less (tor's ReducedConnectionPadding): ask the guard to stop, pad at the consensus's
+    #: reduced rate (nf_ito_*_reduced) ourselves
+    reduced_connection_padding: bool = False
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "<dict>",
@@ -547,6 +554,8 @@ class ClientConfig:
             "client_reject_internal_addresses": _bool,
             "congestion_control": _bool,
             "cgo": _bool,
+            "connection_padding": _connection_padding,
+            "reduced_connection_padding": _bool,
             **_LOG_FIELDS,
         }
         out = _build(cls, d, ctx, validators)
@@ -617,6 +626,15 @@ class AuthorityConfig:
         _distinct_ports(ctx, out)
         ctx.check()
         return cls(**out)
+
+
+def _connection_padding(ctx: _Ctx, key: str, value: Any) -> str:
+    """tor's ConnectionPadding: "auto", 0 or 1 (TOML integers or strings)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        return str(value)
+    if value in ("auto", "0", "1"):
+        return value
+    raise ctx.fail(key, f'must be "auto", 0 or 1, got {value!r}')
 
 
 _PARAM_KEY = re.compile(r"[A-Za-z0-9_]{1,64}")

@@ -605,6 +605,20 @@ def test_congestion_control_and_consensus_params_keys() -> None:
             AuthorityConfig.from_dict({"consensus_params": bad})
 
 
+def test_connection_padding_keys() -> None:
+    """tor's ConnectionPadding (auto/0/1) and ReducedConnectionPadding, in snake_case."""
+    c = ClientConfig()
+    assert (c.connection_padding, c.reduced_connection_padding) == ("auto", False)
+    assert ClientConfig.from_dict({"connection_padding": 0}).connection_padding == "0"
+    assert ClientConfig.from_dict({"connection_padding": "1"}).connection_padding == "1"
+    assert ClientConfig.from_dict({"reduced_connection_padding": True}).reduced_connection_padding
+    for bad in (2, "yes", True, 1.0):
+        with pytest.raises(ConfigError, match="connection_padding"):
+            ClientConfig.from_dict({"connection_padding": bad})
+    with pytest.raises(ConfigError, match="connection_padding"):
+        RelayConfig.from_dict({"connection_padding": 1})  # a client option, as in tor
+
+
 # -- every problem at once, suggestions (issue 17, section 5) -------------------------------
 def test_every_problem_of_a_file_is_reported_at_once(tmp_path: Path) -> None:
     path = write(tmp_path, 'or_adress = "127.0.0.1:9001"\nnickname = "bad!"\nbandwidth_rate = -1\n'

@@ -12,7 +12,10 @@ import asyncio
 import collections
 import importlib.util
 import json
+import os
 import random
+import re
+import signal
 import sys
 from pathlib import Path
 
@@ -49,6 +52,7 @@ pytestmark = [
 
 MB5 = 5_000_000
 PADDING_NEGOTIATE, PADDING_NEGOTIATED = 41, 42  # circuit padding (padding-spec); we implement neither
+# (channel padding, link cell 12 PADDING_NEGOTIATE, we do implement: test_tor_guard_sees_...)
 
 # [warn] lines a tiny test network produces by itself, never because of a client's cells.
 _BENIGN_WARNINGS = (
@@ -59,6 +63,9 @@ _BENIGN_WARNINGS = (
     # Relays' own bandwidth self-test circuits end at the relay itself; the hop before it
     # then "extends back". Our circuits never name one relay twice (asserted in _path).
     "Client asked me to extend back to the previous hop",
+    # tor's reminders when it (re)reads its torrc: a test turns on debug logging with SIGHUP
+    "TestingTorNetwork is set",
+    "Your log may contain sensitive information",
 )
 # Generic follow-up line; accepted only directly after a benign circuit-level line.
 _FOLLOW_UP = "connection_edge_process_relay_cell (away from origin) failed."
@@ -67,7 +74,8 @@ _FOLLOW_UP = "connection_edge_process_relay_cell (away from origin) failed."
 @pytest.fixture(scope="module")
 def tor_network(tmp_path_factory):
     net = tornet.TorNet(tmp_path_factory.mktemp("tornet"), extra_authority_options=[
-        # Pad idle client channels after 0.2-0.5 s instead of 1.5-9.5 s (padding-spec 2.6).
+        # Pad idle client channels after 0.2-0.5 s instead of 1.5-9.5 s (padding-spec 2.6); our
+        # client reads these from the consensus too.
         "ConsensusParams nf_ito_low=200 nf_ito_high=500",
     ])
     net.start(n_relays=5, n_exits=2, timeout=150)
@@ -223,10 +231,15 @@ async def test_begin_dir_to_a_tor_relay(tor_network):
 
 async def test_cells_we_do_not_implement_are_ignored(tor_network, http_server):
     """tor sends PADDING (link), PADDING_NEGOTIATED and RELAY_DROP (circuit): all dropped."""
-    _, statuses, _ = tor_network
+    net, statuses, _ = tor_network
+    view = await fetch_tor_network(net.dirauth_lines())
     client = OnionClient()
+    client.consensus_params = lambda: dict(view.params)  # we ask the guard to pad at 0.2-0.5 s
     try:
         circ = await client.build_circuit(_path(statuses), timeout=60)
+        # tor pads only after its own timeout of silence, which our padding would keep
+        # resetting: for this test only the guard pads the link
+        circ.chan.padding.enabled = False
         seen: collections.Counter = collections.Counter()
         core = circ.core
         on_message, on_data = core._on_message, core._on_data
@@ -318,6 +331,82 @@ async def test_onionp2p_client_socks_through_tor_relays(tor_network, http_server
         if proc.returncode is None:
             proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+def _reload_with(node, extra: str) -> None:
+    """Rewrite a running tor node's torrc as ``extra`` lines after its own and make it reread
+    it (SIGHUP: tor applies new Log lines without a restart)."""
+    base = node.torrc.read_text().split(_EXTRA_MARK)[0]
+    node.torrc.write_text(base + (_EXTRA_MARK + extra if extra else ""))
+    os.kill(node.pid, signal.SIGHUP)
+
+
+_EXTRA_MARK = "# -- added by a test --\n"
+_CELL_READ = re.compile(r"connection_or_process_cells_from_inbuf\(\): (\d+): starting, inbuf_datalen (\d+)")
+_NEGOTIATED = re.compile(r"Negotiated padding=(\d+), lo=(\d+), hi=(\d+) on (\d+)")
+
+
+async def test_tor_guard_sees_padding_negotiate_and_channel_padding_from_us(tor_network):
+    """A tor relay as our guard logs our PADDING_NEGOTIATE START with the consensus timeouts
+    (channelpadding.c, info) and reads our PADDING cells on the idle link (connection_or.c,
+    debug: a cell read that no circuit or command handler sees), and pads towards us."""
+    net, statuses, _ = tor_network
+    view = await fetch_tor_network(net.dirauth_lines())
+    assert (view.params["nf_ito_low"], view.params["nf_ito_high"]) == (200, 500)
+    path = _path(statuses)
+    guard = next(n for n in net.nodes if n.fingerprint == path[0].fingerprint)
+    debug_log = Path(guard.directory) / "padding-debug.log"
+    _reload_with(guard, f"Log [or,channel]debug file {debug_log}\n")
+    client = OnionClient()
+    client.consensus_params = lambda: dict(view.params)
+    try:
+        await wait_for(lambda: debug_log.exists() and debug_log.stat().st_size > 0, timeout=20,
+                       what="tor to open its debug log")
+        start = debug_log.stat().st_size
+        await client.build_circuit(path, timeout=60)  # three hops: the channel is worth padding
+        chan = client.channels[path[0].rsa_id]
+
+        def negotiated():
+            with open(debug_log, errors="replace") as f:
+                f.seek(start)
+                lines = f.read().splitlines()
+            for i, line in enumerate(lines):
+                if m := _NEGOTIATED.search(line):
+                    # the connection that carried it: the last cell read logged before the line
+                    fd = next(r.group(1) for ln in reversed(lines[:i]) if (r := _CELL_READ.search(ln)))
+                    return m.groups(), fd
+            return None
+
+        (enabled, lo, hi, chan_id), fd = await wait_for(negotiated, timeout=20,
+                                                        what="tor to log the negotiation")
+        assert (enabled, lo, hi) == ("1", "200", "500")
+        # the circuit is built and idle: whatever arrives on that connection now is link padding
+        await asyncio.sleep(1.0)
+        mark, out0 = debug_log.stat().st_size, chan.padding_out
+        await asyncio.sleep(4.0)
+        out1 = chan.padding_out
+        await asyncio.sleep(0.3)  # tor's last lines of the window
+        with open(debug_log, errors="replace") as f:
+            f.seek(mark)
+            window = f.read()
+        reads = [m for m in _CELL_READ.finditer(window) if m.group(1) == fd and int(m.group(2)) >= 514]
+        assert out1 - out0 >= 4  # we padded the idle link (0.2-0.5 s timeouts, both ends padding)
+        assert out1 - out0 - 1 <= len(reads) <= out1 - out0 + 1, (len(reads), out1 - out0)
+        # ... and those cells reached no circuit or command handler of tor: link padding
+        assert f"(global ID {chan_id})" not in "\n".join(
+            ln for ln in window.splitlines() if "channel_process_cell" in ln)
+        # tor pads the link towards us as well (rarely: our padding keeps resetting its idle
+        # clock), and we count every keepalive it logs sending
+        await wait_for(lambda: chan.padding_in >= 1, timeout=20, what="padding from tor")
+        received = chan.padding_in
+        await asyncio.sleep(0.3)
+        with open(debug_log, errors="replace") as f:
+            f.seek(start)
+            sent_by_tor = f.read().count(f"Sending netflow keepalive on {chan_id} ")
+        assert received <= sent_by_tor <= received + 1, (received, sent_by_tor)
+    finally:
+        await client.close()
+        _reload_with(guard, "")
 
 
 def _new_warnings(net, marks: dict[str, int]) -> list[str]:

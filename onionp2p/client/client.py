@@ -47,6 +47,7 @@ from onionp2p.proto import circuit as core
 from onionp2p.proto.cells import Cell, CellCommand, Destroy, DestroyReason
 from onionp2p.proto.congestion import CCParams
 from onionp2p.proto.directory import RelayInfo
+from onionp2p.proto.padding import MIN_LINK_VERSION, PaddingParams, Usage, client_padding
 from onionp2p.proto.relaycell import Begin, EndReason, RelayCommand, Resolved
 
 __all__ = ["OnionClient", "ClientCircuit", "CircuitEvent", "StreamTransport"]
@@ -399,6 +400,7 @@ class ClientCircuit:
         if self.state != "built":
             raise CircuitError("circuit is not open", self.close_reason or "NONE")
         loop = self._loop
+        self.chan.note_usage(Usage.USER_TRAFFIC)
         sid, actions = self.core.open_stream(int(command), body)
         cc = self.core.streams[sid].layer.cc
         if cc is not None:
@@ -453,8 +455,16 @@ class OnionClient:
     """Builds circuits through given relays and keeps one channel per first hop."""
 
     def __init__(self, *, max_queue_cells: int = MAX_QUEUE_CELLS, handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 congestion_control: bool = True, cgo: bool = True):
+                 congestion_control: bool = True, cgo: bool = True, connection_padding: str = "auto",
+                 reduced_connection_padding: bool = False):
         self.circuits: dict[int, ClientCircuit] = {}
+        #: channel padding (padding-spec §2): tor's ConnectionPadding (auto/0/1) and
+        #: ReducedConnectionPadding
+        self.connection_padding = connection_padding
+        self.reduced_connection_padding = reduced_connection_padding
+        self._pad_source: object = None
+        self._pad_params = PaddingParams()
+        self._peer_pads: dict[bytes, bool] = {}  # relay identity -> it advertises Padding=2
         #: ask exits for congestion control (proposal 324) where they offer it
         self.congestion_control = congestion_control
         #: ask every hop that offers it for CGO relay crypto (proposal 359)
@@ -487,6 +497,13 @@ class OnionClient:
             self._cc_source, self._cc = params, CCParams.from_consensus(params)
         return self._cc
 
+    def padding_params(self) -> PaddingParams:
+        """Channel padding parameters of the current consensus (nf_ito_low, ...)."""
+        params = self.consensus_params()
+        if params != self._pad_source:
+            self._pad_source, self._pad_params = params, PaddingParams.from_consensus(params)
+        return self._pad_params
+
     @property
     def channels(self) -> dict[bytes, Channel]:
         """Open channels that take new circuits, by the relay identity they proved."""
@@ -496,6 +513,7 @@ class OnionClient:
         """The channel to ``relay`` (opened once, reused while it takes circuits)."""
         if self.progress and relay.rsa_id not in self.channels:
             self.progress("connecting")
+        self._peer_pads[relay.rsa_id] = relay.supports("Padding", 2)
         return await self.chanmgr.get(relay.address, relay.or_port, relay.rsa_id, relay.ed_id)
 
     async def build_circuit(self, path: Sequence[RelayInfo], *, timeout: float = 60.0) -> ClientCircuit:
@@ -516,6 +534,8 @@ class OnionClient:
             raise CircuitError(f"cannot connect to first hop: {exc or 'timeout'}", "CONNECTFAILED") from None
         circ = ClientCircuit(self, chan, path)
         self.circuits[circ.id] = circ
+        if len(path) > 1:  # a one-hop (directory) circuit does not make the channel worth padding
+            chan.note_usage(Usage.FULL_CIRCS)
         task = asyncio.get_running_loop().create_task(circ._build(timeout))
         return circ, task
 
@@ -543,6 +563,12 @@ class OnionClient:
 
     def channel_open(self, chan: Channel) -> None:
         self._open.add(chan)
+        peer_id = chan.peer.rsa_id if chan.peer is not None else b""
+        supports = self._peer_pads.get(peer_id, False) and chan.link_version >= MIN_LINK_VERSION
+        state, negotiate = client_padding(self.padding_params(), peer_supports=supports,
+                                          connection_padding=self.connection_padding,
+                                          reduced=self.reduced_connection_padding)
+        chan.start_padding(state, negotiate=negotiate, params=self.padding_params)
         self.channel_events("connected", chan)
 
     def channel_closed(self, chan: Channel) -> None:

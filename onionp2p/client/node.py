@@ -103,7 +103,9 @@ class ClientNode:
         self.load_config = load_config
         self.started_at = time.time()
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.client = OnionClient(congestion_control=cfg.congestion_control, cgo=cfg.cgo)
+        self.client = OnionClient(congestion_control=cfg.congestion_control, cgo=cfg.cgo,
+                                  connection_padding=cfg.connection_padding,
+                                  reduced_connection_padding=cfg.reduced_connection_padding)
         self.directory = None
         if routers is None:
             from onionp2p.dir.client import ClientDirectory

@@ -21,6 +21,13 @@ A :class:`Channel` is an :class:`asyncio.Protocol` on a TLS transport. It owns
   let its streams package again.
   Nor can it hold the socket: :meth:`Channel.close` aborts the transport if flushing and
   the TLS close have not finished after ``close_timeout`` (:data:`CLOSE_TIMEOUT`) seconds.
+* channel padding (padding-spec §2, specs/padding.md): the owner hands an open channel a
+  sans-IO :class:`~onionp2p.proto.padding.ChannelPadding` (:meth:`Channel.start_padding`).
+  Reads and flushes only record the time of the last traffic; one timer per channel asks
+  the state machine, at its deadline, whether to send a PADDING cell and when to look
+  again. PADDING_NEGOTIATE (circuit 0) is handled here: honoured where the owner allows it
+  (relays), ignored with a log line otherwise or when malformed. ``padding_in`` /
+  ``padding_out`` count PADDING cells.
 
 The owner (a relay or a client) implements :class:`ChannelOwner`.
 
@@ -45,6 +52,7 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from onionp2p.defaults import HANDSHAKE_TIMEOUT, MAX_QUEUE_CELLS, TCP_USER_TIMEOUT
@@ -57,11 +65,13 @@ from onionp2p.proto.cells import (
     CellCommand,
     CellReader,
     NetInfo,
+    PaddingNegotiate,
     encode_fixed,
     encode_var,
     is_var_command,
 )
 from onionp2p.proto.link import LinkHandshake, PeerIdentity
+from onionp2p.proto.padding import MIN_LINK_VERSION, ChannelPadding, PaddingParams, Usage
 
 __all__ = ["Channel", "ChannelOwner", "CLOSE_TIMEOUT"]
 
@@ -78,6 +88,10 @@ _ids = itertools.count(1)
 _HDR4 = struct.Struct(">IB")
 _RELAY = int(CellCommand.RELAY)
 _IGNORED = frozenset({int(CellCommand.PADDING), int(CellCommand.VPADDING), int(CellCommand.NETINFO)})
+_PADDING = int(CellCommand.PADDING)
+_PADDING_NEGOTIATE = int(CellCommand.PADDING_NEGOTIATE)
+#: the padding timer fires this long after a deadline, so that the deadline has surely passed
+_TIMER_SLACK = 0.001
 
 
 class ChannelOwner(Protocol):
@@ -130,6 +144,15 @@ class Channel(asyncio.Protocol):
         self.cells_out = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        #: channel padding (None until the owner starts it) and its PADDING cell counters
+        self.padding: ChannelPadding | None = None
+        self.padding_in = 0
+        self.padding_out = 0
+        self.padding_negotiations_in = 0
+        self._accept_negotiate = False
+        self._negotiate_logs = 0  # PADDING_NEGOTIATE lines logged on this channel (a few, not one per cell)
+        self._padding_params: Callable[[], PaddingParams] | None = None
+        self._pad_handle: asyncio.TimerHandle | None = None
         self.ready: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -198,6 +221,8 @@ class Channel(asyncio.Protocol):
                     return
                 self._handshake_done()
                 data = b""
+            if self.padding is not None:
+                self.padding.activity(self._loop.time())
             self._cells(data)
         except ProtocolError as exc:
             self._fail(exc)
@@ -237,6 +262,11 @@ class Channel(asyncio.Protocol):
                 circ.handle_cell(self, Cell(circ_id, cmd, buf[start:end]))
                 continue
             if cmd in _IGNORED:
+                if cmd == _PADDING:
+                    self.padding_in += 1
+                continue
+            if cmd == _PADDING_NEGOTIATE and circ_id == 0:
+                self._padding_negotiate(bytes(buf[start:end]))
                 continue
             if cmd == CellCommand.VERSIONS:
                 raise ProtocolError("VERSIONS cell after the handshake")
@@ -417,6 +447,8 @@ class Channel(asyncio.Protocol):
         self._out.clear()
         self._out_len = 0
         self.bytes_out += len(data)
+        if self.padding is not None:
+            self.padding.activity(self._loop.time())
         self._transport.write(data)
 
     def _drain_queues(self) -> None:
@@ -436,6 +468,71 @@ class Channel(asyncio.Protocol):
             circ = self.circuits.get(cid)
             if circ is not None and not self.closed:
                 circ.queue_drained(self)
+
+    # -- channel padding (padding-spec §2) -----------------------------------------------
+
+    def start_padding(self, state: ChannelPadding, *, negotiate: PaddingNegotiate | None = None,
+                      accept_negotiate: bool = False,
+                      params: Callable[[], PaddingParams] | None = None) -> None:
+        """Pad this (open) channel as ``state`` decides; send ``negotiate`` first (a client's
+        START/STOP). ``accept_negotiate``: honour the peer's PADDING_NEGOTIATE (relays do,
+        clients do not). ``params``: the current consensus parameters, read at every timer."""
+        if self.closed:
+            return
+        self.padding = state
+        self._accept_negotiate = accept_negotiate
+        self._padding_params = params
+        state.activity(self._loop.time())
+        if negotiate is not None:
+            self.send_cell(0, CellCommand.PADDING_NEGOTIATE, negotiate.encode())
+        self._padding_tick()
+
+    def note_usage(self, usage: Usage) -> None:
+        """This channel now carries multi-hop circuits (or their user traffic): padding may start."""
+        st = self.padding
+        if st is not None and usage > st.usage:
+            st.use(usage)
+            if self._pad_handle is None:
+                self._padding_tick()
+
+    def _padding_tick(self) -> None:
+        """The padding timer (also called to arm it): pad if idle long enough, re-arm."""
+        self._pad_handle = None
+        st = self.padding
+        if st is None or self.closed:
+            return
+        if self._padding_params is not None:
+            st.params = self._padding_params()
+        d = st.poll(self._loop.time(), busy=self._paused or bool(self._queues))
+        if d.send:
+            self.padding_out += 1
+            self.send_cell(0, CellCommand.PADDING)
+        if d.next_at is not None:
+            self._pad_handle = self._loop.call_at(d.next_at + _TIMER_SLACK, self._padding_tick)
+
+    def _padding_negotiate(self, payload: bytes) -> None:
+        """The peer's PADDING_NEGOTIATE: never fatal; ignored (logged) unless we honour it.
+        Only the first few per channel are logged at info (a peer could send thousands)."""
+        st = self.padding
+        self._negotiate_logs += 1
+        note = self._log.info if self._negotiate_logs <= 3 else self._log.debug
+        if not self._accept_negotiate or st is None:
+            note("PADDING_NEGOTIATE ignored: only a relay honours it, from its clients")
+            return
+        if self.link_version < MIN_LINK_VERSION:
+            note("PADDING_NEGOTIATE ignored on an old link", link_version=self.link_version)
+            return
+        try:
+            msg = PaddingNegotiate.parse(payload)
+        except ProtocolError as exc:
+            note("malformed PADDING_NEGOTIATE ignored", error=str(exc))
+            return
+        self.padding_negotiations_in += 1
+        st.negotiate(msg)
+        note("padding negotiated", padding=st.enabled, low_ms=st.low_ms, high_ms=st.high_ms)
+        if self._pad_handle is not None:
+            self._pad_handle.cancel()
+        self._padding_tick()
 
     # -- closing -----------------------------------------------------------------------
 
@@ -483,6 +580,9 @@ class Channel(asyncio.Protocol):
         if self._flush_handle:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._pad_handle is not None:
+            self._pad_handle.cancel()
+            self._pad_handle = None
         self._queues.clear()
         if not self.ready.done():
             self.ready.set_exception(OnionError(f"channel closed during handshake: {reason}"))

@@ -68,7 +68,8 @@ log = get_logger("onionp2p.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _MAX_HEAD = 8192
 _CLOSED_KEYS = ("closed_cells_in", "closed_cells_out", "closed_bytes_in", "closed_bytes_out")
-_KNOWN_STATS = {"create_ok", "create_failed", "destroyed", "throttled", *_CLOSED_KEYS}
+_CLOSED_PADDING = ("closed_padding_in", "closed_padding_out")
+_KNOWN_STATS = {"create_ok", "create_failed", "destroyed", "throttled", *_CLOSED_KEYS, *_CLOSED_PADDING}
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -136,15 +137,16 @@ def render_metrics(metrics: Iterable[Metric]) -> str:
 # -- collectors ---------------------------------------------------------------------------------
 
 class ChannelTotals:
-    """Monotonic (cells_in, cells_out, bytes_in, bytes_out) over channels that come and go."""
+    """Monotonic sums of channel counters (by default cells_in, cells_out, bytes_in,
+    bytes_out) over channels that come and go."""
 
-    def __init__(self) -> None:
-        self._last: dict[int, tuple[int, int, int, int]] = {}
-        self.retired = [0, 0, 0, 0]
+    def __init__(self, attrs: tuple[str, ...] = ("cells_in", "cells_out", "bytes_in", "bytes_out")) -> None:
+        self.attrs = attrs
+        self._last: dict[int, tuple[int, ...]] = {}
+        self.retired = [0] * len(attrs)
 
-    @staticmethod
-    def _values(chan) -> tuple[int, int, int, int]:
-        return chan.cells_in, chan.cells_out, chan.bytes_in, chan.bytes_out
+    def _values(self, chan) -> tuple[int, ...]:
+        return tuple(getattr(chan, a, 0) for a in self.attrs)
 
     def retire(self, chan) -> None:
         """``chan`` closed: count its final values (exact) and forget it."""
@@ -158,7 +160,14 @@ class ChannelTotals:
             for i, v in enumerate(self._last.pop(cid)):
                 self.retired[i] += v
         self._last.update(live)
-        return tuple(self.retired[i] + sum(v[i] for v in live.values()) for i in range(4))  # type: ignore[return-value]
+        return tuple(self.retired[i] + sum(v[i] for v in live.values())  # type: ignore[return-value]
+                     for i in range(len(self.attrs)))
+
+
+def padding_metric(received: int, sent: int) -> Metric:
+    """Channel padding (padding-spec §2): PADDING cells on OR connections."""
+    return counter("onionp2p_padding_cells_total", "Link PADDING cells received and sent on OR connections "
+                   "(channel padding).", {"received": received, "sent": sent}, "direction")
 
 
 def _common(cells_bytes: tuple[int, int, int, int], channels: list, role: str, extra_info: Labels) -> list[Metric]:
@@ -273,6 +282,9 @@ class RelayCollector:
             reasons["unknown"] = unknown
         fp = getattr(getattr(r, "keys", None), "fingerprint", "") or ""
         metrics = _common(cb, channels, "relay", (("nickname", r.nickname), ("fingerprint", fp)))
+        metrics.append(padding_metric(
+            stats.get("closed_padding_in", 0) + sum(getattr(c, "padding_in", 0) for c in channels),
+            stats.get("closed_padding_out", 0) + sum(getattr(c, "padding_out", 0) for c in channels)))
         metrics += [
             gauge("onionp2p_circuits", "Circuits through this relay by state.",
                   {"open": states["open"], "extending": states["extending"]}, "state"),
@@ -345,6 +357,7 @@ class ClientCollector:
     def __init__(self, node):
         self.node = node
         self.totals = ChannelTotals()
+        self.padding = ChannelTotals(("padding_in", "padding_out"))
         self.builds: Counter[str] = Counter(ok=0, failed=0)
         self.closed: Counter[str] = Counter()
         self.retired_data = [0, 0]  # DATA bytes (sent, received) of circuits that are gone
@@ -371,6 +384,7 @@ class ClientCollector:
     def _on_channel(self, kind: str, chan) -> None:
         if kind == "closed":
             self.totals.retire(chan)
+            self.padding.retire(chan)
 
     def __call__(self) -> list[Metric]:
         node = self.node
@@ -383,6 +397,7 @@ class ClientCollector:
         streams = Counter(s.status for s in node.streams.values())
         progress = node.bootstrap[0] if getattr(node, "bootstrap", None) else 0
         metrics = _common((cin, cout, read, written), channels, "client", ())
+        metrics.append(padding_metric(*self.padding.update(channels)))
         metrics += [
             gauge("onionp2p_circuits", "Origin circuits by state (launched = being built).",
                   {"launched": states["launched"], "built": states["built"]}, "state"),

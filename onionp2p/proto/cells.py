@@ -543,7 +543,7 @@ class Destroy:
 
 _PADNEG = cs.Struct(
     "version" / cs.Const(0, cs.Int8ub),
-    "cmd" / cs.Int8ub,
+    "cmd" / cs.OneOf(cs.Int8ub, [1, 2]),  # tor's trunnel rejects any other command
     "ito_low_ms" / cs.Int16ub,
     "ito_high_ms" / cs.Int16ub,
 )
@@ -551,7 +551,11 @@ _PADNEG = cs.Struct(
 
 @dataclass(frozen=True)
 class PaddingNegotiate:
-    """PADDING_NEGOTIATE payload (padding-spec §2.2): version 0, command 1=stop 2=start, timeouts."""
+    """PADDING_NEGOTIATE payload (padding-spec §2.2): version 0, command 1=stop 2=start, timeouts.
+
+    ``version u8 | command u8 | ito_low_ms u16 | ito_high_ms u16`` (big-endian), the rest of the
+    509-byte payload zero. Another version or command does not parse (ProtocolError), as in tor.
+    """
 
     cmd: int
     ito_low_ms: int = 1500

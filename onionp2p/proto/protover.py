@@ -12,6 +12,9 @@ Versions onionp2p implements, with their meanings (tor-spec §9):
 
 * ``Link=4-5`` — 4-byte circuit IDs (4); link padding cells understood (5).
 * ``LinkAuth=3`` — Ed25519-based link authentication (AUTHENTICATE, RSA-SHA256-TLSSecret).
+* ``Padding=2`` — channel padding (padding-spec §2): the relay honours a client's
+  PADDING_NEGOTIATE and pads idle client channels (:mod:`onionp2p.proto.padding`). A client
+  sends PADDING_NEGOTIATE only to relays that list it.
 * ``Relay=2-4`` — CREATE2/EXTEND2 with ntor (2); IPv6 link specifiers in EXTEND2 (3);
   the ntor-v3 handshake with extensions (4).
 * ``Relay=5-6`` — the ntor-v3 SUBPROTO_REQUEST extension with relay message format v1
@@ -32,11 +35,11 @@ from onionp2p.errors import ProtocolError
 __all__ = ["SUPPORTED", "parse", "format_protocols", "supports", "advertised"]
 
 #: what onionp2p implements: the proto line of its relays
-SUPPORTED = "FlowCtrl=1-2 Link=4-5 LinkAuth=3 Relay=2-6"
+SUPPORTED = "FlowCtrl=1-2 Link=4-5 LinkAuth=3 Padding=2 Relay=2-6"
 #: ... of a relay configured without CGO
-WITHOUT_CGO = "FlowCtrl=1-2 Link=4-5 LinkAuth=3 Relay=2-4"
+WITHOUT_CGO = "FlowCtrl=1-2 Link=4-5 LinkAuth=3 Padding=2 Relay=2-4"
 #: ... of a relay configured without congestion control (and so without CGO)
-WITHOUT_CC = "FlowCtrl=1 Link=4-5 LinkAuth=3 Relay=2-4"
+WITHOUT_CC = "FlowCtrl=1 Link=4-5 LinkAuth=3 Padding=2 Relay=2-4"
 
 
 def advertised(congestion_control: bool, cgo: bool = True) -> str:

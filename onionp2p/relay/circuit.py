@@ -52,6 +52,7 @@ from onionp2p.proto.circuit import (
     ToPrev,
     from_core,
 )
+from onionp2p.proto.padding import Usage
 from onionp2p.proto.relaycrypto import RelayCrypto
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -104,6 +105,12 @@ class OrCircuit:
         ``data[start + i*514:]`` (the channel's receive buffer)."""
         now = self._loop.time()
         if chan is self.prev_chan:
+            pad = chan.padding
+            if pad is not None and pad.usage < Usage.USER_TRAFFIC \
+                    and (self.next_chan is not None or not pad.is_client_channel):
+                # a multi-hop circuit (tor's circuit_update_channel_usage): its channel is worth padding
+                user = data[start + 4] == CellCommand.RELAY
+                chan.note_usage(Usage.USER_TRAFFIC if user else Usage.FULL_CIRCS)
             self._run(self.core.receive_forward(data, start, count, now))
         else:
             self._run(self.core.receive_backward(data, start, count, now))

@@ -71,6 +71,7 @@ from onionp2p.proto.congestion import CCParams
 from onionp2p.proto.create import HopParams, answer_create2
 from onionp2p.proto.directory import RelayInfo
 from onionp2p.proto.exitpolicy import is_private_address
+from onionp2p.proto.padding import PaddingParams, relay_padding
 from onionp2p.proto.ratelimit import TokenBucket
 from onionp2p.proto.hopcrypto import CgoRelayCrypto
 from onionp2p.proto.relaycrypto import RelayCrypto
@@ -129,7 +130,8 @@ class Relay:
         self.stats = {"create_ok": 0, "create_failed": 0, "destroyed": 0, "throttled": 0,
                       "conn_refused": 0, "create_refused": 0, "oom_circuits_killed": 0,
                       "oom_channels_closed": 0, "closed_cells_in": 0, "closed_cells_out": 0,
-                      "closed_bytes_in": 0, "closed_bytes_out": 0}
+                      "closed_bytes_in": 0, "closed_bytes_out": 0, "closed_padding_in": 0,
+                      "closed_padding_out": 0}
         #: circuits torn down here, by DESTROY reason name (DESTROYED: a neighbour sent DESTROY)
         self.destroy_reasons: Counter[str] = Counter()
         #: channel events: ``fn(kind, chan)`` with kind "connected" (link handshake done),
@@ -152,6 +154,8 @@ class Relay:
         # Directory duties (a dir.client.RelayDirectory or None): start(relay), stop(), keys_changed().
         self.directory = directory
         self._cc_source: object = None
+        self._pad_source: object = None
+        self._pad = PaddingParams()
         self._cc = CCParams()
         #: tor's bootstrap phases (``status/bootstrap-phase``, STATUS_CLIENT BOOTSTRAP events)
         self.bootstrap_progress = Bootstrap("onionp2p.relay", nickname=self.nickname)
@@ -181,6 +185,14 @@ class Relay:
         if params != self._cc_source:
             self._cc_source, self._cc = params, CCParams.from_consensus(params)
         return self._cc
+
+    def padding_params(self) -> PaddingParams:
+        """Channel padding parameters (nf_ito_low, nf_pad_relays, ...) of our consensus."""
+        directory = self.directory
+        params = directory.params() if directory is not None and hasattr(directory, "params") else {}
+        if params != self._pad_source:
+            self._pad_source, self._pad = params, PaddingParams.from_consensus(params)
+        return self._pad
 
     @property
     def by_identity(self) -> dict[bytes, Channel]:
@@ -328,6 +340,11 @@ class Relay:
     def channel_open(self, chan: Channel) -> None:
         self._handshaking.discard(chan)
         self.channels.add(chan)
+        # channel padding (padding-spec §2): towards clients, as their PADDING_NEGOTIATE says
+        from_client = not (chan.peer and chan.peer.rsa_id)
+        chan.start_padding(relay_padding(self.padding_params(), peer_is_client=from_client,
+                                         link_version=chan.link_version),
+                           accept_negotiate=True, params=self.padding_params)
         self.channel_events("connected", chan)
         if chan.peer is not None and chan.peer.rsa_id:
             self.chanmgr.register(chan)
@@ -345,6 +362,8 @@ class Relay:
             stats["closed_cells_out"] += chan.cells_out
             stats["closed_bytes_in"] += chan.bytes_in
             stats["closed_bytes_out"] += chan.bytes_out
+            stats["closed_padding_in"] += chan.padding_in
+            stats["closed_padding_out"] += chan.padding_out
         self._handshaking.discard(chan)
         self._throttled.discard(chan)
         self.channels.discard(chan)
