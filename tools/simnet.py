@@ -191,7 +191,8 @@ def start_onionp2p(plan: Plan, net: Simnet, wd: Path) -> list[subprocess.Popen]:
             "or_address": f"{ip}:{OR_PORT}", "run_relay": True, "extend_allow_private": True,
             "authorities": lines, "voting_interval": 10, "assume_guard": True, "assume_exit": True,
             "stable_uptime": 0, "guard_uptime": 0, "log_level": "notice"}))
-        procs.append(net.spawn(name, [*py, "authority", "--config", str(d / "authority.toml")], d / "log.txt"))
+        procs.append(net.spawn(name, [*py, "authority", "--config", str(d / "authority.toml")],
+                               d / "log.txt"))
     relays = [n for n in plan.names if n.startswith(("exit", "relay"))]
     for name in relays:
         d = wd / name
@@ -206,7 +207,8 @@ def start_onionp2p(plan: Plan, net: Simnet, wd: Path) -> list[subprocess.Popen]:
         procs.append(net.spawn(name, [*py, "relay", "--config", str(d / "relay.toml")], d / "log.txt"))
 
     def consensus_ready() -> bool:
-        text = _fetch(net, "auth0", f"http://{net.node('auth0').ip}:{DIR_PORT}/tor/status-vote/current/consensus")
+        url = f"http://{net.node('auth0').ip}:{DIR_PORT}/tor/status-vote/current/consensus"
+        text = _fetch(net, "auth0", url)
         if not text:
             return False
         running = set()
@@ -246,7 +248,8 @@ def start_tor(plan: Plan, net: Simnet, wd: Path):
     tn = TorNet(directory=wd / "tornet", n_authorities=N_AUTH,
                 address_of=lambda node: net.node(node.name).ip,
                 launcher=lambda node: net.argv(node.name, []),
-                fetch=lambda node, path: _fetch(net, node.name, f"http://{node.address}:{node.dir_port}{path}"),
+                fetch=lambda node, path: _fetch(net, node.name,
+                                                f"http://{node.address}:{node.dir_port}{path}"),
                 extra_authority_options=["ConsensusParams cc_alg=2"])
     tn.start(n_relays=plan.relays, n_exits=plan.exits, timeout=240)
     clients = []
@@ -256,11 +259,12 @@ def start_tor(plan: Plan, net: Simnet, wd: Path):
         (d / "torrc-defaults").write_text("")
         (d / "torrc").write_text("\n".join([
             "TestingTorNetwork 1", f"DataDirectory {d}", "RunAsDaemon 0", f"SocksPort 127.0.0.1:{SOCKS_PORT}",
-            f"ControlPort 127.0.0.1:{CONTROL_PORT}", "CookieAuthentication 1", f"Log notice file {d}/notice.log",
+            f"ControlPort 127.0.0.1:{CONTROL_PORT}", "CookieAuthentication 1",
+            f"Log notice file {d}/notice.log",
             "ShutdownWaitLength 0", f"ConfluxEnabled {1 if plan.tor_conflux else 0}",
             f"__OwningControllerProcess {os.getpid()}", *tn.dirauth_lines()]) + "\n")
-        clients.append(net.spawn(name, ["tor", "--defaults-torrc", str(d / "torrc-defaults"), "-f", str(d / "torrc")],
-                                 d / "stdout.log"))
+        argv = ["tor", "--defaults-torrc", str(d / "torrc-defaults"), "-f", str(d / "torrc")]
+        clients.append(net.spawn(name, argv, d / "stdout.log"))
     for name in (n for n in plan.names if n.startswith("client")):
         _wait(lambda name=name: "Bootstrapped 100%" in _tail(wd / name / "notice.log", 50), 180,
               f"tor {name} bootstrap", clients)
@@ -278,7 +282,7 @@ def _cpu_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(plan: Plan, net: Simnet, wd: Path, pids: list[int]) -> dict:
+def measure(plan: Plan, net: Simnet, wd: Path, pids: list[tuple[str, int]]) -> dict:
     """Run the agents for ``plan.duration`` seconds; sample relay goodput; collect everything."""
     web = net.node("web").ip
     agents = []
@@ -290,7 +294,7 @@ def measure(plan: Plan, net: Simnet, wd: Path, pids: list[int]) -> dict:
                                        "--cookie-hint", str(cookie)], wd / name / "perf.log"))
     relays = [net.node(n).index for n in plan.names if n.startswith(("auth", "exit", "relay"))]
     goodput: list[float] = []
-    cpu0 = {pid: _cpu_of(pid) for pid in pids}
+    cpu0 = {pid: _cpu_of(pid) for _, pid in pids}
     router0 = net.stats()
     prev, t_prev = router0, time.monotonic()
     while any(a.poll() is None for a in agents):
@@ -300,7 +304,11 @@ def measure(plan: Plan, net: Simnet, wd: Path, pids: list[int]) -> dict:
             sent = sum(cur["tx_bytes"][k] - prev["tx_bytes"][k] for k in relays)
             goodput.append(sent / (t - t_prev) / 1e6)
         prev, t_prev = cur, t
-    cpu = sum(_cpu_of(pid) - cpu0.get(pid, 0.0) for pid in pids)
+    by_role: dict[str, float] = {}
+    for name, pid in pids:
+        role = name.rstrip("0123456789")
+        by_role[role] = by_role.get(role, 0.0) + _cpu_of(pid) - cpu0.get(pid, 0.0)
+    cpu = sum(by_role.values())
     router1 = net.stats()
     transfers, circuits = [], []
     for name in (n for n in plan.names if n.startswith("client")):
@@ -309,6 +317,7 @@ def measure(plan: Plan, net: Simnet, wd: Path, pids: list[int]) -> dict:
             rec = json.loads(line)
             (transfers if rec["kind"] == "transfer" else circuits).append(rec)
     return {"transfers": transfers, "circuits": circuits, "goodput_MBps": goodput, "cpu_s": cpu,
+            "cpu_s_by_role": by_role,
             "router_cpu_s": router1.get("cpu_s", 0) - router0.get("cpu_s", 0),
             "drops": router1.get("drops", {}), "duration": plan.duration}
 
@@ -409,7 +418,8 @@ async def _perf(args: argparse.Namespace) -> int:
         k += 1
         rec = {"kind": "transfer", "client": args.name, "size": label, "t": time.time()}
         try:
-            ttfb, ttlb = await asyncio.wait_for(_transfer(web, SIZES[label], f"{args.name}-{k}"), TIMEOUTS[label])
+            ttfb, ttlb = await asyncio.wait_for(_transfer(web, SIZES[label], f"{args.name}-{k}"),
+                                                TIMEOUTS[label])
             rec.update(ok=True, ttfb_s=ttfb, ttlb_s=ttlb)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
                 asyncio.TimeoutError) as exc:
@@ -456,8 +466,9 @@ def run_network(kind: str, plan: Plan, root: Path) -> dict:
     tn = None
     try:
         net.start()
-        w = net.spawn("web", [sys.executable, str(Path(__file__).resolve()), "_web", "--bind", net.node("web").ip,
-                              "--port", str(WEB_PORT)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        w = net.spawn("web", [sys.executable, str(Path(__file__).resolve()), "_web",
+                              "--bind", net.node("web").ip, "--port", str(WEB_PORT)],
+                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert w.stdout is not None
         if b"web ready" not in w.stdout.readline():
             raise SimnetError("the web server did not start")
@@ -465,10 +476,11 @@ def run_network(kind: str, plan: Plan, root: Path) -> dict:
         log(f"{kind}: starting {N_AUTH} authorities, {plan.relays} relays, {plan.clients} clients")
         if kind == "onionp2p":
             procs = start_onionp2p(plan, net, wd)
-            pids = [p.pid for p in procs]
+            pids = [(p.args[3][len(net.prefix):], p.pid) for p in procs]  # ip netns exec NS ...
         else:
             tn, clients = start_tor(plan, net, wd)
-            pids = [n.pid for n in tn.nodes] + [p.pid for p in clients]
+            pids = [(n.name, n.pid) for n in tn.nodes]
+            pids += [(p.args[3][len(net.prefix):], p.pid) for p in clients]
         boot = time.monotonic() - t0
         log(f"{kind}: ready after {boot:.0f} s; measuring for {plan.duration:.0f} s")
         res = measure(plan, net, wd, pids)
@@ -505,11 +517,14 @@ def summary(res: dict) -> dict:
         out[f"TTLB {label} p90 (s)"] = _pct(xs, 0.9)
     out["transfer error rate (%)"] = 100 * (1 - len(ok) / len(tr)) if tr else None
     circs = res["circuits"]
-    out["circuit failure rate (%)"] = (100 * sum(1 for c in circs if not c["ok"]) / len(circs)) if circs else None
+    failed = sum(1 for c in circs if not c["ok"])
+    out["circuit failure rate (%)"] = 100 * failed / len(circs) if circs else None
     out["relay goodput p50 (MB/s)"] = _pct(res["goodput_MBps"], 0.5)
     out["transfers (ok/all)"] = f"{len(ok)}/{len(tr)}"
     out["circuits built"] = sum(1 for c in circs if c["ok"])
     out["CPU-s, all processes"] = res["cpu_s"]
+    for role in ("auth", "exit", "relay", "client"):
+        out[f"CPU-s, {role}s"] = res.get("cpu_s_by_role", {}).get(role)
     out["router CPU-s"] = res["router_cpu_s"]
     out["bootstrap (s)"] = res["bootstrap_s"]
     return out
@@ -565,7 +580,8 @@ def plots(a: dict, b: dict, outdir: Path, title: str) -> list[Path]:
         "time to first byte, all sizes (s)")
     cdf(axes[1], {n: [c["build_s"] for c in r["circuits"] if c["ok"]] for n, r in nets.items()},
         "circuit build time (s)")
-    cdf(axes[2], {n: r["goodput_MBps"] for n, r in nets.items()}, "relay goodput, sum over relays (MB/s, per 2 s)")
+    cdf(axes[2], {n: r["goodput_MBps"] for n, r in nets.items()},
+        "relay goodput, sum over relays (MB/s, per 2 s)")
     fig.suptitle(f"TTFB, circuit build time, relay goodput; {title}", fontsize=9)
     fig.tight_layout()
     paths.append(outdir / "simnet_ttfb_build_goodput.png")
@@ -583,14 +599,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=5)
     ap.add_argument("--duration", type=float, default=300, help="seconds of measurement per network")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--relay-bw", default="1-6", help="relay access-link caps, MB/s, drawn log-uniformly (1-6)")
+    ap.add_argument("--relay-bw", default="1-6",
+                    help="relay access-link caps, MB/s, drawn log-uniformly (1-6)")
     ap.add_argument("--client-bw", type=float, default=4.0, help="client access-link cap, MB/s (4)")
     ap.add_argument("--loss", type=float, default=0.0, help="drop probability on every pair (0)")
     ap.add_argument("--no-cgo", action="store_true", help="onionp2p's clients use tor1 relay crypto")
     ap.add_argument("--tor-conflux", action="store_true", help="tor's clients may use conflux (default: off)")
     ap.add_argument("--no-realtime", action="store_true", help="run the router at normal priority")
     ap.add_argument("--only", choices=("onionp2p", "tor"))
-    ap.add_argument("--plots", default=str(HERE.parent / "docs" / "bench"), help="directory for the CDF plots")
+    ap.add_argument("--plots", default=str(HERE.parent / "docs" / "bench"),
+                    help="directory for the CDF plots")
     ap.add_argument("--workdir", help="keep logs and samples here (default: a temporary directory)")
     ap.add_argument("--mtu", type=int, default=1500)
     args = ap.parse_args(argv)
@@ -623,14 +641,14 @@ def main(argv: list[str] | None = None) -> int:
         for kind in ("onionp2p", "tor"):
             if args.only in (None, kind):
                 results[kind] = run_network(kind, plan, root)
+        version = subprocess.run(["tor", "--version"], capture_output=True, text=True).stdout.split()[2]
         modes = (f"onionp2p: congestion control (Vegas) with every exit, "
                  f"{'tor1' if args.no_cgo else 'CGO where offered'}, no conflux | "
-                 f"tor {subprocess.run(['tor', '--version'], capture_output=True, text=True).stdout.split()[2].rstrip('.')}: "
-                 f"cc_alg=2 (Vegas) pinned, ConfluxEnabled {1 if args.tor_conflux else 0}, relay crypto as it "
-                 f"negotiates")
+                 f"tor {version.rstrip('.')}: cc_alg=2 (Vegas) pinned, "
+                 f"ConfluxEnabled {1 if args.tor_conflux else 0}, relay crypto as it negotiates")
         title = (f"{N_AUTH} auth + {args.relays} relays ({args.exits} exits), {args.clients} clients, "
-                 f"{args.duration:.0f} s, seed {args.seed}, relay caps {lo:g}-{hi:g} MB/s, client {args.client_bw:g}"
-                 f" MB/s, loss {args.loss:g}")
+                 f"{args.duration:.0f} s, seed {args.seed}, relay caps {lo:g}-{hi:g} MB/s, "
+                 f"client {args.client_bw:g} MB/s, loss {args.loss:g}")
         (root / "summary.json").write_text(json.dumps({k: summary(v) for k, v in results.items()}, indent=1))
         print(f"\n{title}\nmodes: {modes}\nsamples and logs: {root}\n")
         if len(results) == 2:
