@@ -544,7 +544,7 @@ def table(a: dict, b: dict) -> str:
     return "\n".join(lines)
 
 
-def plots(a: dict, b: dict, outdir: Path, title: str) -> list[Path]:
+def plots(a: dict, b: dict, outdir: Path, title: str, prefix: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -572,7 +572,7 @@ def plots(a: dict, b: dict, outdir: Path, title: str) -> list[Path]:
                  for n, r in nets.items()}, f"time to last byte, {label} (s)")
     fig.suptitle(f"time to last byte; {title}", fontsize=9)
     fig.tight_layout()
-    paths.append(outdir / "simnet_ttlb.png")
+    paths.append(outdir / f"{prefix}_ttlb.png")
     fig.savefig(paths[-1], dpi=90)
     plt.close(fig)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -584,7 +584,7 @@ def plots(a: dict, b: dict, outdir: Path, title: str) -> list[Path]:
         "relay goodput, sum over relays (MB/s, per 2 s)")
     fig.suptitle(f"TTFB, circuit build time, relay goodput; {title}", fontsize=9)
     fig.tight_layout()
-    paths.append(outdir / "simnet_ttfb_build_goodput.png")
+    paths.append(outdir / f"{prefix}_ttfb_build_goodput.png")
     fig.savefig(paths[-1], dpi=90)
     plt.close(fig)
     return paths
@@ -608,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-realtime", action="store_true", help="run the router at normal priority")
     ap.add_argument("--only", choices=("onionp2p", "tor"))
     ap.add_argument("--plots", default=str(HERE.parent / "docs" / "bench"),
-                    help="directory for the CDF plots")
+                    help="directory for the CDF plots (simnet[_quick]_ttlb.png, ..._ttfb_build_goodput.png)")
     ap.add_argument("--workdir", help="keep logs and samples here (default: a temporary directory)")
     ap.add_argument("--mtu", type=int, default=1500)
     args = ap.parse_args(argv)
@@ -653,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{title}\nmodes: {modes}\nsamples and logs: {root}\n")
         if len(results) == 2:
             print(table(results["onionp2p"], results["tor"]))
-            for p in plots(results["onionp2p"], results["tor"], Path(args.plots), title):
+            prefix = "simnet_quick" if args.quick else "simnet"
+            for p in plots(results["onionp2p"], results["tor"], Path(args.plots), title, prefix):
                 print(f"plot: {p}")
         else:
             for k, v in results.items():

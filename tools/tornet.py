@@ -46,6 +46,10 @@ without uptime or bandwidth history), ``TestingMinExitFlagThreshold 0`` and
 far, so flags do not flip). Keys are made in parallel. On two cores the whole network is
 typically usable 15–45 s after :meth:`TorNet.start` is called.
 
+With ``address_of``, ``launcher`` and ``fetch`` the nodes live elsewhere than on 127.0.0.1:
+tools/simnet gives each its own network namespace and address (``Address``, ``ORPort`` and
+``DirPort`` on it), starts it with ``ip netns exec`` and polls its DirPort from inside.
+
 Every tor runs with ``--defaults-torrc`` pointing at an empty file, so a system-wide
 ``/etc/tor/torrc-defaults`` cannot leak in.
 

@@ -164,6 +164,7 @@ def _route(fds: Sequence[int], cfg: RouterConfig, parent: int) -> dict:
     tx_pkts, tx_bytes = [0] * n, [0] * n  # sent by node k (read from its TUN)
     rx_pkts, rx_bytes = [0] * n, [0] * n  # delivered to node k
     drops = {"loss": 0, "queue_up": 0, "queue_down": 0, "no_route": 0, "not_ipv4": 0}
+    unrouted: dict[str, int] = {}  # destinations outside the emulated network -> packets (first 20)
     flags = {"stop": False, "dump": False}
     signal.signal(signal.SIGTERM, lambda *_: flags.__setitem__("stop", True))
     signal.signal(signal.SIGINT, lambda *_: flags.__setitem__("stop", True))
@@ -178,7 +179,8 @@ def _route(fds: Sequence[int], cfg: RouterConfig, parent: int) -> dict:
     def counters() -> dict:
         cpu = os.times()
         return {"tx_pkts": tx_pkts, "tx_bytes": tx_bytes, "rx_pkts": rx_pkts, "rx_bytes": rx_bytes,
-                "drops": drops, "cpu_s": cpu.user + cpu.system, "wall_s": now() - started}
+                "drops": drops, "unrouted": unrouted, "cpu_s": cpu.user + cpu.system,
+                "wall_s": now() - started}
 
     def dump() -> None:
         if cfg.stats:
@@ -242,6 +244,9 @@ def _route(fds: Sequence[int], cfg: RouterConfig, parent: int) -> dict:
                 j = index.get(int.from_bytes(pkt[16:20], "big"))
                 if j is None:
                     drops["no_route"] += 1
+                    dst = socket.inet_ntoa(pkt[16:20])
+                    if dst in unrouted or len(unrouted) < 20:
+                        unrouted[dst] = unrouted.get(dst, 0) + 1
                     continue
                 if lossy and loss[i][j] and rng.random() < loss[i][j]:
                     drops["loss"] += 1
