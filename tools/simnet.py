@@ -360,7 +360,9 @@ async def _control(out, name: str, cookie_hint: str, stop: asyncio.Event) -> Non
         if status == "LAUNCHED":
             launched[cid] = t
         elif status == "BUILT" and cid in launched:
-            out({"kind": "circuit", "client": name, "build_s": t - launched.pop(cid), "ok": True})
+            path = [hop.split("~")[-1] for hop in parts[4].split(",")] if len(parts) > 4 else []
+            out({"kind": "circuit", "client": name, "build_s": t - launched.pop(cid), "ok": True,
+                 "path": path, "t": time.time()})
         elif status == "FAILED" and cid in launched:
             launched.pop(cid)
             out({"kind": "circuit", "client": name, "ok": False, "reason": " ".join(parts[4:])[:80]})
@@ -485,6 +487,15 @@ def run_network(kind: str, plan: Plan, root: Path) -> dict:
         log(f"{kind}: ready after {boot:.0f} s; measuring for {plan.duration:.0f} s")
         res = measure(plan, net, wd, pids)
         res["bootstrap_s"] = boot
+        # the emulated round trip of each built 3-hop circuit, client to exit, plus exit to web:
+        # whether path selection, not the software, made one network's circuits slower
+        delays, _ = wan_delays(len(plan.names), plan.seed)
+        idx = {n: k for k, n in enumerate(plan.names)}
+        for c in res["circuits"]:
+            hops = [c["client"], *c.get("path", [])]
+            if c["ok"] and len(hops) == 4 and all(h in idx for h in hops):
+                one_way = sum(delays[idx[a]][idx[b]] for a, b in zip(hops, hops[1:]))
+                c["path_rtt_s"] = 2 * (one_way + delays[idx[hops[-1]]][idx["web"]])
         (wd / "results.json").write_text(json.dumps(res))
         return res
     finally:
@@ -519,6 +530,7 @@ def summary(res: dict) -> dict:
     circs = res["circuits"]
     failed = sum(1 for c in circs if not c["ok"])
     out["circuit failure rate (%)"] = 100 * failed / len(circs) if circs else None
+    out["emulated circuit RTT p50 (s)"] = _pct([c["path_rtt_s"] for c in circs if "path_rtt_s" in c], 0.5)
     out["relay goodput p50 (MB/s)"] = _pct(res["goodput_MBps"], 0.5)
     out["transfers (ok/all)"] = f"{len(ok)}/{len(tr)}"
     out["circuits built"] = sum(1 for c in circs if c["ok"])
