@@ -62,6 +62,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -505,9 +506,21 @@ class Simnet:
             return {}
 
     def close(self) -> None:
+        """Stop everything and delete the namespaces; a second Ctrl-C meanwhile is ignored."""
         if self._closed:
             return
         self._closed = True
+        saved = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                saved[sig] = signal.signal(sig, signal.SIG_IGN)
+        try:
+            self._close()
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+
+    def _close(self) -> None:
         for p in self.procs:
             if p.poll() is None:
                 try:
@@ -543,11 +556,14 @@ class Simnet:
 
 
 def run_cleanly(fn: Callable[[], int]) -> int:
-    """Run ``fn`` so that SIGTERM/SIGHUP unwind like Ctrl-C (``finally`` blocks and atexit run)."""
+    """Run ``fn`` so that SIGINT, SIGTERM and SIGHUP unwind (``finally`` blocks and atexit run).
+
+    SIGINT is set explicitly: a program started in the background by a shell inherits it
+    ignored, and Python then raises no KeyboardInterrupt."""
     def _raise(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise)
     try:
         return fn()
