@@ -34,7 +34,9 @@ of its own, tor's IsolateSOCKSAuth and onionp2p's equivalent), recording time to
 byte (from the start of the SOCKS connection to the first byte of the body) and time to
 last byte, and errors (a download that fails or exceeds its timeout: 30/60/120 s); the
 agent also listens for CIRC events on the client's control port and records each
-circuit's build time (LAUNCHED to BUILT) and failures. Relay goodput is what the relays'
+circuit's build time (LAUNCHED to BUILT), path and failures; the build-time rows count
+3-hop circuits only, as onionperf does (one-hop directory circuits build in one round
+trip and would flatter whichever client makes more of them). Relay goodput is what the relays'
 TUN devices sent, per 2-second interval, summed over relays (IP bytes, read from the
 router's counters), the emulator-side equivalent of tornettools' BW-event sum. CPU
 seconds of every process of a network are read from /proc at the end.
@@ -517,9 +519,11 @@ def _pct(xs: list[float], q: float) -> float | None:
 def summary(res: dict) -> dict:
     tr = res["transfers"]
     ok = [t for t in tr if t["ok"]]
+    # 3-hop circuits only (onionperf's): one-hop directory circuits (BEGIN_DIR) build in one round trip
+    built = [c for c in res["circuits"] if c["ok"] and len(c.get("path", ())) == 3]
     out = {
-        "circuit build p50 (s)": _pct([c["build_s"] for c in res["circuits"] if c["ok"]], 0.5),
-        "circuit build p90 (s)": _pct([c["build_s"] for c in res["circuits"] if c["ok"]], 0.9),
+        "circuit build p50 (s)": _pct([c["build_s"] for c in built], 0.5),
+        "circuit build p90 (s)": _pct([c["build_s"] for c in built], 0.9),
         "TTFB p50, all sizes (s)": _pct([t["ttfb_s"] for t in ok], 0.5),
     }
     for label in SIZES:
@@ -533,7 +537,8 @@ def summary(res: dict) -> dict:
     out["emulated circuit RTT p50 (s)"] = _pct([c["path_rtt_s"] for c in circs if "path_rtt_s" in c], 0.5)
     out["relay goodput p50 (MB/s)"] = _pct(res["goodput_MBps"], 0.5)
     out["transfers (ok/all)"] = f"{len(ok)}/{len(tr)}"
-    out["circuits built"] = sum(1 for c in circs if c["ok"])
+    out["3-hop circuits built"] = len(built)
+    out["other circuits built"] = sum(1 for c in circs if c["ok"]) - len(built)
     out["CPU-s, all processes"] = res["cpu_s"]
     for role in ("auth", "exit", "relay", "client"):
         out[f"CPU-s, {role}s"] = res.get("cpu_s_by_role", {}).get(role)
@@ -590,8 +595,8 @@ def plots(a: dict, b: dict, outdir: Path, title: str, prefix: str) -> list[Path]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     cdf(axes[0], {n: [t["ttfb_s"] for t in r["transfers"] if t["ok"]] for n, r in nets.items()},
         "time to first byte, all sizes (s)")
-    cdf(axes[1], {n: [c["build_s"] for c in r["circuits"] if c["ok"]] for n, r in nets.items()},
-        "circuit build time (s)")
+    cdf(axes[1], {n: [c["build_s"] for c in r["circuits"] if c["ok"] and len(c.get("path", ())) == 3]
+                  for n, r in nets.items()}, "3-hop circuit build time (s)")
     cdf(axes[2], {n: r["goodput_MBps"] for n, r in nets.items()},
         "relay goodput, sum over relays (MB/s, per 2 s)")
     fig.suptitle(f"TTFB, circuit build time, relay goodput; {title}", fontsize=9)
