@@ -27,7 +27,11 @@ stream and therefore cannot drop, reorder or rate-limit packets):
 
   The delay of a pair is constant, so a pair's packets stay in order. Timers are kept in a
   heap and the loop sleeps in ``select`` (microsecond timeouts; ``epoll``/``poll`` round
-  up to whole milliseconds, which alone would add up to 2 ms per round trip).
+  up to whole milliseconds, which alone would add up to 2 ms per round trip), with a
+  timer slack of 1 us. With ``realtime`` (tools/simnet and the validation use it) the
+  router runs under ``SCHED_RR`` priority 1: on a machine whose cores the networks under
+  test keep busy, a normal-priority router wakes late and round trips come out 2-4 ms
+  long; its CPU use follows the traffic, and the kernel's RT throttling bounds it.
 * **Delays.** :func:`wan_delays` draws a realistic relay-to-relay latency matrix: each node
   is put in a region (60 % Europe, 25 % eastern and 15 % western North America, roughly
   where Tor's relays are) at a random position along it; the round-trip time of a pair is
