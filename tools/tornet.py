@@ -46,6 +46,10 @@ without uptime or bandwidth history), ``TestingMinExitFlagThreshold 0`` and
 far, so flags do not flip). Keys are made in parallel. On two cores the whole network is
 typically usable 15–45 s after :meth:`TorNet.start` is called.
 
+With ``address_of``, ``launcher`` and ``fetch`` the nodes live elsewhere than on 127.0.0.1:
+tools/simnet gives each its own network namespace and address (``Address``, ``ORPort`` and
+``DirPort`` on it), starts it with ``ip netns exec`` and polls its DirPort from inside.
+
 Every tor runs with ``--defaults-torrc`` pointing at an empty file, so a system-wide
 ``/etc/tor/torrc-defaults`` cannot leak in.
 
@@ -126,6 +130,8 @@ class TorNode:
     fingerprint: str = ""  # relay RSA identity, 40 upper-case hex digits
     v3ident: str = ""  # authorities: fingerprint of the authority identity key
     pid: int = 0
+    #: the address it binds and advertises (``TorNet.address_of``: e.g. a network namespace's)
+    address: str = "127.0.0.1"
 
     @property
     def torrc(self) -> Path:
@@ -137,7 +143,7 @@ class TorNode:
 
     def dirauth_line(self) -> str:
         return (f"DirAuthority {self.name} orport={self.or_port} v3ident={self.v3ident} "
-                f"127.0.0.1:{self.dir_port} {self.fingerprint}")
+                f"{self.address}:{self.dir_port} {self.fingerprint}")
 
 
 def _empty(node: TorNode) -> Path:
@@ -182,6 +188,12 @@ class TorNet:
     #: called with this TorNet once the ports are chosen, before any tor starts (to start
     #: what listens on the advertised ports)
     before_launch: Callable[[TorNet], None] | None = None
+    #: the address of each node (default 127.0.0.1), e.g. one per network namespace
+    #: (tools/simnet); ``launcher`` then prefixes each node's command line (``ip netns exec
+    #: NS``) and ``fetch(node, path)`` reads a node's DirPort (None if unavailable)
+    address_of: Callable[[TorNode], str] | None = None
+    launcher: Callable[[TorNode], list[str]] | None = None
+    fetch: Callable[[TorNode, str], str | None] | None = None
     nodes: list[TorNode] = field(default_factory=list)
     _created_dir: bool = False
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -271,6 +283,8 @@ class TorNet:
                                       dir_port=ports.pop(), exit=is_exit,
                                       listen_port=ports.pop() if self.split_or_ports else 0))
         for node in self.nodes:
+            if self.address_of is not None:
+                node.address = self.address_of(node)
             Path(node.directory, "keys").mkdir(parents=True, exist_ok=True)
             os.chmod(node.directory, 0o700)
 
@@ -288,7 +302,7 @@ class TorNet:
         def gencert(node: TorNode) -> None:
             keys = Path(node.directory, "keys")
             self._run([self.tor_gencert, "--create-identity-key", "--passphrase-fd", "0", "-m", "12",
-                       "-a", f"127.0.0.1:{node.dir_port}",
+                       "-a", f"{node.address}:{node.dir_port}",
                        "-i", str(keys / "authority_identity_key"),
                        "-s", str(keys / "authority_signing_key"),
                        "-c", str(keys / "authority_certificate")], input="\n")
@@ -301,8 +315,8 @@ class TorNet:
         def fingerprint(node: TorNode) -> None:
             # A minimal torrc is enough to create the relay keys and print the fingerprint.
             minimal = Path(node.directory, "torrc.fp")
-            minimal.write_text(f"DataDirectory {node.directory}\nORPort 127.0.0.1:{node.or_port}\n"
-                               f"Address 127.0.0.1\nNickname {node.name}\nSocksPort 0\nLog err stderr\n")
+            minimal.write_text(f"DataDirectory {node.directory}\nORPort {node.address}:{node.or_port}\n"
+                               f"Address {node.address}\nNickname {node.name}\nSocksPort 0\nLog err stderr\n")
             out = self._run([self.tor, "--quiet", "--defaults-torrc", str(_empty(node)), "-f", str(minimal),
                              "--list-fingerprint"])
             m = re.search(rf"^{node.name} ((?:[0-9A-F]{{4}} ?){{10}})$", out.strip(), re.MULTILINE)
@@ -326,9 +340,10 @@ class TorNet:
             "RunAsDaemon 0",
             f"Nickname {node.name}",
             f"ContactInfo {node.name}@tornet.invalid",
-            "Address 127.0.0.1",
-            *([f"ORPort 127.0.0.1:{node.or_port} NoListen", f"ORPort 127.0.0.1:{node.listen_port} NoAdvertise"]
-              if node.listen_port else [f"ORPort 127.0.0.1:{node.or_port}"]),
+            f"Address {node.address}",
+            *([f"ORPort {node.address}:{node.or_port} NoListen",
+               f"ORPort {node.address}:{node.listen_port} NoAdvertise"]
+              if node.listen_port else [f"ORPort {node.address}:{node.or_port}"]),
             "SocksPort 0",
             "AssumeReachable 1",
             "ConnLimit 60",
@@ -348,7 +363,7 @@ class TorNet:
             lines += [
                 "AuthoritativeDirectory 1",
                 "V3AuthoritativeDirectory 1",
-                f"DirPort 127.0.0.1:{node.dir_port}",
+                f"DirPort {node.address}:{node.dir_port}",
                 "ExitPolicy reject *:*",
                 "TestingV3AuthInitialVotingInterval 10",
                 "TestingV3AuthInitialVoteDelay 2",
@@ -365,7 +380,7 @@ class TorNet:
                 *self.extra_authority_options,
             ]
         else:
-            lines.append(f"DirPort 127.0.0.1:{node.dir_port}")
+            lines.append(f"DirPort {node.address}:{node.dir_port}")
             if node.exit:
                 lines += ["ExitRelay 1", "ExitPolicy accept *:*"]
             else:
@@ -382,7 +397,8 @@ class TorNet:
             try:
                 with open(Path(node.directory, "stdout.log"), "ab") as out:
                     proc = subprocess.Popen(
-                        [self.tor, "--defaults-torrc", str(_empty(node)), "-f", str(node.torrc)],
+                        [*(self.launcher(node) if self.launcher else []),
+                         self.tor, "--defaults-torrc", str(_empty(node)), "-f", str(node.torrc)],
                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                         start_new_session=True)
             except OSError as exc:
@@ -410,6 +426,9 @@ class TorNet:
                 raise TorNetError(f"the private Tor network was not ready in time: {problem}")
             time.sleep(1.0)
 
+    def _get(self, node: TorNode, path: str) -> str | None:
+        return self.fetch(node, path) if self.fetch is not None else _http_get(node.dir_port, path)
+
     def _node_problem(self, node: TorNode) -> str | None:
         """None when ``node`` serves (from its DirPort) what makes the network usable.
 
@@ -421,12 +440,12 @@ class TorNet:
         its exit policy (RefuseUnknownExits).
         """
         if node.role == "relay":
-            md = _parse_entries(_http_get(node.dir_port, MD_CONSENSUS) or "")
-            descs = (_http_get(node.dir_port, "/tor/server/all") or "").splitlines()
+            md = _parse_entries(self._get(node, MD_CONSENSUS) or "")
+            descs = (self._get(node, "/tor/server/all") or "").splitlines()
             named = {ln.split(" ")[1] for ln in descs if ln.startswith("router ") and " " in ln[7:]}
             unknown = [r.name for r in self.relays if r.name not in md and r.name not in named]
             return f"{node.name}: does not know {', '.join(unknown)} yet" if unknown else None
-        text = _http_get(node.dir_port, MD_CONSENSUS)
+        text = self._get(node, MD_CONSENSUS)
         if text is None:
             return f"{node.name}: no consensus yet"
         entries = _parse_entries(text)
@@ -437,7 +456,7 @@ class TorNet:
             if not need <= entries[relay.name][0]:
                 return f"{node.name}: {relay.name} lacks {sorted(need - entries[relay.name][0])}"
         digests = "-".join(entries[r.name][1] for r in self.relays)
-        if _http_get(node.dir_port, "/tor/micro/d/" + digests) is None:
+        if self._get(node, "/tor/micro/d/" + digests) is None:
             return f"{node.name}: microdescriptors not served yet"
         return None
 
