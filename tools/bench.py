@@ -5,6 +5,7 @@ Usage::
 
     tools/bench [--quick] [--runs N] [--relays 5] [--exits 2] [--out DIR] [--only onionp2p|tor]
                 [--skip NAMES] [--profile] [--tor-option LINE] [--keep] [--uvloop]
+                [--onion-cc vegas|fixed] [--no-cgo] [--tor-cc vegas|fixed] [--tor-conflux 0|1]
 
 One run starts, on 127.0.0.1,
 
@@ -16,9 +17,25 @@ One run starts, on 127.0.0.1,
 
 then drives both through their SOCKS ports with the same load generator (this process)
 and their control ports with stem, one network at a time (the other one idles). It prints
-a markdown table (onionp2p, tor, ratio) and writes ``results.json``,
-``throughput_vs_concurrency.png`` and ``latency_cdf.png`` (when matplotlib is installed)
-to ``--out`` (default ``build/bench/``, ignored by git).
+a markdown table (onionp2p, tor, ratio) headed by each network's mode (flow control,
+relay crypto, conflux) and writes ``results.json``, ``results.md``,
+``throughput_vs_concurrency.png``, ``cpu_per_100mb.png`` and ``latency_cdf.png`` (when
+matplotlib is installed) to ``--out`` (default ``build/bench/``, ignored by git).
+
+Aggregate throughput is measured twice at 8, 32 and 128 streams: on **one circuit** (no
+SOCKS credentials: both tor and onionp2p put every stream on the same circuit, so the row
+measures one circuit's flow control) and on **isolated circuits** (a SOCKS username per
+stream: both isolate by SOCKS credentials by default, so each stream gets a circuit of its
+own, which measures capacity). CPU is read from ``/proc/PID/stat`` (utime+stime, plus the
+reaped children's) of **every** process of a network — onionp2p: the testnet process (its
+client) and its children (authority, relays); tor: the client, the relays and the 3
+authorities — before and after each measurement, and reported as CPU-seconds per 100 MB
+with the CPU total it came from and the worst-case tick rounding of that total (2 ticks
+per process); measurements are extended until that rounding is below 2 %. Tor's
+congestion control and conflux are pinned by consensus parameters on its authorities
+(``ConsensusParams cc_alg=2 cfx_enabled=0`` by default; ``--tor-cc``, ``--tor-conflux``),
+its client gets ``ConfluxEnabled`` to match and, as onionp2p's authority is not a relay,
+``ExcludeNodes`` for the 3 authorities (``--tor-authorities-in-paths`` to allow them).
 
 Each throughput figure is the median of ``--runs`` runs (3; 1 with ``--quick``, which
 also moves less data). Nothing here is a test: pytest never runs it.
