@@ -1168,8 +1168,8 @@ def report(res: dict, args) -> str:
         a = a * scale if isinstance(a, (int, float)) else None
         b = b * scale if isinstance(b, (int, float)) else None
         ratio = a / b if a is not None and b else None
-        na = f" {note(o)}" if note and a is not None else ""
-        nb = f" {note(t)}" if note and b is not None else ""
+        na = f" {note(o)}".rstrip() if note and a is not None else ""
+        nb = f" {note(t)}".rstrip() if note and b is not None else ""
         rows.append(f"| {label} | {_fmt(a)}{na} | {_fmt(b)}{nb} | {_fmt(ratio, 'x') if ratio else '—'} |"
                     f" {'higher' if higher_better else 'lower'} is better |")
 
@@ -1204,10 +1204,18 @@ def report(res: dict, args) -> str:
     row("echo RTT on an open stream, p50 (ms)", "rtt_p50_ms", False)
     row("3-hop circuit build (EXTENDCIRCUIT), p50 (ms)", "build_p50_ms", False)
     row("circuit build p99 (ms)", "build_p99_ms", False)
+    def opened(key, n):
+        """"(k of n open)" when streams of a row failed to open in some run."""
+        def note(d):
+            runs = d.get(f"{key}_detail", {}).get(n, {}).get("runs", [])
+            least = min((x.get("open", n) for x in runs), default=n)
+            return f"({least} of {n} open)" if least < n else ""
+        return note
+
     for key, what in (("aggregate", "one circuit"), ("isolated", "isolated circuits")):
         for n in args.concurrency:
             row(f"aggregate, {n} streams, {what} (MB/s)", None,
-                getter=lambda d, n=n, key=key: d.get(f"{key}_mbps", {}).get(n))
+                getter=lambda d, n=n, key=key: d.get(f"{key}_mbps", {}).get(n), note=opened(key, n))
     for key, what in (("aggregate", "one circuit"), ("isolated", "isolated circuits")):
         for n in args.concurrency:
             cpu_rows(f"{n} streams, {what}", lambda d, n=n, key=key: d.get(f"{key}_detail", {}).get(n))
@@ -1401,8 +1409,27 @@ async def amain(args) -> int:
     return 0
 
 
+def rereport(path: Path) -> int:
+    """Write results.md and the plots again from a results.json (its directory)."""
+    res = json.loads(path.read_text())
+    for name in ("onionp2p", "tor"):
+        d = res.get(name, {})
+        for key in ("aggregate_mbps", "isolated_mbps", "aggregate_detail", "isolated_detail"):
+            if key in d:
+                d[key] = {int(k): v for k, v in d[key].items()}
+    args = argparse.Namespace(**res["config"])
+    table = report(res, args)
+    print(table)
+    (path.parent / "results.md").write_text(table + "\n")
+    for p in plots(res, args, path.parent):
+        log(f"wrote {p}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--report":
+        return rereport(Path(argv[1]))
     if argv and argv[0] == "_http":
         http_server_main(argv[1])
         return 0
@@ -1411,6 +1438,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ap = argparse.ArgumentParser(prog="tools/bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 run, less data, fewer samples")
+    ap.add_argument("--report", metavar="RESULTS_JSON",
+                    help="only write results.md and the plots again from a results.json (first argument)")
     ap.add_argument("--runs", type=int, default=None, help="runs per throughput figure (median)")
     ap.add_argument("--relays", type=int, default=5)
     ap.add_argument("--exits", type=int, default=2)
