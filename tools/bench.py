@@ -5,6 +5,7 @@ Usage::
 
     tools/bench [--quick] [--runs N] [--relays 5] [--exits 2] [--out DIR] [--only onionp2p|tor]
                 [--skip NAMES] [--profile] [--tor-option LINE] [--keep] [--uvloop]
+                [--onion-cc vegas|fixed] [--no-cgo] [--tor-cc vegas|fixed] [--tor-conflux 0|1]
 
 One run starts, on 127.0.0.1,
 
@@ -16,9 +17,25 @@ One run starts, on 127.0.0.1,
 
 then drives both through their SOCKS ports with the same load generator (this process)
 and their control ports with stem, one network at a time (the other one idles). It prints
-a markdown table (onionp2p, tor, ratio) and writes ``results.json``,
-``throughput_vs_concurrency.png`` and ``latency_cdf.png`` (when matplotlib is installed)
-to ``--out`` (default ``build/bench/``, ignored by git).
+a markdown table (onionp2p, tor, ratio) headed by each network's mode (flow control,
+relay crypto, conflux) and writes ``results.json``, ``results.md``,
+``throughput_vs_concurrency.png``, ``cpu_per_100mb.png`` and ``latency_cdf.png`` (when
+matplotlib is installed) to ``--out`` (default ``build/bench/``, ignored by git).
+
+Aggregate throughput is measured twice at 8, 32 and 128 streams: on **one circuit** (no
+SOCKS credentials: both tor and onionp2p put every stream on the same circuit, so the row
+measures one circuit's flow control) and on **isolated circuits** (a SOCKS username per
+stream: both isolate by SOCKS credentials by default, so each stream gets a circuit of its
+own, which measures capacity). CPU is read from ``/proc/PID/stat`` (utime+stime, plus the
+reaped children's) of **every** process of a network — onionp2p: the testnet process (its
+client) and its children (authority, relays); tor: the client, the relays and the 3
+authorities — before and after each measurement, and reported as CPU-seconds per 100 MB
+with the CPU total it came from and the worst-case tick rounding of that total (2 ticks
+per process); measurements are extended until that rounding is below 2 %. Tor's
+congestion control and conflux are pinned by consensus parameters on its authorities
+(``ConsensusParams cc_alg=2 cfx_enabled=0`` by default; ``--tor-cc``, ``--tor-conflux``),
+its client gets ``ConfluxEnabled`` to match and, as onionp2p's authority is not a relay,
+``ExcludeNodes`` for the 3 authorities (``--tor-authorities-in-paths`` to allow them).
 
 Each throughput figure is the median of ``--runs`` runs (3; 1 with ``--quick``, which
 also moves less data). Nothing here is a test: pytest never runs it.
@@ -81,6 +98,84 @@ def proc_rss(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def proc_cpu_all(pid: int) -> float:
+    """utime+stime+cutime+cstime of a process in seconds: its own CPU and that of its children
+    it has reaped (live children are counted as processes of their own)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    f = stat.rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])) / TICKS
+
+
+def descendant_pids(root: int) -> list[int]:
+    """``root`` and every live process below it (children, grandchildren ...), from the
+    parent PIDs in /proc/PID/stat (onionp2p's testnet starts its authority and relays as
+    children, each in a session of its own)."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        parent[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out, todo = [], [root] if root in parent else []
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(c for c, pp in parent.items() if pp == pid)
+    return out
+
+
+#: the worst-case error of one process's CPU delta read from /proc/PID/stat: utime and stime
+#: (and the reaped children's two fields, which do not move here) are each truncated to a tick
+TICK_ERROR_S = 2 / TICKS
+
+
+class CpuMeter:
+    """CPU seconds summed over every process of a network (client, relays, authorities), read
+    from /proc/PID/stat before and after; also the client's own share. A process that appears
+    between the two readings counts from zero, one that disappears counts its last reading."""
+
+    def __init__(self, net: "Network"):
+        self.net = net
+        self.before = self._read()
+        self.after: dict[int, float] | None = None
+
+    def _read(self) -> dict[int, float]:
+        return {pid: proc_cpu_all(pid) for pid in self.net.all_pids()}
+
+    def stop(self) -> "CpuMeter":
+        after = self._read()
+        for pid, v in self.before.items():  # gone: keep its last value (delta 0 since then)
+            after.setdefault(pid, v)
+        self.after = after
+        return self
+
+    @property
+    def total(self) -> float:
+        assert self.after is not None
+        return sum(self.after[p] - self.before.get(p, 0.0) for p in self.after)
+
+    @property
+    def client(self) -> float:
+        assert self.after is not None
+        pid = self.net.client_pid
+        return self.after.get(pid, 0.0) - self.before.get(pid, 0.0)
+
+    @property
+    def n_procs(self) -> int:
+        return len(set(self.before) | set(self.after or {}))
+
+    @property
+    def error_bound(self) -> float:
+        """Worst-case tick rounding of ``total``, in seconds."""
+        return self.n_procs * TICK_ERROR_S
 
 
 def find_pids(needle: str) -> list[int]:
@@ -334,6 +429,14 @@ class Network:
     relay_pids: dict[str, int] = field(default_factory=dict)  # fingerprint -> pid
     relay_names: dict[str, str] = field(default_factory=dict)  # fingerprint -> nickname
 
+    def all_pids(self) -> list[int]:
+        """Every process of this network: client, relays and authorities."""
+        raise NotImplementedError
+
+    def mode(self) -> str:
+        """Flow control, relay crypto and conflux as this network runs them (for the table header)."""
+        raise NotImplementedError
+
     def controller(self):
         from stem.control import Controller
 
@@ -346,12 +449,27 @@ class Network:
 
 
 class OnionNet(Network):
-    def __init__(self, workdir: Path, n_relays: int, n_exits: int, cgo: bool = True):
+    def __init__(self, workdir: Path, n_relays: int, n_exits: int, cgo: bool = True,
+                 congestion_control: bool = True):
         super().__init__("onionp2p")
         self.dir = workdir / "onionp2p"
         self.n_relays, self.n_exits = n_relays, n_exits
         self.cgo = cgo  # False: the client keeps tor1 relay crypto (testnet --no-cgo)
+        self.congestion_control = congestion_control  # False: fixed windows (--no-congestion-control)
         self.proc: subprocess.Popen | None = None
+
+    def all_pids(self) -> list[int]:
+        # the testnet process (client, SOCKS and control ports) and its children (the
+        # authority and the relays)
+        return descendant_pids(self.proc.pid) if self.proc is not None else []
+
+    def mode(self) -> str:
+        cc = ("Vegas + XON/XOFF (client `congestion_control = true`)" if self.congestion_control
+              else "fixed SENDME windows, 1000 cells per circuit / 500 per stream "
+                   "(client `congestion_control = false`)")
+        crypto = ("CGO on every hop that offers it (client `cgo = true`)"
+                  if self.cgo and self.congestion_control else "tor1 on every hop")
+        return f"{cc}; relay crypto {crypto}; no conflux (not implemented)"
 
     def start(self, timeout: float = 240.0) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -359,7 +477,8 @@ class OnionNet(Network):
         env = dict(os.environ)
         cmd = [sys.executable, "-m", "onionp2p", "testnet", "--relays", str(self.n_relays),
                "--exits", str(self.n_exits), "--socks-port", "auto", "--control-port", "auto",
-               "--data-dir", str(self.dir), "--voting-interval", "5"] + ([] if self.cgo else ["--no-cgo"])
+               "--data-dir", str(self.dir), "--voting-interval", "5"] + ([] if self.cgo else ["--no-cgo"]) \
+            + ([] if self.congestion_control else ["--no-congestion-control"])
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT, env=env,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -419,15 +538,37 @@ class TorNetwork(Network):
     """tools/tornet.py's network plus a tor client with SocksPort and ControlPort (started here,
     so tornet.py needs no change)."""
 
-    def __init__(self, workdir: Path, n_relays: int, n_exits: int, tor_options: list[str] = ()):
+    def __init__(self, workdir: Path, n_relays: int, n_exits: int, tor_options: list[str] = (),
+                 consensus_params: dict[str, int] | None = None, exclude_authorities: bool = False):
         super().__init__("tor")
         self.tornet = _load_tornet()
         self.dir = workdir / "tornet"
-        self.net = self.tornet.TorNet(self.dir, extra_authority_options=[],
+        #: pinned on the authorities (``ConsensusParams``), so every tor of the network uses
+        #: them rather than its compiled-in defaults
+        self.consensus_params = dict(consensus_params or {})
+        auth = ([("ConsensusParams " + " ".join(f"{k}={v}" for k, v in sorted(self.consensus_params.items())))]
+                if self.consensus_params else [])
+        self.net = self.tornet.TorNet(self.dir, extra_authority_options=auth,
                                       extra_relay_options=list(tor_options))
         self.tor_options = list(tor_options)
+        self.exclude_authorities = exclude_authorities
         self.n_relays, self.n_exits = n_relays, n_exits
         self.client: subprocess.Popen | None = None
+        self.served_params = ""  # the consensus's "params" line as the client's first authority serves it
+        self.version = ""
+
+    def all_pids(self) -> list[int]:
+        return [n.pid for n in self.net.nodes if n.pid] + ([self.client_pid] if self.client_pid else [])
+
+    def mode(self) -> str:
+        p = dict(kv.split("=", 1) for kv in self.served_params.split()[1:])
+        cc = {"0": "fixed SENDME windows", "2": "Vegas", "3": "NOLA"}.get(p.get("cc_alg", ""),
+                                                                       "its default (Vegas)")
+        cfx = {"0": "conflux off", "1": "conflux on"}.get(p.get("cfx_enabled", ""), "conflux: its default (on)")
+        client = [o for o in self.tor_options if o.split()[0] == "ConfluxEnabled"]
+        return (f"{self.version}: {cc} (consensus `cc_alg={p.get('cc_alg', 'unset')}`), {cfx} (consensus "
+                f"`cfx_enabled={p.get('cfx_enabled', 'unset')}`{', client `' + client[0] + '`' if client else ''})"
+                f"; relay crypto tor1 (tor's client does not ask for CGO); consensus `{self.served_params}`")
 
     def start(self, timeout: float = 240.0) -> None:
         self.net.start(n_relays=self.n_relays, n_exits=self.n_exits, timeout=timeout)
@@ -453,6 +594,9 @@ class TorNetwork(Network):
             *self.net.dirauth_lines(),
             *self.tor_options,
         ]
+        if self.exclude_authorities:
+            # paths through the relays only, as onionp2p's authorities are not relays
+            torrc.append("ExcludeNodes " + ",".join(f"${a.fingerprint}" for a in self.net.authorities))
         (cdir / "torrc").write_text("\n".join(torrc) + "\n")
         out = open(cdir / "stdout.log", "ab")
         (cdir / "torrc-defaults").write_text("")  # like tornet: no system-wide defaults
@@ -475,6 +619,11 @@ class TorNetwork(Network):
             time.sleep(1.0)
         else:
             raise RuntimeError("tor client did not bootstrap in time")
+        cons = self.tornet._http_get(self.net.authorities[0].dir_port, self.tornet.MD_CONSENSUS) or ""
+        self.served_params = next((ln for ln in cons.splitlines() if ln.startswith("params")), "params")
+        out = subprocess.run(["tor", "--version"], capture_output=True, text=True).stdout
+        m = re.search(r"Tor version (\S+?)\.?\s", out)
+        self.version = f"tor {m.group(1)}" if m else "tor"
 
     def stop(self) -> None:
         if self.client is not None and self.client.poll() is None:
@@ -547,30 +696,53 @@ async def echo_rtt(socks_port: int | None, http_port: int, n: int) -> list[float
     return out
 
 
-async def aggregate(socks_port: int, http_port: int, streams: int, seconds: float,
-                    warmup: float = 2.0) -> float:
-    """``streams`` concurrent downloads of /inf; MB/s of all bodies during ``seconds`` after warm-up."""
+async def aggregate(net: Network, http_port: int, streams: int, seconds: float, *, isolated: bool = False,
+                    tag: str = "", warmup: float = 2.0, max_seconds: float | None = None) -> dict:
+    """``streams`` concurrent downloads of /inf through ``net``'s SOCKS port.
+
+    One circuit (``isolated`` False): no SOCKS credentials, so both tor and onionp2p put every
+    stream on the same circuit. Isolated circuits: a SOCKS username per stream (``tag`` makes
+    them new for each run), so that each stream gets a circuit of its own (tor's
+    IsolateSOCKSAuth, on by default; onionp2p isolates by SOCKS credentials the same way).
+
+    After ``warmup`` s, bytes of all bodies and the CPU of every process of the network are
+    counted over at least ``seconds``, extended (up to ``max_seconds``) until the tick rounding
+    of the CPU total is below 2 %. Returns MB/s, CPU-seconds per 100 MB (all processes and the
+    client alone), the CPU total and its rounding bound."""
     protos = []
 
-    async def one():
-        s = await socks_connect(socks_port, "127.0.0.1", http_port, timeout=120)
+    async def one(i: int):
+        user = f"iso{tag}-{i}" if isolated else None
+        s = await socks_connect(net.socks_port, "127.0.0.1", http_port, user=user, timeout=180)
         p = await http_fetch(s, "/inf", -1)
         protos.append(p)
 
-    results = await asyncio.gather(*(one() for _ in range(streams)), return_exceptions=True)
+    results = await asyncio.gather(*(one(i) for i in range(streams)), return_exceptions=True)
     failed = [r for r in results if isinstance(r, BaseException)]
     if failed:
         log(f"  {len(failed)} of {streams} streams failed to open: {failed[0]!r}")
     await asyncio.sleep(warmup)
+    max_seconds = max_seconds or max(4 * seconds, 20.0)
     b0 = sum(p.body for p in protos)
+    meter = CpuMeter(net)
     t0 = time.perf_counter()
     await asyncio.sleep(seconds)
+    while True:
+        meter.stop()
+        if meter.error_bound <= 0.02 * meter.total or time.perf_counter() - t0 >= max_seconds:
+            break
+        await asyncio.sleep(0.5)
     b1 = sum(p.body for p in protos)
     t1 = time.perf_counter()
     for p in protos:
         p.t.abort()
     await asyncio.sleep(0.5)
-    return (b1 - b0) / (t1 - t0) / MB
+    nbytes = b1 - b0
+    per100 = 100 * MB / nbytes if nbytes else float("nan")
+    return {"mbps": nbytes / (t1 - t0) / MB, "seconds": t1 - t0, "bytes": nbytes, "open": len(protos),
+            "cpu_s": meter.total, "cpu_err_s": meter.error_bound, "n_procs": meter.n_procs,
+            "client_cpu_s": meter.client, "cpu_per_100mb": meter.total * per100,
+            "client_cpu_per_100mb": meter.client * per100}
 
 
 def build_times(net: Network, n: int) -> list[float]:
@@ -793,8 +965,29 @@ def _cpu_snapshot(net: Network) -> dict[str, float]:
     return snap
 
 
+def _cpu_summary(meters: list[CpuMeter], nbytes: int) -> dict:
+    """CPU per 100 MB over several measured transfers of ``nbytes`` in all."""
+    cpu = sum(m.total for m in meters)
+    client = sum(m.client for m in meters)
+    return {"cpu_s": cpu, "client_cpu_s": client, "cpu_err_s": sum(m.error_bound for m in meters),
+            "n_procs": max(m.n_procs for m in meters), "bytes": nbytes,
+            "cpu_per_100mb": cpu * 100 * MB / nbytes, "client_cpu_per_100mb": client * 100 * MB / nbytes}
+
+
+def _cpu_summary_agg(runs: list[dict]) -> dict:
+    """The same over the runs of one aggregate row (all their bytes and CPU together)."""
+    nbytes = sum(x["bytes"] for x in runs)
+    cpu = sum(x["cpu_s"] for x in runs)
+    client = sum(x["client_cpu_s"] for x in runs)
+    per = 100 * MB / nbytes if nbytes else float("nan")
+    return {"cpu_s": cpu, "client_cpu_s": client, "cpu_err_s": sum(x["cpu_err_s"] for x in runs),
+            "n_procs": max(x["n_procs"] for x in runs), "bytes": nbytes,
+            "cpu_per_100mb": cpu * per, "client_cpu_per_100mb": client * per}
+
+
 async def measure_network(net: Network, http_port: int, args, workdir: Path) -> dict:
-    r: dict = {}
+    r: dict = {"mode": net.mode()}
+    log(f"  {net.name} mode: {r['mode']}")
     skip = set(args.skip)
     runs = args.runs
     # warm-up: a stream on the (pre-built) circuit
@@ -809,6 +1002,9 @@ async def measure_network(net: Network, http_port: int, args, workdir: Path) -> 
 
     if "bulk" not in skip:
         vals, relay_rates, client_rates = [], [], []
+        # one meter over all runs (and the extra downloads below), so that its tick rounding
+        # is paid once
+        meter = CpuMeter(net)
         for i in range(runs):
             async def get_path():
                 try:
@@ -833,6 +1029,17 @@ async def measure_network(net: Network, http_port: int, args, workdir: Path) -> 
             log(f"  {net.name} bulk run {i + 1}: {res['mbps']:.1f} MB/s; cells/CPU-s: " +
                 ", ".join(f"{k} {v['cells_per_cpu_s']:,.0f}" for k, v in hops.items()) +
                 f", client {client_rates[-1]:,.0f}")
+        # CPU per 100 MB over every process of the network: more single-stream downloads (not
+        # timed) until the tick rounding of the CPU total is below 2 % (at most 8 more)
+        extra = 0
+        while meter.stop().error_bound > 0.02 * meter.total and extra < args.max_extra_downloads:
+            await bulk(net.socks_port, http_port, args.bulk_bytes)
+            extra += 1
+        r["bulk_cpu"] = _cpu_summary([meter.stop()], (runs + extra) * args.bulk_bytes)
+        log(f"  {net.name} single stream: {r['bulk_cpu']['cpu_per_100mb']:.2f} CPU-s per 100 MB over "
+            f"{r['bulk_cpu']['n_procs']} processes ({r['bulk_cpu']['cpu_s']:.1f} CPU-s measured, rounding "
+            f"<= {100 * r['bulk_cpu']['cpu_err_s'] / max(r['bulk_cpu']['cpu_s'], 1e-9):.1f} %); "
+            f"client {r['bulk_cpu']['client_cpu_per_100mb']:.2f}")
         r["bulk_mbps"] = statistics.median(vals)
         r["bulk_runs"] = vals
         mids = [h["middle"]["cells_per_cpu_s"] for h in relay_rates if "middle" in h]
@@ -861,14 +1068,20 @@ async def measure_network(net: Network, http_port: int, args, workdir: Path) -> 
             f"({len(xs)} built)")
 
     if "aggregate" not in skip:
-        agg = {}
-        for n in args.concurrency:
-            vals = []
-            for _ in range(runs):
-                vals.append(await aggregate(net.socks_port, http_port, n, args.agg_seconds))
-            agg[n] = statistics.median(vals)
-            log(f"  {net.name} aggregate {n} streams: {agg[n]:.1f} MB/s")
-        r["aggregate_mbps"] = agg
+        for isolated, key in ((False, "aggregate"), (True, "isolated")):
+            agg, detail = {}, {}
+            for n in args.concurrency:
+                runs_n = [await aggregate(net, http_port, n, args.agg_seconds, isolated=isolated,
+                                          tag=f"{n}r{k}") for k in range(runs)]
+                agg[n] = statistics.median(x["mbps"] for x in runs_n)
+                detail[n] = {"runs": runs_n, **_cpu_summary_agg(runs_n)}
+                d = detail[n]
+                log(f"  {net.name} {n} streams, {'isolated circuits' if isolated else 'one circuit'}: "
+                    f"{agg[n]:.1f} MB/s (runs {', '.join('%.1f' % x['mbps'] for x in runs_n)}); "
+                    f"{d['cpu_per_100mb']:.2f} CPU-s per 100 MB ({d['cpu_s']:.1f} CPU-s measured, rounding "
+                    f"<= {100 * d['cpu_err_s'] / max(d['cpu_s'], 1e-9):.1f} %), client {d['client_cpu_per_100mb']:.2f}")
+            r[f"{key}_mbps"] = agg
+            r[f"{key}_detail"] = detail
 
     return r
 
@@ -948,25 +1161,64 @@ def report(res: dict, args) -> str:
     o, t = res.get("onionp2p", {}), res.get("tor", {})
     rows = []
 
-    def row(label, key, higher_better=True, scale=1.0, getter=None):
+    def row(label, key, higher_better=True, scale=1.0, getter=None, note=None):
+        """``note(d)``: extra text after the value (e.g. the CPU total it came from)."""
         a = getter(o) if getter else o.get(key)
         b = getter(t) if getter else t.get(key)
         a = a * scale if isinstance(a, (int, float)) else None
         b = b * scale if isinstance(b, (int, float)) else None
         ratio = a / b if a is not None and b else None
-        rows.append(f"| {label} | {_fmt(a)} | {_fmt(b)} | {_fmt(ratio, 'x') if ratio else '—'} |"
+        na = f" {note(o)}".rstrip() if note and a is not None else ""
+        nb = f" {note(t)}".rstrip() if note and b is not None else ""
+        rows.append(f"| {label} | {_fmt(a)}{na} | {_fmt(b)}{nb} | {_fmt(ratio, 'x') if ratio else '—'} |"
                     f" {'higher' if higher_better else 'lower'} is better |")
 
+    def cpu_rows(label, get):
+        """CPU-s per 100 MB over all processes (with the CPU total measured and its rounding
+        bound) and the client's share, for the measurement ``get(d)`` returns."""
+        def note(d):
+            x = get(d) or {}
+            if not x.get("cpu_s"):
+                return ""
+            return f"({x['cpu_s']:.1f} CPU-s, ±{100 * x['cpu_err_s'] / x['cpu_s']:.1f} %)"
+        row(f"{label}: CPU-s per 100 MB, all processes", None, False,
+            getter=lambda d: (get(d) or {}).get("cpu_per_100mb"), note=note)
+        row(f"{label}: CPU-s per 100 MB, client alone", None, False,
+            getter=lambda d: (get(d) or {}).get("client_cpu_per_100mb"))
+
+    head = ["Modes:", ""]
+    for name, d in (("onionp2p", o), ("tor", t)):
+        if d.get("mode"):
+            head.append(f"* **{name}**: {d['mode']}")
+    procs = ", ".join(f"{name} {d['bulk_cpu']['n_procs']}" for name, d in (("onionp2p", o), ("tor", t))
+                      if d.get("bulk_cpu"))
+    head += ["", f"Processes per network counted for CPU: {procs or '—'} (client, relays, authorities). "
+             f"Throughput: median of {args.runs} run(s); CPU per 100 MB: all runs' CPU over all their bytes; "
+             f"(x CPU-s, ±y %) = the CPU total measured and its worst-case tick rounding.", ""]
     rows.append("| metric | onionp2p | tor | ratio (onionp2p/tor) | |")
     rows.append("|---|---:|---:|---:|---|")
     row(f"single stream, 3 hops, {args.bulk_bytes // MB} MB (MB/s)", "bulk_mbps")
+    cpu_rows("single stream", lambda d: d.get("bulk_cpu"))
     row("TTFB, new stream on a built circuit, p50 (ms)", "ttfb_p50_ms", False)
     row("TTFB p99 (ms)", "ttfb_p99_ms", False)
     row("echo RTT on an open stream, p50 (ms)", "rtt_p50_ms", False)
     row("3-hop circuit build (EXTENDCIRCUIT), p50 (ms)", "build_p50_ms", False)
     row("circuit build p99 (ms)", "build_p99_ms", False)
-    for n in args.concurrency:
-        row(f"aggregate, {n} streams (MB/s)", None, getter=lambda d, n=n: d.get("aggregate_mbps", {}).get(n))
+    def opened(key, n):
+        """"(k of n open)" when streams of a row failed to open in some run."""
+        def note(d):
+            runs = d.get(f"{key}_detail", {}).get(n, {}).get("runs", [])
+            least = min((x.get("open", n) for x in runs), default=n)
+            return f"({least} of {n} open)" if least < n else ""
+        return note
+
+    for key, what in (("aggregate", "one circuit"), ("isolated", "isolated circuits")):
+        for n in args.concurrency:
+            row(f"aggregate, {n} streams, {what} (MB/s)", None,
+                getter=lambda d, n=n, key=key: d.get(f"{key}_mbps", {}).get(n), note=opened(key, n))
+    for key, what in (("aggregate", "one circuit"), ("isolated", "isolated circuits")):
+        for n in args.concurrency:
+            cpu_rows(f"{n} streams, {what}", lambda d, n=n, key=key: d.get(f"{key}_detail", {}).get(n))
     row("one relay at full load: cells forwarded per second (tools/bench_relay.py)",
         "relay_full_load_cells_per_s")
     row("  its CPU utilisation (%)", "relay_full_load_cpu", scale=100.0)
@@ -978,7 +1230,7 @@ def report(res: dict, args) -> str:
     row("RSS per open stream, client (KiB)", "stream_rss_client", False, 1 / 1024)
     row("RSS per open stream, relays (KiB)", "stream_rss_relays", False, 1 / 1024)
     c = res.get("ceilings", {})
-    lines = ["\n".join(rows), "", "Ceilings of this machine:", "",
+    lines = ["\n".join(head + rows), "", "Ceilings of this machine:", "",
              "| ceiling | value |", "|---|---:|"]
     for k, label in (("direct_mbps", "direct loopback TCP transfer, no proxy (MB/s)"),
                      ("tls_mbps", "one asyncio TLS connection over loopback (MB/s)"),
@@ -1000,25 +1252,57 @@ def plots(res: dict, args, out: Path) -> list[Path]:
         log("matplotlib not installed: no plots (pip install matplotlib)")
         return []
     made = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, style in (("onionp2p", "o-"), ("tor", "s--")):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    top = 0.0
+    for name, color in (("onionp2p", "tab:blue"), ("tor", "tab:orange")):
         d = res.get(name, {})
-        agg = d.get("aggregate_mbps", {})
-        pts = sorted(((1, d.get("bulk_mbps")), *((int(k), v) for k, v in agg.items())))
-        pts = [(x, y) for x, y in pts if y is not None]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
-    ax.set_xscale("log", base=2)
-    ticks = [1, *args.concurrency]
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([str(t) for t in ticks])
-    ax.set_xlabel("concurrent streams")
+        for key, what, style in (("aggregate", "one circuit", "o-"), ("isolated", "isolated circuits", "s--")):
+            agg = d.get(f"{key}_mbps", {})
+            pts = sorted(((1, d.get("bulk_mbps")), *((int(k), v) for k, v in agg.items())))
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                top = max(top, *(y for _, y in pts))
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=f"{name}, {what}")
+    ax.set_xlim(0, max(args.concurrency) * 1.05)
+    ax.set_ylim(0, top * 1.15 or 1)
+    ax.set_xticks([1, *args.concurrency])
+    ax.set_xlabel("concurrent streams (1 = the single-stream row)")
     ax.set_ylabel("aggregate throughput (MB/s)")
-    ax.set_title("Throughput vs concurrency (3 hops, loopback)")
+    ax.set_title(f"Throughput vs concurrency, 3 hops, loopback\n(each point: median of {args.runs} run(s); "
+                 f"aggregate windows ≥ {args.agg_seconds:g} s)", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     p = out / "throughput_vs_concurrency.png"
+    fig.savefig(p, dpi=110)
+    made.append(p)
+    plt.close(fig)
+
+    # CPU-seconds per 100 MB, all processes of each network, per workload
+    labels, series = [], {"onionp2p": [], "tor": []}
+    work = [("single stream", lambda d: d.get("bulk_cpu"))]
+    for key, what in (("aggregate", "1 circ"), ("isolated", "isolated")):
+        for n in args.concurrency:
+            work.append((f"{n} {what}", lambda d, n=n, key=key: d.get(f"{key}_detail", {}).get(n)))
+    for label, get in work:
+        labels.append(label)
+        for name in series:
+            x = get(res.get(name, {})) or {}
+            series[name].append(x.get("cpu_per_100mb", float("nan")))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    w = 0.4
+    for k, (name, ys) in enumerate(series.items()):
+        ax.bar([i + (k - 0.5) * w for i in range(len(labels))], ys, w, label=name)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("CPU-seconds per 100 MB (all processes)")
+    ax.set_title(f"CPU per byte, summed over every process of each network\n(all {args.runs} run(s) of "
+                 f"each row together)", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out / "cpu_per_100mb.png"
     fig.savefig(p, dpi=110)
     made.append(p)
     plt.close(fig)
@@ -1029,7 +1313,10 @@ def plots(res: dict, args, out: Path) -> list[Path]:
         for name, style in (("onionp2p", "-"), ("tor", "--")):
             xs = sorted(res.get(name, {}).get(key, []))
             if xs:
-                ax.plot([x * 1e3 for x in xs], [(i + 1) / len(xs) for i in range(len(xs))], style, label=name)
+                ax.plot([x * 1e3 for x in xs], [(i + 1) / len(xs) for i in range(len(xs))], style,
+                        label=f"{name} (n = {len(xs)})")
+        ax.set_xlim(left=0)
+        ax.set_ylim(0, 1.02)
         ax.set_xlabel("ms")
         ax.set_ylabel("CDF")
         ax.set_title(title)
@@ -1061,13 +1348,18 @@ async def amain(args) -> int:
         # Start both networks (in the same run), then measure one at a time.
         if "onionp2p" in which:
             t0 = time.monotonic()
-            onet = OnionNet(workdir, args.relays, args.exits, cgo=not args.no_cgo)
+            onet = OnionNet(workdir, args.relays, args.exits, cgo=not args.no_cgo,
+                            congestion_control=args.onion_cc == "vegas")
             nets["onionp2p"] = onet
             onet.start()
             log(f"onionp2p testnet ready in {time.monotonic() - t0:.0f} s (SOCKS {onet.socks_port})")
         if "tor" in which:
             t0 = time.monotonic()
-            tnet = TorNetwork(workdir, args.relays, args.exits, args.tor_option)
+            tor_client = [*args.tor_option, f"ConfluxEnabled {args.tor_conflux}"]
+            tnet = TorNetwork(workdir, args.relays, args.exits, tor_client,
+                              consensus_params={"cc_alg": {"vegas": 2, "fixed": 0}[args.tor_cc],
+                                                "cfx_enabled": args.tor_conflux},
+                              exclude_authorities=not args.tor_authorities_in_paths)
             nets["tor"] = tnet
             await asyncio.to_thread(tnet.start)
             log(f"tor network ready in {time.monotonic() - t0:.0f} s (SOCKS {tnet.socks_port})")
@@ -1117,8 +1409,27 @@ async def amain(args) -> int:
     return 0
 
 
+def rereport(path: Path) -> int:
+    """Write results.md and the plots again from a results.json (its directory)."""
+    res = json.loads(path.read_text())
+    for name in ("onionp2p", "tor"):
+        d = res.get(name, {})
+        for key in ("aggregate_mbps", "isolated_mbps", "aggregate_detail", "isolated_detail"):
+            if key in d:
+                d[key] = {int(k): v for k, v in d[key].items()}
+    args = argparse.Namespace(**res["config"])
+    table = report(res, args)
+    print(table)
+    (path.parent / "results.md").write_text(table + "\n")
+    for p in plots(res, args, path.parent):
+        log(f"wrote {p}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--report":
+        return rereport(Path(argv[1]))
     if argv and argv[0] == "_http":
         http_server_main(argv[1])
         return 0
@@ -1127,6 +1438,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ap = argparse.ArgumentParser(prog="tools/bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 run, less data, fewer samples")
+    ap.add_argument("--report", metavar="RESULTS_JSON",
+                    help="only write results.md and the plots again from a results.json (first argument)")
     ap.add_argument("--runs", type=int, default=None, help="runs per throughput figure (median)")
     ap.add_argument("--relays", type=int, default=5)
     ap.add_argument("--exits", type=int, default=2)
@@ -1142,6 +1455,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="also record one download with perf: CPU share by shared object per process")
     ap.add_argument("--no-cgo", action="store_true",
                     help="onionp2p's client uses tor1 relay crypto on every hop (default: CGO where offered)")
+    ap.add_argument("--onion-cc", choices=("vegas", "fixed"), default="vegas",
+                    help="onionp2p client's flow control (default vegas; fixed = congestion_control = false, "
+                         "which also means tor1 relay crypto)")
+    ap.add_argument("--tor-cc", choices=("vegas", "fixed"), default="vegas",
+                    help="tor's congestion control, pinned by the consensus parameter cc_alg on the tor "
+                         "authorities (vegas = 2, fixed = 0; default vegas)")
+    ap.add_argument("--tor-conflux", type=int, choices=(0, 1), default=0,
+                    help="tor's conflux: consensus parameter cfx_enabled and the client's ConfluxEnabled "
+                         "(default 0: one circuit per stream, as onionp2p has no conflux)")
+    ap.add_argument("--tor-authorities-in-paths", action="store_true",
+                    help="let tor's client use the 3 authorities as relays (default: ExcludeNodes them, "
+                         "as onionp2p's authority is not a relay)")
     ap.add_argument("--tor-option", action="append", default=[], metavar="LINE",
                     help="a torrc line for the tor relays and client (repeatable), e.g. 'Schedulers Vanilla'")
     args = ap.parse_args(argv)
@@ -1152,7 +1477,10 @@ def main(argv: list[str] | None = None) -> int:
     # onionp2p relays refuse a client's CREATE2 beyond a burst of 90 (dos_circuit_creation_*,
     # like tor's DoSCircuitCreationBurst); 60 builds stay within it after the bucket refilled.
     args.build_samples = 50 if args.quick else 60
-    args.concurrency = [8, 64, 256]
+    args.concurrency = [8, 32, 128]
+    # single stream: at most this many more (untimed) downloads to get the CPU total's tick
+    # rounding below 2 %
+    args.max_extra_downloads = 8
     args.agg_seconds = 3.0 if args.quick else 8.0
     args.circuits = 2000 if args.quick else 10000
     args.streams_mem = 100 if args.quick else 400

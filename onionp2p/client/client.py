@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from onionp2p.client.leanstreams import LeanStreamReaderProtocol
 from onionp2p.defaults import HANDSHAKE_TIMEOUT, MAX_QUEUE_CELLS
 from onionp2p.errors import CircuitError, LocalProtocolError, OnionError, StreamError
 from onionp2p.listeners import Listeners
@@ -409,7 +410,7 @@ class ClientCircuit:
             # (a StreamReader pauses above 2 x limit and resumes at limit).
             limit = max(limit, cc.p.xoff_bytes(exit_side=False) // 2)
         reader = asyncio.StreamReader(limit=limit, loop=loop)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        protocol = LeanStreamReaderProtocol(reader, loop=loop)
         transport = StreamTransport(self, sid, host, port)
         transport.protocol = protocol
         transport._attach_reader(reader, limit)

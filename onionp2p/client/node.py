@@ -74,9 +74,9 @@ log = get_logger("onionp2p.node")
 _stream_ids = itertools.count(1)
 
 
-@dataclass
+@dataclass(slots=True)
 class StreamRecord:
-    """One application stream as the control port sees it."""
+    """One application stream as the control port sees it (slots: one per open stream)."""
 
     id: int
     target: str

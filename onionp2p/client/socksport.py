@@ -51,6 +51,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from onionp2p.client.leanstreams import start_server
 from onionp2p.errors import ListenError, OnionError, StreamError
 from onionp2p.log import get_logger
 from onionp2p.proto.relaycell import EndReason, Resolved, ResolvedType
@@ -182,8 +183,8 @@ class AppProxyServer:
     async def start(self) -> None:
         self._stopping = False
         try:
-            self._server = await asyncio.start_server(self._handle, self.host, self._port,
-                                                      reuse_address=True, limit=RELAY_CHUNK)
+            self._server = await start_server(self._handle, self.host, self._port,
+                                              reuse_address=True, limit=RELAY_CHUNK)
         except OSError as exc:
             raise ListenError.from_os_error(f"{self.kind} port", self.host, self._port, exc) from None
         self._port = self._server.sockets[0].getsockname()[1]
@@ -300,10 +301,13 @@ class AppProxyServer:
     async def _relay(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter,
                      sreader: asyncio.StreamReader, swriter: asyncio.StreamWriter) -> None:
         """Copy both ways until one side ends, then flush and close both (no half-close)."""
-        up = asyncio.ensure_future(self._pump(creader, swriter, "bytes_up"))
-        down = asyncio.ensure_future(self._pump(sreader, cwriter, "bytes_down"))
+        # the pumps resolve ``first`` when they end: what asyncio.wait(FIRST_COMPLETED) does,
+        # without its per-call set, closure and done callbacks (~1 KiB held by every idle stream)
+        first = asyncio.get_running_loop().create_future()
+        up = asyncio.ensure_future(self._pump(creader, swriter, "bytes_up", first))
+        down = asyncio.ensure_future(self._pump(sreader, cwriter, "bytes_down", first))
         try:
-            await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
+            await first
         finally:
             for t in (up, down):
                 t.cancel()
@@ -315,7 +319,10 @@ class AppProxyServer:
         except TimeoutError:
             cwriter.transport.abort()
 
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, counter: str) -> None:
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, counter: str,
+                    done: asyncio.Future) -> None:
+        """Copy ``src`` to ``dst`` until EOF or an error; then resolve ``done`` (the first
+        pump to end does; :meth:`_relay` waits for it)."""
         try:
             while data := await src.read(RELAY_CHUNK):
                 dst.write(data)
@@ -323,6 +330,9 @@ class AppProxyServer:
                 await dst.drain()  # back-pressure: wait while the other side is full
         except (ConnectionError, OSError):
             pass
+        finally:
+            if not done.done():
+                done.set_result(None)
 
 
 class SocksServer(AppProxyServer):

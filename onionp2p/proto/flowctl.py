@@ -55,7 +55,9 @@ class PackageWindow:
         self.increment = increment
         self.window = start
         self.authenticated = authenticated
-        self._digests: deque[bytes] = deque()
+        #: digests of the cells a SENDME must echo; made on the first one (only authenticated
+        #: circuit windows ever remember one, and an empty deque is ~770 bytes per stream)
+        self._digests: deque[bytes] | None = None
 
     @classmethod
     def circuit(cls) -> PackageWindow:
@@ -80,6 +82,8 @@ class PackageWindow:
         if self.needs_digest():
             if digest is None:
                 raise ValueError("authenticated window needs the cell digest")
+            if self._digests is None:
+                self._digests = deque()
             self._digests.append(bytes(digest))
         self.window -= 1
 

@@ -1,0 +1,127 @@
+"""What an open stream holds at the client (specs/performance.md §6, issue 16 item 5).
+
+An idle stream through the SOCKS port must not carry objects it only needs once data is
+waiting: asyncio's per-protocol deque of drain waiters (made on first use by
+``client/leanstreams.py``), the digest deque of a stream's package window (only
+authenticated circuit windows use it). And the lazily made deque must still do its job
+when a transport pauses: ``drain()`` waits and wakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import gc
+import socket
+import struct
+
+from onionp2p.client.leanstreams import LeanStreamReaderProtocol, start_server
+
+
+class _Hold(asyncio.Protocol):
+    """A destination that accepts and keeps connections, sending nothing."""
+
+    held: list = []
+
+    def connection_made(self, transport):
+        self.held.append(transport)
+
+
+async def _socks_open(port: int, dest_port: int) -> socket.socket:
+    """SOCKS5 CONNECT with raw sockets (no asyncio protocol objects on the test's side)."""
+    loop = asyncio.get_running_loop()
+    s = socket.socket()
+    s.setblocking(False)
+    await loop.sock_connect(s, ("127.0.0.1", port))
+    await loop.sock_sendall(s, b"\x05\x01\x00")
+    assert await loop.sock_recv(s, 2) == b"\x05\x00"
+    await loop.sock_sendall(s, b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack(">H", dest_port))
+    reply = b""
+    while len(reply) < 10:
+        chunk = await loop.sock_recv(s, 10 - len(reply))
+        assert chunk, "SOCKS server closed"
+        reply += chunk
+    assert reply[1] == 0, reply
+    return s
+
+
+def _count(kind: type) -> int:
+    return sum(1 for o in gc.get_objects() if type(o) is kind)
+
+
+async def test_idle_streams_hold_no_deques(client_node):
+    loop = asyncio.get_running_loop()
+    dest = await loop.create_server(_Hold, "127.0.0.1", 0)
+    dport = dest.sockets[0].getsockname()[1]
+    n = 20
+    socks = []
+    try:
+        socks.append(await _socks_open(client_node.socks_port, dport))  # the circuit is in use: warm
+        await asyncio.sleep(0.3)
+        gc.collect()
+        deques0 = _count(collections.deque)
+        plain0 = _count(asyncio.StreamReaderProtocol)
+        lean0 = _count(LeanStreamReaderProtocol)
+        for _ in range(n):
+            socks.append(await _socks_open(client_node.socks_port, dport))
+        await asyncio.sleep(0.3)
+        gc.collect()
+        # both protocols of each stream (SOCKS side and circuit side) are the lean kind...
+        assert _count(LeanStreamReaderProtocol) - lean0 == 2 * n
+        assert _count(asyncio.StreamReaderProtocol) == plain0
+        transports = [t for c in client_node.client.circuits.values() for t in c._transports.values()]
+        assert len(transports) == n + 1
+        for t in transports:
+            assert type(t.protocol) is LeanStreamReaderProtocol
+            assert t.protocol._lean_waiters is None  # never paused: no deque
+            stream = t.circuit.core.streams[t.stream_id]
+            assert stream.package._digests is None  # a stream window never remembers digests
+        # ...and no stream made a deque (asyncio's own transports may, on newer Pythons: < 1 each)
+        assert _count(collections.deque) - deques0 < n
+    finally:
+        for s in socks:
+            s.close()
+        for t in _Hold.held:
+            t.close()
+        dest.close()
+
+
+async def test_lean_protocol_drain_waits_while_paused_and_wakes():
+    """A writer that outruns its peer waits in drain(); the deque appears then; the bytes
+    all arrive; a connection lost while a writer waits wakes it."""
+    got = asyncio.get_running_loop().create_future()
+    size = 16 << 20
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        proto = writer._protocol
+        assert isinstance(proto, LeanStreamReaderProtocol) and proto._lean_waiters is None
+        writer.write(b"x" * size)  # far beyond the socket buffers: the transport pauses
+        assert proto._paused
+        drain = asyncio.ensure_future(writer.drain())
+        await asyncio.sleep(0.2)
+        assert not drain.done()  # waiting for the peer to read
+        assert proto._lean_waiters is not None and len(proto._lean_waiters) == 1
+        got.set_result(None)  # let the peer read
+        await asyncio.wait_for(drain, 20)
+        assert not proto._paused and len(proto._lean_waiters) == 0
+        writer.write(b"y" * size)
+        assert proto._paused
+        drain = asyncio.ensure_future(writer.drain())
+        await asyncio.sleep(0.1)
+        writer.transport.abort()  # connection lost while a writer waits: it must wake
+        try:
+            await asyncio.wait_for(drain, 5)
+        except ConnectionResetError:
+            pass
+        writer.close()
+
+    server = await start_server(handler, "127.0.0.1", 0, limit=65536)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.wait_for(got, 20)
+        data = await asyncio.wait_for(reader.readexactly(size), 30)
+        assert data == b"x" * size
+        writer.close()
+    finally:
+        server.close()
