@@ -30,7 +30,7 @@ from onionp2p.client.guards import (
     retry_delay,
 )
 from onionp2p.client.pathbias import GuardPathBias
-from onionp2p.config import ClientConfig
+from onionp2p.config import AuthorityConfig, ClientConfig
 from onionp2p.control.formats import GuardEvent, guard_event_line
 from onionp2p.errors import ConfigError
 from onionp2p.proto.directory import RelayInfo, RouterStatus
@@ -106,6 +106,9 @@ def test_guard_params_config_key():
         with pytest.raises(ConfigError, match=needle):
             ClientConfig.from_dict({"guard_params": bad})
     assert ClientConfig().num_primary_guards == 0  # the consensus's, as tor's NumPrimaryGuards 0
+    # authorities can vote tor's dashed names (dir-spec's KeywordChar)
+    auth = AuthorityConfig.from_dict({"consensus_params": {"guard-n-primary-guards": 2}})
+    assert auth.consensus_params == {"guard-n-primary-guards": 2}
 
 
 def test_retry_schedule_table():
