@@ -459,6 +459,13 @@ def test_no_guard_at_all():
     gs.update(routers, T0)
     with pytest.raises(NoGuardError):
         gs.select(routers, T0, exclude={r.fingerprint for r in routers})
+    # the only usable guard is restricted for this circuit: the down ones stay down
+    down = gs.entries[:2]
+    for e in down:
+        gs.note_failure(e, T0)
+    with pytest.raises(NoGuardError, match="excluded"):
+        gs.select(routers, T0 + 1, exclude={gs.entries[2].fingerprint})
+    assert [e.reachable for e in down] == [NO, NO]
 
 
 # -- the state file ----------------------------------------------------------------------------------

@@ -501,11 +501,13 @@ class GuardSelection:
                 c = GuardCircuit(e.fingerprint, state, now, usage=usage)
                 self.circuits.append(c)
                 return filtered[e.fingerprint], c
+            if any(e.usable_filtered and e.fingerprint in skip for e in self.entries):
+                # usable guards exist, only not for this circuit: that says nothing about
+                # the others' reachability (the caller tries another exit or tier)
+                raise NoGuardError("every usable guard is excluded for this circuit")
             if attempt == 0:
                 log.info("no sampled guard is available; marking all guards for retry")
                 self.mark_all_maybe()
-        if any(e.usable_filtered for e in self.entries):
-            raise NoGuardError("every usable guard is excluded for this circuit")
         raise NoGuardError("no sampled guard is usable")
 
     def _select(self, routers: Sequence[RouterStatus], now: float, skip: frozenset[str], usage: str,
