@@ -37,7 +37,14 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from onionp2p.defaults import HANDSHAKE_TIMEOUT, MAX_QUEUE_CELLS, TCP_USER_TIMEOUT
+from onionp2p.defaults import (
+    GUARD_PARAM_RANGES,
+    GUARD_RETRY_DIVISOR,
+    GUARD_RETRY_DIVISOR_RANGE,
+    HANDSHAKE_TIMEOUT,
+    MAX_QUEUE_CELLS,
+    TCP_USER_TIMEOUT,
+)
 from onionp2p.errors import ConfigError
 from onionp2p.proto.address import format_hostport, parse_hostport
 from onionp2p.proto.exitpolicy import REJECT_ALL, ExitPolicy
@@ -506,7 +513,12 @@ class ClientConfig:
     stream_timeout: int = 15  #: seconds to wait for CONNECTED before trying another circuit
     max_stream_attempts: int = 3
     max_circuits_per_isolation: int = 16
-    num_primary_guards: int = 3
+    #: tor's NumPrimaryGuards: 0 = the consensus's guard-n-primary-guards (3)
+    num_primary_guards: int = 0
+    #: guard-spec parameters overriding the consensus's (tor's names, e.g.
+    #: ``{ "guard-min-filtered-sample-size" = 4 }``; plus ``guard-retry-divisor``, which
+    #: divides every retry interval: for test networks only)
+    guard_params: Mapping[str, int] = field(default_factory=dict)
     socks_handshake_timeout: float = 30.0  #: seconds for a SOCKS client to send its request
     socks_max_connections: int = 1024  #: SOCKS connections served at once; more are closed
     #: refuse SOCKS connects to private/internal IP literals and "localhost" (tor's
@@ -548,7 +560,8 @@ class ClientConfig:
             "stream_timeout": _int_range(1, 600),
             "max_stream_attempts": _int_range(1, 20),
             "max_circuits_per_isolation": _int_range(1, 1024),
-            "num_primary_guards": _int_range(1, 20),
+            "num_primary_guards": _int_range(0, 20),
+            "guard_params": _guard_params,
             "socks_handshake_timeout": _number_range(0.1, 600),
             "socks_max_connections": _int_range(1, 65535),
             "client_reject_internal_addresses": _bool,
@@ -637,7 +650,18 @@ def _connection_padding(ctx: _Ctx, key: str, value: Any) -> str:
     raise ctx.fail(key, f'must be "auto", 0 or 1, got {value!r}')
 
 
-_PARAM_KEY = re.compile(r"[A-Za-z0-9_]{1,64}")
+_PARAM_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")  # dir-spec: KeywordChar, as tor's guard-* names
+
+
+def _guard_params(ctx: _Ctx, key: str, value: Any) -> dict[str, int]:
+    out = _consensus_params(ctx, key, value)
+    for name, v in out.items():
+        if name != GUARD_RETRY_DIVISOR and name not in GUARD_PARAM_RANGES:
+            raise ctx.fail(key, f"unknown guard parameter {name!r}")
+        lo, hi = GUARD_RETRY_DIVISOR_RANGE if name == GUARD_RETRY_DIVISOR else GUARD_PARAM_RANGES[name][1:]
+        if not lo <= v <= hi:
+            raise ctx.fail(key, f"{name} must be in {lo}..{hi}, got {v}")
+    return out
 
 
 def _consensus_params(ctx: _Ctx, key: str, value: Any) -> dict[str, int]:
@@ -645,7 +669,7 @@ def _consensus_params(ctx: _Ctx, key: str, value: Any) -> dict[str, int]:
     out = {}
     for name, v in table.items():
         if not _PARAM_KEY.fullmatch(name):
-            raise ctx.fail(key, f"bad parameter name {name!r} (letters, digits, _)")
+            raise ctx.fail(key, f"bad parameter name {name!r} (letters, digits, _, -)")
         if isinstance(v, bool) or not isinstance(v, int) or not -2**31 <= v < 2**31:
             raise ctx.fail(key, f"{name} must be a 32-bit integer, got {v!r}")
         out[name] = v

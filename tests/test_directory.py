@@ -526,12 +526,14 @@ def test_network_parameters_majority_and_low_median(descs):
 
 
 @pytest.mark.parametrize("line", ["params b=1 a=2", "params a=1 a=2", "params a=01", "params a",
-                                  "params a=99999999999", "params a-b=1", "params a=1  b=2"])
+                                  "params a=99999999999", "params a.b=1", "params a=1  b=2"])
 def test_network_parameters_must_be_canonical(line, descs):
     keys, auths = auth_set(1)
     head, rest = vote(keys[0], auths[0], []).text.split("\nknown-flags ", 1)
     flags, tail = rest.split("\n", 1)
     assert NetworkStatus.parse(f"{head}\nknown-flags {flags}\nparams a=-1 b=2\n{tail}").params == (("a", -1), ("b", 2))
+    dashed = f"{head}\nknown-flags {flags}\nparams guard-n-primary-guards=2\n{tail}"  # tor's names have "-"
+    assert NetworkStatus.parse(dashed).params == (("guard-n-primary-guards", 2),)
     with pytest.raises(ProtocolError, match="params|whitespace"):
         NetworkStatus.parse(f"{head}\nknown-flags {flags}\n{line}\n{tail}")
 

@@ -856,3 +856,159 @@ async def test_or_connections_probe_and_drop_silent_peers(tmp_path):
     finally:
         await client.close()
         await relay.stop()
+
+
+# -- 7. guard-spec: the primary guards killed, then the first one back ------------------------------
+
+
+async def socks_get_as(socks_port: int, port: int, path: str, user: str, *, timeout: float = 30) -> bytes:
+    """:func:`socks_get` with SOCKS credentials: a new isolation key is a new circuit."""
+    async with asyncio.timeout(timeout):
+        proxy = Proxy.from_url(f"socks5://{user}:x@127.0.0.1:{socks_port}", rdns=True)
+        sock = await proxy.connect(dest_host="127.0.0.1", dest_port=port, timeout=timeout)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            return await http_get(reader, writer, path)
+        finally:
+            writer.close()
+
+
+async def port_open(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
+async def test_primary_guards_killed_client_walks_the_guard_list_and_returns(fnet, http_server):
+    """guard-spec with real relay processes: the client's three primary guards are killed;
+    the client tries them in order, then takes the next guard of its sample (never one
+    outside it, though two more attractive guards are in the consensus), and once the first
+    primary guard is restarted (same port, same keys) it goes back to it. Retries are 2 s
+    instead of 10 min through ``guard-retry-divisor``; the sample is capped at 5 through the
+    consensus's guard-max-sample-size."""
+    g4, g5 = await fnet.add("g4"), await fnet.add("g5")
+    out6, out7 = await fnet.add("out6"), await fnet.add("out7")
+    m = await fnet.add("m")
+    x = await fnet.add("x", exit=True)
+    base = await fnet.warm_up()
+    procs: dict[str, tuple] = {}
+    config = 'nickname = "{}"\ndata_dir = "."\nextend_allow_private = true\nor_address = "127.0.0.1:{}"\n'
+    try:
+        for name in ("p1", "p2", "p3"):
+            d = fnet.tmp / name
+            d.mkdir()
+            (d / "relay.toml").write_text(config.format(name, 0))
+            procs[name] = (d, start_relay_process(d))
+        infos = {}
+        for name, (d, proc) in procs.items():
+            infos[name] = await relay_process_info(proc, d, 90)  # 3 Python processes start on a busy CI box
+            (d / "relay.toml").write_text(config.format(name, infos[name].or_port))  # restarts: same port
+        await _walk_guards(fnet, http_server, procs, infos, g4, g5, out6, out7, m, x)
+    finally:
+        for _d, proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            await asyncio.to_thread(proc.wait)
+    await settle(fnet.relays, base)
+
+
+async def _walk_guards(fnet, http_server, procs, infos, g4, g5, out6, out7, m, x) -> None:
+    p1, p2, p3 = infos["p1"], infos["p2"], infos["p3"]
+    # out6 and out7 weigh most of all guards: a client pushed beyond its sample would take them
+    routers = [status(p1, GUARD), status(p2, GUARD), status(p3, GUARD), status(g4.info(), GUARD),
+               status(g5.info(), GUARD), status(out6.info(), GUARD, 10**5), status(out7.info(), GUARD, 10**5),
+               status(m.info(), MIDDLE, 10**6), status(x.info(), EXIT)]
+    params = {"guard-max-sample-size": 5, "guard-min-filtered-sample-size": 4,
+              "guard-max-sample-threshold-percent": 100}
+    data = fnet.tmp / "client"
+    seed_guards(data, p1, p2, p3, g4.info(), g5.info())  # a version 1 state file: migrated
+    sample = {"p1", "p2", "p3", "g4", "g5"}
+    node = ClientNode(client_config(data, control_port=0, max_build_attempts=6, circuit_build_timeout=10,
+                                    stream_timeout=5, guard_params={"guard-retry-divisor": 300}),
+                      routers=lambda: routers, params=lambda: params)
+    chosen: list[str] = []  # every guard choice, in order
+    select = node.guards.select
+
+    def recording_select(*a, **kw):
+        rs, gc = select(*a, **kw)
+        chosen.append(rs.nickname)
+        return rs, gc
+
+    node.guards.select = recording_select
+    connected: set[str] = set()  # every relay the client opened a channel to
+    node.client.channel_events.add(
+        lambda kind, chan: kind == "connected" and chan.peer is not None
+        and connected.add(chan.peer.rsa_id.hex().upper()))
+    ctl = None
+    try:
+        await node.start(ready_timeout=30)
+        ctl = await Controller.open(node.control_port, (data / "control_auth_cookie").read_bytes())
+        assert await ctl.command("SETEVENTS GUARD") == ["250 OK"]
+        node.circmgr.configure(dataclasses.replace(node.cfg, preemptive_circuits=0))
+        fp = {n: i.fingerprint for n, i in infos.items()} | {r.nickname: r.keys.fingerprint
+                                                              for r in (g4, g5, out6, out7)}
+        assert node.guards.primary(routers) == [fp["p1"], fp["p2"], fp["p3"]]
+        assert node.guards.confirmed() == [fp["p1"]] and set(chosen) == {"p1"}
+        assert await socks_get_as(node.socks_port, http_server.port, "/1000", "before") == blob(1000)
+
+        # the three primary guards die
+        for name in ("p1", "p2", "p3"):
+            procs[name][1].kill()
+        for name in ("p1", "p2", "p3"):
+            await asyncio.to_thread(procs[name][1].wait)
+        await wait_for(lambda: not any(c.path[0].nickname == "p1" for c in node.client.circuits.values()
+                                       if c.state == "built"), 10, "the circuits through p1 to close")
+        chosen.clear()
+        paths = circuit_paths(node)
+        assert await socks_get_as(node.socks_port, http_server.port, "/2000", "down") == blob(2000)
+        # guard-spec's order: each primary guard, then the first sampled guard
+        assert chosen == ["p1", "p2", "p3", "g4"] and [p[0] for p in paths] == ["g4"]
+        # three of five sampled guards are down, but the sample is at its maximum: not one more
+        assert {e.nickname for e in node.guards.sampled} == sample
+        for name in ("p1", "p2", "p3"):
+            assert await ctl.event(f"650 GUARD ENTRY ${fp[name]}~{name} DOWN", 10)
+        assert await ctl.event(f"650 GUARD ENTRY ${fp['g4']}~g4 UP", 10)
+        # g4 is confirmed now, and a primary guard (confirmed guards come first)
+        assert node.guards.confirmed() == [fp["p1"], fp["g4"]]
+        assert node.guards.primary(routers) == [fp["p1"], fp["g4"], fp["p2"]]
+        ids = await ctl.command("GETINFO entry-guards")
+        assert f"${fp['p1']}~p1 down" in ids and f"${fp['g4']}~g4 up" in ids
+
+        # more circuits while p1 stays dead: p1 is retried on its schedule, never a guard
+        # outside the sample
+        phase = len(chosen)
+        for i in range(4):
+            assert await socks_get_as(node.socks_port, http_server.port, "/500", f"down{i}") == blob(500)
+            await asyncio.sleep(0.7)
+        assert set(chosen[phase:]) <= {"p1", "g4"} and paths[-1][0] == "g4"
+        assert "p1" in chosen[phase:], chosen  # retried (every 2 s here), and failed again
+
+        # p1 comes back at the same port with the same keys: the client returns to it
+        d1 = procs["p1"][0]
+        procs["p1"] = (d1, start_relay_process(d1))
+        await wait_for(lambda: procs["p1"][1].poll() is not None or (d1 / "log.txt").exists()
+                       and "listening" in (d1 / "log.txt").read_text().lower(), 60, "p1 to start again")
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 30
+        while True:
+            assert await port_open(p1.or_port) or loop.time() < end, "p1 did not come back"
+            assert await socks_get_as(node.socks_port, http_server.port, "/500", f"back{loop.time()}") == blob(500)
+            if paths[-1][0] == "p1":
+                break
+            assert loop.time() < end, f"never went back to p1: {chosen[-10:]}"
+            await asyncio.sleep(0.5)
+        assert await ctl.event(f"650 GUARD ENTRY ${fp['p1']}~p1 UP", 10)
+        assert node.guards.primary(routers)[0] == fp["p1"]
+        assert await socks_get_as(node.socks_port, http_server.port, "/500", "after") == blob(500)
+        assert paths[-1][0] == "p1"
+        # never a guard outside the sample: not chosen, never even connected to
+        assert set(chosen) <= sample
+        assert {e.nickname for e in node.guards.sampled} == sample
+        assert not connected & {fp["out6"], fp["out7"]}
+    finally:
+        if ctl is not None:
+            ctl.close()
+        await node.stop()

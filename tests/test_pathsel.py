@@ -1,18 +1,15 @@
-"""Path selection (pathsel.py) and the persistent guard set (guards.py) on synthetic consensuses."""
+"""Path selection (pathsel.py) and the guard set's weighted sampling on synthetic consensuses."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import random
-import stat
 from collections import Counter
 
 import pytest
 from conftest import chi_square
 
-from onionp2p.client.guards import GUARD_LIFETIME, REMOVE_UNLISTED_AFTER, GuardSet, NoGuardError, retry_delay
+from onionp2p.client.guards import GuardSet
 from onionp2p.client.pathsel import (
     POSITIONS,
     NoPathError,
@@ -403,148 +400,7 @@ class Clock:
         return self.t
 
 
-def guard_net(n=6):
-    return [router(f"guard{i}", "Guard", bw=100 * (i + 1)) for i in range(n)] + [
-        router("middle"), router("exit", "Exit", policy=ACCEPT_ALL),
-        router("bad", "Guard", base=("Running",))]
-
-
-def test_guards_sampled_once_and_persisted(tmp_path):
-    state = tmp_path / "state" / "guards.json"
-    routers, clock = guard_net(), Clock()
-    gs = GuardSet(state, rng=random.Random(1), now=clock)
-    first = gs.pick(routers)
-    primary = gs.primary(routers)
-    assert len(primary) == 3 and first.fingerprint == primary[0]
-    assert {e.fingerprint for e in gs.sampled} == set(primary)
-    assert all("Guard" in r.flags and "Valid" in r.flags for r in routers if r.fingerprint in primary)
-    assert stat.S_IMODE(os.stat(state).st_mode) == 0o600
-    data = json.loads(state.read_text())
-    assert data["version"] == 1 and [g["fingerprint"] for g in data["guards"]] == primary
-    assert all(clock.t - GUARD_LIFETIME / 10 <= g["added_at"] <= clock.t for g in data["guards"])
-    assert not list(state.parent.glob("*.tmp"))
-    # a restart with another random source keeps the same guards
-    again = GuardSet(state, rng=random.Random(999), now=clock)
-    assert again.pick(routers).fingerprint == first.fingerprint
-    assert again.primary(routers) == primary
-    # many picks never change the choice
-    assert {again.pick(routers).fingerprint for _ in range(20)} == {first.fingerprint}
-
-
-def test_guard_sampling_is_bandwidth_weighted(tmp_path):
-    routers = [router("heavy", "Guard", bw=10_000)] + [router(f"light{i}", "Guard", bw=1) for i in range(10)]
-    firsts = Counter(
-        GuardSet(tmp_path / f"g{seed}.json", rng=random.Random(seed), now=Clock()).pick(routers).nickname
-        for seed in range(50))
-    assert firsts["heavy"] >= 45
-
-
-def test_mark_down_moves_to_next_primary_and_retries_later(tmp_path):
-    routers, clock = guard_net(), Clock()
-    gs = GuardSet(tmp_path / "g.json", rng=random.Random(2), now=clock)
-    p = gs.primary(routers)
-    assert gs.pick(routers).fingerprint == p[0]
-    gs.mark_down(p[0])
-    assert gs.is_down(p[0])
-    assert gs.pick(routers).fingerprint == p[1]
-    clock.t += 599
-    assert gs.pick(routers).fingerprint == p[1]
-    clock.t += 2  # primary retry schedule: 10 minutes
-    assert gs.pick(routers).fingerprint == p[0]
-    gs.mark_down(p[0])
-    gs.mark_down(p[1])
-    assert gs.pick(routers).fingerprint == p[2]
-    gs.mark_up(p[0])
-    assert gs.pick(routers).fingerprint == p[0]
-    assert len(gs.sampled) == 3  # marking down never resampled
-
-
-def test_all_down_widens_then_marks_retriable(tmp_path):
-    routers, clock = guard_net(n=4), Clock()
-    gs = GuardSet(tmp_path / "g.json", rng=random.Random(3), now=clock)
-    p = gs.primary(routers)
-    for fp in p:
-        gs.mark_down(fp)
-    fourth = gs.pick(routers)
-    assert fourth.fingerprint not in p and len(gs.sampled) == 4
-    gs.mark_down(fourth.fingerprint)
-    again = gs.pick(routers)  # nothing left to sample: everything becomes retriable
-    assert again.fingerprint == p[0] and not gs.is_down(p[1])
-
-
-def test_exclude_skips_without_sampling(tmp_path):
-    routers = guard_net()
-    gs = GuardSet(tmp_path / "g.json", rng=random.Random(4), now=Clock())
-    p = gs.primary(routers)
-    assert gs.pick(routers, exclude={p[0]}).fingerprint == p[1]
-    with pytest.raises(NoGuardError):
-        gs.pick(routers, exclude=set(p))
-    assert len(gs.sampled) == 3
-
-
-def test_refill_when_guards_leave_the_consensus(tmp_path):
-    routers, clock = guard_net(), Clock()
-    gs = GuardSet(tmp_path / "g.json", rng=random.Random(5), now=clock)
-    p = gs.primary(routers)
-    without = [r for r in routers if r.fingerprint != p[0]]
-    assert gs.pick(without).fingerprint == p[1]
-    now_primary = gs.primary(without)
-    assert len(now_primary) == 3 and p[0] not in now_primary and len(gs.sampled) == 4
-    # it comes back within 20 days: first again, in its old place
-    clock.t += 5 * 86400
-    assert gs.pick(routers).fingerprint == p[0]
-    # unlisted for more than 20 days: dropped from the sample (persisted)
-    gs.pick(without)
-    clock.t += REMOVE_UNLISTED_AFTER + 1
-    gs.pick(without)
-    assert p[0] not in {e.fingerprint for e in gs.sampled}
-    assert p[0] not in {e.fingerprint for e in GuardSet(tmp_path / "g.json", now=clock).sampled}
-    # a guard that lost the Guard flag counts as unlisted too
-    demoted = [router(r.nickname, base=BASE) if r.fingerprint == p[1] else r for r in without]
-    assert p[1] not in gs.primary(demoted)
-
-
-def test_guards_expire_after_their_lifetime(tmp_path):
-    routers, clock = guard_net(), Clock()
-    gs = GuardSet(tmp_path / "g.json", rng=random.Random(6), now=clock)
-    gs.pick(routers)
-    old = gs.sampled
-    clock.t += GUARD_LIFETIME + 1
-    gs.pick(routers)
-    new = gs.sampled
-    assert len(new) == 3 and len(gs.primary(routers)) == 3
-    # every old entry expired; the new sample (possibly some of the same relays) is dated now
-    assert all(e.added_at >= clock.t - GUARD_LIFETIME / 10 for e in new)
-    assert max(e.added_at for e in old) < min(e.added_at for e in new)
-
-
-def test_corrupt_state_is_moved_aside(tmp_path):
-    state = tmp_path / "g.json"
-    state.write_text("{not json")
-    gs = GuardSet(state, rng=random.Random(7), now=Clock())
-    assert gs.sampled == []
-    assert (tmp_path / "g.json.bad").read_text() == "{not json"
-    gs.pick(guard_net())
-    assert len(json.loads(state.read_text())["guards"]) == 3
-    state.write_text(json.dumps({"version": 1, "guards": [{"fingerprint": "xyz", "added_at": 1}]}))
-    assert GuardSet(state, now=Clock()).sampled == []
-
-
-def test_no_guards_in_consensus(tmp_path):
-    gs = GuardSet(tmp_path / "g.json", rng=random.Random(8), now=Clock())
-    with pytest.raises(NoGuardError):
-        gs.pick([router("m"), router("e", "Exit", policy=ACCEPT_ALL)])
-    with pytest.raises(NoPathError):
-        gs.pick([])
-
-
-def test_retry_schedule():
-    assert retry_delay(0, primary=True) == 600
-    assert retry_delay(7 * 3600, primary=True) == 5400
-    assert retry_delay(100 * 3600, primary=True) == 4 * 3600
-    assert retry_delay(400 * 3600, primary=True) == 9 * 3600
-    assert retry_delay(0, primary=False) == 3600
-    assert retry_delay(400 * 3600, primary=False) == 36 * 3600
+# the guard-spec tests (sample, primary, retries, state file) are in test_guards.py
 
 
 async def test_client_node_chooses_paths_and_guards_with_the_consensus_weights(tmp_path):
@@ -561,14 +417,14 @@ async def test_client_node_chooses_paths_and_guards_with_the_consensus_weights(t
     node = ClientNode(ClientConfig(data_dir=tmp_path / "c", enforce_distinct_subnets=False),
                       routers=lambda: routers, bw_weights=lambda: w)
     assert node.guards.bw_weights() == w
-    paths = [node.circmgr._choose(443, frozenset()) for _ in range(300)]
+    paths = [node.circmgr._choose(443, frozenset())[0] for _ in range(300)]
     assert {p[0].nickname for p in paths} <= {"g1", "g2"}
     assert {p[2].nickname for p in paths} == {"e1", "e2"}
     assert "both" in {p[1].nickname for p in paths}  # as a middle (Wmd) it is used
     # without weights the heavy relay is (all but surely: 1 - 2e-5) the first guard sampled
     plain = ClientNode(ClientConfig(data_dir=tmp_path / "p", enforce_distinct_subnets=False),
                        routers=lambda: routers)
-    assert {plain.circmgr._choose(443, frozenset())[0].nickname for _ in range(20)} == {"both"}
+    assert {plain.circmgr._choose(443, frozenset())[0][0].nickname for _ in range(20)} == {"both"}
     # with its own directory, the node's weights are the consensus's
     own = ClientNode(ClientConfig(data_dir=tmp_path / "d"))
     assert own.guards.bw_weights == own.directory.bw_weights and own.guards.bw_weights() == {}

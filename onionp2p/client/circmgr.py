@@ -99,9 +99,9 @@ from dataclasses import dataclass
 
 from onionp2p.client.cbt import CBT_SAVE_STATE_EVERY, CBTParams, CircuitBuildTimes
 from onionp2p.client.client import CircuitEvent, ClientCircuit, OnionClient
-from onionp2p.client.guards import GuardSet, NoGuardError
+from onionp2p.client.guards import WAITING, GuardCircuit, GuardSet, NoGuardError
 from onionp2p.client.pathbias import PathBias, PBParams
-from onionp2p.client.pathsel import NoPathError, RandomSource, can_exit_to, choose_path
+from onionp2p.client.pathsel import NoPathError, RandomSource, can_exit_to, choose_path, compatible
 from onionp2p.config import ClientConfig
 from onionp2p.errors import CircuitError, OnionError, StreamError
 from onionp2p.listeners import Listeners
@@ -163,6 +163,10 @@ class _Entry:
     last_attach: float | None = None
     retired: bool = False
     inflight: int = 0  # open_stream/resolve calls of ours waiting on this circuit
+    gc: GuardCircuit | None = None  # the guard-spec state of its guard
+    #: set while built but waiting for a better guard; set() when upgraded or given up
+    guard_wait: asyncio.Event | None = None
+    waiting_circ: ClientCircuit | None = None
 
     @property
     def exit(self) -> RouterStatus:
@@ -319,7 +323,6 @@ class CircuitManager:
         try:
             async with asyncio.timeout(timeout):
                 while not any(self._takes_streams(e, self.clock()) for e in self._entries):
-                    self._built.clear()
                     await self._built.wait()
         except TimeoutError:
             raise CircuitError(f"no circuit built within {timeout:g} s", "TIMEOUT") from None
@@ -419,7 +422,8 @@ class CircuitManager:
             c = e.circ
             out.append(CircuitInfo(
                 id=c.id if c is not None else None,
-                state=c.state if c is not None else "launched",
+                state=(c.state if c is not None
+                       else "guard_wait" if e.guard_wait is not None else "launched"),
                 path=tuple(f"${rs.fingerprint}~{rs.nickname}" for rs in e.path),
                 purpose=e.purpose,
                 isolation=None if e.isolation is _UNASSIGNED else e.isolation,
@@ -484,6 +488,9 @@ class CircuitManager:
                 self._check_limit(key)
                 entry = self._launch(port, key, avoid, "on-demand")
             entry.isolation = key  # claim it now so other keys do not join the build
+            other = await self._await_build(entry, port, key, avoid)
+            if other is not None:
+                return self._attach(other, key)
             try:
                 await asyncio.shield(entry.task)  # type: ignore[arg-type]
             except CircuitError as exc:
@@ -492,6 +499,33 @@ class CircuitManager:
             if self._takes_streams(entry, self.clock()):
                 return self._attach(entry, key)
         raise last or CircuitError("no circuit became available", "NONE")
+
+    async def _await_build(self, entry: _Entry, port: int | None, key: object,
+                           avoid: frozenset[str]) -> _Entry | None:
+        """Wait for ``entry``'s build, or for another fitting circuit to become usable first
+        (a build may wait for a better guard for minutes: guard-spec §4.9)."""
+        assert entry.task is not None
+        while not entry.task.done():
+            built = self._built
+            waiter = asyncio.get_running_loop().create_task(built.wait())
+            try:
+                await asyncio.wait({entry.task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if entry.task.done():
+                return None
+            now = self.clock()
+            usable = [e for e in self._entries if e is not entry and self._takes_streams(e, now)
+                      and (e.isolation is _UNASSIGNED or e.isolation == key) and self._fits(e, port, key, avoid)]
+            if usable:
+                usable.sort(key=lambda e: (e.isolation is _UNASSIGNED, e.dirty_since is None))
+                return usable[0]
+        return None
+
+    def _notify_built(self) -> None:
+        """Wake everybody waiting for a usable circuit."""
+        built, self._built = self._built, asyncio.Event()
+        built.set()
 
     def _attach(self, e: _Entry, key: object) -> ClientCircuit:
         now = self.clock()
@@ -522,7 +556,7 @@ class CircuitManager:
         self._failed = {fp: v for fp, v in self._failed.items() if v[0] > now}
         return {fp: pos for fp, (_until, pos) in self._failed.items()}
 
-    def _choose(self, port: int | None, avoid: frozenset[str]) -> list[RouterStatus]:
+    def _choose(self, port: int | None, avoid: frozenset[str]) -> tuple[list[RouterStatus], GuardCircuit]:
         routers = list(self.routers())
         failed = self._recent_failures()
         tiers: list[set[str]] = []
@@ -535,25 +569,41 @@ class CircuitManager:
             tried: set[str] = set()
             while True:
                 try:
-                    guard = self.guards.pick(routers, exclude=tried)
+                    guard, gc = self.guards.select(routers, exclude=tried)
                 except NoGuardError:
                     if not tried:
                         raise  # no guard at all
                     break  # every guard tried with this tier
                 if guard.fingerprint in tried:
+                    self.guards.release(gc)
                     break
                 try:
-                    return choose_path(routers, port=port, guard=guard, rng=self.rng, exclude=exclude,
+                    path = choose_path(routers, port=port, guard=guard, rng=self.rng, exclude=exclude,
                                        enforce_distinct_subnets=self.enforce_distinct_subnets,
                                        bw_weights=self.guards.bw_weights())  # the consensus's weights
                 except NoPathError as exc:
+                    # the guard is restricted for this port (tor: the exit's family); it is
+                    # not marked in any way, the next one in guard-spec's order is tried
+                    self.guards.release(gc)
                     error = exc
                     tried.add(guard.fingerprint)
+                    continue
+                # the guards this circuit could not have used: a circuit through one of them
+                # cannot be "better" than this one (guard-spec §4.9 restrictions)
+                gc.restriction = frozenset(
+                    fp for fp in self.guards.sampled_fingerprints()
+                    if fp in tried or any(fp == r.fingerprint for r in path[1:])
+                    or not all(self._compatible_fp(fp, r, routers) for r in path[1:]))
+                return path, gc
         raise error or NoPathError("no path")
 
+    def _compatible_fp(self, fp: str, other: RouterStatus, routers: Sequence[RouterStatus]) -> bool:
+        rs = next((r for r in routers if r.fingerprint == fp), None)
+        return rs is not None and compatible(rs, other, enforce_distinct_subnets=self.enforce_distinct_subnets)
+
     def _launch(self, port: int | None, key: object, avoid: frozenset[str], purpose: str) -> _Entry:
-        path = self._choose(port, avoid)
-        e = _Entry(tuple(path), purpose, self._generation, time.time(), isolation=key)
+        path, gc = self._choose(port, avoid)
+        e = _Entry(tuple(path), purpose, self._generation, time.time(), isolation=key, gc=gc)
         e.task = asyncio.get_running_loop().create_task(self._build(e))
         e.task.add_done_callback(lambda t: self._build_done(e, t))
         self._entries.append(e)
@@ -572,11 +622,10 @@ class CircuitManager:
         try:
             await asyncio.wait_for(self.client.channel_to(guard.info), timeout)
         except (OSError, OnionError, TimeoutError) as exc:
-            self.guards.mark_down(guard.fingerprint)
+            self._guard_failed(e)
             self._failed[guard.fingerprint] = (self.clock() + FAILED_RELAY_MEMORY, "unreachable")
             raise CircuitError(f"cannot connect to guard {guard.nickname}: {exc or 'timeout'}",
                                "CONNECTFAILED") from None
-        self.guards.mark_up(guard.fingerprint)
         circ: ClientCircuit | None = None
         try:
             circ, building = await self.client.launch_circuit(
@@ -594,7 +643,7 @@ class CircuitManager:
                 # open: the link is likely half-open. As tor does, blame the guard alone,
                 # and open a new channel for the next circuit.
                 self.client.retire_channel(circ.chan)
-                self.guards.mark_down(guard.fingerprint)
+                self._guard_failed(e)
                 self._failed[guard.fingerprint] = (until, "unreachable")
             else:
                 self._failed[e.path[1].fingerprint] = (until, "middle")
@@ -603,10 +652,66 @@ class CircuitManager:
         if learning:
             self._note_live()
             self._cbt_event(self.cbt.circuit_built((time.monotonic() - start) * 1000))
+        if e.gc is not None and self.guards.circuit_succeeded(e.gc) == WAITING:
+            await self._wait_for_better_guard(e, circ)
         e.circ = circ
         if e.isolation is not _UNASSIGNED:
             circ.isolation = e.isolation
         return circ
+
+    # -- guard-spec circuit states -------------------------------------------------------------------
+
+    def _guard_failed(self, e: _Entry) -> None:
+        """The circuit could not reach its guard: guard-spec's failure (retry schedule)."""
+        if e.gc is not None:
+            self.guards.circuit_failed(e.gc)
+            self._upgrade_waiting()  # the last primary guard down lets waiting circuits go
+        else:
+            self.guards.mark_down(e.path[0].fingerprint)
+
+    async def _wait_for_better_guard(self, e: _Entry, circ: ClientCircuit) -> None:
+        """Hold a circuit built through a non-primary guard until guard-spec lets it be used
+        (every primary guard down and no better circuit around), or give it up after
+        ``guard-nonprimary-guard-idle-timeout``. Control-port status: GUARD_WAIT."""
+        e.guard_wait, e.waiting_circ = asyncio.Event(), circ
+        log.info("circuit built; waiting for a better guard", circ=circ.id, guard=e.path[0].nickname)
+        try:
+            self._upgrade_waiting()
+            while e.gc is not None and e.gc.state == WAITING:
+                if circ.state != "built":
+                    raise CircuitError("circuit closed while waiting for a better guard", "FINISHED")
+                e.guard_wait.clear()
+                await e.guard_wait.wait()
+            if e.gc is None or e.gc.state != "complete" or circ.state != "built":
+                circ.close()
+                raise CircuitError("gave up waiting for a better guard", "TIMEOUT")
+        finally:
+            e.guard_wait = e.waiting_circ = None
+        log.info("circuit through a non-primary guard may be used now", circ=circ.id)
+
+    def _upgrade_waiting(self) -> None:
+        """guard-spec §4.9: let waiting circuits go, close those that waited too long."""
+        waiting = {id(e.gc): e for e in self._entries if e.gc is not None and e.guard_wait is not None}
+        if not waiting:
+            return
+        for gc in self.guards.upgrade_waiting():
+            e = waiting.get(id(gc))
+            if e is not None and e.guard_wait is not None:
+                e.guard_wait.set()
+        for gc in self.guards.expired_waiting():
+            e = waiting.get(id(gc))
+            self.guards.release(gc)
+            gc.state = "expired"
+            if e is not None and e.guard_wait is not None:
+                e.guard_wait.set()
+
+    def guard_waiting(self) -> set[int]:
+        """Ids of the built circuits waiting for a better guard (control port: GUARD_WAIT)."""
+        return {e.waiting_circ.id for e in self._entries if e.waiting_circ is not None}
+
+    def _release_guard(self, e: _Entry) -> None:
+        if e.gc is not None:
+            self.guards.release(e.gc)
 
     # -- build timeout and path bias bookkeeping -----------------------------------------------------
 
@@ -666,12 +771,16 @@ class CircuitManager:
             self.path_bias.build_success(ev.circuit_id)
         elif ev.kind in ("closed", "failed"):
             del self._building[ev.circuit_id]
+            self._release_guard(e)
+            if e.guard_wait is not None:
+                e.guard_wait.set()
             self.path_bias.closed(ev.circuit_id, remote=ev.reason not in _LOCAL_CLOSE)
             self._wake.set()  # a preemptive circuit may be gone: replace it now
 
     def _build_done(self, e: _Entry, task: asyncio.Task) -> None:
         exc = None if task.cancelled() else task.exception()  # retrieves it
         if task.cancelled() or exc is not None:
+            self._release_guard(e)
             if e in self._entries:
                 self._entries.remove(e)
             log.info("circuit build failed", path=[rs.nickname for rs in e.path],
@@ -683,7 +792,8 @@ class CircuitManager:
         else:
             if e.purpose == "preemptive":
                 self._backoff = _Backoff()
-            self._built.set()
+            self._notify_built()
+        self._upgrade_waiting()  # a better circuit may have gone, or completed
         self._wake.set()
 
     # -- maintenance -----------------------------------------------------------------------------------
@@ -701,6 +811,8 @@ class CircuitManager:
         running = self._running()
         keep = []
         for e in self._entries:
+            if e.circ is not None and not self._fresh(e, now):
+                self._release_guard(e)  # no longer a "better circuit" for guard-spec
             if e.gone:
                 continue
             if (not e.retired and e.circ is not None and running
@@ -745,12 +857,15 @@ class CircuitManager:
         while True:
             try:
                 self._reap()
+                self._upgrade_waiting()
                 self._top_up()
                 self.guards.save_if_dirty()  # path-bias counts
             except Exception:  # keep maintaining whatever a single round hit
                 log.exception("circuit maintenance failed")
             self._wake.clear()
             wait = MAINTENANCE_INTERVAL
+            if any(e.guard_wait is not None for e in self._entries):
+                wait = 1.0  # tor checks waiting circuits every second
             if self._backoff.until > loop.time():
                 wait = min(wait, self._backoff.until - loop.time())
             try:

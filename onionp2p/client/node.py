@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
+from onionp2p import __version__
 from onionp2p.bootstrap import Bootstrap
 from onionp2p.client.cbt import CBTParams, CircuitBuildTimes
 from onionp2p.client.circmgr import CircuitManager
@@ -118,10 +119,13 @@ class ClientNode:
             self.client.consensus_params = params
         self.routers = routers
         # the consensus bandwidth-weights: the guard set samples with them, paths are chosen with them
+        # guard-spec's parameters come from the consensus, overridden by guard_params
         self.guards = GuardSet(cfg.data_dir / "guards.json", n_primary=cfg.num_primary_guards,
-                               bw_weights=bw_weights)
+                               bw_weights=bw_weights, params=self.client.consensus_params,
+                               overrides=cfg.guard_params, version=f"onionp2p {__version__}")
         if self.directory is not None:
             self.directory.dir_guards = self._directory_guards
+            self.directory.dir_guard_result = self.guards.dir_result
         #: the circuit build-time history (tor's state file BuildtimeHistogram), in our JSON
         self.build_times_file = cfg.data_dir / "build_times.json"
         self.circmgr = CircuitManager(self.client, routers, self.guards, cfg, cbt=self._load_build_times())
@@ -174,11 +178,10 @@ class ClientNode:
         return self.bootstrap_progress.status
 
     def _directory_guards(self, routers: Sequence[RouterStatus]) -> list[RouterStatus]:
-        """The relays our directory refreshes may use: the running primary guards that are
-        not marked down (guard-spec's directory guards), so that no other relay sees us."""
-        by_fp = {r.fingerprint: r for r in routers}
-        return [by_fp[fp] for fp in self.guards.primary(routers)
-                if "Running" in by_fp[fp].flags and not self.guards.is_down(fp)]
+        """The relays our directory refreshes may use: guard-spec's directory guards (the
+        same sample; up to guard-n-primary-dir-guards-to-use usable primary guards, else
+        the next guard in guard-spec's order), so that no other relay sees us."""
+        return self.guards.dir_guards(routers)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 

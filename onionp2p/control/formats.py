@@ -64,6 +64,7 @@ __all__ = [
     "StatusEvent",
     "SignalEvent",
     "BuildTimeoutSetEvent",
+    "GuardEvent",
     "ConfChangedEvent",
     "ControlEvent",
     "longname",
@@ -74,6 +75,7 @@ __all__ = [
     "stream_line",
     "orconn_line",
     "guard_line",
+    "guard_event_line",
     "status_line",
     "bootstrap_line",
     "ns_entry",
@@ -258,8 +260,18 @@ class BuildTimeoutSetEvent:
     args: str
 
 
+@dataclass(frozen=True)
+class GuardEvent:
+    """A guard's status changed: ``650 GUARD ENTRY $FP~nick STATUS`` (control-spec; status
+    NEW, UP, DOWN, DROPPED, GOOD_L or BAD_L, as tor's control_event_guard)."""
+
+    fingerprint: str
+    nickname: str | None
+    status: str
+
+
 ControlEvent = (CircEvent | StreamEvent | OrConnEvent | StatusEvent | SignalEvent | ConfChangedEvent
-                | BuildTimeoutSetEvent)
+                | BuildTimeoutSetEvent | GuardEvent)
 
 
 _FINGERPRINT = re.compile(r"[0-9A-Fa-f]{40}")
@@ -383,6 +395,11 @@ def orconn_line(o: OrConnInfo, *, event: bool = True) -> str:
         _kw(parts, "NCIRCS", None if o.ncircs is None else int(o.ncircs))
         _kw(parts, "ID", int(o.id))
     return " ".join(parts)
+
+
+def guard_event_line(e: GuardEvent) -> str:
+    """A GUARD event's body: ``ENTRY $FP~nick STATUS``."""
+    return f"ENTRY {longname(e.fingerprint, e.nickname)} {_tok(e.status, 'guard status')}"
 
 
 def guard_line(g: GuardInfo) -> str:

@@ -23,6 +23,7 @@ from onionp2p.control.formats import (
     CircuitBandwidth,
     CircuitInfo,
     ControlEvent,
+    GuardEvent,
     GuardInfo,
     OrConnEvent,
     OrConnInfo,
@@ -142,6 +143,7 @@ class ClientControlAdapter(ControlAdapterBase):
         node.client.channel_events.add(self._on_channel)
         node.events.add(self._on_node)
         node.circmgr.buildtimeout_events.add(lambda kind, args: self._send(BuildTimeoutSetEvent(kind, args)))
+        node.guards.events.add(lambda fp, nick, status: self._send(GuardEvent(fp, nick or None, status)))
 
     # -- plain properties -----------------------------------------------------------------------
 
@@ -186,6 +188,8 @@ class ClientControlAdapter(ControlAdapterBase):
     def _circuit_info(self, circ, status: str | None = None, reason: str | None = None) -> CircuitInfo:
         if status is None:
             status = {"built": "BUILT", "launched": "EXTENDED" if circ.hops else "LAUNCHED"}.get(circ.state, "CLOSED")
+            if status == "BUILT" and circ.id in self.node.circmgr.guard_waiting():
+                status = "GUARD_WAIT"  # built through a non-primary guard, waiting for a better one
         layers = circ.core.layers
         last = layers[-1] if layers and len(layers) == len(circ.path) else None
         return CircuitInfo(
@@ -243,9 +247,7 @@ class ClientControlAdapter(ControlAdapterBase):
 
     def guards(self) -> list[GuardInfo]:
         nicks = {r.fingerprint: r.nickname for r in self.node.routers()}
-        return [GuardInfo(g.fingerprint, nicks.get(g.fingerprint),
-                          "down" if self.node.guards.is_down(g.fingerprint) else
-                          ("up" if g.fingerprint in nicks else "unlisted"))
+        return [GuardInfo(g.fingerprint, nicks.get(g.fingerprint), self.node.guards.status(g.fingerprint))
                 for g in self.node.guards.sampled]
 
     def listeners(self, kind: str) -> list[tuple[str, int]]:

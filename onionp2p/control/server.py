@@ -71,6 +71,7 @@ from onionp2p.control.formats import (
     CircuitInfo,
     ConfChangedEvent,
     ControlEvent,
+    GuardEvent,
     GuardInfo,
     OrConnEvent,
     OrConnInfo,
@@ -81,6 +82,7 @@ from onionp2p.control.formats import (
     circ_bw_line,
     circuit_line,
     conf_changed_reply,
+    guard_event_line,
     orconn_line,
     status_line,
     stream_line,
@@ -577,6 +579,9 @@ class ControlServer:
             elif isinstance(event, BuildTimeoutSetEvent):
                 etype = "BUILDTIMEOUT_SET"
                 fmt = lambda: format_event(etype, f"{event.kind} {event.args}")  # noqa: E731
+            elif isinstance(event, GuardEvent):
+                etype = "GUARD"
+                fmt = lambda: format_event(etype, guard_event_line(event))  # noqa: E731
             else:
                 return
             if self._wanted(etype):  # format only what someone asked for

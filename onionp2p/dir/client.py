@@ -269,6 +269,9 @@ class ClientDirectory(_ConsensusHolder):
         #: tor's guard-spec): refreshes go to them only, so that no other relay learns the
         #: client's address. None: any V2Dir relay (relays' own use, tests).
         self.dir_guards = dir_guards
+        #: told ``fn(fingerprint, ok)`` after each fetch from a directory guard, so that the
+        #: guard selection learns reachability from directory fetches too (guard-spec)
+        self.dir_guard_result: Callable[[str, bool], None] | None = None
 
     async def bootstrap(self) -> NetworkStatus:
         """Use the cached consensus if it is still fresh; otherwise fetch one.
@@ -307,8 +310,21 @@ class ClientDirectory(_ConsensusHolder):
             # tor's router_pick_directory_server: weighted for the directory position (Wb*)
             caches = weighted_order([r for r in routers if "V2Dir" in r.flags], "dir", _RNG,
                                     self.bw_weights(), limit=self.max_relay_tries)
-        return [(f"relay {r.nickname} {r.fingerprint}", lambda r=r: self.fetch_via_relay(r))
+        fetch = self.fetch_via_relay if self.dir_guards is None else self._fetch_via_dir_guard
+        return [(f"relay {r.nickname} {r.fingerprint}", lambda r=r: fetch(r))
                 for r in caches[: self.max_relay_tries]]
+
+    async def _fetch_via_dir_guard(self, relay: RouterStatus) -> bytes:
+        """:meth:`fetch_via_relay`, reporting the outcome to :attr:`dir_guard_result`."""
+        try:
+            data = await self.fetch_via_relay(relay)
+        except (OnionError, OSError, TimeoutError):
+            if self.dir_guard_result is not None:
+                self.dir_guard_result(relay.fingerprint, False)
+            raise
+        if self.dir_guard_result is not None:
+            self.dir_guard_result(relay.fingerprint, True)
+        return data
 
     async def fetch_via_relay(self, relay: RouterStatus, path: str = CONSENSUS_PATH) -> bytes:
         """GET ``path`` from a relay's directory cache over a one-hop circuit (BEGIN_DIR)."""
