@@ -91,9 +91,9 @@ class _Blob(BaseHTTPRequestHandler):
         pass
 
 
-def _metrics_bytes(port: int) -> int:
+def _metrics(port: int, name: str, labels: str = "[^}]*") -> int:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return sum(int(float(v)) for v in re.findall(r"^onionp2p_bytes_total\{[^}]*\} (\S+)$", text, re.MULTILINE))
+    return sum(int(float(v)) for v in re.findall(rf"^{name}\{{{labels}\}} (\S+)$", text, re.MULTILINE))
 
 
 class OnionRelay:
@@ -127,7 +127,10 @@ class OnionRelay:
                 self.proc.wait()
 
     def bytes(self) -> int:
-        return _metrics_bytes(self.metrics_port)
+        return _metrics(self.metrics_port, "onionp2p_bytes_total")
+
+    def create_fast(self) -> int:
+        return _metrics(self.metrics_port, "onionp2p_relay_events_total", 'event="create_fast"')
 
     def log(self) -> str:
         return (self.dir / "log.txt").read_text(errors="replace")
@@ -151,6 +154,8 @@ def tor_relay_net(tmp_path_factory):
         # Stable normally needs an uptime above the median; ours are the youngest relays
         # (tor clients take only Stable relays as guards)
         "AuthDirVoteStableGuaranteeMinUptime 0",
+        # tor clients make their first hops with CREATE_FAST (tor's usecreatefast)
+        "ConsensusParams usecreatefast=1",
     ])
     ours = (exit_relay, middle)
     try:
@@ -223,9 +228,11 @@ def test_tor_client_exits_through_onionp2p(tor_relay_net):
 
 
 def test_tor_client_enters_through_onionp2p(tor_relay_net):
-    """EntryNodes onionA, StrictNodes 1: onionp2p guard -> tor relays (our EXTEND2 into tor)."""
+    """EntryNodes onionA, StrictNodes 1: onionp2p guard -> tor relays (our EXTEND2 into tor);
+    the tor client makes that first hop with CREATE_FAST (usecreatefast=1)."""
     net, (_, middle), port, curl, *_, clients = tor_relay_net
     _fetch_through(net, clients["guard"], middle, curl, port)
+    assert middle.create_fast() > 0
 
 
 def test_tor_relay_onionp2p_middle_tor_exit(tor_relay_net):

@@ -131,3 +131,20 @@ def test_policy_lines_are_ipv4_as_tor_writes_them():
     p = ExitPolicy.parse(["accept *4:80", "reject [::]/0:*", "accept 10.0.0.0/8:443", "reject *:*"],
                          reject_private=False)
     assert descriptor_policy_lines(p) == ["accept *:80", "accept 10.0.0.0/8:443", "reject *:*"]
+
+
+def test_create_fast_answer():
+    """CREATE_FAST (tor-spec): KDF-TOR(X | Y) = SHA1(K0|00) | SHA1(K0|01) ...; the reply is
+    Y | KH and the hop's tor1 key material is what follows KH."""
+    from onionp2p.proto.create import answer_create_fast, kdf_tor
+
+    # SHA1(00) and SHA1(01): KDF-TOR of the empty key
+    assert kdf_tor(b"", 40).hex() == "5ba93c9db0cff93f52b521d7420e43f6eda2784f" + \
+        "bf8b4530d8d246dd74ac53a13471bba17941dff7"
+    x, y = bytes(range(20)), bytes(range(20, 40))
+    reply, params = answer_create_fast(x + bytes(489), y=y)
+    k = kdf_tor(x + y, 92)
+    assert reply == y + k[:20] and params.key_material == k[20:] and len(params.key_material) == 72
+    assert params.handshake == "create-fast" and params.relay_crypto == "tor1" and params.sendme_inc is None
+    with pytest.raises(ProtocolError):
+        answer_create_fast(b"short")

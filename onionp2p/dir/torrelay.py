@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import platform
 import random
 import time
@@ -58,7 +59,7 @@ from onionp2p.dir.tordir import TorDirAuthority, TorNetwork, parse_dirauth_line
 from onionp2p.errors import OnionError, ProtocolError
 from onionp2p.log import get_logger
 from onionp2p.proto.directory import RouterStatus
-from onionp2p.proto.tordesc import build_extra_info, build_server_descriptor
+from onionp2p.proto.tordesc import MAX_DESCRIPTOR, build_extra_info, build_server_descriptor
 
 __all__ = ["TorRelayDirectory", "TAP_KEY_FILE"]
 
@@ -258,6 +259,16 @@ class TorRelayDirectory:
         except (OnionError, OSError, TimeoutError) as exc:
             # at warning, as tor's: a relay whose descriptor is not uploaded is not in the consensus
             self._log.warning("descriptor upload failed", authority=auth.nickname, error=str(exc))
+            return False
+        # tor's authority answers 200 also when it could not parse or check the descriptor
+        # ("No descriptors found in your POST"): ask for it by digest to know it was kept
+        digest = hashlib.sha1(desc.encode()[:desc.encode().index(b"\nrouter-signature\n") + 18]).hexdigest()
+        try:
+            await fetch(auth.address, auth.dir_port, f"/tor/server/d/{digest}", max_size=MAX_DESCRIPTOR,
+                        timeout=self.timeout)
+        except (OnionError, OSError, TimeoutError) as exc:
+            self._log.warning("descriptor upload failed: the authority answered 200 but does not serve it "
+                              "(it refused it; its log says why)", authority=auth.nickname, error=str(exc))
             return False
         self.uploaded[auth.v3ident] = desc
         self.uploads += 1

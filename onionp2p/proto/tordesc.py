@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ED_SIGNATURE_PREFIX",
     "ExtraInfo",
+    "MAX_DESCRIPTOR",
     "TorDescriptor",
     "build_extra_info",
     "build_server_descriptor",
