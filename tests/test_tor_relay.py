@@ -81,7 +81,7 @@ _FOLLOW_UP = "connection_edge_process_relay_cell (away from origin) failed."
 class _Blob(BaseHTTPRequestHandler):
     data = blob(MB5)
 
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):
         self.send_response(200)
         self.send_header("Content-Length", str(len(self.data)))
         self.end_headers()

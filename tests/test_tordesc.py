@@ -41,12 +41,12 @@ def tap():
 
 def _desc(keys, tap, **kw):
     ei = build_extra_info(keys, nickname="onionA", published=NOW)
-    args = dict(nickname="onionA", address="127.0.0.1", or_port=5555, published=NOW, uptime=7,
-                bandwidth=(1000, 2000, 300), platform="onionp2p 1.0 on Linux",
-                protocols="FlowCtrl=1-2 Link=4-5 LinkAuth=3 Relay=2-6",
-                exit_policy=ExitPolicy.parse(["accept *:8080", "reject *:*"], reject_private=False),
-                extra_info=ei, tap_key=tap, family=["AA" * 20], contact="op@example.invalid", dir_cache=True)
-    args.update(kw)
+    args = {"nickname": "onionA", "address": "127.0.0.1", "or_port": 5555, "published": NOW, "uptime": 7,
+            "bandwidth": (1000, 2000, 300), "platform": "onionp2p 1.0 on Linux",
+            "protocols": "FlowCtrl=1-2 Link=4-5 LinkAuth=3 Relay=2-6",
+            "exit_policy": ExitPolicy.parse(["accept *:8080", "reject *:*"], reject_private=False),
+            "extra_info": ei, "tap_key": tap, "family": ["AA" * 20], "contact": "op@example.invalid",
+            "dir_cache": True, **kw}
     return build_server_descriptor(keys, **args), ei
 
 

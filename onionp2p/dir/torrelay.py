@@ -61,7 +61,7 @@ from onionp2p.log import get_logger
 from onionp2p.proto.directory import RouterStatus
 from onionp2p.proto.tordesc import MAX_DESCRIPTOR, build_extra_info, build_server_descriptor
 
-__all__ = ["TorRelayDirectory", "TAP_KEY_FILE"]
+__all__ = ["TAP_KEY_FILE", "TorRelayDirectory"]
 
 log = get_logger("onionp2p.torrelay")
 

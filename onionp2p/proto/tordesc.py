@@ -60,8 +60,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ED_SIGNATURE_PREFIX",
-    "ExtraInfo",
     "MAX_DESCRIPTOR",
+    "ExtraInfo",
     "TorDescriptor",
     "build_extra_info",
     "build_server_descriptor",
