@@ -277,6 +277,10 @@ def verify_config(cfg: RelayConfig | ClientConfig | AuthorityConfig) -> None:
         checks.append(lambda: load_authority_key(cfg.data_dir))
     if isinstance(cfg, RelayConfig) or (isinstance(cfg, AuthorityConfig) and cfg.run_relay):
         checks.append(lambda: RelayKeys.check_files(cfg.data_dir / "keys"))
+    if isinstance(cfg, RelayConfig) and cfg.tor_dirauth_file is not None:
+        from onionp2p.dir.tordir import read_dirauth_file
+
+        checks.append(lambda: read_dirauth_file(cfg.tor_dirauth_file))
     for check in checks:
         try:
             check()
@@ -318,12 +322,12 @@ def _cmd_relay(args: argparse.Namespace) -> int:
         if cfg.authorities:
             raise ConfigError("--tor-dirauth-file: the config also sets `authorities`; a relay joins one network")
         cfg = replace(cfg, tor_dirauth_file=Path(args.tor_dirauth_file).resolve())
+    if (done := _verify_or_dump(args, cfg)) is not None:
+        return done
     if cfg.tor_dirauth_file is not None:
         from onionp2p.dir.tordir import read_dirauth_file
 
         read_dirauth_file(cfg.tor_dirauth_file)  # a bad file is a configuration error (status 2)
-    if (done := _verify_or_dump(args, cfg)) is not None:
-        return done
     _configure_logging(cfg)
     return asyncio.run(run_relay(cfg, config_file=args.config))
 

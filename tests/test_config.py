@@ -756,3 +756,6 @@ def test_tor_dirauth_file(tmp_path: Path) -> None:
     (tmp_path / "bad.txt").write_text("DirAuthority nonsense\n")
     assert main(["relay", "--config", str(cfg), "--tor-dirauth-file", str(tmp_path / "bad.txt")]) == 2
     assert main(["relay", "--config", str(cfg), "--tor-dirauth-file", str(tmp_path / "missing.txt")]) == 2
+    missing = ["relay", "--config", str(cfg), "--tor-dirauth-file", str(tmp_path / "missing.txt")]
+    assert main([*missing, "--verify-config"]) == 2  # the file is part of what a start needs
+    assert main([*missing, "--dump-config"]) == 0  # dumping reads nothing
