@@ -154,7 +154,15 @@ def _reopening(sig: signal.Signals, then: Callable[[], object]) -> Callable[[], 
 
 
 def relay_directory(cfg: RelayConfig):
-    """The relay's directory duties, or None when no authorities are configured."""
+    """The relay's directory duties: in a Tor network (``tor_dirauth_file``), in ours
+    (``authorities``), or None when neither is configured."""
+    if cfg.tor_dirauth_file is not None:
+        from onionp2p.dir.tordir import read_dirauth_file
+        from onionp2p.dir.torrelay import TorRelayDirectory
+
+        return TorRelayDirectory(cfg.data_dir, read_dirauth_file(cfg.tor_dirauth_file),
+                                 bandwidth=(cfg.bandwidth_rate, cfg.effective_bandwidth_burst),
+                                 family=cfg.family, contact=cfg.contact)
     if not cfg.authorities:
         return None
     from onionp2p.dir.client import RelayDirectory
@@ -275,6 +283,10 @@ def verify_config(cfg: RelayConfig | ClientConfig | AuthorityConfig) -> None:
         checks.append(lambda: load_authority_key(cfg.data_dir))
     if isinstance(cfg, RelayConfig) or (isinstance(cfg, AuthorityConfig) and cfg.run_relay):
         checks.append(lambda: RelayKeys.check_files(cfg.data_dir / "keys"))
+    if isinstance(cfg, RelayConfig) and cfg.tor_dirauth_file is not None:
+        from onionp2p.dir.tordir import read_dirauth_file
+
+        checks.append(lambda: read_dirauth_file(cfg.tor_dirauth_file))
     for check in checks:
         try:
             check()
@@ -312,8 +324,16 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     cfg = load_relay_config(args.config)
     if args.unsafe_logging:
         cfg = replace(cfg, safe_logging=False)
+    if args.tor_dirauth_file is not None:
+        if cfg.authorities:
+            raise ConfigError("--tor-dirauth-file: the config also sets `authorities`; a relay joins one network")
+        cfg = replace(cfg, tor_dirauth_file=Path(args.tor_dirauth_file).resolve())
     if (done := _verify_or_dump(args, cfg)) is not None:
         return done
+    if cfg.tor_dirauth_file is not None:
+        from onionp2p.dir.tordir import read_dirauth_file
+
+        read_dirauth_file(cfg.tor_dirauth_file)  # a bad file is a configuration error (status 2)
     _configure_logging(cfg)
     return asyncio.run(run_relay(cfg, config_file=args.config))
 
@@ -329,24 +349,25 @@ async def run_client(cfg: ClientConfig, *, config_file: str | None = None,
     routers = None
     params = None
     bw_weights = None
-    view = None
+    network = None
     if tor_dirauth_file is not None:
-        from onionp2p.dir.tordir import fetch_tor_network, read_dirauth_file
+        from onionp2p.dir.tordir import TorNetwork, read_dirauth_file
 
-        authorities = read_dirauth_file(tor_dirauth_file)
-        routers = lambda: view.routers if view is not None else []  # noqa: E731 - the Tor network's consensus
-        params = lambda: view.params if view is not None else {}  # noqa: E731
-        bw_weights = lambda: view.bw_weights if view is not None else {}  # noqa: E731
+        # the Tor network's consensus, refreshed on a client's schedule
+        network = TorNetwork(read_dirauth_file(tor_dirauth_file), cache=False, name="client")
+        routers, params, bw_weights = network.routers, network.params, network.bw_weights
     node = ClientNode(cfg, routers=routers, params=params, config_file=config_file, load_config=load_config,
                       bw_weights=bw_weights)
     loop = asyncio.get_running_loop()
+    refresher: asyncio.Task | None = None
     _add_signal_handlers(loop, stop=node.shutdown_requested.set, reload=node.reload,
                          status=lambda: get_logger("onionp2p.cli").info(
                              "client status", circuits=len(node.client.circuits), streams=len(node.streams)))
     try:
         await node.listen()
-        if tor_dirauth_file is not None:
-            view = await _unless_stopped(fetch_tor_network(authorities), node.shutdown_requested)
+        if network is not None:
+            await _unless_stopped(network.refresh(), node.shutdown_requested)
+            refresher = loop.create_task(network.run())
         await _unless_stopped(node.start(ready_timeout=cfg.circuit_build_timeout * 2), node.shutdown_requested)
         print(f"SOCKS5 proxy ready at {cfg.socks_address[0]}:{node.socks_port}", flush=True)
         if node.http_tunnel_port is not None:
@@ -362,6 +383,8 @@ async def run_client(cfg: ClientConfig, *, config_file: str | None = None,
     except _Stopped:
         notice("onionp2p.cli", "shutting down before bootstrap finished")
     finally:
+        if refresher is not None:
+            refresher.cancel()
         async with asyncio.timeout(5):
             await node.stop()
     return 0
@@ -539,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", "-c", required=True, help="relay TOML config file")
     r.add_argument("--unsafe-logging", action="store_true",
                    help="show client addresses and destinations in logs (debugging only)")
+    r.add_argument("--tor-dirauth-file", metavar="FILE",
+                   help="join a Tor network: a file of torrc DirAuthority lines (overrides tor_dirauth_file)")
     _add_config_checks(r)
     r.set_defaults(func=_cmd_relay)
     _add_authority_parser(sub)

@@ -374,6 +374,10 @@ class RelayConfig:
     onion_key_lifetime_days: int = 28
     extend_allow_private: bool = False  #: allow EXTEND2 to private/loopback addresses (testnets)
     authorities: tuple[str, ...] = ()  #: directory authorities to publish to / fetch from
+    #: join a Tor network instead: a file of torrc ``DirAuthority`` lines (the one
+    #: ``onionp2p client --tor-dirauth-file`` takes); the relay publishes tor-format descriptors
+    #: to those authorities and reads their consensus (specs/tor-interop.md)
+    tor_dirauth_file: Path | None = None
     #: answer clients' CC_REQUEST and run congestion control (proposal 324) on our edge of
     #: their circuits; false: fixed SENDME windows only (FlowCtrl=2 is then not advertised)
     congestion_control: bool = True
@@ -438,12 +442,16 @@ class RelayConfig:
             "onion_key_lifetime_days": _int_range(1, 90),
             "extend_allow_private": _bool,
             "authorities": _authority_list,
+            "tor_dirauth_file": _path,
             "congestion_control": _bool,
             "cgo": _bool,
             **_LOG_FIELDS,
         }
         out = _build(cls, d, ctx, validators)
         _distinct_ports(ctx, out)
+        if out.get("authorities") and out.get("tor_dirauth_file"):
+            ctx.report("tor_dirauth_file", "a relay joins either our network (authorities) or a Tor network "
+                                           "(tor_dirauth_file), not both")
         bind = out.get("or_address", cls.or_address)[0]
         if "address" not in out and _is_wildcard(bind):
             raise ctx.fail("or_address", _WILDCARD_WITHOUT_ADDRESS.format(host=bind))

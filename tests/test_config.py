@@ -754,3 +754,22 @@ def test_client_control_port_forms_and_app_ports() -> None:
         for bad in (70000, -1, "53", True):
             with pytest.raises(ConfigError, match=key):
                 ClientConfig.from_dict({key: bad}, source="x.toml")
+
+
+def test_tor_dirauth_file(tmp_path: Path) -> None:
+    """tor_dirauth_file (a relay joining a Tor network) resolves like any path and excludes
+    `authorities`; the CLI's --tor-dirauth-file rejects a bad file with status 2."""
+    from onionp2p.cli import main
+
+    c = RelayConfig.from_dict({"tor_dirauth_file": "dirauth.txt"}, base_dir=tmp_path)
+    assert c.tor_dirauth_file == tmp_path / "dirauth.txt"
+    with pytest.raises(ConfigError, match="tor_dirauth_file"):
+        RelayConfig.from_dict({"tor_dirauth_file": "d.txt", "authorities": [AUTH1]}, base_dir=tmp_path)
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text(f'data_dir = "{tmp_path / "data"}"\nor_address = "127.0.0.1:0"\n')
+    (tmp_path / "bad.txt").write_text("DirAuthority nonsense\n")
+    assert main(["relay", "--config", str(cfg), "--tor-dirauth-file", str(tmp_path / "bad.txt")]) == 2
+    assert main(["relay", "--config", str(cfg), "--tor-dirauth-file", str(tmp_path / "missing.txt")]) == 2
+    missing = ["relay", "--config", str(cfg), "--tor-dirauth-file", str(tmp_path / "missing.txt")]
+    assert main([*missing, "--verify-config"]) == 2  # the file is part of what a start needs
+    assert main([*missing, "--dump-config"]) == 0  # dumping reads nothing

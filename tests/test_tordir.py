@@ -403,3 +403,24 @@ def test_any_change_to_the_signed_part_is_rejected(pos, xor):
     raw[pos] ^= xor
     with pytest.raises(ProtocolError):  # ConsensusError is a ProtocolError
         verify(bytes(raw))
+
+
+def test_next_consensus_fetch_follows_tors_schedule():
+    """tor's update_consensus_networkstatus_fetch_time: caches (relays) fetch in the
+    half-interval after fresh-until (+ min(120 s, interval/16)); clients from 3/4 of an
+    interval after fresh-until, within 7/8 of what is left before valid-until."""
+    from onionp2p.dir.tordir import next_consensus_fetch
+
+    va, fu, vu = 0, 3600, 3 * 3600  # an hour-long interval, valid for three
+    assert next_consensus_fetch(va, fu, vu, cache=True, rand=0.0) == fu + 120
+    assert next_consensus_fetch(va, fu, vu, cache=True, rand=0.999) == pytest.approx(fu + 120 + 1800, abs=2)
+    start = fu + 2700
+    assert next_consensus_fetch(va, fu, vu, cache=False, rand=0.0) == start
+    assert next_consensus_fetch(va, fu, vu, cache=False, rand=0.999) == pytest.approx(
+        start + (vu - start) * 7 // 8, abs=8)
+    # a 10-second test network: the slop shrinks to interval/16 (0 s here), and every
+    # fetch falls before valid-until
+    for cache in (True, False):
+        for r in (0.0, 0.5, 0.999):
+            t = next_consensus_fetch(0, 10, 20, cache=cache, rand=r)
+            assert 10 <= t < 20

@@ -74,6 +74,8 @@ per line — the file ``onionp2p client --tor-dirauth-file`` reads) and ``D/torn
 from __future__ import annotations
 
 import argparse
+import base64
+import calendar
 import json
 import os
 import re
@@ -86,7 +88,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -119,7 +121,7 @@ class TorNode:
     """One tor process of the network."""
 
     name: str
-    role: str  # "authority" or "relay"
+    role: str  # "authority", "relay" or "client" (add_client)
     directory: str
     or_port: int
     dir_port: int = 0
@@ -194,6 +196,9 @@ class TorNet:
     address_of: Callable[[TorNode], str] | None = None
     launcher: Callable[[TorNode], list[str]] | None = None
     fetch: Callable[[TorNode, str], str | None] | None = None
+    #: fingerprints of relays that are not tor's (onionp2p relays joining later, see
+    #: :meth:`wait_listed`) that the authorities vote Exit for (TestingDirAuthVoteExit)
+    extra_exit_fingerprints: list[str] = field(default_factory=list)
     nodes: list[TorNode] = field(default_factory=list)
     _created_dir: bool = False
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -268,6 +273,72 @@ class TorNet:
             raise TorNetError(f"tor node(s) exited: {', '.join(dead)}; "
                               f"see {self.directory}/<node>/notice.log")
 
+    def add_client(self, name: str, options: Sequence[str] = (), timeout: float = 90.0, *,
+                   wait: bool = True) -> TorNode:
+        """Start a tor *client* (SocksPort on 127.0.0.1, no ORPort) of this network with extra
+        torrc ``options`` (EntryNodes, ExitNodes ...); with ``wait``, return once it has
+        bootstrapped (else call :meth:`wait_bootstrapped`). ``node.or_port`` is its SOCKS
+        port. It is stopped with the network."""
+        port = _free_ports(1)[0]
+        node = TorNode(name, "client", str(Path(self.directory) / name), or_port=port)  # type: ignore[arg-type]
+        Path(node.directory).mkdir(parents=True, exist_ok=True)
+        os.chmod(node.directory, 0o700)
+        lines = ["TestingTorNetwork 1", f"DataDirectory {node.directory}", "RunAsDaemon 0",
+                 f"SocksPort 127.0.0.1:{port}", f"Log notice file {node.directory}/notice.log",
+                 "ProtocolWarnings 1", "SafeLogging 0", "LogTimeGranularity 1", *self.dirauth_lines(),
+                 *([f"__OwningControllerProcess {os.getpid()}"] if self.owned else []), *options]
+        node.torrc.write_text("\n".join(lines) + "\n")
+        self.nodes.append(node)
+        self._launch([node])
+        self._save_state()
+        if wait:
+            self.wait_bootstrapped(node, timeout)
+        return node
+
+    def wait_bootstrapped(self, node: TorNode, timeout: float = 90.0) -> None:
+        """Wait until a tor client logs "Bootstrapped 100%"."""
+        deadline = time.monotonic() + timeout
+        while "Bootstrapped 100%" not in (node.log.read_text() if node.log.exists() else ""):
+            if not _pid_alive(node.pid, self._procs.get(node.name)):
+                raise TorNetError(f"tor client {node.name} exited; see {node.log}")
+            if time.monotonic() > deadline:
+                raise TorNetError(f"tor client {node.name} did not bootstrap in {timeout:.0f} s; see {node.log}")
+            time.sleep(0.5)
+
+    def wait_listed(self, wanted: dict[str, set[str]], timeout: float = 120.0) -> dict[str, set[str]]:
+        """Wait until every authority's microdesc consensus lists each fingerprint of
+        ``wanted`` with (at least) its flags, and every tor relay knows it (it is in the
+        relay's own consensus: tor relays refuse streams from unknown previous hops).
+        Returns the flags of each, from the first authority."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            problem, flags = self._listed_problem(wanted)
+            if problem is None:
+                return flags
+            if time.monotonic() > deadline:
+                raise TorNetError(f"not listed in time: {problem}")
+            time.sleep(1.0)
+
+    def consensus_flags(self, node: TorNode) -> tuple[int, dict[str, set[str]]]:
+        """(valid-after in unix seconds, fingerprint -> flags) of the microdesc consensus
+        ``node`` serves now ((0, {}) if none)."""
+        text = _http_get(node.dir_port, MD_CONSENSUS) or ""
+        return _valid_after(text), _flags_by_fingerprint(text)
+
+    def _listed_problem(self, wanted: dict[str, set[str]]) -> tuple[str | None, dict[str, set[str]]]:
+        first: dict[str, set[str]] = {}
+        for node in self.authorities + self.relays:
+            listed = _flags_by_fingerprint(_http_get(node.dir_port, MD_CONSENSUS) or "")
+            for fp, need in wanted.items():
+                if fp not in listed:
+                    return f"{node.name}: {fp} not in its consensus yet", {}
+                if node.role == "authority" and not need <= listed[fp]:
+                    return f"{node.name}: {fp} lacks {sorted(need - listed[fp])}", {}
+                if node is self.authorities[0]:
+                    first[fp] = listed[fp]
+        return None, first
+
     # -- building ------------------------------------------------------------------------
 
     def _plan(self, root: Path, n_relays: int, n_exits: int) -> None:
@@ -332,7 +403,8 @@ class TorNet:
                 job.result()
 
     def _torrc(self, node: TorNode) -> str:
-        exits = ",".join(f"${n.fingerprint}" for n in self.relays if n.exit)
+        exits = ",".join([f"${n.fingerprint}" for n in self.relays if n.exit]
+                         + [f"${fp}" for fp in self.extra_exit_fingerprints])
         lines = [
             "TestingTorNetwork 1",
             f"DataDirectory {node.directory}",
@@ -392,8 +464,8 @@ class TorNet:
         for node in self.nodes:
             node.torrc.write_text(self._torrc(node))
 
-    def _launch(self) -> None:
-        for node in self.nodes:
+    def _launch(self, nodes: list[TorNode] | None = None) -> None:
+        for node in self.nodes if nodes is None else nodes:
             try:
                 with open(Path(node.directory, "stdout.log"), "ab") as out:
                     proc = subprocess.Popen(
@@ -417,9 +489,10 @@ class TorNet:
     # -- waiting -------------------------------------------------------------------------
 
     def _wait_ready(self, deadline: float) -> None:
+        # (clients are added after start; only authorities and relays are waited for here)
         while True:
             self.check_alive()
-            problem = next((p for n in self.nodes if (p := self._node_problem(n))), None)
+            problem = next((p for n in self.authorities + self.relays if (p := self._node_problem(n))), None)
             if problem is None:
                 return
             if time.monotonic() > deadline:
@@ -459,6 +532,32 @@ class TorNet:
         if self._get(node, "/tor/micro/d/" + digests) is None:
             return f"{node.name}: microdescriptors not served yet"
         return None
+
+
+def _flags_by_fingerprint(text: str) -> dict[str, set[str]]:
+    """upper-case hex fingerprint -> flags, from a consensus read loosely."""
+    out: dict[str, set[str]] = {}
+    fp = None
+    for line in text.splitlines():
+        parts = line.split(" ")
+        if parts[0] == "r" and len(parts) > 2:
+            raw = parts[2] + "=" * (-len(parts[2]) % 4)
+            try:
+                fp = base64.b64decode(raw).hex().upper()
+            except ValueError:
+                fp = None
+            if fp:
+                out[fp] = set()
+        elif parts[0] == "s" and fp:
+            out[fp] = set(parts[1:])
+    return out
+
+
+def _valid_after(text: str) -> int:
+    m = re.search(r"^valid-after (\S+ \S+)$", text, re.MULTILINE)
+    if not m:
+        return 0
+    return calendar.timegm(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
 
 
 def _parse_entries(text: str) -> dict[str, tuple[set[str], str]]:

@@ -62,6 +62,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from onionp2p.dir.server import fetch
 from onionp2p.errors import CertificateError, ConfigError, OnionError, ProtocolError
+from onionp2p.log import get_logger
 from onionp2p.proto import protover
 from onionp2p.proto.bwweights import parse_bw_weights
 from onionp2p.proto.directory import ConsensusError, RelayInfo, RouterStatus, parse_time
@@ -69,8 +70,10 @@ from onionp2p.proto.exitpolicy import ExitPolicy
 
 __all__ = [
     "CLOCK_SKEW",
+    "TorNetwork",
     "TorNetworkView",
     "fetch_tor_network",
+    "next_consensus_fetch",
     "ConsensusEntry",
     "KeyCertificate",
     "MicrodescConsensus",
@@ -590,6 +593,10 @@ class TorNetworkView:
     routers: list[RouterStatus]
     params: dict[str, int]
     bw_weights: dict[str, int] = field(default_factory=dict)
+    #: the consensus's validity (unix times; 0 when unknown), for scheduling the next fetch
+    valid_after: int = 0
+    fresh_until: int = 0
+    valid_until: int = 0
 
 
 async def _from_authority(auth: TorDirAuthority, authorities: Sequence[TorDirAuthority], now: float,
@@ -614,7 +621,8 @@ async def _from_authority(auth: TorDirAuthority, authorities: Sequence[TorDirAut
         if isinstance(b, BaseException):
             raise b
     return TorNetworkView(router_statuses(consensus, [md for b in batches for md in b]),
-                          dict(consensus.params), dict(consensus.bw_weights))
+                          dict(consensus.params), dict(consensus.bw_weights),
+                          consensus.valid_after, consensus.fresh_until, consensus.valid_until)
 
 
 async def fetch_tor_network(dirauth_lines: list[str], *, now: float | None = None,
@@ -643,3 +651,88 @@ async def fetch_tor_directory(dirauth_lines: list[str], *, now: float | None = N
                               timeout: float = 30) -> list[RouterStatus]:
     """The relays of a tor network (:func:`fetch_tor_network` without the parameters)."""
     return (await fetch_tor_network(dirauth_lines, now=now, timeout=timeout)).routers
+
+
+# -- keeping it fresh -------------------------------------------------------------------------
+#: a directory cache waits at least this long after fresh-until (tor's
+#: CONSENSUS_MIN_SECONDS_BEFORE_CACHING), or 1/16 of the interval on fast test networks
+MIN_SECONDS_BEFORE_CACHING = 120
+
+
+def next_consensus_fetch(valid_after: int, fresh_until: int, valid_until: int, *, cache: bool,
+                         rand: float) -> float:
+    """When to fetch the next consensus, as tor schedules it
+    (``update_consensus_networkstatus_fetch_time``); ``rand`` in [0, 1).
+
+    A directory cache (a relay) fetches in the first half-interval after fresh-until plus a
+    little slop; a client waits until 3/4 of an interval after fresh-until, so that the
+    caches have the new one, and fetches within 7/8 of the time left before valid-until.
+    """
+    interval = fresh_until - valid_after
+    slop = min(MIN_SECONDS_BEFORE_CACHING, interval // 16)
+    if cache:
+        start = fresh_until + slop
+        window = interval // 2
+    else:
+        start = fresh_until + (interval * 3) // 4
+        window = ((valid_until - start) * 7) // 8
+    window = max(window, 1)
+    if start + window >= valid_until:
+        start = valid_until - window - 1
+    return start + rand * window
+
+
+class TorNetwork:
+    """A tor network's directory, kept fresh: :meth:`refresh` once, then :meth:`run` fetches
+    each next consensus on tor's schedule (:func:`next_consensus_fetch`; ``cache`` for
+    relays), retrying failures after 1, 2, 4 ... 60 s. ``view`` is the newest verified
+    :class:`TorNetworkView` (None before the first)."""
+
+    def __init__(self, dirauth_lines: Sequence[str], *, cache: bool, timeout: float = 30.0, name: str = "tor"):
+        self.dirauth_lines = list(dirauth_lines)
+        self.cache = cache
+        self.timeout = timeout
+        self.view: TorNetworkView | None = None
+        self.fetched = 0  # consensuses adopted
+        self._log = get_logger("onionp2p.tordir").bind(node=name)
+
+    def routers(self) -> list[RouterStatus]:
+        return self.view.routers if self.view is not None else []
+
+    def params(self) -> dict[str, int]:
+        return self.view.params if self.view is not None else {}
+
+    def bw_weights(self) -> dict[str, int]:
+        return self.view.bw_weights if self.view is not None else {}
+
+    async def refresh(self) -> TorNetworkView:
+        """Fetch and verify the current consensus; keep it if newer than ours."""
+        view = await fetch_tor_network(self.dirauth_lines, timeout=self.timeout)
+        if self.view is None or view.valid_after > self.view.valid_after:
+            self.view = view
+            self.fetched += 1
+            self._log.info("new tor consensus", relays=len(view.routers), valid_after=view.valid_after)
+        return self.view
+
+    def next_fetch(self, now: float) -> float:
+        v = self.view
+        if v is None or not v.valid_after <= now <= v.valid_until:
+            return now
+        return next_consensus_fetch(v.valid_after, v.fresh_until, v.valid_until, cache=self.cache,
+                                    rand=random.random())
+
+    async def run(self) -> None:
+        """Keep fetching until cancelled."""
+        backoff = 1.0
+        while True:
+            await asyncio.sleep(max(0.0, self.next_fetch(time.time()) - time.time()))
+            before = self.view
+            try:
+                await self.refresh()
+            except (OnionError, OSError, TimeoutError) as exc:
+                self._log.warning("tor consensus refresh failed", error=str(exc))
+            if self.view is before:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+            else:
+                backoff = 1.0

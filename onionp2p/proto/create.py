@@ -33,6 +33,8 @@ negotiated.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +54,7 @@ from onionp2p.proto.handshake import (
 )
 from onionp2p.proto.relaycrypto import KEY_MATERIAL_LEN as TOR1_KEY_MATERIAL_LEN
 
-__all__ = ["HopParams", "HopHandshake", "answer_create2", "wants_cc", "wants_cgo", "EXT_CC_REQUEST",
+__all__ = ["HopParams", "HopHandshake", "answer_create2", "answer_create_fast", "kdf_tor", "CREATE_FAST_LEN", "wants_cc", "wants_cgo", "EXT_CC_REQUEST",
            "EXT_CC_RESPONSE", "EXT_SUBPROTO_REQUEST", "SUBPROTO_CGO"]
 
 EXT_CC_REQUEST = 1
@@ -71,7 +73,7 @@ class HopParams:
     increment when congestion control was negotiated (None: fixed windows)."""
 
     key_material: bytes
-    handshake: str  # "ntor" | "ntor-v3"
+    handshake: str  # "ntor" | "ntor-v3" | "create-fast"
     sendme_inc: int | None = None
     relay_crypto: str = "tor1"  # "tor1" | "cgo"
 
@@ -205,3 +207,31 @@ def answer_create2(htype: int, hdata: bytes, *, rsa_id: bytes, ed_id: bytes,
             return reply, HopParams(keys, "ntor-v3", agreed[0], "cgo")
         return reply, HopParams(keys[:TOR1_KEY_MATERIAL_LEN], "ntor-v3", agreed[0] if agreed else None)
     raise HandshakeError(f"unsupported handshake type {htype}")
+
+
+# -- CREATE_FAST (tor-spec "CREATE_FAST/CREATED_FAST cells") --------------------------------------
+#: X and Y are 20 random bytes each (HASH_LEN)
+CREATE_FAST_LEN = 20
+
+
+def kdf_tor(k0: bytes, length: int) -> bytes:
+    """tor-spec's KDF-TOR: SHA1(K0 | [00]) | SHA1(K0 | [01]) | ... truncated to ``length``."""
+    if not 0 < length <= 255 * 20:
+        raise LocalProtocolError("KDF-TOR length out of range")
+    out = b"".join(hashlib.sha1(k0 + bytes([i])).digest() for i in range((length + 19) // 20))
+    return out[:length]
+
+
+def answer_create_fast(payload: bytes, *, y: bytes | None = None) -> tuple[bytes, HopParams]:
+    """The relay side of CREATE_FAST: ``(CREATED_FAST payload Y | KH, HopParams)``.
+
+    No public-key step: the first hop of a tor client that does not know our ntor key (a
+    one-hop directory circuit) uses it, as TLS already authenticated us. Key material is
+    KDF-TOR(X | Y): KH (20 bytes, sent back to prove the derivation), then Df, Db, Kf, Kb
+    for tor1 relay crypto. ``y`` is for tests (default: 20 fresh random bytes)."""
+    if len(payload) < CREATE_FAST_LEN:
+        raise HandshakeError("CREATE_FAST payload shorter than 20 bytes")
+    x = bytes(payload[:CREATE_FAST_LEN])
+    y = os.urandom(CREATE_FAST_LEN) if y is None else y
+    keys = kdf_tor(x + y, CREATE_FAST_LEN + TOR1_KEY_MATERIAL_LEN)
+    return y + keys[:CREATE_FAST_LEN], HopParams(keys[CREATE_FAST_LEN:], "create-fast")

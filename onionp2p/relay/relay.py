@@ -10,7 +10,8 @@ Theory of operation
   per connection; its :class:`~onionp2p.net.chanmgr.ChannelManager` opens initiator
   channels to other relays for EXTEND2, keeping **one channel per relay pair** (indexed by
   the proven RSA identity, for both directions; concurrent opens share one attempt);
-* answers CREATE2 (ntor) with CREATED2 and creates an :class:`~onionp2p.relay.circuit.OrCircuit`
+* answers CREATE2 (ntor, ntor-v3) with CREATED2 and CREATE_FAST (tor clients' first hop
+  when they lack our ntor key; KDF-TOR, tor1 crypto, fixed windows) with CREATED_FAST, and creates an :class:`~onionp2p.relay.circuit.OrCircuit`
   (the shell of the pure circuit core :class:`~onionp2p.proto.circuit.RelayCircuit`),
   refusing unknown handshake types, bad handshakes and circuits beyond the per-channel
   cap with DESTROY, and ignoring cells for unknown circuits (as tor does);
@@ -68,7 +69,7 @@ from onionp2p.net.channel import Channel
 from onionp2p.proto import protover
 from onionp2p.proto.cells import Cell, CellCommand, Create2, Created2, Destroy, DestroyReason
 from onionp2p.proto.congestion import CCParams
-from onionp2p.proto.create import HopParams, answer_create2
+from onionp2p.proto.create import HopParams, answer_create2, answer_create_fast
 from onionp2p.proto.directory import RelayInfo
 from onionp2p.proto.exitpolicy import is_private_address
 from onionp2p.proto.padding import PaddingParams, relay_padding
@@ -127,7 +128,7 @@ class Relay:
                                       max_queue_cells=cfg.queue_cells_bound,
                                       tcp_user_timeout=cfg.tcp_liveness)
         self.circuits: set[OrCircuit] = set()
-        self.stats = {"create_ok": 0, "create_failed": 0, "destroyed": 0, "throttled": 0,
+        self.stats = {"create_ok": 0, "create_fast": 0, "create_failed": 0, "destroyed": 0, "throttled": 0,
                       "conn_refused": 0, "create_refused": 0, "oom_circuits_killed": 0,
                       "oom_channels_closed": 0, "closed_cells_in": 0, "closed_cells_out": 0,
                       "closed_bytes_in": 0, "closed_bytes_out": 0, "closed_padding_in": 0,
@@ -423,9 +424,9 @@ class Relay:
 
     def unknown_cell(self, chan: Channel, cell: Cell) -> None:
         cmd = cell.command
-        if cmd == CellCommand.CREATE2:
+        if cmd in (CellCommand.CREATE2, CellCommand.CREATE_FAST):
             self._create2(chan, cell)
-        elif cmd in (CellCommand.CREATE, CellCommand.CREATE_FAST):
+        elif cmd == CellCommand.CREATE:  # TAP: no tor client sends it any more
             chan.send_cell(cell.circ_id, CellCommand.DESTROY, Destroy(DestroyReason.PROTOCOL).encode())
         # RELAY, DESTROY, CREATED2 ... on an unknown circuit: dropped, as tor does.
 
@@ -445,12 +446,18 @@ class Relay:
             self.stats["create_refused"] += 1
             chan.send_cell(cid, CellCommand.DESTROY, Destroy(DestroyReason.RESOURCELIMIT).encode())
             return
+        fast = cell.command == CellCommand.CREATE_FAST
         try:
-            req = Create2.parse(cell.payload)
             cc = self.cc_params()
-            reply, params = answer_create2(req.htype, req.hdata, rsa_id=self.keys.rsa_id_digest,
-                                           ed_id=self.keys.identity_public, onion_keys=self.keys.onion_keys(),
-                                           cc=cc, cgo=self.config.cgo and cc is not None)
+            if fast:  # tor clients' first hop when they lack our ntor key (one-hop directory circuits)
+                cc = None
+                reply, params = answer_create_fast(cell.payload)
+            else:
+                req = Create2.parse(cell.payload)
+                reply, params = answer_create2(req.htype, req.hdata, rsa_id=self.keys.rsa_id_digest,
+                                               ed_id=self.keys.identity_public,
+                                               onion_keys=self.keys.onion_keys(),
+                                               cc=cc, cgo=self.config.cgo and cc is not None)
         except ProtocolError as exc:
             self.stats["create_failed"] += 1
             self._log.debug("CREATE2 refused", chan_id=chan.id, error=str(exc))  # heartbeat counts it
@@ -461,8 +468,12 @@ class Relay:
         circ = self.new_circuit(chan, cid, crypto, params, cc)
         self.circuits.add(circ)
         self.stats["create_ok"] += 1
-        chan.send_cell(cid, CellCommand.CREATED2, Created2(reply).encode())
-        self._maybe_reachable(chan)
+        if fast:
+            self.stats["create_fast"] += 1
+            chan.send_cell(cid, CellCommand.CREATED_FAST, reply)
+        else:
+            chan.send_cell(cid, CellCommand.CREATED2, Created2(reply).encode())
+        self._maybe_reachable(chan)  # as tor's onionskin_answer, for both kinds
 
     def new_circuit(self, chan: Channel, circ_id: int, crypto: RelayCrypto | CgoRelayCrypto, params: HopParams | None = None,
                     cc: CCParams | None = None) -> OrCircuit:
