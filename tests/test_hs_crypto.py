@@ -21,8 +21,13 @@ from onionp2p.errors import CertificateError, HandshakeError
 from onionp2p.proto.certs import CertType, Ed25519Cert
 from onionp2p.proto.ed25519x import ExpandedKey, blind_public
 from onionp2p.proto.hs import blinding as hb
-from onionp2p.proto.hs.ntor import (HsNtorClient, expand_circuit_keys, hs_mac, intro_keys,
-                                    service_receive_intro)
+from onionp2p.proto.hs.ntor import (
+    HsNtorClient,
+    expand_circuit_keys,
+    hs_mac,
+    intro_keys,
+    service_receive_intro,
+)
 
 V = json.loads((Path(__file__).parent / "data" / "hs" / "vectors.json").read_text())
 
@@ -80,7 +85,7 @@ def test_blinding_vector_from_c_tor():
 
 
 def test_blinded_signature_verifies_with_cryptography():
-    v, tp, key = _kb()
+    _v, tp, key = _kb()
     blinded = hb.blind_secret_key(key, tp)
     verifier = ed25519.Ed25519PublicKey.from_public_bytes(hb.blind_public_key(key.public, tp))
     sig = blinded.sign(b"descriptor body")
@@ -128,7 +133,7 @@ def test_disaster_srv_follows_the_spec_formula():
 
 
 def test_desc_signing_cert_is_signed_by_the_blinded_key():
-    v, tp, key = _kb()
+    _v, tp, key = _kb()
     blinded = hb.blind_secret_key(key, tp)
     signing = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes_raw()
     now = 1_700_000_000
@@ -213,3 +218,137 @@ def test_hs_ntor_round_trip_and_circuit_keys():
                                                                   (keys.df, keys.db, keys.kf, keys.kb))
     assert intro_keys(bytes(32), auth, bytes(32), bytes(32), sub) != intro_keys(bytes(32), auth, bytes(32),
                                                                                  bytes(32), os.urandom(32))
+
+
+# -- service keys on disk (HiddenServiceDir) and client authorization files ---------------------------
+
+
+def _tor_binary() -> str:
+    import shutil
+    path = shutil.which("tor") or ("/usr/sbin/tor" if os.access("/usr/sbin/tor", os.X_OK) else None)
+    if path is None:
+        why = "tor not installed (Debian package tor; tools/test installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    return path
+
+
+def _run_tor_on(hs_dir: Path, work: Path) -> str:
+    """Start a real tor with HiddenServiceDir ``hs_dir`` and return the hostname it writes.
+
+    tor loads (or creates) the service keys and writes ``hostname`` at start-up, before it
+    needs any network; its only directory authority is a closed loopback port, so it never
+    leaves this machine.
+    """
+    import subprocess
+    data = work / "tordata"
+    data.mkdir(mode=0o700)
+    torrc = work / "torrc"
+    torrc.write_text(
+        f"DataDirectory {data}\nSocksPort 0\nLog notice file {work / 'tor.log'}\n"
+        "DirAuthority fake orport=1 no-v2 v3ident=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA "
+        "127.0.0.1:2 BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB\n"
+        f"HiddenServiceDir {hs_dir}\nHiddenServicePort 80 127.0.0.1:9\n")
+    proc = subprocess.Popen([_tor_binary(), "-f", str(torrc)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            host = hs_dir / "hostname"
+            if host.exists() and host.read_text().endswith("\n"):
+                return host.read_text()
+            assert proc.poll() is None, (work / "tor.log").read_text()
+            time.sleep(0.2)
+        pytest.fail("tor wrote no hostname in 60 s:\n" + (work / "tor.log").read_text())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_service_dir_round_trip_and_file_formats(tmp_path):
+    from onionp2p.client.hskeys import load_or_create_service_key, load_service_key
+    from onionp2p.proto.hs.address import encode_onion_address
+    d = tmp_path / "hs"
+    key = load_or_create_service_key(d)
+    assert (d.stat().st_mode & 0o777) == 0o700
+    secret = (d / "hs_ed25519_secret_key").read_bytes()
+    assert secret[:32] == b"== ed25519v1-secret: type0 ==\0\0\0" and secret[32:] == key.scalar + key.prefix
+    assert (d / "hs_ed25519_public_key").read_bytes() == b"== ed25519v1-public: type0 ==\0\0\0" + key.public
+    assert (d / "hostname").read_text() == encode_onion_address(key.public) + "\n"
+    assert load_service_key(d) == key and load_or_create_service_key(d) == key
+    (d / "hostname").unlink()
+    (d / "hs_ed25519_public_key").unlink()
+    assert load_or_create_service_key(d) == key and (d / "hostname").exists()
+
+
+def test_service_dir_refuses_bad_files(tmp_path):
+    from onionp2p.client.hskeys import load_or_create_service_key, load_service_key
+    from onionp2p.errors import KeyFileError
+    d = tmp_path / "hs"
+    load_or_create_service_key(d)
+    good = (d / "hs_ed25519_secret_key").read_bytes()
+    (d / "hs_ed25519_secret_key").chmod(0o644)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        load_service_key(d)
+    (d / "hs_ed25519_secret_key").chmod(0o600)
+    (d / "hs_ed25519_secret_key").write_bytes(good.replace(b"secret", b"public"))
+    with pytest.raises(KeyFileError, match="does not start with"):
+        load_service_key(d)
+    (d / "hs_ed25519_secret_key").write_bytes(good[:-1])
+    with pytest.raises(KeyFileError, match="bytes, expected"):
+        load_service_key(d)
+    (d / "hs_ed25519_secret_key").write_bytes(good)
+    other = ExpandedKey.from_seed(os.urandom(32)).public
+    (d / "hs_ed25519_public_key").write_bytes(b"== ed25519v1-public: type0 ==\0\0\0" + other)
+    with pytest.raises(KeyFileError, match="does not match"):
+        load_service_key(d)
+
+
+@pytest.mark.tor
+def test_tor_reads_our_keys_and_we_read_tors(tmp_path):
+    """A real tor, given a HiddenServiceDir with only our secret key, computes the same address;
+    and the keys tor generates load here to the address tor wrote."""
+    import shutil
+
+    from onionp2p.client.hskeys import load_or_create_service_key, load_service_key
+    from onionp2p.proto.hs.address import encode_onion_address
+    ours = tmp_path / "ours"
+    key = load_or_create_service_key(ours)
+    expected = (ours / "hostname").read_text()
+    copy = tmp_path / "for-tor"
+    copy.mkdir(mode=0o700)
+    shutil.copy2(ours / "hs_ed25519_secret_key", copy / "hs_ed25519_secret_key")  # tor must derive the rest
+    (tmp_path / "w1").mkdir()
+    assert _run_tor_on(copy, tmp_path / "w1") == expected
+    assert (copy / "hs_ed25519_public_key").read_bytes()[32:] == key.public
+
+    fresh = tmp_path / "tor-made"
+    fresh.mkdir(mode=0o700)
+    (tmp_path / "w2").mkdir()
+    tor_hostname = _run_tor_on(fresh, tmp_path / "w2")
+    tor_key = load_service_key(fresh)
+    assert tor_key is not None and encode_onion_address(tor_key.public) + "\n" == tor_hostname
+
+
+def test_client_auth_file_formats():
+    from onionp2p.errors import KeyFileError
+    from onionp2p.proto.hs import keys as hk
+    v = V["descriptor_2_client_auth"]
+    line = f"descriptor:x25519:{v['client_public_base32']}"
+    assert hk.parse_auth(line) == h(v["client_public"])
+    assert hk.format_auth(h(v["client_public"])) == line + "\n"
+    assert hk.parse_auth(line.lower() + "\n") == h(v["client_public"])  # tor reads either case
+    assert len(hk.parse_auth(V["client_auth_file"]["auth_line"])) == 32  # the spec's example
+    private = f"{v['address'][:-6]}:descriptor:x25519:{v['client_secret_base32']}"
+    entry = hk.parse_auth_private(private)
+    assert entry.onion_public == h(v["identity_public"]) and entry.secret == h(v["client_secret"])
+    assert entry.private_key().public_key().public_bytes_raw() == h(v["client_public"])
+    assert hk.format_auth_private(entry.onion_public, entry.secret) == private + "\n"
+    for bad in ("descriptor:ed25519:" + v["client_public_base32"], "descriptor:x25519:AAAA",
+                line + "\n" + line, "x25519:" + v["client_public_base32"]):
+        with pytest.raises(KeyFileError):
+            hk.parse_auth(bad)
+    broken = private.replace(v["address"][10], "a" if v["address"][10] != "a" else "b", 1)
+    with pytest.raises(KeyFileError, match="checksum"):
+        hk.parse_auth_private(broken)

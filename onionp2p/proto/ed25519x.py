@@ -137,7 +137,7 @@ def blind_public(public: bytes, factor: bytes) -> bytes:
         raise ValueError("not an Ed25519 point of the prime-order subgroup")
     try:
         return _na.crypto_scalarmult_ed25519_noclamp(factor, public)
-    except Exception as exc:  # nacl raises RuntimeError for an identity result
+    except RuntimeError as exc:  # libsodium refused: the product is the identity
         raise ValueError(f"blinding failed: {exc}") from None
 
 
