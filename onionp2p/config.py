@@ -509,6 +509,9 @@ class ClientConfig:
     num_primary_guards: int = 3
     socks_handshake_timeout: float = 30.0  #: seconds for a SOCKS client to send its request
     socks_max_connections: int = 1024  #: SOCKS connections served at once; more are closed
+    #: tor's SocksPort flag ExtendedErrors: answer onion-service failures with the SOCKS5
+    #: codes X'F0'-X'F7' (proposal 304) instead of RFC 1928's; off by default, as in tor
+    socks_extended_errors: bool = False
     #: refuse SOCKS connects to private/internal IP literals and "localhost" (tor's
     #: ClientRejectInternalAddresses); the testnet turns it off (its destinations are local)
     client_reject_internal_addresses: bool = True
@@ -544,6 +547,7 @@ class ClientConfig:
             "num_primary_guards": _int_range(1, 20),
             "socks_handshake_timeout": _number_range(0.1, 600),
             "socks_max_connections": _int_range(1, 65535),
+            "socks_extended_errors": _bool,
             "client_reject_internal_addresses": _bool,
             "congestion_control": _bool,
             "cgo": _bool,

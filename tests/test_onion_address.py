@@ -5,14 +5,22 @@ Vectors: tests/data/hs/vectors.json ("onion_address", "onion_address_examples"),
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import shutil
+import time as _time
 from pathlib import Path
 
 import pytest
 
+from onionp2p.client.node import ClientNode
+from onionp2p.config import ClientConfig
 from onionp2p.errors import OnionAddressChecksumError, OnionAddressError, OnionAddressMalformed
+from onionp2p.proto.directory import RouterStatus
 from onionp2p.proto.ed25519x import ExpandedKey
 from onionp2p.proto.hs.address import encode_onion_address, is_onion_name, onion_checksum, parse_onion_address
+from onionp2p.proto.socks import Reply
 
 V = json.loads((Path(__file__).parent / "data" / "hs" / "vectors.json").read_text())
 PUB = bytes.fromhex(V["onion_address"]["pubkey"])
@@ -46,7 +54,6 @@ def test_case_trailing_dot_and_subdomain():
 
 
 def test_random_keys_round_trip():
-    import os
     for _ in range(20):
         pub = ExpandedKey.from_seed(os.urandom(32)).public
         assert parse_onion_address(encode_onion_address(pub)).pubkey == pub
@@ -90,3 +97,100 @@ def test_torsion_key_is_refused_even_with_a_right_checksum():
 
 def test_is_onion_name():
     assert is_onion_name("x.ONION.") and is_onion_name(ADDR) and not is_onion_name("onion.example")
+
+
+# -- the SOCKS port's answer to .onion names, with real SOCKS clients against a real client node --------
+
+BAD_CHECKSUM = _edit(53, "a" if LABEL[53] != "a" else "b")
+NOT_V3 = "expyuzz4wqqyqhjn.onion"  # a (dead) v2 address
+
+
+@pytest.fixture
+async def onion_nodes(exit_relays, tmp_path):
+    """Two running client nodes on the same relays: SOCKS port without and with ExtendedErrors."""
+    statuses = [RouterStatus(r.info(), frozenset({"Exit", "Fast", "Guard", "Running", "Stable", "Valid", "V2Dir"}),
+                             bandwidth=1000 + i) for i, r in enumerate(exit_relays)]
+    nodes = []
+    for name, ext in (("plain", False), ("extended", True)):
+        cfg = ClientConfig(client_reject_internal_addresses=False, data_dir=tmp_path / name,
+                           socks_address=("127.0.0.1", 0), control_port=None, enforce_distinct_subnets=False,
+                           preemptive_circuits=1, log_level="warning", socks_extended_errors=ext)
+        node = ClientNode(cfg, routers=lambda: statuses)
+        await node.start(ready_timeout=30)
+        nodes.append(node)
+    yield nodes
+    for node in nodes:
+        await node.stop()
+
+
+async def _python_socks_code(port: int, host: str, version: str = "socks5") -> int | None:
+    from python_socks import ProxyError
+    from python_socks.async_.asyncio import Proxy
+    proxy = Proxy.from_url(f"{version}://127.0.0.1:{port}", rdns=True)
+    try:
+        sock = await proxy.connect(host, 80, timeout=10)
+    except ProxyError as exc:
+        if exc.error_code is None:  # python-socks knows RFC 1928's codes only: "Invalid reply code: 0XF6"
+            return int(str(exc).rsplit(" ", 1)[1], 16)
+        return exc.error_code
+    sock.close()
+    return None
+
+
+async def _curl(port: int, host: str, scheme: str = "socks5h") -> tuple[int, str]:
+    if shutil.which("curl") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("curl not installed (tools/test installs it)")
+        pytest.skip("curl not installed")
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--max-time", "10", "-x", f"{scheme}://127.0.0.1:{port}", f"http://{host}/",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    return proc.returncode, err.decode()
+
+
+async def test_socks_answers_onion_names_like_tor(onion_nodes):
+    """tor 0.4.9 answers a bad address with 1 (F6 with ExtendedErrors); a valid one it cannot reach
+    with 4 (F0: descriptor not found). We do the same, at once, without touching the network."""
+    plain, extended = (n.socks.port for n in onion_nodes)
+    started = _time.monotonic()
+    assert await _python_socks_code(plain, BAD_CHECKSUM) == Reply.GENERAL_FAILURE
+    assert await _python_socks_code(plain, NOT_V3) == Reply.GENERAL_FAILURE
+    assert await _python_socks_code(plain, ADDR) == Reply.HOST_UNREACHABLE
+    assert await _python_socks_code(extended, BAD_CHECKSUM) == Reply.HS_BAD_ADDRESS == 0xF6
+    assert await _python_socks_code(extended, NOT_V3) == Reply.HS_BAD_ADDRESS
+    assert await _python_socks_code(extended, "www." + ADDR) == Reply.HS_DESC_NOT_FOUND == 0xF0
+    assert await _python_socks_code(extended, "example.onion") == Reply.HS_BAD_ADDRESS
+    # SOCKS4a has one failure code; extended errors are SOCKS5 only
+    assert await _python_socks_code(extended, BAD_CHECKSUM, "socks4") == 0x5B
+    assert _time.monotonic() - started < 5  # quick: no descriptor fetch, no timeout
+    rc, err = await _curl(extended, BAD_CHECKSUM)  # curl shows the reply code in parentheses
+    assert rc == 97 and err.rstrip().endswith("(246)"), err  # CURLE_PROXY, X'F6'
+    rc, err = await _curl(extended, ADDR)
+    assert rc == 97 and err.rstrip().endswith("(240)"), err  # X'F0'
+    rc, err = await _curl(plain, ADDR)
+    assert rc == 97 and err.rstrip().endswith("(4)"), err
+    for node in onion_nodes:
+        assert node.socks.stats.streams_ok == 0
+
+
+async def test_socks_resolve_of_onion_names(onion_nodes):
+    """RESOLVE (tor's 0xF0 extension) of a .onion: a bad address is refused like a CONNECT; a good
+    one cannot be resolved (tor answers "host unreachable")."""
+    plain, extended = (n.socks.port for n in onion_nodes)
+
+    async def resolve(port: int, host: str) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            name = host.encode()
+            writer.write(b"\x05\x01\x00" + b"\x05\xf0\x00\x03" + bytes([len(name)]) + name + b"\x00\x00")
+            async with asyncio.timeout(10):
+                got = await reader.readexactly(2 + 10)
+            assert got[:2] == b"\x05\x00"
+            return got[3]
+        finally:
+            writer.close()
+
+    assert await resolve(extended, BAD_CHECKSUM) == 0xF6
+    assert await resolve(plain, BAD_CHECKSUM) == Reply.GENERAL_FAILURE
+    assert await resolve(plain, ADDR) == Reply.HOST_UNREACHABLE
