@@ -352,3 +352,55 @@ def test_client_auth_file_formats():
     broken = private.replace(v["address"][10], "a" if v["address"][10] != "a" else "b", 1)
     with pytest.raises(KeyFileError, match="checksum"):
         hk.parse_auth_private(broken)
+
+
+# -- which HSDirs, which period, which SRV ---------------------------------------------------------
+
+
+def test_fetch_and_upload_choices_follow_the_spec_examples():
+    """rend-spec-v3 §2.2.4's pictures: SRV#n at 00:00, TP#n at 12:00 the same day."""
+    from onionp2p.proto.hs.ring import (
+        client_fetch_choice,
+        in_period_between_tp_and_srv,
+        service_upload_choices,
+    )
+    cur, prev = b"\x02" * 32, b"\x01" * 32
+    tp1_start = ts("2016-04-12T12:00:00Z")  # TP#1 = period 16903, SRV#1 published at 2016-04-12 00:00
+    c1 = ts("2016-04-12T13:00:00Z")  # right after TP#1: SRV#1 is the current value
+    assert in_period_between_tp_and_srv(c1)
+    assert client_fetch_choice(c1, cur, prev) == hb_choice(16903, cur)
+    first, second = service_upload_choices(c1, cur, prev)
+    assert first == hb_choice(16902, prev) and second == hb_choice(16903, cur)
+    c2 = ts("2016-04-13T01:00:00Z")  # right after SRV#2: still TP#1, whose SRV is now the previous one
+    assert not in_period_between_tp_and_srv(c2)
+    assert client_fetch_choice(c2, cur, prev) == hb_choice(16903, prev)
+    first, second = service_upload_choices(c2, cur, prev)
+    assert first == hb_choice(16903, prev) and second == hb_choice(16904, cur)
+    assert hb.TimePeriod.at(c1).start == tp1_start
+
+
+def hb_choice(number: int, srv: bytes):
+    from onionp2p.proto.hs.ring import RingChoice
+    return RingChoice(hb.TimePeriod(number), srv)
+
+
+def test_responsible_hsdirs_walk_the_ring():
+    from onionp2p.proto.hs.ring import responsible_hsdirs
+    tp, srv = hb.TimePeriod(19000), os.urandom(32)
+    blinded = ExpandedKey.from_seed(os.urandom(32)).public
+    nodes = [os.urandom(32) for _ in range(20)]
+    got = responsible_hsdirs(nodes, blinded, tp, srv)
+    assert len(got) == len(set(got)) == 8
+    ring = sorted(nodes, key=lambda n: hb.hsdir_index(n, srv, tp))
+    after = [n for n in ring if hb.hsdir_index(n, srv, tp) > hb.hs_index(blinded, 1, tp)] + \
+        [n for n in ring if hb.hsdir_index(n, srv, tp) <= hb.hs_index(blinded, 1, tp)]
+    assert got[:4] == after[:4]  # replica 1: the four relays that follow its index, round the ring
+    assert responsible_hsdirs(nodes, blinded, tp, srv, spread=3) == [n for n in got if n in
+                                                                     responsible_hsdirs(nodes, blinded, tp, srv,
+                                                                                        spread=3)]
+    # a small ring: every relay once, however many replicas want it
+    few = nodes[:5]
+    assert sorted(responsible_hsdirs(few, blinded, tp, srv)) == sorted(few)
+    assert responsible_hsdirs([], blinded, tp, srv) == []
+    # another SRV or period gives another set
+    assert responsible_hsdirs(nodes, blinded, tp, os.urandom(32)) != got
