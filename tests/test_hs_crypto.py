@@ -234,13 +234,9 @@ def _tor_binary() -> str:
     return path
 
 
-def _run_tor_on(hs_dir: Path, work: Path) -> str:
-    """Start a real tor with HiddenServiceDir ``hs_dir`` and return the hostname it writes.
-
-    tor loads (or creates) the service keys and writes ``hostname`` at start-up, before it
-    needs any network; its only directory authority is a closed loopback port, so it never
-    leaves this machine.
-    """
+def _start_tor(work: Path, extra: str):
+    """A real tor whose only directory authority is a closed loopback port: it starts, loads
+    its onion-service and client-auth keys, and never leaves this machine."""
     import subprocess
     data = work / "tordata"
     data.mkdir(mode=0o700)
@@ -248,19 +244,30 @@ def _run_tor_on(hs_dir: Path, work: Path) -> str:
     torrc.write_text(
         f"DataDirectory {data}\nSocksPort 0\nLog notice file {work / 'tor.log'}\n"
         "DirAuthority fake orport=1 no-v2 v3ident=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA "
-        "127.0.0.1:2 BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB\n"
-        f"HiddenServiceDir {hs_dir}\nHiddenServicePort 80 127.0.0.1:9\n")
-    proc = subprocess.Popen([_tor_binary(), "-f", str(torrc)], stdout=subprocess.DEVNULL,
+        "127.0.0.1:2 BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB\n" + extra)
+    return subprocess.Popen([_tor_binary(), "-f", str(torrc)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+
+
+def _wait(proc, work: Path, ready, what: str):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        got = ready()
+        if got:
+            return got
+        log = work / "tor.log"
+        assert proc.poll() is None, log.read_text() if log.exists() else "tor exited"
+        time.sleep(0.2)
+    pytest.fail(f"tor: no {what} in 60 s:\n" + (work / "tor.log").read_text())
+
+
+def _run_tor_on(hs_dir: Path, work: Path) -> str:
+    """Start a real tor with HiddenServiceDir ``hs_dir``; return the hostname it writes."""
+    proc = _start_tor(work, f"HiddenServiceDir {hs_dir}\nHiddenServicePort 80 127.0.0.1:9\n")
+    host = hs_dir / "hostname"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            host = hs_dir / "hostname"
-            if host.exists() and host.read_text().endswith("\n"):
-                return host.read_text()
-            assert proc.poll() is None, (work / "tor.log").read_text()
-            time.sleep(0.2)
-        pytest.fail("tor wrote no hostname in 60 s:\n" + (work / "tor.log").read_text())
+        return _wait(proc, work, lambda: host.exists() and host.read_text().endswith("\n") and host.read_text(),
+                     "hostname")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -404,3 +411,41 @@ def test_responsible_hsdirs_walk_the_ring():
     assert responsible_hsdirs([], blinded, tp, srv) == []
     # another SRV or period gives another set
     assert responsible_hsdirs(nodes, blinded, tp, os.urandom(32)) != got
+
+
+@pytest.mark.tor
+def test_tor_loads_our_auth_private_file(tmp_path):
+    """A real tor reads the .auth_private we write (ClientOnionAuthDir) and shows the same key
+    on its control port (ONION_CLIENT_AUTH_VIEW)."""
+    import base64
+    import socket
+
+    from conftest import free_port
+
+    from onionp2p.proto.hs import keys as hk
+    v = V["descriptor_2_client_auth"]
+    auth = tmp_path / "auth"
+    auth.mkdir(mode=0o700)
+    (auth / "svc.auth_private").write_text(hk.format_auth_private(h(v["identity_public"]), h(v["client_secret"])))
+    (auth / "svc.auth_private").chmod(0o600)
+    port = free_port()
+    proc = _start_tor(tmp_path, f"ControlPort 127.0.0.1:{port}\nCookieAuthentication 0\nClientOnionAuthDir {auth}\n")
+
+    def view() -> str | None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"AUTHENTICATE\r\nONION_CLIENT_AUTH_VIEW\r\nQUIT\r\n")
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+                return data.decode()
+        except OSError:
+            return None
+
+    try:
+        reply = _wait(proc, tmp_path, view, "control port")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    secret_b64 = base64.b64encode(h(v["client_secret"])).decode()
+    assert f"CLIENT {v['address'][:-6]} x25519:{secret_b64}" in reply, reply
