@@ -311,9 +311,69 @@ def test_inner_needs_the_descriptor_signing_key_and_caps_intro_points():
     assert len(hd._parse_inner(unknown, _inner_signer(), now)[0]) == 3
 
 
+def test_no_introduction_points_is_a_valid_descriptor():
+    """A service between introduction points publishes none (tor accepts that)."""
+    svc = Service()
+    assert svc.parse(svc.build(intro_points=[])).intro_points == ()
+
+
 def test_build_refuses_bad_arguments():
     svc = Service()
     with pytest.raises(ValueError):
         svc.build(lifetime=721)
     with pytest.raises(ValueError):
         svc.build(intro_points=[intro_point(i) for i in range(21)])
+
+
+# -- hostile input: only typed errors escape ---------------------------------------------------------
+
+
+def _mutants(text: str, rng, n: int):
+    lines = text.split("\n")
+    for _ in range(n):
+        kind = rng.randrange(5)
+        if kind == 0:  # flip a byte
+            i = rng.randrange(len(text))
+            yield text[:i] + chr(rng.randrange(32, 127)) + text[i + 1:]
+        elif kind == 1:  # truncate
+            yield text[:rng.randrange(len(text))]
+        elif kind == 2:  # duplicate a line
+            i = rng.randrange(len(lines))
+            yield "\n".join(lines[:i + 1] + lines[i:])
+        elif kind == 3:  # drop a line
+            i = rng.randrange(len(lines))
+            yield "\n".join(lines[:i] + lines[i + 1:])
+        else:  # swap two lines
+            i, j = rng.randrange(len(lines)), rng.randrange(len(lines))
+            m = list(lines)
+            m[i], m[j] = m[j], m[i]
+            yield "\n".join(m)
+
+
+def test_mutated_descriptors_raise_only_typed_errors():
+    import random
+    rng = random.Random(15)
+    text = (DATA / D1["file"]).read_text()
+    args = {"blinded_key": h(D1["blinded_public"]), "subcred": h(D1["subcredential"]), "now": ts(D1["valid_at"])}
+    for mutant in _mutants(text, rng, 300):
+        try:
+            hd.parse_descriptor(mutant, **args)
+        except HsDescriptorError:
+            pass
+    # and behind the signature and the MACs: the decrypted inner layer, mutated
+    inner, signer = _tor_inner(), _inner_signer()
+    for mutant in _mutants(inner, rng, 300):
+        try:
+            hd._parse_inner(mutant, signer, args["now"])
+        except HsDescriptorError:
+            pass
+    # a middle layer, mutated (its parser sits between the two MACs)
+    svc = Service()
+    outer = svc.parse(svc.build()).outer
+    middle = hd.decrypt_layer(outer.superencrypted, svc.blinded.public, svc.subcred, 42,
+                              b"hsdir-superencrypted-data").rstrip(b"\0").decode()
+    for mutant in _mutants(middle, rng, 300):
+        try:
+            hd._parse_middle(mutant)
+        except HsDescriptorError:
+            pass

@@ -194,3 +194,15 @@ async def test_socks_resolve_of_onion_names(onion_nodes):
     assert await resolve(extended, BAD_CHECKSUM) == 0xF6
     assert await resolve(plain, BAD_CHECKSUM) == Reply.GENERAL_FAILURE
     assert await resolve(plain, ADDR) == Reply.HOST_UNREACHABLE
+
+
+def test_random_names_raise_only_typed_errors():
+    import random
+    rng = random.Random(6)
+    alphabet = "abcdefghijklmnopqrstuvwxyz234567ABCXYZ0189.-_ \x00é"
+    for _ in range(2000):
+        label = "".join(rng.choice(alphabet) for _ in range(rng.choice((0, 16, 55, 56, 57, rng.randrange(80)))))
+        try:
+            parse_onion_address(label + rng.choice((".onion", ".onion.", ".ONION", "")))
+        except OnionAddressError:
+            pass

@@ -489,8 +489,9 @@ def _parse_inner(text: str, signing_key: bytes, now: float) -> tuple[tuple[Intro
     starts = [i for i, it in enumerate(items) if it.keyword == "introduction-point"]
     if len(starts) > MAX_INTRO_POINTS:
         raise HsDescriptorError(f"{what}: {len(starts)} introduction points, at most {MAX_INTRO_POINTS}")
+    ends = [*starts[1:], len(items)] if starts else []
     ips = tuple(_parse_intro_point(items[s:e], signing_key, now, n + 1)
-                for n, (s, e) in enumerate(zip(starts, [*starts[1:], len(items)], strict=True)))
+                for n, (s, e) in enumerate(zip(starts, ends, strict=True)))
     return ips, tuple(formats), tuple(auth_required), single
 
 
