@@ -57,8 +57,12 @@ def test_time_period_bounds_start_at_noon_utc():
     # another hsdir-interval (testing networks use short ones) moves the boundaries
     short = hb.TimePeriod.at(ts("2016-04-13T11:15:01Z"), length=60)
     assert short.length == 60 and short.start <= ts("2016-04-13T11:15:01Z") < short.end
-    with pytest.raises(ValueError):
-        hb.TimePeriod(1, length=29)
+    for bad in (0, 14401):
+        with pytest.raises(ValueError):
+            hb.TimePeriod(1, length=bad)
+    # a TestingTorNetwork (10-second votes): 4-minute periods offset by 2 minutes
+    test_tp = hb.TimePeriod.at(ts("2016-04-13T11:15:01Z"), length=4, offset=2)
+    assert test_tp.start == ts("2016-04-13T11:14:00Z") and test_tp.end == ts("2016-04-13T11:18:00Z")
 
 
 # -- blinding ----------------------------------------------------------------------------------------

@@ -377,3 +377,107 @@ def test_mutated_descriptors_raise_only_typed_errors():
             hd._parse_middle(mutant)
         except HsDescriptorError:
             pass
+
+
+# -- a real tor network decodes our descriptor ---------------------------------------------------------
+
+
+def _tornet_module():
+    import importlib.util
+    import sys
+    spec = importlib.util.spec_from_file_location("tornet", Path(__file__).parents[1] / "tools" / "tornet.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tornet"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.tor
+@pytest.mark.slow
+def test_tor_hsdirs_store_and_a_tor_client_decodes_our_descriptors(tmp_path):
+    """In a private tor network (tools/tornet.py; tor relays are the HSDirs) a tor client uploads
+    our descriptors with HSPOST and fetches them back with HSFETCH. tor decodes what it fetches:
+    GETINFO hs/client/desc/id answers only for a descriptor whose outer and middle layers it
+    decrypted, and ONION_CLIENT_AUTH_ADD answers 252 "decrypted desc" only when the new key opens
+    a cached client-auth descriptor's inner layer. A descriptor made with another subcredential
+    is refused (HS_DESC FAILED), so acceptance means something."""
+    import base64
+    import subprocess
+
+    import stem
+    import stem.control
+    from conftest import free_port
+    tornet = _tornet_module()
+    if not tornet.tor_available():
+        why = "needs the 'tor' and 'tor-gencert' programs (Debian package 'tor'; tools/test installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    net = tornet.TorNet(tmp_path / "net", extra_authority_options=["TestingDirAuthVoteHSDir *"])
+    net.start(n_relays=5, n_exits=1, timeout=240)
+    client_dir = tmp_path / "client"
+    client_dir.mkdir(mode=0o700)
+    port = free_port()
+    (client_dir / "torrc").write_text("\n".join([
+        "TestingTorNetwork 1", f"DataDirectory {client_dir}", "SocksPort 0", f"ControlPort 127.0.0.1:{port}",
+        "CookieAuthentication 0", f"Log notice file {client_dir}/notice.log", "SafeLogging 0",
+        *net.dirauth_lines()]) + "\n")
+    proc = subprocess.Popen([tornet._which("tor"), "-f", str(client_dir / "torrc")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    events: list[str] = []
+    try:
+        deadline = time.monotonic() + 180
+        log = client_dir / "notice.log"
+        while not (log.exists() and "Bootstrapped 100%" in log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text() if log.exists() else ""
+            time.sleep(1)
+        with stem.control.Controller.from_port(port=port) as ctl:
+            ctl.authenticate()
+            ctl.add_event_listener(lambda e: events.append(str(e)), stem.control.EventType.HS_DESC)
+
+            def publish(wrong_subcred: bool = False, **kw) -> tuple[Service, str]:
+                va = ts(ctl.get_info("consensus/valid-after").replace(" ", "T") + "Z")
+                svc = Service(now=time.time())
+                # a TestingTorNetwork's period is one shared-random run: 24 votes of 10 s = 4 minutes,
+                # offset by 12 votes = 2 minutes (tor's get_time_period_length)
+                svc.period = TimePeriod.at(va, length=4, offset=2)
+                svc.blinded = blind_secret_key(svc.identity, svc.period)
+                svc.subcred = subcredential(os.urandom(32) if wrong_subcred else svc.identity.public,
+                                            svc.blinded.public)
+                text = svc.build(intro_points=[intro_point(i) for i in range(3)], **kw)
+                label = svc.address[:-len(".onion")]
+                reply = ctl.msg(f"HSPOST HSADDRESS={label}\n" + text.rstrip("\n"))
+                assert reply.is_ok(), str(reply)
+                return svc, label
+
+            def fetch(label: str) -> str | None:
+                for _ in range(10):
+                    time.sleep(2)
+                    assert ctl.msg(f"HSFETCH {label}").is_ok()
+                    time.sleep(3)
+                    try:
+                        return ctl.get_info(f"hs/client/desc/id/{label}")
+                    except stem.ControllerError:
+                        if any("FAILED" in e and label in e and "BAD_DESC" in e for e in events):
+                            return None
+                return None
+
+            _, label = publish()
+            got = fetch(label)
+            assert got is not None, "\n".join(events[-10:]) + log.read_text()[-2000:]
+            assert f"HS_DESC RECEIVED {label}" in "\n".join(events)
+
+            me = X25519PrivateKey.generate()
+            _, label = publish(client_keys=[x25519_public(), me.public_key().public_bytes_raw()])
+            assert fetch(label) is not None
+            reply = ctl.msg(f"ONION_CLIENT_AUTH_ADD {label} x25519:"
+                            + base64.b64encode(me.private_bytes_raw()).decode())
+            assert "decrypted desc" in str(reply), str(reply)
+
+            _, label = publish(wrong_subcred=True)
+            assert fetch(label) is None
+            assert any("FAILED" in e and label in e for e in events), "\n".join(events[-10:])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        net.stop()
