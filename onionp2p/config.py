@@ -529,6 +529,9 @@ class ClientConfig:
     guard_params: Mapping[str, int] = field(default_factory=dict)
     socks_handshake_timeout: float = 30.0  #: seconds for a SOCKS client to send its request
     socks_max_connections: int = 1024  #: SOCKS connections served at once; more are closed
+    #: tor's SocksPort flag ExtendedErrors: answer onion-service failures with the SOCKS5
+    #: codes X'F0'-X'F7' (proposal 304) instead of RFC 1928's; off by default, as in tor
+    socks_extended_errors: bool = False
     #: refuse SOCKS connects to private/internal IP literals and "localhost" (tor's
     #: ClientRejectInternalAddresses); the testnet turns it off (its destinations are local)
     client_reject_internal_addresses: bool = True
@@ -572,6 +575,7 @@ class ClientConfig:
             "guard_params": _guard_params,
             "socks_handshake_timeout": _number_range(0.1, 600),
             "socks_max_connections": _int_range(1, 65535),
+            "socks_extended_errors": _bool,
             "client_reject_internal_addresses": _bool,
             "congestion_control": _bool,
             "cgo": _bool,

@@ -23,6 +23,13 @@ __all__ = [
     "ListenError",
     "CircuitError",
     "StreamError",
+    "OnionAddressError",
+    "OnionAddressMalformed",
+    "OnionAddressChecksumError",
+    "HsDescriptorError",
+    "HsDescriptorSignatureError",
+    "HsDescriptorDecryptError",
+    "HsClientAuthError",
 ]
 
 
@@ -108,3 +115,42 @@ class StreamError(OnionError):
     def __init__(self, message: str, reason: int = 1):
         super().__init__(message)
         self.reason = reason
+
+
+class OnionAddressError(ProtocolError):
+    """A ``.onion`` name is not a usable v3 onion address (rend-spec-v3 §6).
+
+    tor answers both kinds below with the same SOCKS5 extended error X'F6' ("Onion Service
+    Invalid Address"); the subclasses exist so that callers and logs can tell them apart.
+    """
+
+
+class OnionAddressMalformed(OnionAddressError):
+    """Not a v3 address at all: wrong length, bad base32, a version byte other than 3, a
+    subdomain where none is allowed, or a key that is not a point of the prime-order group."""
+
+
+class OnionAddressChecksumError(OnionAddressError):
+    """A well-formed v3 address whose two checksum bytes do not match its key (a typo)."""
+
+
+class HsDescriptorError(ProtocolError):
+    """An onion-service descriptor is malformed, too big, expired or inconsistent."""
+
+
+class HsDescriptorSignatureError(HsDescriptorError):
+    """A descriptor's signature or one of its certificates does not verify."""
+
+
+class HsDescriptorDecryptError(HsDescriptorError):
+    """A descriptor layer's MAC does not match: wrong subcredential (the wrong onion
+    address or time period), wrong revision counter, or a corrupted blob."""
+
+
+class HsClientAuthError(HsDescriptorError):
+    """The descriptor's inner layer needs client authorization we lack (``missing``, tor's
+    SOCKS X'F4') or that no ``auth-client`` entry accepts (tor's X'F5')."""
+
+    def __init__(self, message: str, *, missing: bool):
+        super().__init__(message)
+        self.missing = missing

@@ -33,8 +33,8 @@ CLOCK = {("time", "time"), ("time", "monotonic"), ("time", "perf_counter"), ("ti
 ALLOWED: dict[str, set[str] | None] = {
     "proto": {"errors"},
     "net": {"proto", "errors", "log", "listeners", "defaults"},
-    "relay": {"net", "proto", "errors", "log", "listeners", "config", "defaults", "bootstrap"},
-    "client": {"net", "proto", "errors", "log", "listeners", "config", "defaults", "bootstrap"},
+    "relay": {"net", "proto", "errors", "log", "listeners", "config", "defaults", "bootstrap", "keyfiles"},
+    "client": {"net", "proto", "errors", "log", "listeners", "config", "defaults", "bootstrap", "keyfiles"},
     "dir": {"client", "net", "proto", "errors", "log", "listeners", "config", "defaults", "__version__",
             "bootstrap"},
     "control": {"client", "dir", "net", "proto", "errors", "log", "listeners", "config", "defaults", "__version__",
@@ -43,6 +43,7 @@ ALLOWED: dict[str, set[str] | None] = {
     "config": {"proto", "errors", "defaults"},
     "defaults": set(),
     "errors": set(),
+    "keyfiles": {"errors"},
     "log": {"errors"},
     "listeners": {"log"},
     "bootstrap": {"log", "listeners"},

@@ -566,8 +566,9 @@ async def test_resolve_of_ip_literal_is_answered_locally(offline):
 
 
 async def test_onion_names_never_leave_the_client(offline):
+    # a v2 name is no valid address: general failure, as tor (tests/test_onion_address.py has the rest)
     got, _ = await exchange(offline.port, greet(0) + req5(1, "expyuzz4wqqyqhjn.onion", 80))
-    assert got == b"\x05\x00" + err5(Reply.HOST_UNREACHABLE)
+    assert got == b"\x05\x00" + err5(Reply.GENERAL_FAILURE)
     got, _ = await exchange(offline.port, req4(1, "0.0.0.1", 80, b"", b"abc.onion"))
     assert got == REJECT4
 

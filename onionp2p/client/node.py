@@ -198,7 +198,8 @@ class ClientNode:
                 await self._start_control()
             socks = SocksServer(self, host=self.cfg.socks_address[0], port=self.cfg.socks_address[1],
                                 handshake_timeout=self.cfg.socks_handshake_timeout,
-                                max_connections=self.cfg.socks_max_connections)
+                                max_connections=self.cfg.socks_max_connections,
+                                extended_errors=self.cfg.socks_extended_errors)
             await socks.start()
             self.socks = socks
             await self._start_app_ports()

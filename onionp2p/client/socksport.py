@@ -52,8 +52,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from onionp2p.client.leanstreams import start_server
-from onionp2p.errors import ListenError, OnionError, StreamError
+from onionp2p.errors import ListenError, OnionAddressError, OnionError, StreamError
 from onionp2p.log import get_logger
+from onionp2p.proto.hs.address import is_onion_name, parse_onion_address
 from onionp2p.proto.relaycell import EndReason, Resolved, ResolvedType
 from onionp2p.proto.socks import (  # noqa: F401
     HTTP_NOT_SOCKS_ANSWER,
@@ -80,10 +81,13 @@ from onionp2p.proto.socks import (  # noqa: F401
 
 __all__ = [
     "AppProxyServer",
+    "OnionServicesUnsupported",
     "SocksBackend",
-    "SocksStats",
     "SocksServer",
+    "SocksStats",
     "addresses_from_resolved",
+    "check_onion",
+    "extended_code",
     "hostname_from_resolved",
 ]
 
@@ -271,8 +275,10 @@ class AppProxyServer:
         Raises:
             StreamError, CircuitError, TimeoutError: the stream could not be opened
                 (:meth:`_failed` maps any exception to a reply code)."""
-        if _is_onion(req.host):  # no onion services: never hand .onion names to an exit
-            raise StreamError("no onion services: .onion names are refused", EndReason.RESOLVEFAILED)
+        if is_onion_name(req.host):  # never hand a .onion name to an exit
+            check_onion(req.host)
+            raise OnionServicesUnsupported(
+                "onion services are not supported yet: a valid .onion address is refused", EndReason.RESOLVEFAILED)
         return await self._call(self.backend.open_stream(req))
 
     async def tunnel(self, req: SocksRequest, extra: bytes, reader: asyncio.StreamReader,
@@ -335,19 +341,57 @@ class AppProxyServer:
                 done.set_result(None)
 
 
+class OnionServicesUnsupported(StreamError):
+    """A well-formed v3 ``.onion`` address: refused until the client side of onion services lands.
+
+    Its RELAY_END-style reason is RESOLVEFAILED (SOCKS5 reply 4, host unreachable), and with
+    ExtendedErrors the reply is X'F0' (descriptor not found): what tor answers when it cannot
+    get a service's descriptor, which is exactly our situation."""
+
+
+def check_onion(host: str) -> None:
+    """Raise the typed :class:`~onionp2p.errors.OnionAddressError` if ``host`` (a .onion name)
+    is not a valid v3 address (tor: SOCKS5 reply 1, or X'F6' with ExtendedErrors)."""
+    try:
+        parse_onion_address(host)
+    except OnionAddressError as exc:
+        log.warning("invalid onion address refused", error=str(exc), kind=type(exc).__name__)
+        raise
+
+
+def extended_code(exc: BaseException) -> int | None:
+    """The SOCKS5 extended error (tor's ExtendedErrors, proposal 304) for ``exc``, if any."""
+    if isinstance(exc, OnionAddressError):
+        return Reply.HS_BAD_ADDRESS
+    if isinstance(exc, OnionServicesUnsupported):
+        return Reply.HS_DESC_NOT_FOUND
+    return None
+
+
 class SocksServer(AppProxyServer):
-    """A SOCKS4/4a/5 listener that sends every request to ``backend``."""
+    """A SOCKS4/4a/5 listener that sends every request to ``backend``.
+
+    ``extended_errors``: tor's SocksPort flag ExtendedErrors: onion-service failures are
+    answered with the X'F0'-X'F7' reply codes instead of the RFC 1928 ones (SOCKS5 only).
+    """
 
     kind = "SOCKS"
 
     def __init__(self, backend: SocksBackend, *, host: str = "127.0.0.1", port: int = 9050,
                  handshake_timeout: float = 30.0, connect_timeout: float = 120.0,
                  prefer_no_auth: bool = False, max_connections: int = 1024,
-                 session_group: Hashable = None):
+                 session_group: Hashable = None, extended_errors: bool = False):
         super().__init__(backend, host=host, port=port, handshake_timeout=handshake_timeout,
                          connect_timeout=connect_timeout, max_connections=max_connections,
                          session_group=session_group)
         self.prefer_no_auth = prefer_no_auth
+        self.extended_errors = extended_errors
+
+    def _failed(self, req: SocksRequest, exc: Exception) -> int:
+        code = super()._failed(req, exc)
+        if self.extended_errors and req.version == 5:
+            return extended_code(exc) or code
+        return code
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Any) -> None:
         got = await self._handshake(reader, writer, peer)
@@ -393,7 +437,9 @@ class SocksServer(AppProxyServer):
                     answer = name
             elif req.host_kind != "domain":  # an IP literal resolves to itself, locally (as in tor)
                 answer = _pick_address([req.host], req.version)
-            elif not _is_onion(req.host):
+            elif is_onion_name(req.host):
+                check_onion(req.host)  # a valid one cannot be resolved: tor answers "unreachable"
+            else:
                 addrs = await self._call(self.backend.resolve(req))
                 answer = _pick_address(addrs, req.version)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a SOCKS reply
@@ -406,10 +452,6 @@ class SocksServer(AppProxyServer):
             self.stats.resolves_ok += 1
         code = Reply.HOST_UNREACHABLE if answer is None else Reply.SUCCEEDED
         await self._send_final(writer, reply_for(req.version, code, answer))
-
-
-def _is_onion(host: str) -> bool:
-    return host.rstrip(".").lower().endswith(".onion")
 
 
 def _pick_address(addrs: list[str], version: int) -> str | None:

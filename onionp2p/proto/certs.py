@@ -65,6 +65,7 @@ from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 
 from onionp2p.errors import CertificateError, LocalProtocolError
+from onionp2p.proto.ed25519x import ExpandedKey
 
 __all__ = [
     "EXT_FLAG_AFFECTS_VALIDATION",
@@ -345,7 +346,7 @@ class Ed25519Cert:
         cls,
         cert_type: int,
         certified_key: bytes,
-        signer: ed25519.Ed25519PrivateKey,
+        signer: ed25519.Ed25519PrivateKey | ExpandedKey,
         *,
         expires_hours: int,
         key_type: int = KeyType.ED25519,
@@ -355,7 +356,9 @@ class Ed25519Cert:
         """Issue a certificate for ``certified_key`` signed by ``signer``.
 
         With ``include_signer`` the signer's public key goes into extension 04
-        (first); ``extensions`` are appended as given.
+        (first); ``extensions`` are appended as given. ``signer`` may be an
+        :class:`~onionp2p.proto.ed25519x.ExpandedKey` (a key without a seed, such as an
+        onion service's blinded key, which signs its descriptor-signing-key certificate).
         """
         if len(certified_key) != 32:
             raise LocalProtocolError(f"certified_key must be 32 bytes, got {len(certified_key)}")
@@ -363,7 +366,8 @@ class Ed25519Cert:
             raise LocalProtocolError("expires_hours must fit in 32 bits")
         exts: list[CertExtension] = []
         if include_signer:
-            exts.append(CertExtension(ExtType.SIGNED_WITH_ED25519_KEY, 0, _ed_raw(signer.public_key())))
+            signer_public = signer.public if isinstance(signer, ExpandedKey) else _ed_raw(signer.public_key())
+            exts.append(CertExtension(ExtType.SIGNED_WITH_ED25519_KEY, 0, signer_public))
         exts.extend(extensions)
         unsigned = cls(
             cert_type=_as_int_enum(CertType, int(cert_type)),

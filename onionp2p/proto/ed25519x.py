@@ -34,8 +34,10 @@ from nacl import bindings as _na
 __all__ = [
     "CURVE25519_PREFIX_STRING",
     "ExpandedKey",
+    "blind_public",
     "clamp",
     "ed25519_public_from_curve25519",
+    "is_torsion_free_point",
 ]
 
 CURVE25519_PREFIX_STRING = b"Derive high part of ed25519 key from curve25519 key\x00"
@@ -101,6 +103,19 @@ class ExpandedKey:
         key = cls.from_parts(k, prefix)
         return key, key.public[31] >> 7
 
+    def blind(self, factor: bytes, prefix: bytes) -> ExpandedKey:
+        """The key with scalar ``factor · a mod ℓ`` and the given nonce ``prefix``.
+
+        The public key of the result is ``factor · A`` (see :func:`blind_public`), so a
+        signature made with it verifies under the blinded public key. How ``factor`` and the
+        new ``prefix`` are derived is the caller's protocol (rend-spec-v3 A.2 for onion
+        services, in :mod:`onionp2p.proto.hs.blinding`); this is only the group operation.
+        """
+        if len(factor) != 32:
+            raise ValueError("a blinding factor is 32 bytes")
+        scalar = _na.crypto_core_ed25519_scalar_mul(_reduce32(factor), _reduce32(self.scalar))
+        return ExpandedKey.from_parts(scalar, prefix)
+
     def sign(self, message: bytes) -> bytes:
         """An RFC 8032 Ed25519 signature of ``message`` (64 bytes: R | S)."""
         r = _reduce64(hashlib.sha512(self.prefix + message).digest())
@@ -108,6 +123,32 @@ class ExpandedKey:
         k = _reduce64(hashlib.sha512(big_r + self.public + message).digest())
         s = _na.crypto_core_ed25519_scalar_add(r, _na.crypto_core_ed25519_scalar_mul(k, _reduce32(self.scalar)))
         return big_r + s
+
+
+def blind_public(public: bytes, factor: bytes) -> bytes:
+    """``factor · A`` for an Ed25519 public key ``A`` (libsodium, no clamping of ``factor``).
+
+    Raises ValueError if ``A`` is not a valid point of the prime-order subgroup or the
+    product is the identity (libsodium refuses both).
+    """
+    if len(public) != 32 or len(factor) != 32:
+        raise ValueError("a public key and a factor are 32 bytes each")
+    if not is_torsion_free_point(public):
+        raise ValueError("not an Ed25519 point of the prime-order subgroup")
+    try:
+        return _na.crypto_scalarmult_ed25519_noclamp(factor, public)
+    except RuntimeError as exc:  # libsodium refused: the product is the identity
+        raise ValueError(f"blinding failed: {exc}") from None
+
+
+def is_torsion_free_point(public: bytes) -> bool:
+    """True if ``public`` encodes a canonical Ed25519 point in the prime-order subgroup.
+
+    libsodium's ``crypto_core_ed25519_is_valid_point`` rejects non-canonical encodings,
+    points of small order and points with a torsion component (``ℓ·P ≠ 0``): what
+    rend-spec-v3 §2.2.7 asks a client to check before using an onion address.
+    """
+    return len(public) == 32 and bool(_na.crypto_core_ed25519_is_valid_point(bytes(public)))
 
 
 def ed25519_public_from_curve25519(u: bytes, sign_bit: int) -> bytes:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar, Union
@@ -48,6 +49,8 @@ __all__ = [
     "parse_v1_header",
     "LinkSpecType",
     "LinkSpec",
+    "encode_link_specs",
+    "parse_link_specs",
     "Begin",
     "BeginDir",
     "Data",
@@ -538,9 +541,31 @@ class LinkSpec:
         raise LocalProtocolError("not an address link specifier")
 
 
+_LINK_SPECS = cs.PrefixedArray(cs.Int8ub, cs.Struct("lstype" / cs.Int8ub,
+                                                    "data" / cs.Prefixed(cs.Int8ub, cs.GreedyBytes)))
+
+
+def _checked_spec(lstype: int, data: bytes, what: str) -> LinkSpec:
+    """A LinkSpec, after checking that a known type has its exact length (unknown types are kept)."""
+    want = _LS_LEN.get(lstype)
+    if want is not None and len(data) != want:
+        raise ProtocolError(f"{what}: link specifier type {lstype} has length {len(data)}")
+    return LinkSpec(lstype, bytes(data))
+
+
+def encode_link_specs(specs: Sequence[LinkSpec]) -> bytes:
+    """A link specifier block ``NSPEC | NSPEC x (LSTYPE | LSLEN | LSPEC)`` (EXTEND2, onion services)."""
+    return _build(_LINK_SPECS, [{"lstype": s.lstype, "data": s.data} for s in specs], "link specifiers")
+
+
+def parse_link_specs(data: bytes, what: str = "link specifiers") -> tuple[LinkSpec, ...]:
+    """Decode a whole link specifier block (nothing may follow it)."""
+    rec = parse_with(cs.Struct("specs" / _LINK_SPECS, cs.Terminated), bytes(data), what)
+    return tuple(_checked_spec(s.lstype, s.data, what) for s in rec.specs)
+
+
 _EXTEND2 = cs.Struct(
-    "specs" / cs.PrefixedArray(cs.Int8ub, cs.Struct("lstype" / cs.Int8ub,
-                                                    "data" / cs.Prefixed(cs.Int8ub, cs.GreedyBytes))),
+    "specs" / _LINK_SPECS,
     "htype" / cs.Int16ub,
     "hdata" / cs.Prefixed(cs.Int16ub, cs.GreedyBytes),
 )
@@ -566,13 +591,8 @@ class Extend2:
     @classmethod
     def parse(cls, data: bytes) -> Extend2:
         rec = parse_with(_EXTEND2, bytes(data), "EXTEND2")
-        specs = []
-        for s in rec.specs:
-            want = _LS_LEN.get(s.lstype)
-            if want is not None and len(s.data) != want:
-                raise ProtocolError(f"EXTEND2: link specifier type {s.lstype} has length {len(s.data)}")
-            specs.append(LinkSpec(s.lstype, s.data))
-        return cls(tuple(specs), rec.htype, rec.hdata)
+        specs = tuple(_checked_spec(s.lstype, s.data, "EXTEND2") for s in rec.specs)
+        return cls(specs, rec.htype, rec.hdata)
 
     def find(self, lstype: int) -> LinkSpec | None:
         """The first specifier of ``lstype``, or None."""

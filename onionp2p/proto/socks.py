@@ -54,6 +54,16 @@ class Reply(enum.IntEnum):
     TTL_EXPIRED = 0x06
     COMMAND_NOT_SUPPORTED = 0x07
     ADDRESS_TYPE_NOT_SUPPORTED = 0x08
+    # Onion-service extended errors (proposal 304, tor's SocksPort flag ExtendedErrors):
+    # sent only to clients of a port with extended errors on.
+    HS_DESC_NOT_FOUND = 0xF0
+    HS_DESC_INVALID = 0xF1
+    HS_INTRO_FAILED = 0xF2
+    HS_REND_FAILED = 0xF3
+    HS_MISSING_CLIENT_AUTH = 0xF4
+    HS_BAD_CLIENT_AUTH = 0xF5
+    HS_BAD_ADDRESS = 0xF6
+    HS_INTRO_TIMEDOUT = 0xF7
 
 
 SOCKS4_GRANTED = 0x5A
