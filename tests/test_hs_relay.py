@@ -21,14 +21,21 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from onionp2p.client.client import OnionClient
 from onionp2p.config import AuthorityConfig
-from onionp2p.dir.authority import Authority, authority_line, load_or_create_authority_key
+from onionp2p.dir.authority import (
+    Authority,
+    FlagRules,
+    Reachability,
+    authority_line,
+    flags_for,
+    load_or_create_authority_key,
+)
 from onionp2p.dir.client import RelayDirectory
 from onionp2p.dir.server import DirRequestError, http_request
 from onionp2p.errors import ProtocolError
 from onionp2p.ops.metrics import RelayCollector, render_metrics
 from onionp2p.proto import protover
 from onionp2p.proto.certs import CertType, Ed25519Cert, expiry_hours
-from onionp2p.proto.directory import parse_authorities
+from onionp2p.proto.directory import ServerDescriptor, parse_authorities
 from onionp2p.proto.exitpolicy import ExitPolicy
 from onionp2p.proto.hs.cells import (
     ESTABLISH_INTRO_SIG_PREFIX,
@@ -609,3 +616,28 @@ async def test_hsdir_publish_and_fetch_over_begin_dir(tmp_path):
         for relay in relays:
             await relay.stop()
         await auth.stop()
+
+
+def test_authority_gives_hsdir_flag_as_tor(tmp_path):
+    """tor's dirserv_thinks_router_is_hs_dir: the descriptor asks for it (hidden-service-dir)
+    and answers BEGIN_DIR, the relay is Fast and Stable and up for MinUptimeHidServDirectoryV2."""
+    keys = RelayKeys.load_or_create(tmp_path / "k")
+    now = time.time()
+
+    def desc(hs_dir=True, dir_server=True, rate=1 << 30):
+        return ServerDescriptor.create(keys, nickname="r", address="127.0.0.1", or_port=9001,
+                                       exit_policy=ExitPolicy.reject_all(), published=now, dir_server=dir_server,
+                                       hs_dir=hs_dir, bandwidth=(rate, rate, 0))
+
+    d = desc()
+    assert "\nhidden-service-dir\n" in d.text and ServerDescriptor.parse(d.text).hs_dir
+    assert not ServerDescriptor.parse(desc(hs_dir=False).text).hs_dir
+    reach = Reachability(target=(d.address, d.or_port, d.rsa_id, d.ed_id), ok=True, up_since=now - 100)
+    rules = FlagRules(stable_uptime=0, hsdir_uptime=50)
+    assert "HSDir" in flags_for(d, reach, now, rules)
+    assert "HSDir" not in flags_for(d, reach, now, FlagRules(stable_uptime=0, hsdir_uptime=200))  # not up long enough
+    assert "HSDir" not in flags_for(desc(hs_dir=False), reach, now, rules)
+    assert "HSDir" not in flags_for(desc(dir_server=False), reach, now, rules)
+    assert "HSDir" not in flags_for(desc(rate=50_000), reach, now, rules)  # not Fast
+    assert "HSDir" not in flags_for(d, reach, now, FlagRules(stable_uptime=1000, hsdir_uptime=50))  # not Stable
+    assert FlagRules().hsdir_uptime == 96 * 3600 and AuthorityConfig().hsdir_uptime == 96 * 3600
