@@ -1289,6 +1289,11 @@ class RelayCircuit(Edge):
             if self.has_next or self.extending or self.spliced:
                 raise ProtocolError(f"{RelayCommand(cmd).name} on a circuit that does not end here")
             self._out.append(HsRequest(cmd, data))
+            if cmd == RelayCommand.RENDEZVOUS1:
+                # the cells after it in this run may already be for the joined circuit: they
+                # leave as ToSplice, in order after the request (a refused RENDEZVOUS1 closes
+                # the circuit, and they are dropped with it)
+                self.spliced = True
         elif cmd in (RelayCommand.BEGIN, RelayCommand.BEGIN_DIR, RelayCommand.RESOLVE, _END):
             if sid == 0:
                 raise ProtocolError("stream command with stream ID 0")

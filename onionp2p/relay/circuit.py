@@ -104,6 +104,7 @@ class OrCircuit:
         self.intro_dos = None
         self.intro_dos_explicit = False
         self.intro_bucket = None
+        self._gone = False  # Destroyed was carried out (cells still listed after it stay here)
         prev_chan.circuits[prev_id] = self
 
     # what the relay, its control port and its metrics read
@@ -181,6 +182,9 @@ class OrCircuit:
     def _run(self, actions: list) -> None:
         for a in actions:
             t = type(a)
+            if self._gone and t is not Destroyed:
+                # an onion-service request handled earlier in this list closed the circuit
+                continue
             if t is ToPrev:
                 self.prev_chan.send_payloads(self.prev_id, a.command, a.payloads)
             elif t is ToNext:
@@ -270,6 +274,9 @@ class OrCircuit:
         self.next_id = 0
 
     def _destroyed(self, a: Destroyed) -> None:
+        if self._gone:
+            return
+        self._gone = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
