@@ -63,11 +63,13 @@ from onionp2p.relay.relay import Relay
 TOR_ESTABLISH_INTRO = bytes.fromhex(
     "0200200450EFF847E40C180888F5EB9179F9B59F043385834B4C373C328E12FDFF46B400546514E3BA58E954"
     "09828A235B6390B3729B4CB8E8607024081C860E1A0D40DC0040AF031A801FE9822853D4674C5061B0352F7E"
-    "2487415E25E25554C0DBF88146BCA9EBD2BD62338ADF3CC217658110EF38DB505C77B2FB38A1C0AF3C22C948F604")
+    "2487415E25E25554C0DBF88146BCA9EBD2BD62338ADF3CC217658110EF38DB505C77B2FB38A1C0AF3C22C948F604"
+)
 TOR_INTRODUCE1 = bytes.fromhex(
     "000000000000000000000000000000000000000002002011AAA1BA28353424061A63326C3BFF4FE4EC7EC24BB5"
     "EB740E9D167DEF103206001E99C1B9B0C24E6C63E9A182C33A8969DF94D08FD9FE98D82E21B262AE6CBC4E5897"
-    "1D6A38426C5D52519AB03377274AF74D2332C8FB599BFCBC5F2B02ECDAC4025EE24B63A824101E29EB9917B1C3")
+    "1D6A38426C5D52519AB03377274AF74D2332C8FB599BFCBC5F2B02ECDAC4025EE24B63A824101E29EB9917B1C3"
+)
 TOR_ESTABLISH_RENDEZVOUS = bytes.fromhex("4AA2BAF815CEBB4B922B5BF6F545AEE0DDBE1254")
 
 
@@ -98,24 +100,46 @@ def torn_down(relay: Relay, reason: str) -> int:
 
 
 def client_violations(caplog, hop: int) -> list[dict]:
-    return [r.msg for r in caplog.records
-            if isinstance(r.msg, dict) and r.msg.get("event") == "protocol violation: relay cell dropped"
-            and r.msg.get("from_hop") == hop]
+    return [
+        r.msg
+        for r in caplog.records
+        if isinstance(r.msg, dict)
+        and r.msg.get("event") == "protocol violation: relay cell dropped"
+        and r.msg.get("from_hop") == hop
+    ]
 
 
 def pem(kind: str, raw: bytes) -> str:
     b = base64.b64encode(raw).decode()
-    return f"-----BEGIN {kind}-----\n" + "\n".join(b[i:i + 64] for i in range(0, len(b), 64)) + f"\n-----END {kind}-----\n"
+    return (
+        f"-----BEGIN {kind}-----\n"
+        + "\n".join(b[i : i + 64] for i in range(0, len(b), 64))
+        + f"\n-----END {kind}-----\n"
+    )
 
 
-def make_descriptor(blinded: ed25519.Ed25519PrivateKey, signing: ed25519.Ed25519PrivateKey, revision: int, *,
-                    now: float, lifetime_min: int = 180, cert_hours: float = 3, blob: bytes | None = None) -> bytes:
+def make_descriptor(
+    blinded: ed25519.Ed25519PrivateKey,
+    signing: ed25519.Ed25519PrivateKey,
+    revision: int,
+    *,
+    now: float,
+    lifetime_min: int = 180,
+    cert_hours: float = 3,
+    blob: bytes | None = None,
+) -> bytes:
     """A v3 descriptor's outer layer as a service makes it (the superencrypted part random)."""
-    cert = Ed25519Cert.create(CertType.HS_BLINDED_ID_V_SIGNING, signing.public_key().public_bytes_raw(), blinded,
-                              expires_hours=expiry_hours(now + cert_hours * 3600))
-    body = (f"hs-descriptor 3\ndescriptor-lifetime {lifetime_min}\ndescriptor-signing-key-cert\n"
-            f"{pem('ED25519 CERT', cert.encode())}revision-counter {revision}\nsuperencrypted\n"
-            f"{pem('MESSAGE', blob if blob is not None else os.urandom(1000))}")
+    cert = Ed25519Cert.create(
+        CertType.HS_BLINDED_ID_V_SIGNING,
+        signing.public_key().public_bytes_raw(),
+        blinded,
+        expires_hours=expiry_hours(now + cert_hours * 3600),
+    )
+    body = (
+        f"hs-descriptor 3\ndescriptor-lifetime {lifetime_min}\ndescriptor-signing-key-cert\n"
+        f"{pem('ED25519 CERT', cert.encode())}revision-counter {revision}\nsuperencrypted\n"
+        f"{pem('MESSAGE', blob if blob is not None else os.urandom(1000))}"
+    )
     sig = signing.sign(DESC_SIG_PREFIX + body.encode())
     return (body + "signature " + base64.b64encode(sig).decode().rstrip("=") + "\n").encode()
 
@@ -142,7 +166,8 @@ def test_codecs_read_cells_tor_made():
     assert cell.encode() == TOR_ESTABLISH_INTRO
     # SIG covers the prefix and everything up to SIG_LEN: tor's signature checks with our layout
     ed25519.Ed25519PublicKey.from_public_bytes(cell.auth_key).verify(
-        cell.sig, ESTABLISH_INTRO_SIG_PREFIX + TOR_ESTABLISH_INTRO[:cell.sig_end])
+        cell.sig, ESTABLISH_INTRO_SIG_PREFIX + TOR_ESTABLISH_INTRO[: cell.sig_end]
+    )
     assert cell.mac_end == 1 + 2 + 32 + 1 and cell.sig_end == cell.mac_end + 32
     with pytest.raises(ProtocolError, match="handshake_auth"):  # we do not know its circuit's KH
         cell.verify(bytes(20))
@@ -165,7 +190,9 @@ def test_codecs_make_and_check_establish_intro():
     # tor's trunnel layout, byte for byte
     assert raw[:3] == b"\x02\x00\x20" and raw[3:35] == key.public_key().public_bytes_raw()
     assert raw[35:36] == b"\x02" and raw[36:38] == b"\x01\x13" and raw[38:39] == b"\x02"
-    assert raw[39:48] == b"\x01" + (25).to_bytes(8, "big") and raw[48:57] == b"\x02" + (200).to_bytes(8, "big")
+    assert raw[39:48] == b"\x01" + (25).to_bytes(8, "big") and raw[48:57] == b"\x02" + (200).to_bytes(
+        8, "big"
+    )
     assert raw[57:62] == b"\x4d\x03xyz"
     assert raw[62:94] == mac_sha3_256(kh, raw[:62]) and raw[94:96] == b"\x00\x40" and len(raw) == 160
     parsed = EstablishIntro.parse(raw)
@@ -179,6 +206,7 @@ def test_codecs_make_and_check_establish_intro():
         EstablishIntro.parse(bytes(forged)).verify(kh)
     # MAC(k, m) = SHA3-256(len(k) u64 | k | m)
     import hashlib
+
     assert mac_sha3_256(b"key", b"msg") == hashlib.sha3_256(b"\0" * 7 + b"\x03keymsg").digest()
 
 
@@ -211,9 +239,13 @@ def test_codecs_refuse_malformed_bodies_with_protocol_error_only():
 
 def test_intro_dos_parameters_follow_tor():
     assert IntroDosParams.from_consensus({}) == IntroDosParams(False, 25, 200)
-    assert IntroDosParams.from_consensus({"HiddenServiceEnableIntroDoSDefense": 1,
-                                          "HiddenServiceEnableIntroDoSRatePerSec": 7,
-                                          "HiddenServiceEnableIntroDoSBurstPerSec": -3}) == IntroDosParams(True, 7, 200)
+    assert IntroDosParams.from_consensus(
+        {
+            "HiddenServiceEnableIntroDoSDefense": 1,
+            "HiddenServiceEnableIntroDoSRatePerSec": 7,
+            "HiddenServiceEnableIntroDoSBurstPerSec": -3,
+        }
+    ) == IntroDosParams(True, 7, 200)
     assert IntroDosParams.from_extension(10, 20) == IntroDosParams(True, 10, 20)
     assert not IntroDosParams.from_extension(0, 20).enabled  # 0 disables
     assert not IntroDosParams.from_extension(30, 20).enabled  # burst below rate: invalid, disabled
@@ -238,7 +270,7 @@ async def test_rendezvous_splices_two_circuits(relay_net, clients, caplog):
     alice, bob = clients  # the onion-service client, the service
     a = await alice.build_circuit([r0.info(), r1.info(), rp.info()])
     b = await bob.build_circuit([r1.info(), r0.info(), rp.info()])
-    a_in, b_in = hs_inbox(a), hs_inbox(b)
+    a_in = hs_inbox(a)
     cookie = os.urandom(20)
     a.send_relay(RelayCommand.ESTABLISH_RENDEZVOUS, 0, EstablishRendezvous(cookie).encode())
     hop, body = await expect(a_in, RelayCommand.RENDEZVOUS_ESTABLISHED)
@@ -276,20 +308,32 @@ async def test_rendezvous_splices_two_circuits(relay_net, clients, caplog):
     opening = asyncio.ensure_future(a.open_stream("service.invalid", 80, timeout=20))
     await wait_for(lambda: a.core.streams, 10, "the stream registered")
     sid = next(iter(a.core.streams))
-    await wait_for(lambda: any(v["relay_cmd"] == "BEGIN" and v["stream_id"] == sid
-                               for v in client_violations(caplog, 3)), 15, "BEGIN at the service's end")
+    await wait_for(
+        lambda: any(
+            v["relay_cmd"] == "BEGIN" and v["stream_id"] == sid for v in client_violations(caplog, 3)
+        ),
+        15,
+        "BEGIN at the service's end",
+    )
     # service -> client: CONNECTED and DATA come back through the splice to the stream
     b.send_relay(RelayCommand.CONNECTED, sid, b"", hop=3)
     reader, writer = await opening
     payload = os.urandom(1500)
     for i in range(0, len(payload), 400):
-        b.send_relay(RelayCommand.DATA, sid, payload[i:i + 400], hop=3)
+        b.send_relay(RelayCommand.DATA, sid, payload[i : i + 400], hop=3)
     assert await asyncio.wait_for(reader.readexactly(len(payload)), 15) == payload
     # client -> service: DATA reaches the service's layer (as many cells as were sent)
     writer.write(os.urandom(498 * 3))
-    await wait_for(lambda: sum(v["relay_cmd"] == "DATA" and v["stream_id"] == sid
-                               for v in client_violations(caplog, 3)) >= 3, 15, "DATA at the service's end")
-    assert not client_violations(caplog, 2) and not client_violations(caplog, 0)  # no relay saw them as theirs
+    await wait_for(
+        lambda: (
+            sum(v["relay_cmd"] == "DATA" and v["stream_id"] == sid for v in client_violations(caplog, 3)) >= 3
+        ),
+        15,
+        "DATA at the service's end",
+    )
+    assert not client_violations(caplog, 2) and not client_violations(
+        caplog, 0
+    )  # no relay saw them as theirs
     joined = [c for c in rp.circuits if c.hs_purpose == "rend_joined"]
     assert len(joined) == 2 and joined[0].splice_peer is joined[1]
 
@@ -330,8 +374,11 @@ async def establish_intro(client, path, key, *, dos: DosParams | None = None, kh
     circ = await client.build_circuit(path)
     inbox = hs_inbox(circ)
     exts = (dos.extension(),) if dos is not None else ()
-    circ.send_relay(RelayCommand.ESTABLISH_INTRO, 0,
-                    EstablishIntro.create(key, circ.core.layers[-1].kh if kh is None else kh, exts).encode())
+    circ.send_relay(
+        RelayCommand.ESTABLISH_INTRO,
+        0,
+        EstablishIntro.create(key, circ.core.layers[-1].kh if kh is None else kh, exts).encode(),
+    )
     return circ, inbox
 
 
@@ -379,11 +426,17 @@ async def test_introduction_point(relay_net, clients):
     c2 = await client.build_circuit([r0.info(), ip.info()])
     c2_in = hs_inbox(c2)
     c2.send_relay(RelayCommand.INTRODUCE1, 0, Introduce1(os.urandom(32), os.urandom(100)).encode())
-    assert IntroduceAck.parse((await expect(c2_in, RelayCommand.INTRODUCE_ACK))[1]).status == IntroAckStatus.UNKNOWN_ID
+    assert (
+        IntroduceAck.parse((await expect(c2_in, RelayCommand.INTRODUCE_ACK))[1]).status
+        == IntroAckStatus.UNKNOWN_ID
+    )
     c3 = await client.build_circuit([r0.info(), ip.info()])
     c3_in = hs_inbox(c3)
     c3.send_relay(RelayCommand.INTRODUCE1, 0, b"\x01" + intro1[1:])  # non-zero legacy key ID
-    assert IntroduceAck.parse((await expect(c3_in, RelayCommand.INTRODUCE_ACK))[1]).status == IntroAckStatus.BAD_FORMAT
+    assert (
+        IntroduceAck.parse((await expect(c3_in, RelayCommand.INTRODUCE_ACK))[1]).status
+        == IntroAckStatus.BAD_FORMAT
+    )
     # a single-hop client may not introduce (tor): closed
     one_hop = await client.build_circuit([ip.info()])
     one_hop.send_relay(RelayCommand.INTRODUCE1, 0, intro1)
@@ -399,11 +452,19 @@ async def test_introduction_point(relay_net, clients):
     c4 = await client.build_circuit([r0.info(), ip.info()])
     c4_in = hs_inbox(c4)
     c4.send_relay(RelayCommand.INTRODUCE1, 0, intro1)
-    assert IntroduceAck.parse((await expect(c4_in, RelayCommand.INTRODUCE_ACK))[1]).status == IntroAckStatus.SUCCESS
+    assert (
+        IntroduceAck.parse((await expect(c4_in, RelayCommand.INTRODUCE_ACK))[1]).status
+        == IntroAckStatus.SUCCESS
+    )
     assert (await expect(svc2_in, RelayCommand.INTRODUCE2))[1] == intro1
     counts = ip.hs.counts["intro1"]
-    assert (counts["success"], counts["unknown_service"], counts["malformed"], counts["single_hop"],
-            counts["circuit_reused"]) == (2, 1, 1, 1, 1)
+    assert (
+        counts["success"],
+        counts["unknown_service"],
+        counts["malformed"],
+        counts["single_hop"],
+        counts["circuit_reused"],
+    ) == (2, 1, 1, 1, 1)
     text = render_metrics(RelayCollector(ip)())
     assert 'onionp2p_relay_intro1_total{action="success"} 2' in text
     assert 'onionp2p_relay_hs_circuits{role="intro"} 1' in text
@@ -417,7 +478,7 @@ async def test_intro_dos_defense_refuses_introductions_over_the_rate(relay_net, 
     client, service = clients
     key = ed25519.Ed25519PrivateKey.generate()
     auth = key.public_key().public_bytes_raw()
-    svc, svc_in = await establish_intro(service, [r0.info(), ip.info()], key, dos=DosParams(rate=1, burst=3))
+    _svc, svc_in = await establish_intro(service, [r0.info(), ip.info()], key, dos=DosParams(rate=1, burst=3))
     await expect(svc_in, RelayCommand.INTRO_ESTABLISHED)
     assert ip.hs.intro[auth].intro_dos == IntroDosParams(True, 1, 3)
     # one client circuit per introduction (tor allows one per circuit), all built first
@@ -443,16 +504,22 @@ async def test_intro_dos_defense_refuses_introductions_over_the_rate(relay_net, 
 
     # without the extension the consensus decides (default: no defense; here: on, burst 2)
     key2 = ed25519.Ed25519PrivateKey.generate()
-    ip.hs.params = lambda: {"HiddenServiceEnableIntroDoSDefense": 1, "HiddenServiceEnableIntroDoSRatePerSec": 1,
-                            "HiddenServiceEnableIntroDoSBurstPerSec": 2}
-    svc2, svc2_in = await establish_intro(service, [r1.info(), ip.info()], key2)
+    ip.hs.params = lambda: {
+        "HiddenServiceEnableIntroDoSDefense": 1,
+        "HiddenServiceEnableIntroDoSRatePerSec": 1,
+        "HiddenServiceEnableIntroDoSBurstPerSec": 2,
+    }
+    _svc2, svc2_in = await establish_intro(service, [r1.info(), ip.info()], key2)
     await expect(svc2_in, RelayCommand.INTRO_ESTABLISHED)
     assert ip.hs.intro[key2.public_key().public_bytes_raw()].intro_dos == IntroDosParams(True, 1, 2)
     ip.hs.params = dict  # the consensus drops it: the circuit follows (tor's update_intro_circuits)
     c = await client.build_circuit([r0.info(), ip.info()])
     c_in = hs_inbox(c)
     c.send_relay(RelayCommand.INTRODUCE1, 0, Introduce1(key2.public_key().public_bytes_raw(), b"x").encode())
-    assert IntroduceAck.parse((await expect(c_in, RelayCommand.INTRODUCE_ACK))[1]).status == IntroAckStatus.SUCCESS
+    assert (
+        IntroduceAck.parse((await expect(c_in, RelayCommand.INTRODUCE_ACK))[1]).status
+        == IntroAckStatus.SUCCESS
+    )
     assert not ip.hs.intro[key2.public_key().public_bytes_raw()].intro_dos.enabled
 
 
@@ -487,8 +554,13 @@ async def test_malformed_onion_service_requests_close_cleanly(relay_net, clients
     circ.send_relay(RelayCommand.ESTABLISH_RENDEZVOUS, 0, os.urandom(20))
     await expect(inbox, RelayCommand.RENDEZVOUS_ESTABLISHED)
     # the relay goes on serving
-    assert relay.hs.counts["est_intro"]["malformed"] + relay.hs.counts["est_rend"]["malformed"] \
-        + relay.hs.counts["rend1"]["malformed"] + relay.hs.counts["rend1"]["unknown_cookie"] == 9
+    assert (
+        relay.hs.counts["est_intro"]["malformed"]
+        + relay.hs.counts["est_rend"]["malformed"]
+        + relay.hs.counts["rend1"]["malformed"]
+        + relay.hs.counts["rend1"]["unknown_cookie"]
+        == 9
+    )
 
 
 # -- HSDir --------------------------------------------------------------------------------------------
@@ -500,7 +572,11 @@ def test_hsdir_cache_rules():
     cache = HsDirCache(max_bytes=10_000)
     d5 = make_descriptor(blinded, signing, 5, now=now, lifetime_min=60)
     outer = parse_outer(d5, now)
-    assert (outer.blinded_key, outer.revision, outer.lifetime) == (blinded.public_key().public_bytes_raw(), 5, 3600)
+    assert (outer.blinded_key, outer.revision, outer.lifetime) == (
+        blinded.public_key().public_bytes_raw(),
+        5,
+        3600,
+    )
     cache.store(d5, now)
     key = outer.blinded_key
     with pytest.raises(ProtocolError, match="revision"):
@@ -519,25 +595,44 @@ def test_hsdir_cache_rules():
     for bad, why in (
         (make_descriptor(blinded, signing, 1, now=now, lifetime_min=721), "lifetime"),
         (make_descriptor(blinded, signing, 1, now=now, cert_hours=-2), "expired"),
-        (make_descriptor(blinded, signing, 1, now=now).replace(b"revision-counter 1", b"revision-counter 2"),
-         "signature"),
-        (make_descriptor(blinded, signing, 1, now=now).replace(b"hs-descriptor 3", b"hs-descriptor 2"), "start"),
+        (
+            make_descriptor(blinded, signing, 1, now=now).replace(
+                b"revision-counter 1", b"revision-counter 2"
+            ),
+            "signature",
+        ),
+        (
+            make_descriptor(blinded, signing, 1, now=now).replace(b"hs-descriptor 3", b"hs-descriptor 2"),
+            "start",
+        ),
         (make_descriptor(blinded, signing, 1, now=now, blob=b"short"), "too short"),
     ):
         with pytest.raises(ProtocolError, match=why):
             parse_outer(bad, now)
     # a certificate signed by another key than the one it names
     other = ed25519.Ed25519PrivateKey.generate()
-    cert = Ed25519Cert.create(CertType.HS_BLINDED_ID_V_SIGNING, signing.public_key().public_bytes_raw(), other,
-                              expires_hours=expiry_hours(now + 3600))
-    lying = Ed25519Cert(cert.cert_type, cert.expires_hours, cert.key_type, cert.certified_key,
-                        (cert.extensions[0].__class__(4, 0, blinded.public_key().public_bytes_raw()),), cert.signature)
+    cert = Ed25519Cert.create(
+        CertType.HS_BLINDED_ID_V_SIGNING,
+        signing.public_key().public_bytes_raw(),
+        other,
+        expires_hours=expiry_hours(now + 3600),
+    )
+    lying = Ed25519Cert(
+        cert.cert_type,
+        cert.expires_hours,
+        cert.key_type,
+        cert.certified_key,
+        (cert.extensions[0].__class__(4, 0, blinded.public_key().public_bytes_raw()),),
+        cert.signature,
+    )
     good = make_descriptor(blinded, signing, 1, now=now).decode()
     start = good.index("-----BEGIN ED25519 CERT-----")
     end = good.index("-----END ED25519 CERT-----\n") + len("-----END ED25519 CERT-----\n")
     text = good[:start] + pem("ED25519 CERT", lying.encode()) + good[end:]
-    body = text[:text.index("signature ")]
-    text = body + "signature " + base64.b64encode(signing.sign(DESC_SIG_PREFIX + body.encode())).decode() + "\n"
+    body = text[: text.index("signature ")]
+    text = (
+        body + "signature " + base64.b64encode(signing.sign(DESC_SIG_PREFIX + body.encode())).decode() + "\n"
+    )
     with pytest.raises(ProtocolError, match="bad signature"):
         parse_outer(text.encode(), now)
     # the cache bound: the oldest-stored go first
@@ -554,23 +649,43 @@ async def test_hsdir_publish_and_fetch_over_begin_dir(tmp_path):
     service publishes to an HSDir over BEGIN_DIR and a client fetches it."""
     akey = load_or_create_authority_key(tmp_path / "auth")
     line = authority_line("auth", "127.0.0.1", free_port(), akey)
-    auth = Authority(akey, AuthorityConfig(nickname="auth", authorities=(line,), data_dir=tmp_path / "auth",
-                                           dir_address=("127.0.0.1", parse_authorities([line])[0].dir_port),
-                                           voting_interval=4, stable_uptime=0, hsdir_uptime=0, assume_guard=True,
-                                           run_relay=False))
+    auth = Authority(
+        akey,
+        AuthorityConfig(
+            nickname="auth",
+            authorities=(line,),
+            data_dir=tmp_path / "auth",
+            dir_address=("127.0.0.1", parse_authorities([line])[0].dir_port),
+            voting_interval=4,
+            stable_uptime=0,
+            hsdir_uptime=0,
+            assume_guard=True,
+            run_relay=False,
+        ),
+    )
     relays: list[Relay] = []
     client = OnionClient()
     try:
         await auth.start()
         for i in range(3):
-            relay = Relay(RelayKeys.load_or_create(tmp_path / f"r{i}"),
-                          relay_config(tmp_path / f"r{i}", nickname=f"r{i}", extend_allow_private=True,
-                                       exit_policy=ExitPolicy.reject_all()),
-                          directory=RelayDirectory(tmp_path / f"r{i}", [line]))
+            relay = Relay(
+                RelayKeys.load_or_create(tmp_path / f"r{i}"),
+                relay_config(
+                    tmp_path / f"r{i}",
+                    nickname=f"r{i}",
+                    extend_allow_private=True,
+                    exit_policy=ExitPolicy.reject_all(),
+                ),
+                directory=RelayDirectory(tmp_path / f"r{i}", [line]),
+            )
             await relay.start()
             relays.append(relay)
-        await wait_for(lambda: auth.current is not None and len(auth.current.routers) == 3, 60,
-                       "a consensus listing the three relays", interval=0.05)
+        await wait_for(
+            lambda: auth.current is not None and len(auth.current.routers) == 3,
+            60,
+            "a consensus listing the three relays",
+            interval=0.05,
+        )
         assert all("HSDir" in e.flags for e in auth.current.routers)
         await wait_for(lambda: all(r.directory.consensus is not None for r in relays), 30, "relays hold it")
         hsdir = relays[2]
@@ -601,11 +716,16 @@ async def test_hsdir_publish_and_fetch_over_begin_dir(tmp_path):
                 await hsdir_request("GET", path)
             assert e.value.status == 404
         with pytest.raises(DirRequestError) as e:
-            await hsdir_request("POST", "/tor/hs/3/publish", d2.replace(b"revision-counter 2", b"revision-counter 3"))
+            await hsdir_request(
+                "POST", "/tor/hs/3/publish", d2.replace(b"revision-counter 2", b"revision-counter 3")
+            )
         assert e.value.status == 400
         with pytest.raises(DirRequestError) as e:
-            await hsdir_request("POST", "/tor/hs/3/publish", make_descriptor(blinded, signing, 9, now=now,
-                                                                             blob=os.urandom(40_000)))
+            await hsdir_request(
+                "POST",
+                "/tor/hs/3/publish",
+                make_descriptor(blinded, signing, 9, now=now, blob=os.urandom(40_000)),
+            )
         assert e.value.status == 413
         assert hsdir.hsdir.counts["store"] == 2 and hsdir.hsdir.counts["fetch"] == 2
         text = render_metrics(RelayCollector(hsdir)())
@@ -625,9 +745,17 @@ def test_authority_gives_hsdir_flag_as_tor(tmp_path):
     now = time.time()
 
     def desc(hs_dir=True, dir_server=True, rate=1 << 30):
-        return ServerDescriptor.create(keys, nickname="r", address="127.0.0.1", or_port=9001,
-                                       exit_policy=ExitPolicy.reject_all(), published=now, dir_server=dir_server,
-                                       hs_dir=hs_dir, bandwidth=(rate, rate, 0))
+        return ServerDescriptor.create(
+            keys,
+            nickname="r",
+            address="127.0.0.1",
+            or_port=9001,
+            exit_policy=ExitPolicy.reject_all(),
+            published=now,
+            dir_server=dir_server,
+            hs_dir=hs_dir,
+            bandwidth=(rate, rate, 0),
+        )
 
     d = desc()
     assert "\nhidden-service-dir\n" in d.text and ServerDescriptor.parse(d.text).hs_dir
@@ -635,9 +763,13 @@ def test_authority_gives_hsdir_flag_as_tor(tmp_path):
     reach = Reachability(target=(d.address, d.or_port, d.rsa_id, d.ed_id), ok=True, up_since=now - 100)
     rules = FlagRules(stable_uptime=0, hsdir_uptime=50)
     assert "HSDir" in flags_for(d, reach, now, rules)
-    assert "HSDir" not in flags_for(d, reach, now, FlagRules(stable_uptime=0, hsdir_uptime=200))  # not up long enough
+    assert "HSDir" not in flags_for(
+        d, reach, now, FlagRules(stable_uptime=0, hsdir_uptime=200)
+    )  # not up long enough
     assert "HSDir" not in flags_for(desc(hs_dir=False), reach, now, rules)
     assert "HSDir" not in flags_for(desc(dir_server=False), reach, now, rules)
     assert "HSDir" not in flags_for(desc(rate=50_000), reach, now, rules)  # not Fast
-    assert "HSDir" not in flags_for(d, reach, now, FlagRules(stable_uptime=1000, hsdir_uptime=50))  # not Stable
+    assert "HSDir" not in flags_for(
+        d, reach, now, FlagRules(stable_uptime=1000, hsdir_uptime=50)
+    )  # not Stable
     assert FlagRules().hsdir_uptime == 96 * 3600 and AuthorityConfig().hsdir_uptime == 96 * 3600

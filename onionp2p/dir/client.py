@@ -347,8 +347,8 @@ class RelayDirectory(_ConsensusHolder):
         self.publish_interval = publish_interval
         self.relay = None
         # POSTs are onion-service descriptors (HSDir), at most tor's 50000 bytes
-        self.server = DirServer(self._handle, "127.0.0.1", 0, max_body=HS_DESC_MAX_BODY, name="relay dir cache",
-                               kind="directory cache port")
+        self.server = DirServer(self._handle, "127.0.0.1", 0, max_body=HS_DESC_MAX_BODY,
+                                name="relay dir cache", kind="directory cache port")
         self.descriptor: ServerDescriptor | None = None
         self.uploaded: dict[bytes, str] = {}  # authority identity -> digest of the last accepted upload
         self._dirty: asyncio.Event | None = None

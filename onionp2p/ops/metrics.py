@@ -249,10 +249,10 @@ def process_metrics() -> list[Metric]:
 
 
 _HS_COUNTERS = (
-    ("est_intro", "onionp2p_relay_est_intro_total", "ESTABLISH_INTRO requests at this introduction point, by outcome."),
-    ("intro1", "onionp2p_relay_intro1_total", "INTRODUCE1 requests at this introduction point, by outcome."),
-    ("est_rend", "onionp2p_relay_est_rend_total", "ESTABLISH_RENDEZVOUS requests at this rendezvous point, by outcome."),
-    ("rend1", "onionp2p_relay_rend1_total", "RENDEZVOUS1 requests at this rendezvous point, by outcome."),
+    ("est_intro", "onionp2p_relay_est_intro_total", "ESTABLISH_INTRO at this introduction point."),
+    ("intro1", "onionp2p_relay_intro1_total", "INTRODUCE1 at this introduction point."),
+    ("est_rend", "onionp2p_relay_est_rend_total", "ESTABLISH_RENDEZVOUS at this rendezvous point."),
+    ("rend1", "onionp2p_relay_rend1_total", "RENDEZVOUS1 at this rendezvous point."),
 )
 
 
@@ -271,7 +271,8 @@ def _hs_relay_metrics(r) -> list[Metric]:
         out += [
             counter("onionp2p_relay_hsdir_total", "HSDir descriptor requests and cache events, by action.",
                     dict(hsdir.counts) or {"store": 0}, "action"),
-            gauge("onionp2p_relay_hsdir_descriptors", "v3 onion-service descriptors stored.", len(hsdir.entries)),
+            gauge("onionp2p_relay_hsdir_descriptors", "v3 onion-service descriptors stored.",
+                  len(hsdir.entries)),
             gauge("onionp2p_relay_hsdir_bytes", "Bytes of v3 onion-service descriptors stored.", hsdir.bytes),
         ]
     return out

@@ -137,7 +137,8 @@ class HopHandshake:
         """Check the relay's reply (CREATED2/EXTENDED2 HDATA). Raises HandshakeError."""
         if self.htype == HTYPE_NTOR:
             km = self._hs.complete(hdata, length=TOR1_KEY_MATERIAL_LEN + KH_LEN)  # type: ignore[call-arg]
-            return HopParams(km[:TOR1_KEY_MATERIAL_LEN], "ntor", kh=km[TOR1_KEY_MATERIAL_LEN:])  # type: ignore
+            end = TOR1_KEY_MATERIAL_LEN
+            return HopParams(km[:end], "ntor", kh=km[end:])  # type: ignore[index]
         length = CGO_KEY_MATERIAL_LEN if self.cgo else TOR1_KEY_MATERIAL_LEN
         server_message, km = self._hs.complete(hdata, length=length + KH_LEN)  # type: ignore[call-arg]
         key_material, kh = km[:length], km[length:]
@@ -215,5 +216,6 @@ def answer_create2(htype: int, hdata: bytes, *, rsa_id: bytes, ed_id: bytes,
             return reply, HopParams(keys[:CGO_KEY_MATERIAL_LEN], "ntor-v3", agreed[0], "cgo",
                                     keys[CGO_KEY_MATERIAL_LEN:])
         end = TOR1_KEY_MATERIAL_LEN
-        return reply, HopParams(keys[:end], "ntor-v3", agreed[0] if agreed else None, kh=keys[end:end + KH_LEN])
+        return reply, HopParams(keys[:end], "ntor-v3", agreed[0] if agreed else None,
+                                kh=keys[end:end + KH_LEN])
     raise HandshakeError(f"unsupported handshake type {htype}")

@@ -1,4 +1,4 @@
-"""A relay's introduction point and rendezvous point roles (rend-spec-v3 §3-§4; specs/onion-services-relay.md).
+"""A relay's introduction and rendezvous point roles (rend-spec-v3 §3-§4; specs/onion-services-relay.md).
 
 Theory of operation
 -------------------
@@ -69,9 +69,9 @@ from onionp2p.proto.hs.cells import (
     AuthKeyType,
     EstablishIntro,
     EstablishRendezvous,
+    IntroAckStatus,
     Introduce1,
     IntroduceAck,
-    IntroAckStatus,
     IntroEstablished,
     Rendezvous1,
 )
@@ -81,7 +81,7 @@ from onionp2p.proto.relaycell import RelayCommand
 if TYPE_CHECKING:  # pragma: no cover
     from onionp2p.relay.circuit import OrCircuit
 
-__all__ = ["HsRelay", "IntroDosParams", "REND_PENDING_TIMEOUT", "REND_PENDING_MAX"]
+__all__ = ["REND_PENDING_MAX", "REND_PENDING_TIMEOUT", "HsRelay", "IntroDosParams"]
 
 log = get_logger("onionp2p.hs")
 
@@ -99,14 +99,17 @@ DOS_DEFAULT_BURST = 200
 class IntroDosParams:
     """INTRODUCE2 defense of an introduction circuit: on or off, rate and burst per second."""
 
-    __slots__ = ("enabled", "rate", "burst")
+    __slots__ = ("burst", "enabled", "rate")
 
     def __init__(self, enabled: bool, rate: int, burst: int) -> None:
         self.enabled, self.rate, self.burst = enabled, rate, burst
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, IntroDosParams) and (self.enabled, self.rate, self.burst) == (
-            other.enabled, other.rate, other.burst)
+            other.enabled,
+            other.rate,
+            other.burst,
+        )
 
     def __repr__(self) -> str:
         return f"IntroDosParams(enabled={self.enabled}, rate={self.rate}, burst={self.burst})"
@@ -114,12 +117,16 @@ class IntroDosParams:
     @classmethod
     def from_consensus(cls, params: Mapping[str, int]) -> IntroDosParams:
         """The consensus's values, clamped as tor's networkstatus_get_param does."""
+
         def get(name: str, default: int, hi: int) -> int:
             value = params.get(name, default)
             return default if not isinstance(value, int) or not 0 <= value <= hi else value
-        return cls(bool(get("HiddenServiceEnableIntroDoSDefense", 0, 1)),
-                   get("HiddenServiceEnableIntroDoSRatePerSec", DOS_DEFAULT_RATE, DOS_PARAM_MAX),
-                   get("HiddenServiceEnableIntroDoSBurstPerSec", DOS_DEFAULT_BURST, DOS_PARAM_MAX))
+
+        return cls(
+            bool(get("HiddenServiceEnableIntroDoSDefense", 0, 1)),
+            get("HiddenServiceEnableIntroDoSRatePerSec", DOS_DEFAULT_RATE, DOS_PARAM_MAX),
+            get("HiddenServiceEnableIntroDoSBurstPerSec", DOS_DEFAULT_BURST, DOS_PARAM_MAX),
+        )
 
     @classmethod
     def from_extension(cls, rate: int | None, burst: int | None) -> IntroDosParams:
@@ -157,8 +164,13 @@ class HsRelay:
     """The intro/rendezvous point state of one relay. ``params()`` gives the consensus
     parameters (empty without a consensus); ``clock`` is monotonic seconds."""
 
-    def __init__(self, params: Callable[[], Mapping[str, int]] = dict, *,
-                 clock: Callable[[], float] = time.monotonic, nickname: str = "") -> None:
+    def __init__(
+        self,
+        params: Callable[[], Mapping[str, int]] = dict,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        nickname: str = "",
+    ) -> None:
         self.params = params
         self.clock = clock
         #: service introduction circuits by auth key
@@ -166,7 +178,9 @@ class HsRelay:
         #: waiting client rendezvous circuits by cookie, with the time they registered
         self.rend: dict[bytes, tuple[OrCircuit, float]] = {}
         #: outcomes, as tor's MetricsPort relay counters (est_intro, est_rend, intro1, rend1)
-        self.counts: dict[str, Counter[str]] = {k: Counter() for k in ("est_intro", "est_rend", "intro1", "rend1")}
+        self.counts: dict[str, Counter[str]] = {
+            k: Counter() for k in ("est_intro", "est_rend", "intro1", "rend1")
+        }
         self._log = log.bind(nickname=nickname) if nickname else log
 
     # -- dispatch --------------------------------------------------------------------------------
@@ -184,8 +198,9 @@ class HsRelay:
         elif command == RelayCommand.RENDEZVOUS1:
             self._rendezvous1(circ, data)
 
-    def _refuse(self, circ: OrCircuit, kind: str, action: str, why: str,
-                reason: int = DestroyReason.PROTOCOL) -> None:
+    def _refuse(
+        self, circ: OrCircuit, kind: str, action: str, why: str, reason: int = DestroyReason.PROTOCOL
+    ) -> None:
         self.counts[kind][action] += 1
         circ.log.info("onion-service request refused; closing circuit", request=kind, why=why)
         circ.destroy(reason, why)
@@ -231,8 +246,12 @@ class HsRelay:
             old.hs_key = None  # (so its closing does not unregister the new one)
             old.destroy(DestroyReason.FINISHED, "replaced by a newer introduction circuit")
         self.counts["est_intro"]["success"] += 1
-        circ.log.info("introduction point established", dos_defense=circ.intro_dos.enabled,
-                      rate=circ.intro_dos.rate, burst=circ.intro_dos.burst)
+        circ.log.info(
+            "introduction point established",
+            dos_defense=circ.intro_dos.enabled,
+            rate=circ.intro_dos.rate,
+            burst=circ.intro_dos.burst,
+        )
 
     def _introduce1(self, circ: OrCircuit, data: bytes) -> None:
         counts = self.counts["intro1"]
@@ -303,11 +322,18 @@ class HsRelay:
             self._refuse(circ, "est_rend", "malformed", str(exc))
             return
         if cookie in self.rend:
-            self._refuse(circ, "est_rend", "duplicate_cookie", "duplicate rendezvous cookie in ESTABLISH_RENDEZVOUS")
+            self._refuse(
+                circ, "est_rend", "duplicate_cookie", "duplicate rendezvous cookie in ESTABLISH_RENDEZVOUS"
+            )
             return
         if len(self.rend) >= REND_PENDING_MAX:
-            self._refuse(circ, "est_rend", "resource_limit", "too many rendezvous cookies waiting",
-                         DestroyReason.RESOURCELIMIT)
+            self._refuse(
+                circ,
+                "est_rend",
+                "resource_limit",
+                "too many rendezvous cookies waiting",
+                DestroyReason.RESOURCELIMIT,
+            )
             return
         circ.send_back(RelayCommand.RENDEZVOUS_ESTABLISHED, 0, b"")
         if circ.closed:
@@ -330,7 +356,9 @@ class HsRelay:
             return
         entry = self.rend.get(cell.cookie)
         if entry is None or entry[0].closed:
-            self._refuse(circ, "rend1", "unknown_cookie", "RENDEZVOUS1 with an unrecognized rendezvous cookie")
+            self._refuse(
+                circ, "rend1", "unknown_cookie", "RENDEZVOUS1 with an unrecognized rendezvous cookie"
+            )
             return
         client = entry[0]
         del self.rend[cell.cookie]

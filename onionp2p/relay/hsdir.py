@@ -50,8 +50,16 @@ from onionp2p.errors import ProtocolError
 from onionp2p.log import get_logger
 from onionp2p.proto.certs import CertType, Ed25519Cert
 
-__all__ = ["HsDirCache", "OuterDescriptor", "parse_outer", "HS_DESC_MAX_LEN", "HS_DESC_MAX_LIFETIME",
-           "DESC_SIG_PREFIX", "PUBLISH_PATH", "FETCH_PREFIX"]
+__all__ = [
+    "DESC_SIG_PREFIX",
+    "FETCH_PREFIX",
+    "HS_DESC_MAX_LEN",
+    "HS_DESC_MAX_LIFETIME",
+    "PUBLISH_PATH",
+    "HsDirCache",
+    "OuterDescriptor",
+    "parse_outer",
+]
 
 log = get_logger("onionp2p.hsdir")
 
@@ -118,8 +126,14 @@ def parse_outer(text: bytes, now: float) -> OuterDescriptor:
             pos = m.end()
         items.setdefault(keyword, []).append((words[1:], obj_type, obj_body))
         order.append(keyword)
-    for keyword in ("hs-descriptor", "descriptor-lifetime", "descriptor-signing-key-cert", "revision-counter",
-                    "superencrypted", "signature"):
+    for keyword in (
+        "hs-descriptor",
+        "descriptor-lifetime",
+        "descriptor-signing-key-cert",
+        "revision-counter",
+        "superencrypted",
+        "signature",
+    ):
         if len(items.get(keyword, ())) != 1:
             raise ProtocolError(f"descriptor needs exactly one {keyword!r}")
     if order[-1] != "signature":
@@ -159,7 +173,7 @@ def parse_outer(text: bytes, now: float) -> OuterDescriptor:
         raise ProtocolError("signature line needs one argument")
     sig = _b64(sig_args[0], "signature")
     at = doc.rfind("\nsignature ")
-    signed = text[:at + 1]
+    signed = text[: at + 1]
     try:
         ed25519.Ed25519PublicKey.from_public_bytes(cert.certified_key).verify(sig, DESC_SIG_PREFIX + signed)
     except (InvalidSignature, ValueError):
@@ -168,7 +182,7 @@ def parse_outer(text: bytes, now: float) -> OuterDescriptor:
 
 
 class _Entry:
-    __slots__ = ("text", "revision", "stored_at", "expires_at")
+    __slots__ = ("expires_at", "revision", "stored_at", "text")
 
     def __init__(self, text: bytes, revision: int, stored_at: float, expires_at: float) -> None:
         self.text, self.revision, self.stored_at, self.expires_at = text, revision, stored_at, expires_at
@@ -225,15 +239,22 @@ class HsDirCache:
             self._drop(key)
             self.counts["evicted"] += 1
 
-    def http(self, method: str, path: str, body: bytes, params: Mapping[str, int] | None = None,
-             now: float | None = None) -> tuple[int, bytes] | None:
+    def http(
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        params: Mapping[str, int] | None = None,
+        now: float | None = None,
+    ) -> tuple[int, bytes] | None:
         """Answer an HSDir request: ``(status, body)``, or None if ``path`` is not ours."""
         now = time.time() if now is None else now
         if method == "POST" and path == PUBLISH_PATH:
             limit = (params or {}).get("HSV3MaxDescriptorSize", HS_DESC_MAX_LEN)
             try:
-                desc = self.store(body, now, max_size=limit if isinstance(limit, int) and limit > 0
-                                  else HS_DESC_MAX_LEN)
+                desc = self.store(
+                    body, now, max_size=limit if isinstance(limit, int) and limit > 0 else HS_DESC_MAX_LEN
+                )
             except ProtocolError as exc:
                 self.counts["store_rejected"] += 1
                 self._log.info("onion-service descriptor rejected", why=str(exc))
@@ -242,7 +263,7 @@ class HsDirCache:
             self._log.debug("onion-service descriptor stored", revision=desc.revision)
             return 200, b"Service descriptor (v3) stored\n"
         if method == "GET" and path.startswith(FETCH_PREFIX) and path != PUBLISH_PATH:
-            query = path[len(FETCH_PREFIX):]
+            query = path[len(FETCH_PREFIX) :]
             try:
                 key = _b64(query, "blinded key") if len(query) in (43, 44) else b""
             except ProtocolError:

@@ -52,24 +52,24 @@ from onionp2p.errors import LocalProtocolError, ProtocolError
 from onionp2p.proto.relaycell import RELAY_DATA_MAX, RelayCommand
 
 __all__ = [
-    "AuthKeyType",
-    "IntroAckStatus",
-    "DosParamType",
-    "EXT_DOS_PARAMS",
-    "REND_COOKIE_LEN",
-    "HANDSHAKE_INFO_LEN",
     "ESTABLISH_INTRO_SIG_PREFIX",
-    "Extension",
+    "EXT_DOS_PARAMS",
+    "HANDSHAKE_INFO_LEN",
+    "REND_COOKIE_LEN",
+    "AuthKeyType",
+    "DosParamType",
     "DosParams",
     "EstablishIntro",
+    "EstablishRendezvous",
+    "Extension",
+    "IntroAckStatus",
     "IntroEstablished",
     "Introduce1",
     "Introduce2",
     "IntroduceAck",
-    "EstablishRendezvous",
-    "RendezvousEstablished",
     "Rendezvous1",
     "Rendezvous2",
+    "RendezvousEstablished",
     "mac_sha3_256",
     "parse_hs_message",
 ]
@@ -132,7 +132,7 @@ class _Reader:
     def take(self, n: int) -> bytes:
         if self.pos + n > len(self.data):
             raise ProtocolError(f"truncated {self.what}")
-        out = self.data[self.pos:self.pos + n]
+        out = self.data[self.pos : self.pos + n]
         self.pos += n
         return out
 
@@ -143,7 +143,7 @@ class _Reader:
         return _U16.unpack(self.take(2))[0]
 
     def rest(self) -> bytes:
-        out = self.data[self.pos:]
+        out = self.data[self.pos :]
         self.pos = len(self.data)
         return out
 
@@ -240,12 +240,17 @@ class EstablishIntro:
     def _head(auth_key_type: int, auth_key: bytes, extensions: tuple[Extension, ...]) -> bytes:
         if len(auth_key) > 0xFFFF:
             raise LocalProtocolError("ESTABLISH_INTRO: auth key too long")
-        return (bytes((auth_key_type,)) + _U16.pack(len(auth_key)) + bytes(auth_key)
-                + _encode_extensions(extensions, "ESTABLISH_INTRO"))
+        return (
+            bytes((auth_key_type,))
+            + _U16.pack(len(auth_key))
+            + bytes(auth_key)
+            + _encode_extensions(extensions, "ESTABLISH_INTRO")
+        )
 
     @classmethod
-    def create(cls, auth_key: ed25519.Ed25519PrivateKey, kh: bytes,
-               extensions: tuple[Extension, ...] = ()) -> EstablishIntro:
+    def create(
+        cls, auth_key: ed25519.Ed25519PrivateKey, kh: bytes, extensions: tuple[Extension, ...] = ()
+    ) -> EstablishIntro:
         """The cell a service sends on a circuit whose last hop derived ``kh``."""
         pub = auth_key.public_key().public_bytes_raw()
         head = cls._head(AuthKeyType.ED25519, pub, tuple(extensions))
@@ -287,10 +292,11 @@ class EstablishIntro:
             raise LocalProtocolError("ESTABLISH_INTRO: only a parsed cell can be verified")
         try:
             ed25519.Ed25519PublicKey.from_public_bytes(self.auth_key).verify(
-                self.sig, ESTABLISH_INTRO_SIG_PREFIX + self.raw[:self.sig_end])
+                self.sig, ESTABLISH_INTRO_SIG_PREFIX + self.raw[: self.sig_end]
+            )
         except (InvalidSignature, ValueError):
             raise ProtocolError("ESTABLISH_INTRO signature not as expected") from None
-        if not hmac.compare_digest(mac_sha3_256(kh, self.raw[:self.mac_end]), self.handshake_mac):
+        if not hmac.compare_digest(mac_sha3_256(kh, self.raw[: self.mac_end]), self.handshake_mac):
             raise ProtocolError("ESTABLISH_INTRO handshake_auth not as expected")
 
     def dos_params(self) -> DosParams | None:
@@ -332,8 +338,14 @@ class Introduce1:
     def encode(self) -> bytes:
         if len(self.legacy_key_id) != LEGACY_KEY_ID_LEN or len(self.auth_key) > 0xFFFF:
             raise LocalProtocolError(f"{self._what()}: bad legacy key ID or auth key length")
-        out = (bytes(self.legacy_key_id) + bytes((self.auth_key_type,)) + _U16.pack(len(self.auth_key))
-               + bytes(self.auth_key) + _encode_extensions(self.extensions, self._what()) + bytes(self.encrypted))
+        out = (
+            bytes(self.legacy_key_id)
+            + bytes((self.auth_key_type,))
+            + _U16.pack(len(self.auth_key))
+            + bytes(self.auth_key)
+            + _encode_extensions(self.extensions, self._what())
+            + bytes(self.encrypted)
+        )
         return _check_len(out, self._what())
 
     @classmethod
@@ -462,12 +474,32 @@ class Rendezvous2:
         return cls(bytes(data))
 
 
-HsMessage = (EstablishIntro | IntroEstablished | Introduce1 | Introduce2 | IntroduceAck | EstablishRendezvous
-             | RendezvousEstablished | Rendezvous1 | Rendezvous2)
+HsMessage = (
+    EstablishIntro
+    | IntroEstablished
+    | Introduce1
+    | Introduce2
+    | IntroduceAck
+    | EstablishRendezvous
+    | RendezvousEstablished
+    | Rendezvous1
+    | Rendezvous2
+)
 
-_PARSERS = {cls.command: cls.parse for cls in (
-    EstablishIntro, IntroEstablished, Introduce1, Introduce2, IntroduceAck, EstablishRendezvous,
-    RendezvousEstablished, Rendezvous1, Rendezvous2)}
+_PARSERS = {
+    cls.command: cls.parse
+    for cls in (
+        EstablishIntro,
+        IntroEstablished,
+        Introduce1,
+        Introduce2,
+        IntroduceAck,
+        EstablishRendezvous,
+        RendezvousEstablished,
+        Rendezvous1,
+        Rendezvous2,
+    )
+}
 
 
 def parse_hs_message(command: int, data: bytes) -> HsMessage:
