@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import time
+from pathlib import Path
 
 import pytest
 from conftest import free_port, relay_config, wait_for
@@ -773,3 +774,22 @@ def test_authority_gives_hsdir_flag_as_tor(tmp_path):
         d, reach, now, FlagRules(stable_uptime=1000, hsdir_uptime=50)
     )  # not Stable
     assert FlagRules().hsdir_uptime == 96 * 3600 and AuthorityConfig().hsdir_uptime == 96 * 3600
+
+
+def test_hsdir_reads_a_descriptor_tor_made():
+    """The outer layer of a descriptor C tor made (tests/data/hs-relay/README): its blinded
+    key, revision and lifetime, tor's certificate and signature verified; once the
+    certificate has expired an HSDir refuses it."""
+    text = (Path(__file__).parent / "data" / "hs-relay" / "hsdesc1.txt").read_bytes()
+    then = 1674700000  # January 2023: the certificate is still valid
+    outer = parse_outer(text, then)
+    blind_id = "43CC0D62FC6252F578705CA645A46109E265290343B1137E90189744B20B3F2D"
+    assert outer.blinded_key.hex().upper() == blind_id
+    assert (outer.revision, outer.lifetime) == (19655750, 180 * 60)
+    cache = HsDirCache()
+    cache.store(text, then)
+    assert cache.lookup(outer.blinded_key, then + 60) == text
+    with pytest.raises(ProtocolError, match="expired"):
+        parse_outer(text, time.time())
+    with pytest.raises(ProtocolError, match="signature"):
+        parse_outer(text.replace(b"revision-counter 19655750", b"revision-counter 19655751"), then)
