@@ -513,6 +513,20 @@ async def test_intro_dos_defense_refuses_introductions_over_the_rate(relay_net, 
     _svc2, svc2_in = await establish_intro(service, [r1.info(), ip.info()], key2)
     await expect(svc2_in, RelayCommand.INTRO_ESTABLISHED)
     assert ip.hs.intro[key2.public_key().public_bytes_raw()].intro_dos == IntroDosParams(True, 1, 2)
+    # a well-formed DoS extension, even one without parameters, is the service's choice:
+    # here "no defense", whatever the consensus says
+    key3 = ed25519.Ed25519PrivateKey.generate()
+    _svc3, svc3_in = await establish_intro(service, [r0.info(), ip.info()], key3)
+    await expect(svc3_in, RelayCommand.INTRO_ESTABLISHED)
+    assert ip.hs.intro[key3.public_key().public_bytes_raw()].intro_dos.enabled
+    key4 = ed25519.Ed25519PrivateKey.generate()
+    svc4 = await service.build_circuit([r0.info(), ip.info()])
+    svc4_in = hs_inbox(svc4)
+    svc4.send_relay(RelayCommand.ESTABLISH_INTRO, 0,
+                    EstablishIntro.create(key4, svc4.core.layers[-1].kh, (Extension(1, b"\x00"),)).encode())
+    await expect(svc4_in, RelayCommand.INTRO_ESTABLISHED)
+    circ4 = ip.hs.intro[key4.public_key().public_bytes_raw()]
+    assert circ4.intro_dos_explicit and not circ4.intro_dos.enabled
     ip.hs.params = dict  # the consensus drops it: the circuit follows (tor's update_intro_circuits)
     c = await client.build_circuit([r0.info(), ip.info()])
     c_in = hs_inbox(c)
