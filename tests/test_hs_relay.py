@@ -54,6 +54,7 @@ from onionp2p.proto.hs.cells import (
     parse_hs_message,
 )
 from onionp2p.proto.relaycell import HS_COMMANDS, RelayCommand
+from onionp2p.relay import hs as hs_module
 from onionp2p.relay.hs import IntroDosParams
 from onionp2p.relay.hsdir import DESC_SIG_PREFIX, HsDirCache, parse_outer
 from onionp2p.relay.keys import RelayKeys
@@ -344,7 +345,7 @@ async def test_rendezvous_splices_two_circuits(relay_net, clients, caplog):
     await wait_for(lambda: not any(c.hs_purpose for c in rp.circuits), 10, "the joined circuits gone")
 
 
-async def test_rendezvous1_refusals_and_waiting_limit(relay_net, clients):
+async def test_rendezvous1_refusals_and_waiting_limit(relay_net, clients, monkeypatch):
     r0, r1, rp = relay_net
     alice, bob = clients
     unknown = await bob.build_circuit([r0.info(), rp.info()])
@@ -366,6 +367,15 @@ async def test_rendezvous1_refusals_and_waiting_limit(relay_net, clients):
     await closed(waiting)
     assert torn_down(rp, "FINISHED") == 1
     assert not rp.hs.rend and rp.hs.counts["est_rend"]["expired"] == 1
+    # at most REND_PENDING_MAX cookies wait at once (here 1): one more is RESOURCELIMIT
+    monkeypatch.setattr(hs_module, "REND_PENDING_MAX", 1)
+    first = await alice.build_circuit([r1.info(), rp.info()])
+    first.send_relay(RelayCommand.ESTABLISH_RENDEZVOUS, 0, EstablishRendezvous(os.urandom(20)).encode())
+    await expect(hs_inbox(first), RelayCommand.RENDEZVOUS_ESTABLISHED)
+    second = await alice.build_circuit([r0.info(), rp.info()])
+    second.send_relay(RelayCommand.ESTABLISH_RENDEZVOUS, 0, EstablishRendezvous(os.urandom(20)).encode())
+    await closed(second)
+    assert torn_down(rp, "RESOURCELIMIT") == 1 and len(rp.hs.rend) == 1
 
 
 # -- introduction point -------------------------------------------------------------------------------
