@@ -603,6 +603,9 @@ class AuthorityConfig:
     voting_interval: int = 3600  #: seconds between consensuses (tests: a few seconds)
     stable_uptime: int = 86400  #: seconds continuously reachable before Stable
     guard_uptime: int = 8 * 86400  #: seconds continuously reachable (and Fast, Stable) before Guard
+    #: seconds continuously reachable (and Fast, Stable, a directory cache) before HSDir
+    #: (tor's MinUptimeHidServDirectoryV2)
+    hsdir_uptime: int = 96 * 3600
     assume_guard: bool = False  #: Guard for every running relay (tiny test networks)
     assume_exit: bool = False  #: Exit for every running relay whose policy accepts anything
     control_port: int | None = None  #: control listener on 127.0.0.1; None = disabled
@@ -640,6 +643,7 @@ class AuthorityConfig:
             "voting_interval": _int_range(2, 86400),
             "stable_uptime": _int_range(0, 365 * 86400),
             "guard_uptime": _int_range(0, 365 * 86400),
+            "hsdir_uptime": _int_range(0, 365 * 86400),
             "assume_guard": _bool,
             "assume_exit": _bool,
             "control_port": _optional_port,

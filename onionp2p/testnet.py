@@ -147,7 +147,7 @@ class Testnet:
                 "nickname": f"auth{i}", "data_dir": str(d), "dir_address": f"127.0.0.1:{port}",
                 "run_relay": False, "authorities": self.authority_lines,
                 "voting_interval": self.voting_interval, "assume_guard": True, "assume_exit": True,
-                "stable_uptime": 0, "guard_uptime": 0, "log_level": self.log_level,
+                "stable_uptime": 0, "guard_uptime": 0, "hsdir_uptime": 0, "log_level": self.log_level,
             })
         relays = []
         for i in range(self.n_relays):

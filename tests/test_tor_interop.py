@@ -480,6 +480,94 @@ async def test_position_choices_follow_the_tor_consensus_weights(tor_network, tm
         assert not any("Exit" in r.flags for r in view.routers if firsts[r.nickname])
 
 
+@pytest.mark.parametrize("cgo", [True, False], ids=["cgo", "tor1"])
+async def test_onion_service_cells_at_tor_relays(tor_network, cgo, caplog):
+    """Our onion-service cells and KH against tor's introduction and rendezvous points:
+    tor accepts ESTABLISH_INTRO (so our KH after the CGO or tor1 keys, our MAC and signature
+    are tor's), relays INTRODUCE1 as INTRODUCE2 and acks it, and splices a rendezvous whose
+    end-to-end layer both ends share (the log check after this test sees no warnings)."""
+    import logging
+    import os
+
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from onionp2p.proto.hs.cells import (
+        EstablishIntro,
+        EstablishRendezvous,
+        IntroAckStatus,
+        Introduce1,
+        IntroduceAck,
+        Rendezvous1,
+        Rendezvous2,
+    )
+
+    caplog.set_level(logging.DEBUG, logger="onionp2p.client")
+    _, statuses, _ = tor_network
+    relays = sorted((s for s in statuses.values() if "Authority" not in s.flags), key=lambda s: s.nickname)
+    client, service = OnionClient(cgo=cgo), OnionClient(cgo=cgo)
+
+    def inbox(circ) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue()
+        circ.on_hs_message = lambda hop, cmd, data: q.put_nowait((hop, cmd, data))
+        return q
+
+    async def expect(q, cmd):
+        hop, got, data = await asyncio.wait_for(q.get(), 30)
+        assert got == cmd, (got, cmd)
+        return data
+
+    try:
+        ip, rp = relays[0], relays[1]
+        key = ed25519.Ed25519PrivateKey.generate()
+        auth = key.public_key().public_bytes_raw()
+        svc = await service.build_circuit([relays[2].info, ip.info], timeout=60)
+        assert svc.core.layers[-1].relay_crypto == ("cgo" if cgo else "tor1")
+        svc_in = inbox(svc)
+        svc.send_relay(RelayCommand.ESTABLISH_INTRO, 0,
+                       EstablishIntro.create(key, svc.core.layers[-1].kh).encode())
+        await expect(svc_in, RelayCommand.INTRO_ESTABLISHED)
+        cli = await client.build_circuit([relays[3].info, ip.info], timeout=60)
+        cli_in = inbox(cli)
+        intro1 = Introduce1(auth, os.urandom(246)).encode()
+        cli.send_relay(RelayCommand.INTRODUCE1, 0, intro1)
+        assert IntroduceAck.parse(await expect(cli_in, RelayCommand.INTRODUCE_ACK)).status == IntroAckStatus.SUCCESS
+        assert await expect(svc_in, RelayCommand.INTRODUCE2) == intro1
+
+        a = await client.build_circuit([relays[3].info, relays[2].info, rp.info], timeout=60)
+        b = await service.build_circuit([relays[4].info, relays[0].info, rp.info], timeout=60)
+        a_in = inbox(a)
+        cookie = os.urandom(20)
+        a.send_relay(RelayCommand.ESTABLISH_RENDEZVOUS, 0, EstablishRendezvous(cookie).encode())
+        await expect(a_in, RelayCommand.RENDEZVOUS_ESTABLISHED)
+        info = os.urandom(64)
+        b.send_relay(RelayCommand.RENDEZVOUS1, 0, Rendezvous1(cookie, info).encode())
+        assert Rendezvous2.parse(await expect(a_in, RelayCommand.RENDEZVOUS2)).handshake_info == info
+        km = os.urandom(72)
+        a.add_virtual_hop(km)
+        b.add_virtual_hop(km[20:40] + km[:20] + km[56:72] + km[40:56])
+        opening = asyncio.ensure_future(a.open_stream("service.invalid", 80, timeout=30))
+        async with asyncio.timeout(30):
+            while not a.core.streams:
+                await asyncio.sleep(0.02)
+        sid = next(iter(a.core.streams))
+
+        def at_service(cmd: str) -> int:
+            return sum(1 for r in caplog.records if isinstance(r.msg, dict) and r.msg.get("from_hop") == 3
+                       and r.msg.get("relay_cmd") == cmd and r.msg.get("stream_id") == sid)
+        async with asyncio.timeout(30):
+            while not at_service("BEGIN"):
+                await asyncio.sleep(0.02)
+        b.send_relay(RelayCommand.CONNECTED, sid, b"", hop=3)
+        reader, _writer = await opening
+        payload = os.urandom(1200)
+        for i in range(0, len(payload), 400):
+            b.send_relay(RelayCommand.DATA, sid, payload[i:i + 400], hop=3)
+        assert await asyncio.wait_for(reader.readexactly(len(payload)), 30) == payload
+    finally:
+        await client.close()
+        await service.close()
+
+
 def test_tor_logs_show_no_protocol_warnings(tor_network):
     """After every test above: nothing but known benign warnings since bootstrap."""
     net, _, marks = tor_network

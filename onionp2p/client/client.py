@@ -47,6 +47,7 @@ from onionp2p.net.channel import Channel
 from onionp2p.proto import circuit as core
 from onionp2p.proto.cells import Cell, CellCommand, Destroy, DestroyReason
 from onionp2p.proto.congestion import CCParams
+from onionp2p.proto.create import HopParams
 from onionp2p.proto.directory import RelayInfo
 from onionp2p.proto.padding import MIN_LINK_VERSION, PaddingParams, Usage, client_padding
 from onionp2p.proto.relaycell import Begin, EndReason, RelayCommand, Resolved
@@ -201,6 +202,9 @@ class ClientCircuit:
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self.log = log.bind(circ=self.id)
+        #: onion-service messages (relay commands 32-40) from the hops: ``fn(hop, command,
+        #: body)``; None drops them (the onion-service client and service set it)
+        self.on_hs_message: Callable[[int, int, bytes], None] | None = None
         chan.circuits[self.circ_id] = self
 
     # what the circuit manager, control port and metrics read
@@ -307,6 +311,11 @@ class ClientCircuit:
                     "protocol violation: relay cell dropped", reason=a.reason, from_hop=a.hop,
                     relay_cmd=RelayCommand(a.command).name if a.command in RelayCommand._value2member_map_
                     else str(a.command), stream_id=a.stream_id, violations=a.count)
+            elif t is core.HsMessage:
+                if self.on_hs_message is not None:
+                    self.on_hs_message(a.hop, a.command, a.data)
+                else:
+                    self.log.debug("onion-service message dropped", from_hop=a.hop, relay_cmd=a.command)
             elif t is core.HopAdded:
                 self.hops.append(self.path[a.index])
                 self._event("extended")
@@ -380,6 +389,10 @@ class ClientCircuit:
 
     def _sink_ready(self, sid: int, ready: bool, room: int | None) -> None:
         self._run(self.core.stream_sink_ready(sid, ready, room, self._loop.time()))
+
+    def add_virtual_hop(self, key_material: bytes, params: HopParams | None = None) -> None:
+        """The end-to-end layer of an onion-service circuit past its last relay (see the core)."""
+        self._run(self.core.add_virtual_hop(key_material, params))
 
     def send_relay(self, cmd: int, stream_id: int, data: bytes = b"", *, hop: int | None = None) -> None:
         """Originate one relay message as it is (TRUNCATE, DROP ...; tests use it to misbehave)."""

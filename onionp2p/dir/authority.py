@@ -185,6 +185,9 @@ class FlagRules:
     guard_uptime: float = 8 * 86400.0  #: ... and this long (plus Fast, Stable) -> Guard
     assume_guard: bool = False  #: every running relay is a Guard (tiny test networks)
     assume_exit: bool = False  #: every running relay whose policy accepts anything is an Exit
+    #: continuously reachable this long (plus Fast, Stable, V2Dir, hidden-service-dir) -> HSDir
+    #: (tor's MinUptimeHidServDirectoryV2, 96 hours; 0 in testing networks)
+    hsdir_uptime: float = 96 * 3600.0
 
 
 @dataclass
@@ -227,6 +230,9 @@ def flags_for(desc: ServerDescriptor, reach: Reachability | None, now: float, ru
         flags.add("Exit")
     if rules.assume_guard or ({"Fast", "Stable"} <= flags and uptime >= rules.guard_uptime):
         flags.add("Guard")
+    # tor's dirserv_thinks_router_is_hs_dir: wants to be one, answers BEGIN_DIR, Stable, Fast
+    if desc.hs_dir and desc.dir_server and {"Fast", "Stable"} <= flags and uptime >= rules.hsdir_uptime:
+        flags.add("HSDir")
     return flags
 
 
@@ -322,7 +328,8 @@ class Authority:
         self.data_dir = Path(config.data_dir)
         self.schedule = VotingSchedule(config.voting_interval)
         self.rules = FlagRules(stable_uptime=config.stable_uptime, guard_uptime=config.guard_uptime,
-                               assume_guard=config.assume_guard, assume_exit=config.assume_exit)
+                               assume_guard=config.assume_guard, assume_exit=config.assume_exit,
+                               hsdir_uptime=config.hsdir_uptime)
         dir_host, dir_port = config.dir_address
         self.client = client or OnionClient(handshake_timeout=REACH_TIMEOUT)
         self.server = DirServer(self._handle, dir_host, dir_port, max_body=MAX_UPLOAD,

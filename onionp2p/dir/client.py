@@ -70,6 +70,9 @@ __all__ = [
 _RNG = random.SystemRandom()
 log = get_logger("onionp2p.dirclient")
 
+#: largest POST body the relay's directory cache reads (tor's HSV3MaxDescriptorSize default)
+HS_DESC_MAX_BODY = 50000
+
 CONSENSUS_PATH = "/tor/status-vote/current/consensus"
 CACHE_FILE = "cached-consensus"
 
@@ -359,8 +362,9 @@ class RelayDirectory(_ConsensusHolder):
         self.contact = contact
         self.publish_interval = publish_interval
         self.relay = None
-        self.server = DirServer(self._handle, "127.0.0.1", 0, max_body=0, name="relay dir cache",
-                               kind="directory cache port")
+        # POSTs are onion-service descriptors (HSDir), at most tor's 50000 bytes
+        self.server = DirServer(self._handle, "127.0.0.1", 0, max_body=HS_DESC_MAX_BODY,
+                                name="relay dir cache", kind="directory cache port")
         self.descriptor: ServerDescriptor | None = None
         self.uploaded: dict[bytes, str] = {}  # authority identity -> digest of the last accepted upload
         self._dirty: asyncio.Event | None = None
@@ -412,6 +416,13 @@ class RelayDirectory(_ConsensusHolder):
             return HttpResponse(200, self.consensus.text.encode())
         if req.method == "GET" and req.path == "/tor/server/authority" and self.descriptor is not None:
             return HttpResponse(200, self.descriptor.text.encode())
+        hsdir = getattr(self.relay, "hsdir", None)  # the relay's HSDir role (relay.hsdir)
+        if hsdir is not None and req.path.startswith("/tor/hs/"):
+            answer = hsdir.http(req.method, req.path, req.body, self.params())
+            if answer is not None:
+                return HttpResponse(answer[0], answer[1])
+        if req.method == "POST":
+            return HttpResponse(400, b"nothing to post there\n")
         return HttpResponse(404, b"not found\n")
 
     def make_descriptor(self) -> ServerDescriptor:
@@ -421,7 +432,7 @@ class RelayDirectory(_ConsensusHolder):
             relay.keys, nickname=relay.nickname, address=relay.address, or_port=relay.advertised_port,
             exit_policy=relay.exit_policy, published=max(int(self.now()), last + 1), bandwidth=self.bandwidth,
             platform=f"onionp2p {__version__}", family=self.family, contact=self.contact, dir_server=True,
-            protocols=relay.protocols)
+            protocols=relay.protocols, hs_dir=True)
 
     async def _upload(self, auth: DirAuthority, desc: ServerDescriptor) -> bool:
         try:

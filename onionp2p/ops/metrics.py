@@ -257,6 +257,36 @@ def process_metrics() -> list[Metric]:
     return out
 
 
+_HS_COUNTERS = (
+    ("est_intro", "onionp2p_relay_est_intro_total", "ESTABLISH_INTRO at this introduction point."),
+    ("intro1", "onionp2p_relay_intro1_total", "INTRODUCE1 at this introduction point."),
+    ("est_rend", "onionp2p_relay_est_rend_total", "ESTABLISH_RENDEZVOUS at this rendezvous point."),
+    ("rend1", "onionp2p_relay_rend1_total", "RENDEZVOUS1 at this rendezvous point."),
+)
+
+
+def _hs_relay_metrics(r) -> list[Metric]:
+    """Onion-service roles of a relay (tor's tor_relay_est_intro_total ... counters): the
+    introduction and rendezvous points (``relay.hs``) and the HSDir (``relay.hsdir``)."""
+    out: list[Metric] = []
+    hs = getattr(r, "hs", None)
+    if hs is not None:
+        for key, name, help_ in _HS_COUNTERS:
+            out.append(counter(name, help_, dict(hs.counts[key]) or {"success": 0}, "action"))
+        out.append(gauge("onionp2p_relay_hs_circuits", "Onion-service circuits here, by role.",
+                         {"intro": len(hs.intro), "rend_waiting": len(hs.rend)}, "role"))
+    hsdir = getattr(r, "hsdir", None)
+    if hsdir is not None:
+        out += [
+            counter("onionp2p_relay_hsdir_total", "HSDir descriptor requests and cache events, by action.",
+                    dict(hsdir.counts) or {"store": 0}, "action"),
+            gauge("onionp2p_relay_hsdir_descriptors", "v3 onion-service descriptors stored.",
+                  len(hsdir.entries)),
+            gauge("onionp2p_relay_hsdir_bytes", "Bytes of v3 onion-service descriptors stored.", hsdir.bytes),
+        ]
+    return out
+
+
 class RelayCollector:
     """Metrics of a :class:`~onionp2p.relay.relay.Relay` (``relay.channels``, ``relay.circuits``,
     ``relay.stats`` and, when present, ``relay.destroy_reasons`` {reason name: count})."""
@@ -304,6 +334,7 @@ class RelayCollector:
                 gauge("onionp2p_orport_reachable", "1 once the self-test found the published ORPort reachable.",
                       int(bool(getattr(r, "orport_reachable", False)))),
             ]
+        metrics += _hs_relay_metrics(r)
         other = {k: v for k, v in stats.items() if k not in _KNOWN_STATS and isinstance(v, (int, float))}
         if other:
             metrics.append(counter("onionp2p_relay_events_total", "Other relay statistics (relay.stats).",

@@ -59,6 +59,7 @@ from onionp2p.proto.create import HopHandshake, HopParams, wants_cc, wants_cgo
 from onionp2p.proto.flowctl import CIRCWINDOW_START, DeliverWindow, PackageWindow
 from onionp2p.proto.relaycell import (
     RELAY_DATA_MAX,
+    HS_COMMANDS,
     RELAY_HEADER_LEN,
     STREAM_COMMANDS,
     V1_DATA_MAX,
@@ -98,6 +99,8 @@ __all__ = [
     "StreamData", "StreamClosed", "StreamPause", "StreamResume",
     # actions at a relay
     "Extend", "CancelExtend", "DetachNext", "Destroyed", "ExitBegin", "ExitResolve",
+    # onion services: at a relay (intro/rendezvous point), at a client or service
+    "HsRequest", "ToSplice", "HsMessage",
 ]
 
 #: RELAY_EARLY cells per circuit (tor's MAX_RELAY_EARLY_CELLS_PER_CIRCUIT).
@@ -120,6 +123,9 @@ _XOFF = int(RelayCommand.XOFF)
 _XON = int(RelayCommand.XON)
 #: "as many cells as you like": the room of an edge whose channel is writing
 UNLIMITED_ROOM = 1 << 30
+#: the onion-service requests a relay serves (tor's rend_process_relay_cell for OR circuits)
+_HS_AT_RELAY = frozenset({RelayCommand.ESTABLISH_INTRO, RelayCommand.ESTABLISH_RENDEZVOUS,
+                          RelayCommand.INTRODUCE1, RelayCommand.RENDEZVOUS1})
 _FULL_DATA = _HDR.pack(_DATA, 0, 0, b"\0\0\0\0", RELAY_DATA_MAX)[:3]  # command + recognized
 
 
@@ -296,6 +302,33 @@ class ExitBegin(Action):
         self.stream_id, self.begin = stream_id, begin
 
 
+class HsRequest(Action):
+    """At a relay's last hop: an onion-service request (ESTABLISH_INTRO, ESTABLISH_RENDEZVOUS,
+    INTRODUCE1, RENDEZVOUS1) for the relay's introduction / rendezvous point roles."""
+    __slots__ = ("command", "data")
+
+    def __init__(self, command: int, data: bytes):
+        self.command, self.data = command, data
+
+
+class ToSplice(Action):
+    """At a rendezvous point: forward cells of a spliced circuit that are not ours, our
+    layer removed, for the circuit it is joined to (which adds its own layer toward its
+    origin: :meth:`RelayCircuit.receive_spliced`)."""
+    __slots__ = ("payloads",)
+
+    def __init__(self, payloads: list):
+        self.payloads = payloads
+
+
+class HsMessage(Action):
+    """At a client or service: an onion-service message (commands 32-40) from hop ``hop``."""
+    __slots__ = ("hop", "command", "data")
+
+    def __init__(self, hop: int, command: int, data: bytes):
+        self.hop, self.command, self.data = hop, command, data
+
+
 class ExitResolve(Action):
     """Relay (last hop): RESOLVE ``hostname``; answer with ``exit_resolved`` or ``exit_refused``."""
     __slots__ = ("stream_id", "hostname")
@@ -315,7 +348,7 @@ class Layer:
     the same object), and SENDMEs go every ``sendme_inc`` cells instead of 100."""
 
     __slots__ = ("index", "package", "deliver", "handshake", "relay_crypto", "cc", "v1", "data_max",
-                 "data_off")
+                 "data_off", "kh")
 
     def __init__(self, index: int, handshake: str = "ntor"):
         self.index = index
@@ -328,6 +361,8 @@ class Layer:
         self.v1 = False
         self.data_max = RELAY_DATA_MAX
         self.data_off = RELAY_HEADER_LEN
+        #: the hop's KH (tor's rend_circ_nonce; see proto.create.HopParams), b"" if unknown
+        self.kh = b""
 
     def set_relay_crypto(self, name: str) -> None:
         """The hop's relay crypto ("tor1" | "cgo"; CGO brings message format v1)."""
@@ -726,6 +761,22 @@ class ClientCircuit(Edge):
     def add_layer(self, key_material: bytes, params: HopParams | None = None) -> None:
         """A hop's keys are agreed: its crypto layer and its windows. (The build does this;
         tests call it to set up a circuit without handshakes.)"""
+        self._new_layer(key_material, params)
+        self._out.append(HopAdded(len(self.layers) - 1))
+        if len(self.layers) == len(self.path):
+            self.state = "built"
+            self._out.append(Built())
+
+    def add_virtual_hop(self, key_material: bytes, params: HopParams | None = None) -> list:
+        """Add an end-to-end layer past the last relay, as onion services do after the
+        rendezvous (tor's virtual hop; its keys come from the hs-ntor handshake, not from a
+        relay). Cells for it cross the rendezvous point's splice; nothing is announced."""
+        if self.state != "built":
+            raise LocalProtocolError("circuit is not open")
+        self._new_layer(key_material, params)
+        return self._take()
+
+    def _new_layer(self, key_material: bytes, params: HopParams | None) -> Layer:
         kind = params.relay_crypto if params is not None else "tor1"
         if kind != "tor1" and type(self.crypto) is ClientCrypto:
             self.crypto = MixedClientCrypto(self.crypto)  # (the tor1 hops so far carry over)
@@ -737,13 +788,11 @@ class ClientCircuit(Edge):
         layer.set_relay_crypto(kind)
         if params is not None:
             layer.handshake = params.handshake
+            layer.kh = params.kh
             if params.sendme_inc is not None:
                 layer.enable_cc(self.cc if self.cc is not None else CCParams(), params.sendme_inc)
         self.layers.append(layer)
-        self._out.append(HopAdded(len(self.layers) - 1))
-        if len(self.layers) == len(self.path):
-            self.state = "built"
-            self._out.append(Built())
+        return layer
 
     def _hop_answered(self, hdata: bytes) -> None:
         assert self._handshake is not None
@@ -878,6 +927,11 @@ class ClientCircuit(Edge):
         elif cmd == RelayCommand.TRUNCATED:
             reason = _name(DestroyReason, Truncated.parse(data).reason)
             self._close(reason, "circuit truncated by the network", destroy=True)
+        elif cmd in HS_COMMANDS:
+            if sid:
+                self._violation("onion-service message on a stream", layer, cmd, sid)
+            else:
+                self._out.append(HsMessage(layer.index, cmd, data))
         elif cmd in STREAM_COMMANDS:  # BEGIN, RESOLVE, BEGIN_DIR: never toward a client
             self._violation("stream request toward the client", layer, cmd, sid)
         # DROP, PADDING_NEGOTIATED and commands we do not know: dropped (counted in the digest)
@@ -1090,6 +1144,8 @@ class RelayCircuit(Edge):
         self.cells_backward = 0
         self.room = RELAY_QUEUE_ROOM
         self._resolving: set[int] = set()
+        #: joined to another circuit at a rendezvous point: forward cells not ours go there
+        self.spliced = False
 
     # -- forward: from the client's side --------------------------------------------------------------
 
@@ -1134,7 +1190,7 @@ class RelayCircuit(Edge):
                         if self.closed:
                             return self._take()
                         continue
-                if not self.has_next:
+                if not self.has_next and not self.spliced:
                     self._to_next(out_cmd, out)
                     raise ProtocolError("unrecognized relay cell at the last hop")
                 if cmd != out_cmd:
@@ -1178,7 +1234,7 @@ class RelayCircuit(Edge):
                     if self.closed:
                         return self._take()
                     continue
-                if not self.has_next:
+                if not self.has_next and not self.spliced:
                     self._to_next(out_cmd, out)
                     raise ProtocolError("unrecognized relay cell at the last hop")
                 if cmd != out_cmd:
@@ -1196,8 +1252,11 @@ class RelayCircuit(Edge):
         return self._take()
 
     def _to_next(self, command: int, payloads: list) -> None:
-        if payloads and self.has_next:
-            self._out.append(ToNext(command, payloads))
+        if payloads:
+            if self.has_next:
+                self._out.append(ToNext(command, payloads))
+            elif self.spliced:
+                self._out.append(ToSplice(payloads))
 
     def _on_recognized(self, body, digest: bytes, early: bool, now: float) -> None:
         if self.layer.v1:
@@ -1224,13 +1283,25 @@ class RelayCircuit(Edge):
             self._extend(Extend2.parse(data), now)
         elif cmd == RelayCommand.TRUNCATE:
             self._truncate()
+        elif cmd in _HS_AT_RELAY:
+            if sid:
+                raise ProtocolError("onion-service command on a stream")
+            if self.has_next or self.extending or self.spliced:
+                raise ProtocolError(f"{RelayCommand(cmd).name} on a circuit that does not end here")
+            self._out.append(HsRequest(cmd, data))
+            if cmd == RelayCommand.RENDEZVOUS1:
+                # the cells after it in this run may already be for the joined circuit: they
+                # leave as ToSplice, in order after the request (a refused RENDEZVOUS1 closes
+                # the circuit, and they are dropped with it)
+                self.spliced = True
         elif cmd in (RelayCommand.BEGIN, RelayCommand.BEGIN_DIR, RelayCommand.RESOLVE, _END):
             if sid == 0:
                 raise ProtocolError("stream command with stream ID 0")
             if self.has_next or self.extending:
                 raise ProtocolError("stream command at a middle hop")
             self._on_stream_request(cmd, sid, data)
-        # DROP and anything else: dropped (it still counted toward the digest)
+        # DROP, onion-service messages meant for a client, anything else: dropped (it still
+        # counted toward the digest), as tor does
 
     def _no_stream(self, layer: Layer, cmd: int, sid: int) -> None:
         """DATA or SENDME for a stream we do not have (ended, or never was): dropped, as tor does."""
@@ -1378,6 +1449,23 @@ class RelayCircuit(Edge):
             self._destroy(DestroyReason.PROTOCOL, message="RELAY_EARLY cell toward the client")
         return self._take()
 
+    def splice(self) -> None:
+        """Join this circuit to another at a rendezvous point (its RENDEZVOUS1 matched):
+        from now on, forward cells that are not ours leave as :class:`ToSplice`."""
+        self.spliced = True
+
+    def receive_spliced(self, bodies: list) -> list:
+        """Cells from the circuit this one is spliced to (its layer removed): ours is added
+        as for cells from a next hop, and they go toward our client (tor: the cell
+        "arrives" on this circuit in the inbound direction)."""
+        if self.closed or not bodies:
+            return []
+        upd = self.crypto.bwd_update
+        out = [upd(b) for b in bodies]
+        self.cells_backward += len(out)
+        self._out.append(ToPrev(_RELAY, out))
+        return self._take()
+
     def receive_cell_prev(self, command: int, payload: bytes, now: float) -> list:
         """A cell other than RELAY/RELAY_EARLY from the previous hop."""
         if command == CellCommand.DESTROY and not self.closed:
@@ -1410,7 +1498,7 @@ class RelayCircuit(Edge):
     # -- EXTEND2 / TRUNCATE -----------------------------------------------------------------------------
 
     def _extend(self, ext: Extend2, now: float) -> None:
-        if self.has_next or self.extending:
+        if self.has_next or self.extending or self.spliced:
             raise ProtocolError("EXTEND2 on a circuit that already has a next hop")
         addr = ext.find(LinkSpecType.IPV4) or ext.find(LinkSpecType.IPV6)
         rsa = ext.find(LinkSpecType.LEGACY_ID)

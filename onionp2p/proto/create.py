@@ -28,7 +28,9 @@ tor does.
 :class:`HopHandshake` is the client side of one hop (the onion skin to send in CREATE2
 or EXTEND2, then the reply), :func:`answer_create2` the relay side of a CREATE2; both give
 a :class:`HopParams`: the key material (72 bytes for tor1, 160 for CGO) and what was
-negotiated.
+negotiated. Both sides also take the 20 bytes the handshake's KDF yields right after the
+relay-crypto keys: ``kh`` (tor's ``rend_circ_nonce``), which binds an onion service's
+ESTABLISH_INTRO to the circuit it arrives on (rend-spec-v3 §3.1.1).
 """
 
 from __future__ import annotations
@@ -54,7 +56,11 @@ from onionp2p.proto.handshake import (
 )
 from onionp2p.proto.relaycrypto import KEY_MATERIAL_LEN as TOR1_KEY_MATERIAL_LEN
 
-__all__ = ["HopParams", "HopHandshake", "answer_create2", "answer_create_fast", "kdf_tor", "CREATE_FAST_LEN", "wants_cc", "wants_cgo", "EXT_CC_REQUEST",
+#: bytes of KH (tor's DIGEST_LEN rend_circ_nonce) after a hop's relay-crypto keys
+KH_LEN = 20
+
+__all__ = ["KH_LEN", "HopParams", "HopHandshake", "answer_create2", "answer_create_fast", "kdf_tor", "CREATE_FAST_LEN",
+           "wants_cc", "wants_cgo", "EXT_CC_REQUEST",
            "EXT_CC_RESPONSE", "EXT_SUBPROTO_REQUEST", "SUBPROTO_CGO"]
 
 EXT_CC_REQUEST = 1
@@ -76,6 +82,8 @@ class HopParams:
     handshake: str  # "ntor" | "ntor-v3" | "create-fast"
     sendme_inc: int | None = None
     relay_crypto: str = "tor1"  # "tor1" | "cgo"
+    #: the KDF's 20 bytes after the keys (tor's rend_circ_nonce; the KH of ESTABLISH_INTRO)
+    kh: bytes = b""
 
 
 def wants_cc(relay: Any, index: int, path_len: int, cc: CCParams | None) -> bool:
@@ -131,9 +139,12 @@ class HopHandshake:
     def complete(self, hdata: bytes) -> HopParams:
         """Check the relay's reply (CREATED2/EXTENDED2 HDATA). Raises HandshakeError."""
         if self.htype == HTYPE_NTOR:
-            return HopParams(self._hs.complete(hdata), "ntor")  # type: ignore[arg-type]
+            km = self._hs.complete(hdata, length=TOR1_KEY_MATERIAL_LEN + KH_LEN)  # type: ignore[call-arg]
+            end = TOR1_KEY_MATERIAL_LEN
+            return HopParams(km[:end], "ntor", kh=km[end:])  # type: ignore[index]
         length = CGO_KEY_MATERIAL_LEN if self.cgo else TOR1_KEY_MATERIAL_LEN
-        server_message, key_material = self._hs.complete(hdata, length=length)  # type: ignore[call-arg]
+        server_message, km = self._hs.complete(hdata, length=length + KH_LEN)  # type: ignore[call-arg]
+        key_material, kh = km[:length], km[length:]
         try:
             extensions = parse_extensions(server_message)
         except ProtocolError as exc:
@@ -149,7 +160,7 @@ class HopHandshake:
                 sendme_inc = body[0]
         if self.cgo and sendme_inc is None:  # tor's relays refuse this; no relay may do it
             raise HandshakeError("CGO without congestion control (no CC_RESPONSE)")
-        return HopParams(key_material, "ntor-v3", sendme_inc, "cgo" if self.cgo else "tor1")
+        return HopParams(key_material, "ntor-v3", sendme_inc, "cgo" if self.cgo else "tor1", kh)
 
 
 def _subproto_wants_cgo(body: bytes) -> bool:
@@ -176,8 +187,8 @@ def answer_create2(htype: int, hdata: bytes, *, rsa_id: bytes, ed_id: bytes,
         HandshakeError: an unknown handshake type, or the handshake fails.
     """
     if htype == HTYPE_NTOR:
-        reply, key_material = ntor_server(hdata, rsa_id, onion_keys)
-        return reply, HopParams(key_material, "ntor")
+        reply, km = ntor_server(hdata, rsa_id, onion_keys, length=TOR1_KEY_MATERIAL_LEN + KH_LEN)
+        return reply, HopParams(km[:TOR1_KEY_MATERIAL_LEN], "ntor", kh=km[TOR1_KEY_MATERIAL_LEN:])
     if htype == HTYPE_NTOR_V3:
         agreed: list[int] = []
         use_cgo: list[bool] = []
@@ -200,12 +211,16 @@ def answer_create2(htype: int, hdata: bytes, *, rsa_id: bytes, ed_id: bytes,
                 use_cgo.append(True)
             return encode_extensions(answer)
 
-        # the KDF is a stream (SHAKE-256): the first 72 bytes of CGO's 160 are tor1's 72
+        # the KDF is a stream (SHAKE-256): the first 72 bytes of CGO's 160 are tor1's 72, and
+        # KH follows whichever keys the hop uses
         reply, _cm, keys = ntor_v3_server(hdata, ed_id, onion_keys, server_message,
-                                          length=CGO_KEY_MATERIAL_LEN)
+                                          length=CGO_KEY_MATERIAL_LEN + KH_LEN)
         if use_cgo:
-            return reply, HopParams(keys, "ntor-v3", agreed[0], "cgo")
-        return reply, HopParams(keys[:TOR1_KEY_MATERIAL_LEN], "ntor-v3", agreed[0] if agreed else None)
+            return reply, HopParams(keys[:CGO_KEY_MATERIAL_LEN], "ntor-v3", agreed[0], "cgo",
+                                    keys[CGO_KEY_MATERIAL_LEN:])
+        end = TOR1_KEY_MATERIAL_LEN
+        return reply, HopParams(keys[:end], "ntor-v3", agreed[0] if agreed else None,
+                                kh=keys[end:end + KH_LEN])
     raise HandshakeError(f"unsupported handshake type {htype}")
 
 

@@ -77,7 +77,7 @@ __all__ = [
 ]
 
 #: Flags an authority may vote on (sorted).
-KNOWN_FLAGS = ("Exit", "Fast", "Guard", "Running", "Stable", "V2Dir", "Valid")
+KNOWN_FLAGS = ("Exit", "Fast", "Guard", "HSDir", "Running", "Stable", "V2Dir", "Valid")
 MAX_DESCRIPTOR_SIZE = 20_000
 MAX_CONSENSUS_SIZE = 8 * 1024 * 1024  # also the bound for votes
 MAX_POLICY_RULES = 256
@@ -445,6 +445,7 @@ class ServerDescriptor:
     protocols: str = ""  # subprotocol versions (dir-spec "proto")
     signature: bytes = field(default=b"", repr=False)
     text: str = field(default="", repr=False, compare=False)
+    hs_dir: bool = False  # stores v3 onion-service descriptors (tor's "hidden-service-dir")
 
     @property
     def rsa_id(self) -> bytes:
@@ -489,6 +490,8 @@ class ServerDescriptor:
             out.append(f"contact {self.contact}")
         if self.dir_server:
             out.append("tunnelled-dir-server")
+        if self.hs_dir:
+            out.append("hidden-service-dir")
         out.extend(self.exit_policy)
         out.append(f"p {self.policy_summary}")
         return "\n".join(out) + "\nrouter-signature "
@@ -497,7 +500,7 @@ class ServerDescriptor:
     def create(cls, keys, *, nickname: str, address: str, or_port: int, exit_policy: ExitPolicy,
                published: float, bandwidth: tuple[int, int, int] = (1 << 30, 1 << 30, 0),
                platform: str = "onionp2p", family: Sequence[str] = (), contact: str | None = None,
-               dir_server: bool = False, protocols: str = "") -> ServerDescriptor:
+               dir_server: bool = False, protocols: str = "", hs_dir: bool = False) -> ServerDescriptor:
         """Build and sign a descriptor with a relay's :class:`~onionp2p.relay.keys.RelayKeys`."""
         unsigned = cls(
             nickname=nickname, address=address, or_port=or_port,
@@ -506,7 +509,7 @@ class ServerDescriptor:
             ntor_key=keys.onion_key_public, bandwidth=tuple(bandwidth), platform=platform,
             published=int(published), exit_policy=tuple(exit_policy.lines()),
             family=tuple(sorted(set(family))), contact=contact or None, dir_server=dir_server,
-            protocols=protocols,
+            protocols=protocols, hs_dir=hs_dir,
         )
         body = unsigned._body()
         sig = _sign(keys.signing, _DESC_PERSONAL, hashlib.sha256(body.encode()).digest())
@@ -535,6 +538,7 @@ class ServerDescriptor:
             family = tuple(fam.split(" ")) if fam is not None else ()
             contact = d.maybe("contact")
             dir_server = d.maybe("tunnelled-dir-server", 0) is not None
+            hs_dir = d.maybe("hidden-service-dir", 0) is not None
             rules: list[str] = []
             while d.peek() in ("accept", "reject"):
                 kw = d.peek()
@@ -567,7 +571,7 @@ class ServerDescriptor:
                 raise ProtocolError(f"p line {summary[:60]!r} does not summarize the exit policy")
             desc = cls(_nick(nick), _ipv4(addr), _int(port, 1, 65535, "or-port"), rsa_der, ed, cross,
                        scert, ntor, bw, platform, published, tuple(rules), family, contact,
-                       dir_server, protocols, sig, d.text)
+                       dir_server, protocols, sig, d.text, hs_dir)
         except (ValueError, OnionError) as exc:
             raise _wrap(what, exc) from None
         if desc._body() != d.text[: sig_at + len("router-signature ")]:

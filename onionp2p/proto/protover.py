@@ -24,6 +24,12 @@ Versions onionp2p implements, with their meanings (tor-spec §9):
   (proposal 324: RTT-based Vegas, XON/XOFF stream flow control), negotiated with ntor-v3 (2).
   A relay configured without congestion control advertises ``FlowCtrl=1`` only, one
   without CGO ``Relay=2-4`` (:func:`advertised`).
+* ``HSDir=2`` — stores and serves v3 onion-service descriptors (POST ``/tor/hs/3/publish``,
+  GET ``/tor/hs/3/<blinded key>`` over BEGIN_DIR).
+* ``HSIntro=4-5`` — introduction point for v3 services: Ed25519 auth keys in ESTABLISH_INTRO
+  and INTRODUCE1 (4); the ESTABLISH_INTRO DoS-parameters extension (5).
+* ``HSRend=1-2`` — rendezvous point (1), relaying a RENDEZVOUS1's HANDSHAKE_INFO of any
+  length in RENDEZVOUS2 (2).
 """
 
 from __future__ import annotations
@@ -35,11 +41,11 @@ from onionp2p.errors import ProtocolError
 __all__ = ["SUPPORTED", "parse", "format_protocols", "supports", "advertised"]
 
 #: what onionp2p implements: the proto line of its relays
-SUPPORTED = "FlowCtrl=1-2 Link=4-5 LinkAuth=3 Padding=2 Relay=2-6"
+SUPPORTED = "FlowCtrl=1-2 HSDir=2 HSIntro=4-5 HSRend=1-2 Link=4-5 LinkAuth=3 Padding=2 Relay=2-6"
 #: ... of a relay configured without CGO
-WITHOUT_CGO = "FlowCtrl=1-2 Link=4-5 LinkAuth=3 Padding=2 Relay=2-4"
+WITHOUT_CGO = "FlowCtrl=1-2 HSDir=2 HSIntro=4-5 HSRend=1-2 Link=4-5 LinkAuth=3 Padding=2 Relay=2-4"
 #: ... of a relay configured without congestion control (and so without CGO)
-WITHOUT_CC = "FlowCtrl=1 Link=4-5 LinkAuth=3 Padding=2 Relay=2-4"
+WITHOUT_CC = "FlowCtrl=1 HSDir=2 HSIntro=4-5 HSRend=1-2 Link=4-5 LinkAuth=3 Padding=2 Relay=2-4"
 
 
 def advertised(congestion_control: bool, cgo: bool = True) -> str:

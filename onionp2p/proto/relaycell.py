@@ -39,6 +39,7 @@ __all__ = [
     "RelayCommand",
     "EndReason",
     "STREAM_COMMANDS",
+    "HS_COMMANDS",
     "pack_relay",
     "unpack_relay",
     "V1_TAG_LEN",
@@ -100,6 +101,16 @@ class RelayCommand(IntEnum):
     CONFLUX_LINKED = 20
     CONFLUX_LINKED_ACK = 21
     CONFLUX_SWITCH = 22
+    # onion services (rend-spec-v3; bodies in onionp2p.proto.hs.cells)
+    ESTABLISH_INTRO = 32
+    ESTABLISH_RENDEZVOUS = 33
+    INTRODUCE1 = 34
+    INTRODUCE2 = 35
+    RENDEZVOUS1 = 36
+    RENDEZVOUS2 = 37
+    INTRO_ESTABLISHED = 38
+    RENDEZVOUS_ESTABLISHED = 39
+    INTRODUCE_ACK = 40
     XOFF = 43
     XON = 44
 
@@ -125,6 +136,10 @@ class EndReason(IntEnum):
 
 # Commands whose StreamID must be nonzero; all others must use StreamID 0 (tor-spec §6.1).
 STREAM_COMMANDS = frozenset({1, 2, 3, 4, 11, 12, 13, 43, 44})
+
+#: The onion-service commands (32-40): always on stream 0, handled by the intro and
+#: rendezvous roles at a relay and by the onion-service code at a client or service.
+HS_COMMANDS = frozenset(range(32, 41))
 
 _RELAY_HDR = struct.Struct(">BHH4sH")
 _PAD_ZERO = b"\x00\x00\x00\x00"

@@ -18,7 +18,11 @@ actions it returns:
   stream's :class:`~onionp2p.relay.exit.ExitConnection`;
 * ``DetachNext`` / ``Destroyed``: forget the circuit on a channel, drop what is queued for
   it there, then send DESTROY — in that order, so the DESTROY is not dropped with the
-  queue.
+  queue;
+* onion services: ``HsRequest`` goes to the relay's :class:`~onionp2p.relay.hs.HsRelay`
+  (introduction and rendezvous points), which keeps its per-circuit state here
+  (``hs_purpose``, ``hs_key``, the INTRODUCE2 bucket, the spliced partner); ``ToSplice``
+  hands cells to the partner circuit's core (:meth:`RelayCircuit.receive_spliced`).
 
 The core packages exit data only while fewer than ``RELAY_QUEUE_ROOM`` cells wait in the
 previous channel's queue for this circuit (when the channel is blocked); when that queue
@@ -38,6 +42,8 @@ from onionp2p.proto.circuit import (
     UNLIMITED_ROOM,
     CancelExtend,
     Destroyed,
+    HsRequest,
+    ToSplice,
     DetachNext,
     ExitBegin,
     ExitResolve,
@@ -89,6 +95,17 @@ class OrCircuit:
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self.log = log.bind(chan_id=prev_chan.id, circ_id=prev_id)
+        #: the KH of this hop's handshake (onion services' ESTABLISH_INTRO MAC key)
+        self.kh: bytes = params.kh if params is not None else b""
+        # onion-service roles (relay.hs): "" | "intro" | "rend_waiting" | "rend_joined"
+        self.hs_purpose = ""
+        self.hs_key: bytes | None = None  # auth key (intro) or cookie (rendezvous)
+        self.splice_peer: OrCircuit | None = None
+        self.introduced = False  # an INTRODUCE1 came on this circuit (one per circuit)
+        self.intro_dos = None
+        self.intro_dos_explicit = False
+        self.intro_bucket = None
+        self._gone = False  # Destroyed was carried out (cells still listed after it stay here)
         prev_chan.circuits[prev_id] = self
 
     # what the relay, its control port and its metrics read
@@ -172,6 +189,9 @@ class OrCircuit:
     def _run(self, actions: list) -> None:
         for a in actions:
             t = type(a)
+            if self._gone and t is not Destroyed:
+                # an onion-service request handled earlier in this list closed the circuit
+                continue
             if t is ToPrev:
                 self.prev_chan.send_payloads(self.prev_id, a.command, a.payloads)
             elif t is ToNext:
@@ -203,6 +223,12 @@ class OrCircuit:
                 if self._extending is not None:
                     self._extending.cancel()
                     self._extending = None
+            elif t is ToSplice:
+                peer = self.splice_peer
+                if peer is not None:
+                    peer._run(peer.core.receive_spliced(a.payloads))
+            elif t is HsRequest:
+                self.relay.hs.handle(self, a.command, a.data)
             elif t is DetachNext:
                 self._detach_next(a.reason)
             elif t is Destroyed:
@@ -255,6 +281,9 @@ class OrCircuit:
         self.next_id = 0
 
     def _destroyed(self, a: Destroyed) -> None:
+        if self._gone:
+            return
+        self._gone = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -270,6 +299,8 @@ class OrCircuit:
         else:
             self.log.debug("circuit destroyed", reason=_reason(a.reason))
         self.relay.circuit_closed(self, a.reason)
+        if self.hs_purpose:
+            self.relay.hs.circuit_closed(self, a.reason)
 
 
 def _reason(reason: int) -> str:

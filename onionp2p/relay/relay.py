@@ -79,6 +79,8 @@ from onionp2p.proto.relaycrypto import RelayCrypto
 from onionp2p.relay.circuit import OrCircuit
 from onionp2p.relay.dos import CELL_MEMORY, DosGuard, DosLimits, oom_victims
 from onionp2p.relay.exit import ExitHandler
+from onionp2p.relay.hs import HsRelay
+from onionp2p.relay.hsdir import HsDirCache
 from onionp2p.relay.keys import RelayKeys
 
 __all__ = ["Relay"]
@@ -118,6 +120,10 @@ class Relay:
         self.exit = ExitHandler(self.exit_policy, reject_private=cfg.exit_reject_private,
                                 known_relay=self._known_relay)
         self.dos = DosGuard(DosLimits.of(cfg))
+        #: introduction and rendezvous points (rend-spec-v3), with the consensus's parameters
+        self.hs = HsRelay(self.consensus_params, nickname=cfg.nickname)
+        #: the onion-service descriptors we store as an HSDir (served by our directory cache)
+        self.hsdir = HsDirCache(nickname=cfg.nickname)
         # BandwidthRate/BandwidthBurst: one token bucket for every byte read on OR channels.
         self.read_bucket = TokenBucket(cfg.bandwidth_rate, cfg.effective_bandwidth_burst, now=time.monotonic())
         self._throttled: set[Channel] = set()
@@ -175,6 +181,11 @@ class Relay:
     def protocols(self) -> str:
         """The subprotocol versions we advertise (descriptor ``proto``)."""
         return protover.advertised(self.config.congestion_control, self.config.cgo)
+
+    def consensus_params(self) -> dict[str, int]:
+        """The ``params`` of the consensus we hold (empty without one)."""
+        directory = self.directory
+        return directory.params() if directory is not None and hasattr(directory, "params") else {}
 
     def cc_params(self) -> CCParams | None:
         """Congestion-control parameters for circuits created now: our consensus's ``cc_*``
@@ -559,6 +570,8 @@ class Relay:
             await asyncio.sleep(SWEEP_INTERVAL)
             now = time.monotonic()
             self.dos.prune(now)
+            self.hs.sweep()
+            self.hsdir.expire(time.time())
             if self.dos.limits.max_mem_in_queues:
                 self.check_memory()
             if now - last_heartbeat >= HEARTBEAT_INTERVAL:

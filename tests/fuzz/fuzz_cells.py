@@ -43,7 +43,9 @@ with atheris.instrument_imports(include=["onionp2p"]):
     from onionp2p.proto import cells as C
     from onionp2p.proto import certs as X
     from onionp2p.proto import relaycell as R
+    from onionp2p.proto.hs import cells as H
     from onionp2p.proto.link import LinkHandshake, verify_certs
+    from onionp2p.relay.hsdir import parse_outer
     from onionp2p.relay.keys import RelayKeys
 
 # -- fixed state shared by every input --------------------------------------------------------
@@ -319,6 +321,33 @@ def t_link_responder(fdp) -> None:
         check(hs.authenticated_initiator == (hs.peer is not None), "responder: peer identity without proof")
 
 
+def t_hs_cell(fdp) -> None:
+    command = 32 + fdp.ConsumeIntInRange(0, 8)
+    data = fdp.ConsumeBytes(R.RELAY_DATA_MAX)  # what a relay cell can carry
+    msg = H.parse_hs_message(command, data)
+    check(msg.command == command, "parse_hs_message returned another command's message")
+    encoded = msg.encode()
+    again = _reparse(lambda b: H.parse_hs_message(command, b), encoded, type(msg).__name__)
+    if isinstance(msg, H.EstablishIntro):
+        # the fields alone give back the bytes the MAC and signature cover (trailing bytes aside)
+        fresh = H.EstablishIntro(msg.auth_key_type, msg.auth_key, msg.extensions, msg.handshake_mac, msg.sig)
+        check(fresh.encode() == data[:msg.sig_end + 2 + len(msg.sig)], "ESTABLISH_INTRO fields re-encode")
+        check(again.raw == msg.raw, "ESTABLISH_INTRO round trip")
+        msg.dos_params()
+        msg.verify(bytes(20))  # a random cell never passes: ProtocolError
+        raise AssertionError("a fuzzed ESTABLISH_INTRO verified")
+    if isinstance(msg, (H.Introduce1, H.EstablishRendezvous, H.Rendezvous1, H.Rendezvous2)):
+        check(encoded == data, f"{type(msg).__name__} does not re-encode to its bytes")
+        if isinstance(msg, H.Introduce1):
+            msg.validate()
+    check(again == msg, f"{type(msg).__name__} round trip")
+
+
+def t_hs_descriptor(fdp) -> None:
+    out = parse_outer(fdp.ConsumeBytes(fdp.remaining_bytes()), NOW)
+    check(len(out.blinded_key) == 32 and 0 <= out.lifetime <= 12 * 3600, "outer descriptor fields")
+
+
 TARGETS = {
     "reader": t_reader,
     "versions": t_versions,
@@ -337,6 +366,8 @@ TARGETS = {
     "verify_certs": t_verify_certs,
     "link_initiator": t_link_initiator,
     "link_responder": t_link_responder,
+    "hs_cell": t_hs_cell,
+    "hs_descriptor": t_hs_descriptor,
 }
 assert tuple(TARGETS) == CELL_TARGETS, "fuzzlib.CELL_TARGETS and TARGETS disagree"
 _ORDER = [TARGETS[name] for name in CELL_TARGETS]

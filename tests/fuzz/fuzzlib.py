@@ -54,6 +54,8 @@ CELL_TARGETS = (
     "verify_certs",       # CERTS payload through link.verify_certs (leaf type 5 or 6)
     "link_initiator",     # LinkHandshake initiator (client or relay) fed a chunked cell stream
     "link_responder",     # LinkHandshake responder fed a chunked cell stream
+    "hs_cell",            # onion-service relay message (commands 32-40): parse, re-encode, checks
+    "hs_descriptor",      # an HSDir's outer-layer check of a v3 descriptor (relay/hsdir.py)
 )
 
 #: Targets of fuzz_socks.py.

@@ -48,12 +48,14 @@ from onionp2p.proto import cells as C  # noqa: E402
 from onionp2p.proto import certs as X  # noqa: E402
 from onionp2p.proto import relaycell as R  # noqa: E402
 from onionp2p.proto.dnsmsg import parse_query  # noqa: E402
+from onionp2p.proto.hs import cells as H  # noqa: E402
 from onionp2p.proto.httpconnect import HttpConnectParser  # noqa: E402
 from onionp2p.proto.link import AUTH0003_LEN, LinkHandshake, verify_certs  # noqa: E402
 from onionp2p.proto.socks import (
     RequestReady,  # noqa: E402
     SocksParser,  # noqa: E402
 )
+from onionp2p.relay.hsdir import DESC_SIG_PREFIX, parse_outer  # noqa: E402
 
 CELLS_DIR = HERE / "corpus" / "cells"
 SOCKS_DIR = HERE / "corpus" / "socks"
@@ -260,7 +262,36 @@ def cell_seeds(chain: Chain) -> dict[str, bytes]:
     verify_certs(chain.certs(chain.tls_link), leaf_type=5, now=NOW, tls_cert_der=TLS_CERT_DER)
     verify_certs(chain.certs(chain.link_auth), leaf_type=6, now=NOW)
     chain.with_extension.verify(now=NOW)
+
+    # onion-service messages (the first int picks the command: 32 + it)
+    auth = _ed_key("hs-auth")
+    intro = H.EstablishIntro.create(auth, bytes(range(20)), (H.DosParams(25, 200).extension(),)).encode()
+    payload("hs_cell", "establish-intro", intro, 0)
+    payload("hs_cell", "establish-rendezvous", bytes(range(20)), 1)
+    introduce1 = H.Introduce1(_raw(auth), bytes(range(64)), (H.Extension(9, b"x"),)).encode()
+    payload("hs_cell", "introduce1", introduce1, 2)
+    payload("hs_cell", "rendezvous1", bytes(range(20)) + bytes(64), 4)
+    payload("hs_cell", "intro-established", H.IntroEstablished().encode(), 6)
+    payload("hs_cell", "introduce-ack", H.IntroduceAck(H.IntroAckStatus.UNKNOWN_ID).encode(), 8)
+    desc = hs_descriptor(_ed_key("hs-blinded"), _ed_key("hs-signing"))
+    parse_outer(desc, NOW)  # it must pass, or the fuzzer never gets past the first check
+    payload("hs_descriptor", "outer", desc)
     return seeds
+
+
+def hs_descriptor(blinded: ed25519.Ed25519PrivateKey, signing: ed25519.Ed25519PrivateKey) -> bytes:
+    """A v3 descriptor's outer layer, valid at NOW (superencrypted part: fixed bytes)."""
+    def pem(kind: str, raw: bytes) -> str:
+        b = base64.b64encode(raw).decode()
+        return f"-----BEGIN {kind}-----\n" + "\n".join(b[i:i + 64] for i in range(0, len(b), 64)) \
+            + f"\n-----END {kind}-----\n"
+    cert = X.Ed25519Cert.create(X.CertType.HS_BLINDED_ID_V_SIGNING, _raw(signing), blinded,
+                                expires_hours=X.expiry_hours(NOW + 3 * 3600))
+    body = (f"hs-descriptor 3\ndescriptor-lifetime 180\ndescriptor-signing-key-cert\n"
+            f"{pem('ED25519 CERT', cert.encode())}revision-counter 42\nsuperencrypted\n"
+            f"{pem('MESSAGE', bytes(range(256)) * 2)}")
+    sig = signing.sign(DESC_SIG_PREFIX + body.encode())
+    return (body + "signature " + base64.b64encode(sig).decode().rstrip("=") + "\n").encode()
 
 
 def socks_seeds() -> dict[str, bytes]:
