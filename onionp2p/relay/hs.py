@@ -63,7 +63,6 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from onionp2p.errors import ProtocolError
-from onionp2p.log import get_logger
 from onionp2p.proto.cells import DestroyReason
 from onionp2p.proto.hs.cells import (
     AuthKeyType,
@@ -83,7 +82,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["REND_PENDING_MAX", "REND_PENDING_TIMEOUT", "HsRelay", "IntroDosParams"]
 
-log = get_logger("onionp2p.hs")
 
 #: seconds a rendezvous cookie may wait for its RENDEZVOUS1
 REND_PENDING_TIMEOUT = 300.0
@@ -165,11 +163,7 @@ class HsRelay:
     parameters (empty without a consensus); ``clock`` is monotonic seconds."""
 
     def __init__(
-        self,
-        params: Callable[[], Mapping[str, int]] = dict,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        nickname: str = "",
+        self, params: Callable[[], Mapping[str, int]] = dict, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.params = params
         self.clock = clock
@@ -181,7 +175,6 @@ class HsRelay:
         self.counts: dict[str, Counter[str]] = {
             k: Counter() for k in ("est_intro", "est_rend", "intro1", "rend1")
         }
-        self._log = log.bind(nickname=nickname) if nickname else log
 
     # -- dispatch --------------------------------------------------------------------------------
 
@@ -226,7 +219,7 @@ class HsRelay:
         except ProtocolError:
             ext = None  # tor: a malformed DoS extension leaves the consensus defaults
         now = self.clock()
-        if ext is not None and (ext.rate is not None or ext.burst is not None):
+        if ext is not None:  # well-formed, even empty: the service decided (missing values: off)
             circ.intro_dos = IntroDosParams.from_extension(ext.rate, ext.burst)
             circ.intro_dos_explicit = True
         else:

@@ -121,7 +121,7 @@ class Relay:
                                 known_relay=self._known_relay)
         self.dos = DosGuard(DosLimits.of(cfg))
         #: introduction and rendezvous points (rend-spec-v3), with the consensus's parameters
-        self.hs = HsRelay(self.consensus_params, nickname=cfg.nickname)
+        self.hs = HsRelay(self.consensus_params)
         #: the onion-service descriptors we store as an HSDir (served by our directory cache)
         self.hsdir = HsDirCache(nickname=cfg.nickname)
         # BandwidthRate/BandwidthBurst: one token bucket for every byte read on OR channels.
