@@ -166,7 +166,7 @@ def test_who_pads():
 def test_client_negotiation_follows_the_options():
     p = PaddingParams(nf_ito_low=200, nf_ito_high=500)
     state, msg = client_padding(p, peer_supports=True)
-    assert msg == PaddingNegotiate(PaddingNegotiate.START, 200, 500) and state.enabled
+    assert msg is None and state.enabled  # as tor's client: no START, the relay pads by itself
     state, msg = client_padding(p, peer_supports=False)
     assert msg is None and not _used(state).wants_padding()
     state, msg = client_padding(p, peer_supports=False, connection_padding="1")
@@ -222,10 +222,11 @@ async def test_client_and_relay_pad_an_idle_link(relay_net, http_server, caplog)
         assert await http_get(reader, writer, "/20000") == blob(20000)
         chan = client.channels[relay_net[0].info().rsa_id]
         at_relay = _from_client(relay_net[0])
-        # the relay got START with the consensus timeouts and honours it
-        await wait_for(lambda: at_relay.padding_negotiations_in == 1, what="PADDING_NEGOTIATE at the relay")
+        # as from a tor client: no PADDING_NEGOTIATE; the relay pads a client's link by itself
+        # (link protocol 5) at the consensus's timeouts
         pad = at_relay.padding
-        assert (pad.enabled, pad.low_ms, pad.high_ms) == (True, 200, 500)
+        assert at_relay.padding_negotiations_in == 0
+        assert (pad.enabled, pad.low_ms, pad.high_ms) == (True, 0, 0)  # 0: the consensus's range
         # both ends pad the idle link: a cell at least every 0.5 s, never more often than every 0.2 s
         await wait_for(lambda: chan.padding_in >= 1 and at_relay.padding_in >= 1, timeout=10,
                        what="padding in both directions")
@@ -246,7 +247,7 @@ async def test_client_and_relay_pad_an_idle_link(relay_net, http_server, caplog)
             chan.send_cell(0, 12, bytes.fromhex("0102 00c8 01f4"))  # version 1
             chan.send_cell(0, 12, bytes.fromhex("0007 00c8 01f4"))  # command 7
             await asyncio.sleep(0.3)
-        assert not at_relay.closed and at_relay.padding_negotiations_in == 1 and at_relay.padding.enabled
+        assert not at_relay.closed and at_relay.padding_negotiations_in == 0 and at_relay.padding.enabled
         assert caplog.text.count("malformed PADDING_NEGOTIATE ignored") == 2
 
         # STOP: the relay stops padding the link (we keep padding it ourselves)
@@ -351,8 +352,11 @@ async def test_padding_parameters_come_from_our_authority_s_consensus(tmp_path):
         await client.build_circuit([by_nick[f"r{i}"] for i in range(3)])
         chan = client.channels[by_nick["r0"].rsa_id]
         at_relay = _from_client(relays[0])
-        await wait_for(lambda: at_relay.padding_negotiations_in == 1, what="PADDING_NEGOTIATE at the guard")
-        assert (at_relay.padding.low_ms, at_relay.padding.high_ms) == (200, 500)
+        # no PADDING_NEGOTIATE (as tor's client): both ends pad at the consensus's 0.2-0.5 s
+        # (tor's defaults, 1.5-9.5 s, would give at most 2 cells in these 2 s)
+        await wait_for(lambda: chan.padding_in >= 1 and at_relay.padding_in >= 1, timeout=10,
+                       what="padding in both directions")
+        assert at_relay.padding_negotiations_in == 0
         start = chan.padding_in + chan.padding_out
         await asyncio.sleep(2.0)
         assert 3 <= chan.padding_in + chan.padding_out - start <= 11

@@ -36,6 +36,7 @@ from onionp2p.dir.tordir import (
 )
 from onionp2p.errors import StreamError
 from onionp2p.proto.bwweights import WEIGHT_KEYS, bandwidth_totals, compute_bw_weights
+from onionp2p.proto.cells import PaddingNegotiate
 from onionp2p.proto.relaycell import EndReason, RelayCommand, ResolvedType
 
 _spec = importlib.util.spec_from_file_location("tornet", Path(__file__).parents[1] / "tools" / "tornet.py")
@@ -347,9 +348,11 @@ _NEGOTIATED = re.compile(r"Negotiated padding=(\d+), lo=(\d+), hi=(\d+) on (\d+)
 
 
 async def test_tor_guard_sees_padding_negotiate_and_channel_padding_from_us(tor_network):
-    """A tor relay as our guard logs our PADDING_NEGOTIATE START with the consensus timeouts
-    (channelpadding.c, info) and reads our PADDING cells on the idle link (connection_or.c,
-    debug: a cell read that no circuit or command handler sees), and pads towards us."""
+    """A tor relay as our guard sees from us what it sees from a tor client: no
+    PADDING_NEGOTIATE from a default client (tor's client only sends one to disable or reduce
+    padding), STOP from one with ``reduced_connection_padding`` (channelpadding.c logs
+    ``Negotiated padding=0``, info), and our PADDING cells on the idle link (connection_or.c,
+    debug: a cell read that no circuit or command handler sees); and it pads towards us."""
     net, statuses, _ = tor_network
     view = await fetch_tor_network(net.dirauth_lines())
     assert (view.params["nf_ito_low"], view.params["nf_ito_high"]) == (200, 500)
@@ -359,6 +362,8 @@ async def test_tor_guard_sees_padding_negotiate_and_channel_padding_from_us(tor_
     _reload_with(guard, f"Log [or,channel]debug file {debug_log}\n")
     client = OnionClient()
     client.consensus_params = lambda: dict(view.params)
+    reduced = OnionClient(reduced_connection_padding=True)
+    reduced.consensus_params = lambda: dict(view.params)
     try:
         await wait_for(lambda: debug_log.exists() and debug_log.stat().st_size > 0, timeout=20,
                        what="tor to open its debug log")
@@ -366,19 +371,34 @@ async def test_tor_guard_sees_padding_negotiate_and_channel_padding_from_us(tor_
         await client.build_circuit(path, timeout=60)  # three hops: the channel is worth padding
         chan = client.channels[path[0].rsa_id]
 
-        def negotiated():
+        def negotiations(since: int) -> list[tuple[tuple[str, ...], str]]:
             with open(debug_log, errors="replace") as f:
-                f.seek(start)
+                f.seek(since)
                 lines = f.read().splitlines()
+            out = []
             for i, line in enumerate(lines):
                 if m := _NEGOTIATED.search(line):
                     # the connection that carried it: the last cell read logged before the line
                     fd = next(r.group(1) for ln in reversed(lines[:i]) if (r := _CELL_READ.search(ln)))
-                    return m.groups(), fd
-            return None
+                    out.append((m.groups(), fd))
+            return out
 
-        (enabled, lo, hi, chan_id), fd = await wait_for(negotiated, timeout=20,
-                                                        what="tor to log the negotiation")
+        # a default client sends no PADDING_NEGOTIATE, as tor's; the guard pads it anyway
+        await wait_for(lambda: chan.padding_in >= 1, timeout=20, what="padding from tor")
+        assert negotiations(start) == [] and chan.padding.enabled
+        # a client with reduced padding asks the guard to stop, as tor's client does
+        mark = debug_log.stat().st_size
+        await reduced.build_circuit(path, timeout=60)
+        ((r_enabled, r_lo, r_hi, _r_id), _r_fd), = await wait_for(lambda: negotiations(mark), timeout=20,
+                                                               what="tor to log the reduced client's STOP")
+        assert (r_enabled, r_lo, r_hi) == ("0", "200", "200")  # STOP 0/0, clamped up to nf_ito_low
+        # to find our default client's connection in tor's log, the test itself sends one
+        # (harmless) START on it: the negotiation line names tor's channel id and fd
+        mark = debug_log.stat().st_size
+        chan.send_cell(0, 12, PaddingNegotiate(PaddingNegotiate.START, 200, 500).encode())
+        chan.flush()
+        ((enabled, lo, hi, chan_id), fd), = await wait_for(lambda: negotiations(mark), timeout=20,
+                                                           what="tor to log the test's marker")
         assert (enabled, lo, hi) == ("1", "200", "500")
         # the circuit is built and idle: whatever arrives on that connection now is link padding
         await asyncio.sleep(1.0)
@@ -406,6 +426,7 @@ async def test_tor_guard_sees_padding_negotiate_and_channel_padding_from_us(tor_
         assert received <= sent_by_tor <= received + 1, (received, sent_by_tor)
     finally:
         await client.close()
+        await reduced.close()
         _reload_with(guard, "")
 
 

@@ -251,8 +251,10 @@ def client_padding(params: PaddingParams, *, peer_supports: bool, connection_pad
     ``peer_supports``: the relay advertises ``Padding=2`` and the link is version 5 or later.
     ``connection_padding`` "0" asks the relay to stop and pads nothing; ``reduced`` asks the
     relay to stop and pads at the reduced rate ourselves (tor's ReducedConnectionPadding);
-    otherwise a supporting relay is sent START with the consensus timeouts. "1" pads even
-    towards a relay that does not support padding.
+    otherwise nothing is sent: the relay pads the link at the consensus's rate by itself,
+    and so do we. That is what tor's client does (channel_do_open_actions: PADDING_NEGOTIATE
+    only to disable or reduce), so a guard cannot tell us from a tor client by this cell.
+    "1" pads even towards a relay that does not support padding.
     """
     enabled = peer_supports and connection_padding != "0"
     state = ChannelPadding(params, is_client_channel=True, enabled=enabled,
@@ -261,7 +263,7 @@ def client_padding(params: PaddingParams, *, peer_supports: bool, connection_pad
         return state, None
     if connection_padding == "0" or reduced:
         return state, PaddingNegotiate(PaddingNegotiate.STOP, 0, 0)
-    return state, PaddingNegotiate(PaddingNegotiate.START, params.nf_ito_low, params.nf_ito_high)
+    return state, None
 
 
 def relay_padding(params: PaddingParams, *, peer_is_client: bool, link_version: int,
