@@ -628,7 +628,7 @@ def test_hsdir_cache_rules():
         ),
         (
             make_descriptor(blinded, signing, 1, now=now).replace(b"hs-descriptor 3", b"hs-descriptor 2"),
-            "start",
+            "version",
         ),
         (make_descriptor(blinded, signing, 1, now=now, blob=b"short"), "too short"),
     ):

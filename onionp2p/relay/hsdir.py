@@ -28,27 +28,23 @@ cache holds at most ``max_bytes`` of descriptors; past that, the oldest-stored g
 (tor's hs_cache OOM handler). Answers are tor's: 200 "Service descriptor (v3) stored",
 400 "Invalid v3 service descriptor rejected", 404 "Not found".
 
-(The full descriptor parser, with both encryption layers, lives in
-``onionp2p.proto.hs``; this module deliberately checks only what an HSDir must, and is
-to be merged onto that parser's outer-layer code.)
+The outer-layer rules are those of the full descriptor parser
+(``onionp2p.proto.hs.desc.parse_outer``, which clients use too); an HSDir never opens the
+encrypted layers.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import re
 import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
 from onionp2p.errors import ProtocolError
 from onionp2p.log import get_logger
-from onionp2p.proto.certs import CertType, Ed25519Cert
+from onionp2p.proto.hs import desc as hsdesc
 
 __all__ = [
     "DESC_SIG_PREFIX",
@@ -67,15 +63,13 @@ log = get_logger("onionp2p.hsdir")
 HS_DESC_MAX_LEN = 50000
 #: tor's HS_DESC_MAX_LIFETIME (seconds)
 HS_DESC_MAX_LIFETIME = 12 * 3600
-DESC_SIG_PREFIX = b"Tor onion service descriptor sig v3"
+DESC_SIG_PREFIX = hsdesc.SIG_PREFIX
 PUBLISH_PATH = "/tor/hs/3/publish"
 FETCH_PREFIX = "/tor/hs/3/"
 #: the descriptor cache's default size bound (bytes)
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 #: tor: the encrypted blob must be longer than salt (16) + MAC (32)
 _MIN_ENCRYPTED = 16 + 32
-_OBJECT = re.compile(r"-----BEGIN ([A-Z0-9 ]{1,40})-----\n([A-Za-z0-9+/=\n]*?)-----END \1-----\n")
-_KEYWORD = re.compile(r"[A-Za-z0-9-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -97,88 +91,18 @@ def _b64(text: str, what: str) -> bytes:
 
 
 def parse_outer(text: bytes, now: float) -> OuterDescriptor:
-    """Check a descriptor's outer layer as an HSDir must (see the module docstring).
-    Raises ProtocolError (CertificateError) naming the first problem."""
-    try:
-        doc = text.decode("ascii")
-    except UnicodeDecodeError:
-        raise ProtocolError("descriptor is not ASCII") from None
-    if not doc.startswith("hs-descriptor 3\n"):
-        raise ProtocolError("descriptor does not start with 'hs-descriptor 3'")
-    items: dict[str, list[tuple[list[str], str | None, str | None]]] = {}
-    pos = 0
-    order: list[str] = []
-    while pos < len(doc):
-        end = doc.find("\n", pos)
-        if end < 0:
-            raise ProtocolError("descriptor does not end with a newline")
-        words = doc[pos:end].split(" ")
-        pos = end + 1
-        keyword = words[0]
-        if not _KEYWORD.fullmatch(keyword):
-            raise ProtocolError(f"malformed descriptor line starting {keyword[:40]!r}")
-        obj_type = obj_body = None
-        if doc.startswith("-----BEGIN ", pos):
-            m = _OBJECT.match(doc, pos)
-            if m is None:
-                raise ProtocolError(f"malformed object after {keyword!r}")
-            obj_type, obj_body = m.group(1), m.group(2)
-            pos = m.end()
-        items.setdefault(keyword, []).append((words[1:], obj_type, obj_body))
-        order.append(keyword)
-    for keyword in (
-        "hs-descriptor",
-        "descriptor-lifetime",
-        "descriptor-signing-key-cert",
-        "revision-counter",
-        "superencrypted",
-        "signature",
-    ):
-        if len(items.get(keyword, ())) != 1:
-            raise ProtocolError(f"descriptor needs exactly one {keyword!r}")
-    if order[-1] != "signature":
-        raise ProtocolError("'signature' is not the last item of the descriptor")
-
-    args = items["descriptor-lifetime"][0][0]
-    if len(args) != 1 or not args[0].isdigit() or len(args[0]) > 10:
-        raise ProtocolError("descriptor lifetime value is invalid")
-    lifetime = int(args[0]) * 60
-    if lifetime > HS_DESC_MAX_LIFETIME:
-        raise ProtocolError(f"descriptor lifetime {lifetime} s is over the maximum {HS_DESC_MAX_LIFETIME} s")
-
-    args = items["revision-counter"][0][0]
-    if len(args) != 1 or not args[0].isdigit() or int(args[0]) >= 1 << 64:
-        raise ProtocolError("revision counter is invalid")
-    revision = int(args[0])
-
-    _args, obj_type, obj_body = items["superencrypted"][0]
-    if obj_type != "MESSAGE" or obj_body is None:
-        raise ProtocolError("superencrypted needs a MESSAGE object")
-    if len(_b64(obj_body.replace("\n", ""), "superencrypted")) <= _MIN_ENCRYPTED:
+    """Check a descriptor's outer layer as an HSDir must (see the module docstring): the
+    onion-service descriptor parser's outer-layer check (:func:`onionp2p.proto.hs.desc.parse_outer`,
+    the one set of rules clients use too), plus tor's HSDir-only floor on the size of the
+    encrypted part. Raises ProtocolError (an HsDescriptorError) naming the first problem."""
+    outer = hsdesc.parse_outer(text, now=now)
+    if len(outer.superencrypted) <= _MIN_ENCRYPTED:
         raise ProtocolError("superencrypted data too short")
-
-    _args, obj_type, obj_body = items["descriptor-signing-key-cert"][0]
-    if obj_type != "ED25519 CERT" or obj_body is None:
-        raise ProtocolError("descriptor-signing-key-cert needs an ED25519 CERT object")
-    cert = Ed25519Cert.parse(_b64(obj_body.replace("\n", ""), "signing key certificate"))
-    if cert.cert_type != CertType.HS_BLINDED_ID_V_SIGNING:
-        raise ProtocolError(f"signing key certificate of type {int(cert.cert_type)}, not 8")
+    cert = outer.signing_key_cert
     blinded = cert.signed_with
-    if blinded is None:
+    if blinded is None:  # hsdesc checked it; kept for the type checker
         raise ProtocolError("signing key certificate without the blinded key (extension 04)")
-    cert.verify(blinded, now=now)  # signed by the blinded key, not expired
-
-    sig_args = items["signature"][0][0]
-    if len(sig_args) != 1:
-        raise ProtocolError("signature line needs one argument")
-    sig = _b64(sig_args[0], "signature")
-    at = doc.rfind("\nsignature ")
-    signed = text[: at + 1]
-    try:
-        ed25519.Ed25519PublicKey.from_public_bytes(cert.certified_key).verify(sig, DESC_SIG_PREFIX + signed)
-    except (InvalidSignature, ValueError):
-        raise ProtocolError("descriptor signature is not valid") from None
-    return OuterDescriptor(bytes(blinded), revision, lifetime, bytes(cert.certified_key))
+    return OuterDescriptor(bytes(blinded), outer.revision_counter, outer.lifetime * 60, bytes(cert.certified_key))
 
 
 class _Entry:

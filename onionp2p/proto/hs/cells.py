@@ -38,7 +38,6 @@ encoded raises :class:`~onionp2p.errors.LocalProtocolError`.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import struct
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from onionp2p.errors import LocalProtocolError, ProtocolError
+from onionp2p.proto.hs.ntor import hs_mac
 from onionp2p.proto.relaycell import RELAY_DATA_MAX, RelayCommand
 
 __all__ = [
@@ -115,8 +115,8 @@ _DOS_PARAM = struct.Struct(">BQ")
 
 
 def mac_sha3_256(key: bytes, msg: bytes) -> bytes:
-    """rend-spec-v3's MAC: ``SHA3-256(len(key) as u64 big-endian | key | msg)``."""
-    return hashlib.sha3_256(struct.pack(">Q", len(key)) + bytes(key) + bytes(msg)).digest()
+    """rend-spec-v3's MAC (:func:`onionp2p.proto.hs.ntor.hs_mac`), on any bytes-like input."""
+    return hs_mac(bytes(key), bytes(msg))
 
 
 class _Reader:
