@@ -995,7 +995,8 @@ async def _walk_guards(fnet, http_server, procs, infos, g4, g5, out6, out7, m, x
         end = loop.time() + 30
         while True:
             assert await port_open(p1.or_port) or loop.time() < end, "p1 did not come back"
-            assert await socks_get_as(node.socks_port, http_server.port, "/500", f"back{loop.time()}") == blob(500)
+            user = f"back{loop.time()}"
+            assert await socks_get_as(node.socks_port, http_server.port, "/500", user) == blob(500)
             if paths[-1][0] == "p1":
                 break
             assert loop.time() < end, f"never went back to p1: {chosen[-10:]}"
@@ -1014,7 +1015,8 @@ async def _walk_guards(fnet, http_server, procs, infos, g4, g5, out6, out7, m, x
         await node.stop()
 
 
-async def test_circuit_through_a_nonprimary_guard_waits_while_the_primary_guards_are_retried(fnet, http_server):
+async def test_circuit_through_a_nonprimary_guard_waits_while_the_primary_guards_are_retried(fnet,
+                                                                                              http_server):
     """guard-spec §4.8-4.9 in the circuit manager, on real relays: the three primary guards
     (confirmed) refuse connections. A fresh client (no success yet, so "the network was
     down") builds through its next confirmed guard g4, but holds that circuit
@@ -1037,7 +1039,8 @@ async def test_circuit_through_a_nonprimary_guard_waits_while_the_primary_guards
     now = time.time()
     (data / "guards.json").write_text(json.dumps({"version": 2, "guards": [
         {"fingerprint": i.fingerprint, "nickname": i.nickname, "sampled_on": now, "sampled_idx": n,
-         "confirmed_on": now, "confirmed_idx": n, "listed": True} for n, i in enumerate([*dead, g4.info()])]}))
+         "confirmed_on": now, "confirmed_idx": n, "listed": True}
+        for n, i in enumerate([*dead, g4.info()])]}))
     await _guard_wait(http_server, data, routers, dead)
     await settle(fnet.relays, base)
 

@@ -479,7 +479,8 @@ class CircuitManager:
             if usable:
                 usable.sort(key=lambda e: (e.isolation is _UNASSIGNED, e.dirty_since is None))
                 return self._attach(usable[0], key)
-            pending = [e for e in self._entries if e.circ is None and e.guard_wait is None and self._fresh(e, now)
+            pending = [e for e in self._entries
+                       if e.circ is None and e.guard_wait is None and self._fresh(e, now)
                        and self._fits(e, port, key, avoid)]
             if pending:
                 pending.sort(key=lambda e: e.isolation is _UNASSIGNED)
@@ -520,7 +521,7 @@ class CircuitManager:
                 return None
             now = self.clock()
             usable = [e for e in self._entries if e is not entry and self._takes_streams(e, now)
-                      and (e.isolation is _UNASSIGNED or e.isolation == key) and self._fits(e, port, key, avoid)]
+                      and self._fits(e, port, key, avoid)]
             if usable:
                 usable.sort(key=lambda e: (e.isolation is _UNASSIGNED, e.dirty_since is None))
                 return usable[0]
@@ -603,7 +604,8 @@ class CircuitManager:
 
     def _compatible_fp(self, fp: str, other: RouterStatus, routers: Sequence[RouterStatus]) -> bool:
         rs = next((r for r in routers if r.fingerprint == fp), None)
-        return rs is not None and compatible(rs, other, enforce_distinct_subnets=self.enforce_distinct_subnets)
+        return rs is not None and compatible(rs, other,
+                                             enforce_distinct_subnets=self.enforce_distinct_subnets)
 
     def _launch(self, port: int | None, key: object, avoid: frozenset[str], purpose: str) -> _Entry:
         path, gc = self._choose(port, avoid)
