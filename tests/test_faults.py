@@ -1049,12 +1049,15 @@ async def _guard_wait(http_server, data, routers, dead) -> None:
     node = ClientNode(client_config(data, preemptive_circuits=0, max_build_attempts=10),
                       routers=lambda: routers)
     mgr = node.circmgr
+    control = node.control_adapter()  # what circuit-status (and `onionp2p circuits`) shows
     chosen: list[tuple[str, bool]] = []  # (guard, was some circuit waiting for a better guard then)
+    shown: list[str] = []  # control-port statuses of the circuits through g4 meanwhile
     select = node.guards.select
 
     def recording_select(*a, **kw):
         rs, gc = select(*a, **kw)
         chosen.append((rs.nickname, bool(mgr.guard_waiting())))
+        shown.extend(c.status for c in control.circuits() if c.path and c.path[0][1] == "g4")
         return rs, gc
 
     node.guards.select = recording_select
@@ -1064,6 +1067,7 @@ async def _guard_wait(http_server, data, routers, dead) -> None:
         names = [n for n, _ in chosen]
         assert names[:7] == ["d1", "d2", "d3", "g4", "d1", "d2", "d3"], chosen
         assert [w for _, w in chosen[4:7]] == [True] * 3  # the g4 circuit was held meanwhile
+        assert shown[:3] == ["GUARD_WAIT"] * 3
         assert set(names[7:]) <= {"g4"} and circ.hops[0].nickname == "g4" and not mgr.guard_waiting()
         reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
         try:
