@@ -550,3 +550,32 @@ def test_unreadable_state_is_moved_aside(tmp_path, body):
 def test_guard_event_line():
     assert guard_event_line(GuardEvent(fp_of("g1"), "g1", "DOWN")) == f"ENTRY ${fp_of('g1')}~g1 DOWN"
     assert guard_event_line(GuardEvent(fp_of("g1"), None, "NEW")) == f"ENTRY ${fp_of('g1')} NEW"
+
+
+async def test_directory_fetch_outcomes_reach_the_guard_selection(tmp_path):
+    """A directory fetch from a directory guard that cannot be reached marks it down (real
+    sockets: nothing listens on its port); a success marks it up and confirms it."""
+    from conftest import free_port
+
+    from onionp2p.client.client import OnionClient
+    from onionp2p.dir.client import ClientDirectory
+    from onionp2p.errors import OnionError
+    from onionp2p.relay.keys import RelayKeys
+
+    keys = RelayKeys.load_or_create(tmp_path / "k")
+    info = RelayInfo("dead", "127.0.0.1", free_port(), keys.rsa_id_digest, keys.identity_public,
+                     keys.onion_key_public)
+    rs = RouterStatus(info=info, flags=frozenset((*BASE, "Guard", "V2Dir")), bandwidth=100)
+    gs = GuardSet(tmp_path / "g.json", now=Clock(), rng=random.Random(1))
+    assert gs.dir_guards([rs]) == [rs]
+    client = OnionClient(handshake_timeout=1)
+    try:
+        directory = ClientDirectory(tmp_path / "dir", [], client, dir_guards=gs.dir_guards)
+        directory.dir_guard_result = gs.dir_result
+        with pytest.raises((OnionError, OSError, TimeoutError)):
+            await directory._fetch_via_dir_guard(rs)
+        assert gs.is_down(rs.fingerprint) and gs.status(rs.fingerprint) == "down"
+        gs.dir_result(rs.fingerprint, True)
+        assert not gs.is_down(rs.fingerprint) and gs.confirmed() == [rs.fingerprint]
+    finally:
+        await client.close()
