@@ -995,7 +995,8 @@ async def _walk_guards(fnet, http_server, procs, infos, g4, g5, out6, out7, m, x
         end = loop.time() + 30
         while True:
             assert await port_open(p1.or_port) or loop.time() < end, "p1 did not come back"
-            assert await socks_get_as(node.socks_port, http_server.port, "/500", f"back{loop.time()}") == blob(500)
+            user = f"back{loop.time()}"
+            assert await socks_get_as(node.socks_port, http_server.port, "/500", user) == blob(500)
             if paths[-1][0] == "p1":
                 break
             assert loop.time() < end, f"never went back to p1: {chosen[-10:]}"
@@ -1011,4 +1012,72 @@ async def _walk_guards(fnet, http_server, procs, infos, g4, g5, out6, out7, m, x
     finally:
         if ctl is not None:
             ctl.close()
+        await node.stop()
+
+
+async def test_circuit_through_a_nonprimary_guard_waits_while_the_primary_guards_are_retried(fnet,
+                                                                                              http_server):
+    """guard-spec §4.8-4.9 in the circuit manager, on real relays: the three primary guards
+    (confirmed) refuse connections. A fresh client (no success yet, so "the network was
+    down") builds through its next confirmed guard g4, but holds that circuit
+    (GUARD_WAIT) and retries every primary guard first; only when all three have failed
+    again is the g4 circuit used. A second circuit, with the internet known to work, is
+    used at once."""
+    g4 = await fnet.add("g4")
+    m = await fnet.add("m")
+    x = await fnet.add("x", exit=True)
+    base = await fnet.warm_up()
+    dead = []
+    for name in ("d1", "d2", "d3"):
+        keys = RelayKeys.load_or_create(fnet.tmp / name)
+        dead.append(RelayInfo(name, "127.0.0.1", free_port(), keys.rsa_id_digest, keys.identity_public,
+                              keys.onion_key_public))  # nothing listens there: refused
+    routers = [status(d, GUARD) for d in dead] + [status(g4.info(), GUARD), status(m.info(), MIDDLE, 10**6),
+                                                  status(x.info(), EXIT)]
+    data = fnet.tmp / "client"
+    data.mkdir(mode=0o700)
+    now = time.time()
+    (data / "guards.json").write_text(json.dumps({"version": 2, "guards": [
+        {"fingerprint": i.fingerprint, "nickname": i.nickname, "sampled_on": now, "sampled_idx": n,
+         "confirmed_on": now, "confirmed_idx": n, "listed": True}
+        for n, i in enumerate([*dead, g4.info()])]}))
+    await _guard_wait(http_server, data, routers, dead)
+    await settle(fnet.relays, base)
+
+
+async def _guard_wait(http_server, data, routers, dead) -> None:
+    node = ClientNode(client_config(data, preemptive_circuits=0, max_build_attempts=10),
+                      routers=lambda: routers)
+    mgr = node.circmgr
+    control = node.control_adapter()  # what circuit-status (and `onionp2p circuits`) shows
+    chosen: list[tuple[str, bool]] = []  # (guard, was some circuit waiting for a better guard then)
+    shown: list[str] = []  # control-port statuses of the circuits through g4 meanwhile
+    select = node.guards.select
+
+    def recording_select(*a, **kw):
+        rs, gc = select(*a, **kw)
+        chosen.append((rs.nickname, bool(mgr.guard_waiting())))
+        shown.extend(c.status for c in control.circuits() if c.path and c.path[0][1] == "g4")
+        return rs, gc
+
+    node.guards.select = recording_select
+    try:
+        assert node.guards.primary(routers) == [d.fingerprint for d in dead]
+        circ = await asyncio.wait_for(mgr.get_circuit(http_server.port, "first"), 60)
+        names = [n for n, _ in chosen]
+        assert names[:7] == ["d1", "d2", "d3", "g4", "d1", "d2", "d3"], chosen
+        assert [w for _, w in chosen[4:7]] == [True] * 3  # the g4 circuit was held meanwhile
+        assert shown[:3] == ["GUARD_WAIT"] * 3
+        assert set(names[7:]) <= {"g4"} and circ.hops[0].nickname == "g4" and not mgr.guard_waiting()
+        reader, writer = await circ.open_stream("127.0.0.1", http_server.port)
+        try:
+            assert await http_get(reader, writer, "/3000") == blob(3000)
+        finally:
+            writer.close()
+        # the internet works now: a circuit through g4 is used at once, the primary guards
+        # wait for their retry time
+        chosen.clear()
+        circ2 = await asyncio.wait_for(mgr.get_circuit(http_server.port, "second"), 30)
+        assert chosen == [("g4", False)] and circ2.hops[0].nickname == "g4" and circ2 is not circ
+    finally:
         await node.stop()

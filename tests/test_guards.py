@@ -83,8 +83,9 @@ def test_params_from_consensus_with_tor_bounds_and_overrides():
     p = GuardParams.from_consensus({})
     assert (p.n_primary, p.n_primary_to_use, p.n_primary_dir_to_use, p.max_sample_size,
             p.min_filtered_sample_size) == (3, 1, 3, 60, 20)
-    assert p.lifetime == 120 * DAY and p.confirmed_min_lifetime == 60 * DAY and p.remove_unlisted_after == 20 * DAY
-    assert (p.internet_likely_down_interval, p.nonprimary_connect_timeout, p.nonprimary_idle_timeout) == (600, 15, 600)
+    assert (p.lifetime, p.confirmed_min_lifetime, p.remove_unlisted_after) == (120 * DAY, 60 * DAY, 20 * DAY)
+    assert (p.internet_likely_down_interval, p.nonprimary_connect_timeout,
+            p.nonprimary_idle_timeout) == (600, 15, 600)
     p = GuardParams.from_consensus({"guard-n-primary-guards": 5, "guard-max-sample-threshold-percent": 500,
                                     "guard-lifetime-days": 0, "guard-retry-divisor": 100, "cc_alg": 2},
                                    {"guard-min-filtered-sample-size": 7})
@@ -92,7 +93,8 @@ def test_params_from_consensus_with_tor_bounds_and_overrides():
     assert p.min_filtered_sample_size == 7
     assert p.retry_divisor == 1  # a consensus cannot speed up the retries
     assert GuardParams.from_consensus({}, {"guard-retry-divisor": 100}).retry_divisor == 100
-    assert GuardParams.from_consensus({"guard-n-primary-guards": 5}, n_primary=2).n_primary == 2  # NumPrimaryGuards
+    # NumPrimaryGuards wins over the consensus
+    assert GuardParams.from_consensus({"guard-n-primary-guards": 5}, n_primary=2).n_primary == 2
     # tor's get_max_sample_size: min(20 % of the guards, 60), never below the filtered minimum
     assert GuardParams().max_sample(1000) == 60 and GuardParams().max_sample(200) == 40
     assert GuardParams().max_sample(10) == 20
@@ -101,7 +103,8 @@ def test_params_from_consensus_with_tor_bounds_and_overrides():
 def test_guard_params_config_key():
     cfg = ClientConfig.from_dict({"guard_params": {"guard-n-primary-guards": 2, "guard-retry-divisor": 60}})
     assert cfg.guard_params == {"guard-n-primary-guards": 2, "guard-retry-divisor": 60}
-    for bad, needle in (({"guard-nope": 1}, "unknown guard parameter"), ({"guard-n-primary-guards": 0}, "1.."),
+    for bad, needle in (({"guard-nope": 1}, "unknown guard parameter"),
+                        ({"guard-n-primary-guards": 0}, "1.."),
                         ({"guard-retry-divisor": 10**6}, "1..86400"), ([1], "table")):
         with pytest.raises(ConfigError, match=needle):
             ClientConfig.from_dict({"guard_params": bad})
@@ -113,8 +116,8 @@ def test_guard_params_config_key():
 
 def test_retry_schedule_table():
     """guard-spec §4.7 / tor's get_retry_schedule."""
-    assert [retry_delay(t, primary=True) for t in (0, 6 * H - 1, 6 * H, 4 * DAY - 1, 4 * DAY, 7 * DAY, 30 * DAY)] \
-        == [600, 600, 5400, 5400, 4 * H, 9 * H, 9 * H]
+    times = (0, 6 * H - 1, 6 * H, 4 * DAY - 1, 4 * DAY, 7 * DAY, 30 * DAY)
+    assert [retry_delay(t, primary=True) for t in times] == [600, 600, 5400, 5400, 4 * H, 9 * H, 9 * H]
     assert [retry_delay(t, primary=False) for t in (0, 6 * H, 4 * DAY, 7 * DAY)] == [H, 4 * H, 18 * H, 36 * H]
     assert retry_delay(0, primary=True, divisor=300) == 2
 
@@ -526,10 +529,15 @@ def test_version_1_state_file_is_migrated(tmp_path):
     assert json.loads(state.read_text())["version"] == 2
 
 
-@pytest.mark.parametrize("body", ["{not json", json.dumps({"version": 3, "guards": []}),
-                                  json.dumps({"version": 2, "guards": [{"fingerprint": "xyz", "sampled_on": 1}]}),
-                                  json.dumps({"version": 2, "guards": [{"fingerprint": fp_of("a"), "sampled_on": 1,
-                                                                        "confirmed_idx": 0}]})])
+_BAD_STATES = [
+    "{not json",
+    json.dumps({"version": 3, "guards": []}),
+    json.dumps({"version": 2, "guards": [{"fingerprint": "xyz", "sampled_on": 1}]}),
+    json.dumps({"version": 2, "guards": [{"fingerprint": fp_of("a"), "sampled_on": 1, "confirmed_idx": 0}]}),
+]
+
+
+@pytest.mark.parametrize("body", _BAD_STATES)
 def test_unreadable_state_is_moved_aside(tmp_path, body):
     state = tmp_path / "g.json"
     state.write_text(body)
@@ -542,3 +550,32 @@ def test_unreadable_state_is_moved_aside(tmp_path, body):
 def test_guard_event_line():
     assert guard_event_line(GuardEvent(fp_of("g1"), "g1", "DOWN")) == f"ENTRY ${fp_of('g1')}~g1 DOWN"
     assert guard_event_line(GuardEvent(fp_of("g1"), None, "NEW")) == f"ENTRY ${fp_of('g1')} NEW"
+
+
+async def test_directory_fetch_outcomes_reach_the_guard_selection(tmp_path):
+    """A directory fetch from a directory guard that cannot be reached marks it down (real
+    sockets: nothing listens on its port); a success marks it up and confirms it."""
+    from conftest import free_port
+
+    from onionp2p.client.client import OnionClient
+    from onionp2p.dir.client import ClientDirectory
+    from onionp2p.errors import OnionError
+    from onionp2p.relay.keys import RelayKeys
+
+    keys = RelayKeys.load_or_create(tmp_path / "k")
+    info = RelayInfo("dead", "127.0.0.1", free_port(), keys.rsa_id_digest, keys.identity_public,
+                     keys.onion_key_public)
+    rs = RouterStatus(info=info, flags=frozenset((*BASE, "Guard", "V2Dir")), bandwidth=100)
+    gs = GuardSet(tmp_path / "g.json", now=Clock(), rng=random.Random(1))
+    assert gs.dir_guards([rs]) == [rs]
+    client = OnionClient(handshake_timeout=1)
+    try:
+        directory = ClientDirectory(tmp_path / "dir", [], client, dir_guards=gs.dir_guards)
+        directory.dir_guard_result = gs.dir_result
+        with pytest.raises((OnionError, OSError, TimeoutError)):
+            await directory._fetch_via_dir_guard(rs)
+        assert gs.is_down(rs.fingerprint) and gs.status(rs.fingerprint) == "down"
+        gs.dir_result(rs.fingerprint, True)
+        assert not gs.is_down(rs.fingerprint) and gs.confirmed() == [rs.fingerprint]
+    finally:
+        await client.close()

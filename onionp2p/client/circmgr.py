@@ -479,7 +479,8 @@ class CircuitManager:
             if usable:
                 usable.sort(key=lambda e: (e.isolation is _UNASSIGNED, e.dirty_since is None))
                 return self._attach(usable[0], key)
-            pending = [e for e in self._entries if e.circ is None and self._fresh(e, now)
+            pending = [e for e in self._entries
+                       if e.circ is None and e.guard_wait is None and self._fresh(e, now)
                        and self._fits(e, port, key, avoid)]
             if pending:
                 pending.sort(key=lambda e: e.isolation is _UNASSIGNED)
@@ -491,6 +492,10 @@ class CircuitManager:
             other = await self._await_build(entry, port, key, avoid)
             if other is not None:
                 return self._attach(other, key)
+            if entry.guard_wait is not None:
+                # built, but held for a better guard: launch another circuit meanwhile (it
+                # goes to the primary guards that may work; their failures free this one)
+                continue
             try:
                 await asyncio.shield(entry.task)  # type: ignore[arg-type]
             except CircuitError as exc:
@@ -505,7 +510,7 @@ class CircuitManager:
         """Wait for ``entry``'s build, or for another fitting circuit to become usable first
         (a build may wait for a better guard for minutes: guard-spec §4.9)."""
         assert entry.task is not None
-        while not entry.task.done():
+        while not entry.task.done() and entry.guard_wait is None:
             built = self._built
             waiter = asyncio.get_running_loop().create_task(built.wait())
             try:
@@ -516,7 +521,7 @@ class CircuitManager:
                 return None
             now = self.clock()
             usable = [e for e in self._entries if e is not entry and self._takes_streams(e, now)
-                      and (e.isolation is _UNASSIGNED or e.isolation == key) and self._fits(e, port, key, avoid)]
+                      and self._fits(e, port, key, avoid)]
             if usable:
                 usable.sort(key=lambda e: (e.isolation is _UNASSIGNED, e.dirty_since is None))
                 return usable[0]
@@ -599,7 +604,8 @@ class CircuitManager:
 
     def _compatible_fp(self, fp: str, other: RouterStatus, routers: Sequence[RouterStatus]) -> bool:
         rs = next((r for r in routers if r.fingerprint == fp), None)
-        return rs is not None and compatible(rs, other, enforce_distinct_subnets=self.enforce_distinct_subnets)
+        return rs is not None and compatible(rs, other,
+                                             enforce_distinct_subnets=self.enforce_distinct_subnets)
 
     def _launch(self, port: int | None, key: object, avoid: frozenset[str], purpose: str) -> _Entry:
         path, gc = self._choose(port, avoid)
@@ -674,9 +680,12 @@ class CircuitManager:
         (every primary guard down and no better circuit around), or give it up after
         ``guard-nonprimary-guard-idle-timeout``. Control-port status: GUARD_WAIT."""
         e.guard_wait, e.waiting_circ = asyncio.Event(), circ
-        log.info("circuit built; waiting for a better guard", circ=circ.id, guard=e.path[0].nickname)
         try:
             self._upgrade_waiting()
+            if e.gc is not None and e.gc.state == WAITING:
+                log.info("circuit built; waiting for a better guard", circ=circ.id, guard=e.path[0].nickname)
+                self._notify_built()  # whoever waits for this build launches another meanwhile
+                self._wake.set()  # and it no longer counts as a preemptive circuit under way
             while e.gc is not None and e.gc.state == WAITING:
                 if circ.state != "built":
                     raise CircuitError("circuit closed while waiting for a better guard", "FINISHED")
@@ -835,8 +844,8 @@ class CircuitManager:
         if self.preemptive <= 0 or not self.preemptive_ports or loop.time() < self._backoff.until:
             return
         now = self.clock()
-        clean = [e for e in self._entries
-                 if e.isolation is _UNASSIGNED and e.dirty_since is None and self._fresh(e, now)]
+        clean = [e for e in self._entries if e.isolation is _UNASSIGNED and e.dirty_since is None
+                 and e.guard_wait is None and self._fresh(e, now)]
         unsupported: set[int] = set()
         while len(clean) < self.preemptive:
             ports = [p for p in self.preemptive_ports if p not in unsupported]

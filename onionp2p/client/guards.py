@@ -365,7 +365,8 @@ class GuardSelection:
             rs = by_fp.get(e.fingerprint)
             e.filtered = e.listed and rs is not None and "Running" in rs.flags and not e.pb.disabled
 
-    def _expand(self, routers: Sequence[RouterStatus], now: float, bw_weights: Mapping[str, int] | None) -> None:
+    def _expand(self, routers: Sequence[RouterStatus], now: float,
+                bw_weights: Mapping[str, int] | None) -> None:
         """tor's ``entry_guards_expand_sample``: sample new guards while fewer than
         ``min_filtered_sample_size`` sampled guards are usable, up to the maximum sample."""
         p = self.params
@@ -432,8 +433,8 @@ class GuardSelection:
         if e.failing_since is None:
             e.failing_since = now
         e.last_tried = now  # the retry interval counts from the last failed attempt
-        log.info("guard is unreachable", guard=e.nickname, primary=e.primary,
-                 retry_in=retry_delay(now - e.failing_since, primary=e.primary, divisor=self.params.retry_divisor))
+        retry = retry_delay(now - e.failing_since, primary=e.primary, divisor=self.params.retry_divisor)
+        log.info("guard is unreachable", guard=e.nickname, primary=e.primary, retry_in=retry)
 
     def note_success(self, e: GuardEntry, state: str, now: float) -> str:
         """tor's ``entry_guards_note_guard_success``: the guard works. Returns the circuit's
