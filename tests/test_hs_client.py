@@ -1,0 +1,133 @@
+"""The onion-service client's pure parts: where the descriptor is (period, SRV or tor's disaster
+SRV, blinded key, HSDirs) and INTRODUCE1 as tor builds it (onionp2p/proto/hs/client.py,
+IntroducePlaintext in onionp2p/proto/hs/cells.py)."""
+
+from __future__ import annotations
+
+import calendar
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from onionp2p.errors import HandshakeError, ProtocolError
+from onionp2p.proto.ed25519x import ExpandedKey
+from onionp2p.proto.hs.blinding import TimePeriod, blind_public_key, disaster_srv, subcredential
+from onionp2p.proto.hs.cells import INTRODUCE1_MIN_SIZE, Extension, Introduce2, IntroducePlaintext
+from onionp2p.proto.hs.client import SOCKS_REPLY, fetch_plan, make_introduce1
+from onionp2p.proto.hs.desc import IntroPoint
+from onionp2p.proto.hs.ntor import service_receive_intro
+from onionp2p.proto.hs.ring import responsible_hsdirs
+from onionp2p.proto.relaycell import LinkSpec, LinkSpecType
+
+V = json.loads((Path(__file__).parent / "data" / "hs" / "vectors.json").read_text())
+
+
+def h(s: str) -> bytes:
+    return bytes.fromhex(s)
+
+
+def utc(text: str) -> float:
+    return float(calendar.timegm(time.strptime(text, "%Y-%m-%d %H:%M")))
+
+
+# -- INTRODUCE1's plaintext ----------------------------------------------------------------------------
+
+
+def test_introduce_plaintext_reads_and_rewrites_tors_bytes() -> None:
+    """rend-spec-v3 Appendix G.1's plaintext, dumped from C tor: the cookie, tor's congestion
+    control request extension (type 1, empty), the rendezvous point's ntor key, its three link
+    specifiers, and zero padding up to INTRODUCE1_MIN_SIZE with the cleartext header."""
+    v = V["hs_ntor"]
+    p = IntroducePlaintext.parse(h(v["P"]))
+    assert p.cookie == h(v["P"])[:20] and p.extensions == (Extension(1, b""),)
+    assert p.onion_key_type == 1 and len(p.onion_key) == 32
+    assert [s.lstype for s in p.link_specifiers] == [LinkSpecType.IPV4, LinkSpecType.LEGACY_ID,
+                                                     LinkSpecType.ED25519_ID]
+    assert p.link_specifiers[0] == LinkSpec.ipv4("127.0.0.1", 5001)
+    # tor's padding rule gives exactly tor's length, and the bytes come back identical
+    assert INTRODUCE1_MIN_SIZE - len(h(v["H"])) == len(h(v["P"]))
+    assert p.encode(INTRODUCE1_MIN_SIZE - len(h(v["H"]))) == h(v["P"])
+
+
+def test_introduce_plaintext_refuses_truncation() -> None:
+    raw = h(V["hs_ntor"]["P"])
+    for n in (10, 21, 40, 60, 100):
+        with pytest.raises(ProtocolError):
+            IntroducePlaintext.parse(raw[:n])
+
+
+# -- INTRODUCE1 -------------------------------------------------------------------------------------
+
+
+def test_make_introduce1_is_read_by_the_service() -> None:
+    enc = X25519PrivateKey.generate()
+    auth = ExpandedKey.from_seed(os.urandom(32)).public
+    ip = IntroPoint((LinkSpec.ipv4("127.0.0.2", 9001),), os.urandom(32), auth,
+                    enc.public_key().public_bytes_raw())
+    sub, cookie, rend_key = os.urandom(32), os.urandom(20), os.urandom(32)
+    specs = (LinkSpec.ipv4("127.0.0.3", 9002), LinkSpec.legacy_id(os.urandom(20)),
+             LinkSpec.ed25519_id(os.urandom(32)))
+    body, hs = make_introduce1(ip, sub, cookie, specs, rend_key)
+    cell = Introduce2.parse(body)  # the intro point passes INTRODUCE1's body on unchanged
+    cell.validate()
+    assert cell.auth_key == auth
+    header = body[:len(body) - len(cell.encrypted)]
+    intro = service_receive_intro(enc, auth, sub, header, cell.encrypted)
+    plain = IntroducePlaintext.parse(intro.plaintext)
+    assert (plain.cookie, plain.onion_key, plain.link_specifiers) == (cookie, rend_key, specs)
+    assert len(header) + len(intro.plaintext) == INTRODUCE1_MIN_SIZE  # padded as tor pads
+    reply, seed = intro.reply(enc, auth)
+    assert hs.complete(reply) == seed
+    with pytest.raises(HandshakeError):  # another subcredential (another address) cannot read it
+        service_receive_intro(enc, auth, os.urandom(32), header, cell.encrypted)
+
+
+# -- where the descriptor is ---------------------------------------------------------------------------
+
+
+def _ring(n: int = 12) -> list[bytes]:
+    rng = random.Random(9)
+    return [rng.randbytes(32) for _ in range(n)]
+
+
+@pytest.mark.parametrize("when, period_offset", [("2026-12-07 15:00", 0), ("2026-12-07 04:00", -1)])
+def test_fetch_plan_uses_tors_disaster_srv_without_srvs(when: str, period_offset: int) -> None:
+    """No SRV in the consensus: tor's hs_get_current_srv / hs_get_previous_srv use the disaster
+    SRV of the current / previous period; a client uses the current SRV in 12:00-24:00 and
+    the previous one in 00:00-12:00, always with the current period."""
+    identity = ExpandedKey.from_seed(os.urandom(32)).public
+    va = utc(when)
+    plan = fetch_plan(identity, _ring(), valid_after=va, srv_current=None, srv_previous=None)
+    period = TimePeriod.at(va)
+    assert plan.choice.period == period and plan.srv_source == "disaster"
+    srv_period = period if period_offset == 0 else period.prev()
+    assert plan.choice.srv == disaster_srv(srv_period)
+    assert plan.blinded_key == blind_public_key(identity, period)
+    assert plan.subcred == subcredential(identity, plan.blinded_key)
+    expected = responsible_hsdirs(_ring(), plan.blinded_key, period, disaster_srv(srv_period), spread=3)
+    assert sorted(plan.hsdirs) == sorted(expected) and len(plan.hsdirs) == 6
+
+
+def test_fetch_plan_uses_the_consensus_srvs() -> None:
+    identity = ExpandedKey.from_seed(os.urandom(32)).public
+    cur, prev = os.urandom(32), os.urandom(32)
+    day = fetch_plan(identity, _ring(), valid_after=utc("2026-12-07 15:00"), srv_current=cur,
+                     srv_previous=prev)
+    night = fetch_plan(identity, _ring(), valid_after=utc("2026-12-07 03:00"), srv_current=cur,
+                       srv_previous=prev)
+    assert day.choice.srv == cur and night.choice.srv == prev and day.srv_source == "consensus"
+    # a small ring: every HSDir, each once
+    small = fetch_plan(identity, _ring(4), valid_after=utc("2026-12-07 15:00"), srv_current=cur,
+                       srv_previous=prev)
+    assert sorted(small.hsdirs) == sorted(_ring(4))
+
+
+def test_socks_replies_are_tors() -> None:
+    assert {k: int(v) for k, v in SOCKS_REPLY.items()} == {
+        "desc_not_found": 0xF0, "desc_invalid": 0xF1, "intro_failed": 0xF2, "rend_failed": 0xF3,
+        "missing_client_auth": 0xF4, "bad_client_auth": 0xF5, "bad_address": 0xF6, "intro_timedout": 0xF7}
