@@ -131,3 +131,30 @@ def test_socks_replies_are_tors() -> None:
     assert {k: int(v) for k, v in SOCKS_REPLY.items()} == {
         "desc_not_found": 0xF0, "desc_invalid": 0xF1, "intro_failed": 0xF2, "rend_failed": 0xF3,
         "missing_client_auth": 0xF4, "bad_client_auth": 0xF5, "bad_address": 0xF6, "intro_timedout": 0xF7}
+
+
+# -- the SRVs of a tor consensus ------------------------------------------------------------------------
+
+
+def test_tor_consensus_shared_random_values() -> None:
+    """tor 0.4.9's consensus of the private tor network (TestingTorNetwork) carries the current
+    SRV and, this early in the network's life, no previous one."""
+    import base64
+
+    from onionp2p.dir.tordir import parse_consensus
+
+    raw = (Path(__file__).parent / "data" / "tor" / "consensus-microdesc").read_bytes()
+    c = parse_consensus(raw)
+    assert c.srv_current == base64.b64decode("zxJao+gBmFMSezvz/VXkEWEQJD5b/z+7AXNCGoLFVW0=")
+    assert c.srv_previous is None
+    prev = os.urandom(32)
+    line = b"shared-rand-current-value 0 zxJao+gBmFMSezvz/VXkEWEQJD5b/z+7AXNCGoLFVW0=\n"
+    with_prev = raw.replace(line, line + b"shared-rand-previous-value 9 " + base64.b64encode(prev) + b"\n")
+    c2 = parse_consensus(with_prev)
+    assert c2.srv_previous == prev and c2.srv_current == c.srv_current
+    # malformed: taken as absent, as tor does (the disaster SRV then applies)
+    c3 = parse_consensus(raw.replace(line, b"shared-rand-current-value 0 AAAA\n"))
+    assert c3.srv_current is None
+    plan = fetch_plan(ExpandedKey.from_seed(os.urandom(32)).public, _ring(), valid_after=c2.valid_after,
+                      srv_current=c2.srv_current, srv_previous=c2.srv_previous)
+    assert plan.srv_source == "consensus" and plan.choice.srv in (c2.srv_current, prev)
