@@ -95,21 +95,21 @@ def _ring(n: int = 12) -> list[bytes]:
     return [rng.randbytes(32) for _ in range(n)]
 
 
-@pytest.mark.parametrize("when, period_offset", [("2026-12-07 15:00", 0), ("2026-12-07 04:00", -1)])
-def test_fetch_plan_uses_tors_disaster_srv_without_srvs(when: str, period_offset: int) -> None:
-    """No SRV in the consensus: tor's hs_get_current_srv / hs_get_previous_srv use the disaster
-    SRV of the current / previous period; a client uses the current SRV in 12:00-24:00 and
-    the previous one in 00:00-12:00, always with the current period."""
+@pytest.mark.parametrize("when", ["2026-12-07 15:00", "2026-12-07 04:00"])
+def test_fetch_plan_uses_tors_disaster_srv_without_srvs(when: str) -> None:
+    """No SRV in the consensus: a client uses the current SRV in 12:00-24:00 and the previous
+    one in 00:00-12:00, always with the current period; tor's node_set_hsdir_index asks
+    hs_get_current_srv / hs_get_previous_srv with that period, so the disaster SRV replacing
+    either is the current period's."""
     identity = ExpandedKey.from_seed(os.urandom(32)).public
     va = utc(when)
     plan = fetch_plan(identity, _ring(), valid_after=va, srv_current=None, srv_previous=None)
     period = TimePeriod.at(va)
     assert plan.choice.period == period and plan.srv_source == "disaster"
-    srv_period = period if period_offset == 0 else period.prev()
-    assert plan.choice.srv == disaster_srv(srv_period)
+    assert plan.choice.srv == disaster_srv(period)
     assert plan.blinded_key == blind_public_key(identity, period)
     assert plan.subcred == subcredential(identity, plan.blinded_key)
-    expected = responsible_hsdirs(_ring(), plan.blinded_key, period, disaster_srv(srv_period), spread=3)
+    expected = responsible_hsdirs(_ring(), plan.blinded_key, period, disaster_srv(period), spread=3)
     assert sorted(plan.hsdirs) == sorted(expected) and len(plan.hsdirs) == 6
 
 
@@ -158,3 +158,8 @@ def test_tor_consensus_shared_random_values() -> None:
     plan = fetch_plan(ExpandedKey.from_seed(os.urandom(32)).public, _ring(), valid_after=c2.valid_after,
                       srv_current=c2.srv_current, srv_previous=c2.srv_previous)
     assert plan.srv_source == "consensus" and plan.choice.srv in (c2.srv_current, prev)
+    # only the current SRV (the tor network's first hours): in 00:00-12:00 the previous one is
+    # needed, and the disaster SRV stands in for it
+    night = fetch_plan(ExpandedKey.from_seed(os.urandom(32)).public, _ring(),
+                       valid_after=utc("2026-12-07 03:00"), srv_current=c.srv_current, srv_previous=None)
+    assert night.srv_source == "disaster" and night.choice.srv == disaster_srv(night.choice.period)

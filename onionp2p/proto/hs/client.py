@@ -10,10 +10,11 @@ To reach ``<key>.onion`` a client
    subcredential, and the HSDirs responsible for ``A'`` (the first ``hsdir_spread_fetch``
    relays after each replica's ring position). tor fetches from one of them picked at
    random, trying the others on failure; the plan gives them in such a random order.
-   A consensus without shared-random values (our authorities do not run the protocol yet)
-   gets tor's rule: the *disaster SRV* of the period in question (hs_common.c
-   ``hs_get_current_srv`` / ``hs_get_previous_srv``), and the plan says so
-   (``srv_source`` "disaster");
+   A consensus without the shared-random value needed (our authorities do not run the
+   protocol yet) gets tor's rule: the *disaster SRV* of the period it is used with, for
+   fetching always the current period (nodelist.c ``node_set_hsdir_index`` passes the
+   fetch period to ``hs_get_current_srv`` / ``hs_get_previous_srv``), and the plan says
+   so (``srv_source`` "disaster");
 2. fetches ``GET /tor/hs/3/<base64 A'>`` over a BEGIN_DIR stream to one of them and
    decrypts it (:func:`onionp2p.proto.hs.desc.parse_descriptor`);
 3. opens a rendezvous circuit (ESTABLISH_RENDEZVOUS with a fresh cookie) and an
@@ -79,12 +80,15 @@ def fetch_plan(identity: bytes, hsdir_ids: list[bytes], *, valid_after: float, s
     """The period, SRV, blinded key, subcredential and HSDirs for fetching ``identity``'s
     descriptor, from the consensus's ``valid-after``, its SRVs (None: absent) and the
     Ed25519 identities of its relays with the HSDir flag."""
-    # the period alone first: a missing SRV is replaced by the disaster SRV of its own period
+    # the period alone first: a missing SRV is replaced by the disaster SRV of the period it is
+    # used with, which for fetching is always the current one (tor's node_set_hsdir_index
+    # passes fetch_tp to hs_get_current_srv / hs_get_previous_srv alike)
     period = client_fetch_choice(valid_after, bytes(32), bytes(32), voting_interval=voting_interval).period
-    source = "consensus" if srv_current is not None and srv_previous is not None else "disaster"
-    cur = srv_current if srv_current is not None else disaster_srv(period)
-    prev = srv_previous if srv_previous is not None else disaster_srv(period.prev())
+    disaster = disaster_srv(period)
+    cur = srv_current if srv_current is not None else disaster
+    prev = srv_previous if srv_previous is not None else disaster
     choice = client_fetch_choice(valid_after, cur, prev, voting_interval=voting_interval)
+    source = "disaster" if choice.srv is disaster else "consensus"
     blinded = blind_public_key(identity, choice.period)
     dirs = responsible_hsdirs(hsdir_ids, blinded, choice.period, choice.srv, n_replicas=n_replicas,
                               spread=spread_fetch)
