@@ -163,3 +163,24 @@ def test_tor_consensus_shared_random_values() -> None:
     night = fetch_plan(ExpandedKey.from_seed(os.urandom(32)).public, _ring(),
                        valid_after=utc("2026-12-07 03:00"), srv_current=c.srv_current, srv_previous=None)
     assert night.srv_source == "disaster" and night.choice.srv == disaster_srv(night.choice.period)
+
+
+def test_fetch_plan_matches_a_tor_service_in_a_testing_network() -> None:
+    """Values from tor 0.4.9's info log (upload_descriptor_to_hsdir) as a service in our private
+    tor network (TestingTorNetwork, 10 s voting interval, no SRV in the consensus yet): its
+    "current" descriptor for time period #7485912 (4-minute periods: one shared-random run)
+    went under blinded key AC4528ED..., and HSDir auth2 sat at ring index F0D90821... -- tor
+    keyed that index with the disaster SRV of the period itself."""
+    import base64
+
+    from onionp2p.proto.hs.address import parse_onion_address
+    from onionp2p.proto.hs.blinding import hsdir_index
+
+    identity = parse_onion_address("ktrf2xh4acgyl6h7hrpuxdu7bdwnr6sdy2xayi5kkodc375zjaj3nbqd.onion").pubkey
+    auth2 = base64.b64decode("aUU28EimYLtZoq/cTAs96bCas9/LHzFZl6wAG7vaFhQ=")
+    plan = fetch_plan(identity, [auth2], valid_after=1796619200, srv_current=None, srv_previous=None,
+                      voting_interval=10, period_length=4)
+    assert plan.choice.period == TimePeriod(7485912, 4, 2) and plan.srv_source == "disaster"
+    assert plan.blinded_key == h("AC4528ED9DF368695D8734CC9C965730AB3DE5E58475601670D20B6C8C88E84A")
+    assert hsdir_index(auth2, plan.choice.srv, plan.choice.period) == h(
+        "F0D9082177924645E98B56F4C076AF081FFAA519621200005231BCAE22F27198")

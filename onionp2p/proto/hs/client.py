@@ -32,7 +32,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from onionp2p.proto.hs.blinding import blind_public_key, disaster_srv, subcredential
+from onionp2p.proto.hs.blinding import DEFAULT_PERIOD_LENGTH, blind_public_key, disaster_srv, subcredential
 from onionp2p.proto.hs.cells import INTRODUCE1_MIN_SIZE, Introduce1, IntroducePlaintext
 from onionp2p.proto.hs.desc import IntroPoint
 from onionp2p.proto.hs.ntor import HsNtorClient
@@ -75,19 +75,21 @@ class FetchPlan:
 
 def fetch_plan(identity: bytes, hsdir_ids: list[bytes], *, valid_after: float, srv_current: bytes | None,
                srv_previous: bytes | None, voting_interval: int = 3600,
-               n_replicas: int = DEFAULT_N_REPLICAS, spread_fetch: int = DEFAULT_SPREAD_FETCH,
-               rng: random.Random | None = None) -> FetchPlan:
+               period_length: int = DEFAULT_PERIOD_LENGTH, n_replicas: int = DEFAULT_N_REPLICAS,
+               spread_fetch: int = DEFAULT_SPREAD_FETCH, rng: random.Random | None = None) -> FetchPlan:
     """The period, SRV, blinded key, subcredential and HSDirs for fetching ``identity``'s
     descriptor, from the consensus's ``valid-after``, its SRVs (None: absent) and the
     Ed25519 identities of its relays with the HSDir flag."""
     # the period alone first: a missing SRV is replaced by the disaster SRV of the period it is
     # used with, which for fetching is always the current one (tor's node_set_hsdir_index
     # passes fetch_tp to hs_get_current_srv / hs_get_previous_srv alike)
-    period = client_fetch_choice(valid_after, bytes(32), bytes(32), voting_interval=voting_interval).period
+    period = client_fetch_choice(valid_after, bytes(32), bytes(32), voting_interval=voting_interval,
+                                 length=period_length).period
     disaster = disaster_srv(period)
     cur = srv_current if srv_current is not None else disaster
     prev = srv_previous if srv_previous is not None else disaster
-    choice = client_fetch_choice(valid_after, cur, prev, voting_interval=voting_interval)
+    choice = client_fetch_choice(valid_after, cur, prev, voting_interval=voting_interval,
+                                 length=period_length)
     source = "disaster" if choice.srv is disaster else "consensus"
     blinded = blind_public_key(identity, choice.period)
     dirs = responsible_hsdirs(hsdir_ids, blinded, choice.period, choice.srv, n_replicas=n_replicas,
