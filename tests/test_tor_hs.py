@@ -75,7 +75,7 @@ async def test_fetch_5mb_from_a_tor_onion_service(tor_network, tmp_path, caplog)
     web = await HttpServer().start()
     hs_dir = tmp_path / "hs"
     hs_dir.mkdir(mode=0o700)
-    service = await asyncio.to_thread(net.add_client, "service", [
+    await asyncio.to_thread(net.add_client, "service", [
         f"HiddenServiceDir {hs_dir}", f"HiddenServicePort 80 127.0.0.1:{web.port}",
         f"Log info file {tmp_path}/service-info.log"])
     hostname = (hs_dir / "hostname").read_text().strip()
@@ -99,7 +99,6 @@ async def test_fetch_5mb_from_a_tor_onion_service(tor_network, tmp_path, caplog)
         body = await asyncio.wait_for(http_get(reader, writer, f"/{MB5}"), 300)
         assert len(body) == MB5 and sha256(body) == sha256(blob(MB5))
         assert web.connections >= 1
-        assert service.name == "service"
     finally:
         await client.close()
         await web.stop()

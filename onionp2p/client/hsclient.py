@@ -25,19 +25,12 @@ import asyncio
 import base64
 import os
 import random
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from onionp2p.client.client import ClientCircuit, OnionClient
-from onionp2p.errors import (
-    CircuitError,
-    HandshakeError,
-    HsClientAuthError,
-    HsDescriptorError,
-    OnionError,
-    ProtocolError,
-    StreamError,
-)
+from onionp2p.errors import CircuitError, HsClientAuthError, HsDescriptorError, OnionError, StreamError
 from onionp2p.log import get_logger
 from onionp2p.proto.directory import RelayInfo
 from onionp2p.proto.hs.address import parse_onion_address
@@ -186,7 +179,7 @@ class OnionServiceClient:
 
     @staticmethod
     def client_now() -> float:
-        import time
+        """The clock descriptors are checked against (certificates' expiry)."""
         return time.time()
 
     async def connect(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -240,7 +233,7 @@ class OnionServiceClient:
             inbox = _Inbox(circ)
             circ.send_relay(RelayCommand.INTRODUCE1, 0, body)
             ack = IntroduceAck.parse(await inbox.expect(RelayCommand.INTRODUCE_ACK, STEP_TIMEOUT))
-        except (OnionError, TimeoutError, HandshakeError, ProtocolError) as exc:
+        except (OnionError, TimeoutError) as exc:  # (HandshakeError, ProtocolError are OnionErrors)
             log.info("introduction failed", error=str(exc))
             return False
         finally:
