@@ -127,6 +127,18 @@ def test_fetch_plan_uses_the_consensus_srvs() -> None:
     assert sorted(small.hsdirs) == sorted(_ring(4))
 
 
+def test_socks_port_answers_onion_failures_with_tors_codes() -> None:
+    """With ExtendedErrors the SOCKS port answers an HsConnectError with its kind's X'Fx'
+    code; without, with 04 (host unreachable), as tor does for onion-service failures."""
+    from onionp2p.client.hsclient import HsConnectError
+    from onionp2p.client.socksport import extended_code
+    from onionp2p.proto.socks import reply_code_for_error
+
+    for kind, code in SOCKS_REPLY.items():
+        exc = HsConnectError("failed", kind)
+        assert extended_code(exc) == code and reply_code_for_error(exc) == 0x04
+
+
 def test_socks_replies_are_tors() -> None:
     assert {k: int(v) for k, v in SOCKS_REPLY.items()} == {
         "desc_not_found": 0xF0, "desc_invalid": 0xF1, "intro_failed": 0xF2, "rend_failed": 0xF3,
