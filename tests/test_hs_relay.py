@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port, relay_config, wait_for
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from onionp2p.client.client import OnionClient
 from onionp2p.config import AuthorityConfig
@@ -53,6 +54,7 @@ from onionp2p.proto.hs.cells import (
     mac_sha3_256,
     parse_hs_message,
 )
+from onionp2p.proto.hs.ntor import HsNtorClient, expand_circuit_keys, service_receive_intro
 from onionp2p.proto.relaycell import HS_COMMANDS, RelayCommand
 from onionp2p.relay import hs as hs_module
 from onionp2p.relay.hs import IntroDosParams
@@ -293,18 +295,24 @@ async def test_rendezvous_splices_two_circuits(relay_net, clients, caplog):
     await closed(twice)
     assert torn_down(rp, "PROTOCOL") == 2
 
-    # RENDEZVOUS1 from the service: RENDEZVOUS2 with its HANDSHAKE_INFO reaches the client
-    info = os.urandom(64)
+    # hs-ntor as the introduction would run it: the service answers in RENDEZVOUS1 and adds
+    # the end-to-end layer (directions swapped, as tor's service side does); the client adds
+    # its own as RENDEZVOUS2 arrives
+    enc = X25519PrivateKey.generate()
+    auth = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    subcred = os.urandom(32)
+    hs_client = HsNtorClient(enc.public_key().public_bytes_raw(), auth, subcred)
+    header = os.urandom(40)
+    intro = service_receive_intro(enc, auth, subcred, header, hs_client.encrypt_intro(header, cookie))
+    info, seed = intro.reply(enc, auth)
+    a.expect_rendezvous(lambda hi: expand_circuit_keys(hs_client.complete(hi)).key_material())
     b.send_relay(RelayCommand.RENDEZVOUS1, 0, Rendezvous1(cookie, info).encode())
+    b.add_virtual_hop(expand_circuit_keys(seed).key_material(service_side=True))
+    # RENDEZVOUS2 with its HANDSHAKE_INFO reaches the client, which then has the fourth layer
     hop, body = await expect(a_in, RelayCommand.RENDEZVOUS2)
     assert hop == 2 and Rendezvous2.parse(body).handshake_info == info
     assert cookie not in rp.hs.rend and rp.hs.counts["rend1"]["success"] == 1
-
-    # both ends add the end-to-end layer (hs-ntor would give it; here a shared key, the
-    # service's with the directions swapped, as tor's service side does)
-    km = os.urandom(72)
-    a.add_virtual_hop(km)
-    b.add_virtual_hop(km[20:40] + km[:20] + km[56:72] + km[40:56])
+    assert a.core.n_hops == b.core.n_hops == 4 and a.core.layers[3].relay_crypto == "hs"
     # client -> service: a BEGIN crosses the splice and is recognized by the service's
     # end-to-end layer (its digest covers the whole cell), not by any relay
     opening = asyncio.ensure_future(a.open_stream("service.invalid", 80, timeout=20))

@@ -521,6 +521,7 @@ async def test_onion_service_cells_at_tor_relays(tor_network, cgo, caplog):
         Rendezvous1,
         Rendezvous2,
     )
+    from onionp2p.proto.hs.ntor import expand_circuit_keys
 
     caplog.set_level(logging.DEBUG, logger="onionp2p.client")
     _, statuses, _ = tor_network
@@ -563,9 +564,9 @@ async def test_onion_service_cells_at_tor_relays(tor_network, cgo, caplog):
         info = os.urandom(64)
         b.send_relay(RelayCommand.RENDEZVOUS1, 0, Rendezvous1(cookie, info).encode())
         assert Rendezvous2.parse(await expect(a_in, RelayCommand.RENDEZVOUS2)).handshake_info == info
-        km = os.urandom(72)
-        a.add_virtual_hop(km)
-        b.add_virtual_hop(km[20:40] + km[:20] + km[56:72] + km[40:56])
+        keys = expand_circuit_keys(os.urandom(32))  # (hs-ntor's seed; the handshake is tested elsewhere)
+        a.add_virtual_hop(keys.key_material())
+        b.add_virtual_hop(keys.key_material(service_side=True))
         opening = asyncio.ensure_future(a.open_stream("service.invalid", 80, timeout=30))
         async with asyncio.timeout(30):
             while not a.core.streams:

@@ -394,6 +394,11 @@ class ClientCircuit:
         """The end-to-end layer of an onion-service circuit past its last relay (see the core)."""
         self._run(self.core.add_virtual_hop(key_material, params))
 
+    def expect_rendezvous(self, complete: Callable[[bytes], bytes]) -> None:
+        """Add the end-to-end layer as RENDEZVOUS2 arrives: ``complete(HANDSHAKE_INFO)`` gives
+        its key material (see the core's ``expect_rendezvous``)."""
+        self.core.expect_rendezvous(complete)
+
     def send_relay(self, cmd: int, stream_id: int, data: bytes = b"", *, hop: int | None = None) -> None:
         """Originate one relay message as it is (TRUNCATE, DROP ...; tests use it to misbehave)."""
         self._run(self.core.send_relay(cmd, stream_id, data, hop=hop))

@@ -51,10 +51,12 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from onionp2p.client.hsclient import HsConnectError
 from onionp2p.client.leanstreams import start_server
 from onionp2p.errors import ListenError, OnionAddressError, OnionError, StreamError
 from onionp2p.log import get_logger
 from onionp2p.proto.hs.address import is_onion_name, parse_onion_address
+from onionp2p.proto.hs.client import SOCKS_REPLY
 from onionp2p.proto.relaycell import EndReason, Resolved, ResolvedType
 from onionp2p.proto.socks import (  # noqa: F401
     HTTP_NOT_SOCKS_ANSWER,
@@ -363,6 +365,8 @@ def extended_code(exc: BaseException) -> int | None:
     """The SOCKS5 extended error (tor's ExtendedErrors, proposal 304) for ``exc``, if any."""
     if isinstance(exc, OnionAddressError):
         return Reply.HS_BAD_ADDRESS
+    if isinstance(exc, HsConnectError):  # descriptor / introduction / rendezvous failures
+        return SOCKS_REPLY.get(exc.kind)
     if isinstance(exc, OnionServicesUnsupported):
         return Reply.HS_DESC_NOT_FOUND
     return None

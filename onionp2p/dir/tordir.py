@@ -401,6 +401,23 @@ class MicrodescConsensus:
     digests: dict[str, bytes]  # "sha1"/"sha256" -> digest of the signed part
     #: the footer's ``bandwidth-weights`` (dir-spec §3.8.3): {} when the line is absent
     bw_weights: dict[str, int] = field(default_factory=dict)
+    #: ``shared-rand-current-value`` / ``shared-rand-previous-value`` (dir-spec §3.4.1,
+    #: srv-spec): the 32-byte SRVs that place HSDirs on the ring; None when absent
+    srv_current: bytes | None = None
+    srv_previous: bytes | None = None
+
+
+def _srv(head: list[_Item], keyword: str, what: str) -> bytes | None:
+    """A ``shared-rand-*-value NumReveals Value`` line's value. Malformed is taken as absent,
+    as tor does (extract_shared_random_srvs warns and goes on without it): the onion-service
+    code then uses the disaster SRV."""
+    item = _one(head, keyword, what, required=False)
+    if item is None or len(item.args) != 2 or not re.fullmatch(r"[0-9]{1,10}", item.args[0]):
+        return None
+    try:
+        return _unb64(item.args[1], 32, keyword)
+    except ProtocolError:
+        return None
 
 
 def _router(items: list[_Item]) -> ConsensusEntry:
@@ -480,6 +497,8 @@ def parse_consensus(raw: bytes) -> MicrodescConsensus:
         consensus_method=int(method[0]), valid_after=va, fresh_until=fu, valid_until=vu,
         known_flags=tuple(known.args) if known else (), params=params, entries=tuple(entries),
         signatures=tuple(sigs), bw_weights=bw_weights,
+        srv_current=_srv(head, "shared-rand-current-value", what),
+        srv_previous=_srv(head, "shared-rand-previous-value", what),
         digests={"sha1": hashlib.sha1(signed).digest(), "sha256": hashlib.sha256(signed).digest()},
     )
 
@@ -597,6 +616,10 @@ class TorNetworkView:
     valid_after: int = 0
     fresh_until: int = 0
     valid_until: int = 0
+    #: the consensus's shared-random values (None: absent; onion services then use tor's
+    #: disaster SRV, onionp2p.proto.hs.client.fetch_plan)
+    srv_current: bytes | None = None
+    srv_previous: bytes | None = None
 
 
 async def _from_authority(auth: TorDirAuthority, authorities: Sequence[TorDirAuthority], now: float,
@@ -622,7 +645,8 @@ async def _from_authority(auth: TorDirAuthority, authorities: Sequence[TorDirAut
             raise b
     return TorNetworkView(router_statuses(consensus, [md for b in batches for md in b]),
                           dict(consensus.params), dict(consensus.bw_weights),
-                          consensus.valid_after, consensus.fresh_until, consensus.valid_until)
+                          consensus.valid_after, consensus.fresh_until, consensus.valid_until,
+                          consensus.srv_current, consensus.srv_previous)
 
 
 async def fetch_tor_network(dirauth_lines: list[str], *, now: float | None = None,

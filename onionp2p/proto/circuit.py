@@ -50,7 +50,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from onionp2p.errors import DigestMismatch, LocalProtocolError, ProtocolError
 from onionp2p.proto.cells import CellCommand, Create2, Created2, Destroy, DestroyReason
@@ -84,7 +84,7 @@ from onionp2p.proto.relaycell import (
     parse_v1_header,
 )
 from onionp2p.proto.hopcrypto import CgoRelayCrypto, MixedClientCrypto
-from onionp2p.proto.relaycrypto import ClientCrypto, RelayCrypto
+from onionp2p.proto.relaycrypto import HS_E2E, TOR1, ClientCrypto, RelayCrypto
 from onionp2p.proto.stream import NO_WINDOW, SOURCE_HIGH_WATER, SOURCE_LOW_WATER, Stream, StreamState
 
 __all__ = [
@@ -724,6 +724,8 @@ class ClientCircuit(Edge):
         # sends for them before its own END is no violation (tor's half-closed streams)
         self._half_closed: dict[int, Layer] = {}
         self._next_sid = int.from_bytes(os.urandom(2), "big")  # tor: crypto_rand_int(1<<16)
+        # RENDEZVOUS2 -> end-to-end key material, while a rendezvous is awaited
+        self._rendezvous: Callable[[bytes], bytes] | None = None
 
     @property
     def n_hops(self) -> int:
@@ -770,18 +772,33 @@ class ClientCircuit(Edge):
     def add_virtual_hop(self, key_material: bytes, params: HopParams | None = None) -> list:
         """Add an end-to-end layer past the last relay, as onion services do after the
         rendezvous (tor's virtual hop; its keys come from the hs-ntor handshake, not from a
-        relay). Cells for it cross the rendezvous point's splice; nothing is announced."""
+        relay): relay crypto "hs" (128 bytes of key material, see
+        :meth:`onionp2p.proto.hs.ntor.HsCircuitKeys.key_material`) unless ``params`` says
+        otherwise. Cells for it cross the rendezvous point's splice; nothing is announced."""
         if self.state != "built":
             raise LocalProtocolError("circuit is not open")
-        self._new_layer(key_material, params)
+        self._new_layer(key_material, params if params is not None else HopParams(key_material, "hs-ntor",
+                                                                                   relay_crypto="hs"))
         return self._take()
+
+    def expect_rendezvous(self, complete: Callable[[bytes], bytes]) -> None:
+        """Arm the client end of a rendezvous circuit: when RENDEZVOUS2 arrives from the
+        last hop, ``complete(HANDSHAKE_INFO)`` gives the end-to-end key material (or raises
+        HandshakeError: the circuit closes, PROTOCOL) and the virtual hop is added *before
+        the next cell is decrypted*: the service may send right after its RENDEZVOUS1, and
+        those cells can arrive in the same batch as RENDEZVOUS2 (tor adds the hop in the
+        same call, ``hs_circuit_setup_e2e_rend_circ``). The RENDEZVOUS2 is then still
+        reported (HsMessage) for the shell to go on."""
+        if self.state != "built":
+            raise LocalProtocolError("circuit is not open")
+        self._rendezvous = complete
 
     def _new_layer(self, key_material: bytes, params: HopParams | None) -> Layer:
         kind = params.relay_crypto if params is not None else "tor1"
-        if kind != "tor1" and type(self.crypto) is ClientCrypto:
+        if kind == "cgo" and type(self.crypto) is ClientCrypto:
             self.crypto = MixedClientCrypto(self.crypto)  # (the tor1 hops so far carry over)
         if type(self.crypto) is ClientCrypto:
-            self.crypto.add_hop(key_material)
+            self.crypto.add_hop(key_material, HS_E2E if kind == "hs" else TOR1)
         else:
             self.crypto.add_hop(key_material, kind)
         layer = Layer(len(self.layers))
@@ -839,31 +856,20 @@ class ClientCircuit(Edge):
                 early = True  # never toward a client: the cells before it are still handled
                 break
             bodies.append(mv[pos + 5:pos + _CELL])
-        error: ProtocolError | None = None
         try:
-            results = self.crypto.decrypt_inbound_many(bodies) if bodies else []
-        except DigestMismatch as exc:
-            results, error = exc.partial, exc  # type: ignore[attr-defined]
-        except ProtocolError as exc:
-            results, error = [], exc
-        try:
-            unpack = _HDR.unpack_from
-            layers = self.layers
-            for hop, body, digest in results:
-                layer = layers[hop]
-                if layer.v1:
-                    cmd, sid, off, length = parse_v1_header(body)
-                else:
-                    cmd, _rec, sid, _dig, length = unpack(body)
-                    off = RELAY_HEADER_LEN
-                    if length > RELAY_DATA_MAX:
-                        raise ProtocolError(f"relay cell length {length} exceeds {RELAY_DATA_MAX}")
-                if cmd == _DATA and sid:
-                    self._on_data(layer, sid, body, length, digest)
-                else:
-                    self._on_message(layer, cmd, sid, bytes(body[off:off + length]), digest)
-                if self.closed:
-                    break
+            done = 0
+            # while RENDEZVOUS2 is awaited, one cell at a time: it adds a layer that the
+            # cells after it may need
+            while self._rendezvous is not None and done < len(bodies) and not self.closed:
+                self._handle_inbound([self.crypto.decrypt_inbound(bodies[done])])
+                done += 1
+            error: ProtocolError | None = None
+            if done < len(bodies) and not self.closed:
+                try:
+                    results = self.crypto.decrypt_inbound_many(bodies[done:] if done else bodies)
+                except DigestMismatch as exc:
+                    results, error = exc.partial, exc  # type: ignore[attr-defined]
+                self._handle_inbound(results)
             if error is None and early and not self.closed:
                 error = ProtocolError("RELAY_EARLY cell toward the client")
             if error is not None:
@@ -874,6 +880,27 @@ class ClientCircuit(Edge):
             return self._take()
         self._flush_deliveries()
         return self._take()
+
+    def _handle_inbound(self, results: list) -> None:
+        """Act on decrypted inbound cells ``(hop, body, digest)``, in order, until one closes
+        the circuit. Raises ProtocolError for a malformed one."""
+        unpack = _HDR.unpack_from
+        layers = self.layers
+        for hop, body, digest in results:
+            layer = layers[hop]
+            if layer.v1:
+                cmd, sid, off, length = parse_v1_header(body)
+            else:
+                cmd, _rec, sid, _dig, length = unpack(body)
+                off = RELAY_HEADER_LEN
+                if length > RELAY_DATA_MAX:
+                    raise ProtocolError(f"relay cell length {length} exceeds {RELAY_DATA_MAX}")
+            if cmd == _DATA and sid:
+                self._on_data(layer, sid, body, length, digest)
+            else:
+                self._on_message(layer, cmd, sid, bytes(body[off:off + length]), digest)
+            if self.closed:
+                break
 
     def _on_message(self, layer: Layer, cmd: int, sid: int, data: bytes, digest: bytes) -> None:
         """A relay message other than DATA (or DATA on stream 0) from ``layer``'s hop."""
@@ -930,8 +957,13 @@ class ClientCircuit(Edge):
         elif cmd in HS_COMMANDS:
             if sid:
                 self._violation("onion-service message on a stream", layer, cmd, sid)
-            else:
-                self._out.append(HsMessage(layer.index, cmd, data))
+                return
+            complete = self._rendezvous
+            if cmd == RelayCommand.RENDEZVOUS2 and complete is not None and layer is self.layers[-1]:
+                self._rendezvous = None
+                key_material = complete(data)  # (RENDEZVOUS2 is HANDSHAKE_INFO alone) HandshakeError
+                self._new_layer(key_material, HopParams(key_material, "hs-ntor", relay_crypto="hs"))
+            self._out.append(HsMessage(layer.index, cmd, data))
         elif cmd in STREAM_COMMANDS:  # BEGIN, RESOLVE, BEGIN_DIR: never toward a client
             self._violation("stream request toward the client", layer, cmd, sid)
         # DROP, PADDING_NEGOTIATED and commands we do not know: dropped (counted in the digest)

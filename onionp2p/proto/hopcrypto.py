@@ -20,7 +20,7 @@ from __future__ import annotations
 from onionp2p.errors import DigestMismatch, LocalProtocolError, ProtocolError
 from onionp2p.proto import cgo
 from onionp2p.proto.cells import CellCommand
-from onionp2p.proto.relaycrypto import RELAY_BODY_LEN, ClientCrypto, Tor1Hop
+from onionp2p.proto.relaycrypto import HS_E2E, RELAY_BODY_LEN, ClientCrypto, Tor1Hop
 
 __all__ = ["MixedClientCrypto", "CgoRelayCrypto", "CgoHop"]
 
@@ -64,11 +64,14 @@ class MixedClientCrypto:
         self._hops: list[Tor1Hop | CgoHop] = tor1.hop_states() if tor1 is not None else []
 
     def add_hop(self, key_material: bytes, relay_crypto: str = "tor1") -> None:
-        """Append a hop: ``relay_crypto`` "tor1" (72 bytes of key material) or "cgo" (160)."""
+        """Append a hop: ``relay_crypto`` "tor1" (72 bytes of key material), "cgo" (160) or
+        "hs" (128: the onion-service end-to-end layer, tor1 with SHA3-256 and AES-256)."""
         if relay_crypto == "cgo":
             self._hops.append(CgoHop(key_material))
         elif relay_crypto == "tor1":
             self._hops.append(Tor1Hop(key_material))
+        elif relay_crypto == "hs":
+            self._hops.append(Tor1Hop(key_material, HS_E2E))
         else:
             raise LocalProtocolError(f"unknown relay crypto {relay_crypto!r}")
 

@@ -31,11 +31,20 @@ A CTR keystream is stateful, so a cell that fails recognition has still consumed
 keystream at every hop that touched it; tor closes the circuit in that case and so
 must our callers. The objects here are the per-cell hot path: cipher and hash
 contexts are created once, cells are handled with ``update()`` only.
+
+The onion-service end-to-end layer (rend-spec-v3 §4.2.1, tor's "virtual hop") is the same
+construction with other parameters: :data:`HS_E2E` takes 128 bytes ``Df[32] | Db[32] |
+Kf[32] | Kb[32]`` from the hs-ntor key expansion, runs SHA3-256 digests and AES-256-CTR.
+A :class:`HopVariant` names those parameters; every loop here serves both. The Digest
+field stays 4 bytes, and the running digest that SENDMEs echo is cut to 20 bytes as
+tor's ``relay_crypto_record_sendme_digest`` does (``DIGEST_LEN``).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from hmac import compare_digest as bytes_eq  # constant time, like cryptography's bytes_eq
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -45,7 +54,11 @@ from onionp2p.errors import DigestMismatch, LocalProtocolError, ProtocolError
 __all__ = [
     "RELAY_BODY_LEN",
     "KEY_MATERIAL_LEN",
+    "HS_KEY_MATERIAL_LEN",
     "DIGEST_LEN",
+    "HopVariant",
+    "TOR1",
+    "HS_E2E",
     "ClientCrypto",
     "RelayCrypto",
     "Tor1Hop",
@@ -54,27 +67,55 @@ __all__ = [
 
 RELAY_BODY_LEN = 509
 KEY_MATERIAL_LEN = 72  # Df 20 | Db 20 | Kf 16 | Kb 16
+HS_KEY_MATERIAL_LEN = 128  # Df 32 | Db 32 | Kf 32 | Kb 32 (rend-spec-v3 §4.2.1)
 DIGEST_LEN = 20
 _ZERO_IV = bytes(16)
 _ZERO4 = b"\0\0\0\0"
-
-
-def split_key_material(key_material: bytes) -> tuple[bytes, bytes, bytes, bytes]:
-    """Split 72 bytes of handshake output into ``(Df, Db, Kf, Kb)``."""
-    if not isinstance(key_material, (bytes, bytearray, memoryview)) or len(key_material) != KEY_MATERIAL_LEN:
-        raise LocalProtocolError(f"key material must be {KEY_MATERIAL_LEN} bytes")
-    km = bytes(key_material)
-    return km[0:20], km[20:40], km[40:56], km[56:72]
-
-
-def _ctr(key: bytes):  # -> CipherContext
-    return Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
 
 
 def _sha1(seed: bytes):  # -> hashlib sha1 object
     # hashlib's SHA-1 (OpenSSL) gives the same digests as cryptography's, and its copy(),
     # update() and digest() cost about half as much per cell; digest() does not finalize.
     return hashlib.sha1(seed, usedforsecurity=False)
+
+
+def _sha3_256(seed: bytes):  # -> hashlib sha3_256 object
+    return hashlib.sha3_256(seed)
+
+
+@dataclass(frozen=True, slots=True)
+class HopVariant:
+    """The parameters of one kind of tor1-style layer: the running digest's constructor
+    and the lengths of its seed and of the AES key (key material = 2 seeds + 2 keys)."""
+
+    name: str
+    digest: Callable[[bytes], object]
+    seed_len: int
+    key_len: int
+
+    @property
+    def key_material_len(self) -> int:
+        return 2 * (self.seed_len + self.key_len)
+
+
+#: tor-spec §5.2.2: SHA-1 digests, AES-128-CTR
+TOR1 = HopVariant("tor1", _sha1, 20, 16)
+#: rend-spec-v3 §4.2.1: the end-to-end layer between an onion service and its client
+HS_E2E = HopVariant("hs", _sha3_256, 32, 32)
+
+
+def split_key_material(key_material: bytes, variant: HopVariant = TOR1) -> tuple[bytes, bytes, bytes, bytes]:
+    """Split handshake output into ``(Df, Db, Kf, Kb)`` (72 bytes for tor1, 128 for HS_E2E)."""
+    n = variant.key_material_len
+    if not isinstance(key_material, (bytes, bytearray, memoryview)) or len(key_material) != n:
+        raise LocalProtocolError(f"key material must be {n} bytes")
+    km = bytes(key_material)
+    d, k = variant.seed_len, variant.key_len
+    return km[0:d], km[d:2 * d], km[2 * d:2 * d + k], km[2 * d + k:]
+
+
+def _ctr(key: bytes):  # -> CipherContext
+    return Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
 
 
 def _check_body(body: bytes) -> None:
@@ -93,7 +134,7 @@ def _stamp(digest, body: bytes) -> tuple[bytearray, bytes]:
     # Index stores are much cheaper than slice assignment on the hot path.
     buf[1] = buf[2] = buf[5] = buf[6] = buf[7] = buf[8] = 0
     digest.update(buf)
-    full = digest.digest()
+    full = digest.digest()[:DIGEST_LEN]  # (a no-op slice for SHA-1)
     buf[5:9] = full[:4]
     return buf, full
 
@@ -110,7 +151,7 @@ def _recognize(digest, plain: bytes):
     buf[5] = buf[6] = buf[7] = buf[8] = 0
     trial = digest.copy()
     trial.update(buf)
-    full = trial.digest()
+    full = trial.digest()[:DIGEST_LEN]
     if bytes_eq(full[:4], bytes(plain[5:9])):
         return trial, full
     return None
@@ -118,14 +159,16 @@ def _recognize(digest, plain: bytes):
 
 class Tor1Hop:
     """Crypto state shared by one hop with the client (also one layer of a circuit whose
-    other hops use other relay crypto: see :mod:`onionp2p.proto.hopcrypto`)."""
+    other hops use other relay crypto: see :mod:`onionp2p.proto.hopcrypto`). ``variant``
+    HS_E2E makes it the onion-service end-to-end layer."""
 
-    __slots__ = ("fwd_digest", "bwd_digest", "fwd_cipher", "bwd_cipher")
+    __slots__ = ("fwd_digest", "bwd_digest", "fwd_cipher", "bwd_cipher", "variant")
 
-    def __init__(self, key_material: bytes) -> None:
-        df, db, kf, kb = split_key_material(key_material)
-        self.fwd_digest = _sha1(df)
-        self.bwd_digest = _sha1(db)
+    def __init__(self, key_material: bytes, variant: HopVariant = TOR1) -> None:
+        df, db, kf, kb = split_key_material(key_material, variant)
+        self.variant = variant
+        self.fwd_digest = variant.digest(df)
+        self.bwd_digest = variant.digest(db)
         self.fwd_cipher = _ctr(kf)
         self.bwd_cipher = _ctr(kb)
 
@@ -156,9 +199,9 @@ class ClientCrypto:
     def __init__(self) -> None:
         self._hops: list[_Hop] = []
 
-    def add_hop(self, key_material: bytes) -> None:
-        """Append a hop from its 72 bytes of key material ``Df|Db|Kf|Kb``."""
-        self._hops.append(_Hop(key_material))
+    def add_hop(self, key_material: bytes, variant: HopVariant = TOR1) -> None:
+        """Append a hop from its key material ``Df|Db|Kf|Kb`` (72 bytes; 128 for HS_E2E)."""
+        self._hops.append(_Hop(key_material, variant))
 
     def hop_states(self) -> list[Tor1Hop]:
         """The hops' states, hop 0 first (to carry them into a circuit that mixes relay
@@ -245,7 +288,7 @@ class ClientCrypto:
                     buf[5] = buf[6] = buf[7] = buf[8] = 0
                     trial = digest.copy()
                     trial.update(buf)
-                    full = trial.digest()
+                    full = trial.digest()[:DIGEST_LEN]
                     if bytes_eq(full[:4], cell[5:9]):
                         digest = trial
                         results[idx[j]] = (hop_i, cell, full)
@@ -269,11 +312,11 @@ class ClientCrypto:
 
     def forward_digest(self, hop: int) -> bytes:
         """Current 20-byte forward running digest of ``hop``."""
-        return self._hop(hop).fwd_digest.digest()
+        return self._hop(hop).fwd_digest.digest()[:DIGEST_LEN]
 
     def backward_digest(self, hop: int) -> bytes:
         """Current 20-byte backward running digest of ``hop``."""
-        return self._hop(hop).bwd_digest.digest()
+        return self._hop(hop).bwd_digest.digest()[:DIGEST_LEN]
 
 
 class RelayCrypto:
@@ -369,7 +412,7 @@ class RelayCrypto:
             buf = body if consume else bytearray(body)
             buf[1] = buf[2] = buf[5] = buf[6] = buf[7] = buf[8] = 0
             upd(buf)
-            full = dig()
+            full = dig()[:DIGEST_LEN]
             buf[5:9] = full[:4]
             cts.append(enc(buf))
             digests.append(full)

@@ -49,7 +49,13 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from onionp2p.errors import LocalProtocolError, ProtocolError
 from onionp2p.proto.hs.ntor import hs_mac
-from onionp2p.proto.relaycell import RELAY_DATA_MAX, RelayCommand
+from onionp2p.proto.relaycell import (
+    RELAY_DATA_MAX,
+    LinkSpec,
+    RelayCommand,
+    encode_link_specs,
+    parse_link_specs,
+)
 
 __all__ = [
     "ESTABLISH_INTRO_SIG_PREFIX",
@@ -67,6 +73,9 @@ __all__ = [
     "Introduce1",
     "Introduce2",
     "IntroduceAck",
+    "IntroducePlaintext",
+    "INTRODUCE1_MIN_SIZE",
+    "ONION_KEY_NTOR",
     "Rendezvous1",
     "Rendezvous2",
     "RendezvousEstablished",
@@ -374,6 +383,53 @@ class Introduce1:
             raise ProtocolError(f"{what}: auth key length {len(self.auth_key)}")
         if not self.encrypted:
             raise ProtocolError(f"{what}: empty encrypted section")
+
+
+#: tor pads the encrypted section so that INTRODUCE1 without ``X`` and the MAC is this long
+#: (hs_cell.c ``HS_CELL_INTRODUCE1_MIN_SIZE``, introduce1_set_encrypted_padding): all
+#: introductions look alike whatever the rendezvous point's link specifiers
+INTRODUCE1_MIN_SIZE = 246
+ONION_KEY_NTOR = 1  # ONION_KEY_TYPE: the rendezvous point's ntor (x25519) key
+
+
+@dataclass(frozen=True)
+class IntroducePlaintext:
+    """The plaintext of INTRODUCE1's encrypted section (rend-spec-v3 §3.3): where and how the
+    service meets the client. ``RENDEZVOUS_COOKIE[20] | N_EXTENSIONS | EXTENSIONS |
+    ONION_KEY_TYPE u8 | ONION_KEY_LEN u16 | ONION_KEY | NSPEC | link specifiers | PAD``.
+    ``onion_key`` and ``link_specifiers`` are the rendezvous point's."""
+
+    cookie: bytes
+    onion_key: bytes
+    link_specifiers: tuple[LinkSpec, ...]
+    extensions: tuple[Extension, ...] = ()
+    onion_key_type: int = ONION_KEY_NTOR
+
+    def encode(self, pad_to: int = 0) -> bytes:
+        """The bytes, zero-padded to ``pad_to`` (tor: ``INTRODUCE1_MIN_SIZE`` less the
+        cleartext header's length)."""
+        if len(self.cookie) != REND_COOKIE_LEN or len(self.onion_key) > 0xFFFF:
+            raise LocalProtocolError("INTRODUCE1 plaintext: bad cookie or onion key length")
+        out = (bytes(self.cookie) + _encode_extensions(self.extensions, "INTRODUCE1 plaintext")
+               + bytes((self.onion_key_type,)) + _U16.pack(len(self.onion_key)) + bytes(self.onion_key)
+               + encode_link_specs(self.link_specifiers))
+        return out + bytes(max(0, pad_to - len(out)))
+
+    @classmethod
+    def parse(cls, data: bytes) -> IntroducePlaintext:
+        """Decode a decrypted INTRODUCE2 section (padding ignored). A service checks
+        ``onion_key_type`` itself (tor refuses anything but ntor)."""
+        r = _Reader(data, "INTRODUCE2 plaintext")
+        cookie = r.take(REND_COOKIE_LEN)
+        exts = _parse_extensions(r)
+        key_type = r.u8()
+        onion_key = r.take(r.u16())
+        start = r.pos
+        for _ in range(r.u8()):  # find the end of the link specifier block; relaycell checks it
+            r.u8()
+            r.take(r.u8())
+        specs = parse_link_specs(r.data[start:r.pos], "INTRODUCE2 link specifiers")
+        return cls(cookie, onion_key, specs, exts, key_type)
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,14 @@ class HsCircuitKeys:
     kf: bytes = field(repr=False)
     kb: bytes = field(repr=False)
 
+    def key_material(self, *, service_side: bool = False) -> bytes:
+        """The 128 bytes the end-to-end layer (relay crypto "hs") takes: ``Df | Db | Kf | Kb``
+        for the client, directions swapped for the service (tor's ``relay_crypto_init`` with
+        ``is_hs_v3`` and the service side: it sends with Kb/Db and receives with Kf/Df)."""
+        if service_side:
+            return self.db + self.df + self.kb + self.kf
+        return self.df + self.db + self.kf + self.kb
+
 
 def expand_circuit_keys(ntor_key_seed: bytes) -> HsCircuitKeys:
     """``SHAKE-256(NTOR_KEY_SEED | m_hsexpand)`` split into Df, Db, Kf, Kb (§4.2.1)."""
