@@ -47,6 +47,7 @@ from typing import Any
 
 from onionp2p.client.pathsel import RandomSource
 from onionp2p.log import get_logger, notice
+from onionp2p.proto.netparams import clamp_params
 
 __all__ = [
     "CBT_BIN_WIDTH",
@@ -107,12 +108,7 @@ class CBTParams:
         """The ``cbt*`` keys a consensus sets, clamped to tor's bounds, and tor's two
         cross-checks (close quantile at least the quantile, initial timeout at least the
         minimum timeout); other keys keep tor's defaults."""
-        chosen = {}
-        for key, value in params.items():
-            spec = CBT_RANGES.get(key)
-            if spec is not None:
-                chosen[key] = min(max(int(value), spec[1]), spec[2])
-        out = replace(cls(), **chosen)
+        out = replace(cls(), **clamp_params(params, CBT_RANGES))
         if out.cbtclosequantile < out.cbtquantile:
             log.warning("Consensus parameter cbtclosequantile is too small, raising it", to=out.cbtquantile)
             out = replace(out, cbtclosequantile=out.cbtquantile)

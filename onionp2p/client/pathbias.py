@@ -44,6 +44,7 @@ from enum import IntEnum
 from typing import Any
 
 from onionp2p.log import get_logger, notice
+from onionp2p.proto.netparams import clamp_params
 
 __all__ = ["PB_RANGES", "GuardPathBias", "PBParams", "PathBias", "PathState"]
 
@@ -86,12 +87,7 @@ class PBParams:
 
     @classmethod
     def from_consensus(cls, params: Mapping[str, int]) -> PBParams:
-        chosen = {}
-        for key, value in params.items():
-            spec = PB_RANGES.get(key)
-            if spec is not None:
-                chosen[key] = min(max(int(value), spec[1]), spec[2])
-        out = replace(cls(), **chosen)
+        out = replace(cls(), **clamp_params(params, PB_RANGES))
         if out.pb_multfactor > out.pb_scalefactor:
             out = replace(out, pb_multfactor=out.pb_scalefactor)
         return out

@@ -42,6 +42,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from onionp2p.errors import DigestMismatch
+from onionp2p.proto.netparams import clamp_params
 
 #: tor's RELAY_PAYLOAD_SIZE: the unit of its XOFF limits
 RELAY_PAYLOAD_SIZE = 498
@@ -110,12 +111,7 @@ class CCParams:
         defaults. ``cc_alg`` is not taken from the consensus: like tor 0.4.9.12, a
         consensus cannot turn congestion control off (downgrade); ``enabled`` (our own
         configuration) chooses between Vegas and fixed windows."""
-        chosen = {}
-        for key, value in params.items():
-            bounds = RANGES.get(key)
-            if bounds is not None:
-                chosen[key] = min(max(int(value), bounds[0]), bounds[1])
-        out = replace(cls(), cc_alg=2 if enabled else 0, **chosen)
+        out = replace(cls(), cc_alg=2 if enabled else 0, **clamp_params(params, RANGES))
         if out.cc_cwnd_init < out.cc_cwnd_min:
             out = replace(out, cc_cwnd_init=out.cc_cwnd_min)
         return out
