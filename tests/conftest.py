@@ -43,6 +43,20 @@ from onionp2p.relay.relay import Relay
 _BLOBS: dict[int, bytes] = {}
 
 
+def load_tornet():
+    """tools/tornet.py (the private tor network the interop tests start) as a module, loaded
+    once per test session (tools/ is not a package)."""
+    module = sys.modules.get("tornet")
+    if module is None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("tornet", Path(__file__).parents[1] / "tools" / "tornet.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["tornet"] = module
+        spec.loader.exec_module(module)
+    return module
+
+
 def blob(n: int) -> bytes:
     """Deterministic pseudo-random content of n bytes."""
     if n not in _BLOBS:

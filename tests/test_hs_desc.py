@@ -382,14 +382,6 @@ def test_mutated_descriptors_raise_only_typed_errors():
 # -- a real tor network decodes our descriptor ---------------------------------------------------------
 
 
-def _tornet_module():
-    import importlib.util
-    import sys
-    spec = importlib.util.spec_from_file_location("tornet", Path(__file__).parents[1] / "tools" / "tornet.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tornet"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.tor
@@ -406,8 +398,8 @@ def test_tor_hsdirs_store_and_a_tor_client_decodes_our_descriptors(tmp_path):
 
     import stem
     import stem.control
-    from conftest import free_port
-    tornet = _tornet_module()
+    from conftest import free_port, load_tornet
+    tornet = load_tornet()
     if not tornet.tor_available():
         why = "needs the 'tor' and 'tor-gencert' programs (Debian package 'tor'; tools/test installs it)"
         if os.environ.get("CI") == "true":

@@ -10,17 +10,14 @@ downloads 5 MB over the end-to-end layer. Under CI=true a missing tor fails the 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import random
-import sys
 import time
-from pathlib import Path
 
 import logging
 
 import pytest
-from conftest import HttpServer, blob, http_get, sha256
+from conftest import HttpServer, blob, http_get, load_tornet, sha256
 
 from onionp2p.client.client import OnionClient
 from onionp2p.client.hsclient import HsConnectError, OnionServiceClient
@@ -28,10 +25,7 @@ from onionp2p.dir.server import http_request
 from onionp2p.dir.tordir import fetch_tor_network
 from onionp2p.proto.hs.address import encode_onion_address, parse_onion_address
 
-_spec = importlib.util.spec_from_file_location("tornet", Path(__file__).parents[1] / "tools" / "tornet.py")
-tornet = importlib.util.module_from_spec(_spec)
-sys.modules["tornet"] = tornet
-_spec.loader.exec_module(tornet)
+tornet = load_tornet()
 
 pytestmark = [pytest.mark.tor, pytest.mark.slow]
 

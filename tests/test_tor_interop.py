@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import importlib.util
 import json
 import os
 import random
@@ -20,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import blob, chi_square, http_get, sha256, wait_for
+from conftest import blob, chi_square, http_get, load_tornet, sha256, wait_for
 
 from onionp2p.client.client import OnionClient
 from onionp2p.client.guards import GuardSet
@@ -39,10 +38,7 @@ from onionp2p.proto.bwweights import WEIGHT_KEYS, bandwidth_totals, compute_bw_w
 from onionp2p.proto.cells import PaddingNegotiate
 from onionp2p.proto.relaycell import EndReason, RelayCommand, ResolvedType
 
-_spec = importlib.util.spec_from_file_location("tornet", Path(__file__).parents[1] / "tools" / "tornet.py")
-tornet = importlib.util.module_from_spec(_spec)
-sys.modules["tornet"] = tornet
-_spec.loader.exec_module(tornet)
+tornet = load_tornet()
 
 pytestmark = [
     pytest.mark.tor,

@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.util
 import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -37,16 +35,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import blob, free_port, require_tool, start_relay_process, wait_for
+from conftest import blob, free_port, load_tornet, require_tool, start_relay_process, wait_for
 
 from onionp2p.dir.tordir import TorNetwork
 from onionp2p.proto.tordesc import parse_server_descriptor
 from onionp2p.relay.keys import RelayKeys
 
-_spec = importlib.util.spec_from_file_location("tornet", Path(__file__).parents[1] / "tools" / "tornet.py")
-tornet = importlib.util.module_from_spec(_spec)
-sys.modules["tornet"] = tornet
-_spec.loader.exec_module(tornet)
+tornet = load_tornet()
 
 pytestmark = [pytest.mark.tor, pytest.mark.slow]
 
