@@ -205,6 +205,10 @@ class ClientCircuit:
         #: onion-service messages (relay commands 32-40) from the hops: ``fn(hop, command,
         #: body)``; None drops them (the onion-service client and service set it)
         self.on_hs_message: Callable[[int, int, bytes], None] | None = None
+        #: an onion service's rendezvous circuit: ``fn(stream_id, begin)`` for each BEGIN
+        #: from the end-to-end hop (see :meth:`accept_streams`)
+        self.on_begin: Callable[[int, Begin], None] | None = None
+        self._early: dict[int, list[bytes]] = {}  # served streams not yet accepted: data so far
         chan.circuits[self.circ_id] = self
 
     # what the circuit manager, control port and metrics read
@@ -277,7 +281,10 @@ class ClientCircuit:
                         chan.send_cell(self.circ_id, a.command, payload)
             elif t is core.StreamData:
                 transport = self._transports.get(a.stream_id)
-                if transport is not None:
+                early = self._early.get(a.stream_id)
+                if early is not None:  # (optimistic data before we accepted the stream)
+                    early.append(a.data)
+                elif transport is not None:
                     transport._data(a.data)
                     if not transport._reading_paused and not transport._lost:
                         # the reader took it without pausing: tell the core how much more it
@@ -295,7 +302,14 @@ class ClientCircuit:
                 transport = self._transports.get(a.stream_id)
                 if transport is not None and not transport.connected.done():
                     transport.connected.set_result(None)
+            elif t is core.ExitBegin:
+                if self.on_begin is not None and a.begin is not None:
+                    self._early[a.stream_id] = []
+                    self.on_begin(a.stream_id, a.begin)
+                else:
+                    self._run(self.core.stream_refused(a.stream_id, EndReason.DONE))
             elif t is core.StreamClosed:
+                self._early.pop(a.stream_id, None)
                 transport = self._transports.pop(a.stream_id, None)
                 if transport is not None and a.by_peer:
                     self._stream_gone(transport, a.reason, a.was_open)
@@ -403,6 +417,46 @@ class ClientCircuit:
         """Originate one relay message as it is (TRUNCATE, DROP ...; tests use it to misbehave)."""
         self._run(self.core.send_relay(cmd, stream_id, data, hop=hop))
 
+    def accept_streams(self, on_begin: Callable[[int, Begin], None]) -> None:
+        """Serve streams on this rendezvous circuit, as an onion service: each BEGIN from the
+        end-to-end hop calls ``on_begin(stream_id, begin)``, which answers with
+        :meth:`stream_accepted` or :meth:`stream_refused` (see the core's ``accept_streams``)."""
+        self.on_begin = on_begin
+        self.core.accept_streams()
+
+    def stream_accepted(self, sid: int, *, limit: int = 2**16,
+                        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Send CONNECTED for served stream ``sid`` and return its (reader, writer); data the
+        client sent before is in the reader. Raises StreamError if the stream is gone."""
+        early = self._early.pop(sid, None)
+        if early is None or sid not in self.core.streams or self.core.closed:
+            raise StreamError("the stream was closed before it was accepted", EndReason.DONE)
+        reader, protocol, transport = self._attach(sid, "", 0, limit)
+        transport.connected.set_result(None)
+        for chunk in early:
+            transport._data(chunk)
+        self._run(self.core.stream_accepted(sid, self._loop.time()))
+        return reader, asyncio.StreamWriter(transport, protocol, reader, self._loop)
+
+    def stream_refused(self, sid: int, reason: int) -> None:
+        """END(``reason``) for served stream ``sid`` (its target cannot be reached)."""
+        self._early.pop(sid, None)
+        self._run(self.core.stream_refused(sid, reason))
+
+    def _attach(self, sid: int, host: str, port: int, limit: int,
+                ) -> tuple[asyncio.StreamReader, LeanStreamReaderProtocol, StreamTransport]:
+        """The application's reader, protocol and transport for stream ``sid`` of the core."""
+        loop = self._loop
+        reader = asyncio.StreamReader(limit=limit, loop=loop)
+        protocol = LeanStreamReaderProtocol(reader, loop=loop)
+        transport = StreamTransport(self, sid, host, port)
+        transport.protocol = protocol
+        transport._attach_reader(reader, limit)
+        self.core.streams[sid].sink_room = transport._sink_room()
+        self._transports[sid] = transport
+        protocol.connection_made(transport)
+        return reader, protocol, transport
+
     async def open_stream(self, host: str, port: int, *, timeout: float = 60.0, flags: int = 0,
                           limit: int = 2**16) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Open a stream to ``host:port`` resolved at the exit. Raises StreamError on END."""
@@ -427,14 +481,7 @@ class ClientCircuit:
             # the circuit: let it hold tor's cc_xoff_client (500 cells) before it pauses
             # (a StreamReader pauses above 2 x limit and resumes at limit).
             limit = max(limit, cc.p.xoff_bytes(exit_side=False) // 2)
-        reader = asyncio.StreamReader(limit=limit, loop=loop)
-        protocol = LeanStreamReaderProtocol(reader, loop=loop)
-        transport = StreamTransport(self, sid, host, port)
-        transport.protocol = protocol
-        transport._attach_reader(reader, limit)
-        self.core.streams[sid].sink_room = transport._sink_room()
-        self._transports[sid] = transport
-        protocol.connection_made(transport)
+        reader, protocol, transport = self._attach(sid, host, port, limit)
         self._run(actions)
         try:
             async with asyncio.timeout(timeout):

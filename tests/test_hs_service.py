@@ -1,0 +1,128 @@
+"""The onion-service service side's pure core (onionp2p/proto/hs/service.py), against the client
+side's pure code: the descriptors it publishes are the ones a client finds and decrypts, its
+INTRODUCE2 handling answers the client's INTRODUCE1 with a RENDEZVOUS1 the client accepts,
+and it drops malformed, replayed, foreign and excess introductions with a reason."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from onionp2p.errors import HsIntroduceError
+from onionp2p.proto.directory import RelayInfo
+from onionp2p.proto.ed25519x import ExpandedKey
+from onionp2p.proto.hs.cells import Introduce1, Rendezvous1
+from onionp2p.proto.hs.client import fetch_plan, make_introduce1
+from onionp2p.proto.hs.desc import parse_descriptor
+from onionp2p.proto.hs.ntor import expand_circuit_keys
+from onionp2p.proto.hs.service import OnionServiceCore, relay_link_specs
+
+NOW = 1_765_000_000.0  # a consensus valid-after (and the clock)
+
+
+def _relay(i: int) -> RelayInfo:
+    return RelayInfo(f"r{i}", "127.0.0.1", 5000 + i, os.urandom(20), os.urandom(32),
+                     X25519PrivateKey.generate().public_key().public_bytes_raw())
+
+
+@pytest.fixture
+def world():
+    relays = [_relay(i) for i in range(12)]
+    svc = OnionServiceCore(ExpandedKey.from_seed(os.urandom(32)), rng=random.Random(1), now=NOW)
+    for r in relays[:3]:
+        svc.add_intro_point(r, NOW).established = True
+    return svc, relays
+
+
+@pytest.mark.parametrize("srvs", [(os.urandom(32), os.urandom(32)), (None, None)], ids=["consensus", "disaster"])
+def test_the_client_finds_and_decrypts_what_the_service_publishes(world, srvs):
+    svc, relays = world
+    hsdirs = [r.ed_id for r in relays]
+    cur, prev = srvs
+    uploads = svc.upload_plan(hsdirs, valid_after=NOW, srv_current=cur, srv_previous=prev, now=NOW)
+    assert len(uploads) == 2 and uploads[0].period.next() == uploads[1].period
+    assert {u.srv_source for u in uploads} == {"consensus" if cur else "disaster"}
+    assert all(len(u.hsdirs) == 8 for u in uploads)  # 2 replicas x hsdir_spread_store 4
+    plan = fetch_plan(svc.identity.public, hsdirs, valid_after=NOW, srv_current=cur, srv_previous=prev)
+    mine = next(u for u in uploads if u.blinded_key == plan.blinded_key)
+    # every HSDir the client may ask (spread_fetch 3 per replica) got the descriptor
+    assert set(plan.hsdirs) <= set(mine.hsdirs)
+    desc = parse_descriptor(mine.text, blinded_key=plan.blinded_key, subcred=plan.subcred, now=NOW)
+    assert [ip.auth_key for ip in desc.intro_points] == [ip.auth_public for ip in svc.intro_points]
+    # a later upload under the same blinded key has a higher revision counter
+    again = svc.upload_plan(hsdirs, valid_after=NOW, srv_current=cur, srv_previous=prev, now=NOW)
+    assert all(b.revision_counter > a.revision_counter for a, b in zip(uploads, again))
+
+
+def _introduce(svc, relays, ip_index=0):
+    hsdirs = [r.ed_id for r in relays]
+    uploads = svc.upload_plan(hsdirs, valid_after=NOW, srv_current=None, srv_previous=None, now=NOW)
+    plan = fetch_plan(svc.identity.public, hsdirs, valid_after=NOW, srv_current=None, srv_previous=None)
+    text = next(u.text for u in uploads if u.blinded_key == plan.blinded_key)
+    desc = parse_descriptor(text, blinded_key=plan.blinded_key, subcred=plan.subcred, now=NOW)
+    rp = relays[7]
+    cookie = os.urandom(20)
+    body, hs = make_introduce1(desc.intro_points[ip_index], plan.subcred, cookie,
+                               relay_link_specs(rp.address, rp.or_port, rp.rsa_id, rp.ed_id), rp.ntor_key)
+    return body, hs, cookie, rp
+
+
+def test_introduce2_gives_the_rendezvous_the_client_expects(world):
+    svc, relays = world
+    body, hs, cookie, rp = _introduce(svc, relays)
+    intro = svc.introduce2(svc.intro_points[0], body, NOW)
+    assert intro.cookie == cookie and intro.rend_onion_key == rp.ntor_key
+    assert intro.rend_relay_fields() == (rp.address, rp.or_port, rp.rsa_id, rp.ed_id)
+    r1 = Rendezvous1.parse(intro.rendezvous1)
+    assert r1.cookie == cookie
+    client_keys = expand_circuit_keys(hs.complete(r1.handshake_info))
+    assert intro.key_material == client_keys.key_material(service_side=True)
+    assert svc.intro_points[0].introductions == 1 and svc.counts == {"accepted": 1}
+
+
+def test_introduce2_refusals(world):
+    svc, relays = world
+    body, _, _, _ = _introduce(svc, relays)
+    ip = svc.intro_points[0]
+    svc.introduce2(ip, body, NOW)
+    with pytest.raises(HsIntroduceError) as e:  # the very same cell again
+        svc.introduce2(ip, body, NOW)
+    assert e.value.reason == "replay"
+    for bad in (b"", body[:30], bytes(20) + b"\x09" + body[21:]):
+        with pytest.raises(HsIntroduceError) as e:
+            svc.introduce2(ip, bad, NOW)
+        assert e.value.reason == "malformed"
+    with pytest.raises(HsIntroduceError) as e:  # sent to another intro point's circuit
+        svc.introduce2(svc.intro_points[1], _introduce(svc, relays)[0], NOW)
+    assert e.value.reason == "unknown_auth_key"
+    cell = Introduce1.parse(body)
+    flipped = bytearray(cell.encrypted)
+    flipped[40] ^= 1  # the ciphertext changed: the MAC no longer matches
+    with pytest.raises(HsIntroduceError) as e:
+        svc.introduce2(ip, Introduce1(cell.auth_key, bytes(flipped)).encode(), NOW)
+    assert e.value.reason == "bad_mac"
+    assert svc.counts == {"accepted": 1, "replay": 1, "malformed": 3, "unknown_auth_key": 1, "bad_mac": 1}
+
+
+def test_introduce2_rate_limit(world):
+    svc0, relays = world
+    svc = OnionServiceCore(svc0.identity, intro2_rate=1, intro2_burst=2, now=NOW)
+    svc.add_intro_point(relays[0], NOW).established = True
+    ok = [svc.introduce2(svc.intro_points[0], _introduce(svc, relays)[0], NOW) for _ in range(2)]
+    assert len(ok) == 2
+    with pytest.raises(HsIntroduceError) as e:
+        svc.introduce2(svc.intro_points[0], _introduce(svc, relays)[0], NOW)
+    assert e.value.reason == "rate_limited"
+    svc.introduce2(svc.intro_points[0], _introduce(svc, relays)[0], NOW + 1.5)  # a token again
+
+
+def test_intro_points_rotate(world):
+    svc, relays = world
+    assert svc.missing_intro_points() == 0
+    assert svc.retire_intro_points(NOW + 3600) == []
+    svc.intro_points[0].introductions = svc.intro_points[0].max_introductions
+    assert len(svc.retire_intro_points(NOW + 3600)) == 1 and svc.missing_intro_points() == 1
+    assert len(svc.retire_intro_points(NOW + 25 * 3600)) == 2 and svc.missing_intro_points() == 3
