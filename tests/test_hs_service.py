@@ -126,3 +126,104 @@ def test_intro_points_rotate(world):
     svc.intro_points[0].introductions = svc.intro_points[0].max_introductions
     assert len(svc.retire_intro_points(NOW + 3600)) == 1 and svc.missing_intro_points() == 1
     assert len(svc.retire_intro_points(NOW + 25 * 3600)) == 2 and svc.missing_intro_points() == 3
+
+
+# -- the asyncio service on in-process relays ---------------------------------------------------------
+
+
+async def test_service_end_to_end_on_our_relays(relay_net, http_server, tmp_path, caplog):
+    """An OnionService on three in-process relays (HSDirs, introduction and rendezvous points)
+    publishes, and OnionServiceClient reaches it: 1 MB through the rendezvous, sha256 equal. A
+    replayed and a malformed INTRODUCE2 are dropped with a log line; an unknown virtual port
+    gets END and the rendezvous circuit is closed, as tor does."""
+    import asyncio
+    import logging
+    import time
+    from types import SimpleNamespace
+
+    from conftest import blob, http_get, sha256, wait_for
+
+    from onionp2p.client.client import OnionClient
+    from onionp2p.client.hskeys import load_or_create_service_key
+    from onionp2p.client.hsclient import OnionServiceClient
+    from onionp2p.client.hsservice import OnionService, parse_port_mapping
+    from onionp2p.dir.server import http_request
+    from onionp2p.errors import StreamError
+    from onionp2p.proto.directory import RouterStatus
+    from onionp2p.proto.hs.cells import Introduce1
+    from onionp2p.proto.relaycell import RelayCommand
+
+    caplog.set_level(logging.INFO, logger="onionp2p.hs")
+    flags = frozenset({"Fast", "Running", "Stable", "Valid", "HSDir", "V2Dir"})
+    now = int(time.time())
+    view = SimpleNamespace(routers=[RouterStatus(r.info(), flags) for r in relay_net], valid_after=now,
+                           fresh_until=now + 3600, srv_current=None, srv_previous=None, params={})
+    rng = random.SystemRandom()
+
+    def pick(last):
+        last = last if last is not None else rng.choice(view.routers).info
+        return [*rng.sample([r.info for r in view.routers if r.info.rsa_id != last.rsa_id], 2), last]
+
+    async def post(reader, writer, path, body):
+        return await http_request(reader, writer, "POST", path, body, max_size=10_000, timeout=30)
+
+    async def get(reader, writer, path):
+        return await http_request(reader, writer, "GET", path, max_size=50_000, timeout=30)
+
+    # each relay's directory cache answers BEGIN_DIR with its HSDir role (what RelayDirectory
+    # serves, without the authorities this test does not need)
+    from onionp2p.dir.server import DirServer, HttpResponse
+
+    caches = []
+    for r in relay_net:
+        async def handle(req, r=r):
+            status, text = r.hsdir.http(req.method, req.path, req.body, {}) or (404, b"not found\n")
+            return HttpResponse(status, text)
+        server = DirServer(handle, "127.0.0.1", 0, max_body=50_000, name="hsdir", kind="directory cache port")
+        await server.start()
+        r.exit.dir_port = server.port
+        caches.append(server)
+    key = load_or_create_service_key(tmp_path / "hs")
+    svc_client, user = OnionClient(), OnionClient()
+    svc = OnionService(svc_client, key, [parse_port_mapping(f"80 127.0.0.1:{http_server.port}")],
+                       directory=lambda: view, pick_path=pick, http_post=post, num_intro_points=2)
+    hs = OnionServiceClient(user, directory=lambda: view, pick_path=pick, http_get=get)
+    try:
+        await svc.start()
+        await svc.wait_published(60)
+        assert len(svc.core.established()) == 2
+        reader, writer = await hs.connect(svc.address + ".onion", 80)
+        body = await asyncio.wait_for(http_get(reader, writer, "/1000000"), 60)
+        assert sha256(body) == sha256(blob(1_000_000))
+        assert svc.counts["rendezvous"] == {"success": 1} and svc.counts["streams"] == {"accepted": 1}
+
+        # the same INTRODUCE1 twice through one introduction point: the second is a replay
+        _, desc = await hs.fetch_descriptor(key.public)
+        ip = desc.intro_points[0]
+        from onionp2p.proto.hs.client import make_introduce1
+        from onionp2p.proto.hs.service import relay_link_specs
+        rp = view.routers[0].info
+        intro1, _ = make_introduce1(ip, hs.plan(key.public).subcred, os.urandom(20),
+                                    relay_link_specs(rp.address, rp.or_port, rp.rsa_id, rp.ed_id), rp.ntor_key)
+        from onionp2p.client.hsclient import intro_relay
+        before = dict(svc.core.counts)
+        for body1 in (intro1, intro1, Introduce1(ip.auth_key, os.urandom(20)).encode()):
+            circ = await user.build_circuit(pick(intro_relay(ip)))  # (one introduction per circuit)
+            circ.send_relay(RelayCommand.INTRODUCE1, 0, body1)
+        await wait_for(lambda: svc.core.counts.get("replay", 0) == before.get("replay", 0) + 1
+                       and svc.core.counts.get("malformed", 0) == before.get("malformed", 0) + 1, 20,
+                       "the replay and the malformed INTRODUCE2 dropped")
+        msgs = [r.getMessage() for r in caplog.records if "INTRODUCE2 dropped" in r.getMessage()]
+        assert any("replay" in m for m in msgs) and any("malformed" in m for m in msgs)
+        # (the first of the two was a genuine introduction: the service went to the rendezvous)
+
+        # an unknown virtual port: END (DONE) and the rendezvous circuit closed
+        with pytest.raises(StreamError):
+            await hs.connect(svc.address + ".onion", 81)
+        await wait_for(lambda: svc.counts["streams"].get("refused") == 1, 10, "the refusal counted")
+    finally:
+        await svc.stop()
+        await svc_client.close()
+        await user.close()
+        for server in caches:
+            await server.stop()

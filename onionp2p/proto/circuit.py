@@ -815,7 +815,7 @@ class ClientCircuit(Edge):
             self._violation("BEGIN for a stream ID in use", layer, _BEGIN, sid)
             return
         try:
-            begin = Begin.parse(data)
+            begin = Begin.parse(data, onion_service=True)
         except ProtocolError:
             self._originate(layer, _END, sid, End(EndReason.TORPROTOCOL).encode())
             return
