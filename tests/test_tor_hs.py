@@ -10,6 +10,7 @@ downloads 5 MB over the end-to-end layer. Under CI=true a missing tor fails the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -17,10 +18,12 @@ import time
 import logging
 
 import pytest
-from conftest import HttpServer, blob, http_get, load_tornet, sha256
+from conftest import HttpServer, blob, http_get, load_tornet, require_tool, sha256
 
 from onionp2p.client.client import OnionClient
 from onionp2p.client.hsclient import HsConnectError, OnionServiceClient
+from onionp2p.client.hskeys import load_or_create_service_key
+from onionp2p.client.hsservice import OnionService, parse_port_mapping
 from onionp2p.dir.server import http_request
 from onionp2p.dir.tordir import fetch_tor_network
 from onionp2p.proto.hs.address import encode_onion_address, parse_onion_address
@@ -94,5 +97,59 @@ async def test_fetch_5mb_from_a_tor_onion_service(tor_network, tmp_path, caplog)
         assert len(body) == MB5 and sha256(body) == sha256(blob(MB5))
         assert web.connections >= 1
     finally:
+        await client.close()
+        await web.stop()
+
+
+async def test_tor_client_fetches_5mb_from_an_onionp2p_service(tor_network, tmp_path, caplog):
+    """The other direction: onionp2p hosts the service (its keys in a HiddenServiceDir made
+    here), with tor relays as HSDirs, introduction and rendezvous points; a tor client
+    fetches 5 MB from it with curl through its SOCKS port, sha256 equal."""
+    caplog.set_level(logging.INFO, logger="onionp2p.hs")
+    curl = require_tool("curl", "curl")
+    net = tor_network
+    web = await HttpServer().start()
+    key = load_or_create_service_key(tmp_path / "hs")
+    views = [await fetch_tor_network(net.dirauth_lines())]
+
+    async def refresh():  # the service follows the consensus (time periods are 4 minutes here)
+        while True:
+            await asyncio.sleep(10)
+            with contextlib.suppress(Exception):
+                views.append(await fetch_tor_network(net.dirauth_lines()))
+
+    async def post(reader, writer, path, body):
+        return await http_request(reader, writer, "POST", path, body, max_size=10_000, timeout=30)
+
+    rng = random.SystemRandom()
+
+    def pick(last):
+        relays = [r.info for r in views[-1].routers]
+        others = [r for r in relays if r.rsa_id != last.rsa_id]
+        return [*rng.sample(others, 2), last]
+
+    events = []
+    client = OnionClient()
+    svc = OnionService(client, key, [parse_port_mapping(f"80 127.0.0.1:{web.port}")],
+                       directory=lambda: views[-1], pick_path=pick, http_post=post,
+                       on_desc_event=lambda *e: events.append(e), testing_tor_network=True)
+    refresher = asyncio.ensure_future(refresh())
+    try:
+        await svc.start()
+        await svc.wait_published(120)
+        assert any(e[0] == "UPLOADED" for e in events)
+        tor_client = await asyncio.to_thread(net.add_client, "hsuser")
+        out = tmp_path / "body"
+        proc = await asyncio.create_subprocess_exec(
+            curl, "-sS", "--max-time", "240", "--retry", "3", "--retry-all-errors", "--socks5-hostname",
+            f"127.0.0.1:{tor_client.or_port}", f"http://{svc.address}.onion/{MB5}", "-o", str(out),
+            stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), 300)
+        assert proc.returncode == 0, err.decode()
+        assert sha256(out.read_bytes()) == sha256(blob(MB5))
+        assert svc.counts["rendezvous"].get("success", 0) >= 1 and svc.core.counts.get("accepted", 0) >= 1
+    finally:
+        refresher.cancel()
+        await svc.stop()
         await client.close()
         await web.stop()

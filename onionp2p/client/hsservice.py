@@ -38,7 +38,6 @@ import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from onionp2p.client.client import ClientCircuit, OnionClient
@@ -54,7 +53,9 @@ from onionp2p.proto.hs.service import (
     DescriptorUpload,
     Introduction,
     OnionServiceCore,
+    PortMapping,
     ServiceIntroPoint,
+    parse_port_mapping,
 )
 from onionp2p.proto.relaycell import Begin, EndReason, RelayCommand
 
@@ -71,46 +72,6 @@ MAX_PARALLEL_UPLOADS = 8
 #: seconds before uploading again when no HSDir took the descriptor
 RETRY_UPLOAD = 15.0
 TICK = 1.0
-
-
-@dataclass(frozen=True)
-class PortMapping:
-    """``HiddenServicePort VIRTPORT [TARGET]``: streams to ``virtual`` go to ``host:port``."""
-
-    virtual: int
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"{self.virtual} {self.host}:{self.port}"
-
-
-def parse_port_mapping(text: str) -> PortMapping:
-    """tor's HiddenServicePort syntax: ``VIRTPORT [TARGET]`` with TARGET ``port`` or
-    ``addr:port`` (default: the same port on 127.0.0.1); ADD_ONION's ``Port=80,8080`` form
-    (a comma) is accepted too. Raises ConfigError naming what is wrong."""
-    parts = text.replace(",", " ", 1).split()
-    if not 1 <= len(parts) <= 2:
-        raise ConfigError(f"onion service port {text!r}: expected 'VIRTPORT [TARGET]'")
-
-    def port(value: str, what: str) -> int:
-        if not value.isdigit() or not 1 <= int(value) <= 65535:
-            raise ConfigError(f"onion service port {text!r}: {what} {value!r} is not a port 1-65535")
-        return int(value)
-
-    virtual = port(parts[0], "virtual port")
-    if len(parts) == 1:
-        return PortMapping(virtual, "127.0.0.1", virtual)
-    target = parts[1]
-    if target.startswith("unix:"):
-        raise ConfigError(f"onion service port {text!r}: unix socket targets are not supported")
-    host, sep, tport = target.rpartition(":")
-    if not sep:
-        return PortMapping(virtual, "127.0.0.1", port(target, "target port"))
-    host = host.strip("[]")
-    if not host:
-        raise ConfigError(f"onion service port {text!r}: empty target address")
-    return PortMapping(virtual, host, port(tport, "target port"))
 
 
 class OnionService:

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from onionp2p.errors import HandshakeError, HsIntroduceError, ProtocolError
+from onionp2p.errors import ConfigError, HandshakeError, HsIntroduceError, ProtocolError
 from onionp2p.proto.ed25519x import ExpandedKey
 from onionp2p.proto.hs.address import encode_onion_address
 from onionp2p.proto.hs.blinding import (
@@ -84,7 +84,9 @@ __all__ = [
     "DescriptorUpload",
     "Introduction",
     "OnionServiceCore",
+    "PortMapping",
     "ServiceIntroPoint",
+    "parse_port_mapping",
     "relay_link_specs",
 ]
 
@@ -110,6 +112,46 @@ REPLAY_CACHE_MAX = 1 << 16
 #: tor's HiddenServiceEnableIntroDoS{RatePerSec,BurstPerSec} defaults
 DOS_DEFAULT_RATE = 25
 DOS_DEFAULT_BURST = 200
+
+
+@dataclass(frozen=True)
+class PortMapping:
+    """``HiddenServicePort VIRTPORT [TARGET]``: streams to ``virtual`` go to ``host:port``."""
+
+    virtual: int
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.virtual} {self.host}:{self.port}"
+
+
+def parse_port_mapping(text: str) -> PortMapping:
+    """tor's HiddenServicePort syntax: ``VIRTPORT [TARGET]`` with TARGET ``port`` or
+    ``addr:port`` (default: the same port on 127.0.0.1); ADD_ONION's ``Port=80,8080`` form
+    (a comma) is accepted too. Raises ConfigError naming what is wrong."""
+    parts = text.replace(",", " ", 1).split()
+    if not 1 <= len(parts) <= 2:
+        raise ConfigError(f"onion service port {text!r}: expected 'VIRTPORT [TARGET]'")
+
+    def port(value: str, what: str) -> int:
+        if not value.isdigit() or not 1 <= int(value) <= 65535:
+            raise ConfigError(f"onion service port {text!r}: {what} {value!r} is not a port 1-65535")
+        return int(value)
+
+    virtual = port(parts[0], "virtual port")
+    if len(parts) == 1:
+        return PortMapping(virtual, "127.0.0.1", virtual)
+    target = parts[1]
+    if target.startswith("unix:"):
+        raise ConfigError(f"onion service port {text!r}: unix socket targets are not supported")
+    host, sep, tport = target.rpartition(":")
+    if not sep:
+        return PortMapping(virtual, "127.0.0.1", port(target, "target port"))
+    host = host.strip("[]")
+    if not host:
+        raise ConfigError(f"onion service port {text!r}: empty target address")
+    return PortMapping(virtual, host, port(tport, "target port"))
 
 
 def relay_link_specs(address: str, or_port: int, rsa_id: bytes, ed_id: bytes) -> tuple[LinkSpec, ...]:
