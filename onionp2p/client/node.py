@@ -43,9 +43,12 @@ import ipaddress
 import itertools
 import json
 import os
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from types import SimpleNamespace
 
 from onionp2p import __version__
 from onionp2p.bootstrap import Bootstrap
@@ -149,6 +152,14 @@ class ClientNode:
         self.shutdown_requested = asyncio.Event()
         self._dirinfo = asyncio.Event()  # set once there is enough directory info for circuits
         self.bootstrap_progress.events.add(lambda *status: self.events(("status", *status)))
+        #: hosted onion services by address (no ``.onion``), and who owns each: the id of the
+        #: control connection that added it without Detach, "detached" (ADD_ONION Detach), or
+        #: None (the config or the library API)
+        self.onion_services: dict = {}
+        self._onion_owner: dict[str, int | str | None] = {}
+        self._hs_retired: dict[tuple[str, str], int] = {}  # counts of services no longer hosted
+        #: descriptor uploads: ``fn(action, address, hsdir, descriptor_id, reason)`` (HS_DESC)
+        self.hs_desc_events = Listeners("onion service descriptor")
 
     def _load_build_times(self) -> CircuitBuildTimes:
         """The saved build-time history (an unreadable file is moved aside, as guards.json)."""
@@ -228,6 +239,7 @@ class ClientNode:
         await self.circmgr.start()
         await self.circmgr.ready(ready_timeout)
         boot.report("done")  # already, unless the first circuit was built by someone else
+        await self._start_configured_onion_services()
 
     async def _start_app_ports(self) -> None:
         """The optional HTTP CONNECT and DNS ports (tor's HTTPTunnelPort and DNSPort)."""
@@ -351,6 +363,7 @@ class ClientNode:
 
     async def stop(self) -> None:
         await self._close_listeners()
+        await self._stop_onion_services()
         await self.circmgr.stop()
         if self.directory is not None:
             await self.directory.stop()
@@ -449,6 +462,161 @@ class ClientNode:
             return False
         rec.writer.transport.abort()
         return True
+
+    # -- onion services this node hosts (config [[onion_service]], the library API, ADD_ONION) --
+
+    def _hs_view(self) -> SimpleNamespace:
+        """What an onion service reads of the consensus: relays and their flags, the
+        valid-after/fresh-until that place the time periods, the shared-random values
+        (absent: tor's disaster SRV) and the parameters."""
+        doc = self.directory.consensus if self.directory is not None else None
+        now = int(time.time())
+        valid_after = doc.valid_after if doc is not None else now - now % 3600
+        fresh_until = doc.fresh_until if doc is not None else valid_after + 3600
+        return SimpleNamespace(routers=list(self.routers()), valid_after=valid_after, fresh_until=fresh_until,
+                               srv_current=getattr(doc, "srv_current", None),
+                               srv_previous=getattr(doc, "srv_previous", None),
+                               params=dict(self.client.consensus_params()))
+
+    def _hs_path(self, last) -> list:
+        """A 3-hop path ending at ``last`` for an onion-service circuit: two usable relays
+        other than ``last``, compatible with it and each other where the network allows
+        (``last`` None: a usable relay at random, as a rendezvous point)."""
+        from onionp2p.client.pathsel import compatible, is_usable
+
+        rng = random.SystemRandom()
+        if last is None:
+            usable = [r for r in self.routers() if is_usable(r)]
+            if not usable:
+                raise CircuitError("no usable relay for an onion-service circuit", "NOPATH")
+            last = rng.choice(usable).info
+        routers = [r for r in self.routers() if is_usable(r) and r.info.rsa_id != last.rsa_id]
+        end = next((r for r in self.routers() if r.info.rsa_id == last.rsa_id), None)
+        distinct = self.cfg.enforce_distinct_subnets
+        rng.shuffle(routers)
+        for a in routers:
+            for b in routers:
+                if a is not b and compatible(a, b, enforce_distinct_subnets=distinct) and (
+                        end is None or (compatible(a, end, enforce_distinct_subnets=distinct)
+                                        and compatible(b, end, enforce_distinct_subnets=distinct))):
+                    return [a.info, b.info, last]
+        if len(routers) < 2:
+            raise CircuitError("not enough relays for an onion-service circuit", "NOPATH")
+        return [routers[0].info, routers[1].info, last]
+
+    @staticmethod
+    async def _hs_post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, body: bytes) -> bytes:
+        from onionp2p.dir.server import http_request
+
+        return await http_request(reader, writer, "POST", path, body, max_size=10_000, timeout=30)
+
+    async def add_onion_service(self, ports: Sequence[str], *, key=None, directory: Path | str | None = None,
+                                num_intro_points: int = 3, max_streams: int = 0,
+                                max_streams_close_circuit: bool = False, allow_unknown_ports: bool = False,
+                                client_keys: Sequence[bytes] = (), authorized_clients_dir: Path | str | None = None,
+                                intro_dos: tuple[int, int] | None = None, wait_published: float | None = None,
+                                owner: int | str | None = None):
+        """Host an onion service and return its :class:`~onionp2p.client.hsservice.OnionService`
+        (``.address`` is the onion address without ``.onion``).
+
+        ``ports``: ``"VIRTPORT [TARGET]"`` lines as tor's HiddenServicePort. The identity key
+        is ``key`` (an ExpandedKey), else the one in ``directory`` (tor's HiddenServiceDir
+        layout; created if empty), else a new one kept in memory only (as ADD_ONION).
+        ``client_keys`` / ``authorized_clients_dir`` (``*.auth`` files): restricted discovery.
+        ``intro_dos``: (rate, burst) for the introduction points' INTRODUCE2 defense.
+        With ``wait_published`` (seconds), return once a descriptor reached an HSDir.
+        Raises ConfigError for bad ports or keys, LocalProtocolError if the address is
+        already hosted here."""
+        from onionp2p.client.hskeys import load_or_create_service_key
+        from onionp2p.client.hsservice import OnionService
+        from onionp2p.proto.ed25519x import ExpandedKey
+        from onionp2p.proto.hs.cells import DosParams
+        from onionp2p.proto.hs.service import parse_port_mapping
+
+        mappings = [parse_port_mapping(p) for p in ports]
+        if key is None:
+            key = (load_or_create_service_key(directory) if directory is not None
+                   else ExpandedKey.from_seed(os.urandom(32)))
+        clients = list(client_keys)
+        if authorized_clients_dir is not None:
+            clients += _load_authorized_clients(Path(authorized_clients_dir))
+        svc = OnionService(
+            self.client, key, mappings, directory=self._hs_view, pick_path=self._hs_path, http_post=self._hs_post,
+            num_intro_points=num_intro_points, max_streams=max_streams,
+            max_streams_close_circuit=max_streams_close_circuit, allow_unknown_ports=allow_unknown_ports,
+            client_keys=clients, dos_defense=DosParams(*intro_dos) if intro_dos else None,
+            on_desc_event=lambda *ev: self.hs_desc_events(*ev))
+        if svc.address in self.onion_services:
+            raise LocalProtocolError(f"onion service {svc.address} is already hosted here")
+        self.onion_services[svc.address] = svc
+        self._onion_owner[svc.address] = owner
+        await self._dirinfo.wait()
+        await svc.start()
+        if wait_published is not None:
+            await svc.wait_published(wait_published)
+        return svc
+
+    async def remove_onion_service(self, address: str) -> bool:
+        """Stop hosting ``address`` (with or without ``.onion``); False if it is not hosted here."""
+        svc = self.onion_services.pop(address.lower().removesuffix(".onion"), None)
+        if svc is None:
+            return False
+        self._onion_owner.pop(svc.address, None)
+        await svc.stop()
+        for key, n in _service_counts(svc).items():  # the metrics' totals keep what it counted
+            self._hs_retired[key] = self._hs_retired.get(key, 0) + n
+        return True
+
+    def onion_service_counts(self) -> dict[tuple[str, str], int]:
+        """What the hosted services counted since start, by (what, outcome): introductions
+        (INTRODUCE2: accepted, replay, malformed, bad_mac, rate_limited ...), rendezvous
+        (success, failed), streams (accepted, refused), uploads (success, failed)."""
+        out = dict(self._hs_retired)
+        for svc in self.onion_services.values():
+            for key, n in _service_counts(svc).items():
+                out[key] = out.get(key, 0) + n
+        return out
+
+    async def _start_configured_onion_services(self) -> None:
+        """The ``[[onion_service]]`` tables of the config (their keys were checked at load)."""
+        for sc in self.cfg.onion_service:
+            svc = await self.add_onion_service(
+                sc.ports, directory=sc.dir, num_intro_points=sc.num_intro_points, max_streams=sc.max_streams,
+                max_streams_close_circuit=sc.max_streams_close_circuit,
+                allow_unknown_ports=sc.allow_unknown_ports, authorized_clients_dir=sc.authorized_clients_dir,
+                intro_dos=(sc.intro_dos_rate_per_sec, sc.intro_dos_burst_per_sec)
+                if sc.enable_intro_dos_defense else None)
+            log.info("hosting onion service", address=svc.address + ".onion", dir=str(sc.dir))
+
+    async def _stop_onion_services(self) -> None:
+        for address in list(self.onion_services):
+            await self.remove_onion_service(address)
+
+
+def _service_counts(svc) -> dict[tuple[str, str], int]:
+    out = {("introductions", k): n for k, n in svc.core.counts.items()}
+    for table, counts in svc.counts.items():
+        out.update({(table, k): n for k, n in counts.items()})
+    return out
+
+
+def _load_authorized_clients(directory: Path) -> list[bytes]:
+    """The x25519 keys of a service's ``authorized_clients`` directory (``*.auth`` files,
+    tor's format); raises ConfigError naming a bad file."""
+    from onionp2p.errors import KeyFileError
+    from onionp2p.proto.hs.keys import parse_auth
+
+    keys = []
+    try:
+        files = sorted(directory.glob("*.auth"))
+    except OSError as exc:
+        raise ConfigError(f"authorized_clients_dir {directory}: {exc}") from None
+    for f in files:
+        try:
+            keys.append(parse_auth(f.read_text(), str(f)))
+        except (OSError, KeyFileError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{f}: {exc}") from None
+    return keys
 
 
 def is_internal_target(host: str) -> bool:

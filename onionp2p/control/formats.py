@@ -67,6 +67,8 @@ __all__ = [
     "GuardEvent",
     "ConfChangedEvent",
     "ControlEvent",
+    "HsDescEvent",
+    "hs_desc_line",
     "longname",
     "iso_time",
     "circuit_line",
@@ -270,8 +272,22 @@ class GuardEvent:
     status: str
 
 
+@dataclass(frozen=True)
+class HsDescEvent:
+    """An onion-service descriptor upload step: ``650 HS_DESC <action> <address> UNKNOWN
+    <$FP~nick> [<descriptor id>] [REASON=...]`` (action UPLOAD, UPLOADED or FAILED, as
+    tor's control_event_hs_descriptor_upload*; the descriptor id, the blinded key in
+    base64, is given with UPLOAD only, as tor does)."""
+
+    action: str
+    address: str
+    hsdir: str  # $FP~nick
+    descriptor_id: str | None = None
+    reason: str | None = None
+
+
 ControlEvent = (CircEvent | StreamEvent | OrConnEvent | StatusEvent | SignalEvent | ConfChangedEvent
-                | BuildTimeoutSetEvent | GuardEvent)
+                | BuildTimeoutSetEvent | GuardEvent | HsDescEvent)
 
 
 _FINGERPRINT = re.compile(r"[0-9A-Fa-f]{40}")
@@ -400,6 +416,17 @@ def orconn_line(o: OrConnInfo, *, event: bool = True) -> str:
 def guard_event_line(e: GuardEvent) -> str:
     """A GUARD event's body: ``ENTRY $FP~nick STATUS``."""
     return f"ENTRY {longname(e.fingerprint, e.nickname)} {_tok(e.status, 'guard status')}"
+
+
+def hs_desc_line(e: HsDescEvent) -> str:
+    """An HS_DESC event's body (see :class:`HsDescEvent`)."""
+    parts = [_tok(e.action, "HS_DESC action"), _tok(e.address, "onion address"), "UNKNOWN",
+             _tok(e.hsdir, "HSDir")]
+    if e.descriptor_id and e.action == "UPLOAD":
+        parts.append(_tok(e.descriptor_id, "descriptor id"))
+    if e.reason:
+        parts.append(f"REASON={_tok(e.reason, 'reason')}")
+    return " ".join(parts)
 
 
 def guard_line(g: GuardInfo) -> str:

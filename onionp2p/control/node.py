@@ -11,6 +11,8 @@ CLOSESTREAM and GETCONF/SETCONF on the node.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import random
 from collections.abc import Callable, Sequence
 
@@ -25,6 +27,7 @@ from onionp2p.control.formats import (
     ControlEvent,
     GuardEvent,
     GuardInfo,
+    HsDescEvent,
     OrConnEvent,
     OrConnInfo,
     StatusEvent,
@@ -95,6 +98,7 @@ class ClientControlAdapter(ControlAdapterBase):
         self.node = node
         self._fns = Listeners("control event")
         self._circ_status: dict[int, str] = {}
+        self._tasks: set[asyncio.Task] = set()
         self._conf = {
             "SocksPort": ("Port", lambda: [str(self.node.socks_port)], None),
             "ControlPort": ("Port", lambda: [str(self.node.control_port or 0)], None),
@@ -144,6 +148,8 @@ class ClientControlAdapter(ControlAdapterBase):
         node.events.add(self._on_node)
         node.circmgr.buildtimeout_events.add(lambda kind, args: self._send(BuildTimeoutSetEvent(kind, args)))
         node.guards.events.add(lambda fp, nick, status: self._send(GuardEvent(fp, nick or None, status)))
+        node.hs_desc_events.add(lambda action, address, hsdir, desc_id, reason:
+                                self._send(HsDescEvent(action, address, hsdir, desc_id, reason)))
 
     # -- plain properties -----------------------------------------------------------------------
 
@@ -286,6 +292,46 @@ class ClientControlAdapter(ControlAdapterBase):
             self._send(StreamEvent(_stream_info(event[1])))
         elif event[0] == "status":
             self._on_bootstrap(*event[1:])
+
+    # -- onion services (ADD_ONION / DEL_ONION) -----------------------------------------------------
+
+    async def add_onion(self, key, ports, *, detach: bool, owner: int, max_streams: int,
+                        max_streams_close_circuit: bool, client_keys) -> tuple[str, object]:
+        """Host a service for a controller: (ServiceID, its identity key). 550 if the
+        address is already hosted here (tor: "Onion address collision")."""
+        from onionp2p.proto.ed25519x import ExpandedKey
+        from onionp2p.proto.hs.address import encode_onion_address
+
+        key = key if key is not None else ExpandedKey.from_seed(os.urandom(32))
+        address = encode_onion_address(key.public).removesuffix(".onion")
+        if address in self.node.onion_services:
+            raise ControlError(550, "Onion address collision")
+        svc = await self.node.add_onion_service(
+            [str(p) for p in ports], key=key, max_streams=max_streams,
+            max_streams_close_circuit=max_streams_close_circuit, client_keys=client_keys,
+            owner="detached" if detach else owner)
+        return svc.address, key
+
+    async def del_onion(self, service_id: str, *, owner: int) -> bool:
+        """Remove a service added by this connection or detached (tor refuses other
+        connections' and the configured ones as unknown)."""
+        who = self.node._onion_owner.get(service_id)
+        if service_id not in self.node.onion_services or who not in ("detached", owner):
+            return False
+        return await self.node.remove_onion_service(service_id)
+
+    def onions(self, *, detached: bool, owner: int) -> list[str]:
+        """GETINFO onions/current (this connection's) or onions/detached (added with Detach)."""
+        want = "detached" if detached else owner
+        return [a for a, who in self.node._onion_owner.items() if who == want]
+
+    def control_connection_closed(self, conn_id: int) -> None:
+        """The services a connection added without Detach go with it, as in tor."""
+        for address, who in list(self.node._onion_owner.items()):
+            if who == conn_id:
+                task = asyncio.get_running_loop().create_task(self.node.remove_onion_service(address))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     # -- actions --------------------------------------------------------------------------------------
 
