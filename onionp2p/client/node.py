@@ -14,7 +14,12 @@ Theory of operation
    (:class:`~onionp2p.client.dnsport.DnsPortServer`), for which it is the one backend: each
    request becomes a stream (or RESOLVE) on a circuit chosen by port and isolation key
    (credentials, client address, listener), tracked as a :class:`StreamRecord` so the
-   control port can list and close it and emit STREAM events;
+   control port can list and close it and emit STREAM events; a ``.onion`` target goes to
+   the onion-service client (:class:`~onionp2p.client.hsclient.OnionServiceClient`: its
+   descriptor cache and rendezvous circuits, circuits from
+   :meth:`~onionp2p.client.circmgr.CircuitManager.build_internal`, our client-authorization
+   keys from ``client_onion_auth_dir``), with the directory view of the node (our
+   consensus, or the tor network's with ``--tor-dirauth-file``);
 4. optionally serves the control port (:class:`~onionp2p.control.server.ControlServer`) and the
    Prometheus metrics port (:class:`~onionp2p.ops.metrics.MetricsServer` with a
    :class:`~onionp2p.ops.metrics.ClientCollector`, ``metrics_port``).
@@ -53,12 +58,15 @@ from onionp2p.client.cbt import CBTParams, CircuitBuildTimes
 from onionp2p.client.circmgr import CircuitManager
 from onionp2p.client.client import OnionClient
 from onionp2p.client.guards import GuardSet
+from onionp2p.client.hsclient import MAX_DESC_SIZE, STEP_TIMEOUT, OnionServiceClient
+from onionp2p.client.hskeys import ClientOnionAuth
 from onionp2p.config import CONTROL_PORT_DEFAULT, CONTROL_PORT_PREFERRED, ClientConfig
 from onionp2p.errors import CircuitError, ConfigError, ListenError, LocalProtocolError, StreamError
 from onionp2p.listeners import Listeners
 from onionp2p.log import LIVE_LOG_KEYS, apply_log_config, get_logger
 from onionp2p.proto.directory import RouterStatus
 from onionp2p.proto.exitpolicy import is_private_address
+from onionp2p.proto.hs.address import is_onion_name
 from onionp2p.proto.relaycell import EndReason, Resolved
 
 __all__ = ["ClientNode", "StreamRecord", "RELOADABLE_KEYS"]
@@ -68,11 +76,24 @@ RELOADABLE_KEYS = (
     *LIVE_LOG_KEYS, "preemptive_circuits", "preemptive_ports", "max_circuit_dirtiness",
     "circuit_build_timeout", "learn_circuit_build_timeout", "max_build_attempts", "enforce_distinct_subnets", "stream_timeout",
     "max_stream_attempts", "max_circuits_per_isolation", "socks_handshake_timeout", "socks_max_connections",
-    "client_reject_internal_addresses",
+    "client_reject_internal_addresses", "client_onion_auth_dir",
 )
 
 log = get_logger("onionp2p.node")
 _stream_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class DirectoryView:
+    """What the onion-service client needs of a consensus (the fields of
+    :class:`~onionp2p.dir.tordir.TorNetworkView` it reads)."""
+
+    routers: Sequence[RouterStatus]
+    valid_after: int
+    fresh_until: int
+    srv_current: bytes | None = None
+    srv_previous: bytes | None = None
+    params: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -97,7 +118,12 @@ class ClientNode:
     def __init__(self, cfg: ClientConfig, *, routers: Callable[[], Sequence[RouterStatus]] | None = None,
                  params: Callable[[], Mapping[str, int]] | None = None, config_file: str | None = None,
                  load_config: Callable[[], ClientConfig] | None = None,
-                 bw_weights: Callable[[], Mapping[str, int]] | None = None):
+                 bw_weights: Callable[[], Mapping[str, int]] | None = None,
+                 consensus_view: Callable[[], object | None] | None = None):
+        """``routers``/``params``/``bw_weights``: a directory given from outside (a tor
+        network's, or a test's) instead of our own; ``consensus_view()`` then gives its
+        current consensus (a :class:`~onionp2p.dir.tordir.TorNetworkView`, or None) for onion
+        services. ConfigError when ``client_onion_auth_dir`` is not a readable directory."""
         self.cfg = cfg
         self.config_file = config_file
         #: reads the configuration again for :meth:`reload` (the file plus command-line overrides)
@@ -130,6 +156,14 @@ class ClientNode:
         self.build_times_file = cfg.data_dir / "build_times.json"
         self.circmgr = CircuitManager(self.client, routers, self.guards, cfg, cbt=self._load_build_times())
         self.circmgr.save_build_times = self._save_build_times
+        self.consensus_view = consensus_view
+        #: our client-authorization keys (tor's ClientOnionAuthDir; ONION_CLIENT_AUTH_*)
+        self.onion_auth = ClientOnionAuth(cfg.client_onion_auth_dir)
+        #: reaches onion services: ``.onion`` streams go through it
+        self.hs = OnionServiceClient(self.client, directory=self.hs_directory, build=self._hs_circuit,
+                                     http_get=_hs_http_get, client_keys=self.onion_auth.get,
+                                     testing_tor_network=cfg.testing_tor_network,
+                                     dirtiness=lambda: self.circmgr.dirtiness)
         self.streams: dict[int, StreamRecord] = {}
         #: tor's bootstrap phases; ``bootstrap`` is its (percent, tag, summary)
         self.bootstrap_progress = Bootstrap("onionp2p.node")
@@ -176,6 +210,23 @@ class ClientNode:
     def bootstrap(self) -> tuple[int, str, str]:
         """(percent, tag, summary) of the bootstrap phase reached."""
         return self.bootstrap_progress.status
+
+    def hs_directory(self) -> object:
+        """The consensus the onion-service client plans with: the given view (a tor
+        network's), else our own consensus, else (routers given without one) the relays
+        with the current hour as the consensus's validity and no shared-random values."""
+        if self.consensus_view is not None and (view := self.consensus_view()) is not None:
+            return view
+        doc = self.directory.consensus if self.directory is not None else None
+        if doc is not None:
+            return DirectoryView(self.routers(), doc.valid_after, doc.fresh_until,
+                                 getattr(doc, "srv_current", None), getattr(doc, "srv_previous", None),
+                                 dict(doc.params))
+        hour = int(time.time()) // 3600 * 3600
+        return DirectoryView(self.routers(), hour, hour + 3600, params=dict(self.client.consensus_params()))
+
+    async def _hs_circuit(self, last, purpose: str, onion: str | None):
+        return await self.circmgr.build_internal(last, purpose, onion=onion, timeout=STEP_TIMEOUT)
 
     def _directory_guards(self, routers: Sequence[RouterStatus]) -> list[RouterStatus]:
         """The relays our directory refreshes may use: guard-spec's directory guards (the
@@ -318,6 +369,11 @@ class ClientNode:
                          and getattr(new, f.name) != getattr(old, f.name))
         self.cfg = replace(new, **{k: getattr(old, k) for k in restart})
         self.circmgr.configure(self.cfg)
+        self.onion_auth.directory = self.cfg.client_onion_auth_dir
+        try:  # tor reads ClientOnionAuthDir again on SIGHUP
+            self.onion_auth.reload()
+        except ConfigError as exc:
+            log.warning("reload: client authorization keys not read again", error=str(exc))
         if self.socks is not None:
             self.socks.handshake_timeout = self.cfg.socks_handshake_timeout
             self.socks.max_connections = self.cfg.socks_max_connections
@@ -388,7 +444,10 @@ class ClientNode:
             raise StreamError("connections to internal addresses are refused", EndReason.EXITPOLICY)
         try:
             await self._wait_dirinfo()
-            reader, writer, circ = await self.circmgr.open_stream(req.host, req.port, req.isolation_key)
+            if is_onion_name(req.host):  # (the SOCKS port refused malformed names already)
+                reader, writer, circ = await self.hs.open_stream(req.host, req.port, isolation=req.isolation_key)
+            else:
+                reader, writer, circ = await self.circmgr.open_stream(req.host, req.port, req.isolation_key)
         except StreamError as exc:
             self._stream_status(rec, "FAILED", _end_name(exc.reason))
             raise
@@ -449,6 +508,13 @@ class ClientNode:
             return False
         rec.writer.transport.abort()
         return True
+
+
+async def _hs_http_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> bytes:
+    """One descriptor GET over a BEGIN_DIR stream (at most tor's HS_DESC_MAX_LEN)."""
+    from onionp2p.dir.server import http_request
+
+    return await http_request(reader, writer, "GET", path, max_size=MAX_DESC_SIZE, timeout=STEP_TIMEOUT)
 
 
 def is_internal_target(host: str) -> bool:

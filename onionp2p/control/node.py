@@ -295,6 +295,7 @@ class ClientControlAdapter(ControlAdapterBase):
         name = name.upper()
         if name == "NEWNYM":
             self.node.circmgr.new_identity()
+            self.node.hs.new_identity()  # tor's hs_client_purge_state
         elif name in ("SHUTDOWN", "HALT"):
             self.node.shutdown_requested.set()
         elif name == "HEARTBEAT":
