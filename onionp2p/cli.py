@@ -357,7 +357,7 @@ async def run_client(cfg: ClientConfig, *, config_file: str | None = None,
         network = TorNetwork(read_dirauth_file(tor_dirauth_file), cache=False, name="client")
         routers, params, bw_weights = network.routers, network.params, network.bw_weights
     node = ClientNode(cfg, routers=routers, params=params, config_file=config_file, load_config=load_config,
-                      bw_weights=bw_weights)
+                      bw_weights=bw_weights, consensus_view=None if network is None else lambda: network.view)
     loop = asyncio.get_running_loop()
     refresher: asyncio.Task | None = None
     _add_signal_handlers(loop, stop=node.shutdown_requested.set, reload=node.reload,

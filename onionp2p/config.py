@@ -624,6 +624,13 @@ class ClientConfig:
     #: refuse SOCKS connects to private/internal IP literals and "localhost" (tor's
     #: ClientRejectInternalAddresses); the testnet turns it off (its destinations are local)
     client_reject_internal_addresses: bool = True
+    #: tor's ClientOnionAuthDir: a directory of ``*.auth_private`` files, our x25519 keys for
+    #: onion services that restrict discovery (client authorization); None: no keys
+    client_onion_auth_dir: Path | None = None
+    #: tor's TestingTorNetwork, as far as onion services go: the time period is one
+    #: shared-random run (24 voting intervals) instead of ``hsdir-interval``; for private
+    #: tor test networks only
+    testing_tor_network: bool = False
     #: ask exits for congestion control (proposal 324: Vegas, XON/XOFF) where they offer
     #: it; false: fixed SENDME windows on every circuit
     congestion_control: bool = True
@@ -668,6 +675,8 @@ class ClientConfig:
             "socks_max_connections": _int_range(1, 65535),
             "socks_extended_errors": _bool,
             "client_reject_internal_addresses": _bool,
+            "client_onion_auth_dir": _path,
+            "testing_tor_network": _bool,
             "congestion_control": _bool,
             "cgo": _bool,
             "connection_padding": _connection_padding,

@@ -1,11 +1,8 @@
 """Hosting onion services in `onionp2p testnet`, the three ways (README "Three ways to host an
 onion service"): stem's create_ephemeral_hidden_service on the testnet client's control port
 (ADD_ONION, HS_DESC events, DEL_ONION), a ``[[onion_service]]`` table in the config of an
-`onionp2p client` process, and ``ClientNode.add_onion_service`` in this process. Each
-service is fetched from with 5 MB through the rendezvous, sha256 equal.
-
-The fetching client is OnionServiceClient over this process's ClientNode (the SOCKS port's
-`.onion` support is another branch's work)."""
+`onionp2p client` process, and ``ClientNode.add_onion_service`` in this process. From each,
+curl fetches 5 MB through the testnet's SOCKS port (``--socks5-hostname``), sha256 equal."""
 
 from __future__ import annotations
 
@@ -17,12 +14,11 @@ import time
 import tomllib
 
 import pytest
-from conftest import HttpServer, RunningTestnet, blob, http_get, sha256
+from conftest import HttpServer, RunningTestnet, blob, require_tool, sha256
 
-from onionp2p.client.hsclient import HsConnectError, OnionServiceClient
 from onionp2p.client.node import ClientNode
 from onionp2p.config import ClientConfig
-from onionp2p.dir.server import http_request
+from onionp2p.ops.metrics import ClientCollector, render_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -42,22 +38,20 @@ def _authorities(net: RunningTestnet) -> list[str]:
     return list(tomllib.loads(relay_toml.read_text())["authorities"])
 
 
-async def _get(reader, writer, path):
-    return await http_request(reader, writer, "GET", path, max_size=50_000, timeout=30)
-
-
-async def _fetch(hs: OnionServiceClient, address: str, deadline: float = 120) -> bytes:
-    """5 MB from ``address``: retried while the descriptor is not (yet) on the HSDirs."""
+async def _curl(socks: int, address: str, out, *, deadline: float = 150) -> None:
+    """5 MB from ``http://address/`` with curl through the SOCKS port into ``out``, tried
+    again while the service is not reachable yet (its descriptor on its way to the HSDirs)."""
+    curl = require_tool("curl", "curl")
     end = time.monotonic() + deadline
     while True:
-        try:
-            reader, writer = await hs.connect(address, 80)
-            break
-        except HsConnectError as exc:
-            if exc.kind != "desc_not_found" or time.monotonic() > end:
-                raise
-            await asyncio.sleep(2)
-    return await asyncio.wait_for(http_get(reader, writer, f"/{MB5}"), 180)
+        p = await asyncio.create_subprocess_exec(
+            curl, "-sS", "--max-time", "120", "--socks5-hostname", f"127.0.0.1:{socks}",
+            f"http://{address}/{MB5}", "-o", str(out), stderr=asyncio.subprocess.PIPE)
+        _, err = await p.communicate()
+        if p.returncode == 0:
+            return
+        assert time.monotonic() < end, err.decode()
+        await asyncio.sleep(2)
 
 
 async def test_three_ways_to_host(testnet, tmp_path):
@@ -65,30 +59,39 @@ async def test_three_ways_to_host(testnet, tmp_path):
 
     web = await HttpServer().start()
     authorities = _authorities(testnet)
-    # this process's client: it fetches, and hosts the library API's service
+    # this process's client hosts the library API's service
     node = ClientNode(ClientConfig(data_dir=tmp_path / "lib", socks_address=("127.0.0.1", 0), control_port=None,
                                    authorities=tuple(authorities), enforce_distinct_subnets=False,
                                    client_reject_internal_addresses=False, log_level="warning"))
     await node.start(ready_timeout=120)
-    hs = OnionServiceClient(node.client, directory=node._hs_view, pick_path=node._hs_path, http_get=_get)
+    want = sha256(blob(MB5))
+    out = tmp_path / "body"
     svc_proc = None
     try:
         # 1. the control port: stem, as a tor user would
         ctl = Controller.from_port(port=testnet.control)
         ctl.authenticate()
         try:
+            for bad, code in (("ADD_ONION NEW:RSA1024 Port=80", "513"), ("ADD_ONION NEW:BEST", "512"),
+                              ("ADD_ONION NEW:BEST Port=0", "512"), ("ADD_ONION NEW:BEST Flags=Bogus Port=80", "512"),
+                              ("ADD_ONION ED25519-V3:AAAA Port=80", "512"), ("DEL_ONION nothere", "512")):
+                assert ctl.msg(bad).content()[0][0] == code, bad
             reply = await asyncio.to_thread(ctl.create_ephemeral_hidden_service, {80: web.port},
                                             await_publication=True, timeout=120)
             sid = reply.service_id
             assert len(sid) == 56 and reply.private_key_type == "ED25519-V3" and len(reply.private_key) == 88
             assert sid in ctl.get_info("onions/current").split()
-            body = await _fetch(hs, sid + ".onion")
-            assert len(body) == MB5 and sha256(body) == sha256(blob(MB5))
-            # DEL_ONION: the service is gone (its introduction circuits closed): the fetch fails
+            await _curl(testnet.socks, sid + ".onion", out)
+            assert sha256(out.read_bytes()) == want
+            # DEL_ONION: the service is gone (its introduction and rendezvous circuits
+            # closed): a fetch now fails (curl 97: the SOCKS request failed)
             assert ctl.remove_ephemeral_hidden_service(sid)
-            with pytest.raises(HsConnectError) as e:
-                await hs.connect(sid + ".onion", 80)
-            assert e.value.kind in ("intro_failed", "rend_failed")
+            assert sid not in (ctl.get_info("onions/current", "") or "").split()
+            p = await asyncio.create_subprocess_exec(
+                "curl", "-sS", "--max-time", "100", "--socks5-hostname", f"127.0.0.1:{testnet.socks}",
+                f"http://{sid}.onion/{MB5}", "-o", str(out), stderr=asyncio.subprocess.PIPE)
+            _, err = await p.communicate()
+            assert p.returncode == 97, err.decode()
             assert not ctl.remove_ephemeral_hidden_service(sid)  # unknown now
         finally:
             ctl.close()
@@ -115,13 +118,16 @@ async def test_three_ways_to_host(testnet, tmp_path):
         while not hostname.exists():
             assert time.monotonic() < end and svc_proc.poll() is None, (svc_dir / "log.txt").read_text()[-3000:]
             await asyncio.sleep(0.5)
-        body = await _fetch(hs, hostname.read_text().strip(), deadline=180)
-        assert sha256(body) == sha256(blob(MB5))
+        await _curl(testnet.socks, hostname.read_text().strip(), out, deadline=180)
+        assert sha256(out.read_bytes()) == want
 
         # 3. the library API
         svc = await node.add_onion_service([f"80 127.0.0.1:{web.port}"], wait_published=120)
-        body = await _fetch(hs, svc.address + ".onion")
-        assert sha256(body) == sha256(blob(MB5))
+        await _curl(testnet.socks, svc.address + ".onion", out)
+        assert sha256(out.read_bytes()) == want
+        text = render_metrics(ClientCollector(node)())
+        assert 'onionp2p_hs_service_introductions_total{result="accepted"} 1' in text, text
+        assert 'onionp2p_hs_service_rendezvous_total{result="success"} 1' in text
         assert await node.remove_onion_service(svc.address)
     finally:
         if svc_proc is not None:

@@ -196,6 +196,12 @@ class ClientCircuit:
         self.created_at = time.time()
         self.close_reason: str | None = None
         self.isolation: object = None
+        #: control-spec's PURPOSE (GENERAL, or an onion-service purpose such as HS_CLIENT_REND),
+        #: HS_STATE (HSCR_JOINED ...; None outside onion services) and REND_QUERY (the onion
+        #: address without ".onion" an onion-service circuit is for)
+        self.purpose = "GENERAL"
+        self.hs_state: str | None = None
+        self.rend_query: str | None = None
         self._built: asyncio.Future = asyncio.get_running_loop().create_future()
         self._transports: dict[int, StreamTransport] = {}
         self._resolves: dict[int, asyncio.Future] = {}
@@ -588,10 +594,13 @@ class OnionClient:
         await building
         return circ
 
-    async def launch_circuit(self, path: Sequence[RelayInfo], *, timeout: float = 60.0,
+    async def launch_circuit(self, path: Sequence[RelayInfo], *, timeout: float = 60.0, purpose: str = "GENERAL",
+                             hs_state: str | None = None, rend_query: str | None = None,
                              ) -> tuple[ClientCircuit, asyncio.Task]:
         """Connect to the first hop and start building; return the circuit and the build task
-        (which raises CircuitError if the build fails) without waiting for the build."""
+        (which raises CircuitError if the build fails) without waiting for the build.
+        ``purpose``, ``hs_state``, ``rend_query``: what the control port shows from the first
+        CIRC event on (see :class:`ClientCircuit`)."""
         if not path:
             raise LocalProtocolError("empty path")
         try:
@@ -599,6 +608,7 @@ class OnionClient:
         except (OSError, OnionError, asyncio.TimeoutError) as exc:
             raise CircuitError(f"cannot connect to first hop: {exc or 'timeout'}", "CONNECTFAILED") from None
         circ = ClientCircuit(self, chan, path)
+        circ.purpose, circ.hs_state, circ.rend_query = purpose, hs_state, rend_query
         self.circuits[circ.id] = circ
         if len(path) > 1:  # a one-hop (directory) circuit does not make the channel worth padding
             chan.note_usage(Usage.FULL_CIRCS)

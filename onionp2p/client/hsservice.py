@@ -26,8 +26,11 @@ An :class:`OnionService` does what tor does for one ``HiddenServiceDir``:
 What it needs from the node comes in as callables, as for
 :class:`~onionp2p.client.hsclient.OnionServiceClient`: ``directory()`` the consensus view
 (``routers``, ``valid_after``, ``fresh_until``, ``srv_current``, ``srv_previous``,
-``params``), ``pick_path(last)`` a circuit path ending at ``last``, ``http_post(reader,
-writer, path, body)`` one HTTP/1.0 POST over a stream (raises on a non-200 answer).
+``params``), ``build(last, purpose, onion)`` an onion-service circuit ending at ``last``
+(the node's :meth:`~onionp2p.client.circmgr.CircuitManager.build_internal`: guards, path
+rules, purposes and HS_STATE on the control port) or, without a circuit manager,
+``pick_path(last)`` a path, and ``http_post(reader, writer, path, body)`` one HTTP/1.0 POST
+over a stream (raises on a non-200 answer).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from onionp2p.client.client import ClientCircuit, OnionClient
+from onionp2p.client.hsclient import CircuitBuilder
 from onionp2p.errors import ConfigError, HsIntroduceError, OnionError, StreamError
 from onionp2p.log import get_logger
 from onionp2p.proto.directory import RelayInfo
@@ -79,8 +83,10 @@ class OnionService:
     :attr:`address`; :meth:`wait_published`; ``await stop()``."""
 
     def __init__(self, client: OnionClient, identity: ExpandedKey, ports: Sequence[PortMapping], *,
-                 directory: Callable[[], Any], pick_path: Callable[[RelayInfo], Sequence[RelayInfo]],
+                 directory: Callable[[], Any],
                  http_post: Callable[[asyncio.StreamReader, asyncio.StreamWriter, str, bytes], Awaitable[bytes]],
+                 build: CircuitBuilder | None = None,
+                 pick_path: Callable[[RelayInfo], Sequence[RelayInfo]] | None = None,
                  num_intro_points: int = DEFAULT_NUM_INTRO_POINTS, max_streams: int = 0,
                  max_streams_close_circuit: bool = False, allow_unknown_ports: bool = False,
                  client_keys: Sequence[bytes] = (), dos_defense: DosParams | None = None,
@@ -89,10 +95,13 @@ class OnionService:
                  testing_tor_network: bool = False) -> None:
         if not ports:
             raise ConfigError("an onion service needs at least one port")
+        if (pick_path is None) == (build is None):
+            raise ValueError("give exactly one of pick_path and build")
         self.client = client
         self.ports = {p.virtual: p for p in ports}
         self.directory = directory
         self.pick_path = pick_path
+        self.build = build
         self.http_post = http_post
         self.max_streams = max_streams
         self.max_streams_close_circuit = max_streams_close_circuit
@@ -279,9 +288,12 @@ class OnionService:
     # -- introduction points ---------------------------------------------------------------------
 
     async def _circuit(self, last: RelayInfo, purpose: str) -> ClientCircuit:
-        circ = await self.client.build_circuit(list(self.pick_path(last)), timeout=STEP_TIMEOUT)
-        circ.purpose = purpose  # type: ignore[attr-defined]
-        circ.hs_address = self.address  # type: ignore[attr-defined]
+        if self.build is not None:
+            circ = await self.build(last, purpose, self.address)
+        else:
+            assert self.pick_path is not None
+            circ = await self.client.build_circuit(list(self.pick_path(last)), timeout=STEP_TIMEOUT)
+            circ.purpose, circ.rend_query = purpose, self.address  # type: ignore[attr-defined]
         self.on_circuit(circ, purpose)
         return circ
 
@@ -323,6 +335,7 @@ class OnionService:
                 circ.close()
                 return
             ip.established = True
+            circ.hs_state = "HSSI_ESTABLISHED"  # type: ignore[attr-defined]  (tor's HS_STATE)
             self._intro_circs[ip] = circ
             log.info("introduction point established", address=self.address, intro=relay.nickname)
         finally:
@@ -362,6 +375,7 @@ class OnionService:
             circ.send_relay(RelayCommand.RENDEZVOUS1, 0, intro.rendezvous1)
             circ.add_virtual_hop(intro.key_material)
             circ.accept_streams(lambda sid, begin, c=circ: self._on_begin(c, sid, begin))
+            circ.hs_state = "HSSR_JOINED"  # type: ignore[attr-defined]
         except (OnionError, TimeoutError) as exc:
             log.info("rendezvous failed", address=self.address, error=str(exc))
             self._bump("rendezvous", "failed")

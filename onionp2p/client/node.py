@@ -14,7 +14,12 @@ Theory of operation
    (:class:`~onionp2p.client.dnsport.DnsPortServer`), for which it is the one backend: each
    request becomes a stream (or RESOLVE) on a circuit chosen by port and isolation key
    (credentials, client address, listener), tracked as a :class:`StreamRecord` so the
-   control port can list and close it and emit STREAM events;
+   control port can list and close it and emit STREAM events; a ``.onion`` target goes to
+   the onion-service client (:class:`~onionp2p.client.hsclient.OnionServiceClient`: its
+   descriptor cache and rendezvous circuits, circuits from
+   :meth:`~onionp2p.client.circmgr.CircuitManager.build_internal`, our client-authorization
+   keys from ``client_onion_auth_dir``), with the directory view of the node (our
+   consensus, or the tor network's with ``--tor-dirauth-file``);
 4. optionally serves the control port (:class:`~onionp2p.control.server.ControlServer`) and the
    Prometheus metrics port (:class:`~onionp2p.ops.metrics.MetricsServer` with a
    :class:`~onionp2p.ops.metrics.ClientCollector`, ``metrics_port``).
@@ -43,12 +48,10 @@ import ipaddress
 import itertools
 import json
 import os
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 from onionp2p import __version__
 from onionp2p.bootstrap import Bootstrap
@@ -56,12 +59,15 @@ from onionp2p.client.cbt import CBTParams, CircuitBuildTimes
 from onionp2p.client.circmgr import CircuitManager
 from onionp2p.client.client import OnionClient
 from onionp2p.client.guards import GuardSet
+from onionp2p.client.hsclient import MAX_DESC_SIZE, STEP_TIMEOUT, OnionServiceClient
+from onionp2p.client.hskeys import ClientOnionAuth
 from onionp2p.config import CONTROL_PORT_DEFAULT, CONTROL_PORT_PREFERRED, ClientConfig
 from onionp2p.errors import CircuitError, ConfigError, ListenError, LocalProtocolError, StreamError
 from onionp2p.listeners import Listeners
 from onionp2p.log import LIVE_LOG_KEYS, apply_log_config, get_logger
 from onionp2p.proto.directory import RouterStatus
 from onionp2p.proto.exitpolicy import is_private_address
+from onionp2p.proto.hs.address import is_onion_name
 from onionp2p.proto.relaycell import EndReason, Resolved
 
 __all__ = ["ClientNode", "StreamRecord", "RELOADABLE_KEYS"]
@@ -71,11 +77,24 @@ RELOADABLE_KEYS = (
     *LIVE_LOG_KEYS, "preemptive_circuits", "preemptive_ports", "max_circuit_dirtiness",
     "circuit_build_timeout", "learn_circuit_build_timeout", "max_build_attempts", "enforce_distinct_subnets", "stream_timeout",
     "max_stream_attempts", "max_circuits_per_isolation", "socks_handshake_timeout", "socks_max_connections",
-    "client_reject_internal_addresses",
+    "client_reject_internal_addresses", "client_onion_auth_dir",
 )
 
 log = get_logger("onionp2p.node")
 _stream_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class DirectoryView:
+    """What the onion-service client needs of a consensus (the fields of
+    :class:`~onionp2p.dir.tordir.TorNetworkView` it reads)."""
+
+    routers: Sequence[RouterStatus]
+    valid_after: int
+    fresh_until: int
+    srv_current: bytes | None = None
+    srv_previous: bytes | None = None
+    params: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -100,7 +119,12 @@ class ClientNode:
     def __init__(self, cfg: ClientConfig, *, routers: Callable[[], Sequence[RouterStatus]] | None = None,
                  params: Callable[[], Mapping[str, int]] | None = None, config_file: str | None = None,
                  load_config: Callable[[], ClientConfig] | None = None,
-                 bw_weights: Callable[[], Mapping[str, int]] | None = None):
+                 bw_weights: Callable[[], Mapping[str, int]] | None = None,
+                 consensus_view: Callable[[], object | None] | None = None):
+        """``routers``/``params``/``bw_weights``: a directory given from outside (a tor
+        network's, or a test's) instead of our own; ``consensus_view()`` then gives its
+        current consensus (a :class:`~onionp2p.dir.tordir.TorNetworkView`, or None) for onion
+        services. ConfigError when ``client_onion_auth_dir`` is not a readable directory."""
         self.cfg = cfg
         self.config_file = config_file
         #: reads the configuration again for :meth:`reload` (the file plus command-line overrides)
@@ -133,6 +157,14 @@ class ClientNode:
         self.build_times_file = cfg.data_dir / "build_times.json"
         self.circmgr = CircuitManager(self.client, routers, self.guards, cfg, cbt=self._load_build_times())
         self.circmgr.save_build_times = self._save_build_times
+        self.consensus_view = consensus_view
+        #: our client-authorization keys (tor's ClientOnionAuthDir; ONION_CLIENT_AUTH_*)
+        self.onion_auth = ClientOnionAuth(cfg.client_onion_auth_dir)
+        #: reaches onion services: ``.onion`` streams go through it
+        self.hs = OnionServiceClient(self.client, directory=self.hs_directory, build=self._hs_circuit,
+                                     http_get=_hs_http_get, client_keys=self.onion_auth.get,
+                                     testing_tor_network=cfg.testing_tor_network,
+                                     dirtiness=lambda: self.circmgr.dirtiness)
         self.streams: dict[int, StreamRecord] = {}
         #: tor's bootstrap phases; ``bootstrap`` is its (percent, tag, summary)
         self.bootstrap_progress = Bootstrap("onionp2p.node")
@@ -187,6 +219,23 @@ class ClientNode:
     def bootstrap(self) -> tuple[int, str, str]:
         """(percent, tag, summary) of the bootstrap phase reached."""
         return self.bootstrap_progress.status
+
+    def hs_directory(self) -> object:
+        """The consensus the onion-service client plans with: the given view (a tor
+        network's), else our own consensus, else (routers given without one) the relays
+        with the current hour as the consensus's validity and no shared-random values."""
+        if self.consensus_view is not None and (view := self.consensus_view()) is not None:
+            return view
+        doc = self.directory.consensus if self.directory is not None else None
+        if doc is not None:
+            return DirectoryView(self.routers(), doc.valid_after, doc.fresh_until,
+                                 getattr(doc, "srv_current", None), getattr(doc, "srv_previous", None),
+                                 dict(doc.params))
+        hour = int(time.time()) // 3600 * 3600
+        return DirectoryView(self.routers(), hour, hour + 3600, params=dict(self.client.consensus_params()))
+
+    async def _hs_circuit(self, last, purpose: str, onion: str | None):
+        return await self.circmgr.build_internal(last, purpose, onion=onion, timeout=STEP_TIMEOUT)
 
     def _directory_guards(self, routers: Sequence[RouterStatus]) -> list[RouterStatus]:
         """The relays our directory refreshes may use: guard-spec's directory guards (the
@@ -330,6 +379,11 @@ class ClientNode:
                          and getattr(new, f.name) != getattr(old, f.name))
         self.cfg = replace(new, **{k: getattr(old, k) for k in restart})
         self.circmgr.configure(self.cfg)
+        self.onion_auth.directory = self.cfg.client_onion_auth_dir
+        try:  # tor reads ClientOnionAuthDir again on SIGHUP
+            self.onion_auth.reload()
+        except ConfigError as exc:
+            log.warning("reload: client authorization keys not read again", error=str(exc))
         if self.socks is not None:
             self.socks.handshake_timeout = self.cfg.socks_handshake_timeout
             self.socks.max_connections = self.cfg.socks_max_connections
@@ -401,7 +455,10 @@ class ClientNode:
             raise StreamError("connections to internal addresses are refused", EndReason.EXITPOLICY)
         try:
             await self._wait_dirinfo()
-            reader, writer, circ = await self.circmgr.open_stream(req.host, req.port, req.isolation_key)
+            if is_onion_name(req.host):  # (the SOCKS port refused malformed names already)
+                reader, writer, circ = await self.hs.open_stream(req.host, req.port, isolation=req.isolation_key)
+            else:
+                reader, writer, circ = await self.circmgr.open_stream(req.host, req.port, req.isolation_key)
         except StreamError as exc:
             self._stream_status(rec, "FAILED", _end_name(exc.reason))
             raise
@@ -465,45 +522,6 @@ class ClientNode:
 
     # -- onion services this node hosts (config [[onion_service]], the library API, ADD_ONION) --
 
-    def _hs_view(self) -> SimpleNamespace:
-        """What an onion service reads of the consensus: relays and their flags, the
-        valid-after/fresh-until that place the time periods, the shared-random values
-        (absent: tor's disaster SRV) and the parameters."""
-        doc = self.directory.consensus if self.directory is not None else None
-        now = int(time.time())
-        valid_after = doc.valid_after if doc is not None else now - now % 3600
-        fresh_until = doc.fresh_until if doc is not None else valid_after + 3600
-        return SimpleNamespace(routers=list(self.routers()), valid_after=valid_after, fresh_until=fresh_until,
-                               srv_current=getattr(doc, "srv_current", None),
-                               srv_previous=getattr(doc, "srv_previous", None),
-                               params=dict(self.client.consensus_params()))
-
-    def _hs_path(self, last) -> list:
-        """A 3-hop path ending at ``last`` for an onion-service circuit: two usable relays
-        other than ``last``, compatible with it and each other where the network allows
-        (``last`` None: a usable relay at random, as a rendezvous point)."""
-        from onionp2p.client.pathsel import compatible, is_usable
-
-        rng = random.SystemRandom()
-        if last is None:
-            usable = [r for r in self.routers() if is_usable(r)]
-            if not usable:
-                raise CircuitError("no usable relay for an onion-service circuit", "NOPATH")
-            last = rng.choice(usable).info
-        routers = [r for r in self.routers() if is_usable(r) and r.info.rsa_id != last.rsa_id]
-        end = next((r for r in self.routers() if r.info.rsa_id == last.rsa_id), None)
-        distinct = self.cfg.enforce_distinct_subnets
-        rng.shuffle(routers)
-        for a in routers:
-            for b in routers:
-                if a is not b and compatible(a, b, enforce_distinct_subnets=distinct) and (
-                        end is None or (compatible(a, end, enforce_distinct_subnets=distinct)
-                                        and compatible(b, end, enforce_distinct_subnets=distinct))):
-                    return [a.info, b.info, last]
-        if len(routers) < 2:
-            raise CircuitError("not enough relays for an onion-service circuit", "NOPATH")
-        return [routers[0].info, routers[1].info, last]
-
     @staticmethod
     async def _hs_post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, body: bytes) -> bytes:
         from onionp2p.dir.server import http_request
@@ -541,11 +559,11 @@ class ClientNode:
         if authorized_clients_dir is not None:
             clients += _load_authorized_clients(Path(authorized_clients_dir))
         svc = OnionService(
-            self.client, key, mappings, directory=self._hs_view, pick_path=self._hs_path, http_post=self._hs_post,
+            self.client, key, mappings, directory=self.hs_directory, build=self._hs_circuit, http_post=self._hs_post,
             num_intro_points=num_intro_points, max_streams=max_streams,
             max_streams_close_circuit=max_streams_close_circuit, allow_unknown_ports=allow_unknown_ports,
             client_keys=clients, dos_defense=DosParams(*intro_dos) if intro_dos else None,
-            on_desc_event=lambda *ev: self.hs_desc_events(*ev))
+            on_desc_event=lambda *ev: self.hs_desc_events(*ev), testing_tor_network=self.cfg.testing_tor_network)
         if svc.address in self.onion_services:
             raise LocalProtocolError(f"onion service {svc.address} is already hosted here")
         self.onion_services[svc.address] = svc
@@ -617,6 +635,13 @@ def _load_authorized_clients(directory: Path) -> list[bytes]:
         except (OSError, KeyFileError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{f}: {exc}") from None
     return keys
+
+
+async def _hs_http_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> bytes:
+    """One descriptor GET over a BEGIN_DIR stream (at most tor's HS_DESC_MAX_LEN)."""
+    from onionp2p.dir.server import http_request
+
+    return await http_request(reader, writer, "GET", path, max_size=MAX_DESC_SIZE, timeout=STEP_TIMEOUT)
 
 
 def is_internal_target(host: str) -> bool:

@@ -123,6 +123,10 @@ class CircuitInfo:
     remote_reason: str | None = None
     socks_username: str | None = None
     socks_password: str | None = None
+    #: onion-service circuits: control-spec's HS_STATE (HSCR_JOINED ...) and REND_QUERY (the
+    #: onion address without ".onion")
+    hs_state: str | None = None
+    rend_query: str | None = None
     bytes_read: int | None = None
     bytes_written: int | None = None
     hop_handshakes: tuple[str, ...] = ()
@@ -343,6 +347,8 @@ def circuit_line(c: CircuitInfo) -> str:
     if c.build_flags:
         parts.append("BUILD_FLAGS=" + ",".join(_tok(f, "build flag") for f in c.build_flags))
     _kw(parts, "PURPOSE", c.purpose)
+    _kw(parts, "HS_STATE", c.hs_state)
+    _kw(parts, "REND_QUERY", c.rend_query)
     if c.time_created is not None:
         parts.append("TIME_CREATED=" + iso_time(c.time_created))
     _kw(parts, "REASON", c.reason)

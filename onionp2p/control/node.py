@@ -200,7 +200,9 @@ class ClientControlAdapter(ControlAdapterBase):
         last = layers[-1] if layers and len(layers) == len(circ.path) else None
         return CircuitInfo(
             id=circ.id, status=status, path=tuple((h.fingerprint, h.nickname) for h in circ.hops),
-            build_flags=("NEED_CAPACITY",), purpose="GENERAL", time_created=circ.created_at, reason=reason,
+            build_flags=("IS_INTERNAL", "NEED_CAPACITY") if circ.purpose != "GENERAL" else ("NEED_CAPACITY",),
+            purpose=circ.purpose, hs_state=circ.hs_state, rend_query=circ.rend_query,
+            time_created=circ.created_at, reason=reason,
             hop_handshakes=tuple(layer.handshake for layer in layers),
             hop_relay_crypto=tuple(layer.relay_crypto for layer in layers),
             congestion_control=None if last is None else ("vegas" if last.cc is not None else "fixed"),
@@ -339,6 +341,7 @@ class ClientControlAdapter(ControlAdapterBase):
         name = name.upper()
         if name == "NEWNYM":
             self.node.circmgr.new_identity()
+            self.node.hs.new_identity()  # tor's hs_client_purge_state
         elif name in ("SHUTDOWN", "HALT"):
             self.node.shutdown_requested.set()
         elif name == "HEARTBEAT":
