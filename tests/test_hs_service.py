@@ -150,7 +150,7 @@ async def test_service_end_to_end_on_our_relays(relay_net, http_server, tmp_path
     from onionp2p.dir.server import http_request
     from onionp2p.errors import StreamError
     from onionp2p.proto.directory import RouterStatus
-    from onionp2p.proto.hs.cells import Introduce1
+    from onionp2p.proto.hs.cells import DosParams, Introduce1
     from onionp2p.proto.relaycell import RelayCommand
 
     caplog.set_level(logging.INFO, logger="onionp2p.hs")
@@ -186,12 +186,18 @@ async def test_service_end_to_end_on_our_relays(relay_net, http_server, tmp_path
     key = load_or_create_service_key(tmp_path / "hs")
     svc_client, user = OnionClient(), OnionClient()
     svc = OnionService(svc_client, key, [parse_port_mapping(f"80 127.0.0.1:{http_server.port}")],
-                       directory=lambda: view, pick_path=pick, http_post=post, num_intro_points=2)
+                       directory=lambda: view, pick_path=pick, http_post=post, num_intro_points=2,
+                       dos_defense=DosParams(100, 200))
     hs = OnionServiceClient(user, directory=lambda: view, pick_path=pick, http_get=get)
     try:
         await svc.start()
         await svc.wait_published(60)
         assert len(svc.core.established()) == 2
+        # the introduction points took the DoS extension (HiddenServiceEnableIntroDoSDefense)
+        at_ips = [r.hs.intro[ip.auth_public] for r in relay_net for ip in svc.core.intro_points
+                  if ip.auth_public in r.hs.intro]
+        assert len(at_ips) == 2 and all(c.intro_dos_explicit and (c.intro_dos.rate, c.intro_dos.burst) == (100, 200)
+                                        for c in at_ips)
         reader, writer = await hs.connect(svc.address + ".onion", 80)
         body = await asyncio.wait_for(http_get(reader, writer, "/1000000"), 60)
         assert sha256(body) == sha256(blob(1_000_000))

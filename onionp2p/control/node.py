@@ -142,6 +142,10 @@ class ClientControlAdapter(ControlAdapterBase):
             "ExitPolicyRejectPrivate": ("Boolean", lambda: ["1"], None),
             "UseMicrodescriptors": ("Boolean+Auto", lambda: ["auto"], None),
             "HiddenServiceOptions": ("Virtual", lambda: [], None),
+            # stem's create_ephemeral_hidden_service asks (onion services here are never
+            # single-hop / non-anonymous)
+            "HiddenServiceSingleHopMode": ("Boolean", lambda: ["0"], None),
+            "HiddenServiceNonAnonymousMode": ("Boolean", lambda: ["0"], None),
         }
         node.client.events.add(self._on_circuit)
         node.client.channel_events.add(self._on_channel)
