@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
 
 import pytest
 from conftest import HttpServer, RunningTestnet, blob, require_tool, sha256
 
+from onionp2p.client.hskeys import load_or_create_service_key
 from onionp2p.client.node import ClientNode
 from onionp2p.config import ClientConfig
 from onionp2p.ops.metrics import ClientCollector, render_metrics
@@ -52,6 +56,12 @@ async def _curl(socks: int, address: str, out, *, deadline: float = 150) -> None
             return
         assert time.monotonic() < end, err.decode()
         await asyncio.sleep(2)
+
+
+def _hosted(net: RunningTestnet) -> int:
+    """How many onion services the testnet's client hosts (its metrics port says)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{net.metrics}/metrics", timeout=10).read().decode()
+    return int(float(re.search(r"^onionp2p_hs_services (\S+)$", text, re.M).group(1)))
 
 
 async def test_three_ways_to_host(testnet, tmp_path):
@@ -93,6 +103,25 @@ async def test_three_ways_to_host(testnet, tmp_path):
             _, err = await p.communicate()
             assert p.returncode == 97, err.decode()
             assert not ctl.remove_ephemeral_hidden_service(sid)  # unknown now
+            # Detach and DiscardPK: no key in the reply, listed as detached, outlives its
+            # connection; a service added without Detach goes when its connection closes
+            r = ctl.msg(f"ADD_ONION NEW:BEST Flags=Detach,DiscardPK Port=80,{web.port}")
+            fields = dict(line[2].split("=", 1) for line in r.content() if "=" in line[2])
+            assert r.content()[-1][0] == "250" and "PrivateKey" not in fields
+            detached = fields["ServiceID"]
+            assert ctl.get_info("onions/detached").split() == [detached]
+            with Controller.from_port(port=testnet.control) as other:
+                other.authenticate()
+                sid2 = other.create_ephemeral_hidden_service({80: web.port}).service_id
+                assert other.get_info("onions/current").split() == [sid2]
+                assert _hosted(testnet) == 2
+            end = time.monotonic() + 20
+            while _hosted(testnet) != 1:
+                assert time.monotonic() < end, "the closed connection's service is still hosted"
+                await asyncio.sleep(0.5)
+            assert ctl.msg(f"DEL_ONION {sid2}").content()[0][0] == "552"
+            assert ctl.msg(f"DEL_ONION {detached}").content()[0][0] == "250"
+            assert _hosted(testnet) == 0
         finally:
             ctl.close()
 
@@ -111,6 +140,13 @@ async def test_three_ways_to_host(testnet, tmp_path):
         p = subprocess.run([sys.executable, "-m", "onionp2p", "client", "--config", str(bad)],
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 2 and "onion_service[0].num_intro_points" in p.stderr, p.stderr
+        # ... and so do keys tor would refuse (a secret key others can read)
+        load_or_create_service_key(svc_dir / "leaky")
+        os.chmod(svc_dir / "leaky" / "hs_ed25519_secret_key", 0o644)
+        bad.write_text("\n".join(lines).replace(f'dir = "{svc_dir / "hs"}"', f'dir = "{svc_dir / "leaky"}"') + "\n")
+        p = subprocess.run([sys.executable, "-m", "onionp2p", "client", "--config", str(bad)],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and "onion_service[0]:" in p.stderr and "chmod" in p.stderr, p.stderr
         svc_proc = subprocess.Popen([sys.executable, "-m", "onionp2p", "client", "--config", str(conf)],
                                     stdout=subprocess.DEVNULL, stderr=open(svc_dir / "log.txt", "w"))
         hostname = svc_dir / "hs" / "hostname"
@@ -119,6 +155,17 @@ async def test_three_ways_to_host(testnet, tmp_path):
             assert time.monotonic() < end and svc_proc.poll() is None, (svc_dir / "log.txt").read_text()[-3000:]
             await asyncio.sleep(0.5)
         await _curl(testnet.socks, hostname.read_text().strip(), out, deadline=180)
+        assert sha256(out.read_bytes()) == want
+        # SIGHUP with one more table: the new service starts, as tor's reload adds it
+        conf.write_text(conf.read_text() + f'\n[[onion_service]]\ndir = "{svc_dir / "hs2"}"\n'
+                        f'ports = ["80 127.0.0.1:{web.port}"]\n')
+        svc_proc.send_signal(signal.SIGHUP)
+        hostname2 = svc_dir / "hs2" / "hostname"
+        end = time.monotonic() + 30
+        while not hostname2.exists():
+            assert time.monotonic() < end and svc_proc.poll() is None, (svc_dir / "log.txt").read_text()[-3000:]
+            await asyncio.sleep(0.5)
+        await _curl(testnet.socks, hostname2.read_text().strip(), out, deadline=180)
         assert sha256(out.read_bytes()) == want
 
         # 3. the library API

@@ -62,7 +62,7 @@ from onionp2p.client.guards import GuardSet
 from onionp2p.client.hsclient import MAX_DESC_SIZE, STEP_TIMEOUT, OnionServiceClient
 from onionp2p.client.hskeys import ClientOnionAuth
 from onionp2p.config import CONTROL_PORT_DEFAULT, CONTROL_PORT_PREFERRED, ClientConfig
-from onionp2p.errors import CircuitError, ConfigError, ListenError, LocalProtocolError, StreamError
+from onionp2p.errors import CircuitError, ConfigError, ListenError, LocalProtocolError, OnionError, StreamError
 from onionp2p.listeners import Listeners
 from onionp2p.log import LIVE_LOG_KEYS, apply_log_config, get_logger
 from onionp2p.proto.directory import RouterStatus
@@ -77,7 +77,7 @@ RELOADABLE_KEYS = (
     *LIVE_LOG_KEYS, "preemptive_circuits", "preemptive_ports", "max_circuit_dirtiness",
     "circuit_build_timeout", "learn_circuit_build_timeout", "max_build_attempts", "enforce_distinct_subnets", "stream_timeout",
     "max_stream_attempts", "max_circuits_per_isolation", "socks_handshake_timeout", "socks_max_connections",
-    "client_reject_internal_addresses", "client_onion_auth_dir",
+    "client_reject_internal_addresses", "client_onion_auth_dir", "onion_service",
 )
 
 log = get_logger("onionp2p.node")
@@ -190,6 +190,7 @@ class ClientNode:
         self.onion_services: dict = {}
         self._onion_owner: dict[str, int | str | None] = {}
         self._hs_retired: dict[tuple[str, str], int] = {}  # counts of services no longer hosted
+        self._config_services: dict = {}  # OnionServiceConfig -> address, of the config's services
         #: descriptor uploads: ``fn(action, address, hsdir, descriptor_id, reason)`` (HS_DESC)
         self.hs_desc_events = Listeners("onion service descriptor")
 
@@ -387,6 +388,10 @@ class ClientNode:
         if self.socks is not None:
             self.socks.handshake_timeout = self.cfg.socks_handshake_timeout
             self.socks.max_connections = self.cfg.socks_max_connections
+        if new.onion_service != old.onion_service and self._dirinfo.is_set():  # tor: services added/removed
+            task = asyncio.get_running_loop().create_task(self._start_configured_onion_services())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         changed = sorted({*logging_changed, *(k for k in RELOADABLE_KEYS if getattr(new, k) != getattr(old, k))})
         log.info("configuration reloaded", changed=",".join(changed) or "nothing")
         if restart:
@@ -596,15 +601,33 @@ class ClientNode:
         return out
 
     async def _start_configured_onion_services(self) -> None:
-        """The ``[[onion_service]]`` tables of the config (their keys were checked at load)."""
+        """Host the ``[[onion_service]]`` tables of the config; on a reload, stop those whose
+        table is gone or changed and start the new ones, as tor does on SIGHUP. A service
+        that cannot start (its keys unreadable ...) is logged and the others go on."""
+        wanted = set(self.cfg.onion_service)
+        for sc, address in list(self._config_services.items()):
+            if sc not in wanted:
+                del self._config_services[sc]
+                await self.remove_onion_service(address)
+                log.info("onion service no longer configured", address=address + ".onion", dir=str(sc.dir))
         for sc in self.cfg.onion_service:
-            svc = await self.add_onion_service(
+            if sc in self._config_services:
+                continue
+            try:
+                svc = await self._add_configured(sc)
+            except (OnionError, OSError) as exc:  # (the CLI checked the keys before starting)
+                log.error("onion service not started", dir=str(sc.dir), error=str(exc))
+                continue
+            self._config_services[sc] = svc.address
+            log.info("hosting onion service", address=svc.address + ".onion", dir=str(sc.dir))
+
+    async def _add_configured(self, sc):
+        return await self.add_onion_service(
                 sc.ports, directory=sc.dir, num_intro_points=sc.num_intro_points, max_streams=sc.max_streams,
                 max_streams_close_circuit=sc.max_streams_close_circuit,
                 allow_unknown_ports=sc.allow_unknown_ports, authorized_clients_dir=sc.authorized_clients_dir,
                 intro_dos=(sc.intro_dos_rate_per_sec, sc.intro_dos_burst_per_sec)
                 if sc.enable_intro_dos_defense else None)
-            log.info("hosting onion service", address=svc.address + ".onion", dir=str(sc.dir))
 
     async def _stop_onion_services(self) -> None:
         for address in list(self.onion_services):
