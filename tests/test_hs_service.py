@@ -227,6 +227,32 @@ async def test_service_end_to_end_on_our_relays(relay_net, http_server, tmp_path
         with pytest.raises(StreamError):
             await hs.connect(svc.address + ".onion", 81)
         await wait_for(lambda: svc.counts["streams"].get("refused") == 1, 10, "the refusal counted")
+
+        # an introduction circuit dies: a new introduction point replaces it and the
+        # descriptor is uploaded again with it (a fresh client finds only live ones)
+        uploads = svc.counts["uploads"]["success"]
+        dead_ip, dead_circ = next(iter(svc._intro_circs.items()))
+        dead_circ.close()
+        await wait_for(lambda: len(svc.core.established()) == 2 and dead_ip not in svc.core.intro_points
+                       and svc.counts["uploads"]["success"] > uploads, 30, "a new introduction point published")
+        fresh = OnionServiceClient(user, directory=lambda: view, pick_path=pick, http_get=get)
+        _, desc = await fresh.fetch_descriptor(key.public)
+        assert {ip.auth_key for ip in desc.intro_points} == {ip.auth_public for ip in svc.core.intro_points}
+        reader, writer = await fresh.connect(svc.address + ".onion", 80)
+        assert await asyncio.wait_for(http_get(reader, writer, "/1000"), 30) == blob(1000)
+
+        # a new time period (the consensus moved a day on): both descriptors for the new
+        # periods are uploaded, and a client of that consensus finds the service
+        uploads = svc.counts["uploads"]["success"]
+        before = hs.plan(key.public).blinded_key
+        view.valid_after += 86400
+        view.fresh_until += 86400
+        await wait_for(lambda: svc.counts["uploads"]["success"] >= uploads + 2, 30, "uploads for the new period")
+        later = OnionServiceClient(user, directory=lambda: view, pick_path=pick, http_get=get)
+        later.client_now = lambda: time.time() + 86400  # type: ignore[method-assign]
+        assert later.plan(key.public).blinded_key != before  # (another period's descriptor)
+        _, desc = await later.fetch_descriptor(key.public)
+        assert len(desc.intro_points) == 2
     finally:
         await svc.stop()
         await svc_client.close()
