@@ -544,7 +544,8 @@ def _onion_services(ctx: _Ctx, key: str, value: Any) -> tuple[OnionServiceConfig
             check = validators.get(k)
             if check is None:
                 close = difflib.get_close_matches(k, sorted(validators), n=1, cutoff=0.75)
-                hint = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(sorted(validators))}"
+                hint = (f"did you mean `{close[0]}`?" if close
+                        else f"known keys: {', '.join(sorted(validators))}")
                 ctx.report(f"{where}.{k}", f"unknown key ({hint})")
                 continue
             try:

@@ -91,6 +91,9 @@ async def test_three_ways_to_host(testnet, tmp_path):
             sid = reply.service_id
             assert len(sid) == 56 and reply.private_key_type == "ED25519-V3" and len(reply.private_key) == 88
             assert sid in ctl.get_info("onions/current").split()
+            # its circuits show with tor's purposes and states on the control port
+            states = {(c.purpose, c.hs_state) for c in ctl.get_circuits()}
+            assert ("HS_SERVICE_INTRO", "HSSI_ESTABLISHED") in states, states
             await _curl(testnet.socks, sid + ".onion", out)
             assert sha256(out.read_bytes()) == want
             # DEL_ONION: the service is gone (its introduction and rendezvous circuits

@@ -84,7 +84,8 @@ class OnionService:
 
     def __init__(self, client: OnionClient, identity: ExpandedKey, ports: Sequence[PortMapping], *,
                  directory: Callable[[], Any],
-                 http_post: Callable[[asyncio.StreamReader, asyncio.StreamWriter, str, bytes], Awaitable[bytes]],
+                 http_post: Callable[[asyncio.StreamReader, asyncio.StreamWriter, str, bytes],
+                                     Awaitable[bytes]],
                  build: CircuitBuilder | None = None,
                  pick_path: Callable[[RelayInfo], Sequence[RelayInfo]] | None = None,
                  num_intro_points: int = DEFAULT_NUM_INTRO_POINTS, max_streams: int = 0,
@@ -197,7 +198,8 @@ class OnionService:
                 del self._intro_circs[ip]
                 self.core.remove_intro_point(ip)
         for ip in self.core.retire_intro_points(now):
-            log.info("introduction point rotated", address=self.address, intro=getattr(ip.relay, "nickname", "?"))
+            log.info("introduction point rotated", address=self.address,
+                     intro=getattr(ip.relay, "nickname", "?"))
             circ = self._intro_circs.pop(ip, None)
             if circ is not None:
                 circ.close()
@@ -272,7 +274,8 @@ class OnionService:
                 reader, writer = await circ.open_dir_stream(timeout=STEP_TIMEOUT)
                 await self.http_post(reader, writer, PUBLISH_PATH, upload.text.encode())
             except (OnionError, TimeoutError, OSError) as exc:
-                log.info("descriptor upload failed", address=self.address, hsdir=hsdir.nickname, error=str(exc))
+                log.info("descriptor upload failed", address=self.address, hsdir=hsdir.nickname,
+                         error=str(exc))
                 self._bump("uploads", "failed")
                 self.on_desc_event("FAILED", self.address, name, desc_id, "UPLOAD_REJECTED")
                 return False
@@ -320,12 +323,14 @@ class OnionService:
             try:
                 circ = await self._circuit(relay, "HS_SERVICE_INTRO")
                 established: asyncio.Future = asyncio.get_running_loop().create_future()
-                circ.on_hs_message = lambda hop, cmd, data: self._intro_message(ip, circ, established, cmd, data)
+                circ.on_hs_message = lambda hop, cmd, data: self._intro_message(ip, circ, established, cmd,
+                                                                                data)
                 circ.send_relay(RelayCommand.ESTABLISH_INTRO, 0,
                                 ip.establish_intro(circ.core.layers[-1].kh, self.core.dos_defense))
                 await asyncio.wait_for(established, STEP_TIMEOUT)
             except (OnionError, TimeoutError) as exc:
-                log.info("introduction point failed", address=self.address, intro=relay.nickname, error=str(exc))
+                log.info("introduction point failed", address=self.address, intro=relay.nickname,
+                         error=str(exc))
                 self.core.remove_intro_point(ip)
                 if circ is not None:
                     circ.close()

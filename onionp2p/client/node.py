@@ -62,7 +62,14 @@ from onionp2p.client.guards import GuardSet
 from onionp2p.client.hsclient import MAX_DESC_SIZE, STEP_TIMEOUT, OnionServiceClient
 from onionp2p.client.hskeys import ClientOnionAuth
 from onionp2p.config import CONTROL_PORT_DEFAULT, CONTROL_PORT_PREFERRED, ClientConfig
-from onionp2p.errors import CircuitError, ConfigError, ListenError, LocalProtocolError, OnionError, StreamError
+from onionp2p.errors import (
+    CircuitError,
+    ConfigError,
+    ListenError,
+    LocalProtocolError,
+    OnionError,
+    StreamError,
+)
 from onionp2p.listeners import Listeners
 from onionp2p.log import LIVE_LOG_KEYS, apply_log_config, get_logger
 from onionp2p.proto.directory import RouterStatus
@@ -528,7 +535,8 @@ class ClientNode:
     # -- onion services this node hosts (config [[onion_service]], the library API, ADD_ONION) --
 
     @staticmethod
-    async def _hs_post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, body: bytes) -> bytes:
+    async def _hs_post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str,
+                       body: bytes) -> bytes:
         from onionp2p.dir.server import http_request
 
         return await http_request(reader, writer, "POST", path, body, max_size=10_000, timeout=30)
@@ -536,7 +544,8 @@ class ClientNode:
     async def add_onion_service(self, ports: Sequence[str], *, key=None, directory: Path | str | None = None,
                                 num_intro_points: int = 3, max_streams: int = 0,
                                 max_streams_close_circuit: bool = False, allow_unknown_ports: bool = False,
-                                client_keys: Sequence[bytes] = (), authorized_clients_dir: Path | str | None = None,
+                                client_keys: Sequence[bytes] = (),
+                                authorized_clients_dir: Path | str | None = None,
                                 intro_dos: tuple[int, int] | None = None, wait_published: float | None = None,
                                 owner: int | str | None = None):
         """Host an onion service and return its :class:`~onionp2p.client.hsservice.OnionService`
@@ -564,11 +573,13 @@ class ClientNode:
         if authorized_clients_dir is not None:
             clients += _load_authorized_clients(Path(authorized_clients_dir))
         svc = OnionService(
-            self.client, key, mappings, directory=self.hs_directory, build=self._hs_circuit, http_post=self._hs_post,
+            self.client, key, mappings, directory=self.hs_directory, build=self._hs_circuit,
+            http_post=self._hs_post,
             num_intro_points=num_intro_points, max_streams=max_streams,
             max_streams_close_circuit=max_streams_close_circuit, allow_unknown_ports=allow_unknown_ports,
             client_keys=clients, dos_defense=DosParams(*intro_dos) if intro_dos else None,
-            on_desc_event=lambda *ev: self.hs_desc_events(*ev), testing_tor_network=self.cfg.testing_tor_network)
+            on_desc_event=lambda *ev: self.hs_desc_events(*ev),
+            testing_tor_network=self.cfg.testing_tor_network)
         if svc.address in self.onion_services:
             raise LocalProtocolError(f"onion service {svc.address} is already hosted here")
         self.onion_services[svc.address] = svc

@@ -51,10 +51,6 @@ from onionp2p.control.formats import (
 )
 from onionp2p.errors import ConfigError, KeyFileError, LocalProtocolError, OnionError
 from onionp2p.log import get_logger
-from onionp2p.proto.ed25519x import ExpandedKey
-from onionp2p.proto.hs.address import parse_onion_address
-from onionp2p.proto.hs.keys import parse_auth
-from onionp2p.proto.hs.service import PortMapping, parse_port_mapping
 from onionp2p.proto.control import (
     Command,
     ControlError,
@@ -67,6 +63,10 @@ from onionp2p.proto.control import (
     split_keyword,
     words,
 )
+from onionp2p.proto.ed25519x import ExpandedKey
+from onionp2p.proto.hs.address import parse_onion_address
+from onionp2p.proto.hs.keys import parse_auth
+from onionp2p.proto.hs.service import PortMapping, parse_port_mapping
 
 if TYPE_CHECKING:
     from onionp2p.control.server import ControlServer, _Connection
@@ -94,7 +94,8 @@ _UNIMPLEMENTED = frozenset({
     "ONION_CLIENT_AUTH_VIEW", "DROPTIMEOUTS",
 })
 #: ADD_ONION's flags (control-spec); BasicAuth and NonAnonymous are refused with tor's errors
-_ONION_FLAGS = frozenset({"DiscardPK", "Detach", "BasicAuth", "V3Auth", "NonAnonymous", "MaxStreamsCloseCircuit"})
+_ONION_FLAGS = frozenset({"DiscardPK", "Detach", "BasicAuth", "V3Auth", "NonAnonymous",
+                          "MaxStreamsCloseCircuit"})
 _LISTENER_KINDS = ("or", "dir", "socks", "trans", "natd", "dns", "control", "extor", "httptunnel", "metrics")
 _SERVER_SPEC = re.compile(r"\$?[0-9A-Fa-f]{40}([~=][A-Za-z0-9]{1,19})?|[A-Za-z0-9]{1,19}")
 _DIGITS = re.compile(r"[0-9]{1,16}")
@@ -178,7 +179,8 @@ class CommandHandler:
             "exit-policy/ipv6": ("The exit policy's rules that apply to IPv6.", lambda: self._exit_policy(6)),
             "onions/current": ("Onion services this control connection added (ADD_ONION without Detach).",
                                lambda: self._onions(False)),
-            "onions/detached": ("Onion services added with ADD_ONION Flags=Detach.", lambda: self._onions(True)),
+            "onions/detached": ("Onion services added with ADD_ONION Flags=Detach.",
+                                lambda: self._onions(True)),
         }
 
     async def execute(self, cmd: Command) -> bytes:
@@ -486,7 +488,8 @@ class CommandHandler:
         key = None
         if key_type == "NEW":
             if key_blob not in ("BEST", "ED25519-V3"):
-                raise ControlError(513, f"Invalid key type {qecho(key_blob)} (only ED25519-V3 onion services)")
+                raise ControlError(513, f"Invalid key type {qecho(key_blob)} "
+                                        "(only ED25519-V3 onion services)")
         elif key_type == "ED25519-V3":
             try:
                 raw = base64.b64decode(key_blob, validate=True)

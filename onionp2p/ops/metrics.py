@@ -458,9 +458,11 @@ _HS_TABLES = {
                       "INTRODUCE2 cells at hosted onion services, by outcome (accepted or why dropped).",
                       ("accepted", "replay", "malformed", "bad_mac", "rate_limited")),
     "rendezvous": ("onionp2p_hs_service_rendezvous_total",
-                   "Rendezvous circuits of hosted onion services: joined (success) or failed.", ("success", "failed")),
+                   "Rendezvous circuits of hosted onion services: joined (success) or failed.",
+                   ("success", "failed")),
     "streams": ("onionp2p_hs_service_streams_total",
-                "Streams to hosted onion services: accepted (target connected) or refused.", ("accepted", "refused")),
+                "Streams to hosted onion services: accepted (target connected) or refused.",
+                ("accepted", "refused")),
     "uploads": ("onionp2p_hs_service_descriptor_uploads_total",
                 "Descriptor uploads to HSDirs by hosted onion services.", ("success", "failed")),
 }

@@ -75,7 +75,12 @@ from onionp2p.proto.hs.cells import (
 )
 from onionp2p.proto.hs.desc import DEFAULT_LIFETIME, IntroPoint, build_descriptor
 from onionp2p.proto.hs.ntor import expand_circuit_keys, service_receive_intro
-from onionp2p.proto.hs.ring import DEFAULT_N_REPLICAS, DEFAULT_SPREAD_STORE, responsible_hsdirs, service_upload_choices
+from onionp2p.proto.hs.ring import (
+    DEFAULT_N_REPLICAS,
+    DEFAULT_SPREAD_STORE,
+    responsible_hsdirs,
+    service_upload_choices,
+)
 from onionp2p.proto.ratelimit import TokenBucket
 from onionp2p.proto.relaycell import LinkSpec, LinkSpecType
 
@@ -172,7 +177,8 @@ class ServiceIntroPoint:
     created: float
     expires: float
     max_introductions: int
-    auth_key: ed25519.Ed25519PrivateKey = field(default_factory=ed25519.Ed25519PrivateKey.generate, repr=False)
+    auth_key: ed25519.Ed25519PrivateKey = field(default_factory=ed25519.Ed25519PrivateKey.generate,
+                                                repr=False)
     enc_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate, repr=False)
     established: bool = False
     introductions: int = 0
@@ -185,8 +191,8 @@ class ServiceIntroPoint:
     def descriptor_entry(self) -> IntroPoint:
         """The introduction point as the descriptor lists it."""
         r = self.relay
-        return IntroPoint(relay_link_specs(r.address, r.or_port, r.rsa_id, r.ed_id),  # type: ignore[attr-defined]
-                          r.ntor_key, self.auth_public,  # type: ignore[attr-defined]
+        specs = relay_link_specs(r.address, r.or_port, r.rsa_id, r.ed_id)  # type: ignore[attr-defined]
+        return IntroPoint(specs, r.ntor_key, self.auth_public,  # type: ignore[attr-defined]
                           self.enc_key.public_key().public_bytes_raw())
 
     def establish_intro(self, kh: bytes, dos: DosParams | None = None) -> bytes:
@@ -320,13 +326,15 @@ class OnionServiceCore:
             source = "consensus" if srv is not None else "disaster"
             srv = srv if srv is not None else disaster_srv(period)
             blinded = blind_secret_key(self.identity, period)
-            subcred = self._subcreds.setdefault(period.number, subcredential(self.identity.public, blinded.public))
+            subcred = self._subcreds.setdefault(period.number,
+                                                subcredential(self.identity.public, blinded.public))
             signing = self._signing.setdefault(period.number, ed25519.Ed25519PrivateKey.generate())
             base = period.start - 2 * period.length * 60
             rev = max(int(now) - base, self._revisions.get(blinded.public, -1) + 1, 0)
             self._revisions[blinded.public] = rev
-            text = build_descriptor(blinded=blinded, subcred=subcred, revision_counter=rev, intro_points=intro,
-                                    now=now, signing_key=signing, lifetime=lifetime, client_keys=self.client_keys)
+            text = build_descriptor(blinded=blinded, subcred=subcred, revision_counter=rev,
+                                    intro_points=intro, now=now, signing_key=signing, lifetime=lifetime,
+                                    client_keys=self.client_keys)
             dirs = responsible_hsdirs(hsdir_ids, blinded.public, period, srv, n_replicas=n_replicas,
                                       spread=spread_store)
             out.append(DescriptorUpload(period, blinded.public, rev, text, tuple(dirs), bool(second), source))
@@ -367,7 +375,8 @@ class OnionServiceCore:
         except ProtocolError as exc:
             raise HsIntroduceError(f"malformed INTRODUCE2: {exc}", "malformed") from None
         if cell.auth_key != ip.auth_public:
-            raise HsIntroduceError("INTRODUCE2 names another introduction point's auth key", "unknown_auth_key")
+            raise HsIntroduceError("INTRODUCE2 names another introduction point's auth key",
+                                   "unknown_auth_key")
         if len(cell.encrypted) < 32 + 32:
             raise HsIntroduceError("INTRODUCE2 encrypted section too short", "malformed")
         header = bytes(body)[:len(body) - len(cell.encrypted)]
