@@ -479,6 +479,7 @@ class CommandHandler:
         (control-spec 3.27): v3 services only (``NEW:BEST``, ``NEW:ED25519-V3``,
         ``ED25519-V3:<base64 expanded key>``); replies ServiceID and, unless DiscardPK,
         PrivateKey. Without Detach the service goes when this connection closes."""
+        self._hosting()
         args = split_args(cmd.args)
         if not args:
             raise ControlError(512, "Missing argument to ADD_ONION")
@@ -547,6 +548,7 @@ class CommandHandler:
         return format_reply(250, [*lines, "OK"])
 
     async def _del_onion(self, cmd: Command) -> bytes:
+        self._hosting()
         args = words(cmd.args)
         if not args:
             raise ControlError(512, "Missing argument to DEL_ONION")
@@ -559,7 +561,12 @@ class CommandHandler:
             raise ControlError(552, "Unknown Onion Service id")
         return _ok()
 
+    def _hosting(self) -> None:
+        if not hasattr(self.node, "add_onion"):  # relays and authorities
+            raise ControlError(551, "Onion services are hosted by client nodes")
+
     def _onions(self, detached: bool) -> str:
+        self._hosting()
         ids = self.node.onions(detached=detached, owner=self.conn.id)
         if not ids:
             raise ControlError(551, "No onion services of the specified type.")
