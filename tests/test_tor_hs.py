@@ -10,6 +10,7 @@ downloads 5 MB over the end-to-end layer. Under CI=true a missing tor fails the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.server
 import json
 import logging
@@ -87,7 +88,12 @@ async def test_fetch_5mb_from_a_tor_onion_service(tor_network, tmp_path, caplog)
     assert encode_onion_address(identity) == hostname
     view = await fetch_tor_network(net.dirauth_lines())
     client = OnionClient()
-    hs = OnionServiceClient(client, directory=lambda: view, pick_path=_picker(view), http_get=_get_desc,
+    fetches: list[str] = []
+
+    async def get_desc(reader, writer, path: str) -> bytes:
+        fetches.append(path)
+        return await _get_desc(reader, writer, path)
+    hs = OnionServiceClient(client, directory=lambda: view, pick_path=_picker(view), http_get=get_desc,
                             testing_tor_network=True)
     try:
         deadline = time.monotonic() + 180
@@ -103,6 +109,21 @@ async def test_fetch_5mb_from_a_tor_onion_service(tor_network, tmp_path, caplog)
         body = await asyncio.wait_for(http_get(reader, writer, f"/{MB5}"), 300)
         assert len(body) == MB5 and sha256(body) == sha256(blob(MB5))
         assert web.connections >= 1
+        # another isolation key: a new rendezvous, but the cached descriptor (no HSDir asked)
+        fetched = len(fetches)
+        reader, writer = await hs.connect(hostname, 80, isolation="another")
+        assert await http_get(reader, writer, "/1000") == blob(1000)
+        assert len(fetches) == fetched
+        # a consensus of the next time period (one SRV run: 24 voting intervals): another
+        # blinded key, so the descriptor is fetched again
+        shift = 24 * (view.fresh_until - view.valid_after)
+        view = dataclasses.replace(view, valid_after=view.valid_after + shift,
+                                   fresh_until=view.fresh_until + shift)
+        try:
+            await hs.descriptor(identity)
+        except HsConnectError:
+            pass  # whether the service uploaded that period's descriptor yet does not matter here
+        assert len(fetches) > fetched
     finally:
         await client.close()
         await web.stop()
