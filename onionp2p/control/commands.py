@@ -47,6 +47,7 @@ from onionp2p.control.formats import (
     stream_line,
     version_string,
 )
+from onionp2p.control.onionauth import client_auth_add, client_auth_remove, client_auth_view
 from onionp2p.errors import ConfigError, LocalProtocolError, OnionError
 from onionp2p.log import get_logger
 from onionp2p.proto.control import (
@@ -84,8 +85,7 @@ SIGNAL_ALIASES = {"HUP": "RELOAD", "INT": "SHUTDOWN", "USR1": "DUMP", "USR2": "D
 _UNIMPLEMENTED = frozenset({
     "SAVECONF", "MAPADDRESS", "SETCIRCUITPURPOSE", "SETROUTERPURPOSE", "ATTACHSTREAM", "+POSTDESCRIPTOR",
     "REDIRECTSTREAM", "RESOLVE", "TAKEOWNERSHIP", "DROPOWNERSHIP", "+LOADCONF", "DROPGUARDS", "HSFETCH",
-    "+HSPOST", "ADD_ONION", "DEL_ONION", "ONION_CLIENT_AUTH_ADD", "ONION_CLIENT_AUTH_REMOVE",
-    "ONION_CLIENT_AUTH_VIEW", "DROPTIMEOUTS",
+    "+HSPOST", "ADD_ONION", "DEL_ONION", "DROPTIMEOUTS",
 })
 _LISTENER_KINDS = ("or", "dir", "socks", "trans", "natd", "dns", "control", "extor", "httptunnel", "metrics")
 _SERVER_SPEC = re.compile(r"\$?[0-9A-Fa-f]{40}([~=][A-Za-z0-9]{1,19})?|[A-Za-z0-9]{1,19}")
@@ -119,6 +119,11 @@ class CommandHandler:
             "EXTENDCIRCUIT": self._extendcircuit, "CLOSECIRCUIT": self._closecircuit,
             "CLOSESTREAM": self._closestream, "USEFEATURE": self._usefeature,
         }
+        self._commands.update({  # client authorization for onion services (control/onionauth.py)
+            "ONION_CLIENT_AUTH_ADD": lambda cmd: client_auth_add(self.node, cmd.args),
+            "ONION_CLIENT_AUTH_REMOVE": lambda cmd: client_auth_remove(self.node, cmd.args),
+            "ONION_CLIENT_AUTH_VIEW": lambda cmd: client_auth_view(self.node, cmd.args),
+        })
         self._info: dict[str, tuple[str, Callable[[], str]]] = {
             "version": ("The current version of onionp2p (tor-compatible form).", version_string),
             "config-file": ("Location of the configuration file.", lambda: self.node.config_file or ""),

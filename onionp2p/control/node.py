@@ -203,6 +203,13 @@ class ClientControlAdapter(ControlAdapterBase):
             cc=None if last is None or last.cc is None else CCState.of(last.cc),
         )
 
+    def client_onion_auth(self):
+        """Our client-authorization keys (ONION_CLIENT_AUTH_*; control/onionauth.py)."""
+        return self.node.onion_auth
+
+    def onion_auth_changed(self, identity: bytes) -> None:
+        self.node.hs.forget(identity)  # as tor, drop what is cached for that service
+
     def circuits(self) -> list[CircuitInfo]:
         return [self._circuit_info(c) for c in self.node.client.circuits.values()
                 if c.state in ("launched", "built")]
