@@ -109,11 +109,14 @@ async def test_fetch_5mb_from_a_tor_onion_service(tor_network, tmp_path, caplog)
         body = await asyncio.wait_for(http_get(reader, writer, f"/{MB5}"), 300)
         assert len(body) == MB5 and sha256(body) == sha256(blob(MB5))
         assert web.connections >= 1
-        # another isolation key: a new rendezvous, but the cached descriptor (no HSDir asked)
+        # another isolation key: a new rendezvous, but the cached descriptor (no HSDir asked);
+        # past MaxCircuitDirtiness (short here) the rendezvous circuit closes once its stream ended
         fetched = len(fetches)
-        reader, writer = await hs.connect(hostname, 80, isolation="another")
+        hs.dirtiness = lambda: 1.0
+        reader, writer, rend = await hs.open_stream(hostname, 80, isolation="another")
         assert await http_get(reader, writer, "/1000") == blob(1000)
         assert len(fetches) == fetched
+        await wait_for(lambda: rend.state != "built", timeout=10, what="the dirty rendezvous circuit closed")
         # a consensus of the next time period (one SRV run: 24 voting intervals): another
         # blinded key, so the descriptor is fetched again
         shift = 24 * (view.fresh_until - view.valid_after)
