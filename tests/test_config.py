@@ -773,3 +773,22 @@ def test_tor_dirauth_file(tmp_path: Path) -> None:
     missing = ["relay", "--config", str(cfg), "--tor-dirauth-file", str(tmp_path / "missing.txt")]
     assert main([*missing, "--verify-config"]) == 2  # the file is part of what a start needs
     assert main([*missing, "--dump-config"]) == 0  # dumping reads nothing
+
+
+def test_client_onion_auth_dir_must_exist(tmp_path, capsys):
+    """tor's ClientOnionAuthDir: a missing directory is a configuration error at start and in
+    --verify-config (one line, status 2); the path resolves next to the file."""
+    from onionp2p.cli import main
+
+    c = ClientConfig.from_dict({"client_onion_auth_dir": "auth"}, base_dir=tmp_path)
+    assert c.client_onion_auth_dir == tmp_path / "auth"
+    cfg = tmp_path / "client.toml"
+    cfg.write_text(f'data_dir = "{tmp_path / "data"}"\nsocks_address = "127.0.0.1:0"\ncontrol_port = false\n'
+                   f'authorities = ["{AUTH1}"]\nclient_onion_auth_dir = "auth"\n')
+    for extra in ([], ["--verify-config"]):
+        capsys.readouterr()
+        assert main(["client", "--config", str(cfg), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "client_onion_auth_dir" in err[0] and str(tmp_path / "auth") in err[0], err
+    (tmp_path / "auth").mkdir()
+    assert main(["client", "--config", str(cfg), "--verify-config"]) == 0
