@@ -287,6 +287,9 @@ def verify_config(cfg: RelayConfig | ClientConfig | AuthorityConfig) -> None:
         from onionp2p.dir.tordir import read_dirauth_file
 
         checks.append(lambda: read_dirauth_file(cfg.tor_dirauth_file))
+    auth_dir = getattr(cfg, "client_onion_auth_dir", None)
+    if auth_dir is not None and not auth_dir.is_dir():  # tor's ClientOnionAuthDir must exist
+        problems.append(f"client_onion_auth_dir: {auth_dir}: not a directory")
     for check in checks:
         try:
             check()

@@ -816,3 +816,22 @@ def test_onion_service_directory_twice(tmp_path: Path) -> None:
     f.write_text('[[onion_service]]\ndir = "a"\nports = ["80"]\n[[onion_service]]\ndir = "a"\nports = ["81"]\n')
     with pytest.raises(ConfigError, match=r"onion_service\[1\]\.dir: .* is the directory of another onion service"):
         load_client_config(f)
+
+
+def test_client_onion_auth_dir_must_exist(tmp_path, capsys):
+    """tor's ClientOnionAuthDir: a missing directory is a configuration error at start and in
+    --verify-config (one line, status 2); the path resolves next to the file."""
+    from onionp2p.cli import main
+
+    c = ClientConfig.from_dict({"client_onion_auth_dir": "auth"}, base_dir=tmp_path)
+    assert c.client_onion_auth_dir == tmp_path / "auth"
+    cfg = tmp_path / "client.toml"
+    cfg.write_text(f'data_dir = "{tmp_path / "data"}"\nsocks_address = "127.0.0.1:0"\ncontrol_port = false\n'
+                   f'authorities = ["{AUTH1}"]\nclient_onion_auth_dir = "auth"\n')
+    for extra in ([], ["--verify-config"]):
+        capsys.readouterr()
+        assert main(["client", "--config", str(cfg), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "client_onion_auth_dir" in err[0] and str(tmp_path / "auth") in err[0], err
+    (tmp_path / "auth").mkdir()
+    assert main(["client", "--config", str(cfg), "--verify-config"]) == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import http.server
 import json
 import logging
@@ -89,7 +90,12 @@ async def test_fetch_5mb_from_a_tor_onion_service(tor_network, tmp_path, caplog)
     assert encode_onion_address(identity) == hostname
     view = await fetch_tor_network(net.dirauth_lines())
     client = OnionClient()
-    hs = OnionServiceClient(client, directory=lambda: view, pick_path=_picker(view), http_get=_get_desc,
+    fetches: list[str] = []
+
+    async def get_desc(reader, writer, path: str) -> bytes:
+        fetches.append(path)
+        return await _get_desc(reader, writer, path)
+    hs = OnionServiceClient(client, directory=lambda: view, pick_path=_picker(view), http_get=get_desc,
                             testing_tor_network=True)
     try:
         deadline = time.monotonic() + 180
@@ -105,6 +111,24 @@ async def test_fetch_5mb_from_a_tor_onion_service(tor_network, tmp_path, caplog)
         body = await asyncio.wait_for(http_get(reader, writer, f"/{MB5}"), 300)
         assert len(body) == MB5 and sha256(body) == sha256(blob(MB5))
         assert web.connections >= 1
+        # another isolation key: a new rendezvous, but the cached descriptor (no HSDir asked);
+        # past MaxCircuitDirtiness (short here) the rendezvous circuit closes once its stream ended
+        fetched = len(fetches)
+        hs.dirtiness = lambda: 1.0
+        reader, writer, rend = await hs.open_stream(hostname, 80, isolation="another")
+        assert await http_get(reader, writer, "/1000") == blob(1000)
+        assert len(fetches) == fetched
+        await wait_for(lambda: rend.state != "built", timeout=10, what="the dirty rendezvous circuit closed")
+        # a consensus of the next time period (one SRV run: 24 voting intervals): another
+        # blinded key, so the descriptor is fetched again
+        shift = 24 * (view.fresh_until - view.valid_after)
+        view = dataclasses.replace(view, valid_after=view.valid_after + shift,
+                                   fresh_until=view.fresh_until + shift)
+        try:
+            await hs.descriptor(identity)
+        except HsConnectError:
+            pass  # whether the service uploaded that period's descriptor yet does not matter here
+        assert len(fetches) > fetched
     finally:
         await client.close()
         await web.stop()
@@ -292,10 +316,28 @@ async def test_curl_through_our_socks_port_to_a_tor_onion_service(tor_services, 
     addresses, _alice = tor_services
     _proc, socks, control, cookie, _auth, out = socks_client
     onion = addresses["open"]
+    label = onion.removesuffix(".onion")
+    events_reader, events_writer = await asyncio.open_connection("127.0.0.1", control)
+    for command in (f"AUTHENTICATE {cookie.read_bytes().hex()}", "SETEVENTS CIRC"):
+        events_writer.write(command.encode() + b"\r\n")
+        assert await events_reader.readline() == b"250 OK\r\n"
     body = await _curl_published(socks, f"http://{onion}/{MB5}")
     assert len(body) == MB5 and sha256(body) == sha256(blob(MB5)), out.read_text()[-3000:]
     rends = _rend_circuits(await _circuits(control, cookie), onion)
     assert len(rends) == 1 and rends[0]["hs_state"] == "HSCR_JOINED" and len(rends[0]["path"]) == 3
+    # CIRC events with tor's purposes and the address, also for circuits already closed
+    events = []
+    while not any(" CLOSED " in e and "PURPOSE=HS_CLIENT_INTRO" in e for e in events):
+        try:
+            events.append((await asyncio.wait_for(events_reader.readline(), 10)).decode())
+        except TimeoutError:
+            pytest.fail(f"no CIRC CLOSED event with PURPOSE=HS_CLIENT_INTRO: {events}")
+    events_writer.close()
+    assert any(e.startswith(f"650 CIRC {rends[0]['id']} BUILT ") and "PURPOSE=HS_CLIENT_REND" in e
+               and f"REND_QUERY={label}" in e and "BUILD_FLAGS=IS_INTERNAL" in e for e in events), events
+    assert any("PURPOSE=HS_CLIENT_HSDIR" in e and f"REND_QUERY={label}" in e for e in events), events
+    closed_intro = next(e for e in events if " CLOSED " in e and "PURPOSE=HS_CLIENT_INTRO" in e)
+    assert "HS_STATE=HSCI_DONE" in closed_intro and f"REND_QUERY={label}" in closed_intro
     rc, body, err = await _curl(socks, f"http://{onion}/100000")
     assert rc == 0 and body == blob(100_000), err
     again = _rend_circuits(await _circuits(control, cookie), onion)

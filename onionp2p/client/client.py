@@ -70,6 +70,11 @@ class CircuitEvent:
     reason: str | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
+    #: the circuit's control-spec PURPOSE, HS_STATE and REND_QUERY (see ClientCircuit), so that
+    #: the event of a circuit already gone still says what it was
+    purpose: str = "GENERAL"
+    hs_state: str | None = None
+    rend_query: str | None = None
 
 
 def _reason_name(reason: int) -> str:
@@ -230,7 +235,8 @@ class ClientCircuit:
 
     def _event(self, kind: str, reason: str | None = None) -> None:
         self.client.events(CircuitEvent(kind, self.id, tuple(h.nickname for h in self.hops), reason,
-                                       self.bytes_sent, self.bytes_received))
+                                       self.bytes_sent, self.bytes_received, self.purpose, self.hs_state,
+                                       self.rend_query))
 
     # -- building -------------------------------------------------------------------------------
 

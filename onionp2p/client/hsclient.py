@@ -27,8 +27,9 @@ What tor's client keeps between requests, kept here too:
   whose introduction points all failed is dropped and fetched again once;
 * *rendezvous circuits*: an open, joined rendezvous circuit takes more streams to the same
   service from the same isolation key (SOCKS credentials, client address, listener) until
-  ``dirtiness()`` seconds after its first stream (MaxCircuitDirtiness); requests for the
-  same service and key wait for one rendezvous instead of making one each;
+  ``dirtiness()`` seconds after its first stream (MaxCircuitDirtiness), then it is closed
+  once its last stream has ended; requests for the same service and key wait for one
+  rendezvous instead of making one each;
 * :meth:`OnionServiceClient.new_identity` (NEWNYM) forgets both, as tor's
   ``hs_client_purge_state``: open streams continue, new ones make new circuits.
 
@@ -45,10 +46,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,6 +138,32 @@ class _Rend:
     first_used: float  # monotonic
 
 
+class _KeyedLocks:
+    """One asyncio.Lock per key, forgotten when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Hashable, tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[key]
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+#: how often a rendezvous circuit past its dirtiness is checked for its last stream's end
+REND_CLOSE_CHECK = 30.0
+
+
 #: builds an onion-service circuit: ``build(last, purpose, onion)`` (CircuitManager.build_internal)
 CircuitBuilder = Callable[[RelayInfo | None, str, str | None], Awaitable[ClientCircuit]]
 
@@ -168,8 +196,8 @@ class OnionServiceClient:
         self.dirtiness = dirtiness
         self._descs: dict[bytes, _CachedDesc] = {}
         self._rends: dict[tuple[bytes, Hashable], _Rend] = {}
-        self._locks: dict[tuple[bytes, Hashable], asyncio.Lock] = {}
-        self._fetching: dict[bytes, asyncio.Lock] = {}
+        self._locks = _KeyedLocks()  # (identity, isolation): one rendezvous at a time
+        self._fetching = _KeyedLocks()  # identity: one descriptor fetch at a time
 
     async def _circuit(self, last: RelayInfo | None, purpose: str, identity: bytes) -> ClientCircuit:
         onion = encode_onion_address(identity)
@@ -201,8 +229,10 @@ class OnionServiceClient:
     async def descriptor(self, identity: bytes, *, refetch: bool = False) -> tuple[FetchPlan, HsDescriptor]:
         """The service's descriptor: the cached one while it is valid for the current period,
         else fetched (one fetch at a time per service)."""
-        lock = self._fetching.setdefault(identity, asyncio.Lock())
-        async with lock:
+        async with self._fetching.hold(identity):
+            now = self.client_now()
+            for stale in [k for k, c in self._descs.items() if c.expires <= now]:
+                del self._descs[stale]
             plan = self.plan(identity)
             cached = self._descs.get(identity)
             if (not refetch and cached is not None and cached.plan.blinded_key == plan.blinded_key
@@ -277,9 +307,10 @@ class OnionServiceClient:
         """:meth:`connect`, also returning the rendezvous circuit the stream is on."""
         identity = parse_onion_address(host).pubkey
         key = (identity, isolation)
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:  # one rendezvous per service and isolation key at a time (tor attaches
-            reused = self._reusable(key)  # waiting streams to the circuit being made)
+        # one rendezvous per service and isolation key at a time (tor attaches the streams
+        # waiting for it to the circuit being made)
+        async with self._locks.hold(key):
+            reused = self._reusable(key)
             if reused is not None:
                 try:
                     reader, writer = await reused.open_stream("", port, timeout=STEP_TIMEOUT)
@@ -290,15 +321,30 @@ class OnionServiceClient:
                 except (StreamError, TimeoutError) as exc:
                     raise HsConnectError(f"the service refused the stream: {exc}", "rend_failed") from exc
             rend, reader, writer = await self._rendezvous(identity, port)
-            self._rends[key] = _Rend(rend, time.monotonic())
+            entry = self._rends[key] = _Rend(rend, time.monotonic())
+            asyncio.get_running_loop().call_later(self.dirtiness(), self._expire, key, entry)
             return reader, writer, rend
+
+    def _expire(self, key: tuple[bytes, Hashable], entry: _Rend) -> None:
+        """The rendezvous circuit is past its dirtiness: no new streams; closed once its
+        last stream has ended (tor closes dirty circuits without streams)."""
+        if self._rends.get(key) is entry:
+            del self._rends[key]
+        if entry.circ.state != "built":
+            return
+        if entry.circ.streams:
+            asyncio.get_running_loop().call_later(min(REND_CLOSE_CHECK, self.dirtiness()), self._expire, key,
+                                                  entry)
+        else:
+            log.debug("closing a rendezvous circuit past its dirtiness", circ=entry.circ.id)
+            entry.circ.close()
 
     def _reusable(self, key: tuple[bytes, Hashable]) -> ClientCircuit | None:
         entry = self._rends.get(key)
         if entry is None:
             return None
         if entry.circ.state != "built" or time.monotonic() - entry.first_used > self.dirtiness():
-            del self._rends[key]
+            self._expire(key, entry)
             return None
         return entry.circ
 

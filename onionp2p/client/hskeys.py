@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from onionp2p.errors import ConfigError, KeyFileError
 from onionp2p.keyfiles import ensure_private_dir, read_key_file, write_key_file
-from onionp2p.log import get_logger
+from onionp2p.log import get_logger, safe
 from onionp2p.proto.ed25519x import ExpandedKey
 from onionp2p.proto.hs.address import encode_onion_address
 from onionp2p.proto.hs.keys import (
@@ -146,11 +146,12 @@ class ClientOnionAuth:
                     raise KeyFileError(f"{name}: larger than {MAX_AUTH_FILE} bytes")
                 key = parse_auth_private(data.decode("utf-8"), name)
             except (OSError, UnicodeDecodeError, KeyFileError) as exc:
-                log.warning("client authorization file skipped", file=name, error=str(exc))
+                # the file name and the error may name the service: scrubbed under safe logging
+                log.warning("client authorization file skipped", file=safe(name), error=safe(str(exc)))
                 continue
             if key.onion_public in found:
                 log.warning("client authorization file skipped: a key for that address was read already",
-                            file=name)
+                            file=safe(name))
                 continue
             found[key.onion_public] = ClientAuthEntry(key, name)
         self._files = found

@@ -49,6 +49,7 @@ from onionp2p.control.formats import (
     stream_line,
     version_string,
 )
+from onionp2p.control.onionauth import client_auth_add, client_auth_remove, client_auth_view
 from onionp2p.errors import ConfigError, KeyFileError, LocalProtocolError, OnionError
 from onionp2p.log import get_logger
 from onionp2p.proto.control import (
@@ -90,8 +91,7 @@ SIGNAL_ALIASES = {"HUP": "RELOAD", "INT": "SHUTDOWN", "USR1": "DUMP", "USR2": "D
 _UNIMPLEMENTED = frozenset({
     "SAVECONF", "MAPADDRESS", "SETCIRCUITPURPOSE", "SETROUTERPURPOSE", "ATTACHSTREAM", "+POSTDESCRIPTOR",
     "REDIRECTSTREAM", "RESOLVE", "TAKEOWNERSHIP", "DROPOWNERSHIP", "+LOADCONF", "DROPGUARDS", "HSFETCH",
-    "+HSPOST", "ONION_CLIENT_AUTH_ADD", "ONION_CLIENT_AUTH_REMOVE",
-    "ONION_CLIENT_AUTH_VIEW", "DROPTIMEOUTS",
+    "+HSPOST", "DROPTIMEOUTS",
 })
 #: ADD_ONION's flags (control-spec); BasicAuth and NonAnonymous are refused with tor's errors
 _ONION_FLAGS = frozenset({"DiscardPK", "Detach", "BasicAuth", "V3Auth", "NonAnonymous",
@@ -129,6 +129,11 @@ class CommandHandler:
             "CLOSESTREAM": self._closestream, "USEFEATURE": self._usefeature,
             "ADD_ONION": self._add_onion, "DEL_ONION": self._del_onion,
         }
+        self._commands.update({  # client authorization for onion services (control/onionauth.py)
+            "ONION_CLIENT_AUTH_ADD": lambda cmd: client_auth_add(self.node, cmd.args),
+            "ONION_CLIENT_AUTH_REMOVE": lambda cmd: client_auth_remove(self.node, cmd.args),
+            "ONION_CLIENT_AUTH_VIEW": lambda cmd: client_auth_view(self.node, cmd.args),
+        })
         self._info: dict[str, tuple[str, Callable[[], str]]] = {
             "version": ("The current version of onionp2p (tor-compatible form).", version_string),
             "config-file": ("Location of the configuration file.", lambda: self.node.config_file or ""),

@@ -213,6 +213,13 @@ class ClientControlAdapter(ControlAdapterBase):
             cc=None if last is None or last.cc is None else CCState.of(last.cc),
         )
 
+    def client_onion_auth(self):
+        """Our client-authorization keys (ONION_CLIENT_AUTH_*; control/onionauth.py)."""
+        return self.node.onion_auth
+
+    def onion_auth_changed(self, identity: bytes) -> None:
+        self.node.hs.forget(identity)  # as tor, drop what is cached for that service
+
     def circuits(self) -> list[CircuitInfo]:
         return [self._circuit_info(c) for c in self.node.client.circuits.values()
                 if c.state in ("launched", "built")]
@@ -284,7 +291,8 @@ class ClientControlAdapter(ControlAdapterBase):
         if circ is not None:
             info = self._circuit_info(circ, status, reason)
         else:
-            info = CircuitInfo(id=ev.circuit_id, status=status, path=(), purpose="GENERAL", reason=reason)
+            info = CircuitInfo(id=ev.circuit_id, status=status, path=(), purpose=ev.purpose, hs_state=ev.hs_state,
+                               rend_query=ev.rend_query, reason=reason)
         if status in ("FAILED", "CLOSED") and reason not in _CIRC_REASONS:
             info = CircuitInfo(**{**info.__dict__, "reason": "FINISHED" if status == "CLOSED" else "MISC"})
         self._send(CircEvent(info))
