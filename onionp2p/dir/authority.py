@@ -70,6 +70,7 @@ from onionp2p.proto.directory import (
     verify_consensus,
 )
 from onionp2p.proto.exitpolicy import ExitPolicy
+from onionp2p.proto.srv import AGREEMENTS_PARAM, SRState, consensus_srvs, default_agreements, run_start
 
 __all__ = [
     "AUTHORITY_KEY_FILE",
@@ -236,7 +237,8 @@ def flags_for(desc: ServerDescriptor, reach: Reachability | None, now: float, ru
     return flags
 
 
-def compute_consensus(votes: Sequence[NetworkStatus], schedule: VotingSchedule, va: int) -> NetworkStatus:
+def compute_consensus(votes: Sequence[NetworkStatus], schedule: VotingSchedule, va: int, *,
+                      n_authorities: int | None = None) -> NetworkStatus:
     """The unsigned consensus for ``va`` from verified votes. Same votes -> same bytes.
 
     A relay (RSA + Ed25519 identity) is listed if more than half of the votes list it; its
@@ -247,6 +249,11 @@ def compute_consensus(votes: Sequence[NetworkStatus], schedule: VotingSchedule, 
     ``bandwidth-weights`` are computed from the listed relays' consensus bandwidths and
     flags as a tor authority does (dir-spec §3.8.3, consensus method 10); none when tor
     would write none.
+
+    The shared random values (previous and current) are those more than half of all
+    ``n_authorities`` configured authorities (default: as many as voted) voted for, and in
+    the first round of a protocol run at least ``AuthDirNumSRVAgreements`` (the consensus's
+    parameter, default two thirds of the authorities) — :func:`onionp2p.proto.srv.consensus_srvs`.
     """
     listed: dict[tuple[bytes, bytes], list[RouterEntry]] = {}
     for vote in votes:
@@ -268,8 +275,14 @@ def compute_consensus(votes: Sequence[NetworkStatus], schedule: VotingSchedule, 
             values.setdefault(key, []).append(value)
     params = tuple((k, sorted(vs)[(len(vs) - 1) // 2]) for k, vs in values.items() if 2 * len(vs) > len(votes))
     weights = compute_bw_weights(bandwidth_totals((e.flags, e.bandwidth) for e in routers))
+    n_auth = n_authorities if n_authorities is not None else len(votes)
+    previous, current = consensus_srvs(
+        ((v.sr_participate, v.shared_rand_previous, v.shared_rand_current) for v in votes),
+        n_authorities=n_auth, fresh=run_start(va, schedule.interval) == va,
+        agreements=dict(params).get(AGREEMENTS_PARAM, default_agreements(n_auth)))
     return NetworkStatus("consensus", *schedule.times(va), voters, tuple(routers), params=params,
-                         bw_weights=tuple((weights or {}).items()))
+                         bw_weights=tuple((weights or {}).items()), shared_rand_previous=previous,
+                         shared_rand_current=current)
 
 
 @dataclass(frozen=True)
