@@ -22,7 +22,7 @@ from conftest import free_port, wait_for
 from onionp2p.client.client import OnionClient
 from onionp2p.config import AuthorityConfig
 from onionp2p.dir.authority import Authority, VotingSchedule, authority_line, load_or_create_authority_key
-from onionp2p.dir.client import ClientDirectory
+from onionp2p.dir.client import ClientDirectory, RelayDirectory
 from onionp2p.dir.server import fetch
 from onionp2p.errors import OnionError
 from onionp2p.log import configure_logging, reset_logging
@@ -56,12 +56,13 @@ async def _liar(key, identity: bytes, ports: list[int], stop: asyncio.Event) -> 
         await asyncio.sleep(max(0.0, va - time.time()))
 
 
-async def test_three_authorities_agree_on_srvs_that_rotate_drop_a_bad_reveal_and_survive_restart(tmp_path):
+async def test_authorities_agree_on_srvs_that_rotate_drop_a_bad_reveal_and_survive_restart(tmp_path):
     buf = io.StringIO()
     configure_logging("info", "json", stream=buf)
     keys = [load_or_create_authority_key(tmp_path / f"auth{i}") for i in range(4)]
     ports = [free_port() for _ in keys]
-    lines = tuple(authority_line(f"auth{i}", "127.0.0.1", p, k) for i, (k, p) in enumerate(zip(keys, ports)))
+    lines = tuple(authority_line(f"auth{i}", "127.0.0.1", p, k)
+                  for i, (k, p) in enumerate(zip(keys, ports, strict=True)))
     configs = [AuthorityConfig(nickname=f"auth{i}", authorities=lines, data_dir=tmp_path / f"auth{i}",
                                dir_address=("127.0.0.1", ports[i]), voting_interval=INTERVAL)
                for i in range(3)]
@@ -116,8 +117,19 @@ async def test_three_authorities_agree_on_srvs_that_rotate_drop_a_bad_reveal_and
         await cdir.bootstrap()
         view = cdir.view()
         assert view.valid_after >= b2
-        assert (view.srv_current, view.srv_previous) == (cdir.consensus.srv_current, cdir.consensus.srv_previous)
+        held = cdir.consensus
+        assert (view.srv_current, view.srv_previous) == (held.srv_current, held.srv_previous)
         assert view.srv_previous == first.srv_current or view.srv_previous == second.srv_current
+        # a relay (an HSDir) holds the same values from the same consensus
+        rdir = RelayDirectory(tmp_path / "relay", lines)
+        assert rdir.view() is None
+        body = await fetch("127.0.0.1", ports[0], "/tor/status-vote/current/consensus", max_size=1 << 20)
+        rdoc = rdir.accept(body, "auth0")
+        rview = rdir.view()
+        assert rview.srv_current == rdoc.srv_current and rview.srv_previous == rdoc.srv_previous
+        assert rview.srv_current is not None and rview.valid_after >= b2
+        if rview.valid_after == view.valid_after:
+            assert (rview.srv_current, rview.srv_previous) == (view.srv_current, view.srv_previous)
     finally:
         stop.set()
         if liar is not None:
@@ -128,6 +140,7 @@ async def test_three_authorities_agree_on_srvs_that_rotate_drop_a_bad_reveal_and
             await a.stop()
         reset_logging()
     events = [json.loads(ln) for ln in buf.getvalue().splitlines() if ln.startswith("{")]
-    dropped = [e for e in events if e.get("event") == "shared-random reveal does not match its commit; dropped"]
+    bad = "shared-random reveal does not match its commit; dropped"
+    dropped = [e for e in events if e.get("event") == bad]
     assert dropped and {e["voter"] for e in dropped} == {"auth3"}
     assert any(e.get("event") == "resuming the shared-random protocol run" for e in events)
