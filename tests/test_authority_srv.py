@@ -144,3 +144,25 @@ async def test_authorities_agree_on_srvs_that_rotate_drop_a_bad_reveal_and_survi
     dropped = [e for e in events if e.get("event") == bad]
     assert dropped and {e["voter"] for e in dropped} == {"auth3"}
     assert any(e.get("event") == "resuming the shared-random protocol run" for e in events)
+
+
+async def test_a_corrupt_sr_state_is_ignored_with_a_log_line(tmp_path):
+    buf = io.StringIO()
+    configure_logging("info", "json", stream=buf)
+    key = load_or_create_authority_key(tmp_path / "a")
+    port = free_port()
+    (tmp_path / "a" / "sr-state").write_text("Version 1\nValidAfter yesterday\n")
+    line = authority_line("a", "127.0.0.1", port, key)
+    auth = Authority(key, AuthorityConfig(nickname="a", authorities=(line,), data_dir=tmp_path / "a",
+                                          dir_address=("127.0.0.1", port), voting_interval=INTERVAL))
+    try:
+        await auth.start()
+        # it starts a fresh state and votes with it
+        await wait_for(lambda: auth.sr.valid_after and auth.current is not None, timeout=3 * INTERVAL + 10,
+                       what="a vote and a consensus")
+        assert "ValidAfter yesterday" not in (tmp_path / "a" / "sr-state").read_text()
+    finally:
+        await auth.stop()
+        reset_logging()
+    events = [json.loads(ln) for ln in buf.getvalue().splitlines() if ln.startswith("{")]
+    assert any(e.get("event") == "not using the saved shared-random state" for e in events)

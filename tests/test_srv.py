@@ -198,8 +198,12 @@ def test_state_file_round_trip_keeps_the_commitment_and_expires():
         SRState.parse(text, ident, INTERVAL, now=start + PROTOCOL_ROUNDS * INTERVAL + 1)
     with pytest.raises(ProtocolError, match="interval"):
         SRState.parse(text, ident, INTERVAL * 2, now=start)
-    with pytest.raises(ProtocolError):
-        SRState.parse(text.replace("Commit 1 sha3-256", "Commit 2 sha3-256"), ident, INTERVAL, now=start)
+    for bad in (text.replace("Commit 1 sha3-256", "Commit 2 sha3-256"),
+                text.replace("Version 1", "Version 2"),
+                text.replace("SharedRandCurrentValue 3", f"SharedRandCurrentValue {2**64}"), "garbage\n",
+                text.replace("\nCommit", "\nCommit 1 sha3-256 x y\nCommit", 1), text[:-1]):
+        with pytest.raises(ProtocolError):
+            SRState.parse(bad, ident, INTERVAL, now=start)
 
 
 def _vote(key: ed25519.Ed25519PrivateKey, va: int, sched: VotingSchedule, state: SRState) -> NetworkStatus:
@@ -233,7 +237,8 @@ def test_votes_and_consensus_carry_the_lines_signed_and_parse_strictly():
     # strict: a consensus has no commits, lines are in order, values canonical
     for bad in (text.replace("shared-rand-participate\n", "shared-rand-participate x\n"),
                 text.replace("shared-rand-current-value 3", "shared-rand-current-value 03"),
-                text.replace("status vote", "status consensus")):
+                text.replace("status vote", "status consensus"),
+                text.replace("shared-rand-current-value 3", f"shared-rand-current-value {2**64}")):
         with pytest.raises(ProtocolError):
             NetworkStatus.parse(bad)
 

@@ -150,8 +150,8 @@ class SharedRandomValue:
     @classmethod
     def parse(cls, args: str, what: str) -> SharedRandomValue:
         parts = args.split(" ")
-        if len(parts) != 2 or not re.fullmatch(r"0|[1-9][0-9]{0,18}", parts[0]):
-            raise ProtocolError(f"{what}: want 'NumReveals Value'")
+        if len(parts) != 2 or not re.fullmatch(r"0|[1-9][0-9]{0,19}", parts[0]) or int(parts[0]) >= 2**64:
+            raise ProtocolError(f"{what}: want 'NumReveals Value' (NumReveals a 64-bit integer)")
         return cls(_unb64(parts[1], 32, what), int(parts[0]))
 
 
