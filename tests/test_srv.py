@@ -297,3 +297,19 @@ def test_client_falls_back_to_the_disaster_srv_without_srv_lines():
     plan = fetch_plan(service, ids, valid_after=va, srv_current=with_srv.srv_current,
                       srv_previous=with_srv.srv_previous, voting_interval=INTERVAL, period_length=length)
     assert plan.srv_source == "consensus" and plan.choice.srv in (b"c" * 32, b"p" * 32)
+
+
+def test_time_periods_line_up_with_protocol_runs():
+    """Our network's choice (specs/directory.md §4.2): a period is one protocol run, rotated
+    12 rounds after the SRV changes — what the ring code assumes with those arguments."""
+    from onionp2p.proto.hs.ring import in_period_between_tp_and_srv
+    for interval in (5, 10, 3600):
+        length = time_period_minutes(interval)
+        start = _run(interval)
+        kw = {"voting_interval": interval, "length": length}
+        assert not in_period_between_tp_and_srv(start, **kw)  # a new SRV, the old period
+        assert not in_period_between_tp_and_srv(start + 11 * interval, **kw)
+        assert in_period_between_tp_and_srv(start + 12 * interval, **kw)  # the new period starts
+        assert in_period_between_tp_and_srv(start + 23 * interval, **kw)
+        period = TimePeriod.at(start + 12 * interval, length, 12 * interval // 60)
+        assert period.start == start + 12 * interval and period.end == start + 36 * interval
