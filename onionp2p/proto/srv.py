@@ -324,13 +324,11 @@ class SRState:
                 self.current = None
             self.commits = {}
             self.run = start
-            if phase is Phase.COMMIT:
-                self.commits[self.identity] = Commit.generate(self.identity, valid_after, random32())
-                notes.append(Note("info", "committed to a new shared random value",
-                                  {"run": start, "timestamp": valid_after}))
-        elif phase is Phase.COMMIT and self.identity not in self.commits:
+        if phase is Phase.COMMIT and self.identity not in self.commits:
+            # never a second commit in a run: the commit is kept (and saved) until the run ends
             self.commits[self.identity] = Commit.generate(self.identity, valid_after, random32())
-            notes.append(Note("info", "committed to a shared random value", {"run": start}))
+            notes.append(Note("info", "committed to a shared random value",
+                              {"run": start, "timestamp": valid_after}))
         self.valid_after = valid_after
         return notes
 
