@@ -778,6 +778,37 @@ def test_xoff_and_xon_replace_stream_windows():
     assert b"".join(a.data for a in only(w.relay_actions[2], core.StreamData)).endswith(b"z" * 5000)
 
 
+def test_xon_carries_the_sinks_drain_rate_in_kilobytes_per_second():
+    """The XON a sink's edge sends says how fast the sink drained since the XOFF (tor's
+    flow_control_decide_xon): what it held at the XOFF (cc_xoff_client cells of 498 bytes)
+    plus what came after, over the time it took; the other edge paces itself by it."""
+    from onionp2p.proto.relaycell import Xon
+
+    w = cc_wire(cc_xon_rate=1)  # a sample after one cell's worth (tor's default is 500)
+    sid = w.open_stream()
+    exit_edge = w.hops[2]
+    held = 500 * 498  # the client sink's XOFF limit (cc_xoff_client)
+    w.client(w.c.stream_sink_ready(sid, False, now=10.0))
+    assert w.c.streams[sid].drain.ewma == 0
+    w.relay(2, exit_edge.stream_write(sid, b"x" * 498 * 10, now=10.0))  # held back by the XOFF
+    w.client(w.c.stream_sink_ready(sid, True, now=10.5))
+    rate = held * 1000 // 500_000  # bytes * 1000 / µs = kilobytes per second: 498
+    assert exit_edge.streams[sid].xon_rate == rate == 498
+    assert w.c.streams[sid].drain.last_sent == rate
+    assert w.c.streams[sid].bytes_received == 4980  # the exit sent what it held, within the rate
+    # a second round: tor divides the previous period's bytes by this period's time
+    w.client(w.c.stream_sink_ready(sid, False, now=20.0))
+    w.client(w.c.stream_sink_ready(sid, True, now=21.0))
+    assert exit_edge.streams[sid].xon_rate == held * 1000 // 1_000_000 == 249
+    # with tor's default cc_xon_rate, less than 500 cells drained since the XOFF: no rate (0)
+    w = cc_wire()
+    sid = w.open_stream()
+    w.client(w.c.stream_sink_ready(sid, False, now=1.0))
+    w.client(w.c.stream_sink_ready(sid, True, now=2.0))
+    assert w.hops[2].streams[sid].xon_rate == 0 and w.c.streams[sid].drain.last_sent == 0
+    assert w.hops[2].streams[sid].xon_rate == Xon.parse(Xon(0).encode()).kbps_ewma
+
+
 def test_xon_xoff_from_the_wrong_hop_or_without_cc_are_dropped_and_reported():
     from onionp2p.proto.relaycell import Xoff, Xon
 
