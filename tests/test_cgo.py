@@ -620,7 +620,7 @@ def _ctr_reference(key: bytes, iv: bytes, first: int, count: int) -> bytes:
 @given(key=st.binary(min_size=16, max_size=16),
        iv=st.one_of(st.sampled_from(EDGE_IVS), st.binary(min_size=16, max_size=16)),
        first=st.integers(0, 63), count=st.integers(0, 64))
-@example(key=bytes(16), iv=EDGE_IVS[0], first=0, count=64)  # up to 2^128 - 1, the last counter before the wrap
+@example(key=bytes(16), iv=EDGE_IVS[0], first=0, count=64)  # up to 2^128 - 1, the last one before the wrap
 @example(key=bytes(16), iv=EDGE_IVS[1], first=31, count=33)
 @example(key=bytes(16), iv=EDGE_IVS[2], first=31, count=5)
 @example(key=bytes(16), iv=bytes(15) + b"\xfd", first=3, count=1)  # one block past the last byte: must raise
@@ -640,7 +640,8 @@ def test_counter_blocks_through_ecb_are_aes_ctr(key: bytes, iv: bytes, first: in
 @settings(max_examples=60, deadline=None)
 @given(k=st.binary(min_size=16, max_size=16), b=st.binary(min_size=16, max_size=16),
        tweak=st.binary(min_size=16, max_size=16), n0=st.integers(0, 496), n1=st.integers(0, 528))
-def test_prf_fast_path_is_aes_ctr_from_the_polyval_iv(k: bytes, b: bytes, tweak: bytes, n0: int, n1: int) -> None:
+def test_prf_fast_path_is_aes_ctr_from_the_polyval_iv(k: bytes, b: bytes, tweak: bytes, n0: int,
+                                                       n1: int) -> None:
     """PRF output for random keys and inputs and every length against CTR from the reference IV."""
     iv = bytearray(ref_polyval(b, tweak))
     iv[15] &= 0xC0

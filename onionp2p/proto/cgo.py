@@ -83,10 +83,12 @@ pure-Python reference (:class:`PurePolyvalKey`), and falls back to the latter wi
 warning if the binding misbehaves (:data:`POLYVAL_BACKEND` says which one runs). AES
 runs in ``cryptography`` through ECB contexts that are made once per key: one block for
 ET, and the CTR keystream of the PRF is the ECB encryption of counter blocks (the IV
-changes every cell, and a new CTR context costs more than that). A pass-through layer
-is thus two POLYVAL calls and two AES calls; a hop that originates or recognizes a
-cell also sets up two AES keys and two POLYVAL keys for the next one. The cell methods
-check their arguments once and call unchecked internals (``UIV._enc`` and the like).
+changes every cell, and a new CTR context costs more than that). The keystream XOR runs
+in pycryptodome's C ``strxor`` (:data:`XOR_BACKEND`). A pass-through layer is thus two
+POLYVAL calls, two AES calls and one XOR; a hop that originates or recognizes a cell
+also sets up two AES keys and two POLYVAL keys for the next one, which :class:`UIV`
+holds itself (no per-rekey objects or buffers). The cell methods check their arguments
+once and call unchecked internals (``CgoCrypt._relay_forward``, ``UIV._enc`` and the like).
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ __all__ = [
     "CELL_RELAY",
     "CELL_RELAY_EARLY",
     "POLYVAL_BACKEND",
+    "XOR_BACKEND",
     "PolyvalKey",
     "PurePolyvalKey",
     "NativePolyvalKey",
@@ -606,6 +609,7 @@ def _native_xor_factory() -> tuple[Callable[[], XorFn] | None, str]:
     return make, "pycryptodome_strxor"
 
 
+#: which XOR the PRF uses: ``pycryptodome_strxor`` or ``python (why)``
 _native_xor, XOR_BACKEND = _native_xor_factory()
 if _native_xor is None:
     XOR_BACKEND = f"python ({XOR_BACKEND})"
