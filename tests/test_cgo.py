@@ -678,6 +678,17 @@ def test_the_xor_fast_path_is_in_use() -> None:
     assert UIV(bytes(64), encrypt=True)._xor.__qualname__.startswith("_native_xor_factory")
 
 
+def test_a_rekey_keeps_the_buffers_and_replaces_only_the_keys() -> None:
+    """UIV+ update makes two AES contexts and two POLYVAL keys, and reuses its buffers (the
+    per-cell budget of an end that rekeys); the POLYVAL keys write into the UIV's buffer."""
+    uiv = UIV(bytes(64), encrypt=True)
+    out, xor, ku, b, aes = uiv._out, uiv._xor, uiv._ku, uiv._b, uiv._et_aes
+    uiv.update(bytes(16))
+    assert uiv._out is out and uiv._xor is xor
+    assert uiv._ku is not ku and uiv._b is not b and uiv._et_aes is not aes
+    assert uiv._ku.__closure__ is not None and any(c.cell_contents is out for c in uiv._ku.__closure__)
+
+
 def test_uiv_round_trip_both_ways() -> None:
     rng = random.Random(3)
     key = rng.randbytes(64)
