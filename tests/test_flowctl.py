@@ -194,3 +194,14 @@ def test_a_sink_that_resumes_half_full_counts_only_what_it_wrote():
     full = DrainRate(xon_rate_cells=1)  # the same sink reporting nothing: it is taken as empty
     full.sink_full(received=0, buffered=CELLS_500, now=0.0)
     assert full.sink_drained(received=1000, now=1.0) == (CELLS_500 + 1000) * 1000 // 1_000_000
+
+
+def test_a_sink_that_keeps_up_advises_only_when_the_rate_moved():
+    d = DrainRate()
+    d.ewma = d.last_sent = 100
+    for i in range(499):
+        assert d.sink_took(498, now=1.0 + i) is None  # same rate: nothing to say
+    assert d.ewma == 100
+    assert d.sink_took(498, now=600.0) is None and d.ewma == 200  # 500 cells' worth: doubled
+    assert d.sink_took(1, now=601.0) == 200 and d.last_sent == 200  # 100 % above: advised
+    assert d.sink_took(1, now=602.0) is None

@@ -523,8 +523,16 @@ class Edge:
         if deliveries:
             self._deliveries = {}
             out = self._out
+            streams = self.streams
             for sid, chunks in deliveries.items():
-                out.append(StreamData(sid, chunks[0] if len(chunks) == 1 else b"".join(chunks)))
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                out.append(StreamData(sid, data))
+                stream = streams.get(sid)
+                drain = stream.drain if stream is not None else None
+                if drain is not None and not stream.xoff_sent and not self.closed:
+                    rate = drain.sink_took(len(data), self.now)  # tor: an advisory XON
+                    if rate is not None:
+                        self._originate(stream.layer, _XON, sid, Xon(rate).encode())
 
     # -- outbound: packaging -------------------------------------------------------------------------
 

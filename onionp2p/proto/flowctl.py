@@ -274,6 +274,15 @@ class DrainRate:
         self._buffered_at_full = buffered
         self.update(0, buffered, now, xoff_sent=True)
 
+    def sink_took(self, n: int, now: float) -> int | None:
+        """The sink took ``n`` more bytes with no XOFF outstanding, taken as written from an
+        empty queue (the core hears of a sink's queue only when it fills). tor's rules for
+        an empty queue then apply: after ``cc_xon_rate`` cells' worth the average doubles,
+        and once it is ``cc_xon_change_pct`` above the rate last sent, an advisory XON goes
+        out with it (returned; None: nothing to send). So a rate advertised after a slow
+        spell opens up again while the sink keeps up, as tor's does."""
+        return self.update(n, 0, now, xoff_sent=False)
+
     def sink_drained(self, received: int, now: float, room: int | None = None) -> int:
         """The sink takes data again, ``received`` bytes delivered to it so far: it wrote what
         it held at :meth:`sink_full` plus what came since, less what it still holds — nothing
