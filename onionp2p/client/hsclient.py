@@ -63,6 +63,7 @@ from onionp2p.proto.hs.cells import EstablishRendezvous, IntroAckStatus, Introdu
 from onionp2p.proto.hs.client import FetchPlan, fetch_plan, make_introduce1
 from onionp2p.proto.hs.desc import HsDescriptor, IntroPoint, parse_descriptor
 from onionp2p.proto.hs.ntor import expand_circuit_keys
+from onionp2p.proto.hs.ring import consensus_periods
 from onionp2p.proto.relaycell import EndReason, LinkSpec, LinkSpecType, RelayCommand
 
 __all__ = ["HsConnectError", "OnionServiceClient", "intro_relay"]
@@ -215,11 +216,8 @@ class OnionServiceClient:
         hsdirs = [r.info.ed_id for r in view.routers if "HSDir" in r.flags and r.info.ed_id]
         # tor's voting interval is the current consensus's (fresh-until - valid-after): it
         # sets the time periods' rotation offset and the SRV schedule
-        interval = view.fresh_until - view.valid_after if view.fresh_until > view.valid_after else 3600
-        if self.testing_tor_network:
-            length = 24 * interval // 60
-        else:  # the consensus parameter hsdir-interval (minutes), 30..14400, default a day
-            length = min(max(int(getattr(view, "params", {}).get("hsdir-interval", 1440)), 30), 14400)
+        interval, length = consensus_periods(view.valid_after, view.fresh_until, getattr(view, "params", None),
+                                             one_run=self.testing_tor_network)
         plan = fetch_plan(identity, hsdirs, valid_after=view.valid_after, srv_current=view.srv_current,
                           srv_previous=view.srv_previous, voting_interval=interval, period_length=length)
         log.debug("onion service fetch plan", period=plan.choice.period.number, srv=plan.srv_source,

@@ -49,9 +49,8 @@ from onionp2p.errors import ConfigError, HsIntroduceError, OnionError, StreamErr
 from onionp2p.log import get_logger
 from onionp2p.proto.directory import RelayInfo
 from onionp2p.proto.ed25519x import ExpandedKey
-from onionp2p.proto.hs.blinding import DEFAULT_PERIOD_LENGTH
 from onionp2p.proto.hs.cells import DosParams
-from onionp2p.proto.hs.ring import DEFAULT_N_REPLICAS, DEFAULT_SPREAD_STORE
+from onionp2p.proto.hs.ring import DEFAULT_N_REPLICAS, DEFAULT_SPREAD_STORE, consensus_periods
 from onionp2p.proto.hs.service import (
     DEFAULT_NUM_INTRO_POINTS,
     DescriptorUpload,
@@ -213,11 +212,9 @@ class OnionService:
         return self.directory()
 
     def _period_length(self, view: Any) -> tuple[int, int]:
-        interval = view.fresh_until - view.valid_after if view.fresh_until > view.valid_after else 3600
-        if self.testing_tor_network:
-            return interval, 24 * interval // 60
-        params = getattr(view, "params", {}) or {}
-        return interval, min(max(int(params.get("hsdir-interval", DEFAULT_PERIOD_LENGTH)), 30), 14400)
+        """(voting interval, period minutes): the client side's rule, from the same code."""
+        return consensus_periods(view.valid_after, view.fresh_until, getattr(view, "params", None),
+                                 one_run=self.testing_tor_network)
 
     def _maybe_upload(self, now: float) -> None:
         established = self.core.established()

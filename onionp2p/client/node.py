@@ -165,12 +165,16 @@ class ClientNode:
         self.circmgr = CircuitManager(self.client, routers, self.guards, cfg, cbt=self._load_build_times())
         self.circmgr.save_build_times = self._save_build_times
         self.consensus_view = consensus_view
+        #: onion-service time periods of one shared-random protocol run: tor's TestingTorNetwork
+        #: rule, and our own networks' (specs/directory.md §4.2); a tor network's consensus
+        #: otherwise says (hsdir-interval). Client and service read it alike.
+        self.hs_one_run_periods = cfg.testing_tor_network or consensus_view is None
         #: our client-authorization keys (tor's ClientOnionAuthDir; ONION_CLIENT_AUTH_*)
         self.onion_auth = ClientOnionAuth(cfg.client_onion_auth_dir)
         #: reaches onion services: ``.onion`` streams go through it
         self.hs = OnionServiceClient(self.client, directory=self.hs_directory, build=self._hs_circuit,
                                      http_get=_hs_http_get, client_keys=self.onion_auth.get,
-                                     testing_tor_network=cfg.testing_tor_network,
+                                     testing_tor_network=self.hs_one_run_periods,
                                      dirtiness=lambda: self.circmgr.dirtiness)
         self.streams: dict[int, StreamRecord] = {}
         #: tor's bootstrap phases; ``bootstrap`` is its (percent, tag, summary)
@@ -579,7 +583,7 @@ class ClientNode:
             max_streams_close_circuit=max_streams_close_circuit, allow_unknown_ports=allow_unknown_ports,
             client_keys=clients, dos_defense=DosParams(*intro_dos) if intro_dos else None,
             on_desc_event=lambda *ev: self.hs_desc_events(*ev),
-            testing_tor_network=self.cfg.testing_tor_network)
+            testing_tor_network=self.hs_one_run_periods)
         if svc.address in self.onion_services:
             raise LocalProtocolError(f"onion service {svc.address} is already hosted here")
         self.onion_services[svc.address] = svc
