@@ -131,29 +131,16 @@ def test_intro_points_rotate(world):
 # -- the asyncio service on in-process relays ---------------------------------------------------------
 
 
-async def test_service_end_to_end_on_our_relays(relay_net, http_server, tmp_path, caplog):
-    """An OnionService on three in-process relays (HSDirs, introduction and rendezvous points)
-    publishes, and OnionServiceClient reaches it: 1 MB through the rendezvous, sha256 equal. A
-    replayed and a malformed INTRODUCE2 are dropped with a log line; an unknown virtual port
-    gets END and the rendezvous circuit is closed, as tor does."""
-    import asyncio
-    import logging
+@pytest.fixture
+async def ournet(relay_net):
+    """Three in-process relays as HSDirs, introduction and rendezvous points, a consensus
+    view listing them (no SRVs: the disaster SRV), a path picker and the HTTP calls."""
     import time
     from types import SimpleNamespace
 
-    from conftest import blob, http_get, sha256, wait_for
-
-    from onionp2p.client.client import OnionClient
-    from onionp2p.client.hskeys import load_or_create_service_key
-    from onionp2p.client.hsclient import OnionServiceClient
-    from onionp2p.client.hsservice import OnionService, parse_port_mapping
-    from onionp2p.dir.server import http_request
-    from onionp2p.errors import StreamError
+    from onionp2p.dir.server import DirServer, HttpResponse, http_request
     from onionp2p.proto.directory import RouterStatus
-    from onionp2p.proto.hs.cells import DosParams, Introduce1
-    from onionp2p.proto.relaycell import RelayCommand
 
-    caplog.set_level(logging.INFO, logger="onionp2p.hs")
     flags = frozenset({"Fast", "Running", "Stable", "Valid", "HSDir", "V2Dir"})
     now = int(time.time())
     view = SimpleNamespace(routers=[RouterStatus(r.info(), flags) for r in relay_net], valid_after=now,
@@ -171,9 +158,7 @@ async def test_service_end_to_end_on_our_relays(relay_net, http_server, tmp_path
         return await http_request(reader, writer, "GET", path, max_size=50_000, timeout=30)
 
     # each relay's directory cache answers BEGIN_DIR with its HSDir role (what RelayDirectory
-    # serves, without the authorities this test does not need)
-    from onionp2p.dir.server import DirServer, HttpResponse
-
+    # serves, without the authorities these tests do not need)
     caches = []
     for r in relay_net:
         async def handle(req, r=r):
@@ -183,6 +168,32 @@ async def test_service_end_to_end_on_our_relays(relay_net, http_server, tmp_path
         await server.start()
         r.exit.dir_port = server.port
         caches.append(server)
+    yield SimpleNamespace(relays=relay_net, view=view, pick=pick, post=post, get=get)
+    for server in caches:
+        await server.stop()
+
+
+async def test_service_end_to_end_on_our_relays(ournet, http_server, tmp_path, caplog):
+    """An OnionService on three in-process relays (HSDirs, introduction and rendezvous points)
+    publishes, and OnionServiceClient reaches it: 1 MB through the rendezvous, sha256 equal. A
+    replayed and a malformed INTRODUCE2 are dropped with a log line; an unknown virtual port
+    gets END and the rendezvous circuit is closed, as tor does."""
+    import asyncio
+    import logging
+    import time
+
+    from conftest import blob, http_get, sha256, wait_for
+
+    from onionp2p.client.client import OnionClient
+    from onionp2p.client.hskeys import load_or_create_service_key
+    from onionp2p.client.hsclient import OnionServiceClient
+    from onionp2p.client.hsservice import OnionService, parse_port_mapping
+    from onionp2p.errors import StreamError
+    from onionp2p.proto.hs.cells import DosParams, Introduce1
+    from onionp2p.proto.relaycell import RelayCommand
+
+    caplog.set_level(logging.INFO, logger="onionp2p.hs")
+    relay_net, view, pick, post, get = ournet.relays, ournet.view, ournet.pick, ournet.post, ournet.get
     key = load_or_create_service_key(tmp_path / "hs")
     svc_client, user = OnionClient(), OnionClient()
     svc = OnionService(svc_client, key, [parse_port_mapping(f"80 127.0.0.1:{http_server.port}")],
@@ -257,5 +268,50 @@ async def test_service_end_to_end_on_our_relays(relay_net, http_server, tmp_path
         await svc.stop()
         await svc_client.close()
         await user.close()
-        for server in caches:
-            await server.stop()
+
+
+async def test_restricted_discovery_and_stream_limit(ournet, http_server, tmp_path):
+    """A service with client authorization (tor's authorized_clients) is readable only with
+    the client's x25519 key (tor's X'F4' without one, X'F5' with another); max_streams 1
+    (HiddenServiceMaxStreams) refuses a second stream on the same rendezvous circuit while the
+    first goes on."""
+    import asyncio
+
+    from conftest import blob, http_get, wait_for
+
+    from onionp2p.client.client import OnionClient
+    from onionp2p.client.hskeys import load_or_create_service_key
+    from onionp2p.client.hsclient import HsConnectError, OnionServiceClient
+    from onionp2p.client.hsservice import OnionService, parse_port_mapping
+
+    friend_key = X25519PrivateKey.generate()
+    key = load_or_create_service_key(tmp_path / "hs")
+    svc_client, user = OnionClient(), OnionClient()
+    svc = OnionService(svc_client, key, [parse_port_mapping(f"80 127.0.0.1:{http_server.port}")],
+                       directory=lambda: ournet.view, pick_path=ournet.pick, http_post=ournet.post,
+                       num_intro_points=1, max_streams=1,
+                       client_keys=[friend_key.public_key().public_bytes_raw()])
+
+    def client(secret):
+        return OnionServiceClient(user, directory=lambda: ournet.view, pick_path=ournet.pick, http_get=ournet.get,
+                                  client_keys=lambda identity: secret)
+
+    address = svc.address + ".onion"
+    try:
+        await svc.start()
+        await svc.wait_published(60)
+        for secret, kind in ((None, "missing_client_auth"), (X25519PrivateKey.generate(), "bad_client_auth")):
+            with pytest.raises(HsConnectError) as e:
+                await client(secret).connect(address, 80)
+            assert e.value.kind == kind
+        friend = client(friend_key)
+        r1, w1 = await friend.connect(address, 80)
+        with pytest.raises(HsConnectError):  # the same rendezvous circuit, a second stream
+            await friend.connect(address, 80)
+        await wait_for(lambda: svc.counts["streams"].get("refused") == 1, 10, "the refusal counted")
+        assert await asyncio.wait_for(http_get(r1, w1, "/1000"), 30) == blob(1000)
+        assert svc.counts["rendezvous"] == {"success": 1}
+    finally:
+        await svc.stop()
+        await svc_client.close()
+        await user.close()
