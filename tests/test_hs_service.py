@@ -315,3 +315,30 @@ async def test_restricted_discovery_and_stream_limit(ournet, http_server, tmp_pa
         await svc.stop()
         await svc_client.close()
         await user.close()
+
+
+def test_introduce2_from_random_bytes_only_raises_hs_introduce_error():
+    """Whatever an introduction point relays, the core answers with HsIntroduceError (a log
+    line and a count in the shell), never another exception; mutations of a genuine cell too."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    relays = [_relay(i) for i in range(12)]
+    svc = OnionServiceCore(ExpandedKey.from_seed(os.urandom(32)), now=NOW, intro2_rate=1e9, intro2_burst=1e9)
+    ip = svc.add_intro_point(relays[0], NOW)
+    ip.established = True
+    genuine, _, _, _ = _introduce(svc, relays)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.one_of(st.binary(max_size=600),
+                     st.tuples(st.integers(0, len(genuine) - 1), st.integers(1, 255)).map(
+                         lambda t: genuine[:t[0]] + bytes([genuine[t[0]] ^ t[1]]) + genuine[t[0] + 1:]),
+                     st.integers(0, len(genuine)).map(lambda n: genuine[:n])))
+    def check(body):
+        try:
+            svc.introduce2(ip, body, NOW)
+        except HsIntroduceError:
+            pass
+
+    check()
+    assert sum(svc.counts.values()) >= 300
