@@ -270,25 +270,35 @@ async def test_service_end_to_end_on_our_relays(ournet, http_server, tmp_path, c
         await user.close()
 
 
-async def test_restricted_discovery_and_stream_limit(ournet, http_server, tmp_path):
+async def test_restricted_discovery_and_stream_limit(ournet, http_server, tmp_path, caplog):
     """A service with client authorization (tor's authorized_clients) is readable only with
-    the client's x25519 key (tor's X'F4' without one, X'F5' with another); max_streams 1
-    (HiddenServiceMaxStreams) refuses a second stream on the same rendezvous circuit while the
-    first goes on."""
+    the client's x25519 key (tor's X'F4' without one, X'F5' with another); a rendezvous
+    circuit that cannot be built is tried once more; max_streams 1 (HiddenServiceMaxStreams)
+    refuses a second stream on the same rendezvous circuit while the first goes on."""
     import asyncio
+    import logging
 
-    from conftest import blob, http_get, wait_for
+    from conftest import blob, free_port, http_get, wait_for
+
+    from onionp2p.proto.directory import RelayInfo
 
     from onionp2p.client.client import OnionClient
     from onionp2p.client.hskeys import load_or_create_service_key
     from onionp2p.client.hsclient import HsConnectError, OnionServiceClient
     from onionp2p.client.hsservice import OnionService, parse_port_mapping
 
+    caplog.set_level(logging.INFO, logger="onionp2p.hs")
     friend_key = X25519PrivateKey.generate()
     key = load_or_create_service_key(tmp_path / "hs")
     svc_client, user = OnionClient(), OnionClient()
+    break_next = []  # a path whose first hop does not exist, for the next circuit the service builds
+    dead = RelayInfo("dead", "127.0.0.1", free_port(), os.urandom(20), os.urandom(32), os.urandom(32))
+
+    def service_pick(last):
+        return [dead, *ournet.pick(last)[1:]] if break_next and break_next.pop() else ournet.pick(last)
+
     svc = OnionService(svc_client, key, [parse_port_mapping(f"80 127.0.0.1:{http_server.port}")],
-                       directory=lambda: ournet.view, pick_path=ournet.pick, http_post=ournet.post,
+                       directory=lambda: ournet.view, pick_path=service_pick, http_post=ournet.post,
                        num_intro_points=1, max_streams=1,
                        client_keys=[friend_key.public_key().public_bytes_raw()])
 
@@ -305,7 +315,10 @@ async def test_restricted_discovery_and_stream_limit(ournet, http_server, tmp_pa
                 await client(secret).connect(address, 80)
             assert e.value.kind == kind
         friend = client(friend_key)
+        break_next.append(True)  # the rendezvous circuit's first build fails: tried once more
         r1, w1 = await friend.connect(address, 80)
+        assert not break_next and any("rendezvous failed" in r.getMessage() and "'retrying': True" in r.getMessage()
+                                      for r in caplog.records)
         with pytest.raises(HsConnectError):  # the same rendezvous circuit, a second stream
             await friend.connect(address, 80)
         await wait_for(lambda: svc.counts["streams"].get("refused") == 1, 10, "the refusal counted")

@@ -74,6 +74,10 @@ PARTIAL_UPLOAD_AFTER = 30.0
 MAX_PARALLEL_UPLOADS = 8
 #: seconds before uploading again when no HSDir took the descriptor
 RETRY_UPLOAD = 15.0
+#: a rendezvous circuit that failed is built once more, within this many seconds
+#: (tor's MAX_REND_FAILURES, MAX_REND_TIMEOUT)
+MAX_REND_RETRIES = 1
+MAX_REND_TIMEOUT = 30.0
 TICK = 1.0
 
 
@@ -196,6 +200,7 @@ class OnionService:
                          intro=getattr(ip.relay, "nickname", "?"), reason=circ.close_reason)
                 del self._intro_circs[ip]
                 self.core.remove_intro_point(ip)
+        self._rend_circs = {c for c in self._rend_circs if not c.core.closed}
         for ip in self.core.retire_intro_points(now):
             log.info("introduction point rotated", address=self.address,
                      intro=getattr(ip.relay, "nickname", "?"))
@@ -371,25 +376,31 @@ class OnionService:
         return RelayInfo("rendezvous", host, port, rsa_id, ed_id, intro.rend_onion_key)
 
     async def _rendezvous(self, intro: Introduction) -> None:
-        circ = None
-        try:
-            circ = await self._circuit(self._rend_relay(intro), "HS_SERVICE_REND")
-            circ.send_relay(RelayCommand.RENDEZVOUS1, 0, intro.rendezvous1)
-            circ.add_virtual_hop(intro.key_material)
-            circ.accept_streams(lambda sid, begin, c=circ: self._on_begin(c, sid, begin))
-            circ.hs_state = "HSSR_JOINED"  # type: ignore[attr-defined]
-        except (OnionError, TimeoutError) as exc:
-            log.info("rendezvous failed", address=self.address, error=str(exc))
-            self._bump("rendezvous", "failed")
-            if circ is not None:
-                circ.close()
-            return
+        """Meet the client: a circuit to its rendezvous point, RENDEZVOUS1, the end-to-end
+        layer. A circuit that cannot be built is tried once more on another path within 30
+        seconds (tor's MAX_REND_FAILURES / MAX_REND_TIMEOUT)."""
+        started = time.monotonic()
+        for attempt in range(1 + MAX_REND_RETRIES):
+            circ = None
+            try:
+                circ = await self._circuit(self._rend_relay(intro), "HS_SERVICE_REND")
+                circ.send_relay(RelayCommand.RENDEZVOUS1, 0, intro.rendezvous1)
+                circ.add_virtual_hop(intro.key_material)
+                circ.accept_streams(lambda sid, begin, c=circ: self._on_begin(c, sid, begin))
+                circ.hs_state = "HSSR_JOINED"  # type: ignore[attr-defined]
+                break
+            except (OnionError, TimeoutError) as exc:
+                if circ is not None:
+                    circ.close()
+                again = attempt < MAX_REND_RETRIES and time.monotonic() - started < MAX_REND_TIMEOUT
+                log.info("rendezvous failed", address=self.address, error=str(exc), retrying=again)
+                if not again:
+                    self._bump("rendezvous", "failed")
+                    return
         if self.closed:
             circ.close()
             return
         self._rend_circs.add(circ)
-        circ.client.events.add(lambda ev, c=circ: self._rend_circs.discard(c)
-                               if ev.circuit_id == c.id and ev.kind in ("closed", "failed") else None)
         self._bump("rendezvous", "success")
         log.info("rendezvous circuit joined", address=self.address, rp=circ.path[-1].nickname)
 
