@@ -287,13 +287,37 @@ def verify_config(cfg: RelayConfig | ClientConfig | AuthorityConfig) -> None:
         from onionp2p.dir.tordir import read_dirauth_file
 
         checks.append(lambda: read_dirauth_file(cfg.tor_dirauth_file))
+    auth_dir = getattr(cfg, "client_onion_auth_dir", None)
+    if auth_dir is not None and not auth_dir.is_dir():  # tor's ClientOnionAuthDir must exist
+        problems.append(f"client_onion_auth_dir: {auth_dir}: not a directory")
     for check in checks:
         try:
             check()
         except OnionError as exc:
             problems.append(str(exc))
+    if isinstance(cfg, ClientConfig):
+        problems += onion_service_problems(cfg)
     if problems:
         raise ConfigError("\n".join(problems), problems=problems)
+
+
+def onion_service_problems(cfg: ClientConfig) -> list[str]:
+    """What keeps the config's onion services from starting, checked before the client
+    starts (as tor refuses a HiddenServiceDir it cannot use): a key file that is unreadable,
+    readable by others or corrupt, a bad ``.auth`` file."""
+    from onionp2p.client.hskeys import load_service_key
+    from onionp2p.client.node import _load_authorized_clients
+
+    problems = []
+    for i, sc in enumerate(cfg.onion_service):
+        try:
+            if sc.dir.exists():
+                load_service_key(sc.dir)
+            if sc.authorized_clients_dir is not None:
+                _load_authorized_clients(sc.authorized_clients_dir)
+        except (OnionError, OSError) as exc:
+            problems.append(f"onion_service[{i}]: {exc}")
+    return problems
 
 
 def _unwritable(path: Path, *, directory: bool) -> str | None:
@@ -357,7 +381,7 @@ async def run_client(cfg: ClientConfig, *, config_file: str | None = None,
         network = TorNetwork(read_dirauth_file(tor_dirauth_file), cache=False, name="client")
         routers, params, bw_weights = network.routers, network.params, network.bw_weights
     node = ClientNode(cfg, routers=routers, params=params, config_file=config_file, load_config=load_config,
-                      bw_weights=bw_weights)
+                      bw_weights=bw_weights, consensus_view=None if network is None else lambda: network.view)
     loop = asyncio.get_running_loop()
     refresher: asyncio.Task | None = None
     _add_signal_handlers(loop, stop=node.shutdown_requested.set, reload=node.reload,
@@ -441,6 +465,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
         return done
     if not cfg.authorities and not args.tor_dirauth_file:
         raise ConfigError("no directory: set `authorities` in the config or pass --tor-dirauth-file")
+    if problems := onion_service_problems(cfg):
+        raise ConfigError("\n".join(problems), problems=problems)
     _configure_logging(cfg)
     return asyncio.run(run_client(cfg, config_file=args.config, tor_dirauth_file=args.tor_dirauth_file,
                                   load_config=(lambda: client_config_from_args(args)) if args.config else None))

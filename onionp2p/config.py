@@ -488,6 +488,96 @@ def _exit_policy(ctx: _Ctx, value: Any, reject_private: bool) -> ExitPolicy:
 
 
 @dataclass(frozen=True)
+class OnionServiceConfig:
+    """One ``[[onion_service]]`` table of a client config: a service hosted by this client
+    (tor's HiddenServiceDir with its HiddenService* options)."""
+
+    #: the service's directory, tor's HiddenServiceDir layout (``hs_ed25519_secret_key``,
+    #: ``hs_ed25519_public_key``, ``hostname``); made with a new key when empty
+    dir: Path
+    #: ``"VIRTPORT [TARGET]"`` lines as tor's HiddenServicePort (TARGET ``port`` or ``addr:port``)
+    ports: tuple[str, ...]
+    num_intro_points: int = 3  #: HiddenServiceNumIntroductionPoints, 1-20
+    max_streams: int = 0  #: HiddenServiceMaxStreams per rendezvous circuit, 0 = unlimited
+    max_streams_close_circuit: bool = False  #: HiddenServiceMaxStreamsCloseCircuit
+    allow_unknown_ports: bool = False  #: HiddenServiceAllowUnknownPorts (else: END and close the circuit)
+    #: directory of ``<name>.auth`` files (``descriptor:x25519:<base32 key>``): restricted
+    #: discovery, only those clients can read the descriptor; unset = anyone with the address
+    authorized_clients_dir: Path | None = None
+    #: HiddenServiceEnableIntroDoSDefense and its RatePerSec / BurstPerSec: ask the
+    #: introduction points to rate-limit INTRODUCE2 (ESTABLISH_INTRO's DoS extension)
+    enable_intro_dos_defense: bool = False
+    intro_dos_rate_per_sec: int = 25
+    intro_dos_burst_per_sec: int = 200
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+def _onion_services(ctx: _Ctx, key: str, value: Any) -> tuple[OnionServiceConfig, ...]:
+    """``[[onion_service]]`` tables: each needs ``dir`` and ``ports``; no directory twice."""
+    from onionp2p.proto.hs.service import MAX_NUM_INTRO_POINTS, parse_port_mapping
+
+    _want(ctx, key, value, list, "an array of tables ([[onion_service]])")
+    validators: dict[str, Callable[[_Ctx, str, Any], Any]] = {
+        "dir": _path,
+        "ports": lambda c, k, v: _text_list(c, k, v, _text),
+        "num_intro_points": _int_range(1, MAX_NUM_INTRO_POINTS),
+        "max_streams": _int_range(0, 65535),
+        "max_streams_close_circuit": _bool,
+        "allow_unknown_ports": _bool,
+        "authorized_clients_dir": _path,
+        "enable_intro_dos_defense": _bool,
+        "intro_dos_rate_per_sec": _int_range(1, 0x7FFFFFFF),
+        "intro_dos_burst_per_sec": _int_range(1, 0x7FFFFFFF),
+    }
+    out = []
+    seen: set[Path] = set()
+    before = len(ctx.problems)
+    for i, table in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(table, Mapping):
+            ctx.report(where, f"expected a table, got {_type_name(table)}")
+            continue
+        got: dict[str, Any] = {}
+        for k, v in table.items():
+            check = validators.get(k)
+            if check is None:
+                close = difflib.get_close_matches(k, sorted(validators), n=1, cutoff=0.75)
+                hint = (f"did you mean `{close[0]}`?" if close
+                        else f"known keys: {', '.join(sorted(validators))}")
+                ctx.report(f"{where}.{k}", f"unknown key ({hint})")
+                continue
+            try:
+                got[k] = check(ctx, f"{where}.{k}", v)
+            except ConfigError as e:
+                ctx.problems.append(str(e))
+        for needed in ("dir", "ports"):
+            if needed not in table:
+                ctx.report(where, f"`{needed}` is required")
+        if "ports" in got:
+            if not got["ports"]:
+                ctx.report(f"{where}.ports", "must list at least one port")
+            for j, line in enumerate(got["ports"]):
+                try:
+                    parse_port_mapping(line)
+                except ConfigError as e:
+                    ctx.report(f"{where}.ports[{j}]", str(e))
+        if "dir" in got:
+            if got["dir"] in seen:
+                ctx.report(f"{where}.dir", f"{got['dir']} is the directory of another onion service")
+            seen.add(got["dir"])
+        if ("intro_dos_burst_per_sec" in got and got["intro_dos_burst_per_sec"]
+                < got.get("intro_dos_rate_per_sec", 25)):
+            ctx.report(f"{where}.intro_dos_burst_per_sec", "must not be below intro_dos_rate_per_sec")
+        if len(ctx.problems) == before:
+            out.append(OnionServiceConfig(**got))
+    if len(ctx.problems) != before:
+        raise _Reported()
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class ClientConfig:
     """Configuration of a client (SOCKS proxy into the overlay)."""
 
@@ -535,6 +625,13 @@ class ClientConfig:
     #: refuse SOCKS connects to private/internal IP literals and "localhost" (tor's
     #: ClientRejectInternalAddresses); the testnet turns it off (its destinations are local)
     client_reject_internal_addresses: bool = True
+    #: tor's ClientOnionAuthDir: a directory of ``*.auth_private`` files, our x25519 keys for
+    #: onion services that restrict discovery (client authorization); None: no keys
+    client_onion_auth_dir: Path | None = None
+    #: tor's TestingTorNetwork, as far as onion services go: the time period is one
+    #: shared-random run (24 voting intervals) instead of ``hsdir-interval``; for private
+    #: tor test networks only
+    testing_tor_network: bool = False
     #: ask exits for congestion control (proposal 324: Vegas, XON/XOFF) where they offer
     #: it; false: fixed SENDME windows on every circuit
     congestion_control: bool = True
@@ -547,6 +644,8 @@ class ClientConfig:
     #: pad less (tor's ReducedConnectionPadding): ask the guard to stop, pad at the consensus's
     #: reduced rate (nf_ito_*_reduced) ourselves
     reduced_connection_padding: bool = False
+    #: onion services this client hosts (``[[onion_service]]`` tables, :class:`OnionServiceConfig`)
+    onion_service: tuple[OnionServiceConfig, ...] = ()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "<dict>",
@@ -577,10 +676,13 @@ class ClientConfig:
             "socks_max_connections": _int_range(1, 65535),
             "socks_extended_errors": _bool,
             "client_reject_internal_addresses": _bool,
+            "client_onion_auth_dir": _path,
+            "testing_tor_network": _bool,
             "congestion_control": _bool,
             "cgo": _bool,
             "connection_padding": _connection_padding,
             "reduced_connection_padding": _bool,
+            "onion_service": _onion_services,
             **_LOG_FIELDS,
         }
         out = _build(cls, d, ctx, validators)
@@ -760,6 +862,9 @@ def dump_config(cfg: RelayConfig | ClientConfig | AuthorityConfig) -> str:
             out.append("control_port = false\n")  # off (unset would mean the default: on)
         elif value is None:
             out.append(f"# {f.name} is unset\n")
+        elif isinstance(cfg, ClientConfig) and f.name == "onion_service":
+            if value:
+                out.append(f"onion_service = {_toml_value([svc.to_dict() for svc in value])}\n")
         elif f.name.endswith("_address"):
             out.append(f"{f.name} = {_toml_value(format_hostport(*value))}\n")
         else:

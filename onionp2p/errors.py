@@ -154,3 +154,12 @@ class HsClientAuthError(HsDescriptorError):
     def __init__(self, message: str, *, missing: bool):
         super().__init__(message)
         self.missing = missing
+
+
+class HsIntroduceError(ProtocolError):
+    """An INTRODUCE2 an onion service drops; ``reason`` says why (malformed, unknown_auth_key,
+    bad_mac, replay, rate_limited, bad_onion_key), as it is counted in the metrics."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason

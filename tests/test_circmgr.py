@@ -355,3 +355,30 @@ def test_end_reason_actions_follow_tor():
     assert end_reason_action(EndReason.DESTROY) == "close"
     for r in (EndReason.CONNECTREFUSED, EndReason.DONE, EndReason.CONNRESET, EndReason.INTERNAL, 99):
         assert end_reason_action(r) == "fail"
+
+
+async def test_internal_circuits_end_at_the_chosen_relay_and_take_no_streams(env, net, http_server):
+    """build_internal: a 4-hop HS_CLIENT_INTRO circuit to a relay outside the consensus (known
+    only as a RelayInfo, as an introduction point), a 3-hop HS_CLIENT_REND circuit to a
+    rendezvous point chosen here; the guard comes from the guard set; neither carries a stream."""
+    net.delisted.add("e1")
+    mgr, client, events = await env()
+    intro = net.relays["e1"].info()
+    circ = await mgr.build_internal(intro, "HS_CLIENT_INTRO", onion="X" * 56 + ".onion", timeout=30)
+    assert circ.state == "built" and len(circ.hops) == 4 and circ.hops[-1].rsa_id == intro.rsa_id
+    assert circ.purpose == "HS_CLIENT_INTRO" and circ.hs_state == "HSCI_CONNECTING"
+    assert circ.rend_query == "x" * 56
+    assert circ.hops[0].fingerprint in mgr.guards.sampled_fingerprints()
+    rend = await mgr.build_internal(None, "HS_CLIENT_REND", timeout=30)
+    assert len(rend.hops) == 3 and rend.hops[-1].supports("HSRend", 2)
+    listed = {i.purpose for i in mgr.circuits()}
+    assert {"HS_CLIENT_INTRO", "HS_CLIENT_REND"} <= listed
+    # an ordinary stream never goes over them, and maintenance leaves them to their owner
+    used = await fetch(mgr, http_server.port, None)
+    assert used is not circ and used is not rend
+    mgr._reap()
+    assert circ.state == "built" and rend.state == "built"
+    with pytest.raises(ValueError):
+        await mgr.build_internal(intro, "GENERAL")
+    circ.close()
+    rend.close()

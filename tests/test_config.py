@@ -14,6 +14,7 @@ from onionp2p.config import (
     AuthorityConfig,
     ClientConfig,
     RelayConfig,
+    dump_config,
     format_hostport,
     load_authority_config,
     load_client_config,
@@ -773,3 +774,64 @@ def test_tor_dirauth_file(tmp_path: Path) -> None:
     missing = ["relay", "--config", str(cfg), "--tor-dirauth-file", str(tmp_path / "missing.txt")]
     assert main([*missing, "--verify-config"]) == 2  # the file is part of what a start needs
     assert main([*missing, "--dump-config"]) == 0  # dumping reads nothing
+
+
+def test_onion_service_tables(tmp_path: Path) -> None:
+    f = tmp_path / "client.toml"
+    f.write_text('[[onion_service]]\ndir = "hs/web"\nports = ["80 127.0.0.1:8080", "22"]\n\n'
+                 '[[onion_service]]\ndir = "hs/ssh"\nports = ["2222 127.0.0.1:22"]\nnum_intro_points = 5\n'
+                 "enable_intro_dos_defense = true\n")
+    cfg = load_client_config(f)
+    web, ssh = cfg.onion_service
+    assert web.dir == tmp_path / "hs/web" and web.ports == ("80 127.0.0.1:8080", "22") and web.num_intro_points == 3
+    assert ssh.num_intro_points == 5 and ssh.enable_intro_dos_defense and ssh.intro_dos_rate_per_sec == 25
+    # --dump-config writes them back so that loading gives the same configuration
+    again = tmp_path / "again.toml"
+    again.write_text(dump_config(cfg))
+    assert load_client_config(again).onion_service == cfg.onion_service
+    assert "onion_service" not in dump_config(ClientConfig())
+
+
+@pytest.mark.parametrize("table, needle", [
+    ('ports = ["80"]', "onion_service[0]: `dir` is required"),
+    ('dir = "x"', "onion_service[0]: `ports` is required"),
+    ('dir = "x"\nports = []', "onion_service[0].ports: must list at least one port"),
+    ('dir = "x"\nports = ["80 127.0.0.1:99999"]', "target port '99999' is not a port"),
+    ('dir = "x"\nports = ["eighty"]', "virtual port 'eighty'"),
+    ('dir = "x"\nports = ["80 unix:/run/s"]', "unix socket targets are not supported"),
+    ('dir = "x"\nports = ["80"]\nnum_intro_points = 21', "onion_service[0].num_intro_points"),
+    ('dir = "x"\nports = ["80"]\nnm_intro_points = 2', "did you mean `num_intro_points`?"),
+    ('dir = "x"\nports = ["80"]\nintro_dos_rate_per_sec = 30\nintro_dos_burst_per_sec = 10', "must not be below"),
+])
+def test_onion_service_errors(tmp_path: Path, table: str, needle: str) -> None:
+    f = tmp_path / "client.toml"
+    f.write_text(f"[[onion_service]]\n{table}\n")
+    with pytest.raises(ConfigError) as e:
+        load_client_config(f)
+    assert needle in str(e.value) and str(f) in str(e.value)
+
+
+def test_onion_service_directory_twice(tmp_path: Path) -> None:
+    f = tmp_path / "client.toml"
+    f.write_text('[[onion_service]]\ndir = "a"\nports = ["80"]\n[[onion_service]]\ndir = "a"\nports = ["81"]\n')
+    with pytest.raises(ConfigError, match=r"onion_service\[1\]\.dir: .* is the directory of another onion service"):
+        load_client_config(f)
+
+
+def test_client_onion_auth_dir_must_exist(tmp_path, capsys):
+    """tor's ClientOnionAuthDir: a missing directory is a configuration error at start and in
+    --verify-config (one line, status 2); the path resolves next to the file."""
+    from onionp2p.cli import main
+
+    c = ClientConfig.from_dict({"client_onion_auth_dir": "auth"}, base_dir=tmp_path)
+    assert c.client_onion_auth_dir == tmp_path / "auth"
+    cfg = tmp_path / "client.toml"
+    cfg.write_text(f'data_dir = "{tmp_path / "data"}"\nsocks_address = "127.0.0.1:0"\ncontrol_port = false\n'
+                   f'authorities = ["{AUTH1}"]\nclient_onion_auth_dir = "auth"\n')
+    for extra in ([], ["--verify-config"]):
+        capsys.readouterr()
+        assert main(["client", "--config", str(cfg), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "client_onion_auth_dir" in err[0] and str(tmp_path / "auth") in err[0], err
+    (tmp_path / "auth").mkdir()
+    assert main(["client", "--config", str(cfg), "--verify-config"]) == 0

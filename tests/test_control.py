@@ -1027,3 +1027,66 @@ async def test_fuzz_live_server_random_lines(make_server, tmp_path, lines):
     probe = await Raw.open(srv.port)
     assert (await probe.command("PROTOCOLINFO"))[-1] == "250 OK"
     await probe.close()
+
+
+async def test_onion_client_auth_commands_manage_the_client_onion_auth_dir_keys(tmp_path):
+    """ONION_CLIENT_AUTH_ADD/REMOVE/VIEW as tor answers them, over the keys read from
+    client_onion_auth_dir (tor's ClientOnionAuthDir: only *.auth_private files; a bad one is
+    skipped); Flags=Permanent writes the key file, REMOVE deletes it."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from onionp2p.client.node import ClientNode as RealClientNode
+    from onionp2p.config import ClientConfig
+    from onionp2p.control.node import ClientControlAdapter
+    from onionp2p.proto.ed25519x import ExpandedKey
+    from onionp2p.proto.hs.address import encode_onion_address
+    from onionp2p.proto.hs.keys import format_auth_private, parse_auth_private
+
+    services = [ExpandedKey.from_seed(bytes([i]) * 32).public for i in range(1, 4)]
+    labels = [encode_onion_address(pub).removesuffix(".onion") for pub in services]
+    secrets = [X25519PrivateKey.generate().private_bytes_raw() for _ in services]
+    auth = tmp_path / "auth"
+    auth.mkdir(mode=0o755)  # tor tightens it to 0700
+    (auth / "one.auth_private").write_text(format_auth_private(services[0], secrets[0]))
+    (auth / "broken.auth_private").write_text("not a key\n")
+    (auth / "two.txt").write_text(format_auth_private(services[1], secrets[1]))  # not *.auth_private
+    real = RealClientNode(ClientConfig(data_dir=tmp_path / "client", client_onion_auth_dir=auth),
+                          routers=lambda: [])
+    assert (auth.stat().st_mode & 0o777) == 0o700
+    assert real.onion_auth.get(services[0]).private_bytes_raw() == secrets[0]
+    assert real.onion_auth.get(services[1]) is None
+    srv = ControlServer(ClientControlAdapter(real), cookie_path=tmp_path / "cookie")
+    await srv.start()
+    raw = await Raw.open(srv.port)
+    try:
+        await raw.auth_cookie((tmp_path / "cookie").read_bytes())
+        b64 = [base64.b64encode(s).decode().rstrip("=") for s in secrets]
+        assert await raw.command("ONION_CLIENT_AUTH_VIEW") == [
+            "250-ONION_CLIENT_AUTH_VIEW", f"250-CLIENT {labels[0]} x25519:{b64[0]} Flags=Permanent", "250 OK"]
+        assert await raw.command(f"ONION_CLIENT_AUTH_ADD {labels[1]} x25519:{b64[1]} ClientName=alice") == [
+            "250 OK"]
+        assert real.onion_auth.get(services[1]).private_bytes_raw() == secrets[1]
+        assert await raw.command(f"ONION_CLIENT_AUTH_ADD {labels[1]} x25519:{b64[1]}") == [
+            "251 Client for onion existed and replaced"]
+        assert await raw.command(f"ONION_CLIENT_AUTH_VIEW {labels[1]}") == [
+            f"250-ONION_CLIENT_AUTH_VIEW {labels[1]}", f"250-CLIENT {labels[1]} x25519:{b64[1]}", "250 OK"]
+        assert not list(auth.glob(f"{labels[1]}*"))  # not permanent: in memory only
+        assert await raw.command(f"ONION_CLIENT_AUTH_ADD {labels[2]} x25519:{b64[2]} Flags=Permanent") == [
+            "250 OK"]
+        stored = auth / f"{labels[2]}.auth_private"
+        assert parse_auth_private(stored.read_text()).secret == secrets[2]
+        assert await raw.command(f"ONION_CLIENT_AUTH_REMOVE {labels[2]}") == ["250 OK"]
+        assert not stored.exists() and real.onion_auth.get(services[2]) is None
+        assert await raw.command(f"ONION_CLIENT_AUTH_REMOVE {labels[2]}") == [
+            f'251 No credentials for "{labels[2]}"']
+        assert (await raw.command(f"ONION_CLIENT_AUTH_ADD {labels[2][:-1]}a x25519:{b64[2]}"))[0].startswith(
+            "512 Invalid v3 address")
+        assert await raw.command(f"ONION_CLIENT_AUTH_ADD {labels[2]} ed25519:{b64[2]}") == [
+            '552 Unrecognized key type "ed25519"']
+        assert await raw.command(f"ONION_CLIENT_AUTH_ADD {labels[2]} x25519:AAAA") == [
+            "512 Failed to decode x25519 private key"]
+    finally:
+        await raw.close()
+        await srv.stop()

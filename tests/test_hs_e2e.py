@@ -19,7 +19,7 @@ from onionp2p.proto.cells import CellCommand, encode_fixed
 from onionp2p.proto.ed25519x import ExpandedKey
 from onionp2p.proto.hopcrypto import MixedClientCrypto
 from onionp2p.proto.hs.ntor import HsNtorClient, expand_circuit_keys, service_receive_intro
-from onionp2p.proto.relaycell import RelayCommand, pack_relay
+from onionp2p.proto.relaycell import EndReason, RelayCommand, pack_relay
 from onionp2p.proto.relaycrypto import (
     HS_E2E,
     HS_KEY_MATERIAL_LEN,
@@ -191,3 +191,69 @@ def test_expect_rendezvous_needs_a_built_circuit() -> None:
     c = core.ClientCircuit([SimpleNamespace(nickname="x")] * 2)
     with pytest.raises(LocalProtocolError):
         c.expect_rendezvous(lambda hi: b"")
+
+
+# -- the service's core: streams served past the end-to-end layer -------------------------------------
+
+
+def _service_circuit() -> tuple[core.ClientCircuit, list[RelayCrypto], Tor1Hop]:
+    """A service's rendezvous circuit (3 hops + the end-to-end layer, service side) and the
+    client's end of that layer (what sends BEGIN through the splice)."""
+    c, relays = _rend_circuit()
+    keys = expand_circuit_keys(os.urandom(32))
+    c.add_virtual_hop(keys.key_material(service_side=True))
+    return c, relays, Tor1Hop(keys.key_material(), HS_E2E)
+
+
+def _from_client(relays: list[RelayCrypto], peer: Tor1Hop, cmd: int, sid: int, data: bytes) -> bytes:
+    e2e, _ = peer.originate(bytes(pack_relay(cmd, sid, data)))
+    return _toward_client(relays, relays[2].encrypt_backward(e2e))
+
+
+def _to_client(relays: list[RelayCrypto], peer: Tor1Hop, actions: list) -> list[tuple[int, int, bytes]]:
+    """(command, stream, body) of what the service core sent to the client's end."""
+    out = []
+    for cell in [p for a in actions if isinstance(a, core.Send) for p in a.payloads]:
+        for r in relays:
+            recognized, cell, _ = r.decrypt_forward(cell)
+            assert not recognized
+        plain, digest = peer.peel(bytes(cell))
+        assert digest is not None
+        length = int.from_bytes(plain[9:11], "big")
+        out.append((plain[0], int.from_bytes(plain[3:5], "big"), bytes(plain[11:11 + length])))
+    return out
+
+
+def test_service_core_serves_begins_from_the_end_to_end_hop() -> None:
+    c, relays, peer = _service_circuit()
+    begin = b":80\x00"  # what tor's clients send to a service: no host
+    # before accept_streams, a BEGIN toward us is a violation, as on any client circuit
+    acts = c.receive_relay(_run([_from_client(relays, peer, RelayCommand.BEGIN, 5, begin)]), 0, 1, 0.0)
+    assert [a.reason for a in acts if isinstance(a, core.Violation)] == ["stream request toward the client"]
+    c.accept_streams()
+    acts = c.receive_relay(_run([_from_client(relays, peer, RelayCommand.BEGIN, 6, begin),
+                                 _from_client(relays, peer, RelayCommand.DATA, 6, b"early")]), 0, 2, 0.0)
+    (b,) = [a for a in acts if isinstance(a, core.ExitBegin)]
+    assert b.stream_id == 6 and b.begin.host == "" and b.begin.port == 80
+    assert [a.data for a in acts if isinstance(a, core.StreamData)] == [b"early"]  # kept by the shell
+    out = c.stream_accepted(6, 0.0)
+    assert _to_client(relays, peer, out) == [(RelayCommand.CONNECTED, 6, b"")]
+    out = c.stream_write(6, b"hello", 0.0)
+    assert _to_client(relays, peer, out) == [(RelayCommand.DATA, 6, b"hello")]
+    # a BEGIN from the rendezvous point itself (not the end-to-end hop) stays a violation
+    ct, _ = relays[2].originate_backward(bytes(pack_relay(RelayCommand.BEGIN, 7, begin)))
+    acts = c.receive_relay(_run([_toward_client(relays, ct)]), 0, 1, 0.0)
+    assert any(isinstance(a, core.Violation) for a in acts) and 7 not in c.streams
+    # a malformed BEGIN gets END (TORPROTOCOL); a refused one END with the reason given
+    acts = c.receive_relay(_run([_from_client(relays, peer, RelayCommand.BEGIN, 8, b"nonsense")]), 0, 1, 0.0)
+    assert _to_client(relays, peer, acts) == [(RelayCommand.END, 8, bytes([EndReason.TORPROTOCOL]))]
+    acts = c.receive_relay(_run([_from_client(relays, peer, RelayCommand.BEGIN, 9, b":81\x00")]), 0, 1, 0.0)
+    assert [a.stream_id for a in acts if isinstance(a, core.ExitBegin)] == [9]
+    assert _to_client(relays, peer, c.stream_refused(9, EndReason.DONE)) == [(RelayCommand.END, 9, b"\x06")]
+    assert not c.closed and set(c.streams) == {6}
+
+
+def test_accept_streams_needs_an_end_to_end_layer() -> None:
+    c, _ = _rend_circuit()
+    with pytest.raises(LocalProtocolError):
+        c.accept_streams()

@@ -151,7 +151,8 @@ async def _curl(port: int, host: str, scheme: str = "socks5h") -> tuple[int, str
 
 async def test_socks_answers_onion_names_like_tor(onion_nodes):
     """tor 0.4.9 answers a bad address with 1 (F6 with ExtendedErrors); a valid one it cannot reach
-    with 4 (F0: descriptor not found). We do the same, at once, without touching the network."""
+    with 4 (F0: descriptor not found). We do the same, at once: a bad name never leaves the SOCKS
+    port, and for a valid one the consensus of these relays lists no HSDir to ask."""
     plain, extended = (n.socks.port for n in onion_nodes)
     started = _time.monotonic()
     assert await _python_socks_code(plain, BAD_CHECKSUM) == Reply.GENERAL_FAILURE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from collections import Counter
@@ -13,7 +14,9 @@ from onionp2p.client.guards import GuardSet
 from onionp2p.client.pathsel import (
     POSITIONS,
     NoPathError,
+    choose_internal_path,
     choose_path,
+    internal_path_length,
     class_weights,
     compatible,
     exits_for_port,
@@ -428,3 +431,106 @@ async def test_client_node_chooses_paths_and_guards_with_the_consensus_weights(t
     # with its own directory, the node's weights are the consensus's
     own = ClientNode(ClientConfig(data_dir=tmp_path / "d"))
     assert own.guards.bw_weights == own.directory.bw_weights and own.guards.bw_weights() == {}
+
+
+# -- internal (onion-service) circuits -------------------------------------------------------------
+
+HSREND = "HSRend=1-2 HSIntro=4-5 HSDir=2 Relay=2-4"
+
+
+def hs_router(name: str, *flags: str, protocols: str = HSREND, **kw) -> RouterStatus:
+    rs = router(name, *flags, **kw)
+    return RouterStatus(info=dataclasses.replace(rs.info, protocols=protocols), flags=rs.flags,
+                        bandwidth=rs.bandwidth, family=rs.family)
+
+
+def intro_point(name: str, address: str | None = None) -> RelayInfo:
+    """A relay known only from a descriptor's link specifiers (not in the consensus)."""
+    return router(name, address=address).info
+
+
+def internal_paths(routers, n=200, seed=0, **kw):
+    kw.setdefault("guard", None)
+    kw.setdefault("enforce_distinct_subnets", True)
+    rng = random.Random(seed)
+    return [choose_internal_path(routers, rng=rng, **kw) for _ in range(n)]
+
+
+def test_internal_path_length_follows_tors_route_len_for_purpose():
+    # a last hop someone else may have chosen gets one more middle
+    for purpose in ("HS_CLIENT_HSDIR", "HS_SERVICE_HSDIR", "HS_CLIENT_INTRO", "HS_SERVICE_REND"):
+        assert internal_path_length(purpose, True) == 4
+    for purpose in ("HS_SERVICE_INTRO", "HS_CLIENT_REND"):
+        assert internal_path_length(purpose, True) == 3
+    assert internal_path_length("HS_CLIENT_REND", False) == 3
+    with pytest.raises(ValueError):
+        internal_path_length("GENERAL", True)
+
+
+def test_internal_paths_end_at_the_given_relay_even_outside_the_consensus():
+    routers = network()
+    ip = intro_point("ip1")
+    for path in internal_paths(routers, last=ip, purpose="HS_CLIENT_INTRO"):
+        assert len(path) == 4 and path[-1].info == ip and not path[-1].flags
+        assert "Guard" in path[0].flags
+        assert len({rs.fingerprint for rs in path}) == 4
+    # a listed last hop is used with its consensus entry (its family counts)
+    listed = routers[3]
+    for path in internal_paths(routers, last=listed.info, purpose="HS_SERVICE_INTRO", n=50):
+        assert len(path) == 3 and path[-1] is listed
+
+
+def test_internal_paths_keep_family_and_subnet_rules_with_the_last_hop():
+    g1, g2, m1, m2 = (router("g1", "Guard"), router("g2", "Guard"), router("m1"), router("m2"))
+    hsdir = router("hsdir", "HSDir", family=(g1.fingerprint,))
+    routers = [g1, g2, m1, m2, hsdir, router("m3")]
+    for path in internal_paths(routers, last=hsdir, purpose="HS_CLIENT_HSDIR"):
+        assert path[0] is g2  # g1 is in the HSDir's family
+    # an intro point not in the consensus shares a /16 with g2 and m1: neither is on its path
+    ip = intro_point("ip", address=g2.info.address.rsplit(".", 2)[0] + ".9.9")
+    m1_same = router("m1s", address=g2.info.address.rsplit(".", 2)[0] + ".7.7")
+    routers = [g1, g2, m1_same, m2, router("m3")]
+    for path in internal_paths(routers, last=ip, purpose="HS_CLIENT_INTRO"):
+        assert path[0] is g1 and m1_same not in path
+    # without enforce_distinct_subnets the /16 does not matter
+    assert any(p[0] is g2 for p in internal_paths(routers, last=ip, purpose="HS_CLIENT_INTRO",
+                                                  enforce_distinct_subnets=False))
+
+
+def test_a_given_guard_incompatible_with_the_last_hop_is_refused():
+    g1 = router("g1", "Guard")
+    hsdir = router("hsdir", "HSDir", family=(g1.fingerprint,))
+    with pytest.raises(NoPathError):
+        choose_internal_path([g1, router("m1"), router("m2"), hsdir], last=hsdir, purpose="HS_CLIENT_HSDIR",
+                             guard=g1, rng=random.Random(1), enforce_distinct_subnets=True)
+    # the last hop itself as guard
+    with pytest.raises(NoPathError):
+        choose_internal_path([g1, router("m1")], last=g1, purpose="HS_SERVICE_INTRO", guard=g1,
+                             rng=random.Random(1), enforce_distinct_subnets=True)
+
+
+def test_rendezvous_points_are_running_valid_relays_with_hsrend_2_weighted_as_middles():
+    old = hs_router("old", protocols="HSRend=1 Relay=2")  # v2-only rendezvous
+    down = hs_router("down", base=("Valid",))
+    heavy, light = hs_router("heavy", bw=900), hs_router("light", bw=100)
+    routers = [router("g1", "Guard"), router("g2", "Guard"), router("m1"), old, down, heavy, light]
+    ends = Counter(p[-1].nickname for p in internal_paths(routers, last=None, purpose="HS_CLIENT_REND",
+                                                          n=2000))
+    assert set(ends) == {"heavy", "light"}
+    assert 0.85 < ends["heavy"] / 2000 < 0.95
+    assert all(len(p) == 3 for p in internal_paths(routers, last=None, purpose="HS_CLIENT_REND", n=20))
+    with pytest.raises(NoPathError):
+        choose_internal_path([router("g1", "Guard"), router("m1"), old], last=None, purpose="HS_CLIENT_REND",
+                             guard=None, rng=random.Random(1), enforce_distinct_subnets=True)
+
+
+def test_internal_paths_exclude_only_the_chosen_positions():
+    routers = network()
+    ip = intro_point("ip2")
+    g1 = routers[0]
+    for path in internal_paths(routers, last=ip, purpose="HS_CLIENT_INTRO", exclude={g1.fingerprint}):
+        assert g1 not in path
+    # excluding the given last hop does not remove it: it was chosen by someone else
+    hsdir = routers[3]
+    assert all(p[-1] is hsdir for p in internal_paths(routers, last=hsdir, purpose="HS_CLIENT_HSDIR",
+                                                      exclude={hsdir.fingerprint}, n=20))

@@ -96,6 +96,25 @@ def test_parse_circuit_line_with_extension_and_quotes():
     assert parse_circuit("3 LAUNCHED PURPOSE=GENERAL").path == ()
 
 
+def test_onion_service_circuit_fields_round_trip_and_are_scrubbed():
+    """What the control port writes for an onion-service circuit (control-spec's HS_STATE and
+    REND_QUERY after PURPOSE) reads back; `circuits --json` scrubs the address unless asked."""
+    from onionp2p.control.formats import CircuitInfo, circuit_line
+    from onionp2p.ops.model import NetworkView as View
+
+    fp = "0123456789ABCDEF0123456789ABCDEF01234567"
+    line = circuit_line(CircuitInfo(id=9, status="BUILT", path=((fp, "rp"),), build_flags=("IS_INTERNAL",),
+                                    purpose="HS_CLIENT_REND", hs_state="HSCR_JOINED", rend_query="a" * 56))
+    assert "PURPOSE=HS_CLIENT_REND HS_STATE=HSCR_JOINED REND_QUERY=" + "a" * 56 in line
+    c = parse_circuit(line)
+    assert (c.purpose, c.hs_state, c.rend_query) == ("HS_CLIENT_REND", "HSCR_JOINED", "a" * 56)
+    view = View()
+    view.circuits[9] = c
+    assert view_json(view, 0.0)["circuits"][0]["rend_query"] == SCRUBBED
+    row = view_json(view, 0.0, show_targets=True)["circuits"][0]
+    assert (row["purpose"], row["hs_state"], row["rend_query"]) == ("HS_CLIENT_REND", "HSCR_JOINED", "a" * 56)
+
+
 def test_parse_ns_reads_what_the_control_port_writes(exit_relays_infos):
     statuses = [RouterStatus(info, RELAY_FLAGS, bandwidth=55) for info in exit_relays_infos]
     routers = parse_ns("\n".join(ns_entry(s, 0) for s in statuses))

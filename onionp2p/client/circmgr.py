@@ -79,6 +79,16 @@ Streams (:meth:`open_stream`)
   MAX_RESOLVE_FAILURES) attempts within ``timeout``, then the last StreamError is raised
   (a CircuitError only when no stream error happened).
 
+Onion-service circuits (:meth:`CircuitManager.build_internal`)
+  Circuits that end at a relay chosen for an onion service (an HSDir, an introduction or a
+  rendezvous point; :func:`~onionp2p.client.pathsel.choose_internal_path`) are built the
+  same way: the guard from the guard set with guard-spec's states, the recently-failed
+  list, the build timeout (scaled by the path length for four hops; as in tor only
+  three-hop circuits are measured for it), retries on other paths. They carry tor's
+  control-spec purpose (HS_CLIENT_REND ...), never take ordinary streams, are not counted
+  for path bias (tor's ``pathbias_should_count``: the other end can fail them at will), and
+  are closed by whoever asked for them, not by maintenance.
+
 Bounds
   At most ``max_circuits_per_isolation`` open or pending circuits carry one isolation
   key (:class:`CircuitLimitError` beyond it); retired circuits stop counting once their
@@ -101,12 +111,20 @@ from onionp2p.client.cbt import CBT_SAVE_STATE_EVERY, CBTParams, CircuitBuildTim
 from onionp2p.client.client import CircuitEvent, ClientCircuit, OnionClient
 from onionp2p.client.guards import WAITING, GuardCircuit, GuardSet, NoGuardError
 from onionp2p.client.pathbias import PathBias, PBParams
-from onionp2p.client.pathsel import NoPathError, RandomSource, can_exit_to, choose_path, compatible
+from onionp2p.client.pathsel import (
+    NoPathError,
+    RandomSource,
+    can_exit_to,
+    choose_internal_path,
+    choose_path,
+    compatible,
+    internal_path_length,
+)
 from onionp2p.config import ClientConfig
 from onionp2p.errors import CircuitError, OnionError, StreamError
 from onionp2p.listeners import Listeners
 from onionp2p.log import get_logger
-from onionp2p.proto.directory import RouterStatus
+from onionp2p.proto.directory import RelayInfo, RouterStatus
 from onionp2p.proto.relaycell import EndReason, Resolved
 
 __all__ = ["CircuitManager", "CircuitInfo", "CircuitLimitError", "end_reason_action",
@@ -147,7 +165,13 @@ def end_reason_action(reason: int) -> str:
     return "fail"
 
 
+#: ``pick(routers, guard, exclude)``: the rest of a path through ``guard`` (CircuitManager._choose)
+_PathPicker = Callable[[list[RouterStatus], RouterStatus, set[str]], list[RouterStatus]]
 _UNASSIGNED = object()  # an entry's isolation before its first stream
+_INTERNAL = object()  # the isolation of an onion-service circuit: never equal to a stream's key
+#: tor's HS_STATE of an onion-service circuit while it is being built
+_HS_STATE_BUILDING = {"HS_CLIENT_INTRO": "HSCI_CONNECTING", "HS_CLIENT_REND": "HSCR_CONNECTING",
+                      "HS_SERVICE_INTRO": "HSSI_CONNECTING", "HS_SERVICE_REND": "HSSR_CONNECTING"}
 
 
 @dataclass(eq=False)
@@ -167,6 +191,13 @@ class _Entry:
     #: set while built but waiting for a better guard; set() when upgraded or given up
     guard_wait: asyncio.Event | None = None
     waiting_circ: ClientCircuit | None = None
+    #: an onion-service circuit: its control-spec purpose (HS_CLIENT_REND ...) and onion address
+    hs_purpose: str | None = None
+    rend_query: str | None = None
+
+    @property
+    def internal(self) -> bool:
+        return self.hs_purpose is not None
 
     @property
     def exit(self) -> RouterStatus:
@@ -184,12 +215,13 @@ class CircuitInfo:
     id: int | None  # ClientCircuit.id; None while the first hop is being connected
     state: str  # launched, built, closed, failed
     path: tuple[str, ...]
-    purpose: str  # "preemptive" or "on-demand"
+    purpose: str  # "preemptive", "on-demand", or an onion-service purpose (HS_CLIENT_REND ...)
     isolation: object  # the key; None when unassigned (see isolated)
     isolated: bool  # True once a key is assigned
     dirty: bool  # no longer takes new streams
     created_at: float  # wall clock
     streams: int = 0
+    rend_query: str | None = None  # an onion-service circuit's address (no ".onion")
 
 
 @dataclass
@@ -406,6 +438,56 @@ class CircuitManager:
         assert last is not None
         raise last
 
+    async def build_internal(self, last: RelayInfo | RouterStatus | None, purpose: str, *,
+                             onion: str | None = None, timeout: float | None = None) -> ClientCircuit:
+        """Build an onion-service circuit ending at ``last`` (None: a rendezvous point chosen
+        here) for control-spec ``purpose`` (HS_CLIENT_HSDIR, HS_CLIENT_INTRO, HS_CLIENT_REND,
+        HS_SERVICE_HSDIR, HS_SERVICE_INTRO, HS_SERVICE_REND).
+
+        The path is :func:`~onionp2p.client.pathsel.choose_internal_path`'s with the guard from
+        the guard set (guard-spec states as for every circuit, including waiting for a better
+        guard), the build timeout as other circuits (scaled for four hops), failed builds
+        retried on other paths up to ``max_build_attempts`` within ``timeout`` seconds (None:
+        no overall bound). ``onion``: the service's address, shown as REND_QUERY (without
+        ".onion"). The circuit never takes ordinary streams and this manager never closes it
+        (its owner does; :meth:`stop` closes every circuit). Its HS_STATE is the
+        ``*_CONNECTING`` state until the owner sets ``circ.hs_state``. Raises CircuitError
+        (NoPathError when no path exists)."""
+        internal_path_length(purpose, last is not None)  # ValueError for an unknown purpose
+        query = onion.lower().removesuffix(".onion") if onion else None
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+
+        def pick(routers: list[RouterStatus], guard: RouterStatus, exclude: set[str]) -> list[RouterStatus]:
+            return choose_internal_path(routers, last=last, purpose=purpose, guard=guard, rng=self.rng,
+                                        exclude=exclude, enforce_distinct_subnets=self.enforce_distinct_subnets,
+                                        bw_weights=self.guards.bw_weights())
+
+        error: CircuitError | None = None
+        for _ in range(self.max_build_attempts):
+            path, gc = self._choose(None, frozenset(), pick)
+            e = _Entry(tuple(path), "internal", self._generation, time.time(), isolation=_INTERNAL, gc=gc,
+                       hs_purpose=purpose, rend_query=query)
+            self._start_build(e)
+            log.debug("onion-service circuit launched", path=[rs.nickname for rs in path], purpose=purpose)
+            assert e.task is not None
+            try:
+                if deadline is None:
+                    return await asyncio.shield(e.task)
+                async with asyncio.timeout(max(deadline - loop.time(), 0.001)):
+                    return await asyncio.shield(e.task)
+            except CircuitError as exc:
+                error = exc
+            except TimeoutError:
+                e.task.cancel()
+                raise CircuitError(f"no {purpose} circuit within {timeout:g} s", "TIMEOUT") from None
+            except asyncio.CancelledError:
+                e.task.cancel()
+                raise
+            if deadline is not None and loop.time() >= deadline:
+                break
+        raise error or CircuitError(f"no {purpose} circuit", "NONE")
+
     def new_identity(self) -> None:
         """NEWNYM: no existing or pending circuit takes new streams; open streams continue."""
         self._generation += 1
@@ -425,12 +507,13 @@ class CircuitManager:
                 state=(c.state if c is not None
                        else "guard_wait" if e.guard_wait is not None else "launched"),
                 path=tuple(f"${rs.fingerprint}~{rs.nickname}" for rs in e.path),
-                purpose=e.purpose,
+                purpose=e.hs_purpose or e.purpose,
                 isolation=None if e.isolation is _UNASSIGNED else e.isolation,
                 isolated=e.isolation is not _UNASSIGNED,
                 dirty=not self._fresh(e, now),
                 created_at=c.created_at if c is not None else e.launched_at,
                 streams=len(c.streams) if c is not None else 0,
+                rend_query=e.rend_query,
             ))
         return out
 
@@ -442,7 +525,7 @@ class CircuitManager:
         return e.dirty_since is None or now - e.dirty_since <= self.dirtiness
 
     def _takes_streams(self, e: _Entry, now: float) -> bool:
-        return e.circ is not None and e.circ.state == "built" and self._fresh(e, now)
+        return not e.internal and e.circ is not None and e.circ.state == "built" and self._fresh(e, now)
 
     def _fits(self, e: _Entry, port: int | None, key: object, avoid: frozenset[str]) -> bool:
         return ((e.isolation is _UNASSIGNED or e.isolation == key)
@@ -561,7 +644,16 @@ class CircuitManager:
         self._failed = {fp: v for fp, v in self._failed.items() if v[0] > now}
         return {fp: pos for fp, (_until, pos) in self._failed.items()}
 
-    def _choose(self, port: int | None, avoid: frozenset[str]) -> tuple[list[RouterStatus], GuardCircuit]:
+    def _choose(self, port: int | None, avoid: frozenset[str], pick: _PathPicker | None = None,
+                ) -> tuple[list[RouterStatus], GuardCircuit]:
+        """A path and its guard-spec state: the guard from the guard set, the rest from
+        ``pick(routers, guard, exclude)`` (default: :func:`choose_path` for ``port``), avoiding
+        recently failed relays where a path exists without them."""
+        if pick is None:
+            def pick(routers: list[RouterStatus], guard: RouterStatus, exclude: set[str]) -> list[RouterStatus]:
+                return choose_path(routers, port=port, guard=guard, rng=self.rng, exclude=exclude,
+                                   enforce_distinct_subnets=self.enforce_distinct_subnets,
+                                   bw_weights=self.guards.bw_weights())  # the consensus's weights
         routers = list(self.routers())
         failed = self._recent_failures()
         tiers: list[set[str]] = []
@@ -583,9 +675,7 @@ class CircuitManager:
                     self.guards.release(gc)
                     break
                 try:
-                    path = choose_path(routers, port=port, guard=guard, rng=self.rng, exclude=exclude,
-                                       enforce_distinct_subnets=self.enforce_distinct_subnets,
-                                       bw_weights=self.guards.bw_weights())  # the consensus's weights
+                    path = pick(routers, guard, exclude)
                 except NoPathError as exc:
                     # the guard is restricted for this port (tor: the exit's family); it is
                     # not marked in any way, the next one in guard-spec's order is tried
@@ -610,16 +700,21 @@ class CircuitManager:
     def _launch(self, port: int | None, key: object, avoid: frozenset[str], purpose: str) -> _Entry:
         path, gc = self._choose(port, avoid)
         e = _Entry(tuple(path), purpose, self._generation, time.time(), isolation=key, gc=gc)
-        e.task = asyncio.get_running_loop().create_task(self._build(e))
-        e.task.add_done_callback(lambda t: self._build_done(e, t))
-        self._entries.append(e)
+        self._start_build(e)
         log.debug("circuit launched", path=[rs.nickname for rs in path], port=port, purpose=purpose)
         return e
 
+    def _start_build(self, e: _Entry) -> None:
+        e.task = asyncio.get_running_loop().create_task(self._build(e))
+        e.task.add_done_callback(lambda t: self._build_done(e, t))
+        self._entries.append(e)
+
     async def _build(self, e: _Entry) -> ClientCircuit:
         loop = asyncio.get_running_loop()
-        learning = self.learning()
-        timeout = self.current_build_timeout
+        # as tor, only three-hop circuits teach the build timeout; longer ones (onion-service
+        # circuits to a relay someone else chose) get it scaled by their length (tor: 4/3)
+        learning = self.learning() and len(e.path) == 3
+        timeout = self.current_build_timeout * len(e.path) / 3
         # a circuit past the timeout goes on building until close_ms, for measurement only
         close = max(self.cbt.close_ms / 1000, timeout) if learning else timeout
         start = time.monotonic()
@@ -635,7 +730,9 @@ class CircuitManager:
         circ: ClientCircuit | None = None
         try:
             circ, building = await self.client.launch_circuit(
-                [rs.info for rs in e.path], timeout=max(start + close - time.monotonic(), 0.001))
+                [rs.info for rs in e.path], timeout=max(start + close - time.monotonic(), 0.001),
+                purpose=e.hs_purpose or "GENERAL", hs_state=_HS_STATE_BUILDING.get(e.hs_purpose or ""),
+                rend_query=e.rend_query)
             self._building[circ.id] = e
             try:
                 await asyncio.wait_for(asyncio.shield(building), max(deadline - loop.time(), 0.001))
@@ -652,8 +749,13 @@ class CircuitManager:
                 self._guard_failed(e)
                 self._failed[guard.fingerprint] = (until, "unreachable")
             else:
-                self._failed[e.path[1].fingerprint] = (until, "middle")
-                self._failed.setdefault(e.path[2].fingerprint, (until, "exit"))
+                for middle in e.path[1:-1]:
+                    self._failed[middle.fingerprint] = (until, "middle")
+                self._failed.setdefault(e.path[-1].fingerprint, (until, "exit"))
+            raise
+        except asyncio.CancelledError:  # abandoned (stop, an onion-service request given up)
+            if circ is not None:
+                circ.close()
             raise
         if learning:
             self._note_live()
@@ -771,6 +873,13 @@ class CircuitManager:
         e = self._building.get(ev.circuit_id)
         if e is None:
             return
+        if e.internal:  # as tor (pathbias_should_count), onion-service circuits are not counted:
+            if ev.kind in ("closed", "failed"):  # their peers can make them fail at will
+                del self._building[ev.circuit_id]
+                self._release_guard(e)
+                if e.guard_wait is not None:
+                    e.guard_wait.set()
+            return
         if ev.kind == "extended" and len(ev.path) == 1:
             if not self.path_bias.build_attempt(ev.circuit_id, e.path[0].fingerprint):
                 circ = self.client.circuits.get(ev.circuit_id)
@@ -823,6 +932,9 @@ class CircuitManager:
             if e.circ is not None and not self._fresh(e, now):
                 self._release_guard(e)  # no longer a "better circuit" for guard-spec
             if e.gone:
+                continue
+            if e.internal:  # its owner (the onion-service client or service) closes it
+                keep.append(e)
                 continue
             if (not e.retired and e.circ is not None and running
                     and any(r.fingerprint not in running for r in e.path)):

@@ -70,6 +70,11 @@ class CircuitEvent:
     reason: str | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
+    #: the circuit's control-spec PURPOSE, HS_STATE and REND_QUERY (see ClientCircuit), so that
+    #: the event of a circuit already gone still says what it was
+    purpose: str = "GENERAL"
+    hs_state: str | None = None
+    rend_query: str | None = None
 
 
 def _reason_name(reason: int) -> str:
@@ -196,6 +201,12 @@ class ClientCircuit:
         self.created_at = time.time()
         self.close_reason: str | None = None
         self.isolation: object = None
+        #: control-spec's PURPOSE (GENERAL, or an onion-service purpose such as HS_CLIENT_REND),
+        #: HS_STATE (HSCR_JOINED ...; None outside onion services) and REND_QUERY (the onion
+        #: address without ".onion" an onion-service circuit is for)
+        self.purpose = "GENERAL"
+        self.hs_state: str | None = None
+        self.rend_query: str | None = None
         self._built: asyncio.Future = asyncio.get_running_loop().create_future()
         self._transports: dict[int, StreamTransport] = {}
         self._resolves: dict[int, asyncio.Future] = {}
@@ -205,6 +216,10 @@ class ClientCircuit:
         #: onion-service messages (relay commands 32-40) from the hops: ``fn(hop, command,
         #: body)``; None drops them (the onion-service client and service set it)
         self.on_hs_message: Callable[[int, int, bytes], None] | None = None
+        #: an onion service's rendezvous circuit: ``fn(stream_id, begin)`` for each BEGIN
+        #: from the end-to-end hop (see :meth:`accept_streams`)
+        self.on_begin: Callable[[int, Begin], None] | None = None
+        self._early: dict[int, list[bytes]] = {}  # served streams not yet accepted: data so far
         chan.circuits[self.circ_id] = self
 
     # what the circuit manager, control port and metrics read
@@ -220,7 +235,8 @@ class ClientCircuit:
 
     def _event(self, kind: str, reason: str | None = None) -> None:
         self.client.events(CircuitEvent(kind, self.id, tuple(h.nickname for h in self.hops), reason,
-                                       self.bytes_sent, self.bytes_received))
+                                       self.bytes_sent, self.bytes_received, self.purpose, self.hs_state,
+                                       self.rend_query))
 
     # -- building -------------------------------------------------------------------------------
 
@@ -277,7 +293,10 @@ class ClientCircuit:
                         chan.send_cell(self.circ_id, a.command, payload)
             elif t is core.StreamData:
                 transport = self._transports.get(a.stream_id)
-                if transport is not None:
+                early = self._early.get(a.stream_id)
+                if early is not None:  # (optimistic data before we accepted the stream)
+                    early.append(a.data)
+                elif transport is not None:
                     transport._data(a.data)
                     if not transport._reading_paused and not transport._lost:
                         # the reader took it without pausing: tell the core how much more it
@@ -295,7 +314,14 @@ class ClientCircuit:
                 transport = self._transports.get(a.stream_id)
                 if transport is not None and not transport.connected.done():
                     transport.connected.set_result(None)
+            elif t is core.ExitBegin:
+                if self.on_begin is not None and a.begin is not None:
+                    self._early[a.stream_id] = []
+                    self.on_begin(a.stream_id, a.begin)
+                else:
+                    self._run(self.core.stream_refused(a.stream_id, EndReason.DONE))
             elif t is core.StreamClosed:
+                self._early.pop(a.stream_id, None)
                 transport = self._transports.pop(a.stream_id, None)
                 if transport is not None and a.by_peer:
                     self._stream_gone(transport, a.reason, a.was_open)
@@ -403,6 +429,46 @@ class ClientCircuit:
         """Originate one relay message as it is (TRUNCATE, DROP ...; tests use it to misbehave)."""
         self._run(self.core.send_relay(cmd, stream_id, data, hop=hop))
 
+    def accept_streams(self, on_begin: Callable[[int, Begin], None]) -> None:
+        """Serve streams on this rendezvous circuit, as an onion service: each BEGIN from the
+        end-to-end hop calls ``on_begin(stream_id, begin)``, which answers with
+        :meth:`stream_accepted` or :meth:`stream_refused` (see the core's ``accept_streams``)."""
+        self.on_begin = on_begin
+        self.core.accept_streams()
+
+    def stream_accepted(self, sid: int, *, limit: int = 2**16,
+                        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Send CONNECTED for served stream ``sid`` and return its (reader, writer); data the
+        client sent before is in the reader. Raises StreamError if the stream is gone."""
+        early = self._early.pop(sid, None)
+        if early is None or sid not in self.core.streams or self.core.closed:
+            raise StreamError("the stream was closed before it was accepted", EndReason.DONE)
+        reader, protocol, transport = self._attach(sid, "", 0, limit)
+        transport.connected.set_result(None)
+        for chunk in early:
+            transport._data(chunk)
+        self._run(self.core.stream_accepted(sid, self._loop.time()))
+        return reader, asyncio.StreamWriter(transport, protocol, reader, self._loop)
+
+    def stream_refused(self, sid: int, reason: int) -> None:
+        """END(``reason``) for served stream ``sid`` (its target cannot be reached)."""
+        self._early.pop(sid, None)
+        self._run(self.core.stream_refused(sid, reason))
+
+    def _attach(self, sid: int, host: str, port: int, limit: int,
+                ) -> tuple[asyncio.StreamReader, LeanStreamReaderProtocol, StreamTransport]:
+        """The application's reader, protocol and transport for stream ``sid`` of the core."""
+        loop = self._loop
+        reader = asyncio.StreamReader(limit=limit, loop=loop)
+        protocol = LeanStreamReaderProtocol(reader, loop=loop)
+        transport = StreamTransport(self, sid, host, port)
+        transport.protocol = protocol
+        transport._attach_reader(reader, limit)
+        self.core.streams[sid].sink_room = transport._sink_room()
+        self._transports[sid] = transport
+        protocol.connection_made(transport)
+        return reader, protocol, transport
+
     async def open_stream(self, host: str, port: int, *, timeout: float = 60.0, flags: int = 0,
                           limit: int = 2**16) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Open a stream to ``host:port`` resolved at the exit. Raises StreamError on END."""
@@ -427,14 +493,7 @@ class ClientCircuit:
             # the circuit: let it hold tor's cc_xoff_client (500 cells) before it pauses
             # (a StreamReader pauses above 2 x limit and resumes at limit).
             limit = max(limit, cc.p.xoff_bytes(exit_side=False) // 2)
-        reader = asyncio.StreamReader(limit=limit, loop=loop)
-        protocol = LeanStreamReaderProtocol(reader, loop=loop)
-        transport = StreamTransport(self, sid, host, port)
-        transport.protocol = protocol
-        transport._attach_reader(reader, limit)
-        self.core.streams[sid].sink_room = transport._sink_room()
-        self._transports[sid] = transport
-        protocol.connection_made(transport)
+        reader, protocol, transport = self._attach(sid, host, port, limit)
         self._run(actions)
         try:
             async with asyncio.timeout(timeout):
@@ -541,10 +600,13 @@ class OnionClient:
         await building
         return circ
 
-    async def launch_circuit(self, path: Sequence[RelayInfo], *, timeout: float = 60.0,
+    async def launch_circuit(self, path: Sequence[RelayInfo], *, timeout: float = 60.0, purpose: str = "GENERAL",
+                             hs_state: str | None = None, rend_query: str | None = None,
                              ) -> tuple[ClientCircuit, asyncio.Task]:
         """Connect to the first hop and start building; return the circuit and the build task
-        (which raises CircuitError if the build fails) without waiting for the build."""
+        (which raises CircuitError if the build fails) without waiting for the build.
+        ``purpose``, ``hs_state``, ``rend_query``: what the control port shows from the first
+        CIRC event on (see :class:`ClientCircuit`)."""
         if not path:
             raise LocalProtocolError("empty path")
         try:
@@ -552,6 +614,7 @@ class OnionClient:
         except (OSError, OnionError, asyncio.TimeoutError) as exc:
             raise CircuitError(f"cannot connect to first hop: {exc or 'timeout'}", "CONNECTFAILED") from None
         circ = ClientCircuit(self, chan, path)
+        circ.purpose, circ.hs_state, circ.rend_query = purpose, hs_state, rend_query
         self.circuits[circ.id] = circ
         if len(path) > 1:  # a one-hop (directory) circuit does not make the channel worth padding
             chan.note_usage(Usage.FULL_CIRCS)

@@ -11,33 +11,59 @@ arrives), and a stream opened with BEGIN to the empty address and the port.
 
 What it needs from the rest of the node comes in as callables (this module is of the
 client layer and knows no directory code): ``directory()`` the current consensus view
-(routers, ``valid_after``, ``srv_current``, ``srv_previous``), ``pick_path(last)`` a
-circuit path ending at ``last`` (None: the path picker chooses the last hop, for the
-rendezvous point), ``http_get(reader, writer, path)`` one HTTP/1.0 GET over a stream.
+(routers, ``valid_after``, ``fresh_until``, ``srv_current``, ``srv_previous``, ``params``),
+``build(last, purpose, onion)`` an onion-service circuit ending at ``last`` (None: a
+rendezvous point chosen by the builder; the node passes
+:meth:`~onionp2p.client.circmgr.CircuitManager.build_internal`) — or, for library use
+without a circuit manager, ``pick_path(last)`` a path to build directly —,
+``http_get(reader, writer, path)`` one HTTP/1.0 GET over a stream, ``client_keys(identity)``
+our x25519 client-authorization key for a service (tor's ClientOnionAuthDir), or None.
+
+What tor's client keeps between requests, kept here too:
+
+* a *descriptor cache*: a decrypted descriptor is reused for the same service until its
+  signing-key certificate expires (tor's client cache entry expiry) or the time period
+  changes (the plan's blinded key differs: a new consensus moved the period); a descriptor
+  whose introduction points all failed is dropped and fetched again once;
+* *rendezvous circuits*: an open, joined rendezvous circuit takes more streams to the same
+  service from the same isolation key (SOCKS credentials, client address, listener) until
+  ``dirtiness()`` seconds after its first stream (MaxCircuitDirtiness), then it is closed
+  once its last stream has ended; requests for the same service and key wait for one
+  rendezvous instead of making one each;
+* :meth:`OnionServiceClient.new_identity` (NEWNYM) forgets both, as tor's
+  ``hs_client_purge_state``: open streams continue, new ones make new circuits.
+
+The circuits show tor's HS_STATE as they go (HSCI_CONNECTING, HSCI_INTRO_SENT, HSCI_DONE;
+HSCR_CONNECTING, HSCR_ESTABLISHED_IDLE, HSCR_ESTABLISHED_WAITING, HSCR_JOINED).
 
 Failures raise :class:`HsConnectError`, whose ``kind`` maps to tor's extended SOCKS reply
-(:data:`onionp2p.proto.hs.client.SOCKS_REPLY`).
+(:data:`onionp2p.proto.hs.client.SOCKS_REPLY`): desc_not_found, desc_invalid,
+missing_client_auth, bad_client_auth, intro_failed, intro_timedout (every introduction
+point timed out), rend_failed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from onionp2p.client.client import ClientCircuit, OnionClient
 from onionp2p.errors import CircuitError, HsClientAuthError, HsDescriptorError, OnionError, StreamError
 from onionp2p.log import get_logger
 from onionp2p.proto.directory import RelayInfo
-from onionp2p.proto.hs.address import parse_onion_address
+from onionp2p.proto.hs.address import encode_onion_address, parse_onion_address
 from onionp2p.proto.hs.cells import EstablishRendezvous, IntroAckStatus, IntroduceAck
 from onionp2p.proto.hs.client import FetchPlan, fetch_plan, make_introduce1
 from onionp2p.proto.hs.desc import HsDescriptor, IntroPoint, parse_descriptor
 from onionp2p.proto.hs.ntor import expand_circuit_keys
+from onionp2p.proto.hs.ring import consensus_periods
 from onionp2p.proto.relaycell import EndReason, LinkSpec, LinkSpecType, RelayCommand
 
 __all__ = ["HsConnectError", "OnionServiceClient", "intro_relay"]
@@ -100,18 +126,66 @@ class _Inbox:
                 log.info("unexpected onion-service message ignored", relay_cmd=RelayCommand(cmd).name)
 
 
+@dataclass
+class _CachedDesc:
+    plan: FetchPlan
+    desc: HsDescriptor
+    expires: float  # unix time: the descriptor signing-key certificate's expiry
+
+
+@dataclass
+class _Rend:
+    circ: ClientCircuit
+    first_used: float  # monotonic
+
+
+class _KeyedLocks:
+    """One asyncio.Lock per key, forgotten when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Hashable, tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[key]
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+#: how often a rendezvous circuit past its dirtiness is checked for its last stream's end
+REND_CLOSE_CHECK = 30.0
+
+
+#: builds an onion-service circuit: ``build(last, purpose, onion)`` (CircuitManager.build_internal)
+CircuitBuilder = Callable[[RelayInfo | None, str, str | None], Awaitable[ClientCircuit]]
+
+
 class OnionServiceClient:
     """Opens streams to onion services over ``client``'s circuits (see the module docstring)."""
 
     def __init__(self, client: OnionClient, *, directory: Callable[[], Any],
-                 pick_path: Callable[[RelayInfo | None], Sequence[RelayInfo]],
                  http_get: Callable[[asyncio.StreamReader, asyncio.StreamWriter, str], Awaitable[bytes]],
+                 pick_path: Callable[[RelayInfo | None], Sequence[RelayInfo]] | None = None,
+                 build: CircuitBuilder | None = None,
                  client_keys: Callable[[bytes], Any] | None = None,
                  on_circuit: Callable[[ClientCircuit, str], None] | None = None,
-                 testing_tor_network: bool = False) -> None:
+                 testing_tor_network: bool = False,
+                 dirtiness: Callable[[], float] = lambda: 600.0) -> None:
+        if (pick_path is None) == (build is None):
+            raise ValueError("give exactly one of pick_path and build")
         self.client = client
         self.directory = directory
         self.pick_path = pick_path
+        self.build = build
         self.http_get = http_get
         self.client_keys = client_keys or (lambda identity: None)
         #: told of each circuit this makes and its purpose (HS_CLIENT_HSDIR, HS_CLIENT_INTRO,
@@ -120,10 +194,20 @@ class OnionServiceClient:
         #: tor's TestingTorNetwork: time periods as long as one shared-random protocol run
         #: (24 voting intervals; hs_common.c get_time_period_length), not a day
         self.testing_tor_network = testing_tor_network
+        self.dirtiness = dirtiness
+        self._descs: dict[bytes, _CachedDesc] = {}
+        self._rends: dict[tuple[bytes, Hashable], _Rend] = {}
+        self._locks = _KeyedLocks()  # (identity, isolation): one rendezvous at a time
+        self._fetching = _KeyedLocks()  # identity: one descriptor fetch at a time
 
-    async def _circuit(self, last: RelayInfo | None, purpose: str) -> ClientCircuit:
-        circ = await self.client.build_circuit(list(self.pick_path(last)), timeout=STEP_TIMEOUT)
-        circ.purpose = purpose  # type: ignore[attr-defined]
+    async def _circuit(self, last: RelayInfo | None, purpose: str, identity: bytes) -> ClientCircuit:
+        onion = encode_onion_address(identity)
+        if self.build is not None:
+            circ = await self.build(last, purpose, onion)
+        else:
+            assert self.pick_path is not None
+            circ = await self.client.build_circuit(list(self.pick_path(last)), timeout=STEP_TIMEOUT)
+            circ.purpose, circ.rend_query = purpose, onion.removesuffix(".onion")
         self.on_circuit(circ, purpose)
         return circ
 
@@ -132,27 +216,43 @@ class OnionServiceClient:
         hsdirs = [r.info.ed_id for r in view.routers if "HSDir" in r.flags and r.info.ed_id]
         # tor's voting interval is the current consensus's (fresh-until - valid-after): it
         # sets the time periods' rotation offset and the SRV schedule
-        interval = view.fresh_until - view.valid_after if view.fresh_until > view.valid_after else 3600
-        if self.testing_tor_network:
-            length = 24 * interval // 60
-        else:  # the consensus parameter hsdir-interval (minutes), 30..14400, default a day
-            length = min(max(int(getattr(view, "params", {}).get("hsdir-interval", 1440)), 30), 14400)
+        interval, length = consensus_periods(view.valid_after, view.fresh_until, getattr(view, "params", None),
+                                             one_run=self.testing_tor_network)
         plan = fetch_plan(identity, hsdirs, valid_after=view.valid_after, srv_current=view.srv_current,
                           srv_previous=view.srv_previous, voting_interval=interval, period_length=length)
         log.debug("onion service fetch plan", period=plan.choice.period.number, srv=plan.srv_source,
                   hsdirs=len(plan.hsdirs))
         return plan
 
-    async def fetch_descriptor(self, identity: bytes) -> tuple[FetchPlan, HsDescriptor]:
-        """The decrypted descriptor, from the first responsible HSDir that has it."""
-        plan = self.plan(identity)
+    async def descriptor(self, identity: bytes, *, refetch: bool = False) -> tuple[FetchPlan, HsDescriptor]:
+        """The service's descriptor: the cached one while it is valid for the current period,
+        else fetched (one fetch at a time per service)."""
+        async with self._fetching.hold(identity):
+            now = self.client_now()
+            for stale in [k for k, c in self._descs.items() if c.expires <= now]:
+                del self._descs[stale]
+            plan = self.plan(identity)
+            cached = self._descs.get(identity)
+            if (not refetch and cached is not None and cached.plan.blinded_key == plan.blinded_key
+                    and self.client_now() < cached.expires):
+                log.debug("onion service descriptor from the cache")
+                return cached.plan, cached.desc
+            self._descs.pop(identity, None)
+            plan, desc = await self.fetch_descriptor(identity, plan)
+            self._descs[identity] = _CachedDesc(plan, desc, desc.outer.signing_key_cert.expires_hours * 3600.0)
+            return plan, desc
+
+    async def fetch_descriptor(self, identity: bytes, plan: FetchPlan | None = None,
+                               ) -> tuple[FetchPlan, HsDescriptor]:
+        """The decrypted descriptor, from the first responsible HSDir that has it (no cache)."""
+        plan = plan or self.plan(identity)
         by_ed = {r.info.ed_id: r.info for r in self.directory().routers}
         path = "/tor/hs/3/" + base64.b64encode(plan.blinded_key).decode().rstrip("=")  # as tor sends it
         last: Exception | None = None
         for ed in plan.hsdirs:
             circ = None
             try:
-                circ = await self._circuit(by_ed[ed], "HS_CLIENT_HSDIR")
+                circ = await self._circuit(by_ed[ed], "HS_CLIENT_HSDIR", identity)
                 reader, writer = await circ.open_dir_stream(timeout=STEP_TIMEOUT)
                 text = await self.http_get(reader, writer, path)
             except (OnionError, TimeoutError, OSError) as exc:
@@ -182,64 +282,155 @@ class OnionServiceClient:
         """The clock descriptors are checked against (certificates' expiry)."""
         return time.time()
 
-    async def connect(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    def new_identity(self) -> None:
+        """NEWNYM: forget cached descriptors and rendezvous circuits (open streams go on)."""
+        self._descs.clear()
+        self._rends.clear()
+
+    def forget(self, identity: bytes) -> None:
+        """Drop what is cached for one service (client authorization changed)."""
+        self._descs.pop(identity, None)
+        for key in [k for k in self._rends if k[0] == identity]:
+            del self._rends[key]
+
+    async def connect(self, host: str, port: int, *, isolation: Hashable = None,
+                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A stream to ``port`` of the onion service ``host``. Raises HsConnectError (or
         OnionAddressError for a bad name)."""
+        reader, writer, _circ = await self.open_stream(host, port, isolation=isolation)
+        return reader, writer
+
+    async def open_stream(self, host: str, port: int, *, isolation: Hashable = None,
+                          ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, ClientCircuit]:
+        """:meth:`connect`, also returning the rendezvous circuit the stream is on."""
         identity = parse_onion_address(host).pubkey
-        plan, desc = await self.fetch_descriptor(identity)
+        key = (identity, isolation)
+        # one rendezvous per service and isolation key at a time (tor attaches the streams
+        # waiting for it to the circuit being made)
+        async with self._locks.hold(key):
+            reused = self._reusable(key)
+            if reused is not None:
+                try:
+                    reader, writer = await reused.open_stream("", port, timeout=STEP_TIMEOUT)
+                    log.debug("stream on an open rendezvous circuit", circ=reused.id)
+                    return reader, writer, reused
+                except CircuitError:
+                    self._rends.pop(key, None)  # it died meanwhile: make a new one
+                except (StreamError, TimeoutError) as exc:
+                    raise HsConnectError(f"the service refused the stream: {exc}", "rend_failed") from exc
+            rend, reader, writer = await self._rendezvous(identity, port)
+            entry = self._rends[key] = _Rend(rend, time.monotonic())
+            asyncio.get_running_loop().call_later(self.dirtiness(), self._expire, key, entry)
+            return reader, writer, rend
+
+    def _expire(self, key: tuple[bytes, Hashable], entry: _Rend) -> None:
+        """The rendezvous circuit is past its dirtiness: no new streams; closed once its
+        last stream has ended (tor closes dirty circuits without streams)."""
+        if self._rends.get(key) is entry:
+            del self._rends[key]
+        if entry.circ.state != "built":
+            return
+        if entry.circ.streams:
+            asyncio.get_running_loop().call_later(min(REND_CLOSE_CHECK, self.dirtiness()), self._expire, key,
+                                                  entry)
+        else:
+            log.debug("closing a rendezvous circuit past its dirtiness", circ=entry.circ.id)
+            entry.circ.close()
+
+    def _reusable(self, key: tuple[bytes, Hashable]) -> ClientCircuit | None:
+        entry = self._rends.get(key)
+        if entry is None:
+            return None
+        if entry.circ.state != "built" or time.monotonic() - entry.first_used > self.dirtiness():
+            self._expire(key, entry)
+            return None
+        return entry.circ
+
+    async def _rendezvous(self, identity: bytes, port: int,
+                          ) -> tuple[ClientCircuit, asyncio.StreamReader, asyncio.StreamWriter]:
+        """Descriptor, rendezvous circuit, introduction, RENDEZVOUS2, and the first stream."""
+        plan, desc = await self.descriptor(identity)
         if not desc.intro_points:
+            self._descs.pop(identity, None)
             raise HsConnectError("descriptor lists no introduction points", "intro_failed")
         rend = None
         try:
             try:
-                rend = await self._circuit(None, "HS_CLIENT_REND")
+                rend = await self._circuit(None, "HS_CLIENT_REND", identity)
                 rp = rend.path[-1]
                 rend_in = _Inbox(rend)
                 cookie = os.urandom(20)
                 rend.send_relay(RelayCommand.ESTABLISH_RENDEZVOUS, 0, EstablishRendezvous(cookie).encode())
                 await rend_in.expect(RelayCommand.RENDEZVOUS_ESTABLISHED, STEP_TIMEOUT)
+                rend.hs_state = "HSCR_ESTABLISHED_IDLE"
             except (OnionError, TimeoutError) as exc:
                 raise HsConnectError(f"rendezvous circuit failed: {exc}", "rend_failed") from exc
-            points = list(desc.intro_points)
-            random.SystemRandom().shuffle(points)
-            for ip in points:
-                if await self._introduce(ip, plan, cookie, rend, rp):
-                    break
-            else:
-                raise HsConnectError(f"all {len(points)} introduction points failed", "intro_failed")
+            if not await self._introduce_any(desc, plan, cookie, rend, rp):
+                # tor refetches a descriptor whose introduction points all failed: the service
+                # may have moved them
+                plan, desc = await self.descriptor(identity, refetch=True)
+                await self._introduce_any(desc, plan, cookie, rend, rp, final=True)
+            rend.hs_state = "HSCR_ESTABLISHED_WAITING"
             try:
                 await rend_in.expect(RelayCommand.RENDEZVOUS2, STEP_TIMEOUT)
             except (OnionError, TimeoutError) as exc:
                 raise HsConnectError(f"no rendezvous: {exc}", "rend_failed") from exc
+            rend.hs_state = "HSCR_JOINED"
             # the end-to-end layer is there (the core added it with RENDEZVOUS2); BEGIN with
             # an empty address, as tor (connection_ap_handshake_send_begin)
             try:
-                return await rend.open_stream("", port, timeout=STEP_TIMEOUT)
+                reader, writer = await rend.open_stream("", port, timeout=STEP_TIMEOUT)
             except (OnionError, TimeoutError) as exc:
                 raise HsConnectError(f"the service refused the stream: {exc}", "rend_failed") from exc
+            return rend, reader, writer
         except BaseException:
             if rend is not None:
                 rend.close()
             raise
 
+    async def _introduce_any(self, desc: HsDescriptor, plan: FetchPlan, cookie: bytes, rend: ClientCircuit,
+                             rp: RelayInfo, *, final: bool = False) -> bool:
+        """INTRODUCE1 through the descriptor's introduction points in random order until one
+        acks (True). When all fail: False, or with ``final`` HsConnectError (intro_timedout
+        when every one timed out, else intro_failed)."""
+        points = list(desc.intro_points)
+        random.SystemRandom().shuffle(points)
+        outcomes = []
+        for ip in points:
+            outcome = await self._introduce(ip, plan, cookie, rend, rp)
+            if outcome == "acked":
+                return True
+            outcomes.append(outcome)
+        if not final:
+            return False
+        if outcomes and all(o == "timeout" for o in outcomes):
+            raise HsConnectError(f"all {len(points)} introduction points timed out", "intro_timedout")
+        raise HsConnectError(f"all {len(points)} introduction points failed", "intro_failed")
+
     async def _introduce(self, ip: IntroPoint, plan: FetchPlan, cookie: bytes, rend: ClientCircuit,
-                         rp: RelayInfo) -> bool:
-        """INTRODUCE1 through ``ip``; True when it acked (the rendezvous circuit is then armed)."""
+                         rp: RelayInfo) -> str:
+        """INTRODUCE1 through ``ip``: "acked" (the rendezvous circuit is then armed), "timeout"
+        or "failed"."""
         circ = None
         try:
             body, hs = make_introduce1(ip, plan.subcred, cookie, _link_specs(rp), rp.ntor_key)
             rend.expect_rendezvous(lambda info: expand_circuit_keys(hs.complete(info)).key_material())
-            circ = await self._circuit(intro_relay(ip), "HS_CLIENT_INTRO")
+            circ = await self._circuit(intro_relay(ip), "HS_CLIENT_INTRO", plan.identity)
             inbox = _Inbox(circ)
             circ.send_relay(RelayCommand.INTRODUCE1, 0, body)
+            circ.hs_state = "HSCI_INTRO_SENT"
             ack = IntroduceAck.parse(await inbox.expect(RelayCommand.INTRODUCE_ACK, STEP_TIMEOUT))
-        except (OnionError, TimeoutError) as exc:  # (HandshakeError, ProtocolError are OnionErrors)
+            circ.hs_state = "HSCI_DONE"
+        except TimeoutError:
+            log.info("introduction timed out")
+            return "timeout"
+        except OnionError as exc:  # (HandshakeError, ProtocolError are OnionErrors)
             log.info("introduction failed", error=str(exc))
-            return False
+            return "timeout" if isinstance(exc, CircuitError) and exc.reason == "TIMEOUT" else "failed"
         finally:
             if circ is not None:
                 circ.close()
         if ack.status != IntroAckStatus.SUCCESS:
             log.info("introduction refused", status=int(ack.status))
-            return False
-        return True
+            return "failed"
+        return "acked"

@@ -14,7 +14,12 @@ Theory of operation
    (:class:`~onionp2p.client.dnsport.DnsPortServer`), for which it is the one backend: each
    request becomes a stream (or RESOLVE) on a circuit chosen by port and isolation key
    (credentials, client address, listener), tracked as a :class:`StreamRecord` so the
-   control port can list and close it and emit STREAM events;
+   control port can list and close it and emit STREAM events; a ``.onion`` target goes to
+   the onion-service client (:class:`~onionp2p.client.hsclient.OnionServiceClient`: its
+   descriptor cache and rendezvous circuits, circuits from
+   :meth:`~onionp2p.client.circmgr.CircuitManager.build_internal`, our client-authorization
+   keys from ``client_onion_auth_dir``), with the directory view of the node (our
+   consensus, or the tor network's with ``--tor-dirauth-file``);
 4. optionally serves the control port (:class:`~onionp2p.control.server.ControlServer`) and the
    Prometheus metrics port (:class:`~onionp2p.ops.metrics.MetricsServer` with a
    :class:`~onionp2p.ops.metrics.ClientCollector`, ``metrics_port``).
@@ -46,6 +51,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 from onionp2p import __version__
 from onionp2p.bootstrap import Bootstrap
@@ -53,12 +59,22 @@ from onionp2p.client.cbt import CBTParams, CircuitBuildTimes
 from onionp2p.client.circmgr import CircuitManager
 from onionp2p.client.client import OnionClient
 from onionp2p.client.guards import GuardSet
+from onionp2p.client.hsclient import MAX_DESC_SIZE, STEP_TIMEOUT, OnionServiceClient
+from onionp2p.client.hskeys import ClientOnionAuth
 from onionp2p.config import CONTROL_PORT_DEFAULT, CONTROL_PORT_PREFERRED, ClientConfig
-from onionp2p.errors import CircuitError, ConfigError, ListenError, LocalProtocolError, StreamError
+from onionp2p.errors import (
+    CircuitError,
+    ConfigError,
+    ListenError,
+    LocalProtocolError,
+    OnionError,
+    StreamError,
+)
 from onionp2p.listeners import Listeners
 from onionp2p.log import LIVE_LOG_KEYS, apply_log_config, get_logger
 from onionp2p.proto.directory import RouterStatus
 from onionp2p.proto.exitpolicy import is_private_address
+from onionp2p.proto.hs.address import is_onion_name
 from onionp2p.proto.relaycell import EndReason, Resolved
 
 __all__ = ["ClientNode", "StreamRecord", "RELOADABLE_KEYS"]
@@ -68,11 +84,24 @@ RELOADABLE_KEYS = (
     *LIVE_LOG_KEYS, "preemptive_circuits", "preemptive_ports", "max_circuit_dirtiness",
     "circuit_build_timeout", "learn_circuit_build_timeout", "max_build_attempts", "enforce_distinct_subnets", "stream_timeout",
     "max_stream_attempts", "max_circuits_per_isolation", "socks_handshake_timeout", "socks_max_connections",
-    "client_reject_internal_addresses",
+    "client_reject_internal_addresses", "client_onion_auth_dir", "onion_service",
 )
 
 log = get_logger("onionp2p.node")
 _stream_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class DirectoryView:
+    """What the onion-service client needs of a consensus (the fields of
+    :class:`~onionp2p.dir.tordir.TorNetworkView` it reads)."""
+
+    routers: Sequence[RouterStatus]
+    valid_after: int
+    fresh_until: int
+    srv_current: bytes | None = None
+    srv_previous: bytes | None = None
+    params: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -97,7 +126,12 @@ class ClientNode:
     def __init__(self, cfg: ClientConfig, *, routers: Callable[[], Sequence[RouterStatus]] | None = None,
                  params: Callable[[], Mapping[str, int]] | None = None, config_file: str | None = None,
                  load_config: Callable[[], ClientConfig] | None = None,
-                 bw_weights: Callable[[], Mapping[str, int]] | None = None):
+                 bw_weights: Callable[[], Mapping[str, int]] | None = None,
+                 consensus_view: Callable[[], object | None] | None = None):
+        """``routers``/``params``/``bw_weights``: a directory given from outside (a tor
+        network's, or a test's) instead of our own; ``consensus_view()`` then gives its
+        current consensus (a :class:`~onionp2p.dir.tordir.TorNetworkView`, or None) for onion
+        services. ConfigError when ``client_onion_auth_dir`` is not a readable directory."""
         self.cfg = cfg
         self.config_file = config_file
         #: reads the configuration again for :meth:`reload` (the file plus command-line overrides)
@@ -130,6 +164,18 @@ class ClientNode:
         self.build_times_file = cfg.data_dir / "build_times.json"
         self.circmgr = CircuitManager(self.client, routers, self.guards, cfg, cbt=self._load_build_times())
         self.circmgr.save_build_times = self._save_build_times
+        self.consensus_view = consensus_view
+        #: onion-service time periods of one shared-random protocol run: tor's TestingTorNetwork
+        #: rule, and our own networks' (specs/directory.md §4.2); a tor network's consensus
+        #: otherwise says (hsdir-interval). Client and service read it alike.
+        self.hs_one_run_periods = cfg.testing_tor_network or consensus_view is None
+        #: our client-authorization keys (tor's ClientOnionAuthDir; ONION_CLIENT_AUTH_*)
+        self.onion_auth = ClientOnionAuth(cfg.client_onion_auth_dir)
+        #: reaches onion services: ``.onion`` streams go through it
+        self.hs = OnionServiceClient(self.client, directory=self.hs_directory, build=self._hs_circuit,
+                                     http_get=_hs_http_get, client_keys=self.onion_auth.get,
+                                     testing_tor_network=self.hs_one_run_periods,
+                                     dirtiness=lambda: self.circmgr.dirtiness)
         self.streams: dict[int, StreamRecord] = {}
         #: tor's bootstrap phases; ``bootstrap`` is its (percent, tag, summary)
         self.bootstrap_progress = Bootstrap("onionp2p.node")
@@ -149,6 +195,15 @@ class ClientNode:
         self.shutdown_requested = asyncio.Event()
         self._dirinfo = asyncio.Event()  # set once there is enough directory info for circuits
         self.bootstrap_progress.events.add(lambda *status: self.events(("status", *status)))
+        #: hosted onion services by address (no ``.onion``), and who owns each: the id of the
+        #: control connection that added it without Detach, "detached" (ADD_ONION Detach), or
+        #: None (the config or the library API)
+        self.onion_services: dict = {}
+        self._onion_owner: dict[str, int | str | None] = {}
+        self._hs_retired: dict[tuple[str, str], int] = {}  # counts of services no longer hosted
+        self._config_services: dict = {}  # OnionServiceConfig -> address, of the config's services
+        #: descriptor uploads: ``fn(action, address, hsdir, descriptor_id, reason)`` (HS_DESC)
+        self.hs_desc_events = Listeners("onion service descriptor")
 
     def _load_build_times(self) -> CircuitBuildTimes:
         """The saved build-time history (an unreadable file is moved aside, as guards.json)."""
@@ -176,6 +231,23 @@ class ClientNode:
     def bootstrap(self) -> tuple[int, str, str]:
         """(percent, tag, summary) of the bootstrap phase reached."""
         return self.bootstrap_progress.status
+
+    def hs_directory(self) -> object:
+        """The consensus the onion-service client plans with: the given view (a tor
+        network's), else our own consensus, else (routers given without one) the relays
+        with the current hour as the consensus's validity and no shared-random values."""
+        if self.consensus_view is not None and (view := self.consensus_view()) is not None:
+            return view
+        doc = self.directory.consensus if self.directory is not None else None
+        if doc is not None:
+            return DirectoryView(self.routers(), doc.valid_after, doc.fresh_until,
+                                 getattr(doc, "srv_current", None), getattr(doc, "srv_previous", None),
+                                 dict(doc.params))
+        hour = int(time.time()) // 3600 * 3600
+        return DirectoryView(self.routers(), hour, hour + 3600, params=dict(self.client.consensus_params()))
+
+    async def _hs_circuit(self, last, purpose: str, onion: str | None):
+        return await self.circmgr.build_internal(last, purpose, onion=onion, timeout=STEP_TIMEOUT)
 
     def _directory_guards(self, routers: Sequence[RouterStatus]) -> list[RouterStatus]:
         """The relays our directory refreshes may use: guard-spec's directory guards (the
@@ -228,6 +300,7 @@ class ClientNode:
         await self.circmgr.start()
         await self.circmgr.ready(ready_timeout)
         boot.report("done")  # already, unless the first circuit was built by someone else
+        await self._start_configured_onion_services()
 
     async def _start_app_ports(self) -> None:
         """The optional HTTP CONNECT and DNS ports (tor's HTTPTunnelPort and DNSPort)."""
@@ -318,9 +391,18 @@ class ClientNode:
                          and getattr(new, f.name) != getattr(old, f.name))
         self.cfg = replace(new, **{k: getattr(old, k) for k in restart})
         self.circmgr.configure(self.cfg)
+        self.onion_auth.directory = self.cfg.client_onion_auth_dir
+        try:  # tor reads ClientOnionAuthDir again on SIGHUP
+            self.onion_auth.reload()
+        except ConfigError as exc:
+            log.warning("reload: client authorization keys not read again", error=str(exc))
         if self.socks is not None:
             self.socks.handshake_timeout = self.cfg.socks_handshake_timeout
             self.socks.max_connections = self.cfg.socks_max_connections
+        if new.onion_service != old.onion_service and self._dirinfo.is_set():  # tor: services added/removed
+            task = asyncio.get_running_loop().create_task(self._start_configured_onion_services())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         changed = sorted({*logging_changed, *(k for k in RELOADABLE_KEYS if getattr(new, k) != getattr(old, k))})
         log.info("configuration reloaded", changed=",".join(changed) or "nothing")
         if restart:
@@ -351,6 +433,7 @@ class ClientNode:
 
     async def stop(self) -> None:
         await self._close_listeners()
+        await self._stop_onion_services()
         await self.circmgr.stop()
         if self.directory is not None:
             await self.directory.stop()
@@ -388,7 +471,10 @@ class ClientNode:
             raise StreamError("connections to internal addresses are refused", EndReason.EXITPOLICY)
         try:
             await self._wait_dirinfo()
-            reader, writer, circ = await self.circmgr.open_stream(req.host, req.port, req.isolation_key)
+            if is_onion_name(req.host):  # (the SOCKS port refused malformed names already)
+                reader, writer, circ = await self.hs.open_stream(req.host, req.port, isolation=req.isolation_key)
+            else:
+                reader, writer, circ = await self.circmgr.open_stream(req.host, req.port, req.isolation_key)
         except StreamError as exc:
             self._stream_status(rec, "FAILED", _end_name(exc.reason))
             raise
@@ -449,6 +535,151 @@ class ClientNode:
             return False
         rec.writer.transport.abort()
         return True
+
+    # -- onion services this node hosts (config [[onion_service]], the library API, ADD_ONION) --
+
+    @staticmethod
+    async def _hs_post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str,
+                       body: bytes) -> bytes:
+        from onionp2p.dir.server import http_request
+
+        return await http_request(reader, writer, "POST", path, body, max_size=10_000, timeout=30)
+
+    async def add_onion_service(self, ports: Sequence[str], *, key=None, directory: Path | str | None = None,
+                                num_intro_points: int = 3, max_streams: int = 0,
+                                max_streams_close_circuit: bool = False, allow_unknown_ports: bool = False,
+                                client_keys: Sequence[bytes] = (),
+                                authorized_clients_dir: Path | str | None = None,
+                                intro_dos: tuple[int, int] | None = None, wait_published: float | None = None,
+                                owner: int | str | None = None):
+        """Host an onion service and return its :class:`~onionp2p.client.hsservice.OnionService`
+        (``.address`` is the onion address without ``.onion``).
+
+        ``ports``: ``"VIRTPORT [TARGET]"`` lines as tor's HiddenServicePort. The identity key
+        is ``key`` (an ExpandedKey), else the one in ``directory`` (tor's HiddenServiceDir
+        layout; created if empty), else a new one kept in memory only (as ADD_ONION).
+        ``client_keys`` / ``authorized_clients_dir`` (``*.auth`` files): restricted discovery.
+        ``intro_dos``: (rate, burst) for the introduction points' INTRODUCE2 defense.
+        With ``wait_published`` (seconds), return once a descriptor reached an HSDir.
+        Raises ConfigError for bad ports or keys, LocalProtocolError if the address is
+        already hosted here."""
+        from onionp2p.client.hskeys import load_or_create_service_key
+        from onionp2p.client.hsservice import OnionService
+        from onionp2p.proto.ed25519x import ExpandedKey
+        from onionp2p.proto.hs.cells import DosParams
+        from onionp2p.proto.hs.service import parse_port_mapping
+
+        mappings = [parse_port_mapping(p) for p in ports]
+        if key is None:
+            key = (load_or_create_service_key(directory) if directory is not None
+                   else ExpandedKey.from_seed(os.urandom(32)))
+        clients = list(client_keys)
+        if authorized_clients_dir is not None:
+            clients += _load_authorized_clients(Path(authorized_clients_dir))
+        svc = OnionService(
+            self.client, key, mappings, directory=self.hs_directory, build=self._hs_circuit,
+            http_post=self._hs_post,
+            num_intro_points=num_intro_points, max_streams=max_streams,
+            max_streams_close_circuit=max_streams_close_circuit, allow_unknown_ports=allow_unknown_ports,
+            client_keys=clients, dos_defense=DosParams(*intro_dos) if intro_dos else None,
+            on_desc_event=lambda *ev: self.hs_desc_events(*ev),
+            testing_tor_network=self.hs_one_run_periods)
+        if svc.address in self.onion_services:
+            raise LocalProtocolError(f"onion service {svc.address} is already hosted here")
+        self.onion_services[svc.address] = svc
+        self._onion_owner[svc.address] = owner
+        await self._dirinfo.wait()
+        await svc.start()
+        if wait_published is not None:
+            await svc.wait_published(wait_published)
+        return svc
+
+    async def remove_onion_service(self, address: str) -> bool:
+        """Stop hosting ``address`` (with or without ``.onion``); False if it is not hosted here."""
+        svc = self.onion_services.pop(address.lower().removesuffix(".onion"), None)
+        if svc is None:
+            return False
+        self._onion_owner.pop(svc.address, None)
+        await svc.stop()
+        for key, n in _service_counts(svc).items():  # the metrics' totals keep what it counted
+            self._hs_retired[key] = self._hs_retired.get(key, 0) + n
+        return True
+
+    def onion_service_counts(self) -> dict[tuple[str, str], int]:
+        """What the hosted services counted since start, by (what, outcome): introductions
+        (INTRODUCE2: accepted, replay, malformed, bad_mac, rate_limited ...), rendezvous
+        (success, failed), streams (accepted, refused), uploads (success, failed)."""
+        out = dict(self._hs_retired)
+        for svc in self.onion_services.values():
+            for key, n in _service_counts(svc).items():
+                out[key] = out.get(key, 0) + n
+        return out
+
+    async def _start_configured_onion_services(self) -> None:
+        """Host the ``[[onion_service]]`` tables of the config; on a reload, stop those whose
+        table is gone or changed and start the new ones, as tor does on SIGHUP. A service
+        that cannot start (its keys unreadable ...) is logged and the others go on."""
+        wanted = set(self.cfg.onion_service)
+        for sc, address in list(self._config_services.items()):
+            if sc not in wanted:
+                del self._config_services[sc]
+                await self.remove_onion_service(address)
+                log.info("onion service no longer configured", address=address + ".onion", dir=str(sc.dir))
+        for sc in self.cfg.onion_service:
+            if sc in self._config_services:
+                continue
+            try:
+                svc = await self._add_configured(sc)
+            except (OnionError, OSError) as exc:  # (the CLI checked the keys before starting)
+                log.error("onion service not started", dir=str(sc.dir), error=str(exc))
+                continue
+            self._config_services[sc] = svc.address
+            log.info("hosting onion service", address=svc.address + ".onion", dir=str(sc.dir))
+
+    async def _add_configured(self, sc):
+        return await self.add_onion_service(
+                sc.ports, directory=sc.dir, num_intro_points=sc.num_intro_points, max_streams=sc.max_streams,
+                max_streams_close_circuit=sc.max_streams_close_circuit,
+                allow_unknown_ports=sc.allow_unknown_ports, authorized_clients_dir=sc.authorized_clients_dir,
+                intro_dos=(sc.intro_dos_rate_per_sec, sc.intro_dos_burst_per_sec)
+                if sc.enable_intro_dos_defense else None)
+
+    async def _stop_onion_services(self) -> None:
+        for address in list(self.onion_services):
+            await self.remove_onion_service(address)
+
+
+def _service_counts(svc) -> dict[tuple[str, str], int]:
+    out = {("introductions", k): n for k, n in svc.core.counts.items()}
+    for table, counts in svc.counts.items():
+        out.update({(table, k): n for k, n in counts.items()})
+    return out
+
+
+def _load_authorized_clients(directory: Path) -> list[bytes]:
+    """The x25519 keys of a service's ``authorized_clients`` directory (``*.auth`` files,
+    tor's format); raises ConfigError naming a bad file."""
+    from onionp2p.errors import KeyFileError
+    from onionp2p.proto.hs.keys import parse_auth
+
+    keys = []
+    try:
+        files = sorted(directory.glob("*.auth"))
+    except OSError as exc:
+        raise ConfigError(f"authorized_clients_dir {directory}: {exc}") from None
+    for f in files:
+        try:
+            keys.append(parse_auth(f.read_text(), str(f)))
+        except (OSError, KeyFileError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{f}: {exc}") from None
+    return keys
+
+
+async def _hs_http_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> bytes:
+    """One descriptor GET over a BEGIN_DIR stream (at most tor's HS_DESC_MAX_LEN)."""
+    from onionp2p.dir.server import http_request
+
+    return await http_request(reader, writer, "GET", path, max_size=MAX_DESC_SIZE, timeout=STEP_TIMEOUT)
 
 
 def is_internal_target(host: str) -> bool:

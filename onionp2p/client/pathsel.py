@@ -48,6 +48,21 @@ Weighting (path-spec §2.2, tor's ``compute_weighted_bandwidths``)
 If the exit drawn first leaves no compatible guard or middle, that exit is dropped and
 another is drawn, so :class:`NoPathError` means no path exists at all (for the given
 guard, port and exclusions).
+
+Internal circuits (onion services; :func:`choose_internal_path`)
+  A circuit that ends at a relay someone chose, not at an exit: an HSDir, an introduction
+  point, a rendezvous point. As tor's ``circuit_establish_circuit`` with an ``extend_info``:
+  the last hop is fixed first (it need not be in the consensus: introduction and rendezvous
+  points come as link specifiers and an ntor key; when it is listed, its consensus entry
+  gives its family), then the guard (compatible with the last hop: not it, not its family,
+  not its /16, tor's guard restriction for the exit), then the middles (middle weights,
+  compatible with every other hop). With no last hop given (a client's rendezvous point,
+  tor's ``pick_rendezvous_node``) a Running, Valid relay that implements ``HSRend=2`` is
+  drawn with middle weights. How many middles is tor's ``route_len_for_purpose``
+  (:func:`internal_path_length`): a last hop that someone else may have chosen (an HSDir, a
+  client's introduction point, a service's rendezvous point) gets an extra middle, so
+  that it does not learn the guard's neighbour; a service's own introduction points and a
+  client's own rendezvous point do not.
 """
 
 from __future__ import annotations
@@ -59,7 +74,7 @@ from typing import Protocol
 
 from onionp2p.errors import CircuitError, ProtocolError
 from onionp2p.proto.bwweights import WEIGHT_SCALE, weight_class
-from onionp2p.proto.directory import RouterStatus
+from onionp2p.proto.directory import RelayInfo, RouterStatus
 from onionp2p.proto.exitpolicy import ExitPolicy, PortSummary
 
 __all__ = [
@@ -69,6 +84,10 @@ __all__ = [
     "WEIGHT_RULES",
     "class_weights",
     "choose_path",
+    "choose_internal_path",
+    "internal_path_length",
+    "as_router_status",
+    "can_be_rendezvous",
     "exits_for_port",
     "is_usable",
     "can_be_guard",
@@ -300,3 +319,98 @@ def choose_path(
         exits.remove(exit_)
     raise NoPathError(f"no guard and middle fit any exit for {what} "
                       f"({'distinct /16s, ' if enforce_distinct_subnets else ''}no shared family)")
+
+
+# -- internal circuits (onion services) --------------------------------------------------------------
+
+#: purposes whose last hop someone else may have chosen: one more middle (tor's route_len_for_purpose:
+#: C_HSDIR_GET, S_HSDIR_POST, C_INTRODUCING, S_CONNECT_REND)
+EXTRA_HOP_PURPOSES = frozenset({"HS_CLIENT_HSDIR", "HS_SERVICE_HSDIR", "HS_CLIENT_INTRO", "HS_SERVICE_REND"})
+#: every purpose an internal circuit may have (control-spec's CIRC PURPOSE values)
+INTERNAL_PURPOSES = frozenset({*EXTRA_HOP_PURPOSES, "HS_CLIENT_REND", "HS_SERVICE_INTRO"})
+
+
+def internal_path_length(purpose: str, last_given: bool) -> int:
+    """Hops of an internal circuit of ``purpose`` (tor's ``route_len_for_purpose``): 3, or 4
+    when a given last hop may have been chosen by someone else."""
+    if purpose not in INTERNAL_PURPOSES:
+        raise ValueError(f"not an onion-service circuit purpose: {purpose!r}")
+    return 4 if last_given and purpose in EXTRA_HOP_PURPOSES else 3
+
+
+def can_be_rendezvous(rs: RouterStatus) -> bool:
+    """May ``rs`` be a client's rendezvous point (tor: CRN_RENDEZVOUS_V3, ``HSRend=2``)?"""
+    return is_usable(rs) and rs.info.supports("HSRend", 2)
+
+
+def as_router_status(last: RelayInfo | RouterStatus, routers: Iterable[RouterStatus]) -> RouterStatus:
+    """``last`` as a path entry: its consensus entry when the consensus lists its identity
+    (for its family), else a bare entry with no flags (an introduction or rendezvous point
+    known only from its link specifiers)."""
+    info = last.info if isinstance(last, RouterStatus) else last
+    for rs in routers:
+        if rs.info.rsa_id == info.rsa_id:
+            return rs
+    return last if isinstance(last, RouterStatus) else RouterStatus(info)
+
+
+def choose_internal_path(
+    routers: Iterable[RouterStatus],
+    *,
+    last: RelayInfo | RouterStatus | None,
+    purpose: str,
+    guard: RouterStatus | None,
+    rng: RandomSource,
+    enforce_distinct_subnets: bool,
+    exclude: Collection[str] = frozenset(),
+    bw_weights: Mapping[str, int] | None = None,
+) -> list[RouterStatus]:
+    """Choose ``[guard, middle(s), last]`` for an onion-service circuit of ``purpose`` (see
+    the module docstring). ``last`` None: a rendezvous point is chosen. ``guard`` fixes the
+    first hop; ``exclude`` applies to the chosen positions (never to a given ``last``).
+    Raises :class:`NoPathError`."""
+    routers = list(routers)
+    excluded = {_fp(f) for f in exclude}
+    seen: set[str] = set()
+    usable: list[RouterStatus] = []
+    for rs in routers:
+        if rs.fingerprint in seen or rs.fingerprint in excluded or not is_usable(rs):
+            continue
+        seen.add(rs.fingerprint)
+        usable.append(rs)
+    n_middles = internal_path_length(purpose, last is not None) - 2
+
+    def ok(rs: RouterStatus, *others: RouterStatus) -> bool:
+        return all(compatible(rs, o, enforce_distinct_subnets=enforce_distinct_subnets) for o in others)
+
+    fixed = (guard,) if guard is not None else ()
+    if last is not None:
+        end = as_router_status(last, routers)
+        if guard is not None and not ok(end, guard):
+            raise NoPathError(f"guard {guard.nickname} cannot be on a path to {end.nickname} "
+                              "(the same relay, family or /16)")
+        ends = [end]
+    else:
+        ends = [rs for rs in usable if can_be_rendezvous(rs) and ok(rs, *fixed)]
+        if not ends:
+            raise NoPathError("no usable relay can be a rendezvous point (HSRend=2)")
+    while ends:
+        end = ends[0] if last is not None else weighted_choice(ends, "middle", rng, bw_weights)
+        first = guard
+        if first is None:
+            guards = [rs for rs in usable if can_be_guard(rs) and ok(rs, end)]
+            if guards:
+                first = weighted_choice(guards, "guard", rng, bw_weights)
+        if first is not None:
+            middles: list[RouterStatus] = []
+            while len(middles) < n_middles:
+                cands = [rs for rs in usable if ok(rs, end, first, *middles)]
+                if not cands:
+                    break
+                middles.append(weighted_choice(cands, "middle", rng, bw_weights))
+            if len(middles) == n_middles:
+                return [first, *middles, end]
+        ends.remove(end)
+    raise NoPathError(f"no guard and {n_middles} middle(s) fit a {purpose} circuit"
+                      + (f" to {last.nickname}" if last is not None else "")
+                      + f" ({'distinct /16s, ' if enforce_distinct_subnets else ''}no shared family)")

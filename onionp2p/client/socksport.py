@@ -32,6 +32,11 @@ side reaches EOF the other is flushed and closed: tor streams have no half-close
 RESOLVE (0xF0) and RESOLVE_PTR (0xF1) are answered in BND.ADDR and the connection is
 closed. Hostnames are never resolved locally: they go to the exit inside BEGIN or
 RESOLVE (no DNS leak); a RESOLVE of an IP literal is answered at once, as tor does.
+A ``.onion`` name never goes to an exit: a malformed or checksum-broken one is refused at
+once (reply 1, X'F6' with ExtendedErrors); a valid v3 one goes to the backend, which reaches
+the onion service (descriptor, rendezvous; :mod:`onionp2p.client.hsclient`), and its failures
+are answered with tor's extended codes X'F0'-X'F7' when ``extended_errors`` is on (else 4,
+host unreachable, as tor). RESOLVE of a valid ``.onion`` is answered "host unreachable".
 
 *Isolation.* :attr:`SocksRequest.isolation_key` follows tor's defaults:
 IsolateSOCKSAuth (SOCKS5 username and password, or the SOCKS4 userid; empty
@@ -53,11 +58,11 @@ from typing import Any, Protocol, runtime_checkable
 
 from onionp2p.client.hsclient import HsConnectError
 from onionp2p.client.leanstreams import start_server
-from onionp2p.errors import ListenError, OnionAddressError, OnionError, StreamError
+from onionp2p.errors import ListenError, OnionAddressError, OnionError
 from onionp2p.log import get_logger
 from onionp2p.proto.hs.address import is_onion_name, parse_onion_address
 from onionp2p.proto.hs.client import SOCKS_REPLY
-from onionp2p.proto.relaycell import EndReason, Resolved, ResolvedType
+from onionp2p.proto.relaycell import Resolved, ResolvedType
 from onionp2p.proto.socks import (  # noqa: F401
     HTTP_NOT_SOCKS_ANSWER,
     MAX_FIELD,
@@ -83,7 +88,6 @@ from onionp2p.proto.socks import (  # noqa: F401
 
 __all__ = [
     "AppProxyServer",
-    "OnionServicesUnsupported",
     "SocksBackend",
     "SocksServer",
     "SocksStats",
@@ -277,10 +281,8 @@ class AppProxyServer:
         Raises:
             StreamError, CircuitError, TimeoutError: the stream could not be opened
                 (:meth:`_failed` maps any exception to a reply code)."""
-        if is_onion_name(req.host):  # never hand a .onion name to an exit
-            check_onion(req.host)
-            raise OnionServicesUnsupported(
-                "onion services are not supported yet: a valid .onion address is refused", EndReason.RESOLVEFAILED)
+        if is_onion_name(req.host):  # never to an exit: a bad name is refused here, at once;
+            check_onion(req.host)  # a valid one the backend reaches as an onion service
         return await self._call(self.backend.open_stream(req))
 
     async def tunnel(self, req: SocksRequest, extra: bytes, reader: asyncio.StreamReader,
@@ -343,14 +345,6 @@ class AppProxyServer:
                 done.set_result(None)
 
 
-class OnionServicesUnsupported(StreamError):
-    """A well-formed v3 ``.onion`` address: refused until the client side of onion services lands.
-
-    Its RELAY_END-style reason is RESOLVEFAILED (SOCKS5 reply 4, host unreachable), and with
-    ExtendedErrors the reply is X'F0' (descriptor not found): what tor answers when it cannot
-    get a service's descriptor, which is exactly our situation."""
-
-
 def check_onion(host: str) -> None:
     """Raise the typed :class:`~onionp2p.errors.OnionAddressError` if ``host`` (a .onion name)
     is not a valid v3 address (tor: SOCKS5 reply 1, or X'F6' with ExtendedErrors)."""
@@ -367,8 +361,6 @@ def extended_code(exc: BaseException) -> int | None:
         return Reply.HS_BAD_ADDRESS
     if isinstance(exc, HsConnectError):  # descriptor / introduction / rendezvous failures
         return SOCKS_REPLY.get(exc.kind)
-    if isinstance(exc, OnionServicesUnsupported):
-        return Reply.HS_DESC_NOT_FOUND
     return None
 
 

@@ -26,6 +26,8 @@ optional ``exit_policy()``.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import inspect
 import ipaddress
 import os
@@ -47,7 +49,8 @@ from onionp2p.control.formats import (
     stream_line,
     version_string,
 )
-from onionp2p.errors import ConfigError, LocalProtocolError, OnionError
+from onionp2p.control.onionauth import client_auth_add, client_auth_remove, client_auth_view
+from onionp2p.errors import ConfigError, KeyFileError, LocalProtocolError, OnionError
 from onionp2p.log import get_logger
 from onionp2p.proto.control import (
     Command,
@@ -61,6 +64,10 @@ from onionp2p.proto.control import (
     split_keyword,
     words,
 )
+from onionp2p.proto.ed25519x import ExpandedKey
+from onionp2p.proto.hs.address import parse_onion_address
+from onionp2p.proto.hs.keys import parse_auth
+from onionp2p.proto.hs.service import PortMapping, parse_port_mapping
 
 if TYPE_CHECKING:
     from onionp2p.control.server import ControlServer, _Connection
@@ -84,9 +91,11 @@ SIGNAL_ALIASES = {"HUP": "RELOAD", "INT": "SHUTDOWN", "USR1": "DUMP", "USR2": "D
 _UNIMPLEMENTED = frozenset({
     "SAVECONF", "MAPADDRESS", "SETCIRCUITPURPOSE", "SETROUTERPURPOSE", "ATTACHSTREAM", "+POSTDESCRIPTOR",
     "REDIRECTSTREAM", "RESOLVE", "TAKEOWNERSHIP", "DROPOWNERSHIP", "+LOADCONF", "DROPGUARDS", "HSFETCH",
-    "+HSPOST", "ADD_ONION", "DEL_ONION", "ONION_CLIENT_AUTH_ADD", "ONION_CLIENT_AUTH_REMOVE",
-    "ONION_CLIENT_AUTH_VIEW", "DROPTIMEOUTS",
+    "+HSPOST", "DROPTIMEOUTS",
 })
+#: ADD_ONION's flags (control-spec); BasicAuth and NonAnonymous are refused with tor's errors
+_ONION_FLAGS = frozenset({"DiscardPK", "Detach", "BasicAuth", "V3Auth", "NonAnonymous",
+                          "MaxStreamsCloseCircuit"})
 _LISTENER_KINDS = ("or", "dir", "socks", "trans", "natd", "dns", "control", "extor", "httptunnel", "metrics")
 _SERVER_SPEC = re.compile(r"\$?[0-9A-Fa-f]{40}([~=][A-Za-z0-9]{1,19})?|[A-Za-z0-9]{1,19}")
 _DIGITS = re.compile(r"[0-9]{1,16}")
@@ -118,7 +127,13 @@ class CommandHandler:
             "RESETCONF": self._setconf, "SETEVENTS": self._setevents, "SIGNAL": self._signal,
             "EXTENDCIRCUIT": self._extendcircuit, "CLOSECIRCUIT": self._closecircuit,
             "CLOSESTREAM": self._closestream, "USEFEATURE": self._usefeature,
+            "ADD_ONION": self._add_onion, "DEL_ONION": self._del_onion,
         }
+        self._commands.update({  # client authorization for onion services (control/onionauth.py)
+            "ONION_CLIENT_AUTH_ADD": lambda cmd: client_auth_add(self.node, cmd.args),
+            "ONION_CLIENT_AUTH_REMOVE": lambda cmd: client_auth_remove(self.node, cmd.args),
+            "ONION_CLIENT_AUTH_VIEW": lambda cmd: client_auth_view(self.node, cmd.args),
+        })
         self._info: dict[str, tuple[str, Callable[[], str]]] = {
             "version": ("The current version of onionp2p (tor-compatible form).", version_string),
             "config-file": ("Location of the configuration file.", lambda: self.node.config_file or ""),
@@ -167,6 +182,10 @@ class CommandHandler:
                                  lambda: self._exit_policy(None)),
             "exit-policy/ipv4": ("The exit policy's rules that apply to IPv4.", lambda: self._exit_policy(4)),
             "exit-policy/ipv6": ("The exit policy's rules that apply to IPv6.", lambda: self._exit_policy(6)),
+            "onions/current": ("Onion services this control connection added (ADD_ONION without Detach).",
+                               lambda: self._onions(False)),
+            "onions/detached": ("Onion services added with ADD_ONION Flags=Detach.",
+                                lambda: self._onions(True)),
         }
 
     async def execute(self, cmd: Command) -> bytes:
@@ -457,3 +476,103 @@ class CommandHandler:
         if not self.node.close_stream(int(args[0]), int(args[1])):
             raise ControlError(552, f"Unknown stream {qecho(args[0])}")
         return _ok()
+
+    # -- onion services: ADD_ONION / DEL_ONION --------------------------------------------
+
+    async def _add_onion(self, cmd: Command) -> bytes:
+        """``ADD_ONION KeyType:KeyBlob [Flags=...] [MaxStreams=N] Port=V[,T] ... [ClientAuthV3=K]``
+        (control-spec 3.27): v3 services only (``NEW:BEST``, ``NEW:ED25519-V3``,
+        ``ED25519-V3:<base64 expanded key>``); replies ServiceID and, unless DiscardPK,
+        PrivateKey. Without Detach the service goes when this connection closes."""
+        self._hosting()
+        args = split_args(cmd.args)
+        if not args:
+            raise ControlError(512, "Missing argument to ADD_ONION")
+        key_type, sep, key_blob = args[0].partition(":")
+        if not sep:
+            raise ControlError(512, "Invalid key type/blob")
+        key = None
+        if key_type == "NEW":
+            if key_blob not in ("BEST", "ED25519-V3"):
+                raise ControlError(513, f"Invalid key type {qecho(key_blob)} "
+                                        "(only ED25519-V3 onion services)")
+        elif key_type == "ED25519-V3":
+            try:
+                raw = base64.b64decode(key_blob, validate=True)
+                key = ExpandedKey.from_parts(raw[:32], raw[32:]) if len(raw) == 64 else None
+            except (ValueError, binascii.Error):
+                key = None
+            if key is None:
+                raise ControlError(512, "Failed to decode ED25519-V3 key")
+        else:
+            raise ControlError(513, f"Invalid key type {qecho(key_type)} (only ED25519-V3 onion services)")
+        flags: set[str] = set()
+        ports: list[PortMapping] = []
+        client_keys: list[bytes] = []
+        max_streams = 0
+        for arg in args[1:]:
+            name, value = split_keyword(arg)
+            if value is None:
+                raise ControlError(512, f"Invalid argument {qecho(arg)}")
+            low = name.lower()
+            if low == "flags":
+                for flag in value.split(","):
+                    if flag not in _ONION_FLAGS:
+                        raise ControlError(512, f"Invalid 'Flags' argument {qecho(flag)}")
+                    flags.add(flag)
+            elif low == "maxstreams":
+                if not value.isdigit() or int(value) > 65535:
+                    raise ControlError(512, "Invalid MaxStreams")
+                max_streams = int(value)
+            elif low == "port":
+                try:
+                    ports.append(parse_port_mapping(value))
+                except ConfigError:
+                    raise ControlError(512, f"Invalid VIRTPORT/TARGET {qecho(value)}") from None
+            elif low == "clientauthv3":
+                try:
+                    client_keys.append(parse_auth(f"descriptor:x25519:{value}", "ClientAuthV3"))
+                except KeyFileError:
+                    raise ControlError(512, "Cannot decode v3 client auth key") from None
+            elif low == "clientauth":
+                raise ControlError(513, "ClientAuth is for v2 services; use ClientAuthV3")
+            else:
+                raise ControlError(513, f"Invalid argument {qecho(name)}")
+        if not ports:
+            raise ControlError(512, "Missing 'Port' argument")
+        if "BasicAuth" in flags:
+            raise ControlError(512, "Cannot use BasicAuth with a v3 service (use ClientAuthV3)")
+        if "NonAnonymous" in flags:
+            raise ControlError(551, "Tried to create a non-anonymous onion service in an anonymous node")
+        service_id, secret = await self.node.add_onion(
+            key, ports, detach="Detach" in flags, owner=self.conn.id, max_streams=max_streams,
+            max_streams_close_circuit="MaxStreamsCloseCircuit" in flags, client_keys=client_keys)
+        lines = [f"ServiceID={service_id}"]
+        if "DiscardPK" not in flags and key is None:
+            lines.append("PrivateKey=ED25519-V3:" + base64.b64encode(secret.scalar + secret.prefix).decode())
+        return format_reply(250, [*lines, "OK"])
+
+    async def _del_onion(self, cmd: Command) -> bytes:
+        self._hosting()
+        args = words(cmd.args)
+        if not args:
+            raise ControlError(512, "Missing argument to DEL_ONION")
+        service_id = args[0].lower().removesuffix(".onion")
+        try:
+            parse_onion_address(service_id + ".onion", allow_subdomain=False)
+        except OnionError:
+            raise ControlError(512, "Malformed Onion Service id") from None
+        if not await self.node.del_onion(service_id, owner=self.conn.id):
+            raise ControlError(552, "Unknown Onion Service id")
+        return _ok()
+
+    def _hosting(self) -> None:
+        if not hasattr(self.node, "add_onion"):  # relays and authorities
+            raise ControlError(551, "Onion services are hosted by client nodes")
+
+    def _onions(self, detached: bool) -> str:
+        self._hosting()
+        ids = self.node.onions(detached=detached, owner=self.conn.id)
+        if not ids:
+            raise ControlError(551, "No onion services of the specified type.")
+        return "\n".join(ids)

@@ -67,6 +67,8 @@ __all__ = [
     "GuardEvent",
     "ConfChangedEvent",
     "ControlEvent",
+    "HsDescEvent",
+    "hs_desc_line",
     "longname",
     "iso_time",
     "circuit_line",
@@ -121,6 +123,10 @@ class CircuitInfo:
     remote_reason: str | None = None
     socks_username: str | None = None
     socks_password: str | None = None
+    #: onion-service circuits: control-spec's HS_STATE (HSCR_JOINED ...) and REND_QUERY (the
+    #: onion address without ".onion")
+    hs_state: str | None = None
+    rend_query: str | None = None
     bytes_read: int | None = None
     bytes_written: int | None = None
     hop_handshakes: tuple[str, ...] = ()
@@ -270,8 +276,22 @@ class GuardEvent:
     status: str
 
 
+@dataclass(frozen=True)
+class HsDescEvent:
+    """An onion-service descriptor upload step: ``650 HS_DESC <action> <address> UNKNOWN
+    <$FP~nick> [<descriptor id>] [REASON=...]`` (action UPLOAD, UPLOADED or FAILED, as
+    tor's control_event_hs_descriptor_upload*; the descriptor id, the blinded key in
+    base64, is given with UPLOAD only, as tor does)."""
+
+    action: str
+    address: str
+    hsdir: str  # $FP~nick
+    descriptor_id: str | None = None
+    reason: str | None = None
+
+
 ControlEvent = (CircEvent | StreamEvent | OrConnEvent | StatusEvent | SignalEvent | ConfChangedEvent
-                | BuildTimeoutSetEvent | GuardEvent)
+                | BuildTimeoutSetEvent | GuardEvent | HsDescEvent)
 
 
 _FINGERPRINT = re.compile(r"[0-9A-Fa-f]{40}")
@@ -327,6 +347,8 @@ def circuit_line(c: CircuitInfo) -> str:
     if c.build_flags:
         parts.append("BUILD_FLAGS=" + ",".join(_tok(f, "build flag") for f in c.build_flags))
     _kw(parts, "PURPOSE", c.purpose)
+    _kw(parts, "HS_STATE", c.hs_state)
+    _kw(parts, "REND_QUERY", c.rend_query)
     if c.time_created is not None:
         parts.append("TIME_CREATED=" + iso_time(c.time_created))
     _kw(parts, "REASON", c.reason)
@@ -400,6 +422,17 @@ def orconn_line(o: OrConnInfo, *, event: bool = True) -> str:
 def guard_event_line(e: GuardEvent) -> str:
     """A GUARD event's body: ``ENTRY $FP~nick STATUS``."""
     return f"ENTRY {longname(e.fingerprint, e.nickname)} {_tok(e.status, 'guard status')}"
+
+
+def hs_desc_line(e: HsDescEvent) -> str:
+    """An HS_DESC event's body (see :class:`HsDescEvent`)."""
+    parts = [_tok(e.action, "HS_DESC action"), _tok(e.address, "onion address"), "UNKNOWN",
+             _tok(e.hsdir, "HSDir")]
+    if e.descriptor_id and e.action == "UPLOAD":
+        parts.append(_tok(e.descriptor_id, "descriptor id"))
+    if e.reason:
+        parts.append(f"REASON={_tok(e.reason, 'reason')}")
+    return " ".join(parts)
 
 
 def guard_line(g: GuardInfo) -> str:

@@ -11,6 +11,8 @@ CLOSESTREAM and GETCONF/SETCONF on the node.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import random
 from collections.abc import Callable, Sequence
 
@@ -25,6 +27,7 @@ from onionp2p.control.formats import (
     ControlEvent,
     GuardEvent,
     GuardInfo,
+    HsDescEvent,
     OrConnEvent,
     OrConnInfo,
     StatusEvent,
@@ -95,6 +98,7 @@ class ClientControlAdapter(ControlAdapterBase):
         self.node = node
         self._fns = Listeners("control event")
         self._circ_status: dict[int, str] = {}
+        self._tasks: set[asyncio.Task] = set()
         self._conf = {
             "SocksPort": ("Port", lambda: [str(self.node.socks_port)], None),
             "ControlPort": ("Port", lambda: [str(self.node.control_port or 0)], None),
@@ -138,12 +142,18 @@ class ClientControlAdapter(ControlAdapterBase):
             "ExitPolicyRejectPrivate": ("Boolean", lambda: ["1"], None),
             "UseMicrodescriptors": ("Boolean+Auto", lambda: ["auto"], None),
             "HiddenServiceOptions": ("Virtual", lambda: [], None),
+            # stem's create_ephemeral_hidden_service asks (onion services here are never
+            # single-hop / non-anonymous)
+            "HiddenServiceSingleHopMode": ("Boolean", lambda: ["0"], None),
+            "HiddenServiceNonAnonymousMode": ("Boolean", lambda: ["0"], None),
         }
         node.client.events.add(self._on_circuit)
         node.client.channel_events.add(self._on_channel)
         node.events.add(self._on_node)
         node.circmgr.buildtimeout_events.add(lambda kind, args: self._send(BuildTimeoutSetEvent(kind, args)))
         node.guards.events.add(lambda fp, nick, status: self._send(GuardEvent(fp, nick or None, status)))
+        node.hs_desc_events.add(lambda action, address, hsdir, desc_id, reason:
+                                self._send(HsDescEvent(action, address, hsdir, desc_id, reason)))
 
     # -- plain properties -----------------------------------------------------------------------
 
@@ -194,12 +204,21 @@ class ClientControlAdapter(ControlAdapterBase):
         last = layers[-1] if layers and len(layers) == len(circ.path) else None
         return CircuitInfo(
             id=circ.id, status=status, path=tuple((h.fingerprint, h.nickname) for h in circ.hops),
-            build_flags=("NEED_CAPACITY",), purpose="GENERAL", time_created=circ.created_at, reason=reason,
+            build_flags=("IS_INTERNAL", "NEED_CAPACITY") if circ.purpose != "GENERAL" else ("NEED_CAPACITY",),
+            purpose=circ.purpose, hs_state=circ.hs_state, rend_query=circ.rend_query,
+            time_created=circ.created_at, reason=reason,
             hop_handshakes=tuple(layer.handshake for layer in layers),
             hop_relay_crypto=tuple(layer.relay_crypto for layer in layers),
             congestion_control=None if last is None else ("vegas" if last.cc is not None else "fixed"),
             cc=None if last is None or last.cc is None else CCState.of(last.cc),
         )
+
+    def client_onion_auth(self):
+        """Our client-authorization keys (ONION_CLIENT_AUTH_*; control/onionauth.py)."""
+        return self.node.onion_auth
+
+    def onion_auth_changed(self, identity: bytes) -> None:
+        self.node.hs.forget(identity)  # as tor, drop what is cached for that service
 
     def circuits(self) -> list[CircuitInfo]:
         return [self._circuit_info(c) for c in self.node.client.circuits.values()
@@ -272,7 +291,8 @@ class ClientControlAdapter(ControlAdapterBase):
         if circ is not None:
             info = self._circuit_info(circ, status, reason)
         else:
-            info = CircuitInfo(id=ev.circuit_id, status=status, path=(), purpose="GENERAL", reason=reason)
+            info = CircuitInfo(id=ev.circuit_id, status=status, path=(), purpose=ev.purpose, hs_state=ev.hs_state,
+                               rend_query=ev.rend_query, reason=reason)
         if status in ("FAILED", "CLOSED") and reason not in _CIRC_REASONS:
             info = CircuitInfo(**{**info.__dict__, "reason": "FINISHED" if status == "CLOSED" else "MISC"})
         self._send(CircEvent(info))
@@ -287,12 +307,53 @@ class ClientControlAdapter(ControlAdapterBase):
         elif event[0] == "status":
             self._on_bootstrap(*event[1:])
 
+    # -- onion services (ADD_ONION / DEL_ONION) -----------------------------------------------------
+
+    async def add_onion(self, key, ports, *, detach: bool, owner: int, max_streams: int,
+                        max_streams_close_circuit: bool, client_keys) -> tuple[str, object]:
+        """Host a service for a controller: (ServiceID, its identity key). 550 if the
+        address is already hosted here (tor: "Onion address collision")."""
+        from onionp2p.proto.ed25519x import ExpandedKey
+        from onionp2p.proto.hs.address import encode_onion_address
+
+        key = key if key is not None else ExpandedKey.from_seed(os.urandom(32))
+        address = encode_onion_address(key.public).removesuffix(".onion")
+        if address in self.node.onion_services:
+            raise ControlError(550, "Onion address collision")
+        svc = await self.node.add_onion_service(
+            [str(p) for p in ports], key=key, max_streams=max_streams,
+            max_streams_close_circuit=max_streams_close_circuit, client_keys=client_keys,
+            owner="detached" if detach else owner)
+        return svc.address, key
+
+    async def del_onion(self, service_id: str, *, owner: int) -> bool:
+        """Remove a service added by this connection or detached (tor refuses other
+        connections' and the configured ones as unknown)."""
+        who = self.node._onion_owner.get(service_id)
+        if service_id not in self.node.onion_services or who not in ("detached", owner):
+            return False
+        return await self.node.remove_onion_service(service_id)
+
+    def onions(self, *, detached: bool, owner: int) -> list[str]:
+        """GETINFO onions/current (this connection's) or onions/detached (added with Detach)."""
+        want = "detached" if detached else owner
+        return [a for a, who in self.node._onion_owner.items() if who == want]
+
+    def control_connection_closed(self, conn_id: int) -> None:
+        """The services a connection added without Detach go with it, as in tor."""
+        for address, who in list(self.node._onion_owner.items()):
+            if who == conn_id:
+                task = asyncio.get_running_loop().create_task(self.node.remove_onion_service(address))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
     # -- actions --------------------------------------------------------------------------------------
 
     async def signal(self, name: str) -> None:
         name = name.upper()
         if name == "NEWNYM":
             self.node.circmgr.new_identity()
+            self.node.hs.new_identity()  # tor's hs_client_purge_state
         elif name in ("SHUTDOWN", "HALT"):
             self.node.shutdown_requested.set()
         elif name == "HEARTBEAT":

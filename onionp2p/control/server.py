@@ -72,6 +72,7 @@ from onionp2p.control.formats import (
     ConfChangedEvent,
     ControlEvent,
     GuardEvent,
+    HsDescEvent,
     GuardInfo,
     OrConnEvent,
     OrConnInfo,
@@ -83,6 +84,7 @@ from onionp2p.control.formats import (
     circuit_line,
     conf_changed_reply,
     guard_event_line,
+    hs_desc_line,
     orconn_line,
     status_line,
     stream_line,
@@ -315,6 +317,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._dead = True
         self.server._conns.discard(self)
+        gone = getattr(self.server.node, "control_connection_closed", None)
+        if gone is not None:  # onion services ADD_ONION made without Detach go with their connection
+            gone(self.id)
         if self._timer is not None:
             self._timer.cancel()
         if self._worker is not None and not self._worker.done():
@@ -582,6 +587,9 @@ class ControlServer:
             elif isinstance(event, GuardEvent):
                 etype = "GUARD"
                 fmt = lambda: format_event(etype, guard_event_line(event))  # noqa: E731
+            elif isinstance(event, HsDescEvent):
+                etype = "HS_DESC"
+                fmt = lambda: format_event(etype, hs_desc_line(event))  # noqa: E731
             else:
                 return
             if self._wanted(etype):  # format only what someone asked for

@@ -447,7 +447,34 @@ class ClientCollector:
         socks = getattr(getattr(node, "socks", None), "stats", None)
         if socks is not None:
             metrics += _socks_metrics(socks)
+        if hasattr(node, "onion_service_counts"):
+            metrics += _onion_service_metrics(len(node.onion_services), node.onion_service_counts())
         return metrics + process_metrics()
+
+
+#: the onion-service outcomes always exported (others appear once counted)
+_HS_TABLES = {
+    "introductions": ("onionp2p_hs_service_introductions_total",
+                      "INTRODUCE2 cells at hosted onion services, by outcome (accepted or why dropped).",
+                      ("accepted", "replay", "malformed", "bad_mac", "rate_limited")),
+    "rendezvous": ("onionp2p_hs_service_rendezvous_total",
+                   "Rendezvous circuits of hosted onion services: joined (success) or failed.",
+                   ("success", "failed")),
+    "streams": ("onionp2p_hs_service_streams_total",
+                "Streams to hosted onion services: accepted (target connected) or refused.",
+                ("accepted", "refused")),
+    "uploads": ("onionp2p_hs_service_descriptor_uploads_total",
+                "Descriptor uploads to HSDirs by hosted onion services.", ("success", "failed")),
+}
+
+
+def _onion_service_metrics(hosted: int, counts: Mapping[tuple[str, str], int]) -> list[Metric]:
+    out = [gauge("onionp2p_hs_services", "Onion services hosted by this node.", hosted)]
+    for table, (name, help_, always) in _HS_TABLES.items():
+        values = {k: 0 for k in always}
+        values.update({outcome: n for (t, outcome), n in counts.items() if t == table})
+        out.append(counter(name, help_, dict(sorted(values.items())), "result"))
+    return out
 
 
 def _stat(stats, name: str) -> int | None:

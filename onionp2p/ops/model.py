@@ -201,6 +201,9 @@ class Circuit:
     remote_reason: str | None = None
     bytes_read: int | None = None
     bytes_written: int | None = None
+    #: onion-service circuits: control-spec's HS_STATE and REND_QUERY (address without ".onion")
+    hs_state: str | None = None
+    rend_query: str | None = None
     #: onionp2p's extensions: per hop, the circuit handshake and relay crypto; the circuit's
     #: congestion control ("vegas" | "fixed") and, under Vegas, tor's CIRC_BW fields
     hop_handshakes: tuple[str, ...] = ()
@@ -318,7 +321,8 @@ def parse_circuit(body: str) -> Circuit:
         id=_int(tokens[0], "circuit id"), status=tokens[1], path=path, purpose=kw.get("PURPOSE"),
         build_flags=tuple(f for f in kw.get("BUILD_FLAGS", "").split(",") if f),
         time_created=_iso(kw.get("TIME_CREATED")), reason=kw.get("REASON"),
-        remote_reason=kw.get("REMOTE_REASON"), bytes_read=_int(kw.get("BYTES_READ"), "byte count"),
+        remote_reason=kw.get("REMOTE_REASON"), hs_state=kw.get("HS_STATE"), rend_query=kw.get("REND_QUERY"),
+        bytes_read=_int(kw.get("BYTES_READ"), "byte count"),
         bytes_written=_int(kw.get("BYTES_WRITTEN"), "byte count"),
         hop_handshakes=tuple(h for h in kw.get("HOP_HANDSHAKES", "").split(",") if h),
         hop_relay_crypto=tuple(h for h in kw.get("HOP_RELAY_CRYPTO", "").split(",") if h),

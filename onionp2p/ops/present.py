@@ -1,7 +1,7 @@
 """Pure presentation of a :class:`~onionp2p.ops.controlclient.NetworkView`, shared by
 ``onionp2p circuits`` (:mod:`onionp2p.ops.circuits`) and ``onionp2p top``
-(:mod:`onionp2p.ops.top`): one row per circuit, byte and age formats. Stream targets show
-as ``[scrubbed]`` unless asked for."""
+(:mod:`onionp2p.ops.top`): one row per circuit, byte and age formats. Stream targets and
+onion-service circuits' addresses (REND_QUERY) show as ``[scrubbed]`` unless asked for."""
 
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def circuit_rows(view: NetworkView, now: float, *, show_targets: bool = False) -
                          "relay_crypto": c.hop_relay_crypto[i] if i < len(c.hop_relay_crypto) else None})
         rows.append({
             "id": c.id, "state": c.status, "purpose": c.purpose, "build_flags": list(c.build_flags),
+            "hs_state": c.hs_state,  # the onion address is as private as a stream's target
+            "rend_query": c.rend_query if show_targets or c.rend_query is None else SCRUBBED,
             "path": path, "age_seconds": None if c.age(now) is None else round(c.age(now), 3),  # type: ignore[arg-type]
             "bytes_sent": c.bytes_written, "bytes_received": c.bytes_read,
             "congestion_control": c.congestion_control,

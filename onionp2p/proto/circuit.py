@@ -118,6 +118,7 @@ _RELAY_EARLY = int(CellCommand.RELAY_EARLY)
 _DATA = int(RelayCommand.DATA)
 _SENDME = int(RelayCommand.SENDME)
 _END = int(RelayCommand.END)
+_BEGIN = int(RelayCommand.BEGIN)
 _EXTEND2 = int(RelayCommand.EXTEND2)
 _XOFF = int(RelayCommand.XOFF)
 _XON = int(RelayCommand.XON)
@@ -295,7 +296,9 @@ class Destroyed(Action):
 
 class ExitBegin(Action):
     """Relay (last hop): the client asks for a stream: BEGIN (``begin`` parsed) or
-    BEGIN_DIR (``begin`` None). Answer with ``exit_connected`` or ``exit_refused``."""
+    BEGIN_DIR (``begin`` None). Answer with ``exit_connected`` or ``exit_refused``.
+    At an onion service (a client circuit that :meth:`ClientCircuit.accept_streams`), a
+    BEGIN from the end-to-end hop; answer with ``stream_accepted`` or ``stream_refused``."""
     __slots__ = ("stream_id", "begin")
 
     def __init__(self, stream_id: int, begin: Begin | None):
@@ -740,6 +743,8 @@ class ClientCircuit(Edge):
         self._next_sid = int.from_bytes(os.urandom(2), "big")  # tor: crypto_rand_int(1<<16)
         # RENDEZVOUS2 -> end-to-end key material, while a rendezvous is awaited
         self._rendezvous: Callable[[bytes], bytes] | None = None
+        # an onion service's rendezvous circuit: the end-to-end hop whose BEGINs it serves
+        self._serving: Layer | None = None
 
     @property
     def n_hops(self) -> int:
@@ -806,6 +811,54 @@ class ClientCircuit(Edge):
         if self.state != "built":
             raise LocalProtocolError("circuit is not open")
         self._rendezvous = complete
+
+    def accept_streams(self) -> None:
+        """Serve streams on this circuit as an onion service does on its rendezvous circuit:
+        a BEGIN from the last hop (the end-to-end layer added by :meth:`add_virtual_hop`)
+        opens a stream here, reported as :class:`ExitBegin` and answered with
+        :meth:`stream_accepted` or :meth:`stream_refused` (tor's ``handle_hs_exit_conn``).
+        A BEGIN from any other hop, RESOLVE and BEGIN_DIR stay violations; a malformed
+        BEGIN is answered with END (TORPROTOCOL); a BEGIN for a stream ID in use is
+        dropped, as at an exit."""
+        if self.state != "built" or not self.layers or self.layers[-1].relay_crypto != "hs":
+            raise LocalProtocolError("streams are served only past an end-to-end layer")
+        self._serving = self.layers[-1]
+
+    def _incoming_begin(self, layer: Layer, sid: int, data: bytes) -> None:
+        if sid in self.streams or sid in self._half_closed:
+            self._violation("BEGIN for a stream ID in use", layer, _BEGIN, sid)
+            return
+        try:
+            begin = Begin.parse(data, onion_service=True)
+        except ProtocolError:
+            self._originate(layer, _END, sid, End(EndReason.TORPROTOCOL).encode())
+            return
+        stream = Stream(sid, layer)
+        stream.sink_ready = False  # until the local target is connected
+        self.streams[sid] = stream
+        self._out.append(ExitBegin(sid, begin))
+
+    def stream_accepted(self, sid: int, now: float | None = None) -> list:
+        """The served stream's local target is connected: CONNECTED (empty, as tor's
+        service sends it: no address to tell), and data flows."""
+        if now is not None:
+            self.now = now
+        stream = self.streams.get(sid)
+        if stream is not None and stream.state is StreamState.CONNECTING and not self.closed:
+            self._originate(stream.layer, int(RelayCommand.CONNECTED), sid, b"")
+            stream.state = StreamState.OPEN
+            stream.sink_ready = True
+            self._stream_sendmes(stream)
+            self._pump(stream)
+        return self._take()
+
+    def stream_refused(self, sid: int, reason: int) -> list:
+        """The served stream cannot be connected: END(``reason``)."""
+        stream = self.streams.get(sid)
+        if stream is not None and not self.closed:
+            self._originate(stream.layer, _END, sid, bytes((reason,)))
+            self._forget_stream(stream, reason, by_peer=False)
+        return self._take()
 
     def _new_layer(self, key_material: bytes, params: HopParams | None) -> Layer:
         kind = params.relay_crypto if params is not None else "tor1"
@@ -978,6 +1031,8 @@ class ClientCircuit(Edge):
                 key_material = complete(data)  # (RENDEZVOUS2 is HANDSHAKE_INFO alone) HandshakeError
                 self._new_layer(key_material, HopParams(key_material, "hs-ntor", relay_crypto="hs"))
             self._out.append(HsMessage(layer.index, cmd, data))
+        elif cmd == RelayCommand.BEGIN and self._serving is layer:
+            self._incoming_begin(layer, sid, data)
         elif cmd in STREAM_COMMANDS:  # BEGIN, RESOLVE, BEGIN_DIR: never toward a client
             self._violation("stream request toward the client", layer, cmd, sid)
         # DROP, PADDING_NEGOTIATED and commands we do not know: dropped (counted in the digest)

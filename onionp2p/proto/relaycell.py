@@ -282,7 +282,7 @@ def _ascii(raw: bytes, what: str) -> str:
     return text
 
 
-def _split_hostport(text: str, what: str) -> tuple[str, int]:
+def _split_hostport(text: str, what: str, allow_empty: bool = False) -> tuple[str, int]:
     host, sep, port_s = text.rpartition(":")
     if not sep or not port_s.isdigit() or len(port_s) > 5:
         raise ProtocolError(f"{what}: address must be host:port")
@@ -300,7 +300,7 @@ def _split_hostport(text: str, what: str) -> tuple[str, int]:
         # An IPv6 literal must be in brackets, and no hostname contains a colon. Accepting
         # one would give a host that encode() wraps in brackets and no decoder accepts.
         raise ProtocolError(f"{what}: colon in host (IPv6 literals go in brackets)")
-    if not host or len(host) > 255:
+    if (not host and not allow_empty) or len(host) > 255:
         raise ProtocolError(f"{what}: bad host length")
     return host, port
 
@@ -332,11 +332,13 @@ class Begin:
         return _check_len(out, "BEGIN")
 
     @classmethod
-    def parse(cls, data: bytes) -> Begin:
+    def parse(cls, data: bytes, *, onion_service: bool = False) -> Begin:
+        """``onion_service``: the BEGIN arrived at an onion service, where clients send an
+        empty host (``":80"``, as tor's connection_ap_handshake_send_begin does)."""
         nul = data.find(b"\0")
         if nul < 0:
             raise ProtocolError("BEGIN: address not NUL-terminated")
-        host, port = _split_hostport(_ascii(bytes(data[:nul]), "BEGIN"), "BEGIN")
+        host, port = _split_hostport(_ascii(bytes(data[:nul]), "BEGIN"), "BEGIN", onion_service)
         rest = data[nul + 1 :]
         flags = struct.unpack(">I", rest[:4])[0] if len(rest) >= 4 else 0
         return cls(host, port, flags)

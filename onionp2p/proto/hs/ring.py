@@ -26,12 +26,13 @@ Times are a consensus's ``valid-after``, passed in; nothing here reads the clock
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from onionp2p.proto.hs.blinding import DEFAULT_PERIOD_LENGTH, TimePeriod, hs_index, hsdir_index
 
 __all__ = [
+    "consensus_periods",
     "DEFAULT_N_REPLICAS",
     "DEFAULT_SPREAD_FETCH",
     "DEFAULT_SPREAD_STORE",
@@ -70,6 +71,20 @@ def responsible_hsdirs(hsdir_ids: Iterable[bytes], blinded: bytes, period: TimeP
             chosen.append(node)
             taken += 1
     return chosen
+
+
+def consensus_periods(valid_after: float, fresh_until: float, params: Mapping[str, int] | None = None, *,
+                      one_run: bool = False) -> tuple[int, int]:
+    """``(voting interval in seconds, time period length in minutes)`` a consensus implies,
+    for clients and services alike. The interval is fresh-until − valid-after (3600 if
+    that is not positive); the period is one shared-random protocol run (24 intervals) with
+    ``one_run`` (tor's TestingTorNetwork rule, and our networks' choice: specs/directory.md
+    §4.2), else the ``hsdir-interval`` parameter (minutes, 30..14400, default a day)."""
+    interval = int(fresh_until - valid_after) if fresh_until > valid_after else 3600
+    if one_run:
+        return interval, max(1, _SR_ROUNDS * interval // 60)
+    value = (params or {}).get("hsdir-interval", DEFAULT_PERIOD_LENGTH)
+    return interval, min(max(int(value), 30), 14400)
 
 
 def in_period_between_tp_and_srv(valid_after: float, *, voting_interval: int = 3600,
