@@ -262,20 +262,23 @@ async def test_curl_through_our_socks_port_to_a_tor_onion_service(tor_services, 
     onion = addresses["open"]
     label = onion.removesuffix(".onion")
     events_reader, events_writer = await asyncio.open_connection("127.0.0.1", control)
-    for command in (f"AUTHENTICATE {cookie.read_bytes().hex()}", "SETEVENTS CIRC"):
+    for command in (f"AUTHENTICATE {cookie.read_bytes().hex()}", "SETEVENTS CIRC STREAM"):
         events_writer.write(command.encode() + b"\r\n")
         assert await events_reader.readline() == b"250 OK\r\n"
     body = await _curl_published(socks, f"http://{onion}/{MB5}")
     assert len(body) == MB5 and sha256(body) == sha256(blob(MB5)), out.read_text()[-3000:]
     rends = _rend_circuits(await _circuits(control, cookie), onion)
     assert len(rends) == 1 and rends[0]["hs_state"] == "HSCR_JOINED" and len(rends[0]["path"]) == 3
-    # CIRC events with tor's purposes and the address, also for circuits already closed
-    events = []
-    while not any(" CLOSED " in e and "PURPOSE=HS_CLIENT_INTRO" in e for e in events):
+    # CIRC events with tor's purposes and the address, also for circuits already closed; the
+    # STREAM event of the request on the rendezvous circuit
+    events: list[str] = []
+    succeeded = f"650 STREAM {{}} SUCCEEDED {rends[0]['id']} {onion}:{{}}"
+    while not (any(" CLOSED " in e and "PURPOSE=HS_CLIENT_INTRO" in e for e in events)
+               and any(re.match(succeeded.format(r"\d+", 80), e) for e in events)):
         try:
             events.append((await asyncio.wait_for(events_reader.readline(), 10)).decode())
         except TimeoutError:
-            pytest.fail(f"no CIRC CLOSED event with PURPOSE=HS_CLIENT_INTRO: {events}")
+            pytest.fail(f"no CIRC CLOSED event with PURPOSE=HS_CLIENT_INTRO or STREAM SUCCEEDED: {events}")
     events_writer.close()
     assert any(e.startswith(f"650 CIRC {rends[0]['id']} BUILT ") and "PURPOSE=HS_CLIENT_REND" in e
                and f"REND_QUERY={label}" in e and "BUILD_FLAGS=IS_INTERNAL" in e for e in events), events

@@ -649,11 +649,11 @@ class CircuitManager:
         """A path and its guard-spec state: the guard from the guard set, the rest from
         ``pick(routers, guard, exclude)`` (default: :func:`choose_path` for ``port``), avoiding
         recently failed relays where a path exists without them."""
-        if pick is None:
-            def pick(routers: list[RouterStatus], guard: RouterStatus, exclude: set[str]) -> list[RouterStatus]:
-                return choose_path(routers, port=port, guard=guard, rng=self.rng, exclude=exclude,
-                                   enforce_distinct_subnets=self.enforce_distinct_subnets,
-                                   bw_weights=self.guards.bw_weights())  # the consensus's weights
+        def exit_path(routers: list[RouterStatus], guard: RouterStatus, exclude: set[str]) -> list[RouterStatus]:
+            return choose_path(routers, port=port, guard=guard, rng=self.rng, exclude=exclude,
+                               enforce_distinct_subnets=self.enforce_distinct_subnets,
+                               bw_weights=self.guards.bw_weights())  # the consensus's weights
+        pick = pick or exit_path
         routers = list(self.routers())
         failed = self._recent_failures()
         tiers: list[set[str]] = []

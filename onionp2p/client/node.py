@@ -56,7 +56,7 @@ from onionp2p import __version__
 from onionp2p.bootstrap import Bootstrap
 from onionp2p.client.cbt import CBTParams, CircuitBuildTimes
 from onionp2p.client.circmgr import CircuitManager
-from onionp2p.client.client import OnionClient
+from onionp2p.client.client import ClientCircuit, OnionClient
 from onionp2p.client.guards import GuardSet
 from onionp2p.client.hsclient import MAX_DESC_SIZE, STEP_TIMEOUT, OnionServiceClient
 from onionp2p.client.hskeys import ClientOnionAuth
@@ -64,7 +64,7 @@ from onionp2p.config import CONTROL_PORT_DEFAULT, CONTROL_PORT_PREFERRED, Client
 from onionp2p.errors import CircuitError, ConfigError, ListenError, LocalProtocolError, StreamError
 from onionp2p.listeners import Listeners
 from onionp2p.log import LIVE_LOG_KEYS, apply_log_config, get_logger
-from onionp2p.proto.directory import RouterStatus
+from onionp2p.proto.directory import RelayInfo, RouterStatus
 from onionp2p.proto.exitpolicy import is_private_address
 from onionp2p.proto.hs.address import is_onion_name
 from onionp2p.proto.relaycell import EndReason, Resolved
@@ -225,7 +225,8 @@ class ClientNode:
         hour = int(time.time()) // 3600 * 3600
         return DirectoryView(self.routers(), hour, hour + 3600, params=dict(self.client.consensus_params()))
 
-    async def _hs_circuit(self, last, purpose: str, onion: str | None):
+    async def _hs_circuit(self, last: RelayInfo | None, purpose: str, onion: str | None) -> ClientCircuit:
+        """An onion-service circuit for the onion-service client (its ``build``)."""
         return await self.circmgr.build_internal(last, purpose, onion=onion, timeout=STEP_TIMEOUT)
 
     def _directory_guards(self, routers: Sequence[RouterStatus]) -> list[RouterStatus]:
