@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from onionp2p.errors import DigestMismatch, LocalProtocolError, ProtocolError
@@ -535,17 +537,23 @@ def _cgo_transcript(seed: int, cells: int) -> list[bytes]:
 
 
 def test_native_and_pure_polyval_give_the_same_cells(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Full cell operations, key updates included, are byte-identical with either POLYVAL."""
+    """Full cell operations, key updates included, are byte-identical with either POLYVAL and
+    either XOR (C strxor or Python ints)."""
     assert cgo.PolyvalKey is cgo.NativePolyvalKey, cgo._backend_note
     fast = _cgo_transcript(seed=1234, cells=300)
     monkeypatch.setattr(cgo, "PolyvalKey", cgo.PurePolyvalKey)
     probe = ClientCrypto()
     probe.add_hop(bytes(KEY_MATERIAL_LEN))
-    assert isinstance(probe._hops[0].fwd._uiv._et._ku.__self__, cgo.PurePolyvalKey)  # the reference runs
+    assert isinstance(probe._hops[0].fwd._uiv._ku.__self__, cgo.PurePolyvalKey)  # the reference runs
     reference = _cgo_transcript(seed=1234, cells=300)
     assert len(fast) == len(reference) > 300 * 20
     for i, (a, b) in enumerate(zip(fast, reference)):
         assert a == b, i
+    monkeypatch.setattr(cgo, "_make_xor", cgo._make_xor_ints)  # and the XOR in Python ints too
+    probe = ClientCrypto()
+    probe.add_hop(bytes(KEY_MATERIAL_LEN))
+    assert probe._hops[0].fwd._uiv._xor is cgo._xor_ints
+    assert _cgo_transcript(seed=1234, cells=300) == fast
 
 
 # --- the layers on their own -----------------------------------------------------------------
@@ -592,6 +600,93 @@ def test_prf_is_aes_ctr_from_the_polyval_iv() -> None:
         prf.stream_t1(tweak, 529)
     with pytest.raises(LocalProtocolError):
         prf.xor_t0(tweak[:15], bytes(16))
+
+
+# --- the fast paths against their references ------------------------------------------------
+
+#: IVs whose counters sit just below a carry: 2^128 (all ones), 2^64 and 2^32 (low 64 / 32
+#: bits all ones) and 2^8 (the last byte); the low six bits are clear, as the PRF's are
+EDGE_IVS = [b"\xff" * 15 + b"\xc0", bytes(8) + b"\xff" * 7 + b"\xc0", bytes(12) + b"\xff" * 3 + b"\xc0",
+            bytes(15) + b"\xc0", bytes(16), b"\x80" + bytes(14) + b"\x40"]
+
+
+def _ctr_reference(key: bytes, iv: bytes, first: int, count: int) -> bytes:
+    """Blocks ``first`` .. ``first + count - 1`` of AES-128-CTR from ``iv`` (``cryptography``'s CTR mode)."""
+    stream = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor().update(bytes(16 * (first + count)))
+    return stream[16 * first:]
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.binary(min_size=16, max_size=16),
+       iv=st.one_of(st.sampled_from(EDGE_IVS), st.binary(min_size=16, max_size=16)),
+       first=st.integers(0, 63), count=st.integers(0, 64))
+@example(key=bytes(16), iv=EDGE_IVS[0], first=0, count=64)  # up to 2^128 - 1, the last one before the wrap
+@example(key=bytes(16), iv=EDGE_IVS[1], first=31, count=33)
+@example(key=bytes(16), iv=EDGE_IVS[2], first=31, count=5)
+@example(key=bytes(16), iv=bytes(15) + b"\xfd", first=3, count=1)  # one block past the last byte: must raise
+@example(key=bytes(16), iv=bytes(15) + b"\xff", first=0, count=2)
+def test_counter_blocks_through_ecb_are_aes_ctr(key: bytes, iv: bytes, first: int, count: int) -> None:
+    """The PRF's keystream (counter blocks through one ECB context) is AES-CTR, for any IV,
+    near the 2^128 / 2^64 / 2^32 carries too; a run that would carry out of the last byte
+    (which the PRF never asks for) raises instead of giving a wrong stream."""
+    ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor().update
+    if iv[15] + first + count <= 256:
+        assert ecb(bytes(cgo._counter_blocks(iv, first, count))) == _ctr_reference(key, iv, first, count)
+    else:
+        with pytest.raises(ValueError):
+            cgo._counter_blocks(iv, first, count)
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.binary(min_size=16, max_size=16), b=st.binary(min_size=16, max_size=16),
+       tweak=st.binary(min_size=16, max_size=16), n0=st.integers(0, 496), n1=st.integers(0, 528))
+def test_prf_fast_path_is_aes_ctr_from_the_polyval_iv(k: bytes, b: bytes, tweak: bytes, n0: int,
+                                                       n1: int) -> None:
+    """PRF output for random keys and inputs and every length against CTR from the reference IV."""
+    iv = bytearray(ref_polyval(b, tweak))
+    iv[15] &= 0xC0
+    stream = _ctr_reference(k, bytes(iv), 0, 64)
+    prf, data = PRF(k + b), os.urandom(n0)
+    assert prf.xor_t0(tweak, data) == bytes(x ^ y for x, y in zip(data, stream))
+    assert prf.stream_t1(tweak, n1) == stream[31 * 16:31 * 16 + n1]
+    uiv = UIV(bytes(32) + k + b, encrypt=True)  # UIV+ update: 80 bytes of t=1 from UIV's own PRF fields
+    assert uiv.update(tweak) == stream[31 * 16 + 64:31 * 16 + 80]
+    assert uiv.key == stream[31 * 16:31 * 16 + 64]
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.binary(max_size=512), extra=st.binary(max_size=64), again=st.binary(max_size=512))
+@example(a=bytes(493), extra=bytes(3), again=b"\xff" * 493)
+def test_xor_fast_path_matches_the_reference(a: bytes, extra: bytes, again: bytes) -> None:
+    """The C XOR (when bound) and the int XOR give ``a ^ b[:len(a)]``; a result is not changed
+    by the next call on the same (reused) output buffer."""
+    b = os.urandom(len(a)) + extra
+    want = bytes(x ^ y for x, y in zip(a, b))
+    makers = [cgo._make_xor_ints] + ([cgo._native_xor] if cgo._native_xor is not None else [])
+    for make in makers:
+        xor = make()
+        got = xor(a, b)
+        assert type(got) is bytes and got == want, make
+        xor(again, again + bytes(len(again)))  # the next cell through the same buffer
+        assert got == want
+
+
+def test_the_xor_fast_path_is_in_use() -> None:
+    """pycryptodome (with cffi, as installed) gives the C XOR; CGO must not quietly run the int one."""
+    assert cgo._native_xor is not None, cgo.XOR_BACKEND
+    assert cgo.XOR_BACKEND == "pycryptodome_strxor"
+    assert UIV(bytes(64), encrypt=True)._xor.__qualname__.startswith("_native_xor_factory")
+
+
+def test_a_rekey_keeps_the_buffers_and_replaces_only_the_keys() -> None:
+    """UIV+ update makes two AES contexts and two POLYVAL keys, and reuses its buffers (the
+    per-cell budget of an end that rekeys); the POLYVAL keys write into the UIV's buffer."""
+    uiv = UIV(bytes(64), encrypt=True)
+    out, xor, ku, b, aes = uiv._out, uiv._xor, uiv._ku, uiv._b, uiv._et_aes
+    uiv.update(bytes(16))
+    assert uiv._out is out and uiv._xor is xor
+    assert uiv._ku is not ku and uiv._b is not b and uiv._et_aes is not aes
+    assert uiv._ku.__closure__ is not None and any(c.cell_contents is out for c in uiv._ku.__closure__)
 
 
 def test_uiv_round_trip_both_ways() -> None:

@@ -778,6 +778,40 @@ def test_xoff_and_xon_replace_stream_windows():
     assert b"".join(a.data for a in only(w.relay_actions[2], core.StreamData)).endswith(b"z" * 5000)
 
 
+def test_xon_carries_the_sinks_drain_rate_in_kilobytes_per_second():
+    """The XON a sink's edge sends says how fast the sink drained since the XOFF (tor's
+    flow_control_decide_xon): what it held at the XOFF (cc_xoff_client cells of 498 bytes)
+    plus what came after, over the time it took; the other edge paces itself by it."""
+    from onionp2p.proto.relaycell import Xon
+
+    w = cc_wire(cc_xon_rate=1)  # a sample after one cell's worth (tor's default is 500)
+    sid = w.open_stream()
+    exit_edge = w.hops[2]
+    held = 500 * 498  # the client sink's XOFF limit (cc_xoff_client)
+    w.client(w.c.stream_sink_ready(sid, False, now=10.0))
+    assert w.c.streams[sid].drain.ewma == 0
+    w.relay(2, exit_edge.stream_write(sid, b"x" * 498 * 10, now=10.0))  # held back by the XOFF
+    w.client(w.c.stream_sink_ready(sid, True, now=10.5))
+    rate = held * 1000 // 500_000  # bytes * 1000 / µs = kilobytes per second: 498
+    assert exit_edge.streams[sid].xon_rate == rate == 498
+    assert w.c.streams[sid].drain.last_sent == rate
+    assert w.c.streams[sid].bytes_received == 4980  # the exit sent what it held, within the rate
+    # a second round: tor divides the previous period's bytes by this period's time; the
+    # previous period is the 4,980 bytes the sink took with its queue empty (they doubled
+    # the average, still unsent; the XOFF cleared it)
+    assert w.c.streams[sid].drain.ewma == 2 * 498 and w.c.streams[sid].drain.prev_drained == 4980
+    w.client(w.c.stream_sink_ready(sid, False, now=20.0))
+    w.client(w.c.stream_sink_ready(sid, True, now=21.0))
+    assert exit_edge.streams[sid].xon_rate == 4980 * 1000 // 1_000_000 == 4
+    # with tor's default cc_xon_rate, less than 500 cells drained since the XOFF: no rate (0)
+    w = cc_wire()
+    sid = w.open_stream()
+    w.client(w.c.stream_sink_ready(sid, False, now=1.0))
+    w.client(w.c.stream_sink_ready(sid, True, now=2.0))
+    assert w.hops[2].streams[sid].xon_rate == 0 and w.c.streams[sid].drain.last_sent == 0
+    assert w.hops[2].streams[sid].xon_rate == Xon.parse(Xon(0).encode()).kbps_ewma
+
+
 def test_xon_xoff_from_the_wrong_hop_or_without_cc_are_dropped_and_reported():
     from onionp2p.proto.relaycell import Xoff, Xon
 
@@ -1004,3 +1038,24 @@ def test_xon_advisory_rate_paces_the_stream_until_an_xon_lifts_it():
     got = w.relay(2, exit_edge.on_timer(7.0))
     assert sum(len(a.data) for a in only(got, core.StreamData)) == 5000 - 2 * 1992
     assert exit_edge.streams[sid].buffered == 0
+
+
+def test_an_advertised_rate_opens_up_again_while_the_sink_keeps_up():
+    """After a slow spell the XON's rate would pace the other edge for good; as in tor, a
+    sink that keeps taking data doubles it every cc_xon_rate cells' worth and sends an
+    advisory XON (no XOFF before it) each time it moved by more than 25 %."""
+    w = cc_wire(cc_xon_rate=1)  # 498 bytes between samples, for a short test
+    sid = w.open_stream()
+    exit_edge = w.hops[2]
+    w.client(w.c.stream_sink_ready(sid, False, now=10.0))
+    w.client(w.c.stream_sink_ready(sid, True, now=10.5))
+    assert exit_edge.streams[sid].xon_rate == 498
+    seen = []
+    for i in range(6):  # the client's sink takes one cell at a time
+        w.relay(2, exit_edge.stream_write(sid, b"y" * 498, now=11.0 + i))
+        seen.append(exit_edge.streams[sid].xon_rate)
+    # each cell's worth doubles the average, which the next cell's check finds moved by more
+    # than 25 % and sends (tor checks before it doubles, in the same call)
+    assert seen == [498, 996, 1992, 3984, 7968, 15936]
+    assert w.c.streams[sid].drain.last_sent == 15936 and w.c.streams[sid].bytes_received == 6 * 498
+    assert w.c.streams[sid].drain.ewma == 2 * 15936  # doubled again, not yet sent

@@ -2,7 +2,7 @@
 
 Each harness runs as its own process (libFuzzer owns the process: it exits on the first
 crash) on a copy of the committed seed corpus for ``ONIONP2P_FUZZ_SECONDS`` seconds
-(default 60), with an RSS limit and a per-input timeout. The test fails if the
+(default 30), with an RSS limit and a per-input timeout. The test fails if the
 harness exits non-zero or leaves a crash/timeout/oom artifact; the log tail and the
 reproducer path are in the failure message. ``tools/fuzz`` runs the same harnesses for
 longer.
@@ -25,7 +25,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FUZZ = REPO / "tests" / "fuzz"
-SECONDS = int(os.environ.get("ONIONP2P_FUZZ_SECONDS", "60"))
+SECONDS = int(os.environ.get("ONIONP2P_FUZZ_SECONDS", "30"))
 RSS_LIMIT_MB = 1024
 INPUT_TIMEOUT = 25  # seconds for one input: anything slower is a hang (quadratic parsing, loops)
 

@@ -1484,11 +1484,17 @@ def main(argv: list[str] | None = None) -> int:
     args.agg_seconds = 3.0 if args.quick else 8.0
     args.circuits = 2000 if args.quick else 10000
     args.streams_mem = 100 if args.quick else 400
-    if args.uvloop:
-        import uvloop  # optional
+    try:
+        if args.uvloop:
+            import uvloop  # optional
 
-        return uvloop.run(amain(args))
-    return asyncio.run(amain(args))
+            return uvloop.run(amain(args))
+        return asyncio.run(amain(args))
+    except KeyboardInterrupt:
+        # amain's finally has stopped both networks and removed the work directory by now
+        # (asyncio.run cancels the main task on SIGINT); no traceback for a Ctrl-C
+        log("interrupted: networks stopped, no results written")
+        return 130
 
 
 if __name__ == "__main__":

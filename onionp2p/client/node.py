@@ -219,9 +219,8 @@ class ClientNode:
             return view
         doc = self.directory.consensus if self.directory is not None else None
         if doc is not None:
-            return DirectoryView(self.routers(), doc.valid_after, doc.fresh_until,
-                                 getattr(doc, "srv_current", None), getattr(doc, "srv_previous", None),
-                                 dict(doc.params))
+            return DirectoryView(self.routers(), doc.valid_after, doc.fresh_until, doc.srv_current,
+                                 doc.srv_previous, dict(doc.params))
         hour = int(time.time()) // 3600 * 3600
         return DirectoryView(self.routers(), hour, hour + 3600, params=dict(self.client.consensus_params()))
 

@@ -25,6 +25,15 @@ Relays upload descriptors with ``POST /tor/``. Each one is verified, stored (and
 ``min(interval / 2, 300)`` seconds: :meth:`OnionClient.channel_to` must complete a link
 handshake in which the relay proves the descriptor's RSA and Ed25519 identities.
 
+Shared randomness (:mod:`onionp2p.proto.srv`, tor's srv-spec): every vote says
+``shared-rand-participate`` and carries the commits this authority keeps for the current
+protocol run of 24 rounds (12 commit rounds, then 12 with reveals) and the two SRVs it
+believes in; a received vote's own commit (and, later, its matching reveal) is taken into
+the state, a reveal that does not match is dropped with a warning. At the first round of a
+run the state computes the new SRV; the consensus carries the SRVs a majority voted for, and
+once published it is what the state believes. The state lives in ``DATA_DIR/sr-state``
+(0600, tor's file), so an authority restarted mid-run keeps its commitment.
+
 The pure parts — :class:`VotingSchedule`, :func:`flags_for`, :func:`compute_consensus`
 and :class:`DetachedSignatures` — take ``now`` and data; :class:`Authority` is the
 asyncio shell (HTTP server, timers, tests).
@@ -70,6 +79,7 @@ from onionp2p.proto.directory import (
     verify_consensus,
 )
 from onionp2p.proto.exitpolicy import ExitPolicy
+from onionp2p.proto.srv import AGREEMENTS_PARAM, Note, SRState, consensus_srvs, default_agreements, run_start
 
 __all__ = [
     "AUTHORITY_KEY_FILE",
@@ -93,6 +103,7 @@ MAX_DESCRIPTOR_AGE = 48 * 3600
 MAX_RELAYS = 10_000
 REACH_TIMEOUT = 10.0
 MAX_UPLOAD = 2 * 1024 * 1024  # largest POST body (votes are the big ones)
+SR_STATE_FILE = "sr-state"
 
 
 # -- identity key ------------------------------------------------------------------------
@@ -236,7 +247,8 @@ def flags_for(desc: ServerDescriptor, reach: Reachability | None, now: float, ru
     return flags
 
 
-def compute_consensus(votes: Sequence[NetworkStatus], schedule: VotingSchedule, va: int) -> NetworkStatus:
+def compute_consensus(votes: Sequence[NetworkStatus], schedule: VotingSchedule, va: int, *,
+                      n_authorities: int | None = None) -> NetworkStatus:
     """The unsigned consensus for ``va`` from verified votes. Same votes -> same bytes.
 
     A relay (RSA + Ed25519 identity) is listed if more than half of the votes list it; its
@@ -247,6 +259,11 @@ def compute_consensus(votes: Sequence[NetworkStatus], schedule: VotingSchedule, 
     ``bandwidth-weights`` are computed from the listed relays' consensus bandwidths and
     flags as a tor authority does (dir-spec §3.8.3, consensus method 10); none when tor
     would write none.
+
+    The shared random values (previous and current) are those more than half of all
+    ``n_authorities`` configured authorities (default: as many as voted) voted for, and in
+    the first round of a protocol run at least ``AuthDirNumSRVAgreements`` (the consensus's
+    parameter, default two thirds of the authorities) — :func:`onionp2p.proto.srv.consensus_srvs`.
     """
     listed: dict[tuple[bytes, bytes], list[RouterEntry]] = {}
     for vote in votes:
@@ -268,8 +285,14 @@ def compute_consensus(votes: Sequence[NetworkStatus], schedule: VotingSchedule, 
             values.setdefault(key, []).append(value)
     params = tuple((k, sorted(vs)[(len(vs) - 1) // 2]) for k, vs in values.items() if 2 * len(vs) > len(votes))
     weights = compute_bw_weights(bandwidth_totals((e.flags, e.bandwidth) for e in routers))
+    n_auth = n_authorities if n_authorities is not None else len(votes)
+    previous, current = consensus_srvs(
+        ((v.sr_participate, v.shared_rand_previous, v.shared_rand_current) for v in votes),
+        n_authorities=n_auth, fresh=run_start(va, schedule.interval) == va,
+        agreements=dict(params).get(AGREEMENTS_PARAM, default_agreements(n_auth)))
     return NetworkStatus("consensus", *schedule.times(va), voters, tuple(routers), params=params,
-                         bw_weights=tuple((weights or {}).items()))
+                         bw_weights=tuple((weights or {}).items()), shared_rand_previous=previous,
+                         shared_rand_current=current)
 
 
 @dataclass(frozen=True)
@@ -340,6 +363,8 @@ class Authority:
         self.pending: NetworkStatus | None = None  # computed, not yet published
         self.signatures: dict[tuple[int, bytes], dict[bytes, bytes]] = {}
         self.current: NetworkStatus | None = None  # published, with signatures
+        #: the shared-randomness protocol's state (tor's sr-state), kept in DATA_DIR/sr-state
+        self.sr = SRState(self.identity, self.schedule.interval)
         self._tasks: set[asyncio.Task] = set()
         self._testing: set[bytes] = set()
         self._limit = asyncio.Semaphore(16)
@@ -367,6 +392,10 @@ class Authority:
         self._spawn(self._reachability_loop())
         self._log.info("authority listening", dir_port=self.server.port, identity=_b64(self.identity),
                        authorities=len(self.authorities), interval=self.schedule.interval)
+        if self.schedule.interval % 5:
+            self._log.warning("voting interval is not a multiple of 5 s: onion-service time periods (one "
+                              "shared-random run, 24 intervals) will not be whole minutes",
+                              interval=self.schedule.interval)
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -393,12 +422,34 @@ class Authority:
                     self._store(ServerDescriptor.parse(chunk), now, save=False)
                 except ProtocolError as exc:
                     self._log.info("dropping cached descriptor", error=str(exc))
+        path = self.data_dir / SR_STATE_FILE
+        if path.exists():
+            try:
+                self.sr = SRState.parse(path.read_text("ascii"), self.identity, self.schedule.interval, now)
+                mine = self.sr.our_commit
+                self._log.info("resuming the shared-random protocol run", commits=len(self.sr.commits),
+                               our_commit=mine.encoded_commit if mine else None)
+            except (OSError, UnicodeDecodeError, ProtocolError) as exc:
+                self._log.info("not using the saved shared-random state", error=str(exc))
         path = self.data_dir / "published-consensus"
         if path.exists():
             try:
                 self.current = verify_consensus(path.read_bytes(), self.authorities, now)
             except ProtocolError as exc:
                 self._log.info("not serving the cached consensus", error=str(exc))
+
+    def _save_sr(self) -> None:
+        atomic_write(self.data_dir / SR_STATE_FILE, self.sr.text().encode())  # 0600: holds our reveal
+
+    def _sr_log(self, notes: Iterable[Note], **fields) -> None:
+        for note in notes:
+            getattr(self._log, note.level)(note.message, **fields, **note.fields)
+
+    def _sr_prepare(self, va: int) -> None:
+        """Bring the shared-random state to the round at ``va`` (once per round)."""
+        if va > self.sr.valid_after:
+            self._sr_log(self.sr.update(va), valid_after=format_time(va))
+            self._save_sr()
 
     def _save_descriptors(self) -> None:
         atomic_write(self.data_dir / "cached-descriptors",
@@ -516,8 +567,11 @@ class Authority:
             flags = flags_for(desc, self.reach.get(desc.rsa_id), now, self.rules)
             if flags is not None:
                 entries.append(RouterEntry.from_descriptor(desc, flags, advertised_kb(desc)))
+        sr = self.sr
         vote = NetworkStatus("vote", *self.schedule.times(va), ((self.nickname, self.identity),), tuple(entries),
-                             params=tuple(self.config.consensus_params.items()))
+                             params=tuple(self.config.consensus_params.items()), sr_participate=True,
+                             sr_commits=sr.vote_commits() if sr.valid_after == va else (),
+                             shared_rand_previous=sr.previous, shared_rand_current=sr.current)
         return vote.with_signatures([(self.identity, vote.sign(self.key))])
 
     def _period_ok(self, va: int, now: float) -> bool:
@@ -544,6 +598,13 @@ class Authority:
         votes[voter] = vote
         self._log.info("received vote", voter=vote.voters[0][0], relays=len(vote.routers),
                        valid_after=format_time(vote.valid_after))
+        if vote.sr_participate:
+            self._sr_prepare(vote.valid_after)
+            changed, notes = self.sr.receive(voter, vote.sr_commits, (a.ed_id for a in self.authorities),
+                                             vote.valid_after)
+            self._sr_log(notes, voter=vote.voters[0][0])
+            if changed:
+                self._save_sr()
         return "vote accepted"
 
     def _receive_signatures(self, body: bytes, now: float) -> str:
@@ -574,6 +635,7 @@ class Authority:
         sched = self.schedule
         while True:
             va = sched.next_valid_after(time.time())
+            self._sr_prepare(va)  # as tor after each consensus: ready for the next round's votes
             for at, step in ((sched.vote_at(va), self._vote), (sched.fetch_votes_at(va), self._fetch_votes),
                              (sched.compute_at(va), self._compute),
                              (sched.fetch_signatures_at(va), self._fetch_signatures),
@@ -602,6 +664,7 @@ class Authority:
             self._log.info("upload to authority failed", to=auth.nickname, path=path, error=str(exc))
 
     async def _vote(self, va: int) -> None:
+        self._sr_prepare(va)
         vote = self.make_vote(va, time.time())
         self.votes.setdefault(va, {})[self.identity] = vote
         self._log.info("voting", relays=len(vote.routers), valid_after=format_time(va))
@@ -631,7 +694,7 @@ class Authority:
             self._log.warning("not enough votes to compute a consensus", votes=len(votes), need=self.need,
                               valid_after=format_time(va))
             return
-        cons = compute_consensus(list(votes.values()), self.schedule, va)
+        cons = compute_consensus(list(votes.values()), self.schedule, va, n_authorities=len(self.authorities))
         self.pending = cons
         sig = cons.sign(self.key)
         self.signatures.setdefault((va, cons.digest), {})[self.identity] = sig
@@ -677,4 +740,7 @@ class Authority:
         atomic_write(self.data_dir / "published-consensus", doc.text.encode())
         self._log.info("published consensus", relays=len(doc.routers), signatures=len(sigs),
                        valid_after=format_time(va), digest=doc.digest.hex()[:16])
+        if va == self.sr.valid_after:  # the consensus decides which SRVs are in force
+            self.sr.adopt(doc.shared_rand_previous, doc.shared_rand_current)
+            self._save_sr()
         return True

@@ -44,6 +44,7 @@ from onionp2p import __version__
 from onionp2p.client.pathsel import weighted_order
 from onionp2p.dir.selftest import ReachabilityTest
 from onionp2p.dir.server import DirServer, HttpRequest, HttpResponse, fetch, http_request
+from onionp2p.dir.tordir import TorNetworkView
 from onionp2p.errors import OnionError, ProtocolError
 from onionp2p.log import get_logger
 from onionp2p.proto.directory import (
@@ -137,6 +138,17 @@ class _ConsensusHolder:
         """The current consensus's ``bandwidth-weights`` ({} if there is none, or no line)."""
         doc = self.consensus
         return dict(doc.bw_weights) if doc is not None else {}
+
+    def view(self) -> TorNetworkView | None:
+        """The current consensus as the onion-service code reads a network (the same shape as
+        a tor network's view): relays, parameters, validity times and the shared random values
+        (``srv_current`` / ``srv_previous``; None when the consensus has none, and the disaster
+        SRV is used). None if there is no consensus."""
+        doc = self.consensus
+        if doc is None:
+            return None
+        return TorNetworkView(self.routers(), dict(doc.params), dict(doc.bw_weights), doc.valid_after,
+                              doc.fresh_until, doc.valid_until, doc.srv_current, doc.srv_previous)
 
     def routers(self) -> list[RouterStatus]:
         """The relays of the current consensus ([] if there is none).

@@ -83,10 +83,12 @@ pure-Python reference (:class:`PurePolyvalKey`), and falls back to the latter wi
 warning if the binding misbehaves (:data:`POLYVAL_BACKEND` says which one runs). AES
 runs in ``cryptography`` through ECB contexts that are made once per key: one block for
 ET, and the CTR keystream of the PRF is the ECB encryption of counter blocks (the IV
-changes every cell, and a new CTR context costs more than that). A pass-through layer
-is thus two POLYVAL calls and two AES calls; a hop that originates or recognizes a
-cell also sets up two AES keys and two POLYVAL keys for the next one. The cell methods
-check their arguments once and call unchecked internals (``UIV._enc`` and the like).
+changes every cell, and a new CTR context costs more than that). The keystream XOR runs
+in pycryptodome's C ``strxor`` (:data:`XOR_BACKEND`). A pass-through layer is thus two
+POLYVAL calls, two AES calls and one XOR; a hop that originates or recognizes a cell
+also sets up two AES keys and two POLYVAL keys for the next one, which :class:`UIV`
+holds itself (no per-rekey objects or buffers). The cell methods check their arguments
+once and call unchecked internals (``CgoCrypt._relay_forward``, ``UIV._enc`` and the like).
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ __all__ = [
     "CELL_RELAY",
     "CELL_RELAY_EARLY",
     "POLYVAL_BACKEND",
+    "XOR_BACKEND",
     "PolyvalKey",
     "PurePolyvalKey",
     "NativePolyvalKey",
@@ -339,12 +342,31 @@ class GhashBackend(NamedTuple):
     """One pycryptodome GHASH library, bound for :class:`NativePolyvalKey` (see :func:`_make_backend`)."""
 
     name: str
-    expand: Callable[[bytes], Any]  # POLYVAL key -> expanded key (a C pointer); raises on error
+    expand: Callable[[bytes], Any]  # POLYVAL key -> expanded key, freed when collected; raises on error
     ghash_rev: Callable[..., int]  # (y_out[16], data, len, y_in[16], exp_key) -> error code
-    destroy: Callable[[Any], int]  # frees an expanded key
     out_buffer: Callable[[], Any]  # a new 16-byte C buffer
     view: Callable[[Any], Any]  # a live, zero-copy bytes-like view of such a buffer
     size_t: Callable[[int], Any]  # an int as the C size_t argument
+
+
+def _native_hasher(key: bytes, out: Any, view: Any, backend: GhashBackend) -> Callable[[bytes], int]:
+    """POLYVAL under ``key`` through ``backend``, as a function of whole blocks (``bytes``) -> int.
+
+    The hot path of CGO: one C call and one conversion, no checks (callers pass 16 or 512
+    bytes). The result goes to ``out`` (read through ``view``), which the caller owns and
+    may share between the keys it never uses concurrently (a UIV+ direction shares one
+    between its ET and PRF keys, so rekeying allocates no buffer). The expanded key lives
+    as long as the function and is freed with it.
+    """
+    exp = backend.expand(key)
+    ghash, size_t, from_bytes = backend.ghash_rev, backend.size_t, int.from_bytes
+
+    def hash_int(data: bytes) -> int:
+        if ghash(out, data, size_t(len(data)), _ZERO16, exp):
+            raise LocalProtocolError("POLYVAL failed in the native backend")
+        return from_bytes(view, "big")  # the GHASH value is the byte-reversed POLYVAL
+
+    return hash_int
 
 
 class NativePolyvalKey:
@@ -357,7 +379,7 @@ class NativePolyvalKey:
     cipher context.
     """
 
-    __slots__ = ("_exp", "_out", "_view", "_ghash", "_size_t", "_destroy")
+    __slots__ = ("_hash", "_out")
 
     def __init__(self, key: bytes, *, byte_tables_after: int | None = None,
                  backend: GhashBackend | None = None) -> None:
@@ -366,58 +388,58 @@ class NativePolyvalKey:
         b = backend or _GHASH
         if b is None:
             raise LocalProtocolError(f"no native POLYVAL backend ({_backend_note})")
-        self._exp = b.expand(key if type(key) is bytes else bytes(key))
-        self._destroy = b.destroy
         self._out = out = b.out_buffer()
-        self._view = b.view(out)
-        self._ghash = b.ghash_rev
-        self._size_t = b.size_t
-
-    def __del__(self) -> None:
-        destroy = getattr(self, "_destroy", None)  # absent if __init__ failed before the expansion
-        if destroy is not None:
-            self._destroy = None
-            destroy(self._exp)
+        self._hash = _native_hasher(key if type(key) is bytes else bytes(key), out, b.view(out), b)
 
     def hash_int(self, data: bytes) -> int:
         """POLYVAL of ``data`` (zero-padded to whole blocks) as a little-endian integer."""
         n = len(data)
         if n % 16:
             data = b"".join((data, _ZERO16[n % 16:]))
-            n = len(data)
         elif type(data) is not bytes:
             data = bytes(data)
-        err = self._ghash(self._out, data, self._size_t(n), _ZERO16, self._exp)
-        if err:
-            raise LocalProtocolError(f"POLYVAL failed (error {err})")
-        return int.from_bytes(self._view, "big")  # the GHASH value is the byte-reversed POLYVAL
+        return self._hash(data)
 
     def digest(self, data: bytes) -> bytes:
         """POLYVAL of ``data`` (zero-padded to whole blocks): 16 bytes."""
         return self.hash_int(data).to_bytes(16, "little")
 
 
+class _OwnedPointer:
+    """A C pointer for ctypes calls (``_as_parameter_``) that frees itself when collected."""
+
+    __slots__ = ("_as_parameter_", "_free")
+
+    def __init__(self, pointer: Any, free: Callable[[Any], int]) -> None:
+        self._as_parameter_ = pointer
+        self._free = free
+
+    def __del__(self) -> None:
+        self._free(self._as_parameter_)
+
+
 def _make_backend(name: str, imp: Any, raw: Any) -> GhashBackend:
     """Bind one of ``Crypto.Cipher._mode_gcm``'s GHASH function tables (``imp``).
 
     ``raw`` is ``Crypto.Util._raw_api``. With its cffi backend (the usual one: ``cryptography``
-    needs cffi too) the C types are parsed once here; otherwise pycryptodome's own helpers.
+    needs cffi too) the C types are parsed once here and expanded keys are freed by
+    ``ffi.gc`` (in C, no Python ``__del__``); otherwise pycryptodome's own helpers.
     """
-    expand_rev = imp.ghash_expand_rev
+    expand_rev, destroy = imp.ghash_expand_rev, imp.ghash_destroy
 
     def failed(err: int) -> LocalProtocolError:
         return LocalProtocolError(f"POLYVAL key expansion failed in {name} (error {err})")
 
     if getattr(raw, "backend", None) == "cffi":
         ffi = raw.ffi
-        new, void_pp, u8_16 = ffi.new, ffi.typeof("void *[1]"), ffi.typeof("uint8_t[16]")
+        new, gc, void_pp, u8_16 = ffi.new, ffi.gc, ffi.typeof("void *[1]"), ffi.typeof("uint8_t[16]")
 
         def expand(key: bytes) -> Any:
             pp = new(void_pp)
             err = expand_rev(key, pp)
             if err:
                 raise failed(err)
-            return pp[0]
+            return gc(pp[0], destroy)
 
         def out_buffer() -> Any:
             return new(u8_16)
@@ -430,13 +452,13 @@ def _make_backend(name: str, imp: Any, raw: Any) -> GhashBackend:
             err = expand_rev(key, vp.address_of())
             if err:
                 raise failed(err)
-            return vp.get()
+            return _OwnedPointer(vp.get(), destroy)
 
         def out_buffer() -> Any:
             return raw.create_string_buffer(16)
 
         view, size_t = memoryview, raw.c_size_t
-    return GhashBackend(name=name, expand=expand, ghash_rev=imp.ghash_rev, destroy=imp.ghash_destroy,
+    return GhashBackend(name=name, expand=expand, ghash_rev=imp.ghash_rev,
                         out_buffer=out_buffer, view=view, size_t=size_t)
 
 
@@ -513,8 +535,95 @@ def polyval(key: bytes, data: bytes) -> bytes:
     return PolyvalKey(key).digest(data)
 
 
+def _polyval_buffer() -> tuple[Any, Any]:
+    """An output buffer and its live view for :func:`_hasher` (``(None, None)`` without a native backend)."""
+    if _GHASH is None:
+        return None, None
+    out = _GHASH.out_buffer()
+    return out, _GHASH.view(out)
+
+
+def _hasher(key: bytes, out: Any, view: Any, byte_tables_after: int | None = None) -> Callable[[bytes], int]:
+    """The hot-path POLYVAL of one key (whole blocks as ``bytes`` -> little-endian int).
+
+    Native (:func:`_native_hasher`, into the caller's buffer from :func:`_polyval_buffer`)
+    while :data:`PolyvalKey` is the native class, else that class's ``hash_int`` (so that
+    replacing :data:`PolyvalKey` by the reference switches every CGO layer made afterwards).
+    """
+    if PolyvalKey is NativePolyvalKey and out is not None:
+        return _native_hasher(key, out, view, _GHASH)  # type: ignore[arg-type]
+    return PolyvalKey(key, byte_tables_after=byte_tables_after).hash_int
+
+
+# --------------------------------------------------------------------------------------
+# XOR of the keystream. Python's int conversions of ~500 bytes cost about three times a
+# C XOR called through cffi, so the PRF uses pycryptodome's strxor (``Crypto.Util.strxor``'s
+# raw C function, the one its public ``strxor`` calls; an internal API like the GHASH one)
+# when its cffi binding is there and passes a self-test, and Python ints otherwise.
+
+XorFn = Callable[[bytes, bytes], bytes]  # (a, b) -> a XOR b[:len(a)]; len(a) <= min(len(b), 512); unchecked
+
+
+def _xor_ints(a: bytes, b: bytes) -> bytes:
+    """``a`` XOR the first ``len(a)`` bytes of ``b`` (``len(b) >= len(a)``) with Python ints."""
+    n = len(a)
+    return (int.from_bytes(a, "big") ^ (int.from_bytes(b, "big") >> (8 * (len(b) - n)))).to_bytes(n, "big")
+
+
+def _make_xor_ints() -> XorFn:
+    return _xor_ints
+
+
+def _native_xor_factory() -> tuple[Callable[[], XorFn] | None, str]:
+    """A maker of C XOR functions, each with its own 512-byte output buffer; or why not."""
+    try:
+        from Crypto.Util import _raw_api as raw  # noqa: PLC0415 (optional, internal API)
+        from Crypto.Util import strxor as sx  # noqa: PLC0415
+        if getattr(raw, "backend", None) != "cffi":
+            return None, f"pycryptodome uses {getattr(raw, 'backend', '?')}, not cffi"
+        ffi, strxor = raw.ffi, sx._raw_strxor.strxor
+        u8_512 = ffi.typeof("uint8_t[512]")
+    except Exception as exc:  # pragma: no cover - without pycryptodome, or another API
+        return None, f"pycryptodome strxor not bound: {exc!r}"
+
+    def make() -> XorFn:
+        buf = ffi.new(u8_512)
+        view = ffi.buffer(buf)
+
+        def xor(a: bytes, b: bytes) -> bytes:
+            n = len(a)
+            strxor(a, b, buf, n)
+            return view[:n]
+
+        return xor
+
+    try:  # the same results as the ints, output buffer reused, on the lengths CGO uses
+        xor = make()
+        data = shake_128(b"onionp2p cgo strxor self-test").digest(2 * 512 + 80)
+        for a, b in ((data[:493], data[512:1008]), (data[1:17], data[600:616]), (data[:512], data[512:1024]),
+                     (data[1024:1104], data[:496])):
+            if xor(a, b) != _xor_ints(a, b):
+                return None, "pycryptodome strxor differs from the reference"
+    except Exception as exc:  # pragma: no cover - a changed signature
+        return None, f"pycryptodome strxor binding error: {exc!r}"
+    return make, "pycryptodome_strxor"
+
+
+#: which XOR the PRF uses: ``pycryptodome_strxor`` or ``python (why)``
+_native_xor, XOR_BACKEND = _native_xor_factory()
+if _native_xor is None:
+    XOR_BACKEND = f"python ({XOR_BACKEND})"
+#: a new XOR function (each owns its output buffer: one per UIV+ direction)
+_make_xor: Callable[[], XorFn] = _native_xor or _make_xor_ints
+
+
 # --------------------------------------------------------------------------------------
 # ET, PRF, UIV+
+#
+# The hot path is three module functions on plain values (an AES context's ``update``, a
+# POLYVAL function from _hasher, an XOR function): _et, _prf_xor_t0 and _prf_stream. The
+# classes hold those values; UIV holds all four keys' values itself, so that a rekey makes
+# two AES contexts and two POLYVAL keys and nothing else.
 
 
 _ECB = modes.ECB()
@@ -538,40 +647,84 @@ def _tweak(h: bytes, cmd: int, x_r: bytes) -> bytes:
     return b"".join((h, _BYTE[cmd], x_r, _PAD2))
 
 
+def _et(aes: Callable[[bytes], bytes], ku: Callable[[bytes], int], tweak: bytes, block: bytes) -> bytes:
+    """``AES(block ^ mask) ^ mask``, ``mask = POLYVAL(KU, tweak)``, for a padded tweak from
+    :func:`_tweak`; ``aes`` encrypts (ET) or decrypts (ET^-1). No checks (hot path)."""
+    mask = ku(tweak)
+    inner = (int.from_bytes(block, "little") ^ mask).to_bytes(16, "little")
+    return (int.from_bytes(aes(inner), "little") ^ mask).to_bytes(16, "little")
+
+
+#: ``_COUNTER_RUNS[c]`` = the bytes c, c+1, .., 255: the last bytes of consecutive counter blocks
+_COUNTER_RUNS = [bytes(range(c, 256)) for c in range(257)]
+
+
+def _counter_blocks(iv: bytes, first: int, count: int) -> bytearray:
+    """The AES-CTR counter blocks ``iv + first`` .. ``iv + first + count - 1`` (128-bit big-endian).
+
+    Only for runs that stay inside the last byte (``iv[15] + first + count <= 256``), which
+    is all the PRF needs: its IV has the low six bits clear and it uses 64 blocks at most,
+    so the blocks are the IV with only the last byte changed. A run that would carry into
+    byte 14 raises ValueError instead of going wrong (checked, not left to the slice
+    assignment: assigning an empty run to a one-block slice would delete the byte).
+    """
+    start = iv[15] + first
+    if start + count > 256:
+        raise ValueError("counter run would carry out of the IV's last byte")
+    blocks = bytearray(iv * count)
+    blocks[15::16] = _COUNTER_RUNS[start][:count]
+    return blocks
+
+
+def _prf_iv(b: Callable[[bytes], int], tweak: bytes) -> bytes:
+    """``POLYVAL(B, tweak)`` with the low six bits of its last byte cleared."""
+    return (b(tweak) & _IV_MASK).to_bytes(16, "little")
+
+
+def _prf_xor_t0(aes: Callable[[bytes], bytes], b: Callable[[bytes], int], xor: XorFn, tweak: bytes,
+                data: bytes) -> bytes:
+    """``data`` (at most 496 bytes) XOR the ``t = 0`` keystream; no checks (hot path)."""
+    return xor(data, aes(_counter_blocks(_prf_iv(b, tweak), 0, PRF_T1_OFFSET)))
+
+
+def _prf_stream(aes: Callable[[bytes], bytes], b: Callable[[bytes], int], tweak: bytes, first: int,
+                count: int) -> bytes:
+    """``count`` blocks of keystream from block ``first`` (``t = 1`` starts at 31); no checks."""
+    return aes(_counter_blocks(_prf_iv(b, tweak), first, count))
+
+
 class ET:
     """The tweakable block cipher: ``KB[16] | KU[16]``, for encryption or decryption.
 
     The tweak is ``h[16] | cmd u8 | x_r[493]``; the block is 16 bytes.
     """
 
-    __slots__ = ("_aes", "_ku", "encrypting")
+    __slots__ = ("_aes", "_ku", "_out", "encrypting")
 
     def __init__(self, key: bytes, *, encrypt: bool) -> None:
         _check_len(key, ET_KEY_LEN, "ET key")
         key = bytes(key)
         self._aes = _aes_ecb(key[:AES_KEY_LEN], encrypt)
-        self._ku = PolyvalKey(key[AES_KEY_LEN:], byte_tables_after=_ET_BYTE_TABLES_AFTER).hash_int
+        self._out, view = _polyval_buffer()
+        self._ku = _hasher(key[AES_KEY_LEN:], self._out, view, _ET_BYTE_TABLES_AFTER)
         self.encrypting = encrypt
 
     def _apply(self, tweak: bytes, block: bytes) -> bytes:
-        """``AES(block ^ mask) ^ mask`` for a padded tweak from :func:`_tweak`; no checks (hot path)."""
-        mask = self._ku(tweak)
-        inner = (int.from_bytes(block, "little") ^ mask).to_bytes(16, "little")
-        return (int.from_bytes(self._aes(inner), "little") ^ mask).to_bytes(16, "little")
+        return _et(self._aes, self._ku, tweak, block)
 
     def encrypt(self, h: bytes, cmd: int, x_r: bytes, block: bytes) -> bytes:
         """``AES_KB(block ^ mask) ^ mask`` with ``mask = POLYVAL(KU, h | cmd | x_r)``."""
         if not self.encrypting:
             raise LocalProtocolError("this ET was set up for decryption")
         _check_tweak(h, cmd, x_r, block)
-        return self._apply(_tweak(h, cmd, x_r), block)
+        return self._apply(_tweak(h, cmd, bytes(x_r)), bytes(block))
 
     def decrypt(self, h: bytes, cmd: int, x_r: bytes, block: bytes) -> bytes:
         """The inverse of :meth:`encrypt` (AES decryption between the same masks)."""
         if self.encrypting:
             raise LocalProtocolError("this ET was set up for encryption")
         _check_tweak(h, cmd, x_r, block)
-        return self._apply(_tweak(h, cmd, x_r), block)
+        return self._apply(_tweak(h, cmd, bytes(x_r)), bytes(block))
 
 
 def _check_tweak(h: bytes, cmd: int, x_r: bytes, block: bytes) -> None:
@@ -581,10 +734,7 @@ def _check_tweak(h: bytes, cmd: int, x_r: bytes, block: bytes) -> None:
     _check_cmd(cmd)
 
 
-_T0_TAILS = [bytes(range(c, c + PRF_T1_OFFSET)) for c in (0x00, 0x40, 0x80, 0xC0)]
 _T1_UPDATE_BLOCKS = DIR_KEY_LEN // BLOCK_LEN  # 5: what UIV+ update takes
-_T1_UPDATE_TAILS = [bytes(range(c + PRF_T1_OFFSET, c + PRF_T1_OFFSET + _T1_UPDATE_BLOCKS))
-                    for c in (0x00, 0x40, 0x80, 0xC0)]
 
 
 class PRF:
@@ -593,55 +743,33 @@ class PRF:
     ``IV = POLYVAL(B, input)`` with ``IV[15] &= 0xC0``; the keystream is AES-128-CTR under
     ``K`` from ``IV`` (``t = 0``) or from ``IV + 31`` (``t = 1``). Clearing six bits keeps
     the counter inside the IV's last byte for 64 blocks, so the counter blocks are the IV
-    with only its last byte changed; they go through one ECB context per key (a new CTR
-    context for every IV would cost more than the whole keystream).
+    with only its last byte changed (:func:`_counter_blocks`); they go through one ECB
+    context per key (a new CTR context for every IV would cost more than the whole keystream).
     """
 
-    __slots__ = ("_aes", "_b")
+    __slots__ = ("_aes", "_b", "_out", "_xor")
 
     def __init__(self, key: bytes) -> None:
         _check_len(key, PRF_KEY_LEN, "PRF key")
         key = bytes(key)
         self._aes = _aes_ecb(key[:AES_KEY_LEN])
-        self._b = PolyvalKey(key[AES_KEY_LEN:]).hash_int
-
-    def _iv(self, tweak: bytes) -> bytes:
-        return (self._b(tweak) & _IV_MASK).to_bytes(16, "little")
-
-    def _xor_t0(self, tweak: bytes, data: bytes) -> bytes:
-        """:meth:`xor_t0` without checks (hot path)."""
-        iv = self._iv(tweak)
-        counters = bytearray(iv * PRF_T1_OFFSET)
-        counters[15::16] = _T0_TAILS[iv[15] >> 6]
-        n = len(data)
-        stream = int.from_bytes(self._aes(counters), "big") >> (8 * (_PRF_T0_MAX - n))
-        return (int.from_bytes(data, "big") ^ stream).to_bytes(n, "big")
+        self._out, view = _polyval_buffer()
+        self._b = _hasher(key[AES_KEY_LEN:], self._out, view)
+        self._xor = _make_xor()
 
     def xor_t0(self, tweak: bytes, data: bytes) -> bytes:
         """``data`` XOR the ``t = 0`` keystream (at most 496 bytes; CGO uses 493)."""
         _check_len(tweak, 16, "PRF input")
         if len(data) > _PRF_T0_MAX:
             raise LocalProtocolError(f"PRF t=0 output is at most {_PRF_T0_MAX} bytes")
-        return self._xor_t0(tweak, data)
-
-    def _update_stream(self, tweak: bytes) -> bytes:
-        """The 80 bytes of ``t = 1`` keystream that UIV+ update takes, without checks."""
-        iv = self._iv(tweak)
-        counters = bytearray(iv * _T1_UPDATE_BLOCKS)
-        counters[15::16] = _T1_UPDATE_TAILS[iv[15] >> 6]
-        return self._aes(counters)
+        return _prf_xor_t0(self._aes, self._b, self._xor, bytes(tweak), bytes(data))
 
     def stream_t1(self, tweak: bytes, n: int) -> bytes:
         """The first ``n`` bytes of the ``t = 1`` keystream (at most 528; CGO uses 80)."""
         _check_len(tweak, 16, "PRF input")
         if not 0 <= n <= _PRF_T1_MAX:
             raise LocalProtocolError(f"PRF t=1 output is at most {_PRF_T1_MAX} bytes")
-        iv = self._iv(tweak)
-        blocks = (n + 15) // 16
-        counters = bytearray(iv * blocks)
-        first = iv[15] + PRF_T1_OFFSET
-        counters[15::16] = bytes(range(first, first + blocks))
-        return self._aes(counters)[:n]
+        return _prf_stream(self._aes, self._b, bytes(tweak), PRF_T1_OFFSET, (n + 15) // 16)[:n]
 
 
 class UIV:
@@ -651,21 +779,27 @@ class UIV:
     rekeys from a 16-byte nonce and returns the next nonce. ``key`` is the current
     64 bytes of key material (kept for the test vectors, which check it). The ``_enc`` /
     ``_dec`` / ``_update`` forms skip the argument checks, for :class:`CgoCrypt`, which
-    checks each cell once.
+    checks each cell once. The object holds ET's and the PRF's keys itself (two AES
+    contexts, two POLYVAL functions sharing one output buffer, and one XOR buffer), so a
+    rekey replaces four values and allocates no buffers.
     """
 
-    __slots__ = ("_et", "_prf", "_key", "encrypting")
+    __slots__ = ("_et_aes", "_ku", "_prf_aes", "_b", "_xor", "_out", "_view", "_key", "encrypting")
 
     def __init__(self, key: bytes, *, encrypt: bool) -> None:
         _check_len(key, UIV_KEY_LEN, "UIV key")
-        key = bytes(key)
         self.encrypting = encrypt
-        self._set_key(key)
+        self._out, self._view = _polyval_buffer()
+        self._xor = _make_xor()
+        self._set_key(bytes(key))
 
     def _set_key(self, key: bytes) -> None:
-        self._et = ET(key[:ET_KEY_LEN], encrypt=self.encrypting)
-        self._prf = PRF(key[ET_KEY_LEN:UIV_KEY_LEN])
-        self._key = key[:UIV_KEY_LEN]
+        out, view = self._out, self._view
+        self._et_aes = _aes_ecb(key[:AES_KEY_LEN], self.encrypting)
+        self._ku = _hasher(key[AES_KEY_LEN:ET_KEY_LEN], out, view, _ET_BYTE_TABLES_AFTER)
+        self._prf_aes = _aes_ecb(key[ET_KEY_LEN:ET_KEY_LEN + AES_KEY_LEN])
+        self._b = _hasher(key[ET_KEY_LEN + AES_KEY_LEN:UIV_KEY_LEN], out, view)
+        self._key = key
 
     @property
     def key(self) -> bytes:
@@ -674,16 +808,16 @@ class UIV:
 
     def _enc(self, h: bytes, cmd: int, body: bytes) -> bytes:
         x_r = body[16:]
-        y_l = self._et._apply(_tweak(h, cmd, x_r), body[:16])
-        return y_l + self._prf._xor_t0(y_l, x_r)
+        y_l = _et(self._et_aes, self._ku, _tweak(h, cmd, x_r), body[:16])
+        return y_l + _prf_xor_t0(self._prf_aes, self._b, self._xor, y_l, x_r)
 
     def _dec(self, h: bytes, cmd: int, body: bytes) -> bytes:
         y_l = body[:16]
-        x_r = self._prf._xor_t0(y_l, body[16:])
-        return self._et._apply(_tweak(h, cmd, x_r), y_l) + x_r
+        x_r = _prf_xor_t0(self._prf_aes, self._b, self._xor, y_l, body[16:])
+        return _et(self._et_aes, self._ku, _tweak(h, cmd, x_r), y_l) + x_r
 
     def _update(self, nonce: bytes) -> bytes:
-        fresh = self._prf._update_stream(nonce)
+        fresh = _prf_stream(self._prf_aes, self._b, nonce, PRF_T1_OFFSET, _T1_UPDATE_BLOCKS)
         self._set_key(fresh[:UIV_KEY_LEN])
         return fresh[UIV_KEY_LEN:]
 
@@ -694,7 +828,7 @@ class UIV:
         _check_len(h, 16, "tweak H")
         _check_cmd(cmd)
         _check_len(body, RELAY_BODY_LEN, "UIV block")
-        return self._enc(h, cmd, body)
+        return self._enc(bytes(h), cmd, bytes(body))
 
     def decrypt(self, h: bytes, cmd: int, body: bytes) -> bytes:
         """``X_R = Y_R ^ PRF(Y_L, t=0)``, ``X_L = ET^-1(h | cmd | X_R, Y_L)``."""
@@ -703,12 +837,12 @@ class UIV:
         _check_len(h, 16, "tweak H")
         _check_cmd(cmd)
         _check_len(body, RELAY_BODY_LEN, "UIV block")
-        return self._dec(h, cmd, body)
+        return self._dec(bytes(h), cmd, bytes(body))
 
     def update(self, nonce: bytes) -> bytes:
         """Replace ``J | S`` by the first 64 bytes of ``PRF_S(nonce, t=1)``; return the next 16."""
         _check_len(nonce, 16, "nonce")
-        return self._update(nonce)
+        return self._update(bytes(nonce))
 
 
 # --------------------------------------------------------------------------------------
@@ -742,7 +876,10 @@ class CgoCrypt:
     ``relay`` selects UIV+ encryption (a relay) or decryption (the client). The six
     operations are those of C tor's ``cgo_crypt_*``; each takes the cell command and
     the 509-byte body and returns the new body (plus the SENDME tag where a cell is
-    originated or recognized). ``nonce`` and ``tprime`` are public for tests.
+    originated or recognized). ``nonce`` and ``tprime`` are public for tests. The
+    ``_``-prefixed forms skip the checks, for callers that made them already (the
+    circuit-level classes below and :mod:`onionp2p.proto.hopcrypto`): ``cmd`` an int
+    0..255 and ``body`` 509 ``bytes``.
     """
 
     __slots__ = ("_uiv", "nonce", "tprime", "relay")
@@ -767,25 +904,36 @@ class CgoCrypt:
 
     # --- relay side (UIV+ encryption) ---
 
-    def relay_forward(self, cmd: int, body: bytes) -> tuple[bytes, bytes | None]:
-        """A cell from the client: ``(body, tag)`` if it is for us, else ``(body, None)``."""
-        self._need(True)
-        body = _check_cell(cmd, body)
+    def _relay_forward(self, cmd: int, body: bytes) -> tuple[bytes, bytes | None]:
         uiv = self._uiv
         out = uiv._enc(self.tprime, cmd, body)
-        t = out[:16]
-        self.tprime = t
+        t = self.tprime = out[:16]
         if bytes_eq(t, self.nonce):
             self.nonce = uiv._update(self.nonce)
             return out, body[:16]
         return out, None
 
+    def _relay_backward(self, cmd: int, body: bytes) -> bytes:
+        out = self._uiv._enc(self.tprime, cmd, body)
+        self.tprime = out[:16]
+        return out
+
+    def _relay_originate(self, cmd: int, body: bytes) -> tuple[bytes, bytes]:
+        uiv = self._uiv
+        out = uiv._enc(self.tprime, cmd, self.nonce + body[16:])
+        t = self.tprime = out[:16]
+        self.nonce = uiv._update(t)
+        return out, t
+
+    def relay_forward(self, cmd: int, body: bytes) -> tuple[bytes, bytes | None]:
+        """A cell from the client: ``(body, tag)`` if it is for us, else ``(body, None)``."""
+        self._need(True)
+        return self._relay_forward(cmd, _check_cell(cmd, body))
+
     def relay_backward(self, cmd: int, body: bytes) -> bytes:
         """Add our layer to a cell from a later hop, toward the client."""
         self._need(True)
-        out = self._uiv._enc(self.tprime, cmd, _check_cell(cmd, body))
-        self.tprime = out[:16]
-        return out
+        return self._relay_backward(cmd, _check_cell(cmd, body))
 
     def relay_originate(self, cmd: int, body: bytes) -> tuple[bytes, bytes]:
         """Send a cell of our own toward the client: ``(body, tag)``.
@@ -793,28 +941,16 @@ class CgoCrypt:
         The first 16 bytes of ``body`` are replaced by the nonce.
         """
         self._need(True)
-        body = _check_cell(cmd, body)
-        uiv = self._uiv
-        out = uiv._enc(self.tprime, cmd, self.nonce + body[16:])
-        t = out[:16]
-        self.tprime = t
-        self.nonce = uiv._update(t)
-        return out, t
+        return self._relay_originate(cmd, _check_cell(cmd, body))
 
     # --- client side (UIV+ decryption) ---
 
-    def client_forward(self, cmd: int, body: bytes) -> bytes:
-        """Add this hop's layer to a cell for a later hop."""
-        self._need(False)
-        body = _check_cell(cmd, body)
+    def _client_forward(self, cmd: int, body: bytes) -> bytes:
         out = self._uiv._dec(self.tprime, cmd, body)
         self.tprime = body[:16]
         return out
 
-    def client_originate(self, cmd: int, body: bytes) -> tuple[bytes, bytes]:
-        """Start a cell for this hop: ``(body, tag)``; the first 16 bytes are replaced."""
-        self._need(False)
-        body = _check_cell(cmd, body)
+    def _client_originate(self, cmd: int, body: bytes) -> tuple[bytes, bytes]:
         nonce = self.nonce
         uiv = self._uiv
         out = uiv._dec(self.tprime, cmd, nonce + body[16:])
@@ -822,10 +958,7 @@ class CgoCrypt:
         self.nonce = uiv._update(nonce)
         return out, out[:16]
 
-    def client_backward(self, cmd: int, body: bytes) -> tuple[bytes, bytes | None]:
-        """Peel this hop's layer: ``(body, tag)`` if the hop originated it, else ``(body, None)``."""
-        self._need(False)
-        body = _check_cell(cmd, body)
+    def _client_backward(self, cmd: int, body: bytes) -> tuple[bytes, bytes | None]:
         t = body[:16]
         uiv = self._uiv
         out = uiv._dec(self.tprime, cmd, body)
@@ -834,6 +967,21 @@ class CgoCrypt:
             self.nonce = uiv._update(t)
             return out, t
         return out, None
+
+    def client_forward(self, cmd: int, body: bytes) -> bytes:
+        """Add this hop's layer to a cell for a later hop."""
+        self._need(False)
+        return self._client_forward(cmd, _check_cell(cmd, body))
+
+    def client_originate(self, cmd: int, body: bytes) -> tuple[bytes, bytes]:
+        """Start a cell for this hop: ``(body, tag)``; the first 16 bytes are replaced."""
+        self._need(False)
+        return self._client_originate(cmd, _check_cell(cmd, body))
+
+    def client_backward(self, cmd: int, body: bytes) -> tuple[bytes, bytes | None]:
+        """Peel this hop's layer: ``(body, tag)`` if the hop originated it, else ``(body, None)``."""
+        self._need(False)
+        return self._client_backward(cmd, _check_cell(cmd, body))
 
 
 def split_key_material(key_material: bytes) -> tuple[bytes, bytes]:
@@ -896,11 +1044,11 @@ class ClientCrypto:
         target = self._hop(hop)
         body = _check_body(body, local=True)
         _check_cmd(cmd)
-        data, tag = target.fwd.client_originate(cmd, body)
+        data, tag = target.fwd._client_originate(cmd, body)
         target.fwd_tag = tag
         hops = self._hops
         for i in range(hop - 1, -1, -1):
-            data = hops[i].fwd.client_forward(cmd, data)
+            data = hops[i].fwd._client_forward(cmd, data)
         return data, tag
 
     def decrypt_inbound(self, body: bytes, *, cmd: int) -> tuple[int, bytes, bytes]:
@@ -916,7 +1064,7 @@ class ClientCrypto:
             raise LocalProtocolError("circuit has no hops")
         data = body
         for index, h in enumerate(self._hops):
-            data, tag = h.bwd.client_backward(cmd, data)
+            data, tag = h.bwd._client_backward(cmd, data)
             if tag is not None:
                 h.bwd_tag = tag
                 return index, data, tag
@@ -967,7 +1115,7 @@ class RelayCrypto:
         """
         body = _check_body(body, local=False)
         _check_cmd(cmd)
-        out, tag = self._hop.fwd.relay_forward(cmd, body)
+        out, tag = self._hop.fwd._relay_forward(cmd, body)
         if tag is None:
             return False, out, None
         self._hop.fwd_tag = tag
@@ -981,7 +1129,7 @@ class RelayCrypto:
         """Add our layer to a cell coming from a later hop."""
         body = _check_body(body, local=False)
         _check_cmd(cmd)
-        return self._hop.bwd.relay_backward(cmd, body)
+        return self._hop.bwd._relay_backward(cmd, body)
 
     def encrypt_backward_many(self, bodies: list, *, cmd: int) -> list[bytes]:
         """:meth:`encrypt_backward` over a batch of cells with the same command, in order."""
@@ -994,7 +1142,7 @@ class RelayCrypto:
         """
         body = _check_body(body, local=True)
         _check_cmd(cmd)
-        out, tag = self._hop.bwd.relay_originate(cmd, body)
+        out, tag = self._hop.bwd._relay_originate(cmd, body)
         self._hop.bwd_tag = tag
         return out, tag
 

@@ -56,7 +56,7 @@ from onionp2p.errors import DigestMismatch, LocalProtocolError, ProtocolError
 from onionp2p.proto.cells import CellCommand, Create2, Created2, Destroy, DestroyReason
 from onionp2p.proto.congestion import CCParams, Vegas
 from onionp2p.proto.create import HopHandshake, HopParams, wants_cc, wants_cgo
-from onionp2p.proto.flowctl import CIRCWINDOW_START, DeliverWindow, PackageWindow
+from onionp2p.proto.flowctl import CIRCWINDOW_START, DeliverWindow, DrainRate, PackageWindow
 from onionp2p.proto.relaycell import (
     RELAY_DATA_MAX,
     HS_COMMANDS,
@@ -523,8 +523,16 @@ class Edge:
         if deliveries:
             self._deliveries = {}
             out = self._out
+            streams = self.streams
             for sid, chunks in deliveries.items():
-                out.append(StreamData(sid, chunks[0] if len(chunks) == 1 else b"".join(chunks)))
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                out.append(StreamData(sid, data))
+                stream = streams.get(sid)
+                drain = stream.drain if stream is not None else None
+                if drain is not None and not stream.xoff_sent and not self.closed:
+                    rate = drain.sink_took(len(data), self.now)  # tor: an advisory XON
+                    if rate is not None:
+                        self._originate(stream.layer, _XON, sid, Xon(rate).encode())
 
     # -- outbound: packaging -------------------------------------------------------------------------
 
@@ -568,9 +576,15 @@ class Edge:
             if stream.xon:
                 if not self.closed and ready == stream.xoff_sent:
                     stream.xoff_sent = not ready
-                    if ready:  # advisory rate 0: none (we do not measure the drain rate)
-                        self._originate(stream.layer, _XON, sid, Xon(0).encode())
+                    drain = stream.drain
+                    if ready:  # the advisory rate: the sink's drain rate (flowctl.DrainRate)
+                        rate = drain.sink_drained(stream.bytes_received, self.now, room) if drain else 0
+                        self._originate(stream.layer, _XON, sid, Xon(rate).encode())
                     else:
+                        p = stream.layer.cc.p
+                        drain = stream.drain = drain or DrainRate.from_params(p)
+                        limit = p.xoff_bytes(exit_side=isinstance(self, RelayCircuit))
+                        drain.sink_full(stream.bytes_received, limit, self.now)
                         self._originate(stream.layer, _XOFF, sid, Xoff().encode())
             elif ready:
                 self._stream_sendmes(stream)

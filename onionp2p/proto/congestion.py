@@ -64,6 +64,7 @@ RANGES = {
     "cc_bwe_min": (2, 20), "cc_vegas_alpha_exit": (0, 1000), "cc_vegas_beta_exit": (0, 1000),
     "cc_vegas_gamma_exit": (0, 1000), "cc_vegas_delta_exit": (0, _MAX), "cc_sscap_exit": (100, _MAX),
     "cc_xoff_client": (1, 10000), "cc_xoff_exit": (1, 10000),
+    "cc_xon_rate": (1, 5000), "cc_xon_change_pct": (1, 99), "cc_xon_ewma_cnt": (2, 100),
 }
 
 
@@ -96,6 +97,9 @@ class CCParams:
     cc_sscap_exit: int = 600
     cc_xoff_client: int = 500  # cells of stream data buffered at a client before XOFF
     cc_xoff_exit: int = 500  # ... and at an exit
+    cc_xon_rate: int = 500  # cells' worth of drained bytes between XON drain-rate samples
+    cc_xon_change_pct: int = 25  # a drain rate this far (%) from the last one sent asks for an XON
+    cc_xon_ewma_cnt: int = 2  # N of the drain rate's N-EWMA
 
     @property
     def enabled(self) -> bool:

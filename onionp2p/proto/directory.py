@@ -17,6 +17,9 @@ takes ``now``.
   signs the same SHA-256 digest of the body, so signatures can travel detached. A
   consensus's body ends, as tor's, with the ``bandwidth-weights`` the authorities
   computed (:mod:`onionp2p.proto.bwweights`), which clients apply per path position.
+  Both carry the shared-randomness lines of :mod:`onionp2p.proto.srv` after ``params``
+  (votes: participation, commits and reveals; both: the previous and current SRV), inside
+  the signed body.
 * :class:`DirAuthority` is one configured authority (``NICK HOST:DIRPORT ED25519_ID``),
   and :func:`verify_consensus` is the client check: strict parse, signatures from more
   than half of the configured authorities, and a validity interval around ``now``.
@@ -56,6 +59,7 @@ from onionp2p.proto.address import format_hostport, parse_hostport
 from onionp2p.proto.bwweights import format_bw_weights, parse_bw_weights
 from onionp2p.proto.certs import CertType, Ed25519Cert, RsaCrossCert, rsa_public_der
 from onionp2p.proto.exitpolicy import ExitPolicy
+from onionp2p.proto.srv import Commit, SharedRandomValue
 
 __all__ = [
     "AUTHORITY_LINE_FORMAT",
@@ -698,6 +702,14 @@ class NetworkStatus:
     #: a consensus's ``bandwidth-weights`` (dir-spec §3.8.3, computed by the authorities with
     #: :func:`onionp2p.proto.bwweights.compute_bw_weights`); empty: none (plain bandwidth)
     bw_weights: tuple[tuple[str, int], ...] = ()
+    #: shared randomness (:mod:`onionp2p.proto.srv`): a vote's ``shared-rand-participate``
+    #: and ``shared-rand-commit`` lines (one per authority, sorted by identity) ...
+    sr_participate: bool = False
+    sr_commits: tuple[Commit, ...] = ()
+    #: ... and, in votes and consensuses, ``shared-rand-previous-value`` /
+    #: ``shared-rand-current-value`` (None: absent)
+    shared_rand_previous: SharedRandomValue | None = None
+    shared_rand_current: SharedRandomValue | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", tuple(sorted(dict(self.params).items())))
@@ -713,6 +725,23 @@ class NetworkStatus:
         object.__setattr__(self, "routers", tuple(sorted(self.routers, key=lambda e: e.rsa_id)))
         object.__setattr__(self, "voters", tuple(sorted(self.voters, key=lambda v: v[1])))
         object.__setattr__(self, "signatures", tuple(sorted(dict(self.signatures).items())))
+        object.__setattr__(self, "sr_commits", tuple(sorted(self.sr_commits, key=lambda c: c.identity)))
+        if len({c.identity for c in self.sr_commits}) != len(self.sr_commits) \
+                or len(self.sr_commits) > MAX_SIGNATURES:
+            raise LocalProtocolError("at most one shared-rand-commit per authority")
+        if self.status != "vote" and (self.sr_participate or self.sr_commits):
+            raise LocalProtocolError("only a vote has shared-rand-participate / shared-rand-commit")
+
+    @property
+    def srv_current(self) -> bytes | None:
+        """The current shared random value (32 bytes; None: absent), as a tor consensus view
+        has it (onion services then fall back to the disaster SRV)."""
+        return self.shared_rand_current.value if self.shared_rand_current is not None else None
+
+    @property
+    def srv_previous(self) -> bytes | None:
+        """The previous shared random value (None: absent)."""
+        return self.shared_rand_previous.value if self.shared_rand_previous is not None else None
 
     @cached_property
     def body(self) -> str:
@@ -725,6 +754,13 @@ class NetworkStatus:
                "known-flags " + " ".join(self.known_flags)]
         if self.params:
             out.append("params " + " ".join(f"{k}={v}" for k, v in self.params))
+        if self.sr_participate:
+            out.append("shared-rand-participate")
+        out += [f"shared-rand-commit {c.args()}" for c in self.sr_commits]
+        if self.shared_rand_previous is not None:
+            out.append(f"shared-rand-previous-value {self.shared_rand_previous.args()}")
+        if self.shared_rand_current is not None:
+            out.append(f"shared-rand-current-value {self.shared_rand_current.args()}")
         kw = "voter" if self.status == "vote" else "authority"
         out += [f"{kw} {nick} {_b64(ed)}" for nick, ed in self.voters]
         for entry in self.routers:
@@ -801,6 +837,17 @@ class NetworkStatus:
                     params.append((key, int(value)))
                 if [k for k, _ in params] != sorted({k for k, _ in params}):
                     raise d.fail("params must be sorted by key and unique")
+            participate = status == "vote" and d.maybe("shared-rand-participate", 0) is not None
+            commits = []
+            while status == "vote" and d.peek() == "shared-rand-commit":
+                commits.append(Commit.parse(d.take("shared-rand-commit")))
+                if len(commits) > MAX_SIGNATURES:
+                    raise d.fail("too many shared-rand-commit lines")
+            if [c.identity for c in commits] != sorted({c.identity for c in commits}):
+                raise d.fail("shared-rand-commit lines must be sorted by identity, one per authority")
+            srvs = [SharedRandomValue.parse(line, kw) if line is not None else None
+                    for kw in ("shared-rand-previous-value", "shared-rand-current-value")
+                    for line in (d.maybe(kw),)]
             kw = "voter" if status == "vote" else "authority"
             voters = []
             while d.peek() == kw:
@@ -837,7 +884,7 @@ class NetworkStatus:
             if [s[0] for s in sigs] != sorted({s[0] for s in sigs}):
                 raise ProtocolError("signatures must be sorted by signer and unique")
             doc = cls(status, va, fu, vu, tuple(voters), tuple(routers), tuple(known), tuple(sigs),
-                      tuple(params), tuple(bw_weights))
+                      tuple(params), tuple(bw_weights), participate, tuple(commits), *srvs)
         except (ValueError, OnionError) as exc:
             raise _wrap(what, exc) from None
         if doc.body != d.text[:body_end]:

@@ -28,26 +28,25 @@ _RELAY = int(CellCommand.RELAY)
 
 
 class CgoHop:
-    """The client's CGO state for one hop: a forward and a backward :class:`cgo.CgoCrypt`."""
+    """The client's CGO state for one hop: a forward and a backward :class:`cgo.CgoCrypt`.
 
-    __slots__ = ("fwd", "bwd")
+    ``originate(cmd, body)`` -> ``(cipher, tag16)`` starts a cell for this hop (bytes
+    0..15 of ``body`` are replaced); ``forward(cmd, data)`` adds this hop's forward layer
+    to a cell for a later hop; ``peel(cmd, data)`` -> ``(body, tag16 or None)`` removes
+    its backward layer (a tag when this hop sent the cell). They are the unchecked
+    ``CgoCrypt`` methods themselves (no wrapper call per layer): :class:`MixedClientCrypto`
+    checks each cell once, and its bodies are ``bytes`` of 509.
+    """
+
+    __slots__ = ("fwd", "bwd", "originate", "forward", "peel")
 
     def __init__(self, key_material: bytes) -> None:
         fwd, bwd = cgo.split_key_material(key_material)
         self.fwd = cgo.CgoCrypt(fwd, relay=False)
         self.bwd = cgo.CgoCrypt(bwd, relay=False)
-
-    def originate(self, body: bytes, cmd: int) -> tuple[bytes, bytes]:
-        """A cell for this hop (bytes 0..15 of ``body`` are replaced): ``(cipher, tag16)``."""
-        return self.fwd.client_originate(cmd, body)
-
-    def forward(self, data: bytes, cmd: int) -> bytes:
-        """Add this hop's forward layer to a cell for a later hop."""
-        return self.fwd.client_forward(cmd, data)
-
-    def peel(self, data: bytes, cmd: int) -> tuple[bytes, bytes | None]:
-        """Remove this hop's backward layer: ``(body, tag16 if this hop sent it, else None)``."""
-        return self.bwd.client_backward(cmd, data)
+        self.originate = self.fwd._client_originate
+        self.forward = self.fwd._client_forward
+        self.peel = self.bwd._client_backward
 
 
 class MixedClientCrypto:
@@ -85,12 +84,14 @@ class MixedClientCrypto:
             raise LocalProtocolError(f"relay cell body must be {RELAY_BODY_LEN} bytes, got {len(body)}")
         target = hops[hop]
         if type(target) is CgoHop:
-            data, digest = target.originate(body, cmd)
+            if not isinstance(cmd, int) or not 0 <= cmd <= 255:
+                raise LocalProtocolError(f"cell command must be 0..255, got {cmd!r}")
+            data, digest = target.originate(cmd, bytes(body))
         else:
             data, digest = target.originate(body)
         for i in range(hop - 1, -1, -1):
             h = hops[i]
-            data = h.forward(data, cmd) if type(h) is CgoHop else h.fwd_cipher.update(data)
+            data = h.forward(cmd, bytes(data)) if type(h) is CgoHop else h.fwd_cipher.update(data)
         return data, digest
 
     def decrypt_inbound(self, body: bytes) -> tuple[int, bytes, bytes]:
@@ -102,7 +103,7 @@ class MixedClientCrypto:
             raise LocalProtocolError("circuit has no hops")
         data = body
         for index, h in enumerate(self._hops):
-            data, digest = h.peel(data, _RELAY) if type(h) is CgoHop else h.peel(data)
+            data, digest = h.peel(_RELAY, bytes(data)) if type(h) is CgoHop else h.peel(data)
             if digest is not None:
                 return index, data, digest
         raise DigestMismatch("inbound relay cell not recognized by any hop")

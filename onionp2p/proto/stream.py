@@ -59,7 +59,7 @@ class Stream:
 
     __slots__ = ("id", "layer", "state", "package", "deliver", "buf", "source_paused", "sink_ready",
                  "sink_room", "end_reason", "bytes_sent", "bytes_received", "xon", "xoff_sent",
-                 "xoff_received", "xon_rate", "tokens", "tokens_at")
+                 "xoff_received", "xon_rate", "tokens", "tokens_at", "drain")
 
     def __init__(self, stream_id: int, layer, state: StreamState = StreamState.CONNECTING):
         self.id = stream_id
@@ -76,6 +76,8 @@ class Stream:
         self.xoff_sent = False  # we told the other edge to stop
         self.xoff_received = False  # the other edge told us to stop
         self.xon_rate = 0  # the other edge's advisory drain rate (kB/s; 0: none given)
+        #: our sink's drain rate for the XONs we send (flowctl.DrainRate, made at the first XOFF)
+        self.drain = None
         #: with an advisory rate, the token bucket that paces packaging (bytes, and when
         #: it was last refilled)
         self.tokens = 0.0
