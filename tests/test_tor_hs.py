@@ -196,7 +196,7 @@ async def socks_client(tor_network, tmp_path):
     cfg.write_text('data_dir = "client"\nsocks_address = "127.0.0.1:0"\ncontrol_port = 0\n'
                    "enforce_distinct_subnets = false\nclient_reject_internal_addresses = false\n"
                    "preemptive_circuits = 1\nsocks_extended_errors = true\ntesting_tor_network = true\n"
-                   'client_onion_auth_dir = "auth"\nlog_level = "info"\n')
+                   'client_onion_auth_dir = "auth"\nlog_level = "info"\nmetrics_port = 0\n')
     out = tmp_path / "client.out"
     with open(out, "w") as f:
         proc = await asyncio.create_subprocess_exec(
@@ -212,7 +212,8 @@ async def socks_client(tor_network, tmp_path):
             await asyncio.sleep(0.1)
         assert control, out.read_text()
         socks = int(re.search(r"SOCKS5 proxy ready at 127\.0\.0\.1:(\d+)", out.read_text()).group(1))
-        yield proc, socks, control, tmp_path / "client" / "control_auth_cookie", auth, out
+        metrics = int(re.search(r"Metrics port at http://127\.0\.0\.1:(\d+)", out.read_text()).group(1))
+        yield proc, socks, control, tmp_path / "client" / "control_auth_cookie", auth, out, metrics
     finally:
         if proc.returncode is None:
             proc.terminate()
@@ -248,6 +249,14 @@ async def _circuits(control: int, cookie) -> list[dict]:
     return json.loads(text)["circuits"]
 
 
+async def _metrics(port: int) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+    data = await asyncio.wait_for(reader.read(-1), 10)
+    writer.close()
+    return data.partition(b"\r\n\r\n")[2].decode()
+
+
 def _rend_circuits(circuits: list[dict], address: str) -> list[dict]:
     return [c for c in circuits if c["purpose"] == "HS_CLIENT_REND" and c["state"] == "BUILT"
             and c["rend_query"] == address.removesuffix(".onion")]
@@ -258,7 +267,7 @@ async def test_curl_through_our_socks_port_to_a_tor_onion_service(tor_services, 
     circuit on the control port with its address; (b) a second request rides the same
     rendezvous circuit, another isolation key (SOCKS credentials) gets its own."""
     addresses, _alice = tor_services
-    _proc, socks, control, cookie, _auth, out = socks_client
+    _proc, socks, control, cookie, _auth, out, metrics = socks_client
     onion = addresses["open"]
     label = onion.removesuffix(".onion")
     events_reader, events_writer = await asyncio.open_connection("127.0.0.1", control)
@@ -293,13 +302,21 @@ async def test_curl_through_our_socks_port_to_a_tor_onion_service(tor_services, 
     assert rc == 0 and body == blob(100_000), err
     isolated = _rend_circuits(await _circuits(control, cookie), onion)
     assert len(isolated) == 2 and rends[0]["id"] in {c["id"] for c in isolated}
+    # the metrics port counts the same: three requests, one stream on the open rendezvous
+    # circuit, one descriptor fetched and then reused for the second rendezvous
+    text = await _metrics(metrics)
+    for sample in ('onionp2p_hs_client_requests_total{result="ok"} 3', "onionp2p_hs_client_rendezvous_reused_total 1",
+                   'onionp2p_hs_client_descriptors_total{source="fetched"} 1',
+                   'onionp2p_hs_client_descriptors_total{source="cache"} 1',
+                   'onionp2p_hs_client_rendezvous_total{result="ok"} 2'):
+        assert sample in text.splitlines(), (sample, [ln for ln in text.splitlines() if "hs_client" in ln])
 
 
 async def test_client_authorization_from_client_onion_auth_dir(tor_services, socks_client):
     """(c) a service that restricts discovery: X'F4' without a key, X'F5' with a key it does not
     know, the page once alice's key is in client_onion_auth_dir (read again on SIGHUP)."""
     addresses, alice = tor_services
-    proc, socks, _control, _cookie, auth, out = socks_client
+    proc, socks, _control, _cookie, auth, out, metrics = socks_client
     onion = addresses["auth"]
     url = f"http://{onion}/200000"
     deadline = time.monotonic() + 240
@@ -325,3 +342,6 @@ async def test_client_authorization_from_client_onion_auth_dir(tor_services, soc
     assert rc == 97 and err.rstrip().endswith("(245)"), err  # X'F5': our key is not accepted
     rc, body, err = await with_key(alice.private_bytes_raw())
     assert rc == 0 and body == blob(200_000), err
+    lines = (await _metrics(metrics)).splitlines()
+    assert 'onionp2p_hs_client_requests_total{result="missing_client_auth"} 1' in lines
+    assert 'onionp2p_hs_client_requests_total{result="bad_client_auth"} 1' in lines
