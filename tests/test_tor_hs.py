@@ -160,7 +160,8 @@ def tor_services(tor_network, tmp_path_factory):
     web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BlobHandler)
     threading.Thread(target=web.serve_forever, daemon=True).start()
     dirs = {name: root / name for name in ("open", "auth")}
-    addresses = {name: write_service_dir(d, ExpandedKey.from_seed(os.urandom(32))) for name, d in dirs.items()}
+    addresses = {name: write_service_dir(d, ExpandedKey.from_seed(os.urandom(32)))
+                 for name, d in dirs.items()}
     alice = X25519PrivateKey.generate()
     (dirs["auth"] / "authorized_clients").mkdir(mode=0o700)
     (dirs["auth"] / "authorized_clients" / "alice.auth").write_text(
@@ -200,8 +201,8 @@ async def socks_client(tor_network, tmp_path):
     out = tmp_path / "client.out"
     with open(out, "w") as f:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "onionp2p", "client", "--config", str(cfg), "--tor-dirauth-file", str(dirauth),
-            stdout=f, stderr=asyncio.subprocess.STDOUT)
+            sys.executable, "-m", "onionp2p", "client", "--config", str(cfg),
+            "--tor-dirauth-file", str(dirauth), stdout=f, stderr=asyncio.subprocess.STDOUT)
     try:
         control = None
         for _ in range(900):
@@ -242,8 +243,9 @@ async def _curl_published(socks: int, url: str, timeout: float = 240) -> bytes:
 
 async def _circuits(control: int, cookie) -> list[dict]:
     tool = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "onionp2p", "circuits", "--json", "--show-targets", "--control-port", str(control),
-        "--cookie", str(cookie), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable, "-m", "onionp2p", "circuits", "--json", "--show-targets",
+        "--control-port", str(control), "--cookie", str(cookie), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
     text, err = await tool.communicate()
     assert tool.returncode == 0, err
     return json.loads(text)["circuits"]
@@ -305,7 +307,8 @@ async def test_curl_through_our_socks_port_to_a_tor_onion_service(tor_services, 
     # the metrics port counts the same: three requests, one stream on the open rendezvous
     # circuit, one descriptor fetched and then reused for the second rendezvous
     text = await _metrics(metrics)
-    for sample in ('onionp2p_hs_client_requests_total{result="ok"} 3', "onionp2p_hs_client_rendezvous_reused_total 1",
+    for sample in ('onionp2p_hs_client_requests_total{result="ok"} 3',
+                   "onionp2p_hs_client_rendezvous_reused_total 1",
                    'onionp2p_hs_client_descriptors_total{source="fetched"} 1',
                    'onionp2p_hs_client_descriptors_total{source="cache"} 1',
                    'onionp2p_hs_client_rendezvous_total{result="ok"} 2'):

@@ -249,7 +249,8 @@ class OnionServiceClient:
             self._descs.pop(identity, None)
             plan, desc = await self.fetch_descriptor(identity, plan)
             self.stats["descriptors"]["fetched"] += 1
-            self._descs[identity] = _CachedDesc(plan, desc, desc.outer.signing_key_cert.expires_hours * 3600.0)
+            expires = desc.outer.signing_key_cert.expires_hours * 3600.0
+            self._descs[identity] = _CachedDesc(plan, desc, expires)
             return plan, desc
 
     async def fetch_descriptor(self, identity: bytes, plan: FetchPlan | None = None,

@@ -445,7 +445,8 @@ class ClientNode:
         try:
             await self._wait_dirinfo()
             if is_onion_name(req.host):  # (the SOCKS port refused malformed names already)
-                reader, writer, circ = await self.hs.open_stream(req.host, req.port, isolation=req.isolation_key)
+                reader, writer, circ = await self.hs.open_stream(req.host, req.port,
+                                                                 isolation=req.isolation_key)
             else:
                 reader, writer, circ = await self.circmgr.open_stream(req.host, req.port, req.isolation_key)
         except StreamError as exc:
