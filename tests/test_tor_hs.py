@@ -194,8 +194,9 @@ async def socks_client(tor_network, tmp_path):
     auth = tmp_path / "auth"
     auth.mkdir(mode=0o700)
     cfg = tmp_path / "client.toml"
+    # client_reject_internal_addresses stays on (the default): an onion name is not internal
     cfg.write_text('data_dir = "client"\nsocks_address = "127.0.0.1:0"\ncontrol_port = 0\n'
-                   "enforce_distinct_subnets = false\nclient_reject_internal_addresses = false\n"
+                   "enforce_distinct_subnets = false\n"
                    "preemptive_circuits = 1\nsocks_extended_errors = true\ntesting_tor_network = true\n"
                    'client_onion_auth_dir = "auth"\nlog_level = "info"\nmetrics_port = 0\n')
     out = tmp_path / "client.out"
