@@ -314,6 +314,17 @@ async def test_curl_through_our_socks_port_to_a_tor_onion_service(tor_services, 
                    'onionp2p_hs_client_descriptors_total{source="cache"} 1',
                    'onionp2p_hs_client_rendezvous_total{result="ok"} 2'):
         assert sample in text.splitlines(), (sample, [ln for ln in text.splitlines() if "hs_client" in ln])
+    # NEWNYM forgets descriptors and rendezvous circuits (tor's hs_client_purge_state): the
+    # next request fetches the descriptor again and makes a new rendezvous
+    reader, writer = await asyncio.open_connection("127.0.0.1", control)
+    for command in (f"AUTHENTICATE {cookie.read_bytes().hex()}", "SIGNAL NEWNYM"):
+        writer.write(command.encode() + b"\r\n")
+        assert await reader.readline() == b"250 OK\r\n"
+    writer.close()
+    rc, body, err = await _curl(socks, f"http://{onion}/100000")
+    assert rc == 0 and body == blob(100_000), err
+    assert len(_rend_circuits(await _circuits(control, cookie), onion)) == 3
+    assert 'onionp2p_hs_client_descriptors_total{source="fetched"} 2' in (await _metrics(metrics)).splitlines()
 
 
 async def test_client_authorization_from_client_onion_auth_dir(tor_services, socks_client):
