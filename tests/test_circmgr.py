@@ -382,3 +382,9 @@ async def test_internal_circuits_end_at_the_chosen_relay_and_take_no_streams(env
         await mgr.build_internal(intro, "GENERAL")
     circ.close()
     rend.close()
+    # a last hop that is a (primary) guard: the guard set's next guard is used instead
+    for name in ("g0", "g1", "m0"):
+        c = await mgr.build_internal(net.status(name), "HS_SERVICE_INTRO", timeout=30)
+        assert len(c.hops) == 3 and exit_name(net, c) == name
+        assert len({h.fingerprint for h in c.hops}) == 3 and c.hops[0].fingerprint != net.fp(name)
+        c.close()

@@ -216,7 +216,8 @@ def tor_services(tor_network, tmp_path_factory):
     web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BlobHandler)
     threading.Thread(target=web.serve_forever, daemon=True).start()
     dirs = {name: root / name for name in ("open", "auth")}
-    addresses = {name: write_service_dir(d, ExpandedKey.from_seed(os.urandom(32))) for name, d in dirs.items()}
+    addresses = {name: write_service_dir(d, ExpandedKey.from_seed(os.urandom(32)))
+                 for name, d in dirs.items()}
     alice = X25519PrivateKey.generate()
     (dirs["auth"] / "authorized_clients").mkdir(mode=0o700)
     (dirs["auth"] / "authorized_clients" / "alice.auth").write_text(
@@ -249,15 +250,16 @@ async def socks_client(tor_network, tmp_path):
     auth = tmp_path / "auth"
     auth.mkdir(mode=0o700)
     cfg = tmp_path / "client.toml"
+    # client_reject_internal_addresses stays on (the default): an onion name is not internal
     cfg.write_text('data_dir = "client"\nsocks_address = "127.0.0.1:0"\ncontrol_port = 0\n'
-                   "enforce_distinct_subnets = false\nclient_reject_internal_addresses = false\n"
+                   "enforce_distinct_subnets = false\n"
                    "preemptive_circuits = 1\nsocks_extended_errors = true\ntesting_tor_network = true\n"
-                   'client_onion_auth_dir = "auth"\nlog_level = "info"\n')
+                   'client_onion_auth_dir = "auth"\nlog_level = "info"\nmetrics_port = 0\n')
     out = tmp_path / "client.out"
     with open(out, "w") as f:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "onionp2p", "client", "--config", str(cfg), "--tor-dirauth-file", str(dirauth),
-            stdout=f, stderr=asyncio.subprocess.STDOUT)
+            sys.executable, "-m", "onionp2p", "client", "--config", str(cfg),
+            "--tor-dirauth-file", str(dirauth), stdout=f, stderr=asyncio.subprocess.STDOUT)
     try:
         control = None
         for _ in range(900):
@@ -268,7 +270,8 @@ async def socks_client(tor_network, tmp_path):
             await asyncio.sleep(0.1)
         assert control, out.read_text()
         socks = int(re.search(r"SOCKS5 proxy ready at 127\.0\.0\.1:(\d+)", out.read_text()).group(1))
-        yield proc, socks, control, tmp_path / "client" / "control_auth_cookie", auth, out
+        metrics = int(re.search(r"Metrics port at http://127\.0\.0\.1:(\d+)", out.read_text()).group(1))
+        yield proc, socks, control, tmp_path / "client" / "control_auth_cookie", auth, out, metrics
     finally:
         if proc.returncode is None:
             proc.terminate()
@@ -297,11 +300,20 @@ async def _curl_published(socks: int, url: str, timeout: float = 240) -> bytes:
 
 async def _circuits(control: int, cookie) -> list[dict]:
     tool = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "onionp2p", "circuits", "--json", "--show-targets", "--control-port", str(control),
-        "--cookie", str(cookie), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable, "-m", "onionp2p", "circuits", "--json", "--show-targets",
+        "--control-port", str(control), "--cookie", str(cookie), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
     text, err = await tool.communicate()
     assert tool.returncode == 0, err
     return json.loads(text)["circuits"]
+
+
+async def _metrics(port: int) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+    data = await asyncio.wait_for(reader.read(-1), 10)
+    writer.close()
+    return data.partition(b"\r\n\r\n")[2].decode()
 
 
 def _rend_circuits(circuits: list[dict], address: str) -> list[dict]:
@@ -314,24 +326,27 @@ async def test_curl_through_our_socks_port_to_a_tor_onion_service(tor_services, 
     circuit on the control port with its address; (b) a second request rides the same
     rendezvous circuit, another isolation key (SOCKS credentials) gets its own."""
     addresses, _alice = tor_services
-    _proc, socks, control, cookie, _auth, out = socks_client
+    _proc, socks, control, cookie, _auth, out, metrics = socks_client
     onion = addresses["open"]
     label = onion.removesuffix(".onion")
     events_reader, events_writer = await asyncio.open_connection("127.0.0.1", control)
-    for command in (f"AUTHENTICATE {cookie.read_bytes().hex()}", "SETEVENTS CIRC"):
+    for command in (f"AUTHENTICATE {cookie.read_bytes().hex()}", "SETEVENTS CIRC STREAM"):
         events_writer.write(command.encode() + b"\r\n")
         assert await events_reader.readline() == b"250 OK\r\n"
     body = await _curl_published(socks, f"http://{onion}/{MB5}")
     assert len(body) == MB5 and sha256(body) == sha256(blob(MB5)), out.read_text()[-3000:]
     rends = _rend_circuits(await _circuits(control, cookie), onion)
     assert len(rends) == 1 and rends[0]["hs_state"] == "HSCR_JOINED" and len(rends[0]["path"]) == 3
-    # CIRC events with tor's purposes and the address, also for circuits already closed
-    events = []
-    while not any(" CLOSED " in e and "PURPOSE=HS_CLIENT_INTRO" in e for e in events):
+    # CIRC events with tor's purposes and the address, also for circuits already closed; the
+    # STREAM event of the request on the rendezvous circuit
+    events: list[str] = []
+    succeeded = f"650 STREAM {{}} SUCCEEDED {rends[0]['id']} {onion}:{{}}"
+    while not (any(" CLOSED " in e and "PURPOSE=HS_CLIENT_INTRO" in e for e in events)
+               and any(re.match(succeeded.format(r"\d+", 80), e) for e in events)):
         try:
             events.append((await asyncio.wait_for(events_reader.readline(), 10)).decode())
         except TimeoutError:
-            pytest.fail(f"no CIRC CLOSED event with PURPOSE=HS_CLIENT_INTRO: {events}")
+            pytest.fail(f"no CIRC CLOSED event with PURPOSE=HS_CLIENT_INTRO or STREAM SUCCEEDED: {events}")
     events_writer.close()
     assert any(e.startswith(f"650 CIRC {rends[0]['id']} BUILT ") and "PURPOSE=HS_CLIENT_REND" in e
                and f"REND_QUERY={label}" in e and "BUILD_FLAGS=IS_INTERNAL" in e for e in events), events
@@ -346,13 +361,33 @@ async def test_curl_through_our_socks_port_to_a_tor_onion_service(tor_services, 
     assert rc == 0 and body == blob(100_000), err
     isolated = _rend_circuits(await _circuits(control, cookie), onion)
     assert len(isolated) == 2 and rends[0]["id"] in {c["id"] for c in isolated}
+    # the metrics port counts the same: three requests, one stream on the open rendezvous
+    # circuit, one descriptor fetched and then reused for the second rendezvous
+    text = await _metrics(metrics)
+    for sample in ('onionp2p_hs_client_requests_total{result="ok"} 3',
+                   "onionp2p_hs_client_rendezvous_reused_total 1",
+                   'onionp2p_hs_client_descriptors_total{source="fetched"} 1',
+                   'onionp2p_hs_client_descriptors_total{source="cache"} 1',
+                   'onionp2p_hs_client_rendezvous_total{result="ok"} 2'):
+        assert sample in text.splitlines(), (sample, [ln for ln in text.splitlines() if "hs_client" in ln])
+    # NEWNYM forgets descriptors and rendezvous circuits (tor's hs_client_purge_state): the
+    # next request fetches the descriptor again and makes a new rendezvous
+    reader, writer = await asyncio.open_connection("127.0.0.1", control)
+    for command in (f"AUTHENTICATE {cookie.read_bytes().hex()}", "SIGNAL NEWNYM"):
+        writer.write(command.encode() + b"\r\n")
+        assert await reader.readline() == b"250 OK\r\n"
+    writer.close()
+    rc, body, err = await _curl(socks, f"http://{onion}/100000")
+    assert rc == 0 and body == blob(100_000), err
+    assert len(_rend_circuits(await _circuits(control, cookie), onion)) == 3
+    assert 'onionp2p_hs_client_descriptors_total{source="fetched"} 2' in (await _metrics(metrics)).splitlines()
 
 
 async def test_client_authorization_from_client_onion_auth_dir(tor_services, socks_client):
     """(c) a service that restricts discovery: X'F4' without a key, X'F5' with a key it does not
     know, the page once alice's key is in client_onion_auth_dir (read again on SIGHUP)."""
     addresses, alice = tor_services
-    proc, socks, _control, _cookie, auth, out = socks_client
+    proc, socks, _control, _cookie, auth, out, metrics = socks_client
     onion = addresses["auth"]
     url = f"http://{onion}/200000"
     deadline = time.monotonic() + 240
@@ -378,3 +413,6 @@ async def test_client_authorization_from_client_onion_auth_dir(tor_services, soc
     assert rc == 97 and err.rstrip().endswith("(245)"), err  # X'F5': our key is not accepted
     rc, body, err = await with_key(alice.private_bytes_raw())
     assert rc == 0 and body == blob(200_000), err
+    lines = (await _metrics(metrics)).splitlines()
+    assert 'onionp2p_hs_client_requests_total{result="missing_client_auth"} 1' in lines
+    assert 'onionp2p_hs_client_requests_total{result="bad_client_auth"} 1' in lines

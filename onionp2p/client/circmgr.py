@@ -460,8 +460,8 @@ class CircuitManager:
 
         def pick(routers: list[RouterStatus], guard: RouterStatus, exclude: set[str]) -> list[RouterStatus]:
             return choose_internal_path(routers, last=last, purpose=purpose, guard=guard, rng=self.rng,
-                                        exclude=exclude, enforce_distinct_subnets=self.enforce_distinct_subnets,
-                                        bw_weights=self.guards.bw_weights())
+                                        exclude=exclude, bw_weights=self.guards.bw_weights(),
+                                        enforce_distinct_subnets=self.enforce_distinct_subnets)
 
         error: CircuitError | None = None
         for _ in range(self.max_build_attempts):
@@ -649,11 +649,12 @@ class CircuitManager:
         """A path and its guard-spec state: the guard from the guard set, the rest from
         ``pick(routers, guard, exclude)`` (default: :func:`choose_path` for ``port``), avoiding
         recently failed relays where a path exists without them."""
-        if pick is None:
-            def pick(routers: list[RouterStatus], guard: RouterStatus, exclude: set[str]) -> list[RouterStatus]:
-                return choose_path(routers, port=port, guard=guard, rng=self.rng, exclude=exclude,
-                                   enforce_distinct_subnets=self.enforce_distinct_subnets,
-                                   bw_weights=self.guards.bw_weights())  # the consensus's weights
+        def exit_path(routers: list[RouterStatus], guard: RouterStatus,
+                      exclude: set[str]) -> list[RouterStatus]:
+            return choose_path(routers, port=port, guard=guard, rng=self.rng, exclude=exclude,
+                               enforce_distinct_subnets=self.enforce_distinct_subnets,
+                               bw_weights=self.guards.bw_weights())  # the consensus's weights
+        pick = pick or exit_path
         routers = list(self.routers())
         failed = self._recent_failures()
         tiers: list[set[str]] = []

@@ -600,8 +600,9 @@ class OnionClient:
         await building
         return circ
 
-    async def launch_circuit(self, path: Sequence[RelayInfo], *, timeout: float = 60.0, purpose: str = "GENERAL",
-                             hs_state: str | None = None, rend_query: str | None = None,
+    async def launch_circuit(self, path: Sequence[RelayInfo], *, timeout: float = 60.0,
+                             purpose: str = "GENERAL", hs_state: str | None = None,
+                             rend_query: str | None = None,
                              ) -> tuple[ClientCircuit, asyncio.Task]:
         """Connect to the first hop and start building; return the circuit and the build task
         (which raises CircuitError if the build fails) without waiting for the build.

@@ -50,6 +50,7 @@ import contextlib
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -197,6 +198,11 @@ class OnionServiceClient:
         self.dirtiness = dirtiness
         self._descs: dict[bytes, _CachedDesc] = {}
         self._rends: dict[tuple[bytes, Hashable], _Rend] = {}
+        #: counts for the metrics port: ``requests`` by outcome ("ok" or an HsConnectError
+        #: kind), ``descriptors`` by source ("cache", "fetched"), ``introductions`` and
+        #: ``rendezvous`` by result ("ok", "failed"), ``reused`` rendezvous circuits
+        self.stats: dict[str, Counter[str]] = {k: Counter() for k in (
+            "requests", "descriptors", "introductions", "rendezvous", "reused")}
         self._locks = _KeyedLocks()  # (identity, isolation): one rendezvous at a time
         self._fetching = _KeyedLocks()  # identity: one descriptor fetch at a time
 
@@ -236,10 +242,13 @@ class OnionServiceClient:
             if (not refetch and cached is not None and cached.plan.blinded_key == plan.blinded_key
                     and self.client_now() < cached.expires):
                 log.debug("onion service descriptor from the cache")
+                self.stats["descriptors"]["cache"] += 1
                 return cached.plan, cached.desc
             self._descs.pop(identity, None)
             plan, desc = await self.fetch_descriptor(identity, plan)
-            self._descs[identity] = _CachedDesc(plan, desc, desc.outer.signing_key_cert.expires_hours * 3600.0)
+            self.stats["descriptors"]["fetched"] += 1
+            expires = desc.outer.signing_key_cert.expires_hours * 3600.0
+            self._descs[identity] = _CachedDesc(plan, desc, expires)
             return plan, desc
 
     async def fetch_descriptor(self, identity: bytes, plan: FetchPlan | None = None,
@@ -303,6 +312,16 @@ class OnionServiceClient:
     async def open_stream(self, host: str, port: int, *, isolation: Hashable = None,
                           ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, ClientCircuit]:
         """:meth:`connect`, also returning the rendezvous circuit the stream is on."""
+        try:
+            got = await self._open_stream(host, port, isolation)
+        except HsConnectError as exc:
+            self.stats["requests"][exc.kind] += 1
+            raise
+        self.stats["requests"]["ok"] += 1
+        return got
+
+    async def _open_stream(self, host: str, port: int, isolation: Hashable,
+                           ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, ClientCircuit]:
         identity = parse_onion_address(host).pubkey
         key = (identity, isolation)
         # one rendezvous per service and isolation key at a time (tor attaches the streams
@@ -313,6 +332,7 @@ class OnionServiceClient:
                 try:
                     reader, writer = await reused.open_stream("", port, timeout=STEP_TIMEOUT)
                     log.debug("stream on an open rendezvous circuit", circ=reused.id)
+                    self.stats["reused"]["ok"] += 1
                     return reader, writer, reused
                 except CircuitError:
                     self._rends.pop(key, None)  # it died meanwhile: make a new one
@@ -374,8 +394,10 @@ class OnionServiceClient:
             try:
                 await rend_in.expect(RelayCommand.RENDEZVOUS2, STEP_TIMEOUT)
             except (OnionError, TimeoutError) as exc:
+                self.stats["rendezvous"]["failed"] += 1
                 raise HsConnectError(f"no rendezvous: {exc}", "rend_failed") from exc
             rend.hs_state = "HSCR_JOINED"
+            self.stats["rendezvous"]["ok"] += 1
             # the end-to-end layer is there (the core added it with RENDEZVOUS2); BEGIN with
             # an empty address, as tor (connection_ap_handshake_send_begin)
             try:
@@ -398,6 +420,7 @@ class OnionServiceClient:
         outcomes = []
         for ip in points:
             outcome = await self._introduce(ip, plan, cookie, rend, rp)
+            self.stats["introductions"]["ok" if outcome == "acked" else "failed"] += 1
             if outcome == "acked":
                 return True
             outcomes.append(outcome)

@@ -57,7 +57,7 @@ from onionp2p import __version__
 from onionp2p.bootstrap import Bootstrap
 from onionp2p.client.cbt import CBTParams, CircuitBuildTimes
 from onionp2p.client.circmgr import CircuitManager
-from onionp2p.client.client import OnionClient
+from onionp2p.client.client import ClientCircuit, OnionClient
 from onionp2p.client.guards import GuardSet
 from onionp2p.client.hsclient import MAX_DESC_SIZE, STEP_TIMEOUT, OnionServiceClient
 from onionp2p.client.hskeys import ClientOnionAuth
@@ -72,7 +72,7 @@ from onionp2p.errors import (
 )
 from onionp2p.listeners import Listeners
 from onionp2p.log import LIVE_LOG_KEYS, apply_log_config, get_logger
-from onionp2p.proto.directory import RouterStatus
+from onionp2p.proto.directory import RelayInfo, RouterStatus
 from onionp2p.proto.exitpolicy import is_private_address
 from onionp2p.proto.hs.address import is_onion_name
 from onionp2p.proto.relaycell import EndReason, Resolved
@@ -240,13 +240,13 @@ class ClientNode:
             return view
         doc = self.directory.consensus if self.directory is not None else None
         if doc is not None:
-            return DirectoryView(self.routers(), doc.valid_after, doc.fresh_until,
-                                 getattr(doc, "srv_current", None), getattr(doc, "srv_previous", None),
-                                 dict(doc.params))
+            return DirectoryView(self.routers(), doc.valid_after, doc.fresh_until, doc.srv_current,
+                                 doc.srv_previous, dict(doc.params))
         hour = int(time.time()) // 3600 * 3600
         return DirectoryView(self.routers(), hour, hour + 3600, params=dict(self.client.consensus_params()))
 
-    async def _hs_circuit(self, last, purpose: str, onion: str | None):
+    async def _hs_circuit(self, last: RelayInfo | None, purpose: str, onion: str | None) -> ClientCircuit:
+        """An onion-service circuit for the onion-service client (its ``build``)."""
         return await self.circmgr.build_internal(last, purpose, onion=onion, timeout=STEP_TIMEOUT)
 
     def _directory_guards(self, routers: Sequence[RouterStatus]) -> list[RouterStatus]:
@@ -472,7 +472,8 @@ class ClientNode:
         try:
             await self._wait_dirinfo()
             if is_onion_name(req.host):  # (the SOCKS port refused malformed names already)
-                reader, writer, circ = await self.hs.open_stream(req.host, req.port, isolation=req.isolation_key)
+                reader, writer, circ = await self.hs.open_stream(req.host, req.port,
+                                                                 isolation=req.isolation_key)
             else:
                 reader, writer, circ = await self.circmgr.open_stream(req.host, req.port, req.isolation_key)
         except StreamError as exc:

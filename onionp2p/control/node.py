@@ -291,8 +291,8 @@ class ClientControlAdapter(ControlAdapterBase):
         if circ is not None:
             info = self._circuit_info(circ, status, reason)
         else:
-            info = CircuitInfo(id=ev.circuit_id, status=status, path=(), purpose=ev.purpose, hs_state=ev.hs_state,
-                               rend_query=ev.rend_query, reason=reason)
+            info = CircuitInfo(id=ev.circuit_id, status=status, path=(), purpose=ev.purpose,
+                               hs_state=ev.hs_state, rend_query=ev.rend_query, reason=reason)
         if status in ("FAILED", "CLOSED") and reason not in _CIRC_REASONS:
             info = CircuitInfo(**{**info.__dict__, "reason": "FINISHED" if status == "CLOSED" else "MISC"})
         self._send(CircEvent(info))

@@ -86,7 +86,9 @@ def client_auth_add(node: Any, args: str) -> bytes:
     except (KeyFileError, OSError):
         raise ControlError(553, f"Unable to store creds for {qecho(tokens[0])}") from None
     _changed(node, identity)
-    return format_reply(251, ["Client for onion existed and replaced"]) if replaced else format_reply(250, ["OK"])
+    if replaced:
+        return format_reply(251, ["Client for onion existed and replaced"])
+    return format_reply(250, ["OK"])
 
 
 def client_auth_remove(node: Any, args: str) -> bytes:

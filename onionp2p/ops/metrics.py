@@ -447,6 +447,9 @@ class ClientCollector:
         socks = getattr(getattr(node, "socks", None), "stats", None)
         if socks is not None:
             metrics += _socks_metrics(socks)
+        hs = getattr(getattr(node, "hs", None), "stats", None)
+        if hs is not None:
+            metrics += _hs_client_metrics(hs)
         if hasattr(node, "onion_service_counts"):
             metrics += _onion_service_metrics(len(node.onion_services), node.onion_service_counts())
         return metrics + process_metrics()
@@ -475,6 +478,23 @@ def _onion_service_metrics(hosted: int, counts: Mapping[tuple[str, str], int]) -
         values.update({outcome: n for (t, outcome), n in counts.items() if t == table})
         out.append(counter(name, help_, dict(sorted(values.items())), "result"))
     return out
+
+
+def _hs_client_metrics(stats: Mapping[str, Mapping[str, int]]) -> list[Metric]:
+    """The onion-service client's counts (``OnionServiceClient.stats``)."""
+    return [
+        counter("onionp2p_hs_client_requests_total", "Streams to onion services: ok, or the failure kind "
+                "(desc_not_found, missing_client_auth ...: tor's extended SOCKS errors).",
+                {"ok": 0, **stats["requests"]}, "result"),
+        counter("onionp2p_hs_client_descriptors_total", "Onion-service descriptors used, from the cache or "
+                "fetched from an HSDir.", {"cache": 0, "fetched": 0, **stats["descriptors"]}, "source"),
+        counter("onionp2p_hs_client_introductions_total", "INTRODUCE1 attempts by result (acked or not).",
+                {"ok": 0, "failed": 0, **stats["introductions"]}, "result"),
+        counter("onionp2p_hs_client_rendezvous_total", "Rendezvous by result (RENDEZVOUS2 received or not).",
+                {"ok": 0, "failed": 0, **stats["rendezvous"]}, "result"),
+        counter("onionp2p_hs_client_rendezvous_reused_total", "Streams on an open rendezvous circuit.",
+                stats["reused"]["ok"]),
+    ]
 
 
 def _stat(stats, name: str) -> int | None:
