@@ -38,12 +38,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import calendar
 import hashlib
 import ipaddress
 import json
 import re
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -58,6 +56,7 @@ from onionp2p.proto import protover
 from onionp2p.proto.address import format_hostport, parse_hostport
 from onionp2p.proto.bwweights import format_bw_weights, parse_bw_weights
 from onionp2p.proto.certs import CertType, Ed25519Cert, RsaCrossCert, rsa_public_der
+from onionp2p.proto.doctime import format_time, parse_time
 from onionp2p.proto.exitpolicy import ExitPolicy
 from onionp2p.proto.srv import Commit, SharedRandomValue
 
@@ -126,9 +125,6 @@ _FLAG = re.compile(r"[A-Z][A-Za-z0-9]{0,31}")
 _PARAM_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")  # dir-spec's KeywordChar: tor's guard-* names have "-"
 _WEIGHT_KEY = re.compile(r"W[bdegm][bdegm]")
 _PARAM_VALUE = re.compile(r"-?(0|[1-9][0-9]{0,9})")
-_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
-
-
 def _int(s: str, lo: int, hi: int, what: str) -> int:
     if not _INT.fullmatch(s) or not lo <= int(s) <= hi:
         raise ProtocolError(f"{what} must be an integer in {lo}-{hi}, got {s[:30]!r}")
@@ -155,24 +151,6 @@ def _ipv4(s: str) -> str:
     if not ok:
         raise ProtocolError(f"bad IPv4 address {s[:40]!r}")
     return s
-
-
-def format_time(t: float) -> str:
-    """``YYYY-MM-DD HH:MM:SS`` (UTC) for a unix time (rounded down to the second)."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(t)))
-
-
-def parse_time(s: str) -> int:
-    """Inverse of :func:`format_time`; ProtocolError unless canonical."""
-    if not _TIME.fullmatch(s):
-        raise ProtocolError(f"bad time {s[:30]!r} (want YYYY-MM-DD HH:MM:SS)")
-    try:
-        t = calendar.timegm(time.strptime(s, "%Y-%m-%d %H:%M:%S"))
-    except (ValueError, OverflowError):
-        raise ProtocolError(f"bad time {s!r}") from None
-    if format_time(t) != s:
-        raise ProtocolError(f"bad time {s!r}")
-    return t
 
 
 def _sign(key: ed25519.Ed25519PrivateKey, personal: bytes, digest: bytes) -> bytes:

@@ -39,17 +39,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import calendar
 import enum
 import hashlib
 import os
 import re
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from onionp2p.errors import ProtocolError
+from onionp2p.proto.doctime import format_time, parse_time
 
 __all__ = [
     "AGREEMENTS_PARAM",
@@ -392,8 +391,8 @@ class SRState:
         """tor's sr-state: Version, ValidAfter, ValidUntil (end of the run), Commit lines
         (our own with its reveal: keep the file secret), SRVs."""
         end = self.run + PROTOCOL_ROUNDS * self.interval
-        out = [f"Version {SR_VERSION}", f"ValidAfter {_fmt(self.valid_after)}", f"ValidUntil {_fmt(end)}",
-               f"Run {_fmt(self.run)}", f"Interval {self.interval}"]
+        out = [f"Version {SR_VERSION}", f"ValidAfter {format_time(self.valid_after)}", f"ValidUntil {format_time(end)}",
+               f"Run {format_time(self.run)}", f"Interval {self.interval}"]
         out += [f"Commit {c.args()}" for _, c in sorted(self.commits.items())]
         if self.previous is not None:
             out.append(f"SharedRandPreviousValue {self.previous.args()}")
@@ -435,16 +434,9 @@ class SRState:
         return state
 
 
-def _fmt(t: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(t)))
-
-
 def _parse_time(s: str) -> int:
     try:
-        t = calendar.timegm(time.strptime(s, "%Y-%m-%d %H:%M:%S"))
-    except (ValueError, OverflowError):
-        raise ProtocolError(f"sr-state: bad time {s[:30]!r}") from None
-    if _fmt(t) != s:
-        raise ProtocolError(f"sr-state: bad time {s[:30]!r}")
-    return t
+        return parse_time(s)
+    except ProtocolError as exc:
+        raise ProtocolError(f"sr-state: {exc}") from None
 
