@@ -44,6 +44,13 @@ typedef struct {
     uint64_t lo, hi; /* the little-endian 128-bit integer of a block */
 } u128;
 
+/* A POLYVAL key: h[0] = H and, for the aggregated CLMUL loop, h[1..3] = H^2, H^3, H^4 in the
+ * dot algebra (h[k] = dot(h[k-1], H)), so that four Horner steps are
+ * dot(S ^ X1, H^4) ^ dot(X2, H^3) ^ dot(X3, H^2) ^ dot(X4, H) with one reduction. */
+typedef struct {
+    u128 h[4];
+} polykey;
+
 static inline uint64_t load64_le(const uint8_t *p) {
     return (uint64_t)p[0] | (uint64_t)p[1] << 8 | (uint64_t)p[2] << 16 | (uint64_t)p[3] << 24 |
            (uint64_t)p[4] << 32 | (uint64_t)p[5] << 40 | (uint64_t)p[6] << 48 | (uint64_t)p[7] << 56;
@@ -107,12 +114,12 @@ static u128 dot_portable(u128 a, u128 b) {
     return r;
 }
 
-static void polyval_portable(const u128 *h, const uint8_t *data, size_t nblocks, uint8_t out[16]) {
+static void polyval_portable(const polykey *key, const uint8_t *data, size_t nblocks, uint8_t out[16]) {
     u128 s = {0, 0};
     for (size_t i = 0; i < nblocks; i++) {
         s.lo ^= load64_le(data + 16 * i);
         s.hi ^= load64_le(data + 16 * i + 8);
-        s = dot_portable(s, *h);
+        s = dot_portable(s, key->h[0]);
     }
     store64_le(out, s.lo);
     store64_le(out + 8, s.hi);
@@ -134,25 +141,73 @@ __attribute__((target("pclmul,sse4.1"))) static inline __m128i dot_clmul(__m128i
     return _mm_xor_si128(hi, lo);
 }
 
-__attribute__((target("pclmul,sse4.1"))) static void polyval_clmul(const u128 *h, const uint8_t *data,
+/* the unreduced product a * b added to (lo, mid, hi) */
+#define CLMUL_ACC(a, b)                                                                             \
+    do {                                                                                            \
+        lo = _mm_xor_si128(lo, _mm_clmulepi64_si128((a), (b), 0x00));                               \
+        hi = _mm_xor_si128(hi, _mm_clmulepi64_si128((a), (b), 0x11));                               \
+        mid = _mm_xor_si128(mid, _mm_xor_si128(_mm_clmulepi64_si128((a), (b), 0x10),                \
+                                               _mm_clmulepi64_si128((a), (b), 0x01)));              \
+    } while (0)
+
+__attribute__((target("pclmul,sse4.1"))) static void polyval_clmul(const polykey *key, const uint8_t *data,
                                                                   size_t nblocks, uint8_t out[16]) {
-    __m128i hv = _mm_set_epi64x((long long)h->hi, (long long)h->lo);
+    const __m128i poly = _mm_set_epi64x((long long)0xC200000000000000ULL, 1);
+    __m128i h1 = _mm_set_epi64x((long long)key->h[0].hi, (long long)key->h[0].lo);
     __m128i s = _mm_setzero_si128();
-    for (size_t i = 0; i < nblocks; i++) {
+    size_t i = 0;
+    if (nblocks >= 4) {
+        __m128i h2 = _mm_set_epi64x((long long)key->h[1].hi, (long long)key->h[1].lo);
+        __m128i h3 = _mm_set_epi64x((long long)key->h[2].hi, (long long)key->h[2].lo);
+        __m128i h4 = _mm_set_epi64x((long long)key->h[3].hi, (long long)key->h[3].lo);
+        for (; i + 4 <= nblocks; i += 4) {
+            const __m128i *x = (const __m128i *)(data + 16 * i);
+            __m128i lo = _mm_setzero_si128(), mid = _mm_setzero_si128(), hi = _mm_setzero_si128();
+            CLMUL_ACC(_mm_xor_si128(s, _mm_loadu_si128(x)), h4);
+            CLMUL_ACC(_mm_loadu_si128(x + 1), h3);
+            CLMUL_ACC(_mm_loadu_si128(x + 2), h2);
+            CLMUL_ACC(_mm_loadu_si128(x + 3), h1);
+            lo = _mm_xor_si128(lo, _mm_slli_si128(mid, 8));
+            hi = _mm_xor_si128(hi, _mm_srli_si128(mid, 8));
+            __m128i t = _mm_clmulepi64_si128(lo, poly, 0x10); /* the two folds of dot_clmul */
+            lo = _mm_xor_si128(_mm_shuffle_epi32(lo, 0x4E), t);
+            t = _mm_clmulepi64_si128(lo, poly, 0x10);
+            lo = _mm_xor_si128(_mm_shuffle_epi32(lo, 0x4E), t);
+            s = _mm_xor_si128(hi, lo);
+        }
+    }
+    for (; i < nblocks; i++) {
         s = _mm_xor_si128(s, _mm_loadu_si128((const __m128i *)(data + 16 * i)));
-        s = dot_clmul(s, hv);
+        s = dot_clmul(s, h1);
     }
     _mm_storeu_si128((__m128i *)out, s);
 }
+
+__attribute__((target("pclmul,sse4.1"))) static void powers_clmul(polykey *key) {
+    __m128i h1 = _mm_set_epi64x((long long)key->h[0].hi, (long long)key->h[0].lo), p = h1;
+    for (int k = 1; k < 4; k++) {
+        p = dot_clmul(p, h1);
+        _mm_storeu_si128((__m128i *)&key->h[k], p); /* u128 {lo, hi} is the little-endian layout */
+    }
+}
 #endif
 
-typedef void (*polyval_fn)(const u128 *, const uint8_t *, size_t, uint8_t *);
+typedef void (*polyval_fn)(const polykey *, const uint8_t *, size_t, uint8_t *);
 static polyval_fn polyval_impl = polyval_portable;
 static const char *polyval_name = "portable";
+static int have_clmul = 0; /* CPUID: PCLMULQDQ and SSE4.1 */
 
-static inline u128 polyval_key(const uint8_t k[16]) {
-    u128 h = {load64_le(k), load64_le(k + 8)};
-    return h;
+/* Set a key from 16 bytes; its powers only where CLMUL can run (the portable loop uses h[0]). */
+static inline void polyval_key(polykey *key, const uint8_t k[16]) {
+    key->h[0].lo = load64_le(k);
+    key->h[0].hi = load64_le(k + 8);
+#ifdef CGO_X86
+    if (have_clmul) {
+        powers_clmul(key);
+        return;
+    }
+#endif
+    memset(&key->h[1], 0, 3 * sizeof(u128));
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -177,7 +232,7 @@ typedef struct {
     PyObject_HEAD
     EVP_CIPHER_CTX *et_aes;  /* KB: encrypt (relay) or decrypt (client) */
     EVP_CIPHER_CTX *prf_aes; /* K: always encrypt */
-    u128 ku, b;              /* POLYVAL keys */
+    polykey ku, b;           /* POLYVAL keys */
     uint8_t key[UIV_KEY_LEN]; /* J | S, for the `key` attribute */
     uint8_t nonce[TAG_LEN];
     uint8_t tprime[TAG_LEN];
@@ -187,8 +242,8 @@ typedef struct {
 static int set_keys(CryptObject *self, const uint8_t key[UIV_KEY_LEN], int first) {
     if (aes_init(self->et_aes, key, self->relay, first) < 0) return -1;
     if (aes_init(self->prf_aes, key + 32, 1, first) < 0) return -1;
-    self->ku = polyval_key(key + 16);
-    self->b = polyval_key(key + 48);
+    polyval_key(&self->ku, key + 16);
+    polyval_key(&self->b, key + 48);
     if (self->key != key) {
         OPENSSL_cleanse(self->key, UIV_KEY_LEN);
         memcpy(self->key, key, UIV_KEY_LEN);
@@ -635,7 +690,8 @@ static PyObject *mod_polyval(PyObject *m, PyObject *const *args, Py_ssize_t narg
         PyBuffer_Release(&k);
         return NULL;
     }
-    u128 h = polyval_key(k.buf);
+    polykey h;
+    polyval_key(&h, k.buf);
     PyBuffer_Release(&k);
     size_t n = (size_t)d.len, full = n / 16;
     uint8_t s[16] = {0};
@@ -659,7 +715,7 @@ static PyObject *mod_use_polyval(PyObject *m, PyObject *arg) {
         polyval_name = "portable";
     }
 #ifdef CGO_X86
-    else if (strcmp(name, "clmul") == 0 && __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1")) {
+    else if (strcmp(name, "clmul") == 0 && have_clmul) {
         polyval_impl = polyval_clmul;
         polyval_name = "clmul";
     }
@@ -683,7 +739,8 @@ static PyMethodDef module_methods[] = {
 static int module_exec(PyObject *m) {
 #ifdef CGO_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1")) {
+    have_clmul = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
+    if (have_clmul) {
         polyval_impl = polyval_clmul;
         polyval_name = "clmul";
     }
