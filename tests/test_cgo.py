@@ -1,13 +1,19 @@
 """Tests for onionp2p.proto.cgo: Counter Galois Onion relay crypto (proposal 359).
 
-* every vector of tor's ``src/test/cgo_vectors.inc`` (``tests/data/cgo.json``), byte for byte, layer by layer;
+* every vector of tor's ``src/test/cgo_vectors.inc`` (``tests/data/cgo.json``), byte for byte, layer by layer,
+  through both backends;
 * RFC 8452 POLYVAL vectors, through each pure-Python POLYVAL code path and each native
   (pycryptodome GHASH) backend, and a bit-by-bit reference of RFC 8452 §3 written here for
   random cross-checks; the native adapter's import self-test refuses broken bindings;
 * the native and the pure-Python POLYVAL give the same cells, tags and key states over
   hundreds of random cells with key updates;
 * a client and three relays wired together: originate/recognize both ways, SENDME
-  tags, tampering, and keys from a real ntor v3 handshake.
+  tags, tampering, and keys from a real ntor v3 handshake;
+* the native CGO backend (``onionp2p/proto/_cgo_native.c``): every vector and circuit test
+  above runs against both backends (the ``backend`` fixture), each native POLYVAL against
+  RFC 8452 and a bitwise reference, hypothesis comparisons of native and pure on random
+  keys and operation sequences with rekeys, selection by ONIONP2P_CGO_BACKEND, and the
+  fallback (one warning) when the extension is missing or fails its import self-test.
 """
 
 from __future__ import annotations
@@ -32,14 +38,10 @@ from onionp2p.proto.cgo import (
     CELL_RELAY,
     CELL_RELAY_EARLY,
     DIR_KEY_LEN,
-    ET,
     KEY_MATERIAL_LEN,
     MSG_LEN,
-    PRF,
     RELAY_BODY_LEN,
     TAG_LEN,
-    UIV,
-    CgoCrypt,
     ClientCrypto,
     PolyvalKey,
     RelayCrypto,
@@ -49,6 +51,60 @@ from onionp2p.proto.cgo import (
 from onionp2p.proto.handshake import NtorV3Client, encode_extensions, ntor_v3_server, parse_extensions
 
 H = bytes.fromhex
+
+# --- the two CGO backends ----------------------------------------------------------------------
+#
+# Tests that take ``backend`` run once with the pure-Python classes and once with the native
+# ones (onionp2p/proto/_cgo_native.c), which are swapped into the module for the test so that
+# ClientCrypto / RelayCrypto use them too. Without the extension, the native runs skip, except
+# under CI=true (tools/test installs a compiler and libssl-dev, so it must have been built).
+
+CI = os.environ.get("CI") == "true"
+NATIVE = getattr(cgo, "NativeCgoCrypt", None) is not None
+_CLASSES = ("CgoCrypt", "UIV", "ET", "PRF")
+BACKEND_CLASSES = {"python": (cgo.PureCgoCrypt, cgo.PureUIV, cgo.PureET, cgo.PurePRF)}
+if NATIVE:
+    BACKEND_CLASSES["native"] = (cgo.NativeCgoCrypt, cgo.NativeUIV, cgo.NativeET, cgo.NativePRF)
+
+
+class Backend:
+    """The classes of one backend (attributes CgoCrypt, UIV, ET, PRF) and its name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        for attr, cls in zip(_CLASSES, BACKEND_CLASSES[name]):
+            setattr(self, attr, cls)
+
+
+def need_native() -> None:
+    """Skip when the extension is not in use: fail under CI=true, unless the pure path was
+    asked for (ONIONP2P_CGO_BACKEND=python, which does not load the extension at all)."""
+    if not NATIVE:
+        message = f"native CGO backend unavailable: {cgo.CGO_BACKEND}"
+        if CI and os.environ.get(cgo.CGO_BACKEND_ENV, "").strip().lower() != "python":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def use_backend(monkeypatch: pytest.MonkeyPatch, name: str) -> Backend:
+    if name == "native":
+        need_native()
+    b = Backend(name)
+    for attr in _CLASSES:
+        monkeypatch.setattr(cgo, attr, getattr(b, attr))
+    return b
+
+
+@pytest.fixture(params=["python", "native"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Backend:
+    return use_backend(monkeypatch, request.param)
+
+
+@pytest.fixture
+def pure(monkeypatch: pytest.MonkeyPatch) -> Backend:
+    """The pure-Python classes, for tests of their internals."""
+    return use_backend(monkeypatch, "python")
+
 
 # --- tor's test vectors --------------------------------------------------------------------
 
@@ -75,22 +131,23 @@ def vectors(name: str) -> list:
 
 
 def test_vector_file_has_every_list() -> None:
+    assert set(VECTORS) - {"source"} == set(EXPECTED_COUNTS)
     for name, count in EXPECTED_COUNTS.items():
         assert len(VECTORS[name]) == count, name
 
 
 @pytest.mark.parametrize("v", vectors("et_testvecs"))
-def test_et_vector(v: dict) -> None:
+def test_et_vector(v: dict, backend: Backend) -> None:
     tweak = H(v["tweak_T"])
     assert len(tweak) == 16 + 1 + MSG_LEN
-    et = ET(H(v["keys_KB_KU"]), encrypt=v["encrypt"])
+    et = cgo.ET(H(v["keys_KB_KU"]), encrypt=v["encrypt"])
     run = et.encrypt if v["encrypt"] else et.decrypt
     assert run(tweak[:16], tweak[16], tweak[17:], H(v["block_M"])).hex() == v["expect"]
 
 
 @pytest.mark.parametrize("v", vectors("prf_testvecs"))
-def test_prf_vector(v: dict) -> None:
-    prf = PRF(H(v["keys_K_B"]))
+def test_prf_vector(v: dict, backend: Backend) -> None:
+    prf = cgo.PRF(H(v["keys_K_B"]))
     expect = H(v["expect"])
     if v["t"] == 0:
         assert len(expect) == MSG_LEN
@@ -103,35 +160,35 @@ def test_prf_vector(v: dict) -> None:
 
 
 @pytest.mark.parametrize("v", vectors("uiv_testvecs"))
-def test_uiv_vector(v: dict) -> None:
+def test_uiv_vector(v: dict, backend: Backend) -> None:
     tweak = H(v["tweak_H"])
     body = H(v["x_l"]) + H(v["x_r"])
     expect = H(v["y"]["y_l"]) + H(v["y"]["y_r"])
-    uiv = UIV(H(v["keys_J_S"]), encrypt=v["encrypt"])
+    uiv = cgo.UIV(H(v["keys_J_S"]), encrypt=v["encrypt"])
     run = uiv.encrypt if v["encrypt"] else uiv.decrypt
     assert run(tweak[:16], tweak[16], body) == expect
     # the opposite direction undoes it
-    back = UIV(H(v["keys_J_S"]), encrypt=not v["encrypt"])
+    back = cgo.UIV(H(v["keys_J_S"]), encrypt=not v["encrypt"])
     undo = back.encrypt if not v["encrypt"] else back.decrypt
     assert undo(tweak[:16], tweak[16], expect) == body
 
 
 @pytest.mark.parametrize("v", vectors("uiv_update_testvecs"))
-def test_uiv_update_vector(v: dict) -> None:
-    uiv = UIV(H(v["keys_J_S"]), encrypt=True)
+def test_uiv_update_vector(v: dict, backend: Backend) -> None:
+    uiv = cgo.UIV(H(v["keys_J_S"]), encrypt=True)
     assert uiv.update(H(v["nonce_N"])).hex() == v["output"]["new_nonce_N"]
     assert uiv.key.hex() == v["output"]["new_keys_J_S"]
     # the rekeyed cipher behaves like one made from the new keys
-    fresh = UIV(H(v["output"]["new_keys_J_S"]), encrypt=True)
+    fresh = cgo.UIV(H(v["output"]["new_keys_J_S"]), encrypt=True)
     body = os.urandom(RELAY_BODY_LEN)
     assert uiv.encrypt(b"\x2a" * 16, 42, body) == fresh.encrypt(b"\x2a" * 16, 42, body)
 
 
-def _state(s: dict, relay: bool) -> CgoCrypt:
-    return CgoCrypt(H(s["keys"]) + H(s["nonce"]), relay=relay, tprime=H(s["tprime"]))
+def _state(s: dict, relay: bool) -> cgo.PureCgoCrypt | cgo.NativeCgoCrypt:
+    return cgo.CgoCrypt(H(s["keys"]) + H(s["nonce"]), relay=relay, tprime=H(s["tprime"]))
 
 
-def _assert_state(c: CgoCrypt, s: dict) -> None:
+def _assert_state(c: cgo.PureCgoCrypt | cgo.NativeCgoCrypt, s: dict) -> None:
     assert c.key.hex() == s["keys"]
     assert c.nonce.hex() == s["nonce"]
     assert c.tprime.hex() == s["tprime"]
@@ -142,7 +199,7 @@ def _result(v: dict) -> bytes:
 
 
 @pytest.mark.parametrize("v", vectors("cgo_relay_testvecs"))
-def test_cgo_relay_vector(v: dict) -> None:
+def test_cgo_relay_vector(v: dict, backend: Backend) -> None:
     c = _state(v["state_in"], relay=True)
     cmd = H(v["cmd_AD"])[0]
     body = H(v["tag_T"]) + H(v["msg_C"])
@@ -156,7 +213,7 @@ def test_cgo_relay_vector(v: dict) -> None:
 
 
 @pytest.mark.parametrize("v", vectors("cgo_relay_originate_testvecs"))
-def test_cgo_relay_originate_vector(v: dict) -> None:
+def test_cgo_relay_originate_vector(v: dict, backend: Backend) -> None:
     c = _state(v["state_in"], relay=True)
     out, tag = c.relay_originate(H(v["cmd_AD"])[0], bytes(16) + H(v["msg"]))
     assert out == _result(v)
@@ -165,7 +222,7 @@ def test_cgo_relay_originate_vector(v: dict) -> None:
 
 
 @pytest.mark.parametrize("v", vectors("cgo_client_originate_testvecs"))
-def test_cgo_client_originate_vector(v: dict) -> None:
+def test_cgo_client_originate_vector(v: dict, backend: Backend) -> None:
     hops = [_state(s, relay=False) for s in v["state_in_hops"]]
     cmd = H(v["cmd_AD"])[0]
     target = v["target_hop"] - 1  # the vectors count hops from 1
@@ -178,7 +235,7 @@ def test_cgo_client_originate_vector(v: dict) -> None:
 
 
 @pytest.mark.parametrize("v", vectors("cgo_client_originate_testvecs"))
-def test_cgo_client_originate_vector_through_client_crypto(v: dict) -> None:
+def test_cgo_client_originate_vector_through_client_crypto(v: dict, backend: Backend) -> None:
     """The same vectors through ClientCrypto, after forcing each hop's state."""
     client = ClientCrypto()
     for s in v["state_in_hops"]:
@@ -478,8 +535,9 @@ def test_a_broken_binding_at_import_falls_back_to_pure_python_with_a_warning() -
         "    if imp is not None:\n"
         "        setattr(g, name, imp._replace(ghash_expand_rev=imp.ghash_expand, ghash_rev=imp.ghash))\n")
     assert result["backend"] == "python" and result["key_class"] == "PurePolyvalKey"
-    assert len(result["warnings"]) == 1 and "native POLYVAL unavailable" in result["warnings"][0]
-    assert "RFC 8452 vector" in result["warnings"][0]
+    polyval_warnings = [w for w in result["warnings"] if "POLYVAL" in w]  # (not the CGO backend's)
+    assert len(polyval_warnings) == 1 and "native POLYVAL unavailable" in polyval_warnings[0]
+    assert "RFC 8452 vector" in polyval_warnings[0]
     assert result["vector"] and result["same"]
 
 
@@ -505,8 +563,8 @@ def _cgo_transcript(seed: int, cells: int) -> list[bytes]:
     for k in keys:
         client.add_hop(k)
     relays = [RelayCrypto(k) for k in keys]
-    passer = CgoCrypt(rng.randbytes(DIR_KEY_LEN), relay=True)
-    peeler = CgoCrypt(rng.randbytes(DIR_KEY_LEN), relay=False)
+    passer = cgo.CgoCrypt(rng.randbytes(DIR_KEY_LEN), relay=True)
+    peeler = cgo.CgoCrypt(rng.randbytes(DIR_KEY_LEN), relay=False)
     out: list[bytes] = []
     for _ in range(cells):
         cmd = rng.choice([CELL_RELAY, CELL_RELAY_EARLY])
@@ -536,7 +594,8 @@ def _cgo_transcript(seed: int, cells: int) -> list[bytes]:
     return out
 
 
-def test_native_and_pure_polyval_give_the_same_cells(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_native_and_pure_polyval_give_the_same_cells(monkeypatch: pytest.MonkeyPatch,
+                                                     pure: Backend) -> None:
     """Full cell operations, key updates included, are byte-identical with either POLYVAL and
     either XOR (C strxor or Python ints)."""
     assert cgo.PolyvalKey is cgo.NativePolyvalKey, cgo._backend_note
@@ -559,11 +618,11 @@ def test_native_and_pure_polyval_give_the_same_cells(monkeypatch: pytest.MonkeyP
 # --- the layers on their own -----------------------------------------------------------------
 
 
-def test_et_round_trip_and_tweak_dependence() -> None:
+def test_et_round_trip_and_tweak_dependence(backend: Backend) -> None:
     rng = random.Random(1)
     key = rng.randbytes(32)
     h, x_r, block = rng.randbytes(16), rng.randbytes(MSG_LEN), rng.randbytes(16)
-    enc, dec = ET(key, encrypt=True), ET(key, encrypt=False)
+    enc, dec = cgo.ET(key, encrypt=True), cgo.ET(key, encrypt=False)
     c = enc.encrypt(h, CELL_RELAY, x_r, block)
     assert c != block and dec.decrypt(h, CELL_RELAY, x_r, c) == block
     assert dec.decrypt(h, CELL_RELAY_EARLY, x_r, c) != block  # the command is in the tweak
@@ -578,10 +637,10 @@ def test_et_round_trip_and_tweak_dependence() -> None:
     with pytest.raises(LocalProtocolError):
         enc.encrypt(h, CELL_RELAY, x_r[1:], block)
     with pytest.raises(LocalProtocolError):
-        ET(key[:31], encrypt=True)
+        cgo.ET(key[:31], encrypt=True)
 
 
-def test_prf_is_aes_ctr_from_the_polyval_iv() -> None:
+def test_prf_is_aes_ctr_from_the_polyval_iv(backend: Backend) -> None:
     """t=0 and t=1 are two windows of one AES-CTR stream (checked with a plain CTR)."""
     rng = random.Random(2)
     for _ in range(8):
@@ -589,7 +648,7 @@ def test_prf_is_aes_ctr_from_the_polyval_iv() -> None:
         iv = bytearray(ref_polyval(b, tweak))
         iv[15] &= 0xC0
         stream = Cipher(algorithms.AES(k), modes.CTR(bytes(iv))).encryptor().update(bytes(64 * 16))
-        prf = PRF(k + b)
+        prf = cgo.PRF(k + b)
         assert prf.xor_t0(tweak, bytes(MSG_LEN)) == stream[:MSG_LEN]
         assert prf.xor_t0(tweak, bytes(496)) == stream[:496]
         assert prf.stream_t1(tweak, 80) == stream[31 * 16:31 * 16 + 80]
@@ -646,10 +705,10 @@ def test_prf_fast_path_is_aes_ctr_from_the_polyval_iv(k: bytes, b: bytes, tweak:
     iv = bytearray(ref_polyval(b, tweak))
     iv[15] &= 0xC0
     stream = _ctr_reference(k, bytes(iv), 0, 64)
-    prf, data = PRF(k + b), os.urandom(n0)
+    prf, data = cgo.PRF(k + b), os.urandom(n0)
     assert prf.xor_t0(tweak, data) == bytes(x ^ y for x, y in zip(data, stream))
     assert prf.stream_t1(tweak, n1) == stream[31 * 16:31 * 16 + n1]
-    uiv = UIV(bytes(32) + k + b, encrypt=True)  # UIV+ update: 80 bytes of t=1 from UIV's own PRF fields
+    uiv = cgo.UIV(bytes(32) + k + b, encrypt=True)  # UIV+ update: 80 bytes of t=1 from UIV's own PRF fields
     assert uiv.update(tweak) == stream[31 * 16 + 64:31 * 16 + 80]
     assert uiv.key == stream[31 * 16:31 * 16 + 64]
 
@@ -671,17 +730,17 @@ def test_xor_fast_path_matches_the_reference(a: bytes, extra: bytes, again: byte
         assert got == want
 
 
-def test_the_xor_fast_path_is_in_use() -> None:
+def test_the_xor_fast_path_is_in_use(pure: Backend) -> None:
     """pycryptodome (with cffi, as installed) gives the C XOR; CGO must not quietly run the int one."""
     assert cgo._native_xor is not None, cgo.XOR_BACKEND
     assert cgo.XOR_BACKEND == "pycryptodome_strxor"
-    assert UIV(bytes(64), encrypt=True)._xor.__qualname__.startswith("_native_xor_factory")
+    assert cgo.UIV(bytes(64), encrypt=True)._xor.__qualname__.startswith("_native_xor_factory")
 
 
-def test_a_rekey_keeps_the_buffers_and_replaces_only_the_keys() -> None:
+def test_a_rekey_keeps_the_buffers_and_replaces_only_the_keys(pure: Backend) -> None:
     """UIV+ update makes two AES contexts and two POLYVAL keys, and reuses its buffers (the
     per-cell budget of an end that rekeys); the POLYVAL keys write into the UIV's buffer."""
-    uiv = UIV(bytes(64), encrypt=True)
+    uiv = cgo.UIV(bytes(64), encrypt=True)
     out, xor, ku, b, aes = uiv._out, uiv._xor, uiv._ku, uiv._b, uiv._et_aes
     uiv.update(bytes(16))
     assert uiv._out is out and uiv._xor is xor
@@ -689,10 +748,10 @@ def test_a_rekey_keeps_the_buffers_and_replaces_only_the_keys() -> None:
     assert uiv._ku.__closure__ is not None and any(c.cell_contents is out for c in uiv._ku.__closure__)
 
 
-def test_uiv_round_trip_both_ways() -> None:
+def test_uiv_round_trip_both_ways(backend: Backend) -> None:
     rng = random.Random(3)
     key = rng.randbytes(64)
-    enc, dec = UIV(key, encrypt=True), UIV(key, encrypt=False)
+    enc, dec = cgo.UIV(key, encrypt=True), cgo.UIV(key, encrypt=False)
     for _ in range(5):
         h, body = rng.randbytes(16), rng.randbytes(RELAY_BODY_LEN)
         c = enc.encrypt(h, CELL_RELAY, body)
@@ -711,9 +770,9 @@ def test_uiv_round_trip_both_ways() -> None:
         enc.encrypt(h, CELL_RELAY, c[:-1])
 
 
-def test_uiv_update_is_deterministic_and_one_way() -> None:
+def test_uiv_update_is_deterministic_and_one_way(backend: Backend) -> None:
     key, nonce = os.urandom(64), os.urandom(16)
-    a, b = UIV(key, encrypt=True), UIV(key, encrypt=False)
+    a, b = cgo.UIV(key, encrypt=True), cgo.UIV(key, encrypt=False)
     assert a.update(nonce) == b.update(nonce)
     assert a.key == b.key != key
     assert len(a.key) == 64
@@ -762,7 +821,7 @@ class Circuit:
         return cell, tag
 
 
-def test_forward_round_trip_to_every_hop() -> None:
+def test_forward_round_trip_to_every_hop(backend: Backend) -> None:
     rng = random.Random(10)
     circ = Circuit(10)
     for i in range(30):
@@ -782,7 +841,7 @@ def test_forward_round_trip_to_every_hop() -> None:
         assert circ.client.forward_tag(hop) == tag == circ.relays[hop].forward_tag
 
 
-def test_backward_round_trip_from_every_hop() -> None:
+def test_backward_round_trip_from_every_hop(backend: Backend) -> None:
     rng = random.Random(11)
     circ = Circuit(11)
     for _ in range(30):
@@ -799,7 +858,7 @@ def test_backward_round_trip_from_every_hop() -> None:
     circ.client.decrypt_inbound(cell, cmd=CELL_RELAY)
 
 
-def test_interleaved_traffic_and_batches() -> None:
+def test_interleaved_traffic_and_batches(backend: Backend) -> None:
     rng = random.Random(12)
     circ = Circuit(12)
     for _ in range(10):
@@ -818,7 +877,7 @@ def test_interleaved_traffic_and_batches() -> None:
         assert [r[0] for r in results] == hops and [r[2] for r in results] == tags
 
 
-def test_relay_batch_methods() -> None:
+def test_relay_batch_methods(backend: Backend) -> None:
     rng = random.Random(13)
     keys = rng.randbytes(KEY_MATERIAL_LEN)
     client, relay, twin = ClientCrypto(), RelayCrypto(keys), RelayCrypto(keys)
@@ -833,7 +892,7 @@ def test_relay_batch_methods() -> None:
         twin.encrypt_backward(c, cmd=CELL_RELAY) for c in noise]
 
 
-def test_originate_ignores_the_tag_area() -> None:
+def test_originate_ignores_the_tag_area(backend: Backend) -> None:
     keys = os.urandom(KEY_MATERIAL_LEN)
     a, b = ClientCrypto(), ClientCrypto()
     a.add_hop(keys)
@@ -845,7 +904,7 @@ def test_originate_ignores_the_tag_area() -> None:
         os.urandom(16) + msg, cmd=CELL_RELAY)
 
 
-def test_every_cell_rekeys_the_endpoints() -> None:
+def test_every_cell_rekeys_the_endpoints(backend: Backend) -> None:
     """Forward secrecy per cell: the same plaintext twice gives unrelated cells."""
     circ = Circuit(14, n=1)
     body = make_body(random.Random(0))
@@ -867,7 +926,7 @@ def test_every_cell_rekeys_the_endpoints() -> None:
 
 
 @pytest.mark.parametrize("pos", [0, 7, 15, 16, 17, 200, RELAY_BODY_LEN - 1])
-def test_a_tampered_forward_cell_is_not_recognized(pos: int) -> None:
+def test_a_tampered_forward_cell_is_not_recognized(pos: int, backend: Backend) -> None:
     rng = random.Random(pos)
     circ = Circuit(20 + pos)
     body = make_body(rng)
@@ -880,7 +939,7 @@ def test_a_tampered_forward_cell_is_not_recognized(pos: int) -> None:
     assert circ.forward(cell2) is None
 
 
-def test_a_tampered_cell_in_the_middle_is_not_recognized() -> None:
+def test_a_tampered_cell_in_the_middle_is_not_recognized(backend: Backend) -> None:
     """Tampering after the guard (on the guard-middle link) still kills the cell."""
     rng = random.Random(30)
     circ = Circuit(30)
@@ -894,13 +953,13 @@ def test_a_tampered_cell_in_the_middle_is_not_recognized() -> None:
         assert not recognized and tag is None
 
 
-def test_a_changed_command_is_not_recognized() -> None:
+def test_a_changed_command_is_not_recognized(backend: Backend) -> None:
     circ = Circuit(31)
     cell, _ = circ.client.originate(make_body(random.Random(1)), 1, cmd=CELL_RELAY_EARLY)
     assert circ.forward(cell, CELL_RELAY) is None
 
 
-def test_a_tampered_backward_cell_is_not_recognized() -> None:
+def test_a_tampered_backward_cell_is_not_recognized(backend: Backend) -> None:
     rng = random.Random(32)
     circ = Circuit(32)
     cell, _ = circ.backward(2, make_body(rng))
@@ -914,7 +973,7 @@ def test_a_tampered_backward_cell_is_not_recognized() -> None:
     assert info.value.partial == []  # type: ignore[attr-defined]
 
 
-def test_keys_from_an_ntor_v3_handshake() -> None:
+def test_keys_from_an_ntor_v3_handshake(backend: Backend) -> None:
     """160 bytes of ntor v3 output key both ends; the client asks for Relay=6 in ext 3."""
     b = X25519PrivateKey.generate()
     onion_key = b.public_key().public_bytes_raw()
@@ -938,7 +997,7 @@ def test_keys_from_an_ntor_v3_handshake() -> None:
 # --- API edges -------------------------------------------------------------------------------
 
 
-def test_key_material_split_and_errors() -> None:
+def test_key_material_split_and_errors(backend: Backend) -> None:
     km = bytes(range(160))
     fwd, bwd = split_key_material(km)
     assert fwd == km[:80] and bwd == km[80:]
@@ -949,10 +1008,10 @@ def test_key_material_split_and_errors() -> None:
     with pytest.raises(LocalProtocolError):
         RelayCrypto(km + b"x")
     with pytest.raises(LocalProtocolError):
-        CgoCrypt(km[:79], relay=True)
+        cgo.CgoCrypt(km[:79], relay=True)
 
 
-def test_client_api_errors() -> None:
+def test_client_api_errors(backend: Backend) -> None:
     client = ClientCrypto()
     with pytest.raises(LocalProtocolError):
         client.decrypt_inbound(bytes(RELAY_BODY_LEN), cmd=CELL_RELAY)
@@ -973,7 +1032,7 @@ def test_client_api_errors() -> None:
     assert client.n_hops == 1
 
 
-def test_relay_api_errors_and_sides() -> None:
+def test_relay_api_errors_and_sides(backend: Backend) -> None:
     relay = RelayCrypto(os.urandom(160))
     assert relay.forward_tag is None and relay.backward_tag is None
     with pytest.raises(ProtocolError):
@@ -982,13 +1041,257 @@ def test_relay_api_errors_and_sides() -> None:
         relay.encrypt_backward(bytes(510), cmd=CELL_RELAY)
     with pytest.raises(LocalProtocolError):
         relay.originate_backward(bytes(10), cmd=CELL_RELAY)
-    c = CgoCrypt(os.urandom(DIR_KEY_LEN), relay=True)
+    c = cgo.CgoCrypt(os.urandom(DIR_KEY_LEN), relay=True)
     with pytest.raises(LocalProtocolError):
         c.client_forward(CELL_RELAY, bytes(RELAY_BODY_LEN))
-    d = CgoCrypt(os.urandom(DIR_KEY_LEN), relay=False)
+    d = cgo.CgoCrypt(os.urandom(DIR_KEY_LEN), relay=False)
     with pytest.raises(LocalProtocolError):
         d.relay_backward(CELL_RELAY, bytes(RELAY_BODY_LEN))
     # memoryview / bytearray inputs are accepted; outputs are bytes
     out = relay.encrypt_backward(bytearray(RELAY_BODY_LEN), cmd=CELL_RELAY)
     assert type(out) is bytes
     assert type(relay.decrypt_forward(memoryview(bytes(RELAY_BODY_LEN)), cmd=CELL_RELAY)[1]) is bytes
+
+
+# --- the native backend (onionp2p/proto/_cgo_native.c) ------------------------------------------
+
+
+def test_the_native_backend_is_in_use_when_built() -> None:
+    """A build with the extension runs it by default (under CI=true it must have been built)."""
+    need_native()
+    assert cgo.CGO_BACKEND.startswith("native (POLYVAL ")
+    assert cgo.CgoCrypt is cgo.NativeCgoCrypt and cgo.UIV is cgo.NativeUIV
+    hop = ClientCrypto()
+    hop.add_hop(bytes(KEY_MATERIAL_LEN))
+    assert type(hop._hops[0].fwd) is cgo.NativeCgoCrypt
+    assert type(RelayCrypto(bytes(KEY_MATERIAL_LEN))._hop.bwd) is cgo.NativeCgoCrypt
+
+
+def _native_module():
+    need_native()
+    return cgo._native
+
+
+def _native_polyval_impls() -> list[str]:
+    return ["portable", "clmul"]
+
+
+@pytest.fixture(params=_native_polyval_impls())
+def native_polyval(request: pytest.FixtureRequest):
+    """Each POLYVAL implementation of the extension in turn (clmul only where the CPU has it)."""
+    mod = _native_module()
+    before = mod.polyval_impl()
+    try:
+        mod.use_polyval(request.param)
+    except ValueError:
+        if request.param == "clmul" and CI and os.uname().machine in ("x86_64", "i686"):
+            raise
+        pytest.skip(f"no {request.param} POLYVAL on this CPU")
+    yield mod
+    mod.use_polyval(before)
+
+
+@pytest.mark.parametrize("key,data,expect", RFC8452_POLYVAL,
+                         ids=[f"rfc8452-{i}" for i in range(len(RFC8452_POLYVAL))])
+def test_native_polyval_rfc8452(native_polyval, key: str, data: str, expect: str) -> None:
+    assert native_polyval.polyval(H(key), H(data)).hex() == expect
+
+
+def test_native_polyval_matches_the_bitwise_reference(native_polyval) -> None:
+    rng = random.Random(8452)
+    for n in (0, 1, 15, 16, 17, 31, 32, 100, 493, 510, 512, 528):
+        key, data = rng.randbytes(16), rng.randbytes(n)
+        assert native_polyval.polyval(key, data) == ref_polyval(key, data), n
+    # the extreme keys and blocks (every bit set: the longest carries of the reduction)
+    ones = b"\xff" * 16
+    assert native_polyval.polyval(ones, ones * 3) == ref_polyval(ones, ones * 3)
+
+
+def test_native_cells_match_pure_over_a_long_transcript(native_polyval,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """300 random cells both ways through a client and three relays (every kind of operation,
+    rekeys included) give identical bodies, tags, keys, N and T' with either backend, and
+    with either native POLYVAL."""
+    use_backend(monkeypatch, "native")
+    native = _cgo_transcript(seed=4321, cells=300)
+    use_backend(monkeypatch, "python")
+    assert _cgo_transcript(seed=4321, cells=300) == native
+
+
+def _pair(backend_name: str, km: bytes) -> tuple:
+    classes = dict(zip(_CLASSES, BACKEND_CLASSES[backend_name]))
+    return classes["CgoCrypt"](km, relay=False), classes["CgoCrypt"](km, relay=True)
+
+
+_OPS = st.lists(st.tuples(st.sampled_from(["fwd_origin", "fwd_pass", "bwd_origin", "bwd_pass"]),
+                          st.sampled_from([CELL_RELAY, CELL_RELAY_EARLY, 0, 255]),
+                          st.binary(min_size=RELAY_BODY_LEN, max_size=RELAY_BODY_LEN),
+                          st.sampled_from([bytes, bytearray, memoryview])),
+                max_size=40)
+
+
+def _run_ops(backend_name: str, km: bytes, tprime: bytes, ops: list) -> list:
+    """One client/relay pair of one direction through ``ops``; everything observable.
+
+    Passed-on cells go through both ends the way a circuit does (the client's forward layer
+    then the relay's, the relay's backward layer then the client's), so the two stay in step
+    and every originated cell is recognized, unless a passed-on cell happens to carry the nonce.
+    """
+    client, relay = _pair(backend_name, km)
+    relay.tprime = client.tprime = tprime
+    in_step = True
+    out: list = []
+    for kind, cmd, body, wrap in ops:
+        body = wrap(body)
+        if kind == "fwd_origin":  # the client originates, the relay recognizes
+            cell, tag = client.client_originate(cmd, body)
+            got, rtag = relay.relay_forward(cmd, wrap(cell))
+            assert not in_step or (rtag == tag and got[16:] == bytes(body)[16:])
+            out += [cell, tag, got, rtag]
+        elif kind == "bwd_origin":  # the relay originates, the client recognizes
+            cell, tag = relay.relay_originate(cmd, body)
+            got, ctag = client.client_backward(cmd, wrap(cell))
+            assert not in_step or (ctag == tag and got[16:] == bytes(body)[16:])
+            out += [cell, tag, got, ctag]
+        elif kind == "fwd_pass":  # a cell for a later hop
+            cell = client.client_forward(cmd, body)
+            got, rtag = relay.relay_forward(cmd, wrap(cell))
+            in_step = in_step and rtag is None
+            out += [cell, got, rtag]
+        else:
+            cell = relay.relay_backward(cmd, body)
+            got, ctag = client.client_backward(cmd, wrap(cell))
+            in_step = in_step and ctag is None
+            out += [cell, got, ctag]
+        out += [c.key + c.nonce + c.tprime for c in (client, relay)]
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(km=st.binary(min_size=DIR_KEY_LEN, max_size=DIR_KEY_LEN),
+       tprime=st.binary(min_size=TAG_LEN, max_size=TAG_LEN), ops=_OPS)
+def test_native_and_pure_agree_on_random_operation_sequences(km: bytes, tprime: bytes, ops: list) -> None:
+    """Random keys, T', commands and bodies (as bytes, bytearray or memoryview) in random
+    sequences of originated (both ends rekey) and passed-on cells: byte-identical."""
+    need_native()
+    assert _run_ops("native", km, tprime, ops) == _run_ops("python", km, tprime, ops)
+
+
+@settings(max_examples=40, deadline=None)
+@given(key=st.binary(min_size=64, max_size=64), h=st.binary(min_size=16, max_size=16),
+       cmd=st.integers(0, 255), body=st.binary(min_size=RELAY_BODY_LEN, max_size=RELAY_BODY_LEN),
+       nonces=st.lists(st.binary(min_size=16, max_size=16), max_size=5))
+def test_native_and_pure_uiv_agree(key: bytes, h: bytes, cmd: int, body: bytes, nonces: list) -> None:
+    """The raw UIV+ layers (both directions, through rekeys), ET and the PRF on random inputs."""
+    need_native()
+    for encrypt in (True, False):
+        n, p = cgo.NativeUIV(key, encrypt=encrypt), cgo.PureUIV(key, encrypt=encrypt)
+        run = "encrypt" if encrypt else "decrypt"
+        for nonce in [*nonces, None]:
+            assert getattr(n, run)(h, cmd, body) == getattr(p, run)(h, cmd, body)
+            if nonce is not None:
+                assert n.update(nonce) == p.update(nonce) and n.key == p.key
+        et_n, et_p = cgo.NativeET(key[:32], encrypt=encrypt), cgo.PureET(key[:32], encrypt=encrypt)
+        block, x_r = body[:16], body[16:]
+        assert getattr(et_n, run)(h, cmd, x_r, block) == getattr(et_p, run)(h, cmd, x_r, block)
+    prf_n, prf_p = cgo.NativePRF(key[32:]), cgo.PurePRF(key[32:])
+    assert prf_n.xor_t0(h, body[:MSG_LEN]) == prf_p.xor_t0(h, body[:MSG_LEN])
+    assert prf_n.stream_t1(h, 528) == prf_p.stream_t1(h, 528)
+
+
+def test_native_argument_errors() -> None:
+    """The C methods refuse wrong sizes and commands themselves (the unchecked forms too)."""
+    mod = _native_module()
+    c = mod.Crypt(bytes(DIR_KEY_LEN), relay=True)
+    with pytest.raises(ValueError, match="509"):
+        c.relay_forward(CELL_RELAY, bytes(508))
+    with pytest.raises(ValueError, match="0..255"):
+        c.relay_backward(256, bytes(RELAY_BODY_LEN))
+    with pytest.raises(ValueError, match="other side"):
+        c.client_forward(CELL_RELAY, bytes(RELAY_BODY_LEN))
+    with pytest.raises(ValueError, match="80"):
+        mod.Crypt(bytes(79), relay=True)
+    with pytest.raises(TypeError):
+        mod.Crypt(bytes(DIR_KEY_LEN))  # relay= is required
+    with pytest.raises(ValueError):
+        c.nonce = bytes(15)
+    with pytest.raises(LocalProtocolError):  # the checked wrappers keep the module's error types
+        cgo.NativeCgoCrypt(bytes(DIR_KEY_LEN), relay=True).relay_forward(CELL_RELAY, bytes(10))
+
+
+NATIVE_INTERPRETER = """
+import json, os, sys, types, warnings
+{preamble}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+        from onionp2p.proto import cgo
+    except ImportError as exc:
+        print(json.dumps({{"import_error": str(exc)}}))
+        raise SystemExit(0)
+v = json.loads(open({vectors!r}).read())["uiv_testvecs"][0]
+uiv = cgo.UIV(bytes.fromhex(v["keys_J_S"]), encrypt=v["encrypt"])
+tweak = bytes.fromhex(v["tweak_H"])
+run = uiv.encrypt if v["encrypt"] else uiv.decrypt
+out = run(tweak[:16], tweak[16], bytes.fromhex(v["x_l"]) + bytes.fromhex(v["x_r"]))
+print(json.dumps({{"backend": cgo.CGO_BACKEND, "crypt": cgo.CgoCrypt.__name__,
+                  "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
+                  "vector": out.hex() == v["y"]["y_l"] + v["y"]["y_r"]}}))
+"""
+
+
+def _native_interpreter(preamble: str, env: dict[str, str] | None = None) -> dict:
+    code = NATIVE_INTERPRETER.format(preamble=preamble, vectors=str(VECTOR_FILE))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          check=False, env={**{k: v for k, v in os.environ.items() if k != cgo.CGO_BACKEND_ENV},
+                                            **(env or {})})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_the_backend_env_var_selects_the_pure_path_without_a_warning() -> None:
+    result = _native_interpreter("", {cgo.CGO_BACKEND_ENV: "python"})
+    assert result == {"backend": f"python ({cgo.CGO_BACKEND_ENV}=python)", "crypt": "PureCgoCrypt",
+                      "warnings": [], "vector": True}
+    bad = _native_interpreter("", {cgo.CGO_BACKEND_ENV: "fast"})
+    assert "must be auto, native or python" in bad["import_error"]
+
+
+def test_the_native_backend_is_the_default_and_can_be_required() -> None:
+    need_native()
+    for env in ({}, {cgo.CGO_BACKEND_ENV: "native"}, {cgo.CGO_BACKEND_ENV: " Auto "}):
+        result = _native_interpreter("", env)
+        assert result["crypt"] == "NativeCgoCrypt" and result["warnings"] == [] and result["vector"], env
+
+
+def test_a_missing_extension_falls_back_with_one_warning() -> None:
+    """As on a machine where the C build was skipped: pure path, one RuntimeWarning, right answers;
+    with ONIONP2P_CGO_BACKEND=native the import fails instead."""
+    hide = "sys.modules['onionp2p.proto._cgo_native'] = None  # as if never built"
+    result = _native_interpreter(hide)
+    assert result["crypt"] == "PureCgoCrypt" and result["vector"]
+    assert result["backend"].startswith("python (extension not importable")
+    assert len(result["warnings"]) == 1 and "native backend unavailable" in result["warnings"][0]
+    forced = _native_interpreter(hide, {cgo.CGO_BACKEND_ENV: "native"})
+    assert "native CGO backend is unusable" in forced["import_error"]
+
+
+def test_a_wrong_native_build_is_refused_by_the_self_test() -> None:
+    """An extension whose cells differ from the reference (here: one flipped output bit after a
+    rekey) is not used: the import self-test catches it and the pure path runs."""
+    need_native()
+    result = _native_interpreter(
+        "import onionp2p.proto._cgo_native as real\n"
+        "class Crypt(real.Crypt):\n"
+        "    def client_backward(self, cmd, body):\n"
+        "        out, tag = super().client_backward(cmd, body)\n"
+        "        return bytes([out[0] ^ 1]) + out[1:], tag\n"
+        "fake = types.ModuleType(real.__name__)\n"
+        "fake.Crypt, fake.polyval, fake.polyval_impl = Crypt, real.polyval, real.polyval_impl\n"
+        "fake.OPENSSL_VERSION = real.OPENSSL_VERSION\n"
+        "sys.modules[real.__name__] = fake\n"
+        "import onionp2p.proto as pkg\n"
+        "pkg._cgo_native = fake\n")
+    assert result["crypt"] == "PureCgoCrypt" and result["vector"]
+    assert "client_backward differs from the reference" in result["backend"]
+    assert len(result["warnings"]) == 1

@@ -5,7 +5,9 @@ Usage: ``python tools/bench_crypto.py [cells]`` (default 20000 cells per tor1 ro
 CGO rows use a quarter of that, at least 200, after 100 warm-up cells, so that with the
 pure-Python POLYVAL fallback long-lived pass-through keys have their tables, as on a busy
 circuit). A second table compares each CGO row with its tor1 counterpart and names the
-POLYVAL and XOR backends in use (``onionp2p.proto.cgo.POLYVAL_BACKEND``, ``XOR_BACKEND``).
+CGO backend in use (``onionp2p.proto.cgo.CGO_BACKEND``) and the pure path's POLYVAL and XOR
+backends; when the native CGO backend is built, a third table puts the pure-Python and the
+native CGO side by side (before/after, specs/cgo.md §8a).
 
 Each row is the process CPU time per operation (``time.process_time_ns``), the best of
 ``ROUNDS`` equal slices of the run: on a machine shared with other work, wall-clock time
@@ -101,7 +103,10 @@ def main(argv: list[str]) -> int:
     rows.append(("ntor v3 client+server handshake", _ns_per_call(ntor_v3_once, hs_n)))
 
     n_cgo = max(200, n // 4)
-    cgo_rows = _cgo_rows(n_cgo)
+    backends = _cgo_backends()
+    by_backend = {name: _cgo_rows(n_cgo, crypt) for name, crypt in backends.items()}
+    default = "native" if "native" in by_backend else "python"
+    cgo_rows = by_backend[default]
     rows += [(f"CGO {name}", ns) for name, ns in cgo_rows]
 
     print(f"| operation ({n} tor1 cells, {n_cgo} CGO cells, {hs_n} handshakes) | CPU ns/op | µs/op |")
@@ -110,17 +115,46 @@ def main(argv: list[str]) -> int:
         print(f"| {name} | {ns:,.0f} | {ns / 1000:.2f} |")
     print()
     tor1 = dict(rows)
-    print(f"CGO POLYVAL backend: {cgo.POLYVAL_BACKEND}; XOR: {getattr(cgo, 'XOR_BACKEND', 'python')}")
+    print(f"CGO backend in use (the CGO rows above): {cgo.CGO_BACKEND}")
+    print(f"pure path: POLYVAL {cgo.POLYVAL_BACKEND}; XOR: {getattr(cgo, 'XOR_BACKEND', 'python')}")
     print()
     print("| per cell | tor1 µs | CGO µs | CGO / tor1 |")
     print("|---|---:|---:|---:|")
     for name, ns in cgo_rows:
         print(f"| {name} | {tor1[name] / 1000:.2f} | {ns / 1000:.2f} | {ns / tor1[name]:.1f}× |")
+    if "native" in by_backend:
+        print()
+        print("| per cell | tor1 µs | CGO pure µs | CGO native µs | pure / native | native / tor1 |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for (name, pure), (_, native) in zip(by_backend["python"], by_backend["native"]):
+            print(f"| {name} | {tor1[name] / 1000:.2f} | {pure / 1000:.2f} | {native / 1000:.2f} "
+                  f"| {pure / native:.1f}× | {native / tor1[name]:.1f}× |")
+    else:
+        print(f"\n(no native CGO backend to compare: {cgo.CGO_BACKEND})")
     return 0
 
 
-def _cgo_rows(n: int) -> list[tuple[str, float]]:
-    """The tor1 cell rows again, with CGO (``onionp2p.proto.cgo``); same names."""
+def _cgo_backends() -> dict[str, type]:
+    """The CGO direction classes to measure: the pure reference and, when built, the native one."""
+    found: dict[str, type] = {"python": cgo.PureCgoCrypt}
+    native = getattr(cgo, "NativeCgoCrypt", None)
+    if native is not None:
+        found["native"] = native
+    return found
+
+
+def _cgo_rows(n: int, crypt: type) -> list[tuple[str, float]]:
+    """The tor1 cell rows again, with CGO (``onionp2p.proto.cgo``) and ``crypt`` as its
+    direction class (pure or native); same names."""
+    saved = cgo.CgoCrypt
+    cgo.CgoCrypt = crypt  # what ClientCrypto / RelayCrypto make their hops of
+    try:
+        return _cgo_rows_now(n)
+    finally:
+        cgo.CgoCrypt = saved
+
+
+def _cgo_rows_now(n: int) -> list[tuple[str, float]]:
     relay_cmd = cgo.CELL_RELAY
     keys = [os.urandom(cgo.KEY_MATERIAL_LEN) for _ in range(3)]
     body = bytes(cgo.RELAY_BODY_LEN)

@@ -76,7 +76,17 @@ tampering also corrupts the next cells, because ``T'`` chains cells together. As
 tor1, an unrecognized cell at the client or at the last hop means the circuit
 must be closed.
 
-**Performance.** POLYVAL runs in C: pycryptodome's GHASH (carry-less multiply
+**Native backend.** When the optional C extension ``onionp2p/proto/_cgo_native.c`` is
+built (``pip install`` builds it where a C compiler, Python's headers and OpenSSL's
+headers exist), :data:`CgoCrypt`, :data:`UIV`, :data:`ET` and :data:`PRF` are its classes:
+one C call per cell per layer, AES-128 through OpenSSL's EVP (contexts re-keyed in place),
+POLYVAL with PCLMULQDQ or a portable constant-time multiply, and the keys, ``N`` and ``T'``
+in a C object, so a rekey never leaves C. It must pass an import self-test against the
+pure classes (``Pure*``, the reference), else the pure path runs with one RuntimeWarning;
+``ONIONP2P_CGO_BACKEND=python`` asks for the pure path (``native`` requires the C one).
+:data:`CGO_BACKEND` says which runs. specs/cgo.md §8a.
+
+**Performance of the pure path.** POLYVAL runs in C: pycryptodome's GHASH (carry-less multiply
 instructions where the CPU has them, else its portable C code), through a small adapter
 (:class:`NativePolyvalKey`) that checks itself at import against RFC 8452 and the
 pure-Python reference (:class:`PurePolyvalKey`), and falls back to the latter with a
@@ -93,6 +103,7 @@ once and call unchecked internals (``CgoCrypt._relay_forward``, ``UIV._enc`` and
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from hashlib import shake_128
@@ -116,6 +127,8 @@ __all__ = [
     "CELL_RELAY_EARLY",
     "POLYVAL_BACKEND",
     "XOR_BACKEND",
+    "CGO_BACKEND",
+    "CGO_BACKEND_ENV",
     "PolyvalKey",
     "PurePolyvalKey",
     "NativePolyvalKey",
@@ -124,6 +137,10 @@ __all__ = [
     "PRF",
     "UIV",
     "CgoCrypt",
+    "PureET",
+    "PurePRF",
+    "PureUIV",
+    "PureCgoCrypt",
     "ClientCrypto",
     "RelayCrypto",
     "split_key_material",
@@ -693,7 +710,31 @@ def _prf_stream(aes: Callable[[bytes], bytes], b: Callable[[bytes], int], tweak:
     return aes(_counter_blocks(_prf_iv(b, tweak), first, count))
 
 
-class ET:
+class _EtApi:
+    """The checked methods of ET, shared by the pure and the native class (each has ``_run``)."""
+
+    __slots__ = ()
+    encrypting: bool
+
+    def _run(self, h: bytes, cmd: int, x_r: bytes, block: bytes) -> bytes:
+        raise NotImplementedError
+
+    def encrypt(self, h: bytes, cmd: int, x_r: bytes, block: bytes) -> bytes:
+        """``AES_KB(block ^ mask) ^ mask`` with ``mask = POLYVAL(KU, h | cmd | x_r)``."""
+        if not self.encrypting:
+            raise LocalProtocolError("this ET was set up for decryption")
+        _check_tweak(h, cmd, x_r, block)
+        return self._run(bytes(h), cmd, bytes(x_r), bytes(block))
+
+    def decrypt(self, h: bytes, cmd: int, x_r: bytes, block: bytes) -> bytes:
+        """The inverse of :meth:`encrypt` (AES decryption between the same masks)."""
+        if self.encrypting:
+            raise LocalProtocolError("this ET was set up for encryption")
+        _check_tweak(h, cmd, x_r, block)
+        return self._run(bytes(h), cmd, bytes(x_r), bytes(block))
+
+
+class PureET(_EtApi):
     """The tweakable block cipher: ``KB[16] | KU[16]``, for encryption or decryption.
 
     The tweak is ``h[16] | cmd u8 | x_r[493]``; the block is 16 bytes.
@@ -709,22 +750,8 @@ class ET:
         self._ku = _hasher(key[AES_KEY_LEN:], self._out, view, _ET_BYTE_TABLES_AFTER)
         self.encrypting = encrypt
 
-    def _apply(self, tweak: bytes, block: bytes) -> bytes:
-        return _et(self._aes, self._ku, tweak, block)
-
-    def encrypt(self, h: bytes, cmd: int, x_r: bytes, block: bytes) -> bytes:
-        """``AES_KB(block ^ mask) ^ mask`` with ``mask = POLYVAL(KU, h | cmd | x_r)``."""
-        if not self.encrypting:
-            raise LocalProtocolError("this ET was set up for decryption")
-        _check_tweak(h, cmd, x_r, block)
-        return self._apply(_tweak(h, cmd, bytes(x_r)), bytes(block))
-
-    def decrypt(self, h: bytes, cmd: int, x_r: bytes, block: bytes) -> bytes:
-        """The inverse of :meth:`encrypt` (AES decryption between the same masks)."""
-        if self.encrypting:
-            raise LocalProtocolError("this ET was set up for encryption")
-        _check_tweak(h, cmd, x_r, block)
-        return self._apply(_tweak(h, cmd, bytes(x_r)), bytes(block))
+    def _run(self, h: bytes, cmd: int, x_r: bytes, block: bytes) -> bytes:
+        return _et(self._aes, self._ku, _tweak(h, cmd, x_r), block)
 
 
 def _check_tweak(h: bytes, cmd: int, x_r: bytes, block: bytes) -> None:
@@ -737,7 +764,31 @@ def _check_tweak(h: bytes, cmd: int, x_r: bytes, block: bytes) -> None:
 _T1_UPDATE_BLOCKS = DIR_KEY_LEN // BLOCK_LEN  # 5: what UIV+ update takes
 
 
-class PRF:
+class _PrfApi:
+    """The checked methods of the PRF, shared by the pure and the native class (each has ``_stream``)."""
+
+    __slots__ = ()
+
+    def _stream(self, tweak: bytes, first: int, count: int) -> bytes:
+        raise NotImplementedError
+
+    def xor_t0(self, tweak: bytes, data: bytes) -> bytes:
+        """``data`` XOR the ``t = 0`` keystream (at most 496 bytes; CGO uses 493)."""
+        _check_len(tweak, 16, "PRF input")
+        if len(data) > _PRF_T0_MAX:
+            raise LocalProtocolError(f"PRF t=0 output is at most {_PRF_T0_MAX} bytes")
+        n = len(data)
+        return _xor_ints(bytes(data), self._stream(bytes(tweak), 0, (n + 15) // 16)) if n else b""
+
+    def stream_t1(self, tweak: bytes, n: int) -> bytes:
+        """The first ``n`` bytes of the ``t = 1`` keystream (at most 528; CGO uses 80)."""
+        _check_len(tweak, 16, "PRF input")
+        if not 0 <= n <= _PRF_T1_MAX:
+            raise LocalProtocolError(f"PRF t=1 output is at most {_PRF_T1_MAX} bytes")
+        return self._stream(bytes(tweak), PRF_T1_OFFSET, (n + 15) // 16)[:n]
+
+
+class PurePRF(_PrfApi):
     """The tweakable keystream: ``K[16] | B[16]``.
 
     ``IV = POLYVAL(B, input)`` with ``IV[15] &= 0xC0``; the keystream is AES-128-CTR under
@@ -764,15 +815,45 @@ class PRF:
             raise LocalProtocolError(f"PRF t=0 output is at most {_PRF_T0_MAX} bytes")
         return _prf_xor_t0(self._aes, self._b, self._xor, bytes(tweak), bytes(data))
 
-    def stream_t1(self, tweak: bytes, n: int) -> bytes:
-        """The first ``n`` bytes of the ``t = 1`` keystream (at most 528; CGO uses 80)."""
-        _check_len(tweak, 16, "PRF input")
-        if not 0 <= n <= _PRF_T1_MAX:
-            raise LocalProtocolError(f"PRF t=1 output is at most {_PRF_T1_MAX} bytes")
-        return _prf_stream(self._aes, self._b, bytes(tweak), PRF_T1_OFFSET, (n + 15) // 16)[:n]
+    def _stream(self, tweak: bytes, first: int, count: int) -> bytes:
+        return _prf_stream(self._aes, self._b, tweak, first, count)
 
 
-class UIV:
+class _UivApi:
+    """The checked methods of UIV+, shared by the pure and the native class (each has
+    ``_enc``, ``_dec`` and ``_update``, unchecked, on ``bytes``)."""
+
+    __slots__ = ()
+    encrypting: bool
+    _enc: Callable[[bytes, int, bytes], bytes]
+    _dec: Callable[[bytes, int, bytes], bytes]
+    _update: Callable[[bytes], bytes]
+
+    def encrypt(self, h: bytes, cmd: int, body: bytes) -> bytes:
+        """``Y_L = ET(h | cmd | X_R, X_L)``, ``Y_R = X_R ^ PRF(Y_L, t=0)``."""
+        if not self.encrypting:
+            raise LocalProtocolError("this UIV was set up for decryption")
+        _check_len(h, 16, "tweak H")
+        _check_cmd(cmd)
+        _check_len(body, RELAY_BODY_LEN, "UIV block")
+        return self._enc(bytes(h), cmd, bytes(body))
+
+    def decrypt(self, h: bytes, cmd: int, body: bytes) -> bytes:
+        """``X_R = Y_R ^ PRF(Y_L, t=0)``, ``X_L = ET^-1(h | cmd | X_R, Y_L)``."""
+        if self.encrypting:
+            raise LocalProtocolError("this UIV was set up for encryption")
+        _check_len(h, 16, "tweak H")
+        _check_cmd(cmd)
+        _check_len(body, RELAY_BODY_LEN, "UIV block")
+        return self._dec(bytes(h), cmd, bytes(body))
+
+    def update(self, nonce: bytes) -> bytes:
+        """Replace ``J | S`` by the first 64 bytes of ``PRF_S(nonce, t=1)``; return the next 16."""
+        _check_len(nonce, 16, "nonce")
+        return self._update(bytes(nonce))
+
+
+class PureUIV(_UivApi):
     """The UIV+ wide-block cipher over a 509-byte body: keys ``J[32] | S[32]``.
 
     ``encrypt`` / ``decrypt`` take the tweak ``h[16]`` and the cell command; ``update``
@@ -821,29 +902,6 @@ class UIV:
         self._set_key(fresh[:UIV_KEY_LEN])
         return fresh[UIV_KEY_LEN:]
 
-    def encrypt(self, h: bytes, cmd: int, body: bytes) -> bytes:
-        """``Y_L = ET(h | cmd | X_R, X_L)``, ``Y_R = X_R ^ PRF(Y_L, t=0)``."""
-        if not self.encrypting:
-            raise LocalProtocolError("this UIV was set up for decryption")
-        _check_len(h, 16, "tweak H")
-        _check_cmd(cmd)
-        _check_len(body, RELAY_BODY_LEN, "UIV block")
-        return self._enc(bytes(h), cmd, bytes(body))
-
-    def decrypt(self, h: bytes, cmd: int, body: bytes) -> bytes:
-        """``X_R = Y_R ^ PRF(Y_L, t=0)``, ``X_L = ET^-1(h | cmd | X_R, Y_L)``."""
-        if self.encrypting:
-            raise LocalProtocolError("this UIV was set up for encryption")
-        _check_len(h, 16, "tweak H")
-        _check_cmd(cmd)
-        _check_len(body, RELAY_BODY_LEN, "UIV block")
-        return self._dec(bytes(h), cmd, bytes(body))
-
-    def update(self, nonce: bytes) -> bytes:
-        """Replace ``J | S`` by the first 64 bytes of ``PRF_S(nonce, t=1)``; return the next 16."""
-        _check_len(nonce, 16, "nonce")
-        return self._update(bytes(nonce))
-
 
 # --------------------------------------------------------------------------------------
 # Cell-level operations (one direction of one hop)
@@ -870,7 +928,58 @@ def _check_body(body: bytes, local: bool) -> bytes:
     return body if type(body) is bytes else bytes(body)
 
 
-class CgoCrypt:
+class _CgoCryptApi:
+    """The checked cell methods of :class:`CgoCrypt`, shared by the pure and the native class
+    (each has ``relay`` and the six unchecked ``_``-prefixed operations)."""
+
+    __slots__ = ()
+    relay: bool
+    _relay_forward: Callable[[int, bytes], tuple[bytes, bytes | None]]
+    _relay_backward: Callable[[int, bytes], bytes]
+    _relay_originate: Callable[[int, bytes], tuple[bytes, bytes]]
+    _client_forward: Callable[[int, bytes], bytes]
+    _client_originate: Callable[[int, bytes], tuple[bytes, bytes]]
+    _client_backward: Callable[[int, bytes], tuple[bytes, bytes | None]]
+
+    def _need(self, relay: bool) -> None:
+        if self.relay is not relay:
+            raise LocalProtocolError("CGO operation for the other side (client/relay)")
+
+    def relay_forward(self, cmd: int, body: bytes) -> tuple[bytes, bytes | None]:
+        """A cell from the client: ``(body, tag)`` if it is for us, else ``(body, None)``."""
+        self._need(True)
+        return self._relay_forward(cmd, _check_cell(cmd, body))
+
+    def relay_backward(self, cmd: int, body: bytes) -> bytes:
+        """Add our layer to a cell from a later hop, toward the client."""
+        self._need(True)
+        return self._relay_backward(cmd, _check_cell(cmd, body))
+
+    def relay_originate(self, cmd: int, body: bytes) -> tuple[bytes, bytes]:
+        """Send a cell of our own toward the client: ``(body, tag)``.
+
+        The first 16 bytes of ``body`` are replaced by the nonce.
+        """
+        self._need(True)
+        return self._relay_originate(cmd, _check_cell(cmd, body))
+
+    def client_forward(self, cmd: int, body: bytes) -> bytes:
+        """Add this hop's layer to a cell for a later hop."""
+        self._need(False)
+        return self._client_forward(cmd, _check_cell(cmd, body))
+
+    def client_originate(self, cmd: int, body: bytes) -> tuple[bytes, bytes]:
+        """Start a cell for this hop: ``(body, tag)``; the first 16 bytes are replaced."""
+        self._need(False)
+        return self._client_originate(cmd, _check_cell(cmd, body))
+
+    def client_backward(self, cmd: int, body: bytes) -> tuple[bytes, bytes | None]:
+        """Peel this hop's layer: ``(body, tag)`` if the hop originated it, else ``(body, None)``."""
+        self._need(False)
+        return self._client_backward(cmd, _check_cell(cmd, body))
+
+
+class PureCgoCrypt(_CgoCryptApi):
     """One direction of CGO between the client and one hop: keys, ``N`` and ``T'``.
 
     ``relay`` selects UIV+ encryption (a relay) or decryption (the client). The six
@@ -879,7 +988,8 @@ class CgoCrypt:
     originated or recognized). ``nonce`` and ``tprime`` are public for tests. The
     ``_``-prefixed forms skip the checks, for callers that made them already (the
     circuit-level classes below and :mod:`onionp2p.proto.hopcrypto`): ``cmd`` an int
-    0..255 and ``body`` 509 ``bytes``.
+    0..255 and ``body`` 509 ``bytes``. This is the pure-Python reference; :data:`CgoCrypt`
+    is the native class when that is built (:data:`CGO_BACKEND`).
     """
 
     __slots__ = ("_uiv", "nonce", "tprime", "relay")
@@ -888,7 +998,7 @@ class CgoCrypt:
         _check_len(key_material, DIR_KEY_LEN, "CGO key material for one direction")
         _check_len(tprime, TAG_LEN, "T'")
         km = bytes(key_material)
-        self._uiv = UIV(km[:UIV_KEY_LEN], encrypt=relay)
+        self._uiv = PureUIV(km[:UIV_KEY_LEN], encrypt=relay)
         self.nonce = km[UIV_KEY_LEN:]
         self.tprime = bytes(tprime)
         self.relay = relay
@@ -897,10 +1007,6 @@ class CgoCrypt:
     def key(self) -> bytes:
         """The current UIV+ keys ``J | S`` (64 bytes)."""
         return self._uiv.key
-
-    def _need(self, relay: bool) -> None:
-        if self.relay is not relay:
-            raise LocalProtocolError("CGO operation for the other side (client/relay)")
 
     # --- relay side (UIV+ encryption) ---
 
@@ -924,24 +1030,6 @@ class CgoCrypt:
         t = self.tprime = out[:16]
         self.nonce = uiv._update(t)
         return out, t
-
-    def relay_forward(self, cmd: int, body: bytes) -> tuple[bytes, bytes | None]:
-        """A cell from the client: ``(body, tag)`` if it is for us, else ``(body, None)``."""
-        self._need(True)
-        return self._relay_forward(cmd, _check_cell(cmd, body))
-
-    def relay_backward(self, cmd: int, body: bytes) -> bytes:
-        """Add our layer to a cell from a later hop, toward the client."""
-        self._need(True)
-        return self._relay_backward(cmd, _check_cell(cmd, body))
-
-    def relay_originate(self, cmd: int, body: bytes) -> tuple[bytes, bytes]:
-        """Send a cell of our own toward the client: ``(body, tag)``.
-
-        The first 16 bytes of ``body`` are replaced by the nonce.
-        """
-        self._need(True)
-        return self._relay_originate(cmd, _check_cell(cmd, body))
 
     # --- client side (UIV+ decryption) ---
 
@@ -967,21 +1055,6 @@ class CgoCrypt:
             self.nonce = uiv._update(t)
             return out, t
         return out, None
-
-    def client_forward(self, cmd: int, body: bytes) -> bytes:
-        """Add this hop's layer to a cell for a later hop."""
-        self._need(False)
-        return self._client_forward(cmd, _check_cell(cmd, body))
-
-    def client_originate(self, cmd: int, body: bytes) -> tuple[bytes, bytes]:
-        """Start a cell for this hop: ``(body, tag)``; the first 16 bytes are replaced."""
-        self._need(False)
-        return self._client_originate(cmd, _check_cell(cmd, body))
-
-    def client_backward(self, cmd: int, body: bytes) -> tuple[bytes, bytes | None]:
-        """Peel this hop's layer: ``(body, tag)`` if the hop originated it, else ``(body, None)``."""
-        self._need(False)
-        return self._client_backward(cmd, _check_cell(cmd, body))
 
 
 def split_key_material(key_material: bytes) -> tuple[bytes, bytes]:
@@ -1155,3 +1228,167 @@ class RelayCrypto:
     def backward_tag(self) -> bytes | None:
         """Tag of the last cell we originated toward the client (None before the first)."""
         return self._hop.bwd_tag
+
+
+# --------------------------------------------------------------------------------------
+# The native backend: onionp2p/proto/_cgo_native.c (an optional extension, specs/cgo.md §8a).
+#
+# When it is built and passes the self-test below, CgoCrypt, UIV, ET and PRF are the native
+# classes: one C call per cell per layer, keys, N and T' in a C object, rekeys in C. Otherwise
+# (not built, libcrypto missing, self-test failure, or ONIONP2P_CGO_BACKEND=python) they are
+# the pure-Python classes above, with one RuntimeWarning unless the pure path was asked for.
+# CGO_BACKEND says which runs.
+
+#: the environment variable that picks the backend: ``auto`` (default), ``native`` or ``python``
+CGO_BACKEND_ENV = "ONIONP2P_CGO_BACKEND"
+
+
+def _import_native() -> tuple[Any, str]:
+    """The ``_cgo_native`` module, or None and why it cannot be used."""
+    try:
+        from onionp2p.proto import _cgo_native  # noqa: PLC0415 (optional, compiled)
+    except ImportError as exc:  # not built (no compiler / headers at install time) or libcrypto missing
+        return None, f"extension not importable: {exc}"
+    failure = _native_self_test(_cgo_native)
+    if failure is not None:
+        return None, f"self-test failed: {failure}"
+    return _cgo_native, f"native (POLYVAL {_cgo_native.polyval_impl()}, {_cgo_native.OPENSSL_VERSION})"
+
+
+def _native_self_test(mod: Any) -> str | None:
+    """Why ``mod`` must not be used (None: it computes what the pure classes compute).
+
+    RFC 8452 POLYVAL vectors, then every cell operation of both sides against
+    :class:`PureCgoCrypt`: per direction, cells that the far end recognizes (so both ends
+    rekey) and cells that it passes on, comparing outputs, tags, keys, ``N`` and ``T'``.
+    """
+    try:
+        for key, data, expect in _SELF_TEST_VECTORS:
+            got = mod.polyval(bytes.fromhex(key), bytes.fromhex(data))
+            if got.hex() != expect:
+                return f"POLYVAL RFC 8452 vector: got {got.hex()}, want {expect}"
+        stream = shake_128(b"onionp2p cgo native self-test").digest(2 * DIR_KEY_LEN + RELAY_BODY_LEN)
+        body = stream[2 * DIR_KEY_LEN:]
+        # (direction's key material, [(side, op)]): a "*" op's output is the next op's input
+        plans = ((stream[:DIR_KEY_LEN], (("c", "client_originate*"), ("r", "relay_forward"),
+                                          ("c", "client_originate*"), ("r", "relay_forward"),
+                                          ("r", "relay_forward"), ("c", "client_forward"))),
+                 (stream[DIR_KEY_LEN:2 * DIR_KEY_LEN], (("r", "relay_originate*"), ("c", "client_backward"),
+                                                        ("r", "relay_originate*"), ("c", "client_backward"),
+                                                        ("r", "relay_backward"), ("c", "client_backward"))))
+        for km, plan in plans:
+            ends = {side: (PureCgoCrypt(km, relay=side == "r"), mod.Crypt(km, relay=side == "r"))
+                    for side in "cr"}
+            data = body
+            for n, (side, op) in enumerate(plan):
+                pure, native = ends[side]
+                name = op.rstrip("*")
+                want = getattr(pure, "_" + name)(CELL_RELAY, data)
+                got = getattr(native, name)(CELL_RELAY, data)
+                if want != got or (pure.key, pure.nonce, pure.tprime) != (native.key, native.nonce,
+                                                                           native.tprime):
+                    return f"{name} differs from the reference (step {n})"
+                if op.endswith("*"):
+                    data = want[0]
+                elif n in (1, 3) and want[1] is None:  # the cells just originated
+                    return f"{name}: a cell for this hop was not recognized (step {n})"
+                else:
+                    data = body
+    except Exception as exc:  # a broken build: wrong arity, types
+        return f"binding error: {exc!r}"
+    return None
+
+
+def _select_backend() -> tuple[Any, str]:
+    choice = os.environ.get(CGO_BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "native", "python"):
+        raise ImportError(f"{CGO_BACKEND_ENV}={choice!r}: must be auto, native or python")
+    if choice == "python":
+        return None, f"python ({CGO_BACKEND_ENV}=python)"
+    mod, note = _import_native()
+    if mod is None:
+        if choice == "native":
+            raise ImportError(f"{CGO_BACKEND_ENV}=native but the native CGO backend is unusable: {note}")
+        warnings.warn(f"onionp2p CGO: native backend unavailable ({note}); using pure Python "
+                      "(correct, about ten times slower per cell)", RuntimeWarning, stacklevel=3)
+        return None, f"python ({note})"
+    return mod, note
+
+
+_native, CGO_BACKEND = _select_backend()
+#: which CGO runs: ``native (POLYVAL clmul|portable, OpenSSL ...)`` or ``python (why)``
+CGO_BACKEND: str
+
+
+if _native is not None:
+    _NativeCrypt: type = _native.Crypt
+
+    class NativeCgoCrypt(_CgoCryptApi, _NativeCrypt):  # type: ignore[misc,valid-type]
+        """:class:`PureCgoCrypt` in C (``_cgo_native.Crypt``): same constructor, attributes
+        (``key``, ``nonce``, ``tprime``, ``relay``) and methods; the ``_``-prefixed forms
+        are the C methods themselves (one C call per cell)."""
+
+        __slots__ = ()
+
+        def __init__(self, key_material: bytes, *, relay: bool, tprime: bytes = _ZERO16) -> None:
+            _check_len(key_material, DIR_KEY_LEN, "CGO key material for one direction")
+            _check_len(tprime, TAG_LEN, "T'")
+            super().__init__(key_material, relay=bool(relay), tprime=tprime)
+
+        _relay_forward = _NativeCrypt.relay_forward
+        _relay_backward = _NativeCrypt.relay_backward
+        _relay_originate = _NativeCrypt.relay_originate
+        _client_forward = _NativeCrypt.client_forward
+        _client_originate = _NativeCrypt.client_originate
+        _client_backward = _NativeCrypt.client_backward
+
+    class NativeUIV(_UivApi):
+        """:class:`PureUIV` in C (a ``_cgo_native.Crypt`` used for its raw UIV+ calls)."""
+
+        __slots__ = ("_c", "encrypting", "_enc", "_dec", "_update")
+
+        def __init__(self, key: bytes, *, encrypt: bool) -> None:
+            _check_len(key, UIV_KEY_LEN, "UIV key")
+            self.encrypting = encrypt
+            c = self._c = _NativeCrypt(bytes(key) + _ZERO16, relay=bool(encrypt))
+            self._enc, self._dec, self._update = c.uiv_enc, c.uiv_dec, c.uiv_update
+
+        @property
+        def key(self) -> bytes:
+            """The current ``J | S`` (64 bytes)."""
+            return self._c.key
+
+    class NativeET(_EtApi):
+        """:class:`PureET` in C (for the ET vectors; CGO cells use ET inside the C UIV+)."""
+
+        __slots__ = ("_c", "encrypting")
+
+        def __init__(self, key: bytes, *, encrypt: bool) -> None:
+            _check_len(key, ET_KEY_LEN, "ET key")
+            self.encrypting = encrypt
+            self._c = _NativeCrypt(bytes(key) + bytes(DIR_KEY_LEN - ET_KEY_LEN), relay=bool(encrypt))
+
+        def _run(self, h: bytes, cmd: int, x_r: bytes, block: bytes) -> bytes:
+            return self._c.et(h, cmd, x_r, block)
+
+    class NativePRF(_PrfApi):
+        """:class:`PurePRF` in C (for the PRF vectors; CGO cells use it inside the C UIV+)."""
+
+        __slots__ = ("_c",)
+
+        def __init__(self, key: bytes) -> None:
+            _check_len(key, PRF_KEY_LEN, "PRF key")
+            self._c = _NativeCrypt(bytes(ET_KEY_LEN) + bytes(key) + _ZERO16, relay=True)
+
+        def _stream(self, tweak: bytes, first: int, count: int) -> bytes:
+            return self._c.prf(tweak, first, count)
+
+#: the classes in use (native when built and self-tested; :data:`CGO_BACKEND`)
+CgoCrypt: type[_CgoCryptApi]
+UIV: type[_UivApi]
+ET: type[_EtApi]
+PRF: type[_PrfApi]
+if _native is not None:
+    CgoCrypt, UIV, ET, PRF = NativeCgoCrypt, NativeUIV, NativeET, NativePRF
+else:
+    CgoCrypt, UIV, ET, PRF = PureCgoCrypt, PureUIV, PureET, PurePRF
