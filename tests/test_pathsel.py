@@ -590,3 +590,15 @@ def test_exclude_nodes_in_internal_paths_and_a_last_hop_chosen_elsewhere():
     with pytest.raises(NoPathError, match="strict_nodes"):
         choose_internal_path(routers, last=rp.info, purpose="HS_SERVICE_REND", guard=None, rng=random.Random(0),
                              enforce_distinct_subnets=True, exclude_nodes=ns, strict_nodes=True)
+
+
+def test_the_onion_client_tries_excluded_hsdirs_and_intro_points_last_or_never():
+    """StrictNodes 0: excluded relays someone else chose come after every other one; with
+    strict_nodes ("never") they are dropped (tor's client_get_random_intro, hs_pick_hsdir)."""
+    from onionp2p.client.hsclient import OnionServiceClient
+
+    verdicts = {"a": "", "b": "last", "c": "never", "d": "", "e": "last"}
+    hs = OnionServiceClient(None, directory=lambda: None, http_get=None, build=lambda *a: None,  # type: ignore[arg-type]
+                            excluded=lambda relay: verdicts[relay.nickname])
+    items = [router(n).info for n in "abcde"]
+    assert [i.nickname for i in hs._exclusion_order(items, lambda i: i)] == ["a", "d", "b", "e"]
