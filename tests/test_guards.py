@@ -132,8 +132,10 @@ def test_exclude_nodes_filters_sampled_guards_and_the_config_keys():
     gs.exclude_nodes = NodeSet([rs.fingerprint for rs in routers])
     with pytest.raises(NoGuardError):
         gs.select(routers, 1000 * DAY)
-    cfg = ClientConfig.from_dict({"exclude_nodes": ["$" + routers[0].fingerprint, "g1"], "strict_nodes": True})
-    assert cfg.exclude_nodes.contains(routers[0]) and cfg.exclude_nodes.contains(routers[1]) and cfg.strict_nodes
+    cfg = ClientConfig.from_dict({"exclude_nodes": ["$" + routers[0].fingerprint, "g1"],
+                                  "strict_nodes": True})
+    assert cfg.exclude_nodes.contains(routers[0]) and cfg.exclude_nodes.contains(routers[1])
+    assert cfg.strict_nodes
     assert not ClientConfig().exclude_nodes and ClientConfig().strict_nodes is False
     for bad, needle in ((["{de}"], "GeoIP"), (["bad nick!"], "not a \\$fingerprint"), ("g1", "array")):
         with pytest.raises(ConfigError, match=f"exclude_nodes.*{needle}"):

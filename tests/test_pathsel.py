@@ -586,10 +586,12 @@ def test_exclude_nodes_in_internal_paths_and_a_last_hop_chosen_elsewhere():
     # anyway (tor with StrictNodes 0), refused with strict_nodes
     rp = routers[5]
     assert all(p[-1] is rp and "g1" not in {r.nickname for r in p}
-               for p in internal_paths(routers, last=rp.info, purpose="HS_SERVICE_REND", exclude_nodes=ns, n=20))
+               for p in internal_paths(routers, last=rp.info, purpose="HS_SERVICE_REND", exclude_nodes=ns,
+                                       n=20))
     with pytest.raises(NoPathError, match="strict_nodes"):
-        choose_internal_path(routers, last=rp.info, purpose="HS_SERVICE_REND", guard=None, rng=random.Random(0),
-                             enforce_distinct_subnets=True, exclude_nodes=ns, strict_nodes=True)
+        choose_internal_path(routers, last=rp.info, purpose="HS_SERVICE_REND", guard=None,
+                             rng=random.Random(0), enforce_distinct_subnets=True, exclude_nodes=ns,
+                             strict_nodes=True)
 
 
 def test_the_onion_client_tries_excluded_hsdirs_and_intro_points_last_or_never():
@@ -598,7 +600,7 @@ def test_the_onion_client_tries_excluded_hsdirs_and_intro_points_last_or_never()
     from onionp2p.client.hsclient import OnionServiceClient
 
     verdicts = {"a": "", "b": "last", "c": "never", "d": "", "e": "last"}
-    hs = OnionServiceClient(None, directory=lambda: None, http_get=None, build=lambda *a: None,  # type: ignore[arg-type]
-                            excluded=lambda relay: verdicts[relay.nickname])
+    hs = OnionServiceClient(None, directory=lambda: None, http_get=None,  # type: ignore[arg-type]
+                            build=lambda *a: None, excluded=lambda relay: verdicts[relay.nickname])
     items = [router(n).info for n in "abcde"]
     assert [i.nickname for i in hs._exclusion_order(items, lambda i: i)] == ["a", "d", "b", "e"]

@@ -138,7 +138,8 @@ class OnionRelay:
         """Its onion-service roles' counters (relay/hs.py, relay/hsdir.py) and its bytes."""
         return {"store": _metrics(self.metrics_port, "onionp2p_relay_hsdir_total", 'action="store"'),
                 "fetch": _metrics(self.metrics_port, "onionp2p_relay_hsdir_total", 'action="fetch"'),
-                "est_intro": _metrics(self.metrics_port, "onionp2p_relay_est_intro_total", 'action="success"'),
+                "est_intro": _metrics(self.metrics_port, "onionp2p_relay_est_intro_total",
+                                      'action="success"'),
                 "intro1": _metrics(self.metrics_port, "onionp2p_relay_intro1_total", 'action="success"'),
                 "rend1": _metrics(self.metrics_port, "onionp2p_relay_rend1_total", 'action="success"'),
                 "bytes": self.bytes()}
@@ -420,8 +421,8 @@ def _assert_intro_and_rendezvous_ours(delta: dict[str, dict[str, int]]) -> None:
     assert rps and any(delta[n]["bytes"] >= 2 * MB5 for n in rps), delta
 
 
-def test_tor_client_reaches_an_onionp2p_service_through_our_hsdir_intro_and_rendezvous(tor_relay_net, onion_ends,
-                                                                                      tmp_path):
+def test_tor_client_reaches_an_onionp2p_service_through_our_hsdir_intro_and_rendezvous(
+        tor_relay_net, onion_ends, tmp_path):
     """Issue 15: a Debian tor client fetches 5 MB from a service our client hosts, where the
     HSDirs, introduction points and rendezvous point are onionp2p relays (tor's relays are
     excluded on both ends)."""
@@ -435,7 +436,8 @@ def test_tor_client_reaches_an_onionp2p_service_through_our_hsdir_intro_and_rend
     before = {r.name: r.hs() for r in relays}
     out = tmp_path / "body"
     res = subprocess.run([curl, "-sS", "--max-time", "240", "--retry", "3", "--retry-all-errors",
-                          "--socks5-hostname", f"127.0.0.1:{tor.or_port}", f"http://{address}/blob", "-o", str(out)],
+                          "--socks5-hostname", f"127.0.0.1:{tor.or_port}", f"http://{address}/blob",
+                          "-o", str(out)],
                          capture_output=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-500:]
     assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(_Blob.data).digest()

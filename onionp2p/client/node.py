@@ -83,8 +83,8 @@ __all__ = ["ClientNode", "StreamRecord", "RELOADABLE_KEYS"]
 #: ClientConfig keys a reload applies to the running client (README "Configuration")
 RELOADABLE_KEYS = (
     *LIVE_LOG_KEYS, "preemptive_circuits", "preemptive_ports", "max_circuit_dirtiness",
-    "circuit_build_timeout", "learn_circuit_build_timeout", "max_build_attempts", "enforce_distinct_subnets", "exclude_nodes",
-    "strict_nodes", "stream_timeout",
+    "circuit_build_timeout", "learn_circuit_build_timeout", "max_build_attempts", "enforce_distinct_subnets",
+    "exclude_nodes", "strict_nodes", "stream_timeout",
     "max_stream_attempts", "max_circuits_per_isolation", "socks_handshake_timeout", "socks_max_connections",
     "client_reject_internal_addresses", "client_onion_auth_dir", "onion_service",
 )

@@ -400,7 +400,8 @@ def choose_internal_path(
     if last is not None:
         end = as_router_status(last, routers)
         if strict_nodes and exclude_nodes is not None and exclude_nodes.contains(end):
-            raise NoPathError(f"{end.nickname} ({end.fingerprint}) is in exclude_nodes and strict_nodes is set")
+            raise NoPathError(f"{end.nickname} ({end.fingerprint}) is in exclude_nodes "
+                              "and strict_nodes is set")
         if guard is not None and not ok(end, guard):
             raise NoPathError(f"guard {guard.nickname} cannot be on a path to {end.nickname} "
                               "(the same relay, family or /16)")

@@ -119,7 +119,8 @@ class ClientControlAdapter(ControlAdapterBase):
             # change the config and reload instead)
             "ExcludeNodes": ("RouterList", lambda: [",".join(self.node.circmgr.exclude_nodes.items)]
                              if self.node.circmgr.exclude_nodes else [], None),
-            "StrictNodes": ("Boolean", lambda: [str(int(self.node.circmgr.strict_nodes))], (_bool, "strict_nodes")),
+            "StrictNodes": ("Boolean", lambda: [str(int(self.node.circmgr.strict_nodes))],
+                            (_bool, "strict_nodes")),
             "SafeLogging": ("String", lambda: ["1" if self.node.cfg.safe_logging else "0"], None),
             "CookieAuthentication": ("Boolean", lambda: ["1"], None),
             "HashedControlPassword": ("LineList", lambda: [], None),

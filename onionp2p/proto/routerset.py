@@ -47,7 +47,8 @@ class NodeSet:
                     what = "country codes need GeoIP, which onionp2p does not have" if item.startswith("{") \
                         else "not a $fingerprint, nickname or address"
                     raise ValueError(f"{raw!r}: {what}") from None
-        self._fps, self._named, self._nicks, self._nets = frozenset(fps), frozenset(named), frozenset(nicks), nets
+        self._fps, self._named, self._nicks = frozenset(fps), frozenset(named), frozenset(nicks)
+        self._nets = nets
 
     def __bool__(self) -> bool:
         return bool(self.items)
@@ -68,7 +69,9 @@ class NodeSet:
             return False
         ri = info.info if isinstance(info, RouterStatus) else info
         fp, nick = ri.fingerprint, ri.nickname.lower()
-        if fp in self._fps or (fp, nick) in self._named or (isinstance(info, RouterStatus) and nick in self._nicks):
+        if fp in self._fps or (fp, nick) in self._named:
+            return True
+        if isinstance(info, RouterStatus) and nick in self._nicks:
             return True
         if self._nets:
             try:
