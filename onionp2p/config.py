@@ -48,6 +48,7 @@ from onionp2p.defaults import (
 from onionp2p.errors import ConfigError
 from onionp2p.proto.address import format_hostport, parse_hostport
 from onionp2p.proto.exitpolicy import REJECT_ALL, ExitPolicy
+from onionp2p.proto.routerset import NodeSet
 
 __all__ = [
     "LOG_LEVELS",
@@ -203,6 +204,15 @@ def _fingerprint(ctx: _Ctx, key: str, value: Any) -> str:
     if not m:
         raise ctx.fail(key, f"{value[:60]!r} is not a 40-hex-digit relay fingerprint")
     return m.group(1).upper()
+
+
+def _node_set(ctx: _Ctx, key: str, value: Any) -> NodeSet:
+    """tor's routerset: ``["$FINGERPRINT", "nickname", "192.0.2.0/24"]``."""
+    items = _text_list(ctx, key, value, _nonempty_text)
+    try:
+        return NodeSet(items)
+    except ValueError as e:
+        raise ctx.fail(key, str(e)) from None
 
 
 def _nonempty_text(ctx: _Ctx, key: str, value: Any) -> str:
@@ -608,6 +618,13 @@ class ClientConfig:
     learn_circuit_build_timeout: bool = True
     max_build_attempts: int = 3
     enforce_distinct_subnets: bool = True  #: no two relays of a path in one IPv4 /16
+    #: tor's ExcludeNodes: relays ($fingerprint, nickname, address or network) never used in
+    #: any position of a circuit we choose, nor as guards; an introduction point from a
+    #: descriptor or a rendezvous point a client named is used anyway unless strict_nodes
+    exclude_nodes: NodeSet = field(default_factory=NodeSet)
+    #: tor's StrictNodes: exclude_nodes holds for those relays chosen by others too (their
+    #: circuits fail instead)
+    strict_nodes: bool = False
     stream_timeout: int = 15  #: seconds to wait for CONNECTED before trying another circuit
     max_stream_attempts: int = 3
     max_circuits_per_isolation: int = 16
@@ -667,6 +684,8 @@ class ClientConfig:
             "learn_circuit_build_timeout": _bool,
             "max_build_attempts": _int_range(1, 20),
             "enforce_distinct_subnets": _bool,
+            "exclude_nodes": _node_set,
+            "strict_nodes": _bool,
             "stream_timeout": _int_range(1, 600),
             "max_stream_attempts": _int_range(1, 20),
             "max_circuits_per_isolation": _int_range(1, 1024),
@@ -843,6 +862,8 @@ def _toml_value(value: Any) -> str:
         return json.dumps(str(value))
     if isinstance(value, ExitPolicy):
         return _toml_value(value.lines())
+    if isinstance(value, NodeSet):
+        return _toml_value(list(value.items))
     if isinstance(value, Mapping):
         return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
     if isinstance(value, (list, tuple)):

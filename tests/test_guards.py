@@ -30,6 +30,7 @@ from onionp2p.client.guards import (
     retry_delay,
 )
 from onionp2p.client.pathbias import GuardPathBias
+from onionp2p.client.pathsel import NodeSet
 from onionp2p.config import AuthorityConfig, ClientConfig
 from onionp2p.control.formats import GuardEvent, guard_event_line
 from onionp2p.errors import ConfigError
@@ -112,6 +113,33 @@ def test_guard_params_config_key():
     # authorities can vote tor's dashed names (dir-spec's KeywordChar)
     auth = AuthorityConfig.from_dict({"consensus_params": {"guard-n-primary-guards": 2}})
     assert auth.consensus_params == {"guard-n-primary-guards": 2}
+
+
+def test_exclude_nodes_filters_sampled_guards_and_the_config_keys():
+    """tor's ExcludeNodes: sampled guards it names are not FILTERED (never chosen, neither
+    primary nor for directory fetches); the sample grows to keep enough usable ones."""
+    routers = guards(8)
+    gs = core(seed=1)
+    gs.update(routers, 1000 * DAY)
+    first = [e.nickname for e in gs.entries]
+    gs.exclude_nodes = NodeSet(first[:3])
+    chosen = {build(gs, routers, 1000 * DAY)[0] for _ in range(30)}
+    assert chosen and not chosen & set(first[:3])
+    assert not {e.nickname for e in gs.primary} & set(first[:3])
+    assert not {rs.nickname for rs in gs.dir_guards(routers, 1000 * DAY)} & set(first[:3])
+    assert [e.nickname for e in gs.entries][:len(first)] == first  # still sampled, only filtered
+    assert len(gs.entries) > len(first)  # the sample grew (up to its maximum, 6)
+    gs.exclude_nodes = NodeSet([rs.fingerprint for rs in routers])
+    with pytest.raises(NoGuardError):
+        gs.select(routers, 1000 * DAY)
+    cfg = ClientConfig.from_dict({"exclude_nodes": ["$" + routers[0].fingerprint, "g1"],
+                                  "strict_nodes": True})
+    assert cfg.exclude_nodes.contains(routers[0]) and cfg.exclude_nodes.contains(routers[1])
+    assert cfg.strict_nodes
+    assert not ClientConfig().exclude_nodes and ClientConfig().strict_nodes is False
+    for bad, needle in ((["{de}"], "GeoIP"), (["bad nick!"], "not a \\$fingerprint"), ("g1", "array")):
+        with pytest.raises(ConfigError, match=f"exclude_nodes.*{needle}"):
+            ClientConfig.from_dict({"exclude_nodes": bad})
 
 
 def test_retry_schedule_table():

@@ -734,7 +734,8 @@ async def test_hsdir_publish_and_fetch_over_begin_dir(tmp_path):
         now = time.time()
         blinded, signing = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
         d1 = make_descriptor(blinded, signing, 1, now=now)
-        assert b"stored" in await hsdir_request("POST", "/tor/hs/3/publish", d1)
+        # 200 with no body, as tor (a tor uploader warns about a body under 32 bytes)
+        assert await hsdir_request("POST", "/tor/hs/3/publish", d1) == b""
         assert await hsdir_request("GET", f"/tor/hs/3/{b64key(blinded)}") == d1
         # an equal revision is refused; a higher one replaces it
         with pytest.raises(DirRequestError) as e:

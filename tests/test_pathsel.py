@@ -13,6 +13,7 @@ from conftest import chi_square
 from onionp2p.client.guards import GuardSet
 from onionp2p.client.pathsel import (
     POSITIONS,
+    NodeSet,
     NoPathError,
     choose_internal_path,
     choose_path,
@@ -534,3 +535,72 @@ def test_internal_paths_exclude_only_the_chosen_positions():
     hsdir = routers[3]
     assert all(p[-1] is hsdir for p in internal_paths(routers, last=hsdir, purpose="HS_CLIENT_HSDIR",
                                                       exclude={hsdir.fingerprint}, n=20))
+
+
+# -- exclude_nodes (tor's ExcludeNodes, StrictNodes) -------------------------------------------------
+
+
+def test_node_set_parses_tors_routerset_forms_and_refuses_the_rest():
+    g = router("Guard7", "Guard", address="192.0.2.7")
+    ns = NodeSet([f"${g.fingerprint.lower()}"])
+    assert ns.contains(g) and ns.contains(g.info) and not ns.contains(router("other"))
+    assert NodeSet([g.fingerprint]).contains(g)  # without "$", as tor takes a hex digest
+    assert NodeSet(["guard7"]).contains(g)  # nicknames case-insensitively
+    assert not NodeSet(["guard7"]).contains(dataclasses.replace(g.info, nickname="intro"))
+    assert NodeSet([f"${g.fingerprint}~Guard7"]).contains(g)
+    assert not NodeSet([f"${g.fingerprint}=someoneelse"]).contains(g)
+    assert NodeSet(["192.0.2.0/24"]).contains(g) and not NodeSet(["198.51.100.0/24"]).contains(g)
+    assert not NodeSet() and NodeSet(["a"]) == NodeSet(["a"])
+    for bad in ("{us}", "not a name!", "$ABC", "*"):
+        with pytest.raises(ValueError):
+            NodeSet([bad])
+
+
+def test_exclude_nodes_is_never_in_any_position_of_a_general_path():
+    routers = network()
+    # one of each role excluded, by fingerprint, nickname and address
+    gone = {"g1", "m1", "eall"}
+    ns = NodeSet([f"${routers[0].fingerprint}", routers[3].nickname, routers[6].info.address + "/32"])
+    assert [routers[i].nickname for i in (0, 3, 6)] == ["g1", "m1", "eall"]
+    seen = set()
+    for path in paths(routers, exclude_nodes=ns):
+        names = {rs.nickname for rs in path}
+        assert not names & gone
+        seen |= names
+    assert {"g2", "g3", "m2", "e80"} <= seen  # the others are still used
+    every_exit = NodeSet([rs.fingerprint for rs in exits_for_port(routers, 80)])
+    with pytest.raises(NoPathError):
+        choose_path(routers, port=80, guard=None, rng=random.Random(0), enforce_distinct_subnets=True,
+                    exclude_nodes=every_exit)
+
+
+def test_exclude_nodes_in_internal_paths_and_a_last_hop_chosen_elsewhere():
+    routers = [hs_router("g1", "Guard"), hs_router("g2", "Guard"), hs_router("m1"), hs_router("m2"),
+               hs_router("m3"), hs_router("rp1")]
+    ns = NodeSet(["g1", "m1", "rp1"])
+    # every chosen position, rendezvous points included
+    for last, purpose in ((None, "HS_CLIENT_REND"), (intro_point("ip"), "HS_CLIENT_INTRO")):
+        for path in internal_paths(routers, last=last, purpose=purpose, exclude_nodes=ns, n=100):
+            assert not {"g1", "m1", "rp1"} & {rs.nickname for rs in path}
+    # an excluded last hop someone else chose (a rendezvous point a client named): built
+    # anyway (tor with StrictNodes 0), refused with strict_nodes
+    rp = routers[5]
+    assert all(p[-1] is rp and "g1" not in {r.nickname for r in p}
+               for p in internal_paths(routers, last=rp.info, purpose="HS_SERVICE_REND", exclude_nodes=ns,
+                                       n=20))
+    with pytest.raises(NoPathError, match="strict_nodes"):
+        choose_internal_path(routers, last=rp.info, purpose="HS_SERVICE_REND", guard=None,
+                             rng=random.Random(0), enforce_distinct_subnets=True, exclude_nodes=ns,
+                             strict_nodes=True)
+
+
+def test_the_onion_client_tries_excluded_hsdirs_and_intro_points_last_or_never():
+    """StrictNodes 0: excluded relays someone else chose come after every other one; with
+    strict_nodes ("never") they are dropped (tor's client_get_random_intro, hs_pick_hsdir)."""
+    from onionp2p.client.hsclient import OnionServiceClient
+
+    verdicts = {"a": "", "b": "last", "c": "never", "d": "", "e": "last"}
+    hs = OnionServiceClient(None, directory=lambda: None, http_get=None,  # type: ignore[arg-type]
+                            build=lambda *a: None, excluded=lambda relay: verdicts[relay.nickname])
+    items = [router(n).info for n in "abcde"]
+    assert [i.nickname for i in hs._exclusion_order(items, lambda i: i)] == ["a", "d", "b", "e"]

@@ -28,6 +28,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -133,6 +134,16 @@ class OnionRelay:
     def create_fast(self) -> int:
         return _metrics(self.metrics_port, "onionp2p_relay_events_total", 'event="create_fast"')
 
+    def hs(self) -> dict[str, int]:
+        """Its onion-service roles' counters (relay/hs.py, relay/hsdir.py) and its bytes."""
+        return {"store": _metrics(self.metrics_port, "onionp2p_relay_hsdir_total", 'action="store"'),
+                "fetch": _metrics(self.metrics_port, "onionp2p_relay_hsdir_total", 'action="fetch"'),
+                "est_intro": _metrics(self.metrics_port, "onionp2p_relay_est_intro_total",
+                                      'action="success"'),
+                "intro1": _metrics(self.metrics_port, "onionp2p_relay_intro1_total", 'action="success"'),
+                "rend1": _metrics(self.metrics_port, "onionp2p_relay_rend1_total", 'action="success"'),
+                "bytes": self.bytes()}
+
     def log(self) -> str:
         return (self.dir / "log.txt").read_text(errors="replace")
 
@@ -151,12 +162,18 @@ def tor_relay_net(tmp_path_factory):
     port = server.server_address[1]
     exit_relay = OnionRelay(root, "onionX", [f"accept *:{port}", "reject *:*"])
     middle = OnionRelay(root, "onionA", None)
+    # two more, so that every hop of an onion-service circuit (four with a middle pair) can be
+    # ours: the onion-service tests exclude every tor relay
+    more = (OnionRelay(root, "onionB", None), OnionRelay(root, "onionC", None))
     net = tornet.TorNet(root / "net", extra_exit_fingerprints=[exit_relay.fingerprint], extra_authority_options=[
         # Stable normally needs an uptime above the median; ours are the youngest relays
         # (tor clients take only Stable relays as guards)
         "AuthDirVoteStableGuaranteeMinUptime 0",
         # tor clients make their first hops with CREATE_FAST (tor's usecreatefast)
         "ConsensusParams usecreatefast=1",
+        # the HSDir flag for onionX and onionA only: every HSDir of the hash ring is ours
+        f"TestingDirAuthVoteHSDir ${exit_relay.fingerprint},${middle.fingerprint}",
+        "TestingDirAuthVoteHSDirIsStrict 1",
     ])
     ours = (exit_relay, middle)
     try:
@@ -164,10 +181,11 @@ def tor_relay_net(tmp_path_factory):
         dirauth = root / "net" / tornet.DIRAUTH_FILE
         # the tor network's own start-up is over: log lines from here on may concern ours
         marks = {n.name: n.log.stat().st_size for n in net.nodes}
-        for r in ours:
+        for r in (*ours, *more):
             r.start(dirauth)
-        flags = net.wait_listed({exit_relay.fingerprint: LISTED | {"Exit"}, middle.fingerprint: LISTED},
-                                timeout=150)
+        flags = net.wait_listed({exit_relay.fingerprint: LISTED | {"Exit", "HSDir"},
+                                 middle.fingerprint: LISTED | {"HSDir"},
+                                 **{r.fingerprint: LISTED for r in more}}, timeout=150)
         listed_at = net.consensus_flags(net.authorities[0])[0]
         # the tor clients bootstrap side by side (each test waits for its own)
         guard = next(n for n in net.relays if not n.exit)
@@ -182,9 +200,10 @@ def tor_relay_net(tmp_path_factory):
                 f"ExitNodes ${tor_exit.fingerprint}", "StrictNodes 1"], wait=False),
         }
         net.log_marks = marks
+        net.more_relays = more
         yield net, ours, port, curl, flags, listed_at, clients
     finally:
-        for r in ours:
+        for r in (*ours, *more):
             r.stop()
         net.stop()
         server.shutdown()
@@ -309,3 +328,148 @@ def test_our_relays_stay_listed_across_two_voting_periods(tor_relay_net):
         assert {"Running", "Valid"} <= flags[exit_relay.fingerprint], a.name
         assert {"Running", "Valid"} <= flags[middle.fingerprint], a.name
     assert va >= listed_at + 20
+
+
+# -- onion services with onionp2p relays as HSDir, introduction and rendezvous points -------------------
+
+
+def _poll(pred, timeout: float, what: str, interval: float = 1.0):
+    """Poll ``pred()`` (blocking) until true, or fail after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not (value := pred()):
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(interval)
+    return value
+
+
+class _OurClient:
+    """An ``onionp2p client --tor-dirauth-file`` process hosting an onion service for ``port``
+    (its ``[[onion_service]]``) and offering a SOCKS port, with every tor relay in
+    ``exclude_nodes``: its guards, middles, introduction and rendezvous points are ours."""
+
+    def __init__(self, root: Path, dirauth: Path, port: int, exclude: list[str]):
+        self.dir = root
+        root.mkdir()
+        (root / "client.toml").write_text(
+            'data_dir = "data"\nsocks_address = "127.0.0.1:0"\ncontrol_port = 0\nmetrics_port = 0\n'
+            'enforce_distinct_subnets = false\ntesting_tor_network = true\n'
+            # its first circuit (bootstrap) exits at onionX, the only exit of ours (the test port)
+            f"preemptive_circuits = 1\npreemptive_ports = [{port}]\n"
+            'log_level = "info"\n'
+            "exclude_nodes = [" + ", ".join(f'"${fp}"' for fp in exclude) + "]\n"
+            f'[[onion_service]]\ndir = "hs"\nports = ["80 127.0.0.1:{port}"]\n')
+        with open(root / "log.txt", "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "onionp2p", "client", "--config",
+                                          str(root / "client.toml"), "--tor-dirauth-file", str(dirauth)],
+                                         stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return (self.dir / "log.txt").read_text(errors="replace")
+
+    def socks_port(self) -> int:
+        _poll(lambda: self.proc.poll() is None and "SOCKS5 proxy ready" in self.log(), timeout=120,
+                 what="our client's SOCKS port")
+        return int(re.search(r"SOCKS5 proxy ready at 127\.0\.0\.1:(\d+)", self.log()).group(1))
+
+    def address(self) -> str:
+        _poll(lambda: (self.dir / "hs" / "hostname").exists(), timeout=120, what="the service's hostname")
+        return (self.dir / "hs" / "hostname").read_text().strip()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def onion_ends(tor_relay_net):
+    """Our client (hosting a service) and a tor process (a SOCKS client hosting a service with
+    HiddenServiceDir), both excluding every tor relay (tor: ExcludeNodes, StrictNodes 0, so
+    that it still reads the directory from the authorities). Every HSDir is ours (the
+    authorities vote HSDir for onionX and onionA only)."""
+    net, ours, port, *_ = tor_relay_net
+    relays = (*ours, *net.more_relays)
+    _, flags = net.consensus_flags(net.authorities[0])
+    theirs = sorted(set(flags) - {r.fingerprint for r in relays})
+    assert len(theirs) == len(net.authorities) + len(net.relays)
+    assert {fp for fp, f in flags.items() if "HSDir" in f} == {r.fingerprint for r in ours}
+    root = Path(net.directory).parent
+    ourclient = _OurClient(root / "ourclient", root / "net" / tornet.DIRAUTH_FILE, port, theirs)
+    hs_dir = root / "tor_hs"
+    tor = net.add_client("hs_tor", [f"ExcludeNodes {','.join('$' + fp for fp in theirs)}", "StrictNodes 0",
+                                     f"HiddenServiceDir {hs_dir}", f"HiddenServicePort 80 127.0.0.1:{port}"],
+                         wait=False)
+    try:
+        yield relays, ourclient, tor, hs_dir
+    finally:
+        ourclient.stop()
+
+
+def _hs_delta(relays, before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    return {r.name: {k: v - before[r.name][k] for k, v in r.hs().items()} for r in relays}
+
+
+def _assert_intro_and_rendezvous_ours(delta: dict[str, dict[str, int]]) -> None:
+    """INTRODUCE1 relayed at one of ours; RENDEZVOUS1 at one of ours, which spliced the 5 MB
+    (read from the service's circuit, written to the client's: twice the bytes)."""
+    assert sum(d["intro1"] for d in delta.values()) >= 1, delta
+    rps = [name for name, d in delta.items() if d["rend1"] >= 1]
+    assert rps and any(delta[n]["bytes"] >= 2 * MB5 for n in rps), delta
+
+
+def test_tor_client_reaches_an_onionp2p_service_through_our_hsdir_intro_and_rendezvous(
+        tor_relay_net, onion_ends, tmp_path):
+    """Issue 15: a Debian tor client fetches 5 MB from a service our client hosts, where the
+    HSDirs, introduction points and rendezvous point are onionp2p relays (tor's relays are
+    excluded on both ends)."""
+    net, ours, _port, curl, *_ = tor_relay_net
+    relays, ourclient, tor, _ = onion_ends
+    address = ourclient.address()
+    # the descriptor is on both HSDirs (a tor client asks each HSDir once per 15 minutes)
+    _poll(lambda: all(r.hs()["store"] >= 1 for r in ours), timeout=180, what="the descriptor on our HSDirs")
+    assert sum(r.hs()["est_intro"] for r in relays) >= 1  # our service's introduction points are ours
+    net.wait_bootstrapped(tor)
+    before = {r.name: r.hs() for r in relays}
+    out = tmp_path / "body"
+    res = subprocess.run([curl, "-sS", "--max-time", "240", "--retry", "3", "--retry-all-errors",
+                          "--socks5-hostname", f"127.0.0.1:{tor.or_port}", f"http://{address}/blob",
+                          "-o", str(out)],
+                         capture_output=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-500:]
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(_Blob.data).digest()
+    delta = _hs_delta(relays, before)
+    assert sum(delta[r.name]["fetch"] for r in ours) >= 1, delta  # the descriptor was served by ours
+    _assert_intro_and_rendezvous_ours(delta)
+
+
+def test_our_client_reaches_a_tor_service_through_our_hsdir_intro_and_rendezvous(tor_relay_net, onion_ends):
+    """The other direction: a tor process hosts the service (HiddenServiceDir; its
+    ExcludeNodes make its introduction points ours), our client fetches 5 MB through its
+    SOCKS port with its rendezvous point, HSDir fetch and every hop among our relays."""
+    _net, ours, _port, curl, *_ = tor_relay_net
+    relays, ourclient, _tor, hs_dir = onion_ends
+    socks = ourclient.socks_port()
+    _poll(lambda: (hs_dir / "hostname").exists(), timeout=120, what="tor's onion service hostname")
+    address = (hs_dir / "hostname").read_text().strip()
+    before = {r.name: r.hs() for r in relays}
+    deadline = time.monotonic() + 240
+    while True:  # until tor has published its descriptor
+        res = subprocess.run([curl, "-sS", "--max-time", "120", "-x", f"socks5h://127.0.0.1:{socks}",
+                              f"http://{address}/blob"], capture_output=True, timeout=150, check=False)
+        if res.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert res.returncode == 0, res.stderr[-500:]
+    assert hashlib.sha256(res.stdout).digest() == hashlib.sha256(_Blob.data).digest()
+    delta = _hs_delta(relays, before)
+    assert sum(delta[r.name]["fetch"] for r in ours) >= 1, delta
+    _assert_intro_and_rendezvous_ours(delta)
+    # tor took our HSDirs' answers to its uploads without complaint (a 413, or a short body
+    # that tor calls "confusing binary junk")
+    text = _tor.log.read_text(errors="replace")
+    assert "Uploading hidden service descriptor" not in text and "confusing binary junk" not in text, \
+        [ln for ln in text.splitlines() if "[warn]" in ln][-10:]

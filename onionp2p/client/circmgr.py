@@ -278,6 +278,10 @@ class CircuitManager:
         self.build_timeout = float(cfg.circuit_build_timeout)
         self.max_build_attempts = cfg.max_build_attempts
         self.enforce_distinct_subnets = cfg.enforce_distinct_subnets
+        #: tor's ExcludeNodes and StrictNodes (the guard set filters its guards with the same set)
+        self.exclude_nodes = cfg.exclude_nodes
+        self.strict_nodes = cfg.strict_nodes
+        self.guards.core.exclude_nodes = cfg.exclude_nodes
         self.stream_timeout = float(cfg.stream_timeout)
         self.max_stream_attempts = cfg.max_stream_attempts
         self.max_circuits_per_isolation = cfg.max_circuits_per_isolation
@@ -461,7 +465,8 @@ class CircuitManager:
         def pick(routers: list[RouterStatus], guard: RouterStatus, exclude: set[str]) -> list[RouterStatus]:
             return choose_internal_path(routers, last=last, purpose=purpose, guard=guard, rng=self.rng,
                                         exclude=exclude, bw_weights=self.guards.bw_weights(),
-                                        enforce_distinct_subnets=self.enforce_distinct_subnets)
+                                        enforce_distinct_subnets=self.enforce_distinct_subnets,
+                                        exclude_nodes=self.exclude_nodes, strict_nodes=self.strict_nodes)
 
         error: CircuitError | None = None
         for _ in range(self.max_build_attempts):
@@ -653,6 +658,7 @@ class CircuitManager:
                       exclude: set[str]) -> list[RouterStatus]:
             return choose_path(routers, port=port, guard=guard, rng=self.rng, exclude=exclude,
                                enforce_distinct_subnets=self.enforce_distinct_subnets,
+                               exclude_nodes=self.exclude_nodes,
                                bw_weights=self.guards.bw_weights())  # the consensus's weights
         pick = pick or exit_path
         routers = list(self.routers())

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from onionp2p.client.pathbias import GuardPathBias
-from onionp2p.client.pathsel import NoPathError, RandomSource, can_be_guard, weighted_choice
+from onionp2p.client.pathsel import NodeSet, NoPathError, RandomSource, can_be_guard, weighted_choice
 from onionp2p.defaults import GUARD_PARAM_RANGES, GUARD_RETRY_DIVISOR, GUARD_RETRY_DIVISOR_RANGE
 from onionp2p.listeners import Listeners
 from onionp2p.log import get_logger
@@ -274,6 +274,8 @@ class GuardSelection:
                 self.entries.append(e)
         for i, e in enumerate(self.entries):
             e.sampled_idx = i
+        #: tor's ExcludeNodes: sampled guards it names are not filtered (never used)
+        self.exclude_nodes = NodeSet()
         self.primary: list[GuardEntry] = []
         self.last_time_on_internet: float | None = None
         self.circuits: list[GuardCircuit] = []
@@ -359,11 +361,12 @@ class GuardSelection:
         return ""
 
     def _filter(self, by_fp: Mapping[str, RouterStatus]) -> None:
-        """FILTERED_GUARDS: listed, Running and not disabled for path bias (tor's
-        ``entry_guard_passes_filter``; we have no ExcludeNodes/EntryNodes/bridges)."""
+        """FILTERED_GUARDS: listed, Running, not in ExcludeNodes and not disabled for path
+        bias (tor's ``entry_guard_passes_filter``; we have no EntryNodes/bridges)."""
         for e in self.entries:
             rs = by_fp.get(e.fingerprint)
-            e.filtered = e.listed and rs is not None and "Running" in rs.flags and not e.pb.disabled
+            e.filtered = (e.listed and rs is not None and "Running" in rs.flags and not e.pb.disabled
+                          and not self.exclude_nodes.contains(rs))
 
     def _expand(self, routers: Sequence[RouterStatus], now: float,
                 bw_weights: Mapping[str, int] | None) -> None:
@@ -385,7 +388,7 @@ class GuardSelection:
             idx = max((e.sampled_idx for e in self.entries), default=-1) + 1
             e = GuardEntry(rs.fingerprint, rs.nickname, self._randomized(now, p.lifetime / 10),
                            sampled_by=self.version, sampled_idx=idx)
-            e.filtered = "Running" in rs.flags
+            e.filtered = "Running" in rs.flags and not self.exclude_nodes.contains(rs)
             self.entries.append(e)
             self.changed = True
             self._event(e, "NEW")

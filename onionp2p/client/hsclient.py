@@ -53,7 +53,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from onionp2p.client.client import ClientCircuit, OnionClient
 from onionp2p.errors import CircuitError, HsClientAuthError, HsDescriptorError, OnionError, StreamError
@@ -66,6 +66,8 @@ from onionp2p.proto.hs.desc import HsDescriptor, IntroPoint, parse_descriptor
 from onionp2p.proto.hs.ntor import expand_circuit_keys
 from onionp2p.proto.hs.ring import consensus_periods
 from onionp2p.proto.relaycell import EndReason, LinkSpec, LinkSpecType, RelayCommand
+
+T = TypeVar("T")
 
 __all__ = ["HsConnectError", "OnionServiceClient", "intro_relay"]
 
@@ -180,7 +182,8 @@ class OnionServiceClient:
                  client_keys: Callable[[bytes], Any] | None = None,
                  on_circuit: Callable[[ClientCircuit, str], None] | None = None,
                  testing_tor_network: bool = False,
-                 dirtiness: Callable[[], float] = lambda: 600.0) -> None:
+                 dirtiness: Callable[[], float] = lambda: 600.0,
+                 excluded: Callable[[RelayInfo], str] = lambda relay: "") -> None:
         if (pick_path is None) == (build is None):
             raise ValueError("give exactly one of pick_path and build")
         self.client = client
@@ -196,6 +199,9 @@ class OnionServiceClient:
         #: (24 voting intervals; hs_common.c get_time_period_length), not a day
         self.testing_tor_network = testing_tor_network
         self.dirtiness = dirtiness
+        #: tor's ExcludeNodes for relays chosen elsewhere (HSDirs of the hash ring, introduction
+        #: points): "" usable, "last" only after every other one (StrictNodes 0), "never"
+        self.excluded = excluded
         self._descs: dict[bytes, _CachedDesc] = {}
         self._rends: dict[tuple[bytes, Hashable], _Rend] = {}
         #: counts for the metrics port: ``requests`` by outcome ("ok" or an HsConnectError
@@ -258,7 +264,7 @@ class OnionServiceClient:
         by_ed = {r.info.ed_id: r.info for r in self.directory().routers}
         path = "/tor/hs/3/" + base64.b64encode(plan.blinded_key).decode().rstrip("=")  # as tor sends it
         last: Exception | None = None
-        for ed in plan.hsdirs:
+        for ed in self._exclusion_order(list(plan.hsdirs), lambda ed: by_ed[ed]):
             circ = None
             try:
                 circ = await self._circuit(by_ed[ed], "HS_CLIENT_HSDIR", identity)
@@ -285,6 +291,18 @@ class OnionServiceClient:
         if isinstance(last, HsDescriptorError):
             raise HsConnectError(f"descriptor invalid: {last}", "desc_invalid")
         raise HsConnectError(f"descriptor not found on {len(plan.hsdirs)} HSDirs", "desc_not_found")
+
+    def _exclusion_order(self, items: list[T], relay: Callable[[T], RelayInfo]) -> list[T]:
+        """``items`` with those in exclude_nodes last (tor: "we'll use one anyway"), or dropped
+        with strict_nodes (tor's client_get_random_intro, hs_pick_hsdir)."""
+        def judge(item: T) -> str:
+            try:
+                return self.excluded(relay(item))
+            except OnionError:  # a malformed entry: its own attempt reports it
+                return ""
+        verdict = {id(i): judge(i) for i in items}
+        return ([i for i in items if not verdict[id(i)]]
+                + [i for i in items if verdict[id(i)] == "last"])
 
     @staticmethod
     def client_now() -> float:
@@ -417,6 +435,10 @@ class OnionServiceClient:
         when every one timed out, else intro_failed)."""
         points = list(desc.intro_points)
         random.SystemRandom().shuffle(points)
+        points = self._exclusion_order(points, intro_relay)
+        if not points:
+            raise HsConnectError("every introduction point is in exclude_nodes and strict_nodes is set",
+                                 "intro_failed")
         outcomes = []
         for ip in points:
             outcome = await self._introduce(ip, plan, cookie, rend, rp)

@@ -96,7 +96,8 @@ class OnionService:
                  client_keys: Sequence[bytes] = (), dos_defense: DosParams | None = None,
                  on_circuit: Callable[[ClientCircuit, str], None] | None = None,
                  on_desc_event: Callable[..., None] | None = None,
-                 testing_tor_network: bool = False) -> None:
+                 testing_tor_network: bool = False,
+                 excluded: Callable[[Any], bool] = lambda rs: False) -> None:
         if not ports:
             raise ConfigError("an onion service needs at least one port")
         if (pick_path is None) == (build is None):
@@ -116,6 +117,8 @@ class OnionService:
         #: ``fn(action, address, hsdir, descriptor_id, reason)``: UPLOAD, UPLOADED, FAILED
         self.on_desc_event = on_desc_event or (lambda *a: None)
         self.testing_tor_network = testing_tor_network
+        #: tor's ExcludeNodes: ``excluded(router_status)`` relays are never introduction points
+        self.excluded = excluded
         #: what happened, for metrics: rendezvous {success, failed}, streams {accepted, refused},
         #: uploads {success, failed}; INTRODUCE2 outcomes are in ``core.counts``
         self.counts: dict[str, dict[str, int]] = {"rendezvous": {}, "streams": {}, "uploads": {}}
@@ -304,10 +307,11 @@ class OnionService:
 
     def _choose_intro_relay(self) -> RelayInfo | None:
         """A relay for a new introduction point: one that speaks HSIntro=4 (Ed25519 auth
-        keys), Stable when some are (tor: CRN_NEED_UPTIME), not one of ours already."""
+        keys), Stable when some are (tor: CRN_NEED_UPTIME), not one of ours already, not in
+        exclude_nodes (tor's pick_intro_point)."""
         used = self.core.used_relays()
         routers = [r for r in self._view().routers
-                   if "Running" in r.flags and r.info.rsa_id not in used
+                   if "Running" in r.flags and r.info.rsa_id not in used and not self.excluded(r)
                    and (not r.info.protocols or r.info.supports("HSIntro", 4))]
         stable = [r for r in routers if "Stable" in r.flags]
         pool = stable or routers

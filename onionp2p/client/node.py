@@ -61,6 +61,7 @@ from onionp2p.client.client import ClientCircuit, OnionClient
 from onionp2p.client.guards import GuardSet
 from onionp2p.client.hsclient import MAX_DESC_SIZE, STEP_TIMEOUT, OnionServiceClient
 from onionp2p.client.hskeys import ClientOnionAuth
+from onionp2p.client.pathsel import as_router_status
 from onionp2p.config import CONTROL_PORT_DEFAULT, CONTROL_PORT_PREFERRED, ClientConfig
 from onionp2p.errors import (
     CircuitError,
@@ -82,7 +83,8 @@ __all__ = ["ClientNode", "StreamRecord", "RELOADABLE_KEYS"]
 #: ClientConfig keys a reload applies to the running client (README "Configuration")
 RELOADABLE_KEYS = (
     *LIVE_LOG_KEYS, "preemptive_circuits", "preemptive_ports", "max_circuit_dirtiness",
-    "circuit_build_timeout", "learn_circuit_build_timeout", "max_build_attempts", "enforce_distinct_subnets", "stream_timeout",
+    "circuit_build_timeout", "learn_circuit_build_timeout", "max_build_attempts", "enforce_distinct_subnets",
+    "exclude_nodes", "strict_nodes", "stream_timeout",
     "max_stream_attempts", "max_circuits_per_isolation", "socks_handshake_timeout", "socks_max_connections",
     "client_reject_internal_addresses", "client_onion_auth_dir", "onion_service",
 )
@@ -175,7 +177,7 @@ class ClientNode:
         self.hs = OnionServiceClient(self.client, directory=self.hs_directory, build=self._hs_circuit,
                                      http_get=_hs_http_get, client_keys=self.onion_auth.get,
                                      testing_tor_network=self.hs_one_run_periods,
-                                     dirtiness=lambda: self.circmgr.dirtiness)
+                                     dirtiness=lambda: self.circmgr.dirtiness, excluded=self._hs_excluded)
         self.streams: dict[int, StreamRecord] = {}
         #: tor's bootstrap phases; ``bootstrap`` is its (percent, tag, summary)
         self.bootstrap_progress = Bootstrap("onionp2p.node")
@@ -248,6 +250,13 @@ class ClientNode:
     async def _hs_circuit(self, last: RelayInfo | None, purpose: str, onion: str | None) -> ClientCircuit:
         """An onion-service circuit for the onion-service client (its ``build``)."""
         return await self.circmgr.build_internal(last, purpose, onion=onion, timeout=STEP_TIMEOUT)
+
+    def _hs_excluded(self, relay: RelayInfo) -> str:
+        """exclude_nodes for an HSDir or introduction point someone else chose (the
+        onion-service client's ``excluded``): "" not excluded, "last" or with strict_nodes "never"."""
+        if not self.circmgr.exclude_nodes.contains(as_router_status(relay, self.routers())):
+            return ""
+        return "never" if self.circmgr.strict_nodes else "last"
 
     def _directory_guards(self, routers: Sequence[RouterStatus]) -> list[RouterStatus]:
         """The relays our directory refreshes may use: guard-spec's directory guards (the
@@ -584,7 +593,8 @@ class ClientNode:
             max_streams_close_circuit=max_streams_close_circuit, allow_unknown_ports=allow_unknown_ports,
             client_keys=clients, dos_defense=DosParams(*intro_dos) if intro_dos else None,
             on_desc_event=lambda *ev: self.hs_desc_events(*ev),
-            testing_tor_network=self.hs_one_run_periods)
+            testing_tor_network=self.hs_one_run_periods,
+            excluded=lambda rs: self.circmgr.exclude_nodes.contains(rs))
         if svc.address in self.onion_services:
             raise LocalProtocolError(f"onion service {svc.address} is already hosted here")
         self.onion_services[svc.address] = svc

@@ -14,7 +14,9 @@ then the guard (the caller usually passes the one its :class:`~onionp2p.client.g
 picked), then the middle.
 
 Eligibility
-  * every hop: flags ``Running`` and ``Valid``, not in ``exclude``;
+  * every hop: flags ``Running`` and ``Valid``, not in ``exclude`` nor in the client's
+    ``exclude_nodes`` (tor's ExcludeNodes, a :class:`NodeSet`; the guard comes already
+    filtered from the guard set);
   * exit: not ``BadExit`` and its policy summary (the microdescriptor ``p`` line kept in
     ``RelayInfo.exit_policy``) accepts the port; with ``port=None`` ("any exit") the
     summary must accept at least one port. Like C tor's
@@ -76,9 +78,11 @@ from onionp2p.errors import CircuitError, ProtocolError
 from onionp2p.proto.bwweights import WEIGHT_SCALE, weight_class
 from onionp2p.proto.directory import RelayInfo, RouterStatus
 from onionp2p.proto.exitpolicy import ExitPolicy, PortSummary
+from onionp2p.proto.routerset import NodeSet
 
 __all__ = [
     "NoPathError",
+    "NodeSet",
     "RandomSource",
     "POSITIONS",
     "WEIGHT_RULES",
@@ -126,6 +130,7 @@ class RandomSource(Protocol):
 
 
 # -- eligibility ---------------------------------------------------------------------------
+
 
 
 def _fp(s: str) -> str:
@@ -271,6 +276,22 @@ def weighted_order(candidates: Sequence[RouterStatus], position: str, rng: Rando
 # -- paths ----------------------------------------------------------------------------------------
 
 
+def _usable(routers: Iterable[RouterStatus], exclude: Collection[str],
+            exclude_nodes: NodeSet | None) -> list[RouterStatus]:
+    """Running, Valid, once each, in neither ``exclude`` (fingerprints) nor ``exclude_nodes``."""
+    excluded = {_fp(f) for f in exclude}
+    seen: set[str] = set()
+    usable: list[RouterStatus] = []
+    for rs in routers:
+        if rs.fingerprint in seen or rs.fingerprint in excluded or not is_usable(rs):
+            continue
+        if exclude_nodes and exclude_nodes.contains(rs):
+            continue
+        seen.add(rs.fingerprint)
+        usable.append(rs)
+    return usable
+
+
 def choose_path(
     routers: Iterable[RouterStatus],
     *,
@@ -280,21 +301,16 @@ def choose_path(
     enforce_distinct_subnets: bool,
     exclude: Collection[str] = frozenset(),
     bw_weights: Mapping[str, int] | None = None,
+    exclude_nodes: NodeSet | None = None,
 ) -> list[RouterStatus]:
     """Choose ``[guard, middle, exit]`` for a circuit whose streams go to ``port``.
 
     ``guard`` fixes the first hop (it is used as given; the exit and middle are chosen
     compatible with it). ``exclude`` holds fingerprints (hex, any case, optional ``$``)
-    never to use in the other positions. Raises :class:`NoPathError`.
+    never to use in the other positions; ``exclude_nodes`` (tor's ExcludeNodes) too.
+    Raises :class:`NoPathError`.
     """
-    excluded = {_fp(f) for f in exclude}
-    seen: set[str] = set()
-    usable: list[RouterStatus] = []
-    for rs in routers:
-        if rs.fingerprint in seen or rs.fingerprint in excluded or not is_usable(rs):
-            continue
-        seen.add(rs.fingerprint)
-        usable.append(rs)
+    usable = _usable(routers, exclude, exclude_nodes)
 
     def ok(rs: RouterStatus, *others: RouterStatus) -> bool:
         return all(compatible(rs, o, enforce_distinct_subnets=enforce_distinct_subnets) for o in others)
@@ -364,20 +380,17 @@ def choose_internal_path(
     enforce_distinct_subnets: bool,
     exclude: Collection[str] = frozenset(),
     bw_weights: Mapping[str, int] | None = None,
+    exclude_nodes: NodeSet | None = None,
+    strict_nodes: bool = False,
 ) -> list[RouterStatus]:
     """Choose ``[guard, middle(s), last]`` for an onion-service circuit of ``purpose`` (see
     the module docstring). ``last`` None: a rendezvous point is chosen. ``guard`` fixes the
-    first hop; ``exclude`` applies to the chosen positions (never to a given ``last``).
-    Raises :class:`NoPathError`."""
+    first hop; ``exclude`` and ``exclude_nodes`` (tor's ExcludeNodes) apply to the chosen
+    positions. A given ``last`` in ``exclude_nodes`` (an introduction point from a descriptor,
+    a rendezvous point a client named) is used anyway, as tor does with StrictNodes 0, unless
+    ``strict_nodes``. Raises :class:`NoPathError`."""
     routers = list(routers)
-    excluded = {_fp(f) for f in exclude}
-    seen: set[str] = set()
-    usable: list[RouterStatus] = []
-    for rs in routers:
-        if rs.fingerprint in seen or rs.fingerprint in excluded or not is_usable(rs):
-            continue
-        seen.add(rs.fingerprint)
-        usable.append(rs)
+    usable = _usable(routers, exclude, exclude_nodes)
     n_middles = internal_path_length(purpose, last is not None) - 2
 
     def ok(rs: RouterStatus, *others: RouterStatus) -> bool:
@@ -386,6 +399,9 @@ def choose_internal_path(
     fixed = (guard,) if guard is not None else ()
     if last is not None:
         end = as_router_status(last, routers)
+        if strict_nodes and exclude_nodes is not None and exclude_nodes.contains(end):
+            raise NoPathError(f"{end.nickname} ({end.fingerprint}) is in exclude_nodes "
+                              "and strict_nodes is set")
         if guard is not None and not ok(end, guard):
             raise NoPathError(f"guard {guard.nickname} cannot be on a path to {end.nickname} "
                               "(the same relay, family or /16)")

@@ -115,6 +115,12 @@ class ClientControlAdapter(ControlAdapterBase):
                                          (_bool, "learn_build_timeout")),
             "EnforceDistinctSubnets": ("Boolean", lambda: [str(int(self.node.circmgr.enforce_distinct_subnets))],
                                        (_bool, "enforce_distinct_subnets")),
+            # exclude_nodes / strict_nodes (SETCONF of ExcludeNodes would need the guard set refiltered:
+            # change the config and reload instead)
+            "ExcludeNodes": ("RouterList", lambda: [",".join(self.node.circmgr.exclude_nodes.items)]
+                             if self.node.circmgr.exclude_nodes else [], None),
+            "StrictNodes": ("Boolean", lambda: [str(int(self.node.circmgr.strict_nodes))],
+                            (_bool, "strict_nodes")),
             "SafeLogging": ("String", lambda: ["1" if self.node.cfg.safe_logging else "0"], None),
             "CookieAuthentication": ("Boolean", lambda: ["1"], None),
             "HashedControlPassword": ("LineList", lambda: [], None),

@@ -52,7 +52,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from onionp2p import __version__
-from onionp2p.dir.client import atomic_write
+from onionp2p.dir.client import HS_DESC_MAX_BODY, atomic_write
 from onionp2p.dir.selftest import ReachabilityTest
 from onionp2p.dir.server import DirRequestError, DirServer, HttpRequest, HttpResponse, fetch
 from onionp2p.dir.tordir import TorDirAuthority, TorNetwork, parse_dirauth_line
@@ -104,7 +104,8 @@ class TorRelayDirectory:
         self.now = now
         self.network = TorNetwork(dirauth_lines, cache=True, timeout=timeout, name="relay")
         self.relay = None
-        self.server = DirServer(self._handle, "127.0.0.1", 0, max_body=0, name="tor dir cache",
+        # POSTs are onion-service descriptors for the relay's HSDir role (tor's 50000 bytes at most)
+        self.server = DirServer(self._handle, "127.0.0.1", 0, max_body=HS_DESC_MAX_BODY, name="tor dir cache",
                                 kind="directory cache port") if dir_cache else None
         self.descriptor: str | None = None
         self.extra_info: str | None = None
@@ -317,6 +318,11 @@ class TorRelayDirectory:
 
     # -- directory cache (BEGIN_DIR) ---------------------------------------------------------
     async def _handle(self, req: HttpRequest) -> HttpResponse:
+        hsdir = getattr(self.relay, "hsdir", None)  # the relay's HSDir role, as in our own network
+        if hsdir is not None and req.path.startswith("/tor/hs/"):
+            answer = hsdir.http(req.method, req.path, req.body, self.params())
+            if answer is not None:
+                return HttpResponse(answer[0], answer[1])
         if req.method != "GET" or not req.path.startswith("/tor/"):
             return HttpResponse(404, b"not found\n")
         # a ".z" path asks for a deflated body; we answer uncompressed (and say nothing,

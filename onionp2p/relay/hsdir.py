@@ -25,8 +25,8 @@ parameter, default 50000).
 A stored descriptor is replaced only by one with a higher revision counter (an equal or
 lower one is refused, 400); it expires ``descriptor-lifetime`` after it was stored. The
 cache holds at most ``max_bytes`` of descriptors; past that, the oldest-stored go first
-(tor's hs_cache OOM handler). Answers are tor's: 200 "Service descriptor (v3) stored",
-400 "Invalid v3 service descriptor rejected", 404 "Not found".
+(tor's hs_cache OOM handler). Answers are tor's statuses: 200 (stored) and 400 (rejected)
+without a body (tor puts "Service descriptor (v3) stored" in the status line only), 404 "Not found".
 
 The outer-layer rules are those of the full descriptor parser
 (``onionp2p.proto.hs.desc.parse_outer``, which clients use too); an HSDir never opens the
@@ -182,10 +182,12 @@ class HsDirCache:
             except ProtocolError as exc:
                 self.counts["store_rejected"] += 1
                 self._log.info("onion-service descriptor rejected", why=str(exc))
-                return 400, b"Invalid v3 service descriptor rejected\n"
+                return 400, b""
             self.counts["store"] += 1
             self._log.debug("onion-service descriptor stored", revision=desc.revision)
-            return 200, b"Service descriptor (v3) stored\n"
+            # no body, as tor's write_short_http_response: a tor uploader reads a body under 32
+            # bytes as "confusing binary junk" and warns
+            return 200, b""
         if method == "GET" and path.startswith(FETCH_PREFIX) and path != PUBLISH_PATH:
             query = path[len(FETCH_PREFIX) :]
             try:
