@@ -467,7 +467,10 @@ class OnionNet(Network):
         cc = ("Vegas + XON/XOFF (client `congestion_control = true`)" if self.congestion_control
               else "fixed SENDME windows, 1000 cells per circuit / 500 per stream "
                    "(client `congestion_control = false`)")
-        crypto = ("CGO on every hop that offers it (client `cgo = true`)"
+        from onionp2p.proto.cgo import CGO_BACKEND  # the testnet runs this venv with this environment
+
+        backend = CGO_BACKEND.split(" ")[0]  # "native" (compiled) or "python"
+        crypto = (f"CGO on every hop that offers it (client `cgo = true`; {backend} CGO backend)"
                   if self.cgo and self.congestion_control else "tor1 on every hop")
         return f"{cc}; relay crypto {crypto}; no conflux (not implemented)"
 
