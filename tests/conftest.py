@@ -137,6 +137,19 @@ def require_tool(name: str, package: str) -> str:
     return path
 
 
+def require_tor():
+    """tools/tornet.py's module (:func:`load_tornet`) once tor and tor-gencert are there; the
+    test is skipped without them, except under CI=true, where it fails (tools/test installs
+    Debian's 'tor')."""
+    tornet = load_tornet()
+    if not tornet.tor_available():
+        why = "needs the 'tor' and 'tor-gencert' programs (Debian package 'tor'; tools/test installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    return tornet
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
     with socket.socket() as s:

@@ -398,13 +398,8 @@ def test_tor_hsdirs_store_and_a_tor_client_decodes_our_descriptors(tmp_path):
 
     import stem
     import stem.control
-    from conftest import free_port, load_tornet
-    tornet = load_tornet()
-    if not tornet.tor_available():
-        why = "needs the 'tor' and 'tor-gencert' programs (Debian package 'tor'; tools/test installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
+    from conftest import free_port, require_tor
+    tornet = require_tor()
     net = tornet.TorNet(tmp_path / "net", extra_authority_options=["TestingDirAuthVoteHSDir *"])
     net.start(n_relays=5, n_exits=1, timeout=240)
     client_dir = tmp_path / "client"

@@ -18,14 +18,13 @@ import logging
 import os
 import random
 import re
-import shutil
 import signal
 import sys
 import threading
 import time
 
 import pytest
-from conftest import HttpServer, blob, http_get, load_tornet, require_tool, sha256, wait_for
+from conftest import HttpServer, blob, http_get, load_tornet, require_tool, require_tor, sha256, wait_for
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from onionp2p.client.client import OnionClient
@@ -47,11 +46,7 @@ MB5 = 5_000_000
 
 @pytest.fixture(scope="module")
 def tor_network(tmp_path_factory):
-    if not tornet.tor_available():
-        why = "needs the 'tor' and 'tor-gencert' programs (Debian package 'tor'; tools/test installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
+    require_tor()
     net = tornet.TorNet(tmp_path_factory.mktemp("tornet-hs"))
     net.start(n_relays=5, n_exits=1, timeout=150)
     try:
@@ -241,10 +236,7 @@ async def socks_client(tor_network, tmp_path):
     """`onionp2p client --tor-dirauth-file` (a real process) with ExtendedErrors, the private tor
     network's time periods and an (empty) client_onion_auth_dir; yields (process, SOCKS port,
     control port, cookie, auth dir)."""
-    if not shutil.which("curl"):
-        if os.environ.get("CI") == "true":
-            pytest.fail("curl not installed (tools/test installs it)")
-        pytest.skip("curl not installed")
+    require_tool("curl", "curl")
     dirauth = tmp_path / "dirauth.txt"
     dirauth.write_text("\n".join(tor_network.dirauth_lines()) + "\n")
     auth = tmp_path / "auth"

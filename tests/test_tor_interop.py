@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import blob, chi_square, http_get, load_tornet, sha256, wait_for
+from conftest import blob, chi_square, http_get, load_tornet, require_tor, sha256, wait_for
 
 from onionp2p.client.client import OnionClient
 from onionp2p.client.guards import GuardSet
@@ -43,8 +43,6 @@ tornet = load_tornet()
 pytestmark = [
     pytest.mark.tor,
     pytest.mark.slow,
-    pytest.mark.skipif(not tornet.tor_available(),
-                       reason="needs the 'tor' and 'tor-gencert' programs (Debian package 'tor')"),
 ]
 
 MB5 = 5_000_000
@@ -70,6 +68,7 @@ _FOLLOW_UP = "connection_edge_process_relay_cell (away from origin) failed."
 
 @pytest.fixture(scope="module")
 def tor_network(tmp_path_factory):
+    require_tor()  # every test here uses this fixture: skips without tor, fails under CI=true
     net = tornet.TorNet(tmp_path_factory.mktemp("tornet"), extra_authority_options=[
         # Pad idle client channels after 0.2-0.5 s instead of 1.5-9.5 s (padding-spec 2.6); our
         # client reads these from the consensus too.

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import re
 import signal
 import subprocess
@@ -36,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import blob, free_port, load_tornet, require_tool, start_relay_process, wait_for
+from conftest import blob, free_port, load_tornet, require_tool, require_tor, start_relay_process, wait_for
 
 from onionp2p.dir.tordir import TorNetwork
 from onionp2p.proto.tordesc import parse_server_descriptor
@@ -150,11 +149,7 @@ class OnionRelay:
 
 @pytest.fixture(scope="module")
 def tor_relay_net(tmp_path_factory):
-    if not tornet.tor_available():
-        why = "needs the 'tor' and 'tor-gencert' programs (Debian package 'tor')"
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
+    require_tor()
     curl = require_tool("curl", "curl")
     root = tmp_path_factory.mktemp("torrelay")
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Blob)
