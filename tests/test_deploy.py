@@ -123,16 +123,20 @@ def test_relay_log_file_reopens_on_sighup_and_sigusr1_and_warns_of_directory_fai
         fetch = until(lambda: events(log, "consensus refresh failed"), "fetch failure", proc=proc)
         assert upload[0]["level"] == "warning" and fetch[0]["level"] == "warning"
 
+        rotated = {}
         for n, sig, line in ((1, signal.SIGHUP, "received SIGHUP"), (2, signal.SIGUSR1, "relay status")):
-            rotated = tmp_path / f"relay.log.{n}"
-            log.rename(rotated)  # what logrotate does, then it signals the process
-            before = rotated.read_text()
+            path = tmp_path / f"relay.log.{n}"
+            log.rename(path)  # what logrotate does, then it signals the process
             proc.send_signal(sig)
             until(lambda: events(log, line), f"{line!r} in a new relay.log after {sig.name}", proc=proc)
-            time.sleep(0.5)
-            assert rotated.read_text() == before  # nothing more went to the renamed file
+            # lines logged between the rename and the signal rightly land in the renamed file;
+            # from the reopen on, nothing more may
+            rotated[path] = path.read_text()
             assert os.stat(log).st_mode & 0o077 == 0  # created 0600 like the old one
-        assert events(log, "relay status")
+        proc.send_signal(signal.SIGUSR1)  # one more line, after both reopens
+        until(lambda: len(events(log, "relay status")) == 2, "a second 'relay status' in relay.log", proc=proc)
+        for path, text in rotated.items():
+            assert path.read_text() == text, f"{path.name} was written to after the reopen"
     finally:
         assert stop(proc) == 0
     assert proc.stderr.read() == ""  # with log_file, nothing goes to stderr
