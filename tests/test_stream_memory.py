@@ -16,6 +16,7 @@ import socket
 import struct
 
 from onionp2p.client.leanstreams import LeanStreamReaderProtocol, start_server
+from onionp2p.client.splice import _Side
 
 
 class _Hold(asyncio.Protocol):
@@ -62,19 +63,34 @@ async def test_idle_streams_hold_no_deques(client_node):
         deques0 = _count(collections.deque)
         plain0 = _count(asyncio.StreamReaderProtocol)
         lean0 = _count(LeanStreamReaderProtocol)
+        sides0 = _count(_Side)
+        tasks0 = len(asyncio.all_tasks())
         for _ in range(n):
             socks.append(await _socks_open(client_node.socks_port, dport))
         await asyncio.sleep(0.3)
         gc.collect()
-        # both protocols of each stream (SOCKS side and circuit side) are the lean kind...
+        # one task per stream (its SOCKS connection's handler, waiting for the splice to
+        # end): no pump tasks copying through reader buffers
+        assert len(asyncio.all_tasks()) - tasks0 == n
+        # both transports of each stream (SOCKS side and circuit side) are spliced: a _Side
+        # protocol on each; the lean protocols they replaced are kept (they still hear of the
+        # connection's loss) and were never paused: no deque
+        assert _count(_Side) - sides0 == 2 * n
         assert _count(LeanStreamReaderProtocol) - lean0 == 2 * n
         assert _count(asyncio.StreamReaderProtocol) == plain0
         transports = [t for c in client_node.client.circuits.values() for t in c._transports.values()]
         assert len(transports) == n + 1
         for t in transports:
-            assert type(t.protocol) is LeanStreamReaderProtocol
-            assert t.protocol._lean_waiters is None  # never paused: no deque
+            assert type(t.protocol) is _Side
+            assert type(t.protocol.original) is LeanStreamReaderProtocol
+            assert t.protocol.original._lean_waiters is None  # never paused: no deque
+            assert t._reader_buffer is None  # the core counts no reader room for a splice
             stream = t.circuit.core.streams[t.stream_id]
+            # the SOCKS socket holds what the reader held before it pauses: under congestion
+            # control tor's cc_xoff_client (500 cells), so XOFF comes where tor sends it
+            assert stream.layer.cc is not None
+            xoff = stream.layer.cc.p.xoff_bytes(exit_side=False)
+            assert t.protocol.peer.get_write_buffer_limits() == (xoff // 2, xoff)
             assert stream.package._digests is None  # a stream window never remembers digests
         # ...and no stream made a deque (asyncio's own transports may, on newer Pythons: < 1 each)
         assert _count(collections.deque) - deques0 < n

@@ -174,6 +174,20 @@ class StreamTransport(asyncio.Transport):
     def is_reading(self) -> bool:
         return not self._reading_paused
 
+    def get_protocol(self) -> asyncio.BaseProtocol | None:
+        return self.protocol
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        """Hand the stream to another protocol (:func:`onionp2p.client.splice.splice`). Only
+        a ``StreamReader`` has a buffer whose room the core counts; any other protocol says
+        when it is full with ``pause_reading``."""
+        self.protocol = protocol
+        if not isinstance(protocol, asyncio.StreamReaderProtocol):
+            self._reader_buffer = None
+            stream = self.circuit.core.streams.get(self.stream_id)
+            if stream is not None:
+                stream.sink_room = None
+
     def get_write_buffer_size(self) -> int:
         stream = self.circuit.core.streams.get(self.stream_id)
         return stream.buffered if stream is not None else 0
@@ -182,8 +196,11 @@ class StreamTransport(asyncio.Transport):
         pass
 
     def get_extra_info(self, name, default=None):
-        return {"peername": (self._host, self._port), "circuit": self.circuit,
-                "stream_id": self.stream_id}.get(name, default)
+        """Also ``"sink_high_water"``: how many bytes the stream's sink may hold before it
+        pauses (twice the reader's limit; under congestion control tor's ``cc_xoff_client``
+        cells), which :func:`~onionp2p.client.splice.splice` gives the application's socket."""
+        return {"peername": (self._host, self._port), "circuit": self.circuit, "stream_id": self.stream_id,
+                "sink_high_water": 2 * self._reader_limit}.get(name, default)
 
 
 class ClientCircuit:
@@ -298,7 +315,8 @@ class ClientCircuit:
                     early.append(a.data)
                 elif transport is not None:
                     transport._data(a.data)
-                    if not transport._reading_paused and not transport._lost:
+                    if transport._reader_buffer is not None and not transport._reading_paused \
+                            and not transport._lost:
                         # the reader took it without pausing: tell the core how much more it
                         # takes (it counted this run's bytes against the room it had)
                         self._run(self.core.stream_sink_ready(a.stream_id, True, transport._sink_room(),

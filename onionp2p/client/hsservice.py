@@ -45,6 +45,7 @@ from typing import Any
 
 from onionp2p.client.client import ClientCircuit, OnionClient
 from onionp2p.client.hsclient import CircuitBuilder
+from onionp2p.client.splice import splice
 from onionp2p.errors import ConfigError, HsIntroduceError, OnionError, StreamError
 from onionp2p.log import get_logger
 from onionp2p.proto.directory import RelayInfo
@@ -444,21 +445,12 @@ class OnionService:
             local_w.close()
             return
         self._bump("streams", "accepted")
-        await asyncio.gather(_pipe(reader, local_w), _pipe(local_r, writer))
+        try:
+            await splice((local_r, local_w), (reader, writer))
+        finally:
+            local_w.close()
 
 
 def _param(params: Any, name: str, default: int, lo: int, hi: int) -> int:
     value = params.get(name, default) if hasattr(params, "get") else default
     return value if isinstance(value, int) and lo <= value <= hi else default
-
-
-async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    """Copy until EOF or an error, then close ``dst`` (tor has no half-close on streams)."""
-    try:
-        while chunk := await src.read(65536):
-            dst.write(chunk)
-            await dst.drain()
-    except (ConnectionError, OSError, OnionError):
-        pass
-    finally:
-        dst.close()

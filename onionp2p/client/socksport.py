@@ -26,9 +26,9 @@ and the splice (:meth:`AppProxyServer.tunnel`). :class:`SocksServer` listens (12
 default), runs the parser under ``handshake_timeout`` with bounded reads, and hands each
 request to a :class:`SocksBackend` — the client node in production. CONNECT gets the success
 reply once the backend returns a stream (a ``StreamReader``/``StreamWriter`` pair),
-then two pumps copy bytes each way, awaiting ``drain()`` after every write so a slow
-reader on either side stops the other (down to the stream's SENDME windows). When one
-side reaches EOF the other is flushed and closed: tor streams have no half-close.
+then :func:`onionp2p.client.splice.splice` copies bytes each way in the transports' own
+callbacks, a full side pausing the other (down to the stream's SENDME windows or XOFF).
+When one side reaches EOF the other is flushed and closed: tor streams have no half-close.
 RESOLVE (0xF0) and RESOLVE_PTR (0xF1) are answered in BND.ADDR and the connection is
 closed. Hostnames are never resolved locally: they go to the exit inside BEGIN or
 RESOLVE (no DNS leak); a RESOLVE of an IP literal is answered at once, as tor does.
@@ -58,6 +58,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from onionp2p.client.hsclient import HsConnectError
 from onionp2p.client.leanstreams import start_server
+from onionp2p.client.splice import splice
 from onionp2p.errors import ListenError, OnionAddressError, OnionError
 from onionp2p.log import get_logger
 from onionp2p.proto.hs.address import is_onion_name, parse_onion_address
@@ -140,8 +141,8 @@ def hostname_from_resolved(resolved: Resolved) -> str:
 
 _session_groups = itertools.count(1)
 HANDSHAKE_READ = 4096      # bytes per read while handshaking (the parser bounds what it keeps)
-RELAY_CHUNK = 65536        # bytes per read while relaying
-CLOSE_FLUSH_TIMEOUT = 5.0  # how long an error reply may take to flush before we abort
+RELAY_CHUNK = 65536        # the connection's StreamReader limit (during the handshake)
+CLOSE_FLUSH_TIMEOUT = 5.0  # how long a last reply or the last data may take to flush before we abort
 REFUSED_LOG_INTERVAL = 60.0  # at most one "too many connections" warning per interval
 
 
@@ -301,48 +302,11 @@ class AppProxyServer:
         try:
             writer.write(success)
             await writer.drain()
-            if extra:
-                swriter.write(extra)
-                self.stats.bytes_up += len(extra)
-            await self._relay(reader, writer, sreader, swriter)
-        finally:
+        except BaseException:
             swriter.close()
-
-    async def _relay(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter,
-                     sreader: asyncio.StreamReader, swriter: asyncio.StreamWriter) -> None:
-        """Copy both ways until one side ends, then flush and close both (no half-close)."""
-        # the pumps resolve ``first`` when they end: what asyncio.wait(FIRST_COMPLETED) does,
-        # without its per-call set, closure and done callbacks (~1 KiB held by every idle stream)
-        first = asyncio.get_running_loop().create_future()
-        up = asyncio.ensure_future(self._pump(creader, swriter, "bytes_up", first))
-        down = asyncio.ensure_future(self._pump(sreader, cwriter, "bytes_down", first))
-        try:
-            await first
-        finally:
-            for t in (up, down):
-                t.cancel()
-            await asyncio.gather(up, down, return_exceptions=True)
-        swriter.close()
-        try:  # let what is already queued toward the client leave before we close
-            async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT):
-                await cwriter.drain()
-        except TimeoutError:
-            cwriter.transport.abort()
-
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, counter: str,
-                    done: asyncio.Future) -> None:
-        """Copy ``src`` to ``dst`` until EOF or an error; then resolve ``done`` (the first
-        pump to end does; :meth:`_relay` waits for it)."""
-        try:
-            while data := await src.read(RELAY_CHUNK):
-                dst.write(data)
-                setattr(self.stats, counter, getattr(self.stats, counter) + len(data))
-                await dst.drain()  # back-pressure: wait while the other side is full
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            if not done.done():
-                done.set_result(None)
+            raise
+        await splice((reader, writer), (sreader, swriter), first=extra, stats=self.stats, up="bytes_up",
+                     down="bytes_down", flush_timeout=CLOSE_FLUSH_TIMEOUT)
 
 
 def check_onion(host: str) -> None:
