@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -34,6 +35,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from onionp2p.errors import DigestMismatch, LocalProtocolError, ProtocolError
 from onionp2p.proto import cgo
+from onionp2p.proto.hopcrypto import MixedClientCrypto
 from onionp2p.proto.cgo import (
     CELL_RELAY,
     CELL_RELAY_EARLY,
@@ -1217,6 +1219,90 @@ def test_native_argument_errors() -> None:
         c.nonce = bytes(15)
     with pytest.raises(LocalProtocolError):  # the checked wrappers keep the module's error types
         cgo.NativeCgoCrypt(bytes(DIR_KEY_LEN), relay=True).relay_forward(CELL_RELAY, bytes(10))
+
+
+def _mixed_inbound(batched: bool, kms: list, runs: list) -> list:
+    """A client's MixedClientCrypto over CGO hops ``kms`` taking ``runs`` of backward cells
+    (``[(hop, body, tamper)]`` each) from the relays: the results, any mismatch and its
+    partial results, and every hop's state after each run. ``batched`` False forces the
+    per-layer path (one C call per layer) instead of one call per run."""
+    client = MixedClientCrypto()
+    for km in kms:
+        client.add_hop(km, "cgo")
+    assert (client._native_bwd is not None) == NATIVE
+    if not batched:
+        client._native_bwd = None
+    relays = [cgo.RelayCrypto(km) for km in kms]
+    out: list = []
+    for run in runs:
+        cells = []
+        for hop, body, tamper in run:
+            cell, _tag = relays[hop].originate_backward(body, cmd=CELL_RELAY)
+            for k in range(hop - 1, -1, -1):
+                cell = relays[k].encrypt_backward(cell, cmd=CELL_RELAY)
+            if tamper is not None:
+                cell = cell[:tamper] + bytes([cell[tamper] ^ 1]) + cell[tamper + 1:]
+            cells.append(memoryview(bytearray(cell)))
+        try:
+            out.append(("ok", client.decrypt_inbound_many(cells)))
+        except DigestMismatch as exc:
+            out.append(("mismatch", exc.partial))
+            break  # (the circuit would be closed)
+        out.append([(h.bwd.key, h.bwd.nonce, h.bwd.tprime) for h in client._hops])
+    return out
+
+
+# runs of (hop, body, tamper): a tampered byte (tag, header or payload) in about one cell of ten
+_RUNS = st.lists(st.lists(st.tuples(st.integers(0, 3), st.binary(min_size=RELAY_BODY_LEN, max_size=RELAY_BODY_LEN),
+                                    st.sampled_from([None] * 9 + [0, 15, 16, 200, RELAY_BODY_LEN - 1])),
+                          min_size=1, max_size=6), min_size=1, max_size=6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_hops=st.integers(1, 4), seed=st.binary(min_size=8, max_size=8), runs=_RUNS)
+def test_one_c_call_per_run_peels_as_the_layers_one_by_one_do(n_hops: int, seed: bytes, runs: list) -> None:
+    """The client's inbound runs of cells in one C call (all hops CGO in C) give the same
+    hop, body and tag per cell, the same hop states, and on a tampered cell the same
+    mismatch after the same cells, as one call per layer."""
+    need_native()
+    kms = [hashlib.shake_128(seed + bytes([k])).digest(160) for k in range(n_hops)]
+    runs = [[(hop % n_hops, body, tamper) for hop, body, tamper in run] for run in runs]
+    assert _mixed_inbound(True, kms, runs) == _mixed_inbound(False, kms, runs)
+
+
+def test_one_c_call_per_run_only_when_every_hop_is_cgo_in_c() -> None:
+    """A tor1 hop (or the onion-service end-to-end layer) keeps the per-layer path."""
+    need_native()
+    mixed = MixedClientCrypto()
+    mixed.add_hop(os.urandom(160), "cgo")
+    assert mixed._native_bwd is not None
+    mixed.add_hop(os.urandom(72), "tor1")
+    assert mixed._native_bwd is None
+    e2e = MixedClientCrypto()
+    for _ in range(3):
+        e2e.add_hop(os.urandom(160), "cgo")
+    e2e.add_hop(os.urandom(128), "hs")
+    assert e2e._native_bwd is None
+
+
+def test_native_client_backward_many_argument_errors() -> None:
+    mod = _native_module()
+    client = mod.Crypt(bytes(DIR_KEY_LEN), relay=False)
+    relay = mod.Crypt(bytes(DIR_KEY_LEN), relay=True)
+    body = bytes(RELAY_BODY_LEN)
+    with pytest.raises(TypeError, match="client-side"):
+        mod.client_backward_many((client, relay), [body], CELL_RELAY)
+    with pytest.raises(TypeError, match="client-side"):
+        mod.client_backward_many((client, b"not a hop"), [body], CELL_RELAY)
+    with pytest.raises(ValueError, match="no hops"):
+        mod.client_backward_many((), [body], CELL_RELAY)
+    with pytest.raises(ValueError, match="509"):
+        mod.client_backward_many((client,), [bytes(508), body], CELL_RELAY)
+    with pytest.raises(ValueError, match="0..255"):
+        mod.client_backward_many((client,), [body], 256)
+    with pytest.raises(TypeError):
+        mod.client_backward_many([client], [body], CELL_RELAY)
+    assert mod.client_backward_many((client,), [], CELL_RELAY) == []
 
 
 NATIVE_INTERPRETER = """

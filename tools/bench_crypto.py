@@ -27,10 +27,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from onionp2p.proto import cgo
 from onionp2p.proto.handshake import NtorClient, NtorV3Client, ntor_server, ntor_v3_server
+from onionp2p.proto.hopcrypto import MixedClientCrypto
 from onionp2p.proto.relaycrypto import ClientCrypto, RelayCrypto
 
 CGO_WARMUP = 100
 ROUNDS = 25
+RUN = 8  # cells per inbound run in the "run" row (what one socket read brings a busy circuit)
+RUN_ROW = f"client decrypt_inbound_many, runs of {RUN} (3 hops, from hop 2; per cell)"
 
 
 def _ns_per_call(fn: Callable[[], object], n: int, warmup: int = 1) -> float:
@@ -83,6 +86,15 @@ def main(argv: list[str]) -> int:
     rows.append(
         ("client decrypt_inbound (3 hops, from hop 2)", _ns_per_call(lambda: inbound_client.decrypt_inbound(next(it)), n))
     )
+    run_client, relays = ClientCrypto(), [RelayCrypto(k) for k in keys]
+    for k in keys:
+        run_client.add_hop(k)
+    cells = []
+    for _ in range(n + RUN):
+        cell, _ = relays[2].originate_backward(body)
+        cells.append(memoryview(relays[0].encrypt_backward(relays[1].encrypt_backward(cell))))
+    runs = iter([cells[i:i + RUN] for i in range(0, len(cells) - RUN + 1, RUN)])
+    rows.append((RUN_ROW, _ns_per_call(lambda: run_client.decrypt_inbound_many(next(runs)), n // RUN) / RUN))
 
     b = X25519PrivateKey.generate()
     onion_key = b.public_key().public_bytes_raw()
@@ -192,6 +204,18 @@ def _cgo_rows_now(n: int) -> list[tuple[str, float]]:
     it = iter(cells)
     rows.append(("client decrypt_inbound (3 hops, from hop 2)",
                  _ns_per_call(lambda: inbound_client.decrypt_inbound(next(it), cmd=relay_cmd), n, w)))
+    # what a client circuit runs (hopcrypto.MixedClientCrypto): with the native backend one C
+    # call for all layers of a run, with the pure one a Python loop over cells and hops
+    run_client, relays = MixedClientCrypto(), [cgo.RelayCrypto(k) for k in keys]
+    for k in keys:
+        run_client.add_hop(k, "cgo")
+    cells = []
+    for _ in range(n + w * RUN):
+        cell, _ = relays[2].originate_backward(body, cmd=relay_cmd)
+        cells.append(memoryview(relays[0].encrypt_backward(relays[1].encrypt_backward(cell, cmd=relay_cmd),
+                                                           cmd=relay_cmd)))
+    runs = iter([cells[i:i + RUN] for i in range(0, len(cells) - RUN + 1, RUN)])
+    rows.append((RUN_ROW, _ns_per_call(lambda: run_client.decrypt_inbound_many(next(runs)), n // RUN, w) / RUN))
     return rows
 
 

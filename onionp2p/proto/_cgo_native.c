@@ -729,10 +729,101 @@ static PyObject *mod_use_polyval(PyObject *m, PyObject *arg) {
 
 static PyObject *mod_polyval_impl(PyObject *m, PyObject *unused) { return PyUnicode_FromString(polyval_name); }
 
+/* client_backward_many(hops, bodies, cmd) -> [(hop, body, tag)]: the client's inbound cells
+ * of one circuit, each peeled hop by hop (client_backward of hops[0], hops[1], ...) until a
+ * hop recognizes it; one C call for every layer of a run of cells. hops: a tuple of client
+ * Crypt objects (the backward direction of each hop); bodies: a list of 509-byte buffers.
+ * Stops at a body that no hop recognizes, so the list is then shorter than ``bodies`` (the
+ * caller closes the circuit); the hops' states have taken that body, as with single calls. */
+static PyObject *mod_client_backward_many(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "expected (hops, bodies, cmd)");
+        return NULL;
+    }
+    PyObject *hops = args[0], *bodies = args[1];
+    if (!PyTuple_Check(hops) || !PyList_Check(bodies)) {
+        PyErr_SetString(PyExc_TypeError, "hops must be a tuple and bodies a list");
+        return NULL;
+    }
+    long cmd = PyLong_AsLong(args[2]);
+    if (cmd == -1 && PyErr_Occurred()) return NULL;
+    if (cmd < 0 || cmd > 255) {
+        PyErr_Format(PyExc_ValueError, "cell command must be 0..255, got %ld", cmd);
+        return NULL;
+    }
+    Py_ssize_t nh = PyTuple_GET_SIZE(hops);
+    if (nh == 0) {
+        PyErr_SetString(PyExc_ValueError, "a circuit with no hops");
+        return NULL;
+    }
+    PyObject *crypt_type = PyObject_GetAttrString(m, "Crypt");
+    if (!crypt_type) return NULL;
+    for (Py_ssize_t k = 0; k < nh; k++) {
+        PyObject *h = PyTuple_GET_ITEM(hops, k);
+        if (!PyObject_TypeCheck(h, (PyTypeObject *)crypt_type) || ((CryptObject *)h)->relay) {
+            Py_DECREF(crypt_type);
+            PyErr_SetString(PyExc_TypeError, "hops must be client-side Crypt objects");
+            return NULL;
+        }
+    }
+    Py_DECREF(crypt_type);
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    uint8_t x[BODY_LEN], y[BODY_LEN];
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(bodies); i++) {
+        Py_buffer buf;
+        if (PyObject_GetBuffer(PyList_GET_ITEM(bodies, i), &buf, PyBUF_SIMPLE) < 0) goto fail;
+        if (buf.len != BODY_LEN) {
+            PyErr_Format(PyExc_ValueError, "relay cell body must be %d bytes, got %zd", BODY_LEN, buf.len);
+            PyBuffer_Release(&buf);
+            goto fail;
+        }
+        memcpy(x, buf.buf, BODY_LEN);
+        PyBuffer_Release(&buf);
+        uint8_t *in = x, *res = y, tag[TAG_LEN];
+        Py_ssize_t found = -1;
+        for (Py_ssize_t k = 0; k < nh; k++) {
+            CryptObject *c = (CryptObject *)PyTuple_GET_ITEM(hops, k);
+            memcpy(tag, in, TAG_LEN);
+            int rc = uiv_dec(c, c->tprime, (uint8_t)cmd, in, in + 16, res);
+            memcpy(c->tprime, tag, TAG_LEN);
+            if (rc == 0 && CRYPTO_memcmp(res, c->nonce, TAG_LEN) == 0) {
+                found = k;
+                rc = uiv_update(c, tag, c->nonce);
+            }
+            if (rc < 0) {
+                raise_openssl();
+                goto fail;
+            }
+            if (found >= 0) break;
+            uint8_t *t = in;
+            in = res;
+            res = t;
+        }
+        if (found < 0) break;
+        PyObject *item = Py_BuildValue("(ny#y#)", found, (const char *)res, (Py_ssize_t)BODY_LEN,
+                                       (const char *)tag, (Py_ssize_t)TAG_LEN);
+        if (!item) goto fail;
+        int rc = PyList_Append(out, item);
+        Py_DECREF(item);
+        if (rc < 0) goto fail;
+    }
+    OPENSSL_cleanse(x, sizeof x);
+    OPENSSL_cleanse(y, sizeof y);
+    return out;
+fail:
+    OPENSSL_cleanse(x, sizeof x);
+    OPENSSL_cleanse(y, sizeof y);
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyMethodDef module_methods[] = {
     {"polyval", (PyCFunction)(void (*)(void))mod_polyval, METH_FASTCALL, "polyval(key, data) -> 16 bytes"},
     {"use_polyval", (PyCFunction)mod_use_polyval, METH_O, "use_polyval('clmul' | 'portable')"},
     {"polyval_impl", (PyCFunction)mod_polyval_impl, METH_NOARGS, "the POLYVAL implementation in use"},
+    {"client_backward_many", (PyCFunction)(void (*)(void))mod_client_backward_many, METH_FASTCALL,
+     "(hops, bodies, cmd) -> [(hop, body, tag)]: every layer of a run of inbound cells, in one call"},
     {NULL},
 };
 

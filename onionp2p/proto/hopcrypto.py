@@ -57,10 +57,13 @@ class MixedClientCrypto:
     which authenticated SENDMEs echo.
     """
 
-    __slots__ = ("_hops",)
+    __slots__ = ("_hops", "_native_bwd")
 
     def __init__(self, tor1: ClientCrypto | None = None) -> None:
         self._hops: list[Tor1Hop | CgoHop] = tor1.hop_states() if tor1 is not None else []
+        #: every hop's backward CGO state when all hops are CGO in C: inbound runs of cells
+        #: then take one C call for all their layers (``_cgo_native.client_backward_many``)
+        self._native_bwd: tuple | None = None
 
     def add_hop(self, key_material: bytes, relay_crypto: str = "tor1") -> None:
         """Append a hop: ``relay_crypto`` "tor1" (72 bytes of key material), "cgo" (160) or
@@ -73,6 +76,9 @@ class MixedClientCrypto:
             self._hops.append(Tor1Hop(key_material, HS_E2E))
         else:
             raise LocalProtocolError(f"unknown relay crypto {relay_crypto!r}")
+        native = cgo._native
+        self._native_bwd = (tuple(h.bwd for h in self._hops) if native is not None and all(
+            type(h) is CgoHop and isinstance(h.bwd, native.Crypt) for h in self._hops) else None)
 
     def originate(self, body: bytes, hop: int, cmd: int = _RELAY) -> tuple[bytes, bytes]:
         """Encrypt ``body`` (already in ``hop``'s message format) for ``hop``, sent as cell
@@ -111,7 +117,14 @@ class MixedClientCrypto:
     def decrypt_inbound_many(self, bodies: list) -> list[tuple[int, bytes, bytes]]:
         """:meth:`decrypt_inbound` over consecutive RELAY cells, in order; on a cell no hop
         recognizes, DigestMismatch with ``partial`` = the results before it."""
-        out: list[tuple[int, bytes, bytes]] = []
+        if self._native_bwd is not None:  # all hops CGO in C: one call for the whole run
+            out = cgo._native.client_backward_many(self._native_bwd, bodies, _RELAY)
+            if len(out) < len(bodies):
+                exc = DigestMismatch("inbound relay cell not recognized by any hop")
+                exc.partial = out  # type: ignore[attr-defined]
+                raise exc
+            return out
+        out = []
         for body in bodies:
             try:
                 out.append(self.decrypt_inbound(body))
