@@ -54,7 +54,41 @@ from onionp2p.log import configure_logging, get_logger, notice, reopen_log_file
 
 T = TypeVar("T")
 
-__all__ = ["main"]
+__all__ = ["EVENT_LOOP_ENV", "main"]
+
+#: the environment variable that picks the event loop of an onionp2p process (and, as the
+#: environment is inherited, of a testnet's relays and authorities): ``asyncio`` (default),
+#: ``uvloop`` (it must be installed: ``pip install 'onionp2p[uvloop]'``) or ``auto`` (uvloop
+#: when it is installed)
+EVENT_LOOP_ENV = "ONIONP2P_EVENT_LOOP"
+
+
+def _event_loop() -> Callable[[Awaitable[T]], T]:
+    """How to run the process's main coroutine: ``asyncio.run`` or ``uvloop.run``, as
+    :data:`EVENT_LOOP_ENV` asks. Raises ConfigError (one line, exit status 2) for an unknown
+    value, or for ``uvloop`` when it is not installed."""
+    name = os.environ.get(EVENT_LOOP_ENV, "").strip().lower() or "asyncio"
+    if name not in ("asyncio", "uvloop", "auto"):
+        raise ConfigError(f"{EVENT_LOOP_ENV}={name!r}: must be asyncio, uvloop or auto")
+    uvloop = None
+    if name != "asyncio":
+        try:
+            import uvloop  # optional: the onionp2p[uvloop] extra
+        except ImportError:
+            if name == "uvloop":
+                raise ConfigError(f"{EVENT_LOOP_ENV}=uvloop, but uvloop is not installed "
+                                  "(pip install 'onionp2p[uvloop]')") from None
+
+    def run(main: Awaitable[T]) -> T:
+        async def logged() -> T:
+            # the loop that really runs (its class's module: "uvloop" or "asyncio.unix_events"),
+            # at info when it is not the default, else at debug
+            loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+            logger = get_logger("onionp2p.cli")
+            (logger.info if loop != "asyncio" else logger.debug)("event loop", event_loop=loop)
+            return await main
+        return uvloop.run(logged()) if uvloop is not None else asyncio.run(logged())
+    return run
 
 
 async def _start_side_ports(cfg, data_dir: Path, collector, adapter_factory) -> tuple:
@@ -240,7 +274,7 @@ def _cmd_authority(args: argparse.Namespace) -> int:
     if args.unsafe_logging:
         cfg = replace(cfg, safe_logging=False)
     _configure_logging(cfg)
-    return asyncio.run(run_authority(cfg, config_file=args.config))
+    return _event_loop()(run_authority(cfg, config_file=args.config))
 
 
 def _configure_logging(cfg: RelayConfig | ClientConfig | AuthorityConfig) -> None:
@@ -359,7 +393,7 @@ def _cmd_relay(args: argparse.Namespace) -> int:
 
         read_dirauth_file(cfg.tor_dirauth_file)  # a bad file is a configuration error (status 2)
     _configure_logging(cfg)
-    return asyncio.run(run_relay(cfg, config_file=args.config))
+    return _event_loop()(run_relay(cfg, config_file=args.config))
 
 
 async def run_client(cfg: ClientConfig, *, config_file: str | None = None,
@@ -468,7 +502,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
     if problems := onion_service_problems(cfg):
         raise ConfigError("\n".join(problems), problems=problems)
     _configure_logging(cfg)
-    return asyncio.run(run_client(cfg, config_file=args.config, tor_dirauth_file=args.tor_dirauth_file,
+    return _event_loop()(run_client(cfg, config_file=args.config, tor_dirauth_file=args.tor_dirauth_file,
                                   load_config=(lambda: client_config_from_args(args)) if args.config else None))
 
 
@@ -476,7 +510,7 @@ def _cmd_testnet(args: argparse.Namespace) -> int:
     from onionp2p.testnet import run_testnet
 
     configure_logging(args.log_level, "console", safe_logging=True)
-    return asyncio.run(run_testnet(
+    return _event_loop()(run_testnet(
         n_relays=args.relays, n_exits=args.exits, n_authorities=args.authorities,
         socks_port=max(args.socks_port, 0), control_port=None if args.control_port == 0 else max(args.control_port, 0),
         data_dir=Path(args.data_dir) if args.data_dir else None, voting_interval=args.voting_interval,
@@ -505,7 +539,7 @@ def _cmd_wan(args: argparse.Namespace) -> int:
 
     configure_logging("warning", "console", safe_logging=True)
     mappings = [parse_map(m) for m in args.map]
-    return asyncio.run(run_proxies(mappings))
+    return _event_loop()(run_proxies(mappings))
 
 
 def _port_or_auto(text: str) -> int:

@@ -536,15 +536,16 @@ class Net:
 # -- ``onionp2p testnet`` (test_testnet.py, test_nyx.py) -------------------------------------------
 
 class RunningTestnet:
-    """``onionp2p testnet`` as a user runs it (``extra``: more command-line arguments)."""
+    """``onionp2p testnet`` as a user runs it (``extra``: more command-line arguments;
+    ``env``: more environment variables, which its relays and authority inherit)."""
 
-    def __init__(self, data_dir: Path, extra: Sequence[str] = ()):
+    def __init__(self, data_dir: Path, extra: Sequence[str] = (), env: dict[str, str] | None = None):
         self.data_dir = data_dir
         self.out = open(data_dir.parent / f"{data_dir.name}.out", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "onionp2p", "testnet", "--socks-port", "auto", "--control-port", "auto",
              "--metrics-port", "auto", "--data-dir", str(data_dir), "--voting-interval", "4", *extra],
-            stdout=self.out, stderr=subprocess.STDOUT)
+            stdout=self.out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         self.socks = self.control = self.metrics = self.http_tunnel = self.dns = 0
         end = time.time() + 150
         while time.time() < end and not (self.socks and self.control and self.metrics):

@@ -4,7 +4,7 @@
 Usage::
 
     tools/bench [--quick] [--runs N] [--relays 5] [--exits 2] [--out DIR] [--only onionp2p|tor]
-                [--skip NAMES] [--profile] [--tor-option LINE] [--keep] [--uvloop]
+                [--skip NAMES] [--profile] [--tor-option LINE] [--keep] [--uvloop] [--onion-loop asyncio|uvloop]
                 [--onion-cc vegas|fixed] [--no-cgo] [--tor-cc vegas|fixed] [--tor-conflux 0|1]
 
 One run starts, on 127.0.0.1,
@@ -450,8 +450,9 @@ class Network:
 
 class OnionNet(Network):
     def __init__(self, workdir: Path, n_relays: int, n_exits: int, cgo: bool = True,
-                 congestion_control: bool = True):
+                 congestion_control: bool = True, event_loop: str = "asyncio"):
         super().__init__("onionp2p")
+        self.event_loop = event_loop  # ONIONP2P_EVENT_LOOP for every process of the network
         self.dir = workdir / "onionp2p"
         self.n_relays, self.n_exits = n_relays, n_exits
         self.cgo = cgo  # False: the client keeps tor1 relay crypto (testnet --no-cgo)
@@ -472,12 +473,13 @@ class OnionNet(Network):
         backend = CGO_BACKEND.split(" ")[0]  # "native" (compiled) or "python"
         crypto = (f"CGO on every hop that offers it (client `cgo = true`; {backend} CGO backend)"
                   if self.cgo and self.congestion_control else "tor1 on every hop")
-        return f"{cc}; relay crypto {crypto}; no conflux (not implemented)"
+        return (f"{cc}; relay crypto {crypto}; no conflux (not implemented); event loop {self.event_loop} "
+                f"(ONIONP2P_EVENT_LOOP) in every process")
 
     def start(self, timeout: float = 240.0) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.dir.parent / "onionp2p-testnet.log", "wb")
-        env = dict(os.environ)
+        env = {**os.environ, "ONIONP2P_EVENT_LOOP": self.event_loop}
         cmd = [sys.executable, "-m", "onionp2p", "testnet", "--relays", str(self.n_relays),
                "--exits", str(self.n_exits), "--socks-port", "auto", "--control-port", "auto",
                "--data-dir", str(self.dir), "--voting-interval", "5"] + ([] if self.cgo else ["--no-cgo"]) \
@@ -1352,7 +1354,7 @@ async def amain(args) -> int:
         if "onionp2p" in which:
             t0 = time.monotonic()
             onet = OnionNet(workdir, args.relays, args.exits, cgo=not args.no_cgo,
-                            congestion_control=args.onion_cc == "vegas")
+                            congestion_control=args.onion_cc == "vegas", event_loop=args.onion_loop)
             nets["onionp2p"] = onet
             onet.start()
             log(f"onionp2p testnet ready in {time.monotonic() - t0:.0f} s (SOCKS {onet.socks_port})")
@@ -1461,6 +1463,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--onion-cc", choices=("vegas", "fixed"), default="vegas",
                     help="onionp2p client's flow control (default vegas; fixed = congestion_control = false, "
                          "which also means tor1 relay crypto)")
+    ap.add_argument("--onion-loop", choices=("asyncio", "uvloop"), default="asyncio",
+                    help="event loop of every onionp2p process (ONIONP2P_EVENT_LOOP; default asyncio, "
+                         "uvloop needs the onionp2p[uvloop] extra)")
     ap.add_argument("--tor-cc", choices=("vegas", "fixed"), default="vegas",
                     help="tor's congestion control, pinned by the consensus parameter cc_alg on the tor "
                          "authorities (vegas = 2, fixed = 0; default vegas)")
