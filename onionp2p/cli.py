@@ -81,11 +81,10 @@ def _event_loop() -> Callable[[Awaitable[T]], T]:
 
     def run(main: Awaitable[T]) -> T:
         async def logged() -> T:
-            # the loop that really runs (its class's module: "uvloop" or "asyncio.unix_events"),
-            # at info when it is not the default, else at debug
+            # the loop that really runs (its class's module: "uvloop" or "asyncio.unix_events");
+            # at debug, so that a configuration error found at start stays one line
             loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
-            logger = get_logger("onionp2p.cli")
-            (logger.info if loop != "asyncio" else logger.debug)("event loop", event_loop=loop)
+            get_logger("onionp2p.cli").debug("event loop", event_loop=loop)
             return await main
         return uvloop.run(logged()) if uvloop is not None else asyncio.run(logged())
     return run

@@ -53,13 +53,13 @@ async def test_a_testnet_on_uvloop_carries_traffic_in_every_process(tmp_path):
     _need_uvloop()
     www = await HttpServer().start()
     net = await asyncio.to_thread(RunningTestnet, tmp_path / "net",
-                                  ("--relays", "3", "--exits", "1", "--log-level", "info"),
+                                  ("--relays", "3", "--exits", "1", "--log-level", "debug"),
                                   {"ONIONP2P_EVENT_LOOP": "uvloop"})
     try:
         procs = [net.proc.pid, *net.children()]
         assert len(procs) >= 5  # the testnet (its client), an authority, three relays
         assert all(_uses_uvloop(pid) for pid in procs), [pid for pid in procs if not _uses_uvloop(pid)]
-        # and it is the loop that runs (the class of the running loop, logged at info)
+        # and it is the loop that runs (the class of the running loop, logged at debug)
         logs = [Path(net.out.name), *sorted((tmp_path / "net").glob("*/log.txt"))]
         assert len(logs) == 5
         for log in logs:
