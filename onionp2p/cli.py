@@ -57,9 +57,9 @@ T = TypeVar("T")
 __all__ = ["EVENT_LOOP_ENV", "main"]
 
 #: the environment variable that picks the event loop of an onionp2p process (and, as the
-#: environment is inherited, of a testnet's relays and authorities): ``asyncio`` (default),
-#: ``uvloop`` (it must be installed: ``pip install 'onionp2p[uvloop]'``) or ``auto`` (uvloop
-#: when it is installed)
+#: environment is inherited, of a testnet's relays and authorities): ``auto`` (default:
+#: uvloop when it can be imported — a dependency except on Windows — else asyncio, as
+#: uvicorn's ``--loop auto``), ``uvloop`` (an error if it cannot be imported) or ``asyncio``
 EVENT_LOOP_ENV = "ONIONP2P_EVENT_LOOP"
 
 
@@ -67,17 +67,17 @@ def _event_loop() -> Callable[[Awaitable[T]], T]:
     """How to run the process's main coroutine: ``asyncio.run`` or ``uvloop.run``, as
     :data:`EVENT_LOOP_ENV` asks. Raises ConfigError (one line, exit status 2) for an unknown
     value, or for ``uvloop`` when it is not installed."""
-    name = os.environ.get(EVENT_LOOP_ENV, "").strip().lower() or "asyncio"
+    name = os.environ.get(EVENT_LOOP_ENV, "").strip().lower() or "auto"
     if name not in ("asyncio", "uvloop", "auto"):
         raise ConfigError(f"{EVENT_LOOP_ENV}={name!r}: must be asyncio, uvloop or auto")
     uvloop = None
     if name != "asyncio":
         try:
-            import uvloop  # optional: the onionp2p[uvloop] extra
+            import uvloop  # a dependency, but not on every platform
         except ImportError:
             if name == "uvloop":
                 raise ConfigError(f"{EVENT_LOOP_ENV}=uvloop, but uvloop is not installed "
-                                  "(pip install 'onionp2p[uvloop]')") from None
+                                  "(pip install uvloop)") from None
 
     def run(main: Awaitable[T]) -> T:
         async def logged() -> T:

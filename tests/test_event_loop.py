@@ -1,10 +1,11 @@
 """ONIONP2P_EVENT_LOOP: an onionp2p network on uvloop (onionp2p/cli.py ``_event_loop``).
 
-A testnet started with ``ONIONP2P_EVENT_LOOP=uvloop`` runs its client, relays and authority
-on uvloop (the module is mapped into every process, not just asked for), carries a 5 MB
-download and a second one on a circuit of its own, sha256 equal, and answers on its control
-port; a bad value, or uvloop asked for where it is not installed, is one line and exit
-status 2.
+The default (``auto``) is uvloop when it can be imported (a dependency of onionp2p except
+on Windows), so the suite's node processes run on it. A testnet started with ``ONIONP2P_EVENT_LOOP=uvloop``
+runs its client, relays and authority on uvloop (each logs the class of its running loop),
+carries a 5 MB download and a second one on a circuit of its own, sha256 equal, and answers
+on its control port; ``asyncio`` and ``auto`` without uvloop run asyncio; a bad value, or
+uvloop asked for where it is not installed, is one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ pytestmark = pytest.mark.slow
 
 
 def _need_uvloop() -> None:
-    """uvloop comes with the test extra; a missing one fails under CI=true, skips elsewhere."""
+    """uvloop is a dependency; a missing one fails under CI=true, skips elsewhere."""
     try:
         import uvloop  # noqa: F401
     except ImportError:
         if os.environ.get("CI") == "true":
-            pytest.fail("uvloop is not installed (pip install -e '.[test]')")
+            pytest.fail("uvloop is not installed (pip install -e .)")
         pytest.skip("uvloop is not installed")
 
 
@@ -79,9 +80,11 @@ async def test_a_testnet_on_uvloop_carries_traffic_in_every_process(tmp_path):
         await www.stop()
 
 
-def test_the_default_loop_is_asyncio_auto_falls_back_and_bad_values_exit_2(tmp_path):
-    """Without the variable a relay does not load uvloop; ``auto`` with uvloop not importable
-    runs asyncio; ``uvloop`` without it, or a bad value, is one line and exit status 2."""
+def test_the_default_is_uvloop_when_installed_else_asyncio_and_bad_values_exit_2(tmp_path):
+    """Without the variable (``auto``) a relay runs uvloop when it is installed and asyncio
+    when it cannot be imported; ``asyncio`` does not load uvloop at all; ``uvloop`` without
+    it, or a bad value, is one line and exit status 2."""
+    _need_uvloop()
     cfg = tmp_path / "relay.toml"
     cfg.write_text(f'data_dir = "{tmp_path}"\nor_address = "127.0.0.1:0"\nnickname = "looper"\n'
                    f'assume_reachable = true\nlog_level = "debug"\nauthorities = ["auth0 127.0.0.1:{free_port()} {"A" * 43}"]\n')
@@ -94,8 +97,8 @@ def test_the_default_loop_is_asyncio_auto_falls_back_and_bad_values_exit_2(tmp_p
         return subprocess.Popen([sys.executable, "-m", "onionp2p", "relay", "--config", str(cfg)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**base, **env})
 
-    for env, loaded in (({}, False), ({"ONIONP2P_EVENT_LOOP": "auto", "PYTHONPATH": str(hide)}, False),
-                        ({"ONIONP2P_EVENT_LOOP": "auto"}, True)):
+    for env, loaded in (({}, True), ({"PYTHONPATH": str(hide)}, False), ({"ONIONP2P_EVENT_LOOP": "asyncio"}, False),
+                        ({"ONIONP2P_EVENT_LOOP": "auto"}, True), ({"ONIONP2P_EVENT_LOOP": "uvloop"}, True)):
         proc = start(env)
         try:
             line = ""
@@ -113,7 +116,7 @@ def test_the_default_loop_is_asyncio_auto_falls_back_and_bad_values_exit_2(tmp_p
                           "onionp2p: error: ONIONP2P_EVENT_LOOP='twisted': must be asyncio, uvloop or auto"),
                          ({"ONIONP2P_EVENT_LOOP": "uvloop", "PYTHONPATH": str(hide)},
                           ("onionp2p: error: ONIONP2P_EVENT_LOOP=uvloop, but uvloop is not installed "
-                           "(pip install 'onionp2p[uvloop]')"))):
+                           "(pip install uvloop)"))):
         proc = start(env)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 2 and out.strip().splitlines() == [message], out

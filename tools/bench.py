@@ -4,7 +4,7 @@
 Usage::
 
     tools/bench [--quick] [--runs N] [--relays 5] [--exits 2] [--out DIR] [--only onionp2p|tor]
-                [--skip NAMES] [--profile] [--tor-option LINE] [--keep] [--uvloop] [--onion-loop asyncio|uvloop]
+                [--skip NAMES] [--profile] [--tor-option LINE] [--keep] [--uvloop] [--onion-loop auto|asyncio|uvloop]
                 [--onion-cc vegas|fixed] [--no-cgo] [--tor-cc vegas|fixed] [--tor-conflux 0|1]
 
 One run starts, on 127.0.0.1,
@@ -450,7 +450,7 @@ class Network:
 
 class OnionNet(Network):
     def __init__(self, workdir: Path, n_relays: int, n_exits: int, cgo: bool = True,
-                 congestion_control: bool = True, event_loop: str = "asyncio"):
+                 congestion_control: bool = True, event_loop: str = "auto"):
         super().__init__("onionp2p")
         self.event_loop = event_loop  # ONIONP2P_EVENT_LOOP for every process of the network
         self.dir = workdir / "onionp2p"
@@ -473,8 +473,13 @@ class OnionNet(Network):
         backend = CGO_BACKEND.split(" ")[0]  # "native" (compiled) or "python"
         crypto = (f"CGO on every hop that offers it (client `cgo = true`; {backend} CGO backend)"
                   if self.cgo and self.congestion_control else "tor1 on every hop")
-        return (f"{cc}; relay crypto {crypto}; no conflux (not implemented); event loop {self.event_loop} "
-                f"(ONIONP2P_EVENT_LOOP) in every process")
+        loop = self.event_loop
+        if loop == "auto":  # what the processes (this venv, this environment) will pick
+            loop = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+            loop += " (ONIONP2P_EVENT_LOOP=auto, the default)"
+        else:
+            loop += f" (ONIONP2P_EVENT_LOOP={loop})"
+        return f"{cc}; relay crypto {crypto}; no conflux (not implemented); event loop {loop} in every process"
 
     def start(self, timeout: float = 240.0) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -1463,9 +1468,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--onion-cc", choices=("vegas", "fixed"), default="vegas",
                     help="onionp2p client's flow control (default vegas; fixed = congestion_control = false, "
                          "which also means tor1 relay crypto)")
-    ap.add_argument("--onion-loop", choices=("asyncio", "uvloop"), default="asyncio",
-                    help="event loop of every onionp2p process (ONIONP2P_EVENT_LOOP; default asyncio, "
-                         "uvloop needs the onionp2p[uvloop] extra)")
+    ap.add_argument("--onion-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                    help="event loop of every onionp2p process (ONIONP2P_EVENT_LOOP; default auto, onionp2p's "
+                         "default: uvloop when installed, else asyncio)")
     ap.add_argument("--tor-cc", choices=("vegas", "fixed"), default="vegas",
                     help="tor's congestion control, pinned by the consensus parameter cc_alg on the tor "
                          "authorities (vegas = 2, fixed = 0; default vegas)")
