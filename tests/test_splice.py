@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import os
 import socket
+import struct
 
 import pytest
 
@@ -199,3 +200,16 @@ async def test_cancelled_splice_closes_the_stream_side(pairs):
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await stream.recv_to_eof() == b""
+
+
+async def test_a_side_lost_before_the_splice_began_ends_it_at_once(pairs):
+    """A connection reset while the reply was being written (its reader holds the error, its
+    protocol hears nothing more): the splice must not wait for it."""
+    app, stream = await pairs(), await pairs()
+    stream.far.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.far.close()  # RST
+    async with asyncio.timeout(5):
+        while stream.ours[0].exception() is None:
+            await asyncio.sleep(0.01)
+    async with asyncio.timeout(5):
+        await splice(app.ours, stream.ours)

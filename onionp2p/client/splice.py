@@ -121,14 +121,15 @@ class _Side(asyncio.Protocol):
 
 
 def _held(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
-    """What ``reader`` buffered so far (taken out of it) and whether it saw EOF: asyncio has
-    no public call for "whatever is there, without waiting"."""
+    """What ``reader`` buffered so far (taken out of it) and whether its connection ended
+    (EOF, or lost with an error): asyncio has no public call for "whatever is there,
+    without waiting"."""
     buf = getattr(reader, "_buffer", None)
     data = b""
     if isinstance(buf, bytearray) and buf:
         data = bytes(buf)
         buf.clear()
-    return data, reader.at_eof() or bool(getattr(reader, "_eof", False))
+    return data, reader.at_eof() or bool(getattr(reader, "_eof", False)) or reader.exception() is not None
 
 
 async def splice(app: tuple[asyncio.StreamReader, asyncio.StreamWriter],
@@ -164,8 +165,8 @@ async def splice(app: tuple[asyncio.StreamReader, asyncio.StreamWriter],
         for side, data in ((pa, first), (pa, held_a), (ps, held_s)):
             if data:
                 side.data_received(data)
-        if eof_a or eof_s:
-            sp.finish()
+        if eof_a or eof_s or ta.is_closing() or ts.is_closing():
+            sp.finish()  # a side ended before the splice began: its protocol will hear nothing
         await sp.done
     finally:
         sp.finish()  # (cancelled: stop copying too)
