@@ -294,9 +294,13 @@ async def test_client_metrics_count_padding_of_open_and_closed_channels(client_n
 
     collector = ClientCollector(client_node)
     try:
-        chans = list(client_node.client.channels.values())
-        # the preemptive circuits make the guard channel worth padding: 1.5-9.5 s idle
-        await wait_for(lambda: sum(c.padding_out for c in chans) >= 1, timeout=30, what="client padding")
+        def live() -> list:
+            return list(client_node.client.channels.values())
+
+        # the preemptive circuits make the guard channel worth padding: 1.5-9.5 s idle (the
+        # channels are read at each poll: one made or replaced after start-up counts too)
+        await wait_for(lambda: sum(c.padding_out for c in live()) >= 1, timeout=60, what="client padding")
+        chans = live()
         before = sum(c.padding_out for c in chans)
         assert sent() >= before > 0
         for c in chans:
