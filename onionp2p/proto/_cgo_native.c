@@ -317,18 +317,24 @@ static PyObject *raise_openssl(void) {
     return NULL;
 }
 
-static int get_cell(PyObject *const *args, Py_ssize_t nargs, int *cmd, Py_buffer *body) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "expected (cmd, body)");
-        return -1;
-    }
-    long c = PyLong_AsLong(args[0]);
+/* A cell command (0..255) from a Python int. */
+static int get_cmd(PyObject *o, int *cmd) {
+    long c = PyLong_AsLong(o);
     if (c == -1 && PyErr_Occurred()) return -1;
     if (c < 0 || c > 255) {
         PyErr_Format(PyExc_ValueError, "cell command must be 0..255, got %ld", c);
         return -1;
     }
     *cmd = (int)c;
+    return 0;
+}
+
+static int get_cell(PyObject *const *args, Py_ssize_t nargs, int *cmd, Py_buffer *body) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "expected (cmd, body)");
+        return -1;
+    }
+    if (get_cmd(args[0], cmd) < 0) return -1;
     if (PyObject_GetBuffer(args[1], body, PyBUF_SIMPLE) < 0) return -1;
     if (body->len != BODY_LEN) {
         PyErr_Format(PyExc_ValueError, "relay cell body must be %d bytes, got %zd", BODY_LEN, body->len);
@@ -512,12 +518,8 @@ static PyObject *Crypt_et(CryptObject *self, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_TypeError, "expected (h, cmd, x_r, block)");
         return NULL;
     }
-    long cmd = PyLong_AsLong(args[1]);
-    if (cmd == -1 && PyErr_Occurred()) return NULL;
-    if (cmd < 0 || cmd > 255) {
-        PyErr_Format(PyExc_ValueError, "cell command must be 0..255, got %ld", cmd);
-        return NULL;
-    }
+    int cmd;
+    if (get_cmd(args[1], &cmd) < 0) return NULL;
     if (get_fixed(args[0], &h, 16, "tweak H") < 0) return NULL;
     if (get_fixed(args[2], &x_r, MSG_LEN, "tweak X_R") < 0) {
         PyBuffer_Release(&h);
@@ -745,12 +747,8 @@ static PyObject *mod_client_backward_many(PyObject *m, PyObject *const *args, Py
         PyErr_SetString(PyExc_TypeError, "hops must be a tuple and bodies a list");
         return NULL;
     }
-    long cmd = PyLong_AsLong(args[2]);
-    if (cmd == -1 && PyErr_Occurred()) return NULL;
-    if (cmd < 0 || cmd > 255) {
-        PyErr_Format(PyExc_ValueError, "cell command must be 0..255, got %ld", cmd);
-        return NULL;
-    }
+    int cmd;
+    if (get_cmd(args[2], &cmd) < 0) return NULL;
     Py_ssize_t nh = PyTuple_GET_SIZE(hops);
     if (nh == 0) {
         PyErr_SetString(PyExc_ValueError, "a circuit with no hops");
