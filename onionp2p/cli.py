@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
@@ -54,7 +55,7 @@ from onionp2p.log import configure_logging, get_logger, notice, reopen_log_file
 
 T = TypeVar("T")
 
-__all__ = ["EVENT_LOOP_ENV", "main"]
+__all__ = ["EVENT_LOOP_ENV", "event_loop_choice", "main"]
 
 #: the environment variable that picks the event loop of an onionp2p process (and, as the
 #: environment is inherited, of a testnet's relays and authorities): ``auto`` (default:
@@ -63,21 +64,31 @@ __all__ = ["EVENT_LOOP_ENV", "main"]
 EVENT_LOOP_ENV = "ONIONP2P_EVENT_LOOP"
 
 
-def _event_loop() -> Callable[[Awaitable[T]], T]:
-    """How to run the process's main coroutine: ``asyncio.run`` or ``uvloop.run``, as
-    :data:`EVENT_LOOP_ENV` asks. Raises ConfigError (one line, exit status 2) for an unknown
-    value, or for ``uvloop`` when it is not installed."""
-    name = os.environ.get(EVENT_LOOP_ENV, "").strip().lower() or "auto"
+def event_loop_choice(environ: Mapping[str, str] | None = None) -> str:
+    """``"uvloop"`` or ``"asyncio"``: the loop :data:`EVENT_LOOP_ENV` picks in ``environ``
+    (default: this process's environment) with this interpreter's packages. Raises
+    ConfigError (one line, exit status 2) for an unknown value, or for ``uvloop`` when it
+    cannot be imported. tools/bench and tools/simnet name it in their mode lines."""
+    env = os.environ if environ is None else environ
+    name = env.get(EVENT_LOOP_ENV, "").strip().lower() or "auto"
     if name not in ("asyncio", "uvloop", "auto"):
         raise ConfigError(f"{EVENT_LOOP_ENV}={name!r}: must be asyncio, uvloop or auto")
-    uvloop = None
-    if name != "asyncio":
-        try:
-            import uvloop  # a dependency, but not on every platform
-        except ImportError:
-            if name == "uvloop":
-                raise ConfigError(f"{EVENT_LOOP_ENV}=uvloop, but uvloop is not installed "
-                                  "(pip install uvloop)") from None
+    if name == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop  # noqa: F401  (a dependency, but not on every platform)
+    except ImportError:
+        if name == "uvloop":
+            raise ConfigError(f"{EVENT_LOOP_ENV}=uvloop, but uvloop is not installed "
+                              "(pip install uvloop)") from None
+        return "asyncio"
+    return "uvloop"
+
+
+def _event_loop() -> Callable[[Awaitable[T]], T]:
+    """How to run the process's main coroutine: ``asyncio.run`` or ``uvloop.run``, as
+    :func:`event_loop_choice` says."""
+    uvloop = importlib.import_module("uvloop") if event_loop_choice() == "uvloop" else None
 
     def run(main: Awaitable[T]) -> T:
         async def logged() -> T:

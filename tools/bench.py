@@ -473,12 +473,10 @@ class OnionNet(Network):
         backend = CGO_BACKEND.split(" ")[0]  # "native" (compiled) or "python"
         crypto = (f"CGO on every hop that offers it (client `cgo = true`; {backend} CGO backend)"
                   if self.cgo and self.congestion_control else "tor1 on every hop")
-        loop = self.event_loop
-        if loop == "auto":  # what the processes (this venv, this environment) will pick
-            loop = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
-            loop += " (ONIONP2P_EVENT_LOOP=auto, the default)"
-        else:
-            loop += f" (ONIONP2P_EVENT_LOOP={loop})"
+        from onionp2p.cli import EVENT_LOOP_ENV, event_loop_choice  # what the processes will pick
+
+        loop = (f"{event_loop_choice({EVENT_LOOP_ENV: self.event_loop})} "
+                f"({EVENT_LOOP_ENV}={self.event_loop}{', the default' if self.event_loop == 'auto' else ''})")
         return f"{cc}; relay crypto {crypto}; no conflux (not implemented); event loop {loop} in every process"
 
     def start(self, timeout: float = 240.0) -> None:

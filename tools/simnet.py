@@ -659,11 +659,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.only in (None, kind):
                 results[kind] = run_network(kind, plan, root)
         version = subprocess.run(["tor", "--version"], capture_output=True, text=True).stdout.split()[2]
-        loop = os.environ.get("ONIONP2P_EVENT_LOOP", "").strip().lower() or "auto"
-        if loop == "auto":  # what onionp2p's processes pick (this venv, this environment)
-            import importlib.util
+        from onionp2p.cli import event_loop_choice  # what onionp2p's processes pick
 
-            loop = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+        loop = event_loop_choice()
         modes = (f"onionp2p: congestion control (Vegas) with every exit, "
                  f"{'tor1' if args.no_cgo else 'CGO where offered'}, no conflux, event loop {loop} | "
                  f"tor {version.rstrip('.')}: cc_alg=2 (Vegas) pinned, "
