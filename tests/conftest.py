@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -125,15 +126,20 @@ async def wait_for(pred, timeout: float = 10.0, what: str = "condition", interva
     return value
 
 
+def unavailable(why: str) -> NoReturn:
+    """A tool, package or privilege the test needs is missing: skip it, except under
+    CI=true, where that fails the test (a green CI run means every interop test ran)."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
 def require_tool(name: str, package: str) -> str:
-    """The path of system tool ``name``; the test is skipped without it, except under
-    CI=true, where a missing tool fails the test (tools/test installs ``package``)."""
+    """The path of system tool ``name``; without it :func:`unavailable` (tools/test
+    installs ``package``)."""
     path = shutil.which(name)
     if path is None:
-        why = f"{name} not installed (Debian package {package}; tools/test installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
+        unavailable(f"{name} not installed (Debian package {package}; tools/test installs it)")
     return path
 
 
@@ -143,10 +149,7 @@ def require_tor():
     Debian's 'tor')."""
     tornet = load_tornet()
     if not tornet.tor_available():
-        why = "needs the 'tor' and 'tor-gencert' programs (Debian package 'tor'; tools/test installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
+        unavailable("needs the 'tor' and 'tor-gencert' programs (Debian package 'tor'; tools/test installs it)")
     return tornet
 
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import http_get, wait_for
+from conftest import http_get, require_tool, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -387,12 +387,9 @@ def test_s2k_matches_tor_hash_password():
 
 
 def test_s2k_against_local_tor_if_installed(tmp_path):
-    import shutil
     import subprocess
 
-    tor = shutil.which("tor")
-    if tor is None:
-        pytest.skip("tor not installed")
+    tor = require_tool("tor", "tor")
     out = subprocess.run([tor, "--hash-password", 'pa"ss word\\x', "--DataDirectory", str(tmp_path)],
                          capture_output=True, text=True, timeout=60).stdout
     hashed = [ln for ln in out.splitlines() if ln.startswith("16:")][-1]

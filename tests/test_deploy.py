@@ -23,6 +23,8 @@ import pytest
 from onionp2p.config import load_authority_config, load_client_config, load_relay_config
 from onionp2p.dir.authority import AUTHORITY_KEY_FILE
 
+from conftest import require_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "docs" / "examples"
 #: a valid authority identity (nobody holds its key: the address is what matters here)
@@ -366,17 +368,6 @@ def test_client_survives_sighup_and_reloads_what_tor_reloads(nodes, tmp_path, ht
 
 # -- sample configs and the systemd unit (docs/examples) ---------------------------------------------
 
-def need_tool(name: str, package: str) -> str:
-    """The path of a system tool; a test without it fails under CI=true, else is skipped."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} not installed (Debian package {package}; tools/test installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
 @pytest.mark.parametrize(("name", "load"), [
     ("relay", load_relay_config), ("exit", load_relay_config), ("client", load_client_config),
     ("authority", load_authority_config)])
@@ -409,7 +400,7 @@ def systemd_unit() -> dict[str, list[tuple[str, str]]]:
 
 
 def test_systemd_unit_verifies_and_has_tors_hardening(tmp_path):
-    analyze = need_tool("systemd-analyze", "systemd")
+    analyze = require_tool("systemd-analyze", "systemd")
     service = dict(systemd_unit()["Service"])
     hardening = {"NoNewPrivileges": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes", "ProtectHome": "yes",
                  "ProtectSystem": "full", "CapabilityBoundingSet": "CAP_NET_BIND_SERVICE",

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import HttpServer, RunningTestnet, blob, free_port, http_get
+from conftest import HttpServer, RunningTestnet, blob, free_port, http_get, unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +28,7 @@ def _need_uvloop() -> None:
     try:
         import uvloop  # noqa: F401
     except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("uvloop is not installed (pip install -e .)")
-        pytest.skip("uvloop is not installed")
+        unavailable("uvloop is not installed (pip install -e .)")
 
 
 def _uses_uvloop(pid: int) -> bool:

@@ -95,7 +95,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import sha256
+from conftest import require_tool, sha256, unavailable
 from netns_helpers import (
     ControlShell,
     Flow,
@@ -210,8 +210,8 @@ def _consensus_relays(lab: Lab) -> dict[str, tuple[str, set[str]]]:
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
-    if not shutil.which("ip") or not shutil.which("curl"):
-        pytest.skip("needs iproute2 and curl (tools/test installs them)")
+    require_tool("ip", "iproute2")
+    require_tool("curl", "curl")
     from onionp2p.dir.authority import authority_line, load_or_create_authority_key
 
     tmp = tmp_path_factory.mktemp("netns")
@@ -221,7 +221,7 @@ def net(tmp_path_factory):
         try:
             lab.start_bridge()
         except NamespacesForbidden as exc:
-            pytest.skip(f"the kernel forbids network namespaces here (ip netns add: {exc})")
+            unavailable(f"the kernel forbids network namespaces here (ip netns add: {exc})")
         lab.add_host("client", CLIENT_IP, hosts={}, resolv=f"nameserver {BAIT_DNS}\n")
         sh("ip", "-n", lab.hosts["client"].ns, "neigh", "add", BAIT_DNS, "lladdr", "02:00:00:00:53:53",
            "dev", "eth0", "nud", "permanent")
@@ -408,7 +408,7 @@ def _tls_records(data: bytes) -> int:
 def capture(net):
     """Stop tcpdump after one more fetch (by name, resolved at the exit) and read what it saw."""
     if net.tcpdump is None:
-        pytest.skip("tcpdump not installed (tools/test installs it)")
+        unavailable("tcpdump not installed (Debian package tcpdump; tools/test installs it)")
     out = net.tmp / "last.bin"
     p = net.curl("/file/300000", out)
     assert p.returncode == 0, p.stderr.decode()

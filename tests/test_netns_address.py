@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import sha256
+from conftest import sha256, unavailable
 from netns_helpers import Lab, NamespacesForbidden, content, sh, wait_for
 
 pytestmark = pytest.mark.slow
@@ -51,11 +51,6 @@ masquerade; }}
 """
 
 
-def _unavailable(why: str) -> None:
-    """Skip, except under CI=true, where a missing tool or privilege is a failure."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(why)
-    pytest.skip(why)
 
 
 def _toml(d: dict) -> str:
@@ -98,7 +93,7 @@ def _consensus(lab: Lab) -> dict[str, tuple[str, int, set[str]]]:
 
 def test_relay_behind_nat_publishes_its_address(tmp_path):
     if not shutil.which("ip") or not shutil.which("curl") or not shutil.which("nft"):
-        _unavailable("needs iproute2, curl and nftables (tools/test installs them)")
+        unavailable("needs iproute2, curl and nftables (tools/test installs them)")
     from onionp2p.dir.authority import authority_line, load_or_create_authority_key
 
     lab = Lab(prefix=f"oa{os.getpid() % 100000}")
@@ -107,7 +102,7 @@ def test_relay_behind_nat_publishes_its_address(tmp_path):
         try:
             lab.start_bridge()
         except NamespacesForbidden as exc:
-            _unavailable(f"the kernel forbids network namespaces here (ip netns add: {exc})")
+            unavailable(f"the kernel forbids network namespaces here (ip netns add: {exc})")
         for name, ip in (("client", CLIENT_IP), ("shared", SHARED_IP), ("dest", DEST_IP)):
             lab.add_host(name, ip)
         _nat_gateway(lab)

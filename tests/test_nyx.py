@@ -34,14 +34,21 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import RunningTestnet
+from conftest import RunningTestnet, require_tool
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.filterwarnings("ignore:setDaemon:DeprecationWarning"),  # stem 1.8 in this process
-    pytest.mark.skipif(not shutil.which("nyx") or not shutil.which("tmux"),
-                       reason="nyx and tmux (Debian packages) are needed; tools/test installs them"),
+    pytest.mark.usefixtures("nyx_and_tmux"),
 ]
+
+
+@pytest.fixture(scope="module")
+def nyx_and_tmux():
+    """nyx and tmux (Debian packages; tools/test installs them): skipped without them,
+    failed under CI=true."""
+    require_tool("nyx", "nyx")
+    require_tool("tmux", "tmux")
 
 BLOB = os.urandom(4_000_000)
 

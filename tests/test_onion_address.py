@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import time as _time
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from onionp2p.proto.directory import RouterStatus
 from onionp2p.proto.ed25519x import ExpandedKey
 from onionp2p.proto.hs.address import encode_onion_address, is_onion_name, onion_checksum, parse_onion_address
 from onionp2p.proto.socks import Reply
+
+from conftest import require_tool
 
 V = json.loads((Path(__file__).parent / "data" / "hs" / "vectors.json").read_text())
 PUB = bytes.fromhex(V["onion_address"]["pubkey"])
@@ -138,10 +139,7 @@ async def _python_socks_code(port: int, host: str, version: str = "socks5") -> i
 
 
 async def _curl(port: int, host: str, scheme: str = "socks5h") -> tuple[int, str]:
-    if shutil.which("curl") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("curl not installed (tools/test installs it)")
-        pytest.skip("curl not installed")
+    require_tool("curl", "curl")
     proc = await asyncio.create_subprocess_exec(
         "curl", "-sS", "--max-time", "10", "-x", f"{scheme}://127.0.0.1:{port}", f"http://{host}/",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
