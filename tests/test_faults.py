@@ -228,6 +228,60 @@ class Freezer:
             self.server.close()
 
 
+class Delayer:
+    """A TCP forwarder in front of a relay that holds every chunk ``delay`` seconds in each
+    direction, in order (a long, slow path). What arrives once ``delay`` is 0 goes through
+    at once (after what is still held)."""
+
+    def __init__(self, upstream_port: int, delay: float) -> None:
+        self.upstream_port = upstream_port
+        self.delay = delay
+        self.port = 0
+        self.server: asyncio.base_events.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> Delayer:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+        self.tasks.add(asyncio.current_task())
+        ureader, uwriter = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self.writers += [cwriter, uwriter]
+        await asyncio.gather(self._pump(creader, uwriter), self._pump(ureader, cwriter),
+                             return_exceptions=True)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        held: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def release() -> None:
+            while (item := await held.get())[1]:
+                await asyncio.sleep(max(item[0] - loop.time(), 0))
+                writer.write(item[1])
+                await writer.drain()
+            writer.close()
+
+        task = loop.create_task(release())
+        try:
+            while data := await reader.read(65536):
+                held.put_nowait((loop.time() + self.delay, data))
+        finally:
+            held.put_nowait((0.0, b""))
+            await task
+
+    async def stop(self) -> None:
+        for w in self.writers:
+            w.transport.abort()
+        if self.server is not None:
+            self.server.close()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
 class Controller:
     """A raw control-port connection (tor's control protocol)."""
 
@@ -514,6 +568,49 @@ async def _black_holes(fnet, http_server, g, m, x, hole_guard, hole_mid) -> None
             assert exc.value.reason == "CONNECTFAILED" and hole_guard.accepted == before + 1
         finally:
             await lib.close()
+    finally:
+        await node.stop()
+
+
+async def test_stream_waits_through_more_timed_out_builds_than_max_build_attempts(fnet, http_server):
+    """Under load every build may pass the build timeout for a while (a timeout learned on
+    an idle network). As in tor, a stream goes on waiting for a circuit until its own
+    deadline: builds that only timed out do not count against ``max_build_attempts``."""
+    g = await fnet.add("g")
+    m = await fnet.add("m")
+    x = await fnet.add("x", exit=True)
+    base = await fnet.warm_up()
+    slow = await Delayer(m.port, 0.0).start()
+    try:
+        await _slow_builds(fnet, http_server, g, m, x, slow)
+    finally:
+        await slow.stop()
+    await settle(fnet.relays, base)
+
+
+async def _slow_builds(fnet, http_server, g, m, x, slow) -> None:
+    via = dataclasses.replace(m.info(), or_port=slow.port)  # m as g reaches it: through the delayer
+    routers = [status(g.info(), GUARD), status(via, MIDDLE), status(x.info(), EXIT)]
+    seed_guards(fnet.tmp / "client", g.info())
+    node = ClientNode(client_config(fnet.tmp / "client", circuit_build_timeout=1, max_build_attempts=2,
+                                    learn_circuit_build_timeout=False, preemptive_circuits=1),
+                      routers=lambda: routers)
+    timed_out: list[int] = []
+    try:
+        await node.start(ready_timeout=30)
+        built = {c.id for c in node.client.circuits.values()}
+        slow.delay = 0.8  # from now on EXTENDED2 from m comes 1.6 s after EXTEND2: past the timeout
+        node.circmgr.new_identity()  # the circuit built at start takes no new streams
+        node.client.events.add(lambda ev: ev.kind in ("failed", "closed") and ev.circuit_id not in built
+                               and ev.reason == "TIMEOUT" and timed_out.append(ev.circuit_id))
+        get = asyncio.create_task(socks_get_as(node.socks_port, http_server.port, "/20000", "a", timeout=60))
+        # more builds time out than max_build_attempts allows; the stream is still waiting
+        await wait_for(lambda: len(timed_out) > 2 * node.circmgr.max_build_attempts, 40,
+                       "builds to time out", interval=0.05)
+        assert not get.done()
+        slow.delay = 0.0
+        assert await get == blob(20_000)
+        assert len(set(timed_out)) > 2 * node.circmgr.max_build_attempts
     finally:
         await node.stop()
 

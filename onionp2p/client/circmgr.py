@@ -16,7 +16,9 @@ Choosing a circuit (:meth:`CircuitManager.get_circuit`)
   front end passes e.g. ``(username, password)`` as K). Circuits already assigned to K
   are preferred over clean ones, so clean circuits stay available for other keys. If no
   circuit fits, a build already under way that fits is joined; otherwise a new one is
-  launched. Failed builds are retried on other paths up to ``max_build_attempts``.
+  launched. Failed builds are retried on other paths up to ``max_build_attempts``; for a
+  stream (:meth:`open_stream`, :meth:`resolve`) builds that only passed the build timeout
+  do not count, as tor keeps launching circuits for a waiting stream until its deadline.
 
 Building
   The path comes from :func:`~onionp2p.client.pathsel.choose_path` with the guard from the
@@ -144,6 +146,13 @@ class CircuitLimitError(CircuitError):
     """Too many circuits already carry this isolation key."""
 
     def __init__(self, message: str, reason: str = "RESOURCELIMIT"):
+        super().__init__(message, reason)
+
+
+class BuildTimeoutError(CircuitError):
+    """A circuit we launched passed the build timeout (ours, not a relay's DESTROY)."""
+
+    def __init__(self, message: str, reason: str = "TIMEOUT"):
         super().__init__(message, reason)
 
 
@@ -549,7 +558,7 @@ class CircuitManager:
             if remaining <= 0:
                 raise TimeoutError
             async with asyncio.timeout(remaining):
-                return await self._get_circuit(port, key, frozenset(avoid))
+                return await self._get_circuit(port, key, frozenset(avoid), patient=True)
         except TimeoutError:
             raise (last or CircuitError("timed out waiting for a circuit", "TIMEOUT")) from None
         except CircuitError:
@@ -557,9 +566,17 @@ class CircuitManager:
                 raise last from None  # no circuit for another try: report the exit's answer
             raise
 
-    async def _get_circuit(self, port: int | None, key: object, avoid: frozenset[str]) -> ClientCircuit:
+    async def _get_circuit(self, port: int | None, key: object, avoid: frozenset[str], *,
+                           patient: bool = False) -> ClientCircuit:
+        """A usable circuit for ``key``: one that exists, one under way, or a new build; at most
+        ``max_build_attempts`` builds fail. ``patient``: the caller bounds the wait by its own
+        deadline, and builds that only passed the build timeout do not count against that
+        limit (tor keeps a stream waiting for circuits until SocksTimeout: under load every
+        build may overrun a timeout learned on an idle network, until enough time out that
+        the estimator resets it)."""
         last: CircuitError | None = None
-        for _ in range(self.max_build_attempts):
+        failures = 0
+        while failures < self.max_build_attempts:
             self._reap()
             now = self.clock()
             usable = [e for e in self._entries
@@ -583,12 +600,16 @@ class CircuitManager:
             if entry.guard_wait is not None:
                 # built, but held for a better guard: launch another circuit meanwhile (it
                 # goes to the primary guards that may work; their failures free this one)
+                failures += 1
                 continue
             try:
                 await asyncio.shield(entry.task)  # type: ignore[arg-type]
             except CircuitError as exc:
                 last = exc
+                if not (patient and isinstance(exc, BuildTimeoutError)):
+                    failures += 1
                 continue
+            failures += 1  # built, but no longer takes streams
             if self._takes_streams(entry, self.clock()):
                 return self._attach(entry, key)
         raise last or CircuitError("no circuit became available", "NONE")
@@ -745,7 +766,7 @@ class CircuitManager:
                 await asyncio.wait_for(asyncio.shield(building), max(deadline - loop.time(), 0.001))
             except TimeoutError:
                 self._timed_out(circ, building, start, learning)
-                raise CircuitError(f"circuit build timed out after {timeout:g} s", "TIMEOUT") from None
+                raise BuildTimeoutError(f"circuit build timed out after {timeout:g} s") from None
         except CircuitError:
             until = self.clock() + FAILED_RELAY_MEMORY
             if circ is not None and not circ.hops and circ.close_reason in ("TIMEOUT", "REQUESTED"):
