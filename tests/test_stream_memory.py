@@ -15,6 +15,8 @@ import gc
 import socket
 import struct
 
+from conftest import wait_for
+
 from onionp2p.client.leanstreams import LeanStreamReaderProtocol, start_server
 from onionp2p.client.splice import _Side
 
@@ -69,9 +71,11 @@ async def test_idle_streams_hold_no_deques(client_node):
             socks.append(await _socks_open(client_node.socks_port, dport))
         await asyncio.sleep(0.3)
         gc.collect()
-        # one task per stream (its SOCKS connection's handler, waiting for the splice to
-        # end): no pump tasks copying through reader buffers
-        assert len(asyncio.all_tasks()) - tasks0 == n
+        # no task per stream: no pump tasks copying through reader buffers, and the SOCKS
+        # connection's handler ended once it handed the connection to the splice
+        assert len(asyncio.all_tasks()) == tasks0
+        spliced = client_node.socks._spliced
+        assert len(spliced) == n + 1 and client_node.socks.stats.active == n + 1
         # both transports of each stream (SOCKS side and circuit side) are spliced: a _Side
         # protocol on each; the lean protocols they replaced are kept (they still hear of the
         # connection's loss) and were never paused: no deque
@@ -91,9 +95,20 @@ async def test_idle_streams_hold_no_deques(client_node):
             assert stream.layer.cc is not None
             xoff = stream.layer.cc.p.xoff_bytes(exit_side=False)
             assert t.protocol.peer.get_write_buffer_limits() == (xoff // 2, xoff)
+            # the SOCKS connection's protocol let go of its handler's finished task
+            socks_side = t.protocol.peer.get_protocol()
+            assert type(socks_side) is _Side and type(socks_side.original) is LeanStreamReaderProtocol
+            assert socks_side.original._task is None
             assert stream.package._digests is None  # a stream window never remembers digests
         # ...and no stream made a deque (asyncio's own transports may, on newer Pythons: < 1 each)
         assert _count(collections.deque) - deques0 < n
+        # the application closing ends each splice: the connection is closed and counted
+        for s in socks[1:]:
+            s.close()
+        await wait_for(lambda: len(spliced) == 1 and client_node.socks.stats.active == 1, 10,
+                       "the splices to end")
+        await wait_for(lambda: sum(len(c._transports) for c in client_node.client.circuits.values()) == 1,
+                       10, "the streams to end")
     finally:
         for s in socks:
             s.close()

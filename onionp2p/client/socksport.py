@@ -26,8 +26,9 @@ and the splice (:meth:`AppProxyServer.tunnel`). :class:`SocksServer` listens (12
 default), runs the parser under ``handshake_timeout`` with bounded reads, and hands each
 request to a :class:`SocksBackend` — the client node in production. CONNECT gets the success
 reply once the backend returns a stream (a ``StreamReader``/``StreamWriter`` pair),
-then :func:`onionp2p.client.splice.splice` copies bytes each way in the transports' own
-callbacks, a full side pausing the other (down to the stream's SENDME windows or XOFF).
+then :func:`onionp2p.client.splice.start_splice` copies bytes each way in the transports'
+own callbacks, a full side pausing the other (down to the stream's SENDME windows or XOFF);
+the connection's task ends there, and the splice's end closes the connection.
 When one side reaches EOF the other is flushed and closed: tor streams have no half-close.
 RESOLVE (0xF0) and RESOLVE_PTR (0xF1) are answered in BND.ADDR and the connection is
 closed. Hostnames are never resolved locally: they go to the exit inside BEGIN or
@@ -58,7 +59,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from onionp2p.client.hsclient import HsConnectError
 from onionp2p.client.leanstreams import start_server
-from onionp2p.client.splice import splice
+from onionp2p.client.splice import Splice, start_splice
 from onionp2p.errors import ListenError, OnionAddressError, OnionError
 from onionp2p.log import get_logger
 from onionp2p.proto.hs.address import is_onion_name, parse_onion_address
@@ -184,6 +185,8 @@ class AppProxyServer:
         self.stats = SocksStats()
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
+        #: connections handed to a splice (their task has ended): application transport -> splice
+        self._spliced: dict[asyncio.BaseTransport, Splice] = {}
         self._stopping = False
 
     @property
@@ -209,6 +212,8 @@ class AppProxyServer:
             self._server = None
         for task in list(self._tasks):
             task.cancel()
+        for sp in list(self._spliced.values()):
+            sp.stop()  # END on the stream; its on_done aborts the application's connection
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -224,7 +229,7 @@ class AppProxyServer:
         try:
             if self._stopping:
                 return
-            if len(self._tasks) > self.max_connections:
+            if len(self._tasks) + len(self._spliced) > self.max_connections:
                 self._refused += 1
                 now = time.monotonic()
                 if now - self._refused_logged_at >= REFUSED_LOG_INTERVAL:
@@ -240,15 +245,21 @@ class AppProxyServer:
                 raise
             # cancelled by stop(): end normally (asyncio 3.11 logs cancelled handler tasks)
         finally:
-            self.stats.active -= 1
             self._tasks.discard(task)
-            if self._stopping:
-                writer.transport.abort()
-            else:
-                writer.close()  # flushes what is queued, then FIN
+            if writer.transport not in self._spliced:  # else the splice's end closes it
+                self._closed(writer.transport)
+
+    def _closed(self, transport: asyncio.BaseTransport) -> None:
+        """The end of a client connection (once, by its task or by its splice)."""
+        self.stats.active -= 1
+        if self._stopping:
+            transport.abort()  # type: ignore[attr-defined]
+        else:
+            transport.close()  # flushes what is queued, then FIN
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Any) -> None:
-        """One client connection: handshake, then :meth:`tunnel` (the caller closes ``writer``)."""
+        """One client connection: handshake, then :meth:`tunnel` (the caller closes ``writer``,
+        unless :meth:`tunnel` handed it to a splice)."""
         raise NotImplementedError
 
     async def _send_final(self, writer: asyncio.StreamWriter, data: bytes) -> None:
@@ -289,8 +300,9 @@ class AppProxyServer:
     async def tunnel(self, req: SocksRequest, extra: bytes, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter, *, success: bytes,
                      failure: Callable[[int], bytes]) -> None:
-        """Open ``req``'s stream; answer ``success`` then splice both ways, or ``failure(code)``
-        (``code`` a SOCKS5 reply code, see :func:`reply_code_for_error`) and return.
+        """Open ``req``'s stream; answer ``success`` then hand both sides to a splice (the
+        connection's task ends; the splice's end closes the connection), or answer
+        ``failure(code)`` (``code`` a SOCKS5 reply code, see :func:`reply_code_for_error`).
         ``extra``: bytes the client sent after its request, forwarded first."""
         try:
             sreader, swriter = await self.open_stream(req)
@@ -305,8 +317,19 @@ class AppProxyServer:
         except BaseException:
             swriter.close()
             raise
-        await splice((reader, writer), (sreader, swriter), first=extra, stats=self.stats, up="bytes_up",
-                     down="bytes_down", flush_timeout=CLOSE_FLUSH_TIMEOUT)
+        ta = writer.transport
+        if self._stopping or ta.is_closing():
+            swriter.close()
+            return
+        # on_done is never called before start_splice returns, so _handle sees the handover
+        self._spliced[ta] = start_splice(
+            (reader, writer), (sreader, swriter), first=extra, stats=self.stats, up="bytes_up",
+            down="bytes_down", flush_timeout=CLOSE_FLUSH_TIMEOUT,
+            on_done=lambda: self._splice_done(ta))
+
+    def _splice_done(self, transport: asyncio.BaseTransport) -> None:
+        if self._spliced.pop(transport, None) is not None:
+            self._closed(transport)
 
 
 def check_onion(host: str) -> None:

@@ -23,36 +23,97 @@ So nothing grows without bound on either side.
 
 Tor streams have no half-close: when either side ends (EOF, close, connection lost) the
 splice stops copying, closes the stream side (END), lets what is queued toward the
-application leave for at most ``flush_timeout`` seconds (then aborts it) and returns; the
-caller closes the application's side. Bytes the ``StreamReader`` pairs already held when
-the splice started (sent while the reply was being written) go first, in order.
+application leave for at most ``flush_timeout`` seconds (then aborts it) and tells its
+owner, who closes the application's side. Bytes the ``StreamReader`` pairs already held
+when the splice started (sent while the reply was being written) go first, in order.
+
+Nothing waits on a splice: :func:`start_splice` returns at once and calls back when it is
+over, so the SOCKS and HTTP CONNECT ports' connection task (its coroutine frames, its
+futures) ends when the stream is open (specs/performance.md §6.4 has what that saved). :func:`splice` is the same for a caller that awaits it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["splice"]
+__all__ = ["Splice", "splice", "start_splice"]
 
 
-class _Splice:
-    """What both directions share: whether it ended, and the end-of-flush wait."""
+class Splice:
+    """A running splice (see :func:`start_splice`): whether it ended, and the end."""
 
-    __slots__ = ("done", "flushed", "loop")
+    __slots__ = ("_end_soon", "_ended", "_finished", "_timer", "flush_timeout", "loop", "on_done", "pa",
+                 "ps", "ta", "ts", "writers")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, ta: asyncio.Transport, ts: asyncio.Transport,
+                 flush_timeout: float, on_done: Callable[[], None] | None) -> None:
         self.loop = loop
-        self.done: asyncio.Future = loop.create_future()
-        self.flushed: asyncio.Future | None = None
+        self.ta, self.ts = ta, ts
+        self.flush_timeout = flush_timeout
+        self.on_done = on_done
+        self.pa: _Side | None = None
+        self.ps: _Side | None = None
+        #: the two StreamWriters, kept until the end: one let go earlier would close its
+        #: transport (asyncio's StreamWriter.__del__)
+        self.writers: tuple[asyncio.StreamWriter, ...] = ()
+        self._end_soon = self._ended = self._finished = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def done(self) -> bool:
+        """Copying and the flush toward the application are over (``on_done`` was called)."""
+        return self._finished
 
     def finish(self) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
+        """A side ended: the splice ends at the end of this turn of the loop."""
+        if not self._end_soon:
+            self._end_soon = True
+            self.loop.call_soon(self._end, True)
+
+    def stop(self) -> None:
+        """End now without waiting for the application's side to be flushed (cancellation,
+        shutdown): the stream side is closed (END); the caller aborts or closes the other."""
+        self._end(False)
+        self._done()
 
     def drained(self) -> None:
-        if self.flushed is not None and not self.flushed.done():
-            self.flushed.set_result(None)
+        """The application's side has nothing queued any more, or is gone."""
+        if self._timer is not None:
+            self._done()
+
+    def _end(self, flush: bool) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self.ps is not None:
+            self.ps.flush()  # what the stream delivered in this turn still goes to the application
+        self.ts.close()
+        ta = self.ta
+        if not flush or ta.is_closing() or not ta.get_write_buffer_size():
+            self._done()
+            return
+        # what is queued toward the application may leave, for a bounded time: with a
+        # high-water mark of 0 the transport calls resume_writing once its buffer is empty
+        self._timer = self.loop.call_later(self.flush_timeout, self._flush_expired)
+        ta.set_write_buffer_limits(high=0)
+
+    def _flush_expired(self) -> None:
+        self.ta.abort()
+        self._done()
+
+    def _done(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done()
+        self.writers = ()
 
 
 class _Side(asyncio.Protocol):
@@ -68,7 +129,7 @@ class _Side(asyncio.Protocol):
 
     __slots__ = ("app", "counter", "original", "peer", "pending", "sp", "stats")
 
-    def __init__(self, sp: _Splice, peer: asyncio.Transport, original: Any, stats: Any,
+    def __init__(self, sp: Splice, peer: asyncio.Transport, original: Any, stats: Any,
                  counter: str | None, app: bool) -> None:
         self.sp = sp
         self.app = app
@@ -132,21 +193,27 @@ def _held(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
     return data, reader.at_eof() or bool(getattr(reader, "_eof", False)) or reader.exception() is not None
 
 
-async def splice(app: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+def start_splice(app: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                  stream: tuple[asyncio.StreamReader, asyncio.StreamWriter], *, first: bytes = b"",
                  stats: Any = None, up: str | None = None, down: str | None = None,
-                 flush_timeout: float = 5.0) -> None:
-    """Copy between ``app`` (the application's connection) and ``stream`` (a circuit
-    stream, or any connection) both ways until one side ends; see the module docstring.
+                 flush_timeout: float = 5.0, on_done: Callable[[], None] | None = None) -> Splice:
+    """Start copying between ``app`` (the application's connection) and ``stream`` (a
+    circuit stream, or any connection) both ways until one side ends; see the module
+    docstring. Nothing waits on it: ``on_done()`` is called once, when the copying ended,
+    the stream side was closed and what was queued toward the application left (or
+    ``flush_timeout`` passed and the application's transport was aborted) — never before
+    this returns. Then the caller closes the application's side.
 
     ``first``: bytes to send on ``stream`` before anything else (a request's optimistic
     data). ``stats``/``up``/``down``: attribute names on ``stats`` counting the bytes
-    app -> stream and stream -> app. The caller closes ``app``'s writer afterwards."""
+    app -> stream and stream -> app. The replaced protocols (the reader/writer pairs')
+    still hear of their connection's loss, so ``wait_closed()`` works."""
     (a_reader, a_writer), (s_reader, s_writer) = app, stream
     ta, ts = a_writer.transport, s_writer.transport
-    sp = _Splice(asyncio.get_running_loop())
-    pa = _Side(sp, ts, ta.get_protocol(), stats, up, app=True)
-    ps = _Side(sp, ta, ts.get_protocol(), stats, down, app=False)
+    sp = Splice(asyncio.get_running_loop(), ta, ts, flush_timeout, on_done)
+    sp.writers = (a_writer, s_writer)
+    pa = sp.pa = _Side(sp, ts, ta.get_protocol(), stats, up, app=True)
+    ps = sp.ps = _Side(sp, ta, ts.get_protocol(), stats, down, app=False)
     # a circuit stream says how much its sink may hold before it pauses (so under congestion
     # control the XOFF comes at tor's cc_xoff_client): the application's socket gets that
     # high-water mark, and reading resumes at half of it
@@ -157,29 +224,28 @@ async def splice(app: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     held_s, eof_s = _held(s_reader)
     ta.set_protocol(pa)
     ts.set_protocol(ps)
+    # the readers may have paused their transports (a full buffer, now taken out of them)
+    for t in (ta, ts):
+        if not t.is_closing() and not t.is_reading():
+            t.resume_reading()
+    for side, data in ((pa, first), (pa, held_a), (ps, held_s)):
+        if data:
+            side.data_received(data)
+    if eof_a or eof_s or ta.is_closing() or ts.is_closing():
+        sp.finish()  # a side ended before the splice began: its protocol will hear nothing
+    return sp
+
+
+async def splice(app: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                 stream: tuple[asyncio.StreamReader, asyncio.StreamWriter], *, first: bytes = b"",
+                 stats: Any = None, up: str | None = None, down: str | None = None,
+                 flush_timeout: float = 5.0) -> None:
+    """:func:`start_splice`, returning when it is done. Cancelled, it stops at once (:meth:`Splice.stop`). The caller closes ``app``'s writer
+    afterwards."""
+    done = asyncio.get_running_loop().create_future()
+    sp = start_splice(app, stream, first=first, stats=stats, up=up, down=down, flush_timeout=flush_timeout,
+                      on_done=lambda: done.done() or done.set_result(None))
     try:
-        # the readers may have paused their transports (a full buffer, now taken out of them)
-        for t in (ta, ts):
-            if not t.is_closing() and not t.is_reading():
-                t.resume_reading()
-        for side, data in ((pa, first), (pa, held_a), (ps, held_s)):
-            if data:
-                side.data_received(data)
-        if eof_a or eof_s or ta.is_closing() or ts.is_closing():
-            sp.finish()  # a side ended before the splice began: its protocol will hear nothing
-        await sp.done
+        await done
     finally:
-        sp.finish()  # (cancelled: stop copying too)
-        ps.flush()  # what the stream delivered in this turn still goes to the application
-        s_writer.close()
-    if ta.is_closing() or not ta.get_write_buffer_size():
-        return
-    # what is queued toward the application may leave, for a bounded time: with a
-    # high-water mark of 0 the transport calls resume_writing once its buffer is empty
-    sp.flushed = asyncio.get_running_loop().create_future()
-    ta.set_write_buffer_limits(high=0)
-    try:
-        async with asyncio.timeout(flush_timeout):
-            await sp.flushed
-    except TimeoutError:
-        ta.abort()
+        sp.stop()  # (cancelled: stop copying; else already done)
