@@ -6,13 +6,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import signal
 import socket
 import time
 
 import pytest
 from conftest import blob, http_get, relay_config, wait_for
 
-from onionp2p.client.circmgr import CircuitLimitError, CircuitManager, end_reason_action
+from onionp2p.client.circmgr import (
+    _UNASSIGNED,
+    BuildTimeoutError,
+    CircuitLimitError,
+    CircuitManager,
+    _Entry,
+    end_reason_action,
+)
 from onionp2p.client.client import OnionClient
 from onionp2p.client.guards import GuardSet
 from onionp2p.config import ClientConfig
@@ -343,6 +351,37 @@ async def test_stop_closes_managed_circuits(env, net, http_server):
     circs = list(client.circuits.values())
     await mgr.stop()
     assert mgr.circuits() == [] and all(c.state == "closed" for c in circs)
+
+
+async def test_a_failed_build_not_yet_reaped_is_not_joined(env, net, http_server):
+    """A build that has just failed is still listed until its done-callback runs, later in
+    the same turn of the loop. A stream looking for a circuit then must not "join" it:
+    waiting on a finished task does not yield, so the stream went round again and again
+    on it (under load its attempts were gone at once: SOCKS reply 6; with the patience
+    for timed-out builds, a loop that never ended and froze the client)."""
+    mgr, client, events = await env()
+    loop = asyncio.get_running_loop()
+    failed = loop.create_future()
+    failed.set_exception(BuildTimeoutError("circuit build timed out after 1 s"))
+    failed.exception()  # retrieved
+    # a clean preemptive build to e0 (it fits any stream), ended, its callback not yet run
+    stale = _Entry((net.status("g0"), net.status("m0"), net.status("e0")), "preemptive", mgr._generation,
+                   time.time(), isolation=_UNASSIGNED)
+    stale.task = failed
+    mgr._entries.append(stale)
+
+    def frozen(signum, frame):
+        raise AssertionError("the stream's circuit search never yielded to the event loop")
+
+    previous = signal.signal(signal.SIGALRM, frozen)
+    signal.alarm(30)
+    try:
+        circ = await fetch(mgr, http_server.port, "k")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert circ.state == "built" and not any(e.kind == "failed" for e in events)
+    mgr._entries.remove(stale)
 
 
 def test_end_reason_actions_follow_tor():

@@ -584,9 +584,12 @@ class CircuitManager:
             if usable:
                 usable.sort(key=lambda e: (e.isolation is _UNASSIGNED, e.dirty_since is None))
                 return self._attach(usable[0], key)
+            # a build whose task has ended is not under way, though it is listed until its
+            # done-callback runs (later in this turn of the loop): joining it would not wait
+            # at all, and this loop would go round without yielding
             pending = [e for e in self._entries
-                       if e.circ is None and e.guard_wait is None and self._fresh(e, now)
-                       and self._fits(e, port, key, avoid)]
+                       if e.circ is None and e.guard_wait is None and e.task is not None
+                       and not e.task.done() and self._fresh(e, now) and self._fits(e, port, key, avoid)]
             if pending:
                 pending.sort(key=lambda e: e.isolation is _UNASSIGNED)
                 entry = pending[0]
