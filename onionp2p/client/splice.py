@@ -29,7 +29,8 @@ when the splice started (sent while the reply was being written) go first, in or
 
 Nothing waits on a splice: :func:`start_splice` returns at once and calls back when it is
 over, so the SOCKS and HTTP CONNECT ports' connection task (its coroutine frames, its
-futures) ends when the stream is open (specs/performance.md §6.4 has what that saved). :func:`splice` is the same for a caller that awaits it.
+futures) ends when the stream is open (specs/performance.md §6.4 has what that saved).
+:func:`splice` is the same for a caller that awaits it.
 """
 
 from __future__ import annotations
