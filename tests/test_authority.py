@@ -189,6 +189,39 @@ async def test_three_authorities_sign_one_consensus_served_over_begindir(dirnet,
     await cdir.stop()
 
 
+async def test_client_reuses_its_one_hop_directory_circuit_until_it_is_dirty(dirnet, client, monkeypatch):
+    """As tor: later fetches from the same directory cache go over the one-hop circuit the
+    first one built, until MaxCircuitDirtiness (here 3 s) from when it was built; an HTTP
+    error answer keeps it; then it is closed, the next fetch builds a new one, and stop()
+    closes what is kept."""
+    monkeypatch.setattr("onionp2p.dir.client.DIR_CIRCUIT_DIRTINESS", 3.0)
+    built: list[int] = []
+    client.events.add(lambda ev: ev.kind == "built" and len(ev.path) == 1 and built.append(ev.circuit_id))
+    await wait_for(dirnet.consensus, timeout=45, interval=0.1, what="a consensus signed by 3 authorities")
+    cdir = ClientDirectory(dirnet.tmp / "client", dirnet.lines, client)
+    got = await cdir.bootstrap()
+    r1 = {s.nickname: s for s in cdir.routers()}["r1"]
+    await wait_for(lambda: all(r.directory.consensus and r.directory.consensus.valid_after >= got.valid_after
+                               for r in dirnet.relays), timeout=45, interval=0.1, what="relays to cache it")
+    try:
+        for _ in range(3):
+            assert verify_consensus(await cdir.fetch_via_relay(r1), cdir.authorities, time.time())
+        with pytest.raises(DirRequestError) as exc:
+            await cdir.fetch_via_relay(r1, "/tor/no-such-document")
+        assert exc.value.status == 404
+        assert verify_consensus(await cdir.fetch_via_relay(r1), cdir.authorities, time.time())
+        assert len(built) == 1  # five fetches, one circuit
+        first = client.circuits[built[0]]
+        assert first.state == "built" and not first.streams
+        await wait_for(lambda: first.state != "built", timeout=10, what="the dirty directory circuit to close")
+        await cdir.fetch_via_relay(r1)
+        assert len(built) == 2
+        second = client.circuits[built[1]]
+    finally:
+        await cdir.stop()
+    assert second.state != "built"
+
+
 async def test_authorities_going_away_do_not_stop_clients(dirnet, client, http_server):
     first = await wait_for(dirnet.consensus, timeout=45, interval=0.1, what="the first full consensus")
     cdir = ClientDirectory(dirnet.tmp / "client", dirnet.lines, client)

@@ -14,7 +14,8 @@ consensus) is ignored.
 and on every :meth:`~ClientDirectory.refresh`, it asks directory caches first — relays
 of the consensus it holds that have the V2Dir flag (the client's directory guards, or,
 without guards, drawn as tor does for the directory position: bandwidth times the
-consensus ``Wb*`` weights), over a one-hop circuit and a BEGIN_DIR stream — and the
+consensus ``Wb*`` weights), over a one-hop circuit (kept and reused for
+``DIR_CIRCUIT_DIRTINESS``, as tor reuses its directory circuits) and a BEGIN_DIR stream — and the
 authorities' DirPorts (HTTP) after them, or first when it has
 no consensus. The first verified document at least as new as the one held ends the
 search (an older one only means that source is behind). So clients that hold a valid
@@ -39,11 +40,12 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from onionp2p import __version__
 from onionp2p.client.pathsel import weighted_order
 from onionp2p.dir.selftest import ReachabilityTest
-from onionp2p.dir.server import DirServer, HttpRequest, HttpResponse, fetch, http_request
+from onionp2p.dir.server import DirRequestError, DirServer, HttpRequest, HttpResponse, fetch, http_request
 from onionp2p.dir.tordir import TorNetworkView
 from onionp2p.errors import OnionError, ProtocolError
 from onionp2p.log import get_logger
@@ -75,6 +77,9 @@ log = get_logger("onionp2p.dirclient")
 HS_DESC_MAX_BODY = 50000
 
 CONSENSUS_PATH = "/tor/status-vote/current/consensus"
+#: seconds a one-hop directory circuit is reused for after it was built (tor's
+#: MaxCircuitDirtiness, which also bounds the reuse of tor's one-hop directory circuits)
+DIR_CIRCUIT_DIRTINESS = 600.0
 CACHE_FILE = "cached-consensus"
 
 
@@ -287,6 +292,9 @@ class ClientDirectory(_ConsensusHolder):
         #: told ``fn(fingerprint, ok)`` after each fetch from a directory guard, so that the
         #: guard selection learns reachability from directory fetches too (guard-spec)
         self.dir_guard_result: Callable[[str, bool], None] | None = None
+        #: one-hop directory circuits kept for reuse: fingerprint -> (circuit, its expiry timer)
+        self._dir_circs: dict[str, tuple[Any, asyncio.TimerHandle]] = {}
+        self._dir_busy: dict[Any, int] = {}  # circuit -> fetches using it now
 
     async def bootstrap(self) -> NetworkStatus:
         """Use the cached consensus if it is still fresh; otherwise fetch one.
@@ -342,15 +350,68 @@ class ClientDirectory(_ConsensusHolder):
         return data
 
     async def fetch_via_relay(self, relay: RouterStatus, path: str = CONSENSUS_PATH) -> bytes:
-        """GET ``path`` from a relay's directory cache over a one-hop circuit (BEGIN_DIR)."""
-        circ = await self.client.build_circuit([relay.info], timeout=self.timeout)
+        """GET ``path`` from a relay's directory cache over a one-hop circuit (BEGIN_DIR).
+
+        As tor does, the one-hop circuit to a relay is reused by later fetches for
+        ``DIR_CIRCUIT_DIRTINESS`` seconds from when it was built (tor's MaxCircuitDirtiness),
+        then closed once no fetch uses it; a fetch that fails without an HTTP answer (the
+        circuit or the stream broke, a timeout) closes it."""
+        fp = relay.fingerprint
+        circ = self._reusable_dir_circuit(fp)
+        if circ is None:
+            circ = await self.client.build_circuit([relay.info], timeout=self.timeout)
+            old = self._dir_circs.pop(fp, None)
+            if old is not None:  # another fetch built one meanwhile: this one replaces it
+                old[1].cancel()
+                self._close_dir_circuit(old[0])
+            timer = asyncio.get_running_loop().call_later(DIR_CIRCUIT_DIRTINESS, self._expire_dir_circuit,
+                                                          fp, circ)
+            self._dir_circs[fp] = (circ, timer)
+        self._dir_busy[circ] = self._dir_busy.get(circ, 0) + 1
+        ok = False
         try:
             reader, writer = await circ.open_dir_stream(timeout=self.timeout)
             if path == CONSENSUS_PATH:
                 self._progress("requesting_status")
-            return await http_request(reader, writer, "GET", path, max_size=MAX_CONSENSUS_SIZE,
-                                      timeout=self.timeout)
+            try:
+                body = await http_request(reader, writer, "GET", path, max_size=MAX_CONSENSUS_SIZE,
+                                          timeout=self.timeout)
+            except DirRequestError as exc:
+                ok = exc.status is not None  # the cache answered (404 ...): the circuit is fine
+                raise
+            ok = True
+            return body
         finally:
+            left = self._dir_busy.pop(circ) - 1
+            if left:
+                self._dir_busy[circ] = left
+            kept = self._dir_circs.get(fp)
+            if kept is not None and kept[0] is circ:
+                if not ok:  # a failure: the next fetch builds anew
+                    self._dir_circs.pop(fp)[1].cancel()
+                    self._close_dir_circuit(circ)
+            else:
+                self._close_dir_circuit(circ)  # replaced or expired while in use
+
+    def _reusable_dir_circuit(self, fp: str) -> Any:
+        kept = self._dir_circs.get(fp)
+        if kept is None:
+            return None
+        if kept[0].state == "built":
+            return kept[0]
+        self._dir_circs.pop(fp)[1].cancel()
+        return None
+
+    def _expire_dir_circuit(self, fp: str, circ: Any) -> None:
+        kept = self._dir_circs.get(fp)
+        if kept is not None and kept[0] is circ:
+            del self._dir_circs[fp]
+        self._close_dir_circuit(circ)
+
+    def _close_dir_circuit(self, circ: Any) -> None:
+        """Close a directory circuit that is no longer kept, unless a fetch still uses it
+        (that fetch closes it when it ends)."""
+        if circ not in self._dir_busy:
             circ.close()
 
     async def start(self) -> None:
@@ -359,6 +420,10 @@ class ClientDirectory(_ConsensusHolder):
 
     async def stop(self) -> None:
         await self._cancel_tasks()
+        kept, self._dir_circs = self._dir_circs, {}
+        for circ, timer in kept.values():
+            timer.cancel()
+            circ.close()
 
 
 class RelayDirectory(_ConsensusHolder):
