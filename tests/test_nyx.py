@@ -229,7 +229,9 @@ def screen_circuits(text: str) -> dict[int, list[tuple[str, str]]]:
 
 
 def built_circuits(control_port: int) -> dict[int, list[tuple[str, str]]]:
-    """The client's BUILT general circuits from its control port (stem)."""
+    """The client's BUILT general circuits of more than one hop from its control port
+    (stem). nyx does not list a built one-hop circuit (the client's directory circuit)
+    among the circuits; it marks the connection to that relay DIRECTORY instead."""
     import logging
 
     from stem.control import Controller
@@ -238,7 +240,7 @@ def built_circuits(control_port: int) -> dict[int, list[tuple[str, str]]]:
     with Controller.from_port(address="127.0.0.1", port=control_port) as ctl:
         ctl.authenticate()  # cookie, found through PROTOCOLINFO like nyx does
         return {int(c.id): [(fp, nick) for fp, nick in c.path] for c in ctl.get_circuits()
-                if c.status == "BUILT" and c.purpose == "GENERAL"}
+                if c.status == "BUILT" and c.purpose == "GENERAL" and len(c.path) > 1}
 
 
 def test_nyx_shows_bandwidth_graph_and_circuits(testnet, www, nyx):
