@@ -8,7 +8,8 @@ Everything is real: in-process :class:`~onionp2p.relay.relay.Relay` objects on T
 driven through their SOCKS port by python-socks or curl (and through the control port).
 The faults are real sockets too: a *black hole* accepts TCP connections and never
 answers; a *freezer* forwards TCP to a relay until it is frozen, then forwards nothing
-in either direction and sends neither FIN nor RST (a half-open path).
+in either direction and sends neither FIN nor RST (a half-open path); a *delayer*
+forwards TCP to a relay holding every chunk for a set time each way (a slow path).
 
 What the tests check: the fault ends in an error within a bounded time (generous
 bounds: "does not hang", not "is fast"), clients get around it with new circuits, the
@@ -596,6 +597,7 @@ async def _slow_builds(fnet, http_server, g, m, x, slow) -> None:
                                     learn_circuit_build_timeout=False, preemptive_circuits=1),
                       routers=lambda: routers)
     timed_out: list[int] = []
+    get: asyncio.Task | None = None
     try:
         await node.start(ready_timeout=30)
         built = {c.id for c in node.client.circuits.values()}
@@ -612,6 +614,8 @@ async def _slow_builds(fnet, http_server, g, m, x, slow) -> None:
         assert await get == blob(20_000)
         assert len(set(timed_out)) > 2 * node.circmgr.max_build_attempts
     finally:
+        if get is not None and not get.done():
+            get.cancel()
         await node.stop()
 
 
