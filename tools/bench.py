@@ -482,7 +482,9 @@ class OnionNet(Network):
     def start(self, timeout: float = 240.0) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.dir.parent / "onionp2p-testnet.log", "wb")
-        env = {**os.environ, "ONIONP2P_EVENT_LOOP": self.event_loop}
+        from onionp2p.cli import EVENT_LOOP_ENV
+
+        env = {**os.environ, EVENT_LOOP_ENV: self.event_loop}
         cmd = [sys.executable, "-m", "onionp2p", "testnet", "--relays", str(self.n_relays),
                "--exits", str(self.n_exits), "--socks-port", "auto", "--control-port", "auto",
                "--data-dir", str(self.dir), "--voting-interval", "5"] + ([] if self.cgo else ["--no-cgo"]) \

@@ -612,9 +612,9 @@ class CircuitManager:
                 if not (patient and isinstance(exc, BuildTimeoutError)):
                     failures += 1
                 continue
-            failures += 1  # built, but no longer takes streams
             if self._takes_streams(entry, self.clock()):
                 return self._attach(entry, key)
+            failures += 1  # built, but no longer takes streams
         raise last or CircuitError("no circuit became available", "NONE")
 
     async def _await_build(self, entry: _Entry, port: int | None, key: object,

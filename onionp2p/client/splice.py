@@ -62,11 +62,6 @@ class Splice:
         self._end_soon = self._ended = self._finished = False
         self._timer: asyncio.TimerHandle | None = None
 
-    @property
-    def done(self) -> bool:
-        """Copying and the flush toward the application are over (``on_done`` was called)."""
-        return self._finished
-
     def finish(self) -> None:
         """A side ended: the splice ends at the end of this turn of the loop."""
         if not self._end_soon:
