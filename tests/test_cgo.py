@@ -892,6 +892,10 @@ def test_relay_batch_methods(backend: Backend) -> None:
     noise = [rng.randbytes(RELAY_BODY_LEN) for _ in range(3)]
     assert relay.encrypt_backward_many(noise, cmd=CELL_RELAY) == [
         twin.encrypt_backward(c, cmd=CELL_RELAY) for c in noise]
+    # the circuit core's form: a framed body (a memoryview into the read buffer), RELAY
+    framed = memoryview(b"".join(noise))
+    assert [relay.backward_relay(framed[i * RELAY_BODY_LEN:(i + 1) * RELAY_BODY_LEN]) for i in range(3)] == [
+        twin.encrypt_backward(c, cmd=CELL_RELAY) for c in noise]
 
 
 def test_originate_ignores_the_tag_area(backend: Backend) -> None:

@@ -26,7 +26,7 @@ def run_pair(cells: int):
             assert pkg.can_send()
         sent += 1
         pkg.on_data_sent(digest(sent))
-        dlv.on_data_received()
+        assert dlv.on_data_received() == dlv.sendme_due()  # it says what sendme_due says
         while dlv.sendme_due():
             pending.append(digest(sent))  # the receiver echoes the digest of the triggering cell
             dlv.on_sendme_sent()

@@ -33,6 +33,8 @@ from onionp2p.proto.relaycrypto import ClientCrypto, RelayCrypto
 CGO_WARMUP = 100
 ROUNDS = 25
 RUN = 8  # cells per inbound run in the "run" row (what one socket read brings a busy circuit)
+#: what a guard or middle runs per cell toward the client (RelayCircuit.receive_backward's call)
+CORE_BWD_ROW = "relay pass-through backward (the circuit core's call)"
 RUN_ROW = f"client decrypt_inbound_many, runs of {RUN} (3 hops, from hop 2; per cell)"
 
 
@@ -71,6 +73,7 @@ def main(argv: list[str]) -> int:
         ("relay decrypt_forward (recognized)", _ns_per_call(lambda: edge_relay.decrypt_forward(next(fwd_cells)), n))
     )
     rows.append(("relay encrypt_backward", _ns_per_call(lambda: relay.encrypt_backward(noise), n)))
+    rows.append((CORE_BWD_ROW, _ns_per_call(lambda: relay.bwd_update(noise), n)))
     rows.append(("relay originate_backward", _ns_per_call(lambda: relay.originate_backward(body), n)))
 
     # Client inbound from the exit: prepare n cells in advance with a matching chain.
@@ -190,6 +193,7 @@ def _cgo_rows_now(n: int) -> list[tuple[str, float]]:
                  _ns_per_call(lambda: edge_relay.decrypt_forward(next(fwd_cells), cmd=relay_cmd), n, w)))
     rows.append(("relay encrypt_backward",
                  _ns_per_call(lambda: relay.encrypt_backward(noise, cmd=relay_cmd), n, w)))
+    rows.append((CORE_BWD_ROW, _ns_per_call(lambda: relay.backward_relay(noise), n, w)))
     rows.append(("relay originate_backward",
                  _ns_per_call(lambda: relay.originate_backward(body, cmd=relay_cmd), n, w)))
 

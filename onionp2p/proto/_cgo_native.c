@@ -225,6 +225,21 @@ static inline int aes_ecb(EVP_CIPHER_CTX *ctx, const uint8_t *in, uint8_t *out, 
     return (EVP_CipherUpdate(ctx, out, &n, in, len) && n == len) ? 0 : -1;
 }
 
+/* out[i] = a[i] ^ b[i] for i < n, eight bytes at a time (a byte loop here was a third of a
+ * UIV+ call: the compiler cannot widen it, as out may alias a or b). out may equal a or b;
+ * no other overlap. */
+static inline void xor_bytes(uint8_t *out, const uint8_t *a, const uint8_t *b, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t x, y;
+        memcpy(&x, a + i, 8);
+        memcpy(&y, b + i, 8);
+        x ^= y;
+        memcpy(out + i, &x, 8);
+    }
+    for (; i < n; i++) out[i] = a[i] ^ b[i];
+}
+
 /* ------------------------------------------------------------------------------------ */
 /* UIV+ state and operations */
 
@@ -287,7 +302,7 @@ static int uiv_enc(CryptObject *self, const uint8_t h[16], uint8_t cmd, const ui
     uint8_t ks[T1_OFFSET * 16];
     if (et_apply(self, h, cmd, x_r, x_l, out) < 0) return -1;
     if (prf_stream(self, out, 0, T1_OFFSET, ks) < 0) return -1;
-    for (int i = 0; i < MSG_LEN; i++) out[16 + i] = x_r[i] ^ ks[i];
+    xor_bytes(out + 16, x_r, ks, MSG_LEN);
     return 0;
 }
 
@@ -295,7 +310,7 @@ static int uiv_dec(CryptObject *self, const uint8_t h[16], uint8_t cmd, const ui
                    const uint8_t *y_r, uint8_t *out) {
     uint8_t ks[T1_OFFSET * 16];
     if (prf_stream(self, y_l, 0, T1_OFFSET, ks) < 0) return -1;
-    for (int i = 0; i < MSG_LEN; i++) out[16 + i] = y_r[i] ^ ks[i];
+    xor_bytes(out + 16, y_r, ks, MSG_LEN);
     return et_apply(self, h, cmd, out + 16, y_l, out);
 }
 

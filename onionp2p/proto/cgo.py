@@ -106,6 +106,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
+from functools import partial
 from hashlib import shake_128
 from hmac import compare_digest as bytes_eq  # constant time
 from typing import Any, NamedTuple
@@ -1176,10 +1177,17 @@ class RelayCrypto:
     the method names keep tor1's roles).
     """
 
-    __slots__ = ("_hop",)
+    __slots__ = ("_hop", "backward_relay")
 
     def __init__(self, key_material: bytes) -> None:
         self._hop = _Hop(key_material, relay=True)
+        #: :meth:`encrypt_backward` of a RELAY cell's body, for a caller that framed the
+        #: cell itself (509 bytes: the backend checks the length, not the type of error):
+        #: with the native backend one C call per cell, nothing in Python between
+        bwd = self._hop.bwd
+        self.backward_relay: Callable[[Any], bytes] = (
+            partial(self.encrypt_backward, cmd=CELL_RELAY) if isinstance(bwd, PureCgoCrypt)
+            else partial(bwd._relay_backward, CELL_RELAY))
 
     def decrypt_forward(self, body: bytes, *, cmd: int) -> tuple[bool, bytes, bytes | None]:
         """Process a cell from the client: ``(recognized, body, tag16 or None)``.

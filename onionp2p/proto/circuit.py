@@ -427,12 +427,12 @@ class Edge:
 
     def _on_data(self, layer: Layer, sid: int, body, length: int, digest: bytes) -> None:
         """A DATA cell that ``layer``'s hop originated, for stream ``sid``."""
-        layer.deliver.on_data_received()  # raises ProtocolError below zero
+        circuit_due = layer.deliver.on_data_received()  # raises ProtocolError below zero
         stream = self.streams.get(sid)
         if stream is None or stream.layer is not layer:
             self._no_stream(layer, _DATA, sid)
         else:
-            stream.deliver.on_data_received()
+            stream_due = stream.deliver.on_data_received()
             stream.bytes_received += length
             self.bytes_received += length
             if length:
@@ -448,9 +448,9 @@ class Edge:
                     stream.sink_room = room - length
                     if room - length <= 0:
                         stream.sink_ready = False
-            if stream.sink_ready and stream.deliver.sendme_due():
+            if stream_due and stream.sink_ready:
                 self._stream_sendmes(stream)
-        if layer.deliver.sendme_due():
+        if circuit_due:
             self._circuit_sendmes(layer, digest)
 
     def _stream_sendmes(self, stream: Stream) -> None:
@@ -974,8 +974,7 @@ class ClientCircuit(Edge):
         if sid == 0 and cmd in STREAM_COMMANDS:
             self._violation("stream command on stream 0", layer, cmd, sid)
             if cmd == _DATA:  # still counted against its hop's window, as tor does
-                layer.deliver.on_data_received()
-                if layer.deliver.sendme_due():
+                if layer.deliver.on_data_received():
                     self._circuit_sendmes(layer, digest)
             return
         if cmd == _SENDME:

@@ -128,12 +128,13 @@ class PackageWindow:
 class DeliverWindow:
     """The receiving side: count DATA cells and say when to send a SENDME."""
 
-    __slots__ = ("start", "increment", "window")
+    __slots__ = ("start", "increment", "window", "_due_at")
 
     def __init__(self, start: int, increment: int):
         self.start = start
         self.increment = increment
         self.window = start
+        self._due_at = start - increment  # a SENDME is due at or below this
 
     @classmethod
     def circuit(cls) -> DeliverWindow:
@@ -143,15 +144,20 @@ class DeliverWindow:
     def stream(cls) -> DeliverWindow:
         return cls(STREAMWINDOW_START, STREAMWINDOW_INCREMENT)
 
-    def on_data_received(self) -> None:
-        """Account one DATA cell; raise ProtocolError if the peer overran the window."""
-        self.window -= 1
-        if self.window < 0:
+    def on_data_received(self) -> bool:
+        """Account one DATA cell; True if a SENDME is due now (as :meth:`sendme_due`).
+
+        Raises:
+            ProtocolError: the peer overran the window.
+        """
+        window = self.window = self.window - 1
+        if window < 0:
             raise ProtocolError("peer sent DATA beyond the flow-control window")
+        return window <= self._due_at
 
     def sendme_due(self) -> bool:
         """True while a SENDME should be sent (the window dropped by one increment or more)."""
-        return self.window <= self.start - self.increment
+        return self.window <= self._due_at
 
     def on_sendme_sent(self) -> None:
         self.window += self.increment

@@ -140,19 +140,17 @@ class CgoRelayCrypto:
     the client). Forward cells need their command, so the core has a loop of its own for
     them (:meth:`decrypt_forward`)."""
 
-    __slots__ = ("_c",)
+    __slots__ = ("_c", "bwd_update")
     kind = "cgo"
 
     def __init__(self, key_material: bytes) -> None:
         self._c = cgo.RelayCrypto(key_material)
+        #: add our layer to a cell from a later hop (the core frames the 509 bytes)
+        self.bwd_update = self._c.backward_relay
 
     def decrypt_forward(self, body, cmd: int) -> tuple[bool, bytes, bytes | None]:
         """``(recognized, body, tag16 or None)``; an unrecognized body goes on unchanged."""
         return self._c.decrypt_forward(body, cmd=cmd)
-
-    def bwd_update(self, body) -> bytes:
-        """Add our layer to a cell from a later hop."""
-        return self._c.encrypt_backward(body, cmd=_RELAY)
 
     def originate_backward(self, body) -> tuple[bytes, bytes]:
         """A cell of ours toward the client (v1 format): ``(cipher, tag16)``."""
