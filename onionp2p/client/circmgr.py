@@ -75,11 +75,14 @@ Streams (:meth:`open_stream`)
   again; TORPROTOCOL, DESTROY (the exit says the circuit is bad): close the circuit and
   fail; anything else (CONNECTREFUSED, ...): fail at once. A local connect timeout
   (``stream_timeout``, like tor's 10-15 s stream cutoff) retires the circuit and tries
-  again; our client reports it as TIMEOUT, which we cannot tell from an exit's END
-  TIMEOUT, so both are treated alike. A circuit that dies while the stream waits is
+  again (an exit's END TIMEOUT gets the same reaction; for path bias the two are not
+  told apart). A circuit that dies while the stream waits is
   a circuit failure: try again. At most ``max_stream_attempts`` (3, tor's
   MAX_RESOLVE_FAILURES) attempts within ``timeout``, then the last StreamError is raised
-  (a CircuitError only when no stream error happened).
+  (a CircuitError only when no stream error happened); our own connect timeouts
+  (:class:`~onionp2p.client.client.ConnectTimeoutError`) are not counted: like tor, which
+  retries a stream on new circuits until SocksTimeout, the stream tries again until
+  ``timeout``.
 
 Onion-service circuits (:meth:`CircuitManager.build_internal`)
   Circuits that end at a relay chosen for an onion service (an HSDir, an introduction or a
@@ -110,7 +113,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 from onionp2p.client.cbt import CBT_SAVE_STATE_EVERY, CBTParams, CircuitBuildTimes
-from onionp2p.client.client import CircuitEvent, ClientCircuit, OnionClient
+from onionp2p.client.client import CircuitEvent, ClientCircuit, ConnectTimeoutError, OnionClient
 from onionp2p.client.guards import WAITING, GuardCircuit, GuardSet, NoGuardError
 from onionp2p.client.pathbias import PathBias, PBParams
 from onionp2p.client.pathsel import (
@@ -147,6 +150,13 @@ class CircuitLimitError(CircuitError):
 
     def __init__(self, message: str, reason: str = "RESOURCELIMIT"):
         super().__init__(message, reason)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Done-callback of a task whose failure nobody awaits (asyncio would log it as
+    "never retrieved", and the log record would keep its frames and circuit alive)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class BuildTimeoutError(CircuitError):
@@ -385,10 +395,12 @@ class CircuitManager:
         deadline = loop.time() + timeout
         avoid: set[str] = set()
         last: OnionError | None = None
-        for _ in range(self.max_stream_attempts):
+        attempts = 0
+        while attempts < self.max_stream_attempts and (last is None or loop.time() < deadline):
             circ = await self._circuit_until(deadline, port, isolation, avoid, last)
             entry = self._entry_of(circ)
             entry.inflight += 1
+            attempts += 1
             try:
                 reader, writer = await circ.open_stream(
                     host, port, timeout=max(min(self.stream_timeout, deadline - loop.time()), 0.001))
@@ -399,6 +411,11 @@ class CircuitManager:
                 self._retire(entry)
             except StreamError as exc:
                 last = exc
+                if isinstance(exc, ConnectTimeoutError):
+                    # our own wait for CONNECTED ran out (a slow path, a loaded machine): as
+                    # tor, try another circuit until the stream's deadline without counting
+                    # it (tor's connection_ap_expire_beginning has no count but SocksTimeout)
+                    attempts -= 1
                 if circ.state != "built":
                     continue  # the circuit died under the stream
                 # path bias: an END with a real reason shows the exit was reached, untagged
@@ -420,8 +437,6 @@ class CircuitManager:
                     self._retire(entry)
             finally:
                 entry.inflight -= 1
-            if loop.time() >= deadline:
-                break
         assert last is not None
         raise last
 
@@ -759,6 +774,7 @@ class CircuitManager:
             raise CircuitError(f"cannot connect to guard {guard.nickname}: {exc or 'timeout'}",
                                "CONNECTFAILED") from None
         circ: ClientCircuit | None = None
+        building: asyncio.Task | None = None
         try:
             circ, building = await self.client.launch_circuit(
                 [rs.info for rs in e.path], timeout=max(start + close - time.monotonic(), 0.001),
@@ -785,6 +801,8 @@ class CircuitManager:
                 self._failed.setdefault(e.path[-1].fingerprint, (until, "exit"))
             raise
         except asyncio.CancelledError:  # abandoned (stop, an onion-service request given up)
+            if building is not None:  # it fails with "closed by us": nobody else will ask
+                building.add_done_callback(_retrieve)
             if circ is not None:
                 circ.close()
             raise
@@ -883,7 +901,7 @@ class CircuitManager:
             self.path_bias.closed(circ.id, remote=False)  # tor stops counting measurement circuits
             building.add_done_callback(lambda t: self._measured(circ, t, start))
         else:
-            building.add_done_callback(lambda t: t.cancelled() or t.exception())
+            building.add_done_callback(_retrieve)
             circ.close()
 
     def _measured(self, circ: ClientCircuit, task: asyncio.Task, start: float) -> None:

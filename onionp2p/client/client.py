@@ -81,6 +81,13 @@ def _reason_name(reason: int) -> str:
     return EndReason(reason).name if reason in EndReason._value2member_map_ else str(reason)
 
 
+class ConnectTimeoutError(StreamError):
+    """No CONNECTED within our own wait (``stream_timeout``): not an END TIMEOUT from the exit."""
+
+    def __init__(self, message: str = "stream timed out waiting for CONNECTED"):
+        super().__init__(message, EndReason.TIMEOUT)
+
+
 class StreamTransport(asyncio.Transport):
     """The ``asyncio.Transport`` under a client stream's reader/writer pair."""
 
@@ -518,7 +525,7 @@ class ClientCircuit:
                 await transport.connected
         except asyncio.TimeoutError:
             transport.abort()
-            raise StreamError("stream timed out waiting for CONNECTED", EndReason.TIMEOUT) from None
+            raise ConnectTimeoutError() from None
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         return reader, writer
 
