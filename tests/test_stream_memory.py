@@ -65,6 +65,8 @@ async def test_idle_streams_hold_no_deques(client_node):
         deques0 = _count(collections.deque)
         plain0 = _count(asyncio.StreamReaderProtocol)
         lean0 = _count(LeanStreamReaderProtocol)
+        readers0, writers0 = _count(asyncio.StreamReader), _count(asyncio.StreamWriter)
+        futures0 = _count(asyncio.Future)
         sides0 = _count(_Side)
         tasks0 = len(asyncio.all_tasks())
         for _ in range(n):
@@ -77,17 +79,20 @@ async def test_idle_streams_hold_no_deques(client_node):
         spliced = client_node.socks._spliced
         assert len(spliced) == n + 1 and client_node.socks.stats.active == n + 1
         # both transports of each stream (SOCKS side and circuit side) are spliced: a _Side
-        # protocol on each; the lean protocols they replaced are kept (they still hear of the
-        # connection's loss) and were never paused: no deque
+        # protocol on each; the reader/writer pairs that did the SOCKS handshake and waited
+        # for CONNECTED were let go (the splice's release), with their protocols and futures
         assert _count(_Side) - sides0 == 2 * n
-        assert _count(LeanStreamReaderProtocol) - lean0 == 2 * n
+        assert _count(LeanStreamReaderProtocol) - lean0 == 0
         assert _count(asyncio.StreamReaderProtocol) == plain0
+        assert (_count(asyncio.StreamReader) - readers0, _count(asyncio.StreamWriter) - writers0) == (0, 0)
+        assert _count(asyncio.Future) - futures0 <= n  # the circuit stream's `connected`
         transports = [t for c in client_node.client.circuits.values() for t in c._transports.values()]
         assert len(transports) == n + 1
         for t in transports:
-            assert type(t.protocol) is _Side
-            assert type(t.protocol.original) is LeanStreamReaderProtocol
-            assert t.protocol.original._lean_waiters is None  # never paused: no deque
+            assert type(t.protocol) is _Side and t.protocol.original is None
+            # the writers were collected without closing their transports (asyncio's
+            # StreamWriter.__del__ would have)
+            assert not t.is_closing() and not t.protocol.peer.is_closing()
             assert t._reader_buffer is None  # the core counts no reader room for a splice
             stream = t.circuit.core.streams[t.stream_id]
             # the SOCKS socket holds what the reader held before it pauses: under congestion
@@ -95,10 +100,8 @@ async def test_idle_streams_hold_no_deques(client_node):
             assert stream.layer.cc is not None
             xoff = stream.layer.cc.p.xoff_bytes(exit_side=False)
             assert t.protocol.peer.get_write_buffer_limits() == (xoff // 2, xoff)
-            # the SOCKS connection's protocol let go of its handler's finished task
             socks_side = t.protocol.peer.get_protocol()
-            assert type(socks_side) is _Side and type(socks_side.original) is LeanStreamReaderProtocol
-            assert socks_side.original._task is None
+            assert type(socks_side) is _Side and socks_side.original is None
             assert stream.package._digests is None  # a stream window never remembers digests
         # ...and no stream made a deque (asyncio's own transports may, on newer Pythons: < 1 each)
         assert _count(collections.deque) - deques0 < n

@@ -8,9 +8,8 @@ a sixteenth of what an idle stream cost the client in all, and it is only ever u
 the transport is paused (a writer waits in ``drain()`` only then). Idle streams never wait.
 
 :class:`LeanStreamReaderProtocol` creates that deque on first use instead; everything else is
-asyncio's own code, except that the finished task of a server connection's callback is let
-go when it ends rather than when the connection does (``_task``). :func:`start_server` is
-``asyncio.start_server`` with it.
+asyncio's own code. :func:`start_server` is ``asyncio.start_server`` with it. (Once a stream
+is spliced, the splice lets both pairs go altogether: :func:`onionp2p.client.splice.start_splice`.)
 """
 
 from __future__ import annotations
@@ -43,26 +42,6 @@ class LeanStreamReaderProtocol(asyncio.StreamReaderProtocol):
     @_drain_waiters.setter
     def _drain_waiters(self, value: collections.deque) -> None:
         self._lean_waiters = value if value else None
-
-    # asyncio keeps the task of a server's client_connected_cb in ``_task`` so that it is not
-    # collected while it runs, and lets go of it only when the connection is lost. Once the
-    # task has ended (the SOCKS port's handler hands its connection to a splice and returns)
-    # the finished task and its coroutine would stay with the connection: let go of them then.
-    _lean_task: asyncio.Task | None = None
-
-    @property  # type: ignore[override]
-    def _task(self) -> asyncio.Task | None:
-        return self._lean_task
-
-    @_task.setter
-    def _task(self, task: asyncio.Task | None) -> None:
-        self._lean_task = task
-        if task is not None:
-            task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        if self._lean_task is task:
-            self._lean_task = None
 
 
 async def start_server(client_connected_cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter],

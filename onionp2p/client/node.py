@@ -119,7 +119,9 @@ class StreamRecord:
     client_protocol: str = "SOCKS5"  # SOCKS4, SOCKS5, HTTPCONNECT or DNS (the front end)
     reason: str | None = None
     created_at: float = field(default_factory=time.time)
-    writer: asyncio.StreamWriter | None = None
+    #: the circuit stream's transport, once open (CLOSESTREAM aborts it); not its writer,
+    #: which the SOCKS port's splice lets go
+    transport: asyncio.BaseTransport | None = None
 
 
 class ClientNode:
@@ -492,7 +494,7 @@ class ClientNode:
             self._stream_status(rec, "FAILED", "DESTROY" if exc.reason != "NOPATH" else "NOROUTE")
             raise
         rec.circuit_id = circ.id
-        rec.writer = writer
+        rec.transport = writer.transport
         self._stream_status(rec, "SENTCONNECT")
         self._stream_status(rec, "SUCCEEDED")
 
@@ -541,9 +543,9 @@ class ClientNode:
 
     def close_stream(self, stream_id: int) -> bool:
         rec = self.streams.get(stream_id)
-        if rec is None or rec.writer is None:
+        if rec is None or rec.transport is None:
             return False
-        rec.writer.transport.abort()
+        rec.transport.abort()
         return True
 
     # -- onion services this node hosts (config [[onion_service]], the library API, ADD_ONION) --

@@ -325,7 +325,7 @@ class AppProxyServer:
         self._spliced[ta] = start_splice(
             (reader, writer), (sreader, swriter), first=extra, stats=self.stats, up="bytes_up",
             down="bytes_down", flush_timeout=CLOSE_FLUSH_TIMEOUT,
-            on_done=lambda: self._splice_done(ta))
+            on_done=lambda: self._splice_done(ta), release=True)
 
     def _splice_done(self, transport: asyncio.BaseTransport) -> None:
         if self._spliced.pop(transport, None) is not None:

@@ -56,8 +56,9 @@ class Splice:
         self.on_done = on_done
         self.pa: _Side | None = None
         self.ps: _Side | None = None
-        #: the two StreamWriters, kept until the end: one let go earlier would close its
-        #: transport (asyncio's StreamWriter.__del__)
+        #: the StreamWriters, kept until the end: one let go earlier would close its
+        #: transport (asyncio's StreamWriter.__del__); none when they were released
+        #: (``release``)
         self.writers: tuple[asyncio.StreamWriter, ...] = ()
         self._end_soon = self._ended = self._finished = False
         self._timer: asyncio.TimerHandle | None = None
@@ -110,6 +111,16 @@ class Splice:
         if on_done is not None:
             on_done()
         self.writers = ()
+
+
+class _HandedOver(asyncio.StreamWriter):
+    """A ``StreamWriter`` whose transport a splice owns (``release``): asyncio's
+    ``StreamWriter.__del__`` closes the transport of a writer that is collected; this one
+    is let go with its ``StreamReader`` and protocol while the transport lives on under
+    the splice (which closes the stream's; its owner closes the application's)."""
+
+    def __del__(self) -> None:
+        pass
 
 
 class _Side(asyncio.Protocol):
@@ -192,7 +203,8 @@ def _held(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
 def start_splice(app: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                  stream: tuple[asyncio.StreamReader, asyncio.StreamWriter], *, first: bytes = b"",
                  stats: Any = None, up: str | None = None, down: str | None = None,
-                 flush_timeout: float = 5.0, on_done: Callable[[], None] | None = None) -> Splice:
+                 flush_timeout: float = 5.0, on_done: Callable[[], None] | None = None,
+                 release: bool = False) -> Splice:
     """Start copying between ``app`` (the application's connection) and ``stream`` (a
     circuit stream, or any connection) both ways until one side ends; see the module
     docstring. Nothing waits on it: ``on_done()`` is called once, when the copying ended,
@@ -203,13 +215,23 @@ def start_splice(app: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     ``first``: bytes to send on ``stream`` before anything else (a request's optimistic
     data). ``stats``/``up``/``down``: attribute names on ``stats`` counting the bytes
     app -> stream and stream -> app. The replaced protocols (the reader/writer pairs')
-    still hear of their connection's loss, so ``wait_closed()`` works."""
+    still hear of their connection's loss, so ``wait_closed()`` works. With ``release``
+    both reader/writer pairs are let go instead (their readers, protocols, writers and
+    futures: specs/performance.md §6.4), for an owner that keeps neither and only closes
+    the application's transport when ``on_done()`` comes (the stream's, the splice
+    closes)."""
     (a_reader, a_writer), (s_reader, s_writer) = app, stream
     ta, ts = a_writer.transport, s_writer.transport
     sp = Splice(asyncio.get_running_loop(), ta, ts, flush_timeout, on_done)
-    sp.writers = (a_writer, s_writer)
-    pa = sp.pa = _Side(sp, ts, ta.get_protocol(), stats, up, app=True)
-    ps = sp.ps = _Side(sp, ta, ts.get_protocol(), stats, down, app=False)
+    if release:  # (a writer of another class, if any, is kept)
+        for w in (a_writer, s_writer):
+            if type(w) is asyncio.StreamWriter:
+                w.__class__ = _HandedOver
+        sp.writers = tuple(w for w in (a_writer, s_writer) if type(w) is not _HandedOver)
+    else:
+        sp.writers = (a_writer, s_writer)
+    pa = sp.pa = _Side(sp, ts, None if release else ta.get_protocol(), stats, up, app=True)
+    ps = sp.ps = _Side(sp, ta, None if release else ts.get_protocol(), stats, down, app=False)
     # a circuit stream says how much its sink may hold before it pauses (so under congestion
     # control the XOFF comes at tor's cc_xoff_client): the application's socket gets that
     # high-water mark, and reading resumes at half of it
