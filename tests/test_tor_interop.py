@@ -16,6 +16,7 @@ import random
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,16 @@ def tor_network(tmp_path_factory):
     ])
     net.start(n_relays=5, n_exits=2, timeout=150)
     try:
-        statuses = asyncio.run(fetch_tor_directory(net.dirauth_lines()))
+        # net.start waits for the relays (what paths need); an authority can still be
+        # missing from the first consensus (its reachability not yet tested): the tests
+        # here expect every node, so wait for a consensus that lists them all
+        names = {n.name for n in net.nodes}
+        deadline = time.monotonic() + 90
+        while True:
+            statuses = asyncio.run(fetch_tor_directory(net.dirauth_lines()))
+            if {s.nickname for s in statuses} >= names or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         marks = {name: path.stat().st_size for name, path in net.log_paths().items()}
         yield net, {s.nickname: s for s in statuses}, marks
     finally:
