@@ -493,7 +493,9 @@ async def test_authority_down_clients_bootstrap_from_cache_and_relays(tmp_path, 
         served = sum(r.directory.server.requests for r in relays)
         doc = await second.directory.refresh()
         assert doc.valid_after >= held.valid_after
-        assert sum(r.directory.server.requests for r in relays) == served + 1
+        # the relays' caches served it (one request, or more on a loaded machine: a cache
+        # slow to answer is left for the next; a background fetch of the client may overlap)
+        assert sum(r.directory.server.requests for r in relays) >= served + 1
         if shutil.which("curl"):
             rc, body, err = await curl_get(second.socks_port, f"http://localhost:{http_server.port}/100000")
             assert rc == 0, err
@@ -573,20 +575,27 @@ async def _black_holes(fnet, http_server, g, m, x, hole_guard, hole_mid) -> None
         await node.stop()
 
 
-async def test_stream_waits_through_more_timed_out_builds_than_max_build_attempts(fnet, http_server):
-    """Under load every build may pass the build timeout for a while (a timeout learned on
-    an idle network). As in tor, a stream goes on waiting for a circuit until its own
-    deadline: builds that only timed out do not count against ``max_build_attempts``."""
+async def _three_relays_one_delayed(fnet, delayed: str, run) -> None:
+    """Relays g, m and x (an exit) with a :class:`Delayer` (no delay yet) in front of the one
+    named ``delayed``; ``await run(g, m, x, slow)``; then back to the baseline."""
     g = await fnet.add("g")
     m = await fnet.add("m")
     x = await fnet.add("x", exit=True)
     base = await fnet.warm_up()
-    slow = await Delayer(m.port, 0.0).start()
+    slow = await Delayer({"g": g, "m": m, "x": x}[delayed].port, 0.0).start()
     try:
-        await _slow_builds(fnet, http_server, g, m, x, slow)
+        await run(g, m, x, slow)
     finally:
         await slow.stop()
     await settle(fnet.relays, base)
+
+
+async def test_stream_waits_through_more_timed_out_builds_than_max_build_attempts(fnet, http_server):
+    """Under load every build may pass the build timeout for a while (a timeout learned on
+    an idle network). As in tor, a stream goes on waiting for a circuit until its own
+    deadline: builds that only timed out do not count against ``max_build_attempts``."""
+    await _three_relays_one_delayed(
+        fnet, "m", lambda g, m, x, slow: _slow_builds(fnet, http_server, g, m, x, slow))
 
 
 async def _slow_builds(fnet, http_server, g, m, x, slow) -> None:
@@ -624,16 +633,8 @@ async def test_stream_waits_through_more_connect_timeouts_than_max_stream_attemp
     tor (which retries such a stream on new circuits until SocksTimeout), our own connect
     timeouts do not count against ``max_stream_attempts``: the stream waits until its
     deadline, and opens once the path is fast again."""
-    g = await fnet.add("g")
-    m = await fnet.add("m")
-    x = await fnet.add("x", exit=True)
-    base = await fnet.warm_up()
-    slow = await Delayer(x.port, 0.0).start()
-    try:
-        await _slow_connects(fnet, http_server, g, m, x, slow)
-    finally:
-        await slow.stop()
-    await settle(fnet.relays, base)
+    await _three_relays_one_delayed(
+        fnet, "x", lambda g, m, x, slow: _slow_connects(fnet, http_server, g, m, x, slow))
 
 
 async def _slow_connects(fnet, http_server, g, m, x, slow) -> None:
@@ -651,8 +652,9 @@ async def _slow_connects(fnet, http_server, g, m, x, slow) -> None:
         get = asyncio.create_task(socks_get(node.socks_port, http_server.port, "/20000", timeout=90))
         # every BEGIN reaches the exit, which connects to the server; more of them than
         # max_stream_attempts, and the stream is still waiting
-        await wait_for(lambda: http_server.connections - before > 2 * node.circmgr.max_stream_attempts or get.done(),
-                       60, "BEGINs to time out", interval=0.05)
+        limit = 2 * node.circmgr.max_stream_attempts
+        await wait_for(lambda: http_server.connections - before > limit or get.done(), 60,
+                       "BEGINs to time out", interval=0.05)
         assert not get.done(), get.exception() if get.exception() else "the stream ended early"
         slow.delay = 0.0
         assert await get == blob(20_000)
@@ -666,11 +668,11 @@ async def test_stopping_during_a_build_leaves_no_failure_unretrieved(fnet, http_
     """``stop()`` abandons builds under way and closes their circuits; the circuit's own
     build task then fails ("closed by us") and that failure must be taken, or asyncio logs
     "Task exception was never retrieved" and the log record keeps the circuit alive."""
-    g = await fnet.add("g")
-    m = await fnet.add("m")
-    x = await fnet.add("x", exit=True)
-    base = await fnet.warm_up()
-    slow = await Delayer(m.port, 0.0).start()
+    await _three_relays_one_delayed(
+        fnet, "m", lambda g, m, x, slow: _stop_during_a_build(fnet, g, m, x, slow))
+
+
+async def _stop_during_a_build(fnet, g, m, x, slow) -> None:
     loop = asyncio.get_running_loop()
     unretrieved: list[str] = []
     handler = loop.get_exception_handler()
@@ -685,8 +687,9 @@ async def test_stopping_during_a_build_leaves_no_failure_unretrieved(fnet, http_
             await node.start(ready_timeout=30)
             slow.delay = 1.0  # a new build now waits seconds for EXTENDED2 from m
             get = asyncio.create_task(node.circmgr.get_circuit(None, "another isolation key"))
-            await wait_for(lambda: any(c.state == "launched" and c.hops for c in node.client.circuits.values()),
-                           20, "a build under way")
+            circuits = node.client.circuits
+            await wait_for(lambda: any(c.state == "launched" and c.hops for c in circuits.values()), 20,
+                           "a build under way")
         finally:
             await node.stop()
         with contextlib.suppress(CircuitError, asyncio.CancelledError):
@@ -698,8 +701,6 @@ async def test_stopping_during_a_build_leaves_no_failure_unretrieved(fnet, http_
         assert unretrieved == []
     finally:
         loop.set_exception_handler(handler)
-        await slow.stop()
-    await settle(fnet.relays, base)
 
 
 async def test_silent_guard_link_stream_timeout_then_other_guard(fnet, http_server):
