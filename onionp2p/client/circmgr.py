@@ -152,13 +152,6 @@ class CircuitLimitError(CircuitError):
         super().__init__(message, reason)
 
 
-def _retrieve(task: asyncio.Task) -> None:
-    """Done-callback of a task whose failure nobody awaits (asyncio would log it as
-    "never retrieved", and the log record would keep its frames and circuit alive)."""
-    if not task.cancelled():
-        task.exception()
-
-
 class BuildTimeoutError(CircuitError):
     """A circuit we launched passed the build timeout (ours, not a relay's DESTROY)."""
 
@@ -774,7 +767,6 @@ class CircuitManager:
             raise CircuitError(f"cannot connect to guard {guard.nickname}: {exc or 'timeout'}",
                                "CONNECTFAILED") from None
         circ: ClientCircuit | None = None
-        building: asyncio.Task | None = None
         try:
             circ, building = await self.client.launch_circuit(
                 [rs.info for rs in e.path], timeout=max(start + close - time.monotonic(), 0.001),
@@ -801,8 +793,6 @@ class CircuitManager:
                 self._failed.setdefault(e.path[-1].fingerprint, (until, "exit"))
             raise
         except asyncio.CancelledError:  # abandoned (stop, an onion-service request given up)
-            if building is not None:  # it fails with "closed by us": nobody else will ask
-                building.add_done_callback(_retrieve)
             if circ is not None:
                 circ.close()
             raise
@@ -901,7 +891,6 @@ class CircuitManager:
             self.path_bias.closed(circ.id, remote=False)  # tor stops counting measurement circuits
             building.add_done_callback(lambda t: self._measured(circ, t, start))
         else:
-            building.add_done_callback(_retrieve)
             circ.close()
 
     def _measured(self, circ: ClientCircuit, task: asyncio.Task, start: float) -> None:

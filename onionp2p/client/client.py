@@ -81,6 +81,11 @@ def _reason_name(reason: int) -> str:
     return EndReason(reason).name if reason in EndReason._value2member_map_ else str(reason)
 
 
+def _take_failure(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class ConnectTimeoutError(StreamError):
     """No CONNECTED within our own wait (``stream_timeout``): not an END TIMEOUT from the exit."""
 
@@ -630,7 +635,8 @@ class OnionClient:
                              rend_query: str | None = None,
                              ) -> tuple[ClientCircuit, asyncio.Task]:
         """Connect to the first hop and start building; return the circuit and the build task
-        (which raises CircuitError if the build fails) without waiting for the build.
+        (which raises CircuitError if the build fails; nobody has to await it) without
+        waiting for the build.
         ``purpose``, ``hs_state``, ``rend_query``: what the control port shows from the first
         CIRC event on (see :class:`ClientCircuit`)."""
         if not path:
@@ -645,6 +651,10 @@ class OnionClient:
         if len(path) > 1:  # a one-hop (directory) circuit does not make the channel worth padding
             chan.note_usage(Usage.FULL_CIRCS)
         task = asyncio.get_running_loop().create_task(circ._build(timeout))
+        # a caller that awaits the task gets its failure; one that gives the circuit up
+        # (closes it, stops) does not, and asyncio's "never retrieved" log record would keep
+        # the task's frames and the circuit alive: the failure is always taken here
+        task.add_done_callback(_take_failure)
         return circ, task
 
     def _circuit_gone(self, circ: ClientCircuit) -> None:

@@ -223,13 +223,13 @@ def start_splice(app: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     (a_reader, a_writer), (s_reader, s_writer) = app, stream
     ta, ts = a_writer.transport, s_writer.transport
     sp = Splice(asyncio.get_running_loop(), ta, ts, flush_timeout, on_done)
-    if release:  # (a writer of another class, if any, is kept)
-        for w in (a_writer, s_writer):
-            if type(w) is asyncio.StreamWriter:
-                w.__class__ = _HandedOver
-        sp.writers = tuple(w for w in (a_writer, s_writer) if type(w) is not _HandedOver)
-    else:
-        sp.writers = (a_writer, s_writer)
+    kept = []
+    for w in (a_writer, s_writer):
+        if release and type(w) is asyncio.StreamWriter:
+            w.__class__ = _HandedOver
+        else:  # (with release, a writer of another class is kept too)
+            kept.append(w)
+    sp.writers = tuple(kept)
     pa = sp.pa = _Side(sp, ts, None if release else ta.get_protocol(), stats, up, app=True)
     ps = sp.ps = _Side(sp, ta, None if release else ts.get_protocol(), stats, down, app=False)
     # a circuit stream says how much its sink may hold before it pauses (so under congestion

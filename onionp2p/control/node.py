@@ -385,7 +385,6 @@ class ClientControlAdapter(ControlAdapterBase):
                                                                 timeout=self.node.circmgr.current_build_timeout)
         except OnionError as exc:
             raise ControlError(551, f"Couldn't start circuit: {exc}") from None
-        _task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return circ.id
 
     @staticmethod
