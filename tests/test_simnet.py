@@ -4,9 +4,9 @@ Four namespaces joined by the user-space router: ``a``-``b`` with a one-way dela
 DELAY each way, ``a``-``cap`` where ``cap``'s access link is capped at RATE bytes/s each
 way, and ``a``-``lossy`` where LOSS of the packets towards ``lossy`` are dropped. Asserted:
 
-* ``ping`` and a TCP echo from ``a`` to ``b`` see a round-trip time of 2 × DELAY (median
-  within TOLERANCE; the minimum never below 2 × DELAY, which a router that forwards
-  early would break);
+* ``ping`` from ``a`` to ``b``, and TCP's own round-trip times (handshake, smoothed RTT)
+  see 2 × DELAY within TOLERANCE; no ping or TCP echo is ever faster than 2 × DELAY,
+  which a router that forwards early would break;
 * the round-trip time ``a``-``cap`` (no delay configured) stays near zero, so the delay is
   per pair;
 * one bulk TCP flow into ``cap`` gets between 0.6 and 1.05 × RATE;
@@ -36,6 +36,7 @@ DELAY = 0.030  # one way, seconds
 RATE = 1_000_000  # bytes/s
 LOSS = 0.10
 TOLERANCE_MS = 3.0  # the CI machine may be busy; tools/simnet --validate reports the real error
+ECHO_SLACK_MS = 15.0  # a user-space echo: the scheduling of its two processes adds to it
 
 
 def _need_root_tun() -> None:
@@ -106,11 +107,16 @@ def test_delay_ping_and_tcp(net):
     assert min(rtts) >= expected, rtts
     assert abs(_median(rtts) - expected) < TOLERANCE_MS, rtts
     pr = _probe(net, "a", "b", "--mode", "rtt", "--count", "20", "--interval", "0.01")
+    # TCP as the kernels time it (the handshake; the echo's bytes, acknowledged at once by the
+    # echo server's kernel): no process wake-up in either, so as tight as ping
+    for what in ("handshake_rtt_s", "srtt_s"):
+        assert abs(pr[what] * 1000 - expected) < TOLERANCE_MS, (what, pr)
+    assert pr["connect_s"] * 1000 >= expected
+    # the echo as the prober sees it: never early; late by the wake-ups of two normal-priority
+    # Python processes, which on a machine whose cores other tests keep busy is milliseconds
     tcp = [x * 1000 for x in pr["rtts_s"]]
     assert min(tcp) >= expected, tcp
-    assert abs(_median(tcp) - expected) < TOLERANCE_MS, tcp
-    # the TCP handshake is one round trip too
-    assert pr["connect_s"] * 1000 >= expected
+    assert _median(tcp) - expected < ECHO_SLACK_MS, tcp
     # no delay configured between a and cap: the delay is per pair
     _, fast = _ping(net, "a", "cap", 10, 0.02)
     assert _median(fast) < 5, fast
