@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from onionp2p.errors import DigestMismatch, LocalProtocolError, ProtocolError
 from onionp2p.proto import cgo
 from onionp2p.proto.hopcrypto import MixedClientCrypto
+from onionp2p.proto.relaycell import V1_DATA_OFFSET, V1_TAG_LEN, RelayCommand, parse_v1_header
 from onionp2p.proto.cgo import (
     CELL_RELAY,
     CELL_RELAY_EARLY,
@@ -1272,6 +1273,122 @@ def test_one_c_call_per_run_peels_as_the_layers_one_by_one_do(n_hops: int, seed:
     kms = [hashlib.shake_128(seed + bytes([k])).digest(160) for k in range(n_hops)]
     runs = [[(hop % n_hops, body, tamper) for hop, body, tamper in run] for run in runs]
     assert _mixed_inbound(True, kms, runs) == _mixed_inbound(False, kms, runs)
+
+
+# what a v1 message may be: DATA (for streams 0..2, lengths around the 488-byte limit) or
+# something else, a known command or not
+_V1_DATA_MAX = RELAY_BODY_LEN - V1_DATA_OFFSET
+_MESSAGES = st.tuples(st.integers(0, 3), st.sampled_from([int(RelayCommand.DATA)] * 4 + [3, 5, 12, 200]),
+                      st.sampled_from([0, 1, 1, 1, 2]),
+                      st.sampled_from([0, 1, 100, _V1_DATA_MAX, _V1_DATA_MAX + 1, 0xFFFF]),
+                      st.sampled_from([None] * 60 + ["early", 0, 16, 300]))
+
+
+def _v1_body(cmd: int, sid: int, length: int, fill: bytes) -> bytes:
+    body = bytes(V1_TAG_LEN) + struct.pack(">BHH", cmd, length, sid) + fill
+    return body[:RELAY_BODY_LEN]
+
+
+def _runs_reference(client: MixedClientCrypto, cells: list) -> tuple[list, int, bool]:
+    """What client_backward_runs must give, from the per-layer path and relaycell's parser:
+    one ("data", hop, sid, data, tag) or ("cell", hop, body, tag) per cell."""
+    out = []
+    for i, cell in enumerate(cells):
+        if cell[4] != CELL_RELAY:
+            return out, i, False
+        try:
+            hop, body, tag = client.decrypt_inbound(cell[5:])
+        except DigestMismatch:
+            return out, i + 1, True
+        try:
+            cmd, sid, off, length = parse_v1_header(body)
+        except ProtocolError:
+            cmd = None
+        if cmd == RelayCommand.DATA and sid:
+            assert off == V1_DATA_OFFSET
+            out.append(("data", hop, sid, bytes(body[off:off + length]), tag))
+        else:
+            out.append(("cell", hop, bytes(body), tag))
+    return out, len(cells), False
+
+
+@settings(max_examples=80, deadline=None)
+@given(n_hops=st.integers(1, 4), seed=st.binary(min_size=8, max_size=8),
+       messages=st.lists(_MESSAGES, min_size=1, max_size=40))
+@example(n_hops=2, seed=bytes(8), messages=[(1, 2, 1, 100, None), (1, 2, 1, 488, None), (1, 2, 2, 0, None),
+                                             (0, 2, 2, 7, None), (1, 2, 2, 489, None), (1, 2, 2, 1, None)])
+def test_c_runs_gather_data_messages_as_relaycell_parses_them(n_hops: int, seed: bytes, messages: list) -> None:
+    """``_cgo_native.client_backward_runs`` (the client's inbound path when every hop is
+    CGO in C) peels each cell as the layers one by one do, and puts in a run of DATA
+    exactly the cells that relaycell.parse_v1_header reads as DATA for a stream, with
+    their data, tags and lengths; a run is one hop and one stream, and runs are as long as
+    they can be; it stops before a RELAY_EARLY cell and after a cell that no hop
+    recognizes, leaving the hops' states as the reference leaves them."""
+    need_native()
+    kms = [hashlib.shake_128(seed + bytes([k])).digest(160) for k in range(n_hops)]
+    clients = []
+    for _ in range(2):
+        c = MixedClientCrypto()
+        for km in kms:
+            c.add_hop(km, "cgo")
+        clients.append(c)
+    fast, ref = clients
+    assert fast.decrypt_runs is not None
+    ref._native_bwd = None
+    relays = [cgo.RelayCrypto(km) for km in kms]
+    rng = random.Random(seed)
+    cells = []
+    for hop, cmd, sid, length, tamper in messages:
+        hop %= n_hops
+        body = _v1_body(cmd, sid, length, rng.randbytes(RELAY_BODY_LEN))
+        if tamper == "early":  # never decrypted: any bytes
+            cells.append(b"\0\0\0\7" + bytes([CELL_RELAY_EARLY]) + body)
+            continue
+        cell, _tag = relays[hop].originate_backward(body, cmd=CELL_RELAY)
+        for k in range(hop - 1, -1, -1):
+            cell = relays[k].encrypt_backward(cell, cmd=CELL_RELAY)
+        if tamper is not None:
+            cell = cell[:tamper] + bytes([cell[tamper] ^ 1]) + cell[tamper + 1:]
+        cells.append(b"\0\0\0\7" + bytes([CELL_RELAY]) + cell)
+    want, want_taken, want_bad = _runs_reference(ref, cells)
+    buf = b"junk" + b"".join(cells) + b"more"
+    items, taken, bad = fast.decrypt_runs(buf, 4, len(cells))
+    assert (taken, bool(bad)) == (want_taken, want_bad)
+    got = []
+    for k, item in enumerate(items):
+        if len(item) == 3:
+            got.append(("cell", *item))
+            continue
+        hop, sid, data, tags, lengths = item
+        lengths = memoryview(lengths).cast("H").tolist()
+        assert lengths and len(tags) == TAG_LEN * len(lengths) and len(data) == sum(lengths)
+        if k:  # as long as it can be: the item before it is not a run of the same hop and stream
+            assert items[k - 1][:2] != (hop, sid) or len(items[k - 1]) == 3
+        pos = 0
+        for i, n in enumerate(lengths):
+            got.append(("data", hop, sid, data[pos:pos + n], tags[TAG_LEN * i:TAG_LEN * (i + 1)]))
+            pos += n
+    assert got == want
+    assert [(h.bwd.key, h.bwd.nonce, h.bwd.tprime) for h in fast._hops] == \
+        [(h.bwd.key, h.bwd.nonce, h.bwd.tprime) for h in ref._hops]
+
+
+def test_c_runs_argument_errors() -> None:
+    mod = _native_module()
+    client = mod.Crypt(bytes(DIR_KEY_LEN), relay=False)
+    layout = (V1_TAG_LEN, V1_DATA_OFFSET, int(RelayCommand.DATA))
+    cell = bytes(5 + RELAY_BODY_LEN)
+    with pytest.raises(ValueError, match="out of the buffer"):
+        mod.client_backward_runs((client,), cell, 1, 1, CELL_RELAY, layout)
+    with pytest.raises(ValueError, match="out of the buffer"):
+        mod.client_backward_runs((client,), cell, 0, 2, CELL_RELAY, layout)
+    with pytest.raises(ValueError, match="out of the buffer"):
+        mod.client_backward_runs((client,), cell, -1, 1, CELL_RELAY, layout)
+    with pytest.raises(ValueError, match="bad layout"):
+        mod.client_backward_runs((client,), cell, 0, 1, CELL_RELAY, (V1_TAG_LEN, RELAY_BODY_LEN + 1, 2))
+    with pytest.raises(TypeError, match="client-side"):
+        mod.client_backward_runs((mod.Crypt(bytes(DIR_KEY_LEN), relay=True),), cell, 0, 1, CELL_RELAY, layout)
+    assert mod.client_backward_runs((client,), cell, 0, 0, CELL_RELAY, layout) == ([], 0, 0)
 
 
 def test_one_c_call_per_run_only_when_every_hop_is_cgo_in_c() -> None:

@@ -746,6 +746,60 @@ static PyObject *mod_use_polyval(PyObject *m, PyObject *arg) {
 
 static PyObject *mod_polyval_impl(PyObject *m, PyObject *unused) { return PyUnicode_FromString(polyval_name); }
 
+/* The client's hops (a non-empty tuple of client-side Crypt objects): their number, or -1
+ * with an exception set. */
+static Py_ssize_t check_client_hops(PyObject *m, PyObject *hops) {
+    Py_ssize_t nh = PyTuple_GET_SIZE(hops);
+    if (nh == 0) {
+        PyErr_SetString(PyExc_ValueError, "a circuit with no hops");
+        return -1;
+    }
+    PyObject *crypt_type = PyObject_GetAttrString(m, "Crypt");
+    if (!crypt_type) return -1;
+    for (Py_ssize_t k = 0; k < nh; k++) {
+        PyObject *h = PyTuple_GET_ITEM(hops, k);
+        if (!PyObject_TypeCheck(h, (PyTypeObject *)crypt_type) || ((CryptObject *)h)->relay) {
+            Py_DECREF(crypt_type);
+            PyErr_SetString(PyExc_TypeError, "hops must be client-side Crypt objects");
+            return -1;
+        }
+    }
+    Py_DECREF(crypt_type);
+    return nh;
+}
+
+/* Peel one inbound body (in x; y is scratch of the same size) hop by hop (client_backward
+ * of hops[0], hops[1], ...) until a hop recognizes it: that hop's index, with *res pointing
+ * at the plaintext (x or y) and tag holding the cell's tag; -1 if no hop does (the hops'
+ * states have taken the body, as with single calls); -2 with an exception set. */
+static Py_ssize_t peel(PyObject *hops, Py_ssize_t nh, uint8_t cmd, uint8_t *x, uint8_t *y,
+                       uint8_t **res_out, uint8_t tag[TAG_LEN]) {
+    uint8_t *in = x, *res = y;
+    for (Py_ssize_t k = 0; k < nh; k++) {
+        CryptObject *c = (CryptObject *)PyTuple_GET_ITEM(hops, k);
+        int found = 0;
+        memcpy(tag, in, TAG_LEN);
+        int rc = uiv_dec(c, c->tprime, cmd, in, in + 16, res);
+        memcpy(c->tprime, tag, TAG_LEN);
+        if (rc == 0 && CRYPTO_memcmp(res, c->nonce, TAG_LEN) == 0) {
+            found = 1;
+            rc = uiv_update(c, tag, c->nonce);
+        }
+        if (rc < 0) {
+            raise_openssl();
+            return -2;
+        }
+        if (found) {
+            *res_out = res;
+            return k;
+        }
+        uint8_t *t = in;
+        in = res;
+        res = t;
+    }
+    return -1;
+}
+
 /* client_backward_many(hops, bodies, cmd) -> [(hop, body, tag)]: the client's inbound cells
  * of one circuit, each peeled hop by hop (client_backward of hops[0], hops[1], ...) until a
  * hop recognizes it; one C call for every layer of a run of cells. hops: a tuple of client
@@ -764,22 +818,8 @@ static PyObject *mod_client_backward_many(PyObject *m, PyObject *const *args, Py
     }
     int cmd;
     if (get_cmd(args[2], &cmd) < 0) return NULL;
-    Py_ssize_t nh = PyTuple_GET_SIZE(hops);
-    if (nh == 0) {
-        PyErr_SetString(PyExc_ValueError, "a circuit with no hops");
-        return NULL;
-    }
-    PyObject *crypt_type = PyObject_GetAttrString(m, "Crypt");
-    if (!crypt_type) return NULL;
-    for (Py_ssize_t k = 0; k < nh; k++) {
-        PyObject *h = PyTuple_GET_ITEM(hops, k);
-        if (!PyObject_TypeCheck(h, (PyTypeObject *)crypt_type) || ((CryptObject *)h)->relay) {
-            Py_DECREF(crypt_type);
-            PyErr_SetString(PyExc_TypeError, "hops must be client-side Crypt objects");
-            return NULL;
-        }
-    }
-    Py_DECREF(crypt_type);
+    Py_ssize_t nh = check_client_hops(m, hops);
+    if (nh < 0) return NULL;
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
     uint8_t x[BODY_LEN], y[BODY_LEN];
@@ -793,26 +833,9 @@ static PyObject *mod_client_backward_many(PyObject *m, PyObject *const *args, Py
         }
         memcpy(x, buf.buf, BODY_LEN);
         PyBuffer_Release(&buf);
-        uint8_t *in = x, *res = y, tag[TAG_LEN];
-        Py_ssize_t found = -1;
-        for (Py_ssize_t k = 0; k < nh; k++) {
-            CryptObject *c = (CryptObject *)PyTuple_GET_ITEM(hops, k);
-            memcpy(tag, in, TAG_LEN);
-            int rc = uiv_dec(c, c->tprime, (uint8_t)cmd, in, in + 16, res);
-            memcpy(c->tprime, tag, TAG_LEN);
-            if (rc == 0 && CRYPTO_memcmp(res, c->nonce, TAG_LEN) == 0) {
-                found = k;
-                rc = uiv_update(c, tag, c->nonce);
-            }
-            if (rc < 0) {
-                raise_openssl();
-                goto fail;
-            }
-            if (found >= 0) break;
-            uint8_t *t = in;
-            in = res;
-            res = t;
-        }
+        uint8_t *res, tag[TAG_LEN];
+        Py_ssize_t found = peel(hops, nh, (uint8_t)cmd, x, y, &res, tag);
+        if (found == -2) goto fail;
         if (found < 0) break;
         PyObject *item = Py_BuildValue("(ny#y#)", found, (const char *)res, (Py_ssize_t)BODY_LEN,
                                        (const char *)tag, (Py_ssize_t)TAG_LEN);
@@ -831,12 +854,138 @@ fail:
     return NULL;
 }
 
+
+/* client_backward_runs(hops, buf, start, count, cmd, layout) -> (items, done, unrecognized):
+ * the cells of one circuit at buf[start + i * 514] (4-byte circuit ID, command, 509-byte
+ * body), i < count, peeled as client_backward_many peels them, stopping before the first
+ * cell whose command is not ``cmd`` (RELAY: the caller refuses a RELAY_EARLY) or after the
+ * first that no hop recognizes (unrecognized = 1; the caller closes the circuit). done: the
+ * cells taken. items, in order:
+ *   (hop, sid, data, tags, lengths) for a run of consecutive DATA messages from one hop for
+ *       one stream: their data concatenated, their tags (16 bytes each) and lengths (native
+ *       uint16 each) - so that the caller's per-cell work is per run;
+ *   (hop, body, tag) for any other cell (the caller parses it).
+ * layout = (V1_TAG_LEN, V1_DATA_OFFSET, DATA) from relaycell.py: a DATA message is a
+ * recognized v1 body whose command (at V1_TAG_LEN) is DATA, with a non-zero stream ID
+ * (u16 at V1_TAG_LEN + 3) and a length (u16 at V1_TAG_LEN + 1) that fits after
+ * V1_DATA_OFFSET; anything else - a malformed DATA message too - goes out as a body, for
+ * relaycell.parse_v1_header to judge (tests/test_cgo.py compares the two on every kind). */
+static PyObject *mod_client_backward_runs(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "expected (hops, buf, start, count, cmd, layout)");
+        return NULL;
+    }
+    PyObject *hops = args[0];
+    if (!PyTuple_Check(hops) || !PyTuple_Check(args[5]) || PyTuple_GET_SIZE(args[5]) != 3) {
+        PyErr_SetString(PyExc_TypeError, "hops and layout must be tuples (layout of 3)");
+        return NULL;
+    }
+    Py_ssize_t nh = check_client_hops(m, hops);
+    if (nh < 0) return NULL;
+    Py_ssize_t start = PyLong_AsSsize_t(args[2]), count = PyLong_AsSsize_t(args[3]);
+    long tag_len = PyLong_AsLong(PyTuple_GET_ITEM(args[5], 0));
+    long data_off = PyLong_AsLong(PyTuple_GET_ITEM(args[5], 1));
+    long data_cmd = PyLong_AsLong(PyTuple_GET_ITEM(args[5], 2));
+    int cmd;
+    if (PyErr_Occurred() || get_cmd(args[4], &cmd) < 0) return NULL;
+    if (tag_len < 0 || tag_len + 5 > data_off || data_off > BODY_LEN) {
+        PyErr_SetString(PyExc_ValueError, "bad layout");
+        return NULL;
+    }
+    Py_buffer buf;
+    if (PyObject_GetBuffer(args[1], &buf, PyBUF_SIMPLE) < 0) return NULL;
+    const Py_ssize_t cell_len = 5 + BODY_LEN;
+    if (start < 0 || count < 0 || count > (buf.len - start) / cell_len) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "cells out of the buffer");
+        return NULL;
+    }
+    const size_t data_max = (size_t)(BODY_LEN - data_off);
+    uint8_t *dat = PyMem_Malloc(count * data_max + 1), *tags = PyMem_Malloc(count * TAG_LEN + 1);
+    uint16_t *lens = PyMem_Malloc(count * sizeof(uint16_t) + 1);
+    PyObject *items = PyList_New(0);
+    uint8_t x[BODY_LEN], y[BODY_LEN];
+    Py_ssize_t done = 0, run_n = 0, run_hop = 0;
+    size_t dpos = 0;
+    unsigned run_sid = 0;
+    int unrecognized = 0;
+    PyObject *result = NULL;
+    if (!dat || !tags || !lens || !items) {
+        if (items) PyErr_NoMemory();
+        goto out;
+    }
+#define EMIT_RUN()                                                                                   \
+    do {                                                                                             \
+        PyObject *it_ = Py_BuildValue("(nIy#y#y#)", run_hop, run_sid, (const char *)dat, (Py_ssize_t)dpos, \
+                                      (const char *)tags, run_n * TAG_LEN, (const char *)lens,       \
+                                      run_n * (Py_ssize_t)sizeof(uint16_t));                         \
+        if (!it_ || PyList_Append(items, it_) < 0) {                                                 \
+            Py_XDECREF(it_);                                                                         \
+            goto out;                                                                                \
+        }                                                                                            \
+        Py_DECREF(it_);                                                                              \
+        run_n = 0;                                                                                   \
+        dpos = 0;                                                                                    \
+    } while (0)
+    for (; done < count; done++) {
+        const uint8_t *cell = (const uint8_t *)buf.buf + start + done * cell_len;
+        if (cell[4] != cmd) break;
+        memcpy(x, cell + 5, BODY_LEN);
+        uint8_t *res, tag[TAG_LEN];
+        Py_ssize_t found = peel(hops, nh, (uint8_t)cmd, x, y, &res, tag);
+        if (found == -2) goto out;
+        if (found < 0) {
+            unrecognized = 1;
+            done++;
+            break;
+        }
+        unsigned c = res[tag_len], length = (unsigned)res[tag_len + 1] << 8 | res[tag_len + 2];
+        unsigned sid = (unsigned)res[tag_len + 3] << 8 | res[tag_len + 4];
+        if (c == (unsigned)data_cmd && sid != 0 && length <= data_max) {
+            if (run_n && (found != run_hop || sid != run_sid)) EMIT_RUN();
+            run_hop = found;
+            run_sid = sid;
+            memcpy(dat + dpos, res + data_off, length);
+            dpos += length;
+            memcpy(tags + run_n * TAG_LEN, tag, TAG_LEN);
+            lens[run_n++] = (uint16_t)length;
+            continue;
+        }
+        if (run_n) EMIT_RUN();
+        PyObject *it = Py_BuildValue("(ny#y#)", found, (const char *)res, (Py_ssize_t)BODY_LEN,
+                                     (const char *)tag, (Py_ssize_t)TAG_LEN);
+        if (!it || PyList_Append(items, it) < 0) {
+            Py_XDECREF(it);
+            goto out;
+        }
+        Py_DECREF(it);
+    }
+    if (run_n) EMIT_RUN();
+#undef EMIT_RUN
+    result = Py_BuildValue("(Oni)", items, done, unrecognized);
+out:
+    PyBuffer_Release(&buf);
+    OPENSSL_cleanse(x, sizeof x);
+    OPENSSL_cleanse(y, sizeof y);
+    if (dat) {
+        OPENSSL_cleanse(dat, count * data_max + 1);
+        PyMem_Free(dat);
+    }
+    PyMem_Free(tags);
+    PyMem_Free(lens);
+    Py_XDECREF(items);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"polyval", (PyCFunction)(void (*)(void))mod_polyval, METH_FASTCALL, "polyval(key, data) -> 16 bytes"},
     {"use_polyval", (PyCFunction)mod_use_polyval, METH_O, "use_polyval('clmul' | 'portable')"},
     {"polyval_impl", (PyCFunction)mod_polyval_impl, METH_NOARGS, "the POLYVAL implementation in use"},
     {"client_backward_many", (PyCFunction)(void (*)(void))mod_client_backward_many, METH_FASTCALL,
      "(hops, bodies, cmd) -> [(hop, body, tag)]: every layer of a run of inbound cells, in one call"},
+    {"client_backward_runs", (PyCFunction)(void (*)(void))mod_client_backward_runs, METH_FASTCALL,
+     "(hops, buf, start, count, cmd, layout) -> (items, done, unrecognized): client_backward_many "
+     "over raw cells, with runs of DATA messages for one stream gathered (see the source)"},
     {NULL},
 };
 

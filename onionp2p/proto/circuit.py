@@ -427,31 +427,59 @@ class Edge:
 
     def _on_data(self, layer: Layer, sid: int, body, length: int, digest: bytes) -> None:
         """A DATA cell that ``layer``'s hop originated, for stream ``sid``."""
-        circuit_due = layer.deliver.on_data_received()  # raises ProtocolError below zero
+        off = layer.data_off
+        self._on_data_run(layer, sid, bytes(body[off:off + length]), digest, (length,))
+
+    def _on_data_run(self, layer: Layer, sid: int, data: bytes, tags: bytes, lengths) -> None:
+        """Consecutive DATA cells that ``layer``'s hop originated, for stream ``sid``: their
+        data concatenated, their digests or tags (concatenated, one size) and ``lengths``.
+
+        As cell by cell, taken in chunks: each ends at the cell after which a window's
+        SENDME is due (a circuit SENDME echoes that cell's digest) or before the cell that
+        would overrun a window (ProtocolError, with the cells before it delivered)."""
+        n = len(lengths)
         stream = self.streams.get(sid)
+        circuit = layer.deliver
+        step = len(tags) // n
         if stream is None or stream.layer is not layer:
-            self._no_stream(layer, _DATA, sid)
-        else:
-            stream_due = stream.deliver.on_data_received()
-            stream.bytes_received += length
-            self.bytes_received += length
-            if length:
+            for i in range(n):
+                due = circuit.on_data_received()  # raises ProtocolError below zero
+                self._no_stream(layer, _DATA, sid)
+                if due:
+                    self._circuit_sendmes(layer, tags[i * step:(i + 1) * step])
+                if self.closed:
+                    return
+            return
+        deliver = stream.deliver
+        i = pos = 0
+        while i < n and not self.closed:
+            k = min(n - i, circuit.run_room(), deliver.run_room())
+            if k == 0:  # a window is empty: the next cell overruns it (ProtocolError)
+                circuit.on_data_received()
+                deliver.on_data_received()
+            circuit.take(k)
+            deliver.take(k)
+            size = lengths[i] if k == 1 else sum(lengths[i:i + k])
+            if size:
+                chunk = data if size == len(data) else data[pos:pos + size]
+                pos += size
+                stream.bytes_received += size
+                self.bytes_received += size
                 pending = self._deliveries.get(sid)
-                off = layer.data_off
-                data = bytes(body[off:off + length])
                 if pending is None:
-                    self._deliveries[sid] = [data]
+                    self._deliveries[sid] = [chunk]
                 else:
-                    pending.append(data)
+                    pending.append(chunk)
                 room = stream.sink_room
                 if room is not None:
-                    stream.sink_room = room - length
-                    if room - length <= 0:
+                    stream.sink_room = room - size
+                    if room - size <= 0:
                         stream.sink_ready = False
-            if stream_due and stream.sink_ready:
+            i += k
+            if stream.sink_ready and deliver.sendme_due():
                 self._stream_sendmes(stream)
-        if circuit_due:
-            self._circuit_sendmes(layer, digest)
+            if circuit.sendme_due():
+                self._circuit_sendmes(layer, tags[(i - 1) * step:i * step])
 
     def _stream_sendmes(self, stream: Stream) -> None:
         deliver = stream.deliver
@@ -916,28 +944,41 @@ class ClientCircuit(Edge):
             return []
         self.now = now
         mv = memoryview(data)
-        bodies = []
-        early = False
-        for pos in range(start, start + count * _CELL, _CELL):
-            if mv[pos + 4] == _RELAY_EARLY:
-                early = True  # never toward a client: the cells before it are still handled
-                break
-            bodies.append(mv[pos + 5:pos + _CELL])
         try:
             done = 0
+            error: ProtocolError | None = None
             # while RENDEZVOUS2 is awaited, one cell at a time: it adds a layer that the
             # cells after it may need
-            while self._rendezvous is not None and done < len(bodies) and not self.closed:
-                self._handle_inbound([self.crypto.decrypt_inbound(bodies[done])])
+            while self._rendezvous is not None and done < count and not self.closed:
+                pos = start + done * _CELL
+                if mv[pos + 4] == _RELAY_EARLY:
+                    break
+                self._handle_inbound([self.crypto.decrypt_inbound(mv[pos + 5:pos + _CELL])])
                 done += 1
-            error: ProtocolError | None = None
-            if done < len(bodies) and not self.closed:
-                try:
-                    results = self.crypto.decrypt_inbound_many(bodies[done:] if done else bodies)
-                except DigestMismatch as exc:
-                    results, error = exc.partial, exc  # type: ignore[attr-defined]
+            runs = self.crypto.decrypt_runs if type(self.crypto) is MixedClientCrypto else None
+            if done < count and not self.closed and runs is not None:
+                # every hop CGO in C: runs of DATA for one stream come gathered
+                results, taken, unrecognized = runs(data, start + done * _CELL, count - done)
+                if unrecognized:
+                    error = DigestMismatch("inbound relay cell not recognized by any hop")
+                done += taken
                 self._handle_inbound(results)
-            if error is None and early and not self.closed:
+            elif done < count and not self.closed:
+                bodies = []
+                for pos in range(start + done * _CELL, start + count * _CELL, _CELL):
+                    if mv[pos + 4] == _RELAY_EARLY:
+                        break
+                    bodies.append(mv[pos + 5:pos + _CELL])
+                done += len(bodies)
+                if bodies:
+                    try:
+                        results = self.crypto.decrypt_inbound_many(bodies)
+                    except DigestMismatch as exc:
+                        results, error = exc.partial, exc  # type: ignore[attr-defined]
+                    self._handle_inbound(results)
+            # the cell at ``done``, if any, is RELAY_EARLY: never toward a client (the cells
+            # before it are still handled)
+            if error is None and done < count and not self.closed:
                 error = ProtocolError("RELAY_EARLY cell toward the client")
             if error is not None:
                 raise error
@@ -949,11 +990,19 @@ class ClientCircuit(Edge):
         return self._take()
 
     def _handle_inbound(self, results: list) -> None:
-        """Act on decrypted inbound cells ``(hop, body, digest)``, in order, until one closes
-        the circuit. Raises ProtocolError for a malformed one."""
+        """Act on decrypted inbound cells ``(hop, body, digest)`` and runs of DATA messages
+        ``(hop, stream_id, data, tags, lengths)``, in order, until one closes the circuit.
+        Raises ProtocolError for a malformed one."""
         unpack = _HDR.unpack_from
         layers = self.layers
-        for hop, body, digest in results:
+        for item in results:
+            if len(item) == 5:  # a run of DATA for one stream (_cgo_native.client_backward_runs)
+                hop, sid, data, tags, lengths = item
+                self._on_data_run(layers[hop], sid, data, tags, memoryview(lengths).cast("H"))
+                if self.closed:
+                    break
+                continue
+            hop, body, digest = item
             layer = layers[hop]
             if layer.v1:
                 cmd, sid, off, length = parse_v1_header(body)

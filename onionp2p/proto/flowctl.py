@@ -155,6 +155,23 @@ class DeliverWindow:
             raise ProtocolError("peer sent DATA beyond the flow-control window")
         return window <= self._due_at
 
+    def run_room(self) -> int:
+        """How many DATA cells in a row :meth:`on_data_received` would take before the one
+        after which a SENDME is due or the window is empty, whichever comes first (that
+        cell included; 0: the window is empty, the next cell overruns it)."""
+        window = self.window
+        if window <= 0:
+            return 0
+        due = window - self._due_at
+        if due <= 0:  # due already (a stream SENDME withheld while its sink is full)
+            return 1
+        return min(due, window)
+
+    def take(self, n: int) -> None:
+        """Account ``n`` DATA cells at once (``n`` at most :meth:`run_room`: the caller
+        checks :meth:`sendme_due` after them)."""
+        self.window -= n
+
     def sendme_due(self) -> bool:
         """True while a SENDME should be sent (the window dropped by one increment or more)."""
         return self.window <= self._due_at

@@ -20,11 +20,14 @@ from __future__ import annotations
 from onionp2p.errors import DigestMismatch, LocalProtocolError, ProtocolError
 from onionp2p.proto import cgo
 from onionp2p.proto.cells import CellCommand
+from onionp2p.proto.relaycell import V1_DATA_OFFSET, V1_TAG_LEN, RelayCommand
 from onionp2p.proto.relaycrypto import HS_E2E, RELAY_BODY_LEN, ClientCrypto, Tor1Hop
 
 __all__ = ["MixedClientCrypto", "CgoRelayCrypto", "CgoHop"]
 
 _RELAY = int(CellCommand.RELAY)
+#: what _cgo_native.client_backward_runs needs of the v1 message format to gather DATA runs
+_V1_DATA_LAYOUT = (V1_TAG_LEN, V1_DATA_OFFSET, int(RelayCommand.DATA))
 
 
 class CgoHop:
@@ -57,13 +60,15 @@ class MixedClientCrypto:
     which authenticated SENDMEs echo.
     """
 
-    __slots__ = ("_hops", "_native_bwd")
+    __slots__ = ("_hops", "_native_bwd", "decrypt_runs")
 
     def __init__(self, tor1: ClientCrypto | None = None) -> None:
         self._hops: list[Tor1Hop | CgoHop] = tor1.hop_states() if tor1 is not None else []
         #: every hop's backward CGO state when all hops are CGO in C: inbound runs of cells
         #: then take one C call for all their layers (``_cgo_native.client_backward_many``)
         self._native_bwd: tuple | None = None
+        #: :meth:`_decrypt_runs` when every hop is CGO in C, else None
+        self.decrypt_runs = None
 
     def add_hop(self, key_material: bytes, relay_crypto: str = "tor1") -> None:
         """Append a hop: ``relay_crypto`` "tor1" (72 bytes of key material), "cgo" (160) or
@@ -79,6 +84,7 @@ class MixedClientCrypto:
         native = cgo._native
         self._native_bwd = (tuple(h.bwd for h in self._hops) if native is not None and all(
             type(h) is CgoHop and isinstance(h.bwd, native.Crypt) for h in self._hops) else None)
+        self.decrypt_runs = self._decrypt_runs if self._native_bwd is not None else None
 
     def originate(self, body: bytes, hop: int, cmd: int = _RELAY) -> tuple[bytes, bytes]:
         """Encrypt ``body`` (already in ``hop``'s message format) for ``hop``, sent as cell
@@ -132,6 +138,15 @@ class MixedClientCrypto:
                 exc.partial = out  # type: ignore[attr-defined]
                 raise
         return out
+
+
+    def _decrypt_runs(self, data, start: int, count: int) -> tuple[list, int, bool]:
+        """Every hop CGO in C: the RELAY cells ``data[start + i * 514:]``, ``i < count``,
+        peeled in one call, up to a RELAY_EARLY cell or past one that no hop recognizes:
+        ``(items, taken, unrecognized)``. ``items``: ``(hop, body, tag)`` per cell, except
+        that consecutive DATA messages from one hop for one stream come as one
+        ``(hop, stream_id, data, tags, lengths)`` (``_cgo_native.client_backward_runs``)."""
+        return cgo._native.client_backward_runs(self._native_bwd, data, start, count, _RELAY, _V1_DATA_LAYOUT)
 
 
 class CgoRelayCrypto:
