@@ -205,3 +205,40 @@ def test_a_sink_that_keeps_up_advises_only_when_the_rate_moved():
     assert d.sink_took(498, now=600.0) is None and d.ewma == 200  # 500 cells' worth: doubled
     assert d.sink_took(1, now=601.0) == 200 and d.last_sent == 200  # 100 % above: advised
     assert d.sink_took(1, now=602.0) is None
+
+
+@pytest.mark.parametrize("start,increment,withheld", [(1000, 100, False), (500, 50, False), (500, 50, True),
+                                                      (2000, 31, False), (1 << 30, 1 << 30, False)])
+def test_runs_of_cells_take_the_windows_as_cell_by_cell(start: int, increment: int, withheld: bool) -> None:
+    """run_room/take (the circuit core's runs of DATA) reach the same windows and SENDMEs
+    due at the same cells as on_data_received, up to the cell that overruns the window."""
+    for n in (1, 7, 31, 100, 600, 1200):
+        one, run = DeliverWindow(start, increment), DeliverWindow(start, increment)
+        due_one, due_run = [], []
+        overrun_one = overrun_run = None
+        for i in range(n):
+            try:
+                if one.on_data_received():
+                    due_one.append(i)
+                    if not withheld:
+                        one.on_sendme_sent()
+            except ProtocolError:
+                overrun_one = i
+                break
+        i = 0
+        while i < n:
+            k = min(n - i, run.run_room())
+            if k == 0:
+                with pytest.raises(ProtocolError):
+                    run.on_data_received()
+                overrun_run = i
+                break
+            run.take(k)
+            i += k
+            if run.sendme_due():
+                due_run.append(i - 1)
+                if not withheld:
+                    run.on_sendme_sent()
+        # (withheld SENDMEs: due at every cell from the first due one on, and reported so)
+        assert due_run == due_one
+        assert (overrun_run, run.window) == (overrun_one, one.window)
