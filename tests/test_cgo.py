@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -1373,22 +1374,40 @@ def test_c_runs_gather_data_messages_as_relaycell_parses_them(n_hops: int, seed:
         [(h.bwd.key, h.bwd.nonce, h.bwd.tprime) for h in ref._hops]
 
 
+def test_c_runs_hold_no_reference_to_the_crypto_object() -> None:
+    """decrypt_runs holds the hops, not the MixedClientCrypto: a closed circuit's crypto
+    (and its keys) goes when its last reference does, without waiting for the collector."""
+    need_native()
+    crypto = MixedClientCrypto()
+    for _ in range(3):
+        crypto.add_hop(os.urandom(160), "cgo")
+    assert crypto.decrypt_runs is not None
+    probe = crypto._hops[0]
+    gc.disable()
+    try:
+        held = sys.getrefcount(probe)
+        del crypto
+        assert sys.getrefcount(probe) == held - 1
+    finally:
+        gc.enable()
+
+
 def test_c_runs_argument_errors() -> None:
     mod = _native_module()
     client = mod.Crypt(bytes(DIR_KEY_LEN), relay=False)
     layout = (V1_TAG_LEN, V1_DATA_OFFSET, int(RelayCommand.DATA))
     cell = bytes(5 + RELAY_BODY_LEN)
     with pytest.raises(ValueError, match="out of the buffer"):
-        mod.client_backward_runs((client,), cell, 1, 1, CELL_RELAY, layout)
+        mod.client_backward_runs((client,), CELL_RELAY, layout, cell, 1, 1)
     with pytest.raises(ValueError, match="out of the buffer"):
-        mod.client_backward_runs((client,), cell, 0, 2, CELL_RELAY, layout)
+        mod.client_backward_runs((client,), CELL_RELAY, layout, cell, 0, 2)
     with pytest.raises(ValueError, match="out of the buffer"):
-        mod.client_backward_runs((client,), cell, -1, 1, CELL_RELAY, layout)
+        mod.client_backward_runs((client,), CELL_RELAY, layout, cell, -1, 1)
     with pytest.raises(ValueError, match="bad layout"):
-        mod.client_backward_runs((client,), cell, 0, 1, CELL_RELAY, (V1_TAG_LEN, RELAY_BODY_LEN + 1, 2))
+        mod.client_backward_runs((client,), CELL_RELAY, (V1_TAG_LEN, RELAY_BODY_LEN + 1, 2), cell, 0, 1)
     with pytest.raises(TypeError, match="client-side"):
-        mod.client_backward_runs((mod.Crypt(bytes(DIR_KEY_LEN), relay=True),), cell, 0, 1, CELL_RELAY, layout)
-    assert mod.client_backward_runs((client,), cell, 0, 0, CELL_RELAY, layout) == ([], 0, 0)
+        mod.client_backward_runs((mod.Crypt(bytes(DIR_KEY_LEN), relay=True),), CELL_RELAY, layout, cell, 0, 1)
+    assert mod.client_backward_runs((client,), CELL_RELAY, layout, cell, 0, 0) == ([], 0, 0)
 
 
 def test_one_c_call_per_run_only_when_every_hop_is_cgo_in_c() -> None:

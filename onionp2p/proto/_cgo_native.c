@@ -855,7 +855,7 @@ fail:
 }
 
 
-/* client_backward_runs(hops, buf, start, count, cmd, layout) -> (items, done, unrecognized):
+/* client_backward_runs(hops, cmd, layout, buf, start, count) -> (items, done, unrecognized):
  * the cells of one circuit at buf[start + i * 514] (4-byte circuit ID, command, 509-byte
  * body), i < count, peeled as client_backward_many peels them, stopping before the first
  * cell whose command is not ``cmd`` (RELAY: the caller refuses a RELAY_EARLY) or after the
@@ -872,28 +872,28 @@ fail:
  * relaycell.parse_v1_header to judge (tests/test_cgo.py compares the two on every kind). */
 static PyObject *mod_client_backward_runs(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "expected (hops, buf, start, count, cmd, layout)");
+        PyErr_SetString(PyExc_TypeError, "expected (hops, cmd, layout, buf, start, count)");
         return NULL;
     }
     PyObject *hops = args[0];
-    if (!PyTuple_Check(hops) || !PyTuple_Check(args[5]) || PyTuple_GET_SIZE(args[5]) != 3) {
+    if (!PyTuple_Check(hops) || !PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 3) {
         PyErr_SetString(PyExc_TypeError, "hops and layout must be tuples (layout of 3)");
         return NULL;
     }
     Py_ssize_t nh = check_client_hops(m, hops);
     if (nh < 0) return NULL;
-    Py_ssize_t start = PyLong_AsSsize_t(args[2]), count = PyLong_AsSsize_t(args[3]);
-    long tag_len = PyLong_AsLong(PyTuple_GET_ITEM(args[5], 0));
-    long data_off = PyLong_AsLong(PyTuple_GET_ITEM(args[5], 1));
-    long data_cmd = PyLong_AsLong(PyTuple_GET_ITEM(args[5], 2));
+    Py_ssize_t start = PyLong_AsSsize_t(args[4]), count = PyLong_AsSsize_t(args[5]);
+    long tag_len = PyLong_AsLong(PyTuple_GET_ITEM(args[2], 0));
+    long data_off = PyLong_AsLong(PyTuple_GET_ITEM(args[2], 1));
+    long data_cmd = PyLong_AsLong(PyTuple_GET_ITEM(args[2], 2));
     int cmd;
-    if (PyErr_Occurred() || get_cmd(args[4], &cmd) < 0) return NULL;
+    if (PyErr_Occurred() || get_cmd(args[1], &cmd) < 0) return NULL;
     if (tag_len < 0 || tag_len + 5 > data_off || data_off > BODY_LEN) {
         PyErr_SetString(PyExc_ValueError, "bad layout");
         return NULL;
     }
     Py_buffer buf;
-    if (PyObject_GetBuffer(args[1], &buf, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(args[3], &buf, PyBUF_SIMPLE) < 0) return NULL;
     const Py_ssize_t cell_len = 5 + BODY_LEN;
     if (start < 0 || count < 0 || count > (buf.len - start) / cell_len) {
         PyBuffer_Release(&buf);
@@ -984,7 +984,7 @@ static PyMethodDef module_methods[] = {
     {"client_backward_many", (PyCFunction)(void (*)(void))mod_client_backward_many, METH_FASTCALL,
      "(hops, bodies, cmd) -> [(hop, body, tag)]: every layer of a run of inbound cells, in one call"},
     {"client_backward_runs", (PyCFunction)(void (*)(void))mod_client_backward_runs, METH_FASTCALL,
-     "(hops, buf, start, count, cmd, layout) -> (items, done, unrecognized): client_backward_many "
+     "(hops, cmd, layout, buf, start, count) -> (items, done, unrecognized): client_backward_many "
      "over raw cells, with runs of DATA messages for one stream gathered (see the source)"},
     {NULL},
 };

@@ -17,6 +17,8 @@ CGO hop is added. A relay's single layer is either a tor1 ``RelayCrypto`` or
 
 from __future__ import annotations
 
+from functools import partial
+
 from onionp2p.errors import DigestMismatch, LocalProtocolError, ProtocolError
 from onionp2p.proto import cgo
 from onionp2p.proto.cells import CellCommand
@@ -67,7 +69,12 @@ class MixedClientCrypto:
         #: every hop's backward CGO state when all hops are CGO in C: inbound runs of cells
         #: then take one C call for all their layers (``_cgo_native.client_backward_many``)
         self._native_bwd: tuple | None = None
-        #: :meth:`_decrypt_runs` when every hop is CGO in C, else None
+        #: when every hop is CGO in C, ``decrypt_runs(data, start, count)``: the RELAY cells
+        #: ``data[start + i * 514:]``, ``i < count``, peeled in one call up to a RELAY_EARLY
+        #: cell or past one no hop recognizes -> ``(items, taken, unrecognized)``, items
+        #: ``(hop, body, tag)`` per cell except that consecutive DATA messages from one hop
+        #: for one stream come as one ``(hop, stream_id, data, tags, lengths)``
+        #: (``_cgo_native.client_backward_runs``; it holds the hops, not this object)
         self.decrypt_runs = None
 
     def add_hop(self, key_material: bytes, relay_crypto: str = "tor1") -> None:
@@ -84,7 +91,8 @@ class MixedClientCrypto:
         native = cgo._native
         self._native_bwd = (tuple(h.bwd for h in self._hops) if native is not None and all(
             type(h) is CgoHop and isinstance(h.bwd, native.Crypt) for h in self._hops) else None)
-        self.decrypt_runs = self._decrypt_runs if self._native_bwd is not None else None
+        self.decrypt_runs = (None if self._native_bwd is None else
+                             partial(native.client_backward_runs, self._native_bwd, _RELAY, _V1_DATA_LAYOUT))
 
     def originate(self, body: bytes, hop: int, cmd: int = _RELAY) -> tuple[bytes, bytes]:
         """Encrypt ``body`` (already in ``hop``'s message format) for ``hop``, sent as cell
@@ -138,15 +146,6 @@ class MixedClientCrypto:
                 exc.partial = out  # type: ignore[attr-defined]
                 raise
         return out
-
-
-    def _decrypt_runs(self, data, start: int, count: int) -> tuple[list, int, bool]:
-        """Every hop CGO in C: the RELAY cells ``data[start + i * 514:]``, ``i < count``,
-        peeled in one call, up to a RELAY_EARLY cell or past one that no hop recognizes:
-        ``(items, taken, unrecognized)``. ``items``: ``(hop, body, tag)`` per cell, except
-        that consecutive DATA messages from one hop for one stream come as one
-        ``(hop, stream_id, data, tags, lengths)`` (``_cgo_native.client_backward_runs``)."""
-        return cgo._native.client_backward_runs(self._native_bwd, data, start, count, _RELAY, _V1_DATA_LAYOUT)
 
 
 class CgoRelayCrypto:
