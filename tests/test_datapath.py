@@ -34,7 +34,7 @@ def fixed_padding(monkeypatch):
     """Relay cells are padded with random bytes; make them predictable so that two paths
     that build the same cells can be compared byte for byte."""
     from onionp2p.proto import relaycell
-    monkeypatch.setattr(relaycell, "os", SimpleNamespace(urandom=lambda n: random.Random(n).randbytes(n)))
+    monkeypatch.setattr(relaycell, "padding_bytes", lambda n: random.Random(n).randbytes(n))
 
 
 def keys(seed: int, n: int = 3) -> list[bytes]:

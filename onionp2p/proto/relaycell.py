@@ -21,7 +21,6 @@ bytes raises only :class:`ProtocolError`.
 from __future__ import annotations
 
 import ipaddress
-import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import construct as cs
 
 from onionp2p.errors import LocalProtocolError, ProtocolError
 from onionp2p.proto.cells import PAYLOAD_LEN, parse_with
+from onionp2p.proto.fastrng import padding_bytes
 
 __all__ = [
     "RELAY_HEADER_LEN",
@@ -158,7 +158,7 @@ def pack_relay(command: int, stream_id: int, data: bytes = b"") -> bytearray:
     room = RELAY_DATA_MAX - n
     if room > 4:
         body += _PAD_ZERO
-        body += os.urandom(room - 4)
+        body += padding_bytes(room - 4)
     else:
         body += bytes(room)
     return body
@@ -222,7 +222,7 @@ def pack_relay_v1(command: int, stream_id: int, data: bytes = b"") -> bytearray:
     body += data
     if room > 4:
         body += _PAD_ZERO
-        body += os.urandom(room - 4)
+        body += padding_bytes(room - 4)
     else:
         body += bytes(room)
     return body
