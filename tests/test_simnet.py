@@ -4,9 +4,9 @@ Four namespaces joined by the user-space router: ``a``-``b`` with a one-way dela
 DELAY each way, ``a``-``cap`` where ``cap``'s access link is capped at RATE bytes/s each
 way, and ``a``-``lossy`` where LOSS of the packets towards ``lossy`` are dropped. Asserted:
 
-* ``ping`` from ``a`` to ``b``, and TCP's own round-trip times (handshake, smoothed RTT)
-  see 2 × DELAY within TOLERANCE; no ping or TCP echo is ever faster than 2 × DELAY,
-  which a router that forwards early would break;
+* ``ping`` from ``a`` to ``b`` (median) and TCP's smoothed RTT see 2 × DELAY within
+  TOLERANCE; no ping, TCP handshake or TCP echo is ever faster than 2 × DELAY, which a
+  router that forwards early would break;
 * the round-trip time ``a``-``cap`` (no delay configured) stays near zero, so the delay is
   per pair;
 * one bulk TCP flow into ``cap`` gets between 0.6 and 1.05 × RATE;
@@ -107,10 +107,12 @@ def test_delay_ping_and_tcp(net):
     assert min(rtts) >= expected, rtts
     assert abs(_median(rtts) - expected) < TOLERANCE_MS, rtts
     pr = _probe(net, "a", "b", "--mode", "rtt", "--count", "20", "--interval", "0.01")
-    # TCP as the kernels time it (the handshake; the echo's bytes, acknowledged at once by the
-    # echo server's kernel): no process wake-up in either, so as tight as ping
-    for what in ("handshake_rtt_s", "srtt_s"):
-        assert abs(pr[what] * 1000 - expected) < TOLERANCE_MS, (what, pr)
+    # TCP as the kernels time it (the echo's bytes, acknowledged at once by the echo server's
+    # kernel): no process wake-up in it, so as tight as ping; the smoothed RTT averages 21
+    # samples as ping's median does (one late wake-up of the router does not move it)
+    assert abs(pr["srtt_s"] * 1000 - expected) < TOLERANCE_MS, pr
+    # the handshake, one sample: never early, and not late by more than a busy machine makes it
+    assert expected <= pr["handshake_rtt_s"] * 1000 < expected + ECHO_SLACK_MS, pr
     assert pr["connect_s"] * 1000 >= expected
     # the echo as the prober sees it: never early; late by the wake-ups of two normal-priority
     # Python processes, which on a machine whose cores other tests keep busy is milliseconds
