@@ -999,22 +999,20 @@ class ClientCircuit(Edge):
             if len(item) == 5:  # a run of DATA for one stream (_cgo_native.client_backward_runs)
                 hop, sid, data, tags, lengths = item
                 self._on_data_run(layers[hop], sid, data, tags, memoryview(lengths).cast("H"))
-                if self.closed:
-                    break
-                continue
-            hop, body, digest = item
-            layer = layers[hop]
-            if layer.v1:
-                cmd, sid, off, length = parse_v1_header(body)
             else:
-                cmd, _rec, sid, _dig, length = unpack(body)
-                off = RELAY_HEADER_LEN
-                if length > RELAY_DATA_MAX:
-                    raise ProtocolError(f"relay cell length {length} exceeds {RELAY_DATA_MAX}")
-            if cmd == _DATA and sid:
-                self._on_data(layer, sid, body, length, digest)
-            else:
-                self._on_message(layer, cmd, sid, bytes(body[off:off + length]), digest)
+                hop, body, digest = item
+                layer = layers[hop]
+                if layer.v1:
+                    cmd, sid, off, length = parse_v1_header(body)
+                else:
+                    cmd, _rec, sid, _dig, length = unpack(body)
+                    off = RELAY_HEADER_LEN
+                    if length > RELAY_DATA_MAX:
+                        raise ProtocolError(f"relay cell length {length} exceeds {RELAY_DATA_MAX}")
+                if cmd == _DATA and sid:
+                    self._on_data(layer, sid, body, length, digest)
+                else:
+                    self._on_message(layer, cmd, sid, bytes(body[off:off + length]), digest)
             if self.closed:
                 break
 
